@@ -1,0 +1,115 @@
+"""The one error hierarchy of monim-store.
+
+Every error a caller can cause is a ``MemoryStoreError`` subclass. Each class
+names the gRPC status it becomes (``code``, a ``grpc.StatusCode`` member name)
+so that the server maps exceptions to statuses in exactly one place
+(``workers/status.py``) and the client maps statuses back in exactly one place
+(``model_client/errors.py``), without this module importing gRPC.
+"""
+
+from __future__ import annotations
+
+
+class MemoryStoreError(Exception):
+    """Base class; ``code`` is the gRPC status code name it travels as."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        # Keeps subclasses with extra constructor arguments picklable (Ray
+        # ships exceptions raised in actors back to the caller).
+        return (_rebuild_error, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild_error(cls, message, state):
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
+
+class InvalidArgument(MemoryStoreError):
+    """Bad shape, dtype, width, NaN/Inf, k out of range, empty batch, bad option."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(MemoryStoreError):
+    """Unknown namespace or ids."""
+
+    code = "NOT_FOUND"
+
+
+class NamespaceNotFound(NotFound):
+    def __init__(self, namespace: str):
+        super().__init__(f"namespace {namespace!r} does not exist")
+        self.namespace = namespace
+
+
+class IdsNotFound(NotFound):
+    def __init__(self, namespace: str, missing_ids):
+        missing = [int(i) for i in missing_ids]
+        shown = ", ".join(str(i) for i in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        super().__init__(f"namespace {namespace!r} has no entries with ids [{shown}]{more}")
+        self.namespace = namespace
+        self.missing_ids = missing
+
+
+class AlreadyExists(MemoryStoreError):
+    code = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(MemoryStoreError):
+    """Capacity or message size."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(MemoryStoreError):
+    """A shard or the service cannot be reached; idempotent calls may retry."""
+
+    code = "UNAVAILABLE"
+
+
+class ShardUnavailable(Unavailable):
+    def __init__(self, shard: int, reason: str = ""):
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"shard {shard} is unavailable{detail}")
+        self.shard = shard
+
+
+class DeadlineExceeded(MemoryStoreError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(MemoryStoreError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MemoryStoreError):
+    code = "PERMISSION_DENIED"
+
+
+class InternalError(MemoryStoreError):
+    code = "INTERNAL"
+
+
+ERRORS_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
+        InternalError,
+    )
+}

@@ -1,0 +1,48 @@
+"""Plain result containers shared by the store, the service and the client."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+MISSING_ID = -1
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Top-k neighbours of a batch of queries, nearest first.
+
+    ids: int64 [B, k]; -1 in slots beyond the rows that exist.
+    distances: float32 [B, k]; squared L2, or negative inner product for ip;
+        +inf in missing slots. Smaller is nearer.
+    tokens: int32 [B, k]; -1 in missing slots.
+    keys: float32 [B, k, dim], values: float32 [B, k, value_dim],
+    weights: float32 [B, k]: only when asked for (zeros in missing slots).
+    """
+
+    ids: np.ndarray
+    distances: np.ndarray
+    tokens: np.ndarray
+    keys: np.ndarray | None = None
+    values: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class Rows:
+    """Stored entries, in the order of the ids asked for.
+
+    ids int64 [N], keys float32 [N, dim], tokens int32 [N],
+    values float32 [N, value_dim] or None, weights float32 [N], sources list[str].
+    """
+
+    ids: np.ndarray
+    keys: np.ndarray
+    tokens: np.ndarray
+    values: np.ndarray | None
+    weights: np.ndarray
+    sources: list
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])

@@ -1,0 +1,125 @@
+"""Columnar storage of a shard's entries, growable, on one device.
+
+Columns (row r of each belongs to one entry):
+  ids int64 [N], keys [N, dim] (float32, or float16 on CUDA), tokens int32 [N],
+  values float32 [N, value_dim], weights float32 [N], created int64 [N]
+  (a store-local insertion counter), source codes int32 [N] into ``sources``.
+Rows are dense: a delete moves the last rows into the holes, and an id -> row
+map follows every move, so searches always scan ``[0, N)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_MIN_CAPACITY = 1024
+
+
+class RowStore:
+    def __init__(self, dim: int, value_dim: int, device: torch.device, key_dtype: torch.dtype):
+        self.dim = dim
+        self.value_dim = value_dim
+        self.device = device
+        self.key_dtype = key_dtype
+        self.size = 0
+        self.capacity = 0
+        self.row_of_id: dict[int, int] = {}
+        self.sources: list[str] = []
+        self._source_codes: dict[str, int] = {}
+        self._insertions = 0
+        self._allocate(_MIN_CAPACITY)
+
+    # ----- storage -----------------------------------------------------------
+    def _empty_columns(self, capacity: int) -> dict[str, torch.Tensor]:
+        on = dict(device=self.device)
+        return {
+            "ids": torch.empty(capacity, dtype=torch.int64, **on),
+            "keys": torch.empty(capacity, self.dim, dtype=self.key_dtype, **on),
+            "key_norms": torch.empty(capacity, dtype=torch.float32, **on),
+            "tokens": torch.empty(capacity, dtype=torch.int32, **on),
+            "values": torch.empty(capacity, self.value_dim, dtype=torch.float32, **on),
+            "weights": torch.empty(capacity, dtype=torch.float32, **on),
+            "created": torch.empty(capacity, dtype=torch.int64, **on),
+            "source_codes": torch.empty(capacity, dtype=torch.int32, **on),
+        }
+
+    def _allocate(self, capacity: int) -> None:
+        columns = self._empty_columns(capacity)
+        for name, column in columns.items():
+            if self.size:
+                column[: self.size] = getattr(self, name)[: self.size]
+            setattr(self, name, column)
+        self.capacity = capacity
+
+    def _reserve(self, rows: int) -> None:
+        needed = self.size + rows
+        if needed > self.capacity:
+            self._allocate(max(needed, 2 * self.capacity))
+
+    def source_code(self, source: str) -> int:
+        code = self._source_codes.get(source)
+        if code is None:
+            code = len(self.sources)
+            self.sources.append(source)
+            self._source_codes[source] = code
+        return code
+
+    # ----- operations --------------------------------------------------------
+    def append(self, ids: np.ndarray, keys: np.ndarray, tokens: np.ndarray, values: np.ndarray | None,
+               weights: np.ndarray, source: str) -> None:
+        """Appends N rows. ids int64 [N] (not present yet), keys float32 [N, dim], ..."""
+        n = ids.shape[0]
+        self._reserve(n)
+        rows = slice(self.size, self.size + n)
+        key_tensor = torch.from_numpy(keys).to(self.device)
+        self.ids[rows] = torch.from_numpy(ids).to(self.device)
+        self.keys[rows] = key_tensor.to(self.key_dtype)
+        self.key_norms[rows] = (key_tensor.float() ** 2).sum(dim=1)
+        self.tokens[rows] = torch.from_numpy(tokens).to(self.device)
+        if self.value_dim:
+            if values is None:
+                self.values[rows] = 0.0
+            else:
+                self.values[rows] = torch.from_numpy(values).to(self.device)
+        self.weights[rows] = torch.from_numpy(weights).to(self.device)
+        self.created[rows] = torch.arange(self._insertions, self._insertions + n, device=self.device)
+        self.source_codes[rows] = self.source_code(source)
+        self._insertions += n
+        for offset, entry_id in enumerate(ids.tolist()):
+            self.row_of_id[entry_id] = self.size + offset
+        self.size += n
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """int64 [N] ids -> int64 [N] rows; -1 where an id is not stored."""
+        lookup = self.row_of_id.get
+        return np.fromiter((lookup(i, -1) for i in ids.tolist()), dtype=np.int64, count=ids.shape[0])
+
+    def remove_rows(self, rows: np.ndarray) -> int:
+        """Deletes the given rows (unique, valid), filling holes from the tail."""
+        rows = np.unique(rows)
+        if rows.size == 0:
+            return 0
+        new_size = self.size - rows.size
+        for entry_id in self.ids[torch.from_numpy(rows).to(self.device)].tolist():
+            del self.row_of_id[entry_id]
+        holes = rows[rows < new_size]
+        tail = np.arange(new_size, self.size)
+        movers = tail[~np.isin(tail, rows)]
+        if holes.size:
+            dst = torch.from_numpy(holes).to(self.device)
+            src = torch.from_numpy(movers).to(self.device)
+            for name in ("ids", "keys", "key_norms", "tokens", "values", "weights", "created", "source_codes"):
+                column = getattr(self, name)
+                column[dst] = column[src]
+            for entry_id, row in zip(self.ids[dst].tolist(), holes.tolist()):
+                self.row_of_id[entry_id] = row
+        self.size = new_size
+        return int(rows.size)
+
+    def rows_with_source(self, source: str) -> np.ndarray:
+        code = self._source_codes.get(source)
+        if code is None:
+            return np.empty(0, np.int64)
+        mask = self.source_codes[: self.size] == code
+        return torch.nonzero(mask).flatten().cpu().numpy().astype(np.int64)

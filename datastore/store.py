@@ -1,0 +1,177 @@
+"""NeighborStore: one process's neighbour store (no Ray, no gRPC).
+
+It holds the entries of one namespace (or of one shard of it) on one device
+and answers exact k-NN search over them. Every public method validates its
+whole input before it changes anything, and takes the store's lock, so a
+store shared by threads never shows a half-written batch.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from datastore import flat_index, validation
+from datastore.config import NamespaceConfig
+from datastore.errors import AlreadyExists, IdsNotFound, InvalidArgument
+from datastore.results import MISSING_ID, Rows, SearchResult
+from datastore.row_store import RowStore
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16}[name]
+
+
+class NeighborStore:
+    """Exact k-NN store of (id, key, token, value, weight, source) entries.
+
+    config: the namespace's NamespaceConfig.
+    device: "cpu" or a CUDA device; all columns live there.
+    backend: "faiss" (CPU only), "torch", or "auto" (torch on CUDA, faiss on CPU).
+    """
+
+    def __init__(self, config: NamespaceConfig, device: str | torch.device = "cpu", backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise InvalidArgument(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.config = config
+        self.device = torch.device(device)
+        if backend == "auto":
+            backend = "torch" if self.device.type == "cuda" else "faiss"
+        if backend == "faiss" and self.device.type != "cpu":
+            raise InvalidArgument("the faiss backend needs a CPU store; use backend='torch' on CUDA")
+        self.backend = backend
+        # faiss reads the key buffer directly, so CPU keys stay float32.
+        key_dtype = _torch_dtype(config.key_dtype) if self.device.type == "cuda" else torch.float32
+        self.rows = RowStore(config.dim, config.value_dim, self.device, key_dtype)
+        self.next_id = 0
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return self.rows.size
+
+    # ----- writes ------------------------------------------------------------
+    def add(self, keys: np.ndarray, tokens: np.ndarray, values: np.ndarray | None = None,
+            weights: np.ndarray | None = None, source: str = "", ids: np.ndarray | None = None) -> np.ndarray:
+        """Stores N entries; returns their ids, int64 [N].
+
+        keys: float32/float16 [N, dim]; tokens: int32/int64 [N];
+        values: float32 [N, value_dim] (zeros when None); weights: float32 [N]
+        (ones when None); source: a tag for the whole batch; ids: int64 [N]
+        chosen by the caller (the router), else the store numbers entries
+        from its own counter.
+        """
+        keys = validation.check_vectors(keys, self.config.dim, "keys")
+        n = keys.shape[0]
+        tokens = validation.check_tokens(tokens, n)
+        if values is not None:
+            values = validation.check_values(values, n, self.config.value_dim)
+        weights = np.ones(n, np.float32) if weights is None else validation.check_weights(weights, n)
+        source = validation.check_source(source)
+        with self._lock:
+            if ids is None:
+                ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+            else:
+                ids = validation.check_ids(ids)
+                if ids.shape[0] != n:
+                    raise InvalidArgument(f"keys and ids have different lengths: {n} keys, {ids.shape[0]} ids")
+                if np.unique(ids).size != n or (ids < 0).any():
+                    raise InvalidArgument("ids must be distinct and non-negative")
+                present = ids[self.rows.rows_of(ids) >= 0]
+                if present.size:
+                    raise AlreadyExists(f"ids already stored: {present[:10].tolist()}")
+            self.rows.append(ids, keys, tokens, values, weights, source)
+            self.next_id = max(self.next_id, int(ids.max()) + 1)
+        return ids
+
+    def delete(self, ids: np.ndarray | None = None, source: str | None = None) -> int:
+        """Deletes entries by id (unknown ids are ignored) or by source tag; returns how many went."""
+        if (ids is None) == (source is None):
+            raise InvalidArgument("delete needs either ids or a source tag, not both")
+        if ids is not None:
+            ids = validation.check_ids(ids)
+        with self._lock:
+            if ids is not None:
+                rows = self.rows.rows_of(ids)
+                rows = rows[rows >= 0]
+            else:
+                rows = self.rows.rows_with_source(validation.check_source(source))
+            return self.rows.remove_rows(rows)
+
+    # ----- reads -------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, return_keys: bool = False, return_values: bool = False,
+               return_weights: bool = False) -> SearchResult:
+        """Exact top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes."""
+        queries = validation.check_vectors(queries, self.config.dim, "queries")
+        k = validation.check_k(k, self.config.max_k)
+        if return_values and not self.config.value_dim:
+            raise InvalidArgument("values were asked for but the namespace has value_dim 0")
+        with self._lock:
+            distances, rows = self._nearest_rows(queries, k)
+            return self._gather(rows, distances, return_keys, return_values, return_weights)
+
+    def _nearest_rows(self, queries: np.ndarray, k: int):
+        stored = self.rows.size
+        if self.backend == "faiss":
+            return flat_index.faiss_search(queries, self.rows.keys[:stored].numpy(), k, self.config.metric)
+        q = torch.from_numpy(queries).to(self.device)
+        return flat_index.torch_search(q, self.rows.keys[:stored], self.rows.key_norms[:stored], k,
+                                       self.config.metric)
+
+    def _gather(self, rows: np.ndarray, distances: np.ndarray, return_keys: bool, return_values: bool,
+                return_weights: bool) -> SearchResult:
+        found = rows >= 0
+        safe = torch.from_numpy(np.where(found, rows, 0)).to(self.device)
+        mask = torch.from_numpy(found).to(self.device)
+
+        def column(tensor, fill):
+            picked = tensor[safe]
+            shape = mask.shape + (1,) * (picked.dim() - mask.dim())
+            return torch.where(mask.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype,
+                                                                         device=picked.device)).cpu().numpy()
+
+        if self.rows.size == 0:
+            empty = np.zeros(rows.shape, np.int64)
+            ids, tokens = empty - 1, empty.astype(np.int32) - 1
+            keys = np.zeros(rows.shape + (self.config.dim,), np.float32) if return_keys else None
+            values = np.zeros(rows.shape + (self.config.value_dim,), np.float32) if return_values else None
+            weights = np.zeros(rows.shape, np.float32) if return_weights else None
+            return SearchResult(ids, distances, tokens, keys, values, weights)
+        return SearchResult(
+            ids=column(self.rows.ids, MISSING_ID),
+            distances=distances,
+            tokens=column(self.rows.tokens, -1),
+            keys=column(self.rows.keys, 0).astype(np.float32, copy=False) if return_keys else None,
+            values=column(self.rows.values, 0) if return_values else None,
+            weights=column(self.rows.weights, 0) if return_weights else None,
+        )
+
+    def get(self, ids: np.ndarray) -> Rows:
+        """Entries by id, in the order asked; NOT_FOUND (naming them) if any id is not stored."""
+        ids = validation.check_ids(ids)
+        with self._lock:
+            rows = self.rows.rows_of(ids)
+            if (rows < 0).any():
+                raise IdsNotFound(self.config.name, ids[rows < 0])
+            index = torch.from_numpy(rows).to(self.device)
+            sources = self.rows.sources
+            return Rows(
+                ids=ids.copy(),
+                keys=self.rows.keys[index].float().cpu().numpy(),
+                tokens=self.rows.tokens[index].cpu().numpy(),
+                values=self.rows.values[index].cpu().numpy() if self.config.value_dim else None,
+                weights=self.rows.weights[index].cpu().numpy(),
+                sources=[sources[c] for c in self.rows.source_codes[index].tolist()],
+            )
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """bool [N]: which ids are stored."""
+        with self._lock:
+            return self.rows.rows_of(validation.check_ids(ids)) >= 0
+
+    def stats(self) -> dict:
+        return {"rows": self.rows.size, "device": str(self.device), "backend": self.backend,
+                "next_id": self.next_id}

@@ -1,0 +1,123 @@
+"""The one module that converts between proto messages and numpy / dataclasses.
+
+Used by both sides of the wire: the servicer (workers/servicer.py) and the
+client (model_client/client.py). Tensors travel as raw little-endian bytes
+with a dtype name and a shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from datastore.config import NamespaceConfig
+from datastore.errors import InvalidArgument
+from datastore.results import Rows, SearchResult
+from protos import memory_pb2 as pb
+
+WIRE_DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+}
+
+
+def tensor_to_proto(array) -> pb.Tensor:
+    """numpy array or torch tensor -> Tensor (float64 is sent as float32)."""
+    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise InvalidArgument(f"dtype {name} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
+    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name]).tobytes()
+    return pb.Tensor(dtype=name, shape=list(array.shape), data=data)
+
+
+def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
+    """Tensor -> numpy array, checking dtype, shape and byte count; ``what`` names it in errors."""
+    dtype = WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise InvalidArgument(f"{what} has unknown dtype {tensor.dtype!r}; expected one of {', '.join(WIRE_DTYPES)}")
+    shape = tuple(int(s) for s in tensor.shape)
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(tensor.data):
+        raise InvalidArgument(
+            f"{what} carries {len(tensor.data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
+        )
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def optional_tensor(message, field: str, what: str | None = None):
+    """The field's array, or None when the message does not carry it."""
+    if not message.HasField(field):
+        return None
+    return tensor_from_proto(getattr(message, field), what or field)
+
+
+def config_to_proto(config: NamespaceConfig) -> pb.NamespaceConfig:
+    return pb.NamespaceConfig(**config.to_dict())
+
+
+def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
+    """Unset fields take the dataclass defaults."""
+    fields = {"name": message.name, "dim": message.dim}
+    for name in ("metric", "index", "key_dtype"):
+        if getattr(message, name):
+            fields[name] = getattr(message, name)
+    for name in ("value_dim", "max_k"):
+        if getattr(message, name):
+            fields[name] = getattr(message, name)
+    return NamespaceConfig(**fields)
+
+
+def search_result_to_proto(result: SearchResult) -> pb.SearchResponse:
+    response = pb.SearchResponse(
+        ids=tensor_to_proto(result.ids),
+        distances=tensor_to_proto(result.distances),
+        tokens=tensor_to_proto(result.tokens),
+    )
+    for name in ("keys", "values", "weights"):
+        array = getattr(result, name)
+        if array is not None:
+            getattr(response, name).CopyFrom(tensor_to_proto(array))
+    return response
+
+
+def search_result_from_proto(response: pb.SearchResponse) -> SearchResult:
+    return SearchResult(
+        ids=tensor_from_proto(response.ids, "ids"),
+        distances=tensor_from_proto(response.distances, "distances"),
+        tokens=tensor_from_proto(response.tokens, "tokens"),
+        keys=optional_tensor(response, "keys"),
+        values=optional_tensor(response, "values"),
+        weights=optional_tensor(response, "weights"),
+    )
+
+
+def rows_to_proto(rows: Rows) -> pb.GetResponse:
+    response = pb.GetResponse(
+        ids=tensor_to_proto(rows.ids),
+        keys=tensor_to_proto(rows.keys),
+        tokens=tensor_to_proto(rows.tokens),
+        weights=tensor_to_proto(rows.weights),
+        sources=list(rows.sources),
+    )
+    if rows.values is not None:
+        response.values.CopyFrom(tensor_to_proto(rows.values))
+    return response
+
+
+def rows_from_proto(response: pb.GetResponse) -> Rows:
+    return Rows(
+        ids=tensor_from_proto(response.ids, "ids"),
+        keys=tensor_from_proto(response.keys, "keys"),
+        tokens=tensor_from_proto(response.tokens, "tokens"),
+        values=optional_tensor(response, "values"),
+        weights=tensor_from_proto(response.weights, "weights"),
+        sources=list(response.sources),
+    )
