@@ -49,7 +49,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
         raise InvalidArgument(
             f"{what} carries {len(tensor.data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    # A copy: the array must be writable and must not pin the message buffer.
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 
 def optional_tensor(message, field: str, what: str | None = None):

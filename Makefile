@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Each first builds a
+# local virtual environment (.venv) with pinned versions (constraints.txt).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench proto clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/monim demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m bench.search_bench
+
+proto: $(STAMP)
+	PATH=$(VENV)/bin:$$PATH bash protos/generate.sh
+
+clean:
+	rm -rf $(VENV) *.egg-info

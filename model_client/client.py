@@ -1,0 +1,250 @@
+"""MemoryClient: the Python API of monim-store.
+
+    c = MemoryClient("127.0.0.1:50051")   # the gRPC service
+    c = MemoryClient(":memory:")          # an in-process store, same behaviour
+
+numpy arrays and torch tensors are accepted; results are numpy. Errors are
+the typed exceptions of model_client.errors. Large batches are split so that
+no message passes ``max_message_bytes``; an Add split this way is applied
+chunk by chunk (each chunk whole or not at all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import grpc
+import numpy as np
+
+from datastore import NamespaceConfig, Rows, SearchResult, validation
+from datastore.errors import InvalidArgument, MemoryStoreError, Unavailable
+from model_client.errors import error_from_rpc
+from model_client.local_store import LocalMemory
+from protos import convert
+from protos import memory_pb2 as pb
+from protos import memory_pb2_grpc as pb_grpc
+
+IN_PROCESS = ":memory:"
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_FLOAT_KINDS = ("float16", "float32")
+
+
+@dataclasses.dataclass
+class NamespaceDescription:
+    config: NamespaceConfig
+    rows: int
+    shards: list[dict]
+    next_id: int
+
+
+def _to_numpy(array, what: str):
+    """torch tensor / list / numpy -> numpy; None stays None."""
+    if array is None:
+        return None
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _float_array(array, what: str):
+    """float64 (numpy's default) is narrowed to float32; other dtypes are left for the store to judge."""
+    array = _to_numpy(array, what)
+    if array is not None and array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return array
+
+
+def _int_array(array, what: str):
+    array = _to_numpy(array, what)
+    if array is not None and array.dtype.kind in "iu" and array.dtype != np.int32:
+        array = array.astype(np.int64)
+    return array
+
+
+class _RemoteStore:
+    """The service over one persistent gRPC channel; one RPC per call."""
+
+    def __init__(self, target: str, timeout_s: float, max_message_bytes: int):
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.MemoryServiceStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+
+    def create_namespace(self, config):
+        response = self._call("CreateNamespace", pb.CreateNamespaceRequest(config=convert.config_to_proto(config)))
+        return convert.config_from_proto(response.config)
+
+    def list_namespaces(self):
+        return [convert.config_from_proto(c) for c in self._call("ListNamespaces", pb.ListNamespacesRequest()).namespaces]
+
+    def describe_namespace(self, namespace):
+        r = self._call("DescribeNamespace", pb.DescribeNamespaceRequest(namespace=namespace))
+        shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend} for s in r.shards]
+        return {"config": convert.config_from_proto(r.config), "rows": r.rows, "shards": shards, "next_id": r.next_id}
+
+    def drop_namespace(self, namespace):
+        return self._call("DropNamespace", pb.DropNamespaceRequest(namespace=namespace)).rows_dropped
+
+    def add(self, namespace, keys, tokens, values=None, weights=None, source=""):
+        request = pb.AddRequest(namespace=namespace, keys=convert.tensor_to_proto(keys),
+                                tokens=convert.tensor_to_proto(tokens), source=source)
+        if values is not None:
+            request.values.CopyFrom(convert.tensor_to_proto(values))
+        if weights is not None:
+            request.weights.CopyFrom(convert.tensor_to_proto(weights))
+        return convert.tensor_from_proto(self._call("Add", request).ids, "ids")
+
+    def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False):
+        request = pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
+                                   return_keys=return_keys, return_values=return_values,
+                                   return_weights=return_weights)
+        return convert.search_result_from_proto(self._call("Search", request))
+
+    def get(self, namespace, ids):
+        return convert.rows_from_proto(self._call("Get", pb.GetRequest(namespace=namespace,
+                                                                       ids=convert.tensor_to_proto(ids))))
+
+    def delete(self, namespace, ids=None, source=None):
+        request = pb.DeleteRequest(namespace=namespace, source=source or "")
+        if ids is not None:
+            request.ids.CopyFrom(convert.tensor_to_proto(ids))
+        return self._call("Delete", request).deleted
+
+    def close(self):
+        self.channel.close()
+
+
+class MemoryClient:
+    """target: "host:port" of a monim server, or ":memory:" for an in-process store.
+
+    timeout_s: deadline of each RPC. retries: how often an idempotent call
+    (search, get, delete by id, list, describe) is retried on UNAVAILABLE,
+    with exponential backoff from ``backoff_s``.
+    """
+
+    def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
+                 backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.target = target
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_message_bytes = max_message_bytes
+        self.remote = target != IN_PROCESS
+        self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else LocalMemory()
+
+    # ----- plumbing -------------------------------------------------------------
+    def _idempotent(self, method: str, *args, **kwargs):
+        for attempt in range(self.retries + 1):
+            try:
+                return getattr(self._store, method)(*args, **kwargs)
+            except Unavailable:
+                if attempt == self.retries:
+                    raise
+                time.sleep(self.backoff_s * (2**attempt) * (1 + random.random()))
+
+    def _row_chunks(self, rows: int, bytes_per_row: int):
+        """Slices of at most max_message_bytes/2 worth of rows (the rest is headroom)."""
+        if not self.remote:
+            yield slice(0, rows)
+            return
+        per_chunk = max(1, (self.max_message_bytes // 2) // max(1, bytes_per_row))
+        for start in range(0, max(rows, 1), per_chunk):
+            yield slice(start, start + per_chunk)
+
+    @staticmethod
+    def _rows(array) -> int:
+        return int(array.shape[0]) if array is not None and array.ndim >= 1 else 0
+
+    # ----- namespaces ----------------------------------------------------------
+    def create_namespace(self, name: str, dim: int, metric: str = "l2", index: str = "flat", value_dim: int = 0,
+                         max_k: int = 1024, key_dtype: str = "float32") -> NamespaceConfig:
+        config = NamespaceConfig(name=name, dim=dim, metric=metric, index=index, value_dim=value_dim,
+                                 max_k=max_k, key_dtype=key_dtype)
+        return self._store.create_namespace(config)
+
+    def list_namespaces(self) -> list[NamespaceConfig]:
+        return self._idempotent("list_namespaces")
+
+    def describe_namespace(self, name: str) -> NamespaceDescription:
+        return NamespaceDescription(**self._idempotent("describe_namespace", name))
+
+    def drop_namespace(self, name: str) -> int:
+        """Drops the namespace and all its entries; returns how many rows went."""
+        return self._store.drop_namespace(name)
+
+    # ----- data ------------------------------------------------------------------
+    def add(self, namespace: str, keys, tokens, values=None, weights=None, source: str = "") -> np.ndarray:
+        """keys float [N, dim], tokens int [N], values float [N, value_dim], weights float [N] -> ids int64 [N]."""
+        keys, values, weights = _float_array(keys, "keys"), _float_array(values, "values"), _float_array(weights, "weights")
+        tokens = _int_array(tokens, "tokens")
+        n = self._rows(keys)
+        row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 16 + (
+            0 if values is None else values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
+        parts = list(self._row_chunks(n, row_bytes))
+        if len(parts) == 1:
+            return self._store.add(namespace, keys, tokens, values, weights, source)
+        self._check_whole_batch(namespace, keys, tokens, values, weights)
+        return np.concatenate([
+            self._store.add(namespace, keys[part], tokens[part], None if values is None else values[part],
+                            None if weights is None else weights[part], source)
+            for part in parts])
+
+    def _check_whole_batch(self, namespace, keys, tokens, values, weights) -> None:
+        """Before a batch is split, checks all of it, so a bad row in a later chunk
+        cannot leave the earlier chunks stored."""
+        config = self.describe_namespace(namespace).config
+        keys = validation.check_vectors(keys, config.dim, "keys")
+        validation.check_tokens(tokens, keys.shape[0])
+        if values is not None:
+            validation.check_values(values, keys.shape[0], config.value_dim)
+        if weights is not None:
+            validation.check_weights(weights, keys.shape[0])
+
+    def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
+               return_weights: bool = False) -> SearchResult:
+        """queries float [B, dim] -> SearchResult (ids int64 [B,k], distances float32 [B,k], tokens int32 [B,k])."""
+        queries = _float_array(queries, "queries")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+            raise InvalidArgument(f"k must be an integer, got {k!r}")
+        width = queries.shape[1] if queries.ndim == 2 else 1
+        row_bytes = max(4 * width, max(int(k), 1) * (16 + 4 * width * return_keys)) + 64
+        parts = [self._idempotent("search", namespace, queries[part], int(k), return_keys, return_values,
+                                  return_weights)
+                 for part in self._row_chunks(self._rows(queries), row_bytes)]
+        if len(parts) == 1:
+            return parts[0]
+        return SearchResult(**{f.name: None if getattr(parts[0], f.name) is None else
+                               np.concatenate([getattr(p, f.name) for p in parts])
+                               for f in dataclasses.fields(SearchResult)})
+
+    def get(self, namespace: str, ids) -> Rows:
+        """ids int [N] -> Rows in the same order; NotFound names ids that are not stored."""
+        ids = _int_array(ids, "ids")
+        return self._idempotent("get", namespace, ids)
+
+    def delete(self, namespace: str, ids=None, source: str | None = None) -> int:
+        """Deletes by ids (unknown ones are ignored) or by source tag; returns how many rows went."""
+        ids = _int_array(ids, "ids")
+        return self._idempotent("delete", namespace, ids, source)
+
+    # ----- lifetime ----------------------------------------------------------------
+    def close(self) -> None:
+        if self.remote:
+            self._store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["MemoryClient", "MemoryStoreError", "NamespaceDescription"]

@@ -1,0 +1,62 @@
+"""The in-process store behind ``MemoryClient(":memory:")``: one NeighborStore per namespace.
+
+Same behaviour as the service (same validation, same errors, same id
+numbering), for tests and notebooks; no Ray, no network.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from datastore import NamespaceConfig, NeighborStore, Rows, SearchResult, validate_namespace_name
+from datastore.errors import AlreadyExists, NamespaceNotFound
+
+
+class LocalMemory:
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.stores: dict[str, NeighborStore] = {}
+        self._lock = threading.Lock()
+
+    def _store(self, namespace: str) -> NeighborStore:
+        validate_namespace_name(namespace)
+        store = self.stores.get(namespace)
+        if store is None:
+            raise NamespaceNotFound(namespace)
+        return store
+
+    def create_namespace(self, config: NamespaceConfig) -> NamespaceConfig:
+        with self._lock:
+            if config.name in self.stores:
+                raise AlreadyExists(f"namespace {config.name!r} already exists")
+            self.stores[config.name] = NeighborStore(config, device=self.device)
+        return config
+
+    def list_namespaces(self) -> list[NamespaceConfig]:
+        return [self.stores[name].config for name in sorted(self.stores)]
+
+    def describe_namespace(self, namespace: str) -> dict:
+        store = self._store(namespace)
+        stats = dict(store.stats(), shard=0)
+        return {"config": store.config, "rows": len(store), "shards": [stats], "next_id": store.next_id}
+
+    def drop_namespace(self, namespace: str) -> int:
+        store = self._store(namespace)
+        with self._lock:
+            self.stores.pop(namespace, None)
+        return len(store)
+
+    def add(self, namespace, keys, tokens, values=None, weights=None, source="") -> np.ndarray:
+        return self._store(namespace).add(keys, tokens, values, weights, source)
+
+    def search(self, namespace, queries, k, return_keys=False, return_values=False,
+               return_weights=False) -> SearchResult:
+        return self._store(namespace).search(queries, k, return_keys, return_values, return_weights)
+
+    def get(self, namespace, ids) -> Rows:
+        return self._store(namespace).get(ids)
+
+    def delete(self, namespace, ids=None, source=None) -> int:
+        return self._store(namespace).delete(ids=ids, source=source)

@@ -1,0 +1,99 @@
+"""The ``monim`` command.
+
+    monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR]
+    monim status [--address HOST:PORT]
+    monim demo [--shards N]
+
+``demo`` reaches model_client by lazy import; everything else is workers'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+
+def _serve(args) -> int:
+    from workers.embedded import EmbeddedStore
+
+    store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
+                          num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment)
+    print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
+
+    def stop(signum, frame):
+        store.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    store.wait()
+    return 0
+
+
+def _status(args) -> int:
+    from model_client import MemoryClient
+    from model_client.errors import MemoryStoreError
+
+    try:
+        with MemoryClient(args.address, timeout_s=args.timeout_s, retries=0) as client:
+            namespaces = client.list_namespaces()
+            print(f"{args.address}: {len(namespaces)} namespace(s)")
+            for config in namespaces:
+                d = client.describe_namespace(config.name)
+                per_shard = ", ".join(str(s["rows"]) for s in d.shards)
+                print(f"  {config.name}: dim {config.dim} {config.metric} {config.index} value_dim "
+                      f"{config.value_dim} | {d.rows} rows (per shard: {per_shard})")
+    except MemoryStoreError as error:
+        print(f"monim status: {args.address}: {error.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args) -> int:
+    from model_client.demo import run_demo  # lazy: the one place the CLI reaches the client side
+    from workers.embedded import EmbeddedStore
+
+    with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store:
+        run_demo(store.address, shards=store.runtime.num_shards)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monim", description="monim-store: a learnable nearest-neighbour memory")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve a deployment over gRPC")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--shards", type=int, default=2, help="shard actors to create (default 2)")
+    serve.add_argument("--ray-address", default=None,
+                       help="join a running Ray cluster ('auto'); default: start a local Ray")
+    serve.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
+    serve.add_argument("--shard-cpus", type=float, default=1.0, help="logical CPUs per shard actor")
+    serve.add_argument("--deployment", default="monim", help="actor name prefix (front ends that share it share shards)")
+    serve.set_defaults(run=_serve)
+
+    status = commands.add_parser("status", help="list namespaces and row counts of a running server")
+    status.add_argument("--address", default="127.0.0.1:50051")
+    status.add_argument("--timeout-s", type=float, default=10.0)
+    status.set_defaults(run=_status)
+
+    demo = commands.add_parser("demo", help="run the demo on an embedded local store")
+    demo.add_argument("--shards", type=int, default=2)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "shards", 1) < 1:
+        print("monim: --shards must be at least 1", file=sys.stderr)
+        return 2
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

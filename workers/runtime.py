@@ -1,0 +1,195 @@
+"""The only module that calls ``ray.*``.
+
+``RayRuntime`` starts or joins Ray, creates (or finds) the named registry and
+shard actors, and scatters calls to them. ``LocalRuntime`` has the same
+interface over plain in-process objects, so the router and servicer are
+unit-tested without Ray (the Ray Serve pattern).
+
+Interface used by the router:
+    num_shards: int
+    call_registry(method, *args) -> result
+    call_shards(calls, timeout_s) -> list of results, calls = [(shard, method, args)]
+    shutdown()
+Errors: a MemoryStoreError raised in an actor is re-raised as itself; a dead
+actor becomes ShardUnavailable(shard); a timeout becomes DeadlineExceeded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+
+import numpy as np
+
+from datastore.errors import DeadlineExceeded, MemoryStoreError, ShardUnavailable, Unavailable
+from workers.registry import NamespaceRegistry
+from workers.shard import Shard
+
+log = logging.getLogger(__name__)
+
+# Arrays above this many bytes are put in Ray's object store once and passed by
+# reference, instead of being serialized into every shard's call.
+_PUT_THRESHOLD_BYTES = 1 << 16
+
+
+class LocalRuntime:
+    """Shards and registry as in-process objects; calls run on a thread pool, one thread per shard."""
+
+    def __init__(self, num_shards: int, device: str = "cpu"):
+        self.registry = NamespaceRegistry(num_shards)
+        self.num_shards = num_shards
+        self.shards: list[Shard | None] = [Shard(i, device) for i in range(num_shards)]
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
+
+    def call_registry(self, method: str, *args):
+        return getattr(self.registry, method)(*args)
+
+    def call_shards(self, calls, timeout_s: float | None = None) -> list:
+        futures = []
+        for shard, method, args in calls:
+            target = self.shards[shard]
+            if target is None:
+                futures.append((shard, None))
+            else:
+                futures.append((shard, self._pool.submit(getattr(target, method), *args)))
+        results = []
+        for shard, future in futures:
+            if future is None:
+                raise ShardUnavailable(shard, "killed")
+            try:
+                results.append(future.result(timeout=timeout_s))
+            except concurrent.futures.TimeoutError:
+                raise DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s") from None
+        return results
+
+    def kill_shard(self, shard: int) -> None:
+        """For tests: the shard stops answering, as a dead actor would."""
+        self.shards[shard] = None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+class RayRuntime:
+    """Registry and shard actors on a local or remote Ray cluster.
+
+    num_shards: shards to create when the deployment does not exist yet; a
+        front end that joins an existing deployment takes its shard count.
+    address: None starts a local Ray instance (``num_cpus`` logical CPUs);
+        "auto" or "ray://..." joins a running cluster.
+    shard_cpus: logical CPUs each shard actor holds (its faiss thread count).
+    use_gpus: "auto" gives each shard one GPU when the cluster has one per
+        shard; True requires it; False keeps shards on CPU.
+    deployment: prefix of the actor names, so several deployments can share
+        one cluster and several front ends can share one deployment.
+    """
+
+    def __init__(self, num_shards: int, address: str | None = None, num_cpus: int | None = None,
+                 shard_cpus: float = 1.0, use_gpus: bool | str = "auto", deployment: str = "monim"):
+        import ray
+
+        self._ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            init_args = dict(namespace="monim", include_dashboard=False, ignore_reinit_error=True,
+                             logging_level=logging.WARNING, log_to_driver=False)
+            if address is None:
+                init_args["num_cpus"] = num_cpus if num_cpus is not None else max(2, int(num_shards * shard_cpus))
+            else:
+                init_args["address"] = address
+            ray.init(**init_args)
+            self._owns_ray = address is None
+        self.deployment = deployment
+        registry_name = f"{deployment}-registry"
+        self._created_actors = not self._actor_exists(registry_name)
+        self.registry = ray.remote(NamespaceRegistry).options(
+            name=registry_name, get_if_exists=True, num_cpus=0, max_concurrency=1
+        ).remote(num_shards)
+        self.num_shards = ray.get(self.registry.shard_count.remote())
+        if use_gpus == "auto":
+            use_gpus = ray.cluster_resources().get("GPU", 0) >= self.num_shards
+        device = "cuda" if use_gpus else "cpu"
+        shard_class = ray.remote(Shard)
+        self.shards = [
+            shard_class.options(
+                name=f"{deployment}-shard-{i}", get_if_exists=True, num_cpus=shard_cpus,
+                num_gpus=1 if use_gpus else 0, max_concurrency=1,
+            ).remote(i, device)
+            for i in range(self.num_shards)
+        ]
+        self.call_shards([(i, "ping", ()) for i in range(self.num_shards)], timeout_s=300)
+
+    def _actor_exists(self, name: str) -> bool:
+        try:
+            self._ray.get_actor(name)
+            return True
+        except ValueError:
+            return False
+
+    def _unwrap(self, error: Exception, shard: int | None):
+        ray = self._ray
+        if isinstance(error, ray.exceptions.RayTaskError):
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, MemoryStoreError):
+                return cause
+            return error
+        if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            if shard is None:
+                return Unavailable(f"the namespace registry is unavailable: {error}")
+            return ShardUnavailable(shard, type(error).__name__)
+        return error
+
+    def call_registry(self, method: str, *args):
+        try:
+            return self._ray.get(getattr(self.registry, method).remote(*args), timeout=60)
+        except self._ray.exceptions.GetTimeoutError:
+            raise DeadlineExceeded("the namespace registry did not answer within 60 s") from None
+        except Exception as error:  # noqa: BLE001 - unwrapped and re-raised
+            raise self._unwrap(error, None) from None
+
+    def _share_large_args(self, args, shared: dict):
+        out = []
+        for arg in args:
+            if isinstance(arg, np.ndarray) and arg.nbytes > _PUT_THRESHOLD_BYTES:
+                ref = shared.get(id(arg))
+                if ref is None:
+                    ref = shared[id(arg)] = self._ray.put(arg)
+                out.append(ref)
+            else:
+                out.append(arg)
+        return out
+
+    def call_shards(self, calls, timeout_s: float | None = None) -> list:
+        """Scatters the calls at once, then gathers all their results in call order."""
+        ray = self._ray
+        shared: dict = {}
+        futures = [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
+                   for shard, method, args in calls]
+        ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
+        if len(ready) < len(futures):
+            late = [calls[i][0] for i, f in enumerate(futures) if f not in ready]
+            raise DeadlineExceeded(f"shard(s) {late} did not answer within {timeout_s} s")
+        results, first_error = [], None
+        for (shard, _, _), future in zip(calls, futures):
+            try:
+                results.append(ray.get(future))
+            except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
+                first_error = first_error or self._unwrap(error, shard)
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def kill_shard(self, shard: int) -> None:
+        """For tests and drills: kills one shard actor without restart."""
+        self._ray.kill(self.shards[shard], no_restart=True)
+
+    def shutdown(self) -> None:
+        """Kills the actors this front end created, and Ray itself if it started it."""
+        if self._created_actors:
+            for actor in [*self.shards, self.registry]:
+                try:
+                    self._ray.kill(actor)
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    log.debug("actor already gone at shutdown", exc_info=True)
+        if self._owns_ray:
+            self._ray.shutdown()

@@ -1,0 +1,42 @@
+"""The gRPC server: MemoryService, the standard health service and server reflection."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import memory_pb2 as pb
+from protos import memory_pb2_grpc as pb_grpc
+from workers.router import Router
+from workers.servicer import MemoryServicer
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 16,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """Starts serving; returns (server, bound port). port 0 picks a free port."""
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                         options=message_size_options(max_message_bytes))
+    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(router), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound

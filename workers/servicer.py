@@ -1,0 +1,77 @@
+"""MemoryServiceServicer: decodes requests, calls the router, encodes replies."""
+
+from __future__ import annotations
+
+from datastore.errors import InvalidArgument
+from protos import convert
+from protos import memory_pb2 as pb
+from protos import memory_pb2_grpc as pb_grpc
+from workers.router import Router
+from workers.status import grpc_errors
+
+
+def _required(message, field: str, what: str | None = None):
+    if not message.HasField(field):
+        raise InvalidArgument(f"{what or field} is missing from the request")
+    return convert.tensor_from_proto(getattr(message, field), what or field)
+
+
+class MemoryServicer(pb_grpc.MemoryServiceServicer):
+    def __init__(self, router: Router):
+        self.router = router
+
+    @grpc_errors
+    def CreateNamespace(self, request, context):
+        config = self.router.create_namespace(convert.config_from_proto(request.config))
+        return pb.CreateNamespaceResponse(config=convert.config_to_proto(config))
+
+    @grpc_errors
+    def ListNamespaces(self, request, context):
+        return pb.ListNamespacesResponse(
+            namespaces=[convert.config_to_proto(c) for c in self.router.list_namespaces()])
+
+    @grpc_errors
+    def DescribeNamespace(self, request, context):
+        description = self.router.describe_namespace(request.namespace)
+        return pb.DescribeNamespaceResponse(
+            config=convert.config_to_proto(description["config"]),
+            rows=description["rows"],
+            next_id=description["next_id"],
+            shards=[pb.ShardStats(shard=s["shard"], rows=s["rows"], device=s["device"], backend=s["backend"])
+                    for s in description["shards"]],
+        )
+
+    @grpc_errors
+    def DropNamespace(self, request, context):
+        return pb.DropNamespaceResponse(rows_dropped=self.router.drop_namespace(request.namespace))
+
+    @grpc_errors
+    def Add(self, request, context):
+        ids = self.router.add(
+            request.namespace,
+            keys=_required(request, "keys"),
+            tokens=_required(request, "tokens"),
+            values=convert.optional_tensor(request, "values"),
+            weights=convert.optional_tensor(request, "weights"),
+            source=request.source,
+        )
+        return pb.AddResponse(ids=convert.tensor_to_proto(ids))
+
+    @grpc_errors
+    def Search(self, request, context):
+        result = self.router.search(
+            request.namespace, _required(request, "queries"), request.k,
+            return_keys=request.return_keys, return_values=request.return_values,
+            return_weights=request.return_weights,
+        )
+        return convert.search_result_to_proto(result)
+
+    @grpc_errors
+    def Get(self, request, context):
+        return convert.rows_to_proto(self.router.get(request.namespace, _required(request, "ids")))
+
+    @grpc_errors
+    def Delete(self, request, context):
+        ids = convert.optional_tensor(request, "ids")
+        source = request.source if request.source else None
+        return pb.DeleteResponse(deleted=self.router.delete(request.namespace, ids=ids, source=source))

@@ -1,0 +1,35 @@
+"""Exceptions become gRPC status codes here, and nowhere else on the server."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from datastore.errors import MemoryStoreError
+
+log = logging.getLogger(__name__)
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, MemoryStoreError):
+        return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), error.message
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+def grpc_errors(method):
+    """Decorates a servicer method: a MemoryStoreError aborts the call with its status;
+    anything else aborts with INTERNAL and is logged. The server keeps serving either way."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            code, message = status_of(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", method.__name__)
+            context.abort(code, message)
+
+    return wrapper
