@@ -52,7 +52,7 @@ class NamespaceNotFound(NotFound):
 
 class IdsNotFound(NotFound):
     def __init__(self, namespace: str, missing_ids):
-        missing = [int(i) for i in missing_ids]
+        missing = sorted({int(i) for i in missing_ids})
         shown = ", ".join(str(i) for i in missing[:10])
         more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
         super().__init__(f"namespace {namespace!r} has no entries with ids [{shown}]{more}")
