@@ -6,6 +6,7 @@ import dataclasses
 import re
 
 from datastore.errors import InvalidArgument
+from datastore.optimizers import OptimizerConfig
 
 METRICS = ("l2", "ip")
 INDEXES = ("flat",)
@@ -45,6 +46,7 @@ class NamespaceConfig:
     max_k: the largest k a search may ask for.
     key_dtype: storage dtype of keys on GPU shards (CPU shards keep float32,
         which faiss needs).
+    optimizer: the server-side sparse optimizer of the value rows.
     """
 
     name: str
@@ -54,9 +56,14 @@ class NamespaceConfig:
     value_dim: int = 0
     max_k: int = 1024
     key_dtype: str = "float32"
+    optimizer: OptimizerConfig = OptimizerConfig()
 
     def __post_init__(self):
         validate_namespace_name(self.name)
+        if isinstance(self.optimizer, dict):
+            object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(self.optimizer))
+        if not isinstance(self.optimizer, OptimizerConfig):
+            raise InvalidArgument(f"optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
         for field in ("dim", "value_dim", "max_k"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):

@@ -43,6 +43,42 @@ class Rows:
     values: np.ndarray | None
     weights: np.ndarray
     sources: list
+    optimizer_state: dict | None = None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+
+@dataclasses.dataclass
+class RetrieveResult:
+    """The memory output of a MoNIM layer and what its backward needs.
+
+    memory: float32 [B, value_dim] = sum_i alpha_i v_i.
+    ids int64 [B, k], alpha float32 [B, k], distances float32 [B, k],
+    tokens int32 [B, k], weights float32 [B, k] of the global top-k.
+    queries and temperature are the forward's inputs, kept for the backward.
+    """
+
+    memory: np.ndarray
+    ids: np.ndarray
+    alpha: np.ndarray
+    distances: np.ndarray
+    tokens: np.ndarray
+    weights: np.ndarray
+    queries: np.ndarray | None = None
+    temperature: float = 1.0
+
+
+@dataclasses.dataclass
+class AddResult:
+    """What an Add with admission did to each row.
+
+    ids int64 [N]: the new entry's id; for a merged row the id of the entry
+    whose weight grew; -1 for a row that was not admitted.
+    admitted bool [N]: log p < threshold (all True without log p).
+    merged bool [N]: admitted, and merged into an existing entry.
+    """
+
+    ids: np.ndarray
+    admitted: np.ndarray
+    merged: np.ndarray

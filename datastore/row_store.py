@@ -3,9 +3,11 @@
 Columns (row r of each belongs to one entry):
   ids int64 [N], keys [N, dim] (float32, or float16 on CUDA), tokens int32 [N],
   values float32 [N, value_dim], weights float32 [N], created int64 [N]
-  (a store-local insertion counter), source codes int32 [N] into ``sources``.
-Rows are dense: a delete moves the last rows into the holes, and an id -> row
-map follows every move, so searches always scan ``[0, N)``.
+  (a store-local insertion counter), source codes int32 [N] into ``sources``,
+  and the optimizer's per-row state columns float32 [N, value_dim] (zero for
+  a new row, or the optimizer's initial value).
+Rows are dense: a delete moves the last rows into the holes, and the id -> row
+map (IdMap) follows every move, so searches always scan ``[0, N)``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from datastore.id_map import ABSENT, IdMap
+
 _MIN_CAPACITY = 1024
 
 
 class RowStore:
-    def __init__(self, dim: int, value_dim: int, device: torch.device, key_dtype: torch.dtype):
+    def __init__(self, dim: int, value_dim: int, device: torch.device, key_dtype: torch.dtype,
+                 state_columns: dict[str, float] | None = None, id_stride: int = 1, id_offset: int = 0):
+        """state_columns: optimizer state column name -> initial value (each [N, value_dim]).
+        id_stride, id_offset: the pattern of ids this store holds (see IdMap)."""
         self.dim = dim
         self.value_dim = value_dim
         self.device = device
         self.key_dtype = key_dtype
+        self.state_columns = dict(state_columns or {})
         self.size = 0
         self.capacity = 0
-        self.row_of_id: dict[int, int] = {}
+        self.id_map = IdMap(id_stride, id_offset)
         self.sources: list[str] = []
         self._source_codes: dict[str, int] = {}
         self._insertions = 0
@@ -42,7 +50,13 @@ class RowStore:
             "weights": torch.empty(capacity, dtype=torch.float32, **on),
             "created": torch.empty(capacity, dtype=torch.int64, **on),
             "source_codes": torch.empty(capacity, dtype=torch.int32, **on),
+            **{name: torch.empty(capacity, self.value_dim, dtype=torch.float32, **on) for name in self.state_columns},
         }
+
+    @property
+    def column_names(self) -> list[str]:
+        return ["ids", "keys", "key_norms", "tokens", "values", "weights", "created", "source_codes",
+                *self.state_columns]
 
     def _allocate(self, capacity: int) -> None:
         columns = self._empty_columns(capacity)
@@ -85,15 +99,15 @@ class RowStore:
         self.weights[rows] = torch.from_numpy(weights).to(self.device)
         self.created[rows] = torch.arange(self._insertions, self._insertions + n, device=self.device)
         self.source_codes[rows] = self.source_code(source)
+        for name, initial in self.state_columns.items():
+            getattr(self, name)[rows] = initial
         self._insertions += n
-        for offset, entry_id in enumerate(ids.tolist()):
-            self.row_of_id[entry_id] = self.size + offset
+        self.id_map.assign(ids, np.arange(self.size, self.size + n, dtype=np.int64))
         self.size += n
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """int64 [N] ids -> int64 [N] rows; -1 where an id is not stored."""
-        lookup = self.row_of_id.get
-        return np.fromiter((lookup(i, -1) for i in ids.tolist()), dtype=np.int64, count=ids.shape[0])
+        """int64 [...] ids -> int64 [...] rows; -1 where an id is not stored."""
+        return self.id_map.lookup(ids)
 
     def remove_rows(self, rows: np.ndarray) -> int:
         """Deletes the given rows (unique, valid), filling holes from the tail."""
@@ -101,19 +115,18 @@ class RowStore:
         if rows.size == 0:
             return 0
         new_size = self.size - rows.size
-        for entry_id in self.ids[torch.from_numpy(rows).to(self.device)].tolist():
-            del self.row_of_id[entry_id]
+        gone = self.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy()
+        self.id_map.assign(gone, np.full(gone.shape, ABSENT, np.int64))
         holes = rows[rows < new_size]
         tail = np.arange(new_size, self.size)
         movers = tail[~np.isin(tail, rows)]
         if holes.size:
             dst = torch.from_numpy(holes).to(self.device)
             src = torch.from_numpy(movers).to(self.device)
-            for name in ("ids", "keys", "key_norms", "tokens", "values", "weights", "created", "source_codes"):
+            for name in self.column_names:
                 column = getattr(self, name)
                 column[dst] = column[src]
-            for entry_id, row in zip(self.ids[dst].tolist(), holes.tolist()):
-                self.row_of_id[entry_id] = row
+            self.id_map.assign(self.ids[dst].cpu().numpy(), holes)
         self.size = new_size
         return int(rows.size)
 

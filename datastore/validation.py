@@ -104,3 +104,99 @@ def check_source(source) -> str:
     if len(source) > 256:
         raise InvalidArgument(f"source tag has {len(source)} characters; at most 256 are allowed")
     return source
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
+        raise InvalidArgument(f"temperature must be a number, got {temperature!r}")
+    temperature = float(temperature)
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise InvalidArgument(f"temperature must be finite and > 0, got {temperature}")
+    return temperature
+
+
+def check_value_namespace(value_dim: int, operation: str) -> None:
+    if value_dim == 0:
+        raise InvalidArgument(f"{operation} needs value vectors but the namespace has value_dim 0")
+
+
+def check_slots(ids, alpha, distances, batch: int):
+    """The forward's ids int64 [B, k], alpha float [B, k] and distances float [B, k], checked together.
+
+    alpha must be finite, in [0, 1], and 0 where id is -1; distances finite where id >= 0.
+    Returns (ids int64, alpha float32, distances float32 with 0 in missing slots).
+    """
+    ids = _as_array(ids, "ids")
+    if ids.dtype.kind not in "iu" or ids.ndim != 2:
+        raise InvalidArgument(f"ids must be int64 [B, k], got {ids.dtype} {list(ids.shape)}")
+    if ids.shape[0] != batch:
+        raise InvalidArgument(f"ids have {ids.shape[0]} rows but there are {batch} queries")
+    ids = ids.astype(np.int64, copy=False)
+    if (ids < -1).any():
+        raise InvalidArgument("ids must be >= 0, or -1 for an empty slot")
+    alpha = _as_array(alpha, "alpha")
+    if alpha.dtype not in FLOAT_DTYPES or alpha.shape != ids.shape:
+        raise InvalidArgument(
+            f"alpha must be float32 with the shape of ids {list(ids.shape)}, got {alpha.dtype} {list(alpha.shape)}")
+    alpha = alpha.astype(np.float32, copy=False)
+    if not np.isfinite(alpha).all() or (alpha < 0).any() or (alpha > 1 + 1e-5).any():
+        raise InvalidArgument("alpha must be finite and in [0, 1]")
+    if (alpha[ids < 0] != 0).any():
+        raise InvalidArgument("alpha must be 0 where id is -1")
+    distances = _as_array(distances, "distances")
+    if distances.dtype not in FLOAT_DTYPES or distances.shape != ids.shape:
+        raise InvalidArgument(f"distances must be float32 with the shape of ids {list(ids.shape)}, "
+                              f"got {distances.dtype} {list(distances.shape)}")
+    distances = np.where(ids >= 0, distances, 0).astype(np.float32)
+    if not np.isfinite(distances).all():
+        raise InvalidArgument("distances must be finite where id >= 0")
+    return ids, alpha, distances
+
+
+def check_logp(logp, rows: int) -> np.ndarray:
+    """Log-probabilities float [rows]: not NaN, <= 0 (rounding aside); -inf allowed."""
+    logp = _as_array(logp, "logp")
+    if logp.dtype not in FLOAT_DTYPES or logp.shape != (rows,):
+        raise InvalidArgument(f"logp must be float32 [{rows}], got {logp.dtype} {list(logp.shape)}")
+    logp = logp.astype(np.float32, copy=False)
+    if np.isnan(logp).any() or (logp > 1e-4).any():
+        raise InvalidArgument("logp must be log-probabilities: not NaN and <= 0")
+    return logp
+
+
+def check_threshold(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not np.isfinite(value):
+        raise InvalidArgument(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_backward_request(config, queries, ids, alpha, distances, grad_memory, temperature):
+    """Checks a Retrieve backward whole; returns the cleaned arrays and temperature."""
+    check_value_namespace(config.value_dim, "a retrieve backward")
+    queries = check_vectors(queries, config.dim, "queries")
+    ids, alpha, distances = check_slots(ids, alpha, distances, queries.shape[0])
+    grad_memory = check_vectors(grad_memory, config.value_dim, "grad_memory", "value_dim")
+    if grad_memory.shape[0] != queries.shape[0]:
+        raise InvalidArgument(f"grad_memory has {grad_memory.shape[0]} rows but there are {queries.shape[0]} queries")
+    return queries, ids, alpha, distances, grad_memory, check_temperature(temperature)
+
+
+def check_gradients(ids, grads, value_dim: int):
+    """ids int [N] and grads float [N, value_dim], finite -> (int64, float32)."""
+    check_value_namespace(value_dim, "applying gradients")
+    ids = check_ids(ids)
+    grads = check_vectors(grads, value_dim, "grads", "value_dim")
+    if grads.shape[0] != ids.shape[0]:
+        raise InvalidArgument(f"ids and grads have different lengths: {ids.shape[0]} ids, {grads.shape[0]} grads")
+    return ids, grads
+
+
+def check_admission(logp, admit_below, merge_eps, rows: int):
+    """-> (logp float32 [rows] or None, admit_below, merge_eps >= 0)."""
+    if logp is not None:
+        logp = check_logp(logp, rows)
+    admit_below = check_threshold(admit_below, "admit_below")
+    merge_eps = check_threshold(merge_eps, "merge_eps")
+    if merge_eps < 0:
+        raise InvalidArgument(f"merge_eps must be >= 0, got {merge_eps}")
+    return logp, admit_below, merge_eps

@@ -19,7 +19,10 @@ import grpc
 import numpy as np
 
 from datastore import NamespaceConfig, Rows, SearchResult, validation
+from datastore.admission import DEFAULT_ADMIT_BELOW
 from datastore.errors import InvalidArgument, MemoryStoreError, Unavailable
+from datastore.optimizers import OptimizerConfig
+from datastore.results import AddResult, RetrieveResult
 from model_client.errors import error_from_rpc
 from model_client.local_store import LocalMemory
 from protos import convert
@@ -94,14 +97,15 @@ class _RemoteStore:
     def drop_namespace(self, namespace):
         return self._call("DropNamespace", pb.DropNamespaceRequest(namespace=namespace)).rows_dropped
 
-    def add(self, namespace, keys, tokens, values=None, weights=None, source=""):
+    def add(self, namespace, keys, tokens, values=None, weights=None, source="", logp=None,
+            admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0):
         request = pb.AddRequest(namespace=namespace, keys=convert.tensor_to_proto(keys),
-                                tokens=convert.tensor_to_proto(tokens), source=source)
-        if values is not None:
-            request.values.CopyFrom(convert.tensor_to_proto(values))
-        if weights is not None:
-            request.weights.CopyFrom(convert.tensor_to_proto(weights))
-        return convert.tensor_from_proto(self._call("Add", request).ids, "ids")
+                                tokens=convert.tensor_to_proto(tokens), source=source, admit_below=admit_below,
+                                merge_eps=merge_eps)
+        for name, array in (("values", values), ("weights", weights), ("logp", logp)):
+            if array is not None:
+                getattr(request, name).CopyFrom(convert.tensor_to_proto(array))
+        return convert.add_result_from_proto(self._call("Add", request))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False):
         request = pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
@@ -109,15 +113,34 @@ class _RemoteStore:
                                    return_weights=return_weights)
         return convert.search_result_from_proto(self._call("Search", request))
 
-    def get(self, namespace, ids):
-        return convert.rows_from_proto(self._call("Get", pb.GetRequest(namespace=namespace,
-                                                                       ids=convert.tensor_to_proto(ids))))
+    def get(self, namespace, ids, return_optimizer_state=False):
+        request = pb.GetRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
+                                return_optimizer_state=return_optimizer_state)
+        return convert.rows_from_proto(self._call("Get", request))
 
     def delete(self, namespace, ids=None, source=None):
         request = pb.DeleteRequest(namespace=namespace, source=source or "")
         if ids is not None:
             request.ids.CopyFrom(convert.tensor_to_proto(ids))
         return self._call("Delete", request).deleted
+
+    def retrieve(self, namespace, queries, k, temperature):
+        request = pb.RetrieveRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
+                                     temperature=temperature)
+        return convert.retrieve_result_from_proto(self._call("Retrieve", request), queries, temperature)
+
+    def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature):
+        request = pb.RetrieveBackwardRequest(
+            namespace=namespace, queries=convert.tensor_to_proto(queries), ids=convert.tensor_to_proto(ids),
+            alpha=convert.tensor_to_proto(alpha), distances=convert.tensor_to_proto(distances),
+            grad_memory=convert.tensor_to_proto(grad_memory), temperature=temperature)
+        response = self._call("RetrieveBackward", request)
+        return convert.tensor_from_proto(response.grad_queries, "grad_queries"), response.grad_temperature
+
+    def apply_gradients(self, namespace, ids, grads):
+        request = pb.ApplyGradientsRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
+                                           grads=convert.tensor_to_proto(grads))
+        return self._call("ApplyGradients", request).rows_updated
 
     def close(self):
         self.channel.close()
@@ -165,9 +188,13 @@ class MemoryClient:
 
     # ----- namespaces ----------------------------------------------------------
     def create_namespace(self, name: str, dim: int, metric: str = "l2", index: str = "flat", value_dim: int = 0,
-                         max_k: int = 1024, key_dtype: str = "float32") -> NamespaceConfig:
+                         max_k: int = 1024, key_dtype: str = "float32", optimizer: str = "sgd", lr: float = 0.01,
+                         **optimizer_options) -> NamespaceConfig:
+        """optimizer: sgd | adagrad | adam for the value rows, with lr and options (momentum, beta1,
+        beta2, eps, lr_decay, initial_accumulator_value, max_grad_norm); see datastore/optimizers.py."""
         config = NamespaceConfig(name=name, dim=dim, metric=metric, index=index, value_dim=value_dim,
-                                 max_k=max_k, key_dtype=key_dtype)
+                                 max_k=max_k, key_dtype=key_dtype,
+                                 optimizer=OptimizerConfig.from_dict(dict(optimizer_options, name=optimizer, lr=lr)))
         return self._store.create_namespace(config)
 
     def list_namespaces(self) -> list[NamespaceConfig]:
@@ -181,23 +208,39 @@ class MemoryClient:
         return self._store.drop_namespace(name)
 
     # ----- data ------------------------------------------------------------------
-    def add(self, namespace: str, keys, tokens, values=None, weights=None, source: str = "") -> np.ndarray:
-        """keys float [N, dim], tokens int [N], values float [N, value_dim], weights float [N] -> ids int64 [N]."""
-        keys, values, weights = _float_array(keys, "keys"), _float_array(values, "values"), _float_array(weights, "weights")
+    def add(self, namespace: str, keys, tokens, values=None, weights=None, source: str = "", logp=None,
+            admit_below: float = DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0, details: bool = False):
+        """Stores entries; returns their ids, int64 [N] (-1 where a row was not admitted).
+
+        keys float [N, dim], tokens int [N], values float [N, value_dim] (zeros if None),
+        weights float [N] (ones if None), source: a tag for the batch.
+        logp float [N]: the model's log p of each token; only rows with logp < admit_below are
+        stored (SeMem admission). merge_eps > 0: a row merges into an existing entry with the same
+        token closer than this (its weight grows by 1; the row's id is that entry's).
+        details=True returns the AddResult (ids, admitted, merged) instead of the ids.
+        """
+        keys, values = _float_array(keys, "keys"), _float_array(values, "values")
+        weights, logp = _float_array(weights, "weights"), _float_array(logp, "logp")
         tokens = _int_array(tokens, "tokens")
         n = self._rows(keys)
-        row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 16 + (
+        row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 24 + (
             0 if values is None else values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
         parts = list(self._row_chunks(n, row_bytes))
         if len(parts) == 1:
-            return self._store.add(namespace, keys, tokens, values, weights, source)
-        self._check_whole_batch(namespace, keys, tokens, values, weights)
-        return np.concatenate([
-            self._store.add(namespace, keys[part], tokens[part], None if values is None else values[part],
-                            None if weights is None else weights[part], source)
-            for part in parts])
+            result = self._store.add(namespace, keys, tokens, values, weights, source, logp, admit_below, merge_eps)
+        else:
+            self._check_whole_batch(namespace, keys, tokens, values, weights, logp)
 
-    def _check_whole_batch(self, namespace, keys, tokens, values, weights) -> None:
+            def part_of(array, part):
+                return None if array is None else array[part]
+
+            results = [self._store.add(namespace, keys[p], tokens[p], part_of(values, p), part_of(weights, p), source,
+                                       part_of(logp, p), admit_below, merge_eps) for p in parts]
+            result = AddResult(*(np.concatenate([getattr(r, f.name) for r in results])
+                                 for f in dataclasses.fields(AddResult)))
+        return result if details else result.ids
+
+    def _check_whole_batch(self, namespace, keys, tokens, values, weights, logp) -> None:
         """Before a batch is split, checks all of it, so a bad row in a later chunk
         cannot leave the earlier chunks stored."""
         config = self.describe_namespace(namespace).config
@@ -207,6 +250,8 @@ class MemoryClient:
             validation.check_values(values, keys.shape[0], config.value_dim)
         if weights is not None:
             validation.check_weights(weights, keys.shape[0])
+        if logp is not None:
+            validation.check_logp(logp, keys.shape[0])
 
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
                return_weights: bool = False) -> SearchResult:
@@ -225,15 +270,44 @@ class MemoryClient:
                                np.concatenate([getattr(p, f.name) for p in parts])
                                for f in dataclasses.fields(SearchResult)})
 
-    def get(self, namespace: str, ids) -> Rows:
-        """ids int [N] -> Rows in the same order; NotFound names ids that are not stored."""
+    def get(self, namespace: str, ids, return_optimizer_state: bool = False) -> Rows:
+        """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
+        return_optimizer_state adds rows.optimizer_state: {column: float32 [N, value_dim], "step": [1]}."""
         ids = _int_array(ids, "ids")
-        return self._idempotent("get", namespace, ids)
+        return self._idempotent("get", namespace, ids, return_optimizer_state)
 
     def delete(self, namespace: str, ids=None, source: str | None = None) -> int:
         """Deletes by ids (unknown ones are ignored) or by source tag; returns how many rows went."""
         ids = _int_array(ids, "ids")
         return self._idempotent("delete", namespace, ids, source)
+
+    # ----- learnable memory ----------------------------------------------------------
+    def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0) -> RetrieveResult:
+        """The MoNIM forward next to the data: r.memory float32 [B, value_dim] = sum_i alpha_i v_i,
+        with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k."""
+        queries = _float_array(queries, "queries")
+        width = queries.shape[1] if queries.ndim == 2 else 1
+        row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
+        parts = [self._idempotent("retrieve", namespace, queries[part], k, temperature)
+                 for part in self._row_chunks(self._rows(queries), row_bytes)]
+        if len(parts) == 1:
+            return parts[0]
+        return RetrieveResult(**{name: np.concatenate([getattr(p, name) for p in parts])
+                                 for name in ("memory", "ids", "alpha", "distances", "tokens", "weights")},
+                              queries=queries, temperature=temperature)
+
+    def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory) -> tuple[np.ndarray, float]:
+        """Backward of ``retrieve``: the value rows take one optimizer step with dL/dv_i = alpha_i dL/dm;
+        returns (grad_queries float32 [B, dim], grad_temperature). Sent as one request (never split:
+        one step must stay one step)."""
+        grad_memory = _float_array(grad_memory, "grad_memory")
+        return self._store.retrieve_backward(namespace, result.queries, result.ids, result.alpha, result.distances,
+                                             grad_memory, result.temperature)
+
+    def apply_gradients(self, namespace: str, ids, grads) -> int:
+        """One optimizer step with value gradients grads float [N, value_dim] for ids int [N] (repeated
+        ids are summed); all or nothing. Returns the number of rows updated."""
+        return self._store.apply_gradients(namespace, _int_array(ids, "ids"), _float_array(grads, "grads"))
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-
 from datastore import NamespaceConfig, NeighborStore, Rows, SearchResult, validate_namespace_name
+from datastore.admission import DEFAULT_ADMIT_BELOW
 from datastore.errors import AlreadyExists, NamespaceNotFound
+from datastore.results import AddResult, RetrieveResult
 
 
 class LocalMemory:
@@ -48,15 +48,25 @@ class LocalMemory:
             self.stores.pop(namespace, None)
         return len(store)
 
-    def add(self, namespace, keys, tokens, values=None, weights=None, source="") -> np.ndarray:
-        return self._store(namespace).add(keys, tokens, values, weights, source)
+    def add(self, namespace, keys, tokens, values=None, weights=None, source="", logp=None,
+            admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0) -> AddResult:
+        return self._store(namespace).add_admitted(keys, tokens, values, weights, source, logp, admit_below, merge_eps)
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False,
                return_weights=False) -> SearchResult:
         return self._store(namespace).search(queries, k, return_keys, return_values, return_weights)
 
-    def get(self, namespace, ids) -> Rows:
-        return self._store(namespace).get(ids)
+    def get(self, namespace, ids, return_optimizer_state=False) -> Rows:
+        return self._store(namespace).get(ids, return_optimizer_state)
 
     def delete(self, namespace, ids=None, source=None) -> int:
         return self._store(namespace).delete(ids=ids, source=source)
+
+    def retrieve(self, namespace, queries, k, temperature) -> RetrieveResult:
+        return self._store(namespace).retrieve(queries, k, temperature)
+
+    def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature):
+        return self._store(namespace).retrieve_backward(queries, ids, alpha, distances, grad_memory, temperature)
+
+    def apply_gradients(self, namespace, ids, grads) -> int:
+        return self._store(namespace).apply_gradients(ids, grads)

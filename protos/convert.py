@@ -7,11 +7,14 @@ with a dtype name and a shape.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from datastore.config import NamespaceConfig
 from datastore.errors import InvalidArgument
-from datastore.results import Rows, SearchResult
+from datastore.optimizers import OptimizerConfig
+from datastore.results import AddResult, RetrieveResult, Rows, SearchResult
 from protos import memory_pb2 as pb
 
 WIRE_DTYPES = {
@@ -19,6 +22,7 @@ WIRE_DTYPES = {
     "float16": np.dtype("<f2"),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
+    "bool": np.dtype("bool"),
 }
 
 
@@ -61,18 +65,27 @@ def optional_tensor(message, field: str, what: str | None = None):
 
 
 def config_to_proto(config: NamespaceConfig) -> pb.NamespaceConfig:
-    return pb.NamespaceConfig(**config.to_dict())
+    fields = config.to_dict()
+    optimizer = pb.OptimizerConfig(**fields.pop("optimizer"))
+    return pb.NamespaceConfig(**fields, optimizer=optimizer)
+
+
+def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
+    fields = {"name": message.name} if message.name else {}
+    for field in dataclasses.fields(OptimizerConfig):
+        if field.name != "name" and message.HasField(field.name):
+            fields[field.name] = getattr(message, field.name)
+    return OptimizerConfig(**fields)
 
 
 def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
     """Unset fields take the dataclass defaults."""
     fields = {"name": message.name, "dim": message.dim}
-    for name in ("metric", "index", "key_dtype"):
+    for name in ("metric", "index", "key_dtype", "value_dim", "max_k"):
         if getattr(message, name):
             fields[name] = getattr(message, name)
-    for name in ("value_dim", "max_k"):
-        if getattr(message, name):
-            fields[name] = getattr(message, name)
+    if message.HasField("optimizer"):
+        fields["optimizer"] = _optimizer_from_proto(message.optimizer)
     return NamespaceConfig(**fields)
 
 
@@ -110,6 +123,8 @@ def rows_to_proto(rows: Rows) -> pb.GetResponse:
     )
     if rows.values is not None:
         response.values.CopyFrom(tensor_to_proto(rows.values))
+    for name, array in (rows.optimizer_state or {}).items():
+        response.optimizer_state[name].CopyFrom(tensor_to_proto(array))
     return response
 
 
@@ -121,4 +136,29 @@ def rows_from_proto(response: pb.GetResponse) -> Rows:
         values=optional_tensor(response, "values"),
         weights=tensor_from_proto(response.weights, "weights"),
         sources=list(response.sources),
+        optimizer_state={name: tensor_from_proto(t, name) for name, t in response.optimizer_state.items()} or None,
     )
+
+
+def add_result_to_proto(result: AddResult) -> pb.AddResponse:
+    return pb.AddResponse(ids=tensor_to_proto(result.ids), admitted=tensor_to_proto(result.admitted),
+                          merged=tensor_to_proto(result.merged))
+
+
+def add_result_from_proto(response: pb.AddResponse) -> AddResult:
+    return AddResult(ids=tensor_from_proto(response.ids, "ids"),
+                     admitted=tensor_from_proto(response.admitted, "admitted"),
+                     merged=tensor_from_proto(response.merged, "merged"))
+
+
+_RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
+
+
+def retrieve_result_to_proto(result: RetrieveResult) -> pb.RetrieveResponse:
+    return pb.RetrieveResponse(**{name: tensor_to_proto(getattr(result, name)) for name in _RETRIEVED})
+
+
+def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float) -> RetrieveResult:
+    """The reply, with the caller's own queries and temperature kept for the backward."""
+    return RetrieveResult(**{name: tensor_from_proto(getattr(response, name), name) for name in _RETRIEVED},
+                          queries=queries, temperature=temperature)

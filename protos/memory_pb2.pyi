@@ -16,8 +16,30 @@ class Tensor(_message.Message):
     data: bytes
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class OptimizerConfig(_message.Message):
+    __slots__ = ("name", "lr", "momentum", "beta1", "beta2", "eps", "lr_decay", "initial_accumulator_value", "max_grad_norm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    LR_DECAY_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lr: float
+    momentum: float
+    beta1: float
+    beta2: float
+    eps: float
+    lr_decay: float
+    initial_accumulator_value: float
+    max_grad_norm: float
+    def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+
 class NamespaceConfig(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype")
+    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +47,7 @@ class NamespaceConfig(_message.Message):
     VALUE_DIM_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     KEY_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: str
@@ -32,7 +55,8 @@ class NamespaceConfig(_message.Message):
     value_dim: int
     max_k: int
     key_dtype: str
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ...) -> None: ...
+    optimizer: OptimizerConfig
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("config",)
@@ -99,26 +123,36 @@ class DropNamespaceResponse(_message.Message):
     def __init__(self, rows_dropped: _Optional[int] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "tokens", "values", "weights", "source")
+    __slots__ = ("namespace", "keys", "tokens", "values", "weights", "source", "logp", "admit_below", "merge_eps")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOGP_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_BELOW_FIELD_NUMBER: _ClassVar[int]
+    MERGE_EPS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: Tensor
     tokens: Tensor
     values: Tensor
     weights: Tensor
     source: str
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    logp: Tensor
+    admit_below: float
+    merge_eps: float
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., source: _Optional[str] = ..., logp: _Optional[_Union[Tensor, _Mapping]] = ..., admit_below: _Optional[float] = ..., merge_eps: _Optional[float] = ...) -> None: ...
 
 class AddResponse(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "admitted", "merged")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    admitted: Tensor
+    merged: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., admitted: _Optional[_Union[Tensor, _Mapping]] = ..., merged: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights")
@@ -153,28 +187,39 @@ class SearchResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "ids")
+    __slots__ = ("namespace", "ids", "return_optimizer_state")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     ids: Tensor
-    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    return_optimizer_state: bool
+    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., return_optimizer_state: _Optional[bool] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("ids", "keys", "tokens", "values", "weights", "sources")
+    __slots__ = ("ids", "keys", "tokens", "values", "weights", "sources", "optimizer_state")
+    class OptimizerStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     IDS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     keys: Tensor
     tokens: Tensor
     values: Tensor
     weights: Tensor
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    optimizer_state: _containers.MessageMap[str, Tensor]
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ..., optimizer_state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("namespace", "ids", "source")
@@ -191,3 +236,73 @@ class DeleteResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("namespace", "queries", "k", "temperature")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    queries: Tensor
+    k: int
+    temperature: float
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights")
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    memory: Tensor
+    ids: Tensor
+    alpha: Tensor
+    distances: Tensor
+    tokens: Tensor
+    weights: Tensor
+    def __init__(self, memory: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RetrieveBackwardRequest(_message.Message):
+    __slots__ = ("namespace", "queries", "ids", "alpha", "distances", "grad_memory", "temperature")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    queries: Tensor
+    ids: Tensor
+    alpha: Tensor
+    distances: Tensor
+    grad_memory: Tensor
+    temperature: float
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., grad_memory: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class RetrieveBackwardResponse(_message.Message):
+    __slots__ = ("grad_queries", "grad_temperature")
+    GRAD_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    GRAD_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    grad_queries: Tensor
+    grad_temperature: float
+    def __init__(self, grad_queries: _Optional[_Union[Tensor, _Mapping]] = ..., grad_temperature: _Optional[float] = ...) -> None: ...
+
+class ApplyGradientsRequest(_message.Message):
+    __slots__ = ("namespace", "ids", "grads")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    ids: Tensor
+    grads: Tensor
+    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ApplyGradientsResponse(_message.Message):
+    __slots__ = ("rows_updated",)
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    rows_updated: int
+    def __init__(self, rows_updated: _Optional[int] = ...) -> None: ...

@@ -74,6 +74,21 @@ class MemoryServiceStub:
                 request_serializer=protos_dot_memory__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=protos_dot_memory__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.Retrieve = channel.unary_unary(
+                '/monim.v1.MemoryService/Retrieve',
+                request_serializer=protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=protos_dot_memory__pb2.RetrieveResponse.FromString,
+                _registered_method=True)
+        self.RetrieveBackward = channel.unary_unary(
+                '/monim.v1.MemoryService/RetrieveBackward',
+                request_serializer=protos_dot_memory__pb2.RetrieveBackwardRequest.SerializeToString,
+                response_deserializer=protos_dot_memory__pb2.RetrieveBackwardResponse.FromString,
+                _registered_method=True)
+        self.ApplyGradients = channel.unary_unary(
+                '/monim.v1.MemoryService/ApplyGradients',
+                request_serializer=protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
+                response_deserializer=protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -127,6 +142,24 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Retrieve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrieveBackward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyGradients(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +202,21 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=protos_dot_memory__pb2.DeleteRequest.FromString,
                     response_serializer=protos_dot_memory__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Retrieve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=protos_dot_memory__pb2.RetrieveRequest.FromString,
+                    response_serializer=protos_dot_memory__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'RetrieveBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrieveBackward,
+                    request_deserializer=protos_dot_memory__pb2.RetrieveBackwardRequest.FromString,
+                    response_serializer=protos_dot_memory__pb2.RetrieveBackwardResponse.SerializeToString,
+            ),
+            'ApplyGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGradients,
+                    request_deserializer=protos_dot_memory__pb2.ApplyGradientsRequest.FromString,
+                    response_serializer=protos_dot_memory__pb2.ApplyGradientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +435,87 @@ class MemoryService:
             '/monim.v1.MemoryService/Delete',
             protos_dot_memory__pb2.DeleteRequest.SerializeToString,
             protos_dot_memory__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/Retrieve',
+            protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
+            protos_dot_memory__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/RetrieveBackward',
+            protos_dot_memory__pb2.RetrieveBackwardRequest.SerializeToString,
+            protos_dot_memory__pb2.RetrieveBackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/ApplyGradients',
+            protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
+            protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,7 @@ class LocalRuntime:
     def __init__(self, num_shards: int, device: str = "cpu"):
         self.registry = NamespaceRegistry(num_shards)
         self.num_shards = num_shards
-        self.shards: list[Shard | None] = [Shard(i, device) for i in range(num_shards)]
+        self.shards: list[Shard | None] = [Shard(i, num_shards, device) for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
 
     def call_registry(self, method: str, *args):
@@ -114,7 +114,7 @@ class RayRuntime:
             shard_class.options(
                 name=f"{deployment}-shard-{i}", get_if_exists=True, num_cpus=shard_cpus,
                 num_gpus=1 if use_gpus else 0, max_concurrency=1,
-            ).remote(i, device)
+            ).remote(i, self.num_shards, device)
             for i in range(self.num_shards)
         ]
         self.call_shards([(i, "ping", ()) for i in range(self.num_shards)], timeout_s=300)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datastore.admission import DEFAULT_ADMIT_BELOW
 from datastore.errors import InvalidArgument
 from protos import convert
 from protos import memory_pb2 as pb
@@ -47,15 +48,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Add(self, request, context):
-        ids = self.router.add(
+        result = self.router.add(
             request.namespace,
             keys=_required(request, "keys"),
             tokens=_required(request, "tokens"),
             values=convert.optional_tensor(request, "values"),
             weights=convert.optional_tensor(request, "weights"),
             source=request.source,
+            logp=convert.optional_tensor(request, "logp"),
+            admit_below=request.admit_below if request.HasField("admit_below") else DEFAULT_ADMIT_BELOW,
+            merge_eps=request.merge_eps,
         )
-        return pb.AddResponse(ids=convert.tensor_to_proto(ids))
+        return convert.add_result_to_proto(result)
 
     @grpc_errors
     def Search(self, request, context):
@@ -68,10 +72,31 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Get(self, request, context):
-        return convert.rows_to_proto(self.router.get(request.namespace, _required(request, "ids")))
+        return convert.rows_to_proto(self.router.get(request.namespace, _required(request, "ids"),
+                                                     request.return_optimizer_state))
 
     @grpc_errors
     def Delete(self, request, context):
         ids = convert.optional_tensor(request, "ids")
         source = request.source if request.source else None
         return pb.DeleteResponse(deleted=self.router.delete(request.namespace, ids=ids, source=source))
+
+    @grpc_errors
+    def Retrieve(self, request, context):
+        result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
+                                      request.temperature)
+        return convert.retrieve_result_to_proto(result)
+
+    @grpc_errors
+    def RetrieveBackward(self, request, context):
+        grad_queries, grad_temperature = self.router.retrieve_backward(
+            request.namespace, _required(request, "queries"), _required(request, "ids"),
+            _required(request, "alpha"), _required(request, "distances"), _required(request, "grad_memory"),
+            request.temperature)
+        return pb.RetrieveBackwardResponse(grad_queries=convert.tensor_to_proto(grad_queries),
+                                           grad_temperature=grad_temperature)
+
+    @grpc_errors
+    def ApplyGradients(self, request, context):
+        rows = self.router.apply_gradients(request.namespace, _required(request, "ids"), _required(request, "grads"))
+        return pb.ApplyGradientsResponse(rows_updated=rows)

@@ -12,15 +12,17 @@ import torch
 
 from datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
 from datastore.errors import AlreadyExists, NamespaceNotFound
+from datastore.memory_ops import BackwardPartials
 
 
 class Shard:
-    """shard_index: 0-based position in the deployment; device: "cpu", "cuda" or "auto"."""
+    """shard_index: 0-based position in the deployment, of num_shards; device: "cpu", "cuda" or "auto"."""
 
-    def __init__(self, shard_index: int, device: str = "auto"):
+    def __init__(self, shard_index: int, num_shards: int = 1, device: str = "auto"):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.shard_index = shard_index
+        self.num_shards = num_shards
         self.device = device
         self.stores: dict[str, NeighborStore] = {}
 
@@ -38,7 +40,8 @@ class Shard:
         parsed = NamespaceConfig.from_dict(config)
         if parsed.name in self.stores:
             raise AlreadyExists(f"namespace {parsed.name!r} already exists")
-        self.stores[parsed.name] = NeighborStore(parsed, device=self.device)
+        self.stores[parsed.name] = NeighborStore(parsed, device=self.device, id_stride=self.num_shards,
+                                                 id_offset=self.shard_index)
 
     def drop_namespace(self, namespace: str) -> int:
         """Returns the number of rows dropped; dropping an absent namespace drops 0."""
@@ -58,12 +61,33 @@ class Shard:
                return_weights: bool) -> SearchResult:
         return self._store(namespace).search(queries, k, return_keys, return_values, return_weights)
 
-    def get_present(self, namespace: str, ids: np.ndarray) -> tuple[Rows | None, np.ndarray]:
+    def get_present(self, namespace: str, ids: np.ndarray,
+                    return_optimizer_state: bool = False) -> tuple[Rows | None, np.ndarray]:
         """(rows of the stored ids, in order, or None; the ids not stored here)."""
         store = self._store(namespace)
         present = store.contains(ids)
-        rows = store.get(ids[present]) if present.any() else None
+        rows = store.get(ids[present], return_optimizer_state) if present.any() else None
         return rows, ids[~present]
+
+    def missing_ids(self, namespace: str, ids: np.ndarray) -> np.ndarray:
+        store = self._store(namespace)
+        return ids[~store.contains(ids)]
+
+    def increment_weights(self, namespace: str, ids: np.ndarray, counts: np.ndarray) -> None:
+        self._store(namespace).increment_weights(ids, counts)
+
+    # ----- learnable memory ----------------------------------------------------------
+    def value_sum(self, namespace: str, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """float32 [B, value_dim]: this shard's part of sum_i alpha_i v_i."""
+        return self._store(namespace).value_sum(ids, alpha)
+
+    def backward_partials(self, namespace: str, queries, ids, alpha, distances, grad_memory) -> BackwardPartials:
+        """This shard's part of a Retrieve backward; its value rows take the optimizer step."""
+        return self._store(namespace).backward_partials(queries, ids, alpha, distances, grad_memory)
+
+    def apply_gradients(self, namespace: str, ids: np.ndarray, grads: np.ndarray) -> int:
+        """One optimizer step (also with no ids here, so every shard counts every step)."""
+        return self._store(namespace).apply_gradients(ids, grads, allow_empty=True)
 
     def delete(self, namespace: str, ids: np.ndarray | None, source: str | None) -> int:
         return self._store(namespace).delete(ids=ids, source=source)

@@ -25,7 +25,7 @@ def test_sharded_search_equals_single_store(rng, router, metric):
     single = NeighborStore(config)
     keys = rng.standard_normal((2000, 12)).astype(np.float32)
     values = rng.standard_normal((2000, 3)).astype(np.float32)
-    ids = router.add("ns", keys, np.arange(2000), values=values)
+    ids = router.add("ns", keys, np.arange(2000), values=values).ids
     np.testing.assert_array_equal(ids, single.add(keys, np.arange(2000), values=values))
     queries = rng.standard_normal((50, 12)).astype(np.float32)
     sharded = router.search("ns", queries, 30, return_keys=True, return_values=True, return_weights=True)
