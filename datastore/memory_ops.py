@@ -49,6 +49,8 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
     batch, k = rows.shape
     out = torch.zeros(batch, values.shape[1], dtype=torch.float32, device=values.device)
     held = rows >= 0
+    if values.shape[0] == 0:  # nothing stored: -1 slots cannot even borrow row 0
+        return out
     for part in _chunks(batch, k, values.shape[1]):
         gathered = values[rows[part].clamp_min(0)]                       # [b, k, vd]
         weights = (alpha[part] * held[part]).unsqueeze(1)                 # [b, 1, k]
@@ -93,7 +95,10 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     slot_of = torch.full(rows.shape, -1, dtype=torch.int64, device=device)
     slot_of[held] = inverse
     value_grads = torch.zeros(unique_rows.shape[0], values.shape[1], dtype=torch.float32, device=device)
-    for part in _chunks(batch, k, max(dim, values.shape[1])):
+    # Nothing stored here: every partial sum stays zero.
+    parts = _chunks(batch, k, max(dim, values.shape[1])) if values.shape[0] else ()
+    for part in parts:
+        # Empty slots (-1) borrow row 0 for the gather; their alpha is 0 and `held` masks them.
         safe = rows[part].clamp_min(0)
         a = alpha[part] * held[part]                                      # [b, k]
         d = torch.where(held[part], distances[part], torch.zeros((), device=device))
