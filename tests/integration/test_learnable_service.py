@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from model_client import MemoryClient
-from tests.unit.test_learnable_memory import BATCH, DIM, K, LR, N, TEMPERATURE, VALUE_DIM, dense_reference, make_data
+from tests.unit.test_learnable_memory import BATCH, DIM, LR, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 from tests.unit.test_optimizers import ROWS, STEPS, gradient_steps, torch_reference
 
 
