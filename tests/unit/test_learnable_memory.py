@@ -115,3 +115,31 @@ def test_weights_enter_scores_as_log_w():
               weights=np.array([3.0, 1.0], np.float32))
     result = store.retrieve(np.zeros((1, 2), np.float32), 2, 1.0)  # equidistant: alpha = w / sum w
     np.testing.assert_allclose(result.memory, [[0.75]], atol=1e-6)
+
+
+def test_updates_and_searches_at_the_same_time_never_show_torn_rows():
+    """Every update moves all elements of a row together, so a reader that sees a row whose
+    elements differ has seen a half-written row."""
+    import threading
+
+    store = NeighborStore(NamespaceConfig("mem", dim=4, value_dim=64, optimizer={"name": "sgd", "lr": 1.0}))
+    store.add(np.random.default_rng(0).standard_normal((500, 4)).astype(np.float32), np.arange(500),
+              values=np.zeros((500, 64), np.float32))
+    stop = threading.Event()
+    torn = []
+
+    def writer():
+        while not stop.is_set():
+            store.apply_gradients(np.arange(500), np.ones((500, 64), np.float32))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(200):
+            values = store.search(np.ones((8, 4), np.float32), 50, return_values=True).values
+            torn.append(int((values.max(axis=2) != values.min(axis=2)).sum()))
+    finally:
+        stop.set()
+        thread.join()
+    assert sum(torn) == 0
+    assert store.get(np.array([0])).values[0, 0] < 0  # the writer did run
