@@ -52,11 +52,29 @@ def _status(args) -> int:
 
 
 def _demo(args) -> int:
+    """Errors a user can fix (bad --corpus or --model, a store that does not answer) print one
+    line and exit with code 2, without a traceback."""
+    from datastore.errors import MemoryStoreError
     from model_client.demo import run_demo  # lazy: the one place the CLI reaches the client side
-    from workers.embedded import EmbeddedStore
 
-    with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store:
-        run_demo(store.address, shards=store.runtime.num_shards)
+    options = dict(out=args.out, corpus=args.corpus, model=args.model, days=args.days, quick=args.quick,
+                   progress=not args.no_progress)
+    try:
+        if args.address:
+            from model_client import MemoryClient
+
+            with MemoryClient(args.address, timeout_s=10, retries=0) as client:
+                client.list_namespaces()  # fails fast when nothing answers
+            run_demo(args.address, shards=0, **options)
+        else:
+            from workers.embedded import EmbeddedStore
+
+            with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store:
+                run_demo(store.address, shards=store.runtime.num_shards, **options)
+    except MemoryStoreError as error:
+        where = f" (store {args.address})" if args.address else ""
+        print(f"monim demo: {error.message}{where}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -80,8 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout-s", type=float, default=10.0)
     status.set_defaults(run=_status)
 
-    demo = commands.add_parser("demo", help="run the demo on an embedded local store")
+    demo = commands.add_parser("demo", help="continual learning, day by day, on an embedded local store")
     demo.add_argument("--shards", type=int, default=2)
+    demo.add_argument("--out", default="demo-out", help="folder for results.json and perplexity.png")
+    demo.add_argument("--corpus", default=None, help="your text: one sub-folder per day (default: the stdlib)")
+    demo.add_argument("--model", default=None, help="a local Hugging Face causal LM (default: a byte-level GPT-2)")
+    demo.add_argument("--days", type=int, default=None, help="new days after day 0 (default 3)")
+    demo.add_argument("--address", default=None, help="use a running server instead of an embedded store")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
     return parser
 
