@@ -149,19 +149,20 @@ class _RemoteStore:
 class MemoryClient:
     """target: "host:port" of a monim server, or ":memory:" for an in-process store.
 
+    device: where the in-process store keeps its rows ("cpu", or "cuda" for the torch kernel).
     timeout_s: deadline of each RPC. retries: how often an idempotent call
     (search, get, delete by id, list, describe) is retried on UNAVAILABLE,
     with exponential backoff from ``backoff_s``.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
-                 backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu"):
         self.target = target
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
         self.remote = target != IN_PROCESS
-        self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else LocalMemory()
+        self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else LocalMemory(device)
 
     # ----- plumbing -------------------------------------------------------------
     def _idempotent(self, method: str, *args, **kwargs):

@@ -36,10 +36,12 @@ class ContinualConfig:
     day0_steps: int = 400      # LM training on day 0 (0 for a pretrained --model)
     day0_lr: float = 3e-3
     finetune_lr: float = 1e-3
-    epochs: int = 2            # passes over each new day's text (monim and finetune)
+    finetune_epochs: int = 2   # passes of the finetune arm over each new day's text
+    epochs: int = 2            # passes of the monim arm over each day's text (admission in the first)
     k: int = 16
     admit_below: float = -1.5
-    knn_lambda: float = 0.25
+    temperature: float = 0.0   # initial T of both memory arms; 0: hidden size / 8 (distances are squared L2)
+    knn_lambda: float = 0.25   # initial lambda of the kNN-LM mixture (learned while reading)
     monim_gate: float = 1.0
     monim_value_lr: float = 3e-3
     monim_layer_lr: float = 3e-2
@@ -107,16 +109,20 @@ class MemoryArm:
         self.model = copy.deepcopy(base)
         for param in self.model.parameters():
             param.requires_grad_(False)
+        temperature = config.temperature or hidden / 8
         self.handle = attach_monim(self.model, client, namespace, k=config.k, mode=mode,
-                                   admit_below=config.admit_below, knn_lambda=config.knn_lambda,
-                                   gate=config.monim_gate, source="demo")
-        self.layer_optimizer = torch.optim.Adam([self.model.monim.log_temperature, self.model.monim.gate],
-                                                lr=config.monim_layer_lr)
+                                   admit_below=config.admit_below, knn_lambda=config.knn_lambda, learn_lambda=True,
+                                   temperature=temperature, gate=config.monim_gate, source="demo")
+        layer = self.model.monim
+        trained = [layer.log_temperature, layer.gate] if mode == "monim" else [layer.log_temperature,
+                                                                               layer.knn_lambda_logit]
+        self.layer_optimizer = torch.optim.Adam(trained, lr=config.monim_layer_lr)
         self.store_seconds = []
 
     def learn(self, day: Day, tokens: torch.Tensor, progress: bool) -> dict:
-        """Reads the day once with admission (monim: and trains the memory), then more passes in
-        monim mode without admission. Returns admission and timing figures for the day."""
+        """Reads the day once with admission, learning T and lambda (knnlm) or T, the gate and the
+        value rows on the store (monim); monim makes more passes without admission.
+        Returns admission and timing figures for the day."""
         config = self.config
         seen, admitted = self.handle.tokens_seen, self.handle.tokens_admitted
         data = windows(tokens, config.length)
@@ -130,15 +136,11 @@ class MemoryArm:
             batches = [data[order[i:i + config.batch]] for i in range(0, data.shape[0], config.batch)]
             for inputs in _progress(batches, len(batches), f"{self.mode} {day.name} pass {epoch + 1}", progress):
                 inputs = inputs.to(device)
-                if self.mode == "monim":
-                    self.model.train()
-                    loss = self.model(inputs, labels=inputs).loss
-                    self.layer_optimizer.zero_grad()
-                    loss.backward()  # the store updates the value rows here
-                    self.layer_optimizer.step()
-                else:
-                    with torch.no_grad():
-                        self.model(inputs, labels=inputs)
+                self.model.train()
+                loss = self.model(inputs, labels=inputs).loss
+                self.layer_optimizer.zero_grad()
+                loss.backward()  # monim: the store updates the value rows here
+                self.layer_optimizer.step()
                 steps += 1
             self.handle.flush()
         self.handle.admission(False)
@@ -148,6 +150,9 @@ class MemoryArm:
             "tokens_admitted": self.handle.tokens_admitted - admitted,
             "store_ms_per_step": 1e3 * (self._store_total() - started_store) / max(1, steps),
             "memory_rows": self.client.describe_namespace(self.namespace).rows,
+            "temperature": float(self.model.monim.temperature.detach()),
+            "lambda": float(self.model.monim.knn_lambda.detach()),
+            "gate": float(self.model.monim.gate.detach()),
         }
 
     def _store_total(self) -> float:
@@ -180,16 +185,18 @@ def run_continual(client, days: list[Day], base_model, tokenizer, config: Contin
               "finetune": finetuned}
     results = {"days": [d.name for d in days], "config": dataclasses.asdict(config),
                "arms": {arm: {"new_day_ppl": [], "day0_ppl": [], "ppl_by_day": []} for arm in ARMS},
-               "memory": {arm: {"rows": [], "admission_rate": [], "store_ms_per_step": []} for arm in memory},
+               "memory": {arm: {"rows": [], "admission_rate": [], "store_ms_per_step": [], "temperature": [],
+                                "lambda": [], "gate": []} for arm in memory},
                "timing_s": []}
     for index, day in enumerate(days):
         for arm, learner in memory.items():
             figures = learner.learn(day, train_tokens[index], progress)
             results["memory"][arm]["rows"].append(figures["memory_rows"])
             results["memory"][arm]["admission_rate"].append(figures["tokens_admitted"] / max(1, figures["tokens_seen"]))
-            results["memory"][arm]["store_ms_per_step"].append(figures["store_ms_per_step"])
+            for name in ("store_ms_per_step", "temperature", "lambda", "gate"):
+                results["memory"][arm][name].append(figures[name])
         if index > 0:
-            steps = config.epochs * max(1, train_tokens[index].numel() // (config.batch * config.length))
+            steps = config.finetune_epochs * max(1, train_tokens[index].numel() // (config.batch * config.length))
             train_lm(finetuned, train_tokens[index], steps, config.batch, config.length, config.finetune_lr,
                      config.seed + index, f"finetune on {day.name}", progress)
         for arm, model in models.items():

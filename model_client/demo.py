@@ -37,7 +37,8 @@ def load_model(path: str | None, sizes: dict):
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InvalidArgument(f"--model {path}: not a local Hugging Face causal LM with a tokenizer ({first_line})")
+        raise InvalidArgument(
+            f"--model {path}: not a local Hugging Face causal LM with a tokenizer ({first_line})") from None
     return model, HFTokenizer(tokenizer)
 
 
