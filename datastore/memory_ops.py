@@ -92,9 +92,12 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
             for name, width in (("weighted_keys", dim), ("alpha_keys", dim), ("grad_dot", 1),
                                 ("grad_dot_dist", 1), ("alpha_dist", 1))}
     unique_rows, inverse = torch.unique(rows[held], return_inverse=True)
-    slot_of = torch.full(rows.shape, -1, dtype=torch.int64, device=device)
-    slot_of[held] = inverse
-    value_grads = torch.zeros(unique_rows.shape[0], values.shape[1], dtype=torch.float32, device=device)
+    # dL/dv_u = sum over the slots holding row u of alpha * g_b: one sparse [U, B] x dense [B, vd]
+    # product (cuSPARSE / MKL), instead of materializing the [B, k, vd] outer products.
+    query_of_slot = torch.arange(batch, device=device).unsqueeze(1).expand(batch, k)[held]
+    slot_weights = torch.sparse_coo_tensor(torch.stack([inverse, query_of_slot]), alpha[held],
+                                           (unique_rows.shape[0], batch))
+    value_grads = torch.sparse.mm(slot_weights, grad_memory)
     # Nothing stored here: every partial sum stays zero.
     parts = _chunks(batch, k, max(dim, values.shape[1])) if values.shape[0] else ()
     for part in parts:
@@ -111,10 +114,6 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
         sums["grad_dot"][part] = agv.double().sum(1, keepdim=True)
         sums["grad_dot_dist"][part] = (agv.double() * d.double()).sum(1, keepdim=True)
         sums["alpha_dist"][part] = (a.double() * d.double()).sum(1, keepdim=True)
-        chunk_held = held[part]
-        if chunk_held.any():
-            contributions = a.unsqueeze(2) * g.unsqueeze(1)               # [b, k, vd]
-            value_grads.index_add_(0, slot_of[part][chunk_held], contributions[chunk_held])
     partials = BackwardPartials(
         weighted_keys=sums["weighted_keys"].cpu().numpy(), alpha_keys=sums["alpha_keys"].cpu().numpy(),
         grad_dot=sums["grad_dot"][:, 0].cpu().numpy(), grad_dot_dist=sums["grad_dot_dist"][:, 0].cpu().numpy(),
