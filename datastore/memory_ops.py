@@ -96,7 +96,7 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     # product (cuSPARSE / MKL), instead of materializing the [B, k, vd] outer products.
     query_of_slot = torch.arange(batch, device=device).unsqueeze(1).expand(batch, k)[held]
     slot_weights = torch.sparse_coo_tensor(torch.stack([inverse, query_of_slot]), alpha[held],
-                                           (unique_rows.shape[0], batch))
+                                           (unique_rows.shape[0], batch), check_invariants=False)
     value_grads = torch.sparse.mm(slot_weights, grad_memory)
     # Nothing stored here: every partial sum stays zero.
     parts = _chunks(batch, k, max(dim, values.shape[1])) if values.shape[0] else ()
