@@ -33,10 +33,10 @@ ARMS = ("frozen", "knnlm", "monim", "finetune")
 class ContinualConfig:
     length: int = 128          # tokens per training / evaluation window
     batch: int = 16
-    day0_steps: int = 400      # LM training on day 0 (0 for a pretrained --model)
+    day0_steps: int = 2000     # LM training on day 0 (0 for a pretrained --model)
     day0_lr: float = 3e-3
-    finetune_lr: float = 1e-3
-    finetune_epochs: int = 2   # passes of the finetune arm over each new day's text
+    finetune_lr: float = 3e-3
+    finetune_epochs: int = 4   # passes of the finetune arm over each new day's text
     epochs: int = 2            # passes of the monim arm over each day's text (admission in the first)
     k: int = 16
     admit_below: float = -1.5
@@ -45,6 +45,7 @@ class ContinualConfig:
     monim_gate: float = 1.0
     monim_value_lr: float = 3e-3
     monim_layer_lr: float = 3e-2
+    memory_day_tokens: int = 48_000  # the memory arms read at most this much of a day (day 0's is larger)
     eval_batch: int = 16
     seed: int = 0
 
@@ -190,7 +191,7 @@ def run_continual(client, days: list[Day], base_model, tokenizer, config: Contin
                "timing_s": []}
     for index, day in enumerate(days):
         for arm, learner in memory.items():
-            figures = learner.learn(day, train_tokens[index], progress)
+            figures = learner.learn(day, train_tokens[index][-config.memory_day_tokens:], progress)
             results["memory"][arm]["rows"].append(figures["memory_rows"])
             results["memory"][arm]["admission_rate"].append(figures["tokens_admitted"] / max(1, figures["tokens_seen"]))
             for name in ("store_ms_per_step", "temperature", "lambda", "gate"):

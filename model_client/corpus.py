@@ -20,7 +20,8 @@ from datastore.errors import InvalidArgument
 
 # Day 0 first, then one package family a day.
 STDLIB_DAYS = (
-    ("day0-general", ("logging", "unittest", "json", "argparse.py", "collections", "functools.py", "pathlib")),
+    ("day0-general", ("logging", "unittest", "json", "argparse.py", "collections", "functools.py", "pathlib",
+                      "inspect.py", "typing.py", "dataclasses.py", "enum.py", "datetime.py", "re")),
     ("day1-email", ("email",)),
     ("day2-http", ("http", "urllib")),
     ("day3-xml", ("xml",)),
@@ -80,14 +81,16 @@ def split_day(name: str, text: str, train_chars: int, held_out_chars: int) -> Da
     return Day(name, train, held_out)
 
 
-def stdlib_days(days: int, train_chars: int, held_out_chars: int) -> list[Day]:
-    """Day 0 plus ``days`` new days from the standard library."""
+def stdlib_days(days: int, train_chars: int, held_out_chars: int, day0_train_chars: int | None = None) -> list[Day]:
+    """Day 0 (with up to day0_train_chars of training text) plus ``days`` new days from the standard library."""
     if not 1 <= days < len(STDLIB_DAYS):
         raise InvalidArgument(f"--days must be in [1, {len(STDLIB_DAYS) - 1}] for the built-in corpus, got {days}")
-    return [split_day(name, _stdlib_text(names), train_chars, held_out_chars) for name, names in STDLIB_DAYS[: days + 1]]
+    return [split_day(name, _stdlib_text(names), day0_train_chars or train_chars if i == 0 else train_chars,
+                      held_out_chars) for i, (name, names) in enumerate(STDLIB_DAYS[: days + 1])]
 
 
-def folder_days(corpus: str, days: int | None, train_chars: int, held_out_chars: int) -> list[Day]:
+def folder_days(corpus: str, days: int | None, train_chars: int, held_out_chars: int,
+                day0_train_chars: int | None = None) -> list[Day]:
     """Days from --corpus DIR (one sub-folder per day). InvalidArgument says what to fix."""
     root = pathlib.Path(corpus)
     if not root.is_dir():
@@ -105,5 +108,6 @@ def folder_days(corpus: str, days: int | None, train_chars: int, held_out_chars:
         if len(text) < 2000:
             raise InvalidArgument(f"--corpus {corpus}: day folder {folder.name!r} has {len(text)} characters of text "
                                   f"(in {', '.join(TEXT_SUFFIXES)} files); each day needs at least 2000")
-        out.append(split_day(folder.name, text, train_chars, held_out_chars))
+        limit = day0_train_chars or train_chars if not out else train_chars
+        out.append(split_day(folder.name, text, limit, held_out_chars))
     return out

@@ -7,6 +7,7 @@ See model_client/continual.py for the experiment.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -18,9 +19,11 @@ from model_client.corpus import folder_days, stdlib_days
 from model_client.text_data import tiny_gpt2
 
 # Sizes of the default run (minutes on 2 CPU cores) and of --quick (seconds, for CI).
-DEFAULT = dict(days=3, train_chars=48_000, held_out_chars=8_000, model=dict(n_embd=128, n_layer=4, n_head=4),
-               config=ContinualConfig())
-QUICK = dict(days=1, train_chars=6_000, held_out_chars=2_000, model=dict(n_embd=32, n_layer=1, n_head=2),
+DEFAULT = dict(days=3, train_chars=48_000, held_out_chars=8_000, day0_train_chars=300_000,
+               model=dict(n_embd=96, n_layer=3, n_head=4),
+               config=ContinualConfig(day0_steps=2000, finetune_lr=3e-3, finetune_epochs=4))
+QUICK = dict(days=1, train_chars=6_000, held_out_chars=2_000, day0_train_chars=6_000,
+             model=dict(n_embd=32, n_layer=1, n_head=2),
              config=ContinualConfig(length=64, batch=8, day0_steps=30, epochs=1, k=8))
 
 
@@ -95,27 +98,43 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(figure)
 
 
-def run_demo(address: str, shards: int, out: str = "demo-out", corpus: str | None = None, model: str | None = None,
-             days: int | None = None, quick: bool = False, progress: bool = True) -> dict:
-    """Runs the continual-learning demo against the store at ``address``; returns the results."""
+@dataclasses.dataclass
+class DemoInputs:
+    days: list
+    model: object
+    tokenizer: object
+    config: ContinualConfig
+    description: str
+
+
+def prepare_inputs(corpus: str | None = None, model: str | None = None, days: int | None = None,
+                   quick: bool = False) -> DemoInputs:
+    """Reads the corpus and loads the model, before any store starts: a bad --corpus or --model
+    fails here with InvalidArgument saying what to fix."""
     sizes = QUICK if quick else DEFAULT
     days = days if days is not None else sizes["days"]
     if corpus is None:
-        day_texts = stdlib_days(days, sizes["train_chars"], sizes["held_out_chars"])
+        day_texts = stdlib_days(days, sizes["train_chars"], sizes["held_out_chars"], sizes["day0_train_chars"])
     else:
-        day_texts = folder_days(corpus, days, sizes["train_chars"], sizes["held_out_chars"])
+        day_texts = folder_days(corpus, days, sizes["train_chars"], sizes["held_out_chars"], sizes["day0_train_chars"])
     lm, tokenizer = load_model(model, sizes["model"])
-    config = sizes["config"] if model is None else ContinualConfig(**{**vars(sizes["config"]), "day0_steps": 0})
+    config = sizes["config"] if model is None else dataclasses.replace(sizes["config"], day0_steps=0)
+    description = (f"{len(day_texts) - 1} new day(s) of {corpus or 'the standard library' + chr(39) + 's docstrings'}; "
+                   f"model {model or 'byte-level GPT-2 ' + str(sizes['model'])}")
+    return DemoInputs(day_texts, lm, tokenizer, config, description)
+
+
+def run_demo(address: str, shards: int, inputs: DemoInputs, out: str = "demo-out", progress: bool = True) -> dict:
+    """Runs the continual-learning demo against the store at ``address``; returns the results."""
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = corpus or "the standard library's docstrings and comments"
-    print(f"monim demo: continual learning over {len(day_texts) - 1} new day(s) of {source}; "
-          f"store at {address} ({shards} shard(s)); model "
-          f"{model or 'byte-level GPT-2 ' + str(sizes['model'])}", flush=True)
+    print(f"monim demo: continual learning over {inputs.description}; store at {address} "
+          f"({shards} shard(s) started here)" if shards else f"monim demo: continual learning over "
+          f"{inputs.description}; store at {address}", flush=True)
     started = time.perf_counter()
     with MemoryClient(address, timeout_s=600) as client:
-        results = run_continual(client, day_texts, lm, tokenizer, config, progress=progress,
-                                on_day=lambda index, r: print(format_day(index, r), flush=True))
+        results = run_continual(client, inputs.days, inputs.model, inputs.tokenizer, inputs.config,
+                                progress=progress, on_day=lambda index, r: print(format_day(index, r), flush=True))
     results["total_s"] = time.perf_counter() - started
     print(summary(results))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

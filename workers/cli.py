@@ -53,24 +53,23 @@ def _status(args) -> int:
 
 def _demo(args) -> int:
     """Errors a user can fix (bad --corpus or --model, a store that does not answer) print one
-    line and exit with code 2, without a traceback."""
+    line and exit with code 2, without a traceback. Inputs are checked before a store starts."""
     from datastore.errors import MemoryStoreError
-    from model_client.demo import run_demo  # lazy: the one place the CLI reaches the client side
+    from model_client.demo import prepare_inputs, run_demo  # lazy: the one place the CLI reaches the client side
 
-    options = dict(out=args.out, corpus=args.corpus, model=args.model, days=args.days, quick=args.quick,
-                   progress=not args.no_progress)
     try:
+        inputs = prepare_inputs(corpus=args.corpus, model=args.model, days=args.days, quick=args.quick)
         if args.address:
             from model_client import MemoryClient
 
             with MemoryClient(args.address, timeout_s=10, retries=0) as client:
                 client.list_namespaces()  # fails fast when nothing answers
-            run_demo(args.address, shards=0, **options)
+            run_demo(args.address, 0, inputs, out=args.out, progress=not args.no_progress)
         else:
             from workers.embedded import EmbeddedStore
 
             with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store:
-                run_demo(store.address, shards=store.runtime.num_shards, **options)
+                run_demo(store.address, store.runtime.num_shards, inputs, out=args.out, progress=not args.no_progress)
     except MemoryStoreError as error:
         where = f" (store {args.address})" if args.address else ""
         print(f"monim demo: {error.message}{where}", file=sys.stderr)
