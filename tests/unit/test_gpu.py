@@ -1,0 +1,51 @@
+"""The CUDA path (torch kernel, rows on the GPU): same answers as the CPU oracle. Skipped without a GPU."""
+
+import numpy as np
+import pytest
+import torch
+
+from datastore import NamespaceConfig, NeighborStore
+from tests.conftest import assert_same_neighbours, brute_force
+from tests.unit.test_learnable_memory import DIM, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_cuda_search_matches_brute_force(metric):
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((20_000, 64)).astype(np.float32)
+    queries = rng.standard_normal((300, 64)).astype(np.float32)
+    store = NeighborStore(NamespaceConfig("g", dim=64, metric=metric), device="cuda")
+    assert store.backend == "torch"
+    ids = store.add(keys, np.arange(20_000))
+    result = store.search(queries, 50)
+    oracle_d, oracle_rows = brute_force(queries, keys, 50, metric)
+    assert_same_neighbours(result.ids, result.distances, oracle_d, ids[oracle_rows], rtol=1e-4, atol=1e-3)
+
+
+def test_float16_keys_on_cuda_find_the_same_neighbours_mostly():
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((20_000, 64)).astype(np.float32)
+    queries = keys[:200] + 0.01 * rng.standard_normal((200, 64)).astype(np.float32)
+    store = NeighborStore(NamespaceConfig("g", dim=64, key_dtype="float16"), device="cuda")
+    store.add(keys, np.arange(20_000))
+    assert (store.search(queries, 1).ids[:, 0] == np.arange(200)).mean() > 0.99
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_cuda_retrieve_and_backward_match_autograd(metric):
+    keys, values, weights, queries, grad_memory = make_data(seed=4)
+    store = NeighborStore(NamespaceConfig("g", dim=DIM, metric=metric, value_dim=VALUE_DIM,
+                                          optimizer={"name": "sgd", "lr": 0.1}), device="cuda")
+    store.add(keys, np.arange(N), values=values, weights=weights)
+    result = store.retrieve(queries, K, TEMPERATURE)
+    ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, result.ids, metric,
+                                                       TEMPERATURE, grad_memory)
+    np.testing.assert_allclose(result.memory, ref_m, atol=1e-5)
+    grad_queries, grad_temperature = store.retrieve_backward(queries, result.ids, result.alpha, result.distances,
+                                                             grad_memory, TEMPERATURE)
+    np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
+    assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
+    np.testing.assert_allclose(store.get(np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
