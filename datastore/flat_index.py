@@ -34,19 +34,80 @@ def pad_results(distances: np.ndarray, rows: np.ndarray, k: int):
     return distances, rows
 
 
-def faiss_search(queries: np.ndarray, keys: np.ndarray, k: int, metric: str):
-    """queries float32 [B, dim]; keys float32 [N, dim] (CPU) -> (distances float32 [B, k], rows int64 [B, k])."""
-    import faiss
+# faiss (1.15) picks one of three kernels per call; its defaults do not suit our shapes:
+# - a per-query scan (min(B, threads) threads, each reads all keys once per query), taken when
+#   B * dim < faiss.cvar.distance_compute_blas_threshold (default 128000: B < 167 at dim 768);
+# - BLAS (sgemm over blocks of 1024 keys): its cost hardly grows with B at small B. At dim 768,
+#   100,000 keys, 2 threads: B=64 took 68 ms against 330 ms for the scan;
+# - database-parallel BLAS, taken when B < threads: one query's keys split over the threads.
+#   On 2 threads one query took 26 ms, against 10 ms for the 1-thread scan.
+# So we choose per call: the scan up to _SCAN_MAX_QUERIES_PER_THREAD queries per thread (the
+# measured crossover: 3-4 with 1 thread, ~4 with 2), BLAS above. The threshold is set once, to 0,
+# so faiss takes BLAS unless we ask for the scan. We ask for it by passing an IDSelectorAll: faiss
+# runs the scan for any selector, and this one selects every row. So the choice is per call and
+# changes no process-wide state; the scan's thread count is min(B, threads), 1 for one query.
+# faiss's database-parallel kernel is still left to run on hosts with more than
+# _DB_PARALLEL_MIN_THREADS threads, where splitting one query over many threads should pay off
+# (not measured here).
+# BLAS makes one OpenMP fork/join per block of keys. So with several threads it suffers most
+# when other processes share the CPUs: with one busy process beside it, B=64 took 4x as long
+# (the scan 2x).
+_SCAN_MAX_QUERIES_PER_THREAD = 3
+_DB_PARALLEL_MIN_THREADS = 4
+_faiss = None
+_select_all = None
 
-    stored = keys.shape[0]
+
+def _faiss_module():
+    """faiss, imported and configured on first use (the threshold is process-wide; set once)."""
+    global _faiss, _select_all
+    if _faiss is None:
+        import faiss
+
+        faiss.cvar.distance_compute_blas_threshold = 0  # BLAS unless the scan is asked for; see above
+        _select_all = faiss.IDSelectorAll()
+        _faiss = faiss
+    return _faiss
+
+
+def _faiss_kernel(batch: int, threads: int) -> str:
+    """The kernel for a batch: "scan", "blas", or "faiss" (faiss's own choice: database-parallel)."""
+    if batch < threads and threads > _DB_PARALLEL_MIN_THREADS:
+        return "faiss"
+    return "scan" if batch <= _SCAN_MAX_QUERIES_PER_THREAD * threads else "blas"
+
+
+def faiss_search(queries: np.ndarray, keys: np.ndarray, k: int, metric: str, key_norms: np.ndarray | None = None,
+                 kernel: str | None = None):
+    """queries float32 [B, dim]; keys float32 [N, dim] (CPU) -> (distances float32 [B, k], rows int64 [B, k]).
+
+    key_norms: optional numpy float32 [N], the keys' squared norms (l2 only); spares the BLAS
+    kernel a pass over the keys. kernel: "scan" / "blas" / "faiss" to force one (tests); None chooses.
+    Thread-safe: no process-wide state is changed per call.
+    """
+    faiss = _faiss_module()
+    batch, stored = queries.shape[0], keys.shape[0]
     if stored == 0:
-        return pad_results(np.empty((queries.shape[0], 0), np.float32), np.empty((queries.shape[0], 0), np.int64), k)
+        return pad_results(np.empty((batch, 0), np.float32), np.empty((batch, 0), np.int64), k)
     k_found = min(k, stored)
-    faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    D, I = faiss.knn(queries, keys, k_found, metric=faiss_metric)
-    if metric == "ip":
-        D = -D
-    return pad_results(D.astype(np.float32, copy=False), I.astype(np.int64, copy=False), k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    keys = np.ascontiguousarray(keys, dtype=np.float32)
+    kernel = kernel or _faiss_kernel(batch, faiss.omp_get_max_threads())
+    selector = _select_all if kernel == "scan" else None
+    D = np.empty((batch, k_found), np.float32)
+    I = np.empty((batch, k_found), np.int64)
+    ptr = faiss.swig_ptr
+    dim = keys.shape[1]
+    if metric == "l2":
+        # Only the BLAS kernels read the norms; the array must outlive the call (swig_ptr holds no reference).
+        norms = None if key_norms is None or selector is not None else np.ascontiguousarray(key_norms[:stored],
+                                                                                             dtype=np.float32)
+        faiss.knn_L2sqr(ptr(queries), ptr(keys), dim, batch, stored, k_found, ptr(D), ptr(I),
+                        None if norms is None else ptr(norms), selector)
+    else:
+        faiss.knn_inner_product(ptr(queries), ptr(keys), dim, batch, stored, k_found, ptr(D), ptr(I), selector)
+        np.negative(D, out=D)
+    return pad_results(D, I, k)
 
 
 def torch_search(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor | None, k: int, metric: str):
