@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 MISSING = -1
-# Bytes of one [B, chunk] float32 score block in the torch kernel.
-_SCORE_BLOCK_BYTES = 1 << 28
+# Most bytes of one [B, chunk] float32 score block in the torch kernel (see _score_block_bytes).
+_SCORE_BLOCK_BYTES = 1 << 30
 
 
 def pad_results(distances: np.ndarray, rows: np.ndarray, k: int):
@@ -110,35 +110,56 @@ def faiss_search(queries: np.ndarray, keys: np.ndarray, k: int, metric: str, key
     return pad_results(D, I, k)
 
 
+def _score_block_bytes(device: torch.device) -> int:
+    """Bytes one float32 [B, chunk] score block may take: _SCORE_BLOCK_BYTES, and on CUDA at most an
+    eighth of the memory torch can still get (room for a float16 twin of the block and top-k's
+    own buffers, which can be several times the block)."""
+    budget = _SCORE_BLOCK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(budget, free // 8)
+    return budget
+
+
 def torch_search(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor | None, k: int, metric: str):
     """Chunked matmul + top-k.
 
     queries: float32 [B, dim], on the keys' device.
     keys: float32 or float16 [N, dim]. key_norms: float32 [N] (||k||^2), for l2.
     Returns (distances float32 [B, k], rows int64 [B, k]) as numpy arrays.
+
+    The rows are scanned in chunks whose [B, chunk] score block fits _score_block_bytes (1 GiB:
+    65,536 rows at B=4096, all of 100,000 rows in one chunk up to B=2684). One chunk takes
+    one sorted top-k; with several, each chunk's top-k is merged into a running top-k, unsorted,
+    and sorted once at the end.
     """
     batch, stored = queries.shape[0], keys.shape[0]
     k_found = min(k, stored)
     if k_found == 0:
         return pad_results(np.empty((batch, 0), np.float32), np.empty((batch, 0), np.int64), k)
-    chunk = max(1024, _SCORE_BLOCK_BYTES // (4 * max(batch, 1)))
+    chunk = max(1024, _score_block_bytes(keys.device) // (4 * max(batch, 1)))
+    one_chunk = chunk >= stored
     q = queries.to(keys.dtype)
     query_norms = (queries.float() ** 2).sum(dim=1, keepdim=True) if metric == "l2" else None
     best_d = best_i = None
     for start in range(0, stored, chunk):
         block = keys[start : start + chunk]
-        scores = (q @ block.T).float()
-        if metric == "l2":
-            distances = (query_norms - 2.0 * scores + key_norms[start : start + chunk][None, :]).clamp_min_(0.0)
+        scores = (q @ block.T).float()  # a new float32 block (a cast of a float16 one)
+        if metric == "l2":  # in place: ||q||^2 - 2 q.k + ||k||^2, clamped at 0 against round-off
+            distances = scores.mul_(-2.0).add_(query_norms).add_(key_norms[start : start + chunk][None, :])
+            distances.clamp_min_(0.0)
         else:
             distances = scores.neg_()
-        d, i = torch.topk(distances, min(k_found, block.shape[0]), dim=1, largest=False, sorted=True)
-        i = i + start
+        d, i = torch.topk(distances, min(k_found, block.shape[0]), dim=1, largest=False, sorted=one_chunk)
+        del scores, distances
         if best_d is None:
             best_d, best_i = d, i
         else:
-            merged_d = torch.cat([best_d, d], dim=1)
-            merged_i = torch.cat([best_i, i], dim=1)
-            best_d, order = torch.topk(merged_d, k_found, dim=1, largest=False, sorted=True)
-            best_i = torch.gather(merged_i, 1, order)
+            i += start
+            best_d, order = torch.topk(torch.cat([best_d, d], dim=1), k_found, dim=1, largest=False, sorted=False)
+            best_i = torch.gather(torch.cat([best_i, i], dim=1), 1, order)
+    if not one_chunk:
+        best_d, order = torch.sort(best_d, dim=1)
+        best_i = torch.gather(best_i, 1, order)
     return pad_results(best_d.cpu().numpy(), best_i.cpu().numpy().astype(np.int64, copy=False), k)

@@ -1,10 +1,11 @@
-"""The exact kernels of datastore/flat_index.py against the numpy oracle: every faiss kernel and
-the per-call kernel choice."""
+"""The exact kernels of datastore/flat_index.py against the numpy oracle: every faiss kernel, the
+per-call kernel choice, and the torch kernel with one or many chunks."""
 
 import concurrent.futures
 
 import numpy as np
 import pytest
+import torch
 
 from datastore import flat_index
 from tests.conftest import assert_same_neighbours, brute_force
@@ -65,3 +66,28 @@ def test_concurrent_searches_of_every_size_agree(data):
         answers = list(pool.map(lambda b: flat_index.faiss_search(queries[:b], keys, 8, "l2"), sizes))
     for b, (distances, rows) in zip(sizes, answers):
         assert_same_neighbours(rows, distances, *expected[b])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("block_bytes", [None, 4 * 40 * 1000])  # one chunk; 1024-row chunks
+def test_torch_kernel_one_or_many_chunks(data, metric, block_bytes, monkeypatch):
+    keys, queries = data
+    if block_bytes is not None:
+        monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+    k = torch.from_numpy(keys)
+    norms = (k**2).sum(1)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, norms, 50, metric)
+    oracle_d, oracle_rows = brute_force(queries, keys, 50, metric)
+    assert distances.dtype == np.float32 and rows.dtype == np.int64
+    assert_same_neighbours(rows, distances, oracle_d, oracle_rows)
+
+
+@pytest.mark.parametrize("block_bytes", [None, 4 * 40 * 1000])
+def test_torch_kernel_pads_when_fewer_rows_than_k(data, block_bytes, monkeypatch):
+    keys, queries = data
+    if block_bytes is not None:
+        monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+    k = torch.from_numpy(keys[:1500])
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, (k**2).sum(1), 1024 + 700, "l2")
+    assert (rows[:, 1500:] == -1).all() and np.isinf(distances[:, 1500:]).all()
+    assert (np.sort(rows[:, :1500], axis=1) == np.arange(1500)).all()
