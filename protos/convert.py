@@ -26,8 +26,14 @@ WIRE_DTYPES = {
 }
 
 
-def tensor_to_proto(array) -> pb.Tensor:
-    """numpy array or torch tensor -> Tensor (float64 is sent as float32)."""
+def fill_tensor(target: pb.Tensor, array) -> pb.Tensor:
+    """Writes a numpy array or torch tensor into the Tensor message ``target`` in place (float64 is
+    sent as float32); returns ``target``.
+
+    Filling the parent message's own field costs one copy of the data into the message (after the
+    one into ``bytes``, which protobuf requires); building a Tensor and assigning it with
+    CopyFrom or a constructor argument would copy the data once more.
+    """
     if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
@@ -36,8 +42,18 @@ def tensor_to_proto(array) -> pb.Tensor:
     name = array.dtype.name
     if name not in WIRE_DTYPES:
         raise InvalidArgument(f"dtype {name} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
-    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name]).tobytes()
-    return pb.Tensor(dtype=name, shape=list(array.shape), data=data)
+    target.dtype = name
+    del target.shape[:]
+    target.shape.extend(array.shape)
+    # tobytes() writes C order whatever the layout; astype only copies for a big-endian array.
+    target.data = array.astype(WIRE_DTYPES[name], copy=False).tobytes()
+    return target
+
+
+def tensor_to_proto(array) -> pb.Tensor:
+    """numpy array or torch tensor -> a new Tensor (float64 is sent as float32). To set a field of
+    a message, prefer fill_tensor(message.field, array): it saves a copy."""
+    return fill_tensor(pb.Tensor(), array)
 
 
 def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
@@ -48,13 +64,15 @@ def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
+    data = tensor.data  # read once: every read of a bytes field makes a new copy of it
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if expected != len(tensor.data):
+    if expected != len(data):
         raise InvalidArgument(
-            f"{what} carries {len(tensor.data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
+            f"{what} carries {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
         )
-    # A copy: the array must be writable and must not pin the message buffer.
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    # One more copy: an array over ``bytes`` is read-only, and callers (user code, torch.from_numpy
+    # in the stores) need a writable one.
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 
 def optional_tensor(message, field: str, what: str | None = None):
@@ -90,15 +108,11 @@ def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
 
 
 def search_result_to_proto(result: SearchResult) -> pb.SearchResponse:
-    response = pb.SearchResponse(
-        ids=tensor_to_proto(result.ids),
-        distances=tensor_to_proto(result.distances),
-        tokens=tensor_to_proto(result.tokens),
-    )
-    for name in ("keys", "values", "weights"):
+    response = pb.SearchResponse()
+    for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
         array = getattr(result, name)
         if array is not None:
-            getattr(response, name).CopyFrom(tensor_to_proto(array))
+            fill_tensor(getattr(response, name), array)
     return response
 
 
@@ -114,17 +128,13 @@ def search_result_from_proto(response: pb.SearchResponse) -> SearchResult:
 
 
 def rows_to_proto(rows: Rows) -> pb.GetResponse:
-    response = pb.GetResponse(
-        ids=tensor_to_proto(rows.ids),
-        keys=tensor_to_proto(rows.keys),
-        tokens=tensor_to_proto(rows.tokens),
-        weights=tensor_to_proto(rows.weights),
-        sources=list(rows.sources),
-    )
+    response = pb.GetResponse(sources=list(rows.sources))
+    for name in ("ids", "keys", "tokens", "weights"):
+        fill_tensor(getattr(response, name), getattr(rows, name))
     if rows.values is not None:
-        response.values.CopyFrom(tensor_to_proto(rows.values))
+        fill_tensor(response.values, rows.values)
     for name, array in (rows.optimizer_state or {}).items():
-        response.optimizer_state[name].CopyFrom(tensor_to_proto(array))
+        fill_tensor(response.optimizer_state[name], array)
     return response
 
 
@@ -141,8 +151,10 @@ def rows_from_proto(response: pb.GetResponse) -> Rows:
 
 
 def add_result_to_proto(result: AddResult) -> pb.AddResponse:
-    return pb.AddResponse(ids=tensor_to_proto(result.ids), admitted=tensor_to_proto(result.admitted),
-                          merged=tensor_to_proto(result.merged))
+    response = pb.AddResponse()
+    for name in ("ids", "admitted", "merged"):
+        fill_tensor(getattr(response, name), getattr(result, name))
+    return response
 
 
 def add_result_from_proto(response: pb.AddResponse) -> AddResult:
@@ -155,7 +167,10 @@ _RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
 
 
 def retrieve_result_to_proto(result: RetrieveResult) -> pb.RetrieveResponse:
-    return pb.RetrieveResponse(**{name: tensor_to_proto(getattr(result, name)) for name in _RETRIEVED})
+    response = pb.RetrieveResponse()
+    for name in _RETRIEVED:
+        fill_tensor(getattr(response, name), getattr(result, name))
+    return response
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float) -> RetrieveResult:

@@ -36,3 +36,62 @@ def test_unknown_dtype_is_named():
         convert.tensor_from_proto(pb.Tensor(dtype="float64", shape=[1], data=b"\0" * 8), "keys")
     with pytest.raises(InvalidArgument, match="cannot travel"):
         convert.tensor_to_proto(np.ones(2, np.complex64))
+
+
+def test_fill_tensor_writes_the_field_in_place_and_replaces_its_shape():
+    response = pb.SearchResponse()
+    convert.fill_tensor(response.ids, np.arange(6, dtype=np.int64).reshape(2, 3))
+    convert.fill_tensor(response.ids, np.arange(4, dtype=np.int64))
+    assert response.HasField("ids") and not response.HasField("keys")
+    np.testing.assert_array_equal(convert.tensor_from_proto(response.ids, "ids"), np.arange(4))
+
+
+def test_non_contiguous_big_endian_and_float64_arrays_travel_as_values():
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    for array in (base[:, ::2], base.T, base.astype(">f4"), base.astype(np.float64)[1:3]):
+        back = convert.tensor_from_proto(convert.tensor_to_proto(array), "x")
+        assert back.dtype == np.float32 and back.dtype.isnative and back.flags.c_contiguous
+        np.testing.assert_array_equal(back, array)
+
+
+def test_search_result_round_trip_with_and_without_optional_fields():
+    from datastore import SearchResult
+
+    rng = np.random.default_rng(0)
+    plain = SearchResult(ids=np.arange(6).reshape(2, 3), distances=rng.random((2, 3), dtype=np.float32),
+                         tokens=np.arange(6, dtype=np.int32).reshape(2, 3))
+    message = convert.search_result_to_proto(plain)
+    assert not any(message.HasField(f) for f in ("keys", "values", "weights"))
+    full = SearchResult(plain.ids, plain.distances, plain.tokens, keys=rng.random((2, 3, 4), dtype=np.float32),
+                        values=rng.random((2, 3, 5), dtype=np.float32), weights=rng.random((2, 3), dtype=np.float32))
+    for result in (plain, full):
+        wire = convert.search_result_to_proto(result).SerializeToString()
+        back = convert.search_result_from_proto(pb.SearchResponse.FromString(wire))
+        for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
+            expected, got = getattr(result, name), getattr(back, name)
+            if expected is None:
+                assert got is None
+            else:
+                assert got.dtype == expected.dtype and got.flags.writeable, name
+                np.testing.assert_array_equal(got, expected)
+
+
+def test_rows_add_and_retrieve_results_round_trip():
+    from datastore import Rows
+    from datastore.results import AddResult, RetrieveResult
+
+    rows = Rows(ids=np.array([3, 1]), keys=np.ones((2, 4), np.float32), tokens=np.array([7, 8], np.int32),
+                values=np.zeros((2, 2), np.float32), weights=np.array([1, 2], np.float32), sources=["a", "b"],
+                optimizer_state={"exp_avg": np.full((2, 2), 0.5, np.float32), "step": np.array([4])})
+    back = convert.rows_from_proto(pb.GetResponse.FromString(convert.rows_to_proto(rows).SerializeToString()))
+    assert back.sources == ["a", "b"] and back.tokens.tolist() == [7, 8]
+    np.testing.assert_array_equal(back.optimizer_state["exp_avg"], rows.optimizer_state["exp_avg"])
+    assert back.optimizer_state["step"].tolist() == [4]
+    added = AddResult(ids=np.array([0, -1]), admitted=np.array([True, False]), merged=np.array([False, False]))
+    back = convert.add_result_from_proto(convert.add_result_to_proto(added))
+    assert back.ids.tolist() == [0, -1] and back.admitted.tolist() == [True, False] and back.admitted.dtype == bool
+    retrieved = RetrieveResult(memory=np.ones((1, 2), np.float32), ids=np.array([[4, 5]]),
+                               alpha=np.array([[0.25, 0.75]], np.float32), distances=np.zeros((1, 2), np.float32),
+                               tokens=np.array([[1, 2]], np.int32), weights=np.ones((1, 2), np.float32))
+    back = convert.retrieve_result_from_proto(convert.retrieve_result_to_proto(retrieved), None, 1.0)
+    assert back.ids.tolist() == [[4, 5]] and back.alpha.tolist() == [[0.25, 0.75]]
