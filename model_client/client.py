@@ -20,7 +20,7 @@ import numpy as np
 
 from datastore import NamespaceConfig, Rows, SearchResult, validation
 from datastore.admission import DEFAULT_ADMIT_BELOW
-from datastore.errors import InvalidArgument, MemoryStoreError, Unavailable
+from datastore.errors import InvalidArgument, MemoryStoreError, ResourceExhausted, Unavailable
 from datastore.optimizers import OptimizerConfig
 from datastore.results import AddResult, RetrieveResult
 from model_client.errors import error_from_rpc
@@ -162,6 +162,7 @@ class MemoryClient:
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
         self.remote = target != IN_PROCESS
+        self._value_dims: dict[str, int] = {}  # namespace -> value_dim, to size search replies
         self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else LocalMemory(device)
 
     # ----- plumbing -------------------------------------------------------------
@@ -260,10 +261,33 @@ class MemoryClient:
         queries = _float_array(queries, "queries")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
             raise InvalidArgument(f"k must be an integer, got {k!r}")
+        value_dim = self._search_value_dim(namespace) if return_values and self.remote else 0
+        try:
+            return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,
+                                       value_dim)
+        except ResourceExhausted:
+            # The cached value_dim may be stale (the namespace was dropped and made again, wider).
+            if not (return_values and self.remote) or self._search_value_dim(namespace, refresh=True) <= value_dim:
+                raise
+            return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,
+                                       self._search_value_dim(namespace))
+
+    def _search_value_dim(self, namespace: str, refresh: bool = False) -> int:
+        """The namespace's value_dim, to size replies with values: one describe_namespace per namespace."""
+        if refresh or namespace not in self._value_dims:
+            self._value_dims[namespace] = self.describe_namespace(namespace).config.value_dim
+        return self._value_dims[namespace]
+
+    def _search_chunks(self, namespace, queries, k, return_keys, return_values, return_weights, value_dim):
+        """Splits the batch so that neither a request nor a reply passes half the message limit.
+
+        Per query, the request carries its row (dim x 2 or 4 bytes) and the reply k slots of id (8),
+        distance (4) and token (4) bytes, plus 4 x dim bytes of key, 4 x value_dim of value and 4 of
+        weight per slot when asked for (all float32 on the wire)."""
         width = queries.shape[1] if queries.ndim == 2 else 1
-        row_bytes = max(4 * width, max(int(k), 1) * (16 + 4 * width * return_keys)) + 64
-        parts = [self._idempotent("search", namespace, queries[part], int(k), return_keys, return_values,
-                                  return_weights)
+        slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
+        row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
+        parts = [self._idempotent("search", namespace, queries[part], k, return_keys, return_values, return_weights)
                  for part in self._row_chunks(self._rows(queries), row_bytes)]
         if len(parts) == 1:
             return parts[0]
