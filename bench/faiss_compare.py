@@ -13,25 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
-import torch
 
+from bench.memory_bench import timed
 from datastore import NamespaceConfig, NeighborStore
-
-
-def timed(call, budget_s: float, max_repeats: int) -> float:
-    call()
-    times = []
-    started = time.perf_counter()
-    while len(times) < max_repeats and (not times or time.perf_counter() - started < budget_s):
-        t0 = time.perf_counter()
-        call()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -64,8 +50,8 @@ def main(argv=None) -> int:
     for batch in [int(b) for b in args.batches.split(",")]:
         q = np.ascontiguousarray(queries[:batch])
         for k in ks:
-            ours = timed(lambda: store.search(q, k), args.budget_s, args.repeats)
-            theirs = timed(lambda: index.search(q, k), args.budget_s, args.repeats)
+            ours = timed(lambda: store.search(q, k), args.budget_s, args.repeats)[0]
+            theirs = timed(lambda: index.search(q, k), args.budget_s, args.repeats)[0]
             same = float((store.search(q, 1).ids[:, 0] == index.search(q, 1)[1][:, 0]).mean())
             print(f"{batch:>6} {k:>5} | {batch / ours:>12,.0f} {batch / theirs:>12,.0f} {theirs / ours:>10.2f} | "
                   f"{same:.0%}", flush=True)
