@@ -15,9 +15,9 @@ import os
 import sys
 
 import numpy as np
+from monim.datastore import NamespaceConfig, NeighborStore
 
 from bench.memory_bench import timed
-from datastore import NamespaceConfig, NeighborStore
 
 
 def main(argv=None) -> int:

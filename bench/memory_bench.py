@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 import torch
-
-from datastore import NamespaceConfig, NeighborStore
+from monim.datastore import NamespaceConfig, NeighborStore
 
 
 def timed(call, budget_s: float, max_repeats: int):
@@ -64,8 +63,8 @@ class InProcess:
 
 class Service:
     def __init__(self, config, shards):
-        from model_client import MemoryClient
-        from workers.embedded import EmbeddedStore
+        from monim.model_client import MemoryClient
+        from monim.workers.embedded import EmbeddedStore
 
         self.embedded = EmbeddedStore(shards=shards, num_cpus=max(2, shards))
         self.client = MemoryClient(self.embedded.address, timeout_s=600)

@@ -35,8 +35,7 @@ import time
 
 import numpy as np
 import torch
-
-from datastore import NamespaceConfig, NeighborStore
+from monim.datastore import NamespaceConfig, NeighborStore
 
 NAMESPACE = "bench-search"
 SEED = 1234
@@ -117,8 +116,8 @@ def open_in_process(keys, args):
 
 def open_service(stack: contextlib.ExitStack, keys, args):
     """-> (search function, info) of an EmbeddedStore + MemoryClient holding the keys; closed by ``stack``."""
-    from model_client.client import MemoryClient
-    from workers.embedded import EmbeddedStore
+    from monim.model_client.client import MemoryClient
+    from monim.workers.embedded import EmbeddedStore
 
     t0 = time.perf_counter()
     service = stack.enter_context(EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)))

@@ -1,10 +1,11 @@
-"""The neighbour store in one process: config, validation, row store, exact search, errors.
+"""The neighbour store in one process: row store, exact search, learnable-memory arithmetic, optimizers.
 
-Importable and testable without Ray, gRPC or a GPU.
+Importable and testable without Ray, gRPC or a GPU. The types it shares with the client (config,
+results, errors, input validation) live in the contract, ``monim.protos``; they are re-exported here.
 """
 
-from datastore.config import NamespaceConfig, validate_namespace_name
-from datastore.results import Rows, SearchResult
-from datastore.store import NeighborStore
+from monim.datastore.store import NeighborStore
+from monim.protos.config import NamespaceConfig, validate_namespace_name
+from monim.protos.results import Rows, SearchResult
 
 __all__ = ["NamespaceConfig", "NeighborStore", "Rows", "SearchResult", "validate_namespace_name"]

@@ -11,10 +11,9 @@ new row. Rows of one batch are merged only into entries stored before it.
 from __future__ import annotations
 
 import numpy as np
+from monim.protos.config import DEFAULT_ADMIT_BELOW  # noqa: F401 - re-exported: the rule's default
+from monim.protos.results import SearchResult
 
-from datastore.results import SearchResult
-
-DEFAULT_ADMIT_BELOW = -1.5
 # Neighbours looked at when searching for a merge target.
 MERGE_CANDIDATES = 8
 

@@ -16,64 +16,10 @@ each row's gradient is clipped to that L2 norm.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
-
-from datastore.errors import InvalidArgument
-
-OPTIMIZERS = ("sgd", "adagrad", "adam")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """name: sgd | adagrad | adam; lr > 0. momentum: sgd. lr_decay, initial_accumulator_value: adagrad.
-    beta1, beta2: adam. eps: adagrad (default 1e-10) and adam (default 1e-8). max_grad_norm: 0 = off."""
-
-    name: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 0.0
-    lr_decay: float = 0.0
-    initial_accumulator_value: float = 0.0
-    max_grad_norm: float = 0.0
-
-    def __post_init__(self):
-        if self.name not in OPTIMIZERS:
-            raise InvalidArgument(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name != "name" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-                raise InvalidArgument(f"optimizer option {field.name} must be a finite number, got {value!r}")
-        if self.lr <= 0:
-            raise InvalidArgument(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise InvalidArgument(f"momentum must be in [0, 1), got {self.momentum}")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise InvalidArgument(f"betas must be in [0, 1), got ({self.beta1}, {self.beta2})")
-        if self.eps < 0 or self.lr_decay < 0 or self.initial_accumulator_value < 0 or self.max_grad_norm < 0:
-            raise InvalidArgument("eps, lr_decay, initial_accumulator_value and max_grad_norm must be >= 0")
-        if self.eps == 0:
-            object.__setattr__(self, "eps", {"adagrad": 1e-10, "adam": 1e-8}.get(self.name, 0.0))
-
-    def state_columns(self) -> dict[str, float]:
-        """Per-row state columns [N, value_dim] and their initial values."""
-        if self.name == "sgd":
-            return {"momentum_buffer": 0.0} if self.momentum else {}
-        if self.name == "adagrad":
-            return {"sum": float(self.initial_accumulator_value)}
-        return {"exp_avg": 0.0, "exp_avg_sq": 0.0}
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "OptimizerConfig":
-        data = dict(data or {})
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise InvalidArgument(f"unknown optimizer option(s): {', '.join(unknown)}")
-        return cls(**data)
+from monim.protos.config import OptimizerConfig
 
 
 def coalesce(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from datastore.id_map import ABSENT, IdMap
+from monim.datastore.id_map import ABSENT, IdMap
 
 _MIN_CAPACITY = 1024
 

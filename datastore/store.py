@@ -12,12 +12,12 @@ import threading
 
 import numpy as np
 import torch
-
-from datastore import admission, flat_index, memory_ops, optimizers, validation
-from datastore.config import NamespaceConfig
-from datastore.errors import AlreadyExists, IdsNotFound, InvalidArgument
-from datastore.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
-from datastore.row_store import RowStore
+from monim.datastore import admission, flat_index, memory_ops, optimizers
+from monim.datastore.row_store import RowStore
+from monim.protos import validation
+from monim.protos.config import NamespaceConfig
+from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
+from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
 
 BACKENDS = ("auto", "faiss", "torch")
 

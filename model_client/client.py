@@ -4,7 +4,7 @@
     c = MemoryClient(":memory:")          # an in-process store, same behaviour
 
 numpy arrays and torch tensors are accepted; results are numpy. Errors are
-the typed exceptions of model_client.errors. Large batches are split so that
+the typed exceptions of monim.protos.errors (importable from monim). Large batches are split so that
 no message passes ``max_message_bytes``; an Add split this way is applied
 chunk by chunk (each chunk whole or not at all).
 """
@@ -17,17 +17,13 @@ import time
 
 import grpc
 import numpy as np
-
-from datastore import NamespaceConfig, Rows, SearchResult, validation
-from datastore.admission import DEFAULT_ADMIT_BELOW
-from datastore.errors import InvalidArgument, MemoryStoreError, ResourceExhausted, Unavailable
-from datastore.optimizers import OptimizerConfig
-from datastore.results import AddResult, RetrieveResult
-from model_client.errors import error_from_rpc
-from model_client.local_store import LocalMemory
-from protos import convert
-from protos import memory_pb2 as pb
-from protos import memory_pb2_grpc as pb_grpc
+from monim.model_client.errors import error_from_rpc
+from monim.protos import convert, validation
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.protos.config import DEFAULT_ADMIT_BELOW, NamespaceConfig, OptimizerConfig
+from monim.protos.errors import InvalidArgument, MemoryStoreError, ResourceExhausted, Unavailable
+from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
 IN_PROCESS = ":memory:"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -146,6 +142,16 @@ class _RemoteStore:
         self.channel.close()
 
 
+def _in_process_store(device: str):
+    """The in-process store of ``MemoryClient(":memory:")``: it needs the server extra (torch, faiss)."""
+    try:
+        from monim.model_client.local_store import LocalMemory
+    except ModuleNotFoundError as error:
+        raise ImportError(f'MemoryClient(":memory:") needs {error.name!r}, which is not installed: '
+                          "pip install 'monim-store[server]'", name=error.name) from error
+    return LocalMemory(device)
+
+
 class MemoryClient:
     """target: "host:port" of a monim server, or ":memory:" for an in-process store.
 
@@ -163,7 +169,7 @@ class MemoryClient:
         self.max_message_bytes = max_message_bytes
         self.remote = target != IN_PROCESS
         self._value_dims: dict[str, int] = {}  # namespace -> value_dim, to size search replies
-        self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else LocalMemory(device)
+        self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else _in_process_store(device)
 
     # ----- plumbing -------------------------------------------------------------
     def _idempotent(self, method: str, *args, **kwargs):

@@ -20,11 +20,10 @@ import time
 
 import numpy as np
 import torch
+from monim.model_client.corpus import Day
+from monim.model_client.hf import attach_monim
+from monim.model_client.text_data import random_batches, windows
 from tqdm import tqdm
-
-from model_client.corpus import Day
-from model_client.hf import attach_monim
-from model_client.text_data import random_batches, windows
 
 ARMS = ("frozen", "knnlm", "monim", "finetune")
 

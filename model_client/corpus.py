@@ -16,7 +16,7 @@ import pathlib
 import sysconfig
 import tokenize
 
-from datastore.errors import InvalidArgument
+from monim.protos.errors import InvalidArgument
 
 # Day 0 first, then one package family a day.
 STDLIB_DAYS = (

@@ -12,11 +12,11 @@ import json
 import pathlib
 import time
 
-from datastore.errors import InvalidArgument
-from model_client.client import MemoryClient
-from model_client.continual import ARMS, ByteTokenizer, ContinualConfig, HFTokenizer, run_continual
-from model_client.corpus import folder_days, stdlib_days
-from model_client.text_data import tiny_gpt2
+from monim.model_client.client import MemoryClient
+from monim.model_client.continual import ARMS, ByteTokenizer, ContinualConfig, HFTokenizer, run_continual
+from monim.model_client.corpus import folder_days, stdlib_days
+from monim.model_client.text_data import tiny_gpt2
+from monim.protos.errors import InvalidArgument
 
 # Sizes of the default run (minutes on 2 CPU cores) and of --quick (seconds, for CI).
 DEFAULT = dict(days=3, train_chars=48_000, held_out_chars=8_000, day0_train_chars=300_000,

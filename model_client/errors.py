@@ -1,14 +1,13 @@
 """gRPC status codes become typed exceptions here, and nowhere else in the client.
 
-The classes are the store's own (datastore/errors.py), so the in-process
+The classes are the store's own (protos/errors.py, shared with the server), so the in-process
 store and the remote service raise the same types for the same mistakes.
 """
 
 from __future__ import annotations
 
 import grpc
-
-from datastore.errors import (  # noqa: F401 - re-exported for users
+from monim.protos.errors import (  # noqa: F401 - re-exported for users
     ERRORS_BY_CODE,
     AlreadyExists,
     DeadlineExceeded,

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monim.model_client.admission import AdmissionSender
+from monim.model_client.layer import MoNIMLayer
+from monim.protos.config import DEFAULT_ADMIT_BELOW
+from monim.protos.errors import InvalidArgument
 from torch import nn
-
-from datastore.admission import DEFAULT_ADMIT_BELOW
-from datastore.errors import InvalidArgument
-from model_client.admission import AdmissionSender
-from model_client.layer import MoNIMLayer
 
 _BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
 

@@ -20,9 +20,8 @@ import time
 
 import numpy as np
 import torch
+from monim.protos.errors import InvalidArgument
 from torch import nn
-
-from datastore.errors import InvalidArgument
 
 MODES = ("monim", "knnlm")
 

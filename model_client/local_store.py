@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 
-from datastore import NamespaceConfig, NeighborStore, Rows, SearchResult, validate_namespace_name
-from datastore.admission import DEFAULT_ADMIT_BELOW
-from datastore.errors import AlreadyExists, NamespaceNotFound
-from datastore.results import AddResult, RetrieveResult
+from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult, validate_namespace_name
+from monim.protos.config import DEFAULT_ADMIT_BELOW
+from monim.protos.errors import AlreadyExists, NamespaceNotFound
+from monim.protos.results import AddResult, RetrieveResult
 
 
 class LocalMemory:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from datastore.config import NamespaceConfig
-from datastore.errors import InvalidArgument
-from datastore.optimizers import OptimizerConfig
-from datastore.results import AddResult, RetrieveResult, Rows, SearchResult
-from protos import memory_pb2 as pb
+from monim.protos import memory_pb2 as pb
+from monim.protos.config import NamespaceConfig, OptimizerConfig
+from monim.protos.errors import InvalidArgument
+from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
 WIRE_DTYPES = {
     "float32": np.dtype("<f4"),

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import memory_pb2 as protos_dot_memory__pb2
+from monim.protos import memory_pb2 as monim_dot_protos_dot_memory__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/memory_pb2_grpc.py depends on'
+        + ' but the generated code in monim/protos/memory_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,58 +36,58 @@ class MemoryServiceStub:
         """
         self.CreateNamespace = channel.unary_unary(
                 '/monim.v1.MemoryService/CreateNamespace',
-                request_serializer=protos_dot_memory__pb2.CreateNamespaceRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.CreateNamespaceResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.CreateNamespaceRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.CreateNamespaceResponse.FromString,
                 _registered_method=True)
         self.ListNamespaces = channel.unary_unary(
                 '/monim.v1.MemoryService/ListNamespaces',
-                request_serializer=protos_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.ListNamespacesResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.ListNamespacesResponse.FromString,
                 _registered_method=True)
         self.DescribeNamespace = channel.unary_unary(
                 '/monim.v1.MemoryService/DescribeNamespace',
-                request_serializer=protos_dot_memory__pb2.DescribeNamespaceRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.DescribeNamespaceResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.DescribeNamespaceRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.DescribeNamespaceResponse.FromString,
                 _registered_method=True)
         self.DropNamespace = channel.unary_unary(
                 '/monim.v1.MemoryService/DropNamespace',
-                request_serializer=protos_dot_memory__pb2.DropNamespaceRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.DropNamespaceResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.DropNamespaceRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.DropNamespaceResponse.FromString,
                 _registered_method=True)
         self.Add = channel.unary_unary(
                 '/monim.v1.MemoryService/Add',
-                request_serializer=protos_dot_memory__pb2.AddRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.AddResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.AddRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.AddResponse.FromString,
                 _registered_method=True)
         self.Search = channel.unary_unary(
                 '/monim.v1.MemoryService/Search',
-                request_serializer=protos_dot_memory__pb2.SearchRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.SearchResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.SearchRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.SearchResponse.FromString,
                 _registered_method=True)
         self.Get = channel.unary_unary(
                 '/monim.v1.MemoryService/Get',
-                request_serializer=protos_dot_memory__pb2.GetRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.GetResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.GetRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.GetResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/monim.v1.MemoryService/Delete',
-                request_serializer=protos_dot_memory__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.DeleteResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.Retrieve = channel.unary_unary(
                 '/monim.v1.MemoryService/Retrieve',
-                request_serializer=protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.RetrieveResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
         self.RetrieveBackward = channel.unary_unary(
                 '/monim.v1.MemoryService/RetrieveBackward',
-                request_serializer=protos_dot_memory__pb2.RetrieveBackwardRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.RetrieveBackwardResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.RetrieveBackwardRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveBackwardResponse.FromString,
                 _registered_method=True)
         self.ApplyGradients = channel.unary_unary(
                 '/monim.v1.MemoryService/ApplyGradients',
-                request_serializer=protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
-                response_deserializer=protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
+                request_serializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
                 _registered_method=True)
 
 
@@ -165,58 +165,58 @@ def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateNamespace': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateNamespace,
-                    request_deserializer=protos_dot_memory__pb2.CreateNamespaceRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.CreateNamespaceResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.CreateNamespaceRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.CreateNamespaceResponse.SerializeToString,
             ),
             'ListNamespaces': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNamespaces,
-                    request_deserializer=protos_dot_memory__pb2.ListNamespacesRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.ListNamespacesResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.ListNamespacesRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.ListNamespacesResponse.SerializeToString,
             ),
             'DescribeNamespace': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeNamespace,
-                    request_deserializer=protos_dot_memory__pb2.DescribeNamespaceRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.DescribeNamespaceResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.DescribeNamespaceRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.DescribeNamespaceResponse.SerializeToString,
             ),
             'DropNamespace': grpc.unary_unary_rpc_method_handler(
                     servicer.DropNamespace,
-                    request_deserializer=protos_dot_memory__pb2.DropNamespaceRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.DropNamespaceResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.DropNamespaceRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.DropNamespaceResponse.SerializeToString,
             ),
             'Add': grpc.unary_unary_rpc_method_handler(
                     servicer.Add,
-                    request_deserializer=protos_dot_memory__pb2.AddRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.AddResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.AddRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.AddResponse.SerializeToString,
             ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
-                    request_deserializer=protos_dot_memory__pb2.SearchRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.SearchResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.SearchRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.SearchResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
-                    request_deserializer=protos_dot_memory__pb2.GetRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.GetResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.GetRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.GetResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=protos_dot_memory__pb2.DeleteRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.DeleteResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.DeleteRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.DeleteResponse.SerializeToString,
             ),
             'Retrieve': grpc.unary_unary_rpc_method_handler(
                     servicer.Retrieve,
-                    request_deserializer=protos_dot_memory__pb2.RetrieveRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.RetrieveResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.RetrieveResponse.SerializeToString,
             ),
             'RetrieveBackward': grpc.unary_unary_rpc_method_handler(
                     servicer.RetrieveBackward,
-                    request_deserializer=protos_dot_memory__pb2.RetrieveBackwardRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.RetrieveBackwardResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveBackwardRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.RetrieveBackwardResponse.SerializeToString,
             ),
             'ApplyGradients': grpc.unary_unary_rpc_method_handler(
                     servicer.ApplyGradients,
-                    request_deserializer=protos_dot_memory__pb2.ApplyGradientsRequest.FromString,
-                    response_serializer=protos_dot_memory__pb2.ApplyGradientsResponse.SerializeToString,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,8 +244,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/CreateNamespace',
-            protos_dot_memory__pb2.CreateNamespaceRequest.SerializeToString,
-            protos_dot_memory__pb2.CreateNamespaceResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.CreateNamespaceRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.CreateNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -271,8 +271,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/ListNamespaces',
-            protos_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
-            protos_dot_memory__pb2.ListNamespacesResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.ListNamespacesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -298,8 +298,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/DescribeNamespace',
-            protos_dot_memory__pb2.DescribeNamespaceRequest.SerializeToString,
-            protos_dot_memory__pb2.DescribeNamespaceResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.DescribeNamespaceRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.DescribeNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -325,8 +325,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/DropNamespace',
-            protos_dot_memory__pb2.DropNamespaceRequest.SerializeToString,
-            protos_dot_memory__pb2.DropNamespaceResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.DropNamespaceRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.DropNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -352,8 +352,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/Add',
-            protos_dot_memory__pb2.AddRequest.SerializeToString,
-            protos_dot_memory__pb2.AddResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.AddRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.AddResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -379,8 +379,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/Search',
-            protos_dot_memory__pb2.SearchRequest.SerializeToString,
-            protos_dot_memory__pb2.SearchResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.SearchRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.SearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -406,8 +406,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/Get',
-            protos_dot_memory__pb2.GetRequest.SerializeToString,
-            protos_dot_memory__pb2.GetResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.GetRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -433,8 +433,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/Delete',
-            protos_dot_memory__pb2.DeleteRequest.SerializeToString,
-            protos_dot_memory__pb2.DeleteResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.DeleteRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -460,8 +460,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/Retrieve',
-            protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
-            protos_dot_memory__pb2.RetrieveResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -487,8 +487,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/RetrieveBackward',
-            protos_dot_memory__pb2.RetrieveBackwardRequest.SerializeToString,
-            protos_dot_memory__pb2.RetrieveBackwardResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.RetrieveBackwardRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.RetrieveBackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -514,8 +514,8 @@ class MemoryService:
             request,
             target,
             '/monim.v1.MemoryService/ApplyGradients',
-            protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
-            protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
+            monim_dot_protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ import sys
 
 
 def _serve(args) -> int:
-    from workers.embedded import EmbeddedStore
+    from monim.workers.embedded import EmbeddedStore
 
     store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
                           num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment)
@@ -33,8 +33,8 @@ def _serve(args) -> int:
 
 
 def _status(args) -> int:
-    from model_client import MemoryClient
-    from model_client.errors import MemoryStoreError
+    from monim.model_client import MemoryClient
+    from monim.model_client.errors import MemoryStoreError
 
     try:
         with MemoryClient(args.address, timeout_s=args.timeout_s, retries=0) as client:
@@ -54,19 +54,19 @@ def _status(args) -> int:
 def _demo(args) -> int:
     """Errors a user can fix (bad --corpus or --model, a store that does not answer) print one
     line and exit with code 2, without a traceback. Inputs are checked before a store starts."""
-    from datastore.errors import MemoryStoreError
-    from model_client.demo import prepare_inputs, run_demo  # lazy: the one place the CLI reaches the client side
+    from monim.model_client.demo import prepare_inputs, run_demo  # lazy: the one place the CLI reaches the client side
+    from monim.protos.errors import MemoryStoreError
 
     try:
         inputs = prepare_inputs(corpus=args.corpus, model=args.model, days=args.days, quick=args.quick)
         if args.address:
-            from model_client import MemoryClient
+            from monim.model_client import MemoryClient
 
             with MemoryClient(args.address, timeout_s=10, retries=0) as client:
                 client.list_namespaces()  # fails fast when nothing answers
             run_demo(args.address, 0, inputs, out=args.out, progress=not args.no_progress)
         else:
-            from workers.embedded import EmbeddedStore
+            from monim.workers.embedded import EmbeddedStore
 
             with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store:
                 run_demo(store.address, store.runtime.num_shards, inputs, out=args.out, progress=not args.no_progress)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import logging
 
-from workers.router import Router
-from workers.runtime import RayRuntime
-from workers.server import DEFAULT_MAX_MESSAGE_BYTES, start_server
+from monim.workers.router import Router
+from monim.workers.runtime import RayRuntime
+from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, start_server
 
 log = logging.getLogger(__name__)
 

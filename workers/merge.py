@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from datastore import SearchResult
+from monim.datastore import SearchResult
 
 _FIELDS = ("ids", "tokens", "keys", "values", "weights")
 

@@ -7,8 +7,8 @@ so ids are unique across shards and front ends and stay an entry's for life.
 
 from __future__ import annotations
 
-from datastore import NamespaceConfig
-from datastore.errors import AlreadyExists, InvalidArgument, NamespaceNotFound
+from monim.datastore import NamespaceConfig
+from monim.protos.errors import AlreadyExists, InvalidArgument, NamespaceNotFound
 
 
 class NamespaceRegistry:

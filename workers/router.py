@@ -9,11 +9,12 @@ any shard sees it, so a bad request changes nothing anywhere.
 from __future__ import annotations
 
 import numpy as np
-
-from datastore import NamespaceConfig, Rows, SearchResult, admission, memory_ops, validate_namespace_name, validation
-from datastore.errors import IdsNotFound, InvalidArgument, MemoryStoreError, NamespaceNotFound
-from datastore.results import MISSING_ID, AddResult, RetrieveResult
-from workers.merge import merge_topk
+from monim.datastore import admission, memory_ops
+from monim.protos import validation
+from monim.protos.config import NamespaceConfig, validate_namespace_name
+from monim.protos.errors import IdsNotFound, InvalidArgument, MemoryStoreError, NamespaceNotFound
+from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
+from monim.workers.merge import merge_topk
 
 DEFAULT_TIMEOUT_S = 120.0
 

@@ -20,10 +20,9 @@ import concurrent.futures
 import logging
 
 import numpy as np
-
-from datastore.errors import DeadlineExceeded, MemoryStoreError, ShardUnavailable, Unavailable
-from workers.registry import NamespaceRegistry
-from workers.shard import Shard
+from monim.protos.errors import DeadlineExceeded, MemoryStoreError, ShardUnavailable, Unavailable
+from monim.workers.registry import NamespaceRegistry
+from monim.workers.shard import Shard
 
 log = logging.getLogger(__name__)
 

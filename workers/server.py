@@ -7,11 +7,10 @@ import concurrent.futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from protos import memory_pb2 as pb
-from protos import memory_pb2_grpc as pb_grpc
-from workers.router import Router
-from workers.servicer import MemoryServicer
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.workers.router import Router
+from monim.workers.servicer import MemoryServicer
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datastore.admission import DEFAULT_ADMIT_BELOW
-from datastore.errors import InvalidArgument
-from protos import convert
-from protos import memory_pb2 as pb
-from protos import memory_pb2_grpc as pb_grpc
-from workers.router import Router
-from workers.status import grpc_errors
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.protos.config import DEFAULT_ADMIT_BELOW
+from monim.protos.errors import InvalidArgument
+from monim.workers.router import Router
+from monim.workers.status import grpc_errors
 
 
 def _required(message, field: str, what: str | None = None):

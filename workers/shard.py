@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
-from datastore.errors import AlreadyExists, NamespaceNotFound
-from datastore.memory_ops import BackwardPartials
+from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
+from monim.datastore.memory_ops import BackwardPartials
+from monim.protos.errors import AlreadyExists, NamespaceNotFound
 
 
 class Shard:

@@ -6,8 +6,7 @@ import functools
 import logging
 
 import grpc
-
-from datastore.errors import MemoryStoreError
+from monim.protos.errors import MemoryStoreError
 
 log = logging.getLogger(__name__)
 

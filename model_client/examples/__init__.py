@@ -1,1 +1,1 @@
-"""Runnable examples: ``python -m model_client.examples.train --help``."""
+"""Runnable examples: ``python -m monim.model_client.examples.train --help``."""

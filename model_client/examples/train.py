@@ -1,7 +1,7 @@
 """Train a small GPT-2 with a MoNIM memory in the loop.
 
-    python -m model_client.examples.train --text README.md docs/ --steps 300
-    python -m model_client.examples.train --address 127.0.0.1:50051 --text corpus/ --steps 1000
+    python -m monim.model_client.examples.train --text README.md docs/ --steps 300
+    python -m monim.model_client.examples.train --address 127.0.0.1:50051 --text corpus/ --steps 1000
 
 Byte-level tokens, a GPT-2 from a config (no download). Each step: forward (Retrieve
 on the store), backward (the store updates the value rows), an AdamW step on the model,
@@ -17,11 +17,10 @@ import sys
 import time
 
 import torch
+from monim.model_client.client import MemoryClient
+from monim.model_client.hf import attach_monim
+from monim.model_client.text_data import encode, random_batches, read_texts, tiny_gpt2
 from tqdm import tqdm
-
-from model_client.client import MemoryClient
-from model_client.hf import attach_monim
-from model_client.text_data import encode, random_batches, read_texts, tiny_gpt2
 
 
 @dataclasses.dataclass

@@ -17,8 +17,7 @@ import threading
 import uuid
 
 import pytest
-
-from model_client import MemoryClient
+from monim.model_client import MemoryClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
@@ -33,7 +32,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def server_address():
     port = _free_port()
-    command = [sys.executable, "-m", "workers.cli", "serve", "--port", str(port), "--shards", "2",
+    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
                "--num-cpus", "2", "--deployment", f"test-{uuid.uuid4().hex[:8]}"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -10,12 +10,11 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-
-from model_client import MemoryClient
-from model_client.errors import AlreadyExists, InvalidArgument, NotFound
-from protos import convert
-from protos import memory_pb2 as pb
-from protos import memory_pb2_grpc as pb_grpc
+from monim.model_client import MemoryClient
+from monim.model_client.errors import AlreadyExists, InvalidArgument, NotFound
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
 
 DIM, VALUE_DIM, ROWS = 8, 3, 50
 QUERIES = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32)

@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from model_client import MemoryClient
-from model_client.errors import MemoryStoreError
+from monim.model_client import MemoryClient
+from monim.model_client.errors import MemoryStoreError
 
 
 def script(client: MemoryClient, namespace: str) -> list:

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def run_cli(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "workers.cli", "demo", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "monim.workers.cli", "demo", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 

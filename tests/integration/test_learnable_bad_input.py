@@ -16,11 +16,10 @@ import dataclasses
 import grpc
 import numpy as np
 import pytest
-
-from model_client import MemoryClient
-from model_client.errors import InvalidArgument, NotFound
-from protos import memory_pb2 as pb
-from protos import memory_pb2_grpc as pb_grpc
+from monim.model_client import MemoryClient
+from monim.model_client.errors import InvalidArgument, NotFound
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
 
 DIM, VALUE_DIM, ROWS, MAX_K, K, LR = 8, 3, 50, 16, 4, 0.05
 QUERIES = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32)

@@ -3,8 +3,8 @@ the same numbers as the dense autograd / torch.optim references, and admission a
 
 import numpy as np
 import pytest
+from monim.model_client import MemoryClient
 
-from model_client import MemoryClient
 from tests.unit.test_learnable_memory import BATCH, DIM, LR, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 from tests.unit.test_optimizers import ROWS, STEPS, gradient_steps, torch_reference
 

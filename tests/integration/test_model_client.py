@@ -8,11 +8,10 @@ import pydoc
 import numpy as np
 import pytest
 import torch
+from monim.model_client import attach_monim
+from monim.model_client.examples.train import train
+from monim.model_client.text_data import decode, encode, perplexity, random_batches, tiny_gpt2, windows
 from torch import nn
-
-from model_client import attach_monim
-from model_client.examples.train import train
-from model_client.text_data import decode, encode, perplexity, random_batches, tiny_gpt2, windows
 
 DIM = 64
 

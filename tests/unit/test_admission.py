@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from datastore import NamespaceConfig, NeighborStore
-from workers.router import Router
-from workers.runtime import LocalRuntime
+from monim.datastore import NamespaceConfig, NeighborStore
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
 
 
 def add_fn(shards):

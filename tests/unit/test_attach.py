@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
-from datastore.errors import InvalidArgument, NotFound, Unavailable
-from model_client import MemoryClient, attach_monim
-from model_client.text_data import tiny_gpt2
-from workers.router import Router
-from workers.runtime import LocalRuntime
-from workers.server import start_server
+from monim.model_client import MemoryClient, attach_monim
+from monim.model_client.text_data import tiny_gpt2
+from monim.protos.errors import InvalidArgument, NotFound, Unavailable
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ one Router, one with a small message limit and one with the default."""
 
 import numpy as np
 import pytest
-
-from model_client import MemoryClient
-from model_client.errors import ResourceExhausted
-from workers.router import Router
-from workers.runtime import LocalRuntime
-from workers.server import start_server
+from monim.model_client import MemoryClient
+from monim.model_client.errors import ResourceExhausted
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
 
 SMALL = 256 * 1024  # bytes; both the small server's and the small client's limit
 DIM, VALUE_DIM, K, ROWS, BATCH = 8, 64, 50, 600, 40

@@ -1,7 +1,6 @@
 import pytest
-
-from datastore import NamespaceConfig, validate_namespace_name
-from datastore.errors import InvalidArgument
+from monim.datastore import NamespaceConfig, validate_namespace_name
+from monim.protos.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("name, fragment", [

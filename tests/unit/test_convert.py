@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 import torch
-
-from datastore.errors import InvalidArgument
-from protos import convert
-from protos import memory_pb2 as pb
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.int64])
@@ -55,7 +54,7 @@ def test_non_contiguous_big_endian_and_float64_arrays_travel_as_values():
 
 
 def test_search_result_round_trip_with_and_without_optional_fields():
-    from datastore import SearchResult
+    from monim.datastore import SearchResult
 
     rng = np.random.default_rng(0)
     plain = SearchResult(ids=np.arange(6).reshape(2, 3), distances=rng.random((2, 3), dtype=np.float32),
@@ -77,8 +76,8 @@ def test_search_result_round_trip_with_and_without_optional_fields():
 
 
 def test_rows_add_and_retrieve_results_round_trip():
-    from datastore import Rows
-    from datastore.results import AddResult, RetrieveResult
+    from monim.datastore import Rows
+    from monim.protos.results import AddResult, RetrieveResult
 
     rows = Rows(ids=np.array([3, 1]), keys=np.ones((2, 4), np.float32), tokens=np.array([7, 8], np.int32),
                 values=np.zeros((2, 2), np.float32), weights=np.array([1, 2], np.float32), sources=["a", "b"],

@@ -6,8 +6,8 @@ import concurrent.futures
 import numpy as np
 import pytest
 import torch
+from monim.datastore import flat_index
 
-from datastore import flat_index
 from tests.conftest import assert_same_neighbours, brute_force
 
 METRICS = ["l2", "ip"]

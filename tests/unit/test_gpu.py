@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from monim.datastore import NamespaceConfig, NeighborStore
 
-from datastore import NamespaceConfig, NeighborStore
 from tests.conftest import assert_same_neighbours, brute_force
 from tests.unit.test_learnable_memory import DIM, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 

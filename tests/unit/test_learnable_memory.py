@@ -4,10 +4,9 @@ in one store and across 3 in-process shards, for l2 and ip (acceptance: 1e-5 in 
 import numpy as np
 import pytest
 import torch
-
-from datastore import NamespaceConfig, NeighborStore
-from workers.router import Router
-from workers.runtime import LocalRuntime
+from monim.datastore import NamespaceConfig, NeighborStore
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
 
 N, DIM, VALUE_DIM, BATCH, K, TEMPERATURE, LR = 600, 16, 8, 24, 12, 2.5, 0.1
 

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from datastore import SearchResult
-from workers.merge import merge_topk
+from monim.datastore import SearchResult
+from monim.workers.merge import merge_topk
 
 
 def shard_result(rng, batch, k, missing=0, dim=0, value_dim=0, weights=False, start=0):

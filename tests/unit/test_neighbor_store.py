@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from monim.datastore import NamespaceConfig, NeighborStore
+from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
 
-from datastore import NamespaceConfig, NeighborStore
-from datastore.errors import AlreadyExists, IdsNotFound, InvalidArgument
 from tests.conftest import assert_same_neighbours, brute_force
 
 BACKENDS = ["faiss", "torch"]
@@ -32,7 +32,7 @@ def test_search_matches_brute_force(rng, backend, metric):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_kernel_chunks_over_rows(rng, backend, monkeypatch):
-    from datastore import flat_index
+    from monim.datastore import flat_index
 
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 8 * 1000)  # forces 1024-row chunks
     store = make_store("l2", backend)

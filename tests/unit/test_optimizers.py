@@ -4,10 +4,9 @@ repeated ids, in one store and across 3 in-process shards (values and optimizer 
 import numpy as np
 import pytest
 import torch
-
-from datastore import NamespaceConfig, NeighborStore
-from workers.router import Router
-from workers.runtime import LocalRuntime
+from monim.datastore import NamespaceConfig, NeighborStore
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
 
 ROWS, VALUE_DIM, STEPS = 40, 6, 20
 

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
+from monim.datastore import NamespaceConfig, NeighborStore, SearchResult
+from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument, NamespaceNotFound, ShardUnavailable
+from monim.workers.merge import merge_topk
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
 
-from datastore import NamespaceConfig, NeighborStore, SearchResult
-from datastore.errors import AlreadyExists, IdsNotFound, InvalidArgument, NamespaceNotFound, ShardUnavailable
 from tests.conftest import assert_same_neighbours, brute_force
-from workers.merge import merge_topk
-from workers.router import Router
-from workers.runtime import LocalRuntime
 
 
 @pytest.fixture

@@ -7,8 +7,7 @@ every row as it was.
 from __future__ import annotations
 
 import numpy as np
-
-from datastore.errors import InvalidArgument
+from monim.protos.errors import InvalidArgument
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 TOKEN_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
