@@ -6,7 +6,9 @@ Two kernels with the same contract:
   are held once, not copied into a separate index.
 - ``torch``: matmul + top-k, chunked over the stored rows so the [B, chunk]
   score block stays bounded; used when the store lives on a CUDA device
-  (keys may be float16 there).
+  (keys may be float16 there). float16 keys give what float32 search over the
+  rounded keys gives: a float16 matmul screens candidates, which are then
+  ranked again exactly in float32 with the unrounded queries.
 
 Both return distances where smaller is nearer: squared L2 for ``l2``, the
 negative inner product for ``ip``; slots past the number of rows are id -1
@@ -122,44 +124,160 @@ def _score_block_bytes(device: torch.device) -> int:
     return budget
 
 
+def _candidate_count(k: int, stored: int) -> int:
+    """Candidates the float16 screen keeps per query for the exact float32 re-rank: 2k + 16, at most
+    every row. The margin absorbs the screen's error (queries rounded to float16)."""
+    return min(2 * k + 16, stored)
+
+
+# |q.k| bound the float16 screen scales each query to, far below float16's largest value (65504), so
+# neither the product nor a partial sum of it overflows even with the key norms off by rounding.
+_SCREEN_SCORE_BOUND = 2.0**14
+_takes_out_dtype: dict[str, bool] = {}  # device type -> whether torch.mm takes out_dtype=float32 for float16
+
+
+def _half_matmul_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a float16 [B, dim] @ b float16 [dim, chunk] -> float32 [B, chunk].
+
+    Accumulated and written in float32 where torch.mm takes out_dtype (CUDA in recent torch): cuBLAS may
+    otherwise reduce in float16. Elsewhere (CPU) a float16 product, cast."""
+    kind = a.device.type
+    if kind not in _takes_out_dtype:  # probed once per device type, on a 1x1 product
+        probe = torch.zeros(1, 1, dtype=torch.float16, device=a.device)
+        try:
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            _takes_out_dtype[kind] = True
+        except (TypeError, NotImplementedError, RuntimeError):
+            _takes_out_dtype[kind] = False
+    if _takes_out_dtype[kind]:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+def _chunked_topk(keys: torch.Tensor, block_distances, keep: int, chunk: int, sort: bool):
+    """Each query's `keep` smallest distances over all rows, scanned `chunk` rows at a time.
+
+    block_distances(start, block) -> float32 [B, rows in block], smaller is nearer; it may reuse its
+    own buffers. One chunk takes one top-k; with several, each chunk's top-k is merged into a
+    running top-k, unsorted, and (if `sort`) sorted once at the end.
+    Returns (distances float32 [B, keep], rows int64 [B, keep]) on the keys' device.
+    """
+    stored = keys.shape[0]
+    one_chunk = chunk >= stored
+    best_d = best_i = None
+    for start in range(0, stored, chunk):
+        block = keys[start : start + chunk]
+        distances = block_distances(start, block)
+        d, i = torch.topk(distances, min(keep, block.shape[0]), dim=1, largest=False, sorted=one_chunk and sort)
+        del distances
+        if best_d is None:
+            best_d, best_i = d, i
+        else:
+            i += start
+            merged = torch.cat([best_d, d], dim=1)  # fewer than keep while keep exceeds the rows seen
+            best_d, order = torch.topk(merged, min(keep, merged.shape[1]), dim=1, largest=False, sorted=False)
+            best_i = torch.gather(torch.cat([best_i, i], dim=1), 1, order)
+    if sort and not one_chunk:
+        best_d, order = torch.sort(best_d, dim=1)
+        best_i = torch.gather(best_i, 1, order)
+    return best_d, best_i
+
+
+def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
+    """The exact kernel for float32 keys: ||q||^2 - 2 q.k + ||k||^2 (l2) or -q.k (ip) from one matmul."""
+    q = queries.to(keys.dtype)
+    query_norms = (queries.float() ** 2).sum(dim=1, keepdim=True) if metric == "l2" else None
+
+    def block_distances(start, block):
+        scores = q @ block.T
+        if metric == "l2":  # in place: ||q||^2 - 2 q.k + ||k||^2, clamped at 0 against round-off
+            distances = scores.mul_(-2.0).add_(query_norms).add_(key_norms[start : start + block.shape[0]][None, :])
+            return distances.clamp_min_(0.0)
+        return scores.neg_()
+
+    return _chunked_topk(keys, block_distances, k_found, chunk, sort=True)
+
+
+def _float16_candidates(queries, keys, key_norms, keep, metric, chunk):
+    """The float16 screen: each query's `keep` best rows by a float16 matmul, unsorted, rows int64 [B, keep].
+
+    Each query is scaled by a power of two so that |q.k| <= _SCREEN_SCORE_BOUND for every key
+    (Cauchy-Schwarz with the largest key norm): unscaled, LM hidden states (norms of a few hundred)
+    overflow float16 scores, and tiny queries would fall into float16's subnormals. For l2 the
+    screen ranks by ||k||^2 - 2 q.k (||q||^2 is the same for every row of a query).
+    """
+    queries = queries.float()
+    query_lengths = queries.norm(dim=1)
+    if key_norms is not None:
+        key_length = key_norms.max().sqrt()
+    else:
+        key_length = keys.abs().max().float() * keys.shape[1] ** 0.5
+    # The scaled query's own length is kept under the bound too (key_length >= 1), so its entries fit.
+    bound = query_lengths * key_length.clamp_min(1.0)
+    exponent = torch.floor(torch.log2(_SCREEN_SCORE_BOUND / bound)).clamp_(-120.0, 120.0)  # a zero query: +inf
+    scale = torch.exp2(exponent)
+    q = (queries * scale[:, None]).to(torch.float16)
+    minus_two_unscale = (-2.0 / scale)[:, None]
+
+    def block_distances(start, block):
+        scores = _half_matmul_float(q, block.T)
+        if metric == "l2":
+            return scores.mul_(minus_two_unscale).add_(key_norms[start : start + block.shape[0]][None, :])
+        return scores.neg_()  # the per-query scale does not change a query's order
+
+    return _chunked_topk(keys, block_distances, keep, chunk, sort=False)[1]
+
+
+def _rerank(queries, keys, candidates, k_found, metric, block_bytes):
+    """Exact float32 distances to the candidate rows, the keys upcast from float16: sum of (q - k)^2 (l2),
+    -sum of q*k (ip); elementwise, so neither cancellation in ||q||^2 - 2 q.k + ||k||^2 nor TF32 matmul
+    touches them. Queries are taken in groups whose gathered keys ([b, keep, dim], float16 and a float32
+    copy) fit block_bytes. Returns each query's k_found best, sorted: (distances [B, k_found], rows).
+    """
+    queries = queries.float()
+    batch, keep = candidates.shape
+    group = max(1, block_bytes // (6 * keep * keys.shape[1]))
+    parts_d, parts_i = [], []
+    for start in range(0, batch, group):
+        rows = candidates[start : start + group]
+        q = queries[start : start + group, None, :]
+        gathered = keys[rows].float()
+        if metric == "l2":
+            distances = gathered.sub_(q).square_().sum(dim=2)
+        else:
+            distances = gathered.mul_(q).sum(dim=2).neg_()
+        del gathered
+        d, order = torch.topk(distances, k_found, dim=1, largest=False, sorted=True)
+        parts_d.append(d)
+        parts_i.append(torch.gather(rows, 1, order))
+    return torch.cat(parts_d), torch.cat(parts_i)
+
+
 def torch_search(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor | None, k: int, metric: str):
     """Chunked matmul + top-k.
 
-    queries: float32 [B, dim], on the keys' device.
-    keys: float32 or float16 [N, dim]. key_norms: float32 [N] (||k||^2), for l2.
+    queries: float32 (or float16) [B, dim], on the keys' device; never rounded further.
+    keys: float32 or float16 [N, dim]. key_norms: float32 [N] (||k||^2 of the keys as stored), for l2.
     Returns (distances float32 [B, k], rows int64 [B, k]) as numpy arrays.
 
-    The rows are scanned in chunks whose [B, chunk] score block fits _score_block_bytes (1 GiB:
-    65,536 rows at B=4096, all of 100,000 rows in one chunk up to B=2684). One chunk takes
-    one sorted top-k; with several, each chunk's top-k is merged into a running top-k, unsorted,
-    and sorted once at the end.
+    float32 keys: one exact pass. The rows are scanned in chunks whose [B, chunk] score block fits
+    _score_block_bytes (1 GiB: 65,536 rows at B=4096, all of 100,000 rows in one chunk up to B=2684).
+    float16 keys, in two stages:
+    1. screen: the same chunked scan with a float16 matmul (queries scaled against overflow, float32
+       output where torch allows), keeping _candidate_count(k) rows per query;
+    2. re-rank: exact float32 distances from those rows' keys upcast to float32 and the float32
+       queries, top-k of them. The answers are those of float32 search over the rounded keys, unless
+       a true neighbour ranks past the candidates in the screen.
     """
     batch, stored = queries.shape[0], keys.shape[0]
     k_found = min(k, stored)
     if k_found == 0:
         return pad_results(np.empty((batch, 0), np.float32), np.empty((batch, 0), np.int64), k)
-    chunk = max(1024, _score_block_bytes(keys.device) // (4 * max(batch, 1)))
-    one_chunk = chunk >= stored
-    q = queries.to(keys.dtype)
-    query_norms = (queries.float() ** 2).sum(dim=1, keepdim=True) if metric == "l2" else None
-    best_d = best_i = None
-    for start in range(0, stored, chunk):
-        block = keys[start : start + chunk]
-        scores = (q @ block.T).float()  # a new float32 block (a cast of a float16 one)
-        if metric == "l2":  # in place: ||q||^2 - 2 q.k + ||k||^2, clamped at 0 against round-off
-            distances = scores.mul_(-2.0).add_(query_norms).add_(key_norms[start : start + chunk][None, :])
-            distances.clamp_min_(0.0)
-        else:
-            distances = scores.neg_()
-        d, i = torch.topk(distances, min(k_found, block.shape[0]), dim=1, largest=False, sorted=one_chunk)
-        del scores, distances
-        if best_d is None:
-            best_d, best_i = d, i
-        else:
-            i += start
-            best_d, order = torch.topk(torch.cat([best_d, d], dim=1), k_found, dim=1, largest=False, sorted=False)
-            best_i = torch.gather(torch.cat([best_i, i], dim=1), 1, order)
-    if not one_chunk:
-        best_d, order = torch.sort(best_d, dim=1)
-        best_i = torch.gather(best_i, 1, order)
+    block_bytes = _score_block_bytes(keys.device)
+    chunk = max(1024, block_bytes // (4 * max(batch, 1)))
+    if keys.dtype == torch.float16:
+        candidates = _float16_candidates(queries, keys, key_norms, _candidate_count(k_found, stored), metric, chunk)
+        best_d, best_i = _rerank(queries, keys, candidates, k_found, metric, block_bytes)
+    else:
+        best_d, best_i = _float32_nearest(queries, keys, key_norms, k_found, metric, chunk)
     return pad_results(best_d.cpu().numpy(), best_i.cpu().numpy().astype(np.int64, copy=False), k)

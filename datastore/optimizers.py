@@ -6,17 +6,16 @@ Semantics follow PyTorch on sparse gradients, row by row:
   (as torch does for a parameter that has a gradient at that step).
 - ``adagrad``: torch.optim.Adagrad with sparse gradients (element-wise sum of
   squares, ``lr / (1 + (step - 1) * lr_decay)``).
-- ``adam``: torch.optim.SparseAdam (moments updated only at touched rows,
-  bias correction from the store's step count).
-``step`` counts optimizer steps of the whole namespace, as torch counts steps
-of one parameter; every shard takes every step so counts agree.
+- ``adam``: torch.optim.SparseAdam (moments updated only at touched rows).
+``step`` is counted per row: the number of steps that touched it, as if each
+row were its own parameter. Adam's bias correction and Adagrad's lr decay use
+it, so a row added late takes the first step torch would give a fresh
+parameter (a namespace-wide count would make its first Adam step ~3x larger).
 Gradients of repeated ids are summed first (coalesced); with ``max_grad_norm``
 each row's gradient is clipped to that L2 norm.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from monim.protos.config import OptimizerConfig
@@ -37,15 +36,19 @@ def clip_rows(grads: torch.Tensor, max_norm: float) -> torch.Tensor:
     return grads * torch.clamp(max_norm / (norms + 1e-6), max=1.0)
 
 
-def apply_step(config: OptimizerConfig, step: int, rows: torch.Tensor, grads: torch.Tensor, values: torch.Tensor,
-               state: dict[str, torch.Tensor]) -> None:
+def apply_step(config: OptimizerConfig, steps: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
+               values: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
     """Updates values[rows] (and the state rows) in place.
 
-    step: the 1-based count of this optimizer step. rows: int64 [U], unique.
+    steps: int64 [capacity], each row's step count; the rows' counts grow by one here.
+    rows: int64 [U], unique.
     grads: float32 [U, value_dim], coalesced and clipped. values and state
     columns: float32 [capacity, value_dim] on the same device.
     """
     lr = config.lr
+    step = steps[rows] + 1
+    steps[rows] = step
+    step = step.to(torch.float64).unsqueeze(1)
     if config.name == "sgd":
         update = grads
         if config.momentum:
@@ -54,7 +57,7 @@ def apply_step(config: OptimizerConfig, step: int, rows: torch.Tensor, grads: to
             update = buffer
         values[rows] = values[rows] - lr * update
     elif config.name == "adagrad":
-        clr = lr / (1 + (step - 1) * config.lr_decay)
+        clr = (lr / (1 + (step - 1) * config.lr_decay)).float()
         total = state["sum"][rows] + grads * grads
         state["sum"][rows] = total
         values[rows] = values[rows] - clr * (grads / (total.sqrt() + config.eps))
@@ -63,5 +66,5 @@ def apply_step(config: OptimizerConfig, step: int, rows: torch.Tensor, grads: to
         exp_avg = old_avg + (grads - old_avg) * (1 - config.beta1)
         exp_avg_sq = old_sq + (grads * grads - old_sq) * (1 - config.beta2)
         state["exp_avg"][rows], state["exp_avg_sq"][rows] = exp_avg, exp_avg_sq
-        step_size = lr * math.sqrt(1 - config.beta2**step) / (1 - config.beta1**step)
+        step_size = (lr * torch.sqrt(1 - config.beta2**step) / (1 - config.beta1**step)).float()
         values[rows] = values[rows] - step_size * (exp_avg / (exp_avg_sq.sqrt() + config.eps))

@@ -4,8 +4,8 @@ Columns (row r of each belongs to one entry):
   ids int64 [N], keys [N, dim] (float32, or float16 on CUDA), tokens int32 [N],
   values float32 [N, value_dim], weights float32 [N], created int64 [N]
   (a store-local insertion counter), source codes int32 [N] into ``sources``,
-  and the optimizer's per-row state columns float32 [N, value_dim] (zero for
-  a new row, or the optimizer's initial value).
+  steps int64 [N] (optimizer steps the row has taken), and the optimizer's per-row
+  state columns float32 [N, value_dim] (zero for a new row, or the optimizer's initial value).
 Rows are dense: a delete moves the last rows into the holes, and the id -> row
 map (IdMap) follows every move, so searches always scan ``[0, N)``.
 """
@@ -49,12 +49,13 @@ class RowStore:
             "weights": torch.empty(capacity, dtype=torch.float32, **on),
             "created": torch.empty(capacity, dtype=torch.int64, **on),
             "source_codes": torch.empty(capacity, dtype=torch.int32, **on),
+            "steps": torch.empty(capacity, dtype=torch.int64, **on),
             **{name: torch.empty(capacity, self.value_dim, dtype=torch.float32, **on) for name in self.state_columns},
         }
 
     @property
     def column_names(self) -> list[str]:
-        return ["ids", "keys", "key_norms", "tokens", "values", "weights", "created", "source_codes",
+        return ["ids", "keys", "key_norms", "tokens", "values", "weights", "created", "source_codes", "steps",
                 *self.state_columns]
 
     def _allocate(self, capacity: int) -> None:
@@ -88,7 +89,8 @@ class RowStore:
         key_tensor = torch.from_numpy(keys).to(self.device)
         self.ids[rows] = torch.from_numpy(ids).to(self.device)
         self.keys[rows] = key_tensor.to(self.key_dtype)
-        self.key_norms[rows] = (key_tensor.float() ** 2).sum(dim=1)
+        # Norms of the keys as stored (after rounding to key_dtype), so distances stay consistent.
+        self.key_norms[rows] = (self.keys[rows].float() ** 2).sum(dim=1)
         self.tokens[rows] = torch.from_numpy(tokens).to(self.device)
         if self.value_dim:
             if values is None:
@@ -98,6 +100,7 @@ class RowStore:
         self.weights[rows] = torch.from_numpy(weights).to(self.device)
         self.created[rows] = torch.arange(self._insertions, self._insertions + n, device=self.device)
         self.source_codes[rows] = self.source_code(source)
+        self.steps[rows] = 0
         for name, initial in self.state_columns.items():
             getattr(self, name)[rows] = initial
         self._insertions += n

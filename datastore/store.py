@@ -12,12 +12,12 @@ import threading
 
 import numpy as np
 import torch
-from monim.datastore import admission, flat_index, memory_ops, optimizers
+from monim.datastore import flat_index, memory_ops, optimizers
 from monim.datastore.row_store import RowStore
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
 from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
-from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
+from monim.protos.results import MISSING_ID, Rows, SearchResult
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -53,7 +53,7 @@ class NeighborStore:
                              state_columns=config.optimizer.state_columns() if config.value_dim else {},
                              id_stride=id_stride, id_offset=id_offset)
         self.next_id = 0
-        self.optimizer_step = 0
+        self.id_stride, self.id_offset = id_stride, id_offset
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -171,7 +171,7 @@ class NeighborStore:
             state = None
             if return_optimizer_state:
                 state = {name: getattr(self.rows, name)[index].cpu().numpy() for name in self.rows.state_columns}
-                state["step"] = np.array([self.optimizer_step], np.int64)
+                state["step"] = self.rows.steps[index].cpu().numpy()
             return Rows(
                 ids=ids.copy(),
                 keys=self.rows.keys[index].float().cpu().numpy(),
@@ -189,43 +189,7 @@ class NeighborStore:
 
     def stats(self) -> dict:
         return {"rows": self.rows.size, "device": str(self.device), "backend": self.backend,
-                "next_id": self.next_id, "optimizer_step": self.optimizer_step}
-
-    # ----- admission -------------------------------------------------------------
-    def add_admitted(self, keys, tokens, values=None, weights=None, source: str = "", logp=None,
-                     admit_below: float = admission.DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0) -> AddResult:
-        """Add with SeMem admission (log p < admit_below) and optional merge of near-duplicates.
-
-        logp: float32 [N] log-probabilities of the tokens, or None (admit all).
-        merge_eps: > 0 merges a row into an existing entry with the same token
-        closer than this (its weight grows by 1). See datastore/admission.py.
-        """
-        keys = validation.check_vectors(keys, self.config.dim, "keys")
-        n = keys.shape[0]
-        tokens = validation.check_tokens(tokens, n)
-        logp, admit_below, merge_eps = validation.check_admission(logp, admit_below, merge_eps, n)
-        if values is not None:
-            values = validation.check_values(values, n, self.config.value_dim)
-        if weights is not None:
-            weights = validation.check_weights(weights, n)
-        source = validation.check_source(source)
-        admitted = np.ones(n, bool) if logp is None else admission.admitted_mask(logp, admit_below)
-        ids = np.full(n, MISSING_ID, np.int64)
-        merged = np.zeros(n, bool)
-        with self._lock:
-            chosen = np.flatnonzero(admitted)
-            if chosen.size and merge_eps > 0 and len(self):
-                k = min(admission.MERGE_CANDIDATES, self.config.max_k)
-                neighbours = self.search(keys[chosen], k)
-                targets = admission.merge_targets(neighbours, tokens[chosen], merge_eps)
-                self.increment_weights(*admission.weight_increments(targets))
-                merged[chosen[targets >= 0]] = True
-                ids[chosen[targets >= 0]] = targets[targets >= 0]
-                chosen = chosen[targets < 0]
-            if chosen.size:
-                ids[chosen] = self.add(keys[chosen], tokens[chosen], None if values is None else values[chosen],
-                                       None if weights is None else weights[chosen], source)
-        return AddResult(ids=ids, admitted=admitted, merged=merged)
+                "next_id": self.next_id}
 
     def increment_weights(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """weights[ids] += counts (ids distinct and stored)."""
@@ -236,73 +200,55 @@ class NeighborStore:
             self.rows.weights[index] += torch.from_numpy(counts.astype(np.float32)).to(self.device)
 
     # ----- learnable memory ---------------------------------------------------------
-    def _slot_rows(self, ids: np.ndarray) -> torch.Tensor:
-        """int64 [B, k] ids -> rows on the device, -1 where the id is not held here."""
-        return torch.from_numpy(self.rows.rows_of(ids)).to(self.device)
+    def _held_rows(self, ids: np.ndarray) -> torch.Tensor:
+        """int64 [...] ids -> rows on the device, -1 where the id belongs to another store
+        (or is -1, an empty slot). NOT_FOUND naming every id that belongs here but is gone."""
+        rows = self.rows.rows_of(ids)
+        owned = (ids >= 0) & ((ids - self.id_offset) % self.id_stride == 0)
+        gone = owned & (rows < 0)
+        if gone.any():
+            raise IdsNotFound(self.config.name, ids[gone])
+        return torch.from_numpy(rows).to(self.device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
 
     def value_sum(self, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids this store holds."""
+        """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids belong here.
+        NOT_FOUND if one of them is no longer stored (never a silently smaller sum)."""
         with self._lock:
-            return memory_ops.value_sum(self.rows.values[: self.rows.size], self._slot_rows(ids),
-                                        self._tensor(alpha)).cpu().numpy()
+            rows = self._held_rows(ids)
+            return memory_ops.value_sum(self.rows.values[: self.rows.size], rows, self._tensor(alpha)).cpu().numpy()
 
-    def backward_partials(self, queries, ids, alpha, distances, grad_memory) -> memory_ops.BackwardPartials:
-        """This store's part of a Retrieve backward (inputs already checked); then one optimizer step
-        on the value rows it holds (a step is taken even when it holds none, to keep step counts equal)."""
+    def backward_partials(self, queries, ids, alpha, distances, grad_memory):
+        """This store's part of a Retrieve backward (inputs already checked), computed from the
+        values as they are now; changes nothing. NOT_FOUND, if an id that belongs here is gone.
+        Returns (BackwardPartials, ids int64 [U] of the rows it holds, their value gradients [U, value_dim])."""
         with self._lock:
-            partials, rows, grads = memory_ops.slot_partials(
-                self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], self._slot_rows(ids),
+            rows = self._held_rows(ids)
+            partials, unique_rows, grads = memory_ops.slot_partials(
+                self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
                 self._tensor(alpha), self._tensor(distances), self._tensor(grad_memory))
-            self._optimizer_step(rows, grads)
-            return partials
+            return partials, self.rows.ids[unique_rows].cpu().numpy(), grads
 
-    def _optimizer_step(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
-        """rows int64 [U] unique, grads float32 [U, value_dim]: clip, then one optimizer step."""
-        self.optimizer_step += 1
-        if rows.numel() == 0:
-            return
-        config = self.config.optimizer
-        state = {name: getattr(self.rows, name) for name in self.rows.state_columns}
-        optimizers.apply_step(config, self.optimizer_step, rows, optimizers.clip_rows(grads, config.max_grad_norm),
-                              self.rows.values, state)
-
-    def apply_gradients(self, ids: np.ndarray, grads: np.ndarray, allow_empty: bool = False) -> int:
-        """One optimizer step with value gradients grads float32 [N, value_dim] for ids int64 [N]
-        (repeated ids are summed). NOT_FOUND, changing nothing, if any id is not stored.
-        Returns the number of distinct rows updated."""
-        if allow_empty and ids.size == 0:
-            with self._lock:
-                self._optimizer_step(torch.empty(0, dtype=torch.int64), torch.empty(0, self.config.value_dim))
-            return 0
-        ids, grads = validation.check_gradients(ids, grads, self.config.value_dim)
+    def check_stored(self, ids: np.ndarray) -> None:
+        """NOT_FOUND naming the ids (all of which belong here) that are not stored."""
         with self._lock:
-            rows = self._tensor(self._rows_of_stored(ids))
-            unique, summed = optimizers.coalesce(rows, self._tensor(grads))
-            self._optimizer_step(unique, summed)
+            self._rows_of_stored(ids)
+
+    def step(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray) -> int:
+        """One optimizer step: value gradients grads [N, value_dim] for ids int64 [N] (repeated ids
+        are summed, then each row's gradient is clipped). Ids no longer stored are skipped (a delete
+        wins over an update). Returns the number of rows updated."""
+        with self._lock:
+            rows = self.rows.rows_of(ids)
+            kept = rows >= 0
+            if not kept.any():
+                return 0
+            grads = torch.as_tensor(grads).to(self.device, torch.float32)
+            unique, summed = optimizers.coalesce(self._tensor(rows[kept]), grads[self._tensor(kept)])
+            config = self.config.optimizer
+            state = {name: getattr(self.rows, name) for name in self.rows.state_columns}
+            optimizers.apply_step(config, self.rows.steps, unique, optimizers.clip_rows(summed, config.max_grad_norm),
+                                  self.rows.values, state)
             return int(unique.numel())
-
-    def retrieve(self, queries, k: int, temperature: float = 1.0) -> RetrieveResult:
-        """Search + attention + value sum in this one store (the router splits this across shards)."""
-        validation.check_value_namespace(self.config.value_dim, "Retrieve")
-        temperature = validation.check_temperature(temperature)
-        with self._lock:
-            found = self.search(queries, k, return_weights=True)
-            alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
-            memory = self.value_sum(found.ids, alpha)
-        return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
-                              tokens=found.tokens, weights=found.weights,
-                              queries=validation.check_vectors(queries, self.config.dim, "queries"),
-                              temperature=temperature)
-
-    def retrieve_backward(self, queries, ids, alpha, distances, grad_memory, temperature: float):
-        """Backward of ``retrieve`` in this one store: (grad_queries float32 [B, dim], grad_temperature);
-        the value rows take one optimizer step. NOT_FOUND, changing nothing, if an id is gone."""
-        queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
-            self.config, queries, ids, alpha, distances, grad_memory, temperature)
-        with self._lock:
-            self._rows_of_stored(ids[ids >= 0])
-            partials = self.backward_partials(queries, ids, alpha, distances, grad_memory)
-        return memory_ops.combine_backward(partials, queries, alpha, self.config.metric, temperature)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+import uuid
 
 import grpc
 import numpy as np
@@ -22,10 +23,22 @@ from monim.protos import convert, validation
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW, NamespaceConfig, OptimizerConfig
-from monim.protos.errors import InvalidArgument, MemoryStoreError, ResourceExhausted, Unavailable
+from monim.protos.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MemoryStoreError,
+    ResourceExhausted,
+    Unavailable,
+)
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
 IN_PROCESS = ":memory:"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _FLOAT_KINDS = ("float16", "float32")
 
@@ -78,9 +91,9 @@ class _RemoteStore:
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
 
-    def create_namespace(self, config):
-        response = self._call("CreateNamespace", pb.CreateNamespaceRequest(config=convert.config_to_proto(config)))
-        return convert.config_from_proto(response.config)
+    def create_namespace(self, config, request_id=""):
+        request = pb.CreateNamespaceRequest(config=convert.config_to_proto(config), request_id=request_id)
+        return convert.config_from_proto(self._call("CreateNamespace", request).config)
 
     def list_namespaces(self):
         return [convert.config_from_proto(c) for c in self._call("ListNamespaces", pb.ListNamespacesRequest()).namespaces]
@@ -94,48 +107,61 @@ class _RemoteStore:
         return self._call("DropNamespace", pb.DropNamespaceRequest(namespace=namespace)).rows_dropped
 
     def add(self, namespace, keys, tokens, values=None, weights=None, source="", logp=None,
-            admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0):
+            admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0, request_id="", generation=0):
         request = pb.AddRequest(namespace=namespace, keys=convert.tensor_to_proto(keys),
                                 tokens=convert.tensor_to_proto(tokens), source=source, admit_below=admit_below,
-                                merge_eps=merge_eps)
+                                merge_eps=merge_eps, request_id=request_id, generation=generation)
         for name, array in (("values", values), ("weights", weights), ("logp", logp)):
             if array is not None:
                 getattr(request, name).CopyFrom(convert.tensor_to_proto(array))
         return convert.add_result_from_proto(self._call("Add", request))
 
-    def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False):
+    def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False,
+               generation=0):
         request = pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
                                    return_keys=return_keys, return_values=return_values,
-                                   return_weights=return_weights)
+                                   return_weights=return_weights, generation=generation)
         return convert.search_result_from_proto(self._call("Search", request))
 
-    def get(self, namespace, ids, return_optimizer_state=False):
+    def get(self, namespace, ids, return_optimizer_state=False, generation=0):
         request = pb.GetRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
-                                return_optimizer_state=return_optimizer_state)
+                                return_optimizer_state=return_optimizer_state, generation=generation)
         return convert.rows_from_proto(self._call("Get", request))
 
-    def delete(self, namespace, ids=None, source=None):
-        request = pb.DeleteRequest(namespace=namespace, source=source or "")
+    def delete(self, namespace, ids=None, source=None, request_id="", generation=0):
+        request = pb.DeleteRequest(namespace=namespace, request_id=request_id, generation=generation)
+        if source is not None:
+            request.source = source  # explicit presence: "" (untagged rows) is not "unset"
         if ids is not None:
             request.ids.CopyFrom(convert.tensor_to_proto(ids))
         return self._call("Delete", request).deleted
 
-    def retrieve(self, namespace, queries, k, temperature):
+    def retrieve(self, namespace, queries, k, temperature, generation=0):
         request = pb.RetrieveRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
-                                     temperature=temperature)
+                                     temperature=temperature, generation=generation)
         return convert.retrieve_result_from_proto(self._call("Retrieve", request), queries, temperature)
 
-    def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature):
+    def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, generation=0,
+                          step_id="", part=0, defer_step=False):
         request = pb.RetrieveBackwardRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), ids=convert.tensor_to_proto(ids),
             alpha=convert.tensor_to_proto(alpha), distances=convert.tensor_to_proto(distances),
-            grad_memory=convert.tensor_to_proto(grad_memory), temperature=temperature)
+            grad_memory=convert.tensor_to_proto(grad_memory), temperature=temperature, generation=generation,
+            step_id=step_id, part=part, defer_step=defer_step)
         response = self._call("RetrieveBackward", request)
         return convert.tensor_from_proto(response.grad_queries, "grad_queries"), response.grad_temperature
 
-    def apply_gradients(self, namespace, ids, grads):
+    def commit_step(self, namespace, step_id, generation=0):
+        request = pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation)
+        return self._call("CommitStep", request).rows_updated
+
+    def abort_step(self, namespace, step_id, generation=0):
+        self._call("AbortStep", pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation))
+
+    def apply_gradients(self, namespace, ids, grads, request_id="", generation=0):
         request = pb.ApplyGradientsRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
-                                           grads=convert.tensor_to_proto(grads))
+                                           grads=convert.tensor_to_proto(grads), request_id=request_id,
+                                           generation=generation)
         return self._call("ApplyGradients", request).rows_updated
 
     def close(self):
@@ -156,9 +182,10 @@ class MemoryClient:
     """target: "host:port" of a monim server, or ":memory:" for an in-process store.
 
     device: where the in-process store keeps its rows ("cpu", or "cuda" for the torch kernel).
-    timeout_s: deadline of each RPC. retries: how often an idempotent call
-    (search, get, delete by id, list, describe) is retried on UNAVAILABLE,
-    with exponential backoff from ``backoff_s``.
+    timeout_s: deadline of each RPC. retries: how often a call is retried on UNAVAILABLE or
+    DEADLINE_EXCEEDED, with exponential backoff from ``backoff_s``: reads, and every write,
+    which carries a request id that the store applies at most once (so a retried write
+    lands exactly once). Only DropNamespace is never retried.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
@@ -172,11 +199,13 @@ class MemoryClient:
         self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else _in_process_store(device)
 
     # ----- plumbing -------------------------------------------------------------
-    def _idempotent(self, method: str, *args, **kwargs):
+    def _retried(self, method: str, *args, **kwargs):
+        """Calls the store; on UNAVAILABLE / DEADLINE_EXCEEDED tries again, the same request
+        (reads, or writes with their request id) up to ``retries`` times."""
         for attempt in range(self.retries + 1):
             try:
                 return getattr(self._store, method)(*args, **kwargs)
-            except Unavailable:
+            except (Unavailable, DeadlineExceeded):
                 if attempt == self.retries:
                     raise
                 time.sleep(self.backoff_s * (2**attempt) * (1 + random.random()))
@@ -203,13 +232,13 @@ class MemoryClient:
         config = NamespaceConfig(name=name, dim=dim, metric=metric, index=index, value_dim=value_dim,
                                  max_k=max_k, key_dtype=key_dtype,
                                  optimizer=OptimizerConfig.from_dict(dict(optimizer_options, name=optimizer, lr=lr)))
-        return self._store.create_namespace(config)
+        return self._retried("create_namespace", config, new_request_id())
 
     def list_namespaces(self) -> list[NamespaceConfig]:
-        return self._idempotent("list_namespaces")
+        return self._retried("list_namespaces")
 
     def describe_namespace(self, name: str) -> NamespaceDescription:
-        return NamespaceDescription(**self._idempotent("describe_namespace", name))
+        return NamespaceDescription(**self._retried("describe_namespace", name))
 
     def drop_namespace(self, name: str) -> int:
         """Drops the namespace and all its entries; returns how many rows went."""
@@ -217,7 +246,8 @@ class MemoryClient:
 
     # ----- data ------------------------------------------------------------------
     def add(self, namespace: str, keys, tokens, values=None, weights=None, source: str = "", logp=None,
-            admit_below: float = DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0, details: bool = False):
+            admit_below: float = DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0, details: bool = False,
+            request_id: str | None = None):
         """Stores entries; returns their ids, int64 [N] (-1 where a row was not admitted).
 
         keys float [N, dim], tokens int [N], values float [N, value_dim] (zeros if None),
@@ -226,6 +256,7 @@ class MemoryClient:
         stored (SeMem admission). merge_eps > 0: a row merges into an existing entry with the same
         token closer than this (its weight grows by 1; the row's id is that entry's).
         details=True returns the AddResult (ids, admitted, merged) instead of the ids.
+        request_id: makes a repeated call (e.g. after a crash) land once; one is made when None.
         """
         keys, values = _float_array(keys, "keys"), _float_array(values, "values")
         weights, logp = _float_array(weights, "weights"), _float_array(logp, "logp")
@@ -234,18 +265,22 @@ class MemoryClient:
         row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 24 + (
             0 if values is None else values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
         parts = list(self._row_chunks(n, row_bytes))
+        request_id = request_id or new_request_id()
         if len(parts) == 1:
-            result = self._store.add(namespace, keys, tokens, values, weights, source, logp, admit_below, merge_eps)
+            result = self._retried("add", namespace, keys, tokens, values, weights, source, logp, admit_below,
+                                   merge_eps, request_id)
         else:
             self._check_whole_batch(namespace, keys, tokens, values, weights, logp)
 
             def part_of(array, part):
                 return None if array is None else array[part]
 
-            results = [self._store.add(namespace, keys[p], tokens[p], part_of(values, p), part_of(weights, p), source,
-                                       part_of(logp, p), admit_below, merge_eps) for p in parts]
-            result = AddResult(*(np.concatenate([getattr(r, f.name) for r in results])
-                                 for f in dataclasses.fields(AddResult)))
+            results = [self._retried("add", namespace, keys[p], tokens[p], part_of(values, p), part_of(weights, p),
+                                     source, part_of(logp, p), admit_below, merge_eps, f"{request_id}/{i}")
+                       for i, p in enumerate(parts)]
+            result = AddResult(ids=np.concatenate([r.ids for r in results]),
+                               admitted=np.concatenate([r.admitted for r in results]),
+                               merged=np.concatenate([r.merged for r in results]), generation=results[-1].generation)
         return result if details else result.ids
 
     def _check_whole_batch(self, namespace, keys, tokens, values, weights, logp) -> None:
@@ -293,24 +328,27 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
-        parts = [self._idempotent("search", namespace, queries[part], k, return_keys, return_values, return_weights)
+        parts = [self._retried("search", namespace, queries[part], k, return_keys, return_values, return_weights)
                  for part in self._row_chunks(self._rows(queries), row_bytes)]
         if len(parts) == 1:
             return parts[0]
         return SearchResult(**{f.name: None if getattr(parts[0], f.name) is None else
                                np.concatenate([getattr(p, f.name) for p in parts])
-                               for f in dataclasses.fields(SearchResult)})
+                               for f in dataclasses.fields(SearchResult) if f.name != "generation"},
+                            generation=parts[-1].generation)
 
     def get(self, namespace: str, ids, return_optimizer_state: bool = False) -> Rows:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
         return_optimizer_state adds rows.optimizer_state: {column: float32 [N, value_dim], "step": [1]}."""
         ids = _int_array(ids, "ids")
-        return self._idempotent("get", namespace, ids, return_optimizer_state)
+        return self._retried("get", namespace, ids, return_optimizer_state)
 
-    def delete(self, namespace: str, ids=None, source: str | None = None) -> int:
-        """Deletes by ids (unknown ones are ignored) or by source tag; returns how many rows went."""
+    def delete(self, namespace: str, ids=None, source: str | None = None, generation: int = 0) -> int:
+        """Deletes by ids (unknown ones are ignored) or by source tag ("" deletes the untagged rows);
+        returns how many rows went. generation (from a SearchResult, say): only in that incarnation
+        of the namespace (FailedPrecondition if it was re-created since)."""
         ids = _int_array(ids, "ids")
-        return self._idempotent("delete", namespace, ids, source)
+        return self._retried("delete", namespace, ids, source, new_request_id(), generation)
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0) -> RetrieveResult:
@@ -319,26 +357,57 @@ class MemoryClient:
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
-        parts = [self._idempotent("retrieve", namespace, queries[part], k, temperature)
+        parts = [self._retried("retrieve", namespace, queries[part], k, temperature)
                  for part in self._row_chunks(self._rows(queries), row_bytes)]
         if len(parts) == 1:
             return parts[0]
+        if len({p.generation for p in parts}) > 1:
+            raise FailedPrecondition(f"namespace {namespace!r} was re-created during this Retrieve; retry it")
         return RetrieveResult(**{name: np.concatenate([getattr(p, name) for p in parts])
                                  for name in ("memory", "ids", "alpha", "distances", "tokens", "weights")},
-                              queries=queries, temperature=temperature)
+                              queries=queries, temperature=temperature, generation=parts[0].generation)
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory) -> tuple[np.ndarray, float]:
         """Backward of ``retrieve``: the value rows take one optimizer step with dL/dv_i = alpha_i dL/dm;
-        returns (grad_queries float32 [B, dim], grad_temperature). Sent as one request (never split:
-        one step must stay one step)."""
-        grad_memory = _float_array(grad_memory, "grad_memory")
-        return self._store.retrieve_backward(namespace, result.queries, result.ids, result.alpha, result.distances,
-                                             grad_memory, result.temperature)
+        returns (grad_queries float32 [B, dim], grad_temperature).
 
-    def apply_gradients(self, namespace: str, ids, grads) -> int:
+        A step larger than one message goes in parts whose value gradients wait on the shards,
+        then one CommitStep applies them as one step (one step stays one step); if a part fails,
+        the step is aborted and nothing is stepped. NotFound if a row of the forward was deleted
+        since (nothing stepped); FailedPrecondition if the namespace was re-created since."""
+        grad_memory = _float_array(grad_memory, "grad_memory")
+        queries, ids = result.queries, result.ids
+        width = queries.shape[1] if getattr(queries, "ndim", 0) == 2 else 1
+        k = ids.shape[1] if getattr(ids, "ndim", 0) == 2 else 1
+        value_dim = grad_memory.shape[1] if getattr(grad_memory, "ndim", 0) == 2 else 1
+        row_bytes = queries.itemsize * width + 16 * k + 4 * value_dim + 64
+        parts = list(self._row_chunks(self._rows(queries), row_bytes))
+        step_id = new_request_id()
+
+        def send(part, index, defer):
+            return self._retried("retrieve_backward", namespace, queries[part], ids[part], result.alpha[part],
+                                 result.distances[part], grad_memory[part], result.temperature, result.generation,
+                                 step_id, index, defer)
+
+        if len(parts) == 1:
+            return send(slice(None), 0, False)
+        try:
+            answers = [send(part, index, True) for index, part in enumerate(parts)]
+        except MemoryStoreError:
+            try:
+                self._store.abort_step(namespace, step_id, result.generation)
+            except MemoryStoreError:
+                pass  # staged parts also expire on the shards
+            raise
+        self._retried("commit_step", namespace, step_id, result.generation)
+        return np.concatenate([g for g, _ in answers]), float(sum(t for _, t in answers))
+
+    def apply_gradients(self, namespace: str, ids, grads, generation: int = 0) -> int:
         """One optimizer step with value gradients grads float [N, value_dim] for ids int [N] (repeated
-        ids are summed); all or nothing. Returns the number of rows updated."""
-        return self._store.apply_gradients(namespace, _int_array(ids, "ids"), _float_array(grads, "grads"))
+        ids are summed); all or nothing (NotFound, changing nothing, if an id is not stored).
+        Returns the number of rows updated."""
+        return self._retried("apply_gradients", namespace, _int_array(ids, "ids"), _float_array(grads, "grads"),
+                             new_request_id(), generation)
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

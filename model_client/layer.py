@@ -56,14 +56,17 @@ class StoreTimer:
 class RetrieveFunction(torch.autograd.Function):
     """m = Retrieve(queries, T) with the store doing forward and backward.
 
-    queries: float [M, dim] (any device); temperature: 0-d tensor.
+    queries: float [M, dim] (any device); temperature: 0-d tensor; values: a 0-d tensor that stands
+    for the store's value rows in autograd: when it requires grad, the backward runs (and the
+    rows step) even if neither the queries nor the temperature need a gradient, e.g. a frozen LM
+    with a fixed T. Its own gradient is always 0.
     Returns m: [M, value_dim] on the queries' device and dtype.
     The backward has a side effect: the store applies the value update. Call it once per forward
     (no double backward, no recomputation under activation checkpointing).
     """
 
     @staticmethod
-    def forward(ctx, queries, temperature, layer: "MoNIMLayer"):
+    def forward(ctx, queries, temperature, values, layer: "MoNIMLayer"):
         started = time.perf_counter()
         result = layer.client.retrieve(layer.namespace, queries.detach().float().cpu().numpy(), layer.k,
                                        float(temperature.detach()))
@@ -81,7 +84,8 @@ class RetrieveFunction(torch.autograd.Function):
             layer.namespace, ctx.result, grad_memory.detach().float().cpu().numpy())
         layer.timer.record("retrieve_backward", time.perf_counter() - started, grad_memory.shape[0])
         return (torch.from_numpy(grad_queries).to(ctx.device, ctx.dtype),
-                torch.tensor(grad_temperature, dtype=torch.float32, device=ctx.device), None)
+                torch.tensor(grad_temperature, dtype=torch.float32, device=ctx.device),
+                torch.zeros((), device=ctx.device), None)
 
 
 class MoNIMLayer(nn.Module):
@@ -90,18 +94,21 @@ class MoNIMLayer(nn.Module):
     client: MemoryClient (remote or ":memory:"); namespace: its name; k: neighbours per query;
     temperature: initial T (learned as log T when learn_temperature); gate: initial g;
     mode: "monim" (values, Retrieve + backward on the store) or "knnlm" (p_kNN from tokens);
-    knn_lambda: initial lambda of the kNN-LM mixture (learned when learn_lambda).
+    knn_lambda: initial lambda of the kNN-LM mixture (learned when learn_lambda);
+    train_values: the store's value rows take an optimizer step in every backward that reaches the
+    memory's output (also with a frozen LM and a fixed T); False reads them only.
     """
 
     def __init__(self, client, namespace: str, k: int = 32, temperature: float = 1.0, gate: float = 0.05,
                  mode: str = "monim", learn_temperature: bool = True, knn_lambda: float = 0.25,
-                 learn_lambda: bool = False):
+                 learn_lambda: bool = False, train_values: bool = True):
         super().__init__()
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if temperature <= 0 or not 0 < knn_lambda < 1:
             raise InvalidArgument("temperature must be > 0 and knn_lambda in (0, 1)")
         self.client, self.namespace, self.k, self.mode = client, namespace, k, mode
+        self.train_values = train_values
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.gate = nn.Parameter(torch.tensor(float(gate)))
         lam = math.log(knn_lambda / (1 - knn_lambda))
@@ -142,7 +149,8 @@ class MoNIMLayer(nn.Module):
         if queries.shape[0] == 0:
             self.last_result = None
             return hidden.new_zeros(batch, seq, self.value_dim)
-        memory = RetrieveFunction.apply(queries, self.temperature, self)
+        values = hidden.new_zeros((), dtype=torch.float32).requires_grad_(self.train_values and torch.is_grad_enabled())
+        memory = RetrieveFunction.apply(queries, self.temperature, values, self)
         if index is None:
             return memory.reshape(batch, seq, -1)
         out = memory.new_zeros(batch * seq, memory.shape[-1])

@@ -107,6 +107,9 @@ class NamespaceConfig:
     key_dtype: storage dtype of keys on GPU shards (CPU shards keep float32,
         which faiss needs).
     optimizer: the server-side sparse optimizer of the value rows.
+    generation: which incarnation of the name this is, set by the store when
+        the namespace is created (0 before); a namespace dropped and created
+        again gets a new one, and requests that carry an old one are refused.
     """
 
     name: str
@@ -117,6 +120,7 @@ class NamespaceConfig:
     max_k: int = 1024
     key_dtype: str = "float32"
     optimizer: OptimizerConfig = OptimizerConfig()
+    generation: int = 0
 
     def __post_init__(self):
         validate_namespace_name(self.name)
@@ -124,7 +128,7 @@ class NamespaceConfig:
             object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(self.optimizer))
         if not isinstance(self.optimizer, OptimizerConfig):
             raise InvalidArgument(f"optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
-        for field in ("dim", "value_dim", "max_k"):
+        for field in ("dim", "value_dim", "max_k", "generation"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidArgument(f"{field} must be an integer, got {value!r}")

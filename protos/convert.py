@@ -97,7 +97,7 @@ def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
 def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
     """Unset fields take the dataclass defaults."""
     fields = {"name": message.name, "dim": message.dim}
-    for name in ("metric", "index", "key_dtype", "value_dim", "max_k"):
+    for name in ("metric", "index", "key_dtype", "value_dim", "max_k", "generation"):
         if getattr(message, name):
             fields[name] = getattr(message, name)
     if message.HasField("optimizer"):
@@ -111,6 +111,7 @@ def search_result_to_proto(result: SearchResult) -> pb.SearchResponse:
         array = getattr(result, name)
         if array is not None:
             fill_tensor(getattr(response, name), array)
+    response.generation = result.generation
     return response
 
 
@@ -122,6 +123,7 @@ def search_result_from_proto(response: pb.SearchResponse) -> SearchResult:
         keys=optional_tensor(response, "keys"),
         values=optional_tensor(response, "values"),
         weights=optional_tensor(response, "weights"),
+        generation=response.generation,
     )
 
 
@@ -152,13 +154,14 @@ def add_result_to_proto(result: AddResult) -> pb.AddResponse:
     response = pb.AddResponse()
     for name in ("ids", "admitted", "merged"):
         fill_tensor(getattr(response, name), getattr(result, name))
+    response.generation = result.generation
     return response
 
 
 def add_result_from_proto(response: pb.AddResponse) -> AddResult:
     return AddResult(ids=tensor_from_proto(response.ids, "ids"),
                      admitted=tensor_from_proto(response.admitted, "admitted"),
-                     merged=tensor_from_proto(response.merged, "merged"))
+                     merged=tensor_from_proto(response.merged, "merged"), generation=response.generation)
 
 
 _RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
@@ -168,10 +171,11 @@ def retrieve_result_to_proto(result: RetrieveResult) -> pb.RetrieveResponse:
     response = pb.RetrieveResponse()
     for name in _RETRIEVED:
         fill_tensor(getattr(response, name), getattr(result, name))
+    response.generation = result.generation
     return response
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float) -> RetrieveResult:
     """The reply, with the caller's own queries and temperature kept for the backward."""
     return RetrieveResult(**{name: tensor_from_proto(getattr(response, name), name) for name in _RETRIEVED},
-                          queries=queries, temperature=temperature)
+                          queries=queries, temperature=temperature, generation=response.generation)

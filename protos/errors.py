@@ -64,6 +64,29 @@ class AlreadyExists(MemoryStoreError):
     code = "ALREADY_EXISTS"
 
 
+class FailedPrecondition(MemoryStoreError):
+    """The request was made for a state that no longer holds (nothing was changed)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class NamespaceChanged(FailedPrecondition):
+    """The namespace was dropped and re-created since the request's generation was read
+    (an old RetrieveResult, or a front end's stale cache: the router re-reads and retries)."""
+
+    def __init__(self, namespace: str, expected: int, actual: int | None):
+        now = "it no longer exists" if actual is None else f"it is now generation {actual}"
+        super().__init__(f"namespace {namespace!r} was re-created: the request is for generation {expected}, "
+                         f"{now}")
+        self.namespace, self.expected, self.actual = namespace, expected, actual
+
+
+class Aborted(MemoryStoreError):
+    """A concurrent change kept the call from finishing consistently; nothing was changed, retry."""
+
+    code = "ABORTED"
+
+
 class ResourceExhausted(MemoryStoreError):
     """Capacity or message size."""
 
@@ -105,6 +128,8 @@ ERRORS_BY_CODE = {
         InvalidArgument,
         NotFound,
         AlreadyExists,
+        FailedPrecondition,
+        Aborted,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,

@@ -39,7 +39,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class NamespaceConfig(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer")
+    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer", "generation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class NamespaceConfig(_message.Message):
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     KEY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: str
@@ -56,13 +57,16 @@ class NamespaceConfig(_message.Message):
     max_k: int
     key_dtype: str
     optimizer: OptimizerConfig
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ...) -> None: ...
+    generation: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
-    __slots__ = ("config",)
+    __slots__ = ("config", "request_id")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     config: NamespaceConfig
-    def __init__(self, config: _Optional[_Union[NamespaceConfig, _Mapping]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, config: _Optional[_Union[NamespaceConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateNamespaceResponse(_message.Message):
     __slots__ = ("config",)
@@ -123,7 +127,7 @@ class DropNamespaceResponse(_message.Message):
     def __init__(self, rows_dropped: _Optional[int] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "tokens", "values", "weights", "source", "logp", "admit_below", "merge_eps")
+    __slots__ = ("namespace", "keys", "tokens", "values", "weights", "source", "logp", "admit_below", "merge_eps", "request_id", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,8 @@ class AddRequest(_message.Message):
     LOGP_FIELD_NUMBER: _ClassVar[int]
     ADMIT_BELOW_FIELD_NUMBER: _ClassVar[int]
     MERGE_EPS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: Tensor
     tokens: Tensor
@@ -142,59 +148,69 @@ class AddRequest(_message.Message):
     logp: Tensor
     admit_below: float
     merge_eps: float
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., source: _Optional[str] = ..., logp: _Optional[_Union[Tensor, _Mapping]] = ..., admit_below: _Optional[float] = ..., merge_eps: _Optional[float] = ...) -> None: ...
+    request_id: str
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., source: _Optional[str] = ..., logp: _Optional[_Union[Tensor, _Mapping]] = ..., admit_below: _Optional[float] = ..., merge_eps: _Optional[float] = ..., request_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class AddResponse(_message.Message):
-    __slots__ = ("ids", "admitted", "merged")
+    __slots__ = ("ids", "admitted", "merged", "generation")
     IDS_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_FIELD_NUMBER: _ClassVar[int]
     MERGED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     admitted: Tensor
     merged: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., admitted: _Optional[_Union[Tensor, _Mapping]] = ..., merged: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    generation: int
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., admitted: _Optional[_Union[Tensor, _Mapping]] = ..., merged: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights")
+    __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     RETURN_KEYS_FIELD_NUMBER: _ClassVar[int]
     RETURN_VALUES_FIELD_NUMBER: _ClassVar[int]
     RETURN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
     return_keys: bool
     return_values: bool
     return_weights: bool
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., return_keys: _Optional[bool] = ..., return_values: _Optional[bool] = ..., return_weights: _Optional[bool] = ...) -> None: ...
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., return_keys: _Optional[bool] = ..., return_values: _Optional[bool] = ..., return_weights: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("ids", "distances", "tokens", "keys", "values", "weights")
+    __slots__ = ("ids", "distances", "tokens", "keys", "values", "weights", "generation")
     IDS_FIELD_NUMBER: _ClassVar[int]
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     distances: Tensor
     tokens: Tensor
     keys: Tensor
     values: Tensor
     weights: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    generation: int
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "ids", "return_optimizer_state")
+    __slots__ = ("namespace", "ids", "return_optimizer_state", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     RETURN_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     ids: Tensor
     return_optimizer_state: bool
-    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., return_optimizer_state: _Optional[bool] = ...) -> None: ...
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., return_optimizer_state: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("ids", "keys", "tokens", "values", "weights", "sources", "optimizer_state")
@@ -222,14 +238,18 @@ class GetResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., sources: _Optional[_Iterable[str]] = ..., optimizer_state: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("namespace", "ids", "source")
+    __slots__ = ("namespace", "ids", "source", "request_id", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     ids: Tensor
     source: str
-    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., source: _Optional[str] = ...) -> None: ...
+    request_id: str
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., source: _Optional[str] = ..., request_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
@@ -238,35 +258,39 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "temperature")
+    __slots__ = ("namespace", "queries", "k", "temperature", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
     temperature: float
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ...) -> None: ...
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights")
+    __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights", "generation")
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     memory: Tensor
     ids: Tensor
     alpha: Tensor
     distances: Tensor
     tokens: Tensor
     weights: Tensor
-    def __init__(self, memory: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    generation: int
+    def __init__(self, memory: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class RetrieveBackwardRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "ids", "alpha", "distances", "grad_memory", "temperature")
+    __slots__ = ("namespace", "queries", "ids", "alpha", "distances", "grad_memory", "temperature", "generation", "step_id", "part", "defer_step")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +298,10 @@ class RetrieveBackwardRequest(_message.Message):
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     GRAD_MEMORY_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    DEFER_STEP_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     ids: Tensor
@@ -281,7 +309,11 @@ class RetrieveBackwardRequest(_message.Message):
     distances: Tensor
     grad_memory: Tensor
     temperature: float
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., grad_memory: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+    generation: int
+    step_id: str
+    part: int
+    defer_step: bool
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., grad_memory: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., step_id: _Optional[str] = ..., part: _Optional[int] = ..., defer_step: _Optional[bool] = ...) -> None: ...
 
 class RetrieveBackwardResponse(_message.Message):
     __slots__ = ("grad_queries", "grad_temperature")
@@ -292,17 +324,41 @@ class RetrieveBackwardResponse(_message.Message):
     def __init__(self, grad_queries: _Optional[_Union[Tensor, _Mapping]] = ..., grad_temperature: _Optional[float] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("namespace", "ids", "grads")
+    __slots__ = ("namespace", "ids", "grads", "request_id", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     ids: Tensor
     grads: Tensor
-    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    request_id: str
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows_updated",)
     ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
     rows_updated: int
     def __init__(self, rows_updated: _Optional[int] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("namespace", "step_id", "generation")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    step_id: str
+    generation: int
+    def __init__(self, namespace: _Optional[str] = ..., step_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class CommitStepResponse(_message.Message):
+    __slots__ = ("rows_updated",)
+    ROWS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    rows_updated: int
+    def __init__(self, rows_updated: _Optional[int] = ...) -> None: ...
+
+class AbortStepResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

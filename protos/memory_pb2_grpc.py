@@ -89,6 +89,16 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
                 _registered_method=True)
+        self.CommitStep = channel.unary_unary(
+                '/monim.v1.MemoryService/CommitStep',
+                request_serializer=monim_dot_protos_dot_memory__pb2.StepRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.CommitStepResponse.FromString,
+                _registered_method=True)
+        self.AbortStep = channel.unary_unary(
+                '/monim.v1.MemoryService/AbortStep',
+                request_serializer=monim_dot_protos_dot_memory__pb2.StepRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.AbortStepResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -160,6 +170,18 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +239,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ApplyGradients,
                     request_deserializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsRequest.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.ApplyGradientsResponse.SerializeToString,
+            ),
+            'CommitStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitStep,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.StepRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.CommitStepResponse.SerializeToString,
+            ),
+            'AbortStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortStep,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.StepRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.AbortStepResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +548,60 @@ class MemoryService:
             '/monim.v1.MemoryService/ApplyGradients',
             monim_dot_protos_dot_memory__pb2.ApplyGradientsRequest.SerializeToString,
             monim_dot_protos_dot_memory__pb2.ApplyGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/CommitStep',
+            monim_dot_protos_dot_memory__pb2.StepRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.CommitStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/AbortStep',
+            monim_dot_protos_dot_memory__pb2.StepRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.AbortStepResponse.FromString,
             options,
             channel_credentials,
             insecure,

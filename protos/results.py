@@ -19,6 +19,7 @@ class SearchResult:
     tokens: int32 [B, k]; -1 in missing slots.
     keys: float32 [B, k, dim], values: float32 [B, k, value_dim],
     weights: float32 [B, k]: only when asked for (zeros in missing slots).
+    generation: of the namespace the ids belong to (see NamespaceConfig).
     """
 
     ids: np.ndarray
@@ -27,6 +28,7 @@ class SearchResult:
     keys: np.ndarray | None = None
     values: np.ndarray | None = None
     weights: np.ndarray | None = None
+    generation: int = 0
 
 
 @dataclasses.dataclass
@@ -56,7 +58,8 @@ class RetrieveResult:
     memory: float32 [B, value_dim] = sum_i alpha_i v_i.
     ids int64 [B, k], alpha float32 [B, k], distances float32 [B, k],
     tokens int32 [B, k], weights float32 [B, k] of the global top-k.
-    queries and temperature are the forward's inputs, kept for the backward.
+    queries and temperature are the forward's inputs, kept for the backward;
+    generation: of the namespace the ids belong to (the backward carries it).
     """
 
     memory: np.ndarray
@@ -67,6 +70,7 @@ class RetrieveResult:
     weights: np.ndarray
     queries: np.ndarray | None = None
     temperature: float = 1.0
+    generation: int = 0
 
 
 @dataclasses.dataclass
@@ -77,8 +81,10 @@ class AddResult:
     whose weight grew; -1 for a row that was not admitted.
     admitted bool [N]: log p < threshold (all True without log p).
     merged bool [N]: admitted, and merged into an existing entry.
+    generation: of the namespace the rows went to.
     """
 
     ids: np.ndarray
     admitted: np.ndarray
     merged: np.ndarray
+    generation: int = 0

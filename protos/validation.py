@@ -105,6 +105,15 @@ def check_source(source) -> str:
     return source
 
 
+def check_step_id(step_id) -> str:
+    """A request or step id: a string of at most 128 characters ("" when none was given)."""
+    if not isinstance(step_id, str):
+        raise InvalidArgument(f"request and step ids must be strings, got {type(step_id).__name__}")
+    if len(step_id) > 128:
+        raise InvalidArgument(f"request/step id has {len(step_id)} characters; at most 128 are allowed")
+    return step_id
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating, np.integer)):
         raise InvalidArgument(f"temperature must be a number, got {temperature!r}")

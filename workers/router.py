@@ -4,19 +4,74 @@ Placement: entry ``id`` lives on shard ``id % num_shards``. Ids come from the
 registry in blocks, so an Add's rows spread evenly over the shards.
 The router validates a whole request against the namespace's config before
 any shard sees it, so a bad request changes nothing anywhere.
+
+What a caller can rely on (docs/API.md says it per status code):
+- Every request names the namespace's generation; shards refuse another
+  incarnation's requests, so a stale config cache (this front end's, after
+  another one re-created the namespace) is re-read and the call retried, and
+  an old RetrieveResult is refused (FAILED_PRECONDITION), never applied to new rows.
+- Writes carry a request id that every shard applies at most once, so a
+  write that failed part-way (UNAVAILABLE, DEADLINE_EXCEEDED) is retried as a
+  whole with the same id and lands exactly once.
+- Optimizer steps are two-phase: every shard checks its rows and stages the
+  gradients; only when all have, the step is committed. A step that fails
+  before the commit (NOT_FOUND: a row was deleted since the forward) changes nothing.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import time
+import uuid
 
 import numpy as np
 from monim.datastore import admission, memory_ops
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig, validate_namespace_name
-from monim.protos.errors import IdsNotFound, InvalidArgument, MemoryStoreError, NamespaceNotFound
+from monim.protos.errors import (
+    Aborted,
+    DeadlineExceeded,
+    IdsNotFound,
+    InvalidArgument,
+    MemoryStoreError,
+    NamespaceChanged,
+    NamespaceNotFound,
+)
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
 from monim.workers.merge import merge_topk
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_S = 120.0
+# A Retrieve whose rows are deleted between its search and its value sum searches again, this often.
+RETRIEVE_ATTEMPTS = 3
+# The absolute time.monotonic() by which the current call must answer (the gRPC deadline).
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _reread_config_if_recreated(method):
+    """A NamespaceChanged from the shards while the caller named no generation means this front
+    end's cached config is of a dropped incarnation: re-read it and run the call once more
+    (the shards refused the first attempt before changing anything)."""
+
+    @functools.wraps(method)
+    def wrapper(self, namespace, *args, **kwargs):
+        try:
+            return method(self, namespace, *args, **kwargs)
+        except NamespaceChanged:
+            if kwargs.get("generation"):
+                raise
+            self._configs.pop(namespace, None)
+            return method(self, namespace, *args, **kwargs)
+
+    return wrapper
 
 
 class Router:
@@ -28,45 +83,79 @@ class Router:
         self.timeout_s = timeout_s
         self._configs: dict[str, NamespaceConfig] = {}
 
+    @staticmethod
+    @contextlib.contextmanager
+    def deadline(seconds: float | None):
+        """Shard calls made inside answer within ``seconds`` (None: the router's timeout)."""
+        token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
+        try:
+            yield
+        finally:
+            _deadline.reset(token)
+
+    def _timeout(self) -> float:
+        deadline = _deadline.get()
+        if deadline is None:
+            return self.timeout_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the shards were asked")
+        return min(self.timeout_s, left)
+
     def _all_shards(self, method: str, *args) -> list:
         return self._call([(s, method, args) for s in range(self.num_shards)])
 
     def _call(self, calls) -> list:
         """Scatter/gather; a namespace another front end dropped leaves this one's cache too."""
         try:
-            return self.runtime.call_shards(calls, self.timeout_s)
-        except NamespaceNotFound as error:
+            return self.runtime.call_shards(calls, self._timeout())
+        except (NamespaceNotFound, NamespaceChanged) as error:
             self._configs.pop(error.namespace, None)
             raise
 
-    def config(self, namespace: str) -> NamespaceConfig:
-        """The namespace's config, from this front end's cache or the registry."""
+    def _undo(self, method: str, *args) -> None:
+        """Best effort after a failure (the original error is what the caller gets)."""
+        try:
+            self._all_shards(method, *args)
+        except Exception:  # noqa: BLE001 - logged; staged state also expires on the shards
+            log.warning("could not %s on every shard", method, exc_info=True)
+
+    def config(self, namespace: str, generation: int = 0) -> NamespaceConfig:
+        """The namespace's config, from this front end's cache or the registry. With a generation,
+        FAILED_PRECONDITION if the namespace is now another incarnation."""
         validate_namespace_name(namespace)
         config = self._configs.get(namespace)
-        if config is None:
+        if config is None or (generation and config.generation != generation):
             config = self._configs[namespace] = NamespaceConfig.from_dict(
                 self.runtime.call_registry("config", namespace))
+        if generation and config.generation != generation:
+            raise NamespaceChanged(namespace, generation, config.generation)
         return config
 
     # ----- namespaces ----------------------------------------------------------
-    def create_namespace(self, config: NamespaceConfig) -> NamespaceConfig:
-        """Stages: register (ALREADY_EXISTS if taken); create on every shard; on failure undo both."""
-        self.runtime.call_registry("create", config.to_dict())
+    def create_namespace(self, config: NamespaceConfig, request_id: str = "") -> NamespaceConfig:
+        """Stages: register (ALREADY_EXISTS if taken; the registry picks a new generation); create on
+        every shard. On failure, only this generation is undone: a shard that already holds the name
+        (another incarnation, with its rows) is never touched."""
+        created = NamespaceConfig.from_dict(self.runtime.call_registry("create", config.to_dict(), request_id))
         try:
-            self._all_shards("create_namespace", config.to_dict())
+            self._all_shards("create_namespace", created.to_dict())
         except MemoryStoreError:
-            self._all_shards("drop_namespace", config.name)
-            self.runtime.call_registry("drop", config.name)
+            self._undo("drop_namespace", created.name, created.generation)
+            try:
+                self.runtime.call_registry("drop", created.name, created.generation)
+            except MemoryStoreError:
+                log.warning("could not unregister %r after a failed create", created.name, exc_info=True)
             raise
-        self._configs[config.name] = config
-        return config
+        self._configs[created.name] = created
+        return created
 
     def list_namespaces(self) -> list[NamespaceConfig]:
         return [NamespaceConfig.from_dict(c) for c in self.runtime.call_registry("list")]
 
     def describe_namespace(self, namespace: str) -> dict:
         config = self.config(namespace)
-        shards = self._all_shards("stats", namespace)
+        shards = self._all_shards("stats", namespace, config.generation)
         return {
             "config": config,
             "rows": sum(s["rows"] for s in shards),
@@ -75,21 +164,25 @@ class Router:
         }
 
     def drop_namespace(self, namespace: str) -> int:
-        """Stages: unregister (NOT_FOUND if absent); drop on every shard; returns rows dropped."""
+        """Stages: unregister (NOT_FOUND if absent); drop that generation on every shard; returns rows dropped."""
         validate_namespace_name(namespace)
-        self.runtime.call_registry("drop", namespace)
+        dropped = NamespaceConfig.from_dict(self.runtime.call_registry("drop", namespace))
         self._configs.pop(namespace, None)
-        return sum(self._all_shards("drop_namespace", namespace))
+        return sum(self._all_shards("drop_namespace", namespace, dropped.generation))
 
     # ----- data ------------------------------------------------------------------
+    @_reread_config_if_recreated
     def add(self, namespace: str, keys: np.ndarray, tokens: np.ndarray, values: np.ndarray | None = None,
             weights: np.ndarray | None = None, source: str = "", logp: np.ndarray | None = None,
-            admit_below: float = admission.DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0) -> AddResult:
+            admit_below: float = admission.DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0, request_id: str = "",
+            generation: int = 0) -> AddResult:
         """Stages: validate the batch; keep the admitted rows (logp < admit_below); with merge_eps,
-        search all shards for same-token near-duplicates and grow their weights; allocate an id
-        block for the rest; route rows by id % S; add on the shards.
+        search all shards for same-token near-duplicates; the registry records the plan under the
+        request id (which rows merge where, and an id block for the rest: a retry gets the same
+        plan); one round to the shards grows the merged entries' weights and adds the new rows
+        (routed by id % S), each shard applying the request id once.
         Returns AddResult (ids int64 [N] in row order, -1 where not admitted)."""
-        config = self.config(namespace)
+        config = self.config(namespace, generation)
         keys = validation.check_vectors(keys, config.dim, "keys")
         n = keys.shape[0]
         tokens = validation.check_tokens(tokens, n)
@@ -99,103 +192,152 @@ class Router:
             weights = validation.check_weights(weights, n)
         source = validation.check_source(source)
         logp, admit_below, merge_eps = validation.check_admission(logp, admit_below, merge_eps, n)
+        request_id = request_id or new_request_id()
         admitted = np.ones(n, bool) if logp is None else admission.admitted_mask(logp, admit_below)
         ids = np.full(n, MISSING_ID, np.int64)
         merged = np.zeros(n, bool)
         chosen = np.flatnonzero(admitted)
-        if chosen.size and merge_eps > 0:
-            neighbours = self.search(namespace, keys[chosen], min(admission.MERGE_CANDIDATES, config.max_k))
-            targets = admission.merge_targets(neighbours, tokens[chosen], merge_eps)
-            target_ids, counts = admission.weight_increments(targets)
-            self._call([(shard, "increment_weights", (namespace, target_ids[positions], counts[positions]))
-                        for shard, positions in self._route_ids(target_ids)])
+        if chosen.size:
+            targets = np.full(chosen.size, MISSING_ID, np.int64)
+            if merge_eps > 0:
+                neighbours = self._search(config, keys[chosen], min(admission.MERGE_CANDIDATES, config.max_k))
+                targets = admission.merge_targets(neighbours, tokens[chosen], merge_eps)
+            targets, start = self.runtime.call_registry("plan_add", namespace, config.generation, request_id,
+                                                        targets)
+            new = chosen[targets < 0]
+            new_ids = np.arange(start, start + new.size, dtype=np.int64)
+            calls = self._add_calls(config, request_id, new_ids, keys[new], tokens[new],
+                                    None if values is None else values[new],
+                                    None if weights is None else weights[new], source)
+            if (targets >= 0).any():
+                target_ids, counts = admission.weight_increments(targets)
+                calls += [(shard, "increment_weights", (namespace, config.generation, request_id,
+                                                        target_ids[positions], counts[positions]))
+                          for shard, positions in self._route_ids(target_ids)]
+            self._call(calls)
             merged[chosen[targets >= 0]] = True
             ids[chosen[targets >= 0]] = targets[targets >= 0]
-            chosen = chosen[targets < 0]
-        if chosen.size:
-            ids[chosen] = self._add_rows(namespace, keys[chosen], tokens[chosen],
-                                         None if values is None else values[chosen],
-                                         None if weights is None else weights[chosen], source)
-        return AddResult(ids=ids, admitted=admitted, merged=merged)
+            ids[new] = new_ids
+        return AddResult(ids=ids, admitted=admitted, merged=merged, generation=config.generation)
 
-    def _add_rows(self, namespace, keys, tokens, values, weights, source) -> np.ndarray:
-        n = keys.shape[0]
-        start = self.runtime.call_registry("allocate_ids", namespace, n)
-        ids = np.arange(start, start + n, dtype=np.int64)
-        calls = []
-        for shard, rows in self._route_ids(ids):
-            calls.append((shard, "add", (namespace, ids[rows], keys[rows], tokens[rows],
-                                         None if values is None else values[rows],
-                                         None if weights is None else weights[rows], source)))
-        self._call(calls)
-        return ids
+    def _add_calls(self, config, request_id, ids, keys, tokens, values, weights, source) -> list:
+        return [(shard, "add", (config.name, config.generation, request_id, ids[rows], keys[rows], tokens[rows],
+                                None if values is None else values[rows],
+                                None if weights is None else weights[rows], source))
+                for shard, rows in self._route_ids(ids)]
 
+    @_reread_config_if_recreated
     def search(self, namespace: str, queries: np.ndarray, k: int, return_keys: bool = False,
-               return_values: bool = False, return_weights: bool = False) -> SearchResult:
+               return_values: bool = False, return_weights: bool = False, generation: int = 0) -> SearchResult:
         """Stages: validate; send the queries to every shard at once; merge the per-shard top-k."""
-        config = self.config(namespace)
+        return self._search(self.config(namespace, generation), queries, k, return_keys, return_values,
+                            return_weights)
+
+    def _search(self, config: NamespaceConfig, queries, k, return_keys=False, return_values=False,
+                return_weights=False) -> SearchResult:
         queries = validation.check_vectors(queries, config.dim, "queries")
         k = validation.check_k(k, config.max_k)
         if return_values and not config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
-        results = self._all_shards("search", namespace, queries, k, return_keys, return_values, return_weights)
-        return merge_topk(results, k)
+        results = self._all_shards("search", config.name, config.generation, queries, k, return_keys,
+                                   return_values, return_weights)
+        merged = merge_topk(results, k)
+        merged.generation = config.generation
+        return merged
 
     # ----- learnable memory ----------------------------------------------------------
-    def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0) -> RetrieveResult:
+    @_reread_config_if_recreated
+    def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0,
+                 generation: int = 0) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
-        every shard sums alpha_i v_i over its own ids; add the partial sums."""
-        config = self.config(namespace)
+        every shard sums alpha_i v_i over its own ids; add the partial sums. If a row went between
+        the two rounds (a shard answers NOT_FOUND), the forward starts again: m is never a sum
+        with a neighbour silently missing."""
+        config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
         queries = validation.check_vectors(queries, config.dim, "queries")
-        found = self.search(namespace, queries, k, return_weights=True)
-        alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
-        memory = sum(self._all_shards("value_sum", namespace, found.ids, alpha))
-        return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
-                              tokens=found.tokens, weights=found.weights, queries=queries, temperature=temperature)
+        for _ in range(RETRIEVE_ATTEMPTS):
+            found = self._search(config, queries, k, return_weights=True)
+            alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
+            try:
+                memory = sum(self._all_shards("value_sum", namespace, config.generation, found.ids, alpha))
+            except IdsNotFound:
+                continue
+            return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
+                                  tokens=found.tokens, weights=found.weights, queries=queries,
+                                  temperature=temperature, generation=config.generation)
+        raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
+                      "attempts of this Retrieve; retry it")
 
-    def _require_stored(self, namespace: str, ids: np.ndarray, empty_slots: bool = False) -> None:
-        """NOT_FOUND naming every id that no shard stores (with empty_slots, id -1 marks an empty
-        top-k slot and is skipped); a read-only round that makes the following write
-        all-or-nothing across shards."""
-        ids = np.unique(ids[ids != MISSING_ID] if empty_slots else ids)
-        missing = [ids[ids < 0]]
-        ids = ids[ids >= 0]
-        if ids.size:
-            missing += self._call([(shard, "missing_ids", (namespace, ids[positions]))
-                                   for shard, positions in self._route_ids(ids)])
-        missing = np.concatenate(missing)
-        if missing.size:
-            raise IdsNotFound(namespace, missing)
-
-    def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory,
-                          temperature: float) -> tuple[np.ndarray, float]:
-        """The MoNIM backward. Stages: validate; check every id is still stored; every shard computes
-        its partial sums (before its values change) and takes the optimizer step on its rows;
-        add the partials and finish dL/dq and dL/dT here.
+    @_reread_config_if_recreated
+    def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory, temperature: float,
+                          generation: int = 0, step_id: str = "", part: int = 0,
+                          defer_step: bool = False) -> tuple[np.ndarray, float]:
+        """The MoNIM backward. Stages: validate; every shard checks that its rows of ids are still
+        stored and computes its partial sums (NOT_FOUND from any: nothing is stepped anywhere); then
+        the value gradients are committed as one optimizer step (with defer_step, they wait under
+        step_id for commit_step: a step sent in parts); add the partials and finish dL/dq and dL/dT.
+        generation: the forward's (0: the current incarnation).
         Returns (grad_queries float32 [B, dim], grad_temperature)."""
-        config = self.config(namespace)
+        config = self.config(namespace, generation)
         queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
             config, queries, ids, alpha, distances, grad_memory, temperature)
-        self._require_stored(namespace, ids, empty_slots=True)
-        partials = self._all_shards("backward_partials", namespace, queries, ids, alpha, distances, grad_memory)
+        step_id = validation.check_step_id(step_id) or new_request_id()
+        try:
+            partials = self._all_shards("backward_part", namespace, config.generation, step_id, part, queries, ids,
+                                        alpha, distances, grad_memory)
+        except MemoryStoreError:
+            if not defer_step:
+                self._undo("abort_step", namespace, config.generation, step_id)
+            raise
+        if not defer_step:
+            self._commit(config, step_id)
         total = partials[0]
-        for part in partials[1:]:
-            total = total + part
+        for more in partials[1:]:
+            total = total + more
         return memory_ops.combine_backward(total, queries, alpha, config.metric, temperature)
 
-    def apply_gradients(self, namespace: str, ids, grads) -> int:
+    def _commit(self, config: NamespaceConfig, step_id: str) -> int:
+        return sum(self._all_shards("commit_step", config.name, config.generation, step_id))
+
+    @_reread_config_if_recreated
+    def commit_step(self, namespace: str, step_id: str, generation: int = 0) -> int:
+        """Applies the value gradients the parts of step_id staged, as one optimizer step; returns
+        the rows updated. Committing again answers the same."""
+        config = self.config(namespace, generation)
+        if not validation.check_step_id(step_id):
+            raise InvalidArgument("step_id is missing")
+        return self._commit(config, step_id)
+
+    @_reread_config_if_recreated
+    def abort_step(self, namespace: str, step_id: str, generation: int = 0) -> None:
+        """Drops what the parts of step_id staged (nothing is stepped)."""
+        config = self.config(namespace, generation)
+        if not validation.check_step_id(step_id):
+            raise InvalidArgument("step_id is missing")
+        self._all_shards("abort_step", namespace, config.generation, step_id)
+
+    @_reread_config_if_recreated
+    def apply_gradients(self, namespace: str, ids, grads, request_id: str = "", generation: int = 0) -> int:
         """One optimizer step with value gradients grads [N, value_dim] for ids [N]. Stages: validate;
-        check every id is stored; every shard steps (on its own ids, possibly none). Returns rows updated."""
-        config = self.config(namespace)
+        the owning shards check their ids are stored and stage the gradients (NOT_FOUND from any:
+        nothing changes); commit. Returns the rows updated."""
+        config = self.config(namespace, generation)
         ids, grads = validation.check_gradients(ids, grads, config.value_dim)
-        self._require_stored(namespace, ids)
-        owner = ids % self.num_shards
-        calls = [(shard, "apply_gradients", (namespace, ids[owner == shard], grads[owner == shard]))
-                 for shard in range(self.num_shards)]
-        return sum(self._call(calls))
+        if (ids < 0).any():
+            raise IdsNotFound(namespace, ids[ids < 0])
+        step_id = request_id or new_request_id()
+        calls = [(shard, "stage_gradients", (namespace, config.generation, step_id, 0, ids[positions],
+                                             grads[positions]))
+                 for shard, positions in self._route_ids(ids)]
+        try:
+            self._call(calls)
+        except MemoryStoreError:
+            self._undo("abort_step", namespace, config.generation, step_id)
+            raise
+        return self._commit(config, step_id)
 
     def _route_ids(self, ids: np.ndarray):
         """Yields (shard, positions in ids) for the shards that own some of the ids."""
@@ -205,12 +347,15 @@ class Router:
             if positions.size:
                 yield shard, positions
 
-    def get(self, namespace: str, ids: np.ndarray, return_optimizer_state: bool = False) -> Rows:
+    @_reread_config_if_recreated
+    def get(self, namespace: str, ids: np.ndarray, return_optimizer_state: bool = False,
+            generation: int = 0) -> Rows:
         """Stages: route ids to their shards; fetch; NOT_FOUND naming every missing id; reassemble in order."""
-        config = self.config(namespace)
+        config = self.config(namespace, generation)
         ids = validation.check_ids(ids)
         routes = list(self._route_ids(ids))
-        answers = self._call([(shard, "get_present", (namespace, ids[positions], return_optimizer_state))
+        answers = self._call([(shard, "get_present", (namespace, config.generation, ids[positions],
+                                                      return_optimizer_state))
                               for shard, positions in routes])
         missing = np.concatenate([m for _, m in answers] + [ids[ids < 0]])
         if missing.size:
@@ -228,28 +373,32 @@ class Router:
             for position, source in zip(positions.tolist(), rows.sources):
                 out.sources[position] = source
         if return_optimizer_state:
-            out.optimizer_state = self._gather_state(routes, answers, n, config.value_dim)
+            out.optimizer_state = self._gather_state(routes, answers, n)
         return out
 
     @staticmethod
-    def _gather_state(routes, answers, n: int, value_dim: int) -> dict:
+    def _gather_state(routes, answers, n: int) -> dict:
+        """Per-row state columns ([n] step counts, [n, value_dim] moments) in the order asked."""
         state = {}
         for (_, positions), (rows, _) in zip(routes, answers):
             for name, array in rows.optimizer_state.items():
-                if name == "step":
-                    state["step"] = array
-                    continue
-                state.setdefault(name, np.empty((n, value_dim), np.float32))[positions] = array
+                state.setdefault(name, np.empty((n,) + array.shape[1:], array.dtype))[positions] = array
         return state
 
-    def delete(self, namespace: str, ids: np.ndarray | None = None, source: str | None = None) -> int:
-        """Deletes by ids (routed to their shards; unknown ids ignored) or by source (every shard)."""
-        self.config(namespace)
+    @_reread_config_if_recreated
+    def delete(self, namespace: str, ids: np.ndarray | None = None, source: str | None = None,
+               request_id: str = "", generation: int = 0) -> int:
+        """Deletes by ids (routed to their shards; unknown ids ignored) or by source (every shard;
+        "" is the tag of untagged rows). Returns how many rows went."""
+        config = self.config(namespace, generation)
         if (ids is None) == (source is None):
             raise InvalidArgument("delete needs either ids or a source tag, not both")
+        request_id = request_id or new_request_id()
         if source is not None:
-            return sum(self._all_shards("delete", namespace, None, validation.check_source(source)))
+            return sum(self._all_shards("delete", namespace, config.generation, request_id, None,
+                                        validation.check_source(source)))
         ids = validation.check_ids(ids)
         ids = ids[ids >= 0]
-        calls = [(shard, "delete", (namespace, ids[positions], None)) for shard, positions in self._route_ids(ids)]
+        calls = [(shard, "delete", (namespace, config.generation, request_id, ids[positions], None))
+                 for shard, positions in self._route_ids(ids)]
         return sum(self._call(calls)) if calls else 0

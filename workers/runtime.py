@@ -11,7 +11,10 @@ Interface used by the router:
     call_shards(calls, timeout_s) -> list of results, calls = [(shard, method, args)]
     shutdown()
 Errors: a MemoryStoreError raised in an actor is re-raised as itself; a dead
-actor becomes ShardUnavailable(shard); a timeout becomes DeadlineExceeded.
+actor becomes ShardUnavailable(shard); a timeout becomes DeadlineExceeded, and
+the calls that have not started yet are cancelled. Any other error is logged
+here with the shard's traceback (the front end's log is where operators look;
+the actors' own output reaches it too, through Ray's log_to_driver).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import concurrent.futures
 import logging
 
 import numpy as np
-from monim.protos.errors import DeadlineExceeded, MemoryStoreError, ShardUnavailable, Unavailable
+from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError, ShardUnavailable, Unavailable
 from monim.workers.registry import NamespaceRegistry
 from monim.workers.shard import Shard
 
@@ -29,6 +32,26 @@ log = logging.getLogger(__name__)
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
+
+
+def _combined(errors: list[Exception]) -> Exception:
+    """The error of a round: NOT_FOUND from several shards names every missing id; else the first."""
+    if len(errors) > 1 and all(isinstance(e, IdsNotFound) for e in errors) and \
+            len({e.namespace for e in errors}) == 1:
+        return IdsNotFound(errors[0].namespace, [i for e in errors for i in e.missing_ids])
+    return errors[0]
+
+
+def _logged(shard: int, method: str, function, args):
+    """Runs one shard call; an error that is not the caller's (not a MemoryStoreError) is logged
+    with its traceback before it travels on."""
+    try:
+        return function(*args)
+    except MemoryStoreError:
+        raise
+    except Exception:
+        log.exception("shard %d failed in %s", shard, method)
+        raise
 
 
 class LocalRuntime:
@@ -44,21 +67,34 @@ class LocalRuntime:
         return getattr(self.registry, method)(*args)
 
     def call_shards(self, calls, timeout_s: float | None = None) -> list:
+        if len(calls) == 1:  # one shard (the in-process store): no thread hop
+            shard, method, args = calls[0]
+            target = self.shards[shard]
+            if target is None:
+                raise ShardUnavailable(shard, "killed")
+            return [_logged(shard, method, getattr(target, method), args)]
         futures = []
         for shard, method, args in calls:
             target = self.shards[shard]
             if target is None:
                 futures.append((shard, None))
             else:
-                futures.append((shard, self._pool.submit(getattr(target, method), *args)))
-        results = []
+                futures.append((shard, self._pool.submit(_logged, shard, method, getattr(target, method), args)))
+        results, errors = [], []
         for shard, future in futures:
-            if future is None:
-                raise ShardUnavailable(shard, "killed")
             try:
+                if future is None:
+                    raise ShardUnavailable(shard, "killed")
                 results.append(future.result(timeout=timeout_s))
             except concurrent.futures.TimeoutError:
+                for _, other in futures:
+                    if other is not None:
+                        other.cancel()
                 raise DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s") from None
+            except Exception as error:  # noqa: BLE001 - raised once all have answered
+                errors.append(error)
+        if errors:
+            raise _combined(errors)
         return results
 
     def kill_shard(self, shard: int) -> None:
@@ -91,7 +127,7 @@ class RayRuntime:
         self._owns_ray = False
         if not ray.is_initialized():
             init_args = dict(namespace="monim", include_dashboard=False, ignore_reinit_error=True,
-                             logging_level=logging.WARNING, log_to_driver=False)
+                             logging_level=logging.WARNING, log_to_driver=True)
             if address is None:
                 init_args["num_cpus"] = num_cpus if num_cpus is not None else max(2, int(num_shards * shard_cpus))
             else:
@@ -131,6 +167,8 @@ class RayRuntime:
             cause = getattr(error, "cause", None)
             if isinstance(cause, MemoryStoreError):
                 return cause
+            where = "the namespace registry" if shard is None else f"shard {shard}"
+            log.error("%s failed:\n%s", where, error)  # str(RayTaskError) carries the actor's traceback
             return error
         if isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
             if shard is None:
@@ -166,16 +204,18 @@ class RayRuntime:
                    for shard, method, args in calls]
         ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
         if len(ready) < len(futures):
-            late = [calls[i][0] for i, f in enumerate(futures) if f not in ready]
-            raise DeadlineExceeded(f"shard(s) {late} did not answer within {timeout_s} s")
-        results, first_error = [], None
+            late = [i for i, f in enumerate(futures) if f not in ready]
+            for i in late:  # calls still queued never start; a running one finishes (writes carry request ids)
+                ray.cancel(futures[i])
+            raise DeadlineExceeded(f"shard(s) {[calls[i][0] for i in late]} did not answer within {timeout_s} s")
+        results, errors = [], []
         for (shard, _, _), future in zip(calls, futures):
             try:
                 results.append(ray.get(future))
             except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
-                first_error = first_error or self._unwrap(error, shard)
-        if first_error is not None:
-            raise first_error
+                errors.append(self._unwrap(error, shard))
+        if errors:
+            raise _combined(errors)
         return results
 
     def kill_shard(self, shard: int) -> None:

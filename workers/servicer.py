@@ -17,13 +17,19 @@ def _required(message, field: str, what: str | None = None):
     return convert.tensor_from_proto(getattr(message, field), what or field)
 
 
+def _merge_eps(request) -> float:
+    return request.merge_eps if request.HasField("merge_eps") else 0.0
+
+
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
+    """Every call runs under the client's deadline (shard calls not started by then are cancelled)."""
+
     def __init__(self, router: Router):
         self.router = router
 
     @grpc_errors
     def CreateNamespace(self, request, context):
-        config = self.router.create_namespace(convert.config_from_proto(request.config))
+        config = self.router.create_namespace(convert.config_from_proto(request.config), request.request_id)
         return pb.CreateNamespaceResponse(config=convert.config_to_proto(config))
 
     @grpc_errors
@@ -57,7 +63,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             source=request.source,
             logp=convert.optional_tensor(request, "logp"),
             admit_below=request.admit_below if request.HasField("admit_below") else DEFAULT_ADMIT_BELOW,
-            merge_eps=request.merge_eps,
+            merge_eps=_merge_eps(request),
+            request_id=request.request_id,
+            generation=request.generation,
         )
         return convert.add_result_to_proto(result)
 
@@ -66,25 +74,27 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         result = self.router.search(
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
-            return_weights=request.return_weights,
+            return_weights=request.return_weights, generation=request.generation,
         )
         return convert.search_result_to_proto(result)
 
     @grpc_errors
     def Get(self, request, context):
         return convert.rows_to_proto(self.router.get(request.namespace, _required(request, "ids"),
-                                                     request.return_optimizer_state))
+                                                     request.return_optimizer_state, generation=request.generation))
 
     @grpc_errors
     def Delete(self, request, context):
         ids = convert.optional_tensor(request, "ids")
-        source = request.source if request.source else None
-        return pb.DeleteResponse(deleted=self.router.delete(request.namespace, ids=ids, source=source))
+        source = request.source if request.HasField("source") else None
+        return pb.DeleteResponse(deleted=self.router.delete(request.namespace, ids=ids, source=source,
+                                                            request_id=request.request_id,
+                                                            generation=request.generation))
 
     @grpc_errors
     def Retrieve(self, request, context):
         result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
-                                      request.temperature)
+                                      request.temperature, generation=request.generation)
         return convert.retrieve_result_to_proto(result)
 
     @grpc_errors
@@ -92,11 +102,23 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         grad_queries, grad_temperature = self.router.retrieve_backward(
             request.namespace, _required(request, "queries"), _required(request, "ids"),
             _required(request, "alpha"), _required(request, "distances"), _required(request, "grad_memory"),
-            request.temperature)
+            request.temperature, generation=request.generation, step_id=request.step_id, part=request.part,
+            defer_step=request.defer_step)
         return pb.RetrieveBackwardResponse(grad_queries=convert.tensor_to_proto(grad_queries),
                                            grad_temperature=grad_temperature)
 
     @grpc_errors
     def ApplyGradients(self, request, context):
-        rows = self.router.apply_gradients(request.namespace, _required(request, "ids"), _required(request, "grads"))
+        rows = self.router.apply_gradients(request.namespace, _required(request, "ids"), _required(request, "grads"),
+                                           request_id=request.request_id, generation=request.generation)
         return pb.ApplyGradientsResponse(rows_updated=rows)
+
+    @grpc_errors
+    def CommitStep(self, request, context):
+        rows = self.router.commit_step(request.namespace, request.step_id, generation=request.generation)
+        return pb.CommitStepResponse(rows_updated=rows)
+
+    @grpc_errors
+    def AbortStep(self, request, context):
+        self.router.abort_step(request.namespace, request.step_id, generation=request.generation)
+        return pb.AbortStepResponse()

@@ -18,13 +18,15 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 def grpc_errors(method):
-    """Decorates a servicer method: a MemoryStoreError aborts the call with its status;
+    """Decorates a servicer method (of a servicer with a ``router``): the call runs under the
+    client's deadline; a MemoryStoreError aborts the call with its status;
     anything else aborts with INTERNAL and is logged. The server keeps serving either way."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            with self.router.deadline(context.time_remaining()):
+                return method(self, request, context)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             code, message = status_of(error)
             if code == grpc.StatusCode.INTERNAL:

@@ -39,12 +39,12 @@ def test_adam_through_the_service_matches_sparse_adam(remote_client, namespace_n
         steps = gradient_steps()
         for ids, grads in steps:
             remote_client.apply_gradients(namespace_name, ids, grads)
-        expected_values, expected_state = torch_reference("adam", {"lr": 0.01}, initial, steps)
+        expected_values, expected_state, expected_steps = torch_reference("adam", {"lr": 0.01}, initial, steps)
         rows = remote_client.get(namespace_name, np.arange(ROWS), return_optimizer_state=True)
         np.testing.assert_allclose(rows.values, expected_values, atol=1e-5, rtol=1e-5)
         for column, expected in expected_state.items():
             np.testing.assert_allclose(rows.optimizer_state[column], expected, atol=1e-5, rtol=1e-5)
-        assert rows.optimizer_state["step"].tolist() == [STEPS]
+        assert rows.optimizer_state["step"].tolist() == expected_steps.tolist()
     finally:
         remote_client.drop_namespace(namespace_name)
 

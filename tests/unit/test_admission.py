@@ -1,19 +1,15 @@
-"""SeMem admission (log p < delta) and near-duplicate merge, in one store and across shards."""
+"""SeMem admission (log p < delta) and near-duplicate merge, on one shard and across shards."""
 
 import numpy as np
 import pytest
-from monim.datastore import NamespaceConfig, NeighborStore
+from monim.datastore import NamespaceConfig
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
 
 def add_fn(shards):
-    config = NamespaceConfig("adm", dim=4, value_dim=2)
-    if shards == 1:
-        store = NeighborStore(config)
-        return store.add_admitted, lambda ids: store.get(ids), lambda: len(store)
     router = Router(LocalRuntime(shards))
-    router.create_namespace(config)
+    router.create_namespace(NamespaceConfig("adm", dim=4, value_dim=2))
     return ((lambda *a, **kw: router.add("adm", *a, **kw)), (lambda ids: router.get("adm", ids)),
             (lambda: router.describe_namespace("adm")["rows"]))
 

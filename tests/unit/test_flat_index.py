@@ -91,3 +91,79 @@ def test_torch_kernel_pads_when_fewer_rows_than_k(data, block_bytes, monkeypatch
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, (k**2).sum(1), 1024 + 700, "l2")
     assert (rows[:, 1500:] == -1).all() and np.isinf(distances[:, 1500:]).all()
     assert (np.sort(rows[:, :1500], axis=1) == np.arange(1500)).all()
+
+
+
+def fp16_store_data(rng, stored=3000, dim=64, batch=48):
+    """float32 keys with norms spread over [26, 500] (LM hidden states reach a few hundred), which a
+    float16 store rounds, and float32 queries: half near a stored key, half random directions."""
+    def scaled(count):
+        directions = rng.standard_normal((count, dim))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        return directions * rng.uniform(26, 500, (count, 1))
+
+    keys = scaled(stored)
+    near = keys[: batch // 2] + rng.standard_normal((batch // 2, dim))
+    return keys.astype(np.float32), np.concatenate([near, scaled(batch - batch // 2)]).astype(np.float32)
+
+
+def assert_float32_search_over_rounded_keys(queries, keys, rows, distances, metric, rtol=1e-5):
+    """rows/distances [B, k] are what float32 search over `keys` (the float16-rounded keys) gives: each
+    distance within rtol of its float64 value (for ip, plus rtol/10 of |q||k|: float32 sums of products
+    that cancel lose that much), and the rows are the k nearest up to ties.
+    Returns the largest relative distance error."""
+    q, x = queries.astype(np.float64), keys.astype(np.float64)
+    assert np.isfinite(distances).all() and (rows >= 0).all()
+    assert all(len(set(r)) == len(r) for r in rows.tolist()), "a row returned twice"
+    # float64 leaves an error of about 1e-16 |q| |k|: far below rtol of any distance here.
+    every = (q**2).sum(1)[:, None] - 2 * q @ x.T + (x**2).sum(1)[None, :] if metric == "l2" else -(q @ x.T)
+    truth = np.take_along_axis(every, rows, axis=1)
+    allowed = rtol * np.abs(truth)
+    if metric == "l2":
+        assert (distances > 0).all(), "a zero distance (float16 overflow)"
+    else:
+        allowed += rtol / 10 * np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(x[rows], axis=2)
+    np.testing.assert_array_less(np.abs(distances - truth), allowed + 1e-30)
+    nearest = np.sort(every, axis=1)[:, : rows.shape[1]]  # within rtol of the k smallest: ties may swap
+    np.testing.assert_array_less(np.abs(truth - nearest), allowed + 1e-30)
+    return float((np.abs(distances - truth) / np.abs(truth)).max())
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("block_bytes", [None, 4 * 48 * 1000])  # one chunk; 1024-row chunks
+@pytest.mark.parametrize("k", [1, 20, 2990])  # 2990: the candidate count is capped at the rows stored
+def test_fp16_keys_give_fp32_distances_at_large_norms(rng, metric, block_bytes, k, monkeypatch):
+    # float16 keys must give what an exact search over the rounded keys gives: the queries are not
+    # rounded, and the scores must not overflow float16 (|q.k| reaches 250,000 here).
+    if block_bytes is not None:
+        monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+    keys, queries = fp16_store_data(rng)
+    keys = keys.astype(np.float16)
+    stored_keys = torch.from_numpy(keys)
+    norms = (stored_keys.float() ** 2).sum(1)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), stored_keys, norms, k, metric)
+    assert distances.dtype == np.float32 and rows.dtype == np.int64 and rows.shape == (len(queries), k)
+    assert_float32_search_over_rounded_keys(queries, keys, rows, distances, metric)
+    if k == 1 and metric == "l2":  # the queries near a key find it
+        assert (rows[: len(queries) // 2, 0] == np.arange(len(queries) // 2)).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_fp16_keys_pad_when_fewer_rows_than_k(rng, metric):
+    keys, queries = fp16_store_data(rng, stored=30)
+    keys = keys.astype(np.float16)
+    stored_keys = torch.from_numpy(keys)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), stored_keys,
+                                              (stored_keys.float() ** 2).sum(1), 40, metric)
+    assert (rows[:, 30:] == -1).all() and np.isinf(distances[:, 30:]).all()
+    assert (np.sort(rows[:, :30], axis=1) == np.arange(30)).all()
+    assert_float32_search_over_rounded_keys(queries, keys, rows[:, :30], distances[:, :30], metric)
+
+
+def test_torch_kernel_k_beyond_two_chunks(data, monkeypatch):
+    # The running top-k holds fewer than k rows until enough chunks are seen.
+    keys, queries = data
+    monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 40 * 1000)  # 1024-row chunks
+    k = torch.from_numpy(keys)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, (k**2).sum(1), 2500, "l2")
+    assert_same_neighbours(rows, distances, *brute_force(queries, keys, 2500, "l2"))

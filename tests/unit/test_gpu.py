@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from monim.datastore import NamespaceConfig, NeighborStore
+from monim.datastore import NamespaceConfig, NeighborStore, flat_index
 
 from tests.conftest import assert_same_neighbours, brute_force
+from tests.unit.test_flat_index import assert_float32_search_over_rounded_keys, fp16_store_data
 from tests.unit.test_learnable_memory import DIM, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 
 pytestmark = [pytest.mark.gpu,
@@ -32,6 +33,27 @@ def test_float16_keys_on_cuda_find_the_same_neighbours_mostly():
     store = NeighborStore(NamespaceConfig("g", dim=64, key_dtype="float16"), device="cuda")
     store.add(keys, np.arange(20_000))
     assert (store.search(queries, 1).ids[:, 0] == np.arange(200)).mean() > 0.99
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 100, 1024])
+@pytest.mark.parametrize("block_bytes", [None, 4 * 256 * 4096])  # one chunk; 4096-row chunks
+def test_fp16_keys_on_cuda_give_fp32_distances_at_large_norms(metric, k, block_bytes, monkeypatch):
+    # A float16 store answers as float32 search over its rounded keys would, for key norms up to 500
+    # (where float16 scores overflow): same neighbours up to ties, distances within 1e-5.
+    if block_bytes is not None:
+        monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+    keys, queries = fp16_store_data(np.random.default_rng(2), stored=20_000, dim=768, batch=256)
+    store = NeighborStore(NamespaceConfig("g", dim=768, metric=metric, key_dtype="float16"), device="cuda")
+    assert store.backend == "torch" and store.rows.keys.dtype == torch.float16
+    ids = store.add(keys, np.arange(20_000))
+    result = store.search(queries, k)
+    order = np.argsort(ids)
+    rows = order[np.searchsorted(ids, result.ids, sorter=order)]
+    assert (ids[rows] == result.ids).all()
+    error = assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, result.distances, metric)
+    print(f"{metric} k={k} block_bytes={block_bytes}: max relative distance error {error:.3g}; "
+          f"float32 matmul output for float16: {flat_index._takes_out_dtype.get('cuda')}")
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

@@ -32,23 +32,6 @@ def make_data(seed=0):
             rng.standard_normal((BATCH, VALUE_DIM)).astype(np.float32))
 
 
-class SingleStore:
-    def __init__(self, config):
-        self.store = NeighborStore(config)
-
-    def add(self, *args, **kwargs):
-        return self.store.add(*args, **kwargs)
-
-    def retrieve(self, *args):
-        return self.store.retrieve(*args)
-
-    def backward(self, *args):
-        return self.store.retrieve_backward(*args)
-
-    def values(self):
-        return self.store.get(np.arange(N)).values
-
-
 class Sharded:
     def __init__(self, config, shards):
         self.router = Router(LocalRuntime(shards))
@@ -73,7 +56,7 @@ class Sharded:
 def test_forward_and_backward_match_autograd(metric, shards):
     keys, values, weights, queries, grad_memory = make_data()
     config = NamespaceConfig("mem", dim=DIM, metric=metric, value_dim=VALUE_DIM, optimizer={"name": "sgd", "lr": LR})
-    memory = SingleStore(config) if shards == 1 else Sharded(config, shards)
+    memory = Sharded(config, shards)
     memory.add(keys, np.arange(N), values=values, weights=weights)
     result = memory.retrieve(queries, K, TEMPERATURE)
     ref_m, ref_alpha, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, result.ids, metric,
@@ -90,8 +73,7 @@ def test_forward_and_backward_match_autograd(metric, shards):
 
 
 def test_rows_with_fewer_neighbours_than_k_get_zero_weight_slots():
-    config = NamespaceConfig("mem", dim=4, value_dim=2)
-    store = NeighborStore(config)
+    store = Sharded(NamespaceConfig("mem", dim=4, value_dim=2), 1)
     store.add(np.eye(4, dtype=np.float32)[:2], np.arange(2), values=np.array([[1, 0], [0, 1]], np.float32))
     result = store.retrieve(np.ones((3, 4), np.float32), 5, 1.0)
     assert (result.ids[:, 2:] == -1).all() and (result.alpha[:, 2:] == 0).all()
@@ -100,16 +82,16 @@ def test_rows_with_fewer_neighbours_than_k_get_zero_weight_slots():
 
 
 def test_empty_store_gives_zero_memory_and_zero_gradients():
-    store = NeighborStore(NamespaceConfig("mem", dim=4, value_dim=2))
+    store = Sharded(NamespaceConfig("mem", dim=4, value_dim=2), 2)
     result = store.retrieve(np.ones((2, 4), np.float32), 3, 1.0)
     assert (result.memory == 0).all() and (result.alpha == 0).all()
-    grad_q, grad_t = store.retrieve_backward(result.queries, result.ids, result.alpha, result.distances,
-                                             np.ones((2, 2), np.float32), 1.0)
+    grad_q, grad_t = store.backward(result.queries, result.ids, result.alpha, result.distances,
+                                    np.ones((2, 2), np.float32), 1.0)
     assert (grad_q == 0).all() and grad_t == 0.0
 
 
 def test_weights_enter_scores_as_log_w():
-    store = NeighborStore(NamespaceConfig("mem", dim=2, value_dim=1))
+    store = Sharded(NamespaceConfig("mem", dim=2, value_dim=1), 1)
     store.add(np.array([[1, 0], [-1, 0]], np.float32), np.arange(2), values=np.array([[1], [0]], np.float32),
               weights=np.array([3.0, 1.0], np.float32))
     result = store.retrieve(np.zeros((1, 2), np.float32), 2, 1.0)  # equidistant: alpha = w / sum w
@@ -129,7 +111,7 @@ def test_updates_and_searches_at_the_same_time_never_show_torn_rows():
 
     def writer():
         while not stop.is_set():
-            store.apply_gradients(np.arange(500), np.ones((500, 64), np.float32))
+            store.step(np.arange(500), np.ones((500, 64), np.float32))
 
     thread = threading.Thread(target=writer)
     thread.start()

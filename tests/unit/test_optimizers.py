@@ -1,5 +1,5 @@
 """The store's sparse optimizers against torch.optim on the same sparse gradients, 20 steps with
-repeated ids, in one store and across 3 in-process shards (values and optimizer state to 1e-5)."""
+repeated ids, on 1 and 3 in-process shards (values, optimizer state and per-row steps to 1e-5)."""
 
 import numpy as np
 import pytest
@@ -22,31 +22,30 @@ def gradient_steps(seed=3):
 
 
 def torch_reference(optimizer: str, options: dict, initial: np.ndarray, steps):
-    """(values, state by our column names) after torch.optim on sparse gradients."""
-    if optimizer == "sgd" and options.get("momentum"):
-        # torch's SGD takes no sparse gradient with momentum; one Parameter per row with grad=None on
-        # untouched rows is the same sparse semantics (a row's buffer moves only when touched).
-        params = [torch.nn.Parameter(torch.tensor(row)) for row in initial]
-        opt = torch.optim.SGD(params, lr=options["lr"], momentum=options["momentum"])
-        for ids, grads in steps:
-            dense = np.zeros_like(initial)
-            np.add.at(dense, ids, grads)
-            for row, param in enumerate(params):
-                param.grad = torch.tensor(dense[row]) if row in set(ids.tolist()) else None
-            opt.step()
-        buffers = np.stack([opt.state[p]["momentum_buffer"].numpy() if p in opt.state else np.zeros(VALUE_DIM)
-                            for p in params])
-        return np.stack([p.detach().numpy() for p in params]), {"momentum_buffer": buffers}
-    param = torch.nn.Parameter(torch.tensor(initial))
+    """(values, state by our column names, steps per row) after torch.optim with one Parameter per
+    row: a row untouched by a step has grad None, so its state and its step count stay (the store
+    counts steps per row, as if each row were its own parameter)."""
+    params = [torch.nn.Parameter(torch.tensor(row)) for row in initial]
     cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.SparseAdam}[optimizer]
-    opt = cls([param], **options)
+    opt = cls(params, **options)
     for ids, grads in steps:
-        param.grad = torch.sparse_coo_tensor(torch.from_numpy(ids)[None], torch.from_numpy(grads), initial.shape,
-                                             check_invariants=True)
+        dense = np.zeros_like(initial)
+        np.add.at(dense, ids, grads)
+        touched = set(ids.tolist())
+        for row, param in enumerate(params):
+            grad = torch.tensor(dense[row]) if row in touched else None
+            if grad is not None and optimizer == "adam":  # SparseAdam takes sparse gradients only
+                grad = torch.sparse_coo_tensor(torch.arange(VALUE_DIM)[None], grad, (VALUE_DIM,))
+            param.grad = grad
         opt.step()
-    state = opt.state[param]
-    names = {"adagrad": {"sum": "sum"}, "adam": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}}.get(optimizer, {})
-    return param.detach().numpy(), {ours: state[theirs].numpy() for ours, theirs in names.items()}
+    names = {"sgd": {"momentum_buffer": "momentum_buffer"} if options.get("momentum") else {},
+             "adagrad": {"sum": "sum"}, "adam": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}}[optimizer]
+    state = {ours: np.stack([opt.state[p][theirs].numpy() if p in opt.state else np.zeros(VALUE_DIM, np.float32)
+                             for p in params]) for ours, theirs in names.items()}
+    touched_steps = np.zeros(len(params), np.int64)
+    for ids, _ in steps:
+        touched_steps[np.unique(ids)] += 1
+    return np.stack([p.detach().numpy() for p in params]), state, touched_steps
 
 
 CASES = [
@@ -71,26 +70,36 @@ def our_options(name, options):
 def test_matches_torch_optim(name, options, shards):
     initial = np.random.default_rng(0).standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
     config = NamespaceConfig("opt", dim=2, value_dim=VALUE_DIM, optimizer=our_options(name, options))
-    keys = np.zeros((ROWS, 2), np.float32)
-    if shards == 1:
-        store = NeighborStore(config)
-        store.add(keys, np.arange(ROWS), values=initial)
-        apply, get = store.apply_gradients, lambda: store.get(np.arange(ROWS), return_optimizer_state=True)
-    else:
-        router = Router(LocalRuntime(shards))
-        router.create_namespace(config)
-        router.add("opt", keys, np.arange(ROWS), values=initial)
-        apply = lambda ids, grads: router.apply_gradients("opt", ids, grads)  # noqa: E731
-        get = lambda: router.get("opt", np.arange(ROWS), return_optimizer_state=True)  # noqa: E731
+    router = Router(LocalRuntime(shards))
+    router.create_namespace(config)
+    router.add("opt", np.zeros((ROWS, 2), np.float32), np.arange(ROWS), values=initial)
     steps = gradient_steps()
     for ids, grads in steps:
-        assert apply(ids, grads) == np.unique(ids).size
-    expected_values, expected_state = torch_reference(name, options, initial, steps)
-    rows = get()
+        assert router.apply_gradients("opt", ids, grads) == np.unique(ids).size
+    expected_values, expected_state, expected_steps = torch_reference(name, options, initial, steps)
+    rows = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
     np.testing.assert_allclose(rows.values, expected_values, atol=1e-5, rtol=1e-5)
     for column, expected in expected_state.items():
         np.testing.assert_allclose(rows.optimizer_state[column], expected, atol=1e-5, rtol=1e-5, err_msg=column)
-    assert rows.optimizer_state["step"].tolist() == [STEPS]
+    assert rows.optimizer_state["step"].tolist() == expected_steps.tolist()
+
+
+def test_a_row_added_late_takes_the_first_step_of_a_fresh_parameter():
+    """Adam's bias correction counts the row's own steps: after 10 steps of other rows, a new
+    row's first update equals torch.optim.SparseAdam's first step on a fresh parameter."""
+    router = Router(LocalRuntime(2))
+    router.create_namespace(NamespaceConfig("late", dim=2, value_dim=VALUE_DIM, optimizer={"name": "adam", "lr": 0.01}))
+    router.add("late", np.zeros((4, 2), np.float32), np.arange(4), values=np.zeros((4, VALUE_DIM), np.float32))
+    grads = np.random.default_rng(1).standard_normal((1, VALUE_DIM)).astype(np.float32)
+    for _ in range(10):
+        router.apply_gradients("late", np.array([0]), grads)
+    late = router.add("late", np.zeros((1, 2), np.float32), np.array([9]), values=np.zeros((1, VALUE_DIM), np.float32)).ids
+    router.apply_gradients("late", late, grads)
+    fresh = torch.nn.Parameter(torch.zeros(VALUE_DIM))
+    opt = torch.optim.SparseAdam([fresh], lr=0.01)
+    fresh.grad = torch.sparse_coo_tensor(torch.arange(VALUE_DIM)[None], torch.from_numpy(grads[0]), (VALUE_DIM,))
+    opt.step()
+    np.testing.assert_allclose(router.get("late", late).values[0], fresh.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_untouched_rows_never_change():
@@ -98,7 +107,7 @@ def test_untouched_rows_never_change():
     initial = np.ones((5, 3), np.float32)
     store.add(np.zeros((5, 2), np.float32), np.arange(5), values=initial)
     for _ in range(5):
-        store.apply_gradients(np.array([1, 3]), np.ones((2, 3), np.float32))
+        store.step(np.array([1, 3]), np.ones((2, 3), np.float32))
     rows = store.get(np.arange(5), return_optimizer_state=True)
     assert (rows.values[[0, 2, 4]] == 1).all() and (rows.values[[1, 3]] < 1).all()
     assert (rows.optimizer_state["exp_avg"][[0, 2, 4]] == 0).all()
@@ -108,7 +117,7 @@ def test_gradient_clipping_bounds_each_row():
     store = NeighborStore(NamespaceConfig("opt", dim=2, value_dim=2,
                                           optimizer={"name": "sgd", "lr": 1.0, "max_grad_norm": 0.5}))
     store.add(np.zeros((2, 2), np.float32), np.arange(2), values=np.zeros((2, 2), np.float32))
-    store.apply_gradients(np.array([0, 0, 1]), np.array([[3, 0], [0, 4], [0.1, 0]], np.float32))
+    store.step(np.array([0, 0, 1]), np.array([[3, 0], [0, 4], [0.1, 0]], np.float32))
     values = store.get(np.arange(2)).values
     np.testing.assert_allclose(np.linalg.norm(values[0]), 0.5, atol=1e-5)  # (3, 4) summed, then clipped
     np.testing.assert_allclose(values[1], [-0.1, 0], atol=1e-6)  # under the bound: unchanged gradient
