@@ -21,6 +21,9 @@ of live slots that is at least half full, and what lies outside goes to the
 survivors. So memory follows the live ids, not the ids ever issued. A
 re-window costs O(live ids) and waits until a quarter as many ids were
 assigned since the last one, so ``assign`` stays amortized O(ids assigned).
+
+Not thread-safe, lookups included (they merge the sorted parts' pending
+changes): callers serialize calls, as NeighborStore does with its lock.
 """
 
 from __future__ import annotations
@@ -93,10 +96,11 @@ class IdMap:
             self._irregular.assign(ids[~regular], rows[~regular])
             ids, slots, rows = ids[regular], slots[regular], rows[regular]
         local = slots - self._base
-        above = (local >= self._span) & (rows != ABSENT)
-        if above.any():
-            self._grow(int(local[above].max()) + 1, int(np.count_nonzero(above)))
-        inside = (local >= 0) & (local < self._span)
+        if local.size and int(local.max()) >= self._span:
+            above = (local >= self._span) & (rows != ABSENT)
+            if above.any():
+                self._grow(int(local[above].max()) + 1, int(np.count_nonzero(above)))
+        inside = local.view(np.uint64) < self._span  # slots below the window read as huge
         if not inside.all():
             self._survivors.assign(ids[~inside], rows[~inside])
             local, rows = local[inside], rows[inside]
@@ -203,12 +207,13 @@ def _densest_run(slots: np.ndarray) -> tuple[int, int]:
     the most slots among those covering at least half of [slots[i], slots[j]]; the highest on ties.
 
     The run i..j is half full when 2 * (j - i + 1) >= slots[j] - slots[i] + 1, that is when
-    t[j] <= t[i] + 1 for t[k] = slots[k] - 2k. The largest such j is the last position where the
-    suffix minimum of t (non-decreasing) is <= t[i] + 1: one searchsorted for every i at once."""
+    t[j] - 1 <= t[i] for t[k] = slots[k] - 2k. The largest such j is the last position where the
+    suffix minimum of t (non-decreasing) minus 1 is <= t[i]: one searchsorted for every i at once.
+    (t - 1 rather than t + 1: a slot may be INT64_MAX, t cannot go below -2n.)"""
     positions = np.arange(slots.size, dtype=np.int64)
     t = slots - 2 * positions
     suffix_min = np.minimum.accumulate(t[::-1])[::-1]
-    ends = np.searchsorted(suffix_min, t + 1, side="right") - 1
+    ends = np.searchsorted(suffix_min - 1, t, side="right") - 1
     counts = ends - positions
     first = slots.size - 1 - int(np.argmax(counts[::-1]))
     return first, int(ends[first])
@@ -241,11 +246,11 @@ class _SortedRows:
         return self.ids.nbytes + self.rows.nbytes + 2 * 8 * self._logged
 
     def assign(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """ids, rows: int64 [n]; a row ABSENT removes its id."""
+        """ids, rows: int64 [n], taken over (not copied); a row ABSENT removes its id."""
         if ids.size == 0:
             return
-        self._log_ids.append(ids.copy())
-        self._log_rows.append(rows.copy())
+        self._log_ids.append(ids)
+        self._log_rows.append(rows)
         self._logged += ids.size
         if self._logged > max(self._min_log, self.ids.size):
             self._merge()

@@ -2,6 +2,8 @@
 
 It is started the way a user starts it, in its own process, and stopped with
 SIGTERM at the end of the session (which shuts its Ray instance down).
+Tests that need more front ends, or another shard count, join that one Ray
+instance from this process (``ray_joined``): no second Ray is started.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server_address():
+def server():
+    """The session's `monim serve`: {"address", "deployment", "output" (its log lines so far)}."""
     port = _free_port()
+    deployment = f"test-{uuid.uuid4().hex[:8]}"
     command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
-               "--num-cpus", "2", "--deployment", f"test-{uuid.uuid4().hex[:8]}"]
+               "--num-cpus", "2", "--deployment", deployment]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True)
@@ -55,7 +59,7 @@ def server_address():
                 raise RuntimeError("monim serve exited early:\n" + "".join(output))
             if "serving" in line:
                 address = line.rsplit(" on ", 1)[1].strip()
-        yield address
+        yield {"address": address, "deployment": deployment, "output": output}
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -63,6 +67,37 @@ def server_address():
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def server_address(server):
+    return server["address"]
+
+
+@pytest.fixture(scope="session")
+def ray_joined(server):
+    """This process connected to the session server's Ray instance (left at the end of the session)."""
+    import ray
+
+    ray.init(address="auto", namespace="monim", logging_level="WARNING", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def three_shard_front_ends(ray_joined):
+    """A second deployment of 3 shards on the shared Ray, served by two front ends (two routers,
+    two gRPC ports) in this process: [address of front end 1, address of front end 2]."""
+    from monim.workers.embedded import EmbeddedStore
+
+    deployment = f"three-{uuid.uuid4().hex[:8]}"
+    first = EmbeddedStore(shards=3, ray_address="auto", shard_cpus=0, use_gpus=False, deployment=deployment)
+    second = EmbeddedStore(shards=3, ray_address="auto", shard_cpus=0, use_gpus=False, deployment=deployment)
+    try:
+        yield [first.address, second.address]
+    finally:
+        second.server.stop(1).wait()
+        first.stop()
 
 
 @pytest.fixture(scope="session")

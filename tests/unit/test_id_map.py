@@ -63,6 +63,14 @@ def test_lookup_keeps_the_shape_of_the_ids():
     assert len(id_map) == 5
 
 
+def test_ids_off_the_pattern_alone():
+    id_map = IdMap(stride=4, offset=2)
+    id_map.assign(np.array([3, -8, INT64_MIN]), np.array([0, 1, 2]))
+    id_map.assign(np.array([-8]), np.array([ABSENT]))
+    np.testing.assert_array_equal(id_map.lookup(np.array([3, -8, INT64_MIN, 2])), [0, ABSENT, 2, ABSENT])
+    assert len(id_map) == 2
+
+
 def test_ids_far_apart_do_not_allocate_the_gap():
     id_map = IdMap()
     ids = np.array([0, 5, 10**12, 10**15, 2**62, INT64_MAX], np.int64)
