@@ -57,18 +57,21 @@ def new_request_id() -> str:
 
 
 def _reread_config_if_recreated(method):
-    """A NamespaceChanged from the shards while the caller named no generation means this front
-    end's cached config is of a dropped incarnation: re-read it and run the call once more
-    (the shards refused the first attempt before changing anything)."""
+    """This front end's cached config may be of a dropped incarnation (another front end dropped
+    and re-created the namespace). Shards then refuse the call (NamespaceChanged) before changing
+    anything, or the request fails validation against the old config (InvalidArgument): if the
+    registry now has another generation, the call runs once more with it. A caller that named a
+    generation gets the refusal."""
 
     @functools.wraps(method)
     def wrapper(self, namespace, *args, **kwargs):
         try:
             return method(self, namespace, *args, **kwargs)
-        except NamespaceChanged:
-            if kwargs.get("generation"):
+        except (NamespaceChanged, InvalidArgument):
+            cached = self._configs.pop(namespace, None)
+            if kwargs.get("generation") or cached is None or \
+                    self.config(namespace).generation == cached.generation:
                 raise
-            self._configs.pop(namespace, None)
             return method(self, namespace, *args, **kwargs)
 
     return wrapper

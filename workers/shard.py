@@ -20,12 +20,17 @@ import dataclasses
 import functools
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
 from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
 from monim.datastore.memory_ops import BackwardPartials
 from monim.protos.errors import AlreadyExists, InvalidArgument, NamespaceChanged, NamespaceNotFound
+
+# Ray hands actors their array arguments read-only (zero-copy from the object store); the shard
+# reads them into tensors and never writes to them, so torch's warning about that is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 # Request ids (and committed step ids) remembered per shard, to apply each write at most once.
 REMEMBERED_REQUESTS = 100_000

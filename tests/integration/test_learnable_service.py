@@ -6,7 +6,7 @@ import pytest
 from monim.model_client import MemoryClient
 
 from tests.unit.test_learnable_memory import BATCH, DIM, LR, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
-from tests.unit.test_optimizers import ROWS, STEPS, gradient_steps, torch_reference
+from tests.unit.test_optimizers import ROWS, gradient_steps, torch_reference
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
