@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from monim.datastore import NamespaceConfig, NeighborStore, flat_index
+from monim.model_client.local_store import LocalMemory
 
 from tests.conftest import assert_same_neighbours, brute_force
 from tests.unit.test_flat_index import assert_float32_search_over_rounded_keys, fp16_store_data
@@ -58,16 +59,19 @@ def test_fp16_keys_on_cuda_give_fp32_distances_at_large_norms(metric, k, block_b
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_cuda_retrieve_and_backward_match_autograd(metric):
+    """The in-process store (the router over one shard) with its rows on the GPU."""
     keys, values, weights, queries, grad_memory = make_data(seed=4)
-    store = NeighborStore(NamespaceConfig("g", dim=DIM, metric=metric, value_dim=VALUE_DIM,
-                                          optimizer={"name": "sgd", "lr": 0.1}), device="cuda")
-    store.add(keys, np.arange(N), values=values, weights=weights)
-    result = store.retrieve(queries, K, TEMPERATURE)
+    memory = LocalMemory(device="cuda")
+    memory.create_namespace(NamespaceConfig("g", dim=DIM, metric=metric, value_dim=VALUE_DIM,
+                                            optimizer={"name": "sgd", "lr": 0.1}))
+    assert memory.runtime.shards[0].device == "cuda"
+    memory.add("g", keys, np.arange(N), values=values, weights=weights)
+    result = memory.retrieve("g", queries, K, TEMPERATURE)
     ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, result.ids, metric,
                                                        TEMPERATURE, grad_memory)
     np.testing.assert_allclose(result.memory, ref_m, atol=1e-5)
-    grad_queries, grad_temperature = store.retrieve_backward(queries, result.ids, result.alpha, result.distances,
-                                                             grad_memory, TEMPERATURE)
+    grad_queries, grad_temperature = memory.retrieve_backward("g", queries, result.ids, result.alpha,
+                                                              result.distances, grad_memory, TEMPERATURE)
     np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
     assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
-    np.testing.assert_allclose(store.get(np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
+    np.testing.assert_allclose(memory.get("g", np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
