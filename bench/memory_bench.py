@@ -1,6 +1,6 @@
 """Cost of the learnable memory next to the data, against plain search, in one run on the same data.
 
-For each k, on one NeighborStore (the in-process store; ``--service`` adds the
+For each k, on the in-process store (the router over one shard; ``--service`` adds the
 same through MemoryClient -> gRPC -> router -> shard actors):
   search            exact top-k (ids, distances, tokens)
   retrieve          search + attention + sum_i alpha_i v_i            (the forward)
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from monim.datastore import NamespaceConfig, NeighborStore
+from monim.datastore import NamespaceConfig
 
 
 def timed(call, budget_s: float, max_repeats: int):
@@ -41,24 +41,31 @@ def timed(call, budget_s: float, max_repeats: int):
 
 
 class InProcess:
+    """The in-process store: the router over one shard (what MemoryClient(":memory:") runs)."""
+
     def __init__(self, config, device):
-        self.store = NeighborStore(config, device=device)
+        from monim.model_client.local_store import LocalMemory
+
+        self.store = LocalMemory(device)
+        self.name = config.name
+        self.store.create_namespace(config)
 
     def add(self, keys, tokens, values):
         for start in range(0, keys.shape[0], 50_000):
-            self.store.add(keys[start:start + 50_000], tokens[start:start + 50_000], values[start:start + 50_000])
+            self.store.add(self.name, keys[start:start + 50_000], tokens[start:start + 50_000],
+                           values[start:start + 50_000])
 
     def search(self, q, k):
-        return self.store.search(q, k)
+        return self.store.search(self.name, q, k)
 
     def retrieve(self, q, k):
-        return self.store.retrieve(q, k, 1.0)
+        return self.store.retrieve(self.name, q, k, 1.0)
 
     def backward(self, r, grad):
-        return self.store.retrieve_backward(r.queries, r.ids, r.alpha, r.distances, grad, r.temperature)
+        return self.store.retrieve_backward(self.name, r.queries, r.ids, r.alpha, r.distances, grad, r.temperature)
 
     def apply(self, ids, grads):
-        return self.store.apply_gradients(ids, grads)
+        return self.store.apply_gradients(self.name, ids, grads)
 
 
 class Service:
