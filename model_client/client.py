@@ -107,7 +107,7 @@ class _RemoteStore:
         return self._call("DropNamespace", pb.DropNamespaceRequest(namespace=namespace)).rows_dropped
 
     def add(self, namespace, keys, tokens, values=None, weights=None, source="", logp=None,
-            admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0, request_id="", generation=0):
+            admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0, *, request_id="", generation=0):
         request = pb.AddRequest(namespace=namespace, keys=convert.tensor_to_proto(keys),
                                 tokens=convert.tensor_to_proto(tokens), source=source, admit_below=admit_below,
                                 merge_eps=merge_eps, request_id=request_id, generation=generation)
@@ -116,19 +116,19 @@ class _RemoteStore:
                 getattr(request, name).CopyFrom(convert.tensor_to_proto(array))
         return convert.add_result_from_proto(self._call("Add", request))
 
-    def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False,
+    def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
                generation=0):
         request = pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
                                    return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation)
         return convert.search_result_from_proto(self._call("Search", request))
 
-    def get(self, namespace, ids, return_optimizer_state=False, generation=0):
+    def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
         request = pb.GetRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
                                 return_optimizer_state=return_optimizer_state, generation=generation)
         return convert.rows_from_proto(self._call("Get", request))
 
-    def delete(self, namespace, ids=None, source=None, request_id="", generation=0):
+    def delete(self, namespace, ids=None, source=None, *, request_id="", generation=0):
         request = pb.DeleteRequest(namespace=namespace, request_id=request_id, generation=generation)
         if source is not None:
             request.source = source  # explicit presence: "" (untagged rows) is not "unset"
@@ -136,13 +136,13 @@ class _RemoteStore:
             request.ids.CopyFrom(convert.tensor_to_proto(ids))
         return self._call("Delete", request).deleted
 
-    def retrieve(self, namespace, queries, k, temperature, generation=0):
+    def retrieve(self, namespace, queries, k, temperature, *, generation=0):
         request = pb.RetrieveRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
                                      temperature=temperature, generation=generation)
         return convert.retrieve_result_from_proto(self._call("Retrieve", request), queries, temperature)
 
-    def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, generation=0,
-                          step_id="", part=0, defer_step=False):
+    def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
+                          generation=0, step_id="", part=0, defer_step=False):
         request = pb.RetrieveBackwardRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), ids=convert.tensor_to_proto(ids),
             alpha=convert.tensor_to_proto(alpha), distances=convert.tensor_to_proto(distances),
@@ -151,14 +151,14 @@ class _RemoteStore:
         response = self._call("RetrieveBackward", request)
         return convert.tensor_from_proto(response.grad_queries, "grad_queries"), response.grad_temperature
 
-    def commit_step(self, namespace, step_id, generation=0):
+    def commit_step(self, namespace, step_id, *, generation=0):
         request = pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation)
         return self._call("CommitStep", request).rows_updated
 
-    def abort_step(self, namespace, step_id, generation=0):
+    def abort_step(self, namespace, step_id, *, generation=0):
         self._call("AbortStep", pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation))
 
-    def apply_gradients(self, namespace, ids, grads, request_id="", generation=0):
+    def apply_gradients(self, namespace, ids, grads, *, request_id="", generation=0):
         request = pb.ApplyGradientsRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
                                            grads=convert.tensor_to_proto(grads), request_id=request_id,
                                            generation=generation)
@@ -268,7 +268,7 @@ class MemoryClient:
         request_id = request_id or new_request_id()
         if len(parts) == 1:
             result = self._retried("add", namespace, keys, tokens, values, weights, source, logp, admit_below,
-                                   merge_eps, request_id)
+                                   merge_eps, request_id=request_id)
         else:
             self._check_whole_batch(namespace, keys, tokens, values, weights, logp)
 
@@ -276,7 +276,7 @@ class MemoryClient:
                 return None if array is None else array[part]
 
             results = [self._retried("add", namespace, keys[p], tokens[p], part_of(values, p), part_of(weights, p),
-                                     source, part_of(logp, p), admit_below, merge_eps, f"{request_id}/{i}")
+                                     source, part_of(logp, p), admit_below, merge_eps, request_id=f"{request_id}/{i}")
                        for i, p in enumerate(parts)]
             result = AddResult(ids=np.concatenate([r.ids for r in results]),
                                admitted=np.concatenate([r.admitted for r in results]),
@@ -348,7 +348,7 @@ class MemoryClient:
         returns how many rows went. generation (from a SearchResult, say): only in that incarnation
         of the namespace (FailedPrecondition if it was re-created since)."""
         ids = _int_array(ids, "ids")
-        return self._retried("delete", namespace, ids, source, new_request_id(), generation)
+        return self._retried("delete", namespace, ids, source, request_id=new_request_id(), generation=generation)
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0) -> RetrieveResult:
@@ -386,8 +386,8 @@ class MemoryClient:
 
         def send(part, index, defer):
             return self._retried("retrieve_backward", namespace, queries[part], ids[part], result.alpha[part],
-                                 result.distances[part], grad_memory[part], result.temperature, result.generation,
-                                 step_id, index, defer)
+                                 result.distances[part], grad_memory[part], result.temperature,
+                                 generation=result.generation, step_id=step_id, part=index, defer_step=defer)
 
         if len(parts) == 1:
             return send(slice(None), 0, False)
@@ -395,11 +395,11 @@ class MemoryClient:
             answers = [send(part, index, True) for index, part in enumerate(parts)]
         except MemoryStoreError:
             try:
-                self._store.abort_step(namespace, step_id, result.generation)
+                self._store.abort_step(namespace, step_id, generation=result.generation)
             except MemoryStoreError:
                 pass  # staged parts also expire on the shards
             raise
-        self._retried("commit_step", namespace, step_id, result.generation)
+        self._retried("commit_step", namespace, step_id, generation=result.generation)
         return np.concatenate([g for g, _ in answers]), float(sum(t for _, t in answers))
 
     def apply_gradients(self, namespace: str, ids, grads, generation: int = 0) -> int:
@@ -407,7 +407,7 @@ class MemoryClient:
         ids are summed); all or nothing (NotFound, changing nothing, if an id is not stored).
         Returns the number of rows updated."""
         return self._retried("apply_gradients", namespace, _int_array(ids, "ids"), _float_array(grads, "grads"),
-                             new_request_id(), generation)
+                             request_id=new_request_id(), generation=generation)
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

@@ -65,12 +65,14 @@ def _reread_config_if_recreated(method):
 
     @functools.wraps(method)
     def wrapper(self, namespace, *args, **kwargs):
+        cached = self._configs.get(namespace)
         try:
             return method(self, namespace, *args, **kwargs)
         except (NamespaceChanged, InvalidArgument):
-            cached = self._configs.pop(namespace, None)
-            if kwargs.get("generation") or cached is None or \
-                    self.config(namespace).generation == cached.generation:
+            if kwargs.get("generation") or cached is None:
+                raise
+            self._configs.pop(namespace, None)
+            if self.config(namespace).generation == cached.generation:
                 raise
             return method(self, namespace, *args, **kwargs)
 
@@ -177,7 +179,7 @@ class Router:
     @_reread_config_if_recreated
     def add(self, namespace: str, keys: np.ndarray, tokens: np.ndarray, values: np.ndarray | None = None,
             weights: np.ndarray | None = None, source: str = "", logp: np.ndarray | None = None,
-            admit_below: float = admission.DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0, request_id: str = "",
+            admit_below: float = admission.DEFAULT_ADMIT_BELOW, merge_eps: float = 0.0, *, request_id: str = "",
             generation: int = 0) -> AddResult:
         """Stages: validate the batch; keep the admitted rows (logp < admit_below); with merge_eps,
         search all shards for same-token near-duplicates; the registry records the plan under the
@@ -231,7 +233,7 @@ class Router:
 
     @_reread_config_if_recreated
     def search(self, namespace: str, queries: np.ndarray, k: int, return_keys: bool = False,
-               return_values: bool = False, return_weights: bool = False, generation: int = 0) -> SearchResult:
+               return_values: bool = False, return_weights: bool = False, *, generation: int = 0) -> SearchResult:
         """Stages: validate; send the queries to every shard at once; merge the per-shard top-k."""
         return self._search(self.config(namespace, generation), queries, k, return_keys, return_values,
                             return_weights)
@@ -250,7 +252,7 @@ class Router:
 
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated
-    def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0,
+    def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0, *,
                  generation: int = 0) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
@@ -275,7 +277,7 @@ class Router:
                       "attempts of this Retrieve; retry it")
 
     @_reread_config_if_recreated
-    def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory, temperature: float,
+    def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory, temperature: float, *,
                           generation: int = 0, step_id: str = "", part: int = 0,
                           defer_step: bool = False) -> tuple[np.ndarray, float]:
         """The MoNIM backward. Stages: validate; every shard checks that its rows of ids are still
@@ -306,7 +308,7 @@ class Router:
         return sum(self._all_shards("commit_step", config.name, config.generation, step_id))
 
     @_reread_config_if_recreated
-    def commit_step(self, namespace: str, step_id: str, generation: int = 0) -> int:
+    def commit_step(self, namespace: str, step_id: str, *, generation: int = 0) -> int:
         """Applies the value gradients the parts of step_id staged, as one optimizer step; returns
         the rows updated. Committing again answers the same."""
         config = self.config(namespace, generation)
@@ -315,7 +317,7 @@ class Router:
         return self._commit(config, step_id)
 
     @_reread_config_if_recreated
-    def abort_step(self, namespace: str, step_id: str, generation: int = 0) -> None:
+    def abort_step(self, namespace: str, step_id: str, *, generation: int = 0) -> None:
         """Drops what the parts of step_id staged (nothing is stepped)."""
         config = self.config(namespace, generation)
         if not validation.check_step_id(step_id):
@@ -323,7 +325,7 @@ class Router:
         self._all_shards("abort_step", namespace, config.generation, step_id)
 
     @_reread_config_if_recreated
-    def apply_gradients(self, namespace: str, ids, grads, request_id: str = "", generation: int = 0) -> int:
+    def apply_gradients(self, namespace: str, ids, grads, *, request_id: str = "", generation: int = 0) -> int:
         """One optimizer step with value gradients grads [N, value_dim] for ids [N]. Stages: validate;
         the owning shards check their ids are stored and stage the gradients (NOT_FOUND from any:
         nothing changes); commit. Returns the rows updated."""
@@ -351,7 +353,7 @@ class Router:
                 yield shard, positions
 
     @_reread_config_if_recreated
-    def get(self, namespace: str, ids: np.ndarray, return_optimizer_state: bool = False,
+    def get(self, namespace: str, ids: np.ndarray, return_optimizer_state: bool = False, *,
             generation: int = 0) -> Rows:
         """Stages: route ids to their shards; fetch; NOT_FOUND naming every missing id; reassemble in order."""
         config = self.config(namespace, generation)
@@ -389,7 +391,7 @@ class Router:
         return state
 
     @_reread_config_if_recreated
-    def delete(self, namespace: str, ids: np.ndarray | None = None, source: str | None = None,
+    def delete(self, namespace: str, ids: np.ndarray | None = None, source: str | None = None, *,
                request_id: str = "", generation: int = 0) -> int:
         """Deletes by ids (routed to their shards; unknown ids ignored) or by source (every shard;
         "" is the tag of untagged rows). Returns how many rows went."""
