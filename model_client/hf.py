@@ -105,6 +105,7 @@ class MonimHandle:
             "rows_sent": self.sender.rows_sent,
             "rows_merged": self.sender.rows_merged,
             "rows_queued": self.sender.pending,
+            "admission": self.sender.stats(),  # failed batches and rows, retries, the last error
             "store": self.layer.timer.summary(),
         }
 
