@@ -1,6 +1,6 @@
 """The ``monim`` command.
 
-    monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR]
+    monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR] [--data-dir DIR | --ephemeral]
     monim status [--address HOST:PORT]
     monim demo [--shards N]
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -18,8 +19,16 @@ import sys
 def _serve(args) -> int:
     from monim.workers.embedded import EmbeddedStore
 
+    data_dir = None if args.ephemeral else os.path.abspath(args.data_dir)
+    if data_dir is None:
+        print("monim: --ephemeral: everything is kept in memory only and is lost when the server stops",
+              flush=True)
+    else:
+        print(f"monim: data dir {data_dir} (fsync {args.fsync}, a snapshot every {args.snapshot_every} "
+              "log records per shard)", flush=True)
     store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
-                          num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment)
+                          num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment,
+                          data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every)
     print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
 
     def stop(signum, frame):
@@ -90,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
     serve.add_argument("--shard-cpus", type=float, default=1.0, help="logical CPUs per shard actor")
     serve.add_argument("--deployment", default="monim", help="actor name prefix (front ends that share it share shards)")
+    serve.add_argument("--data-dir", default="./monim-data",
+                       help="where the registry, each shard's write-ahead log and snapshots are kept (default ./monim-data)")
+    serve.add_argument("--ephemeral", action="store_true", help="keep nothing on disk (everything is lost at exit)")
+    serve.add_argument("--fsync", choices=("always", "never"), default="always",
+                       help="always: fsync the log before acknowledging a write (default); never: flush to the OS only")
+    serve.add_argument("--snapshot-every", type=int, default=10_000,
+                       help="log records per shard between automatic snapshots (0: none)")
     serve.set_defaults(run=_serve)
 
     status = commands.add_parser("status", help="list namespaces and row counts of a running server")

@@ -20,13 +20,17 @@ class EmbeddedStore:
     shards: shard actors to create (a joined deployment keeps its own count).
     ray_address: None starts a local Ray; "auto" joins a running cluster.
     port: 0 picks a free port; ``address`` is what clients dial.
+    data_dir: where the deployment keeps its registry, logs and snapshots (None: in memory only);
+    fsync, snapshot_every: see workers/shard.py.
     """
 
     def __init__(self, shards: int = 2, host: str = "127.0.0.1", port: int = 0, ray_address: str | None = None,
                  num_cpus: int | None = None, shard_cpus: float = 1.0, use_gpus: bool | str = "auto",
-                 deployment: str = "monim", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 deployment: str = "monim", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000):
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
-                                  use_gpus=use_gpus, deployment=deployment)
+                                  use_gpus=use_gpus, deployment=deployment, data_dir=data_dir, fsync=fsync,
+                                  snapshot_every=snapshot_every)
         self.router = Router(self.runtime)
         try:
             self.server, self.port = start_server(self.router, host, port, max_message_bytes=max_message_bytes)

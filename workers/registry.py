@@ -11,17 +11,31 @@ refuse requests for a generation they do not hold.
 
 Create and the id block of an Add are remembered by request id, so a front
 end that retries a request gets the same generation and the same ids.
+
+With a data dir, the registry's state is ``registry.json`` there, replaced
+atomically (write, fsync, rename) at every create and drop, and whenever ids pass
+the reserved mark: ids are reserved in blocks of ID_RESERVATION, so a registry that
+restarts continues after the mark (skipping at most a block; ids are never reused).
+The plans of recent Adds are not kept across a restart.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import logging
+import os
+import pathlib
 import secrets
 
 import numpy as np
 from monim.datastore import NamespaceConfig
 from monim.protos.errors import AlreadyExists, InvalidArgument, NamespaceChanged, NamespaceNotFound
 
+log = logging.getLogger(__name__)
+
+ID_RESERVATION = 1 << 20
+STATE_FORMAT_VERSION = 1
 REMEMBERED_REQUESTS = 100_000
 REMEMBERED_TARGETS = 10_000_000  # merge targets of remembered Add plans, at most
 
@@ -32,15 +46,48 @@ def new_generation() -> int:
 
 
 class NamespaceRegistry:
-    def __init__(self, num_shards: int):
+    """num_shards: of a new deployment (one whose data dir holds a registry keeps its own count)."""
+
+    def __init__(self, num_shards: int, data_dir: str | None = None):
         if num_shards < 1:
             raise InvalidArgument(f"a deployment needs at least one shard, got {num_shards}")
         self.num_shards = num_shards
         self.configs: dict[str, dict] = {}
         self.next_ids: dict[str, int] = {}
+        self.reserved_ids: dict[str, int] = {}
         self.created_by: dict[str, str] = {}
         self._plans: collections.OrderedDict = collections.OrderedDict()  # request id -> (targets or N, first id)
         self._kept_targets = 0
+        self.path = None if data_dir is None else pathlib.Path(data_dir) / "registry.json"
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        state = json.loads(self.path.read_text())
+        if state.get("format_version", 0) > STATE_FORMAT_VERSION:
+            raise InvalidArgument(f"{self.path} has format version {state['format_version']}; this monim reads "
+                                  f"up to {STATE_FORMAT_VERSION}")
+        if state["num_shards"] != self.num_shards:
+            log.warning("the data dir holds a deployment of %d shards; keeping that (asked: %d)",
+                        state["num_shards"], self.num_shards)
+        self.num_shards = state["num_shards"]
+        self.configs = state["configs"]
+        self.next_ids = dict(state["reserved_ids"])  # continue after the reserved marks
+        self.reserved_ids = dict(state["reserved_ids"])
+        self.created_by = state["created_by"]
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"format_version": STATE_FORMAT_VERSION, "num_shards": self.num_shards, "configs": self.configs,
+                 "reserved_ids": self.reserved_ids, "created_by": self.created_by}
+        temporary = self.path.with_suffix(".json.tmp")
+        with open(temporary, "w") as file:
+            json.dump(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
 
     def shard_count(self) -> int:
         return self.num_shards
@@ -55,7 +102,9 @@ class NamespaceRegistry:
             raise AlreadyExists(f"namespace {name!r} already exists")
         self.configs[name] = dict(config, generation=new_generation())
         self.next_ids[name] = 0
+        self.reserved_ids[name] = 0
         self.created_by[name] = request_id
+        self._save()
         return self.configs[name]
 
     def drop(self, name: str, generation: int = 0) -> dict:
@@ -63,7 +112,9 @@ class NamespaceRegistry:
         config = self.config(name, generation)
         del self.configs[name]
         self.next_ids.pop(name, None)
+        self.reserved_ids.pop(name, None)
         self.created_by.pop(name, None)
+        self._save()
         return config
 
     def config(self, name: str, generation: int = 0) -> dict:
@@ -87,6 +138,9 @@ class NamespaceRegistry:
             return (np.full(kept, -1, np.int64) if isinstance(kept, int) else kept), start
         start = self.next_ids[name]
         self.next_ids[name] = start + int((targets < 0).sum())
+        if self.next_ids[name] > self.reserved_ids[name]:
+            self.reserved_ids[name] = self.next_ids[name] + ID_RESERVATION
+            self._save()
         if request_id:
             # A plan without merges is remembered as its length only.
             self._plans[request_id] = (targets.size if (targets < 0).all() else targets, start)

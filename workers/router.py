@@ -304,8 +304,12 @@ class Router:
             total = total + more
         return memory_ops.combine_backward(total, queries, alpha, config.metric, temperature)
 
-    def _commit(self, config: NamespaceConfig, step_id: str) -> int:
-        return sum(self._all_shards("commit_step", config.name, config.generation, step_id))
+    def _commit(self, config: NamespaceConfig, step_id: str, staged_on=None) -> int:
+        """Commits step_id on every shard; staged_on: the shards that were sent parts (None: all),
+        which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
+        staged_on = range(self.num_shards) if staged_on is None else set(staged_on)
+        return sum(self._call([(shard, "commit_step", (config.name, config.generation, step_id, shard in staged_on))
+                               for shard in range(self.num_shards)]))
 
     @_reread_config_if_recreated
     def commit_step(self, namespace: str, step_id: str, *, generation: int = 0) -> int:
@@ -342,7 +346,7 @@ class Router:
         except MemoryStoreError:
             self._undo("abort_step", namespace, config.generation, step_id)
             raise
-        return self._commit(config, step_id)
+        return self._commit(config, step_id, staged_on=[shard for shard, _, _ in calls])
 
     def _route_ids(self, ids: np.ndarray):
         """Yields (shard, positions in ids) for the shards that own some of the ids."""

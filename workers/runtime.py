@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 
 import numpy as np
 from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError, ShardUnavailable, Unavailable
 from monim.workers.registry import NamespaceRegistry
-from monim.workers.shard import Shard
+from monim.workers.shard import DEFAULT_SNAPSHOT_EVERY, Shard
 
 log = logging.getLogger(__name__)
 
+# How often a call waits for a restarting shard before sending again.
+RESTART_POLL_S = 0.5
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
@@ -57,10 +60,12 @@ def _logged(shard: int, method: str, function, args):
 class LocalRuntime:
     """Shards and registry as in-process objects; calls run on a thread pool, one thread per shard."""
 
-    def __init__(self, num_shards: int, device: str = "cpu"):
-        self.registry = NamespaceRegistry(num_shards)
-        self.num_shards = num_shards
-        self.shards: list[Shard | None] = [Shard(i, num_shards, device) for i in range(num_shards)]
+    def __init__(self, num_shards: int, device: str = "cpu", data_dir: str | None = None, fsync: str = "always",
+                 snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
+        self.registry = NamespaceRegistry(num_shards, data_dir)
+        self.num_shards = num_shards = self.registry.num_shards
+        self.shards: list[Shard | None] = [Shard(i, num_shards, device, data_dir, fsync, snapshot_every)
+                                           for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
 
     def call_registry(self, method: str, *args):
@@ -117,10 +122,16 @@ class RayRuntime:
         shard; True requires it; False keeps shards on CPU.
     deployment: prefix of the actor names, so several deployments can share
         one cluster and several front ends can share one deployment.
+    data_dir: the deployment's data folder (None: in memory only). With one, the
+        registry and shard actors belong to the deployment, not to this front end
+        (detached), and Ray restarts a shard that dies; it recovers from its
+        snapshot and log, and calls that need it wait for it (up to their deadline).
+    fsync, snapshot_every: see workers/shard.py.
     """
 
     def __init__(self, num_shards: int, address: str | None = None, num_cpus: int | None = None,
-                 shard_cpus: float = 1.0, use_gpus: bool | str = "auto", deployment: str = "monim"):
+                 shard_cpus: float = 1.0, use_gpus: bool | str = "auto", deployment: str = "monim",
+                 data_dir: str | None = None, fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
         import ray
 
         self._ray = ray
@@ -137,9 +148,11 @@ class RayRuntime:
         self.deployment = deployment
         registry_name = f"{deployment}-registry"
         self._created_actors = not self._actor_exists(registry_name)
+        self.restarts = data_dir is not None
+        lifetime = dict(lifetime="detached", max_restarts=-1, max_task_retries=0) if self.restarts else {}
         self.registry = ray.remote(NamespaceRegistry).options(
-            name=registry_name, get_if_exists=True, num_cpus=0, max_concurrency=1
-        ).remote(num_shards)
+            name=registry_name, get_if_exists=True, num_cpus=0, max_concurrency=1, **lifetime
+        ).remote(num_shards, data_dir)
         self.num_shards = ray.get(self.registry.shard_count.remote())
         if use_gpus == "auto":
             use_gpus = ray.cluster_resources().get("GPU", 0) >= self.num_shards
@@ -148,8 +161,8 @@ class RayRuntime:
         self.shards = [
             shard_class.options(
                 name=f"{deployment}-shard-{i}", get_if_exists=True, num_cpus=shard_cpus,
-                num_gpus=1 if use_gpus else 0, max_concurrency=1,
-            ).remote(i, self.num_shards, device)
+                num_gpus=1 if use_gpus else 0, max_concurrency=1, **lifetime,
+            ).remote(i, self.num_shards, device, data_dir, fsync, snapshot_every)
             for i in range(self.num_shards)
         ]
         self.call_shards([(i, "ping", ()) for i in range(self.num_shards)], timeout_s=300)
@@ -197,7 +210,21 @@ class RayRuntime:
         return out
 
     def call_shards(self, calls, timeout_s: float | None = None) -> list:
-        """Scatters the calls at once, then gathers all their results in call order."""
+        """Scatters the calls at once, then gathers all their results in call order. With restarts,
+        calls that met a dead or restarting shard are sent again (every shard call is safe to repeat:
+        reads, and writes with their request ids) until the shard answers or the time is up."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._call_shards_once(calls, timeout_s)
+            except ShardUnavailable:
+                left = None if deadline is None else deadline - time.monotonic()
+                if not self.restarts or (left is not None and left < RESTART_POLL_S):
+                    raise
+                time.sleep(RESTART_POLL_S)
+                timeout_s = None if deadline is None else deadline - time.monotonic()
+
+    def _call_shards_once(self, calls, timeout_s: float | None) -> list:
         ray = self._ray
         shared: dict = {}
         futures = [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
@@ -223,8 +250,9 @@ class RayRuntime:
         self._ray.kill(self.shards[shard], no_restart=True)
 
     def shutdown(self) -> None:
-        """Kills the actors this front end created, and Ray itself if it started it."""
-        if self._created_actors:
+        """Kills the actors this front end created unless they belong to a durable deployment
+        (they outlive front ends), and Ray itself if it started it."""
+        if self._created_actors and not self.restarts:
             for actor in [*self.shards, self.registry]:
                 try:
                     self._ray.kill(actor)

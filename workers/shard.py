@@ -11,6 +11,14 @@ router may retry a whole multi-shard write after a partial failure. Optimizer
 steps are two-phase: parts of a step leave their value gradients staged under
 the step's id (after checking, under the lock, that every row still exists),
 and ``commit_step`` applies them all as one step (``abort_step`` drops them).
+
+With a data dir, every change (create, drop, add, weight increments, delete, a
+committed step) is first appended to the shard's write-ahead log (datastore/wal.py)
+and only then applied and acknowledged; snapshots (datastore/snapshot.py) cover the
+log up to a point, and a shard that starts on the folder recovers from them. The
+request ids applied recently travel in the snapshot, so a retry after a restart
+still lands once. Staged (uncommitted) step parts are not kept: a commit that finds
+its parts gone answers ABORTED, and nothing is stepped.
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
+import os
+import pathlib
+import shutil
 import threading
 import time
 import warnings
@@ -26,7 +38,17 @@ import numpy as np
 import torch
 from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
 from monim.datastore.memory_ops import BackwardPartials
-from monim.protos.errors import AlreadyExists, InvalidArgument, NamespaceChanged, NamespaceNotFound
+from monim.datastore.wal import WriteAheadLog
+from monim.protos.errors import (
+    Aborted,
+    AlreadyExists,
+    InvalidArgument,
+    MemoryStoreError,
+    NamespaceChanged,
+    NamespaceNotFound,
+)
+
+log = logging.getLogger(__name__)
 
 # Ray hands actors their array arguments read-only (zero-copy from the object store); the shard
 # reads them into tensors and never writes to them, so torch's warning about that is noise.
@@ -38,6 +60,7 @@ REMEMBERED_REQUESTS = 100_000
 # more than MAX_STAGED_STEPS wait (a client that died between the parts and the commit).
 STAGED_STEP_TTL_S = 600.0
 MAX_STAGED_STEPS = 256
+DEFAULT_SNAPSHOT_EVERY = 10_000
 
 
 @dataclasses.dataclass
@@ -72,7 +95,12 @@ class _Remembered(collections.OrderedDict):
 class Shard:
     """shard_index: 0-based position in the deployment, of num_shards; device: "cpu", "cuda" or "auto"."""
 
-    def __init__(self, shard_index: int, num_shards: int = 1, device: str = "auto"):
+    def __init__(self, shard_index: int, num_shards: int = 1, device: str = "auto", data_dir: str | None = None,
+                 fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
+        """data_dir: the deployment's data folder (None: nothing is kept on disk). The shard keeps
+        ``shard-<i>/wal`` and ``shard-<i>/snapshot-<seq>`` there, and recovers from them here:
+        the latest whole snapshot, then every log record after it. snapshot_every: log records
+        between automatic snapshots (0: only on demand)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.shard_index = shard_index
@@ -83,6 +111,13 @@ class Shard:
         self._committed = _Remembered()   # step id -> rows updated
         self._staged: dict[str, _StagedStep] = {}
         self._lock = threading.RLock()
+        self.snapshot_every = snapshot_every
+        self._records_since_snapshot = 0
+        self.recovery: dict = {}
+        self.folder = None if data_dir is None else pathlib.Path(data_dir) / f"shard-{shard_index}"
+        self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync)
+        if self.folder is not None:
+            self._recover()
 
     def _store(self, namespace: str, generation: int = 0) -> NeighborStore:
         store = self.stores.get(namespace)
@@ -92,18 +127,110 @@ class Shard:
             raise NamespaceChanged(namespace, generation, store.config.generation)
         return store
 
-    def _once(self, request_id: str, operation: str, apply):
-        """apply() once per request id; a repeated request answers the first result."""
-        if not request_id:
-            return apply()
-        key = (request_id, operation)
-        if key in self._applied:
+    # ----- the log: every change is written, then applied; recovery applies it again --------------
+    def _write(self, op: str, args: dict, columns: dict | None = None):
+        """Logs the change (flushed before the call answers), then applies it. A request id the
+        shard has applied already answers its first result, and nothing is written."""
+        key = (args.get("request_id"), op)
+        if key[0] and key in self._applied:
             return self._applied[key]
-        return self._applied.remember(key, apply())
+        columns = {name: array for name, array in (columns or {}).items() if array is not None}
+        if self.wal is not None:
+            self.wal.append(op, args, columns)
+            self._records_since_snapshot += 1
+        result = self._apply(op, args, columns)
+        if self.snapshot_every and self._records_since_snapshot >= self.snapshot_every:
+            self.snapshot()
+        return result
+
+    def _apply(self, op: str, args: dict, columns: dict):
+        """The one place a change happens, live or replayed from the log."""
+        namespace, generation = args.get("namespace"), args.get("generation", 0)
+        if op == "create":
+            config = NamespaceConfig.from_dict(args["config"])
+            self.stores[config.name] = NeighborStore(config, device=self.device, id_stride=self.num_shards,
+                                                     id_offset=self.shard_index)
+            return None
+        if op == "drop":
+            store = self.stores.pop(namespace)
+            for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
+                del self._staged[step_id]
+            return len(store)
+        store = self._store(namespace, generation)
+        if op == "add":
+            result = len(store.add(columns["keys"], columns["tokens"], columns.get("values"), columns.get("weights"),
+                                   args["source"], ids=columns["ids"]))
+        elif op == "increment_weights":
+            result = store.increment_weights(columns["ids"], columns["counts"])
+        elif op == "delete":
+            result = store.delete(ids=columns.get("ids"), source=args.get("source"))
+        elif op == "step":
+            result = store.step(columns["ids"], columns["grads"]) if columns["ids"].size else 0
+            return self._committed.remember(args["step_id"], result)
+        else:
+            raise InvalidArgument(f"unknown log record {op!r}")
+        if args.get("request_id"):
+            self._applied.remember((args["request_id"], op), result)
+        return result
+
+    def _recover(self) -> None:
+        """The latest whole snapshot, then the log after it (a record that failed when it was
+        first applied fails again, changing nothing, as it did then)."""
+        from monim.datastore import snapshot
+
+        started = time.monotonic()
+        covered, replayed, skipped = 0, 0, 0
+        latest = self._snapshots()[-1:]
+        if latest:
+            manifest, self.stores = snapshot.load_shard_snapshot(*snapshot.resolve(str(latest[0])), device=self.device)
+            extra = manifest.get("extra", {})
+            covered = extra.get("wal_covered", 0)
+            for request_id, op, result in extra.get("applied", []):
+                self._applied.remember((request_id, op), result)
+            for step_id, result in extra.get("committed", []):
+                self._committed.remember(step_id, result)
+        for op, args, columns in self.wal.replay(after=covered):
+            try:
+                self._apply(op, args, columns)
+                replayed += 1
+            except MemoryStoreError:
+                skipped += 1
+        self.recovery = {"snapshot": str(latest[0]) if latest else None, "records_replayed": replayed,
+                         "records_refused_again": skipped, "seconds": round(time.monotonic() - started, 3),
+                         "rows": sum(len(store) for store in self.stores.values())}
+        log.info("shard %d recovered: %s", self.shard_index, self.recovery)
+
+    def _snapshots(self) -> list[pathlib.Path]:
+        """Whole snapshots (their manifest is written last), oldest first."""
+        return sorted(p for p in self.folder.glob("snapshot-*") if (p / "manifest.json").exists())
+
+    @_serialized
+    def snapshot(self) -> dict | None:
+        """Writes every namespace of this shard to a new snapshot, then deletes the log segments and
+        the older snapshots it covers. Returns its manifest (None without a data dir)."""
+        if self.folder is None:
+            return None
+        from monim.datastore import snapshot
+
+        covered = self.wal.rotate()
+        extra = {"wal_covered": covered,
+                 "applied": [[key[0], key[1], value] for key, value in self._applied.items()
+                             if isinstance(value, (int, type(None)))],
+                 "committed": [[key, value] for key, value in self._committed.items()]}
+        target = self.folder / f"snapshot-{covered:012d}"
+        manifest = snapshot.write_shard_snapshot(self.stores, *snapshot.resolve(str(target)),
+                                                 shard=self.shard_index, num_shards=self.num_shards, extra=extra)
+        self.wal.drop_through(covered)
+        for old in self._snapshots():
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+        self._records_since_snapshot = 0
+        return manifest
 
     @_serialized
     def ping(self) -> dict:
-        return {"shard": self.shard_index, "device": self.device, "namespaces": len(self.stores)}
+        return {"shard": self.shard_index, "device": self.device, "namespaces": len(self.stores),
+                "pid": os.getpid(), "recovery": self.recovery}
 
     # ----- namespaces ----------------------------------------------------------
     @_serialized
@@ -115,8 +242,7 @@ class Shard:
             if existing.config.generation == parsed.generation:
                 return
             raise AlreadyExists(f"namespace {parsed.name!r} already exists on shard {self.shard_index}")
-        self.stores[parsed.name] = NeighborStore(parsed, device=self.device, id_stride=self.num_shards,
-                                                 id_offset=self.shard_index)
+        self._write("create", {"config": parsed.to_dict()})
 
     @_serialized
     def drop_namespace(self, namespace: str, generation: int = 0) -> int:
@@ -125,10 +251,7 @@ class Shard:
         store = self.stores.get(namespace)
         if store is None or (generation and store.config.generation != generation):
             return 0
-        del self.stores[namespace]
-        for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
-            del self._staged[step_id]
-        return len(store)
+        return self._write("drop", {"namespace": namespace})
 
     @_serialized
     def stats(self, namespace: str, generation: int = 0) -> dict:
@@ -140,21 +263,24 @@ class Shard:
     def add(self, namespace: str, generation: int, request_id: str, ids: np.ndarray, keys: np.ndarray,
             tokens: np.ndarray, values: np.ndarray | None, weights: np.ndarray | None, source: str) -> int:
         """Stores rows with router-chosen ids; returns how many."""
-        store = self._store(namespace, generation)
-        return self._once(request_id, "add",
-                          lambda: len(store.add(keys, tokens, values, weights, source, ids=ids)))
+        self._store(namespace, generation)
+        return self._write("add", {"namespace": namespace, "generation": generation, "request_id": request_id,
+                                   "source": source},
+                           {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights})
 
     @_serialized
     def increment_weights(self, namespace: str, generation: int, request_id: str, ids: np.ndarray,
                           counts: np.ndarray) -> None:
-        store = self._store(namespace, generation)
-        self._once(request_id, "increment_weights", lambda: store.increment_weights(ids, counts))
+        self._store(namespace, generation)
+        self._write("increment_weights", {"namespace": namespace, "generation": generation, "request_id": request_id},
+                    {"ids": ids, "counts": counts})
 
     @_serialized
     def delete(self, namespace: str, generation: int, request_id: str, ids: np.ndarray | None,
                source: str | None) -> int:
-        store = self._store(namespace, generation)
-        return self._once(request_id, "delete", lambda: store.delete(ids=ids, source=source))
+        self._store(namespace, generation)
+        return self._write("delete", {"namespace": namespace, "generation": generation, "request_id": request_id,
+                                      "source": source}, {"ids": ids})
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
@@ -213,20 +339,23 @@ class Shard:
         return staged
 
     @_serialized
-    def commit_step(self, namespace: str, generation: int, step_id: str) -> int:
+    def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False) -> int:
         """Applies the staged parts of step_id as one optimizer step; returns the rows updated.
-        Committing again answers the first result; a step with nothing staged here updates 0 rows."""
+        Committing again answers the first result. expect_parts: every part of the step came here
+        (ABORTED if none is staged, e.g. after a restart); else a step with nothing here updates 0 rows."""
         if step_id in self._committed:
             return self._committed[step_id]
         store = self._store(namespace, generation)
         staged = self._staged.pop(step_id, None)
-        updated = 0
-        if staged is not None and staged.parts:
-            parts = list(staged.parts.values())
-            ids = np.concatenate([ids for ids, _ in parts])
-            grads = torch.cat([torch.as_tensor(g).to(store.device) for _, g in parts])
-            updated = store.step(ids, grads)
-        return self._committed.remember(step_id, updated)
+        if staged is None and expect_parts:
+            raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a restart, "
+                          "or dropped after 10 minutes): nothing was stepped; run the backward again")
+        parts = list(staged.parts.values()) if staged is not None else []
+        ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
+        grads = (torch.cat([torch.as_tensor(g).to(store.device) for _, g in parts]).cpu().numpy() if parts
+                 else np.empty((0, store.config.value_dim), np.float32))
+        return self._write("step", {"namespace": namespace, "generation": generation, "step_id": step_id},
+                           {"ids": ids, "grads": grads})
 
     @_serialized
     def abort_step(self, namespace: str, generation: int, step_id: str) -> None:

@@ -32,12 +32,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server():
-    """The session's `monim serve`: {"address", "deployment", "output" (its log lines so far)}."""
+def server(tmp_path_factory):
+    """The session's `monim serve`, durable (a data dir under pytest's tmp): {"address", "deployment",
+    "data_dir", "output" (its log lines so far)}."""
     port = _free_port()
     deployment = f"test-{uuid.uuid4().hex[:8]}"
+    data_dir = tmp_path_factory.mktemp("monim-data")
     command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
-               "--num-cpus", "2", "--deployment", deployment]
+               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True)
@@ -59,7 +61,7 @@ def server():
                 raise RuntimeError("monim serve exited early:\n" + "".join(output))
             if "serving" in line:
                 address = line.rsplit(" on ", 1)[1].strip()
-        yield {"address": address, "deployment": deployment, "output": output}
+        yield {"address": address, "deployment": deployment, "data_dir": data_dir, "output": output}
     finally:
         process.send_signal(signal.SIGTERM)
         try:
