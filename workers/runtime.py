@@ -106,6 +106,15 @@ class LocalRuntime:
         """For tests: the shard stops answering, as a dead actor would."""
         self.shards[shard] = None
 
+    def destroy(self) -> None:
+        """Kills the deployment's actors, durable or not (its data dir stays): for tests and for
+        tearing a deployment down."""
+        for actor in [*self.shards, self.registry]:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                log.debug("actor already gone", exc_info=True)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False)
 
@@ -248,6 +257,15 @@ class RayRuntime:
     def kill_shard(self, shard: int) -> None:
         """For tests and drills: kills one shard actor without restart."""
         self._ray.kill(self.shards[shard], no_restart=True)
+
+    def destroy(self) -> None:
+        """Kills the deployment's actors, durable or not (its data dir stays): for tests and for
+        tearing a deployment down."""
+        for actor in [*self.shards, self.registry]:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                log.debug("actor already gone", exc_info=True)
 
     def shutdown(self) -> None:
         """Kills the actors this front end created unless they belong to a durable deployment

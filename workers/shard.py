@@ -176,12 +176,12 @@ class Shard:
     def _recover(self) -> None:
         """The latest whole snapshot, then the log after it (a record that failed when it was
         first applied fails again, changing nothing, as it did then)."""
-        from monim.datastore import snapshot
-
         started = time.monotonic()
         covered, replayed, skipped = 0, 0, 0
         latest = self._snapshots()[-1:]
         if latest:
+            from monim.datastore import snapshot
+
             manifest, self.stores = snapshot.load_shard_snapshot(*snapshot.resolve(str(latest[0])), device=self.device)
             extra = manifest.get("extra", {})
             covered = extra.get("wal_covered", 0)
