@@ -1,0 +1,155 @@
+"""Durability through the service, with Ray: a server killed with SIGKILL (its whole process
+group, Ray's processes too) comes back on its data dir with every acknowledged row; a shard
+actor's worker killed in the middle of an add loop is restarted by Ray and the loop never sees
+an error."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+from monim.model_client import MemoryClient
+
+from tests.integration.conftest import ROOT, START_TIMEOUT_S, _free_port
+
+DIM, VALUE_DIM = 16, 8
+
+
+def start_server(data_dir, port, deployment):
+    """`monim serve` in its own session (so the test can kill it and every process under it)."""
+    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
+               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), "--snapshot-every", "0"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    output: list[str] = []
+
+    def pump():
+        for line in process.stdout:
+            output.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        line = lines.get(timeout=START_TIMEOUT_S)
+        if line is None:
+            raise RuntimeError("monim serve exited early:\n" + "".join(output))
+        if "serving" in line:
+            return process, line.rsplit(" on ", 1)[1].strip()
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Every process of a session (the server and whatever Ray started under it)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == session_id:
+                    pids.append(int(entry))
+            except ProcessLookupError:
+                continue
+    return pids
+
+
+def kill_session(process) -> None:
+    session = os.getsid(process.pid)
+    for pid in session_processes(session):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while session_processes(session) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_a_killed_server_comes_back_with_every_acknowledged_row(tmp_path):
+    data_dir = tmp_path / "data"
+    deployment = f"dur-{uuid.uuid4().hex[:8]}"
+    process, address = start_server(data_dir, _free_port(), deployment)
+    twin = MemoryClient(":memory:")
+    rng = np.random.default_rng(0)
+    acknowledged = 0
+    try:
+        with MemoryClient(address, timeout_s=60) as client:
+            for target in (client, twin):
+                target.create_namespace("ns", dim=DIM, value_dim=VALUE_DIM, optimizer="adam", lr=0.01)
+            for call in range(3000):
+                keys = rng.standard_normal((50, DIM)).astype(np.float32)
+                values = rng.standard_normal((50, VALUE_DIM)).astype(np.float32)
+                ids = client.add("ns", keys, np.arange(50), values=values)
+                np.testing.assert_array_equal(twin.add("ns", keys, np.arange(50), values=values), ids)
+                acknowledged += 50
+                if call % 5 == 4:
+                    stepped = rng.integers(0, acknowledged, 64)
+                    grads = rng.standard_normal((64, VALUE_DIM)).astype(np.float32)
+                    client.apply_gradients("ns", stepped, grads)
+                    twin.apply_gradients("ns", stepped, grads)
+    finally:
+        kill_session(process)
+    process, address = start_server(data_dir, _free_port(), deployment)
+    try:
+        with MemoryClient(address, timeout_s=120) as client:
+            assert client.describe_namespace("ns").rows == acknowledged
+            ids = np.arange(acknowledged)
+            for start in range(0, acknowledged, 30_000):
+                part = ids[start:start + 30_000]
+                got = client.get("ns", part, return_optimizer_state=True)
+                want = twin.get("ns", part, return_optimizer_state=True)
+                np.testing.assert_array_equal(got.keys, want.keys)
+                np.testing.assert_allclose(got.values, want.values, atol=1e-5)
+                np.testing.assert_array_equal(got.optimizer_state["step"], want.optimizer_state["step"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error(ray_joined, tmp_path):
+    from monim.workers.embedded import EmbeddedStore
+
+    deployment = f"kill-{uuid.uuid4().hex[:8]}"
+    store = EmbeddedStore(shards=2, ray_address="auto", shard_cpus=0, use_gpus=False, deployment=deployment,
+                          data_dir=str(tmp_path), fsync="never")
+    try:
+        with MemoryClient(store.address, timeout_s=120) as client:
+            client.create_namespace("ns", dim=DIM)
+            added, errors = [], []
+            halfway = threading.Event()
+
+            def add_loop():
+                rng = np.random.default_rng(1)
+                try:
+                    for call in range(120):
+                        added.append(client.add("ns", rng.standard_normal((50, DIM)).astype(np.float32),
+                                                np.arange(50)))
+                        if call == 40:
+                            halfway.set()
+                except Exception as error:  # noqa: BLE001 - the test reports it
+                    errors.append(error)
+                    halfway.set()
+
+            loop = threading.Thread(target=add_loop)
+            loop.start()
+            assert halfway.wait(timeout=120)
+            shard = ray_joined.get_actor(f"{deployment}-shard-1", namespace="monim")
+            pid = ray_joined.get(shard.ping.remote())["pid"]
+            os.kill(pid, signal.SIGKILL)  # the worker process of the actor this test's deployment created
+            loop.join(timeout=300)
+            assert not errors, errors
+            ids = np.concatenate(added)
+            assert ids.size == 120 * 50 and client.describe_namespace("ns").rows == ids.size
+            assert len(client.get("ns", ids)) == ids.size
+            assert ray_joined.get(shard.ping.remote())["pid"] != pid  # a new worker, recovered from the log
+    finally:
+        store.server.stop(1).wait()
+        store.runtime.destroy()
