@@ -75,9 +75,14 @@ def _demo(args) -> int:
                 client.list_namespaces()  # fails fast when nothing answers
             run_demo(args.address, 0, inputs, out=args.out, progress=not args.no_progress)
         else:
+            import tempfile
+
             from monim.workers.embedded import EmbeddedStore
 
-            with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store:
+            # A durable store, as `monim serve` runs it, on a data dir that goes with the demo.
+            with tempfile.TemporaryDirectory(prefix="monim-demo-") as data_dir, \
+                    EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards), data_dir=data_dir,
+                                  fsync="never") as store:
                 run_demo(store.address, store.runtime.num_shards, inputs, out=args.out, progress=not args.no_progress)
     except MemoryStoreError as error:
         where = f" (store {args.address})" if args.address else ""
