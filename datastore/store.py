@@ -252,3 +252,76 @@ class NeighborStore:
             optimizers.apply_step(config, self.rows.steps, unique, optimizers.clip_rows(summed, config.max_grad_norm),
                                   self.rows.values, state)
             return int(unique.numel())
+
+    # ----- snapshots (datastore/snapshot.py) --------------------------------------------
+    def host_buffers(self, rows: int) -> dict[str, torch.Tensor]:
+        """Pre-faulted CPU tensors for ``rows`` rows of every snapshot column (RowStore.host_columns),
+        made without the lock, so that ``copy_for_snapshot`` holds it only for a memcpy."""
+        return self.rows.host_columns(rows)
+
+    def copy_for_snapshot(self, out: dict[str, torch.Tensor] | None = None) -> dict:
+        """A copy of everything a snapshot keeps, taken under the lock in one go (writers wait for
+        the copy only, never for the files). out: buffers from ``host_buffers``, used if they have room.
+
+        Returns {"config", "next_id", "insertions", "sources" (list[str]), "rows" (N),
+        "columns": name -> CPU tensor [N, ...]} (RowStore.snapshot_columns; keys in the store's
+        key dtype), sharing no memory with the store.
+        """
+        with self._lock:
+            return {
+                "config": self.config,
+                "next_id": self.next_id,
+                "insertions": self.rows.insertions,
+                "sources": list(self.rows.sources),
+                "rows": self.rows.size,
+                "columns": self.rows.copy_to_host(out),
+            }
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` more rows without regrowing (a restore knows its row count)."""
+        with self._lock:
+            self.rows.reserve(rows)
+
+    def restore_rows(self, ids: np.ndarray, keys: np.ndarray, tokens: np.ndarray, values: np.ndarray | None,
+                     weights: np.ndarray, created: np.ndarray, sources: list[str], source_codes: np.ndarray,
+                     steps: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Appends N rows with every column exactly as a snapshot holds them (RowStore.load_columns
+        gives the shapes); ``add`` would instead start their created counter, steps and optimizer
+        state afresh. Checks the shapes, dtypes and ids (distinct, non-negative, not stored yet)
+        before it changes anything. next_id moves past the largest id."""
+        n = ids.shape[0]
+        value_dim = self.config.value_dim
+        expected = {"ids": (ids, np.int64, (n,)), "keys": (keys, np.float32, (n, self.config.dim)),
+                    "tokens": (tokens, np.int32, (n,)), "weights": (weights, np.float32, (n,)),
+                    "created": (created, np.int64, (n,)), "source_codes": (source_codes, np.int32, (n,)),
+                    "steps": (steps, np.int64, (n,))}
+        if value_dim:
+            expected["values"] = (values, np.float32, (n, value_dim))
+        if set(state) != set(self.rows.state_columns):
+            raise InvalidArgument(f"optimizer state columns {sorted(state)} do not match the namespace's "
+                                  f"{sorted(self.rows.state_columns)}")
+        for name, column in state.items():
+            expected[name] = (column, np.float32, (n, value_dim))
+        for name, (array, dtype, shape) in expected.items():
+            if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape:
+                got = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+                raise InvalidArgument(f"restored column {name} must be {np.dtype(dtype)} {list(shape)}, got {got}")
+        if n and (int(source_codes.min()) < 0 or int(source_codes.max()) >= len(sources)):
+            raise InvalidArgument(f"restored source codes must index the {len(sources)} sources given")
+        if n and (np.unique(ids).size != n or int(ids.min()) < 0):
+            raise InvalidArgument("restored ids must be distinct and non-negative")
+        with self._lock:
+            present = ids[self.rows.rows_of(ids) >= 0]
+            if present.size:
+                raise AlreadyExists(f"ids already stored: {present[:10].tolist()}")
+            self.rows.load_columns(ids, keys, tokens, values if value_dim else None, weights, created, sources,
+                                   source_codes, steps, state)
+            if n:
+                self.next_id = max(self.next_id, int(ids.max()) + 1)
+
+    def advance_counters(self, next_id: int, insertions: int) -> None:
+        """Moves next_id and the insertion counter up to the given values (a restore sets them as
+        the snapshot recorded them, past rows that were deleted)."""
+        with self._lock:
+            self.next_id = max(self.next_id, int(next_id))
+            self.rows.advance_insertions(insertions)

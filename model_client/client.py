@@ -75,6 +75,11 @@ def _int_array(array, what: str):
     return array
 
 
+def _snapshot_info(message) -> dict:
+    return {"location": message.location, "created_at": message.created_at, "shards": message.shards,
+            "rows": dict(message.rows), "bytes": message.bytes}
+
+
 class _RemoteStore:
     """The service over one persistent gRPC channel; one RPC per call."""
 
@@ -163,6 +168,17 @@ class _RemoteStore:
                                            grads=convert.tensor_to_proto(grads), request_id=request_id,
                                            generation=generation)
         return self._call("ApplyGradients", request).rows_updated
+
+    def create_snapshot(self, location, namespace=""):
+        response = self._call("CreateSnapshot", pb.CreateSnapshotRequest(location=location, namespace=namespace))
+        return _snapshot_info(response.snapshot)
+
+    def list_snapshots(self):
+        return [_snapshot_info(info) for info in self._call("ListSnapshots", pb.ListSnapshotsRequest()).snapshots]
+
+    def restore_snapshot(self, location, namespace=""):
+        request = pb.RestoreSnapshotRequest(location=location, namespace=namespace)
+        return dict(self._call("RestoreSnapshot", request).rows)
 
     def close(self):
         self.channel.close()
@@ -408,6 +424,20 @@ class MemoryClient:
         Returns the number of rows updated."""
         return self._retried("apply_gradients", namespace, _int_array(ids, "ids"), _float_array(grads, "grads"),
                              request_id=new_request_id(), generation=generation)
+
+    # ----- snapshots (admin) ----------------------------------------------------------
+    def create_snapshot(self, location: str, namespace: str = "") -> dict:
+        """Snapshots every namespace (or one) to location, a name under the server's snapshot root;
+        returns {location, created_at, shards, rows per namespace, bytes}."""
+        return self._store.create_snapshot(location, namespace)
+
+    def list_snapshots(self) -> list[dict]:
+        return self._retried("list_snapshots")
+
+    def restore_snapshot(self, location: str, namespace: str = "") -> dict[str, int]:
+        """Restores a snapshot into this deployment (any shard count; ids stay); returns rows per
+        namespace. The namespaces must not exist (AlreadyExists)."""
+        return self._store.restore_snapshot(location, namespace)
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

@@ -99,6 +99,21 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.StepRequest.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.AbortStepResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/monim.v1.MemoryService/CreateSnapshot',
+                request_serializer=monim_dot_protos_dot_memory__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.CreateSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/monim.v1.MemoryService/ListSnapshots',
+                request_serializer=monim_dot_protos_dot_memory__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/monim.v1.MemoryService/RestoreSnapshot',
+                request_serializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -182,6 +197,24 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -249,6 +282,21 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.AbortStep,
                     request_deserializer=monim_dot_protos_dot_memory__pb2.StepRequest.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.AbortStepResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -602,6 +650,87 @@ class MemoryService:
             '/monim.v1.MemoryService/AbortStep',
             monim_dot_protos_dot_memory__pb2.StepRequest.SerializeToString,
             monim_dot_protos_dot_memory__pb2.AbortStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/CreateSnapshot',
+            monim_dot_protos_dot_memory__pb2.CreateSnapshotRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/ListSnapshots',
+            monim_dot_protos_dot_memory__pb2.ListSnapshotsRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/RestoreSnapshot',
+            monim_dot_protos_dot_memory__pb2.RestoreSnapshotRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.RestoreSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,6 +2,7 @@
 
     monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR] [--data-dir DIR | --ephemeral]
     monim status [--address HOST:PORT]
+    monim snapshot create --out NAME | list | restore --from NAME  [--address HOST:PORT] [--namespace NS]
     monim demo [--shards N]
 
 ``demo`` reaches model_client by lazy import; everything else is workers'.
@@ -28,7 +29,8 @@ def _serve(args) -> int:
               "log records per shard)", flush=True)
     store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
                           num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment,
-                          data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every)
+                          data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every,
+                          snapshot_root=args.snapshot_root)
     print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
 
     def stop(signum, frame):
@@ -56,6 +58,60 @@ def _status(args) -> int:
                       f"{config.value_dim} | {d.rows} rows (per shard: {per_shard})")
     except MemoryStoreError as error:
         print(f"monim status: {args.address}: {error.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _with_spinner(label: str, call):
+    """Runs call() while a progress line shows the elapsed time (the RPC reports only at its end)."""
+    import threading
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the thin client: no bar, just the answer
+        return call()
+    done = threading.Event()
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = error
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    with tqdm(desc=label, bar_format="{desc}: {elapsed}", file=sys.stderr) as bar:
+        while not done.wait(0.2):
+            bar.refresh()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _snapshot(args) -> int:
+    from monim.model_client import MemoryClient
+    from monim.model_client.errors import MemoryStoreError
+
+    try:
+        with MemoryClient(args.address, timeout_s=args.timeout_s) as client:
+            if args.action == "create":
+                info = _with_spinner(f"snapshot to {args.out}",
+                                     lambda: client.create_snapshot(args.out, args.namespace or ""))
+                rows = ", ".join(f"{name}: {count:,}" for name, count in info["rows"].items())
+                print(f"{info['location']}: {info['shards']} shard(s), {info['bytes']:,} bytes; rows {rows or 'none'}")
+            elif args.action == "restore":
+                restored = _with_spinner(f"restore from {args.source}",
+                                         lambda: client.restore_snapshot(args.source, args.namespace or ""))
+                for name, count in restored.items():
+                    print(f"restored {name}: {count:,} rows")
+            else:
+                for info in client.list_snapshots():
+                    print(f"{info['location']}  {info['created_at']}  {info['shards']} shard(s)  "
+                          f"{sum(info['rows'].values()):,} rows  {info['bytes']:,} bytes")
+    except MemoryStoreError as error:
+        print(f"monim snapshot {args.action}: {error.message}", file=sys.stderr)
         return 2
     return 0
 
@@ -111,12 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="always: fsync the log before acknowledging a write (default); never: flush to the OS only")
     serve.add_argument("--snapshot-every", type=int, default=10_000,
                        help="log records per shard between automatic snapshots (0: none)")
+    serve.add_argument("--snapshot-root", default=None,
+                       help="where snapshot create/restore may write and read (folder or URI; default DATA_DIR/snapshots)")
     serve.set_defaults(run=_serve)
 
     status = commands.add_parser("status", help="list namespaces and row counts of a running server")
     status.add_argument("--address", default="127.0.0.1:50051")
     status.add_argument("--timeout-s", type=float, default=10.0)
     status.set_defaults(run=_status)
+
+    snap = commands.add_parser("snapshot", help="create, list or restore snapshots of a running server")
+    actions = snap.add_subparsers(dest="action", required=True)
+    for name, text in (("create", "snapshot every namespace (or one) under the server's snapshot root"),
+                       ("list", "the snapshots under the server's snapshot root"),
+                       ("restore", "restore a snapshot into the server's deployment (any shard count)")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("--address", default="127.0.0.1:50051")
+        action.add_argument("--timeout-s", type=float, default=3600.0)
+        if name != "list":
+            action.add_argument("--namespace", default=None, help="only this namespace")
+        if name == "create":
+            action.add_argument("--out", required=True, help="a name under the snapshot root, or a path/URI inside it")
+        if name == "restore":
+            action.add_argument("--from", dest="source", required=True, help="the snapshot's name or path/URI")
+        action.set_defaults(run=_snapshot)
 
     demo = commands.add_parser("demo", help="continual learning, day by day, on an embedded local store")
     demo.add_argument("--shards", type=int, default=2)

@@ -6,6 +6,7 @@ What ``monim serve`` runs, and what the demo and the integration tests start.
 from __future__ import annotations
 
 import logging
+import os
 
 from monim.workers.router import Router
 from monim.workers.runtime import RayRuntime
@@ -22,16 +23,25 @@ class EmbeddedStore:
     port: 0 picks a free port; ``address`` is what clients dial.
     data_dir: where the deployment keeps its registry, logs and snapshots (None: in memory only);
     fsync, snapshot_every: see workers/shard.py.
+    snapshot_root: where CreateSnapshot / RestoreSnapshot may read and write (a folder or URI;
+    default ``<data_dir>/snapshots``; None without a data dir: no snapshot RPCs).
     """
 
     def __init__(self, shards: int = 2, host: str = "127.0.0.1", port: int = 0, ray_address: str | None = None,
                  num_cpus: int | None = None, shard_cpus: float = 1.0, use_gpus: bool | str = "auto",
                  deployment: str = "monim", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000):
+                 data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000,
+                 snapshot_root: str | None = None):
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
                                   use_gpus=use_gpus, deployment=deployment, data_dir=data_dir, fsync=fsync,
                                   snapshot_every=snapshot_every)
         self.router = Router(self.runtime)
+        if snapshot_root is None and data_dir is not None:
+            snapshot_root = os.path.join(data_dir, "snapshots")
+        if snapshot_root is not None:
+            from monim.workers.snapshots import Snapshots
+
+            self.router.snapshots = Snapshots(self.router, snapshot_root)
         try:
             self.server, self.port = start_server(self.router, host, port, max_message_bytes=max_message_bytes)
         except Exception:

@@ -150,6 +150,14 @@ class NamespaceRegistry:
                 self._kept_targets -= 0 if isinstance(kept, int) else kept.size
         return targets, start
 
+    def reserve_ids(self, name: str, next_id: int) -> None:
+        """New ids of the namespace start at next_id or later (a restored namespace keeps its ids)."""
+        self.config(name)
+        self.next_ids[name] = max(self.next_ids[name], int(next_id))
+        if self.next_ids[name] > self.reserved_ids[name]:
+            self.reserved_ids[name] = self.next_ids[name] + ID_RESERVATION
+            self._save()
+
     def next_id(self, name: str) -> int:
         self.config(name)
         return self.next_ids[name]

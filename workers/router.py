@@ -34,6 +34,7 @@ from monim.protos.config import NamespaceConfig, validate_namespace_name
 from monim.protos.errors import (
     Aborted,
     DeadlineExceeded,
+    FailedPrecondition,
     IdsNotFound,
     InvalidArgument,
     MemoryStoreError,
@@ -87,6 +88,7 @@ class Router:
         self.num_shards = runtime.num_shards
         self.timeout_s = timeout_s
         self._configs: dict[str, NamespaceConfig] = {}
+        self.snapshots = None  # workers/snapshots.py Snapshots, where the front end has a snapshot root
 
     @staticmethod
     @contextlib.contextmanager
@@ -411,3 +413,21 @@ class Router:
         calls = [(shard, "delete", (namespace, config.generation, request_id, ids[positions], None))
                  for shard, positions in self._route_ids(ids)]
         return sum(self._call(calls)) if calls else 0
+
+    # ----- snapshots (admin; workers/snapshots.py) ---------------------------------------------
+    def _snapshot_root(self):
+        if self.snapshots is None:
+            raise FailedPrecondition("this deployment has no snapshot root (serve it with --data-dir or "
+                                     "--snapshot-root)")
+        return self.snapshots
+
+    def create_snapshot(self, location: str, namespace: str = "") -> dict:
+        """Every namespace (or one) to a snapshot at location, under the snapshot root; returns its info."""
+        return self._snapshot_root().create(location, namespace)
+
+    def list_snapshots(self) -> list[dict]:
+        return self._snapshot_root().list()
+
+    def restore_snapshot(self, location: str, namespace: str = "") -> dict[str, int]:
+        """Restores a snapshot (every namespace in it, or one) into this deployment; returns rows per namespace."""
+        return self._snapshot_root().restore(location, namespace)

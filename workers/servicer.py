@@ -122,3 +122,17 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def AbortStep(self, request, context):
         self.router.abort_step(request.namespace, request.step_id, generation=request.generation)
         return pb.AbortStepResponse()
+
+    # ----- snapshots (admin) -------------------------------------------------------------
+    @grpc_errors
+    def CreateSnapshot(self, request, context):
+        info = self.router.create_snapshot(request.location, request.namespace)
+        return pb.CreateSnapshotResponse(snapshot=pb.SnapshotInfo(**info))
+
+    @grpc_errors
+    def ListSnapshots(self, request, context):
+        return pb.ListSnapshotsResponse(snapshots=[pb.SnapshotInfo(**info) for info in self.router.list_snapshots()])
+
+    @grpc_errors
+    def RestoreSnapshot(self, request, context):
+        return pb.RestoreSnapshotResponse(rows=self.router.restore_snapshot(request.location, request.namespace))

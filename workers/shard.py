@@ -228,6 +228,26 @@ class Shard:
         return manifest
 
     @_serialized
+    def export_snapshot(self, location: str, namespaces: list[str]) -> dict:
+        """Writes the given namespaces held here to a snapshot at location (a path or URI); returns its
+        manifest. (A deployment snapshot: workers/snapshots.py.)"""
+        from monim.datastore import snapshot
+
+        chosen = {name: self.stores[name] for name in namespaces if name in self.stores}
+        return snapshot.write_shard_snapshot(chosen, *snapshot.resolve(location), shard=self.shard_index,
+                                             num_shards=self.num_shards)
+
+    @_serialized
+    def restore_rows(self, namespace: str, generation: int, table) -> int:
+        """Appends rows of a snapshot (a pyarrow Table in the snapshot's schema, every column: values,
+        sources, optimizer state, steps) to the namespace; returns how many. Made durable by the
+        snapshot the restore takes at its end."""
+        from monim.datastore import snapshot
+
+        store = self._store(namespace, generation)
+        return snapshot.append_rows(store, table)
+
+    @_serialized
     def ping(self) -> dict:
         return {"shard": self.shard_index, "device": self.device, "namespaces": len(self.stores),
                 "pid": os.getpid(), "recovery": self.recovery}

@@ -1,0 +1,111 @@
+"""What durability costs, in one run on the same data: Add throughput with the write-ahead log
+(fsync per record, and flush only) against an ephemeral store; a shard's snapshot write rate;
+its recovery time (snapshot load + log replay).
+
+In-process shards (LocalRuntime): the router, shards, log and snapshots are the service's own,
+without Ray and gRPC around them, so the ratios are the log's cost alone.
+
+    python -m bench.durability_bench                         # 4096-row adds of 768-d rows
+    python -m bench.durability_bench --recovery-rows 1000000 # the issue's recovery figure
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from monim.datastore import NamespaceConfig
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+
+
+def add_rate(data_dir, fsync, batches, keys, tokens) -> float:
+    """Rows per second of Adds of len(keys) rows into a fresh 1-shard deployment."""
+    router = Router(LocalRuntime(1, data_dir=data_dir, fsync=fsync, snapshot_every=0))
+    router.create_namespace(NamespaceConfig("bench", dim=keys.shape[1]))
+    router.add("bench", keys, tokens)  # warm-up
+    started = time.perf_counter()
+    for _ in range(batches):
+        router.add("bench", keys, tokens)
+    return batches * keys.shape[0] / (time.perf_counter() - started)
+
+
+def recovery(data_dir, rows, dim, tail_batches) -> dict:
+    """Fills one shard with ``rows`` rows, snapshots it (timed), adds tail_batches more to the log,
+    then starts a new shard on the folder (timed: snapshot load + replay)."""
+    router = Router(LocalRuntime(1, data_dir=data_dir, fsync="never", snapshot_every=0))
+    router.create_namespace(NamespaceConfig("bench", dim=dim))
+    rng = np.random.default_rng(0)
+    block = 50_000
+    for start in range(0, rows, block):
+        n = min(block, rows - start)
+        router.add("bench", rng.standard_normal((n, dim)).astype(np.float32), np.arange(n))
+    shard = router.runtime.shards[0]
+    started = time.perf_counter()
+    manifest = shard.snapshot()
+    snapshot_s = time.perf_counter() - started
+    snapshot_bytes = sum(entry["bytes"] for entry in manifest["namespaces"].values())
+    for _ in range(tail_batches):
+        router.add("bench", rng.standard_normal((4096, dim)).astype(np.float32), np.arange(4096))
+    del router, shard
+    started = time.perf_counter()
+    again = Router(LocalRuntime(1, data_dir=data_dir, fsync="never", snapshot_every=0))
+    recovery_s = time.perf_counter() - started
+    recovered = again.runtime.shards[0].recovery
+    assert recovered["rows"] == rows + tail_batches * 4096, recovered
+    return {"rows": rows + tail_batches * 4096, "snapshot_s": snapshot_s, "snapshot_bytes": snapshot_bytes,
+            "snapshot_mb_per_s": snapshot_bytes / snapshot_s / 1e6, "recovery_s": recovery_s,
+            "records_replayed": recovered["records_replayed"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows-per-add", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--recovery-rows", type=int, default=200_000)
+    parser.add_argument("--tail-batches", type=int, default=10, help="4096-row adds in the log after the snapshot")
+    parser.add_argument("--dir", default=None, help="where the data dirs go (default: a temporary folder)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    root = tempfile.mkdtemp(prefix="monim-bench-", dir=args.dir)
+    print(f"# python -m bench.durability_bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+          f"data dirs under {root}")
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((args.rows_per_add, args.dim)).astype(np.float32)
+    tokens = np.arange(args.rows_per_add)
+    results = {}
+    try:
+        ephemeral = add_rate(None, "always", args.batches, keys, tokens)
+        for fsync in ("always", "never"):
+            folder = os.path.join(root, f"add-{fsync}")
+            results[f"add_{fsync}"] = rate = add_rate(folder, fsync, args.batches, keys, tokens)
+            print(f"Add {args.rows_per_add} x {args.dim}, log fsync={fsync:6s}: {rate:12,.0f} rows/s "
+                  f"= {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s)")
+            shutil.rmtree(folder, ignore_errors=True)
+        results["add_ephemeral"] = ephemeral
+        results["recovery"] = found = recovery(os.path.join(root, "recovery"), args.recovery_rows, args.dim,
+                                               args.tail_batches)
+        print(f"snapshot of {args.recovery_rows:,} x {args.dim}: {found['snapshot_bytes'] / 1e9:.2f} GB in "
+              f"{found['snapshot_s']:.2f} s = {found['snapshot_mb_per_s']:,.0f} MB/s")
+        print(f"recovery of {found['rows']:,} rows (snapshot load + {found['records_replayed']} log records): "
+              f"{found['recovery_s']:.2f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(results, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
