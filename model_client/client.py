@@ -105,7 +105,8 @@ class _RemoteStore:
 
     def describe_namespace(self, namespace):
         r = self._call("DescribeNamespace", pb.DescribeNamespaceRequest(namespace=namespace))
-        shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend} for s in r.shards]
+        shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend, "state": s.state}
+                  for s in r.shards]
         return {"config": convert.config_from_proto(r.config), "rows": r.rows, "shards": shards, "next_id": r.next_id}
 
     def drop_namespace(self, namespace):

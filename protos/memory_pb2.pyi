@@ -91,16 +91,18 @@ class DescribeNamespaceRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard", "rows", "device", "backend")
+    __slots__ = ("shard", "rows", "device", "backend", "state")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     shard: int
     rows: int
     device: str
     backend: str
-    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    state: str
+    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class DescribeNamespaceResponse(_message.Message):
     __slots__ = ("config", "rows", "shards", "next_id")

@@ -53,7 +53,8 @@ def _status(args) -> int:
             print(f"{args.address}: {len(namespaces)} namespace(s)")
             for config in namespaces:
                 d = client.describe_namespace(config.name)
-                per_shard = ", ".join(str(s["rows"]) for s in d.shards)
+                per_shard = ", ".join(str(s["rows"]) if s.get("state", "serving") == "serving" else s["state"]
+                                      for s in d.shards)
                 print(f"  {config.name}: dim {config.dim} {config.metric} {config.index} value_dim "
                       f"{config.value_dim} | {d.rows} rows (per shard: {per_shard})")
     except MemoryStoreError as error:

@@ -40,6 +40,7 @@ from monim.protos.errors import (
     MemoryStoreError,
     NamespaceChanged,
     NamespaceNotFound,
+    Unavailable,
 )
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
 from monim.workers.merge import merge_topk
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 120.0
 # A Retrieve whose rows are deleted between its search and its value sum searches again, this often.
 RETRIEVE_ATTEMPTS = 3
+# How long DescribeNamespace waits for a shard before it reports it as recovering.
+DESCRIBE_WAIT_S = 2.0
 # The absolute time.monotonic() by which the current call must answer (the gRPC deadline).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
 
@@ -161,8 +164,22 @@ class Router:
         return [NamespaceConfig.from_dict(c) for c in self.runtime.call_registry("list")]
 
     def describe_namespace(self, namespace: str) -> dict:
+        """Config, rows, next id, and per shard its rows and state: "serving", or, for a shard that
+        does not answer within DESCRIBE_WAIT_S, "recovering" (a durable deployment, where Ray
+        restarts it and it replays its log) or "unavailable"."""
         config = self.config(namespace)
-        shards = self._all_shards("stats", namespace, config.generation)
+        try:
+            shards = [dict(stats, state="serving") for stats in self._all_shards("stats", namespace, config.generation)]
+        except (Unavailable, DeadlineExceeded):
+            shards = []
+            for shard in range(self.num_shards):
+                try:
+                    stats = self.runtime.call_shards([(shard, "stats", (namespace, config.generation))],
+                                                     min(DESCRIBE_WAIT_S, self._timeout()))[0]
+                    shards.append(dict(stats, state="serving"))
+                except (Unavailable, DeadlineExceeded):
+                    state = "recovering" if getattr(self.runtime, "restarts", False) else "unavailable"
+                    shards.append({"shard": shard, "rows": 0, "device": "", "backend": "", "state": state})
         return {
             "config": config,
             "rows": sum(s["rows"] for s in shards),

@@ -44,8 +44,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             config=convert.config_to_proto(description["config"]),
             rows=description["rows"],
             next_id=description["next_id"],
-            shards=[pb.ShardStats(shard=s["shard"], rows=s["rows"], device=s["device"], backend=s["backend"])
-                    for s in description["shards"]],
+            shards=[pb.ShardStats(shard=s["shard"], rows=s["rows"], device=s["device"], backend=s["backend"],
+                                  state=s["state"]) for s in description["shards"]],
         )
 
     @grpc_errors

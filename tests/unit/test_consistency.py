@@ -288,3 +288,10 @@ def test_a_shard_failure_leaves_its_traceback_in_the_front_end_log(caplog):
         router.search("ns", queries(), K)
     logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
     assert "shard 1" in logged and "disk on fire" in logged and "Traceback" in logged
+
+
+def test_describe_names_a_shard_that_does_not_answer():
+    router, runtime = make_router()
+    runtime.kill_shard(1)
+    shards = router.describe_namespace("ns")["shards"]
+    assert [s["state"] for s in shards] == ["serving", "unavailable"]
