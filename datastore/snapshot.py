@@ -22,13 +22,22 @@ Parquet columns, none nullable (dim: key width; value_dim: value width):
   namespace, its config and the shard map, so a file copied alone still says what it is.
 
 No compression: keys, values and optimizer moments are float noise to a general-purpose codec
-(zstd saved 8% at half the write rate; lz4 nothing), and the write rate is the goal.
+(measured on 768-d rows: zstd saved 8% of the bytes and cost a quarter of the write rate; lz4
+saved nothing), and the write rate is the goal.
+
+Writing: ``capture`` copies each store's rows to host memory under the store's lock (writers
+wait for that memcpy only), then ``write_captured`` writes the files with no lock held, hashing
+each on a second thread as it goes; ``write_shard_snapshot`` does both.
 
 Loading checks before it decodes anything: the manifest's format version (newer: refused), that
 every file is there with its size, and the SHA-256 of every file; any mismatch is a
-SnapshotError naming the file, and no store is returned. ``split_rows`` and ``store_from_table``
-restore a snapshot into a different shard count: ids stay, and row ``id`` goes to shard
-``id % num_shards`` as the router places it.
+SnapshotError naming the file, and no store is returned (``verify_snapshot`` makes the same
+checks alone). Local files are memory-mapped, so a load holds no second copy of them; they must
+not be changed while a load reads them (snapshot files are written once).
+
+Into a different shard count: ``read_rows`` each old shard's file, ``split_rows`` by
+``id % num_shards`` (where the router places an id; ids stay), then ``store_from_table`` (a new
+store) or ``append_rows`` (one that is serving) per new shard.
 """
 
 from __future__ import annotations
@@ -53,16 +62,22 @@ import pyarrow.parquet as pq
 import torch
 from monim.datastore.store import NeighborStore
 from monim.protos.config import NamespaceConfig
-from monim.protos.errors import FailedPrecondition, InvalidArgument, MemoryStoreError, ResourceExhausted
+from monim.protos.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MemoryStoreError,
+    ResourceExhausted,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_PREFIX = "state_"
 METADATA_KEY = b"monim.snapshot"
 
-# Row groups of about this many bytes: large enough that per-page overhead vanishes (measured:
-# 16Ki-row groups of 768-d rows wrote ~30% slower than 64Ki-row ones), small enough that a load
-# decodes one group at a time without a second copy of the whole file.
+# Row groups of about this many bytes (~20,000 rows of 768-d keys, values and adam state): few
+# enough that per-group overhead vanishes, small enough that a load decodes one group at a time
+# rather than a second copy of the whole file.
 _ROW_GROUP_BYTES = 256 << 20
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
@@ -507,15 +522,23 @@ def _read_file(filesystem: pafs.FileSystem, path: str) -> pa.Buffer:
         return file.read_buffer()
 
 
-def _read_verified(filesystem: pafs.FileSystem, path: str, sha256: str | None) -> pa.Buffer:
-    """The file's bytes, after checking their SHA-256 (when given): SnapshotError naming the file."""
-    data = _read_file(filesystem, path)
-    if sha256 is not None:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != sha256:
-            raise SnapshotError(f"snapshot file {path} is corrupt: its SHA-256 is {digest}, the manifest says "
-                                f"{sha256}; nothing was loaded")
-    return data
+def _read_verified(filesystem: pafs.FileSystem, path: str, sha256: str | None, keep: bool = True) -> pa.Buffer | None:
+    """The file's bytes, after checking their SHA-256 (when given): SnapshotError naming the file.
+    keep=False: only the check, streaming a file that is not local rather than holding it."""
+    data = None
+    if keep or _local_path(filesystem, path) is not None:
+        data = _read_file(filesystem, path)
+        digest = hashlib.sha256(data).hexdigest() if sha256 is not None else None
+    else:
+        hasher = hashlib.sha256()
+        with filesystem.open_input_stream(path) as stream:
+            while chunk := stream.read(8 << 20):
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise SnapshotError(f"snapshot file {path} is corrupt: it does not match its checksum (SHA-256 {digest}, "
+                            f"the manifest says {sha256}); nothing was loaded")
+    return data if keep else None
 
 
 def read_rows(filesystem: pafs.FileSystem, path: str, *, sha256: str | None = None) -> pa.Table:
@@ -570,6 +593,17 @@ def _restore_batch(store: NeighborStore, batch: pa.RecordBatch, label: str) -> N
     )
 
 
+def _append_batches(store: NeighborStore, batches: Iterable[pa.RecordBatch], label: str,
+                    progress: Callable[[int], None] | None) -> int:
+    appended = 0
+    for batch in batches:
+        _restore_batch(store, batch, label)
+        appended += batch.num_rows
+        if progress is not None:
+            progress(batch.num_rows)
+    return appended
+
+
 def store_from_batches(config: NamespaceConfig, batches: Iterable[pa.RecordBatch], *, device="cpu",
                        shard: int = 0, num_shards: int = 1, next_id: int = 0, insertions: int | None = None,
                        rows: int | None = None, label: str = "snapshot rows",
@@ -584,10 +618,7 @@ def store_from_batches(config: NamespaceConfig, batches: Iterable[pa.RecordBatch
     if rows:
         store.reserve(rows)
     try:
-        for batch in batches:
-            _restore_batch(store, batch, label)
-            if progress is not None:
-                progress(batch.num_rows)
+        _append_batches(store, batches, label, progress)
     except SnapshotError:
         raise
     except (MemoryStoreError, pa.ArrowException) as error:
@@ -606,6 +637,56 @@ def store_from_table(config: NamespaceConfig, table: pa.Table, device="cpu", sha
                               next_id=next_id, insertions=insertions, rows=table.num_rows, label="table")
 
 
+def append_rows(store: NeighborStore, table: pa.Table) -> int:
+    """Appends a snapshot table's rows (``read_rows``, or a part of ``split_rows``) to a store
+    that is serving, every column exactly as ``store_from_table`` restores it; returns how many.
+    All or nothing: the schema (SnapshotError), nulls (SnapshotError) and ids (InvalidArgument if
+    repeated or negative, AlreadyExists naming those already stored) are checked for the whole
+    table before the first row is appended. next_id moves past the largest id. The caller keeps
+    other writers of the store out meanwhile (a shard serializes its calls)."""
+    _check_schema(table.schema, store.config, "table")
+    for name in table.column_names:
+        if table.column(name).null_count:
+            raise SnapshotError(f"table: column {name!r} has {table.column(name).null_count} nulls")
+    ids = table.column("id").to_numpy()
+    if ids.size and (np.unique(ids).size != ids.size or int(ids.min()) < 0):
+        raise InvalidArgument("restored ids must be distinct and non-negative")
+    present = ids[store.contains(ids)] if ids.size else ids
+    if present.size:
+        raise AlreadyExists(f"ids already stored: {present[:10].tolist()}")
+    store.reserve(table.num_rows)
+    return _append_batches(store, table.to_batches(), "table", None)
+
+
+def _read_verified_snapshot(filesystem: pafs.FileSystem, directory: str, namespaces: Iterable[str] | None,
+                           keep: bool = True):
+    """(manifest, chosen entries, their paths, their bytes (None each unless keep)): the manifest
+    checked and the SHA-256 of every chosen file checked, in parallel threads (hashlib releases
+    the GIL)."""
+    manifest = read_manifest(filesystem, directory)
+    entries = manifest["namespaces"]
+    if namespaces is not None:
+        wanted = list(namespaces)
+        unknown = [name for name in wanted if name not in entries]
+        if unknown:
+            raise SnapshotError(f"snapshot {directory} has no namespace(s) {', '.join(map(repr, unknown))}")
+        entries = {name: entries[name] for name in wanted}
+    paths = {name: safe_join(directory, entry["file"]) for name, entry in entries.items()}
+    workers = max(1, min(len(paths), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="snapshot-verify") as pool:
+        futures = {name: pool.submit(_read_verified, filesystem, paths[name], entry["sha256"], keep)
+                   for name, entry in entries.items()}
+        data = {name: future.result() for name, future in futures.items()}
+    return manifest, entries, paths, data
+
+
+def verify_snapshot(filesystem: pafs.FileSystem, directory: str, namespaces: Iterable[str] | None = None) -> dict:
+    """The snapshot's manifest after every check ``load_shard_snapshot`` makes before it decodes
+    (format version, files and sizes, SHA-256 of each file), without building any store: for a
+    caller that wants to know a snapshot is whole before it drops or changes anything."""
+    return _read_verified_snapshot(filesystem, directory, namespaces, keep=False)[0]
+
+
 def load_shard_snapshot(filesystem: pafs.FileSystem, directory: str, device="cpu", *,
                         namespaces: Iterable[str] | None = None,
                         progress: Progress | None = None) -> tuple[dict, dict[str, NeighborStore]]:
@@ -618,21 +699,7 @@ def load_shard_snapshot(filesystem: pafs.FileSystem, directory: str, device="cpu
     records. namespaces: load only these (SnapshotError for one the snapshot lacks).
     progress: (rows loaded, rows in all).
     """
-    manifest = read_manifest(filesystem, directory)
-    entries = manifest["namespaces"]
-    if namespaces is not None:
-        wanted = list(namespaces)
-        unknown = [name for name in wanted if name not in entries]
-        if unknown:
-            raise SnapshotError(f"snapshot {directory} has no namespace(s) {', '.join(map(repr, unknown))}")
-        entries = {name: entries[name] for name in wanted}
-    paths = {name: safe_join(directory, entry["file"]) for name, entry in entries.items()}
-    workers = max(1, min(len(paths), os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="snapshot-verify") as pool:
-        futures = {name: pool.submit(_read_verified, filesystem, paths[name], entry["sha256"])
-                   for name, entry in entries.items()}
-        data = {name: future.result() for name, future in futures.items()}
-
+    manifest, entries, paths, data = _read_verified_snapshot(filesystem, directory, namespaces)
     total, done = sum(entry["rows"] for entry in entries.values()), 0
 
     def advance(rows: int) -> None:

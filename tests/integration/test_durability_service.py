@@ -25,7 +25,7 @@ DIM, VALUE_DIM = 16, 8
 def start_server(data_dir, port, deployment):
     """`monim serve` in its own session (so the test can kill it and every process under it)."""
     command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
-               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), "--snapshot-every", "0"]
+               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), "--snapshot-every", "400"]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True)

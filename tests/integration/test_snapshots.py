@@ -62,7 +62,9 @@ def test_a_snapshot_restores_into_another_shard_count_with_the_same_answers(two_
     assert len(target.describe_namespace(name).shards) == 3
     before, after = source.search(name, queries, 10), target.search(name, queries, 10)
     np.testing.assert_array_equal(after.ids, before.ids)
-    np.testing.assert_array_equal(after.distances, before.distances)
+    # The same distances up to float32 rounding: faiss's BLAS kernel may block 2 and 3 shards' rows
+    # differently (seen: 6e-7 relative).
+    np.testing.assert_allclose(after.distances, before.distances, rtol=1e-5, atol=1e-6)
     ids = np.unique(before.ids)
     was, now = source.get(name, ids, return_optimizer_state=True), target.get(name, ids, return_optimizer_state=True)
     np.testing.assert_array_equal(now.values, was.values)
