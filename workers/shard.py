@@ -113,6 +113,7 @@ class Shard:
         self._lock = threading.RLock()
         self.snapshot_every = snapshot_every
         self._records_since_snapshot = 0
+        self._snapshot_thread: threading.Thread | None = None
         self.recovery: dict = {}
         self.folder = None if data_dir is None else pathlib.Path(data_dir) / f"shard-{shard_index}"
         self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync)
@@ -140,7 +141,7 @@ class Shard:
             self._records_since_snapshot += 1
         result = self._apply(op, args, columns)
         if self.snapshot_every and self._records_since_snapshot >= self.snapshot_every:
-            self.snapshot()
+            self.snapshot(wait=False)
         return result
 
     def _apply(self, op: str, args: dict, columns: dict):
@@ -205,27 +206,56 @@ class Shard:
         return sorted(p for p in self.folder.glob("snapshot-*") if (p / "manifest.json").exists())
 
     @_serialized
-    def snapshot(self) -> dict | None:
+    def snapshot(self, wait: bool = True) -> dict | None:
         """Writes every namespace of this shard to a new snapshot, then deletes the log segments and
-        the older snapshots it covers. Returns its manifest (None without a data dir)."""
+        the older snapshot it covers. The rows are copied to host memory under each store's lock
+        (a memcpy); the files are written after that: here (wait=True; returns the manifest), or in
+        a background thread while the shard goes on serving (wait=False; automatic snapshots).
+        None without a data dir, or when a background snapshot is still being written."""
         if self.folder is None:
             return None
         from monim.datastore import snapshot
 
+        if self._snapshot_thread is not None and self._snapshot_thread.is_alive():
+            if not wait:
+                return None
+            self._snapshot_thread.join()
         covered = self.wal.rotate()
         extra = {"wal_covered": covered,
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()
                              if isinstance(value, (int, type(None)))],
                  "committed": [[key, value] for key, value in self._committed.items()]}
+        captured = snapshot.capture(self.stores)
         target = self.folder / f"snapshot-{covered:012d}"
-        manifest = snapshot.write_shard_snapshot(self.stores, *snapshot.resolve(str(target)),
-                                                 shard=self.shard_index, num_shards=self.num_shards, extra=extra)
-        self.wal.drop_through(covered)
-        for old in self._snapshots():
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
         self._records_since_snapshot = 0
-        return manifest
+
+        def write() -> dict:
+            manifest = snapshot.write_captured(captured, *snapshot.resolve(str(target)), shard=self.shard_index,
+                                               num_shards=self.num_shards, extra=extra)
+            self.wal.drop_through(covered)
+            for old in self._snapshots():
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+            return manifest
+
+        if wait:
+            return write()
+
+        def background() -> None:
+            try:
+                write()
+            except Exception:  # noqa: BLE001 - the log still covers everything; the next snapshot retries
+                log.exception("shard %d: background snapshot %s failed", self.shard_index, target)
+
+        self._snapshot_thread = threading.Thread(target=background, name="monim-snapshot", daemon=True)
+        self._snapshot_thread.start()
+        return None
+
+    def wait_for_snapshot(self) -> None:
+        """Returns once a background snapshot being written is done."""
+        thread = self._snapshot_thread
+        if thread is not None:
+            thread.join()
 
     @_serialized
     def export_snapshot(self, location: str, namespaces: list[str]) -> dict:

@@ -59,6 +59,8 @@ def test_a_restarted_deployment_has_every_acknowledged_change(tmp_path, snapshot
     feed(first)
     before = state(first)
     if snapshot_every:
+        for shard in first.runtime.shards:
+            shard.wait_for_snapshot()  # automatic snapshots are written in the background
         assert list((tmp_path / "shard-0").glob("snapshot-*/manifest.json"))
     again = deployment(tmp_path)
     assert state(again) == before
