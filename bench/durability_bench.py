@@ -86,10 +86,10 @@ def main(argv=None) -> int:
     results = {}
     try:
         ephemeral = add_rate(None, "always", args.batches, keys, tokens)
-        for fsync in ("always", "never"):
-            folder = os.path.join(root, f"add-{fsync}")
+        for fsync in ("always", "batch_ms=10", "never"):
+            folder = os.path.join(root, f"add-{fsync.replace('=', '-')}")
             results[f"add_{fsync}"] = rate = add_rate(folder, fsync, args.batches, keys, tokens)
-            print(f"Add {args.rows_per_add} x {args.dim}, log fsync={fsync:6s}: {rate:12,.0f} rows/s "
+            print(f"Add {args.rows_per_add} x {args.dim}, log fsync={fsync:11s}: {rate:12,.0f} rows/s "
                   f"= {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s)")
             shutil.rmtree(folder, ignore_errors=True)
         results["add_ephemeral"] = ephemeral

@@ -14,8 +14,11 @@ crash in mid-append) and the writer cuts the file there; a bad record with whole
 records after it is corruption, reported with the file and offset, never skipped.
 
 The log is on a local (or mounted) filesystem, where appends and fsync exist.
-fsync: "always" (fsync before a call is acknowledged; survives power loss) or
-"never" (flush to the OS only; survives the process being killed, not the machine).
+fsync: "always" (fsync before a call is acknowledged; survives power loss);
+"batch_ms=N" (every record reaches the OS before its call is acknowledged, and a
+background thread fsyncs at most N ms later: a killed process loses nothing, a
+machine that loses power loses at most the last N ms); "never" (the OS flushes
+when it likes).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import json
 import os
 import pathlib
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -33,7 +38,23 @@ from monim.protos.errors import FailedPrecondition, InvalidArgument, ResourceExh
 
 MAGIC = b"MWAL"
 _HEADER = struct.Struct("<4sII")
-FSYNC_POLICIES = ("always", "never")
+FSYNC_POLICIES = ("always", "batch_ms=N", "never")
+
+
+def parse_fsync(policy: str) -> float | None:
+    """"always" -> 0.0; "batch_ms=N" -> N / 1000 seconds; "never" -> None."""
+    if policy == "always":
+        return 0.0
+    if policy == "never":
+        return None
+    if isinstance(policy, str) and policy.startswith("batch_ms="):
+        try:
+            milliseconds = float(policy.split("=", 1)[1])
+        except ValueError:
+            milliseconds = -1
+        if milliseconds > 0:
+            return milliseconds / 1000
+    raise InvalidArgument(f"unknown fsync policy {policy!r}; choose always, batch_ms=N (N > 0) or never")
 
 
 class WalCorrupted(FailedPrecondition):
@@ -106,13 +127,25 @@ class WriteAheadLog:
     """directory: the shard's log folder (created if missing)."""
 
     def __init__(self, directory: str | os.PathLike, fsync: str = "always"):
-        if fsync not in FSYNC_POLICIES:
-            raise InvalidArgument(f"unknown fsync policy {fsync!r}; choose one of {', '.join(FSYNC_POLICIES)}")
+        self.fsync_after = parse_fsync(fsync)
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self._file = None
         self.sequence = max(self.segments(), default=0)
+        self._dirty = threading.Event()
+        self._lock = threading.Lock()  # the file, between appends and the background fsync
+        if self.fsync_after:
+            threading.Thread(target=self._sync_periodically, name="monim-wal-fsync", daemon=True).start()
+
+    def _sync_periodically(self) -> None:
+        while True:
+            self._dirty.wait()
+            time.sleep(self.fsync_after)
+            with self._lock:
+                self._dirty.clear()
+                if self._file is not None:
+                    os.fsync(self._file.fileno())
 
     def segments(self) -> list[int]:
         return sorted(int(p.stem) for p in self.directory.glob("*.wal") if p.stem.isdigit())
@@ -143,24 +176,30 @@ class WriteAheadLog:
             self.sequence = self.sequence or 1
             # Unbuffered: a failed write leaves nothing in a Python buffer, so the file can be cut back.
             self._file = open(self._path(self.sequence), "ab", buffering=0)  # noqa: SIM115 - kept open
-        start = self._file.tell()
-        try:
-            written = self._file.write(record)
-            if written != len(record):
-                raise OSError(f"short write: {written} of {len(record)} bytes")
-            if self.fsync == "always":
-                os.fsync(self._file.fileno())
-        except OSError as error:
-            self._file.truncate(start)
-            self._file.seek(start)
-            raise ResourceExhausted(f"could not write the write-ahead log {self._path(self.sequence)}: "
-                                    f"{error.strerror or error}") from error
+        with self._lock:
+            start = self._file.tell()
+            try:
+                written = self._file.write(record)
+                if written != len(record):
+                    raise OSError(f"short write: {written} of {len(record)} bytes")
+                if self.fsync_after == 0.0:
+                    os.fsync(self._file.fileno())
+            except OSError as error:
+                self._file.truncate(start)
+                self._file.seek(start)
+                raise ResourceExhausted(f"could not write the write-ahead log {self._path(self.sequence)}: "
+                                        f"{error.strerror or error}") from error
+        if self.fsync_after:
+            self._dirty.set()
 
     def rotate(self) -> int:
         """Starts a new segment; returns the sequence number of the last one before it."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                if self.fsync_after is not None:
+                    os.fsync(self._file.fileno())  # a snapshot may drop this segment's predecessors
+                self._file.close()
+                self._file = None
         covered = self.sequence
         self.sequence = covered + 1
         return covered
@@ -172,6 +211,9 @@ class WriteAheadLog:
                 self._path(old).unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                if self.fsync_after is not None:
+                    os.fsync(self._file.fileno())
+                self._file.close()
+                self._file = None

@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default="./monim-data",
                        help="where the registry, each shard's write-ahead log and snapshots are kept (default ./monim-data)")
     serve.add_argument("--ephemeral", action="store_true", help="keep nothing on disk (everything is lost at exit)")
-    serve.add_argument("--fsync", choices=("always", "never"), default="always",
-                       help="always: fsync the log before acknowledging a write (default); never: flush to the OS only")
+    serve.add_argument("--fsync", default="always",
+                       help="always: fsync the log before acknowledging a write (default); batch_ms=N: the OS has "
+                            "every acknowledged write and the log is fsynced within N ms; never: the OS decides")
     serve.add_argument("--snapshot-every", type=int, default=10_000,
                        help="log records per shard between automatic snapshots (0: none)")
     serve.add_argument("--snapshot-root", default=None,

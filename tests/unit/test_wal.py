@@ -5,6 +5,8 @@ leaves the log as it was."""
 from __future__ import annotations
 
 import errno
+import os
+import time
 
 import numpy as np
 import pytest
@@ -123,6 +125,23 @@ def test_a_full_disk_refuses_the_write_and_leaves_the_log_whole(tmp_path):
     assert_same(list(WriteAheadLog(tmp_path).replay()), [items[0], items[2]])
 
 
-def test_an_unknown_fsync_policy_is_refused(tmp_path):
+@pytest.mark.parametrize("policy", ["sometimes", "batch_ms=0", "batch_ms=x", ""])
+def test_an_unknown_fsync_policy_is_refused(tmp_path, policy):
     with pytest.raises(InvalidArgument, match="fsync"):
-        WriteAheadLog(tmp_path, fsync="sometimes")
+        WriteAheadLog(tmp_path, fsync=policy)
+
+
+def test_batched_fsync_syncs_in_the_background(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(descriptor), real_fsync(descriptor)))
+    wal = WriteAheadLog(tmp_path, fsync="batch_ms=200")
+    for item in records(3):
+        wal.append(*item)
+    assert not synced  # nothing waited for the disk
+    deadline = time.monotonic() + 5
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced
+    wal.close()
+    assert_same(list(WriteAheadLog(tmp_path).replay()), records(3))
