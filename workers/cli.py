@@ -20,6 +20,14 @@ import sys
 def _serve(args) -> int:
     from monim.workers.embedded import EmbeddedStore
 
+    from monim.datastore.wal import parse_fsync
+    from monim.protos.errors import InvalidArgument
+
+    try:
+        parse_fsync(args.fsync)
+    except InvalidArgument as error:
+        print(f"monim serve: {error.message}", file=sys.stderr)
+        return 2
     data_dir = None if args.ephemeral else os.path.abspath(args.data_dir)
     if data_dir is None:
         print("monim: --ephemeral: everything is kept in memory only and is lost when the server stops",
