@@ -64,8 +64,8 @@ class WalCorrupted(FailedPrecondition):
         self.path, self.offset = str(path), offset
 
 
-def encode(op: str, args: dict, columns: dict[str, np.ndarray]) -> bytes:
-    """One record's payload: Arrow IPC stream bytes."""
+def encode(op: str, args: dict, columns: dict[str, np.ndarray]) -> pa.Buffer:
+    """One record's payload: Arrow IPC stream bytes (a pyarrow Buffer: written without a copy)."""
     arrays, names = [], []
     for name, array in columns.items():
         if array is None:
@@ -84,7 +84,7 @@ def encode(op: str, args: dict, columns: dict[str, np.ndarray]) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    return sink.getvalue()
 
 
 def decode(payload: bytes) -> tuple[str, dict, dict[str, np.ndarray]]:
@@ -171,7 +171,7 @@ class WriteAheadLog:
         """Appends one record and flushes it (fsync with the "always" policy) before returning.
         A full disk: RESOURCE_EXHAUSTED, and the file is cut back to where it was."""
         payload = encode(op, args, columns or {})
-        record = _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+        header = _HEADER.pack(MAGIC, payload.size, zlib.crc32(payload))
         if self._file is None:
             self.sequence = self.sequence or 1
             # Unbuffered: a failed write leaves nothing in a Python buffer, so the file can be cut back.
@@ -179,9 +179,9 @@ class WriteAheadLog:
         with self._lock:
             start = self._file.tell()
             try:
-                written = self._file.write(record)
-                if written != len(record):
-                    raise OSError(f"short write: {written} of {len(record)} bytes")
+                written = self._file.write(header) + self._file.write(payload)
+                if written != len(header) + payload.size:
+                    raise OSError(f"short write: {written} of {len(header) + payload.size} bytes")
                 if self.fsync_after == 0.0:
                     os.fsync(self._file.fileno())
             except OSError as error:
