@@ -18,10 +18,9 @@ import sys
 
 
 def _serve(args) -> int:
-    from monim.workers.embedded import EmbeddedStore
-
     from monim.datastore.wal import parse_fsync
     from monim.protos.errors import InvalidArgument
+    from monim.workers.embedded import EmbeddedStore
 
     try:
         parse_fsync(args.fsync)
