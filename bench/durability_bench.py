@@ -35,7 +35,9 @@ def add_rate(data_dir, fsync, batches, keys, tokens) -> float:
     started = time.perf_counter()
     for _ in range(batches):
         router.add("bench", keys, tokens)
-    return batches * keys.shape[0] / (time.perf_counter() - started)
+    rate = batches * keys.shape[0] / (time.perf_counter() - started)
+    router.runtime.shutdown()
+    return rate
 
 
 def recovery(data_dir, rows, dim, tail_batches) -> dict:
@@ -55,6 +57,7 @@ def recovery(data_dir, rows, dim, tail_batches) -> dict:
     snapshot_bytes = sum(entry["bytes"] for entry in manifest["namespaces"].values())
     for _ in range(tail_batches):
         router.add("bench", rng.standard_normal((4096, dim)).astype(np.float32), np.arange(4096))
+    router.runtime.shutdown()
     del router, shard
     started = time.perf_counter()
     again = Router(LocalRuntime(1, data_dir=data_dir, fsync="never", snapshot_every=0))

@@ -22,6 +22,7 @@ The plans of recent Adds are not kept across a restart.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ import secrets
 
 import numpy as np
 from monim.datastore import NamespaceConfig
-from monim.protos.errors import AlreadyExists, InvalidArgument, NamespaceChanged, NamespaceNotFound
+from monim.protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NamespaceChanged, NamespaceNotFound
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,24 @@ class NamespaceRegistry:
         self._plans: collections.OrderedDict = collections.OrderedDict()  # request id -> (targets or N, first id)
         self._kept_targets = 0
         self.path = None if data_dir is None else pathlib.Path(data_dir) / "registry.json"
-        if self.path is not None and self.path.exists():
-            self._load()
+        self._lock_file = None
+        if self.path is not None:
+            self._lock_data_dir()
+            if self.path.exists():
+                self._load()
+
+    def _lock_data_dir(self) -> None:
+        """One deployment per data dir: the registry holds an exclusive lock on DATA_DIR/LOCK for
+        its life (released when its process ends, so a restarted registry takes it again)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.path.parent / "LOCK", "a+")  # noqa: SIM115 - held for the registry's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise FailedPrecondition(f"data dir {self.path.parent} is in use by another running deployment; "
+                                     "join that one (same --deployment, --ray-address) or use another --data-dir") \
+                from None
 
     def _load(self) -> None:
         state = json.loads(self.path.read_text())
@@ -88,6 +105,12 @@ class NamespaceRegistry:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self.path)
+
+    def close(self) -> None:
+        """Releases the data dir (a registry in a process that ends releases it anyway)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def shard_count(self) -> int:
         return self.num_shards

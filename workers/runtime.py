@@ -116,7 +116,12 @@ class LocalRuntime:
                 log.debug("actor already gone", exc_info=True)
 
     def shutdown(self) -> None:
+        """Closes the shards' logs and releases the data dir."""
         self._pool.shutdown(wait=False)
+        for shard in self.shards:
+            if shard is not None:
+                shard.close()
+        self.registry.close()
 
 
 class RayRuntime:

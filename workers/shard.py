@@ -251,6 +251,12 @@ class Shard:
         self._snapshot_thread.start()
         return None
 
+    def close(self) -> None:
+        """Finishes a background snapshot and closes the log (a shard whose process ends needs none of this)."""
+        self.wait_for_snapshot()
+        if self.wal is not None:
+            self.wal.close()
+
     def wait_for_snapshot(self) -> None:
         """Returns once a background snapshot being written is done."""
         thread = self._snapshot_thread

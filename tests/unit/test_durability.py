@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from monim.datastore import NamespaceConfig
 from monim.datastore.wal import WalCorrupted
-from monim.protos.errors import ResourceExhausted
+from monim.protos.errors import FailedPrecondition, ResourceExhausted
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
@@ -58,9 +58,8 @@ def test_a_restarted_deployment_has_every_acknowledged_change(tmp_path, snapshot
     first = deployment(tmp_path, snapshot_every=snapshot_every)
     feed(first)
     before = state(first)
+    first.runtime.shutdown()  # finishes background snapshots, releases the data dir
     if snapshot_every:
-        for shard in first.runtime.shards:
-            shard.wait_for_snapshot()  # automatic snapshots are written in the background
         assert list((tmp_path / "shard-0").glob("snapshot-*/manifest.json"))
     again = deployment(tmp_path)
     assert state(again) == before
@@ -74,6 +73,7 @@ def test_a_retry_after_a_restart_lands_once(tmp_path):
     first.create_namespace(NamespaceConfig("ns", dim=DIM))
     keys = np.random.default_rng(1).standard_normal((10, DIM)).astype(np.float32)
     first.add("ns", keys, np.arange(10), request_id="the-batch")
+    first.runtime.shutdown()
     again = deployment(tmp_path)
     again.add("ns", keys, np.arange(10), request_id="the-batch")
     assert again.describe_namespace("ns")["rows"] == 10
@@ -85,6 +85,7 @@ def test_a_torn_log_tail_recovers_to_the_last_whole_record(tmp_path):
     rng = np.random.default_rng(2)
     for _ in range(3):
         first.add("ns", rng.standard_normal((5, DIM)).astype(np.float32), np.arange(5))
+    first.runtime.shutdown()
     segment = sorted((tmp_path / "shard-0" / "wal").glob("*.wal"))[-1]
     with open(segment, "r+b") as file:
         file.truncate(segment.stat().st_size - 3)  # the third add was being written when the process died
@@ -97,6 +98,7 @@ def test_a_corrupt_log_keeps_the_shard_from_serving(tmp_path):
     rng = np.random.default_rng(3)
     for _ in range(3):
         first.add("ns", rng.standard_normal((5, DIM)).astype(np.float32), np.arange(5))
+    first.runtime.shutdown()
     segment = sorted((tmp_path / "shard-0" / "wal").glob("*.wal"))[-1]
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0x10
@@ -131,3 +133,11 @@ def test_a_full_disk_refuses_the_write_and_reads_go_on(tmp_path):
     after = router.search("ns", queries, 5)
     assert after.ids.shape == before.ids.shape
     wal._file = real_file
+
+
+def test_a_data_dir_serves_one_deployment_at_a_time(tmp_path):
+    first = deployment(tmp_path)
+    with pytest.raises(FailedPrecondition, match="in use by another running deployment"):
+        deployment(tmp_path)
+    first.runtime.shutdown()
+    deployment(tmp_path).runtime.shutdown()  # free again once the first one is gone
