@@ -6,6 +6,7 @@ In-process shards (LocalRuntime): the router, shards, log and snapshots are the 
 without Ray and gRPC around them, so the ratios are the log's cost alone.
 
     python -m bench.durability_bench                         # 4096-row adds of 768-d rows
+    python -m bench.durability_bench --service --recovery-rows 0   # also through the service
     python -m bench.durability_bench --recovery-rows 1000000 # the issue's recovery figure
 """
 
@@ -38,6 +39,22 @@ def add_rate(data_dir, fsync, batches, keys, tokens) -> float:
     rate = batches * keys.shape[0] / (time.perf_counter() - started)
     router.runtime.shutdown()
     return rate
+
+
+def service_add_rate(data_dir, fsync, batches, keys, tokens, shards: int) -> float:
+    """Rows per second of Adds through MemoryClient -> gRPC -> router -> shard actors (Ray), into a
+    fresh deployment started in this process (data_dir None: --ephemeral)."""
+    from monim.model_client import MemoryClient
+    from monim.workers.embedded import EmbeddedStore
+
+    with EmbeddedStore(shards=shards, num_cpus=max(2, shards), data_dir=data_dir, fsync=fsync,
+                       snapshot_every=0) as store, MemoryClient(store.address, timeout_s=600) as client:
+        client.create_namespace("bench", dim=keys.shape[1])
+        client.add("bench", keys, tokens)  # warm-up
+        started = time.perf_counter()
+        for _ in range(batches):
+            client.add("bench", keys, tokens)
+        return batches * keys.shape[0] / (time.perf_counter() - started)
 
 
 def recovery(data_dir, rows, dim, tail_batches) -> dict:
@@ -77,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recovery-rows", type=int, default=200_000)
     parser.add_argument("--tail-batches", type=int, default=10, help="4096-row adds in the log after the snapshot")
     parser.add_argument("--dir", default=None, help="where the data dirs go (default: a temporary folder)")
+    parser.add_argument("--service", action="store_true", help="also Add through gRPC and Ray shard actors")
+    parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="monim-bench-", dir=args.dir)
@@ -96,6 +115,19 @@ def main(argv=None) -> int:
                   f"= {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s)")
             shutil.rmtree(folder, ignore_errors=True)
         results["add_ephemeral"] = ephemeral
+        if args.service:
+            ephemeral = results["service_add_ephemeral"] = service_add_rate(None, "always", args.batches, keys,
+                                                                             tokens, args.shards)
+            for fsync in ("always", "batch_ms=10", "never"):
+                folder = os.path.join(root, f"service-{fsync.replace('=', '-')}")
+                results[f"service_add_{fsync}"] = rate = service_add_rate(folder, fsync, args.batches, keys, tokens,
+                                                                         args.shards)
+                print(f"service ({args.shards} shard actors), Add {args.rows_per_add} x {args.dim}, "
+                      f"fsync={fsync:11s}: {rate:10,.0f} rows/s = {rate / ephemeral:.2f}x --ephemeral "
+                      f"({ephemeral:,.0f} rows/s)")
+                shutil.rmtree(folder, ignore_errors=True)
+        if not args.recovery_rows:
+            return 0
         results["recovery"] = found = recovery(os.path.join(root, "recovery"), args.recovery_rows, args.dim,
                                                args.tail_batches)
         print(f"snapshot of {args.recovery_rows:,} x {args.dim}: {found['snapshot_bytes'] / 1e9:.2f} GB in "
