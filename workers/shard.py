@@ -24,6 +24,7 @@ its parts gone answers ABORTED, and nothing is stepped.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -32,6 +33,7 @@ import pathlib
 import shutil
 import threading
 import time
+import uuid
 import warnings
 
 import numpy as np
@@ -114,6 +116,8 @@ class Shard:
         self.snapshot_every = snapshot_every
         self._records_since_snapshot = 0
         self._snapshot_thread: threading.Thread | None = None
+        self._exporter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._exports: dict[str, concurrent.futures.Future] = {}
         self.recovery: dict = {}
         self.folder = None if data_dir is None else pathlib.Path(data_dir) / f"shard-{shard_index}"
         self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync)
@@ -264,14 +268,31 @@ class Shard:
             thread.join()
 
     @_serialized
-    def export_snapshot(self, location: str, namespaces: list[str]) -> dict:
-        """Writes the given namespaces held here to a snapshot at location (a path or URI); returns its
-        manifest. (A deployment snapshot: workers/snapshots.py.)"""
+    def export_snapshot(self, location: str, namespaces: list[str]) -> str:
+        """Starts writing the given namespaces held here to a snapshot at location (a path or URI):
+        the rows are copied to host memory now, the files are written in the background while the
+        shard goes on serving. Returns a job id for export_status. (A deployment snapshot:
+        workers/snapshots.py.)"""
         from monim.datastore import snapshot
 
-        chosen = {name: self.stores[name] for name in namespaces if name in self.stores}
-        return snapshot.write_shard_snapshot(chosen, *snapshot.resolve(location), shard=self.shard_index,
-                                             num_shards=self.num_shards)
+        captured = snapshot.capture({name: self.stores[name] for name in namespaces if name in self.stores})
+        if self._exporter is None:
+            self._exporter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-export")
+        job = uuid.uuid4().hex
+        self._exports[job] = self._exporter.submit(snapshot.write_captured, captured, *snapshot.resolve(location),
+                                                   shard=self.shard_index, num_shards=self.num_shards)
+        return job
+
+    @_serialized
+    def export_status(self, job: str) -> dict | None:
+        """None while the export is being written; then its manifest (or its error, raised)."""
+        future = self._exports.get(job)
+        if future is None:
+            raise InvalidArgument(f"no snapshot export {job!r} on shard {self.shard_index}")
+        if not future.done():
+            return None
+        del self._exports[job]
+        return future.result()
 
     @_serialized
     def restore_rows(self, namespace: str, generation: int, table) -> int:

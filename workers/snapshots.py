@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import posixpath
+import time
 
 import pyarrow.fs as pafs
 from monim.datastore import snapshot
@@ -27,6 +28,7 @@ from monim.protos.errors import AlreadyExists, InvalidArgument, NamespaceNotFoun
 
 FORMAT_VERSION = 1
 KIND = "monim-deployment-snapshot"
+EXPORT_POLL_S = 0.2
 
 
 def _now() -> str:
@@ -84,8 +86,9 @@ class Snapshots:
         names = [config.name for config in configs]
         self.filesystem.create_dir(target, recursive=True)
         shard_dirs = [posixpath.join(target, f"shard-{i}") for i in range(self.router.num_shards)]
-        manifests = self.router._call([(i, "export_snapshot", (self._uri(shard_dirs[i]), names))
-                                       for i in range(self.router.num_shards)])
+        jobs = self.router._call([(i, "export_snapshot", (self._uri(shard_dirs[i]), names))
+                                  for i in range(self.router.num_shards)])
+        manifests = self._wait_for_exports(jobs)
         namespaces = {}
         for config in configs:
             rows = sum(m["namespaces"].get(config.name, {}).get("rows", 0) for m in manifests)
@@ -100,6 +103,20 @@ class Snapshots:
                     "num_shards": self.router.num_shards, "namespaces": namespaces, "shards": shards, "bytes": total}
         self._write_json(posixpath.join(target, "manifest.json"), manifest)
         return self._info(location, manifest)
+
+    def _wait_for_exports(self, jobs: list[str]) -> list[dict]:
+        """Polls every shard's export until all are written (the shards serve meanwhile), within the
+        call's deadline."""
+        manifests: dict[int, dict] = {}
+        while len(manifests) < len(jobs):
+            pending = [shard for shard in range(len(jobs)) if shard not in manifests]
+            answers = self.router._call([(shard, "export_status", (jobs[shard],)) for shard in pending])
+            for shard, answer in zip(pending, answers):
+                if answer is not None:
+                    manifests[shard] = answer
+            if len(manifests) < len(jobs):
+                time.sleep(EXPORT_POLL_S)
+        return [manifests[shard] for shard in range(len(jobs))]
 
     @staticmethod
     def _info(location: str, manifest: dict) -> dict:
