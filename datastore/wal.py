@@ -38,7 +38,6 @@ from monim.protos.errors import FailedPrecondition, InvalidArgument, ResourceExh
 
 MAGIC = b"MWAL"
 _HEADER = struct.Struct("<4sII")
-FSYNC_POLICIES = ("always", "batch_ms=N", "never")
 
 
 def parse_fsync(policy: str) -> float | None:

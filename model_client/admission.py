@@ -25,9 +25,9 @@ import queue
 import random
 import threading
 import time
-import uuid
 
 import numpy as np
+from monim.protos import validation
 from monim.protos.errors import DeadlineExceeded, InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class AdmissionSender:
     def _send(self, keys, tokens, values) -> None:
         """Sends one batch: retries transient errors under one request id, counts the batch
         as lost when it still fails."""
-        request_id = uuid.uuid4().hex
+        request_id = validation.new_request_id()
         attempt = 0
         while True:
             started = time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-import uuid
 
 import grpc
 import numpy as np
@@ -34,11 +33,6 @@ from monim.protos.errors import (
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
 IN_PROCESS = ":memory:"
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
-
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _FLOAT_KINDS = ("float16", "float32")
 
@@ -249,7 +243,7 @@ class MemoryClient:
         config = NamespaceConfig(name=name, dim=dim, metric=metric, index=index, value_dim=value_dim,
                                  max_k=max_k, key_dtype=key_dtype,
                                  optimizer=OptimizerConfig.from_dict(dict(optimizer_options, name=optimizer, lr=lr)))
-        return self._retried("create_namespace", config, new_request_id())
+        return self._retried("create_namespace", config, validation.new_request_id())
 
     def list_namespaces(self) -> list[NamespaceConfig]:
         return self._retried("list_namespaces")
@@ -282,7 +276,7 @@ class MemoryClient:
         row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 24 + (
             0 if values is None else values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
         parts = list(self._row_chunks(n, row_bytes))
-        request_id = request_id or new_request_id()
+        request_id = request_id or validation.new_request_id()
         if len(parts) == 1:
             result = self._retried("add", namespace, keys, tokens, values, weights, source, logp, admit_below,
                                    merge_eps, request_id=request_id)
@@ -365,7 +359,7 @@ class MemoryClient:
         returns how many rows went. generation (from a SearchResult, say): only in that incarnation
         of the namespace (FailedPrecondition if it was re-created since)."""
         ids = _int_array(ids, "ids")
-        return self._retried("delete", namespace, ids, source, request_id=new_request_id(), generation=generation)
+        return self._retried("delete", namespace, ids, source, request_id=validation.new_request_id(), generation=generation)
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0) -> RetrieveResult:
@@ -399,7 +393,7 @@ class MemoryClient:
         value_dim = grad_memory.shape[1] if getattr(grad_memory, "ndim", 0) == 2 else 1
         row_bytes = queries.itemsize * width + 16 * k + 4 * value_dim + 64
         parts = list(self._row_chunks(self._rows(queries), row_bytes))
-        step_id = new_request_id()
+        step_id = validation.new_request_id()
 
         def send(part, index, defer):
             return self._retried("retrieve_backward", namespace, queries[part], ids[part], result.alpha[part],
@@ -424,7 +418,7 @@ class MemoryClient:
         ids are summed); all or nothing (NotFound, changing nothing, if an id is not stored).
         Returns the number of rows updated."""
         return self._retried("apply_gradients", namespace, _int_array(ids, "ids"), _float_array(grads, "grads"),
-                             request_id=new_request_id(), generation=generation)
+                             request_id=validation.new_request_id(), generation=generation)
 
     # ----- snapshots (admin) ----------------------------------------------------------
     def create_snapshot(self, location: str, namespace: str = "") -> dict:

@@ -6,6 +6,8 @@ every row as it was.
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 from monim.protos.errors import InvalidArgument
 
@@ -103,6 +105,11 @@ def check_source(source) -> str:
     if len(source) > 256:
         raise InvalidArgument(f"source tag has {len(source)} characters; at most 256 are allowed")
     return source
+
+
+def new_request_id() -> str:
+    """A fresh request or step id (the client makes one per call; the router, for calls without one)."""
+    return uuid.uuid4().hex
 
 
 def check_step_id(step_id) -> str:

@@ -25,7 +25,6 @@ import contextvars
 import functools
 import logging
 import time
-import uuid
 
 import numpy as np
 from monim.datastore import admission, memory_ops
@@ -54,10 +53,6 @@ RETRIEVE_ATTEMPTS = 3
 DESCRIBE_WAIT_S = 2.0
 # The absolute time.monotonic() by which the current call must answer (the gRPC deadline).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex
 
 
 def _reread_config_if_recreated(method):
@@ -216,7 +211,7 @@ class Router:
             weights = validation.check_weights(weights, n)
         source = validation.check_source(source)
         logp, admit_below, merge_eps = validation.check_admission(logp, admit_below, merge_eps, n)
-        request_id = request_id or new_request_id()
+        request_id = request_id or validation.new_request_id()
         admitted = np.ones(n, bool) if logp is None else admission.admitted_mask(logp, admit_below)
         ids = np.full(n, MISSING_ID, np.int64)
         merged = np.zeros(n, bool)
@@ -308,7 +303,7 @@ class Router:
         config = self.config(namespace, generation)
         queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
             config, queries, ids, alpha, distances, grad_memory, temperature)
-        step_id = validation.check_step_id(step_id) or new_request_id()
+        step_id = validation.check_step_id(step_id) or validation.new_request_id()
         try:
             partials = self._all_shards("backward_part", namespace, config.generation, step_id, part, queries, ids,
                                         alpha, distances, grad_memory)
@@ -356,7 +351,7 @@ class Router:
         ids, grads = validation.check_gradients(ids, grads, config.value_dim)
         if (ids < 0).any():
             raise IdsNotFound(namespace, ids[ids < 0])
-        step_id = request_id or new_request_id()
+        step_id = request_id or validation.new_request_id()
         calls = [(shard, "stage_gradients", (namespace, config.generation, step_id, 0, ids[positions],
                                              grads[positions]))
                  for shard, positions in self._route_ids(ids)]
@@ -421,7 +416,7 @@ class Router:
         config = self.config(namespace, generation)
         if (ids is None) == (source is None):
             raise InvalidArgument("delete needs either ids or a source tag, not both")
-        request_id = request_id or new_request_id()
+        request_id = request_id or validation.new_request_id()
         if source is not None:
             return sum(self._all_shards("delete", namespace, config.generation, request_id, None,
                                         validation.check_source(source)))

@@ -106,15 +106,6 @@ class LocalRuntime:
         """For tests: the shard stops answering, as a dead actor would."""
         self.shards[shard] = None
 
-    def destroy(self) -> None:
-        """Kills the deployment's actors, durable or not (its data dir stays): for tests and for
-        tearing a deployment down."""
-        for actor in [*self.shards, self.registry]:
-            try:
-                self._ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                log.debug("actor already gone", exc_info=True)
-
     def shutdown(self) -> None:
         """Closes the shards' logs and releases the data dir."""
         self._pool.shutdown(wait=False)
@@ -276,10 +267,6 @@ class RayRuntime:
         """Kills the actors this front end created unless they belong to a durable deployment
         (they outlive front ends), and Ray itself if it started it."""
         if self._created_actors and not self.restarts:
-            for actor in [*self.shards, self.registry]:
-                try:
-                    self._ray.kill(actor)
-                except Exception:  # noqa: BLE001 - best effort at shutdown
-                    log.debug("actor already gone at shutdown", exc_info=True)
+            self.destroy()
         if self._owns_ray:
             self._ray.shutdown()

@@ -31,15 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """The session's `monim serve`, durable (a data dir under pytest's tmp): {"address", "deployment",
-    "data_dir", "output" (its log lines so far)}."""
-    port = _free_port()
-    deployment = f"test-{uuid.uuid4().hex[:8]}"
-    data_dir = tmp_path_factory.mktemp("monim-data")
-    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
-               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir)]
+def start_serve(data_dir, deployment: str, *options: str):
+    """`monim serve` (2 shards, its own local Ray of 2 CPUs) as a user starts it, in its own session
+    (so a test can kill it and every process under it): (process, address, output lines so far)."""
+    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(_free_port()), "--shards", "2",
+               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), *options]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True)
@@ -53,14 +49,27 @@ def server(tmp_path_factory):
         lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
-    address = None
     try:
-        while address is None:
+        while True:
             line = lines.get(timeout=START_TIMEOUT_S)
             if line is None:
                 raise RuntimeError("monim serve exited early:\n" + "".join(output))
             if "serving" in line:
-                address = line.rsplit(" on ", 1)[1].strip()
+                return process, line.rsplit(" on ", 1)[1].strip(), output
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The session's `monim serve`, durable (a data dir under pytest's tmp): {"address", "deployment",
+    "data_dir", "output" (its log lines so far)}."""
+    deployment = f"test-{uuid.uuid4().hex[:8]}"
+    data_dir = tmp_path_factory.mktemp("monim-data")
+    process, address, output = start_serve(data_dir, deployment)
+    try:
         yield {"address": address, "deployment": deployment, "data_dir": data_dir, "output": output}
     finally:
         process.send_signal(signal.SIGTERM)

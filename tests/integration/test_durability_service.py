@@ -6,10 +6,7 @@ an error."""
 from __future__ import annotations
 
 import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,34 +14,13 @@ import uuid
 import numpy as np
 from monim.model_client import MemoryClient
 
-from tests.integration.conftest import ROOT, START_TIMEOUT_S, _free_port
+from tests.integration.conftest import start_serve
 
 DIM, VALUE_DIM = 16, 8
 
 
-def start_server(data_dir, port, deployment):
-    """`monim serve` in its own session (so the test can kill it and every process under it)."""
-    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(port), "--shards", "2",
-               "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), "--snapshot-every", "400"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    output: list[str] = []
-
-    def pump():
-        for line in process.stdout:
-            output.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    while True:
-        line = lines.get(timeout=START_TIMEOUT_S)
-        if line is None:
-            raise RuntimeError("monim serve exited early:\n" + "".join(output))
-        if "serving" in line:
-            return process, line.rsplit(" on ", 1)[1].strip()
+def start_server(data_dir, deployment):
+    return start_serve(data_dir, deployment, "--snapshot-every", "400")[:2]
 
 
 def session_processes(session_id: int) -> list[int]:
@@ -76,7 +52,7 @@ def kill_session(process) -> None:
 def test_a_killed_server_comes_back_with_every_acknowledged_row(tmp_path):
     data_dir = tmp_path / "data"
     deployment = f"dur-{uuid.uuid4().hex[:8]}"
-    process, address = start_server(data_dir, _free_port(), deployment)
+    process, address = start_server(data_dir, deployment)
     twin = MemoryClient(":memory:")
     rng = np.random.default_rng(0)
     acknowledged = 0
@@ -97,7 +73,7 @@ def test_a_killed_server_comes_back_with_every_acknowledged_row(tmp_path):
                     twin.apply_gradients("ns", stepped, grads)
     finally:
         kill_session(process)
-    process, address = start_server(data_dir, _free_port(), deployment)
+    process, address = start_server(data_dir, deployment)
     try:
         with MemoryClient(address, timeout_s=120) as client:
             assert client.describe_namespace("ns").rows == acknowledged

@@ -79,27 +79,26 @@ def test_a_retry_after_a_restart_lands_once(tmp_path):
     assert again.describe_namespace("ns")["rows"] == 10
 
 
-def test_a_torn_log_tail_recovers_to_the_last_whole_record(tmp_path):
-    first = deployment(tmp_path, shards=1)
+def three_adds_then_stop(data_dir, seed):
+    """A 1-shard deployment that took three 5-row adds, then stopped: the path of its last log segment."""
+    first = deployment(data_dir, shards=1)
     first.create_namespace(NamespaceConfig("ns", dim=DIM))
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     for _ in range(3):
         first.add("ns", rng.standard_normal((5, DIM)).astype(np.float32), np.arange(5))
     first.runtime.shutdown()
-    segment = sorted((tmp_path / "shard-0" / "wal").glob("*.wal"))[-1]
+    return sorted((data_dir / "shard-0" / "wal").glob("*.wal"))[-1]
+
+
+def test_a_torn_log_tail_recovers_to_the_last_whole_record(tmp_path):
+    segment = three_adds_then_stop(tmp_path, seed=2)
     with open(segment, "r+b") as file:
         file.truncate(segment.stat().st_size - 3)  # the third add was being written when the process died
     assert deployment(tmp_path, shards=1).describe_namespace("ns")["rows"] == 10
 
 
 def test_a_corrupt_log_keeps_the_shard_from_serving(tmp_path):
-    first = deployment(tmp_path, shards=1)
-    first.create_namespace(NamespaceConfig("ns", dim=DIM))
-    rng = np.random.default_rng(3)
-    for _ in range(3):
-        first.add("ns", rng.standard_normal((5, DIM)).astype(np.float32), np.arange(5))
-    first.runtime.shutdown()
-    segment = sorted((tmp_path / "shard-0" / "wal").glob("*.wal"))[-1]
+    segment = three_adds_then_stop(tmp_path, seed=3)
     data = bytearray(segment.read_bytes())
     data[len(data) // 2] ^= 0x10
     segment.write_bytes(bytes(data))
