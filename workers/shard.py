@@ -115,8 +115,9 @@ class Shard:
         self._lock = threading.RLock()
         self.snapshot_every = snapshot_every
         self._records_since_snapshot = 0
-        self._snapshot_thread: threading.Thread | None = None
-        self._exporter: concurrent.futures.ThreadPoolExecutor | None = None
+        # Snapshot files are written on this thread, after the rows were copied under the lock.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-snapshot")
+        self._snapshot_written: concurrent.futures.Future | None = None  # the latest automatic snapshot
         self._exports: dict[str, concurrent.futures.Future] = {}
         self.recovery: dict = {}
         self.folder = None if data_dir is None else pathlib.Path(data_dir) / f"shard-{shard_index}"
@@ -157,7 +158,8 @@ class Shard:
                                                      id_offset=self.shard_index)
             return None
         if op == "drop":
-            store = self.stores.pop(namespace)
+            store = self._store(namespace)
+            del self.stores[namespace]
             for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
                 del self._staged[step_id]
             return len(store)
@@ -220,10 +222,10 @@ class Shard:
             return None
         from monim.datastore import snapshot
 
-        if self._snapshot_thread is not None and self._snapshot_thread.is_alive():
+        if self._snapshot_written is not None and not self._snapshot_written.done():
             if not wait:
                 return None
-            self._snapshot_thread.join()
+            concurrent.futures.wait([self._snapshot_written])
         covered = self.wal.rotate()
         extra = {"wal_covered": covered,
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()
@@ -251,21 +253,19 @@ class Shard:
             except Exception:  # noqa: BLE001 - the log still covers everything; the next snapshot retries
                 log.exception("shard %d: background snapshot %s failed", self.shard_index, target)
 
-        self._snapshot_thread = threading.Thread(target=background, name="monim-snapshot", daemon=True)
-        self._snapshot_thread.start()
+        self._snapshot_written = self._writer.submit(background)
         return None
 
     def close(self) -> None:
         """Finishes a background snapshot and closes the log (a shard whose process ends needs none of this)."""
-        self.wait_for_snapshot()
+        self._writer.shutdown(wait=True)
         if self.wal is not None:
             self.wal.close()
 
     def wait_for_snapshot(self) -> None:
         """Returns once a background snapshot being written is done."""
-        thread = self._snapshot_thread
-        if thread is not None:
-            thread.join()
+        if self._snapshot_written is not None:
+            concurrent.futures.wait([self._snapshot_written])
 
     @_serialized
     def export_snapshot(self, location: str, namespaces: list[str]) -> str:
@@ -276,11 +276,9 @@ class Shard:
         from monim.datastore import snapshot
 
         captured = snapshot.capture({name: self.stores[name] for name in namespaces if name in self.stores})
-        if self._exporter is None:
-            self._exporter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-export")
         job = uuid.uuid4().hex
-        self._exports[job] = self._exporter.submit(snapshot.write_captured, captured, *snapshot.resolve(location),
-                                                   shard=self.shard_index, num_shards=self.num_shards)
+        self._exports[job] = self._writer.submit(snapshot.write_captured, captured, *snapshot.resolve(location),
+                                                 shard=self.shard_index, num_shards=self.num_shards)
         return job
 
     @_serialized
