@@ -5,7 +5,7 @@ its recovery time (snapshot load + log replay).
 In-process shards (LocalRuntime): the router, shards, log and snapshots are the service's own,
 without Ray and gRPC around them, so the ratios are the log's cost alone.
 
-    python -m bench.durability_bench                         # 4096-row adds of 768-d rows
+    python -m bench.durability_bench                         # 4096-row adds of 768-d rows, 1 and 4 writers
     python -m bench.durability_bench --service --recovery-rows 0   # also through the service
     python -m bench.durability_bench --recovery-rows 1000000 # the issue's recovery figure
 """
@@ -19,6 +19,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -28,14 +29,24 @@ from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
 
-def add_rate(data_dir, fsync, batches, keys, tokens) -> float:
-    """Rows per second of Adds of len(keys) rows into a fresh 1-shard deployment."""
+def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> float:
+    """Rows per second of Adds of len(keys) rows into a fresh 1-shard deployment, from ``writers``
+    threads at once (batches in all)."""
     router = Router(LocalRuntime(1, data_dir=data_dir, fsync=fsync, snapshot_every=0))
     router.create_namespace(NamespaceConfig("bench", dim=keys.shape[1]))
     router.add("bench", keys, tokens)  # warm-up
+
+    def write(count):
+        for _ in range(count):
+            router.add("bench", keys, tokens)
+
+    shares = [batches // writers + (i < batches % writers) for i in range(writers)]
+    threads = [threading.Thread(target=write, args=(share,)) for share in shares]
     started = time.perf_counter()
-    for _ in range(batches):
-        router.add("bench", keys, tokens)
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     rate = batches * keys.shape[0] / (time.perf_counter() - started)
     router.runtime.shutdown()
     return rate
@@ -94,6 +105,9 @@ def main(argv=None) -> int:
     parser.add_argument("--recovery-rows", type=int, default=200_000)
     parser.add_argument("--tail-batches", type=int, default=10, help="4096-row adds in the log after the snapshot")
     parser.add_argument("--dir", default=None, help="where the data dirs go (default: a temporary folder)")
+    parser.add_argument("--writers", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4],
+                        help="writer threads of the in-process Add figures, comma-separated (default 1,4)")
+    parser.add_argument("--repeats", type=int, default=3, help="in-process Add measurements per setting (median)")
     parser.add_argument("--service", action="store_true", help="also Add through gRPC and Ray shard actors")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--json", default=None)
@@ -107,14 +121,22 @@ def main(argv=None) -> int:
     tokens = np.arange(args.rows_per_add)
     results = {}
     try:
-        ephemeral = add_rate(None, "always", args.batches, keys, tokens)
-        for fsync in ("always", "batch_ms=10", "never"):
-            folder = os.path.join(root, f"add-{fsync.replace('=', '-')}")
-            results[f"add_{fsync}"] = rate = add_rate(folder, fsync, args.batches, keys, tokens)
-            print(f"Add {args.rows_per_add} x {args.dim}, log fsync={fsync:11s}: {rate:12,.0f} rows/s "
-                  f"= {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s)")
-            shutil.rmtree(folder, ignore_errors=True)
-        results["add_ephemeral"] = ephemeral
+        for writers in args.writers:
+            # Each setting is measured --repeats times, interleaved with the others (this VM's disk and
+            # CPUs drift), and its median is compared with the ephemeral store's median.
+            rates = {fsync: [] for fsync in ("ephemeral", "always", "batch_ms=2", "never")}
+            for _ in range(args.repeats):
+                for fsync in rates:
+                    folder = None if fsync == "ephemeral" else os.path.join(root, f"add-{fsync.replace('=', '-')}")
+                    rates[fsync].append(add_rate(folder, "always" if folder is None else fsync, args.batches, keys,
+                                                 tokens, writers))
+                    if folder:
+                        shutil.rmtree(folder, ignore_errors=True)
+            ephemeral = results[f"add_ephemeral_{writers}w"] = float(np.median(rates.pop("ephemeral")))
+            for fsync, measured in rates.items():
+                results[f"add_{fsync}_{writers}w"] = rate = float(np.median(measured))
+                print(f"Add {args.rows_per_add} x {args.dim}, {writers} writer(s), log fsync={fsync:10s}: "
+                      f"{rate:12,.0f} rows/s = {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s)")
         if args.service:
             ephemeral = results["service_add_ephemeral"] = service_add_rate(None, "always", args.batches, keys,
                                                                              tokens, args.shards)

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # How often a call waits for a restarting shard before sending again.
 RESTART_POLL_S = 0.5
+# Calls a shard actor takes at once: the shard serializes them on its lock, except that writers
+# waiting for the disk let the others in (group commit; workers/shard.py).
+SHARD_CALLS_AT_ONCE = 16
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
@@ -166,7 +169,7 @@ class RayRuntime:
         self.shards = [
             shard_class.options(
                 name=f"{deployment}-shard-{i}", get_if_exists=True, num_cpus=shard_cpus,
-                num_gpus=1 if use_gpus else 0, max_concurrency=1, **lifetime,
+                num_gpus=1 if use_gpus else 0, max_concurrency=SHARD_CALLS_AT_ONCE, **lifetime,
             ).remote(i, self.num_shards, device, data_dir, fsync, snapshot_every)
             for i in range(self.num_shards)
         ]

@@ -74,7 +74,7 @@ class _StagedStep:
 
 
 def _serialized(method):
-    """One call at a time per shard, as a Ray actor with max_concurrency=1 runs them."""
+    """One call at a time per shard (a writer waiting for the disk lets the others in)."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -113,6 +113,11 @@ class Shard:
         self._committed = _Remembered()   # step id -> rows updated
         self._staged: dict[str, _StagedStep] = {}
         self._lock = threading.RLock()
+        # Writers wait on this (it releases the lock) for their record's fdatasync and their turn to
+        # apply; snapshots wait on it for every logged record to be applied.
+        self._changes = threading.Condition(self._lock)
+        self._applied_through = 0  # log sequence number of the last record applied
+        self._draining = False     # a snapshot is waiting for the logged records: new writes wait
         self.snapshot_every = snapshot_every
         self._records_since_snapshot = 0
         # Snapshot files are written on this thread, after the rows were copied under the lock.
@@ -121,7 +126,7 @@ class Shard:
         self._exports: dict[str, concurrent.futures.Future] = {}
         self.recovery: dict = {}
         self.folder = None if data_dir is None else pathlib.Path(data_dir) / f"shard-{shard_index}"
-        self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync)
+        self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync, self._log_advanced)
         if self.folder is not None:
             self._recover()
 
@@ -135,23 +140,41 @@ class Shard:
 
     # ----- the log: every change is written, then applied; recovery applies it again --------------
     def _write(self, op: str, args: dict, columns: dict | None = None):
-        """Logs the change (flushed before the call answers), then applies it. A request id the
-        shard has applied already answers its first result, and nothing is written."""
+        """Logs the change, waits until the log has it on disk, then applies it (in log order) and
+        answers. While it waits for the disk the shard's lock is free: reads go on, and other writes
+        append theirs, so one fdatasync covers them all (group commit). A request id the shard has
+        applied already answers its first result, and nothing is written."""
         key = (args.get("request_id"), op)
         if key[0] and key in self._applied:
             return self._applied[key]
         columns = {name: array for name, array in (columns or {}).items() if array is not None}
-        if self.wal is not None:
-            self.wal.append(op, args, columns)
-            self._records_since_snapshot += 1
-        result = self._apply(op, args, columns)
+        if self.wal is None:
+            return self._apply(op, args, columns)
+        self._changes.wait_for(lambda: not self._draining)
+        number = self.wal.append(op, args, columns)
+        self._records_since_snapshot += 1
+        self._changes.wait_for(lambda: self.wal.check(number) and self._applied_through == number - 1)
+        try:
+            result = self._apply(op, args, columns)
+        finally:
+            self._applied_through = number
+            self._changes.notify_all()
         if self.snapshot_every and self._records_since_snapshot >= self.snapshot_every:
             self.snapshot(wait=False)
         return result
 
+    def _log_advanced(self) -> None:
+        """The log synced more records (or failed): writers waiting for theirs look again."""
+        with self._changes:
+            self._changes.notify_all()
+
     def _apply(self, op: str, args: dict, columns: dict):
         """The one place a change happens, live or replayed from the log."""
         namespace, generation = args.get("namespace"), args.get("generation", 0)
+        if args.get("request_id") and (args["request_id"], op) in self._applied:
+            return self._applied[(args["request_id"], op)]  # the same request logged twice, by two racing retries
+        if op == "step" and args["step_id"] in self._committed:
+            return self._committed[args["step_id"]]
         if op == "create":
             config = NamespaceConfig.from_dict(args["config"])
             self.stores[config.name] = NeighborStore(config, device=self.device, id_stride=self.num_shards,
@@ -226,6 +249,14 @@ class Shard:
             if not wait:
                 return None
             concurrent.futures.wait([self._snapshot_written])
+        self._draining = True
+        try:
+            self._changes.wait_for(lambda: self._applied_through == self.wal.written or self.wal.failed is not None)
+        finally:
+            self._draining = False
+            self._changes.notify_all()
+        if self._applied_through != self.wal.written:
+            raise self.wal.failure()
         covered = self.wal.rotate()
         extra = {"wal_covered": covered,
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()

@@ -4,11 +4,14 @@ after a restart, bit for bit, from the log alone or from a snapshot plus the log
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from monim.datastore import NamespaceConfig
-from monim.datastore.wal import WalCorrupted
+from monim.datastore.wal import WalCorrupted, read_segment
 from monim.protos.errors import FailedPrecondition, ResourceExhausted
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
@@ -92,8 +95,9 @@ def three_adds_then_stop(data_dir, seed):
 
 def test_a_torn_log_tail_recovers_to_the_last_whole_record(tmp_path):
     segment = three_adds_then_stop(tmp_path, seed=2)
+    offset, payload, _ = list(read_segment(segment, last=True))[-1]
     with open(segment, "r+b") as file:
-        file.truncate(segment.stat().st_size - 3)  # the third add was being written when the process died
+        file.truncate(offset + 12 + len(payload) - 3)  # the third add was being written when the process died
     assert deployment(tmp_path, shards=1).describe_namespace("ns")["rows"] == 10
 
 
@@ -106,32 +110,28 @@ def test_a_corrupt_log_keeps_the_shard_from_serving(tmp_path):
         deployment(tmp_path, shards=1)
 
 
-def test_a_full_disk_refuses_the_write_and_reads_go_on(tmp_path):
+def test_a_full_disk_refuses_the_write_and_reads_go_on(tmp_path, monkeypatch):
     router = deployment(tmp_path)
     router.create_namespace(NamespaceConfig("ns", dim=DIM))
     rng = np.random.default_rng(4)
     router.add("ns", rng.standard_normal((20, DIM)).astype(np.float32), np.arange(20))
     queries = rng.standard_normal((3, DIM)).astype(np.float32)
     before = router.search("ns", queries, 5)
-    wal = router.runtime.shards[1].wal
-    wal.append("create", {"config": {}})  # opens the segment file
-    real_file = wal._file
+    full_descriptor = router.runtime.shards[1].wal._fd
+    real_pwrite = os.pwrite
 
-    class FullDisk:
-        def __getattr__(self, name):
-            return getattr(real_file, name)
-
-        def write(self, data):
+    def pwrite(descriptor, data, offset):
+        if descriptor == full_descriptor:
             raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(descriptor, data, offset)
 
-    wal._file = FullDisk()
+    monkeypatch.setattr(os, "pwrite", pwrite)
     with pytest.raises(ResourceExhausted, match="No space left on device"):
         router.add("ns", rng.standard_normal((20, DIM)).astype(np.float32), np.arange(20))
     # shard 0 took its half (it had room); shard 1 refused before applying: no row of it is acknowledged
     assert router.runtime.shards[1].stores["ns"].rows.size == 10
     after = router.search("ns", queries, 5)
     assert after.ids.shape == before.ids.shape
-    wal._file = real_file
 
 
 def test_a_data_dir_serves_one_deployment_at_a_time(tmp_path):
@@ -140,3 +140,45 @@ def test_a_data_dir_serves_one_deployment_at_a_time(tmp_path):
         deployment(tmp_path)
     first.runtime.shutdown()
     deployment(tmp_path).runtime.shutdown()  # free again once the first one is gone
+
+
+FILE_SIZE_LIMIT_SCRIPT = """
+import resource, signal, sys
+import numpy as np
+from monim.datastore import NamespaceConfig
+from monim.protos.errors import ResourceExhausted
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+router = Router(LocalRuntime(1, data_dir=sys.argv[1], fsync="always", snapshot_every=0))
+router.create_namespace(NamespaceConfig("ns", dim=64))
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # no file may pass 1 MiB
+rng = np.random.default_rng(0)
+queries = rng.standard_normal((2, 64)).astype(np.float32)
+acknowledged = 0
+for call in range(100):
+    try:
+        router.add("ns", rng.standard_normal((500, 64)).astype(np.float32), np.arange(500))
+        acknowledged += 500
+    except ResourceExhausted as error:
+        assert "could not write the write-ahead log" in error.message, error.message
+        break
+else:
+    raise SystemExit("the file size limit was never reached")
+assert router.describe_namespace("ns")["rows"] == acknowledged
+assert router.search("ns", queries, 3).ids.shape == (2, 3)  # reads go on
+print(acknowledged)
+"""
+
+
+def test_a_data_dir_on_a_file_size_limit_refuses_the_write_and_keeps_what_was_acknowledged(tmp_path):
+    """A real limit (RLIMIT_FSIZE, enforced by the kernel) instead of a simulated ENOSPC."""
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT_SCRIPT, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    acknowledged = int(result.stdout.split()[-1])
+    assert 0 < acknowledged < 100 * 500
+    router = Router(LocalRuntime(1, data_dir=str(tmp_path), fsync="always", snapshot_every=0))
+    assert router.describe_namespace("ns")["rows"] == acknowledged  # nothing half-written came back
+    router.runtime.shutdown()

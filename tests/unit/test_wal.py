@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 
 import numpy as np
 import pytest
-from monim.datastore.wal import WalCorrupted, WriteAheadLog, read_segment
-from monim.protos.errors import InvalidArgument, ResourceExhausted
+from monim.datastore import wal as wal_module
+from monim.datastore.wal import ALIGNMENT, WalCorrupted, WriteAheadLog, read_segment
+from monim.protos.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 
 def records(count=5):
@@ -50,13 +52,26 @@ def test_records_come_back_as_written(tmp_path):
     assert_same(list(WriteAheadLog(tmp_path).replay()), items)
 
 
+def last_record(segment) -> tuple[int, int]:
+    """(offset, end without padding) of a segment's last record."""
+    offset, payload, _ = list(read_segment(segment, last=True))[-1]
+    return offset, offset + 12 + len(payload)
+
+
+def test_records_are_block_aligned_for_direct_io(tmp_path):
+    write(tmp_path, records())
+    segment = next(tmp_path.glob("*.wal"))
+    assert segment.stat().st_size % ALIGNMENT == 0
+    assert all(offset % ALIGNMENT == 0 for offset, _, _ in read_segment(segment, last=True))
+
+
 def test_a_torn_tail_is_cut_at_the_last_whole_record_and_appends_go_on(tmp_path):
     items = records()
     write(tmp_path, items)
     segment = next(tmp_path.glob("*.wal"))
-    size = segment.stat().st_size
+    _, end = last_record(segment)
     with open(segment, "r+b") as file:
-        file.truncate(size - 5)  # the last record, cut short by a crash
+        file.truncate(end - 5)  # the last record, cut short by a crash
     wal = WriteAheadLog(tmp_path)
     assert_same(list(wal.replay()), items[:-1])
     wal.append(*items[-1])
@@ -68,16 +83,40 @@ def test_a_bad_checksum_on_the_last_record_is_a_torn_tail(tmp_path):
     items = records()
     write(tmp_path, items)
     segment = next(tmp_path.glob("*.wal"))
+    _, end = last_record(segment)
     data = bytearray(segment.read_bytes())
-    data[-2] ^= 0xFF
+    data[end - 2] ^= 0xFF
     segment.write_bytes(bytes(data))
     assert_same(list(WriteAheadLog(tmp_path).replay()), items[:-1])
+
+
+def test_zero_blocks_at_the_end_are_a_torn_tail(tmp_path):
+    """The file grew (its size reached the disk) but the last record's blocks did not."""
+    items = records()
+    write(tmp_path, items)
+    segment = next(tmp_path.glob("*.wal"))
+    offset, _ = last_record(segment)
+    data = bytearray(segment.read_bytes())
+    data[offset:] = bytes(len(data) - offset)
+    segment.write_bytes(bytes(data))
+    assert_same(list(WriteAheadLog(tmp_path).replay()), items[:-1])
+
+
+def test_a_log_written_before_records_were_padded_still_replays(tmp_path):
+    items = records()
+    write(tmp_path, items)
+    segment = next(tmp_path.glob("*.wal"))
+    data = segment.read_bytes()
+    unpadded = b"".join(bytes(data[offset:offset + 12 + len(payload)]) for offset, payload, _ in
+                        read_segment(segment, last=True))
+    segment.write_bytes(unpadded)
+    assert_same(list(WriteAheadLog(tmp_path).replay()), items)
 
 
 def test_a_flipped_byte_in_the_middle_is_refused_with_file_and_offset(tmp_path):
     write(tmp_path, records())
     segment = next(tmp_path.glob("*.wal"))
-    offsets = [offset for offset, _ in read_segment(segment, last=True)]
+    offsets = [offset for offset, _, _ in read_segment(segment, last=True)]
     data = bytearray(segment.read_bytes())
     data[offsets[2] + 40] ^= 0x01  # inside the third record's payload
     segment.write_bytes(bytes(data))
@@ -102,24 +141,20 @@ def test_segments_replay_in_order_and_a_snapshot_drops_what_it_covers(tmp_path):
     assert len(wal.segments()) == 1
 
 
-def test_a_full_disk_refuses_the_write_and_leaves_the_log_whole(tmp_path):
+def test_a_full_disk_refuses_the_write_and_leaves_the_log_whole(tmp_path, monkeypatch):
     items = records()
     wal = WriteAheadLog(tmp_path, fsync="never")
     wal.append(*items[0])
-    real_file = wal._file
+    real_pwrite = os.pwrite
 
-    class FullDisk:
-        def __getattr__(self, name):
-            return getattr(real_file, name)
+    def full_disk(descriptor, data, offset):
+        real_pwrite(descriptor, data[:ALIGNMENT], offset)  # part of the record reaches the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def write(self, data):
-            real_file.write(data[: len(data) // 2])  # half a record reaches the disk, then ENOSPC
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    wal._file = FullDisk()
+    monkeypatch.setattr(os, "pwrite", full_disk)
     with pytest.raises(ResourceExhausted, match="No space left"):
         wal.append(*items[1])
-    wal._file = real_file
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
     wal.append(*items[2])
     wal.close()
     assert_same(list(WriteAheadLog(tmp_path).replay()), [items[0], items[2]])
@@ -131,17 +166,83 @@ def test_an_unknown_fsync_policy_is_refused(tmp_path, policy):
         WriteAheadLog(tmp_path, fsync=policy)
 
 
-def test_batched_fsync_syncs_in_the_background(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(descriptor), real_fsync(descriptor)))
-    wal = WriteAheadLog(tmp_path, fsync="batch_ms=200")
-    for item in records(3):
-        wal.append(*item)
-    assert not synced  # nothing waited for the disk
-    deadline = time.monotonic() + 5
-    while not synced and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert synced
+def counting_fdatasync(monkeypatch, delay_s=0.0):
+    """Replaces the log's fdatasync with one that counts its calls (and takes delay_s)."""
+    calls = []
+    real = wal_module._fdatasync
+
+    def fdatasync(descriptor):
+        time.sleep(delay_s)
+        calls.append(descriptor)
+        real(descriptor)
+
+    monkeypatch.setattr(wal_module, "_fdatasync", fdatasync)
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["always", "batch_ms=20"])
+def test_concurrent_appends_share_fdatasyncs(tmp_path, monkeypatch, policy):
+    calls = counting_fdatasync(monkeypatch, delay_s=0.02)
+    wal = WriteAheadLog(tmp_path, fsync=policy)
+    items = records(40)[:40]
+    numbers = []
+
+    def writer(chunk):
+        for item in chunk:
+            number = wal.append(*item)
+            deadline = time.monotonic() + 10
+            while not wal.check(number):
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            numbers.append(number)
+
+    threads = [threading.Thread(target=writer, args=(items[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(numbers) == list(range(1, 41)) and wal.synced == 40
+    assert len(calls) < 40 / 2, f"{len(calls)} fdatasyncs for 40 records: not grouped"
     wal.close()
-    assert_same(list(WriteAheadLog(tmp_path).replay()), records(3))
+    assert sorted(args["request_id"] for _, args, _ in WriteAheadLog(tmp_path).replay()) == \
+        sorted(args["request_id"] for _, args, _ in items)
+
+
+def test_a_record_is_durable_only_after_an_fdatasync_that_started_after_it(tmp_path, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    real = wal_module._fdatasync
+
+    def slow_fdatasync(descriptor):
+        started.set()
+        release.wait(10)
+        real(descriptor)
+
+    monkeypatch.setattr(wal_module, "_fdatasync", slow_fdatasync)
+    wal = WriteAheadLog(tmp_path, fsync="always")
+    first = wal.append(*records(1)[0])
+    assert started.wait(5)  # the syncer is inside the fdatasync for the first record
+    second = wal.append(*records(2)[1])
+    assert not wal.check(first) and not wal.check(second)
+    release.set()
+    deadline = time.monotonic() + 5
+    while not wal.check(second):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    wal.close()
+
+
+def test_a_failed_fdatasync_refuses_every_later_write(tmp_path, monkeypatch):
+    def broken(descriptor):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(wal_module, "_fdatasync", broken)
+    wal = WriteAheadLog(tmp_path, fsync="always")
+    number = wal.append(*records(1)[0])
+    deadline = time.monotonic() + 5
+    while wal.failed is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    with pytest.raises(Unavailable, match="could not be synced"):
+        wal.check(number)
+    with pytest.raises(Unavailable, match="takes no more writes"):
+        wal.append(*records(1)[0])
