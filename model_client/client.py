@@ -1,6 +1,7 @@
 """MemoryClient: the Python API of monim-store.
 
     c = MemoryClient("127.0.0.1:50051")   # the gRPC service
+    c = MemoryClient("host:50051", token="...", tls_ca="ca.pem")   # a secured one (docs/OPERATIONS.md)
     c = MemoryClient(":memory:")          # an in-process store, same behaviour
 
 numpy arrays and torch tensors are accepted; results are numpy. Errors are
@@ -12,6 +13,7 @@ chunk by chunk (each chunk whole or not at all).
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
 
@@ -34,6 +36,8 @@ from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
 IN_PROCESS = ":memory:"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# The environment variable a token is read from when none is passed (read when a client is made).
+TOKEN_ENV = "MONIM_TOKEN"
 _FLOAT_KINDS = ("float16", "float32")
 
 
@@ -74,21 +78,49 @@ def _snapshot_info(message) -> dict:
             "rows": dict(message.rows), "bytes": message.bytes}
 
 
-class _RemoteStore:
-    """The service over one persistent gRPC channel; one RPC per call."""
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except FileNotFoundError:
+        raise InvalidArgument(f"{what} {path}: no such file") from None
+    except OSError as error:
+        raise InvalidArgument(f"{what} {path}: cannot be read ({error.strerror or error})") from None
 
-    def __init__(self, target: str, timeout_s: float, max_message_bytes: int):
+
+def _channel_credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None):
+    """grpc.ChannelCredentials from PEM files: tls_ca (None: the system's roots), and the client
+    certificate and key for mutual TLS (both or neither)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("tls_cert and tls_key go together (a client certificate and its key, for mutual TLS)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=None if tls_ca is None else _read_file(tls_ca, "tls_ca"),
+        private_key=None if tls_key is None else _read_file(tls_key, "tls_key"),
+        certificate_chain=None if tls_cert is None else _read_file(tls_cert, "tls_cert"))
+
+
+class _RemoteStore:
+    """The service over one persistent gRPC channel; one RPC per call, carrying the token if any."""
+
+    def __init__(self, target: str, timeout_s: float, max_message_bytes: int, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=options)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self.tls = credentials is not None
         self.stub = pb_grpc.MemoryServiceStub(self.channel)
         self.timeout_s = timeout_s
+        # Sent with each call rather than as call credentials, which gRPC allows on TLS channels only.
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def _call(self, method: str, request):
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout_s)
+            return getattr(self.stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+            raise error_from_rpc(error, self.tls) from None
 
     def create_namespace(self, config, request_id=""):
         request = pb.CreateNamespaceRequest(config=convert.config_to_proto(config), request_id=request_id)
@@ -197,17 +229,40 @@ class MemoryClient:
     DEADLINE_EXCEEDED, with exponential backoff from ``backoff_s``: reads, and every write,
     which carries a request id that the store applies at most once (so a retried write
     lands exactly once). Only DropNamespace is never retried.
+
+    A secured server (docs/OPERATIONS.md, "Securing a server"):
+    token: sent with every call as ``authorization: Bearer <token>``; None: the ``MONIM_TOKEN``
+    environment variable, if set. A call without a valid token raises Unauthenticated; one
+    the token does not allow, PermissionDenied.
+    tls_ca: PEM file of the CA that signed the server's certificate; the channel uses TLS when
+    it is given, or when ``tls`` is True (then the system's root certificates are trusted).
+    tls_cert, tls_key: PEM files of this client's certificate and key, for mutual TLS.
+    The in-process store has no access control and ignores the token; TLS options raise there.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
-                 backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu"):
+                 backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
+                 token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls: bool | None = None):
         self.target = target
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
         self.remote = target != IN_PROCESS
         self._value_dims: dict[str, int] = {}  # namespace -> value_dim, to size search replies
-        self._store = _RemoteStore(target, timeout_s, max_message_bytes) if self.remote else _in_process_store(device)
+        use_tls = bool(tls) or (tls is None and any(f is not None for f in (tls_ca, tls_cert, tls_key)))
+        if not self.remote:
+            if use_tls:
+                raise InvalidArgument('TLS options apply to a server address, not to the in-process store ":memory:"')
+            self._store = _in_process_store(device)
+            return
+        if tls is False and any(f is not None for f in (tls_ca, tls_cert, tls_key)):
+            raise InvalidArgument("tls=False with tls_ca, tls_cert or tls_key: drop one or the other")
+        if token is None:
+            token = os.environ.get(TOKEN_ENV)
+        token = token.strip() if token else None
+        credentials = _channel_credentials(tls_ca, tls_cert, tls_key) if use_tls else None
+        self._store = _RemoteStore(target, timeout_s, max_message_bytes, token, credentials)
 
     # ----- plumbing -------------------------------------------------------------
     def _retried(self, method: str, *args, **kwargs):

@@ -22,12 +22,30 @@ from monim.protos.errors import (  # noqa: F401 - re-exported for users
 )
 
 
-def error_from_rpc(error: grpc.RpcError) -> MemoryStoreError:
-    """grpc.RpcError -> the MemoryStoreError subclass of its status, carrying the server's message."""
+def transport_hint(details: str, tls: bool) -> str:
+    """What a failed connection's details most likely mean for TLS, as advice ("" if nothing)."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return "the server's certificate is not signed by the CA in tls_ca (monim: --tls-ca)"
+    if "Hostname Verification" in details:
+        return "the server's certificate does not name the host dialled"
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return "the server may not use TLS (a plaintext port): connect without tls_ca / tls=True"
+    if "Socket closed" in details or "Connection reset" in details:
+        # A TLS server closes a plaintext connection at once; a mutual-TLS one a client without a certificate.
+        if tls:
+            return "the server may require a client certificate: pass tls_cert and tls_key (monim: --tls-cert, --tls-key)"
+        return "the server may require TLS: pass tls_ca=CA_FILE (monim: --tls-ca)"
+    return ""
+
+
+def error_from_rpc(error: grpc.RpcError, tls: bool = False) -> MemoryStoreError:
+    """grpc.RpcError -> the MemoryStoreError subclass of its status, carrying the server's message.
+    tls: whether the channel uses TLS; an UNAVAILABLE that looks like a TLS mismatch says so."""
     code = error.code() if hasattr(error, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
     cls = ERRORS_BY_CODE.get(name, InternalError)
-    result = cls(details or name)
+    hint = transport_hint(details or "", tls) if name == "UNAVAILABLE" else ""
+    result = cls(f"{details or name} ({hint})" if hint else details or name)
     result.status_code = name
     return result

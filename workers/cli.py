@@ -1,8 +1,10 @@
 """The ``monim`` command.
 
     monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR] [--data-dir DIR | --ephemeral]
-    monim status [--address HOST:PORT]
+                [--auth-file FILE] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+    monim status [--address HOST:PORT] [--token T] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]
     monim snapshot create --out NAME | list | restore --from NAME  [--address HOST:PORT] [--namespace NS]
+                   [--token T] [--tls-ca PEM ...]
     monim demo [--shards N]
 
 ``demo`` reaches model_client by lazy import; everything else is workers'.
@@ -16,17 +18,47 @@ import os
 import signal
 import sys
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _check_security(args) -> tuple[list[str], list[str]]:
+    """Reads and checks the auth file and the TLS files, before torch or Ray is imported
+    (InvalidArgument names the file and the problem). Returns (lines to print, warnings)."""
+    from monim.workers.auth import AuthPolicy, loose_permissions
+    from monim.workers.tls import ServerTls
+
+    tls = ServerTls.load(args.tls_cert, args.tls_key, args.tls_client_ca)
+    policy = AuthPolicy.load(args.auth_file) if args.auth_file is not None else None
+    lines, warnings = [], []
+    if tls is not None:
+        lines.append(f"monim: TLS with {args.tls_cert}"
+                     + (f"; clients need a certificate signed by {args.tls_client_ca}" if tls.mutual else ""))
+    if policy is not None:
+        lines.append(f"monim: auth: {len(policy.tokens)} token(s) from {args.auth_file} "
+                     f"({', '.join(t.name for t in policy.tokens)})")
+        warnings.append(loose_permissions(args.auth_file))
+        if tls is None and args.host not in _LOOPBACK_HOSTS:
+            warnings.append(f"--auth-file without TLS on {args.host}: tokens cross the network in plain text "
+                            "(add --tls-cert and --tls-key)")
+    return lines, [w for w in warnings if w]
+
 
 def _serve(args) -> int:
-    from monim.datastore.wal import parse_fsync
     from monim.protos.errors import InvalidArgument
-    from monim.workers.embedded import EmbeddedStore
 
     try:
+        lines, warnings = _check_security(args)
+        from monim.datastore.wal import parse_fsync
+
         parse_fsync(args.fsync)
     except InvalidArgument as error:
         print(f"monim serve: {error.message}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"monim serve: warning: {warning}", file=sys.stderr)
+    for line in lines:
+        print(line, flush=True)
+    from monim.workers.embedded import EmbeddedStore  # torch, Ray: after every check of the flags
     data_dir = None if args.ephemeral else os.path.abspath(args.data_dir)
     if data_dir is None:
         print("monim: --ephemeral: everything is kept in memory only and is lost when the server stops",
@@ -37,7 +69,8 @@ def _serve(args) -> int:
     store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
                           num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment,
                           data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every,
-                          snapshot_root=args.snapshot_root)
+                          snapshot_root=args.snapshot_root, auth_file=args.auth_file, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
     print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
 
     def stop(signum, frame):
@@ -50,12 +83,19 @@ def _serve(args) -> int:
     return 0
 
 
-def _status(args) -> int:
+def _client(args, **options):
+    """A MemoryClient for --address with the command's --token and --tls-* options."""
     from monim.model_client import MemoryClient
+
+    return MemoryClient(args.address, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key, **options)
+
+
+def _status(args) -> int:
     from monim.model_client.errors import MemoryStoreError
 
     try:
-        with MemoryClient(args.address, timeout_s=args.timeout_s, retries=0) as client:
+        with _client(args, timeout_s=args.timeout_s, retries=0) as client:
             namespaces = client.list_namespaces()
             print(f"{args.address}: {len(namespaces)} namespace(s)")
             for config in namespaces:
@@ -99,11 +139,10 @@ def _with_spinner(label: str, call):
 
 
 def _snapshot(args) -> int:
-    from monim.model_client import MemoryClient
     from monim.model_client.errors import MemoryStoreError
 
     try:
-        with MemoryClient(args.address, timeout_s=args.timeout_s) as client:
+        with _client(args, timeout_s=args.timeout_s) as client:
             if args.action == "create":
                 info = _with_spinner(f"snapshot to {args.out}",
                                      lambda: client.create_snapshot(args.out, args.namespace or ""))
@@ -155,6 +194,15 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token", default=None,
+                        help="the token of a server started with --auth-file (default: $MONIM_TOKEN, which, unlike "
+                             "this flag, other users cannot see in the process list)")
+    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate (TLS)")
+    parser.add_argument("--tls-cert", default=None, help="PEM file of this client's certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM file of this client's key (mutual TLS)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monim", description="monim-store: a learnable nearest-neighbour memory")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,11 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log records per shard between automatic snapshots (0: none)")
     serve.add_argument("--snapshot-root", default=None,
                        help="where snapshot create/restore may write and read (folder or URI; default DATA_DIR/snapshots)")
+    serve.add_argument("--auth-file", default=None,
+                       help="TOML file of [[token]] tables (name, secret, read, write, admin); every call then "
+                            "needs a token (docs/OPERATIONS.md, 'Securing a server')")
+    serve.add_argument("--tls-cert", default=None, help="PEM file of the server's certificate chain (serve TLS)")
+    serve.add_argument("--tls-key", default=None, help="PEM file of the server's private key (unencrypted)")
+    serve.add_argument("--tls-client-ca", default=None,
+                       help="PEM file of the CA that signs client certificates (mutual TLS: clients must present one)")
     serve.set_defaults(run=_serve)
 
     status = commands.add_parser("status", help="list namespaces and row counts of a running server")
     status.add_argument("--address", default="127.0.0.1:50051")
     status.add_argument("--timeout-s", type=float, default=10.0)
+    _add_client_options(status)
     status.set_defaults(run=_status)
 
     snap = commands.add_parser("snapshot", help="create, list or restore snapshots of a running server")
@@ -193,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=text)
         action.add_argument("--address", default="127.0.0.1:50051")
         action.add_argument("--timeout-s", type=float, default=3600.0)
+        _add_client_options(action)
         if name != "list":
             action.add_argument("--namespace", default=None, help="only this namespace")
         if name == "create":

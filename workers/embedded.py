@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import os
 
+from monim.workers.auth import AuthPolicy
 from monim.workers.router import Router
 from monim.workers.runtime import RayRuntime
 from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, start_server
+from monim.workers.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +27,20 @@ class EmbeddedStore:
     fsync, snapshot_every: see workers/shard.py.
     snapshot_root: where CreateSnapshot / RestoreSnapshot may read and write (a folder or URI;
     default ``<data_dir>/snapshots``; None without a data dir: no snapshot RPCs).
+    auth_file: a TOML file of tokens (workers/auth.py); None: no auth.
+    tls_cert, tls_key: PEM files of the server's certificate and key (TLS); tls_client_ca: PEM of
+    the CA that signs client certificates (mutual TLS). These files are read and checked before
+    Ray starts: a bad one raises InvalidArgument naming it, and nothing is started.
     """
 
     def __init__(self, shards: int = 2, host: str = "127.0.0.1", port: int = 0, ray_address: str | None = None,
                  num_cpus: int | None = None, shard_cpus: float = 1.0, use_gpus: bool | str = "auto",
                  deployment: str = "monim", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000,
-                 snapshot_root: str | None = None):
+                 snapshot_root: str | None = None, auth_file: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_client_ca: str | None = None):
+        auth = AuthPolicy.load(auth_file) if auth_file is not None else None
+        tls = ServerTls.load(tls_cert, tls_key, tls_client_ca)
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
                                   use_gpus=use_gpus, deployment=deployment, data_dir=data_dir, fsync=fsync,
                                   snapshot_every=snapshot_every)
@@ -43,13 +52,17 @@ class EmbeddedStore:
 
             self.router.snapshots = Snapshots(self.router, snapshot_root)
         try:
-            self.server, self.port = start_server(self.router, host, port, max_message_bytes=max_message_bytes)
+            self.server, self.port = start_server(self.router, host, port, max_message_bytes=max_message_bytes,
+                                                  auth=auth, tls=tls)
         except Exception:
             self.runtime.shutdown()
             raise
         self.host = host
         self.address = f"{host}:{self.port}"
-        log.info("serving %d shard(s) on %s", self.runtime.num_shards, self.address)
+        self.tls = tls is not None
+        log.info("serving %d shard(s) on %s%s%s", self.runtime.num_shards, self.address,
+                 "" if tls is None else (" (mutual TLS)" if tls.mutual else " (TLS)"),
+                 "" if auth is None else f", {len(auth.tokens)} token(s)")
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -1,4 +1,9 @@
-"""The gRPC server: MemoryService, the standard health service and server reflection."""
+"""The gRPC server: MemoryService, the standard health service and server reflection.
+
+With an auth policy (workers/auth.py) every MemoryService call needs a token; health and
+reflection stay open, so that probes and ``grpcurl list`` work without one. With TLS
+(workers/tls.py) the port speaks TLS only.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.workers.auth import AuthInterceptor, AuthPolicy
 from monim.workers.router import Router
 from monim.workers.servicer import MemoryServicer
+from monim.workers.tls import ServerTls
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
@@ -24,15 +31,23 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 16,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
-    """Starts serving; returns (server, bound port). port 0 picks a free port."""
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, auth: AuthPolicy | None = None,
+                 tls: ServerTls | None = None) -> tuple[grpc.Server, int]:
+    """Starts serving; returns (server, bound port). port 0 picks a free port.
+
+    auth: tokens every MemoryService call must present (None: no auth).
+    tls: the server's certificate and key, and the client CA for mutual TLS (None: plaintext)."""
+    interceptors = [AuthInterceptor(auth)] if auth is not None else []
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-                         options=message_size_options(max_message_bytes))
+                         options=message_size_options(max_message_bytes), interceptors=interceptors)
     pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(router), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", tls.credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

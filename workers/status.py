@@ -7,6 +7,7 @@ import logging
 
 import grpc
 from monim.protos.errors import MemoryStoreError
+from monim.workers.auth import caller_name
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,8 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 def grpc_errors(method):
     """Decorates a servicer method (of a servicer with a ``router``): the call runs under the
     client's deadline; a MemoryStoreError aborts the call with its status;
-    anything else aborts with INTERNAL and is logged. The server keeps serving either way."""
+    anything else aborts with INTERNAL and is logged (with the caller's token name, under auth).
+    The server keeps serving either way."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
@@ -30,7 +32,8 @@ def grpc_errors(method):
         except Exception as error:  # noqa: BLE001 - every error becomes a status
             code, message = status_of(error)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
+                caller = caller_name()
+                log.exception("%s failed%s", method.__name__, f" (token {caller!r})" if caller else "")
             context.abort(code, message)
 
     return wrapper
