@@ -16,7 +16,10 @@ at a torn tail (a record cut short, or a bad checksum, on the last record of the
 crash in mid-append) and the writer cuts the file there; a bad record with whole records after
 it is corruption, reported with the file and offset, never skipped.
 
-The log is on a local (or mounted) filesystem, where appends and fsync exist.
+On a local (or mounted) filesystem a segment is a file that grows by appends. On any other
+filesystem pyarrow.fs opens (an object store: s3://, gs://, ...), where objects are written whole,
+every group commit writes one new segment object holding the records of the group; the upload's
+completion is what makes them durable there, and "never" is refused.
 fsync: "always" (a call is acknowledged once an fdatasync covers its record; calls that arrive
 while one runs share the next: group commit); "batch_ms=N" (the same, and the syncer waits N ms
 before each fdatasync so that more calls share it: higher throughput under concurrent writers,
@@ -38,6 +41,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+from monim.datastore.location import Location
 from monim.protos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
 MAGIC = b"MWAL"
@@ -112,10 +116,11 @@ def _zeros(view: memoryview) -> bool:
     return not np.frombuffer(view, np.uint8).any()
 
 
-def read_segment(path: pathlib.Path, last: bool) -> Iterator[tuple[int, memoryview, int]]:
-    """(offset, payload, offset after its padding) of each whole record. A torn tail of the last
-    segment ends the iteration; anything else that is not a whole record raises WalCorrupted."""
-    data = memoryview(path.read_bytes())
+def read_segment(path, last: bool, data: bytes | None = None) -> Iterator[tuple[int, memoryview, int]]:
+    """(offset, payload, offset after its padding) of each whole record of the segment at path (a
+    local path, or a Location's, with its bytes in data). A torn tail of the last segment ends the
+    iteration; anything else that is not a whole record raises WalCorrupted."""
+    data = memoryview(pathlib.Path(path).read_bytes() if data is None else data)
     offset = 0
     while offset < len(data):
         header = bytes(data[offset:offset + _HEADER.size])
@@ -141,7 +146,7 @@ def read_segment(path: pathlib.Path, last: bool) -> Iterator[tuple[int, memoryvi
         offset = padded
 
 
-def _open_for_appends(path: pathlib.Path) -> tuple[int, bool]:
+def _open_for_appends(path: str) -> tuple[int, bool]:
     """(file descriptor, direct I/O?) of a new segment: O_DIRECT where the filesystem takes it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     direct = getattr(os, "O_DIRECT", 0)
@@ -153,42 +158,138 @@ def _open_for_appends(path: pathlib.Path) -> tuple[int, bool]:
     return os.open(path, flags, 0o644), False
 
 
+class _FileSegments:
+    """Segments as local files that grow by appends (pwrite at the end), made durable by fdatasync."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.direct_io = False
+        self._fd: int | None = None
+        self._offset = 0
+
+    def write(self, sequence: int, record: memoryview) -> bool:
+        """Appends the record to segment ``sequence`` (a new file if none is open). True if it
+        opened a new segment."""
+        opened = self._fd is None
+        if opened:
+            self._fd, self.direct_io = _open_for_appends(os.path.join(self.folder, f"{sequence:012d}.wal"))
+            self._offset = 0
+        try:
+            written = os.pwrite(self._fd, record, self._offset)
+            if written != len(record):
+                raise OSError(f"short write: {written} of {len(record)} bytes")
+        except OSError:
+            os.ftruncate(self._fd, self._offset)
+            raise
+        self._offset += len(record)
+        return opened
+
+    def start_sync(self):
+        """Under the log's lock: what makes every record written so far durable, to run outside it."""
+        if self._fd is None:
+            return lambda: None
+        descriptor = os.dup(self._fd)  # the segment may be closed while the fdatasync runs
+
+        def sync():
+            try:
+                _fdatasync(descriptor)
+            finally:
+                os.close(descriptor)
+
+        return sync
+
+    def end_segment(self, durable: bool) -> None:
+        if self._fd is not None:
+            try:
+                if durable:
+                    _fdatasync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+class _ObjectSegments:
+    """Segments as whole objects: the records written since the last sync are uploaded together as
+    one new segment (an object store has no appends and no fsync)."""
+
+    direct_io = False
+
+    def __init__(self, folder: Location):
+        self.folder = folder
+        self._records: list[bytes] = []
+        self._sequence = 0
+
+    def write(self, sequence: int, record: memoryview) -> bool:
+        self._records.append(bytes(record))  # the record buffer is reused by the next append
+        self._sequence = sequence
+        return True  # every group is its own segment
+
+    def start_sync(self):
+        records, self._records = self._records, []
+        if not records:
+            return lambda: None
+        target = self.folder / f"{self._sequence:012d}.wal"
+
+        def upload():
+            try:
+                with self.folder.filesystem.open_output_stream(target.path) as stream:
+                    for record in records:
+                        stream.write(record)
+            except BaseException:
+                try:
+                    target.delete()  # a partial object would read as corruption before later segments
+                finally:
+                    raise
+
+        return upload
+
+    def end_segment(self, durable: bool) -> None:
+        self.start_sync()()
+
+
 class WriteAheadLog:
-    """directory: the shard's log folder (created if missing). on_durable: called (from the syncer
-    thread) each time ``synced`` advances or the log fails, so that writers waiting for their
-    record can look again.
+    """location: the shard's log folder (a local path, or a Location; created if missing).
+    on_durable: called (from the syncer thread) each time ``synced`` advances or the log fails,
+    so that writers waiting for their record can look again.
 
     ``append`` returns the record's log sequence number (1, 2, ... since this object was made);
-    ``synced`` is the highest number known to be on disk; ``failed`` is set when an fdatasync
-    failed, after which the log takes no more records (what it holds is replayed at the next start).
+    ``synced`` is the highest number known to be on disk; ``failed`` is set when making records
+    durable failed, after which the log takes no more (what it holds is replayed at the next start).
     """
 
-    def __init__(self, directory: str | os.PathLike, fsync: str = "always", on_durable: Callable[[], None] = None):
+    def __init__(self, location, fsync: str = "always", on_durable: Callable[[], None] = None):
         self.sync_delay = parse_fsync(fsync)
         self.fsync = fsync
-        self.directory = pathlib.Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.location = Location.of(location)
+        self.location.make_dir()
+        local = self.location.local
+        if local is None and self.sync_delay is None:
+            raise InvalidArgument(f"fsync=never needs a local data dir; {self.location} is written in whole "
+                                  "objects, each made durable by its upload: choose always or batch_ms=N")
+        self._segments = _FileSegments(local) if local is not None else _ObjectSegments(self.location)
         self.sequence = max(self.segments(), default=0)  # the segment being written (new at the first append)
         self.on_durable = on_durable or (lambda: None)
         self.written = 0
         self.synced = 0
-        self.failed: OSError | None = None
-        self.direct_io = False
-        self._fd: int | None = None
-        self._offset = 0
+        self.failed: BaseException | None = None
         self._buffer = mmap.mmap(-1, ALIGNMENT)  # page-aligned, as direct I/O needs; grown on demand
         self._lock = threading.Lock()  # the open segment: appends, rotation
         self._pending = threading.Condition()  # the syncer sleeps on it until written > synced
+        self._segment_open = False
         self._closed = False
         if self.sync_delay is not None:
             threading.Thread(target=self._sync_forever, name="monim-wal-sync", daemon=True).start()
 
+    @property
+    def direct_io(self) -> bool:
+        return self._segments.direct_io
+
     # ----- reading ----------------------------------------------------------------------------------
     def segments(self) -> list[int]:
-        return sorted(int(p.stem) for p in self.directory.glob("*.wal") if p.stem.isdigit())
+        return [int(name[:-4]) for name in self.location.names(".wal") if name[:-4].isdigit()]
 
-    def _path(self, sequence: int) -> pathlib.Path:
-        return self.directory / f"{sequence:012d}.wal"
+    def _segment(self, sequence: int) -> Location:
+        return self.location / f"{sequence:012d}.wal"
 
     def replay(self, after: int = 0) -> Iterator[tuple[str, dict, dict[str, np.ndarray]]]:
         """Every whole record of the segments after ``after`` (the last one a snapshot covers), in
@@ -196,19 +297,22 @@ class WriteAheadLog:
         follows it."""
         segments = [s for s in self.segments() if s > after]
         for sequence in segments:
-            path = self._path(sequence)
+            segment = self._segment(sequence)
+            data = segment.read_bytes()
             end = 0
-            for _, payload, end in read_segment(path, last=sequence == segments[-1]):  # noqa: B007 - used after
+            for _, payload, end in read_segment(segment, sequence == segments[-1], data):  # noqa: B007 - used after
                 yield decode(payload)
-            if sequence == segments[-1] and end < path.stat().st_size:
-                with open(path, "r+b") as file:
-                    file.truncate(end)
+            if end < len(data):
+                if segment.local is not None:
+                    os.truncate(segment.local, end)
+                else:
+                    segment.write_bytes(data[:end])
 
     # ----- writing ----------------------------------------------------------------------------------
     def append(self, op: str, args: dict, columns: dict[str, np.ndarray] | None = None) -> int:
         """Writes one record; returns its log sequence number. It is durable once ``synced`` reaches
-        that number (at once with "never"). A full disk: RESOURCE_EXHAUSTED, and the file is cut back
-        to where it was."""
+        that number (at once with "never"). A full disk: RESOURCE_EXHAUSTED, and the segment is cut
+        back to where it was."""
         payload = encode(op, args, columns or {})
         header = _HEADER.pack(MAGIC, payload.size, zlib.crc32(payload))
         size = _HEADER.size + payload.size
@@ -216,10 +320,6 @@ class WriteAheadLog:
         with self._lock:
             if self.failed is not None:
                 raise self.failure()
-            if self._fd is None:
-                self.sequence += 1
-                self._fd, self.direct_io = _open_for_appends(self._path(self.sequence))
-                self._offset = 0
             if len(self._buffer) < total:
                 grown = mmap.mmap(-1, max(total, 2 * len(self._buffer)))
                 self._buffer.close()
@@ -228,17 +328,16 @@ class WriteAheadLog:
             record[:_HEADER.size] = header
             record[_HEADER.size:size] = memoryview(payload).cast("B")
             record[size:] = bytes(total - size)
+            sequence = self.sequence if self._segment_open else self.sequence + 1
             try:
-                written = os.pwrite(self._fd, record, self._offset)
-                if written != total:
-                    raise OSError(f"short write: {written} of {total} bytes")
+                if self._segments.write(sequence, record):
+                    self.sequence = sequence
+                self._segment_open = True
             except OSError as error:
-                os.ftruncate(self._fd, self._offset)
-                raise ResourceExhausted(f"could not write the write-ahead log {self._path(self.sequence)}: "
+                raise ResourceExhausted(f"could not write the write-ahead log {self._segment(sequence)}: "
                                         f"{error.strerror or error}") from error
             finally:
                 record.release()
-            self._offset += total
             self.written += 1
             number = self.written
         if self.sync_delay is None:
@@ -249,7 +348,7 @@ class WriteAheadLog:
         return number
 
     def failure(self) -> Unavailable:
-        return Unavailable(f"the write-ahead log {self.directory} could not be synced ({self.failed}); "
+        return Unavailable(f"the write-ahead log {self.location} could not be made durable ({self.failed}); "
                            "this shard takes no more writes until it restarts")
 
     def check(self, number: int) -> bool:
@@ -261,58 +360,48 @@ class WriteAheadLog:
         return False
 
     def _sync_forever(self) -> None:
-        """Group commit: one fdatasync covers every record written before it started."""
+        """Group commit: one fdatasync (or upload) covers every record written before it started."""
         while True:
             with self._pending:
                 self._pending.wait_for(lambda: self.written > self.synced or self._closed)
                 if self._closed:
                     return
             if self.sync_delay:
-                time.sleep(self.sync_delay)  # let more writers join this fdatasync
+                time.sleep(self.sync_delay)  # let more writers join this sync
             with self._lock:
                 target = self.written
-                descriptor = None if self._fd is None else os.dup(self._fd)  # rotate() may close the original
+                sync = self._segments.start_sync()
+                if isinstance(self._segments, _ObjectSegments):
+                    self._segment_open = False  # the next group goes to a new object
             try:
-                if descriptor is not None:
-                    _fdatasync(descriptor)
+                sync()
                 self.synced = max(self.synced, target)
-            except OSError as error:
+            except Exception as error:  # noqa: BLE001 - every waiting writer gets it
                 self.failed = error
-            finally:
-                if descriptor is not None:
-                    os.close(descriptor)
             self.on_durable()
             if self.failed is not None:
                 return
 
-    def _close_segment(self) -> None:
-        """Syncs and closes the segment being written (under the lock)."""
-        if self._fd is None:
-            return
-        try:
-            if self.sync_delay is not None:
-                _fdatasync(self._fd)
-                self.synced = self.written
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
     def rotate(self) -> int:
-        """Ends the segment being written (synced: a snapshot may drop its predecessors); the next
+        """Ends the segment being written (durable: a snapshot may drop its predecessors); the next
         append starts a new one. Returns the sequence number of the last segment before it."""
         with self._lock:
-            self._close_segment()
+            self._segments.end_segment(durable=self.sync_delay is not None)
+            self._segment_open = False
+            self.synced = self.written
             return self.sequence
 
     def drop_through(self, sequence: int) -> None:
         """Deletes the segments a snapshot covers (up to and including ``sequence``)."""
         for old in self.segments():
             if old <= sequence:
-                self._path(old).unlink(missing_ok=True)
+                self._segment(old).delete()
 
     def close(self) -> None:
         with self._lock:
-            self._close_segment()
+            self._segments.end_segment(durable=self.sync_delay is not None)
+            self._segment_open = False
+            self.synced = self.written
         with self._pending:
             self._closed = True
             self._pending.notify()

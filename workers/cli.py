@@ -59,7 +59,7 @@ def _serve(args) -> int:
     for line in lines:
         print(line, flush=True)
     from monim.workers.embedded import EmbeddedStore  # torch, Ray: after every check of the flags
-    data_dir = None if args.ephemeral else os.path.abspath(args.data_dir)
+    data_dir = None if args.ephemeral else args.data_dir if "://" in args.data_dir else os.path.abspath(args.data_dir)
     if data_dir is None:
         print("monim: --ephemeral: everything is kept in memory only and is lost when the server stops",
               flush=True)
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shard-cpus", type=float, default=1.0, help="logical CPUs per shard actor")
     serve.add_argument("--deployment", default="monim", help="actor name prefix (front ends that share it share shards)")
     serve.add_argument("--data-dir", default="./monim-data",
-                       help="where the registry, each shard's write-ahead log and snapshots are kept (default ./monim-data)")
+                       help="where the registry, each shard's write-ahead log and snapshots are kept: a folder, or a "
+                            "URI pyarrow.fs opens (s3://bucket/prefix, gs://..., file://...) (default ./monim-data)")
     serve.add_argument("--ephemeral", action="store_true", help="keep nothing on disk (everything is lost at exit)")
     serve.add_argument("--fsync", default="always",
                        help="always: fsync the log before acknowledging a write (default); batch_ms=N: the OS has "

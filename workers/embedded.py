@@ -23,10 +23,12 @@ class EmbeddedStore:
     shards: shard actors to create (a joined deployment keeps its own count).
     ray_address: None starts a local Ray; "auto" joins a running cluster.
     port: 0 picks a free port; ``address`` is what clients dial.
-    data_dir: where the deployment keeps its registry, logs and snapshots (None: in memory only);
+    data_dir: where the deployment keeps its registry, logs and snapshots: a folder, a URI that
+    pyarrow.fs opens, or a pyarrow FileSystem object (datastore/location.py; None: in memory only);
     fsync, snapshot_every: see workers/shard.py.
     snapshot_root: where CreateSnapshot / RestoreSnapshot may read and write (a folder or URI;
-    default ``<data_dir>/snapshots``; None without a data dir: no snapshot RPCs).
+    default ``<data_dir>/snapshots``; None without a data dir, or with a FileSystem object as the
+    data dir: no snapshot RPCs).
     auth_file: a TOML file of tokens (workers/auth.py); None: no auth.
     tls_cert, tls_key: PEM files of the server's certificate and key (TLS); tls_client_ca: PEM of
     the CA that signs client certificates (mutual TLS). These files are read and checked before
@@ -45,8 +47,8 @@ class EmbeddedStore:
                                   use_gpus=use_gpus, deployment=deployment, data_dir=data_dir, fsync=fsync,
                                   snapshot_every=snapshot_every)
         self.router = Router(self.runtime)
-        if snapshot_root is None and data_dir is not None:
-            snapshot_root = os.path.join(data_dir, "snapshots")
+        if snapshot_root is None and isinstance(data_dir, (str, os.PathLike)):
+            snapshot_root = os.path.join(data_dir, "snapshots")  # a URI too: s3://bucket/prefix/snapshots
         if snapshot_root is not None:
             from monim.workers.snapshots import Snapshots
 

@@ -26,11 +26,11 @@ import fcntl
 import json
 import logging
 import os
-import pathlib
 import secrets
 
 import numpy as np
 from monim.datastore import NamespaceConfig
+from monim.datastore.location import Location
 from monim.protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NamespaceChanged, NamespaceNotFound
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class NamespaceRegistry:
         self.created_by: dict[str, str] = {}
         self._plans: collections.OrderedDict = collections.OrderedDict()  # request id -> (targets or N, first id)
         self._kept_targets = 0
-        self.path = None if data_dir is None else pathlib.Path(data_dir) / "registry.json"
+        self.path = None if data_dir is None else Location.of(data_dir) / "registry.json"
         self._lock_file = None
         if self.path is not None:
             self._lock_data_dir()
@@ -68,19 +68,24 @@ class NamespaceRegistry:
 
     def _lock_data_dir(self) -> None:
         """One deployment per data dir: the registry holds an exclusive lock on DATA_DIR/LOCK for
-        its life (released when its process ends, so a restarted registry takes it again)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.path.parent / "LOCK", "a+")  # noqa: SIM115 - held for the registry's life
+        its life (released when its process ends, so a restarted registry takes it again). A data
+        dir that is not on a local filesystem (an object store) has no such lock: the operator
+        keeps one deployment per prefix (docs/OPERATIONS.md)."""
+        folder = self.path.local and os.path.dirname(self.path.local)
+        if not folder:
+            return
+        os.makedirs(folder, exist_ok=True)
+        self._lock_file = open(os.path.join(folder, "LOCK"), "a+")  # noqa: SIM115 - held for the registry's life
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
-            raise FailedPrecondition(f"data dir {self.path.parent} is in use by another running deployment; "
+            raise FailedPrecondition(f"data dir {folder} is in use by another running deployment; "
                                      "join that one (same --deployment, --ray-address) or use another --data-dir") \
                 from None
 
     def _load(self) -> None:
-        state = json.loads(self.path.read_text())
+        state = json.loads(self.path.read_bytes())
         if state.get("format_version", 0) > STATE_FORMAT_VERSION:
             raise InvalidArgument(f"{self.path} has format version {state['format_version']}; this monim reads "
                                   f"up to {STATE_FORMAT_VERSION}")
@@ -96,15 +101,9 @@ class NamespaceRegistry:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"format_version": STATE_FORMAT_VERSION, "num_shards": self.num_shards, "configs": self.configs,
                  "reserved_ids": self.reserved_ids, "created_by": self.created_by}
-        temporary = self.path.with_suffix(".json.tmp")
-        with open(temporary, "w") as file:
-            json.dump(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
+        self.path.write_bytes(json.dumps(state).encode())
 
     def close(self) -> None:
         """Releases the data dir (a registry in a process that ends releases it anyway)."""

@@ -29,8 +29,6 @@ import dataclasses
 import functools
 import logging
 import os
-import pathlib
-import shutil
 import threading
 import time
 import uuid
@@ -39,6 +37,7 @@ import warnings
 import numpy as np
 import torch
 from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
+from monim.datastore.location import Location
 from monim.datastore.memory_ops import BackwardPartials
 from monim.datastore.wal import WriteAheadLog
 from monim.protos.errors import (
@@ -125,7 +124,7 @@ class Shard:
         self._snapshot_written: concurrent.futures.Future | None = None  # the latest automatic snapshot
         self._exports: dict[str, concurrent.futures.Future] = {}
         self.recovery: dict = {}
-        self.folder = None if data_dir is None else pathlib.Path(data_dir) / f"shard-{shard_index}"
+        self.folder = None if data_dir is None else Location.of(data_dir) / f"shard-{shard_index}"
         self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync, self._log_advanced)
         if self.folder is not None:
             self._recover()
@@ -212,7 +211,7 @@ class Shard:
         if latest:
             from monim.datastore import snapshot
 
-            manifest, self.stores = snapshot.load_shard_snapshot(*snapshot.resolve(str(latest[0])), device=self.device)
+            manifest, self.stores = snapshot.load_shard_snapshot(latest[0].filesystem, latest[0].path, device=self.device)
             extra = manifest.get("extra", {})
             covered = extra.get("wal_covered", 0)
             for request_id, op, result in extra.get("applied", []):
@@ -230,9 +229,10 @@ class Shard:
                          "rows": sum(len(store) for store in self.stores.values())}
         log.info("shard %d recovered: %s", self.shard_index, self.recovery)
 
-    def _snapshots(self) -> list[pathlib.Path]:
+    def _snapshots(self) -> list[Location]:
         """Whole snapshots (their manifest is written last), oldest first."""
-        return sorted(p for p in self.folder.glob("snapshot-*") if (p / "manifest.json").exists())
+        return [self.folder / name for name in self.folder.names() if name.startswith("snapshot-")
+                and (self.folder / name / "manifest.json").exists()]
 
     @_serialized
     def snapshot(self, wait: bool = True) -> dict | None:
@@ -267,12 +267,12 @@ class Shard:
         self._records_since_snapshot = 0
 
         def write() -> dict:
-            manifest = snapshot.write_captured(captured, *snapshot.resolve(str(target)), shard=self.shard_index,
+            manifest = snapshot.write_captured(captured, target.filesystem, target.path, shard=self.shard_index,
                                                num_shards=self.num_shards, extra=extra)
             self.wal.drop_through(covered)
             for old in self._snapshots():
-                if old != target:
-                    shutil.rmtree(old, ignore_errors=True)
+                if old.path != target.path:
+                    old.delete()
             return manifest
 
         if wait:

@@ -1,7 +1,7 @@
 """Durability through the service, with Ray: a server killed with SIGKILL (its whole process
 group, Ray's processes too) comes back on its data dir with every acknowledged row; a shard
 actor's worker killed in the middle of an add loop is restarted by Ray and the loop never sees
-an error."""
+an error (its log a local folder, or objects written whole as on an object store)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 from monim.model_client import MemoryClient
 
 from tests.integration.conftest import start_serve
@@ -90,12 +91,28 @@ def test_a_killed_server_comes_back_with_every_acknowledged_row(tmp_path):
         process.wait(timeout=60)
 
 
-def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error(ray_joined, tmp_path):
+def object_store_folder(path) -> object:
+    """A folder written the way an object store is (whole objects, no appends, no fsync): the local
+    disk behind pyarrow's PyFileSystem over fsspec, which the log cannot treat as a local folder.
+    It pickles, so shard actors in other processes (and restarted ones) reach the same files."""
+    import fsspec
+    import pyarrow.fs as pafs
+    from monim.datastore.location import Location
+
+    location = Location(pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem("file"))), str(path))
+    assert location.local is None
+    return location
+
+
+@pytest.mark.parametrize("kind", ["local folder", "object store"])
+def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error(ray_joined, tmp_path, kind):
     from monim.workers.embedded import EmbeddedStore
 
     deployment = f"kill-{uuid.uuid4().hex[:8]}"
+    data_dir, fsync = (str(tmp_path), "never") if kind == "local folder" else (object_store_folder(tmp_path),
+                                                                              "batch_ms=5")
     store = EmbeddedStore(shards=2, ray_address="auto", shard_cpus=0, use_gpus=False, deployment=deployment,
-                          data_dir=str(tmp_path), fsync="never")
+                          data_dir=data_dir, fsync=fsync)
     try:
         with MemoryClient(store.address, timeout_s=120) as client:
             client.create_namespace("ns", dim=DIM)

@@ -117,7 +117,7 @@ def test_a_full_disk_refuses_the_write_and_reads_go_on(tmp_path, monkeypatch):
     router.add("ns", rng.standard_normal((20, DIM)).astype(np.float32), np.arange(20))
     queries = rng.standard_normal((3, DIM)).astype(np.float32)
     before = router.search("ns", queries, 5)
-    full_descriptor = router.runtime.shards[1].wal._fd
+    full_descriptor = router.runtime.shards[1].wal._segments._fd
     real_pwrite = os.pwrite
 
     def pwrite(descriptor, data, offset):

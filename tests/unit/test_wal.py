@@ -242,7 +242,7 @@ def test_a_failed_fdatasync_refuses_every_later_write(tmp_path, monkeypatch):
     while wal.failed is None:
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    with pytest.raises(Unavailable, match="could not be synced"):
+    with pytest.raises(Unavailable, match="could not be made durable"):
         wal.check(number)
     with pytest.raises(Unavailable, match="takes no more writes"):
         wal.append(*records(1)[0])
