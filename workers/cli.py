@@ -2,6 +2,7 @@
 
     monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR] [--data-dir DIR | --ephemeral]
                 [--auth-file FILE] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+                [--metrics-port P [--metrics-host H]] [--grace-s S]
     monim status [--address HOST:PORT] [--token T] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]
     monim snapshot create --out NAME | list | restore --from NAME  [--address HOST:PORT] [--namespace NS]
                    [--token T] [--tls-ca PEM ...]
@@ -51,6 +52,10 @@ def _serve(args) -> int:
         from monim.datastore.wal import parse_fsync
 
         parse_fsync(args.fsync)
+        if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+            raise InvalidArgument(f"--metrics-port {args.metrics_port} is not a port (0 to 65535; 0: a free one)")
+        if not args.grace_s >= 0:
+            raise InvalidArgument(f"--grace-s {args.grace_s:g} must be 0 or more seconds")
     except InvalidArgument as error:
         print(f"monim serve: {error.message}", file=sys.stderr)
         return 2
@@ -70,17 +75,39 @@ def _serve(args) -> int:
                           num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment,
                           data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every,
                           snapshot_root=args.snapshot_root, auth_file=args.auth_file, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
+                          tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
+                          metrics_host=args.metrics_host)
     print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
-
-    def stop(signum, frame):
-        store.stop()
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    store.wait()
+    if store.metrics_port is not None:
+        print(f"monim: Prometheus metrics at http://{args.metrics_host or args.host}:{store.metrics_port}/metrics",
+              flush=True)
+    _serve_until_signal(store, args.grace_s)
     return 0
+
+
+def _serve_until_signal(store, grace_s: float) -> None:
+    """Serves until SIGTERM or SIGINT, then drains (workers/frontend.py: health NOT_SERVING, new
+    calls refused, calls in flight finish for up to grace_s) and shuts down, closing the shards' logs
+    where this front end owns them. A second signal cuts the drain short."""
+    import threading
+
+    signals: list[int] = []
+    requested = threading.Event()
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) > 1:  # stop now; not in the handler itself, which may interrupt the drain's locks
+            threading.Thread(target=store.server.stop, args=(0,), daemon=True).start()
+        requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not requested.wait(1.0):
+        pass
+    print(f"monim: {signal.Signals(signals[0]).name}: draining ({store.server.gate.in_flight} call(s) in flight, "
+          f"up to {grace_s:g} s; health answers NOT_SERVING, new calls are refused)", flush=True)
+    store.stop(grace_s)
+    print("monim: stopped", flush=True)
 
 
 def _client(args, **options):
@@ -234,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, help="PEM file of the server's private key (unencrypted)")
     serve.add_argument("--tls-client-ca", default=None,
                        help="PEM file of the CA that signs client certificates (mutual TLS: clients must present one)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; default: none)")
+    serve.add_argument("--metrics-host", default=None, help="address the metrics endpoint listens on (default --host)")
+    serve.add_argument("--grace-s", type=float, default=30.0,
+                       help="on SIGTERM or SIGINT, how long calls in flight may take to finish (default 30)")
     serve.set_defaults(run=_serve)
 
     status = commands.add_parser("status", help="list namespaces and row counts of a running server")

@@ -33,6 +33,8 @@ class EmbeddedStore:
     tls_cert, tls_key: PEM files of the server's certificate and key (TLS); tls_client_ca: PEM of
     the CA that signs client certificates (mutual TLS). These files are read and checked before
     Ray starts: a bad one raises InvalidArgument naming it, and nothing is started.
+    metrics_port: Prometheus text on http://metrics_host:metrics_port/metrics (0: a free port,
+    ``metrics_port`` then says which; None: no metrics); metrics_host: default host.
     """
 
     def __init__(self, shards: int = 2, host: str = "127.0.0.1", port: int = 0, ray_address: str | None = None,
@@ -40,7 +42,8 @@ class EmbeddedStore:
                  deployment: str = "monim", max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000,
                  snapshot_root: str | None = None, auth_file: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls_client_ca: str | None = None):
+                 tls_key: str | None = None, tls_client_ca: str | None = None, metrics_port: int | None = None,
+                 metrics_host: str | None = None):
         auth = AuthPolicy.load(auth_file) if auth_file is not None else None
         tls = ServerTls.load(tls_cert, tls_key, tls_client_ca)
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
@@ -55,13 +58,15 @@ class EmbeddedStore:
             self.router.snapshots = Snapshots(self.router, snapshot_root)
         try:
             self.server, self.port = start_server(self.router, host, port, max_message_bytes=max_message_bytes,
-                                                  auth=auth, tls=tls)
+                                                  auth=auth, tls=tls, metrics_port=metrics_port,
+                                                  metrics_host=metrics_host)
         except Exception:
             self.runtime.shutdown()
             raise
         self.host = host
         self.address = f"{host}:{self.port}"
         self.tls = tls is not None
+        self.metrics_port = self.server.metrics_port
         log.info("serving %d shard(s) on %s%s%s", self.runtime.num_shards, self.address,
                  "" if tls is None else (" (mutual TLS)" if tls.mutual else " (TLS)"),
                  "" if auth is None else f", {len(auth.tokens)} token(s)")
@@ -70,6 +75,9 @@ class EmbeddedStore:
         self.server.wait_for_termination()
 
     def stop(self, grace_s: float = 1.0) -> None:
+        """Drains the server (workers/frontend.py: health NOT_SERVING, new calls refused, calls in
+        flight finish for up to grace_s), then shuts the runtime down (closing the shards' logs
+        where this front end's Ray ends with it)."""
         self.server.stop(grace_s).wait()
         self.runtime.shutdown()
 

@@ -182,6 +182,17 @@ class Router:
             "next_id": self.runtime.call_registry("next_id", namespace),
         }
 
+    def shard_metrics(self, shard: int, wait_s: float = DESCRIBE_WAIT_S) -> dict:
+        """Shard.metrics() of one shard with its "state": "serving" ("failed" once its log could not be
+        made durable: it refuses writes until it restarts), or, when it does not answer within wait_s,
+        "recovering" or "unavailable" as in describe_namespace. For health and metrics (workers/frontend.py)."""
+        try:
+            found = self.runtime.call_shards([(shard, "metrics", ())], wait_s)[0]
+        except (Unavailable, DeadlineExceeded):
+            state = "recovering" if getattr(self.runtime, "restarts", False) else "unavailable"
+            return {"shard": shard, "state": state}
+        return dict(found, state="failed" if found.get("wal_failed") else "serving")
+
     def drop_namespace(self, namespace: str) -> int:
         """Stages: unregister (NOT_FOUND if absent); drop that generation on every shard; returns rows dropped."""
         validate_namespace_name(namespace)

@@ -38,6 +38,8 @@ SHARD_CALLS_AT_ONCE = 16
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
+# How long a stopping front end waits for its shards to finish a background snapshot and close their logs.
+CLOSE_TIMEOUT_S = 60.0
 
 
 def _combined(errors: list[Exception]) -> Exception:
@@ -266,9 +268,25 @@ class RayRuntime:
             except Exception:  # noqa: BLE001 - already gone
                 log.debug("actor already gone", exc_info=True)
 
+    def _close_shards(self) -> None:
+        closing = [shard.close.remote() for shard in self.shards]
+        ready, _ = self._ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+        for shard, future in enumerate(closing):
+            try:
+                if future in ready:
+                    self._ray.get(future)
+                else:
+                    log.warning("shard %d did not close its log within %s s", shard, CLOSE_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - a dead shard has nothing to flush
+                log.warning("shard %d could not close its log: %s", shard, self._unwrap(error, shard))
+
     def shutdown(self) -> None:
         """Kills the actors this front end created unless they belong to a durable deployment
-        (they outlive front ends), and Ray itself if it started it."""
+        (they outlive front ends), and Ray itself if it started it. A durable deployment on a Ray this
+        front end started ends with it: its shards first finish a background snapshot and close (sync)
+        their logs."""
+        if self._owns_ray and self.restarts:
+            self._close_shards()
         if self._created_actors and not self.restarts:
             self.destroy()
         if self._owns_ray:

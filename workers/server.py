@@ -2,7 +2,8 @@
 
 With an auth policy (workers/auth.py) every MemoryService call needs a token; health and
 reflection stay open, so that probes and ``grpcurl list`` work without one. With TLS
-(workers/tls.py) the port speaks TLS only.
+(workers/tls.py) the port speaks TLS only. What runs around the server (health that follows the
+shards, Prometheus metrics, the drain of ``stop(grace)``) is workers/frontend.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.workers.auth import AuthInterceptor, AuthPolicy
+from monim.workers.frontend import HEALTH_POLL_S, Frontend
 from monim.workers.router import Router
 from monim.workers.servicer import MemoryServicer
 from monim.workers.tls import ServerTls
@@ -32,16 +34,24 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 16,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, auth: AuthPolicy | None = None,
-                 tls: ServerTls | None = None) -> tuple[grpc.Server, int]:
-    """Starts serving; returns (server, bound port). port 0 picks a free port.
+                 tls: ServerTls | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
+                 health_poll_s: float = HEALTH_POLL_S) -> tuple[Frontend, int]:
+    """Starts serving; returns (server, bound port). port 0 picks a free port. The server is a
+    Frontend: a grpc.Server whose ``stop(grace)`` drains, whose health follows the shards (polled
+    every health_poll_s), with ``metrics_port``.
 
     auth: tokens every MemoryService call must present (None: no auth).
-    tls: the server's certificate and key, and the client CA for mutual TLS (None: plaintext)."""
-    interceptors = [AuthInterceptor(auth)] if auth is not None else []
+    tls: the server's certificate and key, and the client CA for mutual TLS (None: plaintext).
+    metrics_port: Prometheus text on http://metrics_host:metrics_port/metrics (metrics_host: default
+    host; 0: a free port; None: no metrics)."""
+    frontend = Frontend(router, auth=auth, metrics_port=metrics_port, metrics_host=metrics_host or host,
+                        health_poll_s=health_poll_s)
+    # The gate is outermost: calls refused by auth are counted, and a draining server refuses before auth.
+    interceptors = frontend.interceptors + ([AuthInterceptor(auth)] if auth is not None else [])
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=message_size_options(max_message_bytes), interceptors=interceptors)
     pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(router), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = frontend.health
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     if tls is not None:
@@ -49,8 +59,10 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
+        frontend.close()  # the metrics endpoint, if it started
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    frontend.attach(server)
+    return frontend, bound

@@ -466,3 +466,27 @@ class Shard:
     @_serialized
     def abort_step(self, namespace: str, generation: int, step_id: str) -> None:
         self._staged.pop(step_id, None)
+
+    @_serialized
+    def metrics(self) -> dict:
+        """What the front end's metrics and health report (workers/metrics.py): per namespace its rows
+        and the bytes its columns hold on the device (allocated); the bytes of the log's segments and
+        the seconds since the latest snapshot was written (None without a data dir, or before the first
+        snapshot); whether the log failed (the shard then refuses writes until it restarts)."""
+        import pyarrow.fs as pafs
+
+        namespaces = {name: {"rows": len(store), "bytes": sum(getattr(store.rows, column).nbytes
+                                                              for column in store.rows.column_names)}
+                      for name, store in self.stores.items()}
+        wal_bytes = snapshot_age_s = None
+        if self.folder is not None:
+            log_folder = self.wal.location
+            found = log_folder.filesystem.get_file_info(pafs.FileSelector(log_folder.path, allow_not_found=True))
+            wal_bytes = sum(info.size or 0 for info in found if info.base_name.endswith(".wal"))
+            latest = self._snapshots()[-1:]
+            if latest:
+                manifest = latest[0] / "manifest.json"
+                written = manifest.filesystem.get_file_info(manifest.path).mtime
+                snapshot_age_s = None if written is None else max(0.0, time.time() - written.timestamp())
+        return {"shard": self.shard_index, "namespaces": namespaces, "wal_bytes": wal_bytes,
+                "snapshot_age_s": snapshot_age_s, "wal_failed": self.wal is not None and self.wal.failed is not None}
