@@ -52,6 +52,32 @@ def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> float:
     return rate
 
 
+def disk_write_rates(folder, total_bytes=1 << 30, block_bytes=16 << 20) -> dict:
+    """The disk under folder, measured here: MB/s of sequential 16 MiB writes then one fdatasync,
+    with direct I/O (what the log does with fsync always / batch_ms) and through the page cache
+    (what the snapshot's Parquet writer does), so the figures below can be read against the
+    hardware's own rate."""
+    import mmap
+
+    block = mmap.mmap(-1, block_bytes)
+    block.write(np.random.default_rng(0).bytes(block_bytes))
+    rates = {}
+    for name, extra in (("direct", getattr(os, "O_DIRECT", 0)), ("buffered", 0)):
+        path = os.path.join(folder, f"disk-probe-{name}")
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | extra, 0o644)
+        except OSError:
+            continue  # no direct I/O on this filesystem
+        started = time.perf_counter()
+        for offset in range(0, total_bytes, block_bytes):
+            os.pwrite(descriptor, block, offset)
+        os.fsync(descriptor)
+        rates[name] = total_bytes / (time.perf_counter() - started) / 1e6
+        os.close(descriptor)
+        os.unlink(path)
+    return rates
+
+
 def service_add_rate(data_dir, fsync, batches, keys, tokens, shards: int) -> float:
     """Rows per second of Adds through MemoryClient -> gRPC -> router -> shard actors (Ray), into a
     fresh deployment started in this process (data_dir None: --ephemeral)."""
@@ -120,7 +146,11 @@ def main(argv=None) -> int:
     keys = rng.standard_normal((args.rows_per_add, args.dim)).astype(np.float32)
     tokens = np.arange(args.rows_per_add)
     results = {}
+    row_bytes = keys[0].nbytes + 8 + 8  # key, token, id: what a log record of an Add holds per row
     try:
+        results["disk_mb_per_s"] = disk = disk_write_rates(root)
+        print("disk under the data dirs, sequential 16 MiB writes + fsync: " +
+              ", ".join(f"{name} {rate:,.0f} MB/s" for name, rate in disk.items()))
         for writers in args.writers:
             # Each setting is measured --repeats times, interleaved with the others (this VM's disk and
             # CPUs drift), and its median is compared with the ephemeral store's median.
@@ -136,7 +166,8 @@ def main(argv=None) -> int:
             for fsync, measured in rates.items():
                 results[f"add_{fsync}_{writers}w"] = rate = float(np.median(measured))
                 print(f"Add {args.rows_per_add} x {args.dim}, {writers} writer(s), log fsync={fsync:10s}: "
-                      f"{rate:12,.0f} rows/s = {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s)")
+                      f"{rate:10,.0f} rows/s = {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s); "
+                      f"log {rate * row_bytes / 1e6:,.0f} MB/s")
         if args.service:
             ephemeral = results["service_add_ephemeral"] = service_add_rate(None, "always", args.batches, keys,
                                                                              tokens, args.shards)
@@ -153,7 +184,8 @@ def main(argv=None) -> int:
         results["recovery"] = found = recovery(os.path.join(root, "recovery"), args.recovery_rows, args.dim,
                                                args.tail_batches)
         print(f"snapshot of {args.recovery_rows:,} x {args.dim}: {found['snapshot_bytes'] / 1e9:.2f} GB in "
-              f"{found['snapshot_s']:.2f} s = {found['snapshot_mb_per_s']:,.0f} MB/s")
+              f"{found['snapshot_s']:.2f} s = {found['snapshot_mb_per_s']:,.0f} MB/s = "
+              f"{found['snapshot_mb_per_s'] / disk['buffered']:.2f}x the disk's buffered rate")
         print(f"recovery of {found['rows']:,} rows (snapshot load + {found['records_replayed']} log records): "
               f"{found['recovery_s']:.2f} s")
     finally:

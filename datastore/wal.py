@@ -9,9 +9,9 @@ written. Each record is
 
 and the payload is an Arrow IPC stream of one record batch: the operation and its scalar
 arguments in the schema's metadata (``op``, ``args`` as JSON), its arrays as columns (a 2-D array
-[N, W] as a fixed-size list of W). Records are written with direct I/O (O_DIRECT: the page cache
-is bypassed, which on Linux makes a large append several times cheaper) where the filesystem
-allows it, else through the page cache; the padding keeps every write block-aligned. Reading stops
+[N, W] as a fixed-size list of W). With fsync always or batch_ms, records are written with direct
+I/O (O_DIRECT: past the page cache, straight to the device, which the fdatasync needs anyway)
+where the filesystem allows it; the padding keeps every write block-aligned. Reading stops
 at a torn tail (a record cut short, or a bad checksum, on the last record of the last segment: a
 crash in mid-append) and the writer cuts the file there; a bad record with whole records after
 it is corruption, reported with the file and offset, never skipped.
@@ -73,8 +73,7 @@ class WalCorrupted(FailedPrecondition):
         self.path, self.offset = str(path), offset
 
 
-def encode(op: str, args: dict, columns: dict[str, np.ndarray]) -> pa.Buffer:
-    """One record's payload: Arrow IPC stream bytes (a pyarrow Buffer: written without a copy)."""
+def _batch(op: str, args: dict, columns: dict[str, np.ndarray]) -> pa.RecordBatch:
     arrays, names = [], []
     for name, array in columns.items():
         if array is None:
@@ -87,13 +86,35 @@ def encode(op: str, args: dict, columns: dict[str, np.ndarray]) -> pa.Buffer:
         names.append(name)
     metadata = {"op": op, "args": json.dumps(args)}
     if arrays:
-        batch = pa.RecordBatch.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
-    else:
-        batch = pa.RecordBatch.from_pydict({}, metadata=metadata)
-    sink = pa.BufferOutputStream()
+        return pa.RecordBatch.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
+    return pa.RecordBatch.from_pydict({}, metadata=metadata)
+
+
+def _write_stream(batch: pa.RecordBatch, sink) -> None:
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    return sink.getvalue()
+
+
+_thread = threading.local()  # each writer thread's record buffer
+
+
+def encode_record(op: str, args: dict, columns: dict[str, np.ndarray]) -> memoryview:
+    """The whole record (header, payload, padding) in this thread's page-aligned buffer (direct I/O
+    needs aligned memory): the arrays are copied once, straight into it. Valid until this thread
+    encodes its next record."""
+    batch = _batch(op, args, columns)
+    counter = pa.MockOutputStream()
+    _write_stream(batch, counter)
+    size = _HEADER.size + counter.size()
+    total = _aligned(size)
+    buffer = getattr(_thread, "buffer", None)
+    if buffer is None or len(buffer) < total:
+        buffer = _thread.buffer = mmap.mmap(-1, max(total, ALIGNMENT))
+    record = memoryview(buffer)[:total]
+    _write_stream(batch, pa.FixedSizeBufferWriter(pa.py_buffer(record[_HEADER.size:size])))
+    record[:_HEADER.size] = _HEADER.pack(MAGIC, size - _HEADER.size, zlib.crc32(record[_HEADER.size:size]))
+    record[size:] = bytes(total - size)
+    return record
 
 
 def decode(payload: bytes | memoryview) -> tuple[str, dict, dict[str, np.ndarray]]:
@@ -146,10 +167,10 @@ def read_segment(path, last: bool, data: bytes | None = None) -> Iterator[tuple[
         offset = padded
 
 
-def _open_for_appends(path: str) -> tuple[int, bool]:
-    """(file descriptor, direct I/O?) of a new segment: O_DIRECT where the filesystem takes it."""
+def _open_for_appends(path: str, direct: bool) -> tuple[int, bool]:
+    """(file descriptor, direct I/O?) of a new segment: O_DIRECT if asked and the filesystem takes it."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    direct = getattr(os, "O_DIRECT", 0)
+    direct = getattr(os, "O_DIRECT", 0) if direct else 0
     if direct:
         try:
             return os.open(path, flags | direct, 0o644), True
@@ -159,10 +180,13 @@ def _open_for_appends(path: str) -> tuple[int, bool]:
 
 
 class _FileSegments:
-    """Segments as local files that grow by appends (pwrite at the end), made durable by fdatasync."""
+    """Segments as local files that grow by appends (pwrite at the end), made durable by fdatasync.
+    direct: write with direct I/O (the records go to the device now, so the fdatasync after them is
+    short; used when every record is synced anyway; with fsync=never the page cache takes them)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, direct: bool):
         self.folder = folder
+        self.direct = direct
         self.direct_io = False
         self._fd: int | None = None
         self._offset = 0
@@ -172,7 +196,8 @@ class _FileSegments:
         opened a new segment."""
         opened = self._fd is None
         if opened:
-            self._fd, self.direct_io = _open_for_appends(os.path.join(self.folder, f"{sequence:012d}.wal"))
+            self._fd, self.direct_io = _open_for_appends(os.path.join(self.folder, f"{sequence:012d}.wal"),
+                                                         self.direct)
             self._offset = 0
         try:
             written = os.pwrite(self._fd, record, self._offset)
@@ -266,13 +291,13 @@ class WriteAheadLog:
         if local is None and self.sync_delay is None:
             raise InvalidArgument(f"fsync=never needs a local data dir; {self.location} is written in whole "
                                   "objects, each made durable by its upload: choose always or batch_ms=N")
-        self._segments = _FileSegments(local) if local is not None else _ObjectSegments(self.location)
+        self._segments = (_FileSegments(local, direct=self.sync_delay is not None) if local is not None
+                          else _ObjectSegments(self.location))
         self.sequence = max(self.segments(), default=0)  # the segment being written (new at the first append)
         self.on_durable = on_durable or (lambda: None)
         self.written = 0
         self.synced = 0
         self.failed: BaseException | None = None
-        self._buffer = mmap.mmap(-1, ALIGNMENT)  # page-aligned, as direct I/O needs; grown on demand
         self._lock = threading.Lock()  # the open segment: appends, rotation
         self._pending = threading.Condition()  # the syncer sleeps on it until written > synced
         self._segment_open = False
@@ -313,21 +338,10 @@ class WriteAheadLog:
         """Writes one record; returns its log sequence number. It is durable once ``synced`` reaches
         that number (at once with "never"). A full disk: RESOURCE_EXHAUSTED, and the segment is cut
         back to where it was."""
-        payload = encode(op, args, columns or {})
-        header = _HEADER.pack(MAGIC, payload.size, zlib.crc32(payload))
-        size = _HEADER.size + payload.size
-        total = _aligned(size)
+        record = encode_record(op, args, columns or {})  # outside the lock: writers encode in parallel
         with self._lock:
             if self.failed is not None:
                 raise self.failure()
-            if len(self._buffer) < total:
-                grown = mmap.mmap(-1, max(total, 2 * len(self._buffer)))
-                self._buffer.close()
-                self._buffer = grown
-            record = memoryview(self._buffer)[:total]
-            record[:_HEADER.size] = header
-            record[_HEADER.size:size] = memoryview(payload).cast("B")
-            record[size:] = bytes(total - size)
             sequence = self.sequence if self._segment_open else self.sequence + 1
             try:
                 if self._segments.write(sequence, record):
@@ -336,8 +350,6 @@ class WriteAheadLog:
             except OSError as error:
                 raise ResourceExhausted(f"could not write the write-ahead log {self._segment(sequence)}: "
                                         f"{error.strerror or error}") from error
-            finally:
-                record.release()
             self.written += 1
             number = self.written
         if self.sync_delay is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 
 import numpy as np
@@ -68,13 +69,15 @@ class LocalRuntime:
     def __init__(self, num_shards: int, device: str = "cpu", data_dir: str | None = None, fsync: str = "always",
                  snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
         self.registry = NamespaceRegistry(num_shards, data_dir)
+        self._registry_lock = threading.Lock()
         self.num_shards = num_shards = self.registry.num_shards
         self.shards: list[Shard | None] = [Shard(i, num_shards, device, data_dir, fsync, snapshot_every)
                                            for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
 
     def call_registry(self, method: str, *args):
-        return getattr(self.registry, method)(*args)
+        with self._registry_lock:  # one call at a time, as the registry actor (max_concurrency=1) takes them
+            return getattr(self.registry, method)(*args)
 
     def call_shards(self, calls, timeout_s: float | None = None) -> list:
         if len(calls) == 1:  # one shard (the in-process store): no thread hop

@@ -83,6 +83,13 @@ def _serialized(method):
     return wrapper
 
 
+@dataclasses.dataclass
+class _Answer:
+    """What a write's check returns to answer at once, without writing anything."""
+
+    value: object
+
+
 class _Remembered(collections.OrderedDict):
     """A bounded map of the most recent keys."""
 
@@ -117,6 +124,8 @@ class Shard:
         self._changes = threading.Condition(self._lock)
         self._applied_through = 0  # log sequence number of the last record applied
         self._draining = False     # a snapshot is waiting for the logged records: new writes wait
+        self._appending = 0        # writers between their check and the end of their log append
+        self._committing: set[str] = set()  # steps between their staged parts' removal and their record
         self.snapshot_every = snapshot_every
         self._records_since_snapshot = 0
         # Snapshot files are written on this thread, after the rows were copied under the lock.
@@ -138,29 +147,48 @@ class Shard:
         return store
 
     # ----- the log: every change is written, then applied; recovery applies it again --------------
-    def _write(self, op: str, args: dict, columns: dict | None = None):
+    def _write(self, op: str, args: dict, columns: dict | None = None, check=None):
         """Logs the change, waits until the log has it on disk, then applies it (in log order) and
-        answers. While it waits for the disk the shard's lock is free: reads go on, and other writes
-        append theirs, so one fdatasync covers them all (group commit). A request id the shard has
-        applied already answers its first result, and nothing is written."""
+        answers. Called without the shard's lock: it takes it to check (``check()``, which raises
+        to refuse, or returns an _Answer to answer without writing), releases it while the record
+        is encoded, checksummed and written and while it waits for the disk, so reads go on and
+        other writers log theirs meanwhile (one fdatasync covers them all: group commit), and takes
+        it again to apply. A request id the shard has applied already answers its first result,
+        and nothing is written."""
         key = (args.get("request_id"), op)
-        if key[0] and key in self._applied:
-            return self._applied[key]
         columns = {name: array for name, array in (columns or {}).items() if array is not None}
-        if self.wal is None:
-            return self._apply(op, args, columns)
-        self._changes.wait_for(lambda: not self._draining)
-        number = self.wal.append(op, args, columns)
-        self._records_since_snapshot += 1
-        self._changes.wait_for(lambda: self.wal.check(number) and self._applied_through == number - 1)
+        with self._changes:
+            if key[0] and key in self._applied:
+                return self._applied[key]
+            answer = check() if check is not None else None
+            if isinstance(answer, _Answer):
+                return answer.value
+            if self.wal is None:
+                return self._apply(op, args, columns)
+            self._changes.wait_for(lambda: not self._draining)
+            self._appending += 1
         try:
-            result = self._apply(op, args, columns)
+            number = self.wal.append(op, args, columns)
         finally:
-            self._applied_through = number
-            self._changes.notify_all()
-        if self.snapshot_every and self._records_since_snapshot >= self.snapshot_every:
+            with self._changes:
+                self._appending -= 1
+                self._changes.notify_all()
+        with self._changes:
+            self._records_since_snapshot += 1
+            self._changes.wait_for(lambda: self.wal.check(number) and self._applied_through == number - 1)
+            try:
+                result = self._apply(op, args, columns)
+            finally:
+                self._applied_through = number
+                self._changes.notify_all()
+            snapshot_due = self.snapshot_every and self._records_since_snapshot >= self.snapshot_every
+        if snapshot_due:
             self.snapshot(wait=False)
         return result
+
+    def _exists(self, namespace: str, generation: int):
+        """A write's check: the namespace (of that generation) is stored here, else NOT_FOUND / FAILED_PRECONDITION."""
+        return lambda: self._store(namespace, generation) and None
 
     def _log_advanced(self) -> None:
         """The log synced more records (or failed): writers waiting for theirs look again."""
@@ -176,11 +204,18 @@ class Shard:
             return self._committed[args["step_id"]]
         if op == "create":
             config = NamespaceConfig.from_dict(args["config"])
+            existing = self.stores.get(config.name)
+            if existing is not None:  # two creates were logged before either was applied
+                if existing.config.generation == config.generation:
+                    return None
+                raise AlreadyExists(f"namespace {config.name!r} already exists on shard {self.shard_index}")
             self.stores[config.name] = NeighborStore(config, device=self.device, id_stride=self.num_shards,
                                                      id_offset=self.shard_index)
             return None
         if op == "drop":
-            store = self._store(namespace)
+            store = self.stores.get(namespace)
+            if store is None or (generation and store.config.generation != generation):
+                return 0  # dropped (or re-created) by a change logged before this one
             del self.stores[namespace]
             for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
                 del self._staged[step_id]
@@ -251,7 +286,8 @@ class Shard:
             concurrent.futures.wait([self._snapshot_written])
         self._draining = True
         try:
-            self._changes.wait_for(lambda: self._applied_through == self.wal.written or self.wal.failed is not None)
+            self._changes.wait_for(lambda: (self._appending == 0 and self._applied_through == self.wal.written)
+                                   or self.wal.failed is not None)
         finally:
             self._draining = False
             self._changes.notify_all()
@@ -339,25 +375,29 @@ class Shard:
                 "pid": os.getpid(), "recovery": self.recovery}
 
     # ----- namespaces ----------------------------------------------------------
-    @_serialized
     def create_namespace(self, config: dict) -> None:
         """Idempotent for the same generation; ALREADY_EXISTS if another incarnation is stored."""
         parsed = NamespaceConfig.from_dict(config)
-        existing = self.stores.get(parsed.name)
-        if existing is not None:
-            if existing.config.generation == parsed.generation:
-                return
-            raise AlreadyExists(f"namespace {parsed.name!r} already exists on shard {self.shard_index}")
-        self._write("create", {"config": parsed.to_dict()})
 
-    @_serialized
+        def check():
+            existing = self.stores.get(parsed.name)
+            if existing is not None:
+                if existing.config.generation == parsed.generation:
+                    return _Answer(None)
+                raise AlreadyExists(f"namespace {parsed.name!r} already exists on shard {self.shard_index}")
+
+        self._write("create", {"config": parsed.to_dict()}, check=check)
+
     def drop_namespace(self, namespace: str, generation: int = 0) -> int:
         """Drops the namespace if it is of this generation (0: any); returns the rows dropped
         (0 when absent or of another generation, which is left alone)."""
-        store = self.stores.get(namespace)
-        if store is None or (generation and store.config.generation != generation):
-            return 0
-        return self._write("drop", {"namespace": namespace})
+
+        def check():
+            store = self.stores.get(namespace)
+            if store is None or (generation and store.config.generation != generation):
+                return _Answer(0)
+
+        return self._write("drop", {"namespace": namespace, "generation": generation}, check=check)
 
     @_serialized
     def stats(self, namespace: str, generation: int = 0) -> dict:
@@ -365,28 +405,24 @@ class Shard:
                     staged_steps=len(self._staged))
 
     # ----- data ------------------------------------------------------------------
-    @_serialized
     def add(self, namespace: str, generation: int, request_id: str, ids: np.ndarray, keys: np.ndarray,
             tokens: np.ndarray, values: np.ndarray | None, weights: np.ndarray | None, source: str) -> int:
         """Stores rows with router-chosen ids; returns how many."""
-        self._store(namespace, generation)
         return self._write("add", {"namespace": namespace, "generation": generation, "request_id": request_id,
                                    "source": source},
-                           {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights})
+                           {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights},
+                           check=self._exists(namespace, generation))
 
-    @_serialized
     def increment_weights(self, namespace: str, generation: int, request_id: str, ids: np.ndarray,
                           counts: np.ndarray) -> None:
-        self._store(namespace, generation)
         self._write("increment_weights", {"namespace": namespace, "generation": generation, "request_id": request_id},
-                    {"ids": ids, "counts": counts})
+                    {"ids": ids, "counts": counts}, check=self._exists(namespace, generation))
 
-    @_serialized
     def delete(self, namespace: str, generation: int, request_id: str, ids: np.ndarray | None,
                source: str | None) -> int:
-        self._store(namespace, generation)
         return self._write("delete", {"namespace": namespace, "generation": generation, "request_id": request_id,
-                                      "source": source}, {"ids": ids})
+                                      "source": source}, {"ids": ids},
+                           check=self._exists(namespace, generation))
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
@@ -444,24 +480,31 @@ class Shard:
             raise InvalidArgument(f"step id {step_id!r} is already used by namespace {staged.namespace!r}")
         return staged
 
-    @_serialized
     def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False) -> int:
         """Applies the staged parts of step_id as one optimizer step; returns the rows updated.
         Committing again answers the first result. expect_parts: every part of the step came here
         (ABORTED if none is staged, e.g. after a restart); else a step with nothing here updates 0 rows."""
-        if step_id in self._committed:
-            return self._committed[step_id]
-        store = self._store(namespace, generation)
-        staged = self._staged.pop(step_id, None)
-        if staged is None and expect_parts:
-            raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a restart, "
-                          "or dropped after 10 minutes): nothing was stepped; run the backward again")
-        parts = list(staged.parts.values()) if staged is not None else []
-        ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
-        grads = (torch.cat([torch.as_tensor(g).to(store.device) for _, g in parts]).cpu().numpy() if parts
-                 else np.empty((0, store.config.value_dim), np.float32))
-        return self._write("step", {"namespace": namespace, "generation": generation, "step_id": step_id},
-                           {"ids": ids, "grads": grads})
+        with self._changes:
+            self._changes.wait_for(lambda: step_id not in self._committing)  # a retry waits for the first try
+            if step_id in self._committed:
+                return self._committed[step_id]
+            store = self._store(namespace, generation)
+            staged = self._staged.pop(step_id, None)
+            if staged is None and expect_parts:
+                raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a "
+                              "restart, or dropped after 10 minutes): nothing was stepped; run the backward again")
+            parts = list(staged.parts.values()) if staged is not None else []
+            ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
+            grads = (torch.cat([torch.as_tensor(g).to(store.device) for _, g in parts]).cpu().numpy() if parts
+                     else np.empty((0, store.config.value_dim), np.float32))
+            self._committing.add(step_id)
+        try:
+            return self._write("step", {"namespace": namespace, "generation": generation, "step_id": step_id},
+                               {"ids": ids, "grads": grads})
+        finally:
+            with self._changes:
+                self._committing.discard(step_id)
+                self._changes.notify_all()
 
     @_serialized
     def abort_step(self, namespace: str, generation: int, step_id: str) -> None:

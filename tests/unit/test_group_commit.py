@@ -118,3 +118,73 @@ def test_a_snapshot_taken_while_writers_wait_for_the_disk_keeps_their_rows(tmp_p
     assert again.describe_namespace("ns")["rows"] == 28
     assert again.runtime.shards[0].recovery["snapshot"] is not None
     again.runtime.shutdown()
+
+
+def test_racing_retries_of_one_step_and_one_create_apply_once(tmp_path, fdatasyncs):
+    """Retries that arrive while the first try waits for the disk: the step is applied once (each
+    retry answers its result) and a second create of the same generation changes nothing."""
+    router = deployment(tmp_path)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=4, optimizer={"name": "sgd", "lr": 1.0}))
+    rng = np.random.default_rng(2)
+    ids = router.add("ns", rng.standard_normal((6, DIM)).astype(np.float32), np.arange(6)).ids
+    shard = router.runtime.shards[0]
+    config = router.describe_namespace("ns")["config"]
+    generation = config.generation
+    shard.stage_gradients("ns", generation, "step-1", 0, ids, np.ones((6, 4), np.float32))
+    fdatasyncs["gate"].clear()
+    answers = []
+    commits = [threading.Thread(target=lambda: answers.append(shard.commit_step("ns", generation, "step-1")))
+               for _ in range(3)]
+    creates = [threading.Thread(target=shard.create_namespace, args=(config.to_dict(),)) for _ in range(2)]
+    for thread in [*commits, *creates]:
+        thread.start()
+    time.sleep(0.2)
+    fdatasyncs["gate"].set()
+    for thread in [*commits, *creates]:
+        thread.join(10)
+    assert answers == [6, 6, 6]
+    values = router.get("ns", ids).values
+    np.testing.assert_allclose(values, -np.ones((6, 4)), atol=1e-6)  # one SGD step of lr 1 from zero values
+    assert router.describe_namespace("ns")["rows"] == 6  # the second create did not empty the namespace
+    router.runtime.shutdown()
+    again = deployment(tmp_path)
+    np.testing.assert_allclose(again.get("ns", ids).values, -np.ones((6, 4)), atol=1e-6)
+    again.runtime.shutdown()
+
+
+class _SlowReads(dict):
+    """The registry's id counters, read slowly: widens the window between reading and advancing
+    a namespace's next id, where a thread switch happens on a busy host (seen on a 16-core one)."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        time.sleep(0.001)  # another thread runs between this read and what the reader does with it
+        return value
+
+
+def test_concurrent_adds_on_an_in_process_deployment_get_distinct_ids():
+    """Regression: LocalRuntime called its registry from every caller's thread at once, so two
+    concurrent Adds could be planned onto the same ids (AlreadyExists on a 16-core host)."""
+    router = Router(LocalRuntime(1))
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    router.runtime.registry.next_ids = _SlowReads(router.runtime.registry.next_ids)
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((16, DIM)).astype(np.float32)
+    found, errors = [], []
+
+    def writer():
+        try:
+            for _ in range(20):
+                found.append(router.add("ns", keys, np.arange(16)).ids)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    ids = np.concatenate(found)
+    assert ids.size == 4 * 20 * 16 and np.unique(ids).size == ids.size
+    assert router.describe_namespace("ns")["rows"] == ids.size
