@@ -29,9 +29,10 @@ from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
 
-def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> float:
-    """Rows per second of Adds of len(keys) rows into a fresh 1-shard deployment, from ``writers``
-    threads at once (batches in all)."""
+def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> tuple[float, tuple | None]:
+    """(rows per second, group commit) of Adds of len(keys) rows into a fresh 1-shard deployment,
+    from ``writers`` threads at once (batches in all). group commit: (records per sync, ms per
+    sync) of the log, None without syncs."""
     router = Router(LocalRuntime(1, data_dir=data_dir, fsync=fsync, snapshot_every=0))
     router.create_namespace(NamespaceConfig("bench", dim=keys.shape[1]))
     router.add("bench", keys, tokens)  # warm-up
@@ -48,8 +49,12 @@ def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> float:
     for thread in threads:
         thread.join()
     rate = batches * keys.shape[0] / (time.perf_counter() - started)
+    wal, syncs = router.runtime.shards[0].wal, None
+    if wal is not None and wal.sync_stats["syncs"]:
+        stats = wal.sync_stats
+        syncs = (stats["records"] / stats["syncs"], stats["seconds"] / stats["syncs"] * 1e3)
     router.runtime.shutdown()
-    return rate
+    return rate, syncs
 
 
 def disk_write_rates(folder, total_bytes=1 << 30, block_bytes=16 << 20) -> dict:
@@ -155,11 +160,15 @@ def main(argv=None) -> int:
             # Each setting is measured --repeats times, interleaved with the others (this VM's disk and
             # CPUs drift), and its median is compared with the ephemeral store's median.
             rates = {fsync: [] for fsync in ("ephemeral", "always", "batch_ms=2", "never")}
+            syncs = {fsync: [] for fsync in rates}
             for _ in range(args.repeats):
                 for fsync in rates:
                     folder = None if fsync == "ephemeral" else os.path.join(root, f"add-{fsync.replace('=', '-')}")
-                    rates[fsync].append(add_rate(folder, "always" if folder is None else fsync, args.batches, keys,
-                                                 tokens, writers))
+                    rate, synced = add_rate(folder, "always" if folder is None else fsync, args.batches, keys,
+                                            tokens, writers)
+                    rates[fsync].append(rate)
+                    if synced:
+                        syncs[fsync].append(synced)
                     if folder:
                         shutil.rmtree(folder, ignore_errors=True)
             ephemeral = results[f"add_ephemeral_{writers}w"] = float(np.median(rates.pop("ephemeral")))
@@ -167,7 +176,9 @@ def main(argv=None) -> int:
                 results[f"add_{fsync}_{writers}w"] = rate = float(np.median(measured))
                 print(f"Add {args.rows_per_add} x {args.dim}, {writers} writer(s), log fsync={fsync:10s}: "
                       f"{rate:10,.0f} rows/s = {rate / ephemeral:.2f}x ephemeral ({ephemeral:,.0f} rows/s); "
-                      f"log {rate * row_bytes / 1e6:,.0f} MB/s")
+                      f"log {rate * row_bytes / 1e6:,.0f} MB/s" +
+                      (f"; {np.mean([n for n, _ in syncs[fsync]]):.1f} records per sync of "
+                       f"{np.mean([ms for _, ms in syncs[fsync]]):.1f} ms" if syncs[fsync] else ""))
         if args.service:
             ephemeral = results["service_add_ephemeral"] = service_add_rate(None, "always", args.batches, keys,
                                                                              tokens, args.shards)

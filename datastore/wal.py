@@ -302,6 +302,8 @@ class WriteAheadLog:
         self._pending = threading.Condition()  # the syncer sleeps on it until written > synced
         self._segment_open = False
         self._closed = False
+        # Group commit at work: syncs made, seconds spent in them, records they made durable.
+        self.sync_stats = {"syncs": 0, "seconds": 0.0, "records": 0}
         if self.sync_delay is not None:
             threading.Thread(target=self._sync_forever, name="monim-wal-sync", daemon=True).start()
 
@@ -386,7 +388,11 @@ class WriteAheadLog:
                 if isinstance(self._segments, _ObjectSegments):
                     self._segment_open = False  # the next group goes to a new object
             try:
+                started = time.perf_counter()
                 sync()
+                self.sync_stats["seconds"] += time.perf_counter() - started
+                self.sync_stats["syncs"] += 1
+                self.sync_stats["records"] += target - self.synced
                 self.synced = max(self.synced, target)
             except Exception as error:  # noqa: BLE001 - every waiting writer gets it
                 self.failed = error

@@ -125,6 +125,8 @@ class Shard:
         self._applied_through = 0  # log sequence number of the last record applied
         self._draining = False     # a snapshot is waiting for the logged records: new writes wait
         self._appending = 0        # writers between their check and the end of their log append
+        self._logged: dict[int, tuple] = {}    # log sequence number -> (op, args, columns) not applied yet
+        self._outcomes: dict[int, tuple] = {}  # log sequence number -> (applied?, result or error) for its writer
         self._committing: set[str] = set()  # steps between their staged parts' removal and their record
         self.snapshot_every = snapshot_every
         self._records_since_snapshot = 0
@@ -152,9 +154,10 @@ class Shard:
         answers. Called without the shard's lock: it takes it to check (``check()``, which raises
         to refuse, or returns an _Answer to answer without writing), releases it while the record
         is encoded, checksummed and written and while it waits for the disk, so reads go on and
-        other writers log theirs meanwhile (one fdatasync covers them all: group commit), and takes
-        it again to apply. A request id the shard has applied already answers its first result,
-        and nothing is written."""
+        other writers log theirs meanwhile (one fdatasync covers them all: group commit). Durable
+        records are applied in log order under the lock, a group at a time by whichever of their
+        writers gets there first; each writer answers its own record's outcome. A request id the
+        shard has applied already answers its first result, and nothing is written."""
         key = (args.get("request_id"), op)
         columns = {name: array for name, array in (columns or {}).items() if array is not None}
         with self._changes:
@@ -175,16 +178,36 @@ class Shard:
                 self._changes.notify_all()
         with self._changes:
             self._records_since_snapshot += 1
-            self._changes.wait_for(lambda: self.wal.check(number) and self._applied_through == number - 1)
-            try:
-                result = self._apply(op, args, columns)
-            finally:
-                self._applied_through = number
-                self._changes.notify_all()
+            self._logged[number] = (op, args, columns)
+            while number not in self._outcomes:
+                self._apply_durable()
+                if number not in self._outcomes:
+                    self.wal.check(number)  # raises if the log failed before this record was durable
+                    self._changes.wait()
+            applied, value = self._outcomes.pop(number)
             snapshot_due = self.snapshot_every and self._records_since_snapshot >= self.snapshot_every
         if snapshot_due:
             self.snapshot(wait=False)
-        return result
+        if not applied:
+            raise value
+        return value
+
+    def _apply_durable(self) -> None:
+        """Applies, in log order, every logged record that is durable and whose predecessors are
+        applied, whichever writer logged it (one writer applies a whole group: fewer hand-offs),
+        and leaves each outcome for its writer. Under the lock."""
+        applied = False
+        while self._applied_through + 1 in self._logged and self.wal.synced > self._applied_through:
+            number = self._applied_through + 1
+            op, args, columns = self._logged.pop(number)
+            try:
+                self._outcomes[number] = (True, self._apply(op, args, columns))
+            except Exception as error:  # noqa: BLE001 - raised in the thread of the writer it belongs to
+                self._outcomes[number] = (False, error)
+            self._applied_through = number
+            applied = True
+        if applied:
+            self._changes.notify_all()
 
     def _exists(self, namespace: str, generation: int):
         """A write's check: the namespace (of that generation) is stored here, else NOT_FOUND / FAILED_PRECONDITION."""

@@ -163,8 +163,7 @@ class Snapshots:
             shard_manifest = snapshot.read_manifest(self.filesystem, directory)
             for name, item in shard_manifest["namespaces"].items():
                 if not namespace or name == namespace:  # reads every byte once: a bad file is found now
-                    snapshot.read_rows(self.filesystem, posixpath.join(directory, item["file"]),
-                                       sha256=item["sha256"])
+                    snapshot.read_namespace_rows(self.filesystem, directory, item)
             shards.append((directory, shard_manifest))
         return manifest, shards
 
@@ -186,7 +185,7 @@ class Snapshots:
                 item = shard_manifest["namespaces"].get(name)
                 if item is None:
                     continue
-                table = snapshot.read_rows(self.filesystem, posixpath.join(directory, item["file"]))
+                table = snapshot.read_namespace_rows(self.filesystem, directory, item, verify=False)
                 parts = snapshot.split_rows(table, self.router.num_shards)
                 calls = [(shard, "restore_rows", (name, config.generation, part))
                          for shard, part in enumerate(parts) if part.num_rows]

@@ -151,17 +151,19 @@ def test_files_are_plain_parquet_that_match_the_manifest(rng, local):
     manifest = write(stores, filesystem, directory, shard=1, num_shards=4, extra={"wal": {"segment": 7}})
     on_disk = json.loads(open(f"{directory}/manifest.json").read())
     assert on_disk == manifest
-    assert manifest["format_version"] == snapshot.FORMAT_VERSION == 1
+    assert manifest["format_version"] == snapshot.FORMAT_VERSION == 2
     assert (manifest["shard"], manifest["num_shards"], manifest["extra"]) == (1, 4, {"wal": {"segment": 7}})
     assert datetime.datetime.fromisoformat(manifest["created_at"]).utcoffset() == datetime.timedelta(0)
     total = 0
     for name, entry in manifest["namespaces"].items():
-        path = f"{directory}/{entry['file']}"
+        [part] = entry["parts"]  # small: one file, <namespace>.parquet
+        path = f"{directory}/{part['file']}"
+        assert part["file"] == f"{name}.parquet"
         table = pq.read_table(path)
-        assert table.num_rows == entry["rows"] == ids[name].size
+        assert table.num_rows == entry["rows"] == part["rows"] == ids[name].size
         total += table.num_rows
         raw = open(path, "rb").read()
-        assert entry["bytes"] == len(raw) and entry["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert entry["bytes"] == part["bytes"] == len(raw) and part["sha256"] == hashlib.sha256(raw).hexdigest()
         assert entry["config"] == stores[name].config.to_dict() and entry["next_id"] == stores[name].next_id
         order = np.argsort(table.column("id").to_numpy())
         np.testing.assert_array_equal(table.column("id").to_numpy()[order], ids[name])
@@ -194,7 +196,7 @@ def test_flipped_byte_is_refused_naming_the_file_and_nothing_is_loaded(rng, loca
     assert caught.value.code == "FAILED_PRECONDITION" and isinstance(caught.value, FailedPrecondition)
     assert built == []
     with pytest.raises(SnapshotError, match=r"b\.parquet"):
-        snapshot.read_rows(filesystem, f"{directory}/b.parquet", sha256=manifest["namespaces"]["b"]["sha256"])
+        snapshot.read_rows(filesystem, f"{directory}/b.parquet", sha256=manifest["namespaces"]["b"]["parts"][0]["sha256"])
     with pytest.raises(SnapshotError, match=r"b\.parquet"):
         snapshot.verify_snapshot(filesystem, directory)
     assert snapshot.verify_snapshot(filesystem, directory, namespaces=["a"]) == manifest
@@ -209,7 +211,7 @@ def test_newer_format_version_is_refused_saying_which_is_supported(rng, local):
     manifest = json.loads(open(path).read())
     manifest["format_version"] = 99
     open(path, "w").write(json.dumps(manifest))
-    with pytest.raises(SnapshotError, match=r"format version 99.*format version 1"):
+    with pytest.raises(SnapshotError, match=r"format version 99.*format version 2"):
         snapshot.load_shard_snapshot(filesystem, directory)
 
 
@@ -332,8 +334,7 @@ def test_rows_of_two_shards_split_into_three_rebuild_the_same_rows_and_answers(r
     for s, store in enumerate(old):
         manifest = write({"ns": store}, filesystem, str(tmp_path / f"shard-{s}"), shard=s, num_shards=2)
         entry = manifest["namespaces"]["ns"]
-        tables.append(snapshot.read_rows(filesystem, str(tmp_path / f"shard-{s}" / entry["file"]),
-                                         sha256=entry["sha256"]))
+        tables.append(snapshot.read_namespace_rows(filesystem, str(tmp_path / f"shard-{s}"), entry))
         next_id = max(next_id, entry["next_id"])
     parts = [snapshot.split_rows(table, 3) for table in tables]
     new = [snapshot.store_from_table(old[0].config, pa.concat_tables([p[i] for p in parts]), "cpu", i, 3, next_id)
@@ -359,7 +360,7 @@ def test_append_rows_restores_into_a_serving_store_all_or_nothing(rng, tmp_path)
     source = make_store()
     ids = fill(source, rng)
     entry = write({"ns": source}, filesystem, str(tmp_path / "snap"))["namespaces"]["ns"]
-    table = snapshot.read_rows(filesystem, str(tmp_path / "snap" / entry["file"]), sha256=entry["sha256"])
+    table = snapshot.read_namespace_rows(filesystem, str(tmp_path / "snap"), entry)
     targets = [make_store(id_stride=2, id_offset=i) for i in range(2)]
     for i, part in enumerate(snapshot.split_rows(table, 2)):
         assert snapshot.append_rows(targets[i], part) == part.num_rows
@@ -509,3 +510,35 @@ def test_bad_arguments_are_refused_before_anything_is_written(rng, local):
     with pytest.raises(InvalidArgument, match="num_shards"):
         snapshot.split_rows(pa.table({"id": pa.array([1, 2], pa.int64())}), 0)
     assert filesystem.get_file_info(directory).type == pafs.FileType.NotFound
+
+
+def test_a_large_namespace_is_written_as_part_files_in_parallel_and_loads_whole(rng, local, monkeypatch):
+    monkeypatch.setattr(snapshot, "_PART_BYTES", 1 << 10)  # parts of 1 KB: as many as there are CPUs
+    monkeypatch.setattr(snapshot.os, "cpu_count", lambda: 4)
+    filesystem, directory = local
+    store = make_store()
+    ids = fill(store, rng)
+    manifest = write({"ns": store}, filesystem, directory)
+    parts = manifest["namespaces"]["ns"]["parts"]
+    assert len(parts) == 4 and [part["file"] for part in parts] == [f"ns.parts/{k:05d}.parquet" for k in range(4)]
+    assert sum(part["rows"] for part in parts) == len(store)
+    assert pq.read_table(f"{directory}/ns.parts").num_rows == len(store)  # plain pyarrow reads the folder
+    _, loaded = snapshot.load_shard_snapshot(filesystem, directory)
+    assert_same_rows(store, loaded["ns"], ids)
+    flip_byte(f"{directory}/ns.parts/00002.parquet")
+    with pytest.raises(SnapshotError, match=r"ns\.parts/00002\.parquet.*corrupt"):
+        snapshot.load_shard_snapshot(filesystem, directory)
+
+
+def test_a_format_1_snapshot_with_one_file_per_namespace_still_loads(rng, local):
+    filesystem, directory = local
+    store = make_store()
+    ids = fill(store, rng)
+    manifest = write({"ns": store}, filesystem, directory)
+    [part] = manifest["namespaces"]["ns"].pop("parts")
+    manifest["namespaces"]["ns"].update(file=part["file"], sha256=part["sha256"], bytes=part["bytes"])
+    manifest["format_version"] = 1
+    with open(f"{directory}/manifest.json", "w") as file:
+        json.dump(manifest, file)
+    _, loaded = snapshot.load_shard_snapshot(filesystem, directory)
+    assert_same_rows(store, loaded["ns"], ids)
