@@ -190,10 +190,11 @@ class _RemoteStore:
     def abort_step(self, namespace, step_id, *, generation=0):
         self._call("AbortStep", pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation))
 
-    def apply_gradients(self, namespace, ids, grads, *, request_id="", generation=0):
+    def apply_gradients(self, namespace, ids, grads, *, request_id="", generation=0, step_id="", part=0,
+                        defer_step=False):
         request = pb.ApplyGradientsRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
                                            grads=convert.tensor_to_proto(grads), request_id=request_id,
-                                           generation=generation)
+                                           generation=generation, step_id=step_id, part=part, defer_step=defer_step)
         return self._call("ApplyGradients", request).rows_updated
 
     def create_snapshot(self, location, namespace=""):
@@ -249,7 +250,7 @@ class MemoryClient:
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
         self.remote = target != IN_PROCESS
-        self._value_dims: dict[str, int] = {}  # namespace -> value_dim, to size search replies
+        self._configs: dict[str, NamespaceConfig] = {}  # namespace -> its config, to size replies
         use_tls = bool(tls) or (tls is None and any(f is not None for f in (tls_ca, tls_cert, tls_key)))
         if not self.remote:
             if use_tls:
@@ -380,10 +381,13 @@ class MemoryClient:
                                        self._search_value_dim(namespace))
 
     def _search_value_dim(self, namespace: str, refresh: bool = False) -> int:
-        """The namespace's value_dim, to size replies with values: one describe_namespace per namespace."""
-        if refresh or namespace not in self._value_dims:
-            self._value_dims[namespace] = self.describe_namespace(namespace).config.value_dim
-        return self._value_dims[namespace]
+        return self._config(namespace, refresh).value_dim
+
+    def _config(self, namespace: str, refresh: bool = False) -> NamespaceConfig:
+        """The namespace's config, to size replies: one describe_namespace per namespace."""
+        if refresh or namespace not in self._configs:
+            self._configs[namespace] = self.describe_namespace(namespace).config
+        return self._configs[namespace]
 
     def _search_chunks(self, namespace, queries, k, return_keys, return_values, return_weights, value_dim):
         """Splits the batch so that neither a request nor a reply passes half the message limit.
@@ -407,7 +411,31 @@ class MemoryClient:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
         return_optimizer_state adds rows.optimizer_state: {column: float32 [N, value_dim], "step": [1]}."""
         ids = _int_array(ids, "ids")
-        return self._retried("get", namespace, ids, return_optimizer_state)
+        if not self.remote:
+            return self._retried("get", namespace, ids, return_optimizer_state)
+        try:
+            return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace))
+        except ResourceExhausted:  # the cached config may be stale (the namespace was made again, wider)
+            return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace, refresh=True))
+
+    def _get_chunks(self, namespace, ids, return_optimizer_state, config) -> Rows:
+        """Splits the ids so that no reply passes half the message limit: per row its id (8), key (4 x
+        dim), token, weight (4 each), value (4 x value_dim), up to 3 optimizer state columns of
+        value_dim and a step (8), and its source (counted as 64)."""
+        states = 3 * config.value_dim + 2 if return_optimizer_state else 0
+        row_bytes = 8 + 4 * config.dim + 8 + 4 * config.value_dim + 4 * states + 64
+        parts = [self._retried("get", namespace, ids[part], return_optimizer_state)
+                 for part in self._row_chunks(self._rows(ids), row_bytes)]
+        if len(parts) == 1:
+            return parts[0]
+        state = None
+        if parts[0].optimizer_state is not None:
+            state = {name: np.concatenate([p.optimizer_state[name] for p in parts]) for name in parts[0].optimizer_state}
+        return Rows(ids=np.concatenate([p.ids for p in parts]), keys=np.concatenate([p.keys for p in parts]),
+                    tokens=np.concatenate([p.tokens for p in parts]),
+                    values=None if parts[0].values is None else np.concatenate([p.values for p in parts]),
+                    weights=np.concatenate([p.weights for p in parts]),
+                    sources=[source for p in parts for source in p.sources], optimizer_state=state)
 
     def delete(self, namespace: str, ids=None, source: str | None = None, generation: int = 0) -> int:
         """Deletes by ids (unknown ones are ignored) or by source tag ("" deletes the untagged rows);
@@ -471,9 +499,26 @@ class MemoryClient:
     def apply_gradients(self, namespace: str, ids, grads, generation: int = 0) -> int:
         """One optimizer step with value gradients grads float [N, value_dim] for ids int [N] (repeated
         ids are summed); all or nothing (NotFound, changing nothing, if an id is not stored).
-        Returns the number of rows updated."""
-        return self._retried("apply_gradients", namespace, _int_array(ids, "ids"), _float_array(grads, "grads"),
-                             request_id=validation.new_request_id(), generation=generation)
+        Returns the number of rows updated. More rows than one message holds go in parts that wait
+        on the shards, then one CommitStep applies them as one step (as retrieve_backward does)."""
+        ids, grads = _int_array(ids, "ids"), _float_array(grads, "grads")
+        width = grads.shape[1] if grads.ndim == 2 else 1
+        parts = list(self._row_chunks(self._rows(ids), 8 + grads.itemsize * width + 16))
+        if len(parts) == 1:
+            return self._retried("apply_gradients", namespace, ids, grads, request_id=validation.new_request_id(),
+                                 generation=generation)
+        step_id = validation.new_request_id()
+        try:
+            for index, part in enumerate(parts):
+                self._retried("apply_gradients", namespace, ids[part], grads[part], generation=generation,
+                              step_id=step_id, part=index, defer_step=True)
+        except MemoryStoreError:
+            try:
+                self._store.abort_step(namespace, step_id, generation=generation)
+            except MemoryStoreError:
+                pass  # staged parts also expire on the shards
+            raise
+        return self._retried("commit_step", namespace, step_id, generation=generation)
 
     # ----- snapshots (admin) ----------------------------------------------------------
     def create_snapshot(self, location: str, namespace: str = "") -> dict:

@@ -326,18 +326,24 @@ class RetrieveBackwardResponse(_message.Message):
     def __init__(self, grad_queries: _Optional[_Union[Tensor, _Mapping]] = ..., grad_temperature: _Optional[float] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("namespace", "ids", "grads", "request_id", "generation")
+    __slots__ = ("namespace", "ids", "grads", "request_id", "generation", "step_id", "part", "defer_step")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    DEFER_STEP_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     ids: Tensor
     grads: Tensor
     request_id: str
     generation: int
-    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    step_id: str
+    part: int
+    defer_step: bool
+    def __init__(self, namespace: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., generation: _Optional[int] = ..., step_id: _Optional[str] = ..., part: _Optional[int] = ..., defer_step: _Optional[bool] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows_updated",)

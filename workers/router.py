@@ -354,24 +354,38 @@ class Router:
         self._all_shards("abort_step", namespace, config.generation, step_id)
 
     @_reread_config_if_recreated
-    def apply_gradients(self, namespace: str, ids, grads, *, request_id: str = "", generation: int = 0) -> int:
+    def apply_gradients(self, namespace: str, ids, grads, *, request_id: str = "", generation: int = 0,
+                        step_id: str = "", part: int = 0, defer_step: bool = False) -> int:
         """One optimizer step with value gradients grads [N, value_dim] for ids [N]. Stages: validate;
         the owning shards check their ids are stored and stage the gradients (NOT_FOUND from any:
-        nothing changes); commit. Returns the rows updated."""
+        nothing changes); commit. Returns the rows updated.
+        defer_step: this is part ``part`` of the step ``step_id``, sent in parts: every shard stages
+        its share (maybe none) and waits for commit_step (returns 0); a part that a shard refuses
+        drops the whole step everywhere, as in retrieve_backward."""
         config = self.config(namespace, generation)
         ids, grads = validation.check_gradients(ids, grads, config.value_dim)
+        if defer_step and not step_id:
+            raise InvalidArgument("a deferred step (defer_step) needs its step_id")
+        step_id = step_id if defer_step else request_id or validation.new_request_id()
         if (ids < 0).any():
+            if defer_step:
+                self._undo("abort_step", namespace, config.generation, step_id)
             raise IdsNotFound(namespace, ids[ids < 0])
-        step_id = request_id or validation.new_request_id()
-        calls = [(shard, "stage_gradients", (namespace, config.generation, step_id, 0, ids[positions],
-                                             grads[positions]))
-                 for shard, positions in self._route_ids(ids)]
+        routes = dict(self._route_ids(ids))
+        shards = range(self.num_shards) if defer_step else sorted(routes)
+        none = np.empty(0, np.int64)
+        calls = [(shard, "stage_gradients", (namespace, config.generation, step_id, part,
+                                             ids[routes.get(shard, none)], grads[routes.get(shard, none)]))
+                 for shard in shards]
         try:
             self._call(calls)
-        except MemoryStoreError:
-            self._undo("abort_step", namespace, config.generation, step_id)
+        except MemoryStoreError as error:
+            if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
+                self._undo("abort_step", namespace, config.generation, step_id)
             raise
-        return self._commit(config, step_id, staged_on=[shard for shard, _, _ in calls])
+        if defer_step:
+            return 0
+        return self._commit(config, step_id, staged_on=list(shards))
 
     def _route_ids(self, ids: np.ndarray):
         """Yields (shard, positions in ids) for the shards that own some of the ids."""

@@ -110,7 +110,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @grpc_errors
     def ApplyGradients(self, request, context):
         rows = self.router.apply_gradients(request.namespace, _required(request, "ids"), _required(request, "grads"),
-                                           request_id=request.request_id, generation=request.generation)
+                                           request_id=request.request_id, generation=request.generation,
+                                           step_id=request.step_id, part=request.part, defer_step=request.defer_step)
         return pb.ApplyGradientsResponse(rows_updated=rows)
 
     @grpc_errors
