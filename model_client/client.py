@@ -168,18 +168,20 @@ class _RemoteStore:
             request.ids.CopyFrom(convert.tensor_to_proto(ids))
         return self._call("Delete", request).deleted
 
-    def retrieve(self, namespace, queries, k, temperature, *, generation=0):
+    def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False):
         request = pb.RetrieveRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
-                                     temperature=temperature, generation=generation)
+                                     temperature=temperature, generation=generation, keep_state=keep_state)
         return convert.retrieve_result_from_proto(self._call("Retrieve", request), queries, temperature)
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
-                          generation=0, step_id="", part=0, defer_step=False):
+                          generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0):
         request = pb.RetrieveBackwardRequest(
-            namespace=namespace, queries=convert.tensor_to_proto(queries), ids=convert.tensor_to_proto(ids),
-            alpha=convert.tensor_to_proto(alpha), distances=convert.tensor_to_proto(distances),
-            grad_memory=convert.tensor_to_proto(grad_memory), temperature=temperature, generation=generation,
-            step_id=step_id, part=part, defer_step=defer_step)
+            namespace=namespace, grad_memory=convert.tensor_to_proto(grad_memory), temperature=temperature,
+            generation=generation, step_id=step_id, part=part, defer_step=defer_step, handle=handle,
+            row_offset=row_offset)
+        if not handle:  # else the front end has the forward's arrays
+            for name, array in (("queries", queries), ("ids", ids), ("alpha", alpha), ("distances", distances)):
+                convert.fill_tensor(getattr(request, name), array)
         response = self._call("RetrieveBackward", request)
         return convert.tensor_from_proto(response.grad_queries, "grad_queries"), response.grad_temperature
 
@@ -445,14 +447,19 @@ class MemoryClient:
         return self._retried("delete", namespace, ids, source, request_id=validation.new_request_id(), generation=generation)
 
     # ----- learnable memory ----------------------------------------------------------
-    def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0) -> RetrieveResult:
+    def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *,
+                 keep_state: bool = False) -> RetrieveResult:
         """The MoNIM forward next to the data: r.memory float32 [B, value_dim] = sum_i alpha_i v_i,
-        with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k."""
+        with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k.
+        keep_state: the server keeps what the backward needs under r.handle (for a few minutes), so
+        that retrieve_backward sends only grad_memory; MoNIMLayer asks for it when a backward follows."""
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
-        parts = [self._retried("retrieve", namespace, queries[part], k, temperature)
-                 for part in self._row_chunks(self._rows(queries), row_bytes)]
+        chunks = list(self._row_chunks(self._rows(queries), row_bytes))
+        keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
+        parts = [self._retried("retrieve", namespace, queries[part], k, temperature, keep_state=keep_state)
+                 for part in chunks]
         if len(parts) == 1:
             return parts[0]
         if len({p.generation for p in parts}) > 1:
@@ -465,20 +472,36 @@ class MemoryClient:
         """Backward of ``retrieve``: the value rows take one optimizer step with dL/dv_i = alpha_i dL/dm;
         returns (grad_queries float32 [B, dim], grad_temperature).
 
+        With result.handle, only grad_memory travels (the server kept the rest); if the server no
+        longer has it (expired, evicted, another front end), the forward's arrays are sent instead.
         A step larger than one message goes in parts whose value gradients wait on the shards,
         then one CommitStep applies them as one step (one step stays one step); if a part fails,
         the step is aborted and nothing is stepped. NotFound if a row of the forward was deleted
         since (nothing stepped); FailedPrecondition if the namespace was re-created since."""
         grad_memory = _float_array(grad_memory, "grad_memory")
+        if result.handle:
+            try:
+                return self._backward(namespace, result, grad_memory, handle=result.handle)
+            except FailedPrecondition as error:
+                if "retrieve handle" not in error.message:
+                    raise
+        return self._backward(namespace, result, grad_memory)
+
+    def _backward(self, namespace: str, result: RetrieveResult, grad_memory, handle: str = ""):
         queries, ids = result.queries, result.ids
         width = queries.shape[1] if getattr(queries, "ndim", 0) == 2 else 1
         k = ids.shape[1] if getattr(ids, "ndim", 0) == 2 else 1
         value_dim = grad_memory.shape[1] if getattr(grad_memory, "ndim", 0) == 2 else 1
-        row_bytes = queries.itemsize * width + 16 * k + 4 * value_dim + 64
-        parts = list(self._row_chunks(self._rows(queries), row_bytes))
+        row_bytes = 4 * value_dim + 64 + (0 if handle else queries.itemsize * width + 16 * k)
+        parts = list(self._row_chunks(self._rows(grad_memory if handle else queries), row_bytes))
         step_id = validation.new_request_id()
 
         def send(part, index, defer):
+            if handle:
+                start = part.start or 0
+                return self._retried("retrieve_backward", namespace, None, None, None, None, grad_memory[part],
+                                     result.temperature, generation=result.generation, step_id=step_id, part=index,
+                                     defer_step=defer, handle=handle, row_offset=start)
             return self._retried("retrieve_backward", namespace, queries[part], ids[part], result.alpha[part],
                                  result.distances[part], grad_memory[part], result.temperature,
                                  generation=result.generation, step_id=step_id, part=index, defer_step=defer)

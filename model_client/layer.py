@@ -68,8 +68,10 @@ class RetrieveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, temperature, values, layer: "MoNIMLayer"):
         started = time.perf_counter()
+        # A backward follows when an input needs a gradient: then the server keeps the forward's state
+        # and the backward sends only grad_memory.
         result = layer.client.retrieve(layer.namespace, queries.detach().float().cpu().numpy(), layer.k,
-                                       float(temperature.detach()))
+                                       float(temperature.detach()), keep_state=any(ctx.needs_input_grad[:3]))
         layer.timer.record("retrieve", time.perf_counter() - started, queries.shape[0])
         ctx.result, ctx.layer = result, layer
         ctx.device, ctx.dtype = queries.device, queries.dtype

@@ -172,10 +172,12 @@ def retrieve_result_to_proto(result: RetrieveResult) -> pb.RetrieveResponse:
     for name in _RETRIEVED:
         fill_tensor(getattr(response, name), getattr(result, name))
     response.generation = result.generation
+    response.handle = result.handle
     return response
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float) -> RetrieveResult:
     """The reply, with the caller's own queries and temperature kept for the backward."""
     return RetrieveResult(**{name: tensor_from_proto(getattr(response, name), name) for name in _RETRIEVED},
-                          queries=queries, temperature=temperature, generation=response.generation)
+                          queries=queries, temperature=temperature, generation=response.generation,
+                          handle=response.handle)

@@ -260,21 +260,23 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "temperature", "generation")
+    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_STATE_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
     temperature: float
     generation: int
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ...) -> None: ...
+    keep_state: bool
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights", "generation")
+    __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights", "generation", "handle")
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -282,6 +284,7 @@ class RetrieveResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     memory: Tensor
     ids: Tensor
     alpha: Tensor
@@ -289,10 +292,11 @@ class RetrieveResponse(_message.Message):
     tokens: Tensor
     weights: Tensor
     generation: int
-    def __init__(self, memory: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+    handle: str
+    def __init__(self, memory: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ..., handle: _Optional[str] = ...) -> None: ...
 
 class RetrieveBackwardRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "ids", "alpha", "distances", "grad_memory", "temperature", "generation", "step_id", "part", "defer_step")
+    __slots__ = ("namespace", "queries", "ids", "alpha", "distances", "grad_memory", "temperature", "generation", "step_id", "part", "defer_step", "handle", "row_offset")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +308,8 @@ class RetrieveBackwardRequest(_message.Message):
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PART_FIELD_NUMBER: _ClassVar[int]
     DEFER_STEP_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     ids: Tensor
@@ -315,7 +321,9 @@ class RetrieveBackwardRequest(_message.Message):
     step_id: str
     part: int
     defer_step: bool
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., grad_memory: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., step_id: _Optional[str] = ..., part: _Optional[int] = ..., defer_step: _Optional[bool] = ...) -> None: ...
+    handle: str
+    row_offset: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., alpha: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., grad_memory: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., step_id: _Optional[str] = ..., part: _Optional[int] = ..., defer_step: _Optional[bool] = ..., handle: _Optional[str] = ..., row_offset: _Optional[int] = ...) -> None: ...
 
 class RetrieveBackwardResponse(_message.Message):
     __slots__ = ("grad_queries", "grad_temperature")

@@ -60,6 +60,7 @@ class RetrieveResult:
     tokens int32 [B, k], weights float32 [B, k] of the global top-k.
     queries and temperature are the forward's inputs, kept for the backward;
     generation: of the namespace the ids belong to (the backward carries it).
+    handle: names the forward's state kept at the front end ("" if none: the backward sends the arrays).
     """
 
     memory: np.ndarray
@@ -71,6 +72,7 @@ class RetrieveResult:
     queries: np.ndarray | None = None
     temperature: float = 1.0
     generation: int = 0
+    handle: str = ""
 
 
 @dataclasses.dataclass

@@ -42,6 +42,7 @@ from monim.protos.errors import (
     Unavailable,
 )
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
+from monim.workers.forwards import ForwardStates
 from monim.workers.merge import merge_topk
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Router:
         self.num_shards = runtime.num_shards
         self.timeout_s = timeout_s
         self._configs: dict[str, NamespaceConfig] = {}
+        self.forwards = ForwardStates()  # Retrieve states kept for their backward (workers/forwards.py)
         self.snapshots = None  # workers/snapshots.py Snapshots, where the front end has a snapshot root
 
     @staticmethod
@@ -278,12 +280,13 @@ class Router:
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated
     def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0, *,
-                 generation: int = 0) -> RetrieveResult:
+                 generation: int = 0, keep_state: bool = False) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
         every shard sums alpha_i v_i over its own ids; add the partial sums. If a row went between
         the two rounds (a shard answers NOT_FOUND), the forward starts again: m is never a sum
-        with a neighbour silently missing."""
+        with a neighbour silently missing. keep_state: the queries, ids, alpha, distances and
+        temperature stay here under result.handle, for a backward that sends only grad_memory."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
@@ -295,22 +298,30 @@ class Router:
                 memory = sum(self._all_shards("value_sum", namespace, config.generation, found.ids, alpha))
             except IdsNotFound:
                 continue
+            handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
+                                        temperature) if keep_state else ""
             return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
                                   tokens=found.tokens, weights=found.weights, queries=queries,
-                                  temperature=temperature, generation=config.generation)
+                                  temperature=temperature, generation=config.generation, handle=handle)
         raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
                       "attempts of this Retrieve; retry it")
 
     @_reread_config_if_recreated
     def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory, temperature: float, *,
-                          generation: int = 0, step_id: str = "", part: int = 0,
-                          defer_step: bool = False) -> tuple[np.ndarray, float]:
+                          generation: int = 0, step_id: str = "", part: int = 0, defer_step: bool = False,
+                          handle: str = "", row_offset: int = 0) -> tuple[np.ndarray, float]:
         """The MoNIM backward. Stages: validate; every shard checks that its rows of ids are still
         stored and computes its partial sums (NOT_FOUND from any: nothing is stepped anywhere); then
         the value gradients are committed as one optimizer step (with defer_step, they wait under
         step_id for commit_step: a step sent in parts); add the partials and finish dL/dq and dL/dT.
         generation: the forward's (0: the current incarnation).
+        handle: a kept forward (retrieve's keep_state): queries, ids, alpha, distances, temperature
+        and generation come from it (pass None for them), and grad_memory is its rows
+        [row_offset, row_offset + B); FAILED_PRECONDITION if the handle is unknown or expired.
         Returns (grad_queries float32 [B, dim], grad_temperature)."""
+        if handle:
+            queries, ids, alpha, distances, temperature, generation = self._kept_forward(
+                namespace, handle, row_offset, grad_memory, queries, ids, alpha, distances)
         config = self.config(namespace, generation)
         queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
             config, queries, ids, alpha, distances, grad_memory, temperature)
@@ -328,6 +339,22 @@ class Router:
         for more in partials[1:]:
             total = total + more
         return memory_ops.combine_backward(total, queries, alpha, config.metric, temperature)
+
+    def _kept_forward(self, namespace, handle, row_offset, grad_memory, *sent):
+        """(queries, ids, alpha, distances, temperature, generation) of rows [row_offset, row_offset + B)
+        of the forward kept under handle, B being grad_memory's rows."""
+        if any(array is not None and np.asarray(array).size for array in sent):
+            raise InvalidArgument("a backward that names a handle sends only grad_memory: the forward's queries, "
+                                  "ids, alpha and distances come from the handle")
+        state = self.forwards.get(validation.check_step_id(handle), namespace)
+        rows = np.asarray(grad_memory).shape[0] if np.ndim(grad_memory) >= 1 else 0
+        if isinstance(row_offset, bool) or not isinstance(row_offset, (int, np.integer)) or row_offset < 0 \
+                or row_offset + rows > state.ids.shape[0]:
+            raise InvalidArgument(f"grad_memory rows [{row_offset}, {row_offset + rows}) are not rows of the "
+                                  f"forward's batch of {state.ids.shape[0]}")
+        part = slice(row_offset, row_offset + rows)
+        return (state.queries[part], state.ids[part], state.alpha[part], state.distances[part], state.temperature,
+                state.generation)
 
     def _commit(self, config: NamespaceConfig, step_id: str, staged_on=None) -> int:
         """Commits step_id on every shard; staged_on: the shards that were sent parts (None: all),

@@ -17,6 +17,10 @@ def _required(message, field: str, what: str | None = None):
     return convert.tensor_from_proto(getattr(message, field), what or field)
 
 
+def _optional(message, field: str):
+    return convert.tensor_from_proto(getattr(message, field), field) if message.HasField(field) else None
+
+
 def _merge_eps(request) -> float:
     return request.merge_eps if request.HasField("merge_eps") else 0.0
 
@@ -94,16 +98,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @grpc_errors
     def Retrieve(self, request, context):
         result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
-                                      request.temperature, generation=request.generation)
+                                      request.temperature, generation=request.generation,
+                                      keep_state=request.keep_state)
         return convert.retrieve_result_to_proto(result)
 
     @grpc_errors
     def RetrieveBackward(self, request, context):
+        forward = (_optional if request.handle else _required)
         grad_queries, grad_temperature = self.router.retrieve_backward(
-            request.namespace, _required(request, "queries"), _required(request, "ids"),
-            _required(request, "alpha"), _required(request, "distances"), _required(request, "grad_memory"),
+            request.namespace, forward(request, "queries"), forward(request, "ids"),
+            forward(request, "alpha"), forward(request, "distances"), _required(request, "grad_memory"),
             request.temperature, generation=request.generation, step_id=request.step_id, part=request.part,
-            defer_step=request.defer_step)
+            defer_step=request.defer_step, handle=request.handle, row_offset=request.row_offset)
         return pb.RetrieveBackwardResponse(grad_queries=convert.tensor_to_proto(grad_queries),
                                            grad_temperature=grad_temperature)
 

@@ -1,0 +1,109 @@
+"""Forward states: what a Retrieve's backward needs, kept at the front end under a handle.
+
+A Retrieve with ``keep_state`` leaves its queries, global top-k ids, alpha and distances and its
+temperature here and answers a handle; the RetrieveBackward that names the handle sends only
+grad_memory (B x value_dim) instead of the forward's B x (dim + 3k) numbers, which for k=1024 is
+most of the bytes of a training step. A handle lives for ``ttl_s`` after its last use, in a table
+bounded by entry count and bytes (the oldest go first); an unknown, expired or evicted handle is
+a FAILED_PRECONDITION naming it (the client then sends the arrays, which it still holds). A
+handle is known to the front end that made it only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import secrets
+import threading
+import time
+
+import numpy as np
+from monim.protos.errors import FailedPrecondition
+
+DEFAULT_TTL_S = 300.0
+DEFAULT_MAX_ENTRIES = 4096
+DEFAULT_MAX_BYTES = 2 << 30
+
+
+class HandleUnknown(FailedPrecondition):
+    def __init__(self, handle: str, why: str):
+        super().__init__(f"retrieve handle {handle!r} is {why}; send the forward's queries, ids, alpha and "
+                         "distances instead (MemoryClient does this by itself)")
+
+
+@dataclasses.dataclass
+class ForwardState:
+    namespace: str
+    generation: int
+    queries: np.ndarray
+    ids: np.ndarray
+    alpha: np.ndarray
+    distances: np.ndarray
+    temperature: float
+    used: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.queries.nbytes + self.ids.nbytes + self.alpha.nbytes + self.distances.nbytes
+
+
+class ForwardStates:
+    """The table. Counters (for metrics): kept, evicted (for room), expired, missed (unknown handles)."""
+
+    def __init__(self, ttl_s: float = DEFAULT_TTL_S, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        self.ttl_s, self.max_entries, self.max_bytes = ttl_s, max_entries, max_bytes
+        self._states: collections.OrderedDict[str, ForwardState] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.counts = {"kept": 0, "evicted": 0, "expired": 0, "missed": 0}
+        self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # handle -> why, to say so
+
+    def keep(self, namespace: str, generation: int, queries, ids, alpha, distances, temperature: float) -> str:
+        """Keeps a forward's state; returns its handle ("" if it alone would pass max_bytes)."""
+        state = ForwardState(namespace, generation, queries, ids, alpha, distances, float(temperature),
+                             time.monotonic())
+        if state.nbytes > self.max_bytes:
+            return ""
+        handle = secrets.token_hex(12)
+        with self._lock:
+            self._expire(time.monotonic())
+            while self._states and (len(self._states) >= self.max_entries or self.bytes + state.nbytes > self.max_bytes):
+                self._drop(next(iter(self._states)), "evicted")
+            self._states[handle] = state
+            self.bytes += state.nbytes
+            self.counts["kept"] += 1
+        return handle
+
+    def get(self, handle: str, namespace: str) -> ForwardState:
+        """The state under handle (its lease renewed); HandleUnknown if there is none (for namespace)."""
+        now = time.monotonic()
+        with self._lock:
+            self._expire(now)
+            state = self._states.get(handle)
+            if state is None or state.namespace != namespace:
+                self.counts["missed"] += 1
+                why = self._gone.get(handle, "unknown to this front end")
+                raise HandleUnknown(handle, why if state is None else "a handle of another namespace")
+            state.used = now
+            self._states.move_to_end(handle)
+            return state
+
+    def _expire(self, now: float) -> None:
+        while self._states:
+            handle, state = next(iter(self._states.items()))
+            if now - state.used <= self.ttl_s:
+                break
+            self._drop(handle, "expired")
+
+    def _drop(self, handle: str, why: str) -> None:
+        state = self._states.pop(handle)
+        self.bytes -= state.nbytes
+        self.counts[why] += 1
+        self._gone[handle] = f"{why} (unused for {self.ttl_s:g} s)" if why == "expired" else \
+            f"{why} (the table keeps {self.max_entries} forwards, {self.max_bytes} bytes)"
+        while len(self._gone) > self.max_entries:
+            self._gone.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._states)
