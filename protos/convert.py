@@ -8,10 +8,11 @@ with a dtype name and a shape.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from monim.protos import memory_pb2 as pb
-from monim.protos.config import NamespaceConfig, OptimizerConfig
+from monim.protos.config import INDEXES, KEY_DTYPES, METRICS, OPTIMIZERS, NamespaceConfig, OptimizerConfig
 from monim.protos.errors import InvalidArgument
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
@@ -22,6 +23,10 @@ WIRE_DTYPES = {
     "int64": np.dtype("<i8"),
     "bool": np.dtype("bool"),
 }
+# numpy's limit is 64; no tensor of the API has more than 3.
+MAX_TENSOR_DIMS = 32
+# A message carries less than 2 GiB, so only an empty tensor (a dimension 0) can have a larger shape.
+MAX_TENSOR_SPAN_BYTES = 2**31
 
 
 def fill_tensor(target: pb.Tensor, array) -> pb.Tensor:
@@ -54,20 +59,32 @@ def tensor_to_proto(array) -> pb.Tensor:
     return fill_tensor(pb.Tensor(), array)
 
 
+def _quoted(text: str, limit: int = 64) -> str:
+    """repr of caller-supplied text for an error message, cut to ``limit`` characters (a status
+    message travels in a header, which a long one would overflow)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
     """Tensor -> numpy array, checking dtype, shape and byte count; ``what`` names it in errors."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
-        raise InvalidArgument(f"{what} has unknown dtype {tensor.dtype!r}; expected one of {', '.join(WIRE_DTYPES)}")
+        raise InvalidArgument(f"{what} has unknown dtype {_quoted(tensor.dtype)}; "
+                              f"expected one of {', '.join(WIRE_DTYPES)}")
+    if len(tensor.shape) > MAX_TENSOR_DIMS:
+        raise InvalidArgument(f"{what} has {len(tensor.shape)} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
     data = tensor.data  # read once: every read of a bytes field makes a new copy of it
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a product in int64 wraps (shape [2^32, 2^32] would "need" 0 bytes).
+    expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
         raise InvalidArgument(
             f"{what} carries {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
         )
+    if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:  # empty, but numpy cannot shape it
+        raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
     # One more copy: an array over ``bytes`` is read-only, and callers (user code, torch.from_numpy
     # in the stores) need a writable one.
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
@@ -86,8 +103,15 @@ def config_to_proto(config: NamespaceConfig) -> pb.NamespaceConfig:
     return pb.NamespaceConfig(**fields, optimizer=optimizer)
 
 
+def _known_option(value: str, what: str, choices) -> str:
+    """An option name as given; a long unknown one is refused here, before a message would quote it whole."""
+    if len(value) > 64:
+        raise InvalidArgument(f"unknown {what} {_quoted(value)}; choose one of {', '.join(choices)}")
+    return value
+
+
 def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
-    fields = {"name": message.name} if message.name else {}
+    fields = {"name": _known_option(message.name, "optimizer", OPTIMIZERS)} if message.name else {}
     for field in dataclasses.fields(OptimizerConfig):
         if field.name != "name" and message.HasField(field.name):
             fields[field.name] = getattr(message, field.name)
@@ -100,6 +124,9 @@ def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
     for name in ("metric", "index", "key_dtype", "value_dim", "max_k", "generation"):
         if getattr(message, name):
             fields[name] = getattr(message, name)
+    for name, choices in (("metric", METRICS), ("index", INDEXES), ("key_dtype", KEY_DTYPES)):
+        if name in fields:
+            _known_option(fields[name], name, choices)
     if message.HasField("optimizer"):
         fields["optimizer"] = _optimizer_from_proto(message.optimizer)
     return NamespaceConfig(**fields)

@@ -107,6 +107,28 @@ def check_source(source) -> str:
     return source
 
 
+MAX_LOCATION_CHARS = 1024
+MAX_PATH_PART_BYTES = 255  # a file name's limit on common filesystems
+
+
+def check_snapshot_location(location) -> str:
+    """A snapshot location as given (a name, path or URI; whether it is inside the snapshot root is
+    workers/snapshots.py's to say): at most 1024 characters, each '/'-separated part at most 255
+    bytes in UTF-8, no NUL."""
+    if not isinstance(location, str) or not location:
+        raise InvalidArgument("a snapshot location is missing")
+    if len(location) > MAX_LOCATION_CHARS:
+        raise InvalidArgument(f"snapshot location has {len(location)} characters; at most {MAX_LOCATION_CHARS} "
+                              "are allowed")
+    if "\0" in location:
+        raise InvalidArgument("snapshot location contains a NUL character")
+    longest = max(len(part.encode()) for part in location.split("/"))
+    if longest > MAX_PATH_PART_BYTES:
+        raise InvalidArgument(f"snapshot location has a part of {longest} bytes; at most {MAX_PATH_PART_BYTES} "
+                              "are allowed")
+    return location
+
+
 def new_request_id() -> str:
     """A fresh request or step id (the client makes one per call; the router, for calls without one)."""
     return uuid.uuid4().hex

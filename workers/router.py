@@ -144,6 +144,7 @@ class Router:
         """Stages: register (ALREADY_EXISTS if taken; the registry picks a new generation); create on
         every shard. On failure, only this generation is undone: a shard that already holds the name
         (another incarnation, with its rows) is never touched."""
+        request_id = validation.check_step_id(request_id)
         created = NamespaceConfig.from_dict(self.runtime.call_registry("create", config.to_dict(), request_id))
         try:
             self._all_shards("create_namespace", created.to_dict())
@@ -224,7 +225,7 @@ class Router:
             weights = validation.check_weights(weights, n)
         source = validation.check_source(source)
         logp, admit_below, merge_eps = validation.check_admission(logp, admit_below, merge_eps, n)
-        request_id = request_id or validation.new_request_id()
+        request_id = validation.check_step_id(request_id) or validation.new_request_id()
         admitted = np.ones(n, bool) if logp is None else admission.admitted_mask(logp, admit_below)
         ids = np.full(n, MISSING_ID, np.int64)
         merged = np.zeros(n, bool)
@@ -236,6 +237,9 @@ class Router:
                 targets = admission.merge_targets(neighbours, tokens[chosen], merge_eps)
             targets, start = self.runtime.call_registry("plan_add", namespace, config.generation, request_id,
                                                         targets)
+            if targets.size != chosen.size:  # the registry answered the plan of an earlier Add with this id
+                raise InvalidArgument(f"request id {request_id!r} is that of an Add of {targets.size} admitted rows; "
+                                      f"this one has {chosen.size} (a retry must send the same batch)")
             new = chosen[targets < 0]
             new_ids = np.arange(start, start + new.size, dtype=np.int64)
             calls = self._add_calls(config, request_id, new_ids, keys[new], tokens[new],
@@ -314,6 +318,9 @@ class Router:
         stored and computes its partial sums (NOT_FOUND from any: nothing is stepped anywhere); then
         the value gradients are committed as one optimizer step (with defer_step, they wait under
         step_id for commit_step: a step sent in parts); add the partials and finish dL/dq and dL/dT.
+        A deferred part that a shard refuses (NOT_FOUND, FAILED_PRECONDITION) drops the whole step on
+        every shard, so that its commit steps nothing anywhere (ABORTED) rather than the shards that
+        had taken the part; after UNAVAILABLE or DEADLINE_EXCEEDED the parts stay, for a retry of the part.
         generation: the forward's (0: the current incarnation).
         handle: a kept forward (retrieve's keep_state): queries, ids, alpha, distances, temperature
         and generation come from it (pass None for them), and grad_memory is its rows
@@ -325,16 +332,16 @@ class Router:
         config = self.config(namespace, generation)
         queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
             config, queries, ids, alpha, distances, grad_memory, temperature)
-        step_id = validation.check_step_id(step_id) or validation.new_request_id()
+        step = self._step_key(config, validation.check_step_id(step_id) or validation.new_request_id())
         try:
-            partials = self._all_shards("backward_part", namespace, config.generation, step_id, part, queries, ids,
+            partials = self._all_shards("backward_part", namespace, config.generation, step, part, queries, ids,
                                         alpha, distances, grad_memory)
-        except MemoryStoreError:
-            if not defer_step:
-                self._undo("abort_step", namespace, config.generation, step_id)
+        except MemoryStoreError as error:
+            if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
+                self._undo("abort_step", namespace, config.generation, step)
             raise
         if not defer_step:
-            self._commit(config, step_id)
+            self._commit(config, step)
         total = partials[0]
         for more in partials[1:]:
             total = total + more
@@ -356,11 +363,18 @@ class Router:
         return (state.queries[part], state.ids[part], state.alpha[part], state.distances[part], state.temperature,
                 state.generation)
 
-    def _commit(self, config: NamespaceConfig, step_id: str, staged_on=None) -> int:
-        """Commits step_id on every shard; staged_on: the shards that were sent parts (None: all),
-        which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
+    @staticmethod
+    def _step_key(config: NamespaceConfig, step_id: str) -> str:
+        """The name a step (a caller's step or request id) has on the shards: one per namespace
+        incarnation, so that a step staged for one namespace is never committed or aborted by a
+        request naming another (namespace names hold no ':')."""
+        return f"{config.name}:{config.generation}:{step_id}"
+
+    def _commit(self, config: NamespaceConfig, step: str, staged_on=None) -> int:
+        """Commits the step (its _step_key) on every shard; staged_on: the shards that were sent parts
+        (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
         staged_on = range(self.num_shards) if staged_on is None else set(staged_on)
-        return sum(self._call([(shard, "commit_step", (config.name, config.generation, step_id, shard in staged_on))
+        return sum(self._call([(shard, "commit_step", (config.name, config.generation, step, shard in staged_on))
                                for shard in range(self.num_shards)]))
 
     @_reread_config_if_recreated
@@ -370,7 +384,7 @@ class Router:
         config = self.config(namespace, generation)
         if not validation.check_step_id(step_id):
             raise InvalidArgument("step_id is missing")
-        return self._commit(config, step_id)
+        return self._commit(config, self._step_key(config, step_id))
 
     @_reread_config_if_recreated
     def abort_step(self, namespace: str, step_id: str, *, generation: int = 0) -> None:
@@ -378,7 +392,7 @@ class Router:
         config = self.config(namespace, generation)
         if not validation.check_step_id(step_id):
             raise InvalidArgument("step_id is missing")
-        self._all_shards("abort_step", namespace, config.generation, step_id)
+        self._all_shards("abort_step", namespace, config.generation, self._step_key(config, step_id))
 
     @_reread_config_if_recreated
     def apply_gradients(self, namespace: str, ids, grads, *, request_id: str = "", generation: int = 0,
@@ -391,28 +405,29 @@ class Router:
         drops the whole step everywhere, as in retrieve_backward."""
         config = self.config(namespace, generation)
         ids, grads = validation.check_gradients(ids, grads, config.value_dim)
+        step_id, request_id = validation.check_step_id(step_id), validation.check_step_id(request_id)
         if defer_step and not step_id:
             raise InvalidArgument("a deferred step (defer_step) needs its step_id")
-        step_id = step_id if defer_step else request_id or validation.new_request_id()
+        step = self._step_key(config, step_id if defer_step else request_id or validation.new_request_id())
         if (ids < 0).any():
             if defer_step:
-                self._undo("abort_step", namespace, config.generation, step_id)
+                self._undo("abort_step", namespace, config.generation, step)
             raise IdsNotFound(namespace, ids[ids < 0])
         routes = dict(self._route_ids(ids))
         shards = range(self.num_shards) if defer_step else sorted(routes)
         none = np.empty(0, np.int64)
-        calls = [(shard, "stage_gradients", (namespace, config.generation, step_id, part,
+        calls = [(shard, "stage_gradients", (namespace, config.generation, step, part,
                                              ids[routes.get(shard, none)], grads[routes.get(shard, none)]))
                  for shard in shards]
         try:
             self._call(calls)
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
-                self._undo("abort_step", namespace, config.generation, step_id)
+                self._undo("abort_step", namespace, config.generation, step)
             raise
         if defer_step:
             return 0
-        return self._commit(config, step_id, staged_on=list(shards))
+        return self._commit(config, step, staged_on=list(shards))
 
     def _route_ids(self, ids: np.ndarray):
         """Yields (shard, positions in ids) for the shards that own some of the ids."""
@@ -468,7 +483,7 @@ class Router:
         config = self.config(namespace, generation)
         if (ids is None) == (source is None):
             raise InvalidArgument("delete needs either ids or a source tag, not both")
-        request_id = request_id or validation.new_request_id()
+        request_id = validation.check_step_id(request_id) or validation.new_request_id()
         if source is not None:
             return sum(self._all_shards("delete", namespace, config.generation, request_id, None,
                                         validation.check_source(source)))
@@ -485,13 +500,30 @@ class Router:
                                      "--snapshot-root)")
         return self.snapshots
 
+    def _snapshot_location(self, location) -> str:
+        """The caller's location, checked before anything opens it: a name or path of sane length
+        (validation.check_snapshot_location), and a URI only under the root's own URI, without a query.
+        Snapshots.locate resolves a URI before it finds it outside the root, and resolving one (s3://,
+        gs://, a query's endpoint_override) connects to the host it names: a caller must not make
+        the server reach hosts of its choosing."""
+        location = validation.check_snapshot_location(location)
+        if "://" in location:
+            root = self.snapshots.root if "://" in self.snapshots.root else f"file://{self.snapshots.root_path}"
+            root = root.split("?", 1)[0].rstrip("/")
+            if "?" in location or (location.rstrip("/") != root and not location.startswith(root + "/")):
+                raise InvalidArgument(f"snapshot location {location!r} is outside the snapshot root "
+                                      f"{self.snapshots.root!r}")
+        return location
+
     def create_snapshot(self, location: str, namespace: str = "") -> dict:
         """Every namespace (or one) to a snapshot at location, under the snapshot root; returns its info."""
-        return self._snapshot_root().create(location, namespace)
+        snapshots = self._snapshot_root()
+        return snapshots.create(self._snapshot_location(location), namespace)
 
     def list_snapshots(self) -> list[dict]:
         return self._snapshot_root().list()
 
     def restore_snapshot(self, location: str, namespace: str = "") -> dict[str, int]:
         """Restores a snapshot (every namespace in it, or one) into this deployment; returns rows per namespace."""
-        return self._snapshot_root().restore(location, namespace)
+        snapshots = self._snapshot_root()
+        return snapshots.restore(self._snapshot_location(location), namespace)
