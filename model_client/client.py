@@ -439,12 +439,15 @@ class MemoryClient:
                     weights=np.concatenate([p.weights for p in parts]),
                     sources=[source for p in parts for source in p.sources], optimizer_state=state)
 
-    def delete(self, namespace: str, ids=None, source: str | None = None, generation: int = 0) -> int:
+    def delete(self, namespace: str, ids=None, source: str | None = None, generation: int = 0,
+               request_id: str | None = None) -> int:
         """Deletes by ids (unknown ones are ignored) or by source tag ("" deletes the untagged rows);
         returns how many rows went. generation (from a SearchResult, say): only in that incarnation
-        of the namespace (FailedPrecondition if it was re-created since)."""
+        of the namespace (FailedPrecondition if it was re-created since). request_id: as in ``add``
+        (a repeated call answers the first count)."""
         ids = _int_array(ids, "ids")
-        return self._retried("delete", namespace, ids, source, request_id=validation.new_request_id(), generation=generation)
+        return self._retried("delete", namespace, ids, source, request_id=request_id or validation.new_request_id(),
+                             generation=generation)
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *,
@@ -468,7 +471,8 @@ class MemoryClient:
                                  for name in ("memory", "ids", "alpha", "distances", "tokens", "weights")},
                               queries=queries, temperature=temperature, generation=parts[0].generation)
 
-    def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory) -> tuple[np.ndarray, float]:
+    def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
+                          step_id: str | None = None) -> tuple[np.ndarray, float]:
         """Backward of ``retrieve``: the value rows take one optimizer step with dL/dv_i = alpha_i dL/dm;
         returns (grad_queries float32 [B, dim], grad_temperature).
 
@@ -477,24 +481,26 @@ class MemoryClient:
         A step larger than one message goes in parts whose value gradients wait on the shards,
         then one CommitStep applies them as one step (one step stays one step); if a part fails,
         the step is aborted and nothing is stepped. NotFound if a row of the forward was deleted
-        since (nothing stepped); FailedPrecondition if the namespace was re-created since."""
+        since (nothing stepped); FailedPrecondition if the namespace was re-created since.
+        step_id: the step's request id (one is made when None): a repeated call with the same one
+        (e.g. after the retries gave up) steps once, as a retried ``add`` with its request_id lands once."""
         grad_memory = _float_array(grad_memory, "grad_memory")
+        step_id = step_id or validation.new_request_id()
         if result.handle:
             try:
-                return self._backward(namespace, result, grad_memory, handle=result.handle)
+                return self._backward(namespace, result, grad_memory, step_id, handle=result.handle)
             except FailedPrecondition as error:
                 if "retrieve handle" not in error.message:
                     raise
-        return self._backward(namespace, result, grad_memory)
+        return self._backward(namespace, result, grad_memory, step_id)
 
-    def _backward(self, namespace: str, result: RetrieveResult, grad_memory, handle: str = ""):
+    def _backward(self, namespace: str, result: RetrieveResult, grad_memory, step_id: str, handle: str = ""):
         queries, ids = result.queries, result.ids
         width = queries.shape[1] if getattr(queries, "ndim", 0) == 2 else 1
         k = ids.shape[1] if getattr(ids, "ndim", 0) == 2 else 1
         value_dim = grad_memory.shape[1] if getattr(grad_memory, "ndim", 0) == 2 else 1
         row_bytes = 4 * value_dim + 64 + (0 if handle else queries.itemsize * width + 16 * k)
         parts = list(self._row_chunks(self._rows(grad_memory if handle else queries), row_bytes))
-        step_id = validation.new_request_id()
 
         def send(part, index, defer):
             if handle:
@@ -519,18 +525,20 @@ class MemoryClient:
         self._retried("commit_step", namespace, step_id, generation=result.generation)
         return np.concatenate([g for g, _ in answers]), float(sum(t for _, t in answers))
 
-    def apply_gradients(self, namespace: str, ids, grads, generation: int = 0) -> int:
+    def apply_gradients(self, namespace: str, ids, grads, generation: int = 0, request_id: str | None = None) -> int:
         """One optimizer step with value gradients grads float [N, value_dim] for ids int [N] (repeated
         ids are summed); all or nothing (NotFound, changing nothing, if an id is not stored).
         Returns the number of rows updated. More rows than one message holds go in parts that wait
-        on the shards, then one CommitStep applies them as one step (as retrieve_backward does)."""
+        on the shards, then one CommitStep applies them as one step (as retrieve_backward does).
+        request_id: as in ``add`` (a repeated call with the same one steps once)."""
         ids, grads = _int_array(ids, "ids"), _float_array(grads, "grads")
         width = grads.shape[1] if grads.ndim == 2 else 1
         parts = list(self._row_chunks(self._rows(ids), 8 + grads.itemsize * width + 16))
+        request_id = request_id or validation.new_request_id()
         if len(parts) == 1:
-            return self._retried("apply_gradients", namespace, ids, grads, request_id=validation.new_request_id(),
+            return self._retried("apply_gradients", namespace, ids, grads, request_id=request_id,
                                  generation=generation)
-        step_id = validation.new_request_id()
+        step_id = request_id
         try:
             for index, part in enumerate(parts):
                 self._retried("apply_gradients", namespace, ids[part], grads[part], generation=generation,
