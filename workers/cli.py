@@ -1,14 +1,18 @@
 """The ``monim`` command.
 
-    monim serve [--host H] [--port P] [--shards N] [--ray-address ADDR] [--data-dir DIR | --ephemeral]
-                [--auth-file FILE] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+    monim serve [--config FILE] [--host H] [--port P] [--shards N] [--ray-address ADDR]
+                [--data-dir DIR | --ephemeral] [--auth-file FILE] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
                 [--metrics-port P [--metrics-host H]] [--grace-s S]
-    monim status [--address HOST:PORT] [--token T] [--tls-ca PEM [--tls-cert PEM --tls-key PEM]]
+    monim status [--address HOST:PORT] [--metrics URL] [--json] [--watch [S]] [--token T] [--tls-ca PEM ...]
+    monim namespace create NAME --dim D ... | list | describe NAME | drop NAME [--yes]  [--address HOST:PORT]
+                    [--token T] [--tls-ca PEM ...]
     monim snapshot create --out NAME | list | restore --from NAME  [--address HOST:PORT] [--namespace NS]
                    [--token T] [--tls-ca PEM ...]
     monim demo [--shards N]
 
-``demo`` reaches model_client by lazy import; everything else is workers'.
+serve's settings may also come from MONIM_<FLAG> variables and a TOML file (workers/serve_config.py);
+status and namespace are workers/cli_status.py and workers/cli_namespace.py. ``demo`` reaches
+model_client by lazy import; everything else is workers'.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import logging
 import os
 import signal
 import sys
+
+from monim.workers.cli_client import add_connection_options, connect
+from monim.workers.cli_namespace import add_namespace_command
+from monim.workers.cli_status import add_status_command
+from monim.workers.serve_config import CONFIG_ENV, defer_defaults, resolve
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -44,24 +53,25 @@ def _check_security(args) -> tuple[list[str], list[str]]:
     return lines, [w for w in warnings if w]
 
 
+def parse_serve_args(argv: list[str], environ=os.environ) -> tuple[argparse.Namespace, list[str]]:
+    """``monim serve`` argv (without "serve") -> (every setting, from flags, MONIM_* variables, the
+    config file or defaults; lines saying where they came from). InvalidArgument names a bad one."""
+    args = build_parser().parse_args(["serve", *argv])
+    return args, resolve(args, args.serve_options, environ)
+
+
 def _serve(args) -> int:
     from monim.protos.errors import InvalidArgument
 
     try:
+        sources = resolve(args, args.serve_options)  # every check of the settings, before torch or Ray
         lines, warnings = _check_security(args)
-        from monim.datastore.wal import parse_fsync
-
-        parse_fsync(args.fsync)
-        if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
-            raise InvalidArgument(f"--metrics-port {args.metrics_port} is not a port (0 to 65535; 0: a free one)")
-        if not args.grace_s >= 0:
-            raise InvalidArgument(f"--grace-s {args.grace_s:g} must be 0 or more seconds")
     except InvalidArgument as error:
         print(f"monim serve: {error.message}", file=sys.stderr)
         return 2
     for warning in warnings:
         print(f"monim serve: warning: {warning}", file=sys.stderr)
-    for line in lines:
+    for line in [f"monim: {source}" for source in sources] + lines:
         print(line, flush=True)
     from monim.workers.embedded import EmbeddedStore  # torch, Ray: after every check of the flags
     data_dir = None if args.ephemeral else args.data_dir if "://" in args.data_dir else os.path.abspath(args.data_dir)
@@ -77,6 +87,7 @@ def _serve(args) -> int:
                           snapshot_root=args.snapshot_root, auth_file=args.auth_file, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
                           metrics_host=args.metrics_host)
+    print(f"monim: {store.runtime.auth_line}", flush=True)
     print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
     if store.metrics_port is not None:
         print(f"monim: Prometheus metrics at http://{args.metrics_host or args.host}:{store.metrics_port}/metrics",
@@ -108,33 +119,6 @@ def _serve_until_signal(store, grace_s: float) -> None:
           f"up to {grace_s:g} s; health answers NOT_SERVING, new calls are refused)", flush=True)
     store.stop(grace_s)
     print("monim: stopped", flush=True)
-
-
-def _client(args, **options):
-    """A MemoryClient for --address with the command's --token and --tls-* options."""
-    from monim.model_client import MemoryClient
-
-    return MemoryClient(args.address, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                        tls_key=args.tls_key, **options)
-
-
-def _status(args) -> int:
-    from monim.model_client.errors import MemoryStoreError
-
-    try:
-        with _client(args, timeout_s=args.timeout_s, retries=0) as client:
-            namespaces = client.list_namespaces()
-            print(f"{args.address}: {len(namespaces)} namespace(s)")
-            for config in namespaces:
-                d = client.describe_namespace(config.name)
-                per_shard = ", ".join(str(s["rows"]) if s.get("state", "serving") == "serving" else s["state"]
-                                      for s in d.shards)
-                print(f"  {config.name}: dim {config.dim} {config.metric} {config.index} value_dim "
-                      f"{config.value_dim} | {d.rows} rows (per shard: {per_shard})")
-    except MemoryStoreError as error:
-        print(f"monim status: {args.address}: {error.message}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def _with_spinner(label: str, call):
@@ -169,7 +153,7 @@ def _snapshot(args) -> int:
     from monim.model_client.errors import MemoryStoreError
 
     try:
-        with _client(args, timeout_s=args.timeout_s) as client:
+        with connect(args, timeout_s=args.timeout_s) as client:
             if args.action == "create":
                 info = _with_spinner(f"snapshot to {args.out}",
                                      lambda: client.create_snapshot(args.out, args.namespace or ""))
@@ -221,20 +205,17 @@ def _demo(args) -> int:
     return 0
 
 
-def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--token", default=None,
-                        help="the token of a server started with --auth-file (default: $MONIM_TOKEN, which, unlike "
-                             "this flag, other users cannot see in the process list)")
-    parser.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate (TLS)")
-    parser.add_argument("--tls-cert", default=None, help="PEM file of this client's certificate (mutual TLS)")
-    parser.add_argument("--tls-key", default=None, help="PEM file of this client's key (mutual TLS)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monim", description="monim-store: a learnable nearest-neighbour memory")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve a deployment over gRPC")
+    serve = commands.add_parser("serve", help="serve a deployment over gRPC",
+                                description="Every flag may also be set by MONIM_<FLAG> (MONIM_DATA_DIR for "
+                                            "--data-dir) or a key of --config's TOML file (data-dir = ...); the "
+                                            "command line wins, then the environment, then the file "
+                                            "(docs/OPERATIONS.md, 'Config file').")
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help=f"a TOML file of serve flags, one key per flag (default: ${CONFIG_ENV}, if set)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--shards", type=int, default=2, help="shard actors to create (default 2)")
@@ -266,13 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-host", default=None, help="address the metrics endpoint listens on (default --host)")
     serve.add_argument("--grace-s", type=float, default=30.0,
                        help="on SIGTERM or SIGINT, how long calls in flight may take to finish (default 30)")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, serve_options=defer_defaults(serve))
 
-    status = commands.add_parser("status", help="list namespaces and row counts of a running server")
-    status.add_argument("--address", default="127.0.0.1:50051")
-    status.add_argument("--timeout-s", type=float, default=10.0)
-    _add_client_options(status)
-    status.set_defaults(run=_status)
+    add_status_command(commands)
+    add_namespace_command(commands)
 
     snap = commands.add_parser("snapshot", help="create, list or restore snapshots of a running server")
     actions = snap.add_subparsers(dest="action", required=True)
@@ -280,9 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("list", "the snapshots under the server's snapshot root"),
                        ("restore", "restore a snapshot into the server's deployment (any shard count)")):
         action = actions.add_parser(name, help=text)
-        action.add_argument("--address", default="127.0.0.1:50051")
-        action.add_argument("--timeout-s", type=float, default=3600.0)
-        _add_client_options(action)
+        add_connection_options(action, timeout_s=3600.0)
         if name != "list":
             action.add_argument("--namespace", default=None, help="only this namespace")
         if name == "create":
@@ -307,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if getattr(args, "shards", 1) < 1:
+    if args.command == "demo" and args.shards < 1:  # serve checks its own (workers/serve_config.py)
         print("monim: --shards must be at least 1", file=sys.stderr)
         return 2
     return args.run(args)

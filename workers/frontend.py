@@ -4,8 +4,9 @@ endpoint, and the drain that stops it.
 - ``CallGate`` (an interceptor, outside auth) counts the MemoryService calls being served, refuses
   new ones with UNAVAILABLE once the front end drains, and reports every answered call (method,
   status code, seconds, token name) to the metrics.
-- ``ShardProbe`` asks every shard for its metrics and state (Router.shard_metrics), each shard at
-  most ``PROBE_WAIT_S``, all at once; a shard that hangs holds up neither the health watch nor a scrape.
+- ``ShardProbe`` asks every shard for its metrics and state (Router.shard_metrics), and for a scrape
+  also where its process runs and the memory it uses (the runtime's shard_host), each shard at most
+  ``PROBE_WAIT_S``, all at once; a shard that hangs holds up neither the health watch nor a scrape.
 - ``Frontend`` is what ``start_server`` returns: the grpc.Server (every method of it passes through),
   plus a thread that polls the shards every ``health_poll_s`` and sets the standard health service
   to NOT_SERVING while any shard is not serving (recovering, unavailable, failed), SERVING again once
@@ -133,36 +134,48 @@ class CallGate(grpc.ServerInterceptor):
 
 class ShardProbe:
     """Every shard's Router.shard_metrics, asked at once; one question per shard at a time (a poll
-    that finds one still pending waits for that one rather than asking again)."""
+    that finds one still pending waits for that one rather than asking again). With hosts, each
+    shard's process is also asked where it runs and what memory it uses (the runtime's shard_host:
+    workers/machine.py), in parallel with the metrics, so that it never changes a shard's state."""
 
     def __init__(self, router, wait_s: float = PROBE_WAIT_S):
         self.router = router
         self.wait_s = wait_s
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=router.num_shards,
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2 * router.num_shards,
                                                            thread_name_prefix="monim-probe")
-        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pending: dict[tuple[str, int], concurrent.futures.Future] = {}
         self._lock = threading.Lock()
 
-    def poll(self) -> list[dict]:
+    def _ask(self, kind: str, shard: int, function) -> concurrent.futures.Future:
+        future = self._pending.get((kind, shard))
+        if future is None or future.done():
+            future = self._pending[(kind, shard)] = self._pool.submit(function, shard, self.wait_s)
+        return future
+
+    def poll(self, hosts: bool = False) -> list[dict]:
         """[shard_metrics of each shard] in shard order, within about wait_s. A shard whose answer
-        did not come in time, or that failed to answer, is "recovering" or "unavailable"."""
+        did not come in time, or that failed to answer, is "recovering" or "unavailable". hosts: each
+        answer has "host" (workers/machine.py's report) where the shard's process gave one in time."""
+        shard_host = getattr(self.router.runtime, "shard_host", None) if hosts else None
         with self._lock:
-            futures = []
-            for shard in range(self.router.num_shards):
-                future = self._pending.get(shard)
-                if future is None or future.done():
-                    future = self._pending[shard] = self._pool.submit(self.router.shard_metrics, shard, self.wait_s)
-                futures.append(future)
-        concurrent.futures.wait(futures, timeout=self.wait_s + 0.5)
+            futures = [self._ask("metrics", shard, self.router.shard_metrics) for shard in range(self.router.num_shards)]
+            host_futures = [] if shard_host is None else \
+                [self._ask("host", shard, shard_host) for shard in range(self.router.num_shards)]
+        concurrent.futures.wait(futures + host_futures, timeout=self.wait_s + 0.5)
         silent = "recovering" if getattr(self.router.runtime, "restarts", False) else "unavailable"
         answers = []
         for shard, future in enumerate(futures):
             if future.done() and future.exception() is None:
-                answers.append(future.result())
+                answers.append(dict(future.result()))
             else:
                 if future.done():
                     log.warning("shard %d: metrics failed: %s", shard, future.exception())
                 answers.append({"shard": shard, "state": silent})
+        for shard, future in enumerate(host_futures):
+            if future.done() and future.exception() is None:
+                answers[shard]["host"] = future.result()
+            elif future.done():
+                log.debug("shard %d: no host report: %s", shard, future.exception())
         return answers
 
     def close(self) -> None:

@@ -12,21 +12,35 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_shard_state{shard, state}                       gauge: 1 for the shard's state, 0 for the others
     monim_wal_bytes{shard}                                gauge: the shard's log segments (data dir only)
     monim_snapshot_age_seconds{shard}                     gauge: since its latest snapshot (once there is one)
+    monim_shard_info{shard, node, node_id, device}        gauge, always 1: where the shard runs
+    monim_shard_memory_used_bytes{shard, memory}          gauge: memory="host": its process's resident set;
+                                                          memory="gpu": what torch holds on its GPU
+    monim_shard_memory_free_bytes{shard, memory}          gauge: available on its node / free on its GPU
+    monim_namespace_requests_per_second{namespace}        gauge: data calls over the last minute
+    monim_namespace_request_p99_seconds{namespace}        gauge: their 99th percentile latency, same minute
 
 The per-shard gauges are read when Prometheus scrapes (``ShardCollector``), through the front end's
 ShardProbe: a shard that does not answer within its wait is reported by its state only, and never
-holds the scrape up. Label values stay bounded: ``namespace`` is a namespace that exists (a call on
-any other name, say one refused for a typo, counts under "unknown"; a call that names none under
-""), and ``token`` is a token name from the auth file ("" without auth or for an unknown token).
+holds the scrape up. The last two are for ``monim status``, which reads one scrape: they cover the
+data calls (Search, Add, Get, Delete, Retrieve, RetrieveBackward, ApplyGradients, CommitStep,
+AbortStep) of any status code, in one-second slots (``RecentCalls``); dashboards should rather use
+rate() and histogram_quantile() over the counters.
+
+Label values stay bounded: ``namespace`` is a namespace that exists (a call on any other name, say
+one refused for a typo, counts under "unknown"; a call that names none under ""), and ``token``
+is a token name from the auth file ("" without auth or for an unknown token); ``node`` and
+``device`` are one per shard.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
+import time
 
 import grpc
-from monim.workers.auth import METHOD_ACCESS
+from monim.workers.auth import METHOD_ACCESS, READ, WRITE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
@@ -38,6 +52,71 @@ SHARD_STATES = ("serving", "recovering", "unavailable", "failed")
 UNKNOWN_NAMESPACE = "unknown"
 # Seconds; gRPC calls here take from a millisecond (a cached config) to minutes (a restore).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RECENT_WINDOW_S = 60
+MEMORY_KINDS = ("host", "gpu")
+
+
+def bucket_quantile(q: float, counts: list[int], bounds=LATENCY_BUCKETS_S) -> float | None:
+    """The q-quantile of observations counted in buckets (counts[i]: those <= bounds[i] and above
+    bounds[i-1]; counts[-1]: those above bounds[-1]), interpolated within its bucket as Prometheus's
+    histogram_quantile does (the +Inf bucket answers its lower bound). None when nothing was counted."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    below = 0
+    for index, count in enumerate(counts):
+        if count and below + count >= rank:
+            if index == len(bounds):
+                return bounds[-1]
+            lower = bounds[index - 1] if index else 0.0
+            return lower + (bounds[index] - lower) * (rank - below) / count
+        below += count
+    return bounds[-1]
+
+
+class RecentCalls:
+    """Calls per namespace over the last ``window_s`` seconds, in one-second slots: how many, and how
+    their latencies fall in ``bounds``. Memory: namespaces x window_s x len(bounds) counts; a
+    namespace without calls in the window is forgotten."""
+
+    def __init__(self, window_s: int = RECENT_WINDOW_S, bounds=LATENCY_BUCKETS_S, clock=time.monotonic):
+        self.window_s = window_s
+        self.bounds = tuple(bounds)
+        self.clock = clock
+        self.started = clock()
+        self._slots: dict[str, list] = {}  # namespace -> window_s slots of [second, counts] (or None)
+        self._lock = threading.Lock()
+
+    def observe(self, namespace: str, seconds: float) -> None:
+        now = int(self.clock())
+        bucket = bisect.bisect_left(self.bounds, seconds)  # the first bound >= seconds; len(bounds): +Inf
+        with self._lock:
+            slots = self._slots.setdefault(namespace, [None] * self.window_s)
+            slot = slots[now % self.window_s]
+            if slot is None or slot[0] != now:
+                slot = slots[now % self.window_s] = [now, [0] * (len(self.bounds) + 1)]
+            slot[1][bucket] += 1
+
+    def summary(self, q: float = 0.99) -> dict[str, tuple[float, float | None]]:
+        """namespace -> (calls per second, q-quantile of their latency in seconds) over the window,
+        or over the time since this object was made when that is shorter (at least 1 s)."""
+        now_s = self.clock()
+        now = int(now_s)
+        span_s = min(float(self.window_s), max(now_s - self.started, 1.0))
+        answers = {}
+        with self._lock:
+            for namespace, slots in list(self._slots.items()):
+                counts = [0] * (len(self.bounds) + 1)
+                for slot in slots:
+                    if slot is not None and now - slot[0] < self.window_s:
+                        counts = [a + b for a, b in zip(counts, slot[1])]
+                total = sum(counts)
+                if total == 0:
+                    del self._slots[namespace]
+                    continue
+                answers[namespace] = (total / span_s, bucket_quantile(q, counts, self.bounds))
+        return answers
 
 
 class ServerMetrics:
@@ -56,7 +135,9 @@ class ServerMetrics:
         gauge.set_function(in_flight)
         self._known: set[str] = set()  # namespaces seen to exist: the only ones a label may name
         self._known_lock = threading.Lock()
+        self.recent = RecentCalls()
         self.registry.register(ShardCollector(self))
+        self.registry.register(RecentCollector(self.recent))
 
     def learn(self, namespaces) -> None:
         """Namespaces that exist (as shards or a successful call report them) may be labels."""
@@ -82,8 +163,12 @@ class ServerMetrics:
 
     def observe(self, method: str, request, code: grpc.StatusCode, seconds: float, token: str) -> None:
         """One MemoryService call answered (CallGate's observer)."""
-        self.requests.labels(method, self.namespace_label(method, request, code), code.name, token).inc()
+        namespace = self.namespace_label(method, request, code)
+        self.requests.labels(method, namespace, code.name, token).inc()
         self.latency.labels(method).observe(seconds)
+        access = METHOD_ACCESS.get(method)
+        if access is not None and access.scope in (READ, WRITE):
+            self.recent.observe(namespace, seconds)
 
 
 class ShardCollector(Collector):
@@ -105,6 +190,13 @@ class ShardCollector(Collector):
                                      labels=("shard",)),
             "age": GaugeMetricFamily("monim_snapshot_age_seconds", "Seconds since the shard's latest snapshot "
                                      "was written", labels=("shard",)),
+            "info": GaugeMetricFamily("monim_shard_info", "Always 1: the node (host name and Ray node id) and "
+                                      "device the shard runs on", labels=("shard", "node", "node_id", "device")),
+            "used": GaugeMetricFamily("monim_shard_memory_used_bytes", "memory=host: the resident set of the "
+                                      "shard's process; memory=gpu: the bytes torch holds on its GPU",
+                                      labels=("shard", "memory")),
+            "free": GaugeMetricFamily("monim_shard_memory_free_bytes", "memory=host: memory available on the "
+                                      "shard's node; memory=gpu: free memory on its GPU", labels=("shard", "memory")),
         }
 
     def describe(self):
@@ -112,7 +204,7 @@ class ShardCollector(Collector):
 
     def collect(self):
         families = self._families()
-        shards = self.metrics.probe.poll()
+        shards = self.metrics.probe.poll(hosts=True)
         self.metrics.learn(name for shard in shards for name in shard.get("namespaces", {}))
         for shard in shards:
             label = str(shard["shard"])
@@ -125,7 +217,41 @@ class ShardCollector(Collector):
                 families["wal"].add_metric((label,), shard["wal_bytes"])
             if shard.get("snapshot_age_s") is not None:
                 families["age"].add_metric((label,), shard["snapshot_age_s"])
+            host = shard.get("host")
+            if host is not None:
+                families["info"].add_metric((label, host["node"], host.get("node_id", ""), host["device"]), 1.0)
+                for kind in MEMORY_KINDS:
+                    for key in ("used", "free"):
+                        value = host.get(f"{kind}_{key}_bytes")
+                        if value is not None:
+                            families[key].add_metric((label, kind), value)
         yield from families.values()
+
+
+class RecentCollector(Collector):
+    """Each namespace's data calls per second and their p99 latency over the last minute (RecentCalls)."""
+
+    def __init__(self, recent: RecentCalls):
+        self.recent = recent
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily("monim_namespace_requests_per_second", "Data calls on the namespace per second "
+                                  "over the last minute (any status code)", labels=("namespace",)),
+                GaugeMetricFamily("monim_namespace_request_p99_seconds", "99th percentile latency of those calls "
+                                  "over the last minute (interpolated in the latency buckets)", labels=("namespace",)))
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        rate, p99 = self._families()
+        for namespace, (per_second, quantile) in sorted(self.recent.summary().items()):
+            rate.add_metric((namespace,), per_second)
+            if quantile is not None:
+                p99.add_metric((namespace,), quantile)
+        yield rate
+        yield p99
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int):

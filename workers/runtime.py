@@ -10,6 +10,8 @@ Interface used by the router:
     call_registry(method, *args) -> result
     call_shards(calls, timeout_s) -> list of results, calls = [(shard, method, args)]
     shutdown()
+and by the front end's probe (workers/frontend.py):
+    shard_host(shard, timeout_s) -> where the shard's process runs and its memory (workers/machine.py)
 Errors: a MemoryStoreError raised in an actor is re-raised as itself; a dead
 actor becomes ShardUnavailable(shard); a timeout becomes DeadlineExceeded, and
 the calls that have not started yet are cancelled. Any other error is logged
@@ -21,11 +23,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
+import pathlib
+import sys
 import threading
 import time
 
 import numpy as np
 from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError, ShardUnavailable, Unavailable
+from monim.workers.machine import host_report
 from monim.workers.registry import NamespaceRegistry
 from monim.workers.shard import DEFAULT_SNAPSHOT_EVERY, Shard
 
@@ -41,6 +47,67 @@ SHARD_CALLS_AT_ONCE = 16
 _PUT_THRESHOLD_BYTES = 1 << 16
 # How long a stopping front end waits for its shards to finish a background snapshot and close their logs.
 CLOSE_TIMEOUT_S = 60.0
+
+
+# Ray's token auth (docs/OPERATIONS.md, "Ray's own ports"): Ray reads these when it is imported.
+RAY_AUTH_MODE = "RAY_AUTH_MODE"
+RAY_TOKEN_AUTH_SINCE = (2, 52)
+
+
+def ray_token_source(environ=os.environ) -> str | None:
+    """Where Ray would take its token from, as Ray looks (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token), or None when there is none yet."""
+    if environ.get("RAY_AUTH_TOKEN"):
+        return "$RAY_AUTH_TOKEN"
+    if environ.get("RAY_AUTH_TOKEN_PATH"):
+        return environ["RAY_AUTH_TOKEN_PATH"]
+    default = pathlib.Path(environ.get("HOME") or pathlib.Path.home()) / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def prepare_ray_auth(address: str | None, environ=os.environ) -> str | None:
+    """Chooses Ray's token auth before Ray is imported; returns the mode it set, or None.
+
+    A RAY_AUTH_MODE the operator set stands. Otherwise: a local Ray this process starts (address
+    None) gets RAY_AUTH_MODE=token (Ray makes ~/.ray/auth_token if there is none), and joining with
+    address "auto" gets it when a token is at hand. That is what Ray 2.59+ does by default, made
+    explicit, so that Ray does not warn about it on every start and older Rays (2.52+) do it too.
+    Any other address is left alone: whether that cluster uses a token is its nodes' choice. Once
+    Ray is imported the choice is Ray's (it reads the variable then), and nothing is changed."""
+    if environ.get(RAY_AUTH_MODE) or "ray" in sys.modules:
+        return None
+    if address is None or (address == "auto" and ray_token_source(environ) is not None):
+        environ[RAY_AUTH_MODE] = "token"
+        return "token"
+    return None
+
+
+def ray_auth_line(address: str | None, ray_version: str, started: bool, environ=os.environ) -> str:
+    """One line for the operator, once Ray is up: whether Ray's own ports want a token, and what to do.
+    started: this process started that Ray (else it joined one, at address if given)."""
+    version = tuple(int(part) for part in ray_version.split(".")[:2] if part.isdigit())
+    if version < RAY_TOKEN_AUTH_SINCE:
+        return (f"Ray {ray_version} has no token auth (Ray 2.52+): any process that reaches Ray's ports may run "
+                "code on its nodes; keep them on a private network")
+    mode = environ.get(RAY_AUTH_MODE, "disabled").lower()
+    where = "the local Ray this process started" if started else \
+        f"the Ray cluster at {address}" if address else "the Ray cluster this process joined"
+    if mode == "token":
+        return (f"Ray token auth on ({RAY_AUTH_MODE}=token): {where} takes calls only with the token from "
+                f"{ray_token_source(environ) or 'RAY_AUTH_TOKEN'}")
+    if started:
+        return (f"Ray token auth off ({RAY_AUTH_MODE}={mode}): any process that reaches this machine's Ray ports "
+                f"may run code as this user; unset {RAY_AUTH_MODE} to turn it on")
+    return (f"Ray token auth off on {where}: any process that reaches its ports may run code on its nodes; "
+            f"to secure it, start every node and front end with {RAY_AUTH_MODE}=token and one token "
+            "(docs/OPERATIONS.md, \"Ray's own ports\")")
+
+
+def _host_of_actor(shard) -> dict:
+    """Runs in a shard actor's process (Ray's __ray_call__): its host report and Ray node id."""
+    import ray
+
+    return dict(host_report(shard.device), node_id=ray.get_runtime_context().get_node_id())
 
 
 def _combined(errors: list[Exception]) -> Exception:
@@ -67,11 +134,11 @@ class LocalRuntime:
     """Shards and registry as in-process objects; calls run on a thread pool, one thread per shard."""
 
     def __init__(self, num_shards: int, device: str = "cpu", data_dir: str | None = None, fsync: str = "always",
-                 snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
+                 snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None):
         self.registry = NamespaceRegistry(num_shards, data_dir)
         self._registry_lock = threading.Lock()
         self.num_shards = num_shards = self.registry.num_shards
-        self.shards: list[Shard | None] = [Shard(i, num_shards, device, data_dir, fsync, snapshot_every)
+        self.shards: list[Shard | None] = [Shard(i, num_shards, device, data_dir, fsync, snapshot_every, memory_budget)
                                            for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
 
@@ -110,6 +177,13 @@ class LocalRuntime:
             raise _combined(errors)
         return results
 
+    def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
+        """workers/machine.py's report for the shard (this process's, which holds every shard)."""
+        target = self.shards[shard]
+        if target is None:
+            raise ShardUnavailable(shard, "killed")
+        return dict(host_report(target.device), node_id="")
+
     def kill_shard(self, shard: int) -> None:
         """For tests: the shard stops answering, as a dead actor would."""
         self.shards[shard] = None
@@ -139,12 +213,14 @@ class RayRuntime:
         registry and shard actors belong to the deployment, not to this front end
         (detached), and Ray restarts a shard that dies; it recovers from its
         snapshot and log, and calls that need it wait for it (up to their deadline).
-    fsync, snapshot_every: see workers/shard.py.
+    fsync, snapshot_every, memory_budget (bytes per shard, None: its default): see workers/shard.py.
     """
 
     def __init__(self, num_shards: int, address: str | None = None, num_cpus: int | None = None,
                  shard_cpus: float = 1.0, use_gpus: bool | str = "auto", deployment: str = "monim",
-                 data_dir: str | None = None, fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
+                 data_dir: str | None = None, fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+                 memory_budget: int | None = None):
+        prepare_ray_auth(address)  # before `import ray`, which reads RAY_AUTH_MODE
         import ray
 
         self._ray = ray
@@ -158,6 +234,8 @@ class RayRuntime:
                 init_args["address"] = address
             ray.init(**init_args)
             self._owns_ray = address is None
+        # What `monim serve` prints about Ray's own ports.
+        self.auth_line = ray_auth_line(address, ray.__version__, started=self._owns_ray)
         self.deployment = deployment
         registry_name = f"{deployment}-registry"
         self._created_actors = not self._actor_exists(registry_name)
@@ -175,7 +253,7 @@ class RayRuntime:
             shard_class.options(
                 name=f"{deployment}-shard-{i}", get_if_exists=True, num_cpus=shard_cpus,
                 num_gpus=1 if use_gpus else 0, max_concurrency=SHARD_CALLS_AT_ONCE, **lifetime,
-            ).remote(i, self.num_shards, device, data_dir, fsync, snapshot_every)
+            ).remote(i, self.num_shards, device, data_dir, fsync, snapshot_every, memory_budget)
             for i in range(self.num_shards)
         ]
         self.call_shards([(i, "ping", ()) for i in range(self.num_shards)], timeout_s=300)
@@ -257,6 +335,17 @@ class RayRuntime:
         if errors:
             raise _combined(errors)
         return results
+
+    def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
+        """workers/machine.py's report from the shard actor's own process, with its Ray node id."""
+        future = self.shards[shard].__ray_call__.remote(_host_of_actor)
+        try:
+            return self._ray.get(future, timeout=timeout_s)
+        except self._ray.exceptions.GetTimeoutError:
+            self._ray.cancel(future)
+            raise DeadlineExceeded(f"shard {shard} did not report its host within {timeout_s} s") from None
+        except Exception as error:  # noqa: BLE001 - unwrapped and re-raised
+            raise self._unwrap(error, shard) from None
 
     def kill_shard(self, shard: int) -> None:
         """For tests and drills: kills one shard actor without restart."""
