@@ -7,11 +7,7 @@ docs/API.md gives it (a wrong dtype or shape, NaN/Inf, k out of range, an unknow
 an odd or unknown namespace, a stale generation, ...), or a harmless twist that must change
 nothing (an unknown id given to Delete, a request id every shard has applied already, an unknown
 field). The answer must carry one of the codes of the defects put in, or OK when all were harmless;
-either way nothing stored may change.
-
-``random_field_cases`` fills a request's fields at random from its descriptor instead, and
-``raw_payloads`` draws the bytes sent on the wire: random, a random request truncated, doubled or
-with bytes after it, or over the server's message limit.
+either way nothing stored may change. (Random field values and raw bytes: hostile_wire.py.)
 """
 
 from __future__ import annotations
@@ -20,12 +16,11 @@ import dataclasses
 import uuid
 
 import numpy as np
-from google.protobuf import descriptor as pb_descriptor
 from hypothesis import strategies as st
 from monim.protos import memory_pb2 as pb
 
 from tests.reliability import hostile_values as hv
-from tests.reliability.local_deployment import MAX_MESSAGE_BYTES, World
+from tests.reliability.local_deployment import World
 
 OK, INVALID, NOT_FOUND, EXISTS = "OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS"
 PRECONDITION, ABORTED, EXHAUSTED = "FAILED_PRECONDITION", "ABORTED", "RESOURCE_EXHAUSTED"
@@ -476,7 +471,8 @@ def delete_cases(draw, world: World) -> Case:
 def retrieve_cases(draw, world: World) -> Case:
     ns = world.values
     d = Draft("Retrieve", namespace=ns.name, queries=_queries(draw, ns), k=draw(st.integers(1, ns.max_k)),
-              temperature=draw(st.floats(0.05, 10.0)), generation=draw(st.sampled_from([0, ns.generation])))
+              temperature=draw(st.floats(0.05, 10.0)), generation=draw(st.sampled_from([0, ns.generation])),
+              keep_state=draw(st.booleans()))
     table = dict(NAMESPACE_DEFECTS)
     table.update({"queries": _vectors_defect("queries", lambda n: n.dim), "k": ("k", _bad_k),
                   "temperature": ("temperature", _bad_temperature),
@@ -528,6 +524,24 @@ def _slots_defect(draw, d, ns, world):
     d.put(kind, code, ids=ids, alpha=alpha, distances=distances)
 
 
+def _handle_defect(draw, d, ns, world):
+    """The forward's handle (Retrieve with keep_state; the seeded one may have expired: then it is unknown)."""
+    arrays = dict(queries=None, ids=None, alpha=None, distances=None)  # a backward by handle sends none of them
+    kind = draw(st.sampled_from(["unknown", "with the arrays", "long", "of another namespace", "rows outside"]))
+    if kind == "unknown":
+        d.put("unknown handle", PRECONDITION, handle=uuid.uuid4().hex, **arrays)
+    elif kind == "with the arrays":
+        d.put("a handle and the forward's arrays", INVALID, handle=world.handle)
+    elif kind == "long":
+        d.put("handle over 128 characters", INVALID, handle=draw(hv.long_text(129)), **arrays)
+    elif kind == "of another namespace":
+        d.put("the handle of another namespace's forward", PRECONDITION, handle=world.handle,
+              namespace=world.plain.name, generation=0, **arrays)
+    else:
+        d.put("grad_memory rows outside the kept forward", (INVALID, PRECONDITION), handle=world.handle,
+              row_offset=draw(st.integers(world.handle_rows, 2**32 - 1)), **arrays)
+
+
 def _grad_memory_defect(draw, d, ns, world):
     _vectors_defect("grad_memory", lambda n: n.value_dim, lambda dr: dr.fields["queries"].shape[0])[1](draw, d, ns, world)
 
@@ -551,7 +565,7 @@ def retrieve_backward_cases(draw, world: World) -> Case:
     table = dict(NAMESPACE_DEFECTS)
     table.update({"queries": _vectors_defect("queries", lambda n: n.dim, lambda dr: dr.fields["ids"].shape[0]),
                   "slots": ("slots", _slots_defect), "grad_memory": ("grad_memory", _grad_memory_defect),
-                  "temperature": ("temperature", _bad_temperature),
+                  "temperature": ("temperature", _bad_temperature), "handle": ("handle", _handle_defect),
                   "step id": ("step_id", lambda dr, d, n, w: d.put("step id over 128 characters", INVALID,
                                                                     step_id=dr(hv.long_text(129)))),
                   "no values": ("namespace", _no_values_namespace)})
@@ -711,105 +725,3 @@ CASES = {
     "ListSnapshots": lambda world: no_field_cases(world, "ListSnapshots"),
     "RestoreSnapshot": restore_snapshot_cases,
 }
-
-# ----- random field values -------------------------------------------------------------------------
-# The codes a request of each RPC may get whatever its fields hold (docs/API.md), OK aside.
-REFUSALS = {
-    "CreateNamespace": {INVALID, EXISTS},
-    "ListNamespaces": set(),
-    "DescribeNamespace": {INVALID, NOT_FOUND},
-    "DropNamespace": {INVALID, NOT_FOUND},
-    "Add": {INVALID, NOT_FOUND, PRECONDITION},
-    "Search": {INVALID, NOT_FOUND, PRECONDITION},
-    "Get": {INVALID, NOT_FOUND, PRECONDITION},
-    "Delete": {INVALID, NOT_FOUND, PRECONDITION},
-    "Retrieve": {INVALID, NOT_FOUND, PRECONDITION},
-    "RetrieveBackward": {INVALID, NOT_FOUND, PRECONDITION},
-    "ApplyGradients": {INVALID, NOT_FOUND, PRECONDITION},
-    "CommitStep": {INVALID, NOT_FOUND, PRECONDITION, ABORTED},
-    "AbortStep": {INVALID, NOT_FOUND, PRECONDITION},
-    "CreateSnapshot": {INVALID, NOT_FOUND, PRECONDITION},
-    "ListSnapshots": set(),
-    "RestoreSnapshot": {INVALID, NOT_FOUND, EXISTS, PRECONDITION},
-}
-# Calls whose random requests may name the seeded namespaces: none can change a stored row with random
-# fields (reads; a commit of a step no part reached; creating or restoring a name that is taken). The
-# others never name them (a random request that happens to be valid could change it, and rightly).
-SEEDED_NAMES_ALLOWED = {"ListNamespaces", "DescribeNamespace", "Search", "Get", "Retrieve", "AbortStep",
-                        "CommitStep", "CreateNamespace", "CreateSnapshot", "ListSnapshots", "RestoreSnapshot"}
-
-
-def _random_value(draw, field, world: World, rpc: str):
-    if field.message_type is not None:
-        if field.message_type.name == "Tensor":
-            return hv.random_tensor(draw)
-        message = getattr(pb, field.message_type.name)()
-        for inner in field.message_type.fields:
-            if draw(st.booleans()):
-                _set(message, inner, _random_value(draw, inner, world, rpc))
-        return message
-    if field.name in ("namespace", "name"):
-        seeded = [n.name for n in world.namespaces] if rpc in SEEDED_NAMES_ALLOWED else []
-        taken = {n.name for n in world.namespaces}
-        return draw(st.one_of(hv.odd_names, hv.unknown_names(taken), *([st.sampled_from(seeded)] if seeded else [])))
-    kind = field.type
-    if kind == pb_descriptor.FieldDescriptor.TYPE_STRING:
-        return draw(hv.hostile_text)
-    if kind == pb_descriptor.FieldDescriptor.TYPE_BOOL:
-        return draw(st.booleans())
-    if kind == pb_descriptor.FieldDescriptor.TYPE_DOUBLE:
-        return draw(st.floats(allow_nan=True, allow_infinity=True))
-    bits = 64 if kind in (pb_descriptor.FieldDescriptor.TYPE_INT64, pb_descriptor.FieldDescriptor.TYPE_UINT64) else 32
-    return draw(hv.int_range(bits, kind in (pb_descriptor.FieldDescriptor.TYPE_INT32,
-                                            pb_descriptor.FieldDescriptor.TYPE_INT64)))
-
-
-def _set(message, field, value) -> None:
-    if field.message_type is not None:
-        getattr(message, field.name).CopyFrom(value)
-    else:
-        setattr(message, field.name, value)
-
-
-@st.composite
-def random_field_requests(draw, world: World, rpc: str):
-    request = REQUEST_TYPES[rpc]()
-    for field in request.DESCRIPTOR.fields:
-        if draw(st.booleans()):
-            _set(request, field, _random_value(draw, field, world, rpc))
-    if not request.DESCRIPTOR.fields or draw(st.integers(0, 4)) == 0:
-        request.MergeFromString(b"".join(draw(st.lists(unknown_fields(), min_size=1, max_size=3))))
-    return request
-
-
-@st.composite
-def random_field_cases(draw, world: World, rpc: str) -> Case:
-    return Case(rpc, draw(random_field_requests(world, rpc)), ("random field values",),
-                frozenset(REFUSALS[rpc] | {OK}))
-
-
-# ----- bytes on the wire ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Payload:
-    """Bytes sent as the request; ``what`` says how they were made."""
-
-    rpc: str
-    data: bytes
-    what: str
-
-
-@st.composite
-def raw_payloads(draw, world: World, rpc: str) -> Payload:
-    kind = draw(st.sampled_from(["random", "random", "truncated", "truncated", "trailing bytes", "doubled",
-                                 "oversized"]))
-    if kind == "random":
-        return Payload(rpc, draw(st.binary(max_size=200)), kind)
-    if kind == "oversized":
-        size = MAX_MESSAGE_BYTES + draw(st.integers(1, 4096))
-        return Payload(rpc, np.random.default_rng(draw(st.integers(0, 2**32 - 1))).bytes(size), kind)
-    whole = draw(random_field_requests(world, rpc)).SerializeToString()
-    if kind == "truncated":
-        return Payload(rpc, whole[:draw(st.integers(0, max(0, len(whole) - 1)))], kind)
-    if kind == "trailing bytes":
-        return Payload(rpc, whole + draw(st.binary(min_size=1, max_size=32)), kind)
-    return Payload(rpc, whole + whole, kind)

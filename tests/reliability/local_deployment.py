@@ -5,8 +5,9 @@
 - ``fuzz-values``: learnable (value_dim 4, Adam), 320 rows with values, weights and source tags,
   one optimizer step taken on 64 of them, 6 rows deleted (ids below next_id that are not stored);
 - ``fuzz-plain``: keys only (value_dim 0, inner product), 200 rows, 4 deleted;
-and a deployment snapshot of both. What it did is returned as a ``World``: the facts a generator
-needs to aim at real data (stored and deleted ids, generations, request ids already applied).
+a deployment snapshot of both, and a Retrieve's state kept at the front end under a handle. What it
+did is returned as a ``World``: the facts a generator needs to aim at real data (stored and deleted
+ids, generations, request ids already applied).
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ class NamespaceFacts:
 @dataclasses.dataclass(frozen=True)
 class World:
     """values: the learnable namespace; plain: the one without values.
-    applied_requests: (namespace, RPC, request id) of seeding writes every shard has applied."""
+    applied_requests: (namespace, RPC, request id) of seeding writes every shard has applied.
+    handle: of a Retrieve of handle_rows queries on values, kept at the front end (for 5 minutes)."""
 
     values: NamespaceFacts
     plain: NamespaceFacts
     snapshot: str
     applied_requests: tuple[tuple[str, str, str], ...]
+    handle: str
+    handle_rows: int
 
     @property
     def namespaces(self) -> tuple[NamespaceFacts, NamespaceFacts]:
@@ -145,6 +149,8 @@ def seed(stub, rng: np.random.Generator) -> World:
     applied.append(("fuzz-plain", "Delete", "seed-delete-plain"))
 
     stub.CreateSnapshot(pb.CreateSnapshotRequest(location=SNAPSHOT))
+    kept = stub.Retrieve(pb.RetrieveRequest(namespace="fuzz-values", queries=t(rng.standard_normal((3, 8)).astype(
+        np.float32)), k=4, temperature=1.0, keep_state=True))
     return World(values=_facts(stub, "fuzz-values", deleted_values, sources),
                  plain=_facts(stub, "fuzz-plain", deleted_plain, ("seed-plain",)),
-                 snapshot=SNAPSHOT, applied_requests=tuple(applied))
+                 snapshot=SNAPSHOT, applied_requests=tuple(applied), handle=kept.handle, handle_rows=3)

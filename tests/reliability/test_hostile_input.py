@@ -1,7 +1,8 @@
 """Hostile input (issue 15, item 3): generated bad requests for every RPC of protos/memory.proto.
 
 Against a served 2-shard deployment seeded with two namespaces (tests/reliability/local_deployment.py),
-hypothesis generates for each RPC of MemoryService (tests/reliability/hostile_requests.py):
+hypothesis generates for each RPC of MemoryService (tests/reliability/hostile_requests.py and
+hostile_wire.py):
 - requests aimed at the seeded data with 1-3 defects, each with the status code docs/API.md gives it;
 - requests whose fields hold random values;
 - bytes on the wire: random, a request truncated, doubled or followed by garbage, over the size limit.
@@ -27,17 +28,8 @@ from hypothesis import seed as hypothesis_seed
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 
-from tests.reliability.hostile_requests import (
-    CASES,
-    EXHAUSTED,
-    INVALID,
-    OK,
-    REFUSALS,
-    REQUEST_TYPES,
-    RPCS,
-    random_field_cases,
-    raw_payloads,
-)
+from tests.reliability.hostile_requests import CASES, EXHAUSTED, INVALID, OK, REQUEST_TYPES, RPCS
+from tests.reliability.hostile_wire import REFUSALS, random_field_cases, raw_payloads
 from tests.reliability.state_digest import state_digest
 
 EXAMPLES = int(os.environ.get("MONIM_FUZZ_EXAMPLES", "2400"))
