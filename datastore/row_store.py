@@ -12,6 +12,7 @@ map (IdMap) follows every move, so searches always scan ``[0, N)``.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -79,7 +80,27 @@ class RowStore:
     def _reserve(self, rows: int) -> None:
         needed = self.size + rows
         if needed > self.capacity:
-            self._allocate(max(needed, 2 * self.capacity))
+            self._allocate(self._grown_capacity(needed))
+
+    def _grown_capacity(self, needed: int) -> int:
+        return max(needed, 2 * self.capacity)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one row takes across the columns."""
+        return sum(column.element_size() * math.prod(column.shape[1:])
+                   for column in (getattr(self, name) for name in self.column_names))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the columns hold (allocated: capacity, not size)."""
+        return sum(getattr(self, name).nbytes for name in self.column_names)
+
+    def growth_bytes(self, rows: int) -> int:
+        """Bytes that appending ``rows`` rows allocates: 0 when they fit, else the new columns (the
+        old ones are freed after the copy, so the peak is nbytes + this)."""
+        needed = self.size + rows
+        return 0 if needed <= self.capacity else self._grown_capacity(needed) * self.row_bytes
 
     def source_code(self, source: str) -> int:
         code = self._source_codes.get(source)

@@ -131,8 +131,8 @@ class _RemoteStore:
 
     def describe_namespace(self, namespace):
         r = self._call("DescribeNamespace", pb.DescribeNamespaceRequest(namespace=namespace))
-        shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend, "state": s.state}
-                  for s in r.shards]
+        shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend, "state": s.state,
+                   "memory_used": s.memory_used_bytes, "memory_budget": s.memory_budget_bytes} for s in r.shards]
         return {"config": convert.config_from_proto(r.config), "rows": r.rows, "shards": shards, "next_id": r.next_id}
 
     def drop_namespace(self, namespace):
@@ -413,12 +413,13 @@ class MemoryClient:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
         return_optimizer_state adds rows.optimizer_state: {column: float32 [N, value_dim], "step": [1]}."""
         ids = _int_array(ids, "ids")
-        if not self.remote:
-            return self._retried("get", namespace, ids, return_optimizer_state)
-        try:
-            return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace))
-        except ResourceExhausted:  # the cached config may be stale (the namespace was made again, wider)
-            return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace, refresh=True))
+        if not self.remote or ids.nbytes < self.max_message_bytes // 4:
+            try:  # most Gets fit in one reply; one that does not is asked again in parts
+                return self._retried("get", namespace, ids, return_optimizer_state)
+            except ResourceExhausted:
+                if not self.remote:
+                    raise
+        return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace, refresh=True))
 
     def _get_chunks(self, namespace, ids, return_optimizer_state, config) -> Rows:
         """Splits the ids so that no reply passes half the message limit: per row its id (8), key (4 x

@@ -91,18 +91,22 @@ class DescribeNamespaceRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard", "rows", "device", "backend", "state")
+    __slots__ = ("shard", "rows", "device", "backend", "state", "memory_used_bytes", "memory_budget_bytes")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard: int
     rows: int
     device: str
     backend: str
     state: str
-    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    memory_used_bytes: int
+    memory_budget_bytes: int
+    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class DescribeNamespaceResponse(_message.Message):
     __slots__ = ("config", "rows", "shards", "next_id")

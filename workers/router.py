@@ -250,6 +250,10 @@ class Router:
                 calls += [(shard, "increment_weights", (namespace, config.generation, request_id,
                                                         target_ids[positions], counts[positions]))
                           for shard, positions in self._route_ids(target_ids)]
+            adds = [(shard, "check_room", (namespace, config.generation, request_id, len(arguments[3])))
+                    for shard, method, arguments in calls if method == "add"]
+            if len(adds) > 1:  # a shard without room refuses before any other takes its part
+                self._call(adds)
             self._call(calls)
             merged[chosen[targets >= 0]] = True
             ids[chosen[targets >= 0]] = targets[targets >= 0]

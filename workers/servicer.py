@@ -49,7 +49,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             rows=description["rows"],
             next_id=description["next_id"],
             shards=[pb.ShardStats(shard=s["shard"], rows=s["rows"], device=s["device"], backend=s["backend"],
-                                  state=s["state"]) for s in description["shards"]],
+                                  state=s["state"], memory_used_bytes=s.get("memory_used", 0),
+                                  memory_budget_bytes=s.get("memory_budget", 0)) for s in description["shards"]],
         )
 
     @grpc_errors

@@ -47,6 +47,7 @@ from monim.protos.errors import (
     MemoryStoreError,
     NamespaceChanged,
     NamespaceNotFound,
+    ResourceExhausted,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,24 @@ class _Answer:
     value: object
 
 
+def default_memory_budget(device: str, num_shards: int) -> int:
+    """Bytes a shard's rows may take when the deployment sets none: 90% of its GPU's memory (one GPU
+    per shard), or on the CPU 80% of the host's memory shared by the deployment's shards (set
+    --shard-memory-budget when shards of several nodes, or other processes, change that picture)."""
+    if str(device).startswith("cuda"):
+        return int(0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, num_shards))
+
+
+def _size(count: float) -> str:
+    if count < 1024:
+        return f"{int(count):,} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}"
+
+
 class _Remembered(collections.OrderedDict):
     """A bounded map of the most recent keys."""
 
@@ -104,13 +123,16 @@ class Shard:
     """shard_index: 0-based position in the deployment, of num_shards; device: "cpu", "cuda" or "auto"."""
 
     def __init__(self, shard_index: int, num_shards: int = 1, device: str = "auto", data_dir: str | None = None,
-                 fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY):
+                 fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None):
         """data_dir: the deployment's data folder (None: nothing is kept on disk). The shard keeps
         ``shard-<i>/wal`` and ``shard-<i>/snapshot-<seq>`` there, and recovers from them here:
         the latest whole snapshot, then every log record after it. snapshot_every: log records
-        between automatic snapshots (0: only on demand)."""
+        between automatic snapshots (0: only on demand). memory_budget: bytes the shard's rows may
+        take on its device (None: default_memory_budget); an Add or restore that would pass it is
+        refused (RESOURCE_EXHAUSTED) before anything is allocated or logged."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.memory_budget = default_memory_budget(device, num_shards) if memory_budget is None else int(memory_budget)
         self.shard_index = shard_index
         self.num_shards = num_shards
         self.device = device
@@ -390,6 +412,7 @@ class Shard:
         from monim.datastore import snapshot
 
         store = self._store(namespace, generation)
+        self._check_room(namespace, table.num_rows)
         return snapshot.append_rows(store, table)
 
     @_serialized
@@ -425,7 +448,31 @@ class Shard:
     @_serialized
     def stats(self, namespace: str, generation: int = 0) -> dict:
         return dict(self._store(namespace, generation).stats(), shard=self.shard_index,
-                    staged_steps=len(self._staged))
+                    staged_steps=len(self._staged), memory_used=self._memory_used(), memory_budget=self.memory_budget)
+
+    @_serialized
+    def check_room(self, namespace: str, generation: int, request_id: str, rows: int) -> None:
+        """RESOURCE_EXHAUSTED if an Add of rows rows would pass the memory budget (the router asks
+        before a multi-shard Add, so that no shard takes its part when another has no room). An
+        Add this shard has applied already needs no room."""
+        self._store(namespace, generation)
+        if not (request_id and (request_id, "add") in self._applied):
+            self._check_room(namespace, rows)
+
+    def _memory_used(self) -> int:
+        return sum(store.rows.nbytes for store in self.stores.values())
+
+    def _check_room(self, namespace: str, rows: int) -> None:
+        """RESOURCE_EXHAUSTED, naming the numbers, if appending rows to the namespace would take the
+        shard past its memory budget (checked before anything is allocated or logged)."""
+        store = self._store(namespace)
+        grown = store.rows.growth_bytes(int(rows))
+        used = self._memory_used()
+        if grown and used + grown > self.memory_budget:
+            raise ResourceExhausted(
+                f"shard {self.shard_index} has no room for {int(rows)} more rows of namespace {namespace!r}: it "
+                f"would allocate {_size(grown)} for them, and holds {_size(used)} of its {_size(self.memory_budget)} "
+                f"budget of {self.device} memory (monim serve --shard-memory-budget; more shards; or delete rows)")
 
     # ----- data ------------------------------------------------------------------
     def add(self, namespace: str, generation: int, request_id: str, ids: np.ndarray, keys: np.ndarray,
@@ -434,7 +481,7 @@ class Shard:
         return self._write("add", {"namespace": namespace, "generation": generation, "request_id": request_id,
                                    "source": source},
                            {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights},
-                           check=self._exists(namespace, generation))
+                           check=lambda: self._store(namespace, generation) and self._check_room(namespace, len(ids)))
 
     def increment_weights(self, namespace: str, generation: int, request_id: str, ids: np.ndarray,
                           counts: np.ndarray) -> None:

@@ -1,0 +1,62 @@
+"""Capacity: each shard has a memory budget for its rows; an Add (or a restore) that would pass
+it is refused with RESOURCE_EXHAUSTED naming the numbers before anything is allocated or logged,
+on every shard of the Add (nothing of it is stored); DescribeNamespace shows used / budget."""
+
+import numpy as np
+import pytest
+from monim.datastore import NamespaceConfig
+from monim.protos.errors import ResourceExhausted
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.shard import Shard, default_memory_budget
+
+DIM = 32
+
+
+def add(router, rows, seed):
+    rng = np.random.default_rng(seed)
+    return router.add("ns", rng.standard_normal((rows, DIM)).astype(np.float32), np.arange(rows))
+
+
+@pytest.mark.parametrize("data_dir", [False, True], ids=["in memory", "with a log"])
+def test_an_add_past_the_budget_is_refused_on_every_shard_and_nothing_is_stored(tmp_path, data_dir):
+    probe = Shard(0)
+    probe.create_namespace(NamespaceConfig("ns", dim=DIM).to_dict())
+    row_bytes = probe.stores["ns"].rows.row_bytes  # 1024 rows are allocated when a namespace is made
+    budget = 3100 * row_bytes  # growing 1024 -> 2048 rows needs both at once (3072), 2048 -> 4096 does not fit
+    router = Router(LocalRuntime(2, data_dir=str(tmp_path) if data_dir else None, memory_budget=budget))
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    add(router, 3000, seed=1)  # 1500 rows a shard: each grows to 2048
+    described = router.describe_namespace("ns")
+    assert [s["memory_budget"] for s in described["shards"]] == [budget, budget]
+    assert all(s["memory_used"] == 2048 * row_bytes for s in described["shards"])
+    with pytest.raises(ResourceExhausted) as refused:
+        add(router, 2000, seed=2)  # 1000 more rows a shard: each would grow to 4096 rows
+    message = refused.value.message
+    assert "no room for 1000 more rows of namespace 'ns'" in message and "--shard-memory-budget" in message
+    assert f"{4096 * row_bytes / 1024:.1f} KiB" in message
+    assert router.describe_namespace("ns")["rows"] == 3000  # nothing of the refused Add, on either shard
+    add(router, 500, seed=3)  # what fits still goes in
+    assert router.describe_namespace("ns")["rows"] == 3500
+    if data_dir:
+        router.runtime.shutdown()
+        again = Router(LocalRuntime(2, data_dir=str(tmp_path), memory_budget=budget))
+        assert again.describe_namespace("ns")["rows"] == 3500  # the refused Add never reached the log
+        again.runtime.shutdown()
+
+
+def test_the_default_budget_is_most_of_the_host_memory_shared_by_the_shards():
+    total = default_memory_budget("cpu", 1)
+    assert 0 < default_memory_budget("cpu", 4) < total
+    assert Shard(0).memory_budget == total
+
+
+def test_a_shard_without_room_keeps_the_others_from_taking_their_part():
+    router = Router(LocalRuntime(2))
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    add(router, 1000, seed=4)
+    small = router.runtime.shards[1]
+    small.memory_budget = small._memory_used()  # a shard on a smaller device: no room to grow
+    with pytest.raises(ResourceExhausted, match="shard 1 has no room for 1000 more rows"):
+        add(router, 2000, seed=5)
+    assert [len(shard.stores["ns"]) for shard in router.runtime.shards] == [500, 500]
