@@ -26,7 +26,7 @@ import sys
 from monim.workers.cli_client import add_connection_options, connect
 from monim.workers.cli_namespace import add_namespace_command
 from monim.workers.cli_status import add_status_command
-from monim.workers.serve_config import CONFIG_ENV, defer_defaults, resolve
+from monim.workers.serve_config import CONFIG_ENV, defer_defaults, parse_size, resolve
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -84,6 +84,8 @@ def _serve(args) -> int:
     store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
                           num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment,
                           data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every,
+                          shard_memory_budget=None if args.shard_memory_budget is None
+                          else parse_size(args.shard_memory_budget),
                           snapshot_root=args.snapshot_root, auth_file=args.auth_file, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
                           metrics_host=args.metrics_host)
@@ -233,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "every acknowledged write and the log is fsynced within N ms; never: the OS decides")
     serve.add_argument("--snapshot-every", type=int, default=10_000,
                        help="log records per shard between automatic snapshots (0: none)")
+    serve.add_argument("--shard-memory-budget", default=None,
+                       help="bytes each shard's rows may take (e.g. 8GiB); an Add past it is refused "
+                            "(default: 90%% of a shard's GPU, or 80%% of host memory over the shards)")
     serve.add_argument("--snapshot-root", default=None,
                        help="where snapshot create/restore may write and read (folder or URI; default DATA_DIR/snapshots)")
     serve.add_argument("--auth-file", default=None,

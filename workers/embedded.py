@@ -25,7 +25,8 @@ class EmbeddedStore:
     port: 0 picks a free port; ``address`` is what clients dial.
     data_dir: where the deployment keeps its registry, logs and snapshots: a folder, a URI that
     pyarrow.fs opens, or a pyarrow FileSystem object (datastore/location.py; None: in memory only);
-    fsync, snapshot_every: see workers/shard.py.
+    fsync, snapshot_every: see workers/shard.py. shard_memory_budget: bytes each shard's rows may take
+    (None: the shard's default; workers/shard.py).
     snapshot_root: where CreateSnapshot / RestoreSnapshot may read and write (a folder or URI;
     default ``<data_dir>/snapshots``; None without a data dir, or with a FileSystem object as the
     data dir: no snapshot RPCs).
@@ -43,12 +44,12 @@ class EmbeddedStore:
                  data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000,
                  snapshot_root: str | None = None, auth_file: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_client_ca: str | None = None, metrics_port: int | None = None,
-                 metrics_host: str | None = None):
+                 metrics_host: str | None = None, shard_memory_budget: int | None = None):
         auth = AuthPolicy.load(auth_file) if auth_file is not None else None
         tls = ServerTls.load(tls_cert, tls_key, tls_client_ca)
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
                                   use_gpus=use_gpus, deployment=deployment, data_dir=data_dir, fsync=fsync,
-                                  snapshot_every=snapshot_every)
+                                  snapshot_every=snapshot_every, memory_budget=shard_memory_budget)
         self.router = Router(self.runtime)
         if snapshot_root is None and isinstance(data_dir, (str, os.PathLike)):
             snapshot_root = os.path.join(data_dir, "snapshots")  # a URI too: s3://bucket/prefix/snapshots

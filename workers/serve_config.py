@@ -24,6 +24,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 
 from monim.protos.errors import InvalidArgument
@@ -51,6 +52,19 @@ def fsync_policy_ok(policy: str) -> bool:
         return False
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """"8GiB", "512 MB", "1000000" -> bytes (positive); None if it is not such a size."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if match is None or match.group(2).upper() not in _SIZE_UNITS:
+        return None
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    return size if size > 0 else None
+
+
 # dest -> (what a good value satisfies, what the message says of a bad one); applied whatever the source.
 _CHECKS = {
     "port": (lambda v: 0 <= v <= 65535, _PORT),
@@ -61,6 +75,8 @@ _CHECKS = {
     "snapshot_every": (lambda v: v >= 0, "must be 0 (no automatic snapshots) or more log records"),
     "grace_s": (lambda v: math.isfinite(v) and v >= 0, "must be 0 or more seconds"),
     "fsync": (fsync_policy_ok, "is not an fsync policy (always, batch_ms=N with N > 0, or never)"),
+    "shard_memory_budget": (lambda v: parse_size(v) is not None,
+                            "is not a size (bytes, or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB)"),
 }
 
 

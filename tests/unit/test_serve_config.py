@@ -29,6 +29,7 @@ EVERY_FLAG = [
     ("--fsync", '"batch_ms=5"', "batch_ms=5"),
     ("--snapshot-every", "500", 500),
     ("--snapshot-root", '"s3://bucket/snapshots"', "s3://bucket/snapshots"),
+    ("--shard-memory-budget", '"8GiB"', "8GiB"),
     ("--auth-file", '"/etc/monim/auth.toml"', "/etc/monim/auth.toml"),
     ("--tls-cert", '"/etc/monim/server.pem"', "/etc/monim/server.pem"),
     ("--tls-key", '"/etc/monim/server.key"', "/etc/monim/server.key"),
@@ -161,3 +162,14 @@ def test_serve_refuses_a_bad_config_file_before_anything_starts(tmp_path, text, 
     done = subprocess.run([sys.executable, "-m", "monim.workers.cli", "serve", "--config", config], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and key in done.stderr
+
+
+def test_a_shard_memory_budget_is_a_size_and_a_bad_one_is_refused_naming_the_key(tmp_path):
+    from monim.workers.serve_config import parse_size
+
+    assert [parse_size(text) for text in ("8GiB", "512 MB", "1000000", "1.5KiB")] == [8 << 30, 512 * 10**6, 10**6, 1536]
+    assert [parse_size(text) for text in ("0", "x", "-1GiB", "8 parsecs")] == [None] * 4
+    config = write(tmp_path, 'shard-memory-budget = "lots"\n')
+    result = subprocess.run([sys.executable, "-m", "monim.workers.cli", "serve", "--config", config],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "shard-memory-budget" in result.stderr and "is not a size" in result.stderr
