@@ -42,7 +42,7 @@ import time
 import grpc
 from monim.workers.auth import METHOD_ACCESS, READ, WRITE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
@@ -123,7 +123,8 @@ class ServerMetrics:
     """The metrics of one front end. probe: its ShardProbe (workers/frontend.py); in_flight: a
     function that returns the number of calls being served."""
 
-    def __init__(self, probe, in_flight):
+    def __init__(self, probe, in_flight, forwards=None):
+        """forwards: the router's ForwardStates (workers/forwards.py), to report its table."""
         self.registry = CollectorRegistry()
         self.probe = probe
         self.requests = Counter("monim_requests", "MemoryService calls answered, by method, namespace, gRPC status "
@@ -138,6 +139,8 @@ class ServerMetrics:
         self.recent = RecentCalls()
         self.registry.register(ShardCollector(self))
         self.registry.register(RecentCollector(self.recent))
+        if forwards is not None:
+            self.registry.register(ForwardsCollector(forwards))
 
     def learn(self, namespaces) -> None:
         """Namespaces that exist (as shards or a successful call report them) may be labels."""
@@ -252,6 +255,31 @@ class RecentCollector(Collector):
                 p99.add_metric((namespace,), quantile)
         yield rate
         yield p99
+
+
+class ForwardsCollector(Collector):
+    """The front end's table of Retrieve states kept for their backward (workers/forwards.py)."""
+
+    def __init__(self, forwards):
+        self.forwards = forwards
+
+    @staticmethod
+    def _families():
+        return (GaugeMetricFamily("monim_forward_states", "Retrieve states kept for their backward (handles)"),
+                GaugeMetricFamily("monim_forward_state_bytes", "Bytes those states hold"),
+                CounterMetricFamily("monim_forward_states_dropped", "Kept states dropped: evicted for room, expired "
+                                    "unused, or asked for and not found (missed)", labels=("why",)))
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        states, held, dropped = self._families()
+        states.add_metric((), len(self.forwards))
+        held.add_metric((), self.forwards.bytes)
+        for why in ("evicted", "expired", "missed"):
+            dropped.add_metric((why,), self.forwards.counts[why])
+        yield from (states, held, dropped)
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int):

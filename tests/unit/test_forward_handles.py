@@ -195,3 +195,33 @@ def test_the_table_is_bounded_and_counts_what_it_drops():
     with pytest.raises(HandleUnknown, match="expired"):
         table.get(second, "ns")
     assert len(table) == 0 and table.bytes == 0 and table.counts["expired"] == 2
+
+
+def test_the_metrics_endpoint_reports_the_table():
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    runtime = LocalRuntime(1)
+    router = Router(runtime)
+    server, port = start_server(router, port=0, metrics_port=0)
+    try:
+        with MemoryClient(f"127.0.0.1:{port}") as client:
+            twin_namespaces(client, names=("a",))
+            queries = np.random.default_rng(8).standard_normal((4, DIM)).astype(np.float32)
+            kept = [client.retrieve("a", queries, K, 1.0, keep_state=True) for _ in range(3)]
+            router.forwards.max_entries = 2
+            client.retrieve("a", queries, K, 1.0, keep_state=True)  # evicts the oldest two
+            with pytest.raises(HandleUnknown):
+                router.forwards.get(kept[0].handle, "a")
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+        samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                   for family in text_string_to_metric_families(text) for sample in family.samples}
+        assert samples[("monim_forward_states", ())] == 2
+        assert samples[("monim_forward_state_bytes", ())] == router.forwards.bytes > 0
+        assert samples[("monim_forward_states_dropped_total", (("why", "evicted"),))] == 2
+        assert samples[("monim_forward_states_dropped_total", (("why", "missed"),))] == 1
+    finally:
+        server.stop(0)
+        runtime.shutdown()
