@@ -22,10 +22,6 @@ from monim.protos.results import MISSING_ID, Rows, SearchResult
 BACKENDS = ("auto", "faiss", "torch")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "float16": torch.float16}[name]
-
-
 class NeighborStore:
     """Exact k-NN store of (id, key, token, value, weight, source) entries.
 
@@ -48,7 +44,8 @@ class NeighborStore:
             raise InvalidArgument("the faiss backend needs a CPU store; use backend='torch' on CUDA")
         self.backend = backend
         # faiss reads the key buffer directly, so CPU keys stay float32.
-        key_dtype = _torch_dtype(config.key_dtype) if self.device.type == "cuda" else torch.float32
+        key_dtype = torch.float16 if self.device.type == "cuda" and config.key_dtype in ("auto", "float16") \
+            else torch.float32
         self.rows = RowStore(config.dim, config.value_dim, self.device, key_dtype,
                              state_columns=config.optimizer.state_columns() if config.value_dim else {},
                              id_stride=id_stride, id_offset=id_offset)

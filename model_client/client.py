@@ -294,7 +294,7 @@ class MemoryClient:
 
     # ----- namespaces ----------------------------------------------------------
     def create_namespace(self, name: str, dim: int, metric: str = "l2", index: str = "flat", value_dim: int = 0,
-                         max_k: int = 1024, key_dtype: str = "float32", optimizer: str = "sgd", lr: float = 0.01,
+                         max_k: int = 1024, key_dtype: str = "auto", optimizer: str = "sgd", lr: float = 0.01,
                          **optimizer_options) -> NamespaceConfig:
         """optimizer: sgd | adagrad | adam for the value rows, with lr and options (momentum, beta1,
         beta2, eps, lr_decay, initial_accumulator_value, max_grad_norm); see datastore/optimizers.py."""

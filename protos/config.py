@@ -16,7 +16,7 @@ DEFAULT_ADMIT_BELOW = -1.5
 
 METRICS = ("l2", "ip")
 INDEXES = ("flat",)
-KEY_DTYPES = ("float32", "float16")
+KEY_DTYPES = ("auto", "float32", "float16")
 MAX_NAME_CHARS = 128
 MAX_K_LIMIT = 4096
 MAX_DIM = 65536
@@ -104,8 +104,9 @@ class NamespaceConfig:
     index: ``flat`` (exact).
     value_dim: width of the learnable value vectors; 0 for none.
     max_k: the largest k a search may ask for.
-    key_dtype: storage dtype of keys on GPU shards (CPU shards keep float32,
-        which faiss needs).
+    key_dtype: storage dtype of keys on GPU shards: ``auto`` (the default) is float16 there
+        (half the memory and bandwidth; distances accumulate in float32 and the final k are
+        re-ranked in float32), ``float32`` on request. CPU shards keep float32, which faiss needs.
     optimizer: the server-side sparse optimizer of the value rows.
     generation: which incarnation of the name this is, set by the store when
         the namespace is created (0 before); a namespace dropped and created
@@ -118,7 +119,7 @@ class NamespaceConfig:
     index: str = "flat"
     value_dim: int = 0
     max_k: int = 1024
-    key_dtype: str = "float32"
+    key_dtype: str = "auto"
     optimizer: OptimizerConfig = OptimizerConfig()
     generation: int = 0
 

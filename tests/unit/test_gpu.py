@@ -19,12 +19,38 @@ def test_cuda_search_matches_brute_force(metric):
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((20_000, 64)).astype(np.float32)
     queries = rng.standard_normal((300, 64)).astype(np.float32)
-    store = NeighborStore(NamespaceConfig("g", dim=64, metric=metric), device="cuda")
-    assert store.backend == "torch"
+    store = NeighborStore(NamespaceConfig("g", dim=64, metric=metric, key_dtype="float32"), device="cuda")
+    assert store.backend == "torch" and store.rows.keys.dtype == torch.float32
     ids = store.add(keys, np.arange(20_000))
     result = store.search(queries, 50)
     oracle_d, oracle_rows = brute_force(queries, keys, 50, metric)
     assert_same_neighbours(result.ids, result.distances, oracle_d, ids[oracle_rows], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_keys_are_float16_by_default_on_cuda_and_find_the_float32_neighbours(metric):
+    """The default key_dtype ("auto") stores float16 keys on a GPU shard; on data without near-ties
+    the neighbours are those of a float32 brute force, and the distances are float32 ones over the
+    rounded keys (the final k are re-ranked in float32)."""
+    rng = np.random.default_rng(2)
+    keys = rng.standard_normal((20_000, 128)).astype(np.float32)
+    queries = rng.standard_normal((512, 128)).astype(np.float32)
+    store = NeighborStore(NamespaceConfig("g", dim=128, metric=metric), device="cuda")
+    assert store.config.key_dtype == "auto" and store.rows.keys.dtype == torch.float16
+    ids = store.add(keys, np.arange(20_000))
+    result = store.search(queries, 32)
+    oracle_d, oracle_rows = brute_force(queries, keys, 32, metric)
+    # Same neighbours up to near-ties (within what float16 keys move a score: about sqrt(dim) x
+    # 2^-12 = 0.003 here; tolerance 0.02), the k-th's too: the float32 distances of the ids found,
+    # sorted, are the float32 brute force's.
+    position = {int(i): row for row, i in enumerate(ids)}
+    found = keys[np.vectorize(position.get)(result.ids)]
+    exact = ((queries[:, None, :] - found) ** 2).sum(-1) if metric == "l2" else -(queries[:, None, :] * found).sum(-1)
+    np.testing.assert_allclose(np.sort(exact, axis=1), oracle_d, rtol=1e-4, atol=0.02)
+    print(f"{metric}: {(result.ids != ids[oracle_rows]).mean():.2%} of neighbours differ from the float32 "
+          "brute force's, all at near-ties")
+    rounded_d, _ = brute_force(queries, keys.astype(np.float16).astype(np.float32), 32, metric)
+    np.testing.assert_allclose(result.distances, rounded_d, rtol=1e-4, atol=1e-3)
 
 
 def test_float16_keys_on_cuda_find_the_same_neighbours_mostly():
@@ -62,8 +88,8 @@ def test_cuda_retrieve_and_backward_match_autograd(metric):
     """The in-process store (the router over one shard) with its rows on the GPU."""
     keys, values, weights, queries, grad_memory = make_data(seed=4)
     memory = LocalMemory(device="cuda")
-    memory.create_namespace(NamespaceConfig("g", dim=DIM, metric=metric, value_dim=VALUE_DIM,
-                                            optimizer={"name": "sgd", "lr": 0.1}))
+    memory.create_namespace(NamespaceConfig("g", dim=DIM, metric=metric, value_dim=VALUE_DIM, key_dtype="float32",
+                                            optimizer={"name": "sgd", "lr": 0.1}))  # the reference is float32
     assert memory.runtime.shards[0].device == "cuda"
     memory.add("g", keys, np.arange(N), values=values, weights=weights)
     result = memory.retrieve("g", queries, K, TEMPERATURE)
