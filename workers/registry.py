@@ -114,6 +114,9 @@ class NamespaceRegistry:
     def shard_count(self) -> int:
         return self.num_shards
 
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "namespaces": len(self.configs)}
+
     def create(self, config: dict, request_id: str = "") -> dict:
         """Registers the namespace with a new generation; returns its config. A retry of the
         request that created it answers the same config; anything else: ALREADY_EXISTS."""

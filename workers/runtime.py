@@ -37,6 +37,8 @@ from monim.workers.shard import DEFAULT_SNAPSHOT_EVERY, Shard
 
 log = logging.getLogger(__name__)
 
+# How long a registry call waits for the registry, restarts included.
+REGISTRY_WAIT_S = 60.0
 # How often a call waits for a restarting shard before sending again.
 RESTART_POLL_S = 0.5
 # Calls a shard actor takes at once: the shard serializes them on its lock, except that writers
@@ -281,12 +283,22 @@ class RayRuntime:
         return error
 
     def call_registry(self, method: str, *args):
-        try:
-            return self._ray.get(getattr(self.registry, method).remote(*args), timeout=60)
-        except self._ray.exceptions.GetTimeoutError:
-            raise DeadlineExceeded("the namespace registry did not answer within 60 s") from None
-        except Exception as error:  # noqa: BLE001 - unwrapped and re-raised
-            raise self._unwrap(error, None) from None
+        """With restarts, a call that met a dead or restarting registry is sent again until it answers
+        (within REGISTRY_WAIT_S), as shard calls are: its calls are reads, or writes that a request id
+        makes safe to repeat (a repeated drop answers NOT_FOUND, the namespace being gone)."""
+        deadline = time.monotonic() + REGISTRY_WAIT_S
+        while True:
+            try:
+                return self._ray.get(getattr(self.registry, method).remote(*args),
+                                     timeout=max(0.0, deadline - time.monotonic()))
+            except self._ray.exceptions.GetTimeoutError:
+                raise DeadlineExceeded(f"the namespace registry did not answer within {REGISTRY_WAIT_S:g} s") from None
+            except Exception as error:  # noqa: BLE001 - unwrapped and re-raised
+                unwrapped = self._unwrap(error, None)
+                if not (self.restarts and isinstance(unwrapped, Unavailable)) or \
+                        deadline - time.monotonic() < RESTART_POLL_S:
+                    raise unwrapped from None
+                time.sleep(RESTART_POLL_S)
 
     def _share_large_args(self, args, shared: dict):
         out = []

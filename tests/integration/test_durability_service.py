@@ -104,8 +104,11 @@ def object_store_folder(path) -> object:
     return location
 
 
-@pytest.mark.parametrize("kind", ["local folder", "object store"])
-def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error(ray_joined, tmp_path, kind):
+@pytest.mark.parametrize("kind, victim", [("local folder", "shard-1"), ("object store", "shard-1"),
+                                          ("local folder", "registry")])
+def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error(ray_joined, tmp_path, kind, victim):
+    """victim: the actor whose worker is killed: a shard, or the namespace registry (which every
+    Add asks for its id block)."""
     from monim.workers.embedded import EmbeddedStore
 
     deployment = f"kill-{uuid.uuid4().hex[:8]}"
@@ -114,7 +117,7 @@ def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error
     store = EmbeddedStore(shards=2, ray_address="auto", shard_cpus=0, use_gpus=False, deployment=deployment,
                           data_dir=data_dir, fsync=fsync)
     try:
-        with MemoryClient(store.address, timeout_s=120) as client:
+        with MemoryClient(store.address, timeout_s=120, retries=0) as client:  # the server waits, not the client
             client.create_namespace("ns", dim=DIM)
             added, errors = [], []
             halfway = threading.Event()
@@ -134,7 +137,7 @@ def test_a_killed_shard_worker_is_restarted_and_the_add_loop_never_sees_an_error
             loop = threading.Thread(target=add_loop)
             loop.start()
             assert halfway.wait(timeout=120)
-            shard = ray_joined.get_actor(f"{deployment}-shard-1", namespace="monim")
+            shard = ray_joined.get_actor(f"{deployment}-{victim}", namespace="monim")
             pid = ray_joined.get(shard.ping.remote())["pid"]
             os.kill(pid, signal.SIGKILL)  # the worker process of the actor this test's deployment created
             loop.join(timeout=300)
