@@ -46,10 +46,12 @@ class Case:
 
 class Draft:
     """A request being built: its fields (None: unset), and the defects put in with their codes
-    (None for a harmless one)."""
+    (None for a harmless one). base: the valid request's fields, which every defect starts from (a
+    field another defect replaced may be a Tensor of any shape, or unset)."""
 
     def __init__(self, rpc: str, **fields):
         self.rpc, self.fields, self.defects = rpc, fields, []
+        self.base = dict(fields)
 
     def put(self, defect: str, code: str | tuple[str, ...] | None, **fields) -> None:
         self.defects.append((defect, code))
@@ -132,12 +134,14 @@ NAMESPACE_DEFECTS = {"odd namespace": ("namespace", _odd_namespace),
                      "stale generation": ("generation", _stale_generation)}
 
 
-def _vectors_defect(field: str, width_of, rows_of=None):
-    """Defects of a float [N, width] field: encoding, width, empty batch, NaN/Inf, rows, missing."""
+def _vectors_defect(field: str, width_of, rows_of=None, optional: bool = False):
+    """Defects of a float [N, width] field: encoding, width, empty batch, NaN/Inf, rows, missing
+    (unless the field is optional)."""
 
     def apply(draw, d, ns, world):
-        array = d.fields[field]
-        kind = draw(st.sampled_from(["encoding", "width", "empty", "non-finite", "missing"] + (["rows"] * bool(rows_of))))
+        array = d.base[field]
+        kinds = ["encoding", "width", "empty", "non-finite"] + ["rows"] * bool(rows_of) + ["missing"] * (not optional)
+        kind = draw(st.sampled_from(kinds))
         if kind == "encoding":
             tensor, what = hv.bad_encoding(draw, array, hv.FLOATS)
             d.put(f"{field}: {what}", INVALID, **{field: tensor})
@@ -162,7 +166,7 @@ def _encoding_defect(field: str, accepted, optional: bool = False):
         if not optional and draw(st.integers(0, 4)) == 0:
             d.put(f"{field}: missing", INVALID, **{field: None})
             return
-        tensor, what = hv.bad_encoding(draw, d.fields[field], accepted)
+        tensor, what = hv.bad_encoding(draw, d.base[field], accepted)
         d.put(f"{field}: {what}", INVALID, **{field: tensor})
 
     return field, apply
@@ -275,16 +279,17 @@ def no_field_cases(draw, world: World, rpc: str) -> Case:
 
 
 def _add_values_defect(draw, d, ns, world):
-    rows = d.fields["keys"].shape[0]
+    rows = d.base["keys"].shape[0]
     if ns.value_dim == 0:
         d.put("values on a namespace without value_dim", INVALID, values=hv.floats_array(draw, (rows, 4)))
         return
-    d.fields["values"] = hv.floats_array(draw, (rows, ns.value_dim))
-    _vectors_defect("values", lambda n: n.value_dim, lambda dr: dr.fields["keys"].shape[0])[1](draw, d, ns, world)
+    d.base["values"] = hv.floats_array(draw, (rows, ns.value_dim))
+    _vectors_defect("values", lambda n: n.value_dim, lambda dr: dr.base["keys"].shape[0], optional=True)[1](
+        draw, d, ns, world)
 
 
 def _tokens_defect(draw, d, ns, world):
-    tokens = d.fields["tokens"]
+    tokens = d.base["tokens"]
     kind = draw(st.sampled_from(["encoding", "range", "length"]))
     if kind == "encoding":
         _encoding_defect("tokens", hv.INTS)[1](draw, d, ns, world)
@@ -298,7 +303,7 @@ def _tokens_defect(draw, d, ns, world):
 
 
 def _weights_defect(draw, d, ns, world):
-    rows = d.fields["keys"].shape[0]
+    rows = d.base["keys"].shape[0]
     kind = draw(st.sampled_from(["encoding", "not positive", "non-finite", "length"]))
     weights = np.ones(rows, np.float32)
     if kind == "encoding":
@@ -316,7 +321,7 @@ def _weights_defect(draw, d, ns, world):
 
 
 def _logp_defect(draw, d, ns, world):
-    rows = d.fields["keys"].shape[0]
+    rows = d.base["keys"].shape[0]
     kind = draw(st.sampled_from(["nothing admitted", "encoding", "NaN", "positive", "length"]))
     logp = -np.abs(hv.floats_array(draw, rows)) - 2
     if kind == "nothing admitted":  # a no-op: every row's logp is at or above admit_below
@@ -328,7 +333,7 @@ def _logp_defect(draw, d, ns, world):
         logp[draw(st.integers(0, rows - 1))] = np.nan
         d.put("logp NaN", INVALID, logp=logp)
     elif kind == "positive":
-        logp[draw(st.integers(0, rows - 1))] = draw(st.floats(1e-3, 1e30, width=32))
+        logp[draw(st.integers(0, rows - 1))] = draw(st.floats(2.0**-10, 2.0**100, width=32))
         d.put("logp > 0", INVALID, logp=logp)
     else:
         d.put("logp of another length", INVALID, logp=np.full(draw(st.integers(0, 8).filter(lambda n: n != rows)), -3.0,
@@ -349,7 +354,7 @@ def _reused_add_id(draw, d, ns, world):
     request_id = world.request_id(ns.name, "Add") if ns is world.plain else draw(
         st.sampled_from([r for n, m, r in world.applied_requests if n == ns.name and m == "Add"]))
     seeded_rows = 200 if ns is world.plain else 160
-    rows = d.fields["keys"].shape[0]
+    rows = d.base["keys"].shape[0]
     if draw(st.booleans()):
         rows = seeded_rows
         d.fields.update(keys=hv.floats_array(draw, (rows, ns.dim)), tokens=np.arange(rows),
@@ -408,7 +413,7 @@ def search_cases(draw, world: World) -> Case:
 def _get_ids_defect(draw, d, ns, world):
     kind = draw(st.sampled_from(["unknown", "unknown", "encoding", "empty"]))
     if kind == "unknown":
-        d.put("unknown or deleted ids", NOT_FOUND, ids=_with_ids_among(draw, d.fields["ids"], draw(_unknown_ids(ns, 4))))
+        d.put("unknown or deleted ids", NOT_FOUND, ids=_with_ids_among(draw, d.base["ids"], draw(_unknown_ids(ns, 4))))
     elif kind == "encoding":
         _encoding_defect("ids", hv.INTS)[1](draw, d, ns, world)
     else:
@@ -484,7 +489,7 @@ def retrieve_cases(draw, world: World) -> Case:
 
 def _slots_defect(draw, d, ns, world):
     """ids / alpha / distances of the forward, [B, k] each."""
-    ids, alpha, distances = d.fields["ids"], d.fields["alpha"], d.fields["distances"]
+    ids, alpha, distances = d.base["ids"], d.base["alpha"], d.base["distances"]
     b, k = ids.shape
     kind = draw(st.sampled_from(["unknown id", "unknown id", "id < -1", "alpha at an empty slot", "alpha outside [0, 1]",
                                  "alpha NaN", "distance not finite", "alpha shape", "distances shape", "ids rows",
@@ -498,9 +503,9 @@ def _slots_defect(draw, d, ns, world):
     elif kind == "id < -1":
         ids[at] = draw(st.integers(-(2**63), -2))
     elif kind == "alpha at an empty slot":
-        ids[at], alpha[at] = -1, draw(st.floats(1e-3, 1.0, width=32))
+        ids[at], alpha[at] = -1, draw(st.floats(2.0**-10, 1.0, width=32))
     elif kind == "alpha outside [0, 1]":
-        alpha[at] = draw(st.one_of(st.floats(max_value=-1e-3, width=32), st.floats(min_value=1.01, width=32)))
+        alpha[at] = draw(st.one_of(st.floats(max_value=-(2.0**-10), width=32), st.floats(min_value=1 + 2.0**-7, width=32)))
     elif kind == "alpha NaN":
         alpha[at] = draw(hv.non_finite)
     elif kind == "distance not finite":
@@ -543,7 +548,7 @@ def _handle_defect(draw, d, ns, world):
 
 
 def _grad_memory_defect(draw, d, ns, world):
-    _vectors_defect("grad_memory", lambda n: n.value_dim, lambda dr: dr.fields["queries"].shape[0])[1](draw, d, ns, world)
+    _vectors_defect("grad_memory", lambda n: n.value_dim, lambda dr: dr.base["queries"].shape[0])[1](draw, d, ns, world)
 
 
 @st.composite
@@ -563,7 +568,7 @@ def retrieve_backward_cases(draw, world: World) -> Case:
               generation=ns.generation)
         return d.case(draw)
     table = dict(NAMESPACE_DEFECTS)
-    table.update({"queries": _vectors_defect("queries", lambda n: n.dim, lambda dr: dr.fields["ids"].shape[0]),
+    table.update({"queries": _vectors_defect("queries", lambda n: n.dim, lambda dr: dr.base["ids"].shape[0]),
                   "slots": ("slots", _slots_defect), "grad_memory": ("grad_memory", _grad_memory_defect),
                   "temperature": ("temperature", _bad_temperature), "handle": ("handle", _handle_defect),
                   "step id": ("step_id", lambda dr, d, n, w: d.put("step id over 128 characters", INVALID,
@@ -576,7 +581,7 @@ def retrieve_backward_cases(draw, world: World) -> Case:
 
 def _gradient_ids_defect(draw, d, ns, world):
     kind = draw(st.sampled_from(["unknown", "unknown", "encoding", "empty", "length"]))
-    ids = d.fields["ids"].copy()
+    ids = d.base["ids"].copy()
     if kind == "unknown":
         unknown = draw(_unknown_ids(ns, ids.size))
         ids[draw(st.permutations(range(ids.size)))[:len(unknown)]] = unknown

@@ -10,7 +10,7 @@ Each must be answered with one of the codes it may get, never UNKNOWN or INTERNA
 server did not handle); afterwards every shard still answers a valid search, and the digest of
 everything stored (tests/reliability/state_digest.py) is what it was before the request.
 
-MONIM_FUZZ_EXAMPLES (default 2400): generated requests per run, spread evenly over the RPCs.
+MONIM_FUZZ_EXAMPLES (default 2100): generated requests per run, spread evenly over the RPCs (rounded up).
 Examples are derandomized (the same every run) unless MONIM_FUZZ_SEED=<int> picks another sequence.
 """
 
@@ -32,7 +32,7 @@ from tests.reliability.hostile_requests import CASES, EXHAUSTED, INVALID, OK, RE
 from tests.reliability.hostile_wire import REFUSALS, random_field_cases, raw_payloads
 from tests.reliability.state_digest import state_digest
 
-EXAMPLES = int(os.environ.get("MONIM_FUZZ_EXAMPLES", "2400"))
+EXAMPLES = int(os.environ.get("MONIM_FUZZ_EXAMPLES", "2100"))
 SEED = os.environ.get("MONIM_FUZZ_SEED")
 SHARES = {"structured": 0.5, "random fields": 0.2, "raw bytes": 0.3}
 CALL_TIMEOUT_S = 20.0
