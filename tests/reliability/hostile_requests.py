@@ -17,6 +17,7 @@ import uuid
 
 import numpy as np
 from hypothesis import strategies as st
+from monim.protos import config as config_options
 from monim.protos import memory_pb2 as pb
 
 from tests.reliability import hostile_values as hv
@@ -229,10 +230,11 @@ def _config_defect(draw, d, ns, world):
     elif field == "max_k":  # 0 is "unset": the default
         config.max_k = draw(st.one_of(st.integers(-(2**31), -1), st.integers(4097, 2**31 - 1)))
     elif field in ("metric", "index", "key_dtype"):
-        setattr(config, field, draw(hv.hostile_text.filter(lambda s: s and s not in ("l2", "ip", "flat", "float32",
-                                                                                       "float16"))))
+        known = {"metric": config_options.METRICS, "index": config_options.INDEXES,
+                 "key_dtype": config_options.KEY_DTYPES}[field]
+        setattr(config, field, draw(hv.hostile_text.filter(lambda s: s and s not in known)))
     elif field == "optimizer":
-        config.optimizer.name = draw(hv.hostile_text.filter(lambda s: s and s not in ("sgd", "adagrad", "adam")))
+        config.optimizer.name = draw(hv.hostile_text.filter(lambda s: s and s not in config_options.OPTIMIZERS))
     elif field == "lr":
         config.optimizer.lr = draw(hv.bad_positive_floats())
     elif field in ("momentum", "beta1", "beta2"):
