@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from monim.protos.config import OptimizerConfig
+from monim.protos.errors import InvalidArgument
 
 
 def coalesce(rows: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +38,10 @@ def clip_rows(grads: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def apply_step(config: OptimizerConfig, steps: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
-               values: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-    """Updates values[rows] (and the state rows) in place.
+               values: torch.Tensor, state: dict[str, torch.Tensor], dry_run: bool = False) -> None:
+    """Updates values[rows] (and the state rows) in place; all or nothing: a step whose new values
+    or state would not be finite (gradients that overflow float32 when summed or squared) is
+    INVALID_ARGUMENT, and nothing changes. dry_run: only that check.
 
     steps: int64 [capacity], each row's step count; the rows' counts grow by one here.
     rows: int64 [U], unique.
@@ -47,24 +50,29 @@ def apply_step(config: OptimizerConfig, steps: torch.Tensor, rows: torch.Tensor,
     """
     lr = config.lr
     step = steps[rows] + 1
-    steps[rows] = step
-    step = step.to(torch.float64).unsqueeze(1)
+    step_f = step.to(torch.float64).unsqueeze(1)
+    new_state = {}
     if config.name == "sgd":
         update = grads
         if config.momentum:
-            buffer = state["momentum_buffer"][rows] * config.momentum + grads
-            state["momentum_buffer"][rows] = buffer
-            update = buffer
-        values[rows] = values[rows] - lr * update
+            update = new_state["momentum_buffer"] = state["momentum_buffer"][rows] * config.momentum + grads
+        new_values = values[rows] - lr * update
     elif config.name == "adagrad":
-        clr = (lr / (1 + (step - 1) * config.lr_decay)).float()
-        total = state["sum"][rows] + grads * grads
-        state["sum"][rows] = total
-        values[rows] = values[rows] - clr * (grads / (total.sqrt() + config.eps))
+        clr = (lr / (1 + (step_f - 1) * config.lr_decay)).float()
+        total = new_state["sum"] = state["sum"][rows] + grads * grads
+        new_values = values[rows] - clr * (grads / (total.sqrt() + config.eps))
     else:  # adam, as torch.optim.SparseAdam
         old_avg, old_sq = state["exp_avg"][rows], state["exp_avg_sq"][rows]
-        exp_avg = old_avg + (grads - old_avg) * (1 - config.beta1)
-        exp_avg_sq = old_sq + (grads * grads - old_sq) * (1 - config.beta2)
-        state["exp_avg"][rows], state["exp_avg_sq"][rows] = exp_avg, exp_avg_sq
-        step_size = (lr * torch.sqrt(1 - config.beta2**step) / (1 - config.beta1**step)).float()
-        values[rows] = values[rows] - step_size * (exp_avg / (exp_avg_sq.sqrt() + config.eps))
+        exp_avg = new_state["exp_avg"] = old_avg + (grads - old_avg) * (1 - config.beta1)
+        exp_avg_sq = new_state["exp_avg_sq"] = old_sq + (grads * grads - old_sq) * (1 - config.beta2)
+        step_size = (lr * torch.sqrt(1 - config.beta2**step_f) / (1 - config.beta1**step_f)).float()
+        new_values = values[rows] - step_size * (exp_avg / (exp_avg_sq.sqrt() + config.eps))
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in (new_values, *new_state.values())):
+        raise InvalidArgument("these gradients would make value rows (or their optimizer state) overflow float32 "
+                              "(sums or squares past 3.4e38): nothing was stepped; scale them down or set max_grad_norm")
+    if dry_run:
+        return
+    steps[rows] = step
+    for name, column in new_state.items():
+        state[name][rows] = column
+    values[rows] = new_values

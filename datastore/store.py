@@ -233,10 +233,11 @@ class NeighborStore:
         with self._lock:
             self._rows_of_stored(ids)
 
-    def step(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray) -> int:
+    def step(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray, dry_run: bool = False) -> int:
         """One optimizer step: value gradients grads [N, value_dim] for ids int64 [N] (repeated ids
         are summed, then each row's gradient is clipped). Ids no longer stored are skipped (a delete
-        wins over an update). Returns the number of rows updated."""
+        wins over an update). Returns the number of rows updated. INVALID_ARGUMENT, changing nothing,
+        if the step would overflow float32; dry_run: only that check (for a step being staged)."""
         with self._lock:
             rows = self.rows.rows_of(ids)
             kept = rows >= 0
@@ -247,7 +248,7 @@ class NeighborStore:
             config = self.config.optimizer
             state = {name: getattr(self.rows, name) for name in self.rows.state_columns}
             optimizers.apply_step(config, self.rows.steps, unique, optimizers.clip_rows(summed, config.max_grad_norm),
-                                  self.rows.values, state)
+                                  self.rows.values, state, dry_run=dry_run)
             return int(unique.numel())
 
     # ----- snapshots (datastore/snapshot.py) --------------------------------------------

@@ -21,6 +21,7 @@ MAX_NAME_CHARS = 128
 MAX_K_LIMIT = 4096
 MAX_DIM = 65536
 
+FLOAT32_MAX = 3.4028234663852886e38  # the rows are float32: an option past this overflows them
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -32,7 +33,7 @@ def validate_namespace_name(name: str) -> str:
         raise InvalidArgument(f"namespace name has {len(name)} characters; at most {MAX_NAME_CHARS} are allowed")
     if "/" in name or "\\" in name:
         raise InvalidArgument(f"namespace name {name!r} contains a path separator")
-    if name in (".", "..") or not _NAME_PATTERN.match(name):
+    if name in (".", "..") or not _NAME_PATTERN.fullmatch(name):
         raise InvalidArgument(
             f"namespace name {name!r} may use only letters, digits, '_', '-' and '.', and may not be '.' or '..'"
         )
@@ -62,8 +63,9 @@ class OptimizerConfig:
             raise InvalidArgument(f"unknown optimizer {self.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name != "name" and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-                raise InvalidArgument(f"optimizer option {field.name} must be a finite number, got {value!r}")
+            if field.name != "name" and (not isinstance(value, (int, float)) or not math.isfinite(value)
+                                         or abs(value) > FLOAT32_MAX):
+                raise InvalidArgument(f"optimizer option {field.name} must be a finite float32 number, got {value!r}")
         if self.lr <= 0:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

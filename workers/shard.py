@@ -530,9 +530,13 @@ class Shard:
     @_serialized
     def stage_gradients(self, namespace: str, generation: int, step_id: str, part: int, ids: np.ndarray,
                         grads: np.ndarray) -> int:
-        """Stages value gradients for ids (all of which belong here) after checking they are stored."""
+        """Stages value gradients for ids (all of which belong here) after checking they are stored
+        and that this part, stepped alone, would keep the rows finite (INVALID_ARGUMENT otherwise;
+        the commit checks the whole step again)."""
         store = self._store(namespace, generation)
         store.check_stored(ids)
+        if ids.size:
+            store.step(ids, grads, dry_run=True)
         if step_id not in self._committed:
             self._staged_step(namespace, generation, step_id).parts[part] = (ids, torch.from_numpy(grads))
         return int(ids.size)
