@@ -12,10 +12,19 @@ from monim.workers.auth import caller_name
 log = logging.getLogger(__name__)
 
 
+# A status message travels in a header: past ~8 KiB gRPC drops it (the caller then sees
+# RESOURCE_EXHAUSTED "Stream removed"), so messages are cut to this many characters.
+MAX_STATUS_MESSAGE_CHARS = 4000
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, MemoryStoreError):
-        return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), error.message
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+        code, message = getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), error.message
+    else:
+        code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    if len(message) > MAX_STATUS_MESSAGE_CHARS:
+        message = f"{message[:MAX_STATUS_MESSAGE_CHARS]}... ({len(message)} characters in all)"
+    return code, message
 
 
 def grpc_errors(method):

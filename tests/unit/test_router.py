@@ -104,3 +104,12 @@ def test_merge_topk_keeps_nearest_across_shards():
     merged = merge_topk([a, b], 3)
     assert merged.ids.tolist() == [[1, 2, 4]] and merged.tokens.tolist() == [[10, 20, 40]]
     np.testing.assert_allclose(merged.distances, [[0.1, 0.2, 0.3]])
+
+
+def test_a_status_message_is_cut_to_what_a_header_carries():
+    from monim.protos.errors import InvalidArgument
+    from monim.workers.status import MAX_STATUS_MESSAGE_CHARS, status_of
+
+    code, message = status_of(InvalidArgument("bad source tag " + "x" * 20_000))
+    assert code.name == "INVALID_ARGUMENT" and len(message) < MAX_STATUS_MESSAGE_CHARS + 50
+    assert message.startswith("bad source tag xxx") and message.endswith("(20015 characters in all)")
