@@ -160,7 +160,7 @@ def test_status_prints_every_column_for_every_namespace_and_shard(deployment, ca
     header, *sections = re.split(r"\n(?=(?:wiki|news): dim)", out)
     tables = {section.split(":")[0]: section for section in sections}
     assert set(tables) == {"wiki", "news"}
-    assert tables["wiki"].startswith("wiki: dim 8, l2, flat, value_dim 4, keys float32")
+    assert tables["wiki"].startswith("wiki: dim 8, l2, flat, value_dim 4, keys auto")
     assert tables["news"].startswith("news: dim 16, ip, flat, value_dim 0, keys float16")
     host = socket.gethostname()
     for name, total_rows in (("wiki", "240"), ("news", "80")):
