@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from monim.protos import memory_pb2 as pb
-from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.workers.auth import AuthInterceptor, AuthPolicy
+from monim.workers.decoding import add_memory_service
 from monim.workers.frontend import HEALTH_POLL_S, Frontend
 from monim.workers.router import Router
 from monim.workers.servicer import MemoryServicer
@@ -50,7 +50,7 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     interceptors = frontend.interceptors + ([AuthInterceptor(auth)] if auth is not None else [])
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=message_size_options(max_message_bytes), interceptors=interceptors)
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(router), server)
+    add_memory_service(MemoryServicer(router), server)  # undecodable requests: INVALID_ARGUMENT
     health_servicer = frontend.health
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -36,11 +36,6 @@ EXAMPLES = int(os.environ.get("MONIM_FUZZ_EXAMPLES", "2100"))
 SEED = os.environ.get("MONIM_FUZZ_SEED")
 SHARES = {"structured": 0.5, "random fields": 0.2, "raw bytes": 0.3}
 CALL_TIMEOUT_S = 20.0
-# Bytes that do not parse as the request never reach MemoryService: grpc answers INTERNAL
-# "Exception deserializing request!" itself. That is a bug (test_undecodable_bytes_are_invalid_argument,
-# xfail: the fix is in workers/server.py); until it is fixed the fuzz accepts exactly that answer to
-# such bytes, and still checks that the server lives and nothing changed.
-GRPC_UNDECODABLE = ("INTERNAL", "Exception deserializing request!")
 
 
 def examples(kind: str) -> int:
@@ -73,8 +68,7 @@ class Referee:
         # The next request is judged against the state this one left, even if this one fails the test
         # (hypothesis goes on to find other failing examples, and must not see this one's change in them).
         before, self.before = self.before, state_digest(self.deployment.stub)
-        if (code, details) != GRPC_UNDECODABLE:
-            assert code not in ("UNKNOWN", "INTERNAL"), f"{where}: unhandled on the server: {code} {details[:500]!r}"
+        assert code not in ("UNKNOWN", "INTERNAL"), f"{where}: unhandled on the server: {code} {details[:500]!r}"
         assert code in expected, f"{where}: answered {code} {details[:500]!r}; expected one of {sorted(expected)}"
         assert code == OK or details, f"{where}: {code} without a message"
         assert self.before == before, f"{where} answered {code} but changed what is stored: {before.changes(self.before)}"
@@ -169,10 +163,8 @@ def test_raw_bytes_on_the_wire_are_refused_or_harmless(served, referee, rpc):
             try:
                 REQUEST_TYPES[rpc].FromString(payload.data)
                 expected = REFUSALS[rpc] | {OK}
-            except DecodeError:
-                expected = {INVALID, GRPC_UNDECODABLE[0]}
-                if code == GRPC_UNDECODABLE[0]:
-                    assert details == GRPC_UNDECODABLE[1], f"{rpc}: undecodable bytes answered {code} {details!r}"
+            except DecodeError:  # bytes that are not the request message (workers/decoding.py)
+                expected = {INVALID}
         referee.judge("raw bytes", rpc, f"{payload.what} bytes {payload.data[:80]!r} ({len(payload.data)} bytes)",
                       code, details, expected)
 
@@ -283,9 +275,6 @@ def test_snapshot_locations_outside_the_root_are_refused_before_anything_opens_t
 
 
 # ----- known bugs whose fix is outside protos/ and the servicer / router ------------------------------
-@pytest.mark.xfail(strict=True, reason="grpc answers INTERNAL 'Exception deserializing request!' before any "
-                   "MemoryService code runs; workers/server.py should register the handlers with request "
-                   "deserializers that turn a DecodeError into INVALID_ARGUMENT")
 def test_undecodable_bytes_are_invalid_argument(referee):
     answers = {rpc: referee.send(rpc, b"\xff\xff\xff\xff")[0] for rpc in RPCS}
     assert answers == {rpc: INVALID for rpc in RPCS}

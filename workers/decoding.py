@@ -1,0 +1,70 @@
+"""MemoryService's handlers with request deserializers that never raise.
+
+grpc answers INTERNAL "Exception deserializing request!" for bytes that are not the method's
+request message, before any of our code runs. Here the deserializer answers an empty request
+instead and remembers it as undecodable; the method then answers INVALID_ARGUMENT naming the
+message and why it did not decode (interceptors, auth among them, see the empty request first:
+a caller without a token still gets UNAUTHENTICATED). A remembered request is held (so its id
+cannot be reused) until its method sees it, at most MAX_PENDING of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import grpc
+from google.protobuf.message import DecodeError
+from monim.protos import memory_pb2 as pb
+
+MAX_PENDING = 1024
+SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
+
+_pending: collections.OrderedDict[int, tuple[object, str]] = collections.OrderedDict()
+_lock = threading.Lock()
+
+
+def _deserializer(message_class):
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            request = message_class()
+            with _lock:
+                _pending[id(request)] = (request, f"the request is not a valid {message_class.__name__} message "
+                                                  f"({len(data)} bytes): {error}")
+                while len(_pending) > MAX_PENDING:
+                    _pending.popitem(last=False)
+            return request
+
+    return deserialize
+
+
+def _undecodable(request) -> str | None:
+    with _lock:
+        held = _pending.get(id(request))
+        if held is None or held[0] is not request:
+            return None
+        del _pending[id(request)]
+        return held[1]
+
+
+def _checked(behavior):
+    def handle(request, context):
+        problem = _undecodable(request)
+        if problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return behavior(request, context)
+
+    return handle
+
+
+def add_memory_service(servicer, server: grpc.Server) -> None:
+    """Registers the servicer's methods (every method of the service, unary-unary) on the server."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
+            response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
