@@ -225,7 +225,10 @@ class Router:
             weights = validation.check_weights(weights, n)
         source = validation.check_source(source)
         logp, admit_below, merge_eps = validation.check_admission(logp, admit_below, merge_eps, n)
-        request_id = validation.check_step_id(request_id) or validation.new_request_id()
+        # On the registry and the shards a request id is scoped to this incarnation of the namespace:
+        # the same id sent to another namespace is another request.
+        caller_id = validation.check_step_id(request_id) or validation.new_request_id()
+        request_id = self._step_key(config, caller_id)
         admitted = np.ones(n, bool) if logp is None else admission.admitted_mask(logp, admit_below)
         ids = np.full(n, MISSING_ID, np.int64)
         merged = np.zeros(n, bool)
@@ -238,7 +241,7 @@ class Router:
             targets, start = self.runtime.call_registry("plan_add", namespace, config.generation, request_id,
                                                         targets)
             if targets.size != chosen.size:  # the registry answered the plan of an earlier Add with this id
-                raise InvalidArgument(f"request id {request_id!r} is that of an Add of {targets.size} admitted rows; "
+                raise InvalidArgument(f"request id {caller_id!r} is that of an Add of {targets.size} admitted rows; "
                                       f"this one has {chosen.size} (a retry must send the same batch)")
             new = chosen[targets < 0]
             new_ids = np.arange(start, start + new.size, dtype=np.int64)
@@ -487,7 +490,7 @@ class Router:
         config = self.config(namespace, generation)
         if (ids is None) == (source is None):
             raise InvalidArgument("delete needs either ids or a source tag, not both")
-        request_id = validation.check_step_id(request_id) or validation.new_request_id()
+        request_id = self._step_key(config, validation.check_step_id(request_id) or validation.new_request_id())
         if source is not None:
             return sum(self._all_shards("delete", namespace, config.generation, request_id, None,
                                         validation.check_source(source)))

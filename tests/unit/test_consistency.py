@@ -295,3 +295,24 @@ def test_describe_names_a_shard_that_does_not_answer():
     runtime.kill_shard(1)
     shards = router.describe_namespace("ns")["shards"]
     assert [s["state"] for s in shards] == ["serving", "unavailable"]
+
+
+def test_a_request_id_is_scoped_to_its_namespace():
+    """The same request id sent to another namespace is another request (it used to answer the
+    first namespace's result and change nothing)."""
+    from monim.workers.router import Router
+    from monim.workers.runtime import LocalRuntime
+
+    router = Router(LocalRuntime(2))
+    for name in ("a", "b"):
+        router.create_namespace(NamespaceConfig(name, dim=4))
+    keys = np.eye(4, dtype=np.float32)
+    first = router.add("a", keys, np.arange(4), request_id="batch-1")
+    second = router.add("b", keys, np.arange(4), request_id="batch-1")
+    again = router.add("a", keys, np.arange(4), request_id="batch-1")  # a retry in "a" lands once
+    assert [router.describe_namespace(name)["rows"] for name in ("a", "b")] == [4, 4]
+    np.testing.assert_array_equal(again.ids, first.ids)
+    assert len(second.ids) == 4
+    assert router.delete("b", ids=second.ids[:2], request_id="del-1") == 2
+    assert router.delete("a", ids=first.ids[:2], request_id="del-1") == 2
+    assert [router.describe_namespace(name)["rows"] for name in ("a", "b")] == [2, 2]
