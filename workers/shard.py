@@ -563,7 +563,11 @@ class Shard:
             if step_id in self._committed:
                 return self._committed[step_id]
             store = self._store(namespace, generation)
-            staged = self._staged.pop(step_id, None)
+            staged = self._staged.get(step_id)
+            if staged is not None and (staged.namespace, staged.generation) != (namespace, store.config.generation):
+                raise InvalidArgument(f"step {step_id!r} was staged for namespace {staged.namespace!r}, not "
+                                      f"{namespace!r}: nothing was stepped")
+            self._staged.pop(step_id, None)
             if staged is None and expect_parts:
                 raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a "
                               "restart, or dropped after 10 minutes): nothing was stepped; run the backward again")

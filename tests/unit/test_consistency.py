@@ -22,6 +22,7 @@ from monim.protos.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     IdsNotFound,
+    InvalidArgument,
     ShardUnavailable,
     Unavailable,
 )
@@ -316,3 +317,18 @@ def test_a_request_id_is_scoped_to_its_namespace():
     assert router.delete("b", ids=second.ids[:2], request_id="del-1") == 2
     assert router.delete("a", ids=first.ids[:2], request_id="del-1") == 2
     assert [router.describe_namespace(name)["rows"] for name in ("a", "b")] == [2, 2]
+
+
+def test_a_shard_never_commits_a_step_staged_for_another_namespace():
+    """A safety net below the router (which names steps per namespace): a commit that names the
+    step of another namespace is refused, and that step stays staged for its own commit."""
+    from monim.workers.shard import Shard
+
+    shard = Shard(0)
+    for name in ("a", "b"):
+        shard.create_namespace(NamespaceConfig(name, dim=2, value_dim=2, generation=5).to_dict())
+        shard.add(name, 5, f"add-{name}", np.arange(2), np.eye(2, dtype=np.float32), np.arange(2), None, None, "")
+    shard.stage_gradients("a", 5, "step", 0, np.arange(2), np.ones((2, 2), np.float32))
+    with pytest.raises(InvalidArgument, match="staged for namespace 'a'"):
+        shard.commit_step("b", 5, "step")
+    assert shard.commit_step("a", 5, "step", expect_parts=True) == 2
