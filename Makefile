@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto clean
+.PHONY: demo test lint bench reliability proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.search_bench
+
+# The long reliability profile (issue 15): load, faults, and a check of every answer and of the final
+# state; its tables go to docs/RELIABILITY.md. `make reliability MINUTES=N` for another length.
+MINUTES ?= 10
+reliability: $(STAMP)
+	$(PY) -m reliability.run --minutes $(MINUTES) --report docs/RELIABILITY.md
 
 proto: $(STAMP)
 	PATH=$(VENV)/bin:$$PATH bash protos/generate.sh
