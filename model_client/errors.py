@@ -30,6 +30,9 @@ def transport_hint(details: str, tls: bool) -> str:
         return "the server's certificate does not name the host dialled"
     if tls and "WRONG_VERSION_NUMBER" in details:
         return "the server may not use TLS (a plaintext port): connect without tls_ca / tls=True"
+    if "Stream removed" in details:
+        # The connection had carried calls: the server went away (killed, restarted), no TLS mismatch.
+        return ""
     if "Socket closed" in details or "Connection reset" in details:
         # A TLS server closes a plaintext connection at once; a mutual-TLS one a client without a certificate.
         if tls:

@@ -268,3 +268,6 @@ def test_transport_hints_name_the_likely_tls_mismatch():
     assert "not signed by the CA" in transport_hint("... CERTIFICATE_VERIFY_FAILED: unable to get ...", tls=True)
     assert "may not use TLS" in transport_hint("... WRONG_VERSION_NUMBER ...", tls=True)
     assert transport_hint("... Failed to connect to remote host: Connection refused", tls=False) == ""
+    # A server that dies in the middle of a call (python -m reliability.run kills front ends) is not a TLS mismatch.
+    assert transport_hint("Stream removed (Socket closed)", tls=False) == ""
+    assert transport_hint("Stream removed (recvmsg:Connection reset by peer (104))", tls=True) == ""
