@@ -146,6 +146,7 @@ class Shard:
         self._changes = threading.Condition(self._lock)
         self._applied_through = 0  # log sequence number of the last record applied
         self._draining = False     # a snapshot is waiting for the logged records: new writes wait
+        self._snapshotting = False  # a snapshot is being taken (its files may still be written after)
         self._appending = 0        # writers between their check and the end of their log append
         self._logged: dict[int, tuple] = {}    # log sequence number -> (op, args, columns) not applied yet
         self._outcomes: dict[int, tuple] = {}  # log sequence number -> (applied?, result or error) for its writer
@@ -156,6 +157,7 @@ class Shard:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-snapshot")
         self._snapshot_written: concurrent.futures.Future | None = None  # the latest automatic snapshot
         self._exports: dict[str, concurrent.futures.Future] = {}
+        self._export_jobs: dict[str, str] = {}  # location -> its export's job id
         self.recovery: dict = {}
         self.folder = None if data_dir is None else Location.of(data_dir) / f"shard-{shard_index}"
         self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync, self._log_advanced)
@@ -323,19 +325,28 @@ class Shard:
         None without a data dir, or when a background snapshot is still being written."""
         if self.folder is None:
             return None
-        from monim.datastore import snapshot
-
         if self._snapshot_written is not None and not self._snapshot_written.done():
             if not wait:
                 return None
             concurrent.futures.wait([self._snapshot_written])
-        self._draining = True
+        # One snapshot at a time: the wait for logged records below lets other calls in, and two
+        # snapshots of the same log position would write the same folder.
+        if self._snapshotting and not wait:
+            return None
+        self._changes.wait_for(lambda: not self._snapshotting)
+        self._snapshotting = self._draining = True
         try:
             self._changes.wait_for(lambda: (self._appending == 0 and self._applied_through == self.wal.written)
                                    or self.wal.failed is not None)
+            return self._snapshot_drained(wait)
         finally:
-            self._draining = False
+            self._snapshotting = self._draining = False
             self._changes.notify_all()
+
+    def _snapshot_drained(self, wait: bool) -> dict | None:
+        """snapshot(), once every logged record is applied (under the lock)."""
+        from monim.datastore import snapshot
+
         if self._applied_through != self.wal.written:
             raise self.wal.failure()
         covered = self.wal.rotate()
@@ -343,9 +354,11 @@ class Shard:
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()
                              if isinstance(value, (int, type(None)))],
                  "committed": [[key, value] for key, value in self._committed.items()]}
-        captured = snapshot.capture(self.stores)
         target = self.folder / f"snapshot-{covered:012d}"
         self._records_since_snapshot = 0
+        if (target / "manifest.json").exists():  # nothing was logged since that snapshot: it is this one
+            return snapshot.read_manifest(target.filesystem, target.path) if wait else None
+        captured = snapshot.capture(self.stores)
 
         def write() -> dict:
             manifest = snapshot.write_captured(captured, target.filesystem, target.path, shard=self.shard_index,
@@ -387,8 +400,11 @@ class Shard:
         workers/snapshots.py.)"""
         from monim.datastore import snapshot
 
+        job = self._export_jobs.get(location)
+        if job in self._exports:  # the same export sent again (a round retried for another shard's sake)
+            return job
         captured = snapshot.capture({name: self.stores[name] for name in namespaces if name in self.stores})
-        job = uuid.uuid4().hex
+        job = self._export_jobs[location] = uuid.uuid4().hex
         self._exports[job] = self._writer.submit(snapshot.write_captured, captured, *snapshot.resolve(location),
                                                  shard=self.shard_index, num_shards=self.num_shards)
         return job

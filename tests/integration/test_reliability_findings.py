@@ -18,7 +18,7 @@ import pytest
 from monim.model_client import MemoryClient
 
 
-@pytest.mark.xfail(strict=True, reason="export_snapshot is sent again to shards that took it (reliability run, issue 15)")
+
 def test_a_snapshot_taken_while_a_shard_restarts_is_written(ray_joined, tmp_path):
     from monim.workers.embedded import EmbeddedStore
 

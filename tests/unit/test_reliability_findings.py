@@ -49,7 +49,7 @@ def test_an_add_retried_after_a_restart_answers_ids_that_are_stored(tmp_path):
         runtime.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="a second automatic snapshot with nothing new fails (reliability run, issue 15)")
+
 def test_concurrent_writers_never_fail_a_background_snapshot(tmp_path):
     failed = []
 
