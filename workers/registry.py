@@ -16,7 +16,11 @@ With a data dir, the registry's state is ``registry.json`` there, replaced
 atomically (write, fsync, rename) at every create and drop, and whenever ids pass
 the reserved mark: ids are reserved in blocks of ID_RESERVATION, so a registry that
 restarts continues after the mark (skipping at most a block; ids are never reused).
-The plans of recent Adds are not kept across a restart.
+The plans of recent Adds are appended (and fsynced) to ``plans.log`` beside it before they are
+answered, so that an Add retried after a restart gets its first plan and ids (the shards that
+applied it answer it from their logs); the file is rewritten with the remembered plans only
+when it grows past twice their number. A data dir that is not on a local filesystem (an
+object store) keeps no plans.log: there a retry after a registry restart gets a new plan.
 """
 
 from __future__ import annotations
@@ -61,10 +65,13 @@ class NamespaceRegistry:
         self._kept_targets = 0
         self.path = None if data_dir is None else Location.of(data_dir) / "registry.json"
         self._lock_file = None
+        self._plans_file = None  # plans.log, appended (local data dirs)
+        self._plans_written = 0
         if self.path is not None:
             self._lock_data_dir()
             if self.path.exists():
                 self._load()
+            self._load_plans()
 
     def _lock_data_dir(self) -> None:
         """One deployment per data dir: the registry holds an exclusive lock on DATA_DIR/LOCK for
@@ -98,6 +105,56 @@ class NamespaceRegistry:
         self.reserved_ids = dict(state["reserved_ids"])
         self.created_by = state["created_by"]
 
+    def _plans_path(self) -> str | None:
+        return self.path.local and os.path.join(os.path.dirname(self.path.local), "plans.log")
+
+    def _load_plans(self) -> None:
+        """The remembered Add plans, from plans.log (a torn last line, from a crash, is cut)."""
+        path = self._plans_path()
+        if path is None:
+            return
+        good = 0
+        if os.path.exists(path):
+            with open(path, "rb") as file:
+                for line in file:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        break
+                    good += len(line)
+                    self._plans_written += 1
+                    kept = entry["n"] if "n" in entry else np.asarray(entry["targets"], np.int64)
+                    self._remember_plan(entry["id"], kept, entry["start"])
+            os.truncate(path, good)
+        self._plans_file = open(path, "ab")  # noqa: SIM115 - kept open for the registry's life
+
+    def _remember_plan(self, request_id: str, kept, start: int) -> None:
+        self._plans[request_id] = (kept, start)
+        self._plans.move_to_end(request_id)
+        self._kept_targets += 0 if isinstance(kept, int) else kept.size
+        while len(self._plans) > REMEMBERED_REQUESTS or self._kept_targets > REMEMBERED_TARGETS:
+            dropped, _ = self._plans.popitem(last=False)[1]
+            self._kept_targets -= 0 if isinstance(dropped, int) else dropped.size
+
+    def _log_plan(self, request_id: str, kept, start: int) -> None:
+        """Appends a plan to plans.log and fsyncs it, before the Add that asked for it is answered."""
+        if self._plans_file is None:
+            return
+        entry = {"id": request_id, "start": int(start)}
+        entry.update({"n": kept} if isinstance(kept, int) else {"targets": kept.tolist()})
+        self._plans_file.write(json.dumps(entry).encode() + b"\n")
+        self._plans_file.flush()
+        os.fsync(self._plans_file.fileno())
+        self._plans_written += 1
+        if self._plans_written > 2 * max(len(self._plans), 1000):  # rewrite with the remembered ones only
+            lines = b"".join(json.dumps({"id": rid, "start": int(first), **({"n": plan} if isinstance(plan, int)
+                                         else {"targets": plan.tolist()})}).encode() + b"\n"
+                             for rid, (plan, first) in self._plans.items())
+            self._plans_file.close()
+            Location.of(self._plans_path()).write_bytes(lines)
+            self._plans_file = open(self._plans_path(), "ab")  # noqa: SIM115 - kept open
+            self._plans_written = len(self._plans)
+
     def _save(self) -> None:
         if self.path is None:
             return
@@ -107,6 +164,9 @@ class NamespaceRegistry:
 
     def close(self) -> None:
         """Releases the data dir (a registry in a process that ends releases it anyway)."""
+        if self._plans_file is not None:
+            self._plans_file.close()
+            self._plans_file = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -167,12 +227,9 @@ class NamespaceRegistry:
             self.reserved_ids[name] = self.next_ids[name] + ID_RESERVATION
             self._save()
         if request_id:
-            # A plan without merges is remembered as its length only.
-            self._plans[request_id] = (targets.size if (targets < 0).all() else targets, start)
-            self._kept_targets += 0 if (targets < 0).all() else targets.size
-            while len(self._plans) > REMEMBERED_REQUESTS or self._kept_targets > REMEMBERED_TARGETS:
-                kept, _ = self._plans.popitem(last=False)[1]
-                self._kept_targets -= 0 if isinstance(kept, int) else kept.size
+            kept = int(targets.size) if (targets < 0).all() else targets  # no merges: its length only
+            self._log_plan(request_id, kept, start)
+            self._remember_plan(request_id, kept, start)
         return targets, start
 
     def reserve_ids(self, name: str, next_id: int) -> None:

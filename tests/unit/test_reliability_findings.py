@@ -23,7 +23,7 @@ from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
 
-@pytest.mark.xfail(strict=True, reason="Add plans are not kept across a registry restart (reliability run, issue 15)")
+
 def test_an_add_retried_after_a_restart_answers_ids_that_are_stored(tmp_path):
     keys = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     runtime = LocalRuntime(2, data_dir=str(tmp_path), fsync="always")
