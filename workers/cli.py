@@ -183,7 +183,8 @@ def _demo(args) -> int:
     from monim.protos.errors import MemoryStoreError
 
     try:
-        inputs = prepare_inputs(corpus=args.corpus, model=args.model, days=args.days, quick=args.quick)
+        inputs = prepare_inputs(corpus=args.corpus, model=args.model, days=args.days, quick=args.quick,
+                                seeds=args.seeds)
         if args.address:
             from monim.model_client import MemoryClient
 
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--days", type=int, default=None, help="new days after day 0 (default 3)")
     demo.add_argument("--address", default=None, help="use a running server instead of an embedded store")
     demo.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests)")
+    demo.add_argument("--seeds", type=int, default=1,
+                      help="runs with seeds 0..N-1; the summary and plot show mean and std (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
     return parser

@@ -21,14 +21,21 @@ def run_cli(*args, timeout=600):
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_table_json_and_plot(server_address, tmp_path):
-    done = run_cli("--quick", "--no-progress", "--address", server_address, "--out", str(tmp_path))
+    done = run_cli("--quick", "--seeds", "2", "--no-progress", "--address", server_address, "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "day 1 (day1-email)" in done.stdout and "summary after 1 new day(s)" in done.stdout
+    assert "seed 1, day 1 (day1-email)" in done.stdout
+    assert "summary after 1 new day(s) (mean ± std over seeds 0, 1)" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    for arm in ("frozen", "knnlm", "monim", "finetune"):
-        assert len(results["arms"][arm]["new_day_ppl"]) == 2 and len(results["arms"][arm]["day0_ppl"]) == 2
-        assert all(p > 1 for p in results["arms"][arm]["new_day_ppl"])
+    assert results["seeds"] == [0, 1] and results["store"]["shards"] == 2
+    for arm in ("frozen", "knnlm", "monim", "monim_fixed_values", "finetune"):
+        assert f"  {arm} " in done.stdout.split("summary after")[1]
+        record = results["arms"][arm]
+        assert len(record["new_day_ppl"]) == 2 and len(record["day0_ppl"]) == 2 and len(record["ppl_by_day"]) == 2
+        assert len(record["new_day_ppl_std"]) == 2 and len(record["per_seed"]["new_day_ppl"]) == 2
+        assert all(p > 1 for p in record["new_day_ppl"])
+        assert set(results["summary"][arm]) == {"new_day_ppl", "day0_ppl", "new_day_vs_frozen", "day0_change"}
     assert results["memory"]["knnlm"]["rows"][1] > results["memory"]["knnlm"]["rows"][0] > 0
+    assert results["memory"]["monim_fixed_values"]["rows"] == results["memory"]["monim"]["rows"]
     assert (tmp_path / "perplexity.png").stat().st_size > 10_000
 
 
@@ -60,6 +67,10 @@ def test_model_that_is_not_a_causal_lm(tmp_path):
                                                       "num_hidden_layers": 1, "num_attention_heads": 2,
                                                       "intermediate_size": 64, "vocab_size": 100}))
     assert_one_line_error(run_cli("--model", str(tmp_path)), "not a local Hugging Face causal LM")
+
+
+def test_seeds_below_one(tmp_path):
+    assert_one_line_error(run_cli("--quick", "--seeds", "0", "--out", str(tmp_path)), "--seeds must be at least 1")
 
 
 def test_missing_model(tmp_path):

@@ -1,0 +1,64 @@
+"""The experiment's settings, its arms and the tokenizers it reads text with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from monim.protos.errors import InvalidArgument
+
+# Order matters twice: it is the order of the printed tables and plot legends, and a follower arm
+# (monim_fixed_values) comes before its leader (monim) so that it steps before the leader's rows of
+# the same batch reach the store (arms.py, "Lockstep").
+ARMS = ("frozen", "knnlm", "monim", "monim_fixed_values", "finetune")
+MEMORY_ARMS = ("knnlm", "monim_fixed_values", "monim")
+
+# The store refuses lr 0 (protos/config.py: lr > 0), so the fixed-values arm's namespace gets an Adam
+# step of this size: ~1e-30 per element, far below float32's resolution for any value of the size of an
+# output-embedding entry, so every value row keeps its initialization bit for bit (the tests check it),
+# while the store still computes the gradients of T and of the queries as in the monim arm.
+FIXED_VALUES_LR = 1e-30
+
+
+@dataclasses.dataclass
+class ContinualConfig:
+    length: int = 128          # tokens per training / evaluation window
+    batch: int = 16
+    day0_steps: int = 2000     # LM training on day 0 (0 for a pretrained --model)
+    day0_lr: float = 3e-3
+    finetune_lr: float = 3e-3
+    finetune_epochs: int = 4   # passes of the finetune arm over each new day's text
+    epochs: int = 2            # passes of the monim arms over each day's text (admission in the first)
+    k: int = 16
+    admit_below: float = -1.5
+    temperature: float = 0.0   # initial T of the memory arms; 0: hidden size / 8 (distances are squared L2)
+    knn_lambda: float = 0.25   # initial lambda of the kNN-LM mixture (learned while reading)
+    monim_gate: float = 1.0
+    monim_value_lr: float = 3e-3
+    monim_layer_lr: float = 3e-2
+    memory_day_tokens: int = 48_000  # the memory arms read at most this much of a day (day 0's is larger)
+    eval_batch: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("length", "batch", "epochs", "k", "eval_batch", "memory_day_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.day0_steps < 0 or self.finetune_epochs < 0:
+            raise InvalidArgument("day0_steps and finetune_epochs must be >= 0")
+
+
+class ByteTokenizer:
+    vocab_size = 257
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+
+
+class HFTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.int64)
