@@ -1,5 +1,6 @@
 """What the reliability workload (python -m reliability.run) found with Ray, reduced: an
-xfail(strict=True) test until it is fixed, so that the fix shows.
+xfail(strict=True) test until it was fixed (it is now: Shard.export_snapshot answers a repeated export
+of the same location with its first job).
 
 CreateSnapshot while a shard actor restarts answers FAILED_PRECONDITION ("shard-0 already holds a
 snapshot"): RayRuntime.call_shards sends every call of the round again when one shard is
@@ -14,9 +15,7 @@ import signal
 import uuid
 
 import numpy as np
-import pytest
 from monim.model_client import MemoryClient
-
 
 
 def test_a_snapshot_taken_while_a_shard_restarts_is_written(ray_joined, tmp_path):

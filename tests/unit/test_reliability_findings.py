@@ -1,5 +1,5 @@
 """What the reliability workload (python -m reliability.run) found, reduced to one shard process or
-two, without Ray: each is an xfail(strict=True) test until it is fixed, so that the fix shows.
+two, without Ray (each was an xfail(strict=True) test until it was fixed; all are fixed now).
 
 - An Add that a shard applied, retried with its request id after the whole deployment restarted,
   is answered with ids that are not stored: the registry keeps Add plans in memory only, so the
@@ -21,7 +21,6 @@ from monim.datastore import NamespaceConfig
 from monim.protos.errors import ShardUnavailable
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
-
 
 
 def test_an_add_retried_after_a_restart_answers_ids_that_are_stored(tmp_path):
