@@ -473,7 +473,7 @@ class MemoryClient:
                               queries=queries, temperature=temperature, generation=parts[0].generation)
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
-                          step_id: str | None = None) -> tuple[np.ndarray, float]:
+                          step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:
         """Backward of ``retrieve``: the value rows take one optimizer step with dL/dv_i = alpha_i dL/dm;
         returns (grad_queries float32 [B, dim], grad_temperature).
 
@@ -484,18 +484,21 @@ class MemoryClient:
         the step is aborted and nothing is stepped. NotFound if a row of the forward was deleted
         since (nothing stepped); FailedPrecondition if the namespace was re-created since.
         step_id: the step's request id (one is made when None): a repeated call with the same one
-        (e.g. after the retries gave up) steps once, as a retried ``add`` with its request_id lands once."""
+        (e.g. after the retries gave up) steps once, as a retried ``add`` with its request_id lands once.
+        step_values=False: only the gradients of the queries and T; no value row is stepped (the
+        parts are staged, then dropped)."""
         grad_memory = _float_array(grad_memory, "grad_memory")
         step_id = step_id or validation.new_request_id()
         if result.handle:
             try:
-                return self._backward(namespace, result, grad_memory, step_id, handle=result.handle)
+                return self._backward(namespace, result, grad_memory, step_id, step_values, handle=result.handle)
             except FailedPrecondition as error:
                 if "retrieve handle" not in error.message:
                     raise
-        return self._backward(namespace, result, grad_memory, step_id)
+        return self._backward(namespace, result, grad_memory, step_id, step_values)
 
-    def _backward(self, namespace: str, result: RetrieveResult, grad_memory, step_id: str, handle: str = ""):
+    def _backward(self, namespace: str, result: RetrieveResult, grad_memory, step_id: str, step_values: bool,
+                  handle: str = ""):
         queries, ids = result.queries, result.ids
         width = queries.shape[1] if getattr(queries, "ndim", 0) == 2 else 1
         k = ids.shape[1] if getattr(ids, "ndim", 0) == 2 else 1
@@ -513,7 +516,7 @@ class MemoryClient:
                                  result.distances[part], grad_memory[part], result.temperature,
                                  generation=result.generation, step_id=step_id, part=index, defer_step=defer)
 
-        if len(parts) == 1:
+        if len(parts) == 1 and step_values:
             return send(slice(None), 0, False)
         try:
             answers = [send(part, index, True) for index, part in enumerate(parts)]
@@ -523,7 +526,8 @@ class MemoryClient:
             except MemoryStoreError:
                 pass  # staged parts also expire on the shards
             raise
-        self._retried("commit_step", namespace, step_id, generation=result.generation)
+        finish = "commit_step" if step_values else "abort_step"  # abort: the staged value gradients go
+        self._retried(finish, namespace, step_id, generation=result.generation)
         return np.concatenate([g for g, _ in answers]), float(sum(t for _, t in answers))
 
     def apply_gradients(self, namespace: str, ids, grads, generation: int = 0, request_id: str | None = None) -> int:

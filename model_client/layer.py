@@ -83,7 +83,7 @@ class RetrieveFunction(torch.autograd.Function):
         layer = ctx.layer
         started = time.perf_counter()
         grad_queries, grad_temperature = layer.client.retrieve_backward(
-            layer.namespace, ctx.result, grad_memory.detach().float().cpu().numpy())
+            layer.namespace, ctx.result, grad_memory.detach().float().cpu().numpy(), step_values=layer.train_values)
         layer.timer.record("retrieve_backward", time.perf_counter() - started, grad_memory.shape[0])
         return (torch.from_numpy(grad_queries).to(ctx.device, ctx.dtype),
                 torch.tensor(grad_temperature, dtype=torch.float32, device=ctx.device),
@@ -98,7 +98,8 @@ class MoNIMLayer(nn.Module):
     mode: "monim" (values, Retrieve + backward on the store) or "knnlm" (p_kNN from tokens);
     knn_lambda: initial lambda of the kNN-LM mixture (learned when learn_lambda);
     train_values: the store's value rows take an optimizer step in every backward that reaches the
-    memory's output (also with a frozen LM and a fixed T); False reads them only.
+    memory's output (also with a frozen LM and a fixed T); False reads them only (a learned T and
+    the queries still get their gradients).
     """
 
     def __init__(self, client, namespace: str, k: int = 32, temperature: float = 1.0, gate: float = 0.05,

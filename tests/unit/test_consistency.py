@@ -234,6 +234,20 @@ def test_values_train_with_a_frozen_model_and_a_fixed_temperature():
     np.testing.assert_array_equal(client.get("ns", np.arange(N)).values, before)
 
 
+def test_frozen_values_stay_frozen_when_the_temperature_learns():
+    """train_values=False with a learned T: the backward gives T (and the queries) their gradients
+    and steps no value row (the store used to step them in every backward)."""
+    client = MemoryClient(":memory:")
+    client.create_namespace("ns", dim=DIM, value_dim=VALUE_DIM, optimizer="sgd", lr=LR)
+    keys, tokens, values = rows()
+    client.add("ns", keys, tokens, values=values)
+    frozen = MoNIMLayer(client, "ns", k=K, learn_temperature=True, train_values=False)
+    hidden = torch.from_numpy(queries(batch=8)).reshape(2, 4, DIM)
+    (frozen.gate * frozen(hidden)).sum().backward()
+    assert frozen.log_temperature.grad is not None and frozen.log_temperature.grad != 0
+    np.testing.assert_array_equal(client.get("ns", np.arange(N)).values, values)
+
+
 # ----- 5. generations ----------------------------------------------------------------------------
 def test_a_second_front_end_follows_a_namespace_recreated_by_the_first():
     runtime = LocalRuntime(2)
