@@ -63,6 +63,7 @@ REMEMBERED_REQUESTS = 100_000
 STAGED_STEP_TTL_S = 600.0
 MAX_STAGED_STEPS = 256
 DEFAULT_SNAPSHOT_EVERY = 10_000
+KEPT_EXPORTS = 64  # finished snapshot exports whose status a shard still answers
 
 
 @dataclasses.dataclass
@@ -417,7 +418,12 @@ class Shard:
             raise InvalidArgument(f"no snapshot export {job!r} on shard {self.shard_index}")
         if not future.done():
             return None
-        del self._exports[job]
+        # Kept, not dropped, once read: a round of status calls is sent again when another shard
+        # restarts, and this shard must answer it the same. The oldest finished ones go.
+        finished = [other for other, done in self._exports.items() if done.done() and other != job]
+        for other in finished[:max(0, len(finished) - KEPT_EXPORTS)]:
+            del self._exports[other]
+        self._export_jobs = {location: kept for location, kept in self._export_jobs.items() if kept in self._exports}
         return future.result()
 
     @_serialized

@@ -81,3 +81,22 @@ def test_concurrent_writers_never_fail_a_background_snapshot(tmp_path):
     finally:
         logging.getLogger("monim.workers.shard").removeHandler(handler)
         runtime.shutdown()
+
+
+def test_a_status_round_sent_again_answers_a_finished_export_the_same(tmp_path):
+    """CreateSnapshot while another shard restarts: the round of export_status calls is sent again,
+    and a shard whose export had finished answered the second time "no snapshot export" (found by
+    the reliability profile in CI). A finished export's status is kept."""
+    from monim.workers.shard import Shard
+
+    shard = Shard(0, data_dir=str(tmp_path / "data"))
+    shard.create_namespace(NamespaceConfig("ns", dim=4, generation=3).to_dict())
+    shard.add("ns", 3, "r", np.arange(3), np.eye(3, 4, dtype=np.float32), np.arange(3), None, None, "")
+    location = str(tmp_path / "snap" / "shard-0")
+    job = shard.export_snapshot(location, ["ns"])
+    assert shard.export_snapshot(location, ["ns"]) == job  # the export round sent again
+    shard.wait_for_snapshot()
+    while (first := shard.export_status(job)) is None:
+        pass
+    assert shard.export_status(job) == first  # the status round sent again
+    shard.close()
