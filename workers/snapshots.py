@@ -86,9 +86,9 @@ class Snapshots:
         names = [config.name for config in configs]
         self.filesystem.create_dir(target, recursive=True)
         shard_dirs = [posixpath.join(target, f"shard-{i}") for i in range(self.router.num_shards)]
-        jobs = self.router._call([(i, "export_snapshot", (self._uri(shard_dirs[i]), names))
-                                  for i in range(self.router.num_shards)])
-        manifests = self._wait_for_exports(jobs)
+        exports = [(self._uri(shard_dirs[i]), names) for i in range(self.router.num_shards)]
+        jobs = self.router._call([(i, "export_snapshot", exports[i]) for i in range(self.router.num_shards)])
+        manifests = self._wait_for_exports(jobs, exports)
         namespaces = {}
         for config in configs:
             rows = sum(m["namespaces"].get(config.name, {}).get("rows", 0) for m in manifests)
@@ -104,14 +104,24 @@ class Snapshots:
         self._write_json(posixpath.join(target, "manifest.json"), manifest)
         return self._info(location, manifest)
 
-    def _wait_for_exports(self, jobs: list[str]) -> list[dict]:
+    def _wait_for_exports(self, jobs: list[str], exports: list[tuple]) -> list[dict]:
         """Polls every shard's export until all are written (the shards serve meanwhile), within the
-        call's deadline."""
+        call's deadline. A shard that restarted meanwhile has lost its export (it answers "no
+        snapshot export"): it is asked for it again, and exports what it holds then."""
         manifests: dict[int, dict] = {}
         while len(manifests) < len(jobs):
-            pending = [shard for shard in range(len(jobs)) if shard not in manifests]
-            answers = self.router._call([(shard, "export_status", (jobs[shard],)) for shard in pending])
-            for shard, answer in zip(pending, answers):
+            for shard in [shard for shard in range(len(jobs)) if shard not in manifests]:
+                try:
+                    answer = self.router._call([(shard, "export_status", (jobs[shard],))])[0]
+                except InvalidArgument as error:
+                    if "no snapshot export" not in error.message:
+                        raise
+                    written = snapshot.resolve(exports[shard][0])
+                    if written[0].get_file_info(posixpath.join(written[1], "manifest.json")).type == pafs.FileType.File:
+                        manifests[shard] = snapshot.read_manifest(*written)  # it finished before the restart
+                    else:
+                        jobs[shard] = self.router._call([(shard, "export_snapshot", exports[shard])])[0]
+                    continue
                 if answer is not None:
                     manifests[shard] = answer
             if len(manifests) < len(jobs):

@@ -150,3 +150,31 @@ def test_a_step_answered_aborted_stepped_nothing(tmp_path):
             f"answered ABORTED, yet rows {ids[steps > 0].tolist()} took the step"
     finally:
         runtime.shutdown()
+
+
+def test_a_shard_that_restarts_during_a_snapshot_exports_again(tmp_path):
+    """A shard restarted between its export and the status round has lost the export (found by
+    the reliability profile in CI: CreateSnapshot answered INVALID_ARGUMENT "no snapshot export");
+    the front end asks it again, and the snapshot is whole."""
+    from monim.workers.shard import Shard
+    from monim.workers.snapshots import Snapshots
+
+    runtime = LocalRuntime(2, data_dir=str(tmp_path / "data"))
+    router = Router(runtime)
+    router.create_namespace(NamespaceConfig("ns", dim=4))
+    router.add("ns", np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), np.arange(10))
+    real = runtime.call_shards
+
+    def restart_after_the_export(calls, timeout_s=None):
+        answers = real(calls, timeout_s)
+        if any(method == "export_snapshot" for _, method, _ in calls) and not getattr(runtime, "restarted", False):
+            runtime.restarted = True
+            runtime.shards[1] = Shard(1, 2, "cpu", str(tmp_path / "data"))  # a fresh process on its log
+        return answers
+
+    runtime.call_shards = restart_after_the_export
+    snapshots = Snapshots(router, str(tmp_path / "snapshots"))
+    try:
+        assert snapshots.create("during-restart")["rows"] == {"ns": 10}
+    finally:
+        runtime.shutdown()
