@@ -179,7 +179,7 @@ def markdown(result: RunResult) -> str:
     lines += ["```", *result.summary_lines(), "```"]
     if result.wrong_details or result.unresolved:
         lines += ["", f"The first wrong answers and unresolved calls (of {result.wrong} and {len(result.unresolved)}):", ""]
-        lines += [f"- {escaped(line)}" for line in result.wrong_details[:8] + result.unresolved[:4]]
+        lines += [f"- {escaped(line[:400])}" for line in result.wrong_details[:8] + result.unresolved[:4]]
     lines += ["", f"Result: {'passed' if result.passed else 'FAILED'} (exit code {0 if result.passed else 1})."]
     return "\n".join(lines)
 
