@@ -381,8 +381,19 @@ class Router:
         """Commits the step (its _step_key) on every shard; staged_on: the shards that were sent parts
         (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
         staged_on = range(self.num_shards) if staged_on is None else set(staged_on)
-        return sum(self._call([(shard, "commit_step", (config.name, config.generation, step, shard in staged_on))
-                               for shard in range(self.num_shards)]))
+        try:
+            return sum(self._call([(shard, "commit_step", (config.name, config.generation, step, shard in staged_on))
+                                   for shard in range(self.num_shards)]))
+        except Aborted:
+            # A shard lost its parts in a restart. If another had committed already, the step is not
+            # "nothing": UNAVAILABLE, so that the caller retries the same step id, which stages the
+            # lost parts again and commits them (the committed shards answer their first count).
+            done = self._call([(shard, "step_committed", (step,)) for shard in range(self.num_shards)])
+            if any(done):
+                raise Unavailable(f"the step was committed on shard(s) {[s for s, d in enumerate(done) if d]} while "
+                                  "another shard lost its part in a restart; send it again with the same step id to "
+                                  "finish it (rows already stepped are not stepped again)") from None
+            raise
 
     @_reread_config_if_recreated
     def commit_step(self, namespace: str, step_id: str, *, generation: int = 0) -> int:

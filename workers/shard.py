@@ -607,6 +607,10 @@ class Shard:
                 self._changes.notify_all()
 
     @_serialized
+    def step_committed(self, step_id: str) -> bool:
+        return step_id in self._committed
+
+    @_serialized
     def abort_step(self, namespace: str, generation: int, step_id: str) -> None:
         self._staged.pop(step_id, None)
 

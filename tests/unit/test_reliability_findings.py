@@ -8,9 +8,9 @@ two, without Ray (each was an xfail(strict=True) test until it was fixed; all ar
 - Writers that find a snapshot due at the same moment start a second snapshot with no record since
   the first; it targets the same folder and fails ("already holds a snapshot"), logging a traceback
   (workers/shard.py _write / snapshot).
-- Not fixed yet: a step whose commit round meets a shard restart answers ABORTED ("nothing was
-  stepped") after the other shards stepped (workers/router.py _commit, workers/shard.py commit_step
-  with expect_parts, under RayRuntime.call_shards sending the round again).
+- A step whose commit round meets a shard restart answered ABORTED ("nothing was stepped") after
+  the other shards stepped; it answers UNAVAILABLE now, and the retry with the same step id finishes
+  it (workers/router.py _commit, workers/shard.py step_committed).
 """
 
 from __future__ import annotations
@@ -105,8 +105,6 @@ def test_a_status_round_sent_again_answers_a_finished_export_the_same(tmp_path):
     shard.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a commit round re-sent after a shard restart answers ABORTED after "
-                                       "stepping the other shards (reliability run, issue 15)")
 def test_a_step_answered_aborted_stepped_nothing(tmp_path):
     """A RetrieveBackward whose commit round meets a shard restart: shard 0 commits, shard 1 dies
     before it does and comes back from its log without its staged part (staged parts are not logged),
@@ -115,7 +113,7 @@ def test_a_step_answered_aborted_stepped_nothing(tmp_path):
     call answers ABORTED, which promises that nothing changed anywhere (docs/API.md); but shard 0's rows
     took the step, and the backward the message asks for steps them again. Found by the reliability
     workload (a shard kill in the middle of its steps: the rows' step counts one above the model's)."""
-    from monim.protos.errors import Aborted
+    from monim.protos.errors import Aborted, Unavailable
     from monim.workers.shard import Shard
 
     data_dir = str(tmp_path)
@@ -137,17 +135,26 @@ def test_a_step_answered_aborted_stepped_nothing(tmp_path):
         return send(calls, timeout_s)  # the round sent again
 
     runtime.call_shards = shard_1_restarts_during_the_commit
+
+    def backward():
+        return router.retrieve_backward("ns", forward.queries, forward.ids, forward.alpha, forward.distances,
+                                        np.ones((1, 2), np.float32), 1.0, generation=forward.generation, step_id="s")
+
     try:
         try:
-            router.retrieve_backward("ns", forward.queries, forward.ids, forward.alpha, forward.distances,
-                                     np.ones((1, 2), np.float32), 1.0, generation=forward.generation, step_id="s")
+            backward()
             aborted = False
         except Aborted:
             aborted = True
+        except Unavailable:  # the fix: "send it again with the same step id"
+            aborted = False
+            backward()
         runtime.call_shards = send
         steps = router.get("ns", ids, True).optimizer_state["step"]
         assert restarted and not (aborted and steps.any()), \
             f"answered ABORTED, yet rows {ids[steps > 0].tolist()} took the step"
+        touched = np.isin(ids, forward.ids)
+        assert (steps[touched] == 1).all() and not steps[~touched].any()  # every row of the step, once
     finally:
         runtime.shutdown()
 
