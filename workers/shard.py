@@ -31,7 +31,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import warnings
 
 import numpy as np
@@ -158,7 +157,6 @@ class Shard:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-snapshot")
         self._snapshot_written: concurrent.futures.Future | None = None  # the latest automatic snapshot
         self._exports: dict[str, concurrent.futures.Future] = {}
-        self._export_jobs: dict[str, str] = {}  # location -> its export's job id
         self.recovery: dict = {}
         self.folder = None if data_dir is None else Location.of(data_dir) / f"shard-{shard_index}"
         self.wal = None if self.folder is None else WriteAheadLog(self.folder / "wal", fsync, self._log_advanced)
@@ -394,18 +392,18 @@ class Shard:
             concurrent.futures.wait([self._snapshot_written])
 
     @_serialized
-    def export_snapshot(self, location: str, namespaces: list[str]) -> str:
+    def export_snapshot(self, location: str, namespaces: list[str], job: str) -> str:
         """Starts writing the given namespaces held here to a snapshot at location (a path or URI):
         the rows are copied to host memory now, the files are written in the background while the
-        shard goes on serving. Returns a job id for export_status. (A deployment snapshot:
-        workers/snapshots.py.)"""
+        shard goes on serving. job: the caller's id for this export, one per CreateSnapshot, so that
+        the same export sent again (a round retried for another shard's sake) starts nothing, while a
+        new one at a taken location fails as it must. Returns job for export_status. (A deployment
+        snapshot: workers/snapshots.py.)"""
         from monim.datastore import snapshot
 
-        job = self._export_jobs.get(location)
-        if job in self._exports:  # the same export sent again (a round retried for another shard's sake)
+        if job in self._exports:
             return job
         captured = snapshot.capture({name: self.stores[name] for name in namespaces if name in self.stores})
-        job = self._export_jobs[location] = uuid.uuid4().hex
         self._exports[job] = self._writer.submit(snapshot.write_captured, captured, *snapshot.resolve(location),
                                                  shard=self.shard_index, num_shards=self.num_shards)
         return job
@@ -423,7 +421,6 @@ class Shard:
         finished = [other for other, done in self._exports.items() if done.done() and other != job]
         for other in finished[:max(0, len(finished) - KEPT_EXPORTS)]:
             del self._exports[other]
-        self._export_jobs = {location: kept for location, kept in self._export_jobs.items() if kept in self._exports}
         return future.result()
 
     @_serialized

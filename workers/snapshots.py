@@ -20,6 +20,7 @@ import hashlib
 import json
 import posixpath
 import time
+import uuid
 
 import pyarrow.fs as pafs
 from monim.datastore import snapshot
@@ -84,9 +85,13 @@ class Snapshots:
         target = self.locate(location)
         configs = [self.router.config(namespace)] if namespace else self.router.list_namespaces()
         names = [config.name for config in configs]
+        if self.filesystem.get_file_info(posixpath.join(target, "manifest.json")).type != pafs.FileType.NotFound:
+            raise snapshot.SnapshotError(f"snapshot location {location!r} already holds a snapshot; write each "
+                                         "snapshot to a new location")
         self.filesystem.create_dir(target, recursive=True)
         shard_dirs = [posixpath.join(target, f"shard-{i}") for i in range(self.router.num_shards)]
-        exports = [(self._uri(shard_dirs[i]), names) for i in range(self.router.num_shards)]
+        job = uuid.uuid4().hex  # one per call: a round sent again is the same export, a new call is not
+        exports = [(self._uri(shard_dirs[i]), names, job) for i in range(self.router.num_shards)]
         jobs = self.router._call([(i, "export_snapshot", exports[i]) for i in range(self.router.num_shards)])
         manifests = self._wait_for_exports(jobs, exports)
         namespaces = {}

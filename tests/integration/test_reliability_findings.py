@@ -1,6 +1,6 @@
 """What the reliability workload (python -m reliability.run) found with Ray, reduced: an
 xfail(strict=True) test until it was fixed (it is now: Shard.export_snapshot answers a repeated export
-of the same location with its first job).
+carrying the same CreateSnapshot's job id with that job).
 
 CreateSnapshot while a shard actor restarts answers FAILED_PRECONDITION ("shard-0 already holds a
 snapshot"): RayRuntime.call_shards sends every call of the round again when one shard is

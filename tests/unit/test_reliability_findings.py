@@ -96,8 +96,8 @@ def test_a_status_round_sent_again_answers_a_finished_export_the_same(tmp_path):
     shard.create_namespace(NamespaceConfig("ns", dim=4, generation=3).to_dict())
     shard.add("ns", 3, "r", np.arange(3), np.eye(3, 4, dtype=np.float32), np.arange(3), None, None, "")
     location = str(tmp_path / "snap" / "shard-0")
-    job = shard.export_snapshot(location, ["ns"])
-    assert shard.export_snapshot(location, ["ns"]) == job  # the export round sent again
+    job = shard.export_snapshot(location, ["ns"], "job-1")
+    assert shard.export_snapshot(location, ["ns"], "job-1") == job  # the export round sent again
     shard.wait_for_snapshot()
     while (first := shard.export_status(job)) is None:
         pass
@@ -183,5 +183,31 @@ def test_a_shard_that_restarts_during_a_snapshot_exports_again(tmp_path):
     snapshots = Snapshots(router, str(tmp_path / "snapshots"))
     try:
         assert snapshots.create("during-restart")["rows"] == {"ns": 10}
+    finally:
+        runtime.shutdown()
+
+
+def test_a_snapshot_is_never_written_over(tmp_path):
+    """CreateSnapshot at a location that already holds a snapshot answers FAILED_PRECONDITION and
+    leaves it as it was, also when the same front end wrote it a moment ago (found by the hostile-input
+    suite in CI: the shards answered the second export with the first one's job, so it answered OK)."""
+    from monim.datastore.snapshot import SnapshotError
+    from monim.workers.snapshots import Snapshots
+
+    runtime = LocalRuntime(2, data_dir=str(tmp_path / "data"))
+    router = Router(runtime)
+    router.create_namespace(NamespaceConfig("ns", dim=4))
+    router.add("ns", np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), np.arange(10))
+    snapshots = Snapshots(router, str(tmp_path / "snapshots"))
+    try:
+        first = snapshots.create("taken")
+        files = sorted((path.relative_to(tmp_path), path.stat().st_mtime_ns, path.read_bytes())
+                       for path in (tmp_path / "snapshots").rglob("*") if path.is_file())
+        router.add("ns", np.ones((2, 4), np.float32), np.arange(2))
+        with pytest.raises(SnapshotError, match="already holds a snapshot"):
+            snapshots.create("taken")
+        assert sorted((path.relative_to(tmp_path), path.stat().st_mtime_ns, path.read_bytes())
+                      for path in (tmp_path / "snapshots").rglob("*") if path.is_file()) == files
+        assert snapshots.list()[0]["rows"] == first["rows"] == {"ns": 10}
     finally:
         runtime.shutdown()
