@@ -106,15 +106,31 @@ class NeighborStore:
 
     # ----- reads -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False) -> SearchResult:
-        """Exact top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes."""
+               return_weights: bool = False, hidden: np.ndarray | None = None) -> SearchResult:
+        """Exact top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes.
+        hidden: int64 ids left out of the answer (rows a reshard is copying here, which their
+        old shard still answers for)."""
         queries = validation.check_vectors(queries, self.config.dim, "queries")
         k = validation.check_k(k, self.config.max_k)
         if return_values and not self.config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         with self._lock:
-            distances, rows = self._nearest_rows(queries, k)
+            held = 0 if hidden is None or not len(hidden) else int((self.rows.rows_of(hidden) >= 0).sum())
+            distances, rows = self._nearest_rows(queries, k + held)
+            if held:
+                distances, rows = self._leave_out(distances, rows, hidden, k)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
+
+    def _leave_out(self, distances: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int):
+        """The first k of each query's [k + h] nearest rows that do not hold a hidden id."""
+        found = rows >= 0
+        ids = self.rows.ids[: self.rows.size].cpu().numpy()[np.where(found, rows, 0)]
+        keep = found & ~np.isin(ids, hidden)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(keep, order, axis=1)
+        rows = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
+        distances = np.where(kept, np.take_along_axis(distances, order, axis=1), np.inf).astype(distances.dtype)
+        return distances, rows
 
     def _nearest_rows(self, queries: np.ndarray, k: int):
         stored = self.rows.size
@@ -198,11 +214,11 @@ class NeighborStore:
 
     # ----- learnable memory ---------------------------------------------------------
     def _held_rows(self, ids: np.ndarray) -> torch.Tensor:
-        """int64 [...] ids -> rows on the device, -1 where the id belongs to another store
-        (or is -1, an empty slot). NOT_FOUND naming every id that belongs here but is gone."""
+        """int64 [...] ids -> rows on the device, -1 where the id is -1 (an empty slot, or an id the
+        caller left to another store: the router masks each shard's ids by placement). NOT_FOUND
+        naming every id >= 0 that is not stored."""
         rows = self.rows.rows_of(ids)
-        owned = (ids >= 0) & ((ids - self.id_offset) % self.id_stride == 0)
-        gone = owned & (rows < 0)
+        gone = (ids >= 0) & (rows < 0)
         if gone.any():
             raise IdsNotFound(self.config.name, ids[gone])
         return torch.from_numpy(rows).to(self.device)
@@ -211,7 +227,7 @@ class NeighborStore:
         return torch.from_numpy(array).to(self.device)
 
     def value_sum(self, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids belong here.
+        """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids are >= 0 (those of this store).
         NOT_FOUND if one of them is no longer stored (never a silently smaller sum)."""
         with self._lock:
             rows = self._held_rows(ids)

@@ -44,6 +44,7 @@ from monim.protos.errors import (
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
 from monim.workers.forwards import ForwardStates
 from monim.workers.merge import merge_topk
+from monim.workers.placement import Placement, PlacementChanged
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ DEFAULT_TIMEOUT_S = 120.0
 RETRIEVE_ATTEMPTS = 3
 # How long DescribeNamespace waits for a shard before it reports it as recovering.
 DESCRIBE_WAIT_S = 2.0
+# A call refused for a placement change (a reshard's batch) waits this long, doubling up to the max,
+# before it reads the placement again and sends what was refused.
+PLACEMENT_WAIT_S, PLACEMENT_WAIT_MAX_S = 0.005, 0.2
 # The absolute time.monotonic() by which the current call must answer (the gRPC deadline).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
 
@@ -84,7 +88,8 @@ class Router:
 
     def __init__(self, runtime, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.runtime = runtime
-        self.num_shards = runtime.num_shards
+        self.placement = Placement.from_dict(runtime.call_registry("get_placement"))
+        self._ensure_shards()
         self.timeout_s = timeout_s
         self._configs: dict[str, NamespaceConfig] = {}
         self.forwards = ForwardStates()  # Retrieve states kept for their backward (workers/forwards.py)
@@ -109,12 +114,88 @@ class Router:
             raise DeadlineExceeded("the call's deadline passed before the shards were asked")
         return min(self.timeout_s, left)
 
-    def _all_shards(self, method: str, *args) -> list:
-        return self._call([(s, method, args) for s in range(self.num_shards)])
+    @property
+    def num_shards(self) -> int:
+        """Shard actors the placement uses (during a reshard: the source's and the target's)."""
+        return self.placement.actors
 
-    def _call(self, calls) -> list:
-        """Scatter/gather; a namespace another front end dropped leaves this one's cache too."""
+    def _ensure_shards(self) -> None:
+        """The runtime has a handle for every shard the placement uses (a reshard adds and removes them)."""
+        if self.runtime.num_shards < self.placement.actors:
+            self.runtime.ensure_shards(self.placement.actors)
+        elif self.runtime.num_shards > self.placement.actors and hasattr(self.runtime, "forget_shards"):
+            self.runtime.forget_shards(self.placement.actors)
+
+    def refresh_placement(self) -> Placement:
+        """Reads the placement from the registry (a shard refused a call routed with ours)."""
+        self.placement = Placement.from_dict(self.runtime.call_registry("get_placement"))
+        self._ensure_shards()
+        return self.placement
+
+    def _wait_for_placement(self, waited: float) -> float:
+        """After a PlacementChanged: a short sleep (the reshard driver is pushing the placement to the
+        shards, or copying the batch the call touches), then the registry's placement. DEADLINE_EXCEEDED
+        if the call's deadline (or the router's timeout) passes first."""
+        wait = min(PLACEMENT_WAIT_MAX_S, max(PLACEMENT_WAIT_S, 2 * waited))
+        if wait >= self._timeout():
+            raise DeadlineExceeded("rows this call needs are being moved by a reshard, and the call's deadline "
+                                   "passed while it waited")
+        time.sleep(wait)
+        self.refresh_placement()
+        return wait
+
+    def _round(self, make_calls, on_retry=None) -> list:
+        """One round of calls that must all be answered at one placement: make_calls(placement) ->
+        [(shard, method, args)], each run on the shard only if it is at that placement's version
+        (Shard.placed). Sent again, whole, after a placement change (on_retry() first)."""
+        waited = 0.0
+        while True:
+            placement = self.placement
+            try:
+                return self._call([(shard, "placed", (placement.version, method, *args))
+                                   for shard, method, args in make_calls(placement)])
+            except PlacementChanged:
+                if on_retry is not None:
+                    on_retry()
+                waited = self._wait_for_placement(waited)
+
+    def _all_shards(self, method: str, *args) -> list:
+        return self._round(lambda placement: [(s, method, args) for s in range(placement.actors)])
+
+    def _routed_writes(self, namespace: str, parts) -> list:
+        """Writes of rows by id: parts = [(method, ids int64 [N], args(positions) -> tuple)]; each part's
+        ids go to their owners. A shard that refuses its share (PlacementChanged: a reshard moved or is
+        copying those rows) applied none of it; only that share is routed again and sent, so a write
+        lands once. Returns the shards' results."""
+        pending = [(method, ids, make_args, np.arange(ids.shape[0])) for method, ids, make_args in parts]
+        results, waited = [], 0.0
+        while pending:
+            calls, shares = [], []
+            for method, ids, make_args, positions in pending:
+                for shard, sub in self._route_ids(ids[positions], namespace):
+                    calls.append((shard, method, make_args(positions[sub])))
+                    shares.append((method, ids, make_args, positions[sub]))
+            outcomes = self._call(calls, each=True)
+            errors = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, PlacementChanged)]
+            if errors:
+                raise errors[0]
+            results += [o for o in outcomes if not isinstance(o, Exception)]
+            pending = [share for share, o in zip(shares, outcomes) if isinstance(o, PlacementChanged)]
+            if pending:
+                waited = self._wait_for_placement(waited)
+        return results
+
+    def _call(self, calls, each: bool = False) -> list:
+        """Scatter/gather; a namespace another front end dropped leaves this one's cache too.
+        each: a list with each call's result or error (a deadline still raises), instead of raising
+        the first error."""
         try:
+            if each:
+                outcomes = self.runtime.call_shards(calls, self._timeout(), each=True)
+                for outcome in outcomes:
+                    if isinstance(outcome, (NamespaceNotFound, NamespaceChanged)):
+                        raise outcome
+                return outcomes
             return self.runtime.call_shards(calls, self._timeout())
         except (NamespaceNotFound, NamespaceChanged) as error:
             self._configs.pop(error.namespace, None)
@@ -245,29 +326,25 @@ class Router:
                                       f"this one has {chosen.size} (a retry must send the same batch)")
             new = chosen[targets < 0]
             new_ids = np.arange(start, start + new.size, dtype=np.int64)
-            calls = self._add_calls(config, request_id, new_ids, keys[new], tokens[new],
-                                    None if values is None else values[new],
-                                    None if weights is None else weights[new], source)
+            new_keys, new_tokens = keys[new], tokens[new]
+            new_values = None if values is None else values[new]
+            new_weights = None if weights is None else weights[new]
+            parts = [("add", new_ids, lambda p: (namespace, config.generation, request_id, new_ids[p], new_keys[p],
+                                                 new_tokens[p], None if new_values is None else new_values[p],
+                                                 None if new_weights is None else new_weights[p], source))]
             if (targets >= 0).any():
                 target_ids, counts = admission.weight_increments(targets)
-                calls += [(shard, "increment_weights", (namespace, config.generation, request_id,
-                                                        target_ids[positions], counts[positions]))
-                          for shard, positions in self._route_ids(target_ids)]
-            adds = [(shard, "check_room", (namespace, config.generation, request_id, len(arguments[3])))
-                    for shard, method, arguments in calls if method == "add"]
+                parts.append(("increment_weights", target_ids,
+                              lambda p: (namespace, config.generation, request_id, target_ids[p], counts[p])))
+            adds = [(shard, "check_room", (namespace, config.generation, request_id, int(positions.size)))
+                    for shard, positions in self._route_ids(new_ids, namespace)]
             if len(adds) > 1:  # a shard without room refuses before any other takes its part
                 self._call(adds)
-            self._call(calls)
+            self._routed_writes(namespace, parts)
             merged[chosen[targets >= 0]] = True
             ids[chosen[targets >= 0]] = targets[targets >= 0]
             ids[new] = new_ids
         return AddResult(ids=ids, admitted=admitted, merged=merged, generation=config.generation)
-
-    def _add_calls(self, config, request_id, ids, keys, tokens, values, weights, source) -> list:
-        return [(shard, "add", (config.name, config.generation, request_id, ids[rows], keys[rows], tokens[rows],
-                                None if values is None else values[rows],
-                                None if weights is None else weights[rows], source))
-                for shard, rows in self._route_ids(ids)]
 
     @_reread_config_if_recreated
     def search(self, namespace: str, queries: np.ndarray, k: int, return_keys: bool = False,
@@ -306,7 +383,9 @@ class Router:
             found = self._search(config, queries, k, return_weights=True)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
             try:
-                memory = sum(self._all_shards("value_sum", namespace, config.generation, found.ids, alpha))
+                memory = sum(self._round(lambda placement: [
+                    (shard, "value_sum", (namespace, config.generation, placement.mask(namespace, found.ids, shard),
+                                          alpha)) for shard in range(placement.actors)]))
             except IdsNotFound:
                 continue
             handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
@@ -341,8 +420,11 @@ class Router:
             config, queries, ids, alpha, distances, grad_memory, temperature)
         step = self._step_key(config, validation.check_step_id(step_id) or validation.new_request_id())
         try:
-            partials = self._all_shards("backward_part", namespace, config.generation, step, part, queries, ids,
-                                        alpha, distances, grad_memory)
+            partials = self._round(
+                lambda placement: [(shard, "backward_part", (namespace, config.generation, step, part, queries,
+                                                             placement.mask(namespace, ids, shard), alpha, distances,
+                                                             grad_memory)) for shard in range(placement.actors)],
+                on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
                 self._undo("abort_step", namespace, config.generation, step)
@@ -377,13 +459,25 @@ class Router:
         request naming another (namespace names hold no ':')."""
         return f"{config.name}:{config.generation}:{step_id}"
 
+    def _moved_during_step(self, config: NamespaceConfig, step: str, defer_step: bool):
+        """What a step's staging round does when a reshard refuses it: a step sent whole is dropped on
+        every shard and staged again under the new placement; a part of a deferred step cannot be (the
+        parts staged before it were routed by the old one): the whole step is dropped, ABORTED."""
+        def retry():
+            self._undo("abort_step", config.name, config.generation, step)
+            if defer_step:
+                raise Aborted("a reshard moved rows of this step while its parts were being staged: nothing was "
+                              "stepped; send the whole step again")
+        return retry
+
     def _commit(self, config: NamespaceConfig, step: str, staged_on=None) -> int:
         """Commits the step (its _step_key) on every shard; staged_on: the shards that were sent parts
         (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
-        staged_on = range(self.num_shards) if staged_on is None else set(staged_on)
         try:
-            return sum(self._call([(shard, "commit_step", (config.name, config.generation, step, shard in staged_on))
-                                   for shard in range(self.num_shards)]))
+            return sum(self._round(lambda placement: [
+                (shard, "commit_step", (config.name, config.generation, step,
+                                        staged_on is None or shard in staged_on))
+                for shard in range(placement.actors)]))
         except Aborted:
             # A shard lost its parts in a restart. If another had committed already, the step is not
             # "nothing": UNAVAILABLE, so that the caller retries the same step id, which stages the
@@ -431,26 +525,31 @@ class Router:
             if defer_step:
                 self._undo("abort_step", namespace, config.generation, step)
             raise IdsNotFound(namespace, ids[ids < 0])
-        routes = dict(self._route_ids(ids))
-        shards = range(self.num_shards) if defer_step else sorted(routes)
         none = np.empty(0, np.int64)
-        calls = [(shard, "stage_gradients", (namespace, config.generation, step, part,
-                                             ids[routes.get(shard, none)], grads[routes.get(shard, none)]))
-                 for shard in shards]
+        staged_on = []
+
+        def calls(placement):
+            routes = dict(self._route_ids(ids, namespace, placement))
+            staged_on[:] = range(placement.actors) if defer_step else sorted(routes)
+            return [(shard, "stage_gradients", (namespace, config.generation, step, part,
+                                                ids[routes.get(shard, none)], grads[routes.get(shard, none)]))
+                    for shard in staged_on]
+
         try:
-            self._call(calls)
+            self._round(calls, on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
                 self._undo("abort_step", namespace, config.generation, step)
             raise
         if defer_step:
             return 0
-        return self._commit(config, step, staged_on=list(shards))
+        return self._commit(config, step, staged_on=list(staged_on))
 
-    def _route_ids(self, ids: np.ndarray):
+    def _route_ids(self, ids: np.ndarray, namespace: str, placement: Placement | None = None):
         """Yields (shard, positions in ids) for the shards that own some of the ids."""
-        owner = ids % self.num_shards
-        for shard in range(self.num_shards):
+        placement = placement or self.placement
+        owner = placement.owners(namespace, ids)
+        for shard in range(placement.actors):
             positions = np.flatnonzero(owner == shard)
             if positions.size:
                 yield shard, positions
@@ -461,10 +560,14 @@ class Router:
         """Stages: route ids to their shards; fetch; NOT_FOUND naming every missing id; reassemble in order."""
         config = self.config(namespace, generation)
         ids = validation.check_ids(ids)
-        routes = list(self._route_ids(ids))
-        answers = self._call([(shard, "get_present", (namespace, config.generation, ids[positions],
-                                                      return_optimizer_state))
-                              for shard, positions in routes])
+        routes = []
+
+        def calls(placement):
+            routes[:] = self._route_ids(ids, namespace, placement)
+            return [(shard, "get_present", (namespace, config.generation, ids[positions], return_optimizer_state))
+                    for shard, positions in routes]
+
+        answers = self._round(calls)
         missing = np.concatenate([m for _, m in answers] + [ids[ids < 0]])
         if missing.size:
             raise IdsNotFound(namespace, np.unique(missing))
@@ -507,9 +610,8 @@ class Router:
                                         validation.check_source(source)))
         ids = validation.check_ids(ids)
         ids = ids[ids >= 0]
-        calls = [(shard, "delete", (namespace, config.generation, request_id, ids[positions], None))
-                 for shard, positions in self._route_ids(ids)]
-        return sum(self._call(calls)) if calls else 0
+        return sum(self._routed_writes(namespace, [
+            ("delete", ids, lambda p: (namespace, config.generation, request_id, ids[p], None))]))
 
     # ----- snapshots (admin; workers/snapshots.py) ---------------------------------------------
     def _snapshot_root(self):
