@@ -16,6 +16,7 @@ import dataclasses
 import os
 import random
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -209,6 +210,17 @@ class _RemoteStore:
     def restore_snapshot(self, location, namespace=""):
         request = pb.RestoreSnapshotRequest(location=location, namespace=namespace)
         return dict(self._call("RestoreSnapshot", request).rows)
+
+    def reshard(self, shards, batch_ids=0, timeout_s=None):
+        request = pb.ReshardRequest(shards=shards, batch_ids=batch_ids)
+        try:
+            for progress in self.stub.Reshard(request, timeout=timeout_s, metadata=self.metadata):
+                yield {"source": progress.source_shards, "target": progress.target_shards,
+                       "namespaces_done": progress.namespaces_done, "namespaces": progress.namespaces,
+                       "namespace": progress.namespace, "ids_done": progress.ids_done, "ids": progress.ids,
+                       "rows_moved": progress.rows_moved, "done": progress.done}
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self.tls) from None
 
     def close(self):
         self.channel.close()
@@ -569,6 +581,19 @@ class MemoryClient:
         """Restores a snapshot into this deployment (any shard count; ids stay); returns rows per
         namespace. The namespaces must not exist (AlreadyExists)."""
         return self._store.restore_snapshot(location, namespace)
+
+    # ----- reshard (admin) -----------------------------------------------------------
+    def reshard(self, shards: int, batch_ids: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
+        """Moves every namespace to ``shards`` shards while reads and writes go on (docs/OPERATIONS.md,
+        "Reshard"), or resumes the move to that count that was interrupted. Yields progress dicts
+        (source, target, namespaces_done, namespaces, namespace, ids_done, ids, rows_moved, done);
+        stopping the iteration (or the deadline timeout_s; None: none) stops the move at the step
+        it reached, and the same call resumes it. Never retried: run it again."""
+        if not self.remote:
+            for progress in self._store.reshard(shards, batch_ids):
+                yield dataclasses.asdict(progress)
+            return
+        yield from self._store.reshard(shards, batch_ids, timeout_s)
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

@@ -448,3 +448,33 @@ class RestoreSnapshotResponse(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.ScalarMap[str, int]
     def __init__(self, rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ReshardRequest(_message.Message):
+    __slots__ = ("shards", "batch_ids")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    shards: int
+    batch_ids: int
+    def __init__(self, shards: _Optional[int] = ..., batch_ids: _Optional[int] = ...) -> None: ...
+
+class ReshardProgress(_message.Message):
+    __slots__ = ("source_shards", "target_shards", "namespaces_done", "namespaces", "namespace", "ids_done", "ids", "rows_moved", "done")
+    SOURCE_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_DONE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    IDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    source_shards: int
+    target_shards: int
+    namespaces_done: int
+    namespaces: int
+    namespace: str
+    ids_done: int
+    ids: int
+    rows_moved: int
+    done: bool
+    def __init__(self, source_shards: _Optional[int] = ..., target_shards: _Optional[int] = ..., namespaces_done: _Optional[int] = ..., namespaces: _Optional[int] = ..., namespace: _Optional[str] = ..., ids_done: _Optional[int] = ..., ids: _Optional[int] = ..., rows_moved: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...

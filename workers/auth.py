@@ -13,7 +13,7 @@ What each RPC needs (``METHOD_ACCESS``):
 - read: Search, Get, Retrieve on a namespace matching one of ``read``;
 - write: Add, Delete, ApplyGradients, RetrieveBackward, CommitStep, AbortStep on one matching
   ``write`` (write does not imply read: a training job lists its namespaces under both);
-- admin: CreateNamespace, DropNamespace, CreateSnapshot, ListSnapshots, RestoreSnapshot, whatever
+- admin: CreateNamespace, DropNamespace, CreateSnapshot, ListSnapshots, RestoreSnapshot, Reshard, whatever
   the namespace, and any MemoryService method this table does not know yet (it fails closed);
 - DescribeNamespace: read, write or admin (a writer needs the namespace's config to split a batch);
 - ListNamespaces: any token; the reply lists only the namespaces the token may read or write
@@ -242,6 +242,7 @@ METHOD_ACCESS: dict[str, Access] = {
     "CreateSnapshot": Access(ADMIN, _snapshot_namespace),
     "ListSnapshots": Access(ADMIN, _no_namespace),
     "RestoreSnapshot": Access(ADMIN, _snapshot_namespace),
+    "Reshard": Access(ADMIN, _no_namespace),
 }
 # A MemoryService method added to the proto but not to the table needs admin until it is.
 _UNLISTED = Access(ADMIN, _no_namespace)

@@ -11,9 +11,11 @@ Placement (the driver pushes each change to all of them before it moves a row):
   ``mark`` (the namespace's next id when its move began: rows added since went to their new
   owner at once), ``id % source`` in between.
 
-A shard that takes a placement deletes the rows of ``flipped`` (the batch whose owner just changed)
-that it holds but no longer owns: the same on every push of that placement, so a push sent again
-after a crash finishes the job. Ids in ``frozen`` = [cursor, frozen_end) of the namespace being moved are being copied: shards
+A shard that takes a placement deletes the rows of ``flipped`` (the batch whose owner just
+changed) that it holds but no longer owns: the same on every push of that placement, so a push
+sent again after a crash finishes the job.
+
+Ids in ``frozen`` = [cursor, frozen_end) of the namespace being moved are being copied: shards
 refuse writes that touch them (PlacementChanged, which the router answers by waiting and
 sending again), so the copy and the rows it came from stay equal until the owner flips.
 ``version`` grows by one at every change; a read names the version it was routed with and

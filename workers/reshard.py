@@ -32,8 +32,8 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from monim.datastore.location import Location
-from monim.protos.errors import NamespaceChanged, NamespaceNotFound
 from monim.protos.config import NamespaceConfig
+from monim.protos.errors import NamespaceChanged, NamespaceNotFound
 from monim.workers.placement import Placement, check_shard_count
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class Resharder:
         self.staged_wait_s = staged_wait_s
         self.driver = uuid.uuid4().hex
         self.rows_moved = 0
+        self.source = 0
 
     def _registry(self, method: str, *args):
         return self.router.runtime.call_registry(method, *args)
@@ -87,10 +88,11 @@ class Resharder:
         if before.move is None and shards > before.num_shards:
             self._clear_folders(before.num_shards, shards)
         placement = Placement.from_dict(self._registry("begin_reshard", shards, self.driver, time.time(), batch_ids))
+        self.source = placement.move.source if placement.move else before.num_shards
         if placement.move is None:  # nothing to move; finish what an interrupted one left
             self._push(placement)
             self._retire(placement.num_shards)
-            yield ReshardProgress(placement.num_shards, placement.num_shards, 0, 0, done=True)
+            yield ReshardProgress(self.source, placement.num_shards, 0, 0, done=True)
             return
         self._push(placement)
         self._create_namespaces(placement)
@@ -106,7 +108,7 @@ class Resharder:
     def _progress(self, placement: Placement) -> ReshardProgress:
         move = placement.move
         if move is None:
-            return ReshardProgress(placement.num_shards, placement.num_shards, 0, 0, rows_moved=self.rows_moved)
+            return ReshardProgress(self.source, placement.num_shards, 0, 0, rows_moved=self.rows_moved)
         return ReshardProgress(move.source, move.target, move.index, len(move.namespaces), move.current or "",
                                move.cursor, move.mark, self.rows_moved)
 

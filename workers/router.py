@@ -383,9 +383,8 @@ class Router:
             found = self._search(config, queries, k, return_weights=True)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
             try:
-                memory = sum(self._round(lambda placement: [
-                    (shard, "value_sum", (namespace, config.generation, placement.mask(namespace, found.ids, shard),
-                                          alpha)) for shard in range(placement.actors)]))
+                memory = sum(self._round(functools.partial(self._value_sum_calls, namespace, config.generation,
+                                                           found.ids, alpha)))
             except IdsNotFound:
                 continue
             handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
@@ -395,6 +394,12 @@ class Router:
                                   temperature=temperature, generation=config.generation, handle=handle)
         raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
                       "attempts of this Retrieve; retry it")
+
+    @staticmethod
+    def _value_sum_calls(namespace, generation, ids, alpha, placement) -> list:
+        """Every shard sums over the ids it holds (the others masked to -1)."""
+        return [(shard, "value_sum", (namespace, generation, placement.mask(namespace, ids, shard), alpha))
+                for shard in range(placement.actors)]
 
     @_reread_config_if_recreated
     def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory, temperature: float, *,
@@ -635,9 +640,31 @@ class Router:
                                       f"{self.snapshots.root!r}")
         return location
 
+    def _refuse_during_reshard(self, what: str) -> None:
+        """FAILED_PRECONDITION while a reshard is under way (a snapshot would hold the batch being
+        copied twice, and a restore would place rows by a placement about to change)."""
+        if self.refresh_placement().move is not None:
+            move = self.placement.move
+            raise FailedPrecondition(f"{what} waits for the reshard from {move.source} to {move.target} shards "
+                                     f"in progress to finish (monim reshard --shards {move.target} resumes one "
+                                     "that was interrupted)")
+
+    # ----- reshard (admin; workers/reshard.py) -------------------------------------------------
+    def reshard(self, shards, batch_ids: int = 0):
+        """Moves every namespace to ``shards`` shards (or resumes the move to it that was
+        interrupted); an iterator of ReshardProgress, one per step. Closing it stops the move."""
+        from monim.workers.placement import check_shard_count
+        from monim.workers.reshard import Resharder
+
+        shards = check_shard_count(shards)
+        if isinstance(batch_ids, bool) or not isinstance(batch_ids, (int, np.integer)) or batch_ids < 0:
+            raise InvalidArgument(f"batch_ids must be a non-negative integer, got {batch_ids!r}")
+        return Resharder(self).run(shards, int(batch_ids))
+
     def create_snapshot(self, location: str, namespace: str = "") -> dict:
         """Every namespace (or one) to a snapshot at location, under the snapshot root; returns its info."""
         snapshots = self._snapshot_root()
+        self._refuse_during_reshard("a snapshot")
         return snapshots.create(self._snapshot_location(location), namespace)
 
     def list_snapshots(self) -> list[dict]:
@@ -646,4 +673,5 @@ class Router:
     def restore_snapshot(self, location: str, namespace: str = "") -> dict[str, int]:
         """Restores a snapshot (every namespace in it, or one) into this deployment; returns rows per namespace."""
         snapshots = self._snapshot_root()
+        self._refuse_during_reshard("a restore")
         return snapshots.restore(self._snapshot_location(location), namespace)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
 from monim.protos.errors import InvalidArgument
 from monim.workers.router import Router
-from monim.workers.status import grpc_errors
+from monim.workers.status import grpc_errors, status_of
+
+log = logging.getLogger(__name__)
 
 
 def _required(message, field: str, what: str | None = None):
@@ -144,3 +148,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @grpc_errors
     def RestoreSnapshot(self, request, context):
         return pb.RestoreSnapshotResponse(rows=self.router.restore_snapshot(request.location, request.namespace))
+
+    def Reshard(self, request, context):
+        """Streams the reshard's progress (workers/reshard.py). A client that goes away closes the
+        stream, which stops the move at the step it reached (the same call resumes it)."""
+        try:
+            for progress in self.router.reshard(request.shards, request.batch_ids):
+                yield pb.ReshardProgress(
+                    source_shards=progress.source, target_shards=progress.target,
+                    namespaces_done=progress.namespaces_done, namespaces=progress.namespaces,
+                    namespace=progress.namespace, ids_done=progress.ids_done, ids=progress.ids,
+                    rows_moved=progress.rows_moved, done=progress.done)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            code, message = status_of(error)
+            if code.name == "INTERNAL":
+                log.exception("Reshard failed")
+            context.abort(code, message)
