@@ -211,8 +211,8 @@ class _RemoteStore:
         request = pb.RestoreSnapshotRequest(location=location, namespace=namespace)
         return dict(self._call("RestoreSnapshot", request).rows)
 
-    def reshard(self, shards, batch_ids=0, timeout_s=None):
-        request = pb.ReshardRequest(shards=shards, batch_ids=batch_ids)
+    def reshard(self, shards, batch_rows=0, timeout_s=None):
+        request = pb.ReshardRequest(shards=shards, batch_rows=batch_rows)
         try:
             for progress in self.stub.Reshard(request, timeout=timeout_s, metadata=self.metadata):
                 yield {"source": progress.source_shards, "target": progress.target_shards,
@@ -583,17 +583,17 @@ class MemoryClient:
         return self._store.restore_snapshot(location, namespace)
 
     # ----- reshard (admin) -----------------------------------------------------------
-    def reshard(self, shards: int, batch_ids: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
+    def reshard(self, shards: int, batch_rows: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
         """Moves every namespace to ``shards`` shards while reads and writes go on (docs/OPERATIONS.md,
         "Reshard"), or resumes the move to that count that was interrupted. Yields progress dicts
         (source, target, namespaces_done, namespaces, namespace, ids_done, ids, rows_moved, done);
         stopping the iteration (or the deadline timeout_s; None: none) stops the move at the step
         it reached, and the same call resumes it. Never retried: run it again."""
         if not self.remote:
-            for progress in self._store.reshard(shards, batch_ids):
+            for progress in self._store.reshard(shards, batch_rows):
                 yield dataclasses.asdict(progress)
             return
-        yield from self._store.reshard(shards, batch_ids, timeout_s)
+        yield from self._store.reshard(shards, batch_rows, timeout_s)
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

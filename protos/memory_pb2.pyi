@@ -450,12 +450,12 @@ class RestoreSnapshotResponse(_message.Message):
     def __init__(self, rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ReshardRequest(_message.Message):
-    __slots__ = ("shards", "batch_ids")
+    __slots__ = ("shards", "batch_rows")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     shards: int
-    batch_ids: int
-    def __init__(self, shards: _Optional[int] = ..., batch_ids: _Optional[int] = ...) -> None: ...
+    batch_rows: int
+    def __init__(self, shards: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class ReshardProgress(_message.Message):
     __slots__ = ("source_shards", "target_shards", "namespaces_done", "namespaces", "namespace", "ids_done", "ids", "rows_moved", "done")

@@ -20,9 +20,9 @@ def add_reshard_command(commands) -> None:
                                   description=__doc__.split("\n\n", 1)[1])
     reshard.add_argument("--address", default=DEFAULT_ADDRESS, help=f"the server (default {DEFAULT_ADDRESS})")
     reshard.add_argument("--shards", type=int, required=True, help="the new shard count")
-    reshard.add_argument("--batch-ids", type=int, default=0,
-                         help="ids moved per step: writes to them wait while they are copied (default: the "
-                              "server's, 16384)")
+    reshard.add_argument("--batch-rows", type=int, default=0,
+                         help="rows moved per step, at most: writes to them wait while they are copied "
+                              "(default: the server's, 16384)")
     reshard.add_argument("--timeout-s", type=float, default=None, help="stop the move after this long (default: none)")
     reshard.add_argument("--no-progress", action="store_true", help="one line per namespace instead of a bar")
     add_client_options(reshard)
@@ -51,7 +51,7 @@ def _reshard(args) -> int:
                          console=out, disable=args.no_progress) as bar:
             task = bar.add_task("starting", total=None, rows=0)
             namespace = None
-            for last in client.reshard(args.shards, args.batch_ids, timeout_s=args.timeout_s):
+            for last in client.reshard(args.shards, args.batch_rows, timeout_s=args.timeout_s):
                 if args.no_progress and last["namespace"] != namespace and last["namespace"]:
                     print(f"moving {last['namespace']} ({last['ids']:,} ids)", file=sys.stderr, flush=True)
                 namespace = last["namespace"]

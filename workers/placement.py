@@ -29,8 +29,8 @@ import dataclasses
 import numpy as np
 from monim.protos.errors import FailedPrecondition, InvalidArgument, Unavailable
 
-# Ids per batch of a reshard: rows of one batch are copied while writes to them wait.
-DEFAULT_BATCH_IDS = 16_384
+# Rows per batch of a reshard, at most: rows of one batch are copied while writes to them wait.
+DEFAULT_BATCH_ROWS = 16_384
 
 
 class PlacementChanged(Unavailable):
@@ -54,7 +54,7 @@ class Move:
     cursor: int = 0
     mark: int = 0
     frozen_end: int = 0         # > cursor while the batch [cursor, frozen_end) is being copied
-    batch_ids: int = DEFAULT_BATCH_IDS
+    batch_rows: int = DEFAULT_BATCH_ROWS
     flipped: list = dataclasses.field(default_factory=list)  # [namespace, first, end] of the last batch moved
     driver: str = ""            # who runs it (a front end's id) and when it last reported
     heartbeat: float = 0.0

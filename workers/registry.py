@@ -197,7 +197,7 @@ class NamespaceRegistry:
         self._save()
         return self.placement.to_dict()
 
-    def begin_reshard(self, shards: int, driver: str, now: float, batch_ids: int = 0) -> dict:
+    def begin_reshard(self, shards: int, driver: str, now: float, batch_rows: int = 0) -> dict:
         """Starts a reshard to ``shards``, or hands the one in progress to this driver when it is to the
         same count and its driver has not reported for RESHARD_LEASE_S (resume). ABORTED while another
         driver runs it; FAILED_PRECONDITION if the one in progress is to another count. Returns the
@@ -218,7 +218,7 @@ class NamespaceRegistry:
         names = sorted(self.configs)
         self.placement.move = Move(source=self.placement.num_shards, target=shards, namespaces=names,
                                    mark=self.next_ids[names[0]] if names else 0, driver=driver, heartbeat=now,
-                                   **({"batch_ids": int(batch_ids)} if batch_ids else {}))
+                                   **({"batch_rows": int(batch_rows)} if batch_rows else {}))
         self._skip_gone()
         return self._changed()
 
@@ -263,6 +263,20 @@ class NamespaceRegistry:
             raise FailedPrecondition(f"namespace {move.current!r} is not moved yet")
         self.num_shards = move.target
         self.placement = Placement(self.placement.version, move.target)
+        return self._changed()
+
+    def thaw_batch(self, now: float) -> dict:
+        """The frozen batch of a reshard whose driver stopped reporting RESHARD_LEASE_S ago goes back to
+        its old owners: writes to it go on; the copies on the new owners are dropped (``flipped`` names
+        the batch: a shard drops the rows there it does not own). The same reshard, run again, copies it
+        anew. Answers the placement unchanged while the driver reports, or when nothing is frozen."""
+        move = self.placement.move
+        if move is None or move.frozen_end <= move.cursor or now - move.heartbeat < RESHARD_LEASE_S:
+            return self.placement.to_dict()
+        move.flipped = [move.current, move.cursor, move.frozen_end]
+        move.frozen_end = move.cursor
+        log.warning("reshard: thawed ids [%d, %d) of %r: its driver stopped %.0f s ago (run the reshard again "
+                    "to resume it)", move.flipped[1], move.flipped[2], move.current, now - move.heartbeat)
         return self._changed()
 
     def heartbeat(self, driver: str, now: float) -> None:

@@ -10,7 +10,8 @@ and every step is safe to run again, so a driver that stops anywhere (a crash, a
    first namespace's mark); new shard actors start (their folders of the data dir cleared first, on
    a new move: a shrink's leftovers never come back); every shard takes the placement, and the new
    ones create every namespace.
-2. per batch of ids [cursor, cursor + batch_ids) of the namespace being moved (up to its mark):
+2. per batch of the namespace being moved, ids [cursor, end) holding up to batch_rows rows (up to its
+   mark, its next id when its move began: ids past it were placed by the target count when added):
    a. freeze: every shard takes the placement with the batch frozen: writes that touch it wait;
    b. wait for steps staged on the batch's rows to be committed or aborted (staged_wait_s, then they
       are dropped: their commit answers ABORTED, nothing stepped);
@@ -31,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
+import numpy as np
 from monim.datastore.location import Location
 from monim.protos.config import NamespaceConfig
 from monim.protos.errors import NamespaceChanged, NamespaceNotFound
@@ -80,22 +82,28 @@ class Resharder:
         self.router._ensure_shards()
         self.router._call([(shard, "set_placement", (placement.to_dict(),)) for shard in range(placement.actors)])
 
-    def run(self, shards: int, batch_ids: int = 0) -> Iterator[ReshardProgress]:
+    def run(self, shards: int, batch_rows: int = 0) -> Iterator[ReshardProgress]:
         """Reshards to ``shards`` (or resumes the reshard to it that was interrupted), yielding progress
         after each step; closing the iterator stops at the step it reached (run it again to resume)."""
         shards = check_shard_count(shards)
         before = Placement.from_dict(self._registry("get_placement"))
         if before.move is None and shards > before.num_shards:
+            # The new shards start, and hold every namespace, before the registry names them: a call
+            # routed to one then finds its namespaces (it refuses calls until it takes the placement).
             self._clear_folders(before.num_shards, shards)
-        placement = Placement.from_dict(self._registry("begin_reshard", shards, self.driver, time.time(), batch_ids))
+            self.router.runtime.ensure_shards(shards)
+            self._create_namespaces(shards)
+        placement = Placement.from_dict(self._registry("begin_reshard", shards, self.driver, time.time(), batch_rows))
         self.source = placement.move.source if placement.move else before.num_shards
         if placement.move is None:  # nothing to move; finish what an interrupted one left
             self._push(placement)
             self._retire(placement.num_shards)
             yield ReshardProgress(self.source, placement.num_shards, 0, 0, done=True)
             return
+        self.router.placement = placement
+        self.router._ensure_shards()
+        self._create_namespaces(placement.actors)  # again: one created since, on the old shards only
         self._push(placement)
-        self._create_namespaces(placement)
         yield self._progress(placement)
         while placement.move.current is not None:
             placement = self._move_batch(placement)
@@ -112,11 +120,11 @@ class Resharder:
         return ReshardProgress(move.source, move.target, move.index, len(move.namespaces), move.current or "",
                                move.cursor, move.mark, self.rows_moved)
 
-    def _create_namespaces(self, placement: Placement) -> None:
-        """Every registered namespace on every shard (the new ones have none); one dropped meanwhile
-        is dropped again where it was just created."""
+    def _create_namespaces(self, shards: int) -> None:
+        """Every registered namespace on shards 0..shards-1 (the new ones have none); one dropped
+        meanwhile is dropped again where it was just created."""
         for config in self.router.list_namespaces():
-            self.router._call([(shard, "create_namespace", (config.to_dict(),)) for shard in range(placement.actors)])
+            self.router._call([(shard, "create_namespace", (config.to_dict(),)) for shard in range(shards)])
             try:
                 self.router.config(config.name, config.generation)
             except (NamespaceNotFound, NamespaceChanged):
@@ -127,7 +135,7 @@ class Resharder:
         move = placement.move
         namespace = move.current
         if move.frozen_end <= move.cursor:
-            placement = self._step("freeze_batch", move.cursor + move.batch_ids)
+            placement = self._step("freeze_batch", self._batch_end(namespace, move))
             self._push(placement)
             move = placement.move
         first, end = move.cursor, move.frozen_end
@@ -141,6 +149,15 @@ class Resharder:
         placement = self._step("flip_batch")
         self._push(placement)
         return placement
+
+    def _batch_end(self, namespace: str, move) -> int:
+        """The end of the next batch: past the batch_rows smallest ids at or after the cursor that the
+        shards hold (so that stretches of ids with no rows, deleted or never added, and the gap a
+        registry restart leaves before its reserved mark, take one step), or the namespace's mark."""
+        found = self.router._call([(shard, "first_ids", (namespace, move.cursor, move.mark, move.batch_rows))
+                                   for shard in range(self.router.num_shards)])
+        ids = np.sort(np.concatenate(found)) if found else np.empty(0, np.int64)
+        return int(ids[move.batch_rows - 1]) + 1 if ids.size >= move.batch_rows else move.mark
 
     def _wait_for_staged_steps(self, config: NamespaceConfig, first: int, end: int) -> None:
         deadline = time.monotonic() + self.staged_wait_s
@@ -193,11 +210,11 @@ class Resharder:
                 (root / name).delete()
 
 
-def reshard(router, shards: int, batch_ids: int = 0,
+def reshard(router, shards: int, batch_rows: int = 0,
             progress: Callable[[ReshardProgress], None] | None = None) -> ReshardProgress:
     """Runs a reshard to its end; returns the last progress."""
     last = None
-    for last in Resharder(router).run(shards, batch_ids):
+    for last in Resharder(router).run(shards, batch_rows):
         if progress is not None:
             progress(last)
     return last

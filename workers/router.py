@@ -39,6 +39,7 @@ from monim.protos.errors import (
     MemoryStoreError,
     NamespaceChanged,
     NamespaceNotFound,
+    ShardUnavailable,
     Unavailable,
 )
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
@@ -56,6 +57,8 @@ DESCRIBE_WAIT_S = 2.0
 # A call refused for a placement change (a reshard's batch) waits this long, doubling up to the max,
 # before it reads the placement again and sends what was refused.
 PLACEMENT_WAIT_S, PLACEMENT_WAIT_MAX_S = 0.005, 0.2
+# After waiting this long, the call pushes the registry's placement to the shards itself (_catch_up).
+PLACEMENT_CATCH_UP_S = 1.0
 # The absolute time.monotonic() by which the current call must answer (the gRPC deadline).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
 
@@ -136,13 +139,25 @@ class Router:
         """After a PlacementChanged: a short sleep (the reshard driver is pushing the placement to the
         shards, or copying the batch the call touches), then the registry's placement. DEADLINE_EXCEEDED
         if the call's deadline (or the router's timeout) passes first."""
-        wait = min(PLACEMENT_WAIT_MAX_S, max(PLACEMENT_WAIT_S, 2 * waited))
+        wait = min(PLACEMENT_WAIT_MAX_S, max(PLACEMENT_WAIT_S, waited))
         if wait >= self._timeout():
             raise DeadlineExceeded("rows this call needs are being moved by a reshard, and the call's deadline "
                                    "passed while it waited")
         time.sleep(wait)
-        self.refresh_placement()
-        return wait
+        placement = self.refresh_placement()
+        if waited >= PLACEMENT_CATCH_UP_S:
+            self._catch_up(placement)
+        return waited + wait
+
+    def _catch_up(self, placement: Placement) -> None:
+        """A shard still refuses after PLACEMENT_CATCH_UP_S: the reshard's driver may have stopped between
+        a step in the registry and its push to the shards. The registry's placement is pushed to every
+        shard (a shard ignores one older than its own; a step pushed twice is the same step), and a batch
+        frozen by a driver that stopped reporting is thawed first (registry.thaw_batch)."""
+        move = placement.move
+        if move is not None and move.frozen_end > move.cursor:
+            placement = self.placement = Placement.from_dict(self.runtime.call_registry("thaw_batch", time.time()))
+        self._call([(shard, "set_placement", (placement.to_dict(),)) for shard in range(placement.actors)])
 
     def _round(self, make_calls, on_retry=None) -> list:
         """One round of calls that must all be answered at one placement: make_calls(placement) ->
@@ -154,10 +169,16 @@ class Router:
             try:
                 return self._call([(shard, "placed", (placement.version, method, *args))
                                    for shard, method, args in make_calls(placement)])
-            except PlacementChanged:
+            except (PlacementChanged, ShardUnavailable) as error:
+                if isinstance(error, ShardUnavailable) and not self._retired(error.shard):
+                    raise
                 if on_retry is not None:
                     on_retry()
                 waited = self._wait_for_placement(waited)
+
+    def _retired(self, shard: int) -> bool:
+        """The shard was removed by a shrink (the call was routed with the placement before it)."""
+        return shard >= self.refresh_placement().actors
 
     def _all_shards(self, method: str, *args) -> list:
         return self._round(lambda placement: [(s, method, args) for s in range(placement.actors)])
@@ -175,7 +196,13 @@ class Router:
                 for shard, sub in self._route_ids(ids[positions], namespace):
                     calls.append((shard, method, make_args(positions[sub])))
                     shares.append((method, ids, make_args, positions[sub]))
-            outcomes = self._call(calls, each=True)
+            try:
+                outcomes = self._call(calls, each=True)
+            except ShardUnavailable as error:  # sent again whole: shares a shard applied answer by request id
+                if not self._retired(error.shard):
+                    raise
+                waited = self._wait_for_placement(waited)
+                continue
             errors = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, PlacementChanged)]
             if errors:
                 raise errors[0]
@@ -650,16 +677,16 @@ class Router:
                                      "that was interrupted)")
 
     # ----- reshard (admin; workers/reshard.py) -------------------------------------------------
-    def reshard(self, shards, batch_ids: int = 0):
+    def reshard(self, shards, batch_rows: int = 0):
         """Moves every namespace to ``shards`` shards (or resumes the move to it that was
         interrupted); an iterator of ReshardProgress, one per step. Closing it stops the move."""
         from monim.workers.placement import check_shard_count
         from monim.workers.reshard import Resharder
 
         shards = check_shard_count(shards)
-        if isinstance(batch_ids, bool) or not isinstance(batch_ids, (int, np.integer)) or batch_ids < 0:
-            raise InvalidArgument(f"batch_ids must be a non-negative integer, got {batch_ids!r}")
-        return Resharder(self).run(shards, int(batch_ids))
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 0:
+            raise InvalidArgument(f"batch_rows must be a non-negative integer, got {batch_rows!r}")
+        return Resharder(self).run(shards, int(batch_rows))
 
     def create_snapshot(self, location: str, namespace: str = "") -> dict:
         """Every namespace (or one) to a snapshot at location, under the snapshot root; returns its info."""

@@ -184,6 +184,8 @@ class LocalRuntime:
             return getattr(self.registry, method)(*args)
 
     def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
+        if any(shard >= len(self.shards) for shard, _, _ in calls):
+            raise ShardUnavailable(next(s for s, _, _ in calls if s >= len(self.shards)), "retired by a reshard")
         if len(calls) == 1:  # one shard (the in-process store): no thread hop
             shard, method, args = calls[0]
             target = self.shards[shard]
@@ -336,6 +338,10 @@ class RayRuntime:
         except ValueError:
             return False
 
+    def _retired(self, shard: int) -> bool:
+        """A shard a shrink removed (its actor killed for good: its name is free), not one restarting."""
+        return shard >= len(self.shards) or not self._actor_exists(f"{self.deployment}-shard-{shard}")
+
     def _unwrap(self, error: Exception, shard: int | None):
         ray = self._ray
         if isinstance(error, ray.exceptions.RayTaskError):
@@ -390,9 +396,9 @@ class RayRuntime:
         while True:
             try:
                 return self._call_shards_once(calls, timeout_s, each)
-            except ShardUnavailable:
+            except ShardUnavailable as error:
                 left = None if deadline is None else deadline - time.monotonic()
-                if not self.restarts or (left is not None and left < RESTART_POLL_S):
+                if not self.restarts or (left is not None and left < RESTART_POLL_S) or self._retired(error.shard):
                     raise
                 time.sleep(RESTART_POLL_S)
                 timeout_s = None if deadline is None else deadline - time.monotonic()
@@ -400,6 +406,9 @@ class RayRuntime:
     def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
         ray = self._ray
         shared: dict = {}
+        beyond = [shard for shard, _, _ in calls if shard >= len(self.shards)]
+        if beyond:
+            raise ShardUnavailable(beyond[0], "retired by a reshard")
         futures = [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
                    for shard, method, args in calls]
         ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)

@@ -153,7 +153,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         """Streams the reshard's progress (workers/reshard.py). A client that goes away closes the
         stream, which stops the move at the step it reached (the same call resumes it)."""
         try:
-            for progress in self.router.reshard(request.shards, request.batch_ids):
+            for progress in self.router.reshard(request.shards, request.batch_rows):
                 yield pb.ReshardProgress(
                     source_shards=progress.source, target_shards=progress.target,
                     namespaces_done=progress.namespaces_done, namespaces=progress.namespaces,

@@ -729,6 +729,18 @@ class Shard:
         return self.placement.to_dict()
 
     @_serialized
+    def first_ids(self, namespace: str, first: int, end: int, count: int) -> np.ndarray:
+        """The ``count`` smallest ids in [first, end) this shard holds of the namespace (sorted)."""
+        store = self.stores.get(namespace)
+        if store is None or not len(store):
+            return np.empty(0, np.int64)
+        ids = store.rows.ids[: len(store)].cpu().numpy()
+        ids = ids[(ids >= first) & (ids < end)]
+        if ids.size > count:
+            ids = np.partition(ids, count - 1)[:count]
+        return np.sort(ids)
+
+    @_serialized
     def export_batch(self, namespace: str, generation: int, first: int, end: int) -> list:
         """The rows of ids [first, end) this shard holds and owns but that go to another shard under the
         move's target count: [(target shard, Arrow IPC stream of the rows)]. Changes nothing."""
