@@ -279,6 +279,13 @@ class NamespaceRegistry:
                     "to resume it)", move.flipped[1], move.flipped[2], move.current, now - move.heartbeat)
         return self._changed()
 
+    def release_reshard(self, driver: str) -> None:
+        """The driver stopped (interrupted, or failed): the move may be resumed by any call at once."""
+        move = self.placement.move
+        if move is not None and move.driver == driver:
+            move.driver, move.heartbeat = "", 0.0
+            self._save()
+
     def heartbeat(self, driver: str, now: float) -> None:
         self._driving(driver, now)
 

@@ -100,15 +100,22 @@ class Resharder:
             self._retire(placement.num_shards)
             yield ReshardProgress(self.source, placement.num_shards, 0, 0, done=True)
             return
-        self.router.placement = placement
-        self.router._ensure_shards()
-        self._create_namespaces(placement.actors)  # again: one created since, on the old shards only
-        self._push(placement)
-        yield self._progress(placement)
-        while placement.move.current is not None:
-            placement = self._move_batch(placement)
+        try:
+            self.router.placement = placement
+            self.router._ensure_shards()
+            self._create_namespaces(placement.actors)  # again: one created since, on the old shards only
+            self._push(placement)
             yield self._progress(placement)
-        placement = self._step("finish_reshard")
+            while placement.move.current is not None:
+                placement = self._move_batch(placement)
+                yield self._progress(placement)
+            placement = self._step("finish_reshard")
+        except BaseException:  # stopped (the iterator closed) or failed: any call may resume it now
+            try:
+                self._registry("release_reshard", self.driver)
+            except Exception:  # noqa: BLE001 - the lease then runs out by itself
+                log.warning("reshard: could not release the move in the registry", exc_info=True)
+            raise
         self._push(placement)
         self._retire(placement.num_shards)
         yield dataclasses.replace(self._progress(placement), done=True)

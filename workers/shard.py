@@ -479,7 +479,11 @@ class Shard:
 
     @_serialized
     def stats(self, namespace: str, generation: int = 0) -> dict:
-        return dict(self._store(namespace, generation).stats(), shard=self.shard_index,
+        """The store's stats; its rows leave out the copies of a batch a reshard is moving here."""
+        hidden = self._incoming(namespace)
+        stats = self._store(namespace, generation).stats()
+        stats["rows"] -= 0 if hidden is None else int(hidden.size)
+        return dict(stats, shard=self.shard_index,
                     staged_steps=len(self._staged), memory_used=self._memory_used(), memory_budget=self.memory_budget)
 
     @_serialized
