@@ -190,6 +190,9 @@ class Shard:
         key = (args.get("request_id"), op)
         columns = {name: array for name, array in (columns or {}).items() if array is not None}
         with self._changes:
+            # The wait comes first: the check and the count of writers in flight must be one hold of
+            # the lock, or a placement taken during the wait (a reshard's freeze) would not see this write.
+            self._changes.wait_for(lambda: not self._draining)
             if key[0] and key in self._applied:
                 return self._applied[key]
             answer = check() if check is not None else None
@@ -197,7 +200,6 @@ class Shard:
                 return answer.value
             if self.wal is None:
                 return self._apply(op, args, columns)
-            self._changes.wait_for(lambda: not self._draining)
             self._appending += 1
         try:
             number = self.wal.append(op, args, columns)
@@ -785,8 +787,9 @@ class Shard:
 
     @_serialized
     def staged_in_range(self, namespace: str, first: int, end: int) -> list[str]:
-        """Steps staged here that hold value gradients of ids [first, end) of the namespace."""
-        found = []
+        """Steps staged here that hold value gradients of ids [first, end) of the namespace, and steps
+        of it being committed (their parts are no longer staged, their record not yet applied)."""
+        found = [step_id for step_id in self._committing if step_id.startswith(f"{namespace}:")]
         for step_id, staged in self._staged.items():
             if staged.namespace == namespace and any(
                     ((ids >= first) & (ids < end)).any() for ids, _ in

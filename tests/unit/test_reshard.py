@@ -214,7 +214,7 @@ def test_reads_stay_exact_and_writes_land_once_during_a_reshard(tmp_path):
         stop.set()
         for thread in threads:
             thread.join()
-    assert not errors, errors
+    assert not errors, "\n".join(errors)
     keys, ids = np.concatenate(acked_keys), np.concatenate(acked_ids)
     alive = ~np.isin(ids, list(deleted))
     assert np.sort(all_ids(router, "ns")).tolist() == np.sort(ids[alive]).tolist()
