@@ -164,11 +164,13 @@ def test_admin_rpcs_need_admin(secured):
             "CreateSnapshot": lambda: trainer.create_snapshot("by-trainer"),
             "ListSnapshots": lambda: trainer.list_snapshots(),
             "RestoreSnapshot": lambda: trainer.restore_snapshot("by-ops", "a-copy"),
+            "Reshard": lambda: list(trainer.reshard(3)),
         }
         for method, call in refused.items():
             with pytest.raises(PermissionDenied, match=f"token 'trainer' may not call {method}.*: it needs admin"):
                 call()
         assert sorted(c.name for c in trainer.list_namespaces()) == ["a1", "b1"]  # a-new was not made
+        assert len(trainer.describe_namespace("a1").shards) == 2  # nor a reshard begun
     with client(secured, "ops") as ops:
         ops.create_namespace("a-new", dim=DIM)
         info = ops.create_snapshot("by-ops", "a1")

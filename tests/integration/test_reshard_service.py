@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 from monim.model_client import MemoryClient
-from monim.model_client.errors import FailedPrecondition, InvalidArgument
+from monim.protos.errors import FailedPrecondition, InvalidArgument
 
 DIM, K = 16, 8
 
