@@ -50,7 +50,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             next_id=description["next_id"],
             shards=[pb.ShardStats(shard=s["shard"], rows=s["rows"], device=s["device"], backend=s["backend"],
                                   state=s["state"], memory_used_bytes=s.get("memory_used", 0),
-                                  memory_budget_bytes=s.get("memory_budget", 0)) for s in description["shards"]],
+                                  memory_budget_bytes=s.get("memory_budget", 0),
+                                  index_state=s.get("index_state", ""), index_trainings=s.get("index_trainings", 0),
+                                  index_tombstones=s.get("index_tombstones", 0), index_drift=s.get("index_drift", 0.0))
+                    for s in description["shards"]],
         )
 
     @grpc_errors
@@ -79,7 +82,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         result = self.router.search(
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
-            return_weights=request.return_weights, generation=request.generation,
+            return_weights=request.return_weights, generation=request.generation, nprobe=request.nprobe,
+            rerank=request.rerank,
         )
         return convert.search_result_to_proto(result)
 
@@ -100,7 +104,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Retrieve(self, request, context):
         result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
                                       request.temperature, generation=request.generation,
-                                      keep_state=request.keep_state)
+                                      keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
         return convert.retrieve_result_to_proto(result)
 
     @grpc_errors

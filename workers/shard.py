@@ -263,6 +263,7 @@ class Shard:
             if store is None or (generation and store.config.generation != generation):
                 return 0  # dropped (or re-created) by a change logged before this one
             del self.stores[namespace]
+            store.close()
             for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
                 del self._staged[step_id]
             return len(store)
@@ -479,13 +480,13 @@ class Shard:
             self._check_room(namespace, rows)
 
     def _memory_used(self) -> int:
-        return sum(store.rows.nbytes for store in self.stores.values())
+        return sum(store.nbytes for store in self.stores.values())
 
     def _check_room(self, namespace: str, rows: int) -> None:
         """RESOURCE_EXHAUSTED, naming the numbers, if appending rows to the namespace would take the
         shard past its memory budget (checked before anything is allocated or logged)."""
         store = self._store(namespace)
-        grown = store.rows.growth_bytes(int(rows))
+        grown = store.growth_bytes(int(rows))
         used = self._memory_used()
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
@@ -515,8 +516,9 @@ class Shard:
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
-               return_values: bool, return_weights: bool) -> SearchResult:
-        return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights)
+               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+        return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights,
+                                                         nprobe, rerank)
 
     @_serialized
     def get_present(self, namespace: str, generation: int, ids: np.ndarray,
@@ -619,9 +621,7 @@ class Shard:
         snapshot); whether the log failed (the shard then refuses writes until it restarts)."""
         import pyarrow.fs as pafs
 
-        namespaces = {name: {"rows": len(store), "bytes": sum(getattr(store.rows, column).nbytes
-                                                              for column in store.rows.column_names)}
-                      for name, store in self.stores.items()}
+        namespaces = {name: {"rows": len(store), "bytes": store.nbytes} for name, store in self.stores.items()}
         wal_bytes = snapshot_age_s = None
         if self.folder is not None:
             log_folder = self.wal.location
