@@ -482,10 +482,11 @@ class Shard:
     def _memory_used(self) -> int:
         return sum(store.nbytes for store in self.stores.values())
 
-    def _check_room(self, namespace: str, rows: int) -> None:
+    def _check_room(self, namespace: str, rows: int, generation: int = 0) -> None:
         """RESOURCE_EXHAUSTED, naming the numbers, if appending rows to the namespace would take the
-        shard past its memory budget (checked before anything is allocated or logged)."""
-        store = self._store(namespace)
+        shard past its memory budget (checked before anything is allocated or logged); NOT_FOUND /
+        FAILED_PRECONDITION if the namespace (of that generation) is not stored here."""
+        store = self._store(namespace, generation)
         grown = store.growth_bytes(int(rows))
         used = self._memory_used()
         if grown and used + grown > self.memory_budget:
@@ -501,7 +502,7 @@ class Shard:
         return self._write("add", {"namespace": namespace, "generation": generation, "request_id": request_id,
                                    "source": source},
                            {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights},
-                           check=lambda: self._store(namespace, generation) and self._check_room(namespace, len(ids)))
+                           check=lambda: self._check_room(namespace, len(ids), generation))
 
     def increment_weights(self, namespace: str, generation: int, request_id: str, ids: np.ndarray,
                           counts: np.ndarray) -> None:
