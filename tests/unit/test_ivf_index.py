@@ -290,3 +290,41 @@ def test_a_restarted_shard_trains_its_index_again_from_the_recovered_rows(tmp_pa
     np.testing.assert_array_equal(after.ids, before.ids)
     assert not np.isin(after.ids, np.arange(10)).any()
     again.runtime.shutdown()
+
+
+def test_an_ivf_namespace_counts_its_index_entries_against_the_shard_budget():
+    """Every row of an ivf_pq namespace is counted with its code and id (pq_m + 8 bytes) and the
+    centroids from the start, so that training never takes a shard past its budget: a budget
+    that holds the rows alone but not their index entries refuses the Add, and nothing is stored."""
+    from monim.datastore.ivf_index import code_bytes, fixed_bytes
+    from monim.protos.errors import ResourceExhausted
+    from monim.workers.shard import Shard
+
+    config = NamespaceConfig("cap", dim=16, index="ivf_pq", nlist=8, pq_m=8, train_min_rows=1000)
+    probe = Shard(0)
+    probe.create_namespace(config.to_dict())
+    store = probe.stores["cap"]
+    assert (code_bytes(config), fixed_bytes(config)) == (16, 4 * 16 * (8 + 256))
+    assert probe._memory_used() == 1024 * store.rows.row_bytes + 1024 * 16 + fixed_bytes(config)
+    rows_alone = 3 * 1024 * store.rows.row_bytes  # growing 1024 -> 2048 rows, old and new columns
+    router = Router(LocalRuntime(1, memory_budget=rows_alone + 1024 * 16 + fixed_bytes(config)))
+    router.create_namespace(config)
+    with pytest.raises(ResourceExhausted, match="no room for 1500 more rows of namespace 'cap'"):
+        router.add("cap", mixture(1500, 16, 4, seed=21), np.zeros(1500, np.int32))
+    assert router.describe_namespace("cap")["rows"] == 0
+    router.add("cap", mixture(1000, 16, 4, seed=21), np.zeros(1000, np.int32))  # fits the first 1024 rows
+    assert router.runtime.shards[0].stores["cap"].wait_for_index(60)
+    assert router.describe_namespace("cap")["shards"][0]["index_state"] == "trained"
+
+
+def test_the_in_process_client_has_the_same_index():
+    from monim import MemoryClient
+
+    keys, queries = mixture(3000, 16, 10, seed=22), mixture(5, 16, 10, seed=23)
+    with MemoryClient(":memory:") as client:
+        client.create_namespace("mem", dim=16, index="ivf_flat", nlist=8, train_min_rows=1000)
+        client.add("mem", keys, np.zeros(3000, np.int32))
+        client._store.runtime.shards[0].stores["mem"].wait_for_index(60)
+        assert client.describe_namespace("mem").shards[0]["index_state"] == "trained"
+        found = client.search("mem", queries, 5, nprobe=8, rerank=20)
+        np.testing.assert_array_equal(found.ids, exact_ids(keys, queries, 5))
