@@ -59,6 +59,8 @@ DRIFT_RETRAIN_RATIO = 2.0
 # faiss's k-means iterations (its default is 25 for IVF training; the PQ's 25 cost most of a
 # training and gain little recall past 10 on our data: bench/ivf_bench.py).
 COARSE_NITER = 20
+# A build that failed (logged) is tried again by an add after this long.
+RETRY_AFTER_FAILURE_S = 60.0
 # Most bytes of the stored keys one re-ranking gathers at a time.
 RERANK_BLOCK_BYTES = 1 << 28
 PQ_NITER = 10
@@ -83,6 +85,25 @@ def code_bytes(config) -> int:
 def fixed_bytes(config) -> int:
     """Bytes of a trained index's centroids (and PQ codebooks: 256 centroids per sub-quantizer)."""
     return 4 * config.dim * (config.nlist + (256 if config.index == "ivf_pq" else 0))
+
+
+def _gpu_clustering_index(config, device: torch.device):
+    """On a CUDA store, where faiss has GPUs (faiss-gpu): a GPU flat index for the coarse k-means's
+    assignments (faiss's IndexIVF.clustering_index: the same training, its distance computations on
+    the GPU), else None. The index itself stays a CPU one: faiss's GPU IVF takes no IDSelector in
+    search and cannot remove_ids, which tombstones and compaction need."""
+    faiss = faiss_module()
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    try:
+        resources = faiss.StandardGpuResources()
+        flat = faiss.IndexFlatL2(config.dim) if config.metric == "l2" else faiss.IndexFlatIP(config.dim)
+        clustering = faiss.index_cpu_to_gpu(resources, device.index or 0, flat)
+        clustering.referenced_resources = resources  # kept alive with the index
+        return clustering
+    except Exception:  # noqa: BLE001 - the CPU trains instead
+        log.warning("faiss-gpu could not make a GPU clustering index; training on the CPU", exc_info=True)
+        return None
 
 
 class _Journal:
@@ -121,6 +142,7 @@ class IvfIndex:
         self._closed = False
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"monim-ivf-{config.name}")
         self._pending: concurrent.futures.Future | None = None
+        self._retry_after = 0.0      # a failed build is not tried again before this (time.monotonic)
 
     # ----- state ---------------------------------------------------------------------------------
     @property
@@ -154,7 +176,7 @@ class IvfIndex:
             self._journal.added.append(ids.copy())
         if self.index is not None:
             self._add_to_live(ids, keys)
-        if self._pending is None and not self._closed and (
+        if self._pending is None and not self._closed and time.monotonic() >= self._retry_after and (
                 (self.index is None and self.rows.size >= self.config.train_min_rows)
                 or (self.index is not None and self._drifted())):
             self._start_build()
@@ -261,6 +283,7 @@ class IvfIndex:
                 self._journal = None
                 self._pending = None
                 self._compacting = False
+                self._retry_after = time.monotonic() + RETRY_AFTER_FAILURE_S
 
     def _new_index(self):
         faiss = faiss_module()
@@ -273,6 +296,10 @@ class IvfIndex:
         else:
             index = faiss.IndexIVFFlat(quantizer, self.config.dim, self.config.nlist, metric)
         index.cp.niter = COARSE_NITER
+        gpu_clustering = _gpu_clustering_index(self.config, self.rows.keys.device)
+        if gpu_clustering is not None:
+            index.clustering_index = gpu_clustering
+            self._gpu_clustering = gpu_clustering  # the index does not own it
         index.own_fields = True
         quantizer.this.disown()  # the index frees its quantizer
         return index

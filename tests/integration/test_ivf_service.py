@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from monim import MemoryClient
 from monim.model_client.errors import InvalidArgument
+
+from monim import MemoryClient
 
 
 def _mixture(rows, dim, seed):
@@ -33,11 +34,13 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
                 before = added[0]
                 try:
                     found = reader.search(namespace_name, queries, k, nprobe=8, rerank=40)
-                    seen.append(tuple(s["index_state"] for s in reader.describe_namespace(namespace_name).shards))
+                    shards = reader.describe_namespace(namespace_name).shards
                 except Exception as error:  # noqa: BLE001 - the test fails on any
                     errors.append(error)
                     return
-                answers.append((before, added[0], found))
+                seen.append(tuple(s["index_state"] for s in shards))
+                no_index_yet = all(s["index_trainings"] == 0 for s in shards)  # none was live during the search
+                answers.append((before, added[0], no_index_yet, found))
 
     searcher = threading.Thread(target=search_loop)
     searcher.start()
@@ -58,12 +61,18 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
         shards = remote_client.describe_namespace(namespace_name).shards
         assert [(s["index_state"], s["index_trainings"], s["rows"]) for s in shards] == [("trained", 1, 25_000)] * 2
         assert seen[0] == ("exact", "exact") and seen[-1] == ("trained", "trained")
-        for before, after, found in answers:
+        exact = 0
+        for before, after, no_index_yet, found in answers:
             assert (found.ids >= 0).all() and (found.ids < after).all()
             assert all(len(set(row)) == k for row in found.ids)
             np.testing.assert_allclose(found.distances,
                                        ((keys[found.ids] - queries[:, None, :]) ** 2).sum(axis=2), rtol=1e-4,
                                        atol=1e-3)
+            if no_index_yet and before == after:
+                truth = ((queries[:, None, :] - keys[None, :after, :]) ** 2).sum(axis=2).argsort(axis=1)[:, :k]
+                np.testing.assert_array_equal(np.sort(found.ids, axis=1), np.sort(truth, axis=1))
+                exact += 1
+        assert exact >= 1
         with pytest.raises(InvalidArgument, match=r"nprobe must be in \[0, 32\]"):
             remote_client.search(namespace_name, queries, k, nprobe=33)
         with pytest.raises(InvalidArgument, match="rerank must be 0"):
