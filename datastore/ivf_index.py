@@ -131,6 +131,7 @@ class IvfIndex:
         self.index = None            # the live trained faiss index, or None (exact)
         self.trainings = 0           # builds swapped in
         self.train_seconds = 0.0     # the latest build's, from its start to the swap
+        self.compaction_seconds = 0.0  # the latest compaction's remove_ids (searches wait that long)
         self._journal: _Journal | None = None  # while a build runs
         self._tombstones: set[int] = set()
         self._search_params = None   # faiss SearchParametersIVF excluding the tombstones
@@ -156,7 +157,8 @@ class IvfIndex:
     def stats(self) -> dict:
         return {"index_state": self.state, "index_trainings": self.trainings,
                 "index_tombstones": len(self._tombstones), "index_drift": round(self.drift_ratio(), 4),
-                "index_train_seconds": round(self.train_seconds, 3)}
+                "index_train_seconds": round(self.train_seconds, 3),
+                "index_compaction_seconds": round(self.compaction_seconds, 3)}
 
     def drift_ratio(self) -> float:
         """Mean quantization error of the recent adds over the training sample's (0 before any)."""
@@ -371,9 +373,11 @@ class IvfIndex:
             self._compacting = False
             if self._closed or self.index is None or not self._tombstones:
                 return
+            started = time.monotonic()
             dead = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
             self.index.remove_ids(faiss.IDSelectorBatch(dead.size, faiss.swig_ptr(dead)))
             self._tombstones.clear()
+            self.compaction_seconds = time.monotonic() - started
             self._refresh_search_params()
 
     # ----- lifecycle ------------------------------------------------------------------------------------
