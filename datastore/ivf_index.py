@@ -385,6 +385,9 @@ class IvfIndex:
         """Waits until no build or compaction is queued or running (tests, benchmarks); True if so."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            with self._lock:
+                if self._closed:
+                    return True
             done = self._worker.submit(lambda: None)
             try:
                 done.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
