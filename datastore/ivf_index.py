@@ -106,6 +106,13 @@ def _gpu_clustering_index(config, device: torch.device):
         return None
 
 
+def _quantization_errors(keys: np.ndarray, centroids: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """float64 [N]: squared L2 distance of each key float32 [N, dim] to its list's centroid (lists
+    int64 [N, 1] from the coarse quantizer; for ip too, where the quantizer's own score is a
+    similarity: the drift monitor compares distances whatever the metric)."""
+    return ((keys - centroids[lists[:, 0]]) ** 2).sum(axis=1, dtype=np.float64)
+
+
 class _Journal:
     """Rows added and deleted while a build runs (under the store's lock)."""
 
@@ -136,6 +143,7 @@ class IvfIndex:
         self._tombstones: set[int] = set()
         self._search_params = None   # faiss SearchParametersIVF excluding the tombstones
         self._selector = None        # kept alive with the parameters that point to it
+        self._centroids = None        # float32 [nlist, dim] of the live index
         self._train_error = 0.0
         self._recent = collections.deque()  # (rows, sum of errors) of recent adds
         self._recent_rows, self._recent_sum = 0, 0.0
@@ -184,10 +192,12 @@ class IvfIndex:
             self._start_build()
 
     def _add_to_live(self, ids: np.ndarray, keys: np.ndarray) -> None:
-        distances, lists = self.index.quantizer.search(keys, 1)
-        self.index.add_core(keys.shape[0], faiss_module().swig_ptr(keys), faiss_module().swig_ptr(ids),
-                            faiss_module().swig_ptr(lists))
-        self._recent.append((keys.shape[0], float(distances.sum(dtype=np.float64))))
+        """Assigns the keys to their lists (once: the assignment also feeds the drift monitor) and adds them."""
+        faiss = faiss_module()
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        lists = self.index.quantizer.search(keys, 1)[1]
+        self.index.add_core(keys.shape[0], faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        self._recent.append((keys.shape[0], float(_quantization_errors(keys, self._centroids, lists).sum())))
         self._recent_rows += keys.shape[0]
         self._recent_sum += self._recent[-1][1]
         while self._recent_rows - self._recent[0][0] >= DRIFT_WINDOW_ROWS:
@@ -328,7 +338,8 @@ class IvfIndex:
                                           .float().cpu().numpy())
         index = self._new_index()
         index.train(sample)
-        train_error = float(index.quantizer.search(sample, 1)[0].mean(dtype=np.float64))
+        centroids = index.quantizer.reconstruct_n(0, self.config.nlist)
+        train_error = float(_quantization_errors(sample, centroids, index.quantizer.search(sample, 1)[1]).mean())
         del sample
         for start in range(0, ids.size, BUILD_CHUNK_ROWS):
             with self._lock:
@@ -342,12 +353,12 @@ class IvfIndex:
                     return
                 waiting = sum(a.size for a in self._journal.added)
                 if waiting <= CATCH_UP_ROWS:
-                    self._swap(index, train_error, started)
+                    self._swap(index, centroids, train_error, started)
                     return
                 chunk_ids, keys = self._copy_keys(self._journal.take_added())
             index.add_with_ids(keys, chunk_ids)
 
-    def _swap(self, index, train_error: float, started: float) -> None:
+    def _swap(self, index, centroids: np.ndarray, train_error: float, started: float) -> None:
         """Under the lock: the journal's last adds and its deletes, then the new index goes live."""
         chunk_ids, keys = self._copy_keys(self._journal.take_added())
         if chunk_ids.size:
@@ -356,7 +367,7 @@ class IvfIndex:
         self.index = index
         self._tombstones = set(np.concatenate(deleted).tolist()) if deleted else set()
         self._refresh_search_params()
-        self._train_error = train_error
+        self._centroids, self._train_error = centroids, train_error
         self._recent.clear()
         self._recent_rows, self._recent_sum = 0, 0.0
         self.trainings += 1
