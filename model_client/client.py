@@ -571,6 +571,13 @@ class MemoryClient:
         return self._retried("commit_step", namespace, step_id, generation=generation)
 
     # ----- snapshots (admin) ----------------------------------------------------------
+    def decode(self):
+        """A decode stream (model_client/decode.py): search() and retrieve() for one generated token
+        at a time over one open stream, with no per-call setup. Close it, or use it in a with block."""
+        from monim.model_client.decode import DecodeStream
+
+        return DecodeStream(self)
+
     def create_snapshot(self, location: str, namespace: str = "") -> dict:
         """Snapshots every namespace (or one) to location, a name under the server's snapshot root;
         returns {location, created_at, shards, rows per namespace, bytes}."""

@@ -470,3 +470,23 @@ class RestoreSnapshotResponse(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.ScalarMap[str, int]
     def __init__(self, rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DecodeStep(_message.Message):
+    __slots__ = ("search", "retrieve")
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    search: SearchRequest
+    retrieve: RetrieveRequest
+    def __init__(self, search: _Optional[_Union[SearchRequest, _Mapping]] = ..., retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ...) -> None: ...
+
+class DecodeStepResult(_message.Message):
+    __slots__ = ("search", "retrieve", "code", "message")
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    search: SearchResponse
+    retrieve: RetrieveResponse
+    code: int
+    message: str
+    def __init__(self, search: _Optional[_Union[SearchResponse, _Mapping]] = ..., retrieve: _Optional[_Union[RetrieveResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...

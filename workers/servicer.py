@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
+import grpc
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
 from monim.protos.errors import InvalidArgument
+from monim.workers.auth import authorize_step, caller_name
+from monim.workers.decoding import undecodable
 from monim.workers.router import Router
-from monim.workers.status import grpc_errors
+from monim.workers.status import grpc_errors, status_of
+
+log = logging.getLogger(__name__)
 
 
 def _required(message, field: str, what: str | None = None):
@@ -79,6 +86,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Search(self, request, context):
+        return self._search(request)
+
+    def _search(self, request) -> pb.SearchResponse:
         result = self.router.search(
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
@@ -102,6 +112,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Retrieve(self, request, context):
+        return self._retrieve(request)
+
+    def _retrieve(self, request) -> pb.RetrieveResponse:
         result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
                                       request.temperature, generation=request.generation,
                                       keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
@@ -148,3 +161,35 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @grpc_errors
     def RestoreSnapshot(self, request, context):
         return pb.RestoreSnapshotResponse(rows=self.router.restore_snapshot(request.location, request.namespace))
+
+    # ----- decoding ----------------------------------------------------------------------
+    def Decode(self, request_iterator, context):
+        """A decode stream: each step (a Search or a Retrieve) answered in order; a step that fails
+        is answered with its code and message, and the stream goes on. The stream's deadline, if the
+        client set one, bounds every step."""
+        for step in request_iterator:
+            yield self._decode_step(step, context)
+
+    def _decode_step(self, step, context) -> pb.DecodeStepResult:
+        kind = step.WhichOneof("step")
+        try:
+            problem = undecodable(step)
+            if problem is not None:
+                raise InvalidArgument(problem)
+            with self.router.deadline(context.time_remaining()):
+                if kind == "search":
+                    authorize_step("Search", step.search.namespace)
+                    return pb.DecodeStepResult(search=self._search(step.search))
+                if kind == "retrieve":
+                    authorize_step("Retrieve", step.retrieve.namespace)
+                    if step.retrieve.keep_state:
+                        raise InvalidArgument("a decode stream keeps no forward state: keep_state must be false "
+                                              "(a training step's Retrieve goes through the Retrieve call)")
+                    return pb.DecodeStepResult(retrieve=self._retrieve(step.retrieve))
+                raise InvalidArgument("a decode step holds neither a search nor a retrieve")
+        except Exception as error:  # noqa: BLE001 - every error becomes the step's status
+            code, message = status_of(error)
+            if code == grpc.StatusCode.INTERNAL:
+                caller = caller_name()
+                log.exception("a Decode step failed%s", f" (token {caller!r})" if caller else "")
+            return pb.DecodeStepResult(code=code.value[0], message=message)

@@ -714,6 +714,18 @@ def restore_snapshot_cases(draw, world: World) -> Case:
     return d.case(draw)
 
 
+@st.composite
+def decode_cases(draw, world: World) -> Case:
+    """A stream of one step: a Search or a Retrieve case as its step (the codes are the step's);
+    sometimes a Retrieve asking to keep its state, which a decode stream refuses."""
+    inner = draw(st.one_of(search_cases(world), retrieve_cases(world)))
+    kind = "search" if inner.rpc == "Search" else "retrieve"
+    expected, defects = inner.expected, inner.defects
+    if kind == "retrieve" and inner.request.keep_state:
+        defects, expected = defects + ("keep_state in a decode stream",), expected - {OK} | {INVALID}
+    return Case("Decode", pb.DecodeStep(**{kind: inner.request}), defects, frozenset(expected))
+
+
 CASES = {
     "CreateNamespace": create_namespace_cases,
     "ListNamespaces": lambda world: no_field_cases(world, "ListNamespaces"),
@@ -731,4 +743,5 @@ CASES = {
     "CreateSnapshot": create_snapshot_cases,
     "ListSnapshots": lambda world: no_field_cases(world, "ListSnapshots"),
     "RestoreSnapshot": restore_snapshot_cases,
+    "Decode": decode_cases,
 }
