@@ -73,6 +73,12 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
                 np.testing.assert_array_equal(np.sort(found.ids, axis=1), np.sort(truth, axis=1))
                 exact += 1
         assert exact >= 1
+        called = remote_client.search(namespace_name, queries, k, nprobe=8, rerank=40)
+        with remote_client.decode() as stream:  # the Decode stream's steps carry the options too
+            streamed = stream.search(namespace_name, queries, k, nprobe=8, rerank=40)
+            with pytest.raises(InvalidArgument, match=r"nprobe must be in \[0, 32\]"):
+                stream.search(namespace_name, queries, k, nprobe=40)
+        np.testing.assert_array_equal(streamed.ids, called.ids)
         with pytest.raises(InvalidArgument, match=r"nprobe must be in \[0, 32\]"):
             remote_client.search(namespace_name, queries, k, nprobe=33)
         with pytest.raises(InvalidArgument, match="rerank must be 0"):
