@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 
@@ -113,6 +114,44 @@ def _quantization_errors(keys: np.ndarray, centroids: np.ndarray, lists: np.ndar
     return ((keys - centroids[lists[:, 0]]) ** 2).sum(axis=1, dtype=np.float64)
 
 
+class _Worker:
+    """One daemon thread that runs an index's builds and compactions in order, started on first use.
+    A daemon, unlike a ThreadPoolExecutor's threads, which the interpreter joins at exit: a process
+    that ends (a shard stopped, a server drained) does not wait for a build that may take minutes;
+    the index is trained again when the rows are recovered."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def submit(self, task, *args) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._tasks.put((future, task, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is None:
+                return
+            future, task, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(task(*args))
+                except BaseException as error:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(error)
+
+    def shutdown(self) -> None:
+        """The thread ends after the task it runs (tasks queued after this never run)."""
+        self._tasks.put(None)
+
+
 class _Journal:
     """Rows added and deleted while a build runs (under the store's lock)."""
 
@@ -149,7 +188,7 @@ class IvfIndex:
         self._recent_rows, self._recent_sum = 0, 0.0
         self._compacting = False
         self._closed = False
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"monim-ivf-{config.name}")
+        self._worker = _Worker(f"monim-ivf-{config.name}")
         self._pending: concurrent.futures.Future | None = None
         self._retry_after = 0.0      # a failed build is not tried again before this (time.monotonic)
 
@@ -412,4 +451,4 @@ class IvfIndex:
         """The namespace went: a running build is dropped when it next takes the lock."""
         with self._lock:
             self._closed = True
-        self._worker.shutdown(wait=False)
+        self._worker.shutdown()

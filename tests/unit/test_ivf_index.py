@@ -330,3 +330,31 @@ def test_the_in_process_client_has_the_same_index():
         assert client.describe_namespace("mem").shards[0]["index_state"] == "trained"
         found = client.search("mem", queries, 5, nprobe=8, rerank=20)
         np.testing.assert_array_equal(found.ids, exact_ids(keys, queries, 5))
+
+
+def test_a_process_that_ends_does_not_wait_for_a_build():
+    """A shard process stopping (or a server draining) must not hang on a build that may take minutes:
+    the worker is a daemon thread, and the index is trained again on recovery. Here a build that
+    would take 60 s (its training stands in by a sleep) is running when the script ends."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import time
+        import numpy as np
+        from monim.datastore import NeighborStore, ivf_index
+        from monim.protos.config import NamespaceConfig
+
+        ivf_index.IvfIndex._new_index = lambda self: time.sleep(60)
+        store = NeighborStore(NamespaceConfig("s", dim=4, index="ivf_flat", nlist=2, train_min_rows=10))
+        store.add(np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32), np.zeros(20, np.int32))
+        time.sleep(0.5)
+        assert store.stats()["index_state"] == "training"
+        print("ending with a build running", flush=True)
+    """)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert result.returncode == 0, result.stderr
+    assert "ending with a build running" in result.stdout
+    assert time.monotonic() - started < 30
