@@ -70,8 +70,12 @@ class RetrieveFunction(torch.autograd.Function):
         started = time.perf_counter()
         # A backward follows when an input needs a gradient: then the server keeps the forward's state
         # and the backward sends only grad_memory.
-        result = layer.client.retrieve(layer.namespace, queries.detach().float().cpu().numpy(), layer.k,
-                                       float(temperature.detach()), keep_state=any(ctx.needs_input_grad[:3]))
+        queries_host = queries.detach().float().cpu().numpy()
+        if layer.decoding is not None and not any(ctx.needs_input_grad[:3]):  # generating: no backward follows
+            result = layer.decoding.retrieve(layer.namespace, queries_host, layer.k, float(temperature.detach()))
+        else:
+            result = layer.client.retrieve(layer.namespace, queries_host, layer.k, float(temperature.detach()),
+                                           keep_state=any(ctx.needs_input_grad[:3]))
         layer.timer.record("retrieve", time.perf_counter() - started, queries.shape[0])
         ctx.result, ctx.layer = result, layer
         ctx.device, ctx.dtype = queries.device, queries.dtype
@@ -118,6 +122,9 @@ class MoNIMLayer(nn.Module):
         self.knn_lambda_logit = nn.Parameter(torch.tensor(lam), requires_grad=learn_lambda)
         self.timer = StoreTimer()
         self.last_result = None
+        # A DecodeStream (client.decode()) for reads no backward follows, e.g. in generate(); attach_monim
+        # opens one at the first decoding step. None: every read is a call of its own.
+        self.decoding = None
         config = client.describe_namespace(namespace).config  # NotFound here, not at the first step
         self.dim, self.value_dim = config.dim, config.value_dim
         if mode == "monim" and self.value_dim == 0:
@@ -165,8 +172,8 @@ class MoNIMLayer(nn.Module):
         queries, index = self._selected(hidden, mask)
         batch, seq = hidden.shape[:2]
         started = time.perf_counter()
-        found = self.client.search(self.namespace, queries.detach().float().cpu().numpy(), self.k,
-                                   return_weights=True)
+        reader = self.decoding if self.decoding is not None and not torch.is_grad_enabled() else self.client
+        found = reader.search(self.namespace, queries.detach().float().cpu().numpy(), self.k, return_weights=True)
         self.timer.record("search", time.perf_counter() - started, queries.shape[0])
         ids = torch.from_numpy(found.ids).to(hidden.device)
         distances = torch.from_numpy(np.where(found.ids >= 0, found.distances, 0)).to(hidden.device)

@@ -375,19 +375,23 @@ class Router:
 
     @_reread_config_if_recreated
     def search(self, namespace: str, queries: np.ndarray, k: int, return_keys: bool = False,
-               return_values: bool = False, return_weights: bool = False, *, generation: int = 0) -> SearchResult:
-        """Stages: validate; send the queries to every shard at once; merge the per-shard top-k."""
+               return_values: bool = False, return_weights: bool = False, *, generation: int = 0,
+               nprobe: int = 0, rerank: int = 0) -> SearchResult:
+        """Stages: validate; send the queries to every shard at once; merge the per-shard top-k.
+        nprobe, rerank: ivf namespaces only (validation.check_search_options); each shard answers
+        exactly until its index is trained (docs/INDEXES.md)."""
         return self._search(self.config(namespace, generation), queries, k, return_keys, return_values,
-                            return_weights)
+                            return_weights, nprobe, rerank)
 
     def _search(self, config: NamespaceConfig, queries, k, return_keys=False, return_values=False,
-                return_weights=False) -> SearchResult:
+                return_weights=False, nprobe=0, rerank=0) -> SearchResult:
         queries = validation.check_vectors(queries, config.dim, "queries")
         k = validation.check_k(k, config.max_k)
+        nprobe, rerank = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank)
         if return_values and not config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         results = self._all_shards("search", config.name, config.generation, queries, k, return_keys,
-                                   return_values, return_weights)
+                                   return_values, return_weights, nprobe, rerank)
         merged = merge_topk(results, k)
         merged.generation = config.generation
         return merged
@@ -395,19 +399,22 @@ class Router:
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated
     def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0, *,
-                 generation: int = 0, keep_state: bool = False) -> RetrieveResult:
+                 generation: int = 0, keep_state: bool = False, nprobe: int = 0, rerank: int = 0) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
         every shard sums alpha_i v_i over its own ids; add the partial sums. If a row went between
         the two rounds (a shard answers NOT_FOUND), the forward starts again: m is never a sum
         with a neighbour silently missing. keep_state: the queries, ids, alpha, distances and
-        temperature stay here under result.handle, for a backward that sends only grad_memory."""
+        temperature stay here under result.handle, for a backward that sends only grad_memory.
+        nprobe, rerank: as in search (an ivf namespace's search; its distances enter alpha)."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
         queries = validation.check_vectors(queries, config.dim, "queries")
+        validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
+                                        rerank)
         for _ in range(RETRIEVE_ATTEMPTS):
-            found = self._search(config, queries, k, return_weights=True)
+            found = self._search(config, queries, k, return_weights=True, nprobe=nprobe, rerank=rerank)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
             try:
                 memory = sum(self._round(functools.partial(self._value_sum_calls, namespace, config.generation,

@@ -271,6 +271,7 @@ class Shard:
             if store is None or (generation and store.config.generation != generation):
                 return 0  # dropped (or re-created) by a change logged before this one
             del self.stores[namespace]
+            store.close()
             for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
                 del self._staged[step_id]
             return len(store)
@@ -498,13 +499,14 @@ class Shard:
             self._check_room(namespace, rows)
 
     def _memory_used(self) -> int:
-        return sum(store.rows.nbytes for store in self.stores.values())
+        return sum(store.nbytes for store in self.stores.values())
 
-    def _check_room(self, namespace: str, rows: int) -> None:
+    def _check_room(self, namespace: str, rows: int, generation: int = 0) -> None:
         """RESOURCE_EXHAUSTED, naming the numbers, if appending rows to the namespace would take the
-        shard past its memory budget (checked before anything is allocated or logged)."""
-        store = self._store(namespace)
-        grown = store.rows.growth_bytes(int(rows))
+        shard past its memory budget (checked before anything is allocated or logged); NOT_FOUND /
+        FAILED_PRECONDITION if the namespace (of that generation) is not stored here."""
+        store = self._store(namespace, generation)
+        grown = store.growth_bytes(int(rows))
         used = self._memory_used()
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
@@ -519,8 +521,8 @@ class Shard:
         return self._write("add", {"namespace": namespace, "generation": generation, "request_id": request_id,
                                    "source": source},
                            {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights},
-                           check=lambda: self._check_owned(namespace, generation, ids)
-                           or self._check_room(namespace, len(ids)))
+                           check=lambda: (self._check_owned(namespace, generation, ids),
+                                          self._check_room(namespace, len(ids), generation)) and None)
 
     def increment_weights(self, namespace: str, generation: int, request_id: str, ids: np.ndarray,
                           counts: np.ndarray) -> None:
@@ -542,9 +544,9 @@ class Shard:
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
-               return_values: bool, return_weights: bool) -> SearchResult:
+               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0) -> SearchResult:
         return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights,
-                                                         hidden=self._incoming(namespace))
+                                                         nprobe, rerank, hidden=self._incoming(namespace))
 
     @_serialized
     def get_present(self, namespace: str, generation: int, ids: np.ndarray,
@@ -772,7 +774,7 @@ class Shard:
         rows = snapshot.table_from_bytes(payload).num_rows
         return self._write("receive", {"namespace": namespace, "generation": generation, "request_id": request_id},
                            {"table": np.array([payload], dtype=object)},
-                           check=lambda: self._store(namespace, generation) and self._check_room(namespace, rows))
+                           check=lambda: self._check_room(namespace, rows, generation))
 
     def _apply_receive(self, store: NeighborStore, args: dict, columns: dict) -> int:
         import pyarrow as pa
@@ -805,9 +807,7 @@ class Shard:
         snapshot); whether the log failed (the shard then refuses writes until it restarts)."""
         import pyarrow.fs as pafs
 
-        namespaces = {name: {"rows": len(store), "bytes": sum(getattr(store.rows, column).nbytes
-                                                              for column in store.rows.column_names)}
-                      for name, store in self.stores.items()}
+        namespaces = {name: {"rows": len(store), "bytes": store.nbytes} for name, store in self.stores.items()}
         wal_bytes = snapshot_age_s = None
         if self.folder is not None:
             log_folder = self.wal.location

@@ -11,6 +11,7 @@ from monim.workers.auth import (
     ADMIN,
     METHOD_ACCESS,
     SERVICE_NAME,
+    STREAMING_METHODS,
     AuthPolicy,
     bearer_secret,
     loose_permissions,
@@ -124,11 +125,13 @@ def test_a_secret_finds_its_token_and_nothing_else_does(policy):
 
 
 # ----- who may call what -----------------------------------------------------------------------
-def test_every_memory_service_method_has_an_access_rule_and_is_unary():
+def test_every_memory_service_method_has_an_access_rule_and_streams_are_known():
+    """A streaming method is guarded only if the interceptor knows it (STREAMING_METHODS: the stream
+    is authenticated, its steps checked one by one); any other is refused."""
     service = pb.DESCRIPTOR.services_by_name["MemoryService"]
     assert SERVICE_NAME == "monim.v1.MemoryService"
     assert {m.name for m in service.methods} == set(METHOD_ACCESS)
-    assert not any(m.client_streaming or m.server_streaming for m in service.methods)
+    assert {m.name for m in service.methods if m.client_streaming or m.server_streaming} == STREAMING_METHODS
     assert {name for name, access in METHOD_ACCESS.items() if access.scope == ADMIN} == ADMIN_METHODS
 
 

@@ -7,7 +7,11 @@ from monim.datastore import NamespaceConfig, NeighborStore, flat_index
 from monim.model_client.local_store import LocalMemory
 
 from tests.conftest import assert_same_neighbours, brute_force
-from tests.unit.test_flat_index import assert_float32_search_over_rounded_keys, fp16_store_data
+from tests.unit.test_flat_index import (
+    assert_float32_search_over_rounded_keys,
+    check_torch_kernel_on_rows_in_order_of_distance,
+    fp16_store_data,
+)
 from tests.unit.test_learnable_memory import DIM, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 
 pytestmark = [pytest.mark.gpu,
@@ -15,7 +19,10 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_cuda_search_matches_brute_force(metric):
+@pytest.mark.parametrize("block_bytes", [None, 4 * 300 * 2048])  # one chunk; 2048-row chunks (filtered)
+def test_cuda_search_matches_brute_force(metric, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((20_000, 64)).astype(np.float32)
     queries = rng.standard_normal((300, 64)).astype(np.float32)
@@ -84,6 +91,14 @@ def test_fp16_keys_on_cuda_give_fp32_distances_at_large_norms(metric, k, block_b
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 200])
+def test_cuda_kernel_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
+    """The one-pass filter of later chunks (datastore/gpu_select.py) overflows its capacity on every
+    chunk when rows come nearest last; the chunk's top-k is taken instead, and answers stay exact."""
+    check_torch_kernel_on_rows_in_order_of_distance("cuda", metric, k, monkeypatch)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_cuda_retrieve_and_backward_match_autograd(metric):
     """The in-process store (the router over one shard) with its rows on the GPU."""
     keys, values, weights, queries, grad_memory = make_data(seed=4)
@@ -101,3 +116,21 @@ def test_cuda_retrieve_and_backward_match_autograd(metric):
     np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
     assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
     np.testing.assert_allclose(memory.get("g", np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["ivf_flat", "ivf_pq"])
+def test_cuda_ivf_store_trains_and_reranks_with_its_gpu_keys(index):
+    """A CUDA store of an ivf namespace: training and adds read its (float16) keys from the GPU, the
+    faiss index answers, rerank computes exact distances on the GPU (docs/INDEXES.md, "GPU")."""
+    from tests.unit.test_ivf_index import exact_ids, mixture, recall
+
+    keys, queries = mixture(20_000, 64, 50, seed=30), mixture(200, 64, 50, seed=31)
+    options = dict(pq_m=64) if index == "ivf_pq" else {}
+    store = NeighborStore(NamespaceConfig("g", dim=64, index=index, nlist=64, train_min_rows=10_000,
+                                          key_dtype="float32", **options), device="cuda")
+    store.add(keys, np.zeros(len(keys), np.int32))
+    assert store.wait_for_index(300) and store.stats()["index_state"] == "trained"
+    found = store.search(queries, 10, nprobe=32, rerank=100)
+    assert recall(found.ids, exact_ids(keys, queries, 10)) >= 0.99
+    np.testing.assert_allclose(found.distances, ((keys[found.ids] - queries[:, None, :]) ** 2).sum(axis=2),
+                               rtol=1e-4, atol=1e-3)
