@@ -45,14 +45,14 @@ def test_resharding_2_4_3_under_load_fails_no_call_loses_no_row_and_every_search
     admin.create_namespace("ns", dim=DIM)
     lock, stop, errors = threading.Lock(), threading.Event(), []
     acked_keys = [rng.standard_normal((1500, DIM)).astype(np.float32)]
-    acked_ids = [writer.add("ns", acked_keys[0], np.arange(1500)).ids]
+    acked_ids = [writer.add("ns", acked_keys[0], np.arange(1500))]
     answers = []  # (rows acknowledged before the search, queries, ids, distances)
 
     def adds():
         local = np.random.default_rng(1)
         while not stop.is_set():
             keys = local.standard_normal((20, DIM)).astype(np.float32)
-            ids = writer.add("ns", keys, np.arange(20)).ids
+            ids = writer.add("ns", keys, np.arange(20))
             with lock:
                 acked_keys.append(keys)
                 acked_ids.append(ids)
