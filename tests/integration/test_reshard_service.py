@@ -142,3 +142,45 @@ def test_a_snapshot_waits_for_a_reshard_in_progress(two_front_ends):
         assert admin.list_snapshots() == []
         assert list(moving)[-1].done
         assert admin.create_snapshot("after")["shards"] == 3
+
+
+def test_monim_reshard_moves_refuses_bad_counts_and_non_admin_tokens(tmp_path, capsys, monkeypatch):
+    """The CLI against a secured in-process server: an admin token reshards 2 -> 3 (exit 0, the rows
+    moved); --shards 0 and a token without admin each print one line and exit 2, changing nothing."""
+    from monim.workers.auth import AuthPolicy
+    from monim.workers.cli import main
+    from monim.workers.router import Router
+    from monim.workers.runtime import LocalRuntime
+    from monim.workers.server import start_server
+
+    monkeypatch.delenv("MONIM_TOKEN", raising=False)
+    auth = tmp_path / "auth.toml"
+    auth.write_text('[[token]]\nname = "ops"\nsecret = "ops-3c9f1e7a"\nread = ["*"]\nwrite = ["*"]\nadmin = true\n\n'
+                    '[[token]]\nname = "trainer"\nsecret = "trainer-8d2b6f0c"\nread = ["*"]\nwrite = ["*"]\n')
+    auth.chmod(0o600)
+    runtime = LocalRuntime(2, data_dir=str(tmp_path / "data"), fsync="never")
+    server, port = start_server(Router(runtime), port=0, auth=AuthPolicy.load(str(auth)))
+    address = f"127.0.0.1:{port}"
+    try:
+        with MemoryClient(address, token="ops-3c9f1e7a") as ops:
+            ops.create_namespace("ns", dim=DIM)
+            ids = ops.add("ns", np.random.default_rng(0).standard_normal((500, DIM)).astype(np.float32), np.arange(500))
+
+            def shards():
+                return [s["rows"] for s in ops.describe_namespace("ns").shards]
+
+            for args, message in ((["--shards", "0", "--token", "ops-3c9f1e7a"], "a deployment needs at least one shard, got 0"),
+                                  (["--shards", "3", "--token", "trainer-8d2b6f0c"],
+                                   "token 'trainer' may not call Reshard: it needs admin")):
+                code = main(["reshard", "--address", address, "--no-progress", *args])
+                err = capsys.readouterr().err
+                assert code == 2 and err.strip() == f"monim reshard: {message}", err
+                assert shards() == [250, 250]
+            code = main(["reshard", "--address", address, "--shards", "3", "--batch-rows", "100", "--no-progress",
+                         "--token", "ops-3c9f1e7a"])
+            out, err = capsys.readouterr()
+            assert code == 0 and out.strip().startswith("3 shards; ") and "moving ns" in err
+            assert shards() == [167, 167, 166] and len(ops.get("ns", ids)) == 500
+    finally:
+        server.stop(0).wait()
+        runtime.shutdown()
