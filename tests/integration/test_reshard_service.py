@@ -169,7 +169,8 @@ def test_monim_reshard_moves_refuses_bad_counts_and_non_admin_tokens(tmp_path, c
             def shards():
                 return [s["rows"] for s in ops.describe_namespace("ns").shards]
 
-            for args, message in ((["--shards", "0", "--token", "ops-3c9f1e7a"], "a deployment needs at least one shard, got 0"),
+            for args, message in ((["--shards", "0", "--token", "ops-3c9f1e7a"],
+                                   "a deployment needs at least one shard, got 0"),
                                   (["--shards", "3", "--token", "trainer-8d2b6f0c"],
                                    "token 'trainer' may not call Reshard: it needs admin")):
                 code = main(["reshard", "--address", address, "--no-progress", *args])
