@@ -20,7 +20,7 @@ def served(tmp_path_factory):
     deployment = LocalDeployment(str(tmp_path_factory.mktemp("reliability")))
     deployment.start()
     try:
-        yield deployment, seed(deployment.stub, np.random.default_rng(15))
+        yield deployment, seed(deployment.stub, np.random.default_rng(15), deployment.shards)
     finally:
         deployment.stop()
 

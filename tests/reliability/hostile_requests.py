@@ -738,6 +738,26 @@ def decode_cases(draw, world: World) -> Case:
     return Case("Decode", pb.DecodeStep(**{kind: inner.request}), defects, frozenset(expected))
 
 
+@st.composite
+def reshard_cases(draw, world: World) -> Case:
+    """A shard count under 1 or over 4096, or a negative batch size; a valid request names the
+    deployment's own count, which moves nothing (tests/integration/test_reshard_service.py moves rows)."""
+    d = Draft("Reshard", shards=world.shards, batch_rows=draw(st.sampled_from([0, 1, 16384, 2**40])))
+    for _, apply in _defects(draw, RESHARD_DEFECTS, lowest=0):
+        apply(draw, d, None, world)
+    return d.case(draw)
+
+
+RESHARD_DEFECTS = {
+    "no shards": ("shards", lambda draw, d, ns, world: d.put(
+        "shards under 1", INVALID, shards=draw(st.one_of(st.just(0), st.integers(-2**31, -1))))),
+    "too many shards": ("shards", lambda draw, d, ns, world: d.put(
+        "over 4096 shards", INVALID, shards=draw(st.integers(4097, 2**31 - 1)))),
+    "negative batch": ("batch_rows", lambda draw, d, ns, world: d.put(
+        "negative batch_rows", INVALID, batch_rows=draw(st.integers(-2**63, -1)))),
+}
+
+
 CASES = {
     "CreateNamespace": create_namespace_cases,
     "ListNamespaces": lambda world: no_field_cases(world, "ListNamespaces"),
@@ -756,4 +776,5 @@ CASES = {
     "ListSnapshots": lambda world: no_field_cases(world, "ListSnapshots"),
     "RestoreSnapshot": restore_snapshot_cases,
     "Decode": decode_cases,
+    "Reshard": reshard_cases,
 }

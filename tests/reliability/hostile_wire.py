@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 from google.protobuf import descriptor as pb_descriptor
+from google.protobuf.message import DecodeError
 from hypothesis import strategies as st
 from monim.protos import memory_pb2 as pb
 
@@ -49,6 +50,7 @@ REFUSALS = {
     "ListSnapshots": set(),
     "RestoreSnapshot": {INVALID, NOT_FOUND, EXISTS, PRECONDITION},
     "Decode": {INVALID, NOT_FOUND, PRECONDITION},  # each step a Search or a Retrieve
+    "Reshard": {INVALID},  # a valid one names the deployment's own count (pinned_reshard)
 }
 # Calls whose random requests may name the seeded namespaces: none can change a stored row with random
 # fields (reads; a commit of a step no part reached; creating or restoring a name that is taken). The
@@ -89,6 +91,12 @@ def _set(message, field, value) -> None:
         setattr(message, field.name, value)
 
 
+def moves_rows(rpc: str, request, world: World) -> bool:
+    """A valid Reshard to another shard count: it moves every row, rightly, which would change the
+    deployment under the other examples (tests/integration/test_reshard_service.py checks moves)."""
+    return rpc == "Reshard" and 1 <= request.shards <= 4096 and request.shards != world.shards
+
+
 @st.composite
 def random_field_requests(draw, world: World, rpc: str):
     request = REQUEST_TYPES[rpc]()
@@ -97,6 +105,8 @@ def random_field_requests(draw, world: World, rpc: str):
             _set(request, field, _random_value(draw, field, world, rpc))
     if not request.DESCRIPTOR.fields or draw(st.integers(0, 4)) == 0:
         request.MergeFromString(b"".join(draw(st.lists(unknown_fields(), min_size=1, max_size=3))))
+    if moves_rows(rpc, request, world):
+        request.shards = world.shards
     return request
 
 
@@ -116,8 +126,20 @@ class Payload:
     what: str
 
 
+def raw_payloads(world: World, rpc: str) -> st.SearchStrategy[Payload]:
+    """Bytes of every kind, less those that parse to a Reshard that moves rows (moves_rows)."""
+    return _raw_payloads(world, rpc).filter(lambda payload: not _parses_to_a_move(payload, world))
+
+
+def _parses_to_a_move(payload: Payload, world: World) -> bool:
+    try:
+        return moves_rows(payload.rpc, REQUEST_TYPES[payload.rpc].FromString(payload.data), world)
+    except DecodeError:
+        return False
+
+
 @st.composite
-def raw_payloads(draw, world: World, rpc: str) -> Payload:
+def _raw_payloads(draw, world: World, rpc: str) -> Payload:
     kind = draw(st.sampled_from(["random", "random", "truncated", "truncated", "trailing bytes", "doubled",
                                  "oversized"]))
     if kind == "random":

@@ -47,7 +47,8 @@ class NamespaceFacts:
 class World:
     """values: the learnable namespace; plain: the one without values.
     applied_requests: (namespace, RPC, request id) of seeding writes every shard has applied.
-    handle: of a Retrieve of handle_rows queries on values, kept at the front end (for 5 minutes)."""
+    handle: of a Retrieve of handle_rows queries on values, kept at the front end (for 5 minutes).
+    shards: the deployment's shard count (a Reshard to it moves nothing)."""
 
     values: NamespaceFacts
     plain: NamespaceFacts
@@ -55,6 +56,7 @@ class World:
     applied_requests: tuple[tuple[str, str, str], ...]
     handle: str
     handle_rows: int
+    shards: int
 
     @property
     def namespaces(self) -> tuple[NamespaceFacts, NamespaceFacts]:
@@ -99,6 +101,11 @@ class LocalDeployment:
         return self.channel.unary_unary(f"/monim.v1.MemoryService/{rpc}", request_serializer=None,
                                         response_deserializer=None)
 
+    def raw_server_stream(self, rpc: str):
+        """The same for a unary-stream method: bytes in, an iterator of the replies' bytes out."""
+        return self.channel.unary_stream(f"/monim.v1.MemoryService/{rpc}", request_serializer=None,
+                                         response_deserializer=None)
+
     def raw_stream(self, rpc: str):
         """The same for a stream-stream method: an iterator of bytes in, of the replies' bytes out."""
         return self.channel.stream_stream(f"/monim.v1.MemoryService/{rpc}", request_serializer=None,
@@ -115,7 +122,7 @@ def _facts(stub, name: str, deleted: np.ndarray, sources) -> NamespaceFacts:
                           sources=tuple(sources))
 
 
-def seed(stub, rng: np.random.Generator) -> World:
+def seed(stub, rng: np.random.Generator, shards: int) -> World:
     """Fills an empty deployment (see the module docstring); returns what it did."""
     t = convert.tensor_to_proto
     applied = []
@@ -158,4 +165,5 @@ def seed(stub, rng: np.random.Generator) -> World:
         np.float32)), k=4, temperature=1.0, keep_state=True))
     return World(values=_facts(stub, "fuzz-values", deleted_values, sources),
                  plain=_facts(stub, "fuzz-plain", deleted_plain, ("seed-plain",)),
-                 snapshot=SNAPSHOT, applied_requests=tuple(applied), handle=kept.handle, handle_rows=3)
+                 snapshot=SNAPSHOT, applied_requests=tuple(applied), handle=kept.handle, handle_rows=3,
+                 shards=shards)

@@ -36,8 +36,9 @@ EXAMPLES = int(os.environ.get("MONIM_FUZZ_EXAMPLES", "2100"))
 SEED = os.environ.get("MONIM_FUZZ_SEED")
 SHARES = {"structured": 0.5, "random fields": 0.2, "raw bytes": 0.3}
 CALL_TIMEOUT_S = 20.0
-STREAMING_RPCS = {method.name for method in pb.DESCRIPTOR.services_by_name["MemoryService"].methods
-                  if method.client_streaming}
+METHODS = pb.DESCRIPTOR.services_by_name["MemoryService"].methods
+STREAMING_RPCS = {method.name for method in METHODS if method.client_streaming}
+SERVER_STREAMING_RPCS = {method.name for method in METHODS if method.server_streaming and not method.client_streaming}
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -57,6 +58,8 @@ class Referee:
     def send(self, rpc: str, request) -> tuple[str, str]:
         if rpc in STREAMING_RPCS:
             return self._send_step(rpc, request)
+        if rpc in SERVER_STREAMING_RPCS:
+            return self._read_stream(rpc, request)
         call = self.deployment.raw(rpc) if isinstance(request, bytes) else getattr(self.deployment.stub, rpc)
         try:
             call(request, timeout=CALL_TIMEOUT_S)
@@ -74,6 +77,16 @@ class Referee:
         if isinstance(result, bytes):
             result = pb.DecodeStepResult.FromString(result)
         return STATUS_NAMES[result.code], result.message
+
+    def _read_stream(self, rpc: str, request) -> tuple[str, str]:
+        """A unary-stream call read to its end: OK, or the code it ended with."""
+        call = self.deployment.raw_server_stream(rpc) if isinstance(request, bytes) else getattr(self.deployment.stub, rpc)
+        try:
+            for _ in call(request, timeout=CALL_TIMEOUT_S):
+                pass
+            return OK, ""
+        except grpc.RpcError as error:
+            return error.code().name, error.details() or ""
 
     def judge(self, kind: str, rpc: str, what, code: str, details: str, expected) -> None:
         self.ledger[(kind, rpc, code)] += 1
