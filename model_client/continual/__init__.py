@@ -9,7 +9,7 @@ day's training text arrives and five arms learn from it:
                       memory (value rows on the store, temperature and gate here) on it
   monim_fixed_values  the ablation of monim: the same layer on the same entries (monim's admitted
                       rows), the same batches and steps, with the values fixed at their
-                      initialization (value lr ~0); T and the gate train as in monim
+                      initialization (the layer's train_values=False); T and the gate train as in monim
   finetune            the LM itself fine-tuned on the day's text (the forgetting baseline)
 After each day every arm is evaluated on the held-out text of every day seen so far.
 Day 0 is read by the memory arms too, so the memory holds what the model found hard there.
@@ -22,7 +22,6 @@ memory arms' lockstep), run.py (a seed's run, several seeds, mean and spread), r
 from monim.model_client.continual.arms import MemoryArm, MirroredAdds, learn_day, perplexity, train_lm
 from monim.model_client.continual.config import (
     ARMS,
-    FIXED_VALUES_LR,
     MEMORY_ARMS,
     ByteTokenizer,
     ContinualConfig,
@@ -31,6 +30,6 @@ from monim.model_client.continual.config import (
 from monim.model_client.continual.report import format_day, plot, summary
 from monim.model_client.continual.run import aggregate, run_continual, run_seeds
 
-__all__ = ["ARMS", "FIXED_VALUES_LR", "MEMORY_ARMS", "ByteTokenizer", "ContinualConfig", "HFTokenizer", "MemoryArm",
+__all__ = ["ARMS", "MEMORY_ARMS", "ByteTokenizer", "ContinualConfig", "HFTokenizer", "MemoryArm",
            "MirroredAdds", "aggregate", "format_day", "learn_day", "perplexity", "plot", "run_continual", "run_seeds",
            "summary", "train_lm"]

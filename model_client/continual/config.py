@@ -13,13 +13,6 @@ from monim.protos.errors import InvalidArgument
 ARMS = ("frozen", "knnlm", "monim", "monim_fixed_values", "finetune")
 MEMORY_ARMS = ("knnlm", "monim_fixed_values", "monim")
 
-# The store refuses lr 0 (protos/config.py: lr > 0), so the fixed-values arm's namespace gets an Adam
-# step of this size: ~1e-30 per element, far below float32's resolution for any value of the size of an
-# output-embedding entry, so every value row keeps its initialization bit for bit (the tests check it),
-# while the store still computes the gradients of T and of the queries as in the monim arm.
-FIXED_VALUES_LR = 1e-30
-
-
 @dataclasses.dataclass
 class ContinualConfig:
     length: int = 128          # tokens per training / evaluation window
@@ -36,6 +29,8 @@ class ContinualConfig:
     monim_gate: float = 1.0
     monim_value_lr: float = 3e-3
     monim_layer_lr: float = 3e-2
+    mix_knn: bool = False      # the monim arms also mix p_kNN of the same neighbours (values and tokens at once)
+    combiner: str = "fixed"    # the memory arms' lambda / gate: "fixed" (one learned scalar) or "adaptive" (meta-k)
     memory_day_tokens: int = 48_000  # the memory arms read at most this much of a day (day 0's is larger)
     eval_batch: int = 16
     seed: int = 0
@@ -46,6 +41,8 @@ class ContinualConfig:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.day0_steps < 0 or self.finetune_epochs < 0:
             raise InvalidArgument("day0_steps and finetune_epochs must be >= 0")
+        if self.combiner not in ("fixed", "adaptive"):
+            raise InvalidArgument(f"combiner must be 'fixed' or 'adaptive', got {self.combiner!r}")
 
 
 class ByteTokenizer:
