@@ -119,7 +119,8 @@ class MemoryArm:
         self.handle = attach_monim(self.model, layer_client, self.namespace, k=config.k, mode=mode,
                                    admit_below=config.admit_below, knn_lambda=config.knn_lambda, learn_lambda=True,
                                    temperature=temperature, gate=config.monim_gate, source="demo",
-                                   mix_knn=config.mix_knn and mode == "monim", combiner=config.combiner,
+                                   mix_knn=config.mix_knn and mode == "monim",
+                                   combiner=config.monim_combiner if mode == "monim" else config.knnlm_combiner,
                                    train_values=not fixed_values)
         # log T; the gate (monim) or lambda (knnlm, and monim with mix_knn); the adaptive combiner's MLP.
         # A parameter the arm's mode leaves out of the loss gets no gradient, and Adam leaves it alone.
