@@ -138,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", default=None, help="where the data dirs go (default: a temporary folder)")
     parser.add_argument("--writers", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4],
                         help="writer threads of the in-process Add figures, comma-separated (default 1,4)")
+    parser.add_argument("--policies", type=lambda text: text.split(","), default=["always", "batch_ms=2", "never"],
+                        help="--fsync policies of the in-process Add (default always,batch_ms=2,never)")
     parser.add_argument("--repeats", type=int, default=3, help="in-process Add measurements per setting (median)")
     parser.add_argument("--service", action="store_true", help="also Add through gRPC and Ray shard actors")
     parser.add_argument("--shards", type=int, default=2)
@@ -159,7 +161,7 @@ def main(argv=None) -> int:
         for writers in args.writers:
             # Each setting is measured --repeats times, interleaved with the others (this VM's disk and
             # CPUs drift), and its median is compared with the ephemeral store's median.
-            rates = {fsync: [] for fsync in ("ephemeral", "always", "batch_ms=2", "never")}
+            rates = {fsync: [] for fsync in ("ephemeral", *args.policies)}
             syncs = {fsync: [] for fsync in rates}
             for _ in range(args.repeats):
                 for fsync in rates:

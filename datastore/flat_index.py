@@ -6,9 +6,13 @@ Two kernels with the same contract:
   are held once, not copied into a separate index.
 - ``torch``: matmul + top-k, chunked over the stored rows so the [B, chunk]
   score block stays bounded; used when the store lives on a CUDA device
-  (keys may be float16 there). float16 keys give what float32 search over the
-  rounded keys gives: a float16 matmul screens candidates, which are then
-  ranked again exactly in float32 with the unrounded queries.
+  (keys may be float16 there). The first chunk takes a top-k; later ones
+  only pass on the entries below each query's best so far (on a GPU in one
+  Triton pass over the block, datastore/gpu_select.py). float16 keys give
+  what float32 search over the rounded keys gives: a float16 matmul screens
+  candidates, which are then ranked again exactly in float32 with the
+  unrounded queries (on a GPU by a Triton kernel that reads the candidates'
+  keys where they are stored).
 
 Both return distances where smaller is nearer: squared L2 for ``l2``, the
 negative inner product for ``ip``; slots past the number of rows are id -1
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from monim.datastore import gpu_select
 
 MISSING = -1
 # Most bytes of one [B, chunk] float32 score block in the torch kernel (see _score_block_bytes).
@@ -154,29 +159,104 @@ def _half_matmul_float(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-def _chunked_topk(keys: torch.Tensor, block_distances, keep: int, chunk: int, sort: bool):
+def _merge(best_d, best_i, d, i, keep: int):
+    """The `keep` smallest of two unsorted candidate sets (distances, rows) per query."""
+    if best_d is None:
+        return d, i
+    merged = torch.cat([best_d, d], dim=1)  # fewer than keep while keep exceeds the rows seen
+    best_d, order = torch.topk(merged, min(keep, merged.shape[1]), dim=1, largest=False, sorted=False)
+    return best_d, torch.gather(torch.cat([best_i, i], dim=1), 1, order)
+
+
+class _Distances:
+    """How a block of matmul scores becomes distances (smaller is nearer):
+    d = score * row_mul[query] + row_add[query] + col_add[row], then max(d, 0) if clamp.
+    row_mul, row_add: float32 [B]; col_add: float32 [rows stored] (zeros where not needed)."""
+
+    def __init__(self, row_mul: torch.Tensor, row_add: torch.Tensor, col_add: torch.Tensor, clamp: bool):
+        self.row_mul, self.row_add, self.col_add, self.clamp = row_mul, row_add, col_add.contiguous(), clamp
+
+    def apply_(self, scores: torch.Tensor, start: int) -> torch.Tensor:
+        """The distances, in place of the scores."""
+        scores.mul_(self.row_mul[:, None]).add_(self.row_add[:, None])
+        scores.add_(self.col_add[start : start + scores.shape[1]][None, :])
+        return scores.clamp_min_(0.0) if self.clamp else scores
+
+    def below(self, scores: torch.Tensor, threshold: torch.Tensor, start: int, most: int):
+        """Each query's distances below its threshold, packed to the left of a [B, widest] block
+        (distances, rows + start; the rest +inf); (None, None) if no query has any; None if some
+        query has more than `most` (the scores are left as they were). One pass on a GPU
+        (gpu_select); elsewhere the distances are formed in place and the entries compacted."""
+        if gpu_select.available(scores):
+            return gpu_select.below_threshold(scores, self.row_mul, self.row_add, self.col_add, self.clamp,
+                                              threshold, start, most)
+        below = self.apply_(scores.clone(), start) < threshold[:, None]
+        counts = below.sum(dim=1)
+        widest = int(counts.max())
+        if widest == 0:
+            return None, None
+        if widest > most:
+            return None
+        distances = self.apply_(scores, start)
+        queries, rows = below.nonzero(as_tuple=True)  # row-major: each query's entries together
+        slots = torch.arange(queries.numel(), device=scores.device) - (torch.cumsum(counts, 0) - counts)[queries]
+        packed_d = torch.full((scores.shape[0], widest), float("inf"), dtype=scores.dtype, device=scores.device)
+        packed_i = torch.zeros((scores.shape[0], widest), dtype=torch.int64, device=scores.device)
+        packed_d[queries, slots] = distances[queries, rows]
+        packed_i[queries, slots] = rows + start
+        return packed_d, packed_i
+
+
+def _filter_capacity(keep: int, rows: int) -> int:
+    """Most entries one query may have below its threshold in a filtered chunk before the chunk takes a
+    top-k instead: about keep of them in the second chunk, keep / i in the i-th for rows in no
+    particular order; more only when rows are stored in order of distance."""
+    return min(rows, 2 * keep + 64)
+
+
+def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep: int, chunk: int, sort: bool):
     """Each query's `keep` smallest distances over all rows, scanned `chunk` rows at a time.
 
-    block_distances(start, block) -> float32 [B, rows in block], smaller is nearer; it may reuse its
-    own buffers. One chunk takes one top-k; with several, each chunk's top-k is merged into a
-    running top-k, unsorted, and (if `sort`) sorted once at the end.
+    block_scores(start, block) -> float32 [B, rows in block], the matmul scores that `distances`
+    turns into distances; it may reuse its own buffers. The first chunk takes a top-k. Later chunks
+    are filtered first: only entries below the query's current keep-th best can enter its set, and
+    in a chunk of rows in no particular order there are about keep / i of them in the i-th chunk,
+    so the top-k of the merge runs on a few candidates rather than on the chunk, and once for
+    several chunks (when their candidates add up to keep). A chunk where some
+    query has more than _filter_capacity entries below its threshold (rows stored in order of
+    distance) takes a top-k instead. The result is the same either way. Unsorted until the end;
+    sorted there if `sort`.
     Returns (distances float32 [B, keep], rows int64 [B, keep]) on the keys' device.
     """
     stored = keys.shape[0]
     one_chunk = chunk >= stored
     best_d = best_i = None
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # entries below the threshold, merged by the keep
+
+    def merge_pending():
+        nonlocal best_d, best_i
+        if pending:
+            best_d, best_i = _merge(best_d, best_i, torch.cat([d for d, _ in pending], dim=1),
+                                    torch.cat([i for _, i in pending], dim=1), keep)
+            pending.clear()
+
     for start in range(0, stored, chunk):
         block = keys[start : start + chunk]
-        distances = block_distances(start, block)
-        d, i = torch.topk(distances, min(keep, block.shape[0]), dim=1, largest=False, sorted=one_chunk and sort)
-        del distances
-        if best_d is None:
-            best_d, best_i = d, i
-        else:
-            i += start
-            merged = torch.cat([best_d, d], dim=1)  # fewer than keep while keep exceeds the rows seen
-            best_d, order = torch.topk(merged, min(keep, merged.shape[1]), dim=1, largest=False, sorted=False)
-            best_i = torch.gather(torch.cat([best_i, i], dim=1), 1, order)
+        scores = block_scores(start, block)
+        if best_d is not None and best_d.shape[1] == keep:
+            # The threshold of the last merge: above the true one while entries wait, so a few more pass.
+            below = distances.below(scores, best_d.amax(dim=1), start, _filter_capacity(keep, block.shape[0]))
+            if below is not None:
+                if below[0] is not None:
+                    pending.append(below)
+                    if sum(d.shape[1] for d, _ in pending) >= keep:
+                        merge_pending()
+                continue
+        block_d = distances.apply_(scores, start)
+        d, i = torch.topk(block_d, min(keep, block.shape[0]), dim=1, largest=False, sorted=one_chunk and sort)
+        del block_d, scores
+        best_d, best_i = _merge(best_d, best_i, d, i.add_(start), keep)
+    merge_pending()
     if sort and not one_chunk:
         best_d, order = torch.sort(best_d, dim=1)
         best_i = torch.gather(best_i, 1, order)
@@ -186,16 +266,14 @@ def _chunked_topk(keys: torch.Tensor, block_distances, keep: int, chunk: int, so
 def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
     """The exact kernel for float32 keys: ||q||^2 - 2 q.k + ||k||^2 (l2) or -q.k (ip) from one matmul."""
     q = queries.to(keys.dtype)
-    query_norms = (queries.float() ** 2).sum(dim=1, keepdim=True) if metric == "l2" else None
-
-    def block_distances(start, block):
-        scores = q @ block.T
-        if metric == "l2":  # in place: ||q||^2 - 2 q.k + ||k||^2, clamped at 0 against round-off
-            distances = scores.mul_(-2.0).add_(query_norms).add_(key_norms[start : start + block.shape[0]][None, :])
-            return distances.clamp_min_(0.0)
-        return scores.neg_()
-
-    return _chunked_topk(keys, block_distances, k_found, chunk, sort=True)
+    batch = q.shape[0]
+    if metric == "l2":  # clamped at 0 against round-off
+        distances = _Distances(torch.full((batch,), -2.0, device=q.device), (queries.float() ** 2).sum(dim=1),
+                               key_norms, clamp=True)
+    else:
+        distances = _Distances(torch.full((batch,), -1.0, device=q.device), torch.zeros(batch, device=q.device),
+                               torch.zeros(keys.shape[0], device=q.device), clamp=False)
+    return _chunked_topk(keys, lambda start, block: q @ block.T, distances, k_found, chunk, sort=True)
 
 
 def _float16_candidates(queries, keys, key_norms, keep, metric, chunk):
@@ -217,15 +295,14 @@ def _float16_candidates(queries, keys, key_norms, keep, metric, chunk):
     exponent = torch.floor(torch.log2(_SCREEN_SCORE_BOUND / bound)).clamp_(-120.0, 120.0)  # a zero query: +inf
     scale = torch.exp2(exponent)
     q = (queries * scale[:, None]).to(torch.float16)
-    minus_two_unscale = (-2.0 / scale)[:, None]
-
-    def block_distances(start, block):
-        scores = _half_matmul_float(q, block.T)
-        if metric == "l2":
-            return scores.mul_(minus_two_unscale).add_(key_norms[start : start + block.shape[0]][None, :])
-        return scores.neg_()  # the per-query scale does not change a query's order
-
-    return _chunked_topk(keys, block_distances, keep, chunk, sort=False)[1]
+    batch = q.shape[0]
+    if metric == "l2":
+        distances = _Distances(-2.0 / scale, torch.zeros(batch, device=q.device), key_norms, clamp=False)
+    else:  # the per-query scale does not change a query's order
+        distances = _Distances(torch.full((batch,), -1.0, device=q.device), torch.zeros(batch, device=q.device),
+                               torch.zeros(keys.shape[0], device=q.device), clamp=False)
+    return _chunked_topk(keys, lambda start, block: _half_matmul_float(q, block.T), distances, keep, chunk,
+                         sort=False)[1]
 
 
 def _rerank(queries, keys, candidates, k_found, metric, block_bytes):
@@ -236,6 +313,10 @@ def _rerank(queries, keys, candidates, k_found, metric, block_bytes):
     """
     queries = queries.float()
     batch, keep = candidates.shape
+    if gpu_select.available(keys):  # one kernel: the candidates' keys are read once, never copied
+        distances = gpu_select.rerank_distances(queries, keys, candidates, metric)
+        d, order = torch.topk(distances, k_found, dim=1, largest=False, sorted=True)
+        return d, torch.gather(candidates, 1, order)
     group = max(1, block_bytes // (6 * keep * keys.shape[1]))
     parts_d, parts_i = [], []
     for start in range(0, batch, group):
@@ -280,4 +361,14 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Ten
         best_d, best_i = _rerank(queries, keys, candidates, k_found, metric, block_bytes)
     else:
         best_d, best_i = _float32_nearest(queries, keys, key_norms, k_found, metric, chunk)
-    return pad_results(best_d.cpu().numpy(), best_i.cpu().numpy().astype(np.int64, copy=False), k)
+    return pad_results(_to_host(best_d), _to_host(best_i).astype(np.int64, copy=False), k)
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy copy; from a GPU through pinned memory (torch caches it), several times faster than
+    pageable memory for the answers of a large batch (4096 x 1024 ids and distances: 50 MB)."""
+    if not tensor.is_cuda:
+        return tensor.numpy()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)
+    return host.numpy()

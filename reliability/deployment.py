@@ -27,6 +27,7 @@ import uuid
 from reliability.processes import LoggedProcess, free_port, kill_sessions, shard_workers
 
 START_TIMEOUT_S = 240.0
+SLOW_DISK_MODULE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slow_disk")
 # Ray's object store: the shards pass arrays above 64 KiB through it; a small one leaves memory to the rest.
 OBJECT_STORE_BYTES = 300 * 1024 * 1024
 # A line of an actor's output as Ray forwards it ("\x1b[36m(Shard pid=123)\x1b[0m ..."), and an exception's last line.
@@ -66,6 +67,7 @@ class Deployment:
         self.data_dir = os.path.join(config.workdir, "data")
         self.ray_temp_dir = os.path.join(config.workdir, "ray")
         self.log_dir = os.path.join(config.workdir, "logs")
+        self.slow_disk_file = os.path.join(config.workdir, "slow-disk")  # seconds per fsync while it exists
         for folder in (self.data_dir, self.ray_temp_dir, self.log_dir):
             os.makedirs(folder, exist_ok=True)
         self.ports = [free_port(), free_port()]
@@ -96,14 +98,17 @@ class Deployment:
         self.start_frontend(1)
 
     def start_ray(self) -> None:
+        """The head, with reliability/slow_disk on its PYTHONPATH: its workers (the shards, the registry)
+        delay each fsync by the seconds in slow_disk_file while it exists (the ``slowdisk`` fault)."""
         port = free_port()
         command = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
                    "--port", str(port), "--num-cpus", str(self.config.num_cpus), "--node-ip-address", "127.0.0.1",
                    "--temp-dir", self.ray_temp_dir, "--include-dashboard", "false",
                    "--ray-client-server-port", str(free_port()), "--object-store-memory", str(OBJECT_STORE_BYTES),
                    "--disable-usage-stats"]
-        self.ray = self._started(LoggedProcess(command, self._log_path("ray-head"), env=_environment(),
-                                               cwd=self.config.workdir))
+        python_path = os.pathsep.join(filter(None, [SLOW_DISK_MODULE_DIR, os.environ.get("PYTHONPATH")]))
+        env = _environment(PYTHONPATH=python_path, RELIABILITY_SLOW_DISK_FILE=self.slow_disk_file)
+        self.ray = self._started(LoggedProcess(command, self._log_path("ray-head"), env=env, cwd=self.config.workdir))
         self.ray.wait_ready("Ray runtime started", START_TIMEOUT_S)
         self.ray_address = f"127.0.0.1:{port}"
 

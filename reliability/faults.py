@@ -9,16 +9,22 @@
   same data dir and ports.
 - ``sigstop``: SIGSTOP of one shard worker for longer than the clients' call deadline (a probe made
   meanwhile must end in DEADLINE_EXCEEDED), then SIGCONT.
+- ``slowdisk``: every fsync of the deployment's Ray workers (shards, registry) sleeps first, for as
+  long as a sigstop lasts: ``slow_disk_s`` per fsync (by default 0.6 of the call deadline, so a write
+  that waits for two syncs passes its deadline and is retried, maybe after it was applied: the retry
+  must apply it once). Searches must go on being answered meanwhile (a probe during the slow disk
+  is timed). Injected from outside monim's code: reliability/slow_disk/sitecustomize.py.
 
-Recovery time: from the kill (for sigstop: from the SIGCONT) until a probe, a Search of every
-namespace through either front end, is answered. A fault not recovered within RECOVERY_LIMIT_S is
-reported unrecovered, and the run fails.
+Recovery time: from the kill (for sigstop: from the SIGCONT; for slowdisk: from the disk's return
+to speed) until a probe, a Search of every namespace through either front end, is answered. A
+fault not recovered within RECOVERY_LIMIT_S is reported unrecovered, and the run fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 
@@ -26,7 +32,7 @@ import numpy as np
 
 from reliability.processes import signal_pid
 
-FAULT_KINDS = ("shard", "sigstop", "frontend", "server")  # the order of each round: the longest last
+FAULT_KINDS = ("shard", "sigstop", "slowdisk", "frontend", "server")  # the order of each round: the longest last
 RECOVERY_LIMIT_S = 240.0
 WARMUP_S = 15.0      # workload before the first fault
 TAIL_S = 20.0        # workload after the last one is due
@@ -102,12 +108,13 @@ class FaultInjector:
     """deployment: reliability.deployment.Deployment; stop_s: how long a sigstop lasts."""
 
     def __init__(self, deployment, prober: Prober, rng: np.random.Generator, stop_s: float, call_timeout_s: float,
-                 log=print):
+                 log=print, slow_disk_s: float | None = None):
         self.deployment = deployment
         self.prober = prober
         self.rng = rng
         self.stop_s = stop_s
         self.call_timeout_s = call_timeout_s
+        self.slow_disk_s = slow_disk_s if slow_disk_s is not None else 0.6 * call_timeout_s
         self.log = log
         self.stopped: set[int] = set()  # pids SIGSTOPped and not yet continued (continued on cleanup)
 
@@ -181,8 +188,37 @@ class FaultInjector:
         self._recovered(record, since)
         record.note = during
 
+    def _slowdisk(self, record: FaultRecord) -> None:
+        from monim.protos.errors import MemoryStoreError
+
+        control = self.deployment.slow_disk_file
+        record.target = f"every fsync of the shards and the registry {self.slow_disk_s:.1f} s slower"
+        slowed_at = time.monotonic()
+        with open(control + ".tmp", "w") as file:
+            file.write(f"{self.slow_disk_s}\n")
+        os.replace(control + ".tmp", control)
+        time.sleep(min(self.slow_disk_s, self.stop_s / 2))  # writes now wait for slow syncs
+        probe_started = time.monotonic()
+        try:
+            self.prober.search(self.deployment.addresses[1], next(iter(self.prober.dims)))
+            during = f"a search during the slow disk answered in {time.monotonic() - probe_started:.2f} s"
+        except MemoryStoreError as error:
+            during = (f"a search during the slow disk: {getattr(error, 'status_code', error.code)} after "
+                      f"{time.monotonic() - probe_started:.1f} s")
+        time.sleep(max(0.0, self.stop_s - (time.monotonic() - slowed_at)))
+        self.release()
+        since = time.monotonic()
+        record.target += f" for {since - slowed_at:.0f} s"
+        self._recovered(record, since)
+        record.note = during
+
     def release(self) -> None:
-        """SIGCONT to any worker still stopped (a run that ends in the middle of a sigstop)."""
+        """SIGCONT to any worker still stopped, the disk back to speed (a run that ends in the middle of
+        a sigstop or a slow disk)."""
         for pid in list(self.stopped):
             signal_pid(pid, signal.SIGCONT)
         self.stopped.clear()
+        try:
+            os.remove(self.deployment.slow_disk_file)
+        except FileNotFoundError:
+            pass

@@ -1,5 +1,5 @@
 """The reliability run: ``python -m reliability.run --minutes M [--clients N] [--seed S]
-[--faults shard,frontend,server,sigstop] [--report docs/RELIABILITY.md]``.
+[--faults shard,sigstop,slowdisk,frontend,server] [--report docs/RELIABILITY.md]``.
 
 Stages, in order:
 1. start the deployment (reliability/deployment.py: a Ray head and two front ends of one
@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report", default=None, help="write the tables to this file's reliability section")
     parser.add_argument("--call-timeout-s", type=float, default=10.0, help="the clients' deadline per call")
     parser.add_argument("--stop-s", type=float, default=None,
-                        help="how long a sigstop lasts (default: the call deadline + 5 s)")
+                        help="how long a sigstop or a slow disk lasts (default: the call deadline + 5 s)")
+    parser.add_argument("--slow-disk-s", type=float, default=None,
+                        help="seconds each fsync sleeps during a slowdisk fault (default: 0.6 x the call deadline)")
     parser.add_argument("--snapshot-every", type=int, default=200, help="log records per shard between snapshots")
     parser.add_argument("--fsync", default="always", help="the deployment's --fsync (default always)")
     parser.add_argument("--hard-timeout-s", type=float, default=None,
@@ -150,7 +152,8 @@ class Run:
         dims = {spec.name: spec.dim for plan in plans for spec in plan.namespaces()}
         prober = Prober(list(self.deployment.addresses), dims, self.args.call_timeout_s)
         self.injector = FaultInjector(self.deployment, prober, np.random.default_rng([self.args.seed, 15]),
-                                      self.args.stop_s, self.args.call_timeout_s, log=self.log)
+                                      self.args.stop_s, self.args.call_timeout_s, log=self.log,
+                                      slow_disk_s=self.args.slow_disk_s)
         self.workload_s = self.args.minutes * 60
         planned = schedule(self.args.faults, self.workload_s)
         self.log(f"workload for {self.workload_s:.0f} s; faults at {[(round(t), kind) for t, kind in planned]}")

@@ -82,6 +82,35 @@ def test_torch_kernel_one_or_many_chunks(data, metric, block_bytes, monkeypatch)
     assert_same_neighbours(rows, distances, oracle_d, oracle_rows)
 
 
+def rows_in_order_of_distance(metric: str, dim: int = 32, stored: int = 6000, batch: int = 40):
+    """Keys stored farthest first from where the queries are, so that every chunk of the torch kernel
+    holds better rows than the ones before (the filter of later chunks lets most of them through)."""
+    rng = np.random.default_rng(5)
+    center = 3 * rng.standard_normal(dim)
+    keys = rng.standard_normal((stored, dim)) + center
+    closeness = -((keys - center) ** 2).sum(1) if metric == "l2" else keys @ center
+    keys = keys[np.argsort(closeness, kind="stable")]
+    queries = center + 0.05 * rng.standard_normal((batch, dim))
+    return keys.astype(np.float32), queries.astype(np.float32)
+
+
+def check_torch_kernel_on_rows_in_order_of_distance(device: str, metric: str, k: int, monkeypatch) -> None:
+    monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 40 * 1000)  # 1024-row chunks at B=40
+    keys, queries = rows_in_order_of_distance(metric)
+    k_t = torch.from_numpy(keys).to(device)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries).to(device), k_t, (k_t**2).sum(1), k, metric)
+    oracle_d, oracle_rows = brute_force(queries, keys, k, metric)
+    assert_same_neighbours(rows, distances, oracle_d, oracle_rows, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("k", [1, 200])
+def test_torch_kernel_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
+    """Later chunks are filtered by the best distances so far; with rows stored nearest last, every
+    chunk passes more than the filter takes, and the kernel falls back to a top-k of the chunk."""
+    check_torch_kernel_on_rows_in_order_of_distance("cpu", metric, k, monkeypatch)
+
+
 @pytest.mark.parametrize("block_bytes", [None, 4 * 40 * 1000])
 def test_torch_kernel_pads_when_fewer_rows_than_k(data, block_bytes, monkeypatch):
     keys, queries = data

@@ -7,7 +7,11 @@ from monim.datastore import NamespaceConfig, NeighborStore, flat_index
 from monim.model_client.local_store import LocalMemory
 
 from tests.conftest import assert_same_neighbours, brute_force
-from tests.unit.test_flat_index import assert_float32_search_over_rounded_keys, fp16_store_data
+from tests.unit.test_flat_index import (
+    assert_float32_search_over_rounded_keys,
+    check_torch_kernel_on_rows_in_order_of_distance,
+    fp16_store_data,
+)
 from tests.unit.test_learnable_memory import DIM, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 
 pytestmark = [pytest.mark.gpu,
@@ -15,7 +19,10 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_cuda_search_matches_brute_force(metric):
+@pytest.mark.parametrize("block_bytes", [None, 4 * 300 * 2048])  # one chunk; 2048-row chunks (filtered)
+def test_cuda_search_matches_brute_force(metric, block_bytes, monkeypatch):
+    if block_bytes is not None:
+        monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((20_000, 64)).astype(np.float32)
     queries = rng.standard_normal((300, 64)).astype(np.float32)
@@ -81,6 +88,14 @@ def test_fp16_keys_on_cuda_give_fp32_distances_at_large_norms(metric, k, block_b
     error = assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, result.distances, metric)
     print(f"{metric} k={k} block_bytes={block_bytes}: max relative distance error {error:.3g}; "
           f"float32 matmul output for float16: {flat_index._takes_out_dtype.get('cuda')}")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 200])
+def test_cuda_kernel_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
+    """The one-pass filter of later chunks (datastore/gpu_select.py) overflows its capacity on every
+    chunk when rows come nearest last; the chunk's top-k is taken instead, and answers stay exact."""
+    check_torch_kernel_on_rows_in_order_of_distance("cuda", metric, k, monkeypatch)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
