@@ -174,6 +174,7 @@ class MoNIMLayer(nn.Module):
         self.last_result = None
         self.last_features = None  # [batch, seq, k + 2]: the last search's neighbour features (adaptive)
         self.last_selection = None  # (index, batch, seq) of the last forward's queries
+        self.last_mean_output = None  # adaptive: the mean gate / lambda of the last forward
         config = client.describe_namespace(namespace).config  # NotFound here, not at the first step
         self.dim, self.value_dim = config.dim, config.value_dim
         if mode == "monim" and self.value_dim == 0:
@@ -235,13 +236,17 @@ class MoNIMLayer(nn.Module):
         from the last Retrieve's neighbours and the LM's logits without the memory [batch, seq, vocab]."""
         if self.combiner is None:
             return self.gate
-        return self.combiner(self.last_features, AdaptiveCombiner.lm_features(lm_logits)).unsqueeze(-1)
+        gate = self.combiner(self.last_features, AdaptiveCombiner.lm_features(lm_logits)).unsqueeze(-1)
+        self.last_mean_output = float(gate.detach().mean())
+        return gate
 
     def lambda_at(self, logits: torch.Tensor) -> torch.Tensor:
         """lambda of the kNN-LM mixture: the scalar, or per position [batch, seq, 1] (adaptive)."""
         if self.combiner is None or self.mode == "monim":
             return self.knn_lambda
-        return torch.sigmoid(self.combiner(self.last_features, AdaptiveCombiner.lm_features(logits))).unsqueeze(-1)
+        lam = torch.sigmoid(self.combiner(self.last_features, AdaptiveCombiner.lm_features(logits))).unsqueeze(-1)
+        self.last_mean_output = float(lam.detach().mean())
+        return lam
 
     def neighbour_distribution(self, vocab_size: int, device=None) -> torch.Tensor | None:
         """p_kNN [batch, seq, vocab] of the last forward's neighbours (MoNIM mode with mix_knn), alpha

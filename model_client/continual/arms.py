@@ -169,8 +169,11 @@ class MemoryArm:
             "store_ms_per_step": 1e3 * (self.store_seconds() - before["store_s"]) / max(1, self.steps - before["steps"]),
             "memory_rows": self.client.describe_namespace(self.namespace).rows,
             "temperature": float(layer.temperature.detach()),
-            "lambda": float(layer.knn_lambda.detach()),
-            "gate": float(layer.gate.detach()),
+            # With the adaptive combiner: the mean over the last step's positions of its lambda / gate.
+            "lambda": (layer.last_mean_output if layer.combiner is not None and self.mode == "knnlm"
+                       else float(layer.knn_lambda.detach())),
+            "gate": (layer.last_mean_output if layer.combiner is not None and self.mode == "monim"
+                     else float(layer.gate.detach())),
         }
 
     def store_seconds(self) -> float:
