@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print("monim: --shards must be at least 1", file=sys.stderr)
         return 2
     if args.command == "demo" and args.threads < 0:
-        print("monim: --threads must be at least 0", file=sys.stderr)
+        print("monim demo: --threads must be at least 0", file=sys.stderr)
         return 2
     return args.run(args)
 
