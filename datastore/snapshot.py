@@ -242,6 +242,33 @@ def capture(stores: dict[str, NeighborStore],
     return captured
 
 
+def rows_table(store: NeighborStore, ids: np.ndarray) -> pa.Table:
+    """The stored rows of ``ids`` (int64, each stored) as a table in the snapshot schema, every column
+    kept (values, sources, optimizer state, steps): what a reshard moves, and ``append_rows`` appends.
+    The caller keeps writers of the store out meanwhile (a shard serializes its calls)."""
+    with store._lock:
+        rows = torch.from_numpy(store._rows_of_stored(np.asarray(ids, np.int64)))
+        columns = {name: getattr(store.rows, name)[rows.to(getattr(store.rows, name).device)].cpu()
+                   for name in store.rows.snapshot_columns}
+        item = CapturedNamespace(name=store.config.name, config=store.config, next_id=store.next_id,
+                                 insertions=store.rows.insertions, sources=list(store.rows.sources),
+                                 rows=int(rows.numel()), columns=columns)
+    schema = arrow_schema(store.config, _state_names(store.config))
+    return pa.Table.from_batches([_record_batch(item, schema, 0, item.rows)], schema=schema)
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    """An Arrow IPC stream of the table (a reshard's rows in a log record or a Ray call)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def table_from_bytes(payload) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+
+
 # ----- writing ------------------------------------------------------------------------------
 class _HashingSink:
     """The file object pq.ParquetWriter writes to: a thread of its own hashes each chunk (SHA-256)

@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import torch
 from monim.datastore import flat_index, memory_ops, optimizers
+from monim.datastore.ivf_index import IvfIndex
 from monim.datastore.row_store import RowStore
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
@@ -23,7 +24,8 @@ BACKENDS = ("auto", "faiss", "torch")
 
 
 class NeighborStore:
-    """Exact k-NN store of (id, key, token, value, weight, source) entries.
+    """k-NN store of (id, key, token, value, weight, source) entries: exact (index flat), or
+    exact until trained and then approximate (ivf_flat, ivf_pq: datastore/ivf_index.py).
 
     config: the namespace's NamespaceConfig.
     device: "cpu" or a CUDA device; all columns live there.
@@ -52,6 +54,8 @@ class NeighborStore:
         self.next_id = 0
         self.id_stride, self.id_offset = id_stride, id_offset
         self._lock = threading.RLock()
+        # The approximate index of an ivf namespace (None for flat); it shares the store's lock.
+        self.ivf = IvfIndex(config, self.rows, self._lock) if config.index != "flat" else None
 
     def __len__(self) -> int:
         return self.rows.size
@@ -88,6 +92,8 @@ class NeighborStore:
                     raise AlreadyExists(f"ids already stored: {present[:10].tolist()}")
             self.rows.append(ids, keys, tokens, values, weights, source)
             self.next_id = max(self.next_id, int(ids.max()) + 1)
+            if self.ivf is not None:
+                self.ivf.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
         return ids
 
     def delete(self, ids: np.ndarray | None = None, source: str | None = None) -> int:
@@ -102,19 +108,46 @@ class NeighborStore:
                 rows = rows[rows >= 0]
             else:
                 rows = self.rows.rows_with_source(validation.check_source(source))
+            if self.ivf is not None and rows.size:
+                self.ivf.after_delete(self.rows.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy())
             return self.rows.remove_rows(rows)
 
     # ----- reads -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False) -> SearchResult:
-        """Exact top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes."""
+               return_weights: bool = False, nprobe: int = 0, rerank: int = 0,
+               hidden: np.ndarray | None = None) -> SearchResult:
+        """Top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes. Exact on a flat
+        namespace and on an ivf one until its index is trained; then by the index, probing nprobe
+        lists (0: min(32, nlist)), with rerank > 0 candidates ranked again by exact distance.
+        hidden: int64 ids left out of the answer (rows a reshard is copying here, which their old
+        shard still answers for)."""
         queries = validation.check_vectors(queries, self.config.dim, "queries")
         k = validation.check_k(k, self.config.max_k)
+        nprobe, rerank = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank)
         if return_values and not self.config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         with self._lock:
-            distances, rows = self._nearest_rows(queries, k)
+            held = 0 if hidden is None or not len(hidden) else int((self.rows.rows_of(hidden) >= 0).sum())
+            found = None if self.ivf is None else self.ivf.search(queries, k + held, nprobe, rerank)
+            if found is None:
+                distances, rows = self._nearest_rows(queries, k + held)
+            else:
+                distances, ids = found
+                rows = np.where(ids >= 0, self.rows.rows_of(np.maximum(ids, 0)), -1)
+            if held:
+                distances, rows = self._leave_out(distances, rows, hidden, k)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
+
+    def _leave_out(self, distances: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int):
+        """The first k of each query's [k + h] nearest rows that do not hold a hidden id."""
+        found = rows >= 0
+        ids = self.rows.ids[: self.rows.size].cpu().numpy()[np.where(found, rows, 0)]
+        keep = found & ~np.isin(ids, hidden)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(keep, order, axis=1)
+        rows = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
+        distances = np.where(kept, np.take_along_axis(distances, order, axis=1), np.inf).astype(distances.dtype)
+        return distances, rows
 
     def _nearest_rows(self, queries: np.ndarray, k: int):
         stored = self.rows.size
@@ -185,8 +218,38 @@ class NeighborStore:
             return self.rows.rows_of(validation.check_ids(ids)) >= 0
 
     def stats(self) -> dict:
-        return {"rows": self.rows.size, "device": str(self.device), "backend": self.backend,
-                "next_id": self.next_id}
+        """rows, device, backend, next_id, bytes (held for the rows and the index); for an ivf
+        namespace also index_state ("exact" | "training" | "trained"), index_trainings,
+        index_tombstones, index_drift, index_train_seconds (IvfIndex.stats)."""
+        with self._lock:
+            stats = {"rows": self.rows.size, "device": str(self.device), "backend": self.backend,
+                     "next_id": self.next_id, "bytes": self.nbytes, "index_state": "exact"}
+            if self.ivf is not None:
+                stats.update(self.ivf.stats())
+            return stats
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store holds: its columns (allocated), and for an ivf namespace its index as
+        counted for every row from the first (IvfIndex.reserved_bytes: training never adds any)."""
+        return self.rows.nbytes + (self.ivf.reserved_bytes(self.rows.capacity) if self.ivf is not None else 0)
+
+    def growth_bytes(self, rows: int) -> int:
+        """Bytes that storing ``rows`` more rows allocates (RowStore.growth_bytes, and their index entries)."""
+        grown = self.rows.growth_bytes(rows)
+        if self.ivf is not None and grown:
+            capacity = grown // self.rows.row_bytes  # the columns' new capacity
+            grown += self.ivf.reserved_bytes(capacity) - self.ivf.reserved_bytes(self.rows.capacity)
+        return grown
+
+    def wait_for_index(self, timeout_s: float | None = None) -> bool:
+        """Waits until no index build or compaction is running (tests, benchmarks); True if none is."""
+        return True if self.ivf is None else self.ivf.wait_idle(timeout_s)
+
+    def close(self) -> None:
+        """The namespace was dropped: background index work stops."""
+        if self.ivf is not None:
+            self.ivf.close()
 
     def increment_weights(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """weights[ids] += counts (ids distinct and stored)."""
@@ -198,11 +261,11 @@ class NeighborStore:
 
     # ----- learnable memory ---------------------------------------------------------
     def _held_rows(self, ids: np.ndarray) -> torch.Tensor:
-        """int64 [...] ids -> rows on the device, -1 where the id belongs to another store
-        (or is -1, an empty slot). NOT_FOUND naming every id that belongs here but is gone."""
+        """int64 [...] ids -> rows on the device, -1 where the id is -1 (an empty slot, or an id the
+        caller left to another store: the router masks each shard's ids by placement). NOT_FOUND
+        naming every id >= 0 that is not stored."""
         rows = self.rows.rows_of(ids)
-        owned = (ids >= 0) & ((ids - self.id_offset) % self.id_stride == 0)
-        gone = owned & (rows < 0)
+        gone = (ids >= 0) & (rows < 0)
         if gone.any():
             raise IdsNotFound(self.config.name, ids[gone])
         return torch.from_numpy(rows).to(self.device)
@@ -211,7 +274,7 @@ class NeighborStore:
         return torch.from_numpy(array).to(self.device)
 
     def value_sum(self, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-        """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids belong here.
+        """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids are >= 0 (those of this store).
         NOT_FOUND if one of them is no longer stored (never a silently smaller sum)."""
         with self._lock:
             rows = self._held_rows(ids)
@@ -316,6 +379,8 @@ class NeighborStore:
                                    source_codes, steps, state)
             if n:
                 self.next_id = max(self.next_id, int(ids.max()) + 1)
+                if self.ivf is not None:  # restored rows are indexed as added ones (a trained index is not kept)
+                    self.ivf.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
 
     def advance_counters(self, next_id: int, insertions: int) -> None:
         """Moves next_id and the insertion counter up to the given values (a restore sets them as

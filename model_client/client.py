@@ -16,6 +16,7 @@ import dataclasses
 import os
 import random
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -132,7 +133,9 @@ class _RemoteStore:
     def describe_namespace(self, namespace):
         r = self._call("DescribeNamespace", pb.DescribeNamespaceRequest(namespace=namespace))
         shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend, "state": s.state,
-                   "memory_used": s.memory_used_bytes, "memory_budget": s.memory_budget_bytes} for s in r.shards]
+                   "memory_used": s.memory_used_bytes, "memory_budget": s.memory_budget_bytes,
+                   "index_state": s.index_state, "index_trainings": s.index_trainings,
+                   "index_tombstones": s.index_tombstones, "index_drift": s.index_drift} for s in r.shards]
         return {"config": convert.config_from_proto(r.config), "rows": r.rows, "shards": shards, "next_id": r.next_id}
 
     def drop_namespace(self, namespace):
@@ -149,10 +152,11 @@ class _RemoteStore:
         return convert.add_result_from_proto(self._call("Add", request))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-               generation=0):
+               generation=0, nprobe=0, rerank=0):
         request = pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
                                    return_keys=return_keys, return_values=return_values,
-                                   return_weights=return_weights, generation=generation)
+                                   return_weights=return_weights, generation=generation, nprobe=nprobe,
+                                   rerank=rerank)
         return convert.search_result_from_proto(self._call("Search", request))
 
     def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
@@ -168,9 +172,10 @@ class _RemoteStore:
             request.ids.CopyFrom(convert.tensor_to_proto(ids))
         return self._call("Delete", request).deleted
 
-    def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False):
+    def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0):
         request = pb.RetrieveRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
-                                     temperature=temperature, generation=generation, keep_state=keep_state)
+                                     temperature=temperature, generation=generation, keep_state=keep_state,
+                                     nprobe=nprobe, rerank=rerank)
         return convert.retrieve_result_from_proto(self._call("Retrieve", request), queries, temperature)
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
@@ -209,6 +214,17 @@ class _RemoteStore:
     def restore_snapshot(self, location, namespace=""):
         request = pb.RestoreSnapshotRequest(location=location, namespace=namespace)
         return dict(self._call("RestoreSnapshot", request).rows)
+
+    def reshard(self, shards, batch_rows=0, timeout_s=None):
+        request = pb.ReshardRequest(shards=shards, batch_rows=batch_rows)
+        try:
+            for progress in self.stub.Reshard(request, timeout=timeout_s, metadata=self.metadata):
+                yield {"source": progress.source_shards, "target": progress.target_shards,
+                       "namespaces_done": progress.namespaces_done, "namespaces": progress.namespaces,
+                       "namespace": progress.namespace, "ids_done": progress.ids_done, "ids": progress.ids,
+                       "rows_moved": progress.rows_moved, "done": progress.done}
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self.tls) from None
 
     def close(self):
         self.channel.close()
@@ -295,11 +311,15 @@ class MemoryClient:
     # ----- namespaces ----------------------------------------------------------
     def create_namespace(self, name: str, dim: int, metric: str = "l2", index: str = "flat", value_dim: int = 0,
                          max_k: int = 1024, key_dtype: str = "auto", optimizer: str = "sgd", lr: float = 0.01,
+                         nlist: int = 0, pq_m: int = 0, train_min_rows: int = 0,
                          **optimizer_options) -> NamespaceConfig:
         """optimizer: sgd | adagrad | adam for the value rows, with lr and options (momentum, beta1,
-        beta2, eps, lr_decay, initial_accumulator_value, max_grad_norm); see datastore/optimizers.py."""
+        beta2, eps, lr_decay, initial_accumulator_value, max_grad_norm); see datastore/optimizers.py.
+        index: flat (exact), ivf_flat or ivf_pq, with nlist, pq_m (ivf_pq) and train_min_rows (0:
+        the defaults; docs/INDEXES.md)."""
         config = NamespaceConfig(name=name, dim=dim, metric=metric, index=index, value_dim=value_dim,
-                                 max_k=max_k, key_dtype=key_dtype,
+                                 max_k=max_k, key_dtype=key_dtype, nlist=nlist, pq_m=pq_m,
+                                 train_min_rows=train_min_rows,
                                  optimizer=OptimizerConfig.from_dict(dict(optimizer_options, name=optimizer, lr=lr)))
         return self._retried("create_namespace", config, validation.new_request_id())
 
@@ -366,21 +386,23 @@ class MemoryClient:
             validation.check_logp(logp, keys.shape[0])
 
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False) -> SearchResult:
-        """queries float [B, dim] -> SearchResult (ids int64 [B,k], distances float32 [B,k], tokens int32 [B,k])."""
+               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+        """queries float [B, dim] -> SearchResult (ids int64 [B,k], distances float32 [B,k], tokens int32 [B,k]).
+        nprobe, rerank: ivf namespaces only: lists probed (0: min(32, nlist)) and candidates ranked
+        again by exact distance (0: off, else >= k)."""
         queries = _float_array(queries, "queries")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
             raise InvalidArgument(f"k must be an integer, got {k!r}")
         value_dim = self._search_value_dim(namespace) if return_values and self.remote else 0
         try:
             return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,
-                                       value_dim)
+                                       value_dim, nprobe, rerank)
         except ResourceExhausted:
             # The cached value_dim may be stale (the namespace was dropped and made again, wider).
             if not (return_values and self.remote) or self._search_value_dim(namespace, refresh=True) <= value_dim:
                 raise
             return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,
-                                       self._search_value_dim(namespace))
+                                       self._search_value_dim(namespace), nprobe, rerank)
 
     def _search_value_dim(self, namespace: str, refresh: bool = False) -> int:
         return self._config(namespace, refresh).value_dim
@@ -391,7 +413,8 @@ class MemoryClient:
             self._configs[namespace] = self.describe_namespace(namespace).config
         return self._configs[namespace]
 
-    def _search_chunks(self, namespace, queries, k, return_keys, return_values, return_weights, value_dim):
+    def _search_chunks(self, namespace, queries, k, return_keys, return_values, return_weights, value_dim,
+                       nprobe=0, rerank=0):
         """Splits the batch so that neither a request nor a reply passes half the message limit.
 
         Per query, the request carries its row (dim x 2 or 4 bytes) and the reply k slots of id (8),
@@ -400,7 +423,8 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
-        parts = [self._retried("search", namespace, queries[part], k, return_keys, return_values, return_weights)
+        parts = [self._retried("search", namespace, queries[part], k, return_keys, return_values, return_weights,
+                               nprobe=nprobe, rerank=rerank)
                  for part in self._row_chunks(self._rows(queries), row_bytes)]
         if len(parts) == 1:
             return parts[0]
@@ -452,17 +476,19 @@ class MemoryClient:
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *,
-                 keep_state: bool = False) -> RetrieveResult:
+                 keep_state: bool = False, nprobe: int = 0, rerank: int = 0) -> RetrieveResult:
         """The MoNIM forward next to the data: r.memory float32 [B, value_dim] = sum_i alpha_i v_i,
         with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k.
         keep_state: the server keeps what the backward needs under r.handle (for a few minutes), so
-        that retrieve_backward sends only grad_memory; MoNIMLayer asks for it when a backward follows."""
+        that retrieve_backward sends only grad_memory; MoNIMLayer asks for it when a backward follows.
+        nprobe, rerank: as in ``search`` (ivf namespaces)."""
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
         chunks = list(self._row_chunks(self._rows(queries), row_bytes))
         keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
-        parts = [self._retried("retrieve", namespace, queries[part], k, temperature, keep_state=keep_state)
+        parts = [self._retried("retrieve", namespace, queries[part], k, temperature, keep_state=keep_state,
+                               nprobe=nprobe, rerank=rerank)
                  for part in chunks]
         if len(parts) == 1:
             return parts[0]
@@ -557,6 +583,13 @@ class MemoryClient:
         return self._retried("commit_step", namespace, step_id, generation=generation)
 
     # ----- snapshots (admin) ----------------------------------------------------------
+    def decode(self):
+        """A decode stream (model_client/decode.py): search() and retrieve() for one generated token
+        at a time over one open stream, with no per-call setup. Close it, or use it in a with block."""
+        from monim.model_client.decode import DecodeStream
+
+        return DecodeStream(self)
+
     def create_snapshot(self, location: str, namespace: str = "") -> dict:
         """Snapshots every namespace (or one) to location, a name under the server's snapshot root;
         returns {location, created_at, shards, rows per namespace, bytes}."""
@@ -569,6 +602,19 @@ class MemoryClient:
         """Restores a snapshot into this deployment (any shard count; ids stay); returns rows per
         namespace. The namespaces must not exist (AlreadyExists)."""
         return self._store.restore_snapshot(location, namespace)
+
+    # ----- reshard (admin) -----------------------------------------------------------
+    def reshard(self, shards: int, batch_rows: int = 0, timeout_s: float | None = None) -> Iterator[dict]:
+        """Moves every namespace to ``shards`` shards while reads and writes go on (docs/OPERATIONS.md,
+        "Reshard"), or resumes the move to that count that was interrupted. Yields progress dicts
+        (source, target, namespaces_done, namespaces, namespace, ids_done, ids, rows_moved, done);
+        stopping the iteration (or the deadline timeout_s; None: none) stops the move at the step
+        it reached, and the same call resumes it. Never retried: run it again."""
+        if not self.remote:
+            for progress in self._store.reshard(shards, batch_rows):
+                yield dataclasses.asdict(progress)
+            return
+        yield from self._store.reshard(shards, batch_rows, timeout_s)
 
     # ----- lifetime ----------------------------------------------------------------
     def close(self) -> None:

@@ -146,6 +146,9 @@ class MonimHandle:
             hook.remove()
         self.block.mlp = self._original_ffn
         self.sender.close()
+        if self.layer.decoding is not None:
+            self.layer.decoding.close()
+            self.layer.decoding = None
 
     # ----- hooks ----------------------------------------------------------------------
     def _before_model(self, module, args, kwargs):
@@ -160,6 +163,9 @@ class MonimHandle:
                 self._admit(queries, tokens, log_probs.gather(1, tokens[:, None])[:, 0])
         self._pending = None
         self._input_ids = input_ids
+        decoding_step = input_ids is not None and input_ids.shape[1] == 1 and not torch.is_grad_enabled()
+        if decoding_step and self.layer.decoding is None and getattr(self.layer.client, "remote", False):
+            self.layer.decoding = self.layer.client.decode()  # generate(): the memory reads go on one stream
 
     def _before_ffn_norm(self, module, args):
         self._residual = args[0]

@@ -113,8 +113,12 @@ class RetrieveFunction(torch.autograd.Function):
         started = time.perf_counter()
         # A backward follows when an input needs a gradient: then the server keeps the forward's state
         # and the backward sends only grad_memory.
-        result = layer.client.retrieve(layer.namespace, queries.detach().float().cpu().numpy(), layer.k,
-                                       float(temperature.detach()), keep_state=any(ctx.needs_input_grad[:3]))
+        queries_host = queries.detach().float().cpu().numpy()
+        if layer.decoding is not None and not any(ctx.needs_input_grad[:3]):  # generating: no backward follows
+            result = layer.decoding.retrieve(layer.namespace, queries_host, layer.k, float(temperature.detach()))
+        else:
+            result = layer.client.retrieve(layer.namespace, queries_host, layer.k, float(temperature.detach()),
+                                           keep_state=any(ctx.needs_input_grad[:3]))
         layer.timer.record("retrieve", time.perf_counter() - started, queries.shape[0])
         ctx.result, ctx.layer = result, layer
         ctx.device, ctx.dtype = queries.device, queries.dtype
@@ -175,6 +179,9 @@ class MoNIMLayer(nn.Module):
         self.last_features = None  # [batch, seq, k + 2]: the last search's neighbour features (adaptive)
         self.last_selection = None  # (index, batch, seq) of the last forward's queries
         self.last_mean_output = None  # adaptive: the mean gate / lambda of the last forward
+        # A DecodeStream (client.decode()) for reads no backward follows, e.g. in generate(); attach_monim
+        # opens one at the first decoding step. None: every read is a call of its own.
+        self.decoding = None
         config = client.describe_namespace(namespace).config  # NotFound here, not at the first step
         self.dim, self.value_dim = config.dim, config.value_dim
         if mode == "monim" and self.value_dim == 0:
@@ -274,8 +281,8 @@ class MoNIMLayer(nn.Module):
         queries, index = self._selected(hidden, mask)
         batch, seq = hidden.shape[:2]
         started = time.perf_counter()
-        found = self.client.search(self.namespace, queries.detach().float().cpu().numpy(), self.k,
-                                   return_weights=True)
+        reader = self.decoding if self.decoding is not None and not torch.is_grad_enabled() else self.client
+        found = reader.search(self.namespace, queries.detach().float().cpu().numpy(), self.k, return_weights=True)
         self.timer.record("search", time.perf_counter() - started, queries.shape[0])
         self._record_features(found.distances, found.ids, found.tokens, index, batch, seq, hidden.device)
         return self._distribution(found.ids, found.distances, found.weights, found.tokens, vocab_size, index, batch,

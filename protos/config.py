@@ -15,7 +15,12 @@ from monim.protos.errors import InvalidArgument
 DEFAULT_ADMIT_BELOW = -1.5
 
 METRICS = ("l2", "ip")
-INDEXES = ("flat",)
+INDEXES = ("flat", "ivf_flat", "ivf_pq")
+IVF_INDEXES = ("ivf_flat", "ivf_pq")
+MAX_NLIST = 1 << 20
+MAX_TRAIN_MIN_ROWS = 1 << 40
+DEFAULT_NLIST = 1024
+PQ_TRAIN_ROWS = 256  # faiss's PQ trains 256 centroids per sub-quantizer: it needs at least that many rows
 KEY_DTYPES = ("auto", "float32", "float16")
 MAX_NAME_CHARS = 128
 MAX_K_LIMIT = 4096
@@ -95,6 +100,12 @@ class OptimizerConfig:
 
 
 
+def default_pq_m(dim: int) -> int:
+    """The largest divisor of dim that is at most dim / 2 and at most 64 (1 when dim is 1): 64-byte
+    codes for wide keys, as the paper's PQ64, and at least two dimensions per sub-quantizer."""
+    return max([m for m in range(1, min(64, max(1, dim // 2)) + 1) if dim % m == 0])
+
+
 @dataclasses.dataclass(frozen=True)
 class NamespaceConfig:
     """What a namespace stores and how it is searched.
@@ -103,13 +114,18 @@ class NamespaceConfig:
     dim: width of keys and queries.
     metric: ``l2`` (squared Euclidean) or ``ip`` (inner product; reported as
         the negative inner product so that smaller is nearer for both).
-    index: ``flat`` (exact).
+    index: ``flat`` (exact), ``ivf_flat`` or ``ivf_pq`` (faiss; approximate once trained; docs/INDEXES.md).
     value_dim: width of the learnable value vectors; 0 for none.
     max_k: the largest k a search may ask for.
     key_dtype: storage dtype of keys on GPU shards: ``auto`` (the default) is float16 there
         (half the memory and bandwidth; distances accumulate in float32 and the final k are
         re-ranked in float32), ``float32`` on request. CPU shards keep float32, which faiss needs.
     optimizer: the server-side sparse optimizer of the value rows.
+    nlist: ivf indexes: the number of inverted lists (k-means centroids); 0 takes 1024.
+    pq_m: ivf_pq: sub-quantizers (bytes per code); must divide dim; 0 takes the largest divisor
+        of dim that is at most dim / 2 and at most 64.
+    train_min_rows: ivf indexes: rows a shard holds before it trains its index (it searches
+        exactly until then); 0 takes 64 x nlist; at least nlist (and 256 for ivf_pq).
     generation: which incarnation of the name this is, set by the store when
         the namespace is created (0 before); a namespace dropped and created
         again gets a new one, and requests that carry an old one are refused.
@@ -124,6 +140,9 @@ class NamespaceConfig:
     key_dtype: str = "auto"
     optimizer: OptimizerConfig = OptimizerConfig()
     generation: int = 0
+    nlist: int = 0
+    pq_m: int = 0
+    train_min_rows: int = 0
 
     def __post_init__(self):
         validate_namespace_name(self.name)
@@ -131,7 +150,7 @@ class NamespaceConfig:
             object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(self.optimizer))
         if not isinstance(self.optimizer, OptimizerConfig):
             raise InvalidArgument(f"optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
-        for field in ("dim", "value_dim", "max_k", "generation"):
+        for field in ("dim", "value_dim", "max_k", "generation", "nlist", "pq_m", "train_min_rows"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidArgument(f"{field} must be an integer, got {value!r}")
@@ -147,6 +166,37 @@ class NamespaceConfig:
             raise InvalidArgument(f"unknown index {self.index!r}; choose one of {', '.join(INDEXES)}")
         if self.key_dtype not in KEY_DTYPES:
             raise InvalidArgument(f"unknown key_dtype {self.key_dtype!r}; choose one of {', '.join(KEY_DTYPES)}")
+        self._check_index_options()
+
+    def _check_index_options(self) -> None:
+        """nlist, pq_m, train_min_rows: in range for an ivf index (0 takes the default, written back
+        so that the stored config says what is used), 0 for the others."""
+        given = {name: getattr(self, name) for name in ("nlist", "pq_m", "train_min_rows")}
+        applies = {"nlist": IVF_INDEXES, "train_min_rows": IVF_INDEXES, "pq_m": ("ivf_pq",)}
+        for name, value in given.items():
+            if value and self.index not in applies[name]:
+                raise InvalidArgument(f"{name} applies to index {' or '.join(applies[name])}, not {self.index!r}; "
+                                      f"leave it 0")
+            if value < 0:
+                raise InvalidArgument(f"{name} must be >= 0 (0: the default), got {value}")
+        if self.index not in IVF_INDEXES:
+            return
+        nlist = self.nlist or DEFAULT_NLIST
+        if not 1 <= nlist <= MAX_NLIST:
+            raise InvalidArgument(f"nlist must be in [1, {MAX_NLIST}], got {nlist}")
+        object.__setattr__(self, "nlist", nlist)
+        if self.index == "ivf_pq":
+            pq_m = self.pq_m or default_pq_m(self.dim)
+            if pq_m > self.dim or self.dim % pq_m:
+                raise InvalidArgument(f"pq_m must divide dim ({self.dim}), got {pq_m}")
+            object.__setattr__(self, "pq_m", pq_m)
+        least = max(nlist, PQ_TRAIN_ROWS) if self.index == "ivf_pq" else nlist
+        train_min_rows = self.train_min_rows or max(least, 64 * nlist)
+        if not least <= train_min_rows <= MAX_TRAIN_MIN_ROWS:
+            raise InvalidArgument(f"train_min_rows must be in [{least}, {MAX_TRAIN_MIN_ROWS}] for {self.index} "
+                                  f"with nlist {nlist} (k-means needs a row per list"
+                                  f"{' and the PQ 256' if self.index == 'ivf_pq' else ''}), got {train_min_rows}")
+        object.__setattr__(self, "train_min_rows", train_min_rows)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -121,7 +121,8 @@ def _optimizer_from_proto(message: pb.OptimizerConfig) -> OptimizerConfig:
 def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
     """Unset fields take the dataclass defaults."""
     fields = {"name": message.name, "dim": message.dim}
-    for name in ("metric", "index", "key_dtype", "value_dim", "max_k", "generation"):
+    for name in ("metric", "index", "key_dtype", "value_dim", "max_k", "generation", "nlist", "pq_m",
+                 "train_min_rows"):
         if getattr(message, name):
             fields[name] = getattr(message, name)
     for name, choices in (("metric", METRICS), ("index", INDEXES), ("key_dtype", KEY_DTYPES)):

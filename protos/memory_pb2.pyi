@@ -39,7 +39,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class NamespaceConfig(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer", "generation")
+    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer", "generation", "nlist", "pq_m", "train_min_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,9 @@ class NamespaceConfig(_message.Message):
     KEY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NLIST_FIELD_NUMBER: _ClassVar[int]
+    PQ_M_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_MIN_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: str
@@ -58,7 +61,10 @@ class NamespaceConfig(_message.Message):
     key_dtype: str
     optimizer: OptimizerConfig
     generation: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
+    nlist: int
+    pq_m: int
+    train_min_rows: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., generation: _Optional[int] = ..., nlist: _Optional[int] = ..., pq_m: _Optional[int] = ..., train_min_rows: _Optional[int] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("config", "request_id")
@@ -91,7 +97,7 @@ class DescribeNamespaceRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard", "rows", "device", "backend", "state", "memory_used_bytes", "memory_budget_bytes")
+    __slots__ = ("shard", "rows", "device", "backend", "state", "memory_used_bytes", "memory_budget_bytes", "index_state", "index_trainings", "index_tombstones", "index_drift")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +105,10 @@ class ShardStats(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_STATE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TRAININGS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DRIFT_FIELD_NUMBER: _ClassVar[int]
     shard: int
     rows: int
     device: str
@@ -106,7 +116,11 @@ class ShardStats(_message.Message):
     state: str
     memory_used_bytes: int
     memory_budget_bytes: int
-    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ...) -> None: ...
+    index_state: str
+    index_trainings: int
+    index_tombstones: int
+    index_drift: float
+    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., index_state: _Optional[str] = ..., index_trainings: _Optional[int] = ..., index_tombstones: _Optional[int] = ..., index_drift: _Optional[float] = ...) -> None: ...
 
 class DescribeNamespaceResponse(_message.Message):
     __slots__ = ("config", "rows", "shards", "next_id")
@@ -171,7 +185,7 @@ class AddResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., admitted: _Optional[_Union[Tensor, _Mapping]] = ..., merged: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights", "generation")
+    __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights", "generation", "nprobe", "rerank")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +193,8 @@ class SearchRequest(_message.Message):
     RETURN_VALUES_FIELD_NUMBER: _ClassVar[int]
     RETURN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
@@ -186,7 +202,9 @@ class SearchRequest(_message.Message):
     return_values: bool
     return_weights: bool
     generation: int
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., return_keys: _Optional[bool] = ..., return_values: _Optional[bool] = ..., return_weights: _Optional[bool] = ..., generation: _Optional[int] = ...) -> None: ...
+    nprobe: int
+    rerank: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., return_keys: _Optional[bool] = ..., return_values: _Optional[bool] = ..., return_weights: _Optional[bool] = ..., generation: _Optional[int] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("ids", "distances", "tokens", "keys", "values", "weights", "generation")
@@ -264,20 +282,24 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state")
+    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state", "nprobe", "rerank")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     KEEP_STATE_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
     temperature: float
     generation: int
     keep_state: bool
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ...) -> None: ...
+    nprobe: int
+    rerank: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights", "generation", "handle")
@@ -448,3 +470,53 @@ class RestoreSnapshotResponse(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.ScalarMap[str, int]
     def __init__(self, rows: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class DecodeStep(_message.Message):
+    __slots__ = ("search", "retrieve")
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    search: SearchRequest
+    retrieve: RetrieveRequest
+    def __init__(self, search: _Optional[_Union[SearchRequest, _Mapping]] = ..., retrieve: _Optional[_Union[RetrieveRequest, _Mapping]] = ...) -> None: ...
+
+class DecodeStepResult(_message.Message):
+    __slots__ = ("search", "retrieve", "code", "message")
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    search: SearchResponse
+    retrieve: RetrieveResponse
+    code: int
+    message: str
+    def __init__(self, search: _Optional[_Union[SearchResponse, _Mapping]] = ..., retrieve: _Optional[_Union[RetrieveResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReshardRequest(_message.Message):
+    __slots__ = ("shards", "batch_rows")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    shards: int
+    batch_rows: int
+    def __init__(self, shards: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
+
+class ReshardProgress(_message.Message):
+    __slots__ = ("source_shards", "target_shards", "namespaces_done", "namespaces", "namespace", "ids_done", "ids", "rows_moved", "done")
+    SOURCE_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_DONE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    IDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    source_shards: int
+    target_shards: int
+    namespaces_done: int
+    namespaces: int
+    namespace: str
+    ids_done: int
+    ids: int
+    rows_moved: int
+    done: bool
+    def __init__(self, source_shards: _Optional[int] = ..., target_shards: _Optional[int] = ..., namespaces_done: _Optional[int] = ..., namespaces: _Optional[int] = ..., namespace: _Optional[str] = ..., ids_done: _Optional[int] = ..., ids: _Optional[int] = ..., rows_moved: _Optional[int] = ..., done: _Optional[bool] = ...) -> None: ...

@@ -114,6 +114,16 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotRequest.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotResponse.FromString,
                 _registered_method=True)
+        self.Decode = channel.stream_stream(
+                '/monim.v1.MemoryService/Decode',
+                request_serializer=monim_dot_protos_dot_memory__pb2.DecodeStep.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.DecodeStepResult.FromString,
+                _registered_method=True)
+        self.Reshard = channel.unary_stream(
+                '/monim.v1.MemoryService/Reshard',
+                request_serializer=monim_dot_protos_dot_memory__pb2.ReshardRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.ReshardProgress.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -215,6 +225,18 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decode(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reshard(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -297,6 +319,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.RestoreSnapshot,
                     request_deserializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotRequest.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.RestoreSnapshotResponse.SerializeToString,
+            ),
+            'Decode': grpc.stream_stream_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.DecodeStep.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.DecodeStepResult.SerializeToString,
+            ),
+            'Reshard': grpc.unary_stream_rpc_method_handler(
+                    servicer.Reshard,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.ReshardRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.ReshardProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -731,6 +763,60 @@ class MemoryService:
             '/monim.v1.MemoryService/RestoreSnapshot',
             monim_dot_protos_dot_memory__pb2.RestoreSnapshotRequest.SerializeToString,
             monim_dot_protos_dot_memory__pb2.RestoreSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/monim.v1.MemoryService/Decode',
+            monim_dot_protos_dot_memory__pb2.DecodeStep.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.DecodeStepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reshard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/monim.v1.MemoryService/Reshard',
+            monim_dot_protos_dot_memory__pb2.ReshardRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.ReshardProgress.FromString,
             options,
             channel_credentials,
             insecure,

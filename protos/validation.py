@@ -99,6 +99,33 @@ def check_k(k, max_k: int) -> int:
     return int(k)
 
 
+MAX_RERANK = 16384
+DEFAULT_NPROBE = 32
+
+
+def check_search_options(index: str, nlist: int, k: int, nprobe, rerank) -> tuple[int, int]:
+    """nprobe and rerank of a search of a namespace with index ``index`` (and ``nlist`` lists) for k
+    neighbours -> (nprobe, rerank), nprobe 0 replaced by min(32, nlist). Both must be 0 on a flat
+    namespace (an exact index has neither: asking is a mistake worth hearing of); on an ivf one
+    nprobe is in [0, nlist] and rerank 0 (off) or in [k, 16384]."""
+    for name, value in (("nprobe", nprobe), ("rerank", rerank)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgument(f"{name} must be an integer, got {value!r}")
+        if value < 0:
+            raise InvalidArgument(f"{name} must be >= 0 (0: the default), got {value}")
+    nprobe, rerank = int(nprobe), int(rerank)
+    if index == "flat":
+        if nprobe or rerank:
+            raise InvalidArgument(f"nprobe and rerank apply to ivf indexes; namespace index is flat (exact): "
+                                  f"leave them 0, got nprobe {nprobe}, rerank {rerank}")
+        return 0, 0
+    if nprobe > nlist:
+        raise InvalidArgument(f"nprobe must be in [0, {nlist}] (the namespace's nlist), got {nprobe}")
+    if rerank and not k <= rerank <= MAX_RERANK:
+        raise InvalidArgument(f"rerank must be 0 (off) or in [k, {MAX_RERANK}] = [{k}, {MAX_RERANK}], got {rerank}")
+    return nprobe or min(DEFAULT_NPROBE, nlist), rerank
+
+
 def check_source(source) -> str:
     if not isinstance(source, str):
         raise InvalidArgument(f"source must be a string, got {type(source).__name__}")

@@ -13,7 +13,7 @@ What each RPC needs (``METHOD_ACCESS``):
 - read: Search, Get, Retrieve on a namespace matching one of ``read``;
 - write: Add, Delete, ApplyGradients, RetrieveBackward, CommitStep, AbortStep on one matching
   ``write`` (write does not imply read: a training job lists its namespaces under both);
-- admin: CreateNamespace, DropNamespace, CreateSnapshot, ListSnapshots, RestoreSnapshot, whatever
+- admin: CreateNamespace, DropNamespace, CreateSnapshot, ListSnapshots, RestoreSnapshot, Reshard, whatever
   the namespace, and any MemoryService method this table does not know yet (it fails closed);
 - DescribeNamespace: read, write or admin (a writer needs the namespace's config to split a batch);
 - ListNamespaces: any token; the reply lists only the namespaces the token may read or write
@@ -46,7 +46,7 @@ else:  # the server extra installs tomli on 3.10
 
 import grpc
 from monim.protos import memory_pb2 as pb
-from monim.protos.errors import InvalidArgument
+from monim.protos.errors import InvalidArgument, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,24 @@ _REQUIRED_KEYS = ("name", "secret")
 _caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("monim_caller", default=None)
 
 
+# The token of the Decode stream this thread is serving (its steps are checked one by one), or None.
+_stream_token: contextvars.ContextVar["Token | None"] = contextvars.ContextVar("monim_stream_token", default=None)
+
+
 def caller_name() -> str | None:
     """The ``name`` of the token of the call this thread is serving; None without auth."""
     return _caller.get()
+
+
+def authorize_step(method: str, namespace: str) -> None:
+    """A step of a Decode stream does what ``method`` does on ``namespace``: PermissionDenied if the
+    stream's token may not (nothing to check without auth)."""
+    token = _stream_token.get()
+    if token is None:
+        return
+    problem = refusal(token, method, namespace or None)
+    if problem is not None:
+        raise PermissionDenied(problem)
 
 
 # ----- the auth file --------------------------------------------------------------------------
@@ -242,7 +257,12 @@ METHOD_ACCESS: dict[str, Access] = {
     "CreateSnapshot": Access(ADMIN, _snapshot_namespace),
     "ListSnapshots": Access(ADMIN, _no_namespace),
     "RestoreSnapshot": Access(ADMIN, _snapshot_namespace),
+    # A stream needs a valid token; each of its steps is then checked as a Search or a Retrieve
+    # (authorize_step), and a refused step is answered PERMISSION_DENIED while the stream goes on.
+    "Decode": Access(READ, _namespace),  # its metrics label: the namespace of each step
+    "Reshard": Access(ADMIN, _no_namespace),
 }
+STREAMING_METHODS = {"Decode"}
 # A MemoryService method added to the proto but not to the table needs admin until it is.
 _UNLISTED = Access(ADMIN, _no_namespace)
 
@@ -301,21 +321,43 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or not full_method.startswith(self._prefix):
             return handler
         method = full_method[len(self._prefix):]
-        if handler.unary_unary is None:  # every MemoryService method is unary; a streaming one is refused
+        if method in STREAMING_METHODS and handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._guarded_stream(method, handler.stream_stream))
+        if handler.unary_stream is not None:  # Reshard: checked as a unary call; the reply streams
+            return handler._replace(unary_stream=self._guarded(method, handler.unary_stream))
+        if handler.unary_unary is None:  # a streaming method not in STREAMING_METHODS is refused
             log.error("%s is not unary-unary; the auth interceptor refuses it", full_method)
             return None
         return handler._replace(unary_unary=self._guarded(method, handler.unary_unary))
+
+    def _authenticated(self, method: str, context) -> Token:
+        """The call's token; aborts with UNAUTHENTICATED without a known one."""
+        secret, problem = bearer_secret(context.invocation_metadata())
+        token = self.policy.find(secret) if secret is not None else None
+        if token is None:
+            problem = problem or _UNKNOWN_TOKEN
+            log.warning("%s from %s refused: %s", method, context.peer(), problem)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        return token
+
+    def _guarded_stream(self, method: str, behavior):
+        def guarded(request_iterator, context):
+            token = self._authenticated(method, context)
+            _caller.set(token.name)  # the stream has its thread of the server's pool to itself
+            _stream_token.set(token)
+            try:
+                yield from behavior(request_iterator, context)
+            finally:
+                _caller.set(None)
+                _stream_token.set(None)
+
+        return guarded
 
     def _guarded(self, method: str, behavior):
         access = METHOD_ACCESS.get(method, _UNLISTED)
 
         def guarded(request, context):
-            secret, problem = bearer_secret(context.invocation_metadata())
-            token = self.policy.find(secret) if secret is not None else None
-            if token is None:
-                problem = problem or _UNKNOWN_TOKEN
-                log.warning("%s from %s refused: %s", method, context.peer(), problem)
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            token = self._authenticated(method, context)
             namespace = access.namespace_of(request)
             message = refusal(token, method, namespace)
             if message is not None:

@@ -25,6 +25,7 @@ import sys
 
 from monim.workers.cli_client import add_connection_options, connect
 from monim.workers.cli_namespace import add_namespace_command
+from monim.workers.cli_reshard import add_reshard_command
 from monim.workers.cli_status import add_status_command
 from monim.workers.serve_config import CONFIG_ENV, defer_defaults, parse_size, resolve
 
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_status_command(commands)
     add_namespace_command(commands)
+    add_reshard_command(commands)
 
     snap = commands.add_parser("snapshot", help="create, list or restore snapshots of a running server")
     actions = snap.add_subparsers(dest="action", required=True)

@@ -48,6 +48,10 @@ def add_namespace_command(commands) -> None:
     create.add_argument("--optimizer", choices=OPTIMIZERS, default=_default(OptimizerConfig, "name"),
                         help="the value rows' optimizer (default sgd)")
     create.add_argument("--lr", type=float, default=_default(OptimizerConfig, "lr"), help="its learning rate")
+    create.add_argument("--nlist", type=int, default=0, help="ivf indexes: inverted lists (0: 1024; docs/INDEXES.md)")
+    create.add_argument("--pq-m", type=int, default=0, help="ivf_pq: bytes per code, divides dim (0: the default)")
+    create.add_argument("--train-min-rows", type=int, default=0,
+                        help="ivf indexes: rows a shard holds before it trains (0: 64 x nlist)")
     for option in _OPTIMIZER_OPTIONS:
         create.add_argument(f"--{option.replace('_', '-')}", type=float, default=None,
                             help=f"optimizer option {option} (datastore/optimizers.py; default: the optimizer's)")
@@ -67,7 +71,11 @@ def add_namespace_command(commands) -> None:
 
 def _config_line(config: NamespaceConfig) -> str:
     optimizer = config.optimizer
-    return (f"dim {config.dim}, {config.metric}, {config.index}, value_dim {config.value_dim}, max_k {config.max_k}, "
+    index = config.index
+    if config.nlist:
+        index += f" (nlist {config.nlist}{f', pq_m {config.pq_m}' if config.pq_m else ''}, " \
+                 f"trains at {config.train_min_rows:,} rows a shard)"
+    return (f"dim {config.dim}, {config.metric}, {index}, value_dim {config.value_dim}, max_k {config.max_k}, "
             f"keys {config.key_dtype}, optimizer {optimizer.name} (lr {optimizer.lr:g})")
 
 
@@ -75,7 +83,8 @@ def _create(client, args) -> int:
     options = {name: getattr(args, name) for name in _OPTIMIZER_OPTIONS if getattr(args, name) is not None}
     config = client.create_namespace(args.name, dim=args.dim, metric=args.metric, index=args.index,
                                      value_dim=args.value_dim, max_k=args.max_k, key_dtype=args.key_dtype,
-                                     optimizer=args.optimizer, lr=args.lr, **options)
+                                     optimizer=args.optimizer, lr=args.lr, nlist=args.nlist, pq_m=args.pq_m,
+                                     train_min_rows=args.train_min_rows, **options)
     print(f"created {config.name}: {_config_line(config)}")
     return 0
 
@@ -113,11 +122,14 @@ def _describe(client, args) -> int:
     out.print(f"{described.config.name}: {_config_line(described.config)}", markup=False)
     out.print(f"{described.rows:,} rows; next id {described.next_id}", markup=False)
     table = Table()
-    for column in ("shard", "rows", "device", "backend", "state"):
+    for column in ("shard", "rows", "device", "backend", "state", "index"):
         table.add_column(column, justify="right" if column in ("shard", "rows") else "left")
     for shard in described.shards:
+        index = shard.get("index_state") or "-"
+        if shard.get("index_trainings"):
+            index += f" ({shard['index_trainings']} builds, {shard.get('index_tombstones', 0):,} tombstones)"
         table.add_row(str(shard["shard"]), f"{shard['rows']:,}", shard["device"] or "-", shard["backend"] or "-",
-                      shard["state"])
+                      shard["state"], index)
     out.print(table)
     return 0
 

@@ -40,7 +40,8 @@ def _deserializer(message_class):
     return deserialize
 
 
-def _undecodable(request) -> str | None:
+def undecodable(request) -> str | None:
+    """Why this request did not decode (once: the record is dropped), or None if it did."""
     with _lock:
         held = _pending.get(id(request))
         if held is None or held[0] is not request:
@@ -51,7 +52,7 @@ def _undecodable(request) -> str | None:
 
 def _checked(behavior):
     def handle(request, context):
-        problem = _undecodable(request)
+        problem = undecodable(request)
         if problem is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return behavior(request, context)
@@ -60,10 +61,21 @@ def _checked(behavior):
 
 
 def add_memory_service(servicer, server: grpc.Server) -> None:
-    """Registers the servicer's methods (every method of the service, unary-unary) on the server."""
+    """Registers the servicer's methods on the server: unary-unary ones, stream-stream ones (Decode),
+    whose servicer method checks each message with undecodable(), and unary-stream ones (Reshard)."""
     handlers = {}
     for method in SERVICE.methods:
         request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                getattr(servicer, method.name), request_deserializer=_deserializer(request),
+                response_serializer=response.SerializeToString)
+            continue
+        if method.server_streaming:  # Reshard: one request, a stream of progress
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
+                response_serializer=response.SerializeToString)
+            continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
             response_serializer=response.SerializeToString)

@@ -43,6 +43,7 @@ PROBE_WAIT_S = 3.0
 # After the drain, how long the gRPC server waits for what is left (health Watch streams never end).
 FINAL_GRACE_S = 1.0
 SHUTTING_DOWN = "the server is shutting down; retry on another front end"
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class CallGate(grpc.ServerInterceptor):
@@ -51,9 +52,11 @@ class CallGate(grpc.ServerInterceptor):
     auth: the server's AuthPolicy (for the token-name label; None: no auth); observer:
     ``observer(method, request, code, seconds, token_name)`` after every call (None: nobody)."""
 
-    def __init__(self, auth: AuthPolicy | None = None, observer=None):
+    def __init__(self, auth: AuthPolicy | None = None, observer=None, max_streams: int = 8):
         self.auth = auth
         self.observer = observer
+        self.max_streams = max_streams  # open Decode streams at once: each holds a thread of the server's pool
+        self.streams = 0
         self.in_flight = 0
         self.closed = False
         self._calls = threading.Condition()
@@ -62,9 +65,14 @@ class CallGate(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         full_method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not full_method.startswith(self._prefix):
-            return handler  # health, reflection (and, were there one, a streaming method)
-        return handler._replace(unary_unary=self._gated(full_method[len(self._prefix):], handler.unary_unary))
+        if handler is None or not full_method.startswith(self._prefix):
+            return handler  # health, reflection
+        method = full_method[len(self._prefix):]
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._gated_stream(method, handler.stream_stream))
+        if handler.unary_unary is None:
+            return handler
+        return handler._replace(unary_unary=self._gated(method, handler.unary_unary))
 
     def _token_name(self, context) -> str:
         if self.auth is None:
@@ -108,6 +116,57 @@ class CallGate(grpc.ServerInterceptor):
                         log.exception("could not record the metrics of a %s call", method)
 
         return gated
+
+    def _gated_stream(self, method: str, behavior):
+        """A Decode stream: each step counts as a call in flight while it is served, and is reported
+        (its code is the step's); once closed, the stream ends with UNAVAILABLE before its next step.
+        A stream waiting for its client's next step holds no call in flight, so draining does not
+        wait for it (the server's stop cancels it)."""
+        def gated(request_iterator, context):
+            started: list[tuple[object, float]] = []  # the steps being served, oldest first
+
+            def admitted_steps():
+                for step in request_iterator:
+                    with self._calls:
+                        if self.closed:
+                            context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                        self.in_flight += 1
+                    started.append((step, time.perf_counter()))
+                    yield step
+
+            with self._calls:
+                if self.closed:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                if self.streams >= self.max_streams:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"{self.streams} decode streams are open, the most this server takes at once "
+                                  "(each holds one of its threads); send Search and Retrieve calls instead")
+                self.streams += 1
+            try:
+                for result in behavior(admitted_steps(), context):
+                    step, began = started.pop(0)
+                    self._step_done(method, step, result, time.perf_counter() - began, context)
+                    yield result
+            finally:
+                for step, began in started:  # steps the client did not wait for
+                    self._step_done(method, step, None, time.perf_counter() - began, context)
+                with self._calls:
+                    self.streams -= 1
+
+        return gated
+
+    def _step_done(self, method: str, step, result, seconds: float, context) -> None:
+        with self._calls:
+            self.in_flight -= 1
+            self._calls.notify_all()
+        if self.observer is None:
+            return
+        code = grpc.StatusCode.CANCELLED if result is None else _STATUS_BY_VALUE.get(result.code, grpc.StatusCode.UNKNOWN)
+        inner = getattr(step, step.WhichOneof("step") or "search", None)
+        try:
+            self.observer(method, inner, code, seconds, self._token_name(context))
+        except Exception:  # noqa: BLE001 - metrics never fail a call
+            log.exception("could not record the metrics of a %s step", method)
 
     def close(self) -> None:
         """From now on, MemoryService calls are refused with UNAVAILABLE."""

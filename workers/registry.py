@@ -35,7 +35,15 @@ import secrets
 import numpy as np
 from monim.datastore import NamespaceConfig
 from monim.datastore.location import Location
-from monim.protos.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NamespaceChanged, NamespaceNotFound
+from monim.protos.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NamespaceChanged,
+    NamespaceNotFound,
+)
+from monim.workers.placement import Move, Placement, check_shard_count, refuse_other_target
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,8 @@ ID_RESERVATION = 1 << 20
 STATE_FORMAT_VERSION = 1
 REMEMBERED_REQUESTS = 100_000
 REMEMBERED_TARGETS = 10_000_000  # merge targets of remembered Add plans, at most
+# A reshard whose driver has not reported for this long may be taken over (resumed) by another call.
+RESHARD_LEASE_S = 30.0
 
 
 def new_generation() -> int:
@@ -57,6 +67,7 @@ class NamespaceRegistry:
         if num_shards < 1:
             raise InvalidArgument(f"a deployment needs at least one shard, got {num_shards}")
         self.num_shards = num_shards
+        self.placement = Placement(0, num_shards)  # workers/placement.py; num_shards is its rest count
         self.configs: dict[str, dict] = {}
         self.next_ids: dict[str, int] = {}
         self.reserved_ids: dict[str, int] = {}
@@ -100,6 +111,7 @@ class NamespaceRegistry:
             log.warning("the data dir holds a deployment of %d shards; keeping that (asked: %d)",
                         state["num_shards"], self.num_shards)
         self.num_shards = state["num_shards"]
+        self.placement = Placement.from_dict(state.get("placement") or {"version": 0, "num_shards": self.num_shards})
         self.configs = state["configs"]
         self.next_ids = dict(state["reserved_ids"])  # continue after the reserved marks
         self.reserved_ids = dict(state["reserved_ids"])
@@ -158,7 +170,8 @@ class NamespaceRegistry:
     def _save(self) -> None:
         if self.path is None:
             return
-        state = {"format_version": STATE_FORMAT_VERSION, "num_shards": self.num_shards, "configs": self.configs,
+        state = {"format_version": STATE_FORMAT_VERSION, "num_shards": self.num_shards,
+                 "placement": self.placement.to_dict(), "configs": self.configs,
                  "reserved_ids": self.reserved_ids, "created_by": self.created_by}
         self.path.write_bytes(json.dumps(state).encode())
 
@@ -172,7 +185,109 @@ class NamespaceRegistry:
             self._lock_file = None
 
     def shard_count(self) -> int:
-        return self.num_shards
+        """Shard actors the deployment has: during a reshard, max(source, target)."""
+        return self.placement.actors
+
+    # ----- placement and reshard (workers/placement.py, workers/reshard.py) ----------------------
+    def get_placement(self) -> dict:
+        return self.placement.to_dict()
+
+    def _changed(self) -> dict:
+        self.placement.version += 1
+        self._save()
+        return self.placement.to_dict()
+
+    def begin_reshard(self, shards: int, driver: str, now: float, batch_rows: int = 0) -> dict:
+        """Starts a reshard to ``shards``, or hands the one in progress to this driver when it is to the
+        same count and its driver has not reported for RESHARD_LEASE_S (resume). ABORTED while another
+        driver runs it; FAILED_PRECONDITION if the one in progress is to another count. Returns the
+        placement (with no move when the deployment already has that many shards)."""
+        shards = check_shard_count(shards)
+        move = self.placement.move
+        if move is not None:
+            refuse_other_target(move, shards)
+            if move.driver != driver and now - move.heartbeat < RESHARD_LEASE_S:
+                raise Aborted(f"a reshard to {shards} shards is already running (it last reported "
+                              f"{now - move.heartbeat:.0f} s ago); wait for it, or run this again to resume it "
+                              f"once it has stopped for {RESHARD_LEASE_S:g} s")
+            move.driver, move.heartbeat = driver, now
+            self._save()
+            return self.placement.to_dict()
+        if shards == self.placement.num_shards:
+            return self.placement.to_dict()
+        names = sorted(self.configs)
+        self.placement.move = Move(source=self.placement.num_shards, target=shards, namespaces=names,
+                                   mark=self.next_ids[names[0]] if names else 0, driver=driver, heartbeat=now,
+                                   **({"batch_rows": int(batch_rows)} if batch_rows else {}))
+        self._skip_gone()
+        return self._changed()
+
+    def _driving(self, driver: str, now: float) -> Move:
+        move = self.placement.move
+        if move is None or move.driver != driver:
+            raise Aborted("this reshard was taken over by another call (or finished): stopping")
+        move.heartbeat = now
+        return move
+
+    def _skip_gone(self) -> None:
+        """Past namespaces of the move that were dropped since it began (nothing left to move)."""
+        move = self.placement.move
+        while move.current is not None and move.current not in self.configs:
+            move.index += 1
+            move.cursor = move.frozen_end = 0
+            move.mark = self.next_ids[move.current] if move.current is not None else 0
+
+    def freeze_batch(self, driver: str, now: float, end: int) -> dict:
+        """Ids [cursor, end) of the namespace being moved are to be copied: writes to them wait."""
+        move = self._driving(driver, now)
+        move.frozen_end = max(move.cursor, min(int(end), move.mark))
+        return self._changed()
+
+    def flip_batch(self, driver: str, now: float) -> dict:
+        """The frozen batch is copied: its new owners hold it from now on. Past the namespace's mark,
+        the next namespace begins (its mark: its next id now)."""
+        move = self._driving(driver, now)
+        move.flipped = [move.current, move.cursor, move.frozen_end]
+        move.cursor = max(move.cursor, move.frozen_end)
+        if move.cursor >= move.mark:
+            move.index += 1
+            move.cursor = move.frozen_end = 0
+            move.mark = self.next_ids[move.current] if move.current in self.configs else 0
+            self._skip_gone()
+        return self._changed()
+
+    def finish_reshard(self, driver: str, now: float) -> dict:
+        """Every namespace is moved: the deployment has the target count of shards."""
+        move = self._driving(driver, now)
+        if move.current is not None:
+            raise FailedPrecondition(f"namespace {move.current!r} is not moved yet")
+        self.num_shards = move.target
+        self.placement = Placement(self.placement.version, move.target)
+        return self._changed()
+
+    def thaw_batch(self, now: float) -> dict:
+        """The frozen batch of a reshard whose driver stopped reporting RESHARD_LEASE_S ago goes back to
+        its old owners: writes to it go on; the copies on the new owners are dropped (``flipped`` names
+        the batch: a shard drops the rows there it does not own). The same reshard, run again, copies it
+        anew. Answers the placement unchanged while the driver reports, or when nothing is frozen."""
+        move = self.placement.move
+        if move is None or move.frozen_end <= move.cursor or now - move.heartbeat < RESHARD_LEASE_S:
+            return self.placement.to_dict()
+        move.flipped = [move.current, move.cursor, move.frozen_end]
+        move.frozen_end = move.cursor
+        log.warning("reshard: thawed ids [%d, %d) of %r: its driver stopped %.0f s ago (run the reshard again "
+                    "to resume it)", move.flipped[1], move.flipped[2], move.current, now - move.heartbeat)
+        return self._changed()
+
+    def release_reshard(self, driver: str) -> None:
+        """The driver stopped (interrupted, or failed): the move may be resumed by any call at once."""
+        move = self.placement.move
+        if move is not None and move.driver == driver:
+            move.driver, move.heartbeat = "", 0.0
+            self._save()
+
+    def heartbeat(self, driver: str, now: float) -> None:
+        self._driving(driver, now)
 
     def ping(self) -> dict:
         return {"pid": os.getpid(), "namespaces": len(self.configs)}

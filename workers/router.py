@@ -39,11 +39,13 @@ from monim.protos.errors import (
     MemoryStoreError,
     NamespaceChanged,
     NamespaceNotFound,
+    ShardUnavailable,
     Unavailable,
 )
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
 from monim.workers.forwards import ForwardStates
 from monim.workers.merge import merge_topk
+from monim.workers.placement import Placement, PlacementChanged
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ DEFAULT_TIMEOUT_S = 120.0
 RETRIEVE_ATTEMPTS = 3
 # How long DescribeNamespace waits for a shard before it reports it as recovering.
 DESCRIBE_WAIT_S = 2.0
+# A call refused for a placement change (a reshard's batch) waits this long, doubling up to the max,
+# before it reads the placement again and sends what was refused.
+PLACEMENT_WAIT_S, PLACEMENT_WAIT_MAX_S = 0.005, 0.2
+# After waiting this long, the call pushes the registry's placement to the shards itself (_catch_up).
+PLACEMENT_CATCH_UP_S = 1.0
 # The absolute time.monotonic() by which the current call must answer (the gRPC deadline).
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
 
@@ -84,7 +91,8 @@ class Router:
 
     def __init__(self, runtime, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.runtime = runtime
-        self.num_shards = runtime.num_shards
+        self.placement = Placement.from_dict(runtime.call_registry("get_placement"))
+        self._ensure_shards()
         self.timeout_s = timeout_s
         self._configs: dict[str, NamespaceConfig] = {}
         self.forwards = ForwardStates()  # Retrieve states kept for their backward (workers/forwards.py)
@@ -109,12 +117,112 @@ class Router:
             raise DeadlineExceeded("the call's deadline passed before the shards were asked")
         return min(self.timeout_s, left)
 
-    def _all_shards(self, method: str, *args) -> list:
-        return self._call([(s, method, args) for s in range(self.num_shards)])
+    @property
+    def num_shards(self) -> int:
+        """Shard actors the placement uses (during a reshard: the source's and the target's)."""
+        return self.placement.actors
 
-    def _call(self, calls) -> list:
-        """Scatter/gather; a namespace another front end dropped leaves this one's cache too."""
+    def _ensure_shards(self) -> None:
+        """The runtime has a handle for every shard the placement uses (a reshard adds and removes them)."""
+        if self.runtime.num_shards < self.placement.actors:
+            self.runtime.ensure_shards(self.placement.actors)
+        elif self.runtime.num_shards > self.placement.actors and hasattr(self.runtime, "forget_shards"):
+            self.runtime.forget_shards(self.placement.actors)
+
+    def refresh_placement(self) -> Placement:
+        """Reads the placement from the registry (a shard refused a call routed with ours)."""
+        self.placement = Placement.from_dict(self.runtime.call_registry("get_placement"))
+        self._ensure_shards()
+        return self.placement
+
+    def _wait_for_placement(self, waited: float) -> float:
+        """After a PlacementChanged: a short sleep (the reshard driver is pushing the placement to the
+        shards, or copying the batch the call touches), then the registry's placement. DEADLINE_EXCEEDED
+        if the call's deadline (or the router's timeout) passes first."""
+        wait = min(PLACEMENT_WAIT_MAX_S, max(PLACEMENT_WAIT_S, waited))
+        if wait >= self._timeout():
+            raise DeadlineExceeded("rows this call needs are being moved by a reshard, and the call's deadline "
+                                   "passed while it waited")
+        time.sleep(wait)
+        placement = self.refresh_placement()
+        if waited >= PLACEMENT_CATCH_UP_S:
+            self._catch_up(placement)
+        return waited + wait
+
+    def _catch_up(self, placement: Placement) -> None:
+        """A shard still refuses after PLACEMENT_CATCH_UP_S: the reshard's driver may have stopped between
+        a step in the registry and its push to the shards. The registry's placement is pushed to every
+        shard (a shard ignores one older than its own; a step pushed twice is the same step), and a batch
+        frozen by a driver that stopped reporting is thawed first (registry.thaw_batch)."""
+        move = placement.move
+        if move is not None and move.frozen_end > move.cursor:
+            placement = self.placement = Placement.from_dict(self.runtime.call_registry("thaw_batch", time.time()))
+        self._call([(shard, "set_placement", (placement.to_dict(),)) for shard in range(placement.actors)])
+
+    def _round(self, make_calls, on_retry=None) -> list:
+        """One round of calls that must all be answered at one placement: make_calls(placement) ->
+        [(shard, method, args)], each run on the shard only if it is at that placement's version
+        (Shard.placed). Sent again, whole, after a placement change (on_retry() first)."""
+        waited = 0.0
+        while True:
+            placement = self.placement
+            try:
+                return self._call([(shard, "placed", (placement.version, method, *args))
+                                   for shard, method, args in make_calls(placement)])
+            except (PlacementChanged, ShardUnavailable) as error:
+                if isinstance(error, ShardUnavailable) and not self._retired(error.shard):
+                    raise
+                if on_retry is not None:
+                    on_retry()
+                waited = self._wait_for_placement(waited)
+
+    def _retired(self, shard: int) -> bool:
+        """The shard was removed by a shrink (the call was routed with the placement before it)."""
+        return shard >= self.refresh_placement().actors
+
+    def _all_shards(self, method: str, *args) -> list:
+        return self._round(lambda placement: [(s, method, args) for s in range(placement.actors)])
+
+    def _routed_writes(self, namespace: str, parts) -> list:
+        """Writes of rows by id: parts = [(method, ids int64 [N], args(positions) -> tuple)]; each part's
+        ids go to their owners. A shard that refuses its share (PlacementChanged: a reshard moved or is
+        copying those rows) applied none of it; only that share is routed again and sent, so a write
+        lands once. Returns the shards' results."""
+        pending = [(method, ids, make_args, np.arange(ids.shape[0])) for method, ids, make_args in parts]
+        results, waited = [], 0.0
+        while pending:
+            calls, shares = [], []
+            for method, ids, make_args, positions in pending:
+                for shard, sub in self._route_ids(ids[positions], namespace):
+                    calls.append((shard, method, make_args(positions[sub])))
+                    shares.append((method, ids, make_args, positions[sub]))
+            try:
+                outcomes = self._call(calls, each=True)
+            except ShardUnavailable as error:  # sent again whole: shares a shard applied answer by request id
+                if not self._retired(error.shard):
+                    raise
+                waited = self._wait_for_placement(waited)
+                continue
+            errors = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, PlacementChanged)]
+            if errors:
+                raise errors[0]
+            results += [o for o in outcomes if not isinstance(o, Exception)]
+            pending = [share for share, o in zip(shares, outcomes) if isinstance(o, PlacementChanged)]
+            if pending:
+                waited = self._wait_for_placement(waited)
+        return results
+
+    def _call(self, calls, each: bool = False) -> list:
+        """Scatter/gather; a namespace another front end dropped leaves this one's cache too.
+        each: a list with each call's result or error (a deadline still raises), instead of raising
+        the first error."""
         try:
+            if each:
+                outcomes = self.runtime.call_shards(calls, self._timeout(), each=True)
+                for outcome in outcomes:
+                    if isinstance(outcome, (NamespaceNotFound, NamespaceChanged)):
+                        raise outcome
+                return outcomes
             return self.runtime.call_shards(calls, self._timeout())
         except (NamespaceNotFound, NamespaceChanged) as error:
             self._configs.pop(error.namespace, None)
@@ -245,45 +353,45 @@ class Router:
                                       f"this one has {chosen.size} (a retry must send the same batch)")
             new = chosen[targets < 0]
             new_ids = np.arange(start, start + new.size, dtype=np.int64)
-            calls = self._add_calls(config, request_id, new_ids, keys[new], tokens[new],
-                                    None if values is None else values[new],
-                                    None if weights is None else weights[new], source)
+            new_keys, new_tokens = keys[new], tokens[new]
+            new_values = None if values is None else values[new]
+            new_weights = None if weights is None else weights[new]
+            parts = [("add", new_ids, lambda p: (namespace, config.generation, request_id, new_ids[p], new_keys[p],
+                                                 new_tokens[p], None if new_values is None else new_values[p],
+                                                 None if new_weights is None else new_weights[p], source))]
             if (targets >= 0).any():
                 target_ids, counts = admission.weight_increments(targets)
-                calls += [(shard, "increment_weights", (namespace, config.generation, request_id,
-                                                        target_ids[positions], counts[positions]))
-                          for shard, positions in self._route_ids(target_ids)]
-            adds = [(shard, "check_room", (namespace, config.generation, request_id, len(arguments[3])))
-                    for shard, method, arguments in calls if method == "add"]
+                parts.append(("increment_weights", target_ids,
+                              lambda p: (namespace, config.generation, request_id, target_ids[p], counts[p])))
+            adds = [(shard, "check_room", (namespace, config.generation, request_id, int(positions.size)))
+                    for shard, positions in self._route_ids(new_ids, namespace)]
             if len(adds) > 1:  # a shard without room refuses before any other takes its part
                 self._call(adds)
-            self._call(calls)
+            self._routed_writes(namespace, parts)
             merged[chosen[targets >= 0]] = True
             ids[chosen[targets >= 0]] = targets[targets >= 0]
             ids[new] = new_ids
         return AddResult(ids=ids, admitted=admitted, merged=merged, generation=config.generation)
 
-    def _add_calls(self, config, request_id, ids, keys, tokens, values, weights, source) -> list:
-        return [(shard, "add", (config.name, config.generation, request_id, ids[rows], keys[rows], tokens[rows],
-                                None if values is None else values[rows],
-                                None if weights is None else weights[rows], source))
-                for shard, rows in self._route_ids(ids)]
-
     @_reread_config_if_recreated
     def search(self, namespace: str, queries: np.ndarray, k: int, return_keys: bool = False,
-               return_values: bool = False, return_weights: bool = False, *, generation: int = 0) -> SearchResult:
-        """Stages: validate; send the queries to every shard at once; merge the per-shard top-k."""
+               return_values: bool = False, return_weights: bool = False, *, generation: int = 0,
+               nprobe: int = 0, rerank: int = 0) -> SearchResult:
+        """Stages: validate; send the queries to every shard at once; merge the per-shard top-k.
+        nprobe, rerank: ivf namespaces only (validation.check_search_options); each shard answers
+        exactly until its index is trained (docs/INDEXES.md)."""
         return self._search(self.config(namespace, generation), queries, k, return_keys, return_values,
-                            return_weights)
+                            return_weights, nprobe, rerank)
 
     def _search(self, config: NamespaceConfig, queries, k, return_keys=False, return_values=False,
-                return_weights=False) -> SearchResult:
+                return_weights=False, nprobe=0, rerank=0) -> SearchResult:
         queries = validation.check_vectors(queries, config.dim, "queries")
         k = validation.check_k(k, config.max_k)
+        nprobe, rerank = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank)
         if return_values and not config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         results = self._all_shards("search", config.name, config.generation, queries, k, return_keys,
-                                   return_values, return_weights)
+                                   return_values, return_weights, nprobe, rerank)
         merged = merge_topk(results, k)
         merged.generation = config.generation
         return merged
@@ -291,22 +399,26 @@ class Router:
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated
     def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0, *,
-                 generation: int = 0, keep_state: bool = False) -> RetrieveResult:
+                 generation: int = 0, keep_state: bool = False, nprobe: int = 0, rerank: int = 0) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
         every shard sums alpha_i v_i over its own ids; add the partial sums. If a row went between
         the two rounds (a shard answers NOT_FOUND), the forward starts again: m is never a sum
         with a neighbour silently missing. keep_state: the queries, ids, alpha, distances and
-        temperature stay here under result.handle, for a backward that sends only grad_memory."""
+        temperature stay here under result.handle, for a backward that sends only grad_memory.
+        nprobe, rerank: as in search (an ivf namespace's search; its distances enter alpha)."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
         queries = validation.check_vectors(queries, config.dim, "queries")
+        validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
+                                        rerank)
         for _ in range(RETRIEVE_ATTEMPTS):
-            found = self._search(config, queries, k, return_weights=True)
+            found = self._search(config, queries, k, return_weights=True, nprobe=nprobe, rerank=rerank)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
             try:
-                memory = sum(self._all_shards("value_sum", namespace, config.generation, found.ids, alpha))
+                memory = sum(self._round(functools.partial(self._value_sum_calls, namespace, config.generation,
+                                                           found.ids, alpha)))
             except IdsNotFound:
                 continue
             handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
@@ -316,6 +428,12 @@ class Router:
                                   temperature=temperature, generation=config.generation, handle=handle)
         raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
                       "attempts of this Retrieve; retry it")
+
+    @staticmethod
+    def _value_sum_calls(namespace, generation, ids, alpha, placement) -> list:
+        """Every shard sums over the ids it holds (the others masked to -1)."""
+        return [(shard, "value_sum", (namespace, generation, placement.mask(namespace, ids, shard), alpha))
+                for shard in range(placement.actors)]
 
     @_reread_config_if_recreated
     def retrieve_backward(self, namespace: str, queries, ids, alpha, distances, grad_memory, temperature: float, *,
@@ -341,8 +459,11 @@ class Router:
             config, queries, ids, alpha, distances, grad_memory, temperature)
         step = self._step_key(config, validation.check_step_id(step_id) or validation.new_request_id())
         try:
-            partials = self._all_shards("backward_part", namespace, config.generation, step, part, queries, ids,
-                                        alpha, distances, grad_memory)
+            partials = self._round(
+                lambda placement: [(shard, "backward_part", (namespace, config.generation, step, part, queries,
+                                                             placement.mask(namespace, ids, shard), alpha, distances,
+                                                             grad_memory)) for shard in range(placement.actors)],
+                on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
                 self._undo("abort_step", namespace, config.generation, step)
@@ -377,13 +498,25 @@ class Router:
         request naming another (namespace names hold no ':')."""
         return f"{config.name}:{config.generation}:{step_id}"
 
+    def _moved_during_step(self, config: NamespaceConfig, step: str, defer_step: bool):
+        """What a step's staging round does when a reshard refuses it: a step sent whole is dropped on
+        every shard and staged again under the new placement; a part of a deferred step cannot be (the
+        parts staged before it were routed by the old one): the whole step is dropped, ABORTED."""
+        def retry():
+            self._undo("abort_step", config.name, config.generation, step)
+            if defer_step:
+                raise Aborted("a reshard moved rows of this step while its parts were being staged: nothing was "
+                              "stepped; send the whole step again")
+        return retry
+
     def _commit(self, config: NamespaceConfig, step: str, staged_on=None) -> int:
         """Commits the step (its _step_key) on every shard; staged_on: the shards that were sent parts
         (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
-        staged_on = range(self.num_shards) if staged_on is None else set(staged_on)
         try:
-            return sum(self._call([(shard, "commit_step", (config.name, config.generation, step, shard in staged_on))
-                                   for shard in range(self.num_shards)]))
+            return sum(self._round(lambda placement: [
+                (shard, "commit_step", (config.name, config.generation, step,
+                                        staged_on is None or shard in staged_on))
+                for shard in range(placement.actors)]))
         except Aborted:
             # A shard lost its parts in a restart. If another had committed already, the step is not
             # "nothing": UNAVAILABLE, so that the caller retries the same step id, which stages the
@@ -431,26 +564,31 @@ class Router:
             if defer_step:
                 self._undo("abort_step", namespace, config.generation, step)
             raise IdsNotFound(namespace, ids[ids < 0])
-        routes = dict(self._route_ids(ids))
-        shards = range(self.num_shards) if defer_step else sorted(routes)
         none = np.empty(0, np.int64)
-        calls = [(shard, "stage_gradients", (namespace, config.generation, step, part,
-                                             ids[routes.get(shard, none)], grads[routes.get(shard, none)]))
-                 for shard in shards]
+        staged_on = []
+
+        def calls(placement):
+            routes = dict(self._route_ids(ids, namespace, placement))
+            staged_on[:] = range(placement.actors) if defer_step else sorted(routes)
+            return [(shard, "stage_gradients", (namespace, config.generation, step, part,
+                                                ids[routes.get(shard, none)], grads[routes.get(shard, none)]))
+                    for shard in staged_on]
+
         try:
-            self._call(calls)
+            self._round(calls, on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
                 self._undo("abort_step", namespace, config.generation, step)
             raise
         if defer_step:
             return 0
-        return self._commit(config, step, staged_on=list(shards))
+        return self._commit(config, step, staged_on=list(staged_on))
 
-    def _route_ids(self, ids: np.ndarray):
+    def _route_ids(self, ids: np.ndarray, namespace: str, placement: Placement | None = None):
         """Yields (shard, positions in ids) for the shards that own some of the ids."""
-        owner = ids % self.num_shards
-        for shard in range(self.num_shards):
+        placement = placement or self.placement
+        owner = placement.owners(namespace, ids)
+        for shard in range(placement.actors):
             positions = np.flatnonzero(owner == shard)
             if positions.size:
                 yield shard, positions
@@ -461,10 +599,14 @@ class Router:
         """Stages: route ids to their shards; fetch; NOT_FOUND naming every missing id; reassemble in order."""
         config = self.config(namespace, generation)
         ids = validation.check_ids(ids)
-        routes = list(self._route_ids(ids))
-        answers = self._call([(shard, "get_present", (namespace, config.generation, ids[positions],
-                                                      return_optimizer_state))
-                              for shard, positions in routes])
+        routes = []
+
+        def calls(placement):
+            routes[:] = self._route_ids(ids, namespace, placement)
+            return [(shard, "get_present", (namespace, config.generation, ids[positions], return_optimizer_state))
+                    for shard, positions in routes]
+
+        answers = self._round(calls)
         missing = np.concatenate([m for _, m in answers] + [ids[ids < 0]])
         if missing.size:
             raise IdsNotFound(namespace, np.unique(missing))
@@ -507,9 +649,8 @@ class Router:
                                         validation.check_source(source)))
         ids = validation.check_ids(ids)
         ids = ids[ids >= 0]
-        calls = [(shard, "delete", (namespace, config.generation, request_id, ids[positions], None))
-                 for shard, positions in self._route_ids(ids)]
-        return sum(self._call(calls)) if calls else 0
+        return sum(self._routed_writes(namespace, [
+            ("delete", ids, lambda p: (namespace, config.generation, request_id, ids[p], None))]))
 
     # ----- snapshots (admin; workers/snapshots.py) ---------------------------------------------
     def _snapshot_root(self):
@@ -533,9 +674,31 @@ class Router:
                                       f"{self.snapshots.root!r}")
         return location
 
+    def _refuse_during_reshard(self, what: str) -> None:
+        """FAILED_PRECONDITION while a reshard is under way (a snapshot would hold the batch being
+        copied twice, and a restore would place rows by a placement about to change)."""
+        if self.refresh_placement().move is not None:
+            move = self.placement.move
+            raise FailedPrecondition(f"{what} waits for the reshard from {move.source} to {move.target} shards "
+                                     f"in progress to finish (monim reshard --shards {move.target} resumes one "
+                                     "that was interrupted)")
+
+    # ----- reshard (admin; workers/reshard.py) -------------------------------------------------
+    def reshard(self, shards, batch_rows: int = 0):
+        """Moves every namespace to ``shards`` shards (or resumes the move to it that was
+        interrupted); an iterator of ReshardProgress, one per step. Closing it stops the move."""
+        from monim.workers.placement import check_shard_count
+        from monim.workers.reshard import Resharder
+
+        shards = check_shard_count(shards)
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 0:
+            raise InvalidArgument(f"batch_rows must be a non-negative integer, got {batch_rows!r}")
+        return Resharder(self).run(shards, int(batch_rows))
+
     def create_snapshot(self, location: str, namespace: str = "") -> dict:
         """Every namespace (or one) to a snapshot at location, under the snapshot root; returns its info."""
         snapshots = self._snapshot_root()
+        self._refuse_during_reshard("a snapshot")
         return snapshots.create(self._snapshot_location(location), namespace)
 
     def list_snapshots(self) -> list[dict]:
@@ -544,4 +707,5 @@ class Router:
     def restore_snapshot(self, location: str, namespace: str = "") -> dict[str, int]:
         """Restores a snapshot (every namespace in it, or one) into this deployment; returns rows per namespace."""
         snapshots = self._snapshot_root()
+        self._refuse_during_reshard("a restore")
         return snapshots.restore(self._snapshot_location(location), namespace)

@@ -112,6 +112,20 @@ def _host_of_actor(shard) -> dict:
     return dict(host_report(shard.device), node_id=ray.get_runtime_context().get_node_id())
 
 
+def _outcomes(results: list, errors: list[Exception], each: bool) -> list:
+    """results (each call's result or error, in call order) as call_shards answers them: with each,
+    the list itself (a dead shard's error still raised, so that the round is sent again); else the
+    results, or the round's error raised."""
+    if each:
+        dead = [error for error in errors if isinstance(error, ShardUnavailable)]
+        if dead:
+            raise dead[0]
+        return results
+    if errors:
+        raise _combined(errors)
+    return results
+
+
 def _combined(errors: list[Exception]) -> Exception:
     """The error of a round: NOT_FOUND from several shards names every missing id; else the first."""
     if len(errors) > 1 and all(isinstance(e, IdsNotFound) for e in errors) and \
@@ -139,22 +153,50 @@ class LocalRuntime:
                  snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None):
         self.registry = NamespaceRegistry(num_shards, data_dir)
         self._registry_lock = threading.Lock()
-        self.num_shards = num_shards = self.registry.num_shards
-        self.shards: list[Shard | None] = [Shard(i, num_shards, device, data_dir, fsync, snapshot_every, memory_budget)
-                                           for i in range(num_shards)]
+        self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
+        self.data_dir = data_dir
+        self.num_shards = num_shards = self.registry.shard_count()
+        self.shards: list[Shard | None] = [Shard(i, num_shards, *self._shard_args) for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
+
+    def ensure_shards(self, count: int) -> None:
+        """Shards up to ``count`` (a reshard's new ones: empty, or recovered from their folders)."""
+        while len(self.shards) < count:
+            self.shards.append(Shard(len(self.shards), count, *self._shard_args))
+        if count > self.num_shards:
+            self._pool.shutdown(wait=False)
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix="shard")
+        self.num_shards = max(self.num_shards, count)
+
+    def retire_shards(self, count: int) -> None:
+        """After a shrink: the shards from ``count`` on stop (their rows are all elsewhere)."""
+        for shard in self.shards[count:]:
+            if shard is not None:
+                shard.close()
+        self.forget_shards(count)
+
+    def forget_shards(self, count: int) -> None:
+        del self.shards[count:]
+        self.num_shards = count
 
     def call_registry(self, method: str, *args):
         with self._registry_lock:  # one call at a time, as the registry actor (max_concurrency=1) takes them
             return getattr(self.registry, method)(*args)
 
-    def call_shards(self, calls, timeout_s: float | None = None) -> list:
+    def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
+        if any(shard >= len(self.shards) for shard, _, _ in calls):
+            raise ShardUnavailable(next(s for s, _, _ in calls if s >= len(self.shards)), "retired by a reshard")
         if len(calls) == 1:  # one shard (the in-process store): no thread hop
             shard, method, args = calls[0]
             target = self.shards[shard]
             if target is None:
                 raise ShardUnavailable(shard, "killed")
-            return [_logged(shard, method, getattr(target, method), args)]
+            if not each:
+                return [_logged(shard, method, getattr(target, method), args)]
+            try:
+                return [_logged(shard, method, getattr(target, method), args)]
+            except Exception as error:  # noqa: BLE001 - answered as the call's outcome
+                return _outcomes([error], [error], each)
         futures = []
         for shard, method, args in calls:
             target = self.shards[shard]
@@ -175,9 +217,8 @@ class LocalRuntime:
                 raise DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s") from None
             except Exception as error:  # noqa: BLE001 - raised once all have answered
                 errors.append(error)
-        if errors:
-            raise _combined(errors)
-        return results
+                results.append(error)
+        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
 
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
         """workers/machine.py's report for the shard (this process's, which holds every shard)."""
@@ -250,15 +291,45 @@ class RayRuntime:
         if use_gpus == "auto":
             use_gpus = ray.cluster_resources().get("GPU", 0) >= self.num_shards
         device = "cuda" if use_gpus else "cpu"
-        shard_class = ray.remote(Shard)
-        self.shards = [
-            shard_class.options(
-                name=f"{deployment}-shard-{i}", get_if_exists=True, num_cpus=shard_cpus,
-                num_gpus=1 if use_gpus else 0, max_concurrency=SHARD_CALLS_AT_ONCE, **lifetime,
-            ).remote(i, self.num_shards, device, data_dir, fsync, snapshot_every, memory_budget)
-            for i in range(self.num_shards)
-        ]
-        self.call_shards([(i, "ping", ()) for i in range(self.num_shards)], timeout_s=300)
+        self._shard_options = dict(num_cpus=shard_cpus, num_gpus=1 if use_gpus else 0,
+                                   max_concurrency=SHARD_CALLS_AT_ONCE, **lifetime)
+        self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
+        self.data_dir = data_dir
+        self.shards = []
+        self.ensure_shards(self.num_shards)
+
+    def _shard_actor(self, index: int, count: int):
+        return self._ray.remote(Shard).options(name=f"{self.deployment}-shard-{index}", get_if_exists=True,
+                                               **self._shard_options).remote(index, count, *self._shard_args)
+
+    def ensure_shards(self, count: int) -> None:
+        """Shard actors up to ``count``: this deployment's named ones where they exist (another front end,
+        or a reshard, made them), else new ones (empty, or recovered from their folders of the data dir)."""
+        new = range(len(self.shards), count)
+        self.shards += [self._shard_actor(i, count) for i in new]
+        self.num_shards = max(self.num_shards, count)
+        if new:
+            self.call_shards([(i, "ping", ()) for i in new], timeout_s=300)
+
+    def retire_shards(self, count: int) -> None:
+        """After a shrink: the shard actors from ``count`` on are closed and killed (their rows are all
+        on the others)."""
+        shard = count
+        while shard < len(self.shards) or self._actor_exists(f"{self.deployment}-shard-{shard}"):
+            actor = self.shards[shard] if shard < len(self.shards) else \
+                self._ray.get_actor(f"{self.deployment}-shard-{shard}")
+            try:
+                self._ray.get(actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - a dead shard has nothing to flush
+                log.warning("retired shard %d could not close its log: %s", shard, self._unwrap(error, shard))
+            self._ray.kill(actor, no_restart=True)
+            shard += 1
+        self.forget_shards(count)
+
+    def forget_shards(self, count: int) -> None:
+        """Another front end retired the shards from ``count`` on: their handles go."""
+        del self.shards[count:]
+        self.num_shards = count
 
     def _actor_exists(self, name: str) -> bool:
         try:
@@ -266,6 +337,10 @@ class RayRuntime:
             return True
         except ValueError:
             return False
+
+    def _retired(self, shard: int) -> bool:
+        """A shard a shrink removed (its actor killed for good: its name is free), not one restarting."""
+        return shard >= len(self.shards) or not self._actor_exists(f"{self.deployment}-shard-{shard}")
 
     def _unwrap(self, error: Exception, shard: int | None):
         ray = self._ray
@@ -312,24 +387,28 @@ class RayRuntime:
                 out.append(arg)
         return out
 
-    def call_shards(self, calls, timeout_s: float | None = None) -> list:
+    def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
         """Scatters the calls at once, then gathers all their results in call order. With restarts,
         calls that met a dead or restarting shard are sent again (every shard call is safe to repeat:
-        reads, and writes with their request ids) until the shard answers or the time is up."""
+        reads, and writes with their request ids) until the shard answers or the time is up.
+        each: each call's result or error, in call order (see _outcomes)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
-                return self._call_shards_once(calls, timeout_s)
-            except ShardUnavailable:
+                return self._call_shards_once(calls, timeout_s, each)
+            except ShardUnavailable as error:
                 left = None if deadline is None else deadline - time.monotonic()
-                if not self.restarts or (left is not None and left < RESTART_POLL_S):
+                if not self.restarts or (left is not None and left < RESTART_POLL_S) or self._retired(error.shard):
                     raise
                 time.sleep(RESTART_POLL_S)
                 timeout_s = None if deadline is None else deadline - time.monotonic()
 
-    def _call_shards_once(self, calls, timeout_s: float | None) -> list:
+    def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
         ray = self._ray
         shared: dict = {}
+        beyond = [shard for shard, _, _ in calls if shard >= len(self.shards)]
+        if beyond:
+            raise ShardUnavailable(beyond[0], "retired by a reshard")
         futures = [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
                    for shard, method, args in calls]
         ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
@@ -344,9 +423,8 @@ class RayRuntime:
                 results.append(ray.get(future))
             except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
                 errors.append(self._unwrap(error, shard))
-        if errors:
-            raise _combined(errors)
-        return results
+                results.append(errors[-1])
+        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
 
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
         """workers/machine.py's report from the shard actor's own process, with its Ray node id."""

@@ -32,7 +32,7 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 16,
+def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 32,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, auth: AuthPolicy | None = None,
                  tls: ServerTls | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
                  health_poll_s: float = HEALTH_POLL_S) -> tuple[Frontend, int]:
@@ -43,9 +43,11 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     auth: tokens every MemoryService call must present (None: no auth).
     tls: the server's certificate and key, and the client CA for mutual TLS (None: plaintext).
     metrics_port: Prometheus text on http://metrics_host:metrics_port/metrics (metrics_host: default
-    host; 0: a free port; None: no metrics)."""
+    host; 0: a free port; None: no metrics). max_workers: threads serving calls; an open Decode
+    stream holds one, and at most half of them are given to streams (RESOURCE_EXHAUSTED past that)."""
     frontend = Frontend(router, auth=auth, metrics_port=metrics_port, metrics_host=metrics_host or host,
                         health_poll_s=health_poll_s)
+    frontend.gate.max_streams = max_workers // 2  # decode streams hold a thread each; calls keep the rest
     # The gate is outermost: calls refused by auth are counted, and a draining server refuses before auth.
     interceptors = frontend.interceptors + ([AuthInterceptor(auth)] if auth is not None else [])
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
+import grpc
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
 from monim.protos.errors import InvalidArgument
+from monim.workers.auth import authorize_step, caller_name
+from monim.workers.decoding import undecodable
 from monim.workers.router import Router
-from monim.workers.status import grpc_errors
+from monim.workers.status import grpc_errors, status_of
+
+log = logging.getLogger(__name__)
 
 
 def _required(message, field: str, what: str | None = None):
@@ -50,7 +57,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             next_id=description["next_id"],
             shards=[pb.ShardStats(shard=s["shard"], rows=s["rows"], device=s["device"], backend=s["backend"],
                                   state=s["state"], memory_used_bytes=s.get("memory_used", 0),
-                                  memory_budget_bytes=s.get("memory_budget", 0)) for s in description["shards"]],
+                                  memory_budget_bytes=s.get("memory_budget", 0),
+                                  index_state=s.get("index_state", ""), index_trainings=s.get("index_trainings", 0),
+                                  index_tombstones=s.get("index_tombstones", 0), index_drift=s.get("index_drift", 0.0))
+                    for s in description["shards"]],
         )
 
     @grpc_errors
@@ -76,10 +86,14 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Search(self, request, context):
+        return self._search(request)
+
+    def _search(self, request) -> pb.SearchResponse:
         result = self.router.search(
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
-            return_weights=request.return_weights, generation=request.generation,
+            return_weights=request.return_weights, generation=request.generation, nprobe=request.nprobe,
+            rerank=request.rerank,
         )
         return convert.search_result_to_proto(result)
 
@@ -98,9 +112,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Retrieve(self, request, context):
+        return self._retrieve(request)
+
+    def _retrieve(self, request) -> pb.RetrieveResponse:
         result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
                                       request.temperature, generation=request.generation,
-                                      keep_state=request.keep_state)
+                                      keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
         return convert.retrieve_result_to_proto(result)
 
     @grpc_errors
@@ -144,3 +161,51 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @grpc_errors
     def RestoreSnapshot(self, request, context):
         return pb.RestoreSnapshotResponse(rows=self.router.restore_snapshot(request.location, request.namespace))
+
+    # ----- decoding ----------------------------------------------------------------------
+    def Decode(self, request_iterator, context):
+        """A decode stream: each step (a Search or a Retrieve) answered in order; a step that fails
+        is answered with its code and message, and the stream goes on. The stream's deadline, if the
+        client set one, bounds every step."""
+        for step in request_iterator:
+            yield self._decode_step(step, context)
+
+    def _decode_step(self, step, context) -> pb.DecodeStepResult:
+        kind = step.WhichOneof("step")
+        try:
+            problem = undecodable(step)
+            if problem is not None:
+                raise InvalidArgument(problem)
+            with self.router.deadline(context.time_remaining()):
+                if kind == "search":
+                    authorize_step("Search", step.search.namespace)
+                    return pb.DecodeStepResult(search=self._search(step.search))
+                if kind == "retrieve":
+                    authorize_step("Retrieve", step.retrieve.namespace)
+                    if step.retrieve.keep_state:
+                        raise InvalidArgument("a decode stream keeps no forward state: keep_state must be false "
+                                              "(a training step's Retrieve goes through the Retrieve call)")
+                    return pb.DecodeStepResult(retrieve=self._retrieve(step.retrieve))
+                raise InvalidArgument("a decode step holds neither a search nor a retrieve")
+        except Exception as error:  # noqa: BLE001 - every error becomes the step's status
+            code, message = status_of(error)
+            if code == grpc.StatusCode.INTERNAL:
+                caller = caller_name()
+                log.exception("a Decode step failed%s", f" (token {caller!r})" if caller else "")
+            return pb.DecodeStepResult(code=code.value[0], message=message)
+
+    def Reshard(self, request, context):
+        """Streams the reshard's progress (workers/reshard.py). A client that goes away closes the
+        stream, which stops the move at the step it reached (the same call resumes it)."""
+        try:
+            for progress in self.router.reshard(request.shards, request.batch_rows):
+                yield pb.ReshardProgress(
+                    source_shards=progress.source, target_shards=progress.target,
+                    namespaces_done=progress.namespaces_done, namespaces=progress.namespaces,
+                    namespace=progress.namespace, ids_done=progress.ids_done, ids=progress.ids,
+                    rows_moved=progress.rows_moved, done=progress.done)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            code, message = status_of(error)
+            if code.name == "INTERNAL":
+                log.exception("Reshard failed")
+            context.abort(code, message)

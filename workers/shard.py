@@ -48,6 +48,7 @@ from monim.protos.errors import (
     NamespaceNotFound,
     ResourceExhausted,
 )
+from monim.workers.placement import Placement, PlacementChanged
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ STAGED_STEP_TTL_S = 600.0
 MAX_STAGED_STEPS = 256
 DEFAULT_SNAPSHOT_EVERY = 10_000
 KEPT_EXPORTS = 64  # finished snapshot exports whose status a shard still answers
+# Calls Shard.placed runs under its version check's hold of the lock (the others write, and wait for
+# the disk without the lock).
+_PLACED_READS = frozenset({"search", "get_present", "value_sum", "backward_part", "stage_gradients", "stats",
+                           "abort_step"})
 
 
 @dataclasses.dataclass
@@ -135,6 +140,7 @@ class Shard:
         self.memory_budget = default_memory_budget(device, num_shards) if memory_budget is None else int(memory_budget)
         self.shard_index = shard_index
         self.num_shards = num_shards
+        self.placement = Placement(0, num_shards)  # workers/placement.py: which ids this shard holds
         self.device = device
         self.stores: dict[str, NeighborStore] = {}
         self._applied = _Remembered()     # (request id, operation) -> result
@@ -184,6 +190,9 @@ class Shard:
         key = (args.get("request_id"), op)
         columns = {name: array for name, array in (columns or {}).items() if array is not None}
         with self._changes:
+            # The wait comes first: the check and the count of writers in flight must be one hold of
+            # the lock, or a placement taken during the wait (a reshard's freeze) would not see this write.
+            self._changes.wait_for(lambda: not self._draining)
             if key[0] and key in self._applied:
                 return self._applied[key]
             answer = check() if check is not None else None
@@ -191,7 +200,6 @@ class Shard:
                 return answer.value
             if self.wal is None:
                 return self._apply(op, args, columns)
-            self._changes.wait_for(lambda: not self._draining)
             self._appending += 1
         try:
             number = self.wal.append(op, args, columns)
@@ -263,10 +271,15 @@ class Shard:
             if store is None or (generation and store.config.generation != generation):
                 return 0  # dropped (or re-created) by a change logged before this one
             del self.stores[namespace]
+            store.close()
             for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
                 del self._staged[step_id]
             return len(store)
+        if op == "placement":
+            return self._apply_placement(args)
         store = self._store(namespace, generation)
+        if op == "receive":
+            return self._apply_receive(store, args, columns)
         if op == "add":
             result = len(store.add(columns["keys"], columns["tokens"], columns.get("values"), columns.get("weights"),
                                    args["source"], ids=columns["ids"]))
@@ -295,6 +308,8 @@ class Shard:
             manifest, self.stores = snapshot.load_shard_snapshot(latest[0].filesystem, latest[0].path, device=self.device)
             extra = manifest.get("extra", {})
             covered = extra.get("wal_covered", 0)
+            if "placement" in extra:
+                self.placement = Placement.from_dict(extra["placement"])
             for request_id, op, result in extra.get("applied", []):
                 self._applied.remember((request_id, op), result)
             for step_id, result in extra.get("committed", []):
@@ -352,7 +367,8 @@ class Shard:
         extra = {"wal_covered": covered,
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()
                              if isinstance(value, (int, type(None)))],
-                 "committed": [[key, value] for key, value in self._committed.items()]}
+                 "committed": [[key, value] for key, value in self._committed.items()],
+                 "placement": self.placement.to_dict()}
         target = self.folder / f"snapshot-{covered:012d}"
         self._records_since_snapshot = 0
         if (target / "manifest.json").exists():  # nothing was logged since that snapshot: it is this one
@@ -466,7 +482,11 @@ class Shard:
 
     @_serialized
     def stats(self, namespace: str, generation: int = 0) -> dict:
-        return dict(self._store(namespace, generation).stats(), shard=self.shard_index,
+        """The store's stats; its rows leave out the copies of a batch a reshard is moving here."""
+        hidden = self._incoming(namespace)
+        stats = self._store(namespace, generation).stats()
+        stats["rows"] -= 0 if hidden is None else int(hidden.size)
+        return dict(stats, shard=self.shard_index,
                     staged_steps=len(self._staged), memory_used=self._memory_used(), memory_budget=self.memory_budget)
 
     @_serialized
@@ -479,13 +499,14 @@ class Shard:
             self._check_room(namespace, rows)
 
     def _memory_used(self) -> int:
-        return sum(store.rows.nbytes for store in self.stores.values())
+        return sum(store.nbytes for store in self.stores.values())
 
-    def _check_room(self, namespace: str, rows: int) -> None:
+    def _check_room(self, namespace: str, rows: int, generation: int = 0) -> None:
         """RESOURCE_EXHAUSTED, naming the numbers, if appending rows to the namespace would take the
-        shard past its memory budget (checked before anything is allocated or logged)."""
-        store = self._store(namespace)
-        grown = store.rows.growth_bytes(int(rows))
+        shard past its memory budget (checked before anything is allocated or logged); NOT_FOUND /
+        FAILED_PRECONDITION if the namespace (of that generation) is not stored here."""
+        store = self._store(namespace, generation)
+        grown = store.growth_bytes(int(rows))
         used = self._memory_used()
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
@@ -500,23 +521,32 @@ class Shard:
         return self._write("add", {"namespace": namespace, "generation": generation, "request_id": request_id,
                                    "source": source},
                            {"ids": ids, "keys": keys, "tokens": tokens, "values": values, "weights": weights},
-                           check=lambda: self._store(namespace, generation) and self._check_room(namespace, len(ids)))
+                           check=lambda: (self._check_owned(namespace, generation, ids),
+                                          self._check_room(namespace, len(ids), generation)) and None)
 
     def increment_weights(self, namespace: str, generation: int, request_id: str, ids: np.ndarray,
                           counts: np.ndarray) -> None:
         self._write("increment_weights", {"namespace": namespace, "generation": generation, "request_id": request_id},
-                    {"ids": ids, "counts": counts}, check=self._exists(namespace, generation))
+                    {"ids": ids, "counts": counts}, check=lambda: self._check_owned(namespace, generation, ids))
 
     def delete(self, namespace: str, generation: int, request_id: str, ids: np.ndarray | None,
                source: str | None) -> int:
+        def check():
+            if ids is not None:
+                return self._check_owned(namespace, generation, ids)
+            self._store(namespace, generation)
+            if self.placement.any_frozen(namespace):
+                raise PlacementChanged(f"shard {self.shard_index}: rows of namespace {namespace!r} are being moved "
+                                       "by a reshard; a delete by source waits for the batch", self.placement.version)
+
         return self._write("delete", {"namespace": namespace, "generation": generation, "request_id": request_id,
-                                      "source": source}, {"ids": ids},
-                           check=self._exists(namespace, generation))
+                                      "source": source}, {"ids": ids}, check=check)
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
-               return_values: bool, return_weights: bool) -> SearchResult:
-        return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights)
+               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+        return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights,
+                                                         nprobe, rerank, hidden=self._incoming(namespace))
 
     @_serialized
     def get_present(self, namespace: str, generation: int, ids: np.ndarray,
@@ -540,7 +570,7 @@ class Shard:
         """This shard's partial sums of one part of a Retrieve backward; its value gradients wait,
         staged under step_id, for commit_step. NOT_FOUND (nothing staged) if one of its ids is gone.
         A part of a step this shard already committed (a retry) gets its partials, and stages nothing."""
-        store = self._store(namespace, generation)
+        store = self._check_owned(namespace, generation, ids)
         partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory)
         if step_id not in self._committed:
             self._staged_step(namespace, generation, step_id).parts[part] = (step_ids, grads)
@@ -552,7 +582,7 @@ class Shard:
         """Stages value gradients for ids (all of which belong here) after checking they are stored
         and that this part, stepped alone, would keep the rows finite (INVALID_ARGUMENT otherwise;
         the commit checks the whole step again)."""
-        store = self._store(namespace, generation)
+        store = self._check_owned(namespace, generation, ids)
         store.check_stored(ids)
         if ids.size:
             store.step(ids, grads, dry_run=True)
@@ -611,6 +641,164 @@ class Shard:
     def abort_step(self, namespace: str, generation: int, step_id: str) -> None:
         self._staged.pop(step_id, None)
 
+    # ----- placement and reshard (workers/placement.py, workers/reshard.py) -------------------------
+    def placed(self, version: int, method: str, *args):
+        """Runs ``method(*args)`` if this shard is at placement ``version`` (the one the router routed
+        the call with), else PlacementChanged: an answer never mixes shards of two placements. A read
+        runs under the same hold of the lock as the check; a write (which waits for the disk without
+        the lock) checks its ids against the placement under the lock again (_check_owned)."""
+        with self._lock:
+            if version != self.placement.version:
+                raise PlacementChanged(f"shard {self.shard_index} is at placement version "
+                                       f"{self.placement.version}; the call was routed with version {version}",
+                                       self.placement.version)
+            if method in _PLACED_READS:
+                return getattr(self, method)(*args)
+        return getattr(self, method)(*args)
+
+    def _check_owned(self, namespace: str, generation: int, ids: np.ndarray) -> NeighborStore:
+        """The store, if every id >= 0 of ids is this shard's and none is being moved; else
+        PlacementChanged (the router routes them again). NOT_FOUND / FAILED_PRECONDITION as _store."""
+        store = self._store(namespace, generation)
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        ids = ids[ids >= 0]
+        if ids.size and self.placement.version:  # version 0: never resharded, the router's id % S is the rule
+            elsewhere = self.placement.owners(namespace, ids) != self.shard_index
+            if elsewhere.any() or self.placement.frozen(namespace, ids).any():
+                what = "belong to another shard" if elsewhere.any() else "are being moved by a reshard"
+                raise PlacementChanged(f"shard {self.shard_index}: ids {ids[elsewhere][:5].tolist()} of namespace "
+                                       f"{namespace!r} {what}", self.placement.version)
+        return store
+
+    def _incoming(self, namespace: str) -> np.ndarray | None:
+        """Ids a reshard has copied here that their old shard still answers for (the frozen batch)."""
+        move = self.placement.move
+        store = self.stores.get(namespace)
+        if store is None or not self.placement.any_frozen(namespace) or not len(store):
+            return None
+        ids = np.arange(move.cursor, move.frozen_end, dtype=np.int64)
+        held = ids[store.contains(ids)]
+        if not held.size:
+            return None
+        return held[self.placement.owners(namespace, held) != self.shard_index]
+
+    def set_placement(self, placement: dict) -> int:
+        """Takes the placement (logged first, as every change), after every write checked under the old
+        one is applied, and deletes the rows of its flipped batch that it holds but no longer owns, in
+        the same record. Returns the rows deleted. Sending the same placement again deletes what is left."""
+        args = {"placement": placement}
+        with self._changes:
+            if Placement.from_dict(placement).version < self.placement.version:
+                return 0  # an older push (a retried round): this shard is past it
+            if self.wal is None:
+                return self._apply("placement", args, {})
+            # Like a snapshot, wait for writers that checked their ids under the old placement.
+            self._changes.wait_for(lambda: not self._snapshotting)
+            self._snapshotting = self._draining = True
+            try:
+                self._changes.wait_for(lambda: (self._appending == 0 and self._applied_through == self.wal.written)
+                                       or self.wal.failed is not None)
+                if self._applied_through != self.wal.written:
+                    raise self.wal.failure()
+                number = self.wal.append("placement", args, {})
+                self._logged[number] = ("placement", args, {})
+                while number not in self._outcomes:
+                    self._apply_durable()
+                    if number not in self._outcomes:
+                        self.wal.check(number)
+                        self._changes.wait()
+                applied, value = self._outcomes.pop(number)
+            finally:
+                self._snapshotting = self._draining = False
+                self._changes.notify_all()
+        if not applied:
+            raise value
+        return value
+
+    def _apply_placement(self, args: dict) -> int:
+        placement = Placement.from_dict(args["placement"])
+        if placement.version < self.placement.version:
+            return 0
+        self.placement = placement
+        self.num_shards = placement.move.target if placement.move else placement.num_shards
+        dropped = 0
+        for namespace, first, end in [placement.move.flipped] if placement.move and placement.move.flipped else []:
+            store = self.stores.get(namespace)
+            if store is None or end <= first or not len(store):
+                continue
+            ids = np.arange(first, end, dtype=np.int64)
+            ids = ids[store.contains(ids)]
+            ids = ids[placement.owners(namespace, ids) != self.shard_index]
+            dropped += store.delete(ids=ids) if ids.size else 0
+        return dropped
+
+    @_serialized
+    def get_placement(self) -> dict:
+        return self.placement.to_dict()
+
+    @_serialized
+    def first_ids(self, namespace: str, first: int, end: int, count: int) -> np.ndarray:
+        """The ``count`` smallest ids in [first, end) this shard holds of the namespace (sorted)."""
+        store = self.stores.get(namespace)
+        if store is None or not len(store):
+            return np.empty(0, np.int64)
+        ids = store.rows.ids[: len(store)].cpu().numpy()
+        ids = ids[(ids >= first) & (ids < end)]
+        if ids.size > count:
+            ids = np.partition(ids, count - 1)[:count]
+        return np.sort(ids)
+
+    @_serialized
+    def export_batch(self, namespace: str, generation: int, first: int, end: int) -> list:
+        """The rows of ids [first, end) this shard holds and owns but that go to another shard under the
+        move's target count: [(target shard, Arrow IPC stream of the rows)]. Changes nothing."""
+        from monim.datastore import snapshot
+
+        move = self.placement.move
+        store = self._store(namespace, generation)
+        ids = np.arange(first, end, dtype=np.int64)
+        if not ids.size or not len(store):
+            return []
+        ids = ids[store.contains(ids)]
+        ids = ids[self.placement.owners(namespace, ids) == self.shard_index]
+        targets = ids % move.target
+        return [(int(target), snapshot.table_to_bytes(snapshot.rows_table(store, ids[targets == target])))
+                for target in np.unique(targets) if target != self.shard_index]
+
+    def receive_rows(self, namespace: str, generation: int, request_id: str, payload: bytes) -> int:
+        """Appends rows a reshard moves here (an Arrow IPC stream in the snapshot schema, every column
+        kept), logged first; ids already held (a batch copied again after an interrupted move: equal,
+        as writes to them waited) are skipped. Returns the rows appended."""
+        from monim.datastore import snapshot
+
+        rows = snapshot.table_from_bytes(payload).num_rows
+        return self._write("receive", {"namespace": namespace, "generation": generation, "request_id": request_id},
+                           {"table": np.array([payload], dtype=object)},
+                           check=lambda: self._check_room(namespace, rows, generation))
+
+    def _apply_receive(self, store: NeighborStore, args: dict, columns: dict) -> int:
+        import pyarrow as pa
+        from monim.datastore import snapshot
+
+        table = snapshot.table_from_bytes(columns["table"][0])
+        ids = table.column("id").to_numpy()
+        fresh = ~store.contains(ids) if ids.size else np.zeros(0, bool)
+        result = snapshot.append_rows(store, table.filter(pa.array(fresh))) if fresh.any() else 0
+        self._applied.remember((args["request_id"], "receive"), result)
+        return result
+
+    @_serialized
+    def staged_in_range(self, namespace: str, first: int, end: int) -> list[str]:
+        """Steps staged here that hold value gradients of ids [first, end) of the namespace, and steps
+        of it being committed (their parts are no longer staged, their record not yet applied)."""
+        found = [step_id for step_id in self._committing if step_id.startswith(f"{namespace}:")]
+        for step_id, staged in self._staged.items():
+            if staged.namespace == namespace and any(
+                    ((ids >= first) & (ids < end)).any() for ids, _ in
+                    ((np.asarray(ids), grads) for ids, grads in staged.parts.values())):
+                found.append(step_id)
+        return found
+
     @_serialized
     def metrics(self) -> dict:
         """What the front end's metrics and health report (workers/metrics.py): per namespace its rows
@@ -619,9 +807,7 @@ class Shard:
         snapshot); whether the log failed (the shard then refuses writes until it restarts)."""
         import pyarrow.fs as pafs
 
-        namespaces = {name: {"rows": len(store), "bytes": sum(getattr(store.rows, column).nbytes
-                                                              for column in store.rows.column_names)}
-                      for name, store in self.stores.items()}
+        namespaces = {name: {"rows": len(store), "bytes": store.nbytes} for name, store in self.stores.items()}
         wal_bytes = snapshot_age_s = None
         if self.folder is not None:
             log_folder = self.wal.location

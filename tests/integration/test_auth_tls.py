@@ -156,6 +156,20 @@ def test_a_token_for_a_star_cannot_read_b1(secured):
         assert sorted(c.name for c in trainer.list_namespaces()) == ["a1", "b1"]
 
 
+def test_a_decode_stream_needs_a_token_and_each_step_the_read_access(secured):
+    """The stream is refused without a valid token; under one, each step is checked as the Search or
+    Retrieve it is, a refused step is answered PERMISSION_DENIED, and the stream goes on."""
+    with client(secured) as anonymous, anonymous.decode() as stream:
+        with pytest.raises(Unauthenticated, match="no token"):
+            stream.search("a1", queries(), 4)
+    with client(secured, "reader") as reader, reader.decode() as stream:
+        with pytest.raises(PermissionDenied, match=r"token 'reader' may not call Search on namespace 'b1'"):
+            stream.search("b1", queries(), 4)
+        with pytest.raises(PermissionDenied, match=r"may not call Retrieve on namespace 'b1'"):
+            stream.retrieve("b1", queries(), 4)
+        assert stream.search("a1", queries(), 4).ids.tolist() == reader.search("a1", queries(), 4).ids.tolist()
+
+
 def test_admin_rpcs_need_admin(secured):
     with client(secured, "trainer") as trainer:
         refused = {
@@ -164,11 +178,13 @@ def test_admin_rpcs_need_admin(secured):
             "CreateSnapshot": lambda: trainer.create_snapshot("by-trainer"),
             "ListSnapshots": lambda: trainer.list_snapshots(),
             "RestoreSnapshot": lambda: trainer.restore_snapshot("by-ops", "a-copy"),
+            "Reshard": lambda: list(trainer.reshard(3)),
         }
         for method, call in refused.items():
             with pytest.raises(PermissionDenied, match=f"token 'trainer' may not call {method}.*: it needs admin"):
                 call()
         assert sorted(c.name for c in trainer.list_namespaces()) == ["a1", "b1"]  # a-new was not made
+        assert len(trainer.describe_namespace("a1").shards) == 2  # nor a reshard begun
     with client(secured, "ops") as ops:
         ops.create_namespace("a-new", dim=DIM)
         info = ops.create_snapshot("by-ops", "a1")

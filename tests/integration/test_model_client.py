@@ -155,7 +155,9 @@ def test_generate_sends_one_query_per_sequence_per_step(remote_client, namespace
                                          do_sample=False, pad_token_id=256)
         handle.flush()
         stats = handle.stats()
+        assert handle.layer.decoding is not None  # generate()'s token steps read on one Decode stream
         handle.detach()
+        assert handle.layer.decoding is None
         texts = [decode(row[16:]) for row in out]
         retrieve = stats["store"]["retrieve"]
         print(f"generated {texts!r}; store p50 {retrieve['p50_ms']:.2f} ms per token step")

@@ -179,6 +179,13 @@ def _bad_k(draw, d, ns, world):
     d.put(f"k = {k}", INVALID, k=k)
 
 
+def _ivf_options_on_flat(draw, d, ns, world):
+    """nprobe / rerank (the world's namespaces are flat: any but 0 is refused)."""
+    field = draw(st.sampled_from(["nprobe", "rerank"]))
+    value = draw(st.one_of(st.integers(-(2**31), -1), st.integers(1, 2**31 - 1)))
+    d.put(f"{field} = {value} on a flat namespace", INVALID, **{field: value})
+
+
 def _bad_temperature(draw, d, ns, world):
     d.put("temperature not finite and > 0", INVALID, temperature=draw(hv.bad_positive_floats()))
 
@@ -217,7 +224,7 @@ def _config_defect(draw, d, ns, world):
     config.CopyFrom(d.fields["config"])
     field = draw(st.sampled_from(["name", "taken name", "dim", "value_dim", "max_k", "metric", "index", "key_dtype",
                                   "optimizer", "lr", "momentum", "beta1", "beta2", "eps", "lr_decay",
-                                  "initial_accumulator_value", "max_grad_norm"]))
+                                  "initial_accumulator_value", "max_grad_norm", "nlist", "pq_m", "train_min_rows"]))
     code = INVALID
     if field == "name":
         config.name = draw(hv.odd_names)
@@ -229,6 +236,10 @@ def _config_defect(draw, d, ns, world):
         config.value_dim = draw(st.one_of(st.integers(-(2**31), -1), st.integers(65537, 2**31 - 1)))
     elif field == "max_k":  # 0 is "unset": the default
         config.max_k = draw(st.one_of(st.integers(-(2**31), -1), st.integers(4097, 2**31 - 1)))
+    elif field in ("nlist", "pq_m", "train_min_rows"):  # ivf options: on a flat config, any but 0 is refused
+        limit = 2**63 - 1 if field == "train_min_rows" else 2**31 - 1
+        setattr(config, field, draw(st.one_of(st.integers(-limit, -1), st.integers(1, limit))))
+        config.index = draw(st.sampled_from(["", "flat"]))
     elif field in ("metric", "index", "key_dtype"):
         known = {"metric": config_options.METRICS, "index": config_options.INDEXES,
                  "key_dtype": config_options.KEY_DTYPES}[field]
@@ -403,7 +414,8 @@ def search_cases(draw, world: World) -> Case:
               return_keys=draw(st.booleans()), return_values=bool(ns.value_dim) and draw(st.booleans()),
               return_weights=draw(st.booleans()), generation=draw(st.sampled_from([0, ns.generation])))
     table = dict(NAMESPACE_DEFECTS)
-    table.update({"queries": _vectors_defect("queries", lambda n: n.dim), "k": ("k", _bad_k)})
+    table.update({"queries": _vectors_defect("queries", lambda n: n.dim), "k": ("k", _bad_k),
+                  "ivf options": ("nprobe", _ivf_options_on_flat)})
     if ns.value_dim == 0:
         table["values"] = ("return_values", lambda dr, d, n, w: d.put("values of a namespace without them", INVALID,
                                                                       return_values=True))
@@ -714,6 +726,18 @@ def restore_snapshot_cases(draw, world: World) -> Case:
     return d.case(draw)
 
 
+@st.composite
+def decode_cases(draw, world: World) -> Case:
+    """A stream of one step: a Search or a Retrieve case as its step (the codes are the step's);
+    sometimes a Retrieve asking to keep its state, which a decode stream refuses."""
+    inner = draw(st.one_of(search_cases(world), retrieve_cases(world)))
+    kind = "search" if inner.rpc == "Search" else "retrieve"
+    expected, defects = inner.expected, inner.defects
+    if kind == "retrieve" and inner.request.keep_state:
+        defects, expected = defects + ("keep_state in a decode stream",), expected - {OK} | {INVALID}
+    return Case("Decode", pb.DecodeStep(**{kind: inner.request}), defects, frozenset(expected))
+
+
 CASES = {
     "CreateNamespace": create_namespace_cases,
     "ListNamespaces": lambda world: no_field_cases(world, "ListNamespaces"),
@@ -731,4 +755,5 @@ CASES = {
     "CreateSnapshot": create_snapshot_cases,
     "ListSnapshots": lambda world: no_field_cases(world, "ListSnapshots"),
     "RestoreSnapshot": restore_snapshot_cases,
+    "Decode": decode_cases,
 }

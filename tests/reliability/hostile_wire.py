@@ -48,11 +48,12 @@ REFUSALS = {
     "CreateSnapshot": {INVALID, NOT_FOUND, PRECONDITION},
     "ListSnapshots": set(),
     "RestoreSnapshot": {INVALID, NOT_FOUND, EXISTS, PRECONDITION},
+    "Decode": {INVALID, NOT_FOUND, PRECONDITION},  # each step a Search or a Retrieve
 }
 # Calls whose random requests may name the seeded namespaces: none can change a stored row with random
 # fields (reads; a commit of a step no part reached; creating or restoring a name that is taken). The
 # others never name them (a random request that happens to be valid could change it, and rightly).
-SEEDED_NAMES_ALLOWED = {"ListNamespaces", "DescribeNamespace", "Search", "Get", "Retrieve", "AbortStep",
+SEEDED_NAMES_ALLOWED = {"ListNamespaces", "DescribeNamespace", "Search", "Get", "Retrieve", "Decode", "AbortStep",
                         "CommitStep", "CreateNamespace", "CreateSnapshot", "ListSnapshots", "RestoreSnapshot"}
 
 

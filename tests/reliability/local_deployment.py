@@ -99,6 +99,11 @@ class LocalDeployment:
         return self.channel.unary_unary(f"/monim.v1.MemoryService/{rpc}", request_serializer=None,
                                         response_deserializer=None)
 
+    def raw_stream(self, rpc: str):
+        """The same for a stream-stream method: an iterator of bytes in, of the replies' bytes out."""
+        return self.channel.stream_stream(f"/monim.v1.MemoryService/{rpc}", request_serializer=None,
+                                          response_deserializer=None)
+
 
 def _facts(stub, name: str, deleted: np.ndarray, sources) -> NamespaceFacts:
     description = stub.DescribeNamespace(pb.DescribeNamespaceRequest(namespace=name))

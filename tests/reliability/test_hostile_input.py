@@ -36,6 +36,9 @@ EXAMPLES = int(os.environ.get("MONIM_FUZZ_EXAMPLES", "2100"))
 SEED = os.environ.get("MONIM_FUZZ_SEED")
 SHARES = {"structured": 0.5, "random fields": 0.2, "raw bytes": 0.3}
 CALL_TIMEOUT_S = 20.0
+STREAMING_RPCS = {method.name for method in pb.DESCRIPTOR.services_by_name["MemoryService"].methods
+                  if method.client_streaming}
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
 def examples(kind: str) -> int:
@@ -52,12 +55,25 @@ class Referee:
         self.before = state_digest(deployment.stub)
 
     def send(self, rpc: str, request) -> tuple[str, str]:
+        if rpc in STREAMING_RPCS:
+            return self._send_step(rpc, request)
         call = self.deployment.raw(rpc) if isinstance(request, bytes) else getattr(self.deployment.stub, rpc)
         try:
             call(request, timeout=CALL_TIMEOUT_S)
             return OK, ""
         except grpc.RpcError as error:
             return error.code().name, error.details() or ""
+
+    def _send_step(self, rpc: str, request) -> tuple[str, str]:
+        """A stream of one step: the step's code and message, or the stream's if it ended with one."""
+        call = self.deployment.raw_stream(rpc) if isinstance(request, bytes) else getattr(self.deployment.stub, rpc)
+        try:
+            (result,) = list(call(iter([request]), timeout=CALL_TIMEOUT_S))
+        except grpc.RpcError as error:
+            return error.code().name, error.details() or ""
+        if isinstance(result, bytes):
+            result = pb.DecodeStepResult.FromString(result)
+        return STATUS_NAMES[result.code], result.message
 
     def judge(self, kind: str, rpc: str, what, code: str, details: str, expected) -> None:
         self.ledger[(kind, rpc, code)] += 1

@@ -60,3 +60,16 @@ def test_a_shard_without_room_keeps_the_others_from_taking_their_part():
     with pytest.raises(ResourceExhausted, match="shard 1 has no room for 1000 more rows"):
         add(router, 2000, seed=5)
     assert [len(shard.stores["ns"]) for shard in router.runtime.shards] == [500, 500]
+
+
+def test_the_first_add_to_an_empty_namespace_is_checked_too():
+    """The check once read `store and check_room(...)`: an empty store is falsy (len 0), so the first
+    Add of a namespace was never checked."""
+    probe = Shard(0)
+    probe.create_namespace(NamespaceConfig("ns", dim=DIM).to_dict())
+    row_bytes = probe.stores["ns"].rows.row_bytes
+    router = Router(LocalRuntime(1, memory_budget=2000 * row_bytes))
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    with pytest.raises(ResourceExhausted, match="no room for 5000 more rows"):
+        add(router, 5000, seed=5)
+    assert router.describe_namespace("ns")["rows"] == 0

@@ -47,6 +47,10 @@ class Hooked:
             return target
 
         def call(*args):
+            if name == "placed":  # the router's version-checked call (Shard.placed): hook the method it runs
+                version, method, *rest = args
+                self.before(method, tuple(rest))
+                return target(version, method, *rest)
             self.before(name, args)
             return target(*args)
 

@@ -116,3 +116,21 @@ def test_cuda_retrieve_and_backward_match_autograd(metric):
     np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
     assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
     np.testing.assert_allclose(memory.get("g", np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
+
+
+@pytest.mark.parametrize("index", ["ivf_flat", "ivf_pq"])
+def test_cuda_ivf_store_trains_and_reranks_with_its_gpu_keys(index):
+    """A CUDA store of an ivf namespace: training and adds read its (float16) keys from the GPU, the
+    faiss index answers, rerank computes exact distances on the GPU (docs/INDEXES.md, "GPU")."""
+    from tests.unit.test_ivf_index import exact_ids, mixture, recall
+
+    keys, queries = mixture(20_000, 64, 50, seed=30), mixture(200, 64, 50, seed=31)
+    options = dict(pq_m=64) if index == "ivf_pq" else {}
+    store = NeighborStore(NamespaceConfig("g", dim=64, index=index, nlist=64, train_min_rows=10_000,
+                                          key_dtype="float32", **options), device="cuda")
+    store.add(keys, np.zeros(len(keys), np.int32))
+    assert store.wait_for_index(300) and store.stats()["index_state"] == "trained"
+    found = store.search(queries, 10, nprobe=32, rerank=100)
+    assert recall(found.ids, exact_ids(keys, queries, 10)) >= 0.99
+    np.testing.assert_allclose(found.distances, ((keys[found.ids] - queries[:, None, :]) ** 2).sum(axis=2),
+                               rtol=1e-4, atol=1e-3)

@@ -127,9 +127,10 @@ def test_a_step_answered_aborted_stepped_nothing(tmp_path):
     send, restarted = runtime.call_shards, []
 
     def shard_1_restarts_during_the_commit(calls, timeout_s=None):
-        if calls[0][1] == "commit_step" and not restarted:
+        # The router sends version-checked calls (Shard.placed: version, method, args...).
+        if calls[0][1] == "placed" and calls[0][2][1] == "commit_step" and not restarted:
             restarted.append(True)
-            runtime.shards[0].commit_step(*calls[0][2])  # shard 0 commits ...
+            runtime.shards[0].commit_step(*calls[0][2][2:])  # shard 0 commits ...
             runtime.shards[1].close()  # ... shard 1 dies first, and starts again on its folder
             runtime.shards[1] = Shard(1, 2, "cpu", data_dir, "always")
         return send(calls, timeout_s)  # the round sent again

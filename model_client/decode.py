@@ -1,0 +1,159 @@
+"""Decode streams: a generating model's memory reads, one step per token, on one open stream.
+
+    with client.decode() as stream:
+        for step in range(steps):
+            found = stream.search("ns", hidden, k=32, return_weights=True)   # or stream.retrieve(...)
+
+Each step is sent and answered before the next (a generating model needs the answer to make its
+next token), over the ``Decode`` RPC: no per-call setup, metadata or deadline per step. A step
+that fails raises its typed error (the stream stays open). If the stream itself breaks
+(UNAVAILABLE: the front end went away or drains), the step is sent again on a new stream, with the
+client's retries and backoff: steps only read, so sending one twice changes nothing.
+
+For the in-process store (``MemoryClient(":memory:")``) the same object calls the store directly.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+
+import grpc
+import numpy as np
+from monim.model_client.client import _float_array
+from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from monim.protos.results import RetrieveResult, SearchResult
+
+_END = object()  # closes the request iterator of a stream
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _step_error(result: pb.DecodeStepResult):
+    name = _STATUS_NAMES.get(result.code, "UNKNOWN")
+    error = ERRORS_BY_CODE.get(name, InternalError)(result.message or name)
+    error.status_code = name
+    return error
+
+
+class _Stream:
+    """One open Decode call: requests go in through a queue, results come out in order."""
+
+    def __init__(self, stub, metadata, tls: bool):
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._results = stub.Decode(iter(self._requests.get, _END), metadata=metadata)
+        self._tls = tls
+
+    def step(self, request: pb.DecodeStep) -> pb.DecodeStepResult:
+        self._requests.put(request)
+        try:
+            return next(self._results)
+        except StopIteration:  # the server ended the stream without a status: treat as gone
+            raise Unavailable("the decode stream ended") from None
+        except grpc.RpcError as error:
+            raise error_from_rpc(error, self._tls) from None
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._results.cancel()
+
+
+class DecodeStream:
+    """``MemoryClient.decode()``: search() and retrieve() as the client's, each one step of a stream.
+
+    Not shared between threads: steps of one stream are answered in order, one at a time (a lock
+    keeps two threads from interleaving them). close() ends the stream; so does a ``with`` block."""
+
+    def __init__(self, client):
+        self._client = client
+        self._lock = threading.Lock()
+        self._stream: _Stream | None = None
+        self._closed = False
+        self._unary = False  # the server refused a stream (it has as many as it takes): calls instead
+
+    # ----- the two reads ---------------------------------------------------------------------
+    def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
+               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+        """As MemoryClient.search, for one decoding step (one batch of queries)."""
+        if not self._client.remote:
+            return self._client.search(namespace, queries, k, return_keys, return_values, return_weights,
+                                       nprobe=nprobe, rerank=rerank)
+        queries = _float_array(queries, "queries")
+        step = pb.DecodeStep(search=pb.SearchRequest(
+            namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), return_keys=return_keys,
+            return_values=return_values, return_weights=return_weights, nprobe=nprobe, rerank=rerank))
+        return convert.search_result_from_proto(self._send(step).search)
+
+    def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *, nprobe: int = 0,
+                 rerank: int = 0) -> RetrieveResult:
+        """As MemoryClient.retrieve, for one decoding step (no backward follows: no state is kept)."""
+        if not self._client.remote:
+            return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank)
+        queries = _float_array(queries, "queries")
+        step = pb.DecodeStep(retrieve=pb.RetrieveRequest(
+            namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), temperature=temperature,
+            nprobe=nprobe, rerank=rerank))
+        return convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
+
+    # ----- the stream ----------------------------------------------------------------------------
+    def _send(self, step: pb.DecodeStep) -> pb.DecodeStepResult:
+        """One step, answered; the stream is opened (again) as needed, up to the client's retries."""
+        client = self._client
+        with self._lock:
+            if self._closed:
+                raise InvalidArgument("this decode stream is closed")
+            if self._unary:
+                return self._unary_step(step)
+            for attempt in range(client.retries + 1):
+                if self._stream is None:
+                    store = client._store
+                    self._stream = _Stream(store.stub, store.metadata, store.tls)
+                try:
+                    result = self._stream.step(step)
+                except ResourceExhausted as error:
+                    if "decode streams are open" not in error.message:
+                        raise
+                    self._stream.close()  # the server takes no more streams: this one sends calls instead
+                    self._stream = None
+                    self._unary = True
+                    return self._unary_step(step)
+                except (Unavailable, DeadlineExceeded):
+                    self._stream.close()
+                    self._stream = None
+                    if attempt == client.retries:
+                        raise
+                    time.sleep(client.backoff_s * (2**attempt) * (1 + random.random()))
+                    continue
+                if result.code != 0:
+                    raise _step_error(result)
+                return result
+        raise AssertionError("unreachable")
+
+    def _unary_step(self, step: pb.DecodeStep) -> pb.DecodeStepResult:
+        """The step as a Search or Retrieve call of its own (with the client's retries)."""
+        kind = step.WhichOneof("step")
+        answer = self._client._retried("_call", "Search" if kind == "search" else "Retrieve", getattr(step, kind))
+        return pb.DecodeStepResult(**{kind: answer})
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _k(k) -> int:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise InvalidArgument(f"k must be an integer, got {k!r}")
+    return int(k)

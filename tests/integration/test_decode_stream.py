@@ -1,0 +1,173 @@
+"""The Decode stream (docs/API.md, "Decode streams"): a generating model's reads, one step per token.
+
+Against a front end of its own in this process (on the session's Ray), so that the test can see what
+the server holds: steps answer as the unary calls do, in order; a failing step is answered with its
+code and the stream goes on; a client that reads nothing holds the server back (flow control) rather
+than making it buffer; a client that goes away mid-stream leaves no stream, call in flight or forward
+state behind; a server full of streams refuses the next one and the client sends calls instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.protos.errors import InvalidArgument, NotFound
+
+from monim import MemoryClient
+
+DIM, VALUE_DIM, ROWS = 16, 8, 400
+
+
+@pytest.fixture(scope="module")
+def front_end(ray_joined):
+    from monim.workers.embedded import EmbeddedStore
+
+    store = EmbeddedStore(shards=2, ray_address="auto", shard_cpus=0, use_gpus=False,
+                          deployment=f"decode-{uuid.uuid4().hex[:8]}")
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+@pytest.fixture(scope="module")
+def client(front_end):
+    with MemoryClient(front_end.address, timeout_s=60) as client:
+        rng = np.random.default_rng(0)
+        client.create_namespace("mem", dim=DIM, value_dim=VALUE_DIM)
+        client.add("mem", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS) % 50,
+                   values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+        yield client
+
+
+def _queries(seed: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, DIM)).astype(np.float32)
+
+
+def _raw_stub(front_end):
+    channel = grpc.insecure_channel(front_end.address)
+    return channel, pb_grpc.MemoryServiceStub(channel)
+
+
+def _rows(client) -> int:
+    return client.describe_namespace("mem").rows
+
+
+def test_steps_answer_as_the_calls_do_in_order(client):
+    with client.decode() as stream:
+        for step in range(30):
+            queries, k = _queries(step), 1 + step % 7
+            if step % 2:
+                found, expected = stream.search("mem", queries, k, return_weights=True), client.search("mem", queries, k)
+                np.testing.assert_array_equal(found.ids, expected.ids)
+                np.testing.assert_allclose(found.distances, expected.distances, rtol=1e-6)
+                assert found.weights is not None and found.ids.shape == (2, k)
+            else:
+                read, expected = stream.retrieve("mem", queries, k, 2.0), client.retrieve("mem", queries, k, 2.0)
+                np.testing.assert_array_equal(read.ids, expected.ids)
+                np.testing.assert_allclose(read.memory, expected.memory, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_step_is_answered_with_its_code_and_the_stream_goes_on(client, front_end):
+    rows = _rows(client)
+    with client.decode() as stream:
+        with pytest.raises(NotFound, match="'nope' does not exist"):
+            stream.search("nope", _queries(1), 4)
+        with pytest.raises(InvalidArgument, match="k must be"):
+            stream.search("mem", _queries(1), 0)
+        with pytest.raises(InvalidArgument, match="temperature"):
+            stream.retrieve("mem", _queries(1), 4, temperature=-1.0)
+        assert stream.search("mem", _queries(1), 4).ids.shape == (2, 4)  # the same stream answers on
+    # Steps the client library would not send: keep_state, an empty step, bytes that are no DecodeStep.
+    channel, stub = _raw_stub(front_end)
+    queries = convert.tensor_to_proto(_queries(2))
+    steps = [pb.DecodeStep(retrieve=pb.RetrieveRequest(namespace="mem", queries=queries, k=3, temperature=1.0,
+                                                       keep_state=True)),
+             pb.DecodeStep(),
+             pb.DecodeStep(search=pb.SearchRequest(namespace="mem", queries=queries, k=3))]
+    results = list(stub.Decode(iter(steps), timeout=60))
+    assert [r.code for r in results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2 + [0]
+    assert "keeps no forward state" in results[0].message and "neither a search nor a retrieve" in results[1].message
+    assert list(results[2].search.ids.shape) == [2, 3]
+    raw = channel.stream_stream("/monim.v1.MemoryService/Decode", request_serializer=None,
+                                response_deserializer=pb.DecodeStepResult.FromString)
+    garbage = list(raw(iter([b"\xff\xff\xff\xff"]), timeout=60))
+    assert garbage[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not a valid DecodeStep" in garbage[0].message
+    channel.close()
+    assert _rows(client) == rows and len(front_end.router.forwards) == 0  # nothing stored or kept
+
+
+def test_a_client_that_reads_nothing_holds_the_server_back(client, front_end):
+    """gRPC's flow control: while the client reads no answer, the server stops taking steps once
+    the transport's windows are full, instead of buffering every answer."""
+    channel, stub = _raw_stub(front_end)
+    queries = convert.tensor_to_proto(np.zeros((256, DIM), np.float32))  # 16 KiB a step
+    taken = []
+
+    def steps():
+        for index in range(3000):
+            taken.append(index)
+            yield pb.DecodeStep(search=pb.SearchRequest(namespace="mem", queries=queries, k=64))
+
+    results = stub.Decode(steps(), timeout=120)
+    time.sleep(5)  # the server answers what it can and stops: its answers (~200 KiB each) fill the windows
+    held = len(taken)
+    assert held < 1000, f"the server took {held} of 3000 steps while the client read none"
+    answered = sum(1 for result in results if result.code == 0)  # now read all, in order, every one answered
+    assert answered == 3000 and len(taken) == 3000
+    channel.close()
+
+
+def test_a_client_that_goes_away_mid_stream_leaves_nothing_behind(client, front_end):
+    gate = front_end.server.gate
+    before = len(front_end.router.forwards)
+    channel, stub = _raw_stub(front_end)
+    queries = convert.tensor_to_proto(_queries(3))
+    stop = threading.Event()
+
+    def steps():
+        while not stop.is_set():
+            yield pb.DecodeStep(retrieve=pb.RetrieveRequest(namespace="mem", queries=queries, k=5, temperature=1.0))
+            time.sleep(0.01)
+
+    results = stub.Decode(steps(), timeout=120)
+    for _ in range(10):
+        assert next(results).code == 0
+    assert gate.streams == 1
+    channel.close()  # gone, without closing the stream
+    stop.set()
+    deadline = time.monotonic() + 30
+    while (gate.streams or gate.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gate.streams == 0 and gate.in_flight == 0
+    assert len(front_end.router.forwards) == before
+
+
+def test_a_server_full_of_streams_refuses_the_next_and_the_client_sends_calls(client, front_end):
+    gate = front_end.server.gate
+    limit, gate.max_streams = gate.max_streams, 1
+    try:
+        with client.decode() as first, client.decode() as second:
+            first.search("mem", _queries(4), 3)  # holds the one stream the server now takes
+            channel, stub = _raw_stub(front_end)
+            queries = convert.tensor_to_proto(_queries(4))
+            refused = stub.Decode(iter([pb.DecodeStep(search=pb.SearchRequest(namespace="mem", queries=queries, k=3))]),
+                                  timeout=60)
+            with pytest.raises(grpc.RpcError) as raised:
+                list(refused)
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "decode streams are open" in raised.value.details()
+            channel.close()
+            expected = client.search("mem", _queries(5), 3)
+            np.testing.assert_array_equal(second.search("mem", _queries(5), 3).ids, expected.ids)  # by calls
+            assert gate.streams == 1
+    finally:
+        gate.max_streams = limit

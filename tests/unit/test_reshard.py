@@ -1,0 +1,347 @@
+"""Online resharding with in-process shards (workers/reshard.py): rows, ids and every column survive
+2 -> 4 -> 3 -> 1 -> 2; reads stay exact and writes land once while it runs; a driver that dies at
+any step (the runtime dropped, a new one on the same data dir) loses nothing and the same reshard
+resumes it; bad requests change nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from monim.datastore import NamespaceConfig
+from monim.protos.errors import Aborted, FailedPrecondition, InvalidArgument
+from monim.workers import registry as registry_module
+from monim.workers.reshard import Resharder, reshard
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+
+DIM, VALUE_DIM, K = 8, 4, 10
+
+
+def deployment(data_dir, shards=2):
+    return Router(LocalRuntime(shards, data_dir=None if data_dir is None else str(data_dir), fsync="always",
+                               snapshot_every=0))
+
+
+def crash(router) -> None:
+    """What a killed process leaves: its files as written (every acknowledged write is fsynced), its
+    locks released; nothing flushed, no snapshot finished, no driver step run."""
+    runtime = router.runtime
+    runtime._pool.shutdown(wait=False)
+    for shard in runtime.shards:
+        if shard is not None and shard.wal is not None:
+            shard.wal.close()
+    runtime.registry.close()
+
+
+def fill(router, rows=300, seed=0):
+    """Two namespaces: 'ns' (adam values, sources, merged weights, stepped rows, deleted rows) and 'plain'."""
+    rng = np.random.default_rng(seed)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer={"name": "adam", "lr": 0.01}))
+    router.create_namespace(NamespaceConfig("plain", dim=DIM))
+    keys = rng.standard_normal((rows, DIM)).astype(np.float32)
+    router.add("ns", keys, rng.integers(0, 9, rows), values=rng.standard_normal((rows, VALUE_DIM)).astype(np.float32),
+               weights=rng.uniform(1, 2, rows).astype(np.float32), source="day-0")
+    router.add("ns", keys[:5] + 1e-4, np.full(5, 3), merge_eps=0.1)
+    found = router.retrieve("ns", rng.standard_normal((4, DIM)).astype(np.float32), 6, 0.7)
+    router.retrieve_backward("ns", found.queries, found.ids, found.alpha, found.distances,
+                             rng.standard_normal((4, VALUE_DIM)).astype(np.float32), 0.7)
+    router.delete("ns", ids=np.arange(0, rows, 17))
+    router.add("plain", rng.standard_normal((rows // 2, DIM)).astype(np.float32), np.arange(rows // 2))
+
+
+def state(router) -> dict:
+    """Everything a caller can read: per namespace, every row with every column, and searches."""
+    queries = np.random.default_rng(9).standard_normal((6, DIM)).astype(np.float32)
+    out = {}
+    for config in router.list_namespaces():
+        described = router.describe_namespace(config.name)
+        found = router.search(config.name, queries, K, return_weights=True)
+        present = np.sort(all_ids(router, config.name))
+        rows = router.get(config.name, present, return_optimizer_state=bool(config.value_dim))
+        out[config.name] = {
+            "rows": described["rows"], "ids": present.tolist(),
+            "keys": rows.keys.tolist(), "tokens": rows.tokens.tolist(), "weights": rows.weights.tolist(),
+            "sources": rows.sources, "values": None if rows.values is None else rows.values.tolist(),
+            "state": {n: a.tolist() for n, a in (rows.optimizer_state or {}).items()},
+            "search": (found.ids.tolist(), found.distances.tolist(), found.weights.tolist())}
+    return out
+
+
+def all_ids(router, namespace) -> np.ndarray:
+    """Every id stored, over the shards, checking that no id is held twice (but for the copies of a
+    batch being moved, which the new owner holds hidden until the batch flips)."""
+    held = []
+    for shard in router.runtime.shards[: router.num_shards]:
+        if namespace in shard.stores:
+            ids = shard.stores[namespace].rows.ids[: len(shard.stores[namespace])].numpy()
+            hidden = shard._incoming(namespace)
+            held.append(ids if hidden is None else ids[~np.isin(ids, hidden)])
+    ids = np.concatenate(held) if held else np.empty(0, np.int64)
+    assert np.unique(ids).size == ids.size, "an id is held by two shards"
+    return ids
+
+
+def brute_force(keys: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int):
+    distances = ((queries[:, None, :].astype(np.float64) - keys[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(distances, order, axis=1)
+
+
+@pytest.mark.parametrize("with_data_dir", [True, False], ids=["data dir", "in memory"])
+def test_grow_and_shrink_keep_every_row_and_column(tmp_path, with_data_dir):
+    router = deployment(tmp_path if with_data_dir else None)
+    fill(router)
+    before = state(router)
+    next_id = router.describe_namespace("ns")["next_id"]
+    for shards in (4, 3, 1, 2):
+        last = reshard(router, shards, batch_rows=64)
+        assert last.done and (last.target, router.num_shards, router.runtime.num_shards) == (shards, shards, shards)
+        assert state(router) == before
+        for name in before:
+            counts = [len(shard.stores[name]) for shard in router.runtime.shards]
+            assert sum(counts) == before[name]["rows"] and max(counts) - min(counts) <= len(before[name]["ids"]) // 4
+            for index, shard in enumerate(router.runtime.shards):  # every row on its owner, id % shards
+                held = shard.stores[name].rows.ids[: len(shard.stores[name])].numpy()
+                assert (held % shards == index).all()
+    # ids go on after the moves, never reused; deletes and steps reach the new owners
+    new = router.add("ns", np.ones((3, DIM), np.float32), np.arange(3)).ids
+    assert new.min() == next_id
+    assert router.delete("ns", ids=np.array(before["ns"]["ids"][:10])) == 10
+    assert router.apply_gradients("ns", new, np.ones((3, VALUE_DIM), np.float32)) == 3
+    if with_data_dir:
+        assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-0", "shard-1"]
+        expected = state(router)
+        router.runtime.shutdown()
+        assert state(deployment(tmp_path, shards=5)) == expected  # the data dir keeps its 2 shards
+
+
+def test_reads_stay_exact_and_writes_land_once_during_a_reshard(tmp_path):
+    """One thread adds, one searches, one deletes and steps rows, while 2 -> 4 -> 3 runs in small batches:
+    no call fails; every search answer is a brute-force answer over the rows acknowledged before it
+    started (plus, where nearer, rows whose Add was in flight); at the end every acknowledged row is
+    there with its steps, and no deleted one."""
+    router = deployment(tmp_path)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM))
+    rng = np.random.default_rng(1)
+    acked_keys = [rng.standard_normal((200, DIM)).astype(np.float32)]
+    acked_ids = [router.add("ns", acked_keys[0], np.arange(200)).ids]
+    lock, stop, errors = threading.Lock(), threading.Event(), []
+    in_flight: dict[int, np.ndarray] = {}
+    deleted, deleting, stepped = set(), set(), {}
+
+    def adder():
+        local = np.random.default_rng(2)
+        n = 0
+        while not stop.is_set():
+            keys = local.standard_normal((7, DIM)).astype(np.float32)
+            with lock:
+                in_flight[n] = keys
+            ids = router.add("ns", keys, np.arange(7)).ids
+            with lock:
+                acked_keys.append(keys)
+                acked_ids.append(ids)
+                del in_flight[n]
+            n += 1
+
+    def searcher():
+        local = np.random.default_rng(3)
+        while not stop.is_set():
+            with lock:
+                keys, ids = np.concatenate(acked_keys), np.concatenate(acked_ids)
+                gone_before = set(deleted)
+            queries = local.standard_normal((3, DIM)).astype(np.float32)
+            found = router.search("ns", queries, K)
+            with lock:
+                gone = set(deleted) | set(deleting)  # deletes acknowledged, or in flight, by the end
+                known = set(np.concatenate(acked_ids).tolist())
+                adding = bool(in_flight)
+            check_answer(found, queries, keys, ids, gone_before, gone, known, adding)
+
+    def check_answer(found, queries, keys, ids, gone_before, gone, known, adding):
+        order = np.argsort(ids)
+        for row in range(queries.shape[0]):
+            got = found.ids[row]
+            assert (got >= 0).all() and np.unique(got).size == K
+            assert not set(got.tolist()) & gone_before, "a row deleted before the search started"
+            old = np.isin(got, ids)
+            positions = order[np.searchsorted(ids, got[old], sorter=order)]
+            assert np.allclose(found.distances[row][old], ((keys[positions] - queries[row]) ** 2).sum(-1), atol=1e-4)
+            # every row acknowledged before the search, and not being deleted, that is nearer than the
+            # answer's k-th is in it: the answer is the brute force over them, plus nearer in-flight rows
+            keep = ~np.isin(ids, list(gone))
+            distances = ((keys[keep] - queries[row]) ** 2).sum(-1)
+            must = ids[keep][distances < found.distances[row][-1] - 1e-4]
+            assert np.isin(must, got).all(), f"missed rows {set(must.tolist()) - set(got.tolist())}"
+            # an id beyond those acknowledged by the end belongs to an Add still in flight
+            assert adding or not set(got[~old].tolist()) - known, "an id that was never added"
+
+    def writer():
+        local = np.random.default_rng(4)
+        while not stop.is_set():
+            with lock:
+                ids = np.concatenate(acked_ids)
+            ids = np.array([i for i in local.choice(ids, 6, replace=False) if i not in deleted and i not in stepped])
+            if ids.size < 2:
+                continue
+            router.apply_gradients("ns", ids[1:], np.ones((ids.size - 1, VALUE_DIM), np.float32))
+            with lock:
+                for i in ids[1:]:
+                    stepped[int(i)] = 1
+                deleting.add(int(ids[0]))
+            router.delete("ns", ids=ids[:1])
+            with lock:
+                deleted.add(int(ids[0]))
+                deleting.discard(int(ids[0]))
+
+    def run(target):
+        try:
+            target()
+        except Exception as error:  # noqa: BLE001 - reported below
+            import traceback
+
+            errors.append("".join(traceback.format_exception(error)))
+            stop.set()
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (adder, searcher, writer)]
+    for thread in threads:
+        thread.start()
+    try:
+        for shards in (4, 3):
+            reshard(router, shards, batch_rows=32)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, "\n".join(errors)
+    keys, ids = np.concatenate(acked_keys), np.concatenate(acked_ids)
+    alive = ~np.isin(ids, list(deleted))
+    assert np.sort(all_ids(router, "ns")).tolist() == np.sort(ids[alive]).tolist()
+    rows = router.get("ns", ids[alive], return_optimizer_state=True)
+    assert np.array_equal(rows.keys, keys[alive])
+    steps = dict(zip(ids[alive].tolist(), rows.optimizer_state["step"].tolist()))
+    assert all(steps[i] == stepped.get(i, 0) for i in steps), "a step lost or applied twice"
+    queries = np.random.default_rng(5).standard_normal((8, DIM)).astype(np.float32)
+    assert np.array_equal(router.search("ns", queries, K).ids, brute_force(keys[alive], ids[alive], queries, K)[0])
+
+
+def _stop_at(router, step: int, crash_inside: bool, monkeypatch):
+    """Runs a 2 -> 3 reshard and kills it at its step-th push to the shards: before the push (the
+    registry has the step, no shard has) or in the middle of it (one shard has it)."""
+    pushes = {"n": 0}
+    original = Resharder._push
+
+    class Killed(Exception):
+        pass
+
+    def push(self, placement):
+        pushes["n"] += 1
+        if pushes["n"] == step:
+            if crash_inside:
+                self.router.runtime.shards[0].set_placement(placement.to_dict())
+            raise Killed
+        return original(self, placement)
+
+    monkeypatch.setattr(Resharder, "_push", push)
+    with pytest.raises(Killed):
+        reshard(router, 3, batch_rows=40)
+    monkeypatch.setattr(Resharder, "_push", original)
+
+
+@pytest.mark.parametrize("crash_inside", [False, True], ids=["before a push", "in a push"])
+@pytest.mark.parametrize("step", [1, 2, 3, 4, 7, 12, 25])
+def test_a_reshard_killed_at_any_step_loses_nothing_and_resumes(tmp_path, monkeypatch, step, crash_inside):
+    monkeypatch.setattr(registry_module, "RESHARD_LEASE_S", 0.0)  # the killed driver's lease is over at once
+    router = deployment(tmp_path)
+    fill(router)
+    before = state(router)
+    _stop_at(router, step, crash_inside, monkeypatch)
+    crash(router)
+    router = deployment(tmp_path)
+    assert state(router) == before  # reads are exact mid-move, on a deployment that restarted
+    with pytest.raises(FailedPrecondition, match="from 2 to 3 shards is in progress"):
+        next(Resharder(router).run(4))
+    last = reshard(router, 3, batch_rows=40)
+    assert last.done and router.num_shards == 3
+    assert state(router) == before
+    router.runtime.shutdown()
+    assert state(deployment(tmp_path)) == before
+
+
+def test_a_copy_killed_half_way_resumes_without_duplicates(tmp_path, monkeypatch):
+    """The new owner logged part of a batch, then the driver died: the resumed copy skips what it has."""
+    monkeypatch.setattr(registry_module, "RESHARD_LEASE_S", 0.0)
+    router = deployment(tmp_path)
+    fill(router)
+    before = state(router)
+    original = Resharder._copy
+
+    def half_copy(self, config, first, end, placement):
+        exports = self.router._call([(s, "export_batch", (config.name, config.generation, first, end))
+                                     for s in range(placement.actors)])
+        target, payload = next((t, p) for batches in exports for t, p in batches)
+        self.router._call([(target, "receive_rows", (config.name, config.generation, "half", payload))])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Resharder, "_copy", half_copy)
+    with pytest.raises(KeyboardInterrupt):
+        reshard(router, 4, batch_rows=100)
+    monkeypatch.setattr(Resharder, "_copy", original)
+    crash(router)
+    router = deployment(tmp_path)
+    assert state(router) == before
+    reshard(router, 4, batch_rows=100)
+    assert state(router) == before
+
+
+def test_an_interrupted_reshard_serves_writes_and_resumes(tmp_path):
+    """Closing the driver's iterator (Ctrl-C on monim reshard) stops at a step; the deployment serves
+    reads and writes meanwhile, on its mixed placement; the same call resumes it."""
+    router = deployment(tmp_path)
+    fill(router)
+    steps = Resharder(router).run(3, 50)
+    for _ in range(4):
+        next(steps)
+    steps.close()
+    assert router.refresh_placement().move is not None
+    new = router.add("ns", np.linspace(0, 1, 4 * DIM, dtype=np.float32).reshape(4, DIM), np.arange(4)).ids
+    router.delete("ns", source="day-0")
+    expected = state(router)
+    assert set(new.tolist()) <= set(expected["ns"]["ids"]) and "day-0" not in expected["ns"]["sources"]
+    reshard(router, 3, batch_rows=50)
+    assert state(router) == expected
+
+
+def test_bad_reshards_are_refused_and_change_nothing(tmp_path):
+    router = deployment(tmp_path)
+    fill(router)
+    before = state(router), router.refresh_placement()
+    for shards, error in ((0, InvalidArgument), (-1, InvalidArgument), (True, InvalidArgument),
+                          (5000, InvalidArgument)):
+        with pytest.raises(error, match="shard"):
+            router.reshard(shards)
+    with pytest.raises(InvalidArgument, match="batch_rows"):
+        router.reshard(3, -1)
+    assert (state(router), router.refresh_placement()) == before
+    # one that runs: a second driver is ABORTED, one to another count FAILED_PRECONDITION
+    steps = Resharder(router).run(3, 50)
+    next(steps)
+    running = router.refresh_placement()
+    with pytest.raises(Aborted, match="already running"):
+        next(Resharder(router).run(3))
+    with pytest.raises(FailedPrecondition, match="from 2 to 3 shards is in progress"):
+        next(Resharder(router).run(4))
+    assert router.refresh_placement() == running
+    for _ in steps:
+        pass
+    assert state(router) == before[0] and router.num_shards == 3
+
+
+def test_a_reshard_to_the_same_count_moves_nothing(tmp_path):
+    router = deployment(tmp_path)
+    fill(router)
+    before = state(router), router.refresh_placement()
+    last = reshard(router, 2)
+    assert last.done and last.rows_moved == 0
+    assert (state(router), router.refresh_placement()) == before
