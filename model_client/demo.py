@@ -15,6 +15,7 @@ import json
 import pathlib
 import time
 
+import torch
 from monim.model_client.client import MemoryClient
 from monim.model_client.continual import ByteTokenizer, ContinualConfig, HFTokenizer, format_day, plot, run_seeds, summary
 from monim.model_client.corpus import folder_days, stdlib_days
@@ -78,9 +79,23 @@ def prepare_inputs(corpus: str | None = None, model: str | None = None, days: in
     return DemoInputs(day_texts, make_model, tokenizer, config, description, seeds)
 
 
-def run_demo(address: str, shards: int, inputs: DemoInputs, out: str = "demo-out", progress: bool = True) -> dict:
+def run_demo(address: str, shards: int, inputs: DemoInputs, out: str = "demo-out", progress: bool = True,
+             threads: int = 1) -> dict:
     """Runs the continual-learning demo (inputs.seeds seeds) through the store's service at ``address``
-    (shards: how many were started here, 0 for a running server); returns the results."""
+    (shards: how many were started here, 0 for a running server); returns the results.
+    threads: torch's intra-op threads here while it runs (0: leave torch's setting). One by default:
+    the default model is small, and on a busy 2-core machine two threads spin at their barriers
+    (docs/LEARNING.md, "Timing")."""
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(address, shards, inputs, out, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(address: str, shards: int, inputs: DemoInputs, out: str, progress: bool) -> dict:
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     seeds = f"{inputs.seeds} seed(s)"

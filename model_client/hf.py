@@ -27,6 +27,10 @@ from monim.protos.errors import InvalidArgument
 from torch import nn
 
 _BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.layers")
+# The norm a block applies before its FFN, and the model's final norm (GPT-2, LLaMA-style, GPT-NeoX, OPT):
+# the adaptive combiner in MoNIM mode reads the LM's distribution without the memory through them.
+_FFN_NORMS = ("ln_2", "post_attention_layernorm", "final_layer_norm")
+_FINAL_NORM_PATHS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
@@ -41,6 +45,28 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
             return module
     raise InvalidArgument(f"{type(model).__name__} has no decoder blocks with an `mlp` at any of {_BLOCK_PATHS}; "
                           "attach_monim supports GPT-2 and LLaMA-style causal LMs")
+
+
+def _module_at(model: nn.Module, path: str):
+    module = model
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def lm_readout(model: nn.Module, block: nn.Module):
+    """(the block's pre-FFN norm, the model's final norm): through them, the LM's logits without the
+    memory at the block are head(final_norm(residual + FFN(x))), exact at the last block (the logit
+    lens of that block elsewhere). InvalidArgument if the model has neither."""
+    norm = next((getattr(block, name) for name in _FFN_NORMS if isinstance(getattr(block, name, None), nn.Module)), None)
+    final = next((m for m in map(lambda path: _module_at(model, path), _FINAL_NORM_PATHS) if m is not None), None)
+    if norm is None or final is None:
+        raise InvalidArgument(f"combiner='adaptive' in MoNIM mode reads the LM's distribution at the memory's block, "
+                              f"but {type(model).__name__} has no pre-FFN norm ({_FFN_NORMS}) or final norm "
+                              f"({_FINAL_NORM_PATHS})")
+    return norm, final
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -77,6 +103,7 @@ class MonimHandle:
         self._labels = None
         self._input_ids = None
         self._pending = None  # decoding: (FFN input, log-probs) of the last position, judged at the next step
+        self._residual = None  # the block's residual stream before its FFN (adaptive gate's LM features)
         block.mlp = _MemoryFFN(self._original_ffn, self)
         head = model.get_output_embeddings()
         self._hooks = [
@@ -84,6 +111,10 @@ class MonimHandle:
             head.register_forward_hook(self._after_head),
             model.register_forward_hook(self._after_model),
         ]
+        self._final_norm = None
+        if layer.mode == "monim" and layer.combiner is not None:
+            ffn_norm, self._final_norm = lm_readout(model, block)
+            self._hooks.append(ffn_norm.register_forward_pre_hook(self._before_ffn_norm))
 
     # ----- switches -----------------------------------------------------------------
     def admission(self, on: bool = True) -> None:
@@ -136,16 +167,29 @@ class MonimHandle:
         if decoding_step and self.layer.decoding is None and getattr(self.layer.client, "remote", False):
             self.layer.decoding = self.layer.client.decode()  # generate(): the memory reads go on one stream
 
+    def _before_ffn_norm(self, module, args):
+        self._residual = args[0]
+
     def _on_ffn(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         mask = None if self._mask is None else self._mask[:, -x.shape[1]:]
         self._queries = x
-        if self.layer.mode == "monim":
-            return out + self.layer.gate * self.layer(x, mask)
-        self._p_knn = self.layer.knn_distribution(x, self.model.get_output_embeddings().out_features, mask)
-        return out
+        vocab_size = self.model.get_output_embeddings().out_features
+        if self.layer.mode == "knnlm":
+            self._p_knn = self.layer.knn_distribution(x, vocab_size, mask)
+            return out
+        memory = self.layer(x, mask)
+        if self.layer.last_result is None:  # no query (all padding)
+            return out
+        if self.layer.mix_knn:
+            self._p_knn = self.layer.neighbour_distribution(vocab_size, x.device)
+        lm_logits = None
+        if self.layer.combiner is not None:
+            with torch.no_grad():  # the LM's own distribution here: a feature of the gate, not trained through
+                lm_logits = self.model.get_output_embeddings()(self._final_norm(self._residual + out))
+        return out + self.layer.gate_at(lm_logits) * memory
 
     def _after_head(self, module, args, logits):
-        if self.layer.mode == "knnlm" and self._p_knn is not None and self._p_knn.shape[:2] == logits.shape[:2]:
+        if self._p_knn is not None and self._p_knn.shape[:2] == logits.shape[:2]:
             return self.layer.mix_log_probs(logits, self._p_knn)
         return logits
 
@@ -184,19 +228,27 @@ class MonimHandle:
 def attach_monim(model: nn.Module, client, namespace: str, k: int = 32, mode: str = "monim",
                  admit_below: float = DEFAULT_ADMIT_BELOW, layer_index: int = -1, temperature: float = 1.0,
                  gate: float = 0.05, knn_lambda: float = 0.25, learn_lambda: bool = False, source: str = "",
-                 merge_eps: float = 0.0, max_queue: int = 64) -> MonimHandle:
+                 merge_eps: float = 0.0, max_queue: int = 64, mix_knn: bool = False, combiner: str = "fixed",
+                 train_values: bool = True) -> MonimHandle:
     """Puts a MoNIM layer on a Hugging Face causal LM; checks everything before any step runs.
 
     layer_index: which block's FFN (default the last). The namespace's dim must be the
     model's hidden size; in MoNIM mode its value_dim too (m is added to the FFN's output).
-    The layer's parameters (log T, gate, lambda) are registered on the model as
-    ``model.monim``, so an optimizer over model.parameters() trains them.
+    The layer's parameters (log T, gate, lambda, the adaptive combiner's) are registered on the model
+    as ``model.monim``, so an optimizer over model.parameters() trains them.
+    mix_knn (MoNIM mode): also mix p_kNN of the same neighbours into the output distribution.
+    combiner: "fixed" (a learned scalar lambda / gate) or "adaptive" (meta-k: an MLP gives lambda in
+    kNN-LM mode, the gate in MoNIM mode, per position; see layer.AdaptiveCombiner).
+    train_values=False: the value rows are read, never stepped (see MoNIMLayer).
     """
     blocks = find_blocks(model)
     if not -len(blocks) <= layer_index < len(blocks):
         raise InvalidArgument(f"layer_index {layer_index} is out of range for a model with {len(blocks)} blocks")
     layer = MoNIMLayer(client, namespace, k=k, temperature=temperature, gate=gate, mode=mode,
-                       knn_lambda=knn_lambda, learn_lambda=learn_lambda)
+                       knn_lambda=knn_lambda, learn_lambda=learn_lambda, mix_knn=mix_knn, combiner=combiner,
+                       train_values=train_values)
+    if mode == "monim" and combiner == "adaptive":
+        lm_readout(model, blocks[layer_index])  # fails here, before the model is touched
     size = hidden_size(model)
     if layer.dim != size:
         raise InvalidArgument(f"the model's hidden size is {size} but namespace {namespace!r} has dim {layer.dim}")

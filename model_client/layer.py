@@ -24,6 +24,49 @@ from monim.protos.errors import InvalidArgument
 from torch import nn
 
 MODES = ("monim", "knnlm")
+COMBINERS = ("fixed", "adaptive")
+
+
+class AdaptiveCombiner(nn.Module):
+    """The MoNIM reference code's "meta-k" adapter: per position, how much to trust the memory.
+
+    Fed, per position, the log of each of the top-k neighbours' distances (0 for a missing one), the
+    fraction of present neighbours, the count of distinct tokens among them (/ k), and the LM's own
+    entropy and max probability; a two-layer MLP outputs one number: lambda's logit (kNN-LM mode)
+    or the gate (MoNIM mode). The last layer starts at zero with its bias at ``initial``, so a fresh
+    combiner gives the fixed lambda / gate everywhere and training moves it from there.
+    """
+
+    def __init__(self, k: int, initial: float, hidden: int = 32):
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(nn.Linear(k + 4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.constant_(self.net[2].bias, float(initial))
+
+    @staticmethod
+    def neighbour_features(distances: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """float32 [M, k + 2] from one search: log(1 + d) per slot (0 where missing), the fraction of
+        present slots, the count of distinct tokens among the present ones / k. Inputs [M, k]."""
+        present = ids >= 0
+        k = ids.shape[1]
+        log_d = torch.where(present, torch.log1p(distances.float().clamp_min(0)), torch.zeros((), device=ids.device))
+        sorted_tokens = torch.where(present, tokens.long(), torch.full_like(tokens.long(), -1)).sort(dim=1).values
+        starts_run = torch.ones_like(present)
+        starts_run[:, 1:] = sorted_tokens[:, 1:] != sorted_tokens[:, :-1]
+        distinct = (starts_run & (sorted_tokens >= 0)).sum(1)
+        return torch.cat([log_d, present.float().mean(1, keepdim=True), distinct.float().unsqueeze(1) / k], dim=1)
+
+    @staticmethod
+    def lm_features(logits: torch.Tensor) -> torch.Tensor:
+        """float32 [..., 2]: the entropy (nats) and the max probability of softmax(logits)."""
+        log_p = torch.log_softmax(logits.detach().float(), dim=-1)
+        p = log_p.exp()
+        return torch.stack([-(p * log_p).sum(-1), p.max(-1).values], dim=-1)
+
+    def forward(self, neighbour_features: torch.Tensor, lm_features: torch.Tensor) -> torch.Tensor:
+        """[..., k + 2] and [..., 2] -> [...], the raw output (lambda's logit or the gate)."""
+        return self.net(torch.cat([neighbour_features, lm_features], dim=-1)).squeeze(-1)
 
 
 class StoreTimer:
@@ -104,24 +147,38 @@ class MoNIMLayer(nn.Module):
     train_values: the store's value rows take an optimizer step in every backward that reaches the
     memory's output (also with a frozen LM and a fixed T); False reads them only (a learned T and
     the queries still get their gradients).
+    mix_knn: MoNIM mode also mixes p_kNN, built from the same Retrieve's neighbours, into the output
+    (p = lambda p_kNN + (1 - lambda) p_model): the values and the tokens' mixture at once.
+    combiner: "fixed" (one learned lambda / gate) or "adaptive" (an AdaptiveCombiner gives lambda in
+    kNN-LM mode, the gate in MoNIM mode, per position).
     """
 
     def __init__(self, client, namespace: str, k: int = 32, temperature: float = 1.0, gate: float = 0.05,
                  mode: str = "monim", learn_temperature: bool = True, knn_lambda: float = 0.25,
-                 learn_lambda: bool = False, train_values: bool = True):
+                 learn_lambda: bool = False, train_values: bool = True, mix_knn: bool = False,
+                 combiner: str = "fixed"):
         super().__init__()
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if combiner not in COMBINERS:
+            raise InvalidArgument(f"unknown combiner {combiner!r}; choose one of {', '.join(COMBINERS)}")
         if temperature <= 0 or not 0 < knn_lambda < 1:
             raise InvalidArgument("temperature must be > 0 and knn_lambda in (0, 1)")
         self.client, self.namespace, self.k, self.mode = client, namespace, k, mode
         self.train_values = train_values
+        self.mix_knn = mix_knn or mode == "knnlm"
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.gate = nn.Parameter(torch.tensor(float(gate)))
         lam = math.log(knn_lambda / (1 - knn_lambda))
         self.knn_lambda_logit = nn.Parameter(torch.tensor(lam), requires_grad=learn_lambda)
+        self.combiner = None
+        if combiner == "adaptive":
+            self.combiner = AdaptiveCombiner(k, lam if mode == "knnlm" else gate)
         self.timer = StoreTimer()
         self.last_result = None
+        self.last_features = None  # [batch, seq, k + 2]: the last search's neighbour features (adaptive)
+        self.last_selection = None  # (index, batch, seq) of the last forward's queries
+        self.last_mean_output = None  # adaptive: the mean gate / lambda of the last forward
         # A DecodeStream (client.decode()) for reads no backward follows, e.g. in generate(); attach_monim
         # opens one at the first decoding step. None: every read is a call of its own.
         self.decoding = None
@@ -156,15 +213,67 @@ class MoNIMLayer(nn.Module):
             raise InvalidArgument("forward() returns value memory; in knnlm mode use knn_distribution()")
         queries, index = self._selected(hidden, mask)
         batch, seq = hidden.shape[:2]
+        self.last_selection = (index, batch, seq)
         if queries.shape[0] == 0:
             self.last_result = None
             return hidden.new_zeros(batch, seq, self.value_dim)
         values = hidden.new_zeros((), dtype=torch.float32).requires_grad_(self.train_values and torch.is_grad_enabled())
         memory = RetrieveFunction.apply(queries, self.temperature, values, self)
+        self._record_features(self.last_result.distances, self.last_result.ids, self.last_result.tokens, index,
+                              batch, seq, hidden.device)
+        return self._scatter(memory, index, batch, seq)
+
+    @staticmethod
+    def _scatter(rows: torch.Tensor, index: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
+        """[M, width] at the selected positions -> [batch, seq, width] with zeros elsewhere."""
         if index is None:
-            return memory.reshape(batch, seq, -1)
-        out = memory.new_zeros(batch * seq, memory.shape[-1])
-        return out.index_copy(0, index, memory).reshape(batch, seq, -1)
+            return rows.reshape(batch, seq, -1)
+        out = rows.new_zeros(batch * seq, rows.shape[-1])
+        return out.index_copy(0, index, rows).reshape(batch, seq, -1)
+
+    def _record_features(self, distances, ids, tokens, index, batch, seq, device) -> None:
+        if self.combiner is None:
+            return
+        features = AdaptiveCombiner.neighbour_features(torch.from_numpy(distances), torch.from_numpy(ids),
+                                                       torch.from_numpy(np.asarray(tokens)))
+        self.last_features = self._scatter(features.to(device), index, batch, seq)
+
+    def gate_at(self, lm_logits: torch.Tensor | None) -> torch.Tensor:
+        """MoNIM mode's gate: the scalar g, or with the adaptive combiner g per position [batch, seq, 1]
+        from the last Retrieve's neighbours and the LM's logits without the memory [batch, seq, vocab]."""
+        if self.combiner is None:
+            return self.gate
+        gate = self.combiner(self.last_features, AdaptiveCombiner.lm_features(lm_logits)).unsqueeze(-1)
+        self.last_mean_output = float(gate.detach().mean())
+        return gate
+
+    def lambda_at(self, logits: torch.Tensor) -> torch.Tensor:
+        """lambda of the kNN-LM mixture: the scalar, or per position [batch, seq, 1] (adaptive)."""
+        if self.combiner is None or self.mode == "monim":
+            return self.knn_lambda
+        lam = torch.sigmoid(self.combiner(self.last_features, AdaptiveCombiner.lm_features(logits))).unsqueeze(-1)
+        self.last_mean_output = float(lam.detach().mean())
+        return lam
+
+    def neighbour_distribution(self, vocab_size: int, device=None) -> torch.Tensor | None:
+        """p_kNN [batch, seq, vocab] of the last forward's neighbours (MoNIM mode with mix_knn), alpha
+        computed here from their distances with this layer's T (so T gets this path's gradient too);
+        None if that forward had no query."""
+        r = self.last_result
+        if r is None:
+            return None
+        index, batch, seq = self.last_selection
+        return self._distribution(r.ids, r.distances, r.weights, r.tokens, vocab_size, index, batch, seq, device)
+
+    def _distribution(self, ids, distances, weights, tokens, vocab_size, index, batch, seq, device):
+        distances = torch.from_numpy(np.where(ids >= 0, distances, 0)).to(device)
+        ids = torch.from_numpy(ids).to(device)
+        scores = -distances / self.temperature + torch.from_numpy(weights).to(device).clamp_min(1e-30).log()
+        scores = scores.masked_fill(ids < 0, float("-inf"))
+        alpha = torch.nan_to_num(torch.softmax(scores, dim=1), nan=0.0)
+        tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).clamp_min(0).to(device)
+        p_knn = torch.zeros(ids.shape[0], vocab_size, device=device).scatter_add_(1, tokens, alpha)
+        return self._scatter(p_knn, index, batch, seq)
 
     def knn_distribution(self, hidden: torch.Tensor, vocab_size: int, mask: torch.Tensor | None = None):
         """kNN-LM: p_kNN [batch, seq, vocab] from the neighbours' tokens, alpha = softmax(-d/T + log w)
@@ -175,20 +284,13 @@ class MoNIMLayer(nn.Module):
         reader = self.decoding if self.decoding is not None and not torch.is_grad_enabled() else self.client
         found = reader.search(self.namespace, queries.detach().float().cpu().numpy(), self.k, return_weights=True)
         self.timer.record("search", time.perf_counter() - started, queries.shape[0])
-        ids = torch.from_numpy(found.ids).to(hidden.device)
-        distances = torch.from_numpy(np.where(found.ids >= 0, found.distances, 0)).to(hidden.device)
-        scores = -distances / self.temperature + torch.from_numpy(found.weights).to(hidden.device).clamp_min(1e-30).log()
-        scores = scores.masked_fill(ids < 0, float("-inf"))
-        alpha = torch.nan_to_num(torch.softmax(scores, dim=1), nan=0.0)
-        tokens = torch.from_numpy(found.tokens.astype(np.int64)).clamp_min(0).to(hidden.device)
-        p_knn = torch.zeros(queries.shape[0], vocab_size, device=hidden.device).scatter_add_(1, tokens, alpha)
-        if index is not None:
-            p_knn = p_knn.new_zeros(batch * seq, vocab_size).index_copy(0, index, p_knn)
-        return p_knn.reshape(batch, seq, vocab_size)
+        self._record_features(found.distances, found.ids, found.tokens, index, batch, seq, hidden.device)
+        return self._distribution(found.ids, found.distances, found.weights, found.tokens, vocab_size, index, batch,
+                                  seq, hidden.device)
 
     def mix_log_probs(self, logits: torch.Tensor, p_knn: torch.Tensor) -> torch.Tensor:
         """log(lambda * p_kNN + (1 - lambda) * p_LM) [batch, seq, vocab]; positions without
         neighbours keep p_LM. The result serves as logits (its softmax is the mixture)."""
         p_lm = torch.softmax(logits.float(), dim=-1)
-        lam = self.knn_lambda * (p_knn.sum(-1, keepdim=True) > 0)
+        lam = self.lambda_at(logits) * (p_knn.sum(-1, keepdim=True) > 0)
         return torch.log((lam * p_knn + (1 - lam) * p_lm).clamp_min(1e-30)).to(logits.dtype)

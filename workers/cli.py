@@ -191,7 +191,7 @@ def _demo(args) -> int:
 
             with MemoryClient(args.address, timeout_s=10, retries=0) as client:
                 client.list_namespaces()  # fails fast when nothing answers
-            run_demo(args.address, 0, inputs, out=args.out, progress=not args.no_progress)
+            run_demo(args.address, 0, inputs, out=args.out, progress=not args.no_progress, threads=args.threads)
         else:
             import tempfile
 
@@ -201,7 +201,8 @@ def _demo(args) -> int:
             with tempfile.TemporaryDirectory(prefix="monim-demo-") as data_dir, \
                     EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards), data_dir=data_dir,
                                   fsync="never") as store:
-                run_demo(store.address, store.runtime.num_shards, inputs, out=args.out, progress=not args.no_progress)
+                run_demo(store.address, store.runtime.num_shards, inputs, out=args.out, progress=not args.no_progress,
+                         threads=args.threads)
     except MemoryStoreError as error:
         where = f" (store {args.address})" if args.address else ""
         print(f"monim demo: {error.message}{where}", file=sys.stderr)
@@ -286,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, default=1,
                       help="runs with seeds 0..N-1; the summary and plot show mean and std (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads of the demo's model (default 1: fastest on a busy 2-core machine; 0: torch's)")
     demo.set_defaults(run=_demo)
     return parser
 
@@ -295,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo" and args.shards < 1:  # serve checks its own (workers/serve_config.py)
         print("monim: --shards must be at least 1", file=sys.stderr)
+        return 2
+    if args.command == "demo" and args.threads < 0:
+        print("monim demo: --threads must be at least 0", file=sys.stderr)
         return 2
     return args.run(args)
 

@@ -12,7 +12,8 @@ At each batch, in the order of MEMORY_ARMS:
 So at every step the two monim arms search the same entries (same keys, tokens and weights; only
 the ids may differ) with the same model, on the same batch, and train the same parameters (log T
 and the gate) with the same optimizer; the values differ only because monim's take optimizer steps
-on the store and monim_fixed_values's keep their initialization (namespace lr FIXED_VALUES_LR).
+on the store and monim_fixed_values's are read, never stepped (its layer has train_values=False: the
+backward gives T and the gate their gradients and steps no value row).
 Each arm's admission alone could not give this: an arm admits the tokens its own output finds
 hard (log p < admit_below with the memory in), so two arms with different values admit different
 tokens. The knnlm arm does admit by its own mixture's log p; its entries are not the monim arms'.
@@ -26,7 +27,7 @@ import copy
 
 import numpy as np
 import torch
-from monim.model_client.continual.config import FIXED_VALUES_LR, ContinualConfig
+from monim.model_client.continual.config import ContinualConfig
 from monim.model_client.corpus import Day
 from monim.model_client.hf import attach_monim
 from monim.model_client.text_data import random_batches, windows
@@ -94,7 +95,7 @@ class MirroredAdds:
 
 class MemoryArm:
     """A frozen copy of the LM with a memory attached (knnlm or monim mode), in namespace
-    ``demo-<name>``. fixed_values: the value rows keep their initialization (lr FIXED_VALUES_LR);
+    ``demo-<name>``. fixed_values: the value rows keep their initialization (train_values=False);
     mirror_to: namespaces that receive this arm's admitted rows too. An arm that follows another
     (``follow``) admits nothing itself: its rows are the leader's."""
 
@@ -109,7 +110,7 @@ class MemoryArm:
             client.drop_namespace(self.namespace)
         value_dim = hidden if mode == "monim" else 0
         client.create_namespace(self.namespace, dim=hidden, value_dim=value_dim, max_k=max(config.k, 32),
-                                optimizer="adam", lr=FIXED_VALUES_LR if fixed_values else config.monim_value_lr)
+                                optimizer="adam", lr=config.monim_value_lr)
         self.model = copy.deepcopy(base)
         for param in self.model.parameters():
             param.requires_grad_(False)
@@ -117,10 +118,13 @@ class MemoryArm:
         layer_client = MirroredAdds(client, {self.namespace: list(mirror_to)}) if mirror_to else client
         self.handle = attach_monim(self.model, layer_client, self.namespace, k=config.k, mode=mode,
                                    admit_below=config.admit_below, knn_lambda=config.knn_lambda, learn_lambda=True,
-                                   temperature=temperature, gate=config.monim_gate, source="demo")
-        layer = self.model.monim
-        trained = [layer.log_temperature, layer.gate] if mode == "monim" else [layer.log_temperature,
-                                                                               layer.knn_lambda_logit]
+                                   temperature=temperature, gate=config.monim_gate, source="demo",
+                                   mix_knn=config.mix_knn and mode == "monim",
+                                   combiner=config.monim_combiner if mode == "monim" else config.knnlm_combiner,
+                                   train_values=not fixed_values)
+        # log T; the gate (monim) or lambda (knnlm, and monim with mix_knn); the adaptive combiner's MLP.
+        # A parameter the arm's mode leaves out of the loss gets no gradient, and Adam leaves it alone.
+        trained = [p for p in self.model.monim.parameters() if p.requires_grad]
         self.layer_optimizer = torch.optim.Adam(trained, lr=config.monim_layer_lr)
         self.steps = 0
 
@@ -165,8 +169,11 @@ class MemoryArm:
             "store_ms_per_step": 1e3 * (self.store_seconds() - before["store_s"]) / max(1, self.steps - before["steps"]),
             "memory_rows": self.client.describe_namespace(self.namespace).rows,
             "temperature": float(layer.temperature.detach()),
-            "lambda": float(layer.knn_lambda.detach()),
-            "gate": float(layer.gate.detach()),
+            # With the adaptive combiner: the mean over the last step's positions of its lambda / gate.
+            "lambda": (layer.last_mean_output if layer.combiner is not None and self.mode == "knnlm"
+                       else float(layer.knn_lambda.detach())),
+            "gate": (layer.last_mean_output if layer.combiner is not None and self.mode == "monim"
+                     else float(layer.gate.detach())),
         }
 
     def store_seconds(self) -> float:

@@ -13,13 +13,6 @@ from monim.protos.errors import InvalidArgument
 ARMS = ("frozen", "knnlm", "monim", "monim_fixed_values", "finetune")
 MEMORY_ARMS = ("knnlm", "monim_fixed_values", "monim")
 
-# The store refuses lr 0 (protos/config.py: lr > 0), so the fixed-values arm's namespace gets an Adam
-# step of this size: ~1e-30 per element, far below float32's resolution for any value of the size of an
-# output-embedding entry, so every value row keeps its initialization bit for bit (the tests check it),
-# while the store still computes the gradients of T and of the queries as in the monim arm.
-FIXED_VALUES_LR = 1e-30
-
-
 @dataclasses.dataclass
 class ContinualConfig:
     length: int = 128          # tokens per training / evaluation window
@@ -28,14 +21,21 @@ class ContinualConfig:
     day0_lr: float = 3e-3
     finetune_lr: float = 3e-3
     finetune_epochs: int = 4   # passes of the finetune arm over each new day's text
-    epochs: int = 2            # passes of the monim arms over each day's text (admission in the first)
-    k: int = 16
+    # Passes of the monim arms over each day's text (admission in the first). One: in a later pass the
+    # admitted positions find their own entries at distance 0, and T and the gate learn to trust
+    # self-matches that held-out text never has (docs/LEARNING.md).
+    epochs: int = 1
+    k: int = 32
     admit_below: float = -1.5
     temperature: float = 0.0   # initial T of the memory arms; 0: hidden size / 8 (distances are squared L2)
     knn_lambda: float = 0.25   # initial lambda of the kNN-LM mixture (learned while reading)
     monim_gate: float = 1.0
     monim_value_lr: float = 3e-3
     monim_layer_lr: float = 3e-2
+    mix_knn: bool = True       # the monim arms also mix p_kNN of the same neighbours (values and tokens at once)
+    # lambda (knnlm) / the gate (monim arms): "fixed" (one learned scalar) or "adaptive" (meta-k, per position)
+    knnlm_combiner: str = "fixed"
+    monim_combiner: str = "adaptive"
     memory_day_tokens: int = 48_000  # the memory arms read at most this much of a day (day 0's is larger)
     eval_batch: int = 16
     seed: int = 0
@@ -46,6 +46,9 @@ class ContinualConfig:
                 raise InvalidArgument(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.day0_steps < 0 or self.finetune_epochs < 0:
             raise InvalidArgument("day0_steps and finetune_epochs must be >= 0")
+        for name in ("knnlm_combiner", "monim_combiner"):
+            if getattr(self, name) not in ("fixed", "adaptive"):
+                raise InvalidArgument(f"{name} must be 'fixed' or 'adaptive', got {getattr(self, name)!r}")
 
 
 class ByteTokenizer:

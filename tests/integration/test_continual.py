@@ -20,7 +20,7 @@ from monim.model_client.text_data import tiny_gpt2, windows
 pytestmark = pytest.mark.slow
 
 # 800 day-0 steps: enough for the admission rate to fall into its range (about 57% on day 0, 76% on day 1).
-CONFIG = ContinualConfig(length=64, batch=8, day0_steps=800, epochs=2, k=8, memory_day_tokens=2048, eval_batch=32)
+CONFIG = ContinualConfig(length=64, batch=8, day0_steps=800, k=8, memory_day_tokens=2048, eval_batch=32)
 SEEDS = 2
 NGRAM = 32  # a shared run of this many tokens counts as overlap
 

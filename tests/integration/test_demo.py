@@ -79,3 +79,7 @@ def test_missing_model(tmp_path):
 
 def test_store_that_does_not_answer():
     assert_one_line_error(run_cli("--quick", "--address", "127.0.0.1:9"), "(store 127.0.0.1:9)")
+
+
+def test_threads_below_zero(tmp_path):
+    assert_one_line_error(run_cli("--quick", "--threads", "-1", "--out", str(tmp_path)), "--threads must be at least 0")
