@@ -115,9 +115,12 @@ class MemoryArm:
         for param in self.model.parameters():
             param.requires_grad_(False)
         temperature = config.temperature or hidden / 8
+        admit_below = config.admit_below
+        if mode == "knnlm" and config.knnlm_admit_below is not None:
+            admit_below = config.knnlm_admit_below
         layer_client = MirroredAdds(client, {self.namespace: list(mirror_to)}) if mirror_to else client
         self.handle = attach_monim(self.model, layer_client, self.namespace, k=config.k, mode=mode,
-                                   admit_below=config.admit_below, knn_lambda=config.knn_lambda, learn_lambda=True,
+                                   admit_below=admit_below, knn_lambda=config.knn_lambda, learn_lambda=True,
                                    temperature=temperature, gate=config.monim_gate, source="demo",
                                    mix_knn=config.mix_knn and mode == "monim",
                                    combiner=config.monim_combiner if mode == "monim" else config.knnlm_combiner,

@@ -26,7 +26,10 @@ class ContinualConfig:
     # self-matches that held-out text never has (docs/LEARNING.md).
     epochs: int = 1
     k: int = 32
-    admit_below: float = -1.5
+    admit_below: float = -1.5  # the monim arms memorize the tokens whose log p < admit_below
+    # knnlm's threshold (None: admit_below). kNN-LM stores every token; a memory of hard tokens only
+    # gives its p_kNN a skewed view of what follows a context (docs/LEARNING.md).
+    knnlm_admit_below: float | None = None
     temperature: float = 0.0   # initial T of the memory arms; 0: hidden size / 8 (distances are squared L2)
     knn_lambda: float = 0.25   # initial lambda of the kNN-LM mixture (learned while reading)
     monim_gate: float = 1.0
