@@ -229,7 +229,7 @@ def attach_monim(model: nn.Module, client, namespace: str, k: int = 32, mode: st
                  admit_below: float = DEFAULT_ADMIT_BELOW, layer_index: int = -1, temperature: float = 1.0,
                  gate: float = 0.05, knn_lambda: float = 0.25, learn_lambda: bool = False, source: str = "",
                  merge_eps: float = 0.0, max_queue: int = 64, mix_knn: bool = False, combiner: str = "fixed",
-                 train_values: bool = True, knn_temperature: float | None = None) -> MonimHandle:
+                 train_values: bool = True) -> MonimHandle:
     """Puts a MoNIM layer on a Hugging Face causal LM; checks everything before any step runs.
 
     layer_index: which block's FFN (default the last). The namespace's dim must be the
@@ -240,14 +240,13 @@ def attach_monim(model: nn.Module, client, namespace: str, k: int = 32, mode: st
     combiner: "fixed" (a learned scalar lambda / gate) or "adaptive" (meta-k: an MLP gives lambda in
     kNN-LM mode, the gate in MoNIM mode, per position; see layer.AdaptiveCombiner).
     train_values=False: the value rows are read, never stepped (see MoNIMLayer).
-    knn_temperature (MoNIM mode with mix_knn): p_kNN's own initial T, learned apart; None: the values' T.
     """
     blocks = find_blocks(model)
     if not -len(blocks) <= layer_index < len(blocks):
         raise InvalidArgument(f"layer_index {layer_index} is out of range for a model with {len(blocks)} blocks")
     layer = MoNIMLayer(client, namespace, k=k, temperature=temperature, gate=gate, mode=mode,
                        knn_lambda=knn_lambda, learn_lambda=learn_lambda, mix_knn=mix_knn, combiner=combiner,
-                       train_values=train_values, knn_temperature=knn_temperature)
+                       train_values=train_values)
     if mode == "monim" and combiner == "adaptive":
         lm_readout(model, blocks[layer_index])  # fails here, before the model is touched
     size = hidden_size(model)

@@ -149,8 +149,6 @@ class MoNIMLayer(nn.Module):
     the queries still get their gradients).
     mix_knn: MoNIM mode also mixes p_kNN, built from the same Retrieve's neighbours, into the output
     (p = lambda p_kNN + (1 - lambda) p_model): the values and the tokens' mixture at once.
-    knn_temperature (MoNIM mode with mix_knn): the initial T of that p_kNN, learned apart from the
-    values' T; None: p_kNN uses the values' T.
     combiner: "fixed" (one learned lambda / gate) or "adaptive" (an AdaptiveCombiner gives lambda in
     kNN-LM mode, the gate in MoNIM mode, per position).
     """
@@ -158,22 +156,18 @@ class MoNIMLayer(nn.Module):
     def __init__(self, client, namespace: str, k: int = 32, temperature: float = 1.0, gate: float = 0.05,
                  mode: str = "monim", learn_temperature: bool = True, knn_lambda: float = 0.25,
                  learn_lambda: bool = False, train_values: bool = True, mix_knn: bool = False,
-                 combiner: str = "fixed", knn_temperature: float | None = None):
+                 combiner: str = "fixed"):
         super().__init__()
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if combiner not in COMBINERS:
             raise InvalidArgument(f"unknown combiner {combiner!r}; choose one of {', '.join(COMBINERS)}")
-        if temperature <= 0 or not 0 < knn_lambda < 1 or (knn_temperature is not None and knn_temperature <= 0):
-            raise InvalidArgument("temperature and knn_temperature must be > 0 and knn_lambda in (0, 1)")
+        if temperature <= 0 or not 0 < knn_lambda < 1:
+            raise InvalidArgument("temperature must be > 0 and knn_lambda in (0, 1)")
         self.client, self.namespace, self.k, self.mode = client, namespace, k, mode
         self.train_values = train_values
         self.mix_knn = mix_knn or mode == "knnlm"
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
-        self.log_knn_temperature = None
-        if knn_temperature is not None and mode == "monim":
-            self.log_knn_temperature = nn.Parameter(torch.tensor(math.log(knn_temperature)),
-                                                    requires_grad=learn_temperature)
         self.gate = nn.Parameter(torch.tensor(float(gate)))
         lam = math.log(knn_lambda / (1 - knn_lambda))
         self.knn_lambda_logit = nn.Parameter(torch.tensor(lam), requires_grad=learn_lambda)
@@ -199,11 +193,6 @@ class MoNIMLayer(nn.Module):
     @property
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
-
-    @property
-    def knn_temperature(self) -> torch.Tensor:
-        """T of p_kNN: its own in MoNIM mode when set apart, else the layer's T."""
-        return self.temperature if self.log_knn_temperature is None else self.log_knn_temperature.exp()
 
     @property
     def knn_lambda(self) -> torch.Tensor:
@@ -279,7 +268,7 @@ class MoNIMLayer(nn.Module):
     def _distribution(self, ids, distances, weights, tokens, vocab_size, index, batch, seq, device):
         distances = torch.from_numpy(np.where(ids >= 0, distances, 0)).to(device)
         ids = torch.from_numpy(ids).to(device)
-        scores = -distances / self.knn_temperature + torch.from_numpy(weights).to(device).clamp_min(1e-30).log()
+        scores = -distances / self.temperature + torch.from_numpy(weights).to(device).clamp_min(1e-30).log()
         scores = scores.masked_fill(ids < 0, float("-inf"))
         alpha = torch.nan_to_num(torch.softmax(scores, dim=1), nan=0.0)
         tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).clamp_min(0).to(device)

@@ -124,8 +124,7 @@ class MemoryArm:
                                    temperature=temperature, gate=config.monim_gate, source="demo",
                                    mix_knn=config.mix_knn and mode == "monim",
                                    combiner=config.monim_combiner if mode == "monim" else config.knnlm_combiner,
-                                   train_values=not fixed_values,
-                                   knn_temperature=(config.monim_knn_temperature or None) if mode == "monim" else None)
+                                   train_values=not fixed_values)
         # log T; the gate (monim) or lambda (knnlm, and monim with mix_knn); the adaptive combiner's MLP.
         # A parameter the arm's mode leaves out of the loss gets no gradient, and Adam leaves it alone.
         trained = [p for p in self.model.monim.parameters() if p.requires_grad]
@@ -173,7 +172,6 @@ class MemoryArm:
             "store_ms_per_step": 1e3 * (self.store_seconds() - before["store_s"]) / max(1, self.steps - before["steps"]),
             "memory_rows": self.client.describe_namespace(self.namespace).rows,
             "temperature": float(layer.temperature.detach()),
-            "knn_temperature": float(layer.knn_temperature.detach()),
             # With the adaptive combiner: the mean over the last step's positions of its lambda / gate.
             "lambda": (layer.last_mean_output if layer.combiner is not None and self.mode == "knnlm"
                        else float(layer.knn_lambda.detach())),

@@ -31,8 +31,6 @@ class ContinualConfig:
     # gives its p_kNN a skewed view of what follows a context (docs/LEARNING.md).
     knnlm_admit_below: float | None = None
     temperature: float = 0.0   # initial T of the memory arms; 0: hidden size / 8 (distances are squared L2)
-    # initial T of the monim arms' p_kNN (mix_knn), learned apart from the values' T; 0: the values' T
-    monim_knn_temperature: float = 0.0
     knn_lambda: float = 0.25   # initial lambda of the kNN-LM mixture (learned while reading)
     monim_gate: float = 1.0
     monim_value_lr: float = 3e-3

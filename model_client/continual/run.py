@@ -14,7 +14,7 @@ from monim.model_client.continual.config import ARMS, MEMORY_ARMS, ContinualConf
 from monim.model_client.corpus import Day
 from monim.model_client.text_data import windows
 
-MEMORY_FIGURES = ("rows", "admission_rate", "store_ms_per_step", "temperature", "knn_temperature", "lambda", "gate")
+MEMORY_FIGURES = ("rows", "admission_rate", "store_ms_per_step", "temperature", "lambda", "gate")
 
 
 def _observer(observe, arm: str, purpose: str, day_index: int):

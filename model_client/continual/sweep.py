@@ -31,7 +31,7 @@ from monim.model_client.corpus import stdlib_days
 from monim.model_client.demo import DEFAULT
 from monim.model_client.text_data import tiny_gpt2
 
-FIGURES = ("admission_rate", "memory_rows", "temperature", "knn_temperature", "lambda", "gate")
+FIGURES = ("admission_rate", "memory_rows", "temperature", "lambda", "gate")
 
 
 def _value(text: str):

@@ -79,27 +79,6 @@ def test_monim_mode_with_the_mixture_and_no_gate_is_knnlm_mode(client):
     assert (outputs["monim"] - plain).abs().max() > 1e-2  # the mixture did change the distribution
 
 
-def test_the_mixtures_own_temperature_sets_p_knn_and_learns(client):
-    """knn_temperature: MoNIM mode's p_kNN uses its own T (knnlm mode's arithmetic at that T), not the
-    values' T, and that T takes the loss's gradient."""
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
-    model = _model()
-    handle = attach_monim(model, client, "mem", k=8, mode="knnlm", knn_lambda=0.4, temperature=30.0)
-    knnlm = torch.log_softmax(model(ids).logits, -1)
-    handle.detach()
-    model = _model()
-    handle = attach_monim(model, client, "mem", k=8, mode="monim", gate=0.0, knn_lambda=0.4, temperature=3.0,
-                          mix_knn=True, knn_temperature=30.0)
-    monim = model(ids, labels=ids)
-    torch.testing.assert_close(torch.log_softmax(monim.logits, -1), knnlm, rtol=1e-5, atol=1e-5)
-    monim.loss.backward()
-    handle.detach()
-    assert model.monim.log_knn_temperature.grad.abs() > 0
-    assert float(model.monim.temperature) == pytest.approx(3.0)
-    with pytest.raises(InvalidArgument, match="knn_temperature must be > 0"):
-        attach_monim(_model(), client, "mem", k=8, mode="monim", mix_knn=True, knn_temperature=0.0)
-
-
 def test_the_adaptive_gate_reads_the_lms_distribution_without_the_memory(client, monkeypatch):
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     without_memory = _model()(ids).logits
