@@ -26,14 +26,16 @@ class ContinualConfig:
     # self-matches that held-out text never has (docs/LEARNING.md).
     epochs: int = 1
     k: int = 32
-    admit_below: float = -1.5  # the monim arms memorize the tokens whose log p < admit_below
+    # The memory arms memorize the tokens whose log p < admit_below (with the memory in). -1.0 rather than
+    # -1.5: more entries help every memory arm, learned values most (docs/LEARNING.md, "Second round").
+    admit_below: float = -1.0
     # knnlm's threshold (None: admit_below). kNN-LM stores every token; a memory of hard tokens only
     # gives its p_kNN a skewed view of what follows a context (docs/LEARNING.md).
     knnlm_admit_below: float | None = None
     temperature: float = 0.0   # initial T of the memory arms; 0: hidden size / 8 (distances are squared L2)
     knn_lambda: float = 0.25   # initial lambda of the kNN-LM mixture (learned while reading)
     monim_gate: float = 1.0
-    monim_value_lr: float = 3e-3
+    monim_value_lr: float = 1e-2  # Adam on the store's value rows (3e-3 learned too little in one pass; 3e-2 forgot)
     monim_layer_lr: float = 3e-2
     mix_knn: bool = True       # the monim arms also mix p_kNN of the same neighbours (values and tokens at once)
     # lambda (knnlm) / the gate (monim arms): "fixed" (one learned scalar) or "adaptive" (meta-k, per position)
