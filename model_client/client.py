@@ -354,7 +354,7 @@ class MemoryClient:
         row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 24 + (
             0 if values is None else values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
         parts = list(self._row_chunks(n, row_bytes))
-        request_id = request_id or validation.new_request_id()
+        request_id = validation.check_step_id(request_id or validation.new_request_id())
         if len(parts) == 1:
             result = self._retried("add", namespace, keys, tokens, values, weights, source, logp, admit_below,
                                    merge_eps, request_id=request_id)
@@ -365,7 +365,8 @@ class MemoryClient:
                 return None if array is None else array[part]
 
             results = [self._retried("add", namespace, keys[p], tokens[p], part_of(values, p), part_of(weights, p),
-                                     source, part_of(logp, p), admit_below, merge_eps, request_id=f"{request_id}/{i}")
+                                     source, part_of(logp, p), admit_below, merge_eps,
+                                     request_id=validation.part_id(request_id, i))
                        for i, p in enumerate(parts)]
             result = AddResult(ids=np.concatenate([r.ids for r in results]),
                                admitted=np.concatenate([r.admitted for r in results]),
@@ -565,7 +566,7 @@ class MemoryClient:
         ids, grads = _int_array(ids, "ids"), _float_array(grads, "grads")
         width = grads.shape[1] if grads.ndim == 2 else 1
         parts = list(self._row_chunks(self._rows(ids), 8 + grads.itemsize * width + 16))
-        request_id = request_id or validation.new_request_id()
+        request_id = validation.check_step_id(request_id or validation.new_request_id())
         if len(parts) == 1:
             return self._retried("apply_gradients", namespace, ids, grads, request_id=request_id,
                                  generation=generation)

@@ -6,6 +6,7 @@ every row as it was.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 import numpy as np
@@ -168,6 +169,15 @@ def check_step_id(step_id) -> str:
     if len(step_id) > 128:
         raise InvalidArgument(f"request/step id has {len(step_id)} characters; at most 128 are allowed")
     return step_id
+
+
+def part_id(request_id: str, part: int) -> str:
+    """The request id of part ``part`` of a call split in parts: "<id>/<part>", or where that would
+    pass 128 characters, a SHA-256 of the id in its place (the same for every retry of the call)."""
+    whole = f"{request_id}/{part}"
+    if len(whole) <= 128:
+        return whole
+    return f"sha256:{hashlib.sha256(request_id.encode()).hexdigest()}/{part}"
 
 
 def check_temperature(temperature) -> float:

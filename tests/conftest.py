@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+# Ray's token auth on, as `monim serve` turns it on for the local Ray it starts (workers/runtime.py,
+# prepare_ray_auth), and set before anything imports Ray, which reads it then: the integration tests
+# join the session server's Ray by its address, and Ray sends its token only in this mode.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def brute_force(queries: np.ndarray, keys: np.ndarray, k: int, metric: str):

@@ -83,7 +83,8 @@ def _serve(args) -> int:
         print(f"monim: data dir {data_dir} (fsync {args.fsync}, a snapshot every {args.snapshot_every} "
               "log records per shard)", flush=True)
     store = EmbeddedStore(shards=args.shards, host=args.host, port=args.port, ray_address=args.ray_address,
-                          num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, deployment=args.deployment,
+                          num_cpus=args.num_cpus, shard_cpus=args.shard_cpus, placement=args.placement,
+                          deployment=args.deployment,
                           data_dir=data_dir, fsync=args.fsync, snapshot_every=args.snapshot_every,
                           shard_memory_budget=None if args.shard_memory_budget is None
                           else parse_size(args.shard_memory_budget),
@@ -91,6 +92,9 @@ def _serve(args) -> int:
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
                           metrics_host=args.metrics_host)
     print(f"monim: {store.runtime.auth_line}", flush=True)
+    if args.ray_address is None:
+        print(f"monim: started a local Ray at {store.runtime.ray_address} (another front end of this deployment: "
+              f"monim serve --ray-address {store.runtime.ray_address} --deployment {args.deployment})", flush=True)
     print(f"monim: serving {store.runtime.num_shards} shard(s) on {store.address}", flush=True)
     if store.metrics_port is not None:
         print(f"monim: Prometheus metrics at http://{args.metrics_host or args.host}:{store.metrics_port}/metrics",
@@ -228,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="join a running Ray cluster ('auto'); default: start a local Ray")
     serve.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray")
     serve.add_argument("--shard-cpus", type=float, default=1.0, help="logical CPUs per shard actor")
+    serve.add_argument("--placement", default="spread",
+                       help="how new shards spread over the Ray nodes: spread (default: as many nodes as can take "
+                            "them), strict_spread (one node each, or no start), pack, strict_pack (docs/OPERATIONS.md, "
+                            "'Multi-node')")
     serve.add_argument("--deployment", default="monim", help="actor name prefix (front ends that share it share shards)")
     serve.add_argument("--data-dir", default="./monim-data",
                        help="where the registry, each shard's write-ahead log and snapshots are kept: a folder, or a "

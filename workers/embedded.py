@@ -12,6 +12,7 @@ from monim.workers.auth import AuthPolicy
 from monim.workers.router import Router
 from monim.workers.runtime import RayRuntime
 from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, start_server
+from monim.workers.shard_groups import DEFAULT_STRATEGY, DEFAULT_WAIT_S
 from monim.workers.tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ class EmbeddedStore:
 
     shards: shard actors to create (a joined deployment keeps its own count).
     ray_address: None starts a local Ray; "auto" joins a running cluster.
+    placement: how new shards spread over the cluster's nodes (workers/shard_groups.py: spread,
+    strict_spread, pack, strict_pack); placement_wait_s: how long they wait for room.
     port: 0 picks a free port; ``address`` is what clients dial.
     data_dir: where the deployment keeps its registry, logs and snapshots: a folder, a URI that
     pyarrow.fs opens, or a pyarrow FileSystem object (datastore/location.py; None: in memory only);
@@ -44,12 +47,14 @@ class EmbeddedStore:
                  data_dir: str | None = None, fsync: str = "always", snapshot_every: int = 10_000,
                  snapshot_root: str | None = None, auth_file: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_client_ca: str | None = None, metrics_port: int | None = None,
-                 metrics_host: str | None = None, shard_memory_budget: int | None = None):
+                 metrics_host: str | None = None, shard_memory_budget: int | None = None,
+                 placement: str = DEFAULT_STRATEGY, placement_wait_s: float = DEFAULT_WAIT_S):
         auth = AuthPolicy.load(auth_file) if auth_file is not None else None
         tls = ServerTls.load(tls_cert, tls_key, tls_client_ca)
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
                                   use_gpus=use_gpus, deployment=deployment, data_dir=data_dir, fsync=fsync,
-                                  snapshot_every=snapshot_every, memory_budget=shard_memory_budget)
+                                  snapshot_every=snapshot_every, memory_budget=shard_memory_budget,
+                                  placement=placement, placement_wait_s=placement_wait_s)
         self.router = Router(self.runtime)
         if snapshot_root is None and isinstance(data_dir, (str, os.PathLike)):
             snapshot_root = os.path.join(data_dir, "snapshots")  # a URI too: s3://bucket/prefix/snapshots

@@ -186,8 +186,8 @@ class Resharder:
         exports = self.router._call([(shard, "export_batch", (config.name, config.generation, first, end))
                                      for shard in range(placement.actors)])
         receives = [(target, "receive_rows", (config.name, config.generation,
-                                              f"reshard:{placement.version}:{source}", payload))
-                    for source, batches in enumerate(exports) for target, payload in batches]
+                                              f"reshard:{placement.version}:{source}", payload, applied))
+                    for source, batches in enumerate(exports) for target, payload, applied in batches]
         if receives:
             self.rows_moved += sum(self.router._call(receives))
 

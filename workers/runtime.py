@@ -1,4 +1,4 @@
-"""The only module that calls ``ray.*``.
+"""With workers/shard_groups.py (where the shards run), the only module that calls ``ray.*``.
 
 ``RayRuntime`` starts or joins Ray, creates (or finds) the named registry and
 shard actors, and scatters calls to them. ``LocalRuntime`` has the same
@@ -34,6 +34,7 @@ from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError,
 from monim.workers.machine import host_report
 from monim.workers.registry import NamespaceRegistry
 from monim.workers.shard import DEFAULT_SNAPSHOT_EVERY, Shard
+from monim.workers.shard_groups import DEFAULT_STRATEGY, DEFAULT_WAIT_S, ShardGroups, check_strategy
 
 log = logging.getLogger(__name__)
 
@@ -257,12 +258,16 @@ class RayRuntime:
         (detached), and Ray restarts a shard that dies; it recovers from its
         snapshot and log, and calls that need it wait for it (up to their deadline).
     fsync, snapshot_every, memory_budget (bytes per shard, None: its default): see workers/shard.py.
+    placement: how the shards' placement groups spread over the nodes (workers/shard_groups.py);
+    placement_wait_s: how long new shards wait for the cluster to have room for them.
     """
 
     def __init__(self, num_shards: int, address: str | None = None, num_cpus: int | None = None,
                  shard_cpus: float = 1.0, use_gpus: bool | str = "auto", deployment: str = "monim",
                  data_dir: str | None = None, fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, placement: str = DEFAULT_STRATEGY,
+                 placement_wait_s: float = DEFAULT_WAIT_S):
+        check_strategy(placement)
         prepare_ray_auth(address)  # before `import ray`, which reads RAY_AUTH_MODE
         import ray
 
@@ -277,6 +282,7 @@ class RayRuntime:
                 init_args["address"] = address
             ray.init(**init_args)
             self._owns_ray = address is None
+        self.ray_address = ray.get_runtime_context().gcs_address  # what another front end joins
         # What `monim serve` prints about Ray's own ports.
         self.auth_line = ray_auth_line(address, ray.__version__, started=self._owns_ray)
         self.deployment = deployment
@@ -293,20 +299,33 @@ class RayRuntime:
         device = "cuda" if use_gpus else "cpu"
         self._shard_options = dict(num_cpus=shard_cpus, num_gpus=1 if use_gpus else 0,
                                    max_concurrency=SHARD_CALLS_AT_ONCE, **lifetime)
+        self.groups = ShardGroups(ray, deployment, placement, {"CPU": shard_cpus, "GPU": 1 if use_gpus else 0},
+                                  detached=self.restarts, wait_s=placement_wait_s)
         self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
         self.data_dir = data_dir
         self.shards = []
-        self.ensure_shards(self.num_shards)
+        try:
+            self.ensure_shards(self.num_shards)
+        except Exception:  # no room for the shards, say: nothing this front end made stays
+            if self._created_actors:
+                self.destroy()
+            if self._owns_ray:
+                ray.shutdown()
+            raise
 
-    def _shard_actor(self, index: int, count: int):
+    def _shard_actor(self, index: int, count: int, scheduling):
         return self._ray.remote(Shard).options(name=f"{self.deployment}-shard-{index}", get_if_exists=True,
+                                               scheduling_strategy=scheduling,
                                                **self._shard_options).remote(index, count, *self._shard_args)
 
     def ensure_shards(self, count: int) -> None:
         """Shard actors up to ``count``: this deployment's named ones where they exist (another front end,
-        or a reshard, made them), else new ones (empty, or recovered from their folders of the data dir)."""
+        or a reshard, made them), else new ones (empty, or recovered from their folders of the data dir),
+        in their placement group's bundles (workers/shard_groups.py)."""
         new = range(len(self.shards), count)
-        self.shards += [self._shard_actor(i, count) for i in new]
+        missing = [i for i in new if not self._actor_exists(f"{self.deployment}-shard-{i}")]
+        scheduling = self.groups.scheduling(missing) if missing else {}
+        self.shards += [self._shard_actor(i, count, scheduling.get(i, "DEFAULT")) for i in new]
         self.num_shards = max(self.num_shards, count)
         if new:
             self.call_shards([(i, "ping", ()) for i in new], timeout_s=300)
@@ -325,6 +344,7 @@ class RayRuntime:
             self._ray.kill(actor, no_restart=True)
             shard += 1
         self.forget_shards(count)
+        self.groups.release_from(count)
 
     def forget_shards(self, count: int) -> None:
         """Another front end retired the shards from ``count`` on: their handles go."""
@@ -442,13 +462,14 @@ class RayRuntime:
         self._ray.kill(self.shards[shard], no_restart=True)
 
     def destroy(self) -> None:
-        """Kills the deployment's actors, durable or not (its data dir stays): for tests and for
-        tearing a deployment down."""
+        """Kills the deployment's actors, durable or not, and gives back their placement groups (its
+        data dir stays): for tests and for tearing a deployment down."""
         for actor in [*self.shards, self.registry]:
             try:
                 self._ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 log.debug("actor already gone", exc_info=True)
+        self.groups.release_from(0)
 
     def _close_shards(self) -> None:
         closing = [shard.close.remote() for shard in self.shards]

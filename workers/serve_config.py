@@ -28,6 +28,7 @@ import re
 import sys
 
 from monim.protos.errors import InvalidArgument
+from monim.workers.shard_groups import STRATEGIES
 
 ENV_PREFIX = "MONIM_"
 CONFIG_ENV = "MONIM_CONFIG"
@@ -72,6 +73,7 @@ _CHECKS = {
     "shards": (lambda v: v >= 1, "must be at least 1"),
     "num_cpus": (lambda v: v >= 1, "must be at least 1"),
     "shard_cpus": (lambda v: math.isfinite(v) and v >= 0, "must be 0 or more CPUs"),
+    "placement": (lambda v: v in STRATEGIES, f"is not a placement ({', '.join(STRATEGIES)})"),
     "snapshot_every": (lambda v: v >= 0, "must be 0 (no automatic snapshots) or more log records"),
     "grace_s": (lambda v: math.isfinite(v) and v >= 0, "must be 0 or more seconds"),
     "fsync": (fsync_policy_ok, "is not an fsync policy (always, batch_ms=N with N > 0, or never)"),

@@ -27,6 +27,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import logging
 import os
 import threading
@@ -751,7 +752,10 @@ class Shard:
     @_serialized
     def export_batch(self, namespace: str, generation: int, first: int, end: int) -> list:
         """The rows of ids [first, end) this shard holds and owns but that go to another shard under the
-        move's target count: [(target shard, Arrow IPC stream of the rows)]. Changes nothing."""
+        move's target count: [(target shard, Arrow IPC stream of the rows, the writes applied here)].
+        The writes are the request ids this shard remembers applying and the steps of the namespace it
+        committed (JSON): the new owner must not apply them again to the rows, when a caller retries one
+        whose answer it lost. Changes nothing."""
         from monim.datastore import snapshot
 
         move = self.placement.move
@@ -762,18 +766,27 @@ class Shard:
         ids = ids[store.contains(ids)]
         ids = ids[self.placement.owners(namespace, ids) == self.shard_index]
         targets = ids % move.target
-        return [(int(target), snapshot.table_to_bytes(snapshot.rows_table(store, ids[targets == target])))
-                for target in np.unique(targets) if target != self.shard_index]
+        targets = [int(target) for target in np.unique(targets) if target != self.shard_index]
+        if not targets:
+            return []
+        applied = json.dumps({"applied": [[request_id, op] for request_id, op in self._applied if op != "receive"],
+                              "committed": [step for step in self._committed if step.startswith(f"{namespace}:")]})
+        return [(target, snapshot.table_to_bytes(snapshot.rows_table(store, ids[ids % move.target == target])),
+                 applied) for target in targets]
 
-    def receive_rows(self, namespace: str, generation: int, request_id: str, payload: bytes) -> int:
+    def receive_rows(self, namespace: str, generation: int, request_id: str, payload: bytes,
+                     applied: str = '{"applied": [], "committed": []}') -> int:
         """Appends rows a reshard moves here (an Arrow IPC stream in the snapshot schema, every column
         kept), logged first; ids already held (a batch copied again after an interrupted move: equal,
-        as writes to them waited) are skipped. Returns the rows appended."""
+        as writes to them waited) are skipped. ``applied``: the writes their old owner had applied
+        (export_batch), remembered here as applied (changing no row here: answered 0 when retried).
+        Returns the rows appended."""
         from monim.datastore import snapshot
 
         rows = snapshot.table_from_bytes(payload).num_rows
         return self._write("receive", {"namespace": namespace, "generation": generation, "request_id": request_id},
-                           {"table": np.array([payload], dtype=object)},
+                           {"table": np.array([payload], dtype=object),
+                            "applied": np.array([applied.encode()], dtype=object)},
                            check=lambda: self._check_room(namespace, rows, generation))
 
     def _apply_receive(self, store: NeighborStore, args: dict, columns: dict) -> int:
@@ -784,6 +797,14 @@ class Shard:
         ids = table.column("id").to_numpy()
         fresh = ~store.contains(ids) if ids.size else np.zeros(0, bool)
         result = snapshot.append_rows(store, table.filter(pa.array(fresh))) if fresh.any() else 0
+        if "applied" in columns:  # (a log written before the old owners sent them has none)
+            applied = json.loads(bytes(columns["applied"][0]))
+            for request_id, op in applied["applied"]:
+                if (request_id, op) not in self._applied:
+                    self._applied.remember((request_id, op), 0)
+            for step_id in applied["committed"]:
+                if step_id not in self._committed:
+                    self._committed.remember(step_id, 0)
         self._applied.remember((args["request_id"], "receive"), result)
         return result
 

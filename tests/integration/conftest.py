@@ -90,7 +90,10 @@ def ray_joined(server):
     """This process connected to the session server's Ray instance (left at the end of the session)."""
     import ray
 
-    ray.init(address="auto", namespace="monim", logging_level="WARNING", log_to_driver=True)
+    # By its address: "auto" is whichever Ray this machine started last, maybe another's.
+    address = next(line.split(" at ", 1)[1].split()[0] for line in server["output"]
+                   if line.startswith("monim: started a local Ray at "))
+    ray.init(address=address, namespace="monim", logging_level="WARNING", log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -72,3 +72,26 @@ def test_retrieve_backward_repeated_with_its_step_id_steps_once(client, ids):
     np.testing.assert_array_equal(client.get("ns", stepped).values, after_one)
     np.testing.assert_array_equal(steps(client, stepped), 1)
     assert again[0].shape == first[0].shape
+
+
+def test_an_add_in_parts_takes_a_request_id_of_128_characters_and_lands_once(client, ids):
+    rng = np.random.default_rng(6)
+    keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    values = rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
+    request_id = "r" * 128  # the longest id allowed; the parts' ids must stay within it too
+    first = client.add("ns", keys, np.arange(ROWS), values=values, request_id=request_id)
+    again = client.add("ns", keys, np.arange(ROWS), values=values, request_id=request_id)
+    np.testing.assert_array_equal(again, first)
+    assert client.describe_namespace("ns").rows == 2 * ROWS
+
+
+def test_a_request_id_over_128_characters_is_refused_and_stores_nothing(client, ids):
+    from monim.model_client.errors import InvalidArgument
+
+    keys = np.random.default_rng(7).standard_normal((ROWS, DIM)).astype(np.float32)
+    with pytest.raises(InvalidArgument, match="request/step id has 129 characters; at most 128"):
+        client.add("ns", keys, np.arange(ROWS), request_id="r" * 129)
+    with pytest.raises(InvalidArgument, match="request/step id has 129 characters; at most 128"):
+        client.apply_gradients("ns", ids, np.ones((ROWS, VALUE_DIM), np.float32), request_id="s" * 129)
+    assert client.describe_namespace("ns").rows == ROWS
+    np.testing.assert_array_equal(steps(client, ids), 0)

@@ -280,8 +280,8 @@ def test_a_copy_killed_half_way_resumes_without_duplicates(tmp_path, monkeypatch
     def half_copy(self, config, first, end, placement):
         exports = self.router._call([(s, "export_batch", (config.name, config.generation, first, end))
                                      for s in range(placement.actors)])
-        target, payload = next((t, p) for batches in exports for t, p in batches)
-        self.router._call([(target, "receive_rows", (config.name, config.generation, "half", payload))])
+        target, payload, applied = next(batch for batches in exports for batch in batches)
+        self.router._call([(target, "receive_rows", (config.name, config.generation, "half", payload, applied))])
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Resharder, "_copy", half_copy)
@@ -345,3 +345,31 @@ def test_a_reshard_to_the_same_count_moves_nothing(tmp_path):
     last = reshard(router, 2)
     assert last.done and last.rows_moved == 0
     assert (state(router), router.refresh_placement()) == before
+
+
+@pytest.mark.parametrize("target", [3, 1])
+def test_writes_retried_with_their_request_ids_after_their_rows_moved_land_once(tmp_path, target):
+    """A write whose answer was lost, retried with its request id after a reshard moved its rows to
+    another shard: the new owner must not apply it again (an Add would store its rows twice, a step
+    would step them twice)."""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(4)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer={"name": "adam", "lr": 0.01}))
+    keys = rng.standard_normal((60, DIM)).astype(np.float32)
+    values = rng.standard_normal((60, VALUE_DIM)).astype(np.float32)
+    ids = router.add("ns", keys, np.arange(60), values=values, request_id="add-1").ids
+    grads = rng.standard_normal((60, VALUE_DIM)).astype(np.float32)
+    stepped = router.apply_gradients("ns", ids, grads, request_id="step-1")
+    before = state(router)
+    reshard(router, target)
+    assert state(router) == before
+    again = router.add("ns", keys, np.arange(60), values=values, request_id="add-1").ids
+    np.testing.assert_array_equal(again, ids)
+    # Answered by the shards that stepped rows at first: those that hold them now answer 0 for the moved ones.
+    assert router.apply_gradients("ns", ids, grads, request_id="step-1") <= stepped
+    assert state(router) == before, "a retried write applied again on the shard its rows moved to"
+    crash(router)  # what a new owner learnt of the old owners' writes is in its log
+    router = deployment(tmp_path)
+    router.add("ns", keys, np.arange(60), values=values, request_id="add-1")
+    router.apply_gradients("ns", ids, grads, request_id="step-1")
+    assert state(router) == before

@@ -23,6 +23,7 @@ EVERY_FLAG = [
     ("--ray-address", '"auto"', "auto"),
     ("--num-cpus", "6", 6),
     ("--shard-cpus", "0.5", 0.5),
+    ("--placement", '"strict_spread"', "strict_spread"),
     ("--deployment", '"memory-a"', "memory-a"),
     ("--data-dir", '"/srv/monim"', "/srv/monim"),
     ("--ephemeral", "true", True),
@@ -114,6 +115,8 @@ def test_bad_config_files_name_the_key(tmp_path, text, message):
     ({"MONIM_FSYNC": "batch_ms=0"}, [], "MONIM_FSYNC=batch_ms=0 is not an fsync policy"),
     ({}, ["--shards", "0"], "--shards 0 must be at least 1"),
     ({}, ["--shard-cpus", "nan"], "--shard-cpus nan must be 0 or more CPUs"),
+    ({"MONIM_PLACEMENT": "SPREAD"}, [], "MONIM_PLACEMENT=SPREAD is not a placement (spread, strict_spread, pack, "
+                                        "strict_pack)"),
     ({}, ["--config", "/no/such/monim.toml"], "config file /no/such/monim.toml: no such file"),
 ])
 def test_bad_variables_and_flags_name_themselves(environ, flags, message):
