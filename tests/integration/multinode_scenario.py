@@ -10,7 +10,8 @@ A head without CPUs (the front end's process) and three nodes of 2 CPUs each, al
 3. ``strict_spread`` of 4 shards on 3 nodes: refused (UNAVAILABLE, its message), nothing left behind;
 4. the node of the first deployment's shard 0 killed (its raylet and workers, SIGKILL): the shard
    restarts on another node, from the data dir, and searches stay exact, with every row;
-5. a reshard to 3 shards places the new one in a group of its own, and back to 2 removes that group.
+5. a reshard to 3 shards places the new one in a group of its own, and back to 2 removes that group;
+   a reshard to 8, for which the cluster has no room, is refused before anything moves.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main(data_dir: str) -> dict:
     keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
     queries = keys[:40] + 0.01 * rng.standard_normal((40, DIM)).astype(np.float32)
     store = EmbeddedStore(shards=2, ray_address=cluster.address, use_gpus=False, deployment="spread",
-                          data_dir=data_dir, placement="spread")
+                          data_dir=data_dir, placement="spread", placement_wait_s=15)
     try:
         with MemoryClient(store.address, timeout_s=180) as client:
             client.create_namespace("docs", dim=DIM)
@@ -119,6 +120,15 @@ def main(data_dir: str) -> dict:
             reshard(store.router, 2)
             seen["groups_at_2"] = [group.name for group in store.runtime.groups.groups()]
             seen["exact_at_2"] = exact(client, "docs", keys, ids, queries)
+
+            try:  # 6 more shards of 1 CPU where 4 CPUs are free: refused before the move begins
+                reshard(store.router, 8)
+                seen["reshard_8"] = "moved"
+            except Unavailable as error:
+                seen["reshard_8"] = error.message
+            seen["groups_after_8"] = [group.name for group in store.runtime.groups.groups()]
+            seen["shards_after_8"] = len(client.describe_namespace("docs").shards)
+            seen["exact_after_8"] = exact(client, "docs", keys, ids, queries)
     finally:
         store.runtime.destroy()
         store.stop()

@@ -71,3 +71,9 @@ def test_a_reshard_reserves_and_gives_back_a_group(seen):
     assert seen["groups_at_3"] == ["spread-shards-0-2", "spread-shards-2-3"]
     assert seen["groups_at_2"] == ["spread-shards-0-2"]
     assert seen["exact_at_3"] is True and seen["exact_at_2"] is True, (seen["exact_at_3"], seen["exact_at_2"])
+
+
+def test_a_reshard_the_cluster_has_no_room_for_is_refused_before_anything_moves(seen):
+    assert seen["reshard_8"].startswith("the Ray cluster has no room for shards 2-7 placed spread"), seen["reshard_8"]
+    assert seen["groups_after_8"] == ["spread-shards-0-2"] and seen["shards_after_8"] == 2
+    assert seen["exact_after_8"] is True, seen["exact_after_8"]
