@@ -370,6 +370,8 @@ class IvfIndex:
                 return
             size = self.rows.size
             ids = self.rows.ids[:size].cpu().numpy().copy()
+            # Rows added since the build was queued are in this snapshot: the journal keeps what comes after.
+            self._journal.added = []
             sample_size = min(size, max(TRAIN_SAMPLE_MIN_ROWS, TRAIN_ROWS_PER_LIST * self.config.nlist,
                                         self.config.train_min_rows))
             chosen = np.sort(np.random.default_rng(self.trainings).choice(size, sample_size, replace=False))

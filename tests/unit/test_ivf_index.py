@@ -358,3 +358,21 @@ def test_a_process_that_ends_does_not_wait_for_a_build():
     assert result.returncode == 0, result.stderr
     assert "ending with a build running" in result.stdout
     assert time.monotonic() - started < 30
+
+
+def test_rows_added_before_a_queued_build_starts_are_indexed_once():
+    """The build is queued at the add that reaches train_min_rows and snapshots the rows when it
+    starts: rows added in between (a recovering shard replays its log that fast) were in the
+    snapshot and in the build's journal, and were indexed twice (a search answered one id twice)."""
+    keys, queries = mixture(3000, 16, 10, seed=21), mixture(20, 16, 10, seed=22)
+    store = NeighborStore(NamespaceConfig("q", dim=16, index="ivf_flat", nlist=8, train_min_rows=1000))
+    gate = threading.Event()
+    store.ivf._worker.submit(gate.wait)  # the worker is busy: the build waits in its queue
+    store.add(keys[:1000], np.zeros(1000, np.int32))  # reaches train_min_rows: the build is queued
+    store.add(keys[1000:], np.zeros(2000, np.int32))  # before it starts
+    gate.set()
+    assert store.wait_for_index(60) and store.stats()["index_state"] == "trained"
+    assert store.ivf.index.ntotal == 3000
+    found = store.search(queries, 10, nprobe=8).ids
+    assert all(len(set(row)) == 10 for row in found.tolist()), "an id answered twice"
+    store.close()
