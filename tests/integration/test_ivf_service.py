@@ -25,7 +25,10 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
                                             train_min_rows=10_000)
     assert (config.index, config.nlist, config.pq_m, config.train_min_rows) == ("ivf_pq", 32, 16, 10_000)
     remote_client.add(namespace_name, keys[:5000], np.zeros(5000, np.int32))
-    added, answers, errors, seen = [5000], [], [], []
+    # added: rows whose Add has answered; started: rows whose Add has been sent (a search may see an
+    # Add's rows before it answers). A search answers ids below `started` read after it, and, with no
+    # Add in flight at any point of it (`added` before == `started` after), exactly over those rows.
+    added, started, answers, errors, seen = [5000], [5000], [], [], []
     done = threading.Event()
 
     def search_loop():
@@ -40,12 +43,13 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
                     return
                 seen.append(tuple(s["index_state"] for s in shards))
                 no_index_yet = all(s["index_trainings"] == 0 for s in shards)  # none was live during the search
-                answers.append((before, added[0], no_index_yet, found))
+                answers.append((before, started[0], no_index_yet, found))
 
     searcher = threading.Thread(target=search_loop)
     searcher.start()
     try:
         for start in range(5000, 50_000, 5000):
+            started[0] = start + 5000
             remote_client.add(namespace_name, keys[start:start + 5000], np.zeros(5000, np.int32))
             added[0] = start + 5000
         deadline = time.monotonic() + 120
