@@ -43,12 +43,10 @@ import torch
 from monim.datastore import NamespaceConfig, NeighborStore
 from monim.datastore.ivf_index import code_bytes
 
+from bench.search_bench import int_list
+
 SEED = 1234
 K = 10
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,10 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clusters", type=int, default=256, help="Gaussians in the mixture (default 256)")
     p.add_argument("--spread", type=float, default=0.5, help="standard deviation around a centre (default 0.5)")
     p.add_argument("--nlist", type=int, default=1024, help="inverted lists (default 1024)")
-    p.add_argument("--pq-m", type=_int_list, default=None, help="ivf_pq code bytes, comma-separated "
+    p.add_argument("--pq-m", type=int_list, default=None, help="ivf_pq code bytes, comma-separated "
                    "(default: the namespace default, and dim when dim <= 128)")
-    p.add_argument("--probes", type=_int_list, default=[32], help="nprobe values (default 32)")
-    p.add_argument("--reranks", type=_int_list, default=[0, 100], help="rerank values (default 0,100)")
+    p.add_argument("--probes", type=int_list, default=[32], help="nprobe values (default 32)")
+    p.add_argument("--reranks", type=int_list, default=[0, 100], help="rerank values (default 0,100)")
     p.add_argument("--queries", type=int, default=1000, help="queries, searched as one batch (default 1000)")
     p.add_argument("--repeats", type=int, default=5, help="timed searches per cell, best kept (default 5)")
     p.add_argument("--batch-rows", type=int, default=50_000, help="rows per add (default 50000)")

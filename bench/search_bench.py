@@ -42,7 +42,7 @@ SEED = 1234
 QUERY_NOISE = 0.1
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=100_000, help="stored entries (default 100000)")
     p.add_argument("--dim", type=int, default=768, help="key width (default 768)")
     p.add_argument("--shards", type=int, default=2, help="shard actors of the service (default 2)")
-    p.add_argument("--batches", type=_int_list, default=[1, 64, 4096], help="query batch sizes B, comma-separated")
-    p.add_argument("--ks", type=_int_list, default=[32, 1024], help="k values, comma-separated")
+    p.add_argument("--batches", type=int_list, default=[1, 64, 4096], help="query batch sizes B, comma-separated")
+    p.add_argument("--ks", type=int_list, default=[32, 1024], help="k values, comma-separated")
     p.add_argument("--repeats", type=int, default=20, help="most timed calls per cell (default 20)")
     p.add_argument("--budget-s", type=float, default=10.0, help="stop timing a cell after this many seconds (default 10)")
     p.add_argument("--device", default="cpu", help="device of the in-process store: cpu or cuda")

@@ -84,11 +84,13 @@ class ShardGroups:
         unplaced = [shard for shard in shards if not any(group.holds(shard) for group in groups)]
         for run in _runs(unplaced):
             groups.append(self._reserve(run[0], run[-1] + 1))
+        handles = {group.name: self._ray.util.get_placement_group(group.name) for group in groups
+                   if any(group.holds(shard) for shard in shards)}
         out = {}
         for shard in shards:
             group = next(group for group in groups if group.holds(shard))
             out[shard] = PlacementGroupSchedulingStrategy(
-                self._ray.util.get_placement_group(group.name), placement_group_bundle_index=shard - group.first,
+                handles[group.name], placement_group_bundle_index=shard - group.first,
                 placement_group_capture_child_tasks=False)
         return out
 
