@@ -29,7 +29,7 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
     # Add's rows before it answers). A search answers ids below `started` read after it, and, with no
     # Add in flight at any point of it (`added` before == `started` after), exactly over those rows.
     added, started, answers, errors, seen = [5000], [5000], [], [], []
-    done = threading.Event()
+    done, answered = threading.Event(), threading.Event()
 
     def search_loop():
         with MemoryClient(server_address, timeout_s=60) as reader:
@@ -44,10 +44,12 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
                 seen.append(tuple(s["index_state"] for s in shards))
                 no_index_yet = all(s["index_trainings"] == 0 for s in shards)  # none was live during the search
                 answers.append((before, started[0], no_index_yet, found))
+                answered.set()
 
     searcher = threading.Thread(target=search_loop)
     searcher.start()
     try:
+        answered.wait(60)  # one search with no Add in flight and no index: answered exactly
         for start in range(5000, 50_000, 5000):
             started[0] = start + 5000
             remote_client.add(namespace_name, keys[start:start + 5000], np.zeros(5000, np.int32))
