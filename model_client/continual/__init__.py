@@ -3,7 +3,7 @@
 A small LM is trained on day 0 (or a local Hugging Face LM is taken as it is). Then each
 day's training text arrives and five arms learn from it:
   frozen              the LM as it was after day 0, no memory
-  knnlm               the frozen LM + a kNN-LM memory: reads the day with admission (log p < -1.0);
+  knnlm               the frozen LM + a kNN-LM memory: reads the day with admission (log p < -0.8);
                       values are not used, p = lambda p_kNN + (1 - lambda) p_LM
   monim               the frozen LM + a MoNIM layer: reads the day with admission and trains the
                       memory (value rows on the store; T, lambda and the adaptive gate here) on it;

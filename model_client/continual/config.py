@@ -26,9 +26,10 @@ class ContinualConfig:
     # self-matches that held-out text never has (docs/LEARNING.md).
     epochs: int = 1
     k: int = 32
-    # The memory arms memorize the tokens whose log p < admit_below (with the memory in). -1.0 rather than
-    # -1.5: more entries help every memory arm, learned values most (docs/LEARNING.md, "Second round").
-    admit_below: float = -1.0
+    # The memory arms memorize the tokens whose log p < admit_below (with the memory in). -0.8: more entries
+    # help every memory arm (knnlm and the fixed values most); above about -0.75 the fixed values catch up
+    # with the learned ones (docs/LEARNING.md, "Second round", "Third round").
+    admit_below: float = -0.8
     # knnlm's threshold (None: admit_below). kNN-LM stores every token; a memory of hard tokens only
     # gives its p_kNN a skewed view of what follows a context (docs/LEARNING.md).
     knnlm_admit_below: float | None = None

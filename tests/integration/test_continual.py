@@ -19,8 +19,11 @@ from monim.model_client.text_data import tiny_gpt2, windows
 
 pytestmark = pytest.mark.slow
 
-# 800 day-0 steps: enough for the admission rate to fall into its range (about 57% on day 0, 76% on day 1).
-CONFIG = ContinualConfig(length=64, batch=8, day0_steps=800, k=8, memory_day_tokens=2048, eval_batch=32)
+# 800 day-0 steps: enough for the admission rate to fall into its range (about 57% on day 0, 76% on day 1)
+# at log p < -1.0. The tiny LM finds more tokens hard than the demo's: at the demo's -0.8 knnlm admits 90.4%
+# of day 1 (the demo's arms admit 47-72% a day at -0.8; docs/LEARNING.md).
+CONFIG = ContinualConfig(length=64, batch=8, day0_steps=800, k=8, memory_day_tokens=2048, eval_batch=32,
+                         admit_below=-1.0)
 SEEDS = 2
 NGRAM = 32  # a shared run of this many tokens counts as overlap
 
