@@ -832,15 +832,17 @@ class Shard:
                 found.append(step_id)
         return found
 
-    @_serialized
     def metrics(self) -> dict:
         """What the front end's metrics and health report (workers/metrics.py): per namespace its rows
         and the bytes its columns hold on the device (allocated); the bytes of the log's segments and
         the seconds since the latest snapshot was written (None without a data dir, or before the first
-        snapshot); whether the log failed (the shard then refuses writes until it restarts)."""
+        snapshot); whether the log failed (the shard then refuses writes until it restarts).
+        Without the shard's lock: health asks this every few seconds, and a shard busy with a long
+        write or search under its lock is serving, not down (tests/unit/test_shard_probe.py). The
+        figures are each read at one moment (a copy of the namespaces first), not all at the same one."""
         import pyarrow.fs as pafs
 
-        namespaces = {name: {"rows": len(store), "bytes": store.nbytes} for name, store in self.stores.items()}
+        namespaces = {name: {"rows": len(store), "bytes": store.nbytes} for name, store in dict(self.stores).items()}
         wal_bytes = snapshot_age_s = None
         if self.folder is not None:
             log_folder = self.wal.location
