@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64, help="key width (default 64)")
     p.add_argument("--clusters", type=int, default=256, help="Gaussians in the mixture (default 256)")
     p.add_argument("--spread", type=float, default=0.5, help="standard deviation around a centre (default 0.5)")
+    p.add_argument("--intrinsic-dim", type=int, default=0,
+                   help="each cluster's noise in a random subspace of this many dimensions (default 0: isotropic)")
     p.add_argument("--nlist", type=int, default=1024, help="inverted lists (default 1024)")
     p.add_argument("--pq-m", type=int_list, default=None, help="ivf_pq code bytes, comma-separated "
                    "(default: the namespace default, and dim when dim <= 128)")
@@ -70,15 +72,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def mixture(rows: int, dim: int, clusters: int, spread: float, rng: np.random.Generator, centers=None):
-    """float32 [rows, dim] from the mixture; centers float32 [clusters, dim] (made when None)."""
+def mixture(rows: int, dim: int, clusters: int, spread: float, rng: np.random.Generator, centers=None,
+            intrinsic_dim: int = 0):
+    """float32 [rows, dim] from the mixture; centers: (centres float32 [clusters, dim], each cluster's
+    basis float32 [clusters, intrinsic_dim, dim] or None), made when None. intrinsic_dim 0: isotropic
+    noise in every dimension; else each cluster's noise lies in its own random intrinsic_dim-dimensional
+    subspace (per-dimension variance spread^2 as before), plus isotropic noise 1/20 as wide: points
+    with a few degrees of freedom around each centre, as LM hidden states have."""
     if centers is None:
-        centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+        bases = None
+        if intrinsic_dim:
+            bases = (rng.standard_normal((clusters, intrinsic_dim, dim)) / np.sqrt(intrinsic_dim)).astype(np.float32)
+        centers = (rng.standard_normal((clusters, dim)).astype(np.float32), bases)
+    means, bases = centers
     labels = rng.integers(0, clusters, rows)
     points = np.empty((rows, dim), np.float32)
-    for start in range(0, rows, 1 << 16):  # bounded float64 temporaries
-        stop = min(rows, start + (1 << 16))
-        points[start:stop] = centers[labels[start:stop]] + spread * rng.standard_normal((stop - start, dim))
+    if bases is None:
+        for start in range(0, rows, 1 << 16):  # bounded float64 temporaries
+            stop = min(rows, start + (1 << 16))
+            points[start:stop] = means[labels[start:stop]] + spread * rng.standard_normal((stop - start, dim))
+        return points, centers
+    for cluster in range(clusters):
+        members = np.flatnonzero(labels == cluster)
+        local = rng.standard_normal((members.size, bases.shape[1]), dtype=np.float32) @ bases[cluster]
+        local += 0.05 * rng.standard_normal((members.size, dim), dtype=np.float32)
+        points[members] = means[cluster] + spread * local
     return points, centers
 
 
@@ -114,13 +132,14 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rng = np.random.default_rng(SEED)
-    keys, centers = mixture(args.rows, args.dim, args.clusters, args.spread, rng)
+    keys, centers = mixture(args.rows, args.dim, args.clusters, args.spread, rng, intrinsic_dim=args.intrinsic_dim)
     queries, _ = mixture(args.queries, args.dim, args.clusters, args.spread, rng, centers)
     train_min_rows = args.train_min_rows or args.rows
     pq_ms = args.pq_m or sorted({NamespaceConfig("p", dim=args.dim, index="ivf_pq").pq_m}
                                 | ({args.dim} if args.dim <= 128 else set()))
     print(f"# python -m bench.ivf_bench {shlex.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"# {args.rows:,} x {args.dim} keys, {args.clusters} Gaussians (spread {args.spread}), "
+    print(f"# {args.rows:,} x {args.dim} keys, {args.clusters} Gaussians (spread {args.spread}, "
+          f"{'noise in every dimension' if not args.intrinsic_dim else f'noise in {args.intrinsic_dim} dimensions'}), "
           f"{args.queries} queries at k={K}; nlist {args.nlist}; device {args.device}; "
           f"torch threads {torch.get_num_threads()}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs")

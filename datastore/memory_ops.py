@@ -58,6 +58,12 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
     return out
 
 
+def weighted_rows(alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """m float32 [B, width] = sum_i alpha_bi rows_bi: alpha float32 [B, k], rows float32 [B, k, width]
+    (the neighbours' value rows, as a search returns them; alpha is 0 at empty slots)."""
+    return np.matmul(alpha[:, None, :], rows)[:, 0].astype(np.float32, copy=False)
+
+
 @dataclasses.dataclass
 class BackwardPartials:
     """Sums over the slots one shard holds (a: alpha, gv: g.v_i, d: distance, k: key).

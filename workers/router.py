@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 120.0
 # A Retrieve whose rows are deleted between its search and its value sum searches again, this often.
 RETRIEVE_ATTEMPTS = 3
+# A Retrieve whose neighbours' value rows take at most this many bytes (B * k * value_dim * 4) reads
+# them with the search, in one round to the shards (a decoding step: B=1, k=32 is 96 KiB); a larger
+# one sums alpha_i v_i on the shards, in a second round (B=4096, k=1024 would move 12 GiB).
+ONE_ROUND_VALUE_BYTES = 8 << 20
 # How long DescribeNamespace waits for a shard before it reports it as recovering.
 DESCRIBE_WAIT_S = 2.0
 # A call refused for a placement change (a reshard's batch) waits this long, doubling up to the max,
@@ -402,10 +406,12 @@ class Router:
                  generation: int = 0, keep_state: bool = False, nprobe: int = 0, rerank: int = 0) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
-        every shard sums alpha_i v_i over its own ids; add the partial sums. If a row went between
-        the two rounds (a shard answers NOT_FOUND), the forward starts again: m is never a sum
-        with a neighbour silently missing. keep_state: the queries, ids, alpha, distances and
-        temperature stay here under result.handle, for a backward that sends only grad_memory.
+        then m = sum alpha_i v_i: from the value rows the search brought along (one round, when they
+        take at most ONE_ROUND_VALUE_BYTES), else every shard sums alpha_i v_i over its own ids and
+        the partial sums are added. If a row went between those two rounds (a shard answers
+        NOT_FOUND), the forward starts again: m is never a sum with a neighbour silently missing.
+        keep_state: the queries, ids, alpha, distances and temperature stay here under
+        result.handle, for a backward that sends only grad_memory.
         nprobe, rerank: as in search (an ivf namespace's search; its distances enter alpha)."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
@@ -413,14 +419,20 @@ class Router:
         queries = validation.check_vectors(queries, config.dim, "queries")
         validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
                                         rerank)
+        one_round = queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
         for _ in range(RETRIEVE_ATTEMPTS):
-            found = self._search(config, queries, k, return_weights=True, nprobe=nprobe, rerank=rerank)
+            found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
+                                 rerank=rerank)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
-            try:
-                memory = sum(self._round(functools.partial(self._value_sum_calls, namespace, config.generation,
-                                                           found.ids, alpha)))
-            except IdsNotFound:
-                continue
+            if one_round:  # the values came with the neighbours, from the same hold of each shard's lock
+                memory = memory_ops.weighted_rows(alpha, found.values)
+                found.values = None
+            else:
+                try:
+                    memory = sum(self._round(functools.partial(self._value_sum_calls, namespace, config.generation,
+                                                               found.ids, alpha)))
+                except IdsNotFound:
+                    continue
             handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
                                         temperature) if keep_state else ""
             return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,

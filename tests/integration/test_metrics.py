@@ -217,9 +217,12 @@ def test_health_turns_not_serving_when_a_shard_dies(deployment):
 
 
 def test_a_hung_shard_never_holds_a_scrape_up_and_health_recovers(deployment):
+    """A shard that takes calls but never answers them (a hung process). A shard merely busy under its
+    lock still answers health: tests/unit/test_shard_probe.py."""
     create(deployment, "hang")
     shard = deployment.runtime.shards[0]
-    shard._lock.acquire()  # shard 0 stops answering: every call to it waits
+    answer = threading.Event()
+    shard.metrics = lambda: answer.wait(30) and {}  # shard 0 stops answering
     try:
         started = time.monotonic()
         samples = deployment.scrape()
@@ -229,7 +232,8 @@ def test_a_hung_shard_never_holds_a_scrape_up_and_health_recovers(deployment):
         assert {labels["shard"] for labels, _ in samples["monim_namespace_rows"]} == {"1"}
         wait_for_health(deployment, NOT_SERVING, within_s=PROBE_WAIT_S + 3)
     finally:
-        shard._lock.release()
+        del shard.metrics
+        answer.set()
     wait_for_health(deployment, SERVING, within_s=PROBE_WAIT_S + 3)
 
 

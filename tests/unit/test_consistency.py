@@ -26,6 +26,7 @@ from monim.protos.errors import (
     ShardUnavailable,
     Unavailable,
 )
+from monim.workers import router as router_module
 from monim.workers.registry import NamespaceRegistry
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
@@ -190,7 +191,8 @@ def delete_first_held_id(runtime, shard, methods, result_holder):
     runtime.shards[shard] = Hooked(inner, before)
 
 
-def test_a_row_deleted_between_search_and_value_sum_never_leaves_a_hole_in_the_memory():
+def test_a_row_deleted_between_search_and_value_sum_never_leaves_a_hole_in_the_memory(monkeypatch):
+    monkeypatch.setattr(router_module, "ONE_ROUND_VALUE_BYTES", 0)  # the two-round forward: its race
     router, runtime = make_router()
     keys, tokens, values = rows()
     router.add("ns", keys, tokens, values=values)
@@ -200,6 +202,27 @@ def test_a_row_deleted_between_search_and_value_sum_never_leaves_a_hole_in_the_m
     assert deleted and deleted[0] not in result.ids
     current = router.get("ns", result.ids.reshape(-1)).values.reshape(result.ids.shape + (VALUE_DIM,))
     np.testing.assert_allclose(result.memory, (result.alpha[..., None] * current).sum(1), atol=1e-5)
+
+
+def test_a_small_retrieve_reads_the_values_with_the_search_in_one_round(monkeypatch):
+    """Decoding (small B x k): the value rows come with the search, from the same hold of each shard's
+    lock, so no shard is called twice and no delete can fall between two rounds; m is the same as the
+    two-round forward's."""
+    router, runtime = make_router()
+    keys, tokens, values = rows()
+    router.add("ns", keys, tokens, values=values)
+    calls = []
+    for shard in range(runtime.num_shards):
+        runtime.shards[shard] = Hooked(runtime.shards[shard], lambda method, args: calls.append(method))
+    one = router.retrieve("ns", queries(), K, 1.0)
+    assert calls.count("search") == runtime.num_shards and "value_sum" not in calls
+    monkeypatch.setattr(router_module, "ONE_ROUND_VALUE_BYTES", 0)
+    two = router.retrieve("ns", queries(), K, 1.0)
+    assert "value_sum" in calls
+    np.testing.assert_array_equal(one.ids, two.ids)
+    np.testing.assert_allclose(one.memory, two.memory, rtol=1e-6, atol=1e-7)
+    stored_values = router.get("ns", one.ids.reshape(-1)).values.reshape(one.ids.shape + (VALUE_DIM,))
+    np.testing.assert_allclose(one.memory, (one.alpha[..., None] * stored_values).sum(1), atol=1e-6)
 
 
 def test_a_row_deleted_during_the_backward_fails_it_and_steps_nothing():

@@ -70,8 +70,11 @@ def test_concurrent_searches_of_every_size_agree(data):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("block_bytes", [None, 4 * 40 * 1000])  # one chunk; 1024-row chunks
-def test_torch_kernel_one_or_many_chunks(data, metric, block_bytes, monkeypatch):
+@pytest.mark.parametrize("first_chunk", [None, 64])  # chunks of the block's size; 400, 400, 800, 1024, ...
+def test_torch_kernel_one_or_many_chunks(data, metric, block_bytes, first_chunk, monkeypatch):
     keys, queries = data
+    assert queries.shape[0] >= flat_index.FIRST_CHUNK_MIN_BATCH  # the batch that takes a small first chunk
+    monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", first_chunk)
     if block_bytes is not None:
         monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
     k = torch.from_numpy(keys)
@@ -105,10 +108,20 @@ def check_torch_kernel_on_rows_in_order_of_distance(device: str, metric: str, k:
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [1, 200])
-def test_torch_kernel_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
+@pytest.mark.parametrize("first_chunk", [None, 64])
+def test_torch_kernel_when_every_chunk_holds_better_rows(metric, k, first_chunk, monkeypatch):
     """Later chunks are filtered by the best distances so far; with rows stored nearest last, every
     chunk passes more than the filter takes, and the kernel falls back to a top-k of the chunk."""
+    monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", first_chunk)
     check_torch_kernel_on_rows_in_order_of_distance("cpu", metric, k, monkeypatch)
+
+
+def test_chunk_bounds_start_small_and_double_for_a_large_batch(monkeypatch):
+    monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", 100)
+    bounds = list(flat_index._chunk_bounds(2000, 1024, keep=10, batch=64))
+    assert bounds == [(0, 100), (100, 200), (200, 400), (400, 800), (800, 1600), (1600, 2000)]
+    assert list(flat_index._chunk_bounds(2000, 1024, keep=10, batch=1)) == [(0, 1024), (1024, 2000)]
+    assert list(flat_index._chunk_bounds(2000, 1024, keep=50, batch=64))[0] == (0, 400)  # >= 8 keep
 
 
 @pytest.mark.parametrize("block_bytes", [None, 4 * 40 * 1000])

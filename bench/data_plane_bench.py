@@ -1,0 +1,328 @@
+"""The data plane: the in-process store against the service, every row of issue 12's table in one run.
+
+On ONE random data set (``--rows`` float32 keys of width ``--dim``, values of width ``--value-dim``,
+fixed seed; queries are stored keys plus noise), loaded into two stores:
+
+  in-process  MemoryClient(":memory:", device=--device): the router over one shard in this process
+              (the same validation and arithmetic as a shard of the service, no network);
+  service     MemoryClient(address) -> gRPC -> router -> ``--shards`` Ray shard actors (a GPU each
+              where the machine has as many), all started in this process by EmbeddedStore,
+
+it measures, each cell on both back to back:
+
+  add         rows/s of Add with values (the load itself) and of keys only (--keys-only-rows)
+  search      q/s at B in --batches and k in --ks
+  decode      one generated token's read, B=1 k=32: Search and Retrieve p50 / p99, as calls and
+              (service) as steps of one Decode stream
+  learn       Retrieve(keep_state) + RetrieveBackward against Search at B=4096 (the training step)
+  apply       ApplyGradients (Adam) rows/s at --apply-rows, and one ApplyGradients larger than a
+              gRPC message (--big-apply-rows x value_dim, split by the client)
+  lm          greedy decoding of a GPT-2-size LM (random init, 124M, built here: nothing is
+              downloaded) bare and with attach_monim in MoNIM and kNN-LM mode, ms per token
+
+    python -m bench.data_plane_bench --device cuda --rows 1000000 --shards 1
+    python -m bench.data_plane_bench --rows 20000 --lm-size tiny     # a quick check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench.search_bench import int_list, same_neighbours
+
+NAMESPACE = "bench-plane"
+SEED = 2024
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.data_plane_bench", description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--value-dim", type=int, default=768)
+    p.add_argument("--shards", type=int, default=1, help="service shard actors (default 1)")
+    p.add_argument("--device", default="cpu", help="the in-process store's device: cpu or cuda")
+    p.add_argument("--batches", type=int_list, default=[1, 64, 4096])
+    p.add_argument("--ks", type=int_list, default=[32, 1024])
+    p.add_argument("--learn-batch", type=int, default=4096, help="B of the training-step cells")
+    p.add_argument("--decode-steps", type=int, default=300, help="tokens of the B=1 decode cells")
+    p.add_argument("--apply-rows", type=int, default=65_536, help="rows per ApplyGradients in the rate cell")
+    p.add_argument("--big-apply-rows", type=int, default=131_072, help="one ApplyGradients past the message limit")
+    p.add_argument("--keys-only-rows", type=int, default=100_000)
+    p.add_argument("--lm-size", choices=("gpt2", "tiny", "none"), default="gpt2")
+    p.add_argument("--lm-tokens", type=int, default=64, help="tokens generated per decode")
+    p.add_argument("--repeats", type=int, default=10, help="most timed calls per cell")
+    p.add_argument("--budget-s", type=float, default=4.0, help="stop timing a cell after this long")
+    p.add_argument("--json", metavar="PATH")
+    return p.parse_args(argv)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(call, repeats: int, budget_s: float) -> list[float]:
+    """One warm-up call, then seconds per call of up to ``repeats`` calls within ``budget_s``."""
+    call()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < max(1, repeats) and (not times or time.perf_counter() - started < budget_s):
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def p50(times) -> float:
+    return float(np.median(times))
+
+
+def make_data(args):
+    rng = np.random.default_rng(SEED)
+    keys = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
+    values = 0.02 * rng.standard_normal((args.rows, args.value_dim), dtype=np.float32)
+    tokens = rng.integers(0, 50_257, args.rows)
+    picks = rng.integers(0, args.rows, max(*args.batches, args.learn_batch, args.decode_steps))
+    queries = keys[picks] + 0.1 * rng.standard_normal((len(picks), args.dim), dtype=np.float32)
+    return rng, keys, values, tokens, queries
+
+
+def create(client, name, args):
+    client.create_namespace(name, dim=args.dim, value_dim=args.value_dim, max_k=max(args.ks), optimizer="adam",
+                            lr=1e-3)
+
+
+def load(client, name, keys, tokens, values, chunk: int = 65_536) -> float:
+    """Adds every row in chunks; returns rows/s."""
+    sync()
+    t0 = time.perf_counter()
+    for start in range(0, len(keys), chunk):
+        part = slice(start, start + chunk)
+        client.add(name, keys[part], tokens[part], values=None if values is None else values[part])
+    sync()
+    return len(keys) / (time.perf_counter() - t0)
+
+
+class Table:
+    """Rows of (what, in-process, service, service/in-process, goal), printed as they come and at the end."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, what: str, local: str, service: str, ratio: str = "", goal: str = "", **numbers):
+        row = dict(what=what, local=local, service=service, ratio=ratio, goal=goal, numbers=numbers)
+        self.rows.append(row)
+        print(f"  {what}: in-process {local} | service {service} {ratio} (goal {goal or '-'})", flush=True)
+
+    def render(self) -> str:
+        head = ("what", "in-process", "through the service", "svc/in", "goal (service)")
+        cells = [head] + [(r["what"], r["local"], r["service"], r["ratio"], r["goal"]) for r in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
+        lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def search_cells(table, local, remote, queries, args):
+    for k in args.ks:
+        qps, ratios = {}, []
+        for batch in args.batches:
+            q = queries[:batch]
+            for name, client in (("in", local), ("svc", remote)):
+                times = timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s)
+                qps[name, batch] = batch * len(times) / sum(times)
+            a, b = client_first(local, q, k), client_first(remote, q, k)
+            if not same_neighbours(a, b):
+                print(f"WARNING: B={batch} k={k}: the first query's neighbours differ")
+            ratios.append(qps["svc", batch] / qps["in", batch])
+        fmt = " / ".join
+        table.add(f"Search q/s, B={'/'.join(map(str, args.batches))}, k={k}",
+                  fmt(f"{qps['in', b]:,.0f}" for b in args.batches), fmt(f"{qps['svc', b]:,.0f}" for b in args.batches),
+                  "(" + fmt(f"{r:.2f}" for r in ratios) + "x)", ">= 0.8x in every cell",
+                  qps={f"{n}_B{b}": v for (n, b), v in qps.items()})
+
+
+def client_first(client, q, k):
+    found = client.search(NAMESPACE, q[:1], k)
+    return found.ids[0], found.distances[0]
+
+
+def decode_cells(table, local, remote, queries, args):
+    """B=1, k=32, one read per token, round by round so that all ways see the same load."""
+    steps = [queries[i:i + 1] for i in range(args.decode_steps)]
+    with remote.decode() as stream:
+        ways = {("search", "in"): lambda q: local.search(NAMESPACE, q, 32),
+                ("search", "calls"): lambda q: remote.search(NAMESPACE, q, 32),
+                ("search", "stream"): lambda q: stream.search(NAMESPACE, q, 32),
+                ("retrieve", "in"): lambda q: local.retrieve(NAMESPACE, q, 32, 1.0),
+                ("retrieve", "calls"): lambda q: remote.retrieve(NAMESPACE, q, 32, 1.0),
+                ("retrieve", "stream"): lambda q: stream.retrieve(NAMESPACE, q, 32, 1.0)}
+        for call in ways.values():
+            for q in steps[:10]:
+                call(q)
+        times = {way: [] for way in ways}
+        for q in steps:
+            for way, call in ways.items():
+                t0 = time.perf_counter()
+                call(q)
+                times[way].append(time.perf_counter() - t0)
+
+    def pct(way):
+        return 1e3 * np.percentile(times[way], 50), 1e3 * np.percentile(times[way], 99)
+
+    for read, goal in (("search", "<= 1.0 / 2.0 ms"), ("retrieve", "<= 1.5 / 3.0 ms")):
+        local_p = pct((read, "in"))
+        call_p, stream_p = pct((read, "calls")), pct((read, "stream"))
+        table.add(f"decode: {read.capitalize()} B=1 k=32, p50 / p99", f"{local_p[0]:.2f} / {local_p[1]:.2f} ms",
+                  f"stream {stream_p[0]:.2f} / {stream_p[1]:.2f} ms (calls {call_p[0]:.2f} / {call_p[1]:.2f})",
+                  "", goal, in_process_ms=local_p, calls_ms=call_p, stream_ms=stream_p)
+
+
+def learn_cells(table, local, remote, queries, rng, args):
+    q = queries[:args.learn_batch]
+    grad = rng.standard_normal((len(q), args.value_dim), dtype=np.float32)
+    for k, goal in zip(args.ks, ("<= 1.3x (in-process too)", "<= 1.5x (in-process too)")):
+        ratio = {}
+        for name, client in (("in", local), ("svc", remote)):
+            search = p50(timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s))
+
+            def step():
+                r = client.retrieve(NAMESPACE, q, k, 1.0, keep_state=True)
+                client.retrieve_backward(NAMESPACE, r, grad)
+            both = p50(timed(step, args.repeats, args.budget_s))
+            ratio[name] = (both / search, both, search)
+        table.add(f"Retrieve+backward / Search, B={len(q)}, k={k}",
+                  f"{ratio['in'][0]:.2f}x ({1e3 * ratio['in'][1]:.1f} / {1e3 * ratio['in'][2]:.1f} ms)",
+                  f"{ratio['svc'][0]:.2f}x ({1e3 * ratio['svc'][1]:.1f} / {1e3 * ratio['svc'][2]:.1f} ms)", "", goal,
+                  in_process=ratio["in"], through_service=ratio["svc"])
+
+
+def apply_cells(table, local, remote, rng, args):
+    n = min(args.apply_rows, args.rows)
+    ids = rng.choice(args.rows, n, replace=False).astype(np.int64)
+    grads = rng.standard_normal((n, args.value_dim), dtype=np.float32)
+    rate = {}
+    for name, client in (("in", local), ("svc", remote)):
+        rate[name] = n / p50(timed(lambda: client.apply_gradients(NAMESPACE, ids, grads), args.repeats,
+                                   args.budget_s))
+    table.add(f"ApplyGradients (Adam) of {n:,} rows, rows/s", f"{rate['in']:,.0f}", f"{rate['svc']:,.0f}",
+              f"({rate['svc'] / rate['in']:.2f}x)", ">= 0.5x in-process", **rate)
+    big = min(args.big_apply_rows, args.rows)
+    ids = rng.choice(args.rows, big, replace=False).astype(np.int64)
+    grads = rng.standard_normal((big, args.value_dim), dtype=np.float32)
+    t0 = time.perf_counter()
+    try:
+        remote.apply_gradients(NAMESPACE, ids, grads)
+        outcome = f"ok, {time.perf_counter() - t0:.2f} s ({grads.nbytes / 1e6:,.0f} MB)"
+    except Exception as e:  # the cell reports what a user would see
+        outcome = f"fails: {type(e).__name__} {str(e)[:80]}"
+    table.add(f"ApplyGradients of {big:,} x {args.value_dim} through the client", "ok", outcome, "",
+              "any size works (split)")
+
+
+def lm_cells(table, local, remote, args):
+    from monim.model_client.hf import attach_monim
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    sizes = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "tiny": dict(n_layer=2, n_head=4, n_embd=args.dim)}
+    torch.manual_seed(SEED)
+    model = GPT2LMHeadModel(GPT2Config(**sizes[args.lm_size], vocab_size=50_257)).to(args.device).eval()
+    if model.config.n_embd != args.dim or args.value_dim != args.dim:
+        print(f"lm: skipped (the LM's width {model.config.n_embd} must equal --dim and --value-dim)")
+        return
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    prompt = torch.randint(0, 50_257, (1, 32), device=args.device)
+
+    def run():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=args.lm_tokens, min_new_tokens=args.lm_tokens, do_sample=False,
+                           pad_token_id=0)
+
+    def per_token(mode=None, client=None) -> float:
+        handle = None if mode is None else attach_monim(model, client, NAMESPACE, k=32, mode=mode)
+        try:
+            run()  # warm-up (a Decode stream opens here)
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            return (time.perf_counter() - t0) / args.lm_tokens
+        finally:
+            if handle is not None:
+                handle.detach()
+
+    # Round by round (bare, then each memory way), so that the GPU's clocks and a noisy host weigh on all
+    # alike; the median of the rounds.
+    ways = [(None, None, None)] + [(mode, name, client) for mode in ("monim", "knnlm")
+                                   for name, client in (("in", local), ("svc", remote))]
+    times = {(mode, name): [] for mode, name, _ in ways}
+    for _ in range(5):
+        for mode, name, client in ways:
+            times[mode, name].append(per_token(mode, client))
+    bare = float(np.median(times[None, None]))
+    costs = {(mode, name): float(np.median(times[mode, name])) for mode, name, _ in ways if mode}
+    label = "GPT-2-size" if args.lm_size == "gpt2" else "tiny GPT-2"
+    table.add(f"{label} ({params:.0f}M, random init) greedy decode, vs bare {1e3 * bare:.2f} ms/token",
+              " / ".join(f"{m} {costs[m, 'in'] / bare:.2f}x" for m in ("monim", "knnlm")),
+              " / ".join(f"{m} {costs[m, 'svc'] / bare:.2f}x" for m in ("monim", "knnlm")), "", "<= 1.25x",
+              bare_s=bare, **{f"{m}_{n}_s": v for (m, n), v in costs.items()})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from monim.model_client.client import MemoryClient
+    from monim.workers.embedded import EmbeddedStore
+
+    command = "python -m bench.data_plane_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "no GPU"
+    print(f"# {command}")
+    print(f"# {args.rows:,} x {args.dim} keys, value_dim {args.value_dim}; in-process on {args.device} ({gpu}); "
+          f"service: {args.shards} shard(s); {os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}")
+    began = time.perf_counter()
+    rng, keys, values, tokens, queries = make_data(args)
+    table = Table()
+    with contextlib.ExitStack() as stack:
+        local = stack.enter_context(MemoryClient(":memory:", device=args.device))
+        service = stack.enter_context(EmbeddedStore(shards=args.shards, num_cpus=max(4, 2 * args.shards)))
+        remote = stack.enter_context(MemoryClient(service.address, timeout_s=600))
+        rate = {}
+        for name, client in (("in", local), ("svc", remote)):
+            create(client, NAMESPACE, args)
+            rate[name] = load(client, NAMESPACE, keys, tokens, values)
+            only = min(args.keys_only_rows, args.rows)
+            client.create_namespace("keys-only", dim=args.dim)
+            rate[name, "keys"] = load(client, "keys-only", keys[:only], tokens[:only], None)
+            client.drop_namespace("keys-only")
+        shards = remote.describe_namespace(NAMESPACE).shards
+        print("service shards: " + ", ".join(f"{s['shard']}: {s['rows']:,} rows on {s['device']} ({s['backend']})"
+                                             for s in shards))
+        table.add(f"Add of {args.dim}-d rows with values, rows/s (keys only)",
+                  f"{rate['in']:,.0f} ({rate['in', 'keys']:,.0f})", f"{rate['svc']:,.0f} ({rate['svc', 'keys']:,.0f})",
+                  f"({rate['svc'] / rate['in']:.2f}x)", ">= 200k", rates={str(k): v for k, v in rate.items()})
+        search_cells(table, local, remote, queries, args)
+        decode_cells(table, local, remote, queries, args)
+        learn_cells(table, local, remote, queries, rng, args)
+        apply_cells(table, local, remote, rng, args)
+        if args.lm_size != "none":
+            lm_cells(table, local, remote, args)
+    print(f"\n# total {time.perf_counter() - began:.0f} s\n")
+    print(table.render())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "rows": table.rows}, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The health watch's probe (workers/frontend.py ShardProbe) on in-process shards: a shard that is busy
+is not a shard that is down.
+
+A long write or a large search holds a shard's lock for seconds (an Add of 65,536 x 768 rows with
+values on a CPU shard, a B=4096, k=1024 search); health used to ask each shard for its metrics under
+that lock, so a busy shard read as "unavailable" and the server answered NOT_SERVING to load
+balancers and readiness probes for as long as the load lasted (seen in `monim serve`'s log:
+"health: NOT_SERVING (shard states: 0: unavailable)" flipping during a bulk load).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from monim.datastore import NamespaceConfig
+from monim.workers.frontend import ShardProbe
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+
+
+def test_a_shard_busy_under_its_lock_still_reads_as_serving_with_its_metrics():
+    runtime = LocalRuntime(1)
+    router = Router(runtime)
+    router.create_namespace(NamespaceConfig("ns", dim=4))
+    router.add("ns", np.ones((3, 4), np.float32), np.zeros(3, np.int64))
+    probe = ShardProbe(router, wait_s=0.3)
+    held, release = threading.Event(), threading.Event()
+
+    def long_write():  # what a long Add or search does: the shard's lock, held for a while
+        with runtime.shards[0]._lock:
+            held.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=long_write)
+    writer.start()
+    try:
+        assert held.wait(5)
+        started = time.monotonic()
+        [shard] = probe.poll()
+        assert time.monotonic() - started < 2.0
+        assert shard["state"] == "serving", shard
+        assert shard["namespaces"]["ns"]["rows"] == 3
+    finally:
+        release.set()
+        writer.join()
+        probe.close()
+
+
+def test_a_shard_that_does_not_answer_still_reads_as_unavailable():
+    runtime = LocalRuntime(1)
+    router = Router(runtime)
+    probe = ShardProbe(router, wait_s=0.3)
+    stuck = threading.Event()
+    runtime.shards[0].metrics = lambda: stuck.wait(10)  # a process that takes calls but never answers
+    try:
+        [shard] = probe.poll()
+        assert shard == {"shard": 0, "state": "unavailable"}
+    finally:
+        stuck.set()
+        probe.close()
