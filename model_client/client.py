@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 from monim.model_client.errors import error_from_rpc
-from monim.protos import convert, validation
+from monim.protos import convert, framing, validation
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW, NamespaceConfig, OptimizerConfig
@@ -34,6 +34,8 @@ from monim.protos.errors import (
     Unavailable,
 )
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 
 IN_PROCESS = ":memory:"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -113,15 +115,30 @@ class _RemoteStore:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         self.tls = credentials is not None
         self.stub = pb_grpc.MemoryServiceStub(self.channel)
+        self._framed_calls: dict = {}
         self.timeout_s = timeout_s
         # Sent with each call rather than as call credentials, which gRPC allows on TLS channels only.
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, tensors: dict | None = None):
+        """One RPC. tensors: the request's Tensor fields (name -> array, None: unset), serialized with
+        one copy of their bytes (protos/framing.py) rather than through the message."""
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+            if tensors is None:
+                return getattr(self.stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+            return self._framed(method)(framing.serialized_request(request, tensors), timeout=self.timeout_s,
+                                        metadata=self.metadata)
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.tls) from None
+
+    def _framed(self, method: str):
+        """The method's callable over this channel taking an already serialized request."""
+        callable_ = self._framed_calls.get(method)
+        if callable_ is None:
+            reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
+            callable_ = self._framed_calls[method] = self.channel.unary_unary(
+                f"/{_SERVICE.full_name}/{method}", request_serializer=None, response_deserializer=reply.FromString)
+        return callable_
 
     def create_namespace(self, config, request_id=""):
         request = pb.CreateNamespaceRequest(config=convert.config_to_proto(config), request_id=request_id)
@@ -143,51 +160,44 @@ class _RemoteStore:
 
     def add(self, namespace, keys, tokens, values=None, weights=None, source="", logp=None,
             admit_below=DEFAULT_ADMIT_BELOW, merge_eps=0.0, *, request_id="", generation=0):
-        request = pb.AddRequest(namespace=namespace, keys=convert.tensor_to_proto(keys),
-                                tokens=convert.tensor_to_proto(tokens), source=source, admit_below=admit_below,
-                                merge_eps=merge_eps, request_id=request_id, generation=generation)
-        for name, array in (("values", values), ("weights", weights), ("logp", logp)):
-            if array is not None:
-                getattr(request, name).CopyFrom(convert.tensor_to_proto(array))
-        return convert.add_result_from_proto(self._call("Add", request))
+        request = pb.AddRequest(namespace=namespace, source=source, admit_below=admit_below, merge_eps=merge_eps,
+                                request_id=request_id, generation=generation)
+        tensors = dict(keys=keys, tokens=tokens, values=values, weights=weights, logp=logp)
+        return convert.add_result_from_proto(self._call("Add", request, tensors))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
                generation=0, nprobe=0, rerank=0):
-        request = pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
-                                   return_keys=return_keys, return_values=return_values,
+        request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank)
-        return convert.search_result_from_proto(self._call("Search", request))
+        return convert.search_result_from_proto(self._call("Search", request, dict(queries=queries)))
 
     def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
-        request = pb.GetRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
-                                return_optimizer_state=return_optimizer_state, generation=generation)
-        return convert.rows_from_proto(self._call("Get", request))
+        request = pb.GetRequest(namespace=namespace, return_optimizer_state=return_optimizer_state,
+                                generation=generation)
+        return convert.rows_from_proto(self._call("Get", request, dict(ids=ids)))
 
     def delete(self, namespace, ids=None, source=None, *, request_id="", generation=0):
         request = pb.DeleteRequest(namespace=namespace, request_id=request_id, generation=generation)
         if source is not None:
             request.source = source  # explicit presence: "" (untagged rows) is not "unset"
-        if ids is not None:
-            request.ids.CopyFrom(convert.tensor_to_proto(ids))
-        return self._call("Delete", request).deleted
+        return self._call("Delete", request, dict(ids=ids)).deleted
 
     def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0):
-        request = pb.RetrieveRequest(namespace=namespace, queries=convert.tensor_to_proto(queries), k=k,
-                                     temperature=temperature, generation=generation, keep_state=keep_state,
-                                     nprobe=nprobe, rerank=rerank)
-        return convert.retrieve_result_from_proto(self._call("Retrieve", request), queries, temperature)
+        request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
+                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+        return convert.retrieve_result_from_proto(self._call("Retrieve", request, dict(queries=queries)), queries,
+                                                  temperature)
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
                           generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0):
         request = pb.RetrieveBackwardRequest(
-            namespace=namespace, grad_memory=convert.tensor_to_proto(grad_memory), temperature=temperature,
-            generation=generation, step_id=step_id, part=part, defer_step=defer_step, handle=handle,
-            row_offset=row_offset)
+            namespace=namespace, temperature=temperature, generation=generation, step_id=step_id, part=part,
+            defer_step=defer_step, handle=handle, row_offset=row_offset)
+        tensors = dict(grad_memory=grad_memory)
         if not handle:  # else the front end has the forward's arrays
-            for name, array in (("queries", queries), ("ids", ids), ("alpha", alpha), ("distances", distances)):
-                convert.fill_tensor(getattr(request, name), array)
-        response = self._call("RetrieveBackward", request)
+            tensors.update(queries=queries, ids=ids, alpha=alpha, distances=distances)
+        response = self._call("RetrieveBackward", request, tensors)
         return convert.tensor_from_proto(response.grad_queries, "grad_queries"), response.grad_temperature
 
     def commit_step(self, namespace, step_id, *, generation=0):
@@ -199,10 +209,9 @@ class _RemoteStore:
 
     def apply_gradients(self, namespace, ids, grads, *, request_id="", generation=0, step_id="", part=0,
                         defer_step=False):
-        request = pb.ApplyGradientsRequest(namespace=namespace, ids=convert.tensor_to_proto(ids),
-                                           grads=convert.tensor_to_proto(grads), request_id=request_id,
-                                           generation=generation, step_id=step_id, part=part, defer_step=defer_step)
-        return self._call("ApplyGradients", request).rows_updated
+        request = pb.ApplyGradientsRequest(namespace=namespace, request_id=request_id, generation=generation,
+                                           step_id=step_id, part=part, defer_step=defer_step)
+        return self._call("ApplyGradients", request, dict(ids=ids, grads=grads)).rows_updated
 
     def create_snapshot(self, location, namespace=""):
         response = self._call("CreateSnapshot", pb.CreateSnapshotRequest(location=location, namespace=namespace))

@@ -29,14 +29,10 @@ MAX_TENSOR_DIMS = 32
 MAX_TENSOR_SPAN_BYTES = 2**31
 
 
-def fill_tensor(target: pb.Tensor, array) -> pb.Tensor:
-    """Writes a numpy array or torch tensor into the Tensor message ``target`` in place (float64 is
-    sent as float32); returns ``target``.
-
-    Filling the parent message's own field costs one copy of the data into the message (after the
-    one into ``bytes``, which protobuf requires); building a Tensor and assigning it with
-    CopyFrom or a constructor argument would copy the data once more.
-    """
+def wire_array(array) -> tuple[str, np.ndarray]:
+    """(dtype name, numpy array in the wire's byte order) of what a Tensor carries: a torch tensor
+    comes to the host, float64 goes as float32 (not necessarily contiguous: tobytes() and
+    protos/framing.py each make one C-order copy). INVALID_ARGUMENT for a dtype that cannot travel."""
     if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
@@ -45,11 +41,24 @@ def fill_tensor(target: pb.Tensor, array) -> pb.Tensor:
     name = array.dtype.name
     if name not in WIRE_DTYPES:
         raise InvalidArgument(f"dtype {name} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
+    # astype only copies for a big-endian array.
+    return name, array.astype(WIRE_DTYPES[name], copy=False)
+
+
+def fill_tensor(target: pb.Tensor, array) -> pb.Tensor:
+    """Writes a numpy array or torch tensor into the Tensor message ``target`` in place (float64 is
+    sent as float32); returns ``target``.
+
+    Filling the parent message's own field costs one copy of the data into the message (after the
+    one into ``bytes``, which protobuf requires); building a Tensor and assigning it with
+    CopyFrom or a constructor argument would copy the data once more. A request the client sends
+    goes through protos/framing.py instead, which copies each tensor's bytes once.
+    """
+    name, array = wire_array(array)
     target.dtype = name
     del target.shape[:]
     target.shape.extend(array.shape)
-    # tobytes() writes C order whatever the layout; astype only copies for a big-endian array.
-    target.data = array.astype(WIRE_DTYPES[name], copy=False).tobytes()
+    target.data = array.tobytes()  # C order whatever the layout
     return target
 
 
