@@ -22,7 +22,7 @@ from monim.datastore.id_map import ABSENT, IdMap
 _MIN_CAPACITY = 1024
 
 
-def _source_tensor(array: np.ndarray) -> torch.Tensor:
+def source_tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor over an array that is only read from. Arrays replayed from the log or handed over by
     Ray are read-only views, which torch.from_numpy warns about."""
     with warnings.catch_warnings():
@@ -117,18 +117,18 @@ class RowStore:
         n = ids.shape[0]
         self._reserve(n)
         rows = slice(self.size, self.size + n)
-        key_tensor = _source_tensor(keys).to(self.device)
-        self.ids[rows] = _source_tensor(ids).to(self.device)
+        key_tensor = source_tensor(keys).to(self.device)
+        self.ids[rows] = source_tensor(ids).to(self.device)
         self.keys[rows] = key_tensor.to(self.key_dtype)
         # Norms of the keys as stored (after rounding to key_dtype), so distances stay consistent.
         self.key_norms[rows] = (self.keys[rows].float() ** 2).sum(dim=1)
-        self.tokens[rows] = _source_tensor(tokens).to(self.device)
+        self.tokens[rows] = source_tensor(tokens).to(self.device)
         if self.value_dim:
             if values is None:
                 self.values[rows] = 0.0
             else:
-                self.values[rows] = _source_tensor(values).to(self.device)
-        self.weights[rows] = _source_tensor(weights).to(self.device)
+                self.values[rows] = source_tensor(values).to(self.device)
+        self.weights[rows] = source_tensor(weights).to(self.device)
         self.created[rows] = torch.arange(self._insertions, self._insertions + n, device=self.device)
         self.source_codes[rows] = self.source_code(source)
         self.steps[rows] = 0
@@ -232,7 +232,7 @@ class RowStore:
         rows = slice(self.size, self.size + n)
 
         def put(name: str, array: np.ndarray) -> None:
-            getattr(self, name)[rows].copy_(_source_tensor(array))  # copies (and casts keys to key_dtype)
+            getattr(self, name)[rows].copy_(source_tensor(array))  # copies (and casts keys to key_dtype)
 
         put("ids", ids)
         put("keys", keys)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monim.datastore import flat_index, memory_ops, optimizers
 from monim.datastore.ivf_index import IvfIndex
-from monim.datastore.row_store import RowStore
+from monim.datastore.row_store import RowStore, source_tensor
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
 from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
@@ -271,7 +271,8 @@ class NeighborStore:
         return torch.from_numpy(rows).to(self.device)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device)
+        """The array (only read from: a request's, maybe read-only) as a tensor on the store's device."""
+        return source_tensor(array).to(self.device)
 
     def value_sum(self, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids are >= 0 (those of this store).

@@ -74,8 +74,10 @@ def _quoted(text: str, limit: int = 64) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
-    """Tensor -> numpy array, checking dtype, shape and byte count; ``what`` names it in errors."""
+def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True) -> np.ndarray:
+    """Tensor -> numpy array, checking dtype, shape and byte count; ``what`` names it in errors.
+    writable=False: a read-only array over the message's bytes, one copy fewer (the server's
+    requests: the router and the shards only read them, as they read Ray's read-only arrays)."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgument(f"{what} has unknown dtype {_quoted(tensor.dtype)}; "
@@ -94,9 +96,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str) -> np.ndarray:
         )
     if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:  # empty, but numpy cannot shape it
         raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
-    # One more copy: an array over ``bytes`` is read-only, and callers (user code, torch.from_numpy
-    # in the stores) need a writable one.
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    # An array over ``bytes`` is read-only; a caller's answer (user code may write to it) is copied.
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=writable)
 
 
 def optional_tensor(message, field: str, what: str | None = None):

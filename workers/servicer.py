@@ -19,13 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def _required(message, field: str, what: str | None = None):
+    """The field's array, read-only: a request's arrays are only read (by the router, and by the shards,
+    which read Ray's read-only arrays too), so the copy that would make them writable is saved."""
     if not message.HasField(field):
         raise InvalidArgument(f"{what or field} is missing from the request")
-    return convert.tensor_from_proto(getattr(message, field), what or field)
+    return convert.tensor_from_proto(getattr(message, field), what or field, writable=False)
 
 
 def _optional(message, field: str):
-    return convert.tensor_from_proto(getattr(message, field), field) if message.HasField(field) else None
+    """The field's array, read-only (as _required's), or None when the request does not carry it."""
+    if not message.HasField(field):
+        return None
+    return convert.tensor_from_proto(getattr(message, field), field, writable=False)
 
 
 def _merge_eps(request) -> float:
@@ -73,10 +78,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.namespace,
             keys=_required(request, "keys"),
             tokens=_required(request, "tokens"),
-            values=convert.optional_tensor(request, "values"),
-            weights=convert.optional_tensor(request, "weights"),
+            values=_optional(request, "values"),
+            weights=_optional(request, "weights"),
             source=request.source,
-            logp=convert.optional_tensor(request, "logp"),
+            logp=_optional(request, "logp"),
             admit_below=request.admit_below if request.HasField("admit_below") else DEFAULT_ADMIT_BELOW,
             merge_eps=_merge_eps(request),
             request_id=request.request_id,
@@ -104,7 +109,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Delete(self, request, context):
-        ids = convert.optional_tensor(request, "ids")
+        ids = _optional(request, "ids")
         source = request.source if request.HasField("source") else None
         return pb.DeleteResponse(deleted=self.router.delete(request.namespace, ids=ids, source=source,
                                                             request_id=request.request_id,

@@ -39,6 +39,7 @@ import torch
 from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
 from monim.datastore.location import Location
 from monim.datastore.memory_ops import BackwardPartials
+from monim.datastore.row_store import source_tensor
 from monim.datastore.wal import WriteAheadLog
 from monim.protos.errors import (
     Aborted,
@@ -585,7 +586,7 @@ class Shard:
         the commit checks the whole step again)."""
         store = self._check_owned(namespace, generation, ids)
         store.check_stored(ids)
-        grads = torch.from_numpy(grads)
+        grads = source_tensor(grads)  # read-only when it came through Ray or a request
         if self.wal is None:  # nothing is logged: the gradients go to the rows' device once, here
             grads = grads.to(store.device)
         if ids.size:
