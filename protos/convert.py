@@ -100,11 +100,11 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True) -> np
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=writable)
 
 
-def optional_tensor(message, field: str, what: str | None = None):
-    """The field's array, or None when the message does not carry it."""
+def optional_tensor(message, field: str, what: str | None = None, writable: bool = True):
+    """The field's array (see tensor_from_proto for ``writable``), or None when the message does not carry it."""
     if not message.HasField(field):
         return None
-    return tensor_from_proto(getattr(message, field), what or field)
+    return tensor_from_proto(getattr(message, field), what or field, writable)
 
 
 def config_to_proto(config: NamespaceConfig) -> pb.NamespaceConfig:

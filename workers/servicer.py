@@ -28,9 +28,7 @@ def _required(message, field: str, what: str | None = None):
 
 def _optional(message, field: str):
     """The field's array, read-only (as _required's), or None when the request does not carry it."""
-    if not message.HasField(field):
-        return None
-    return convert.tensor_from_proto(getattr(message, field), field, writable=False)
+    return convert.optional_tensor(message, field, writable=False)
 
 
 def _merge_eps(request) -> float:
