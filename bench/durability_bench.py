@@ -83,20 +83,36 @@ def disk_write_rates(folder, total_bytes=1 << 30, block_bytes=16 << 20) -> dict:
     return rates
 
 
-def service_add_rate(data_dir, fsync, batches, keys, tokens, shards: int) -> float:
-    """Rows per second of Adds through MemoryClient -> gRPC -> router -> shard actors (Ray), into a
-    fresh deployment started in this process (data_dir None: --ephemeral)."""
+def service_add_rate(data_dir, fsync, batches, keys, tokens, shards: int, writers: int = 1,
+                     deployment: str = "bench") -> float:
+    """Rows per second of Adds through MemoryClient -> gRPC -> router -> shard actors (Ray), from
+    ``writers`` client threads at once (batches in all), into a fresh deployment started in this
+    process on the Ray instance already running here (data_dir None: --ephemeral); the deployment's
+    actors are destroyed afterwards."""
     from monim.model_client import MemoryClient
     from monim.workers.embedded import EmbeddedStore
 
-    with EmbeddedStore(shards=shards, num_cpus=max(2, shards), data_dir=data_dir, fsync=fsync,
-                       snapshot_every=0) as store, MemoryClient(store.address, timeout_s=600) as client:
-        client.create_namespace("bench", dim=keys.shape[1])
-        client.add("bench", keys, tokens)  # warm-up
-        started = time.perf_counter()
-        for _ in range(batches):
-            client.add("bench", keys, tokens)
-        return batches * keys.shape[0] / (time.perf_counter() - started)
+    store = EmbeddedStore(shards=shards, data_dir=data_dir, fsync=fsync, snapshot_every=0, deployment=deployment)
+    try:
+        with MemoryClient(store.address, timeout_s=600) as client:
+            client.create_namespace("bench", dim=keys.shape[1])
+            client.add("bench", keys, tokens)  # warm-up
+
+            def write(count):
+                for _ in range(count):
+                    client.add("bench", keys, tokens)
+
+            shares = [batches // writers + (i < batches % writers) for i in range(writers)]
+            threads = [threading.Thread(target=write, args=(share,)) for share in shares]
+            started = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return batches * keys.shape[0] / (time.perf_counter() - started)
+    finally:
+        store.stop()
+        store.runtime.destroy()
 
 
 def recovery(data_dir, rows, dim, tail_batches) -> dict:
@@ -139,9 +155,12 @@ def main(argv=None) -> int:
     parser.add_argument("--writers", type=lambda text: [int(n) for n in text.split(",")], default=[1, 4],
                         help="writer threads of the in-process Add figures, comma-separated (default 1,4)")
     parser.add_argument("--policies", type=lambda text: text.split(","), default=["always", "batch_ms=2", "never"],
-                        help="--fsync policies of the in-process Add (default always,batch_ms=2,never)")
+                        help="--fsync policies of the Add figures (default always,batch_ms=2,never)")
     parser.add_argument("--repeats", type=int, default=3, help="in-process Add measurements per setting (median)")
-    parser.add_argument("--service", action="store_true", help="also Add through gRPC and Ray shard actors")
+    parser.add_argument("--service", action="store_true", help="also Add through gRPC and Ray shard actors "
+                        "(the same writer counts, as client threads, and fsync policies)")
+    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the in-process Add figures (--no-in-process: only the service's)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -158,7 +177,7 @@ def main(argv=None) -> int:
         results["disk_mb_per_s"] = disk = disk_write_rates(root)
         print("disk under the data dirs, sequential 16 MiB writes + fsync: " +
               ", ".join(f"{name} {rate:,.0f} MB/s" for name, rate in disk.items()))
-        for writers in args.writers:
+        for writers in args.writers if args.in_process else []:
             # Each setting is measured --repeats times, interleaved with the others (this VM's disk and
             # CPUs drift), and its median is compared with the ephemeral store's median.
             rates = {fsync: [] for fsync in ("ephemeral", *args.policies)}
@@ -182,16 +201,31 @@ def main(argv=None) -> int:
                       (f"; {np.mean([n for n, _ in syncs[fsync]]):.1f} records per sync of "
                        f"{np.mean([ms for _, ms in syncs[fsync]]):.1f} ms" if syncs[fsync] else ""))
         if args.service:
-            ephemeral = results["service_add_ephemeral"] = service_add_rate(None, "always", args.batches, keys,
-                                                                             tokens, args.shards)
-            for fsync in ("always", "batch_ms=10", "never"):
-                folder = os.path.join(root, f"service-{fsync.replace('=', '-')}")
-                results[f"service_add_{fsync}"] = rate = service_add_rate(folder, fsync, args.batches, keys, tokens,
-                                                                         args.shards)
-                print(f"service ({args.shards} shard actors), Add {args.rows_per_add} x {args.dim}, "
-                      f"fsync={fsync:11s}: {rate:10,.0f} rows/s = {rate / ephemeral:.2f}x --ephemeral "
-                      f"({ephemeral:,.0f} rows/s)")
-                shutil.rmtree(folder, ignore_errors=True)
+            # One Ray instance for every deployment (each its own actors, destroyed after it); the
+            # settings interleaved and repeated as above.
+            import ray
+
+            ray.init(num_cpus=max(2, args.shards), include_dashboard=False, logging_level="ERROR")
+            try:
+                for writers in args.writers:
+                    rates = {fsync: [] for fsync in ("ephemeral", *args.policies)}
+                    for repeat in range(args.repeats):
+                        for fsync in rates:
+                            folder = None if fsync == "ephemeral" else os.path.join(
+                                root, f"service-{fsync.replace('=', '-')}")
+                            rates[fsync].append(service_add_rate(
+                                folder, "always" if folder is None else fsync, args.batches, keys, tokens,
+                                args.shards, writers, deployment=f"bench-{writers}w-{repeat}-{fsync.replace('=', '-')}"))
+                            if folder:
+                                shutil.rmtree(folder, ignore_errors=True)
+                    ephemeral = results[f"service_add_ephemeral_{writers}w"] = float(np.median(rates.pop("ephemeral")))
+                    for fsync, measured in rates.items():
+                        results[f"service_add_{fsync}_{writers}w"] = rate = float(np.median(measured))
+                        print(f"service ({args.shards} shard actors), Add {args.rows_per_add} x {args.dim}, "
+                              f"{writers} client thread(s), fsync={fsync:10s}: {rate:10,.0f} rows/s = "
+                              f"{rate / ephemeral:.2f}x --ephemeral ({ephemeral:,.0f} rows/s)")
+            finally:
+                ray.shutdown()
         if not args.recovery_rows:
             return 0
         results["recovery"] = found = recovery(os.path.join(root, "recovery"), args.recovery_rows, args.dim,

@@ -21,10 +21,12 @@ filesystem pyarrow.fs opens (an object store: s3://, gs://, ...), where objects 
 every group commit writes one new segment object holding the records of the group; the upload's
 completion is what makes them durable there, and "never" is refused.
 fsync: "always" (a call is acknowledged once an fdatasync covers its record; calls that arrive
-while one runs share the next: group commit); "batch_ms=N" (the same, and the syncer waits N ms
-before each fdatasync so that more calls share it: higher throughput under concurrent writers,
-up to N ms more latency); "never" (acknowledged once written; the OS flushes when it likes: a
-killed process loses nothing, a machine that loses power may lose recent writes).
+while one runs share the next: group commit); "batch_ms=N" (the same, and while other writers are
+still encoding or writing their records the syncer waits for them, up to N ms, so that they share
+the fdatasync: fewer syncs under concurrent writers, up to N ms more latency; a lone writer is
+synced at once, as PostgreSQL's commit_delay applies only with commit_siblings active); "never"
+(acknowledged once written; the OS flushes when it likes: a killed process loses nothing, a
+machine that loses power may lose recent writes).
 """
 
 from __future__ import annotations
@@ -300,6 +302,7 @@ class WriteAheadLog:
         self.failed: BaseException | None = None
         self._lock = threading.Lock()  # the open segment: appends, rotation
         self._pending = threading.Condition()  # the syncer sleeps on it until written > synced
+        self._in_flight = 0  # appends between their start and their record's write
         self._segment_open = False
         self._closed = False
         # Group commit at work: syncs made, seconds spent in them, records they made durable.
@@ -340,25 +343,29 @@ class WriteAheadLog:
         """Writes one record; returns its log sequence number. It is durable once ``synced`` reaches
         that number (at once with "never"). A full disk: RESOURCE_EXHAUSTED, and the segment is cut
         back to where it was."""
-        record = encode_record(op, args, columns or {})  # outside the lock: writers encode in parallel
-        with self._lock:
-            if self.failed is not None:
-                raise self.failure()
-            sequence = self.sequence if self._segment_open else self.sequence + 1
-            try:
-                if self._segments.write(sequence, record):
-                    self.sequence = sequence
-                self._segment_open = True
-            except OSError as error:
-                raise ResourceExhausted(f"could not write the write-ahead log {self._segment(sequence)}: "
-                                        f"{error.strerror or error}") from error
-            self.written += 1
-            number = self.written
+        with self._pending:
+            self._in_flight += 1  # batch_ms: the syncer waits for this record
+        try:
+            record = encode_record(op, args, columns or {})  # outside the lock: writers encode in parallel
+            with self._lock:
+                if self.failed is not None:
+                    raise self.failure()
+                sequence = self.sequence if self._segment_open else self.sequence + 1
+                try:
+                    if self._segments.write(sequence, record):
+                        self.sequence = sequence
+                    self._segment_open = True
+                except OSError as error:
+                    raise ResourceExhausted(f"could not write the write-ahead log {self._segment(sequence)}: "
+                                            f"{error.strerror or error}") from error
+                self.written += 1
+                number = self.written
+        finally:
+            with self._pending:
+                self._in_flight -= 1
+                self._pending.notify_all()
         if self.sync_delay is None:
             self.synced = number
-        else:
-            with self._pending:
-                self._pending.notify()
         return number
 
     def failure(self) -> Unavailable:
@@ -380,8 +387,8 @@ class WriteAheadLog:
                 self._pending.wait_for(lambda: self.written > self.synced or self._closed)
                 if self._closed:
                     return
-            if self.sync_delay:
-                time.sleep(self.sync_delay)  # let more writers join this sync
+                if self.sync_delay:  # let the writers still encoding or writing join this sync
+                    self._pending.wait_for(lambda: not self._in_flight or self._closed, timeout=self.sync_delay)
             with self._lock:
                 target = self.written
                 sync = self._segments.start_sync()

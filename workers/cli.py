@@ -242,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "URI pyarrow.fs opens (s3://bucket/prefix, gs://..., file://...) (default ./monim-data)")
     serve.add_argument("--ephemeral", action="store_true", help="keep nothing on disk (everything is lost at exit)")
     serve.add_argument("--fsync", default="always",
-                       help="always: fsync the log before acknowledging a write (default); batch_ms=N: the OS has "
-                            "every acknowledged write and the log is fsynced within N ms; never: the OS decides")
+                       help="always: fsync the log before acknowledging a write, one fsync shared by the writes that "
+                            "arrive during the last (default); batch_ms=N: the same, and the fsync waits up to N ms "
+                            "for writers still writing their records; never: acknowledged once written, the OS "
+                            "flushes when it likes")
     serve.add_argument("--snapshot-every", type=int, default=10_000,
                        help="log records per shard between automatic snapshots (0: none)")
     serve.add_argument("--shard-memory-budget", default=None,

@@ -208,6 +208,50 @@ def test_concurrent_appends_share_fdatasyncs(tmp_path, monkeypatch, policy):
         sorted(args["request_id"] for _, args, _ in items)
 
 
+def wait_durable(wal, number, within_s=10.0) -> float:
+    started = time.monotonic()
+    while not wal.check(number):
+        assert time.monotonic() - started < within_s
+        time.sleep(0.0005)
+    return time.monotonic() - started
+
+
+def test_batch_ms_does_not_delay_a_lone_writer(tmp_path):
+    """The syncer waits (up to N ms) only for writers still encoding or writing: with none in
+    flight, a record is synced at once."""
+    wal = WriteAheadLog(tmp_path, fsync="batch_ms=2000")
+    waits = [wait_durable(wal, wal.append(*item)) for item in records(3)[:3]]
+    assert max(waits) < 1.0, f"a lone writer waited {max(waits):.2f} s for its sync (batch_ms=2000)"
+    wal.close()
+
+
+def test_batch_ms_waits_for_a_writer_in_mid_encode_to_share_the_sync(tmp_path, monkeypatch):
+    calls = counting_fdatasync(monkeypatch)
+    encoding, release = threading.Event(), threading.Event()
+    real = wal_module.encode_record
+
+    def slow_encode(op, args, columns):
+        if args.get("request_id") == "r1":
+            encoding.set()
+            release.wait(10)
+        return real(op, args, columns)
+
+    monkeypatch.setattr(wal_module, "encode_record", slow_encode)
+    wal = WriteAheadLog(tmp_path, fsync="batch_ms=5000")
+    items = records(2)
+    slow = threading.Thread(target=lambda: wal.append(*items[1]))
+    slow.start()
+    assert encoding.wait(5)
+    first = wal.append(*items[0])
+    time.sleep(0.2)
+    assert not wal.check(first), "synced while another writer was still encoding its record"
+    release.set()
+    slow.join()
+    assert wait_durable(wal, 2) < 5.0 and wal.check(first)
+    assert len(calls) == 1 and wal.sync_stats["records"] == 2, (calls, wal.sync_stats)
+    wal.close()
+
+
 def test_a_record_is_durable_only_after_an_fdatasync_that_started_after_it(tmp_path, monkeypatch):
     started, release = threading.Event(), threading.Event()
     real = wal_module._fdatasync
