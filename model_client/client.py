@@ -13,6 +13,7 @@ chunk by chunk (each chunk whole or not at all).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -122,11 +123,13 @@ class _RemoteStore:
 
     def _call(self, method: str, request, tensors: dict | None = None):
         """One RPC. tensors: the request's Tensor fields (name -> array, None: unset), serialized with
-        one copy of their bytes (protos/framing.py) rather than through the message."""
+        one copy of their bytes (protos/framing.py) rather than through the message; then an answer
+        with Tensor fields comes back as a framing.Framed (message, payloads: the tensors' bytes as
+        views of the received answer), any other as its message."""
         try:
             if tensors is None:
                 return getattr(self.stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
-            return self._framed(method)(framing.serialized_request(request, tensors), timeout=self.timeout_s,
+            return self._framed(method)(framing.serialized(request, tensors), timeout=self.timeout_s,
                                         metadata=self.metadata)
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.tls) from None
@@ -136,8 +139,10 @@ class _RemoteStore:
         callable_ = self._framed_calls.get(method)
         if callable_ is None:
             reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
+            has_tensors = any(f.message_type is pb.Tensor.DESCRIPTOR for f in reply.DESCRIPTOR.fields)
             callable_ = self._framed_calls[method] = self.channel.unary_unary(
-                f"/{_SERVICE.full_name}/{method}", request_serializer=None, response_deserializer=reply.FromString)
+                f"/{_SERVICE.full_name}/{method}", request_serializer=None,
+                response_deserializer=functools.partial(framing.parsed, reply) if has_tensors else reply.FromString)
         return callable_
 
     def create_namespace(self, config, request_id=""):
@@ -163,19 +168,19 @@ class _RemoteStore:
         request = pb.AddRequest(namespace=namespace, source=source, admit_below=admit_below, merge_eps=merge_eps,
                                 request_id=request_id, generation=generation)
         tensors = dict(keys=keys, tokens=tokens, values=values, weights=weights, logp=logp)
-        return convert.add_result_from_proto(self._call("Add", request, tensors))
+        return convert.add_result_from_proto(*self._call("Add", request, tensors))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
                generation=0, nprobe=0, rerank=0):
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank)
-        return convert.search_result_from_proto(self._call("Search", request, dict(queries=queries)))
+        return convert.search_result_from_proto(*self._call("Search", request, dict(queries=queries)))
 
     def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
         request = pb.GetRequest(namespace=namespace, return_optimizer_state=return_optimizer_state,
                                 generation=generation)
-        return convert.rows_from_proto(self._call("Get", request, dict(ids=ids)))
+        return convert.rows_from_proto(*self._call("Get", request, dict(ids=ids)))
 
     def delete(self, namespace, ids=None, source=None, *, request_id="", generation=0):
         request = pb.DeleteRequest(namespace=namespace, request_id=request_id, generation=generation)
@@ -186,8 +191,8 @@ class _RemoteStore:
     def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0):
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank)
-        return convert.retrieve_result_from_proto(self._call("Retrieve", request, dict(queries=queries)), queries,
-                                                  temperature)
+        response, payloads = self._call("Retrieve", request, dict(queries=queries))
+        return convert.retrieve_result_from_proto(response, queries, temperature, payloads)
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
                           generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0):
@@ -197,8 +202,9 @@ class _RemoteStore:
         tensors = dict(grad_memory=grad_memory)
         if not handle:  # else the front end has the forward's arrays
             tensors.update(queries=queries, ids=ids, alpha=alpha, distances=distances)
-        response = self._call("RetrieveBackward", request, tensors)
-        return convert.tensor_from_proto(response.grad_queries, "grad_queries"), response.grad_temperature
+        response, payloads = self._call("RetrieveBackward", request, tensors)
+        return (convert.tensor_from_proto(response.grad_queries, "grad_queries", data=payloads.get("grad_queries")),
+                response.grad_temperature)
 
     def commit_step(self, namespace, step_id, *, generation=0):
         request = pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation)

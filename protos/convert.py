@@ -11,38 +11,17 @@ import dataclasses
 import math
 
 import numpy as np
+from monim.protos import framing
 from monim.protos import memory_pb2 as pb
 from monim.protos.config import INDEXES, KEY_DTYPES, METRICS, OPTIMIZERS, NamespaceConfig, OptimizerConfig
 from monim.protos.errors import InvalidArgument
+from monim.protos.framing import WIRE_DTYPES, wire_array
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
-WIRE_DTYPES = {
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "int32": np.dtype("<i4"),
-    "int64": np.dtype("<i8"),
-    "bool": np.dtype("bool"),
-}
 # numpy's limit is 64; no tensor of the API has more than 3.
 MAX_TENSOR_DIMS = 32
 # A message carries less than 2 GiB, so only an empty tensor (a dimension 0) can have a larger shape.
 MAX_TENSOR_SPAN_BYTES = 2**31
-
-
-def wire_array(array) -> tuple[str, np.ndarray]:
-    """(dtype name, numpy array in the wire's byte order) of what a Tensor carries: a torch tensor
-    comes to the host, float64 goes as float32 (not necessarily contiguous: tobytes() and
-    protos/framing.py each make one C-order copy). INVALID_ARGUMENT for a dtype that cannot travel."""
-    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
-        array = array.detach().cpu().numpy()
-    array = np.asarray(array)
-    if array.dtype == np.float64:
-        array = array.astype(np.float32)
-    name = array.dtype.name
-    if name not in WIRE_DTYPES:
-        raise InvalidArgument(f"dtype {name} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
-    # astype only copies for a big-endian array.
-    return name, array.astype(WIRE_DTYPES[name], copy=False)
 
 
 def fill_tensor(target: pb.Tensor, array) -> pb.Tensor:
@@ -74,10 +53,11 @@ def _quoted(text: str, limit: int = 64) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
-def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True) -> np.ndarray:
+def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=None) -> np.ndarray:
     """Tensor -> numpy array, checking dtype, shape and byte count; ``what`` names it in errors.
     writable=False: a read-only array over the message's bytes, one copy fewer (the server's
-    requests: the router and the shards only read them, as they read Ray's read-only arrays)."""
+    requests: the router and the shards only read them, as they read Ray's read-only arrays).
+    data: the Tensor's bytes where they were left out of the message (protos/framing.parsed)."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgument(f"{what} has unknown dtype {_quoted(tensor.dtype)}; "
@@ -87,7 +67,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True) -> np
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
-    data = tensor.data  # read once: every read of a bytes field makes a new copy of it
+    if data is None:
+        data = tensor.data  # read once: every read of a bytes field makes a new copy of it
     # Python integers: a product in int64 wraps (shape [2^32, 2^32] would "need" 0 bytes).
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(data):
@@ -100,11 +81,17 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True) -> np
     return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=writable)
 
 
-def optional_tensor(message, field: str, what: str | None = None, writable: bool = True):
-    """The field's array (see tensor_from_proto for ``writable``), or None when the message does not carry it."""
+def optional_tensor(message, field: str, what: str | None = None, writable: bool = True, payloads=None):
+    """The field's array (see tensor_from_proto for ``writable``), or None when the message does not
+    carry it. payloads: the data of the message's Tensor fields, where framing.parsed left them out."""
     if not message.HasField(field):
         return None
-    return tensor_from_proto(getattr(message, field), what or field, writable)
+    return tensor_from_proto(getattr(message, field), what or field, writable, (payloads or {}).get(field))
+
+
+def _tensor(message, field: str, payloads) -> np.ndarray:
+    """A required Tensor field of an answer, as a writable array (the caller's to keep)."""
+    return tensor_from_proto(getattr(message, field), field, True, (payloads or {}).get(field))
 
 
 def config_to_proto(config: NamespaceConfig) -> pb.NamespaceConfig:
@@ -143,79 +130,69 @@ def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
     return NamespaceConfig(**fields)
 
 
-def search_result_to_proto(result: SearchResult) -> pb.SearchResponse:
-    response = pb.SearchResponse()
-    for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
-        array = getattr(result, name)
-        if array is not None:
-            fill_tensor(getattr(response, name), array)
-    response.generation = result.generation
-    return response
+# An answer with tensors is sent framed (protos/framing.py: one copy of each tensor's bytes); the
+# client reads it with framing.parsed and passes the payloads it left out to the *_from_proto below.
+_SEARCHED = ("ids", "distances", "tokens", "keys", "values", "weights")
 
 
-def search_result_from_proto(response: pb.SearchResponse) -> SearchResult:
+def search_result_to_wire(result: SearchResult) -> bytes:
+    return framing.serialized(pb.SearchResponse(generation=result.generation),
+                              {name: getattr(result, name) for name in _SEARCHED})
+
+
+def search_result_from_proto(response: pb.SearchResponse, payloads: dict | None = None) -> SearchResult:
     return SearchResult(
-        ids=tensor_from_proto(response.ids, "ids"),
-        distances=tensor_from_proto(response.distances, "distances"),
-        tokens=tensor_from_proto(response.tokens, "tokens"),
-        keys=optional_tensor(response, "keys"),
-        values=optional_tensor(response, "values"),
-        weights=optional_tensor(response, "weights"),
+        ids=_tensor(response, "ids", payloads),
+        distances=_tensor(response, "distances", payloads),
+        tokens=_tensor(response, "tokens", payloads),
+        keys=optional_tensor(response, "keys", payloads=payloads),
+        values=optional_tensor(response, "values", payloads=payloads),
+        weights=optional_tensor(response, "weights", payloads=payloads),
         generation=response.generation,
     )
 
 
-def rows_to_proto(rows: Rows) -> pb.GetResponse:
+def rows_to_wire(rows: Rows) -> bytes:
     response = pb.GetResponse(sources=list(rows.sources))
-    for name in ("ids", "keys", "tokens", "weights"):
-        fill_tensor(getattr(response, name), getattr(rows, name))
-    if rows.values is not None:
-        fill_tensor(response.values, rows.values)
-    for name, array in (rows.optimizer_state or {}).items():
+    for name, array in (rows.optimizer_state or {}).items():  # a map of Tensors: through the message
         fill_tensor(response.optimizer_state[name], array)
-    return response
+    return framing.serialized(response, {name: getattr(rows, name)
+                                         for name in ("ids", "keys", "tokens", "weights", "values")})
 
 
-def rows_from_proto(response: pb.GetResponse) -> Rows:
+def rows_from_proto(response: pb.GetResponse, payloads: dict | None = None) -> Rows:
     return Rows(
-        ids=tensor_from_proto(response.ids, "ids"),
-        keys=tensor_from_proto(response.keys, "keys"),
-        tokens=tensor_from_proto(response.tokens, "tokens"),
-        values=optional_tensor(response, "values"),
-        weights=tensor_from_proto(response.weights, "weights"),
+        ids=_tensor(response, "ids", payloads),
+        keys=_tensor(response, "keys", payloads),
+        tokens=_tensor(response, "tokens", payloads),
+        values=optional_tensor(response, "values", payloads=payloads),
+        weights=_tensor(response, "weights", payloads),
         sources=list(response.sources),
         optimizer_state={name: tensor_from_proto(t, name) for name, t in response.optimizer_state.items()} or None,
     )
 
 
-def add_result_to_proto(result: AddResult) -> pb.AddResponse:
-    response = pb.AddResponse()
-    for name in ("ids", "admitted", "merged"):
-        fill_tensor(getattr(response, name), getattr(result, name))
-    response.generation = result.generation
-    return response
+def add_result_to_wire(result: AddResult) -> bytes:
+    return framing.serialized(pb.AddResponse(generation=result.generation),
+                              {name: getattr(result, name) for name in ("ids", "admitted", "merged")})
 
 
-def add_result_from_proto(response: pb.AddResponse) -> AddResult:
-    return AddResult(ids=tensor_from_proto(response.ids, "ids"),
-                     admitted=tensor_from_proto(response.admitted, "admitted"),
-                     merged=tensor_from_proto(response.merged, "merged"), generation=response.generation)
+def add_result_from_proto(response: pb.AddResponse, payloads: dict | None = None) -> AddResult:
+    return AddResult(ids=_tensor(response, "ids", payloads), admitted=_tensor(response, "admitted", payloads),
+                     merged=_tensor(response, "merged", payloads), generation=response.generation)
 
 
 _RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
 
 
-def retrieve_result_to_proto(result: RetrieveResult) -> pb.RetrieveResponse:
-    response = pb.RetrieveResponse()
-    for name in _RETRIEVED:
-        fill_tensor(getattr(response, name), getattr(result, name))
-    response.generation = result.generation
-    response.handle = result.handle
-    return response
+def retrieve_result_to_wire(result: RetrieveResult) -> bytes:
+    return framing.serialized(pb.RetrieveResponse(generation=result.generation, handle=result.handle),
+                              {name: getattr(result, name) for name in _RETRIEVED})
 
 
-def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float) -> RetrieveResult:
+def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float,
+                               payloads: dict | None = None) -> RetrieveResult:
     """The reply, with the caller's own queries and temperature kept for the backward."""
-    return RetrieveResult(**{name: tensor_from_proto(getattr(response, name), name) for name in _RETRIEVED},
+    return RetrieveResult(**{name: _tensor(response, name, payloads) for name in _RETRIEVED},
                           queries=queries, temperature=temperature, generation=response.generation,
                           handle=response.handle)

@@ -1,4 +1,4 @@
-"""Requests that carry tensors, serialized with one copy of each tensor's bytes.
+"""Messages that carry tensors, serialized with one copy of each tensor's bytes, and parsed with none.
 
 Building a protobuf request copies a tensor's bytes three times before gRPC has them (the array
 into ``bytes``, those into the message's field, the message into its serialized form), and a
@@ -8,14 +8,28 @@ the client, measured as the larger part of an Add's time through the service on 
 protobuf, and each Tensor field is appended in protobuf's wire format (a length-delimited field
 holding the Tensor's dtype and shape, then its data as one length-delimited bytes field). Fields
 may come in any order on the wire, so the server parses exactly the message the generated code
-would have sent; each tensor's bytes are copied once, by the final join.
+would have sent; each tensor's bytes are copied once, by the final join. The server answers the
+same way (a Search of 4096 x 1024 neighbours is a 67 MB answer: building and serializing it as a
+message cost three copies and most of the call's time on the server), and ``parsed`` reads an
+answer's Tensor payloads as views of the received bytes instead of copying them out of a parsed
+message twice.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
-from monim.protos import convert
 from monim.protos import memory_pb2 as pb
+from monim.protos.errors import InvalidArgument
+
+WIRE_DTYPES = {
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "bool": np.dtype("bool"),
+}
 
 _LENGTH_DELIMITED = 2
 
@@ -35,10 +49,27 @@ def _key(number: int) -> bytes:
     return _varint(number << 3 | _LENGTH_DELIMITED)
 
 
-_DATA_KEY = _key(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
+_DATA_NUMBER = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_DATA_KEY = _key(_DATA_NUMBER)
 
 
-def serialized_request(message, tensors: dict) -> bytes:
+def wire_array(array) -> tuple[str, np.ndarray]:
+    """(dtype name, numpy array in the wire's byte order) of what a Tensor carries: a torch tensor
+    comes to the host, float64 goes as float32 (not necessarily contiguous: tobytes() and
+    protos/framing.py each make one C-order copy). INVALID_ARGUMENT for a dtype that cannot travel."""
+    if hasattr(array, "detach"):  # torch.Tensor, without importing torch here
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise InvalidArgument(f"dtype {name} cannot travel; use one of {', '.join(WIRE_DTYPES)}")
+    # astype only copies for a big-endian array.
+    return name, array.astype(WIRE_DTYPES[name], copy=False)
+
+
+def serialized(message, tensors: dict) -> bytes:
     """The wire form of ``message`` with each Tensor field named in ``tensors`` set to its array
     (numpy or torch; None leaves the field unset). ``message`` must not set those fields itself."""
     fields = message.DESCRIPTOR.fields_by_name
@@ -46,10 +77,103 @@ def serialized_request(message, tensors: dict) -> bytes:
     for name, array in tensors.items():
         if array is None:
             continue
-        dtype, array = convert.wire_array(array)
+        dtype, array = wire_array(array)
         head = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()
         data = memoryview(np.ascontiguousarray(array)).cast("B") if array.size else b""
         length = _varint(len(data))
         parts += [_key(fields[name].number), _varint(len(head) + len(_DATA_KEY) + len(length) + len(data)),
                   head, _DATA_KEY, length, data]
     return b"".join(parts)
+
+
+def field(message_class, name: str, inner: bytes) -> bytes:
+    """The wire form of a ``message_class`` whose one set field is the message field ``name``, given
+    that field's own wire form (a decode step's answer around its Search or Retrieve answer)."""
+    number = message_class.DESCRIPTOR.fields_by_name[name].number
+    return b"".join([_key(number), _varint(len(inner)), inner])
+
+
+class Framed(NamedTuple):
+    """A parsed answer: the message with its Tensor fields' dtype and shape but not their data, and
+    each such field's data as a view of the received bytes (field name -> memoryview)."""
+
+    message: object
+    payloads: dict
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if position >= len(view) or shift > 63:
+            raise _Malformed
+        byte = view[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, position
+        shift += 7
+
+
+def _fields(view: memoryview):
+    """(number, wire type, start of the field, end of its key, start of its value, end) of each field
+    of a message."""
+    position = 0
+    while position < len(view):
+        start = position
+        key, position = _read_varint(view, position)
+        key_end = position
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, end = _read_varint(view, position)
+        elif wire == 1:
+            end = position + 8
+        elif wire == 2:
+            length, position = _read_varint(view, position)
+            end = position + length
+        elif wire == 5:
+            end = position + 4
+        else:
+            raise _Malformed
+        if end > len(view):
+            raise _Malformed
+        yield number, wire, start, key_end, position, end
+        position = end
+
+
+def _repeated(field) -> bool:
+    return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED  # protobuf < 6
+
+
+def parsed(message_class, data: bytes) -> Framed:
+    """``data`` (one serialized ``message_class``) parsed with the data of its singular Tensor fields
+    left in place: read them with convert.tensor_from_proto(..., data=payloads.get(name)). Anything
+    this reader does not expect (a Tensor field twice, a malformed field) is parsed by protobuf
+    whole instead, which raises on what it cannot parse."""
+    tensor_fields = {f.number: f.name for f in message_class.DESCRIPTOR.fields
+                     if f.message_type is pb.Tensor.DESCRIPTOR and not _repeated(f)}
+    view = memoryview(data)
+    rest, payloads = [], {}
+    try:
+        for number, wire, start, key_end, value, end in _fields(view):
+            name = tensor_fields.get(number)
+            if name is None or wire != 2:
+                rest.append(view[start:end])
+                continue
+            if name in payloads:
+                raise _Malformed  # protobuf would merge the two; let it
+            head = []
+            payloads[name] = b""
+            for inner, inner_wire, inner_start, _, inner_value, inner_end in _fields(view[value:end]):
+                if inner == _DATA_NUMBER and inner_wire == 2:
+                    payloads[name] = view[value + inner_value:value + inner_end]
+                else:
+                    head.append(view[value + inner_start:value + inner_end])
+            head_bytes = b"".join(head)
+            rest += [view[start:key_end], _varint(len(head_bytes)), head_bytes]
+    except _Malformed:
+        return Framed(message_class.FromString(data), {})
+    return Framed(message_class.FromString(b"".join(rest)), payloads)

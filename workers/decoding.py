@@ -60,23 +60,29 @@ def _checked(behavior):
     return handle
 
 
+def _serialize(response) -> bytes:
+    """An answer the servicer framed already (protos/framing.py: answers with tensors) as it is, any
+    other message serialized by protobuf."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def add_memory_service(servicer, server: grpc.Server) -> None:
     """Registers the servicer's methods on the server: unary-unary ones, stream-stream ones (Decode),
     whose servicer method checks each message with undecodable(), and unary-stream ones (Reshard)."""
     handlers = {}
     for method in SERVICE.methods:
-        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        request = getattr(pb, method.input_type.name)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 getattr(servicer, method.name), request_deserializer=_deserializer(request),
-                response_serializer=response.SerializeToString)
+                response_serializer=_serialize)
             continue
         if method.server_streaming:  # Reshard: one request, a stream of progress
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
-                response_serializer=response.SerializeToString)
+                response_serializer=_serialize)
             continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
-            response_serializer=response.SerializeToString)
+            response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))

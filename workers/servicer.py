@@ -1,11 +1,15 @@
-"""MemoryServiceServicer: decodes requests, calls the router, encodes replies."""
+"""MemoryServiceServicer: decodes requests, calls the router, encodes replies.
+
+A reply that carries tensors (Add, Search, Get, Retrieve, RetrieveBackward, a decode step's) is
+returned already serialized, framed with one copy of each tensor's bytes (protos/framing.py);
+workers/decoding.py's serializer passes such bytes through and serializes every other reply."""
 
 from __future__ import annotations
 
 import logging
 
 import grpc
-from monim.protos import convert
+from monim.protos import convert, framing
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
@@ -85,24 +89,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request_id=request.request_id,
             generation=request.generation,
         )
-        return convert.add_result_to_proto(result)
+        return convert.add_result_to_wire(result)
 
     @grpc_errors
     def Search(self, request, context):
         return self._search(request)
 
-    def _search(self, request) -> pb.SearchResponse:
+    def _search(self, request) -> bytes:
         result = self.router.search(
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
             return_weights=request.return_weights, generation=request.generation, nprobe=request.nprobe,
             rerank=request.rerank,
         )
-        return convert.search_result_to_proto(result)
+        return convert.search_result_to_wire(result)
 
     @grpc_errors
     def Get(self, request, context):
-        return convert.rows_to_proto(self.router.get(request.namespace, _required(request, "ids"),
+        return convert.rows_to_wire(self.router.get(request.namespace, _required(request, "ids"),
                                                      request.return_optimizer_state, generation=request.generation))
 
     @grpc_errors
@@ -117,11 +121,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Retrieve(self, request, context):
         return self._retrieve(request)
 
-    def _retrieve(self, request) -> pb.RetrieveResponse:
+    def _retrieve(self, request) -> bytes:
         result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
                                       request.temperature, generation=request.generation,
                                       keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
-        return convert.retrieve_result_to_proto(result)
+        return convert.retrieve_result_to_wire(result)
 
     @grpc_errors
     def RetrieveBackward(self, request, context):
@@ -131,8 +135,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             forward(request, "alpha"), forward(request, "distances"), _required(request, "grad_memory"),
             request.temperature, generation=request.generation, step_id=request.step_id, part=request.part,
             defer_step=request.defer_step, handle=request.handle, row_offset=request.row_offset)
-        return pb.RetrieveBackwardResponse(grad_queries=convert.tensor_to_proto(grad_queries),
-                                           grad_temperature=grad_temperature)
+        return framing.serialized(pb.RetrieveBackwardResponse(grad_temperature=grad_temperature),
+                                  {"grad_queries": grad_queries})
 
     @grpc_errors
     def ApplyGradients(self, request, context):
@@ -173,7 +177,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         for step in request_iterator:
             yield self._decode_step(step, context)
 
-    def _decode_step(self, step, context) -> pb.DecodeStepResult:
+    def _decode_step(self, step, context) -> bytes | pb.DecodeStepResult:
         kind = step.WhichOneof("step")
         try:
             problem = undecodable(step)
@@ -182,13 +186,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             with self.router.deadline(context.time_remaining()):
                 if kind == "search":
                     authorize_step("Search", step.search.namespace)
-                    return pb.DecodeStepResult(search=self._search(step.search))
+                    return framing.field(pb.DecodeStepResult, "search", self._search(step.search))
                 if kind == "retrieve":
                     authorize_step("Retrieve", step.retrieve.namespace)
                     if step.retrieve.keep_state:
                         raise InvalidArgument("a decode stream keeps no forward state: keep_state must be false "
                                               "(a training step's Retrieve goes through the Retrieve call)")
-                    return pb.DecodeStepResult(retrieve=self._retrieve(step.retrieve))
+                    return framing.field(pb.DecodeStepResult, "retrieve", self._retrieve(step.retrieve))
                 raise InvalidArgument("a decode step holds neither a search nor a retrieve")
         except Exception as error:  # noqa: BLE001 - every error becomes the step's status
             code, message = status_of(error)

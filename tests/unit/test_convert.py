@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from monim.protos import convert
+from monim.protos import convert, framing
 from monim.protos import memory_pb2 as pb
 from monim.protos.errors import InvalidArgument
 
@@ -53,26 +53,34 @@ def test_non_contiguous_big_endian_and_float64_arrays_travel_as_values():
         np.testing.assert_array_equal(back, array)
 
 
+def read_both_ways(message_class, wire: bytes):
+    """An answer as the client reads it (framing.parsed: payloads left in the received bytes) and as
+    protobuf parses it whole (a decode stream's steps): (message, payloads) for each."""
+    yield framing.parsed(message_class, wire)
+    yield message_class.FromString(wire), None
+
+
 def test_search_result_round_trip_with_and_without_optional_fields():
     from monim.datastore import SearchResult
 
     rng = np.random.default_rng(0)
     plain = SearchResult(ids=np.arange(6).reshape(2, 3), distances=rng.random((2, 3), dtype=np.float32),
-                         tokens=np.arange(6, dtype=np.int32).reshape(2, 3))
-    message = convert.search_result_to_proto(plain)
+                         tokens=np.arange(6, dtype=np.int32).reshape(2, 3), generation=9)
+    message = pb.SearchResponse.FromString(convert.search_result_to_wire(plain))
     assert not any(message.HasField(f) for f in ("keys", "values", "weights"))
     full = SearchResult(plain.ids, plain.distances, plain.tokens, keys=rng.random((2, 3, 4), dtype=np.float32),
                         values=rng.random((2, 3, 5), dtype=np.float32), weights=rng.random((2, 3), dtype=np.float32))
     for result in (plain, full):
-        wire = convert.search_result_to_proto(result).SerializeToString()
-        back = convert.search_result_from_proto(pb.SearchResponse.FromString(wire))
-        for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
-            expected, got = getattr(result, name), getattr(back, name)
-            if expected is None:
-                assert got is None
-            else:
-                assert got.dtype == expected.dtype and got.flags.writeable, name
-                np.testing.assert_array_equal(got, expected)
+        for response, payloads in read_both_ways(pb.SearchResponse, convert.search_result_to_wire(result)):
+            back = convert.search_result_from_proto(response, payloads)
+            assert back.generation == result.generation
+            for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
+                expected, got = getattr(result, name), getattr(back, name)
+                if expected is None:
+                    assert got is None
+                else:
+                    assert got.dtype == expected.dtype and got.flags.writeable, name
+                    np.testing.assert_array_equal(got, expected)
 
 
 def test_rows_add_and_retrieve_results_round_trip():
@@ -82,15 +90,20 @@ def test_rows_add_and_retrieve_results_round_trip():
     rows = Rows(ids=np.array([3, 1]), keys=np.ones((2, 4), np.float32), tokens=np.array([7, 8], np.int32),
                 values=np.zeros((2, 2), np.float32), weights=np.array([1, 2], np.float32), sources=["a", "b"],
                 optimizer_state={"exp_avg": np.full((2, 2), 0.5, np.float32), "step": np.array([4])})
-    back = convert.rows_from_proto(pb.GetResponse.FromString(convert.rows_to_proto(rows).SerializeToString()))
-    assert back.sources == ["a", "b"] and back.tokens.tolist() == [7, 8]
-    np.testing.assert_array_equal(back.optimizer_state["exp_avg"], rows.optimizer_state["exp_avg"])
-    assert back.optimizer_state["step"].tolist() == [4]
+    for response, payloads in read_both_ways(pb.GetResponse, convert.rows_to_wire(rows)):
+        back = convert.rows_from_proto(response, payloads)
+        assert back.sources == ["a", "b"] and back.tokens.tolist() == [7, 8] and back.ids.tolist() == [3, 1]
+        np.testing.assert_array_equal(back.values, rows.values)
+        np.testing.assert_array_equal(back.optimizer_state["exp_avg"], rows.optimizer_state["exp_avg"])
+        assert back.optimizer_state["step"].tolist() == [4]
     added = AddResult(ids=np.array([0, -1]), admitted=np.array([True, False]), merged=np.array([False, False]))
-    back = convert.add_result_from_proto(convert.add_result_to_proto(added))
-    assert back.ids.tolist() == [0, -1] and back.admitted.tolist() == [True, False] and back.admitted.dtype == bool
+    for response, payloads in read_both_ways(pb.AddResponse, convert.add_result_to_wire(added)):
+        back = convert.add_result_from_proto(response, payloads)
+        assert back.ids.tolist() == [0, -1] and back.admitted.tolist() == [True, False] and back.admitted.dtype == bool
     retrieved = RetrieveResult(memory=np.ones((1, 2), np.float32), ids=np.array([[4, 5]]),
                                alpha=np.array([[0.25, 0.75]], np.float32), distances=np.zeros((1, 2), np.float32),
-                               tokens=np.array([[1, 2]], np.int32), weights=np.ones((1, 2), np.float32))
-    back = convert.retrieve_result_from_proto(convert.retrieve_result_to_proto(retrieved), None, 1.0)
-    assert back.ids.tolist() == [[4, 5]] and back.alpha.tolist() == [[0.25, 0.75]]
+                               tokens=np.array([[1, 2]], np.int32), weights=np.ones((1, 2), np.float32),
+                               handle="h-1")
+    for response, payloads in read_both_ways(pb.RetrieveResponse, convert.retrieve_result_to_wire(retrieved)):
+        back = convert.retrieve_result_from_proto(response, None, 1.0, payloads)
+        assert back.ids.tolist() == [[4, 5]] and back.alpha.tolist() == [[0.25, 0.75]] and back.handle == "h-1"
