@@ -586,13 +586,17 @@ class Shard:
         the commit checks the whole step again)."""
         store = self._check_owned(namespace, generation, ids)
         store.check_stored(ids)
-        grads = source_tensor(grads)  # read-only when it came through Ray or a request
+        staged = source_tensor(grads)  # read-only when it came through Ray or a request
         if self.wal is None:  # nothing is logged: the gradients go to the rows' device once, here
-            grads = grads.to(store.device)
+            staged = staged.to(store.device)
+        if staged.device.type == "cpu" and grads.flags.writeable:
+            staged = staged.clone()  # the caller's own array (an in-process router passes views): kept until the commit
+        if ids.flags.writeable:
+            ids = ids.copy()
         if ids.size:
-            store.step(ids, grads, dry_run=True)
+            store.step(ids, staged, dry_run=True)
         if step_id not in self._committed:
-            self._staged_step(namespace, generation, step_id).parts[part] = (ids, grads)
+            self._staged_step(namespace, generation, step_id).parts[part] = (ids, staged)
         return int(ids.size)
 
     def _staged_step(self, namespace: str, generation: int, step_id: str) -> _StagedStep:
