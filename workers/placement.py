@@ -88,7 +88,8 @@ class Placement:
         ids = np.asarray(ids, np.int64)
         move = self.move
         if move is None:
-            return ids % self.num_shards
+            # One shard holds every id: no modulo over a step's B x k slots.
+            return np.zeros(ids.shape, np.int64) if self.num_shards == 1 else ids % self.num_shards
         if namespace == move.current:
             moved = (ids < move.cursor) | (ids >= move.mark)
             return np.where(moved, ids % move.target, ids % move.source)
@@ -111,6 +112,8 @@ class Placement:
     def mask(self, namespace: str, ids: np.ndarray, shard: int) -> np.ndarray:
         """ids with -1 wherever another shard holds the id (or it is -1): the ids a shard sums over."""
         ids = np.asarray(ids, np.int64)
+        if self.move is None and self.num_shards == 1:
+            return np.maximum(ids, -1) if shard == 0 else np.full(ids.shape, -1, np.int64)
         return np.where((ids >= 0) & (self.owners(namespace, ids) == shard), ids, -1)
 
 
