@@ -31,12 +31,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_serve(data_dir, deployment: str, *options: str):
+def start_serve(data_dir, deployment: str, *options: str, env: dict | None = None):
     """`monim serve` (2 shards, its own local Ray of 2 CPUs) as a user starts it, in its own session
-    (so a test can kill it and every process under it): (process, address, output lines so far)."""
+    (so a test can kill it and every process under it): (process, address, output lines so far).
+    env: more environment variables for it (and so for its Ray and the shards)."""
     command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(_free_port()), "--shards", "2",
                "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), *options]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1", **(env or {}))
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=env, start_new_session=True)
     lines: queue.Queue = queue.Queue()

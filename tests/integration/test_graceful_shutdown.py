@@ -1,10 +1,12 @@
 """`monim serve` stopped with SIGTERM while a call is in flight: the call finishes, new calls are
 refused, health turns NOT_SERVING, the shard's log holds the call's rows, and the exit code is 0
-within the grace period. (A local Ray of its own, started the way a user starts it.)"""
+within the grace period. (A local Ray of its own, started the way a user starts it; the call is
+held in flight by a slow disk, reliability/slow_disk, injected from outside monim's code.)"""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import threading
@@ -25,9 +27,10 @@ from monim.protos.config import NamespaceConfig
 from tests.integration.conftest import start_serve
 
 DIM, ROWS = 8, 25
-# Every write waits this long for its fdatasync (group commit's batch window): a call that stays
-# in flight long enough to stop the server under it.
-BATCH_MS = 5000
+# While the control file holds it, every fdatasync of the server's processes first sleeps this long
+# (reliability/slow_disk): an Add stays in flight long enough to stop the server under it.
+SLOW_FSYNC_S = 5
+SLOW_DISK_DIR = pathlib.Path(__file__).resolve().parents[2] / "reliability" / "slow_disk"
 GRACE_S = 40
 
 
@@ -48,10 +51,12 @@ def _in_flight(metrics_url: str) -> float:
 
 @pytest.mark.slow
 def test_sigterm_finishes_calls_in_flight_refuses_new_ones_and_exits_0(tmp_path):
-    data_dir = tmp_path / "data"
+    data_dir, slow_disk = tmp_path / "data", tmp_path / "slow-disk"
+    python_path = os.pathsep.join(filter(None, [str(SLOW_DISK_DIR), os.environ.get("PYTHONPATH")]))
     process, address, output = start_serve(
         data_dir, f"drain-{uuid.uuid4().hex[:8]}", "--shards", "1", "--num-cpus", "1",
-        "--fsync", f"batch_ms={BATCH_MS}", "--grace-s", str(GRACE_S), "--metrics-port", "0")
+        "--grace-s", str(GRACE_S), "--metrics-port", "0",
+        env={"PYTHONPATH": python_path, "RELIABILITY_SLOW_DISK_FILE": str(slow_disk)})
     try:
         _wait_for(lambda: any("/metrics" in line for line in output), 30, "the metrics line")
         metrics_url = next(line for line in output if "/metrics" in line).split(" at ", 1)[1].strip()
@@ -74,9 +79,11 @@ def test_sigterm_finishes_calls_in_flight_refuses_new_ones_and_exits_0(tmp_path)
             except grpc.RpcError as error:
                 answer["error"] = error
 
+        slow_disk.write_text(str(SLOW_FSYNC_S))
         adding = threading.Thread(target=add)
         adding.start()
         _wait_for(lambda: _in_flight(metrics_url) == 1, 10, "the Add in flight")
+        slow_disk.unlink()  # the fdatasync under way keeps sleeping; the shutdown's own syncs need not
 
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -86,7 +93,7 @@ def test_sigterm_finishes_calls_in_flight_refuses_new_ones_and_exits_0(tmp_path)
             stub.ListNamespaces(pb.ListNamespacesRequest(), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in refused.value.details()
-        assert adding.is_alive(), "the Add finished before the drain could be watched (is BATCH_MS too short?)"
+        assert adding.is_alive(), "the Add finished before the drain could be watched (is SLOW_FSYNC_S too short?)"
 
         adding.join(60)
         assert "error" not in answer, answer.get("error")

@@ -77,6 +77,7 @@ def test_torch_kernel_one_or_many_chunks(data, metric, block_bytes, first_chunk,
     monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", first_chunk)
     if block_bytes is not None:
         monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     k = torch.from_numpy(keys)
     norms = (k**2).sum(1)
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, norms, 50, metric)
@@ -99,6 +100,7 @@ def rows_in_order_of_distance(metric: str, dim: int = 32, stored: int = 6000, ba
 
 def check_torch_kernel_on_rows_in_order_of_distance(device: str, metric: str, k: int, monkeypatch) -> None:
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 40 * 1000)  # 1024-row chunks at B=40
+    monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     keys, queries = rows_in_order_of_distance(metric)
     k_t = torch.from_numpy(keys).to(device)
     distances, rows = flat_index.torch_search(torch.from_numpy(queries).to(device), k_t, (k_t**2).sum(1), k, metric)
@@ -129,6 +131,7 @@ def test_torch_kernel_pads_when_fewer_rows_than_k(data, block_bytes, monkeypatch
     keys, queries = data
     if block_bytes is not None:
         monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     k = torch.from_numpy(keys[:1500])
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, (k**2).sum(1), 1024 + 700, "l2")
     assert (rows[:, 1500:] == -1).all() and np.isinf(distances[:, 1500:]).all()
@@ -179,6 +182,7 @@ def test_fp16_keys_give_fp32_distances_at_large_norms(rng, metric, block_bytes, 
     # rounded, and the scores must not overflow float16 (|q.k| reaches 250,000 here).
     if block_bytes is not None:
         monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     keys, queries = fp16_store_data(rng)
     keys = keys.astype(np.float16)
     stored_keys = torch.from_numpy(keys)
@@ -206,6 +210,7 @@ def test_torch_kernel_k_beyond_two_chunks(data, monkeypatch):
     # The running top-k holds fewer than k rows until enough chunks are seen.
     keys, queries = data
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 40 * 1000)  # 1024-row chunks
+    monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     k = torch.from_numpy(keys)
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, (k**2).sum(1), 2500, "l2")
     assert_same_neighbours(rows, distances, *brute_force(queries, keys, 2500, "l2"))

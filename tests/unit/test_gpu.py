@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.gpu,
 def test_cuda_search_matches_brute_force(metric, block_bytes, monkeypatch):
     if block_bytes is not None:
         monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((20_000, 64)).astype(np.float32)
     queries = rng.standard_normal((300, 64)).astype(np.float32)
@@ -77,6 +78,7 @@ def test_fp16_keys_on_cuda_give_fp32_distances_at_large_norms(metric, k, block_b
     # (where float16 scores overflow): same neighbours up to ties, distances within 1e-5.
     if block_bytes is not None:
         monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     keys, queries = fp16_store_data(np.random.default_rng(2), stored=20_000, dim=768, batch=256)
     store = NeighborStore(NamespaceConfig("g", dim=768, metric=metric, key_dtype="float16"), device="cuda")
     assert store.backend == "torch" and store.rows.keys.dtype == torch.float16

@@ -35,6 +35,7 @@ def test_torch_kernel_chunks_over_rows(rng, backend, monkeypatch):
     from monim.datastore import flat_index
 
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 8 * 1000)  # forces 1024-row chunks
+    monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)  # chunks even for small searches
     store = make_store("l2", backend)
     keys = rng.standard_normal((4500, 16)).astype(np.float32)
     store.add(keys, np.zeros(4500, np.int32))
