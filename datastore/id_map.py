@@ -29,6 +29,7 @@ changes): callers serialize calls, as NeighborStore does with its lock.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 ABSENT = -1
 
@@ -55,6 +56,8 @@ class IdMap:
         self._irregular = _SortedRows(self._min_slots)
         self._assigned = 0  # ids assigned since the last re-window
         self._refused_growth = False
+        self._version = 0  # bumped by every assign: the window's table copies on devices follow it
+        self._device_tables: dict[torch.device, tuple[int, torch.Tensor]] = {}
 
     # ----- the interface -----------------------------------------------------
     def lookup(self, ids: np.ndarray) -> np.ndarray:
@@ -81,6 +84,36 @@ class IdMap:
                 rows[rest] = self._lookup_outside(flat[rest])
         return rows.reshape(ids.shape)
 
+    def lookup_tensor(self, ids: torch.Tensor) -> torch.Tensor:
+        """``lookup`` for ids that are a tensor on a device (a training step's B x k ids on the GPU):
+        the window's gather runs there, on a copy of its table made once per change of the map;
+        ids outside the window (survivors, irregular ids: rare) are looked up on the host. Same
+        answers as ``lookup`` (tests/unit/test_id_map.py checks them against each other)."""
+        flat = ids.reshape(-1).to(torch.int64)
+        span, stride = self._span, self.stride
+        origin = self.offset + stride * self._base
+        # Only ids >= origin can be inside; for them flat - origin cannot overflow (origin >= 0).
+        above = flat >= origin
+        delta = torch.where(above, flat - origin, 0)
+        local = delta if stride == 1 else torch.div(delta, stride, rounding_mode="floor")
+        inside = above & (local < span)
+        if stride != 1:
+            inside &= local * stride == delta
+        rows = self._device_table(flat.device)[torch.where(inside, local, span)]
+        if self._survivors.upper_len() or self._irregular.upper_len():
+            # Negative ids are never on the pattern (offset >= 0): only irregular ids can be negative.
+            outside = ~inside if self._irregular.upper_len() else ~inside & (flat >= 0)
+            rest = outside.nonzero().reshape(-1)
+            if rest.numel():
+                rows[rest] = torch.from_numpy(self._lookup_outside(flat[rest].cpu().numpy())).to(rows.device)
+        return rows.reshape(ids.shape)
+
+    def _device_table(self, device: torch.device) -> torch.Tensor:
+        held = self._device_tables.get(device)
+        if held is None or held[0] != self._version:
+            held = self._device_tables[device] = (self._version, torch.from_numpy(self._table).to(device, copy=True))
+        return held[1]
+
     def assign(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Maps each id to its row: ids int64 [...] (distinct), rows int64 of the same size;
         a row ABSENT removes its id."""
@@ -90,6 +123,7 @@ class IdMap:
             raise ValueError(f"IdMap.assign got {ids.size} ids but {rows.size} rows")
         if ids.size == 0:
             return
+        self._version += 1
         self._assigned += ids.size
         slots, regular = self._slots(ids)
         if not regular.all():

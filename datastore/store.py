@@ -264,11 +264,19 @@ class NeighborStore:
         """int64 [...] ids -> rows on the device, -1 where the id is -1 (an empty slot, or an id the
         caller left to another store: the router masks each shard's ids by placement). NOT_FOUND
         naming every id >= 0 that is not stored."""
-        rows = self.rows.rows_of(ids)
-        gone = (ids >= 0) & (rows < 0)
-        if gone.any():
-            raise IdsNotFound(self.config.name, ids[gone])
-        return torch.from_numpy(rows).to(self.device)
+        if self.device.type == "cpu":
+            rows = self.rows.rows_of(ids)
+            gone = (ids >= 0) & (rows < 0)
+            if gone.any():
+                raise IdsNotFound(self.config.name, ids[gone])
+            return torch.from_numpy(rows)
+        # On a GPU the ids go there once and are looked up there (B x k of them in a training step).
+        on_device = self._tensor(np.ascontiguousarray(ids, np.int64))
+        rows = self.rows.id_map.lookup_tensor(on_device)
+        gone = (on_device >= 0) & (rows < 0)
+        if bool(gone.any()):
+            raise IdsNotFound(self.config.name, ids[gone.cpu().numpy()])
+        return rows
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """The array (only read from: a request's, maybe read-only) as a tensor on the store's device."""

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from monim.datastore.id_map import ABSENT, IdMap
@@ -90,6 +91,8 @@ def test_ids_at_the_ends_of_int64(stride, offset):
     np.testing.assert_array_equal(id_map.lookup(negative), ABSENT)
     id_map.assign(negative[:3], np.array([20, 21, 22]))
     np.testing.assert_array_equal(id_map.lookup(negative[:4]), [20, 21, 22, ABSENT])
+    for probe in (top, negative, negative[:4]):
+        np.testing.assert_array_equal(id_map.lookup_tensor(torch.from_numpy(probe)).numpy(), id_map.lookup(probe))
 
 
 def test_bad_pattern_is_rejected():
@@ -149,6 +152,8 @@ def test_matches_a_dict_under_random_changes(data, pattern):
             probe = np.array(list(model) + some_ids(data.draw, stride, offset, next_slot), np.int64)
             probe = probe.reshape(1, -1, 1) if data.draw(st.booleans()) else probe
             np.testing.assert_array_equal(id_map.lookup(probe), lookup_in(model, probe))
+            # The device twin (here on CPU tensors), with its table copy made at the last change.
+            np.testing.assert_array_equal(id_map.lookup_tensor(torch.from_numpy(probe)).numpy(), lookup_in(model, probe))
             continue
         next_row += ids.size
         id_map.assign(ids, rows)
