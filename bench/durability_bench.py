@@ -29,17 +29,11 @@ from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
 
-def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> tuple[float, tuple | None]:
-    """(rows per second, group commit) of Adds of len(keys) rows into a fresh 1-shard deployment,
-    from ``writers`` threads at once (batches in all). group commit: (records per sync, ms per
-    sync) of the log, None without syncs."""
-    router = Router(LocalRuntime(1, data_dir=data_dir, fsync=fsync, snapshot_every=0))
-    router.create_namespace(NamespaceConfig("bench", dim=keys.shape[1]))
-    router.add("bench", keys, tokens)  # warm-up
-
+def concurrent_add_rate(add, batches: int, rows_per_add: int, writers: int) -> float:
+    """Rows per second of ``batches`` calls of add() shared among ``writers`` threads running at once."""
     def write(count):
         for _ in range(count):
-            router.add("bench", keys, tokens)
+            add()
 
     shares = [batches // writers + (i < batches % writers) for i in range(writers)]
     threads = [threading.Thread(target=write, args=(share,)) for share in shares]
@@ -48,7 +42,18 @@ def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> tuple[
         thread.start()
     for thread in threads:
         thread.join()
-    rate = batches * keys.shape[0] / (time.perf_counter() - started)
+    return batches * rows_per_add / (time.perf_counter() - started)
+
+
+def add_rate(data_dir, fsync, batches, keys, tokens, writers: int = 1) -> tuple[float, tuple | None]:
+    """(rows per second, group commit) of Adds of len(keys) rows into a fresh 1-shard deployment,
+    from ``writers`` threads at once (batches in all). group commit: (records per sync, ms per
+    sync) of the log, None without syncs."""
+    router = Router(LocalRuntime(1, data_dir=data_dir, fsync=fsync, snapshot_every=0))
+    router.create_namespace(NamespaceConfig("bench", dim=keys.shape[1]))
+    router.add("bench", keys, tokens)  # warm-up
+
+    rate = concurrent_add_rate(lambda: router.add("bench", keys, tokens), batches, keys.shape[0], writers)
     wal, syncs = router.runtime.shards[0].wal, None
     if wal is not None and wal.sync_stats["syncs"]:
         stats = wal.sync_stats
@@ -97,19 +102,7 @@ def service_add_rate(data_dir, fsync, batches, keys, tokens, shards: int, writer
         with MemoryClient(store.address, timeout_s=600) as client:
             client.create_namespace("bench", dim=keys.shape[1])
             client.add("bench", keys, tokens)  # warm-up
-
-            def write(count):
-                for _ in range(count):
-                    client.add("bench", keys, tokens)
-
-            shares = [batches // writers + (i < batches % writers) for i in range(writers)]
-            threads = [threading.Thread(target=write, args=(share,)) for share in shares]
-            started = time.perf_counter()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            return batches * keys.shape[0] / (time.perf_counter() - started)
+            return concurrent_add_rate(lambda: client.add("bench", keys, tokens), batches, keys.shape[0], writers)
     finally:
         store.stop()
         store.runtime.destroy()
