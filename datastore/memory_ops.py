@@ -17,6 +17,7 @@ formula. Only [B, dim] and [B] arrays leave a shard, never [B, k, dim].
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
@@ -41,21 +42,58 @@ def _chunks(batch: int, k: int, width: int):
         yield slice(start, min(batch, start + step))
 
 
+def _sparse_csr(crow: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, shape) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "Sparse CSR tensor support is in beta state"
+        return torch.sparse_csr_tensor(crow, columns, weights, shape, check_invariants=False)
+
+
+def _slot_matrix(rows: torch.Tensor, weights: torch.Tensor, columns: int) -> torch.Tensor:
+    """CSR [B, columns] whose row b holds weights[b, i] at column rows[b, i]: the slots of a top-k as
+    a sparse matrix over the store's rows (k entries a row; an empty slot, -1, points at row 0 and
+    must carry weight 0). A product with it sums the neighbours' rows without gathering them."""
+    batch, k = rows.shape
+    crow = torch.arange(0, batch * k + 1, k, device=rows.device, dtype=torch.int64)
+    return _sparse_csr(crow, rows.clamp_min(0).reshape(-1), weights.reshape(-1), (batch, columns))
+
+
 def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """m [B, value_dim] = sum_i alpha_bi values[rows_bi] over slots with rows >= 0.
 
     values: float32 [N, value_dim]; rows: int64 [B, k] (-1: not held here); alpha: float32 [B, k].
+    One sparse [B, N] x dense [N, value_dim] product: the [B, k, value_dim] gather is never formed.
     """
-    batch, k = rows.shape
-    out = torch.zeros(batch, values.shape[1], dtype=torch.float32, device=values.device)
-    held = rows >= 0
     if values.shape[0] == 0:  # nothing stored: -1 slots cannot even borrow row 0
-        return out
-    for part in _chunks(batch, k, values.shape[1]):
-        gathered = values[rows[part].clamp_min(0)]                       # [b, k, vd]
-        weights = (alpha[part] * held[part]).unsqueeze(1)                 # [b, 1, k]
-        out[part] = torch.bmm(weights, gathered).squeeze(1)
-    return out
+        return torch.zeros(rows.shape[0], values.shape[1], dtype=torch.float32, device=values.device)
+    held_alpha = torch.where(rows >= 0, alpha, torch.zeros((), device=alpha.device))
+    return _slot_matrix(rows, held_alpha, values.shape[0]) @ values
+
+
+def _sampled_dots(values: torch.Tensor, rows: torch.Tensor, grad_memory: torch.Tensor) -> torch.Tensor:
+    """gv [B, k] = grad_memory_b . values[rows_bi] (row 0 where rows is -1): the [B, N] product
+    grad_memory @ values.T sampled at the slots only (SDDMM), or whole where N <= k (cheaper then;
+    and torch's sampled product refuses a row with more slots than the matrix has columns)."""
+    if values.shape[0] <= rows.shape[1]:
+        return (grad_memory @ values.t()).gather(1, rows.clamp_min(0))
+    pattern = _slot_matrix(rows, torch.zeros(rows.shape, dtype=values.dtype, device=values.device), values.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.sampled_addmm(pattern, grad_memory, values.t(), beta=0.0).values().reshape(rows.shape)
+
+
+def _row_gradients(rows: torch.Tensor, held: torch.Tensor, alpha: torch.Tensor, grad_memory: torch.Tensor):
+    """(unique rows [U], dL/dv [U, value_dim]): dL/dv_u = sum over the slots holding row u of
+    alpha * g_b, one sparse [U, B] x dense [B, value_dim] product over the slots sorted by row."""
+    batch, k = rows.shape
+    slots = held.reshape(-1)
+    slot_rows = rows.reshape(-1)[slots]
+    slot_queries = torch.arange(batch, device=rows.device).repeat_interleave(k)[slots]
+    ordered, order = torch.sort(slot_rows, stable=True)
+    unique_rows, counts = torch.unique_consecutive(ordered, return_counts=True)
+    crow = torch.zeros(unique_rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    per_row = _sparse_csr(crow, slot_queries[order], alpha.reshape(-1)[slots][order], (unique_rows.shape[0], batch))
+    return unique_rows, per_row @ grad_memory
 
 
 def weighted_rows(alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -89,41 +127,37 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     keys [N, dim], values [N, value_dim]: the store's columns. rows int64 [B, k] (-1: not held here).
     alpha, distances float32 [B, k]; grad_memory float32 [B, value_dim].
     Returns (BackwardPartials in float64, unique rows [U], value gradients float32 [U, value_dim]).
+    The sums over the slots are sparse products over the store's rows (no [B, k, width] gather),
+    except with float16 keys, whose weighted sums gather the keys a block of queries at a time.
     """
     batch, k = rows.shape
     held = rows >= 0
     device = values.device
     dim = keys.shape[1]
-    sums = {name: torch.zeros(batch, width, dtype=torch.float64, device=device)
-            for name, width in (("weighted_keys", dim), ("alpha_keys", dim), ("grad_dot", 1),
-                                ("grad_dot_dist", 1), ("alpha_dist", 1))}
-    unique_rows, inverse = torch.unique(rows[held], return_inverse=True)
-    # dL/dv_u = sum over the slots holding row u of alpha * g_b: one sparse [U, B] x dense [B, vd]
-    # product (cuSPARSE / MKL), instead of materializing the [B, k, vd] outer products.
-    query_of_slot = torch.arange(batch, device=device).unsqueeze(1).expand(batch, k)[held]
-    slot_weights = torch.sparse_coo_tensor(torch.stack([inverse, query_of_slot]), alpha[held],
-                                           (unique_rows.shape[0], batch), check_invariants=False)
-    value_grads = torch.sparse.mm(slot_weights, grad_memory)
-    # Nothing stored here: every partial sum stays zero.
-    parts = _chunks(batch, k, max(dim, values.shape[1])) if values.shape[0] else ()
-    for part in parts:
-        # Empty slots (-1) borrow row 0 for the gather; their alpha is 0 and `held` masks them.
-        safe = rows[part].clamp_min(0)
-        a = alpha[part] * held[part]                                      # [b, k]
-        d = torch.where(held[part], distances[part], torch.zeros((), device=device))
-        g = grad_memory[part]                                             # [b, vd]
-        gv = torch.bmm(values[safe], g.unsqueeze(2)).squeeze(2)           # [b, k]
-        gathered_keys = keys[safe].float()                                # [b, k, dim]
-        agv = a * gv
-        sums["weighted_keys"][part] = torch.bmm(agv.unsqueeze(1), gathered_keys).squeeze(1).double()
-        sums["alpha_keys"][part] = torch.bmm(a.unsqueeze(1), gathered_keys).squeeze(1).double()
-        sums["grad_dot"][part] = agv.double().sum(1, keepdim=True)
-        sums["grad_dot_dist"][part] = (agv.double() * d.double()).sum(1, keepdim=True)
-        sums["alpha_dist"][part] = (a.double() * d.double()).sum(1, keepdim=True)
+    unique_rows, value_grads = _row_gradients(rows, held, alpha, grad_memory)
+    if values.shape[0] == 0:  # nothing stored here: every partial sum is zero
+        zeros = {name: np.zeros((batch, dim) if name.endswith("keys") else batch)
+                 for name in ("weighted_keys", "alpha_keys", "grad_dot", "grad_dot_dist", "alpha_dist")}
+        return BackwardPartials(**zeros), unique_rows, value_grads
+    zero = torch.zeros((), device=device)
+    a = torch.where(held, alpha, zero)                                    # empty slots weigh 0
+    d = torch.where(held, distances, zero)
+    agv = a * _sampled_dots(values, rows, grad_memory)                    # alpha * g.v_i  [B, k]
+    if keys.dtype == torch.float32:
+        weighted_keys = _slot_matrix(rows, agv, keys.shape[0]) @ keys
+        alpha_keys = _slot_matrix(rows, a, keys.shape[0]) @ keys
+    else:
+        weighted_keys = torch.empty(batch, dim, dtype=torch.float32, device=device)
+        alpha_keys = torch.empty(batch, dim, dtype=torch.float32, device=device)
+        for part in _chunks(batch, k, dim):
+            gathered_keys = keys[rows[part].clamp_min(0)].float()          # [b, k, dim]
+            weighted_keys[part] = torch.bmm(agv[part].unsqueeze(1), gathered_keys).squeeze(1)
+            alpha_keys[part] = torch.bmm(a[part].unsqueeze(1), gathered_keys).squeeze(1)
+    agv, a, d = agv.double(), a.double(), d.double()
     partials = BackwardPartials(
-        weighted_keys=sums["weighted_keys"].cpu().numpy(), alpha_keys=sums["alpha_keys"].cpu().numpy(),
-        grad_dot=sums["grad_dot"][:, 0].cpu().numpy(), grad_dot_dist=sums["grad_dot_dist"][:, 0].cpu().numpy(),
-        alpha_dist=sums["alpha_dist"][:, 0].cpu().numpy())
+        weighted_keys=weighted_keys.double().cpu().numpy(), alpha_keys=alpha_keys.double().cpu().numpy(),
+        grad_dot=agv.sum(1).cpu().numpy(), grad_dot_dist=(agv * d).sum(1).cpu().numpy(),
+        alpha_dist=(a * d).sum(1).cpu().numpy())
     return partials, unique_rows, value_grads
 
 
