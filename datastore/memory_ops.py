@@ -42,19 +42,80 @@ def _chunks(batch: int, k: int, width: int):
         yield slice(start, min(batch, start + step))
 
 
-def _sparse_csr(crow: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, shape) -> torch.Tensor:
+def _csr(crow: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, shape) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "Sparse CSR tensor support is in beta state"
         return torch.sparse_csr_tensor(crow, columns, weights, shape, check_invariants=False)
 
 
-def _slot_matrix(rows: torch.Tensor, weights: torch.Tensor, columns: int) -> torch.Tensor:
-    """CSR [B, columns] whose row b holds weights[b, i] at column rows[b, i]: the slots of a top-k as
-    a sparse matrix over the store's rows (k entries a row; an empty slot, -1, points at row 0 and
-    must carry weight 0). A product with it sums the neighbours' rows without gathering them."""
-    batch, k = rows.shape
-    crow = torch.arange(0, batch * k + 1, k, device=rows.device, dtype=torch.int64)
-    return _sparse_csr(crow, rows.clamp_min(0).reshape(-1), weights.reshape(-1), (batch, columns))
+class _Slots:
+    """The held slots of a top-k, rows int64 [B, k] (-1: empty, or not held here), as a sparse
+    [B, N] matrix over the store's N rows. Products with it sum the neighbours' rows without
+    gathering them into [B, k, width] blocks.
+
+    canonical (the default on CUDA): each query's columns sorted and distinct, as cuSPARSE assumes
+    (a row a query names twice is one entry whose weight is the sum of its slots'). torch's CPU
+    kernels take the held slots as they are (repeated columns sum), which spares a sort of B x k,
+    unless they outnumber the matrix's cells (its sampled product refuses that)."""
+
+    def __init__(self, rows: torch.Tensor, stored: int, canonical: bool | None = None):
+        batch, _ = rows.shape
+        self.shape = (batch, stored)
+        if canonical is None:
+            canonical = rows.is_cuda or int((rows >= 0).sum()) > batch * stored
+        if canonical:
+            ordered, self.order = torch.sort(rows, dim=1)                  # empty slots (-1) first
+            entry = ordered >= 0
+            entry[:, 1:] &= ordered[:, 1:] != ordered[:, :-1]
+        else:
+            ordered, self.order = rows, None
+            entry = rows >= 0
+        self.held = (ordered >= 0).reshape(-1)                              # of the (ordered) slots
+        entry = entry.reshape(-1)
+        self.merged = self.order is not None                                # entries may sum slots
+        self.entry_of_slot = torch.cumsum(entry, 0) - 1                     # valid where held
+        self.columns = ordered.reshape(-1)[entry]
+        per_query = entry.reshape(batch, -1).sum(1)
+        self.crow = torch.zeros(batch + 1, dtype=torch.int64, device=rows.device)
+        torch.cumsum(per_query, 0, out=self.crow[1:])
+        self.queries = torch.repeat_interleave(torch.arange(batch, device=rows.device), per_query)
+
+    def _ordered(self, per_slot: torch.Tensor) -> torch.Tensor:
+        return (per_slot if self.order is None else per_slot.gather(1, self.order)).reshape(-1)
+
+    def entries(self, weights: torch.Tensor) -> torch.Tensor:
+        """[nnz]: each entry's weight, the sum of weights [B, k] over its slots."""
+        held = self._ordered(weights)[self.held]
+        if not self.merged:
+            return held
+        return torch.zeros(self.columns.shape[0], dtype=weights.dtype, device=weights.device).index_add_(
+            0, self.entry_of_slot[self.held], held)
+
+    def times(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[B, width] = sum_i weights[b, i] table[rows[b, i]] over the held slots."""
+        return _csr(self.crow, self.columns, self.entries(weights), self.shape) @ table
+
+    def sampled_dots(self, grad: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """[B, k] = grad_b . table[rows[b, i]] at held slots (0 at the others): the product
+        grad @ table.T sampled at the entries only (SDDMM)."""
+        pattern = _csr(self.crow, self.columns, torch.zeros(self.columns.shape, device=grad.device), self.shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dots = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values()
+        ordered = torch.zeros(self.held.shape, dtype=dots.dtype, device=dots.device)
+        ordered[self.held] = dots[self.entry_of_slot[self.held]]
+        ordered = ordered.reshape(self.shape[0], -1)
+        return ordered if self.order is None else torch.zeros_like(ordered).scatter_(1, self.order, ordered)
+
+    def per_row(self, weights: torch.Tensor, grad: torch.Tensor):
+        """(the rows held, sorted [U]; [U, width] = sum over the slots holding row u of weights * grad_b):
+        the transposed product, over the entries sorted by row (a row's queries stay in order)."""
+        by_row = torch.sort(self.columns, stable=True)
+        unique_rows, counts = torch.unique_consecutive(by_row.values, return_counts=True)
+        crow = torch.zeros(unique_rows.shape[0] + 1, dtype=torch.int64, device=grad.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        weights = self.entries(weights)[by_row.indices]
+        return unique_rows, _csr(crow, self.queries[by_row.indices], weights, (unique_rows.shape[0], self.shape[0])) @ grad
 
 
 def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -63,43 +124,9 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
     values: float32 [N, value_dim]; rows: int64 [B, k] (-1: not held here); alpha: float32 [B, k].
     One sparse [B, N] x dense [N, value_dim] product: the [B, k, value_dim] gather is never formed.
     """
-    if values.shape[0] == 0:  # nothing stored: -1 slots cannot even borrow row 0
+    if values.shape[0] == 0:  # nothing stored: no slot is held
         return torch.zeros(rows.shape[0], values.shape[1], dtype=torch.float32, device=values.device)
-    held_alpha = torch.where(rows >= 0, alpha, torch.zeros((), device=alpha.device))
-    return _slot_matrix(rows, held_alpha, values.shape[0]) @ values
-
-
-def _sampled_dots(values: torch.Tensor, rows: torch.Tensor, grad_memory: torch.Tensor) -> torch.Tensor:
-    """gv [B, k] = grad_memory_b . values[rows_bi] (row 0 where rows is -1): the [B, N] product
-    grad_memory @ values.T sampled at the slots only (SDDMM), or whole where N <= k (cheaper then;
-    and torch's sampled product refuses a row with more slots than the matrix has columns)."""
-    if values.shape[0] <= rows.shape[1]:
-        return (grad_memory @ values.t()).gather(1, rows.clamp_min(0))
-    pattern = _slot_matrix(rows, torch.zeros(rows.shape, dtype=values.dtype, device=values.device), values.shape[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse.sampled_addmm(pattern, grad_memory, values.t(), beta=0.0).values().reshape(rows.shape)
-
-
-def _row_gradients(rows: torch.Tensor, held: torch.Tensor, alpha: torch.Tensor, grad_memory: torch.Tensor):
-    """(unique rows [U], dL/dv [U, value_dim]): dL/dv_u = sum over the slots holding row u of
-    alpha * g_b, one sparse [U, B] x dense [B, value_dim] product over the slots sorted by row."""
-    batch, k = rows.shape
-    slots = held.reshape(-1)
-    slot_rows = rows.reshape(-1)[slots]
-    slot_queries = torch.arange(batch, device=rows.device).repeat_interleave(k)[slots]
-    ordered, order = torch.sort(slot_rows, stable=True)
-    unique_rows, counts = torch.unique_consecutive(ordered, return_counts=True)
-    crow = torch.zeros(unique_rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    per_row = _sparse_csr(crow, slot_queries[order], alpha.reshape(-1)[slots][order], (unique_rows.shape[0], batch))
-    return unique_rows, per_row @ grad_memory
-
-
-def weighted_rows(alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """m float32 [B, width] = sum_i alpha_bi rows_bi: alpha float32 [B, k], rows float32 [B, k, width]
-    (the neighbours' value rows, as a search returns them; alpha is 0 at empty slots)."""
-    return np.matmul(alpha[:, None, :], rows)[:, 0].astype(np.float32, copy=False)
+    return _Slots(rows, values.shape[0]).times(alpha, values)
 
 
 @dataclasses.dataclass
@@ -127,25 +154,26 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     keys [N, dim], values [N, value_dim]: the store's columns. rows int64 [B, k] (-1: not held here).
     alpha, distances float32 [B, k]; grad_memory float32 [B, value_dim].
     Returns (BackwardPartials in float64, unique rows [U], value gradients float32 [U, value_dim]).
-    The sums over the slots are sparse products over the store's rows (no [B, k, width] gather),
-    except with float16 keys, whose weighted sums gather the keys a block of queries at a time.
+    The sums over the slots are sparse products over the store's rows (_Slots), except with float16
+    keys, whose weighted sums gather the keys a block of queries at a time.
     """
     batch, k = rows.shape
-    held = rows >= 0
     device = values.device
     dim = keys.shape[1]
-    unique_rows, value_grads = _row_gradients(rows, held, alpha, grad_memory)
-    if values.shape[0] == 0:  # nothing stored here: every partial sum is zero
+    if values.shape[0] == 0:  # nothing stored here: no slot is held, every sum is zero
         zeros = {name: np.zeros((batch, dim) if name.endswith("keys") else batch)
                  for name in ("weighted_keys", "alpha_keys", "grad_dot", "grad_dot_dist", "alpha_dist")}
-        return BackwardPartials(**zeros), unique_rows, value_grads
+        return (BackwardPartials(**zeros), torch.zeros(0, dtype=torch.int64, device=device),
+                torch.zeros(0, values.shape[1], dtype=torch.float32, device=device))
+    held = rows >= 0
     zero = torch.zeros((), device=device)
+    slots = _Slots(rows, values.shape[0])
     a = torch.where(held, alpha, zero)                                    # empty slots weigh 0
     d = torch.where(held, distances, zero)
-    agv = a * _sampled_dots(values, rows, grad_memory)                    # alpha * g.v_i  [B, k]
+    unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
+    agv = a * slots.sampled_dots(grad_memory, values)                      # alpha * g.v_i  [B, k]
     if keys.dtype == torch.float32:
-        weighted_keys = _slot_matrix(rows, agv, keys.shape[0]) @ keys
-        alpha_keys = _slot_matrix(rows, a, keys.shape[0]) @ keys
+        weighted_keys, alpha_keys = slots.times(agv, keys), slots.times(a, keys)
     else:
         weighted_keys = torch.empty(batch, dim, dtype=torch.float32, device=device)
         alpha_keys = torch.empty(batch, dim, dtype=torch.float32, device=device)
@@ -159,6 +187,12 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
         grad_dot=agv.sum(1).cpu().numpy(), grad_dot_dist=(agv * d).sum(1).cpu().numpy(),
         alpha_dist=(a * d).sum(1).cpu().numpy())
     return partials, unique_rows, value_grads
+
+
+def weighted_rows(alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """m float32 [B, width] = sum_i alpha_bi rows_bi: alpha float32 [B, k], rows float32 [B, k, width]
+    (the neighbours' value rows, as a search returns them; alpha is 0 at empty slots)."""
+    return np.matmul(alpha[:, None, :], rows)[:, 0].astype(np.float32, copy=False)
 
 
 def combine_backward(partials: BackwardPartials, queries: np.ndarray, alpha: np.ndarray, metric: str,

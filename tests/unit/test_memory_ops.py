@@ -6,6 +6,7 @@ float16 keys."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,9 +42,13 @@ def slots(draw):
     return stored, batch, k, dim, value_dim, seed, empty_share, key_dtype
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=150, deadline=None)
 @given(slots())
-def test_sparse_products_equal_the_gathered_formulas(case):
+def test_sparse_products_equal_the_gathered_formulas(device, case):
     stored, batch, k, dim, value_dim, seed, empty_share, key_dtype = case
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(stored, dim, generator=gen).to(key_dtype)
@@ -55,12 +60,26 @@ def test_sparse_products_equal_the_gathered_formulas(case):
     grad = torch.randn(batch, value_dim, generator=gen)
 
     memory, row_grads, expected = gathered_reference(keys, values, rows, alpha, distances, grad)
-    np.testing.assert_allclose(memory_ops.value_sum(values, rows, alpha).numpy(), memory.numpy(), rtol=1e-5, atol=1e-5)
+    on = [tensor.to(device) for tensor in (keys, values, rows, alpha, distances, grad)]
+    summed = memory_ops.value_sum(on[1], on[2], on[3])
+    assert summed.device.type == device
+    np.testing.assert_allclose(summed.cpu().numpy(), memory.numpy(), rtol=1e-5, atol=1e-5)
 
-    partials, unique_rows, value_grads = memory_ops.slot_partials(keys, values, rows, alpha, distances, grad)
+    partials, unique_rows, value_grads = memory_ops.slot_partials(*on)
     held_rows = torch.unique(rows[rows >= 0])
-    assert torch.equal(unique_rows, held_rows)
-    np.testing.assert_allclose(value_grads.numpy(), row_grads[held_rows].numpy(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(unique_rows.cpu(), held_rows)
+    np.testing.assert_allclose(value_grads.cpu().numpy(), row_grads[held_rows].numpy(), rtol=1e-5, atol=1e-5)
+    if stored:  # the slot matrix as chosen for the device, and canonical (the CUDA default), give the same products
+        for canonical in (None, True):
+            slots = memory_ops._Slots(on[2], stored, canonical=canonical)
+            held_alpha = torch.where(on[2] >= 0, on[3], 0)
+            np.testing.assert_allclose(slots.times(held_alpha, on[1]).cpu().numpy(), memory.numpy(), rtol=1e-5, atol=1e-5)
+            gathered_dots = (on[5][:, None, :] * on[1][on[2].clamp_min(0)]).sum(-1) * (on[2] >= 0)
+            np.testing.assert_allclose(slots.sampled_dots(on[5], on[1]).cpu().numpy(), gathered_dots.cpu().numpy(),
+                                       rtol=1e-5, atol=1e-5)
+            unique, per_row = slots.per_row(held_alpha, on[5])
+            assert torch.equal(unique.cpu(), held_rows)
+            np.testing.assert_allclose(per_row.cpu().numpy(), row_grads[held_rows].numpy(), rtol=1e-5, atol=1e-5)
     for name, want in expected.items():
         got = getattr(partials, name)
         assert got.dtype == np.float64 and got.shape == tuple(want.shape), name
