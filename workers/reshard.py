@@ -80,7 +80,7 @@ class Resharder:
         """Every shard of the placement takes it (and drops its flipped batch's rows it no longer owns)."""
         self.router.placement = placement
         self.router._ensure_shards()
-        self.router._call([(shard, "set_placement", (placement.to_dict(),)) for shard in range(placement.actors)])
+        self.router.push_placement(placement)
 
     def run(self, shards: int, batch_rows: int = 0) -> Iterator[ReshardProgress]:
         """Reshards to ``shards`` (or resumes the reshard to it that was interrupted), yielding progress
@@ -91,7 +91,7 @@ class Resharder:
             # The new shards start, and hold every namespace, before the registry names them: a call
             # routed to one then finds its namespaces (it refuses calls until it takes the placement).
             self._clear_folders(before.num_shards, shards)
-            self.router.runtime.ensure_shards(shards)
+            self.router.runtime.ensure_shards(shards, placement=before.to_dict())
             self._create_namespaces(shards)
         placement = Placement.from_dict(self._registry("begin_reshard", shards, self.driver, time.time(), batch_rows))
         self.source = placement.move.source if placement.move else before.num_shards

@@ -160,10 +160,11 @@ class LocalRuntime:
         self.shards: list[Shard | None] = [Shard(i, num_shards, *self._shard_args) for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
 
-    def ensure_shards(self, count: int) -> None:
-        """Shards up to ``count`` (a reshard's new ones: empty, or recovered from their folders)."""
+    def ensure_shards(self, count: int, placement: dict | None = None) -> None:
+        """Shards up to ``count`` (a reshard's new ones: empty, or recovered from their folders), new ones
+        at ``placement``."""
         while len(self.shards) < count:
-            self.shards.append(Shard(len(self.shards), count, *self._shard_args))
+            self.shards.append(Shard(len(self.shards), count, *self._shard_args, placement=placement))
         if count > self.num_shards:
             self._pool.shutdown(wait=False)
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix="shard")
@@ -313,19 +314,20 @@ class RayRuntime:
                 ray.shutdown()
             raise
 
-    def _shard_actor(self, index: int, count: int, scheduling):
+    def _shard_actor(self, index: int, count: int, scheduling, placement: dict | None = None):
         return self._ray.remote(Shard).options(name=f"{self.deployment}-shard-{index}", get_if_exists=True,
                                                scheduling_strategy=scheduling,
-                                               **self._shard_options).remote(index, count, *self._shard_args)
+                                               **self._shard_options).remote(index, count, *self._shard_args,
+                                                                             placement=placement)
 
-    def ensure_shards(self, count: int) -> None:
+    def ensure_shards(self, count: int, placement: dict | None = None) -> None:
         """Shard actors up to ``count``: this deployment's named ones where they exist (another front end,
         or a reshard, made them), else new ones (empty, or recovered from their folders of the data dir),
         in their placement group's bundles (workers/shard_groups.py)."""
         new = range(len(self.shards), count)
         missing = [i for i in new if not self._actor_exists(f"{self.deployment}-shard-{i}")]
         scheduling = self.groups.scheduling(missing) if missing else {}
-        self.shards += [self._shard_actor(i, count, scheduling.get(i, "DEFAULT")) for i in new]
+        self.shards += [self._shard_actor(i, count, scheduling.get(i, "DEFAULT"), placement) for i in new]
         self.num_shards = max(self.num_shards, count)
         if new:
             self.call_shards([(i, "ping", ()) for i in new], timeout_s=300)

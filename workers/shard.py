@@ -130,7 +130,8 @@ class Shard:
     """shard_index: 0-based position in the deployment, of num_shards; device: "cpu", "cuda" or "auto"."""
 
     def __init__(self, shard_index: int, num_shards: int = 1, device: str = "auto", data_dir: str | None = None,
-                 fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None):
+                 fsync: str = "always", snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None,
+                 placement: dict | None = None):
         """data_dir: the deployment's data folder (None: nothing is kept on disk). The shard keeps
         ``shard-<i>/wal`` and ``shard-<i>/snapshot-<seq>`` there, and recovers from them here:
         the latest whole snapshot, then every log record after it. snapshot_every: log records
@@ -142,7 +143,9 @@ class Shard:
         self.memory_budget = default_memory_budget(device, num_shards) if memory_budget is None else int(memory_budget)
         self.shard_index = shard_index
         self.num_shards = num_shards
-        self.placement = Placement(0, num_shards)  # workers/placement.py: which ids this shard holds
+        # workers/placement.py: which ids this shard holds (a reshard's new shard: the placement before
+        # the move, which does not name it, so it takes no write until the move's placement reaches it)
+        self.placement = Placement(0, num_shards) if placement is None else Placement.from_dict(placement)
         self.device = device
         self.stores: dict[str, NeighborStore] = {}
         self._applied = _Remembered()     # (request id, operation) -> result
@@ -680,6 +683,9 @@ class Shard:
         store = self._store(namespace, generation)
         ids = np.asarray(ids, np.int64).reshape(-1)
         ids = ids[ids >= 0]
+        if ids.size and self.shard_index >= self.placement.actors:
+            raise PlacementChanged(f"shard {self.shard_index} is not in placement version {self.placement.version} "
+                                   f"of {self.placement.actors} shards yet", self.placement.version)
         if ids.size and self.placement.version:  # version 0: never resharded, the router's id % S is the rule
             elsewhere = self.placement.owners(namespace, ids) != self.shard_index
             if elsewhere.any() or self.placement.frozen(namespace, ids).any():

@@ -396,14 +396,12 @@ class _OtherFrontEnd(LocalRuntime):
         self._pool.shutdown(wait=False)
 
 
-@pytest.mark.parametrize("target", [pytest.param(4, marks=pytest.mark.xfail(strict=True, reason=(
-    "open bug: during a grow the driver's router routes new ids by the move's placement before the old "
-    "shards have it, and new shards (placement version 0) accept any write: another front end's search, "
-    "at the old version on the old shards alone, misses the acknowledged row"))), 3])
+@pytest.mark.parametrize("target", [4, 3])
 def test_a_row_added_while_a_placement_is_pushed_is_found_by_another_front_end(tmp_path, monkeypatch, target):
     """Between every two steps of a reshard (a grow adds shards the other front end does not know yet),
     one front end adds a row (its router is the driver's) and then the other searches for it: the row
-    acknowledged first is always found. (The grow fails today: see its xfail reason.)"""
+    acknowledged first is always found. (Before the fix the grow's case failed: the new shards took the
+    move's placement, and writes, while the old ones still answered another front end's reads at the old one.)"""
     writer = deployment(tmp_path)
     writer.create_namespace(NamespaceConfig("ns", dim=DIM))
     rng = np.random.default_rng(3)
