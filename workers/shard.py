@@ -126,6 +126,41 @@ class _Remembered(collections.OrderedDict):
         return value
 
 
+def _merged(ranges: list) -> list:
+    """[first, end) ranges sorted, with overlapping and touching ones joined."""
+    out: list = []
+    for first, end in sorted(ranges):
+        if out and first <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([first, end])
+    return out
+
+
+def _clipped(ranges: list, first: int, end: int) -> list:
+    """The parts of ranges inside [first, end)."""
+    return [[max(a, first), min(b, end)] for a, b in ranges if max(a, first) < min(b, end)]
+
+
+def _outside(ranges: list, columns: dict) -> dict | None:
+    """A write's columns without the rows whose ids lie in ranges (a reshard moved them here with the
+    write applied); None if no row is left. A write without ids (a delete by source) is all inside."""
+    ids = columns.get("ids")
+    if ids is None:
+        return None
+    ids = np.asarray(ids)
+    inside = np.zeros(ids.shape[0], bool)
+    for first, end in ranges:
+        inside |= (ids >= first) & (ids < end)
+    if not inside.any():
+        return columns
+    if inside.all():
+        return None
+    kept = ~inside
+    return {name: array[kept] if isinstance(array, np.ndarray) and array.ndim and array.shape[0] == ids.shape[0]
+            else array for name, array in columns.items()}
+
+
 class Shard:
     """shard_index: 0-based position in the deployment, of num_shards; device: "cpu", "cuda" or "auto"."""
 
@@ -150,6 +185,10 @@ class Shard:
         self.stores: dict[str, NeighborStore] = {}
         self._applied = _Remembered()     # (request id, operation) -> result
         self._committed = _Remembered()   # step id -> rows updated
+        # Writes (request id, operation) and steps (step id, "step") that other shards applied to rows a
+        # reshard moved here: -> the id ranges [[first, end), ...] of those moves (_apply_receive). A retry
+        # skips its ids in them (applied already, where they were) and applies the rest (never sent there).
+        self._moved = _Remembered()
         self._staged: dict[str, _StagedStep] = {}
         self._lock = threading.RLock()
         # Writers wait on this (it releases the lock) for their record's fdatasync and their turn to
@@ -203,6 +242,10 @@ class Shard:
             answer = check() if check is not None else None
             if isinstance(answer, _Answer):
                 return answer.value
+            if key[0] and key in self._moved:
+                columns = _outside(self._moved[key], columns)
+                if columns is None:
+                    return 0
             if self.wal is None:
                 return self._apply(op, args, columns)
             self._appending += 1
@@ -319,6 +362,8 @@ class Shard:
                 self._applied.remember((request_id, op), result)
             for step_id, result in extra.get("committed", []):
                 self._committed.remember(step_id, result)
+            for request_id, op, ranges in extra.get("moved", []):
+                self._moved.remember((request_id, op), ranges)
         for op, args, columns in self.wal.replay(after=covered):
             try:
                 self._apply(op, args, columns)
@@ -373,6 +418,7 @@ class Shard:
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()
                              if isinstance(value, (int, type(None)))],
                  "committed": [[key, value] for key, value in self._committed.items()],
+                 "moved": [[key[0], key[1], ranges] for key, ranges in self._moved.items()],
                  "placement": self.placement.to_dict()}
         target = self.folder / f"snapshot-{covered:012d}"
         self._records_since_snapshot = 0
@@ -635,6 +681,10 @@ class Shard:
             parts = list(staged.parts.values()) if staged is not None else []
             ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
             grads = self._joined_gradients([g for _, g in parts], store)
+            if (step_id, "step") in self._moved:  # committed where some of its rows were before a reshard
+                outside = _outside(self._moved[(step_id, "step")], {"ids": ids})
+                kept = np.isin(ids, outside["ids"]) if outside is not None else np.zeros(ids.shape, bool)
+                ids, grads = ids[kept], grads[torch.from_numpy(kept).to(grads.device) if torch.is_tensor(grads) else kept]
             self._committing.add(step_id)
         try:
             return self._write("step", {"namespace": namespace, "generation": generation, "step_id": step_id},
@@ -792,8 +842,11 @@ class Shard:
         targets = [int(target) for target in np.unique(targets) if target != self.shard_index]
         if not targets:
             return []
+        moved = [[key[0], key[1], within] for key, ranges in self._moved.items()
+                 if key[0].startswith(f"{namespace}:") and (within := _clipped(ranges, first, end))]
         applied = json.dumps({"applied": [[request_id, op] for request_id, op in self._applied if op != "receive"],
-                              "committed": [step for step in self._committed if step.startswith(f"{namespace}:")]})
+                              "committed": [step for step in self._committed if step.startswith(f"{namespace}:")],
+                              "range": [first, end], "moved": moved})
         return [(target, snapshot.table_to_bytes(snapshot.rows_table(store, ids[ids % move.target == target])),
                  applied) for target in targets]
 
@@ -821,15 +874,29 @@ class Shard:
         fresh = ~store.contains(ids) if ids.size else np.zeros(0, bool)
         result = snapshot.append_rows(store, table.filter(pa.array(fresh))) if fresh.any() else 0
         if "applied" in columns:  # (a log written before the old owners sent them has none)
-            applied = json.loads(bytes(columns["applied"][0]))
+            self._learn_moved_writes(json.loads(bytes(columns["applied"][0])))
+        self._applied.remember((args["request_id"], "receive"), result)
+        return result
+
+    def _learn_moved_writes(self, applied: dict) -> None:
+        """What the old owner of rows moved here had applied to them (export_batch): each write and step
+        is remembered with the moved ids' range, so that a retry skips those rows only. (A log written
+        before moves sent their range: the whole write, as then.)"""
+        batch = applied.get("range")
+        if batch is None:
             for request_id, op in applied["applied"]:
                 if (request_id, op) not in self._applied:
                     self._applied.remember((request_id, op), 0)
             for step_id in applied["committed"]:
                 if step_id not in self._committed:
                     self._committed.remember(step_id, 0)
-        self._applied.remember((args["request_id"], "receive"), result)
-        return result
+            return
+        marks = [((request_id, op), [batch]) for request_id, op in applied["applied"]]
+        marks += [((step_id, "step"), [batch]) for step_id in applied["committed"]]
+        marks += [((request_id, op), ranges) for request_id, op, ranges in applied.get("moved", [])]
+        for key, ranges in marks:
+            if key not in self._applied and (key[1] != "step" or key[0] not in self._committed):
+                self._moved.remember(key, _merged(self._moved.get(key, []) + ranges))
 
     @_serialized
     def staged_in_range(self, namespace: str, first: int, end: int) -> list[str]:

@@ -432,3 +432,48 @@ def test_a_row_added_while_a_placement_is_pushed_is_found_by_another_front_end(t
     assert reshard(writer, target, batch_rows=64).done
     assert len(checked) > 10 and not missed, missed
     reader.runtime.shutdown()
+
+
+def test_a_share_of_a_write_refused_before_a_batch_moved_lands_on_the_shard_the_batch_went_to(tmp_path, monkeypatch):
+    """An Add's share that a new shard refused (not placed yet) is sent again after a batch moved there
+    from an old owner that had applied another share of the same Add. The new owner learns from the
+    move that the Add was applied to the rows it received (a retry must not apply it to them again),
+    not to rows it never held: the share sent again lands. (Before the fix the whole request id was
+    taken as applied: the retried share was answered as done and its row was never stored.)"""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(5)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    router.add("ns", rng.standard_normal((200, DIM)).astype(np.float32), np.arange(200))   # ids 0..199
+    config = router.config("ns")
+    request = router._step_key(config, "add-after-the-mark")
+    shards = router.runtime.shards
+    keys = rng.standard_normal((2, DIM)).astype(np.float32)
+    merge = router._step_key(config, "merge-before-the-move")   # a write applied on shard 0 to row 2, which moves to shard 2
+    shards[0].increment_weights("ns", config.generation, merge, np.array([2]), np.array([1.0], np.float32))
+    original_copy, copies = Resharder._copy, []
+
+    def copy_between_the_shares(self, config, first, end, placement):
+        if not copies:  # ids 204 and 206 are past the move's mark: placed by the target count (4)
+            shards[0].add("ns", config.generation, request, np.array([204]), keys[:1], np.arange(1), None, None, "")
+        original_copy(self, config, first, end, placement)
+        if not copies:  # the share refused by shard 2 before it was placed, sent again now
+            shards[2].add("ns", config.generation, request, np.array([206]), keys[1:], np.arange(1), None, None, "")
+        copies.append((first, end))
+
+    monkeypatch.setattr(Resharder, "_copy", copy_between_the_shares)
+    assert reshard(router, 4, batch_rows=64).done and copies
+    assert router.get("ns", np.array([204, 206])).ids.tolist() == [204, 206]
+    # and the retried Add, sent whole again, stores nothing twice: also after a snapshot of every shard
+    # (what the moves taught them is in it) and a restart
+    for restarted in (False, True):
+        if restarted:
+            for shard in shards:
+                shard.snapshot()
+            crash(router)
+            router = deployment(tmp_path)
+            shards = router.runtime.shards
+        shards[0].add("ns", config.generation, request, np.array([204]), keys[:1], np.arange(1), None, None, "")
+        shards[2].add("ns", config.generation, request, np.array([206]), keys[1:], np.arange(1), None, None, "")
+        shards[2].increment_weights("ns", config.generation, merge, np.array([2]), np.array([1.0], np.float32))
+        assert router.describe_namespace("ns")["rows"] == 202
+        assert router.get("ns", np.array([2])).weights.tolist() == [2.0]
