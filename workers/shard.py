@@ -733,15 +733,21 @@ class Shard:
         store = self._store(namespace, generation)
         ids = np.asarray(ids, np.int64).reshape(-1)
         ids = ids[ids >= 0]
-        if ids.size and self.shard_index >= self.placement.actors:
-            raise PlacementChanged(f"shard {self.shard_index} is not in placement version {self.placement.version} "
-                                   f"of {self.placement.actors} shards yet", self.placement.version)
-        if ids.size and self.placement.version:  # version 0: never resharded, the router's id % S is the rule
-            elsewhere = self.placement.owners(namespace, ids) != self.shard_index
-            if elsewhere.any() or self.placement.frozen(namespace, ids).any():
-                what = "belong to another shard" if elsewhere.any() else "are being moved by a reshard"
-                raise PlacementChanged(f"shard {self.shard_index}: ids {ids[elsewhere][:5].tolist()} of namespace "
-                                       f"{namespace!r} {what}", self.placement.version)
+        if not ids.size:
+            return store
+        placement = self.placement
+        if self.shard_index >= placement.actors:  # a grow's new shard, before the move's placement reaches it
+            raise PlacementChanged(f"shard {self.shard_index} is not in placement version {placement.version} "
+                                   f"of {placement.actors} shards yet", placement.version)
+        if placement.move is None and placement.num_shards == 1:
+            return store  # one shard holds every id (a training step's B x k of them: no pass over them)
+        # Also at version 0 (never resharded): a router already at a grow's placement may send ids here
+        # that the placement this shard answers reads with puts on another shard.
+        elsewhere = placement.owners(namespace, ids) != self.shard_index
+        if elsewhere.any() or placement.frozen(namespace, ids).any():
+            what = "belong to another shard" if elsewhere.any() else "are being moved by a reshard"
+            raise PlacementChanged(f"shard {self.shard_index}: ids {ids[elsewhere][:5].tolist()} of namespace "
+                                   f"{namespace!r} {what}", placement.version)
         return store
 
     def _incoming(self, namespace: str) -> np.ndarray | None:

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 from monim.datastore import NamespaceConfig
-from monim.protos.errors import Aborted, FailedPrecondition, InvalidArgument
+from monim.protos.errors import Aborted, FailedPrecondition, IdsNotFound, InvalidArgument
 from monim.workers import registry as registry_module
 from monim.workers.reshard import Resharder, reshard
 from monim.workers.router import Router
@@ -396,37 +396,45 @@ class _OtherFrontEnd(LocalRuntime):
         self._pool.shutdown(wait=False)
 
 
-@pytest.mark.parametrize("target", [4, 3])
-def test_a_row_added_while_a_placement_is_pushed_is_found_by_another_front_end(tmp_path, monkeypatch, target):
+@pytest.mark.parametrize("start,target", [(2, 4), (2, 3), (4, 3)])
+def test_a_row_added_while_a_placement_is_pushed_is_found_by_another_front_end(tmp_path, monkeypatch, start, target):
     """Between every two steps of a reshard (a grow adds shards the other front end does not know yet),
-    one front end adds a row (its router is the driver's) and then the other searches for it: the row
-    acknowledged first is always found. (Before the fix the grow's case failed: the new shards took the
-    move's placement, and writes, while the old ones still answered another front end's reads at the old one.)"""
+    one front end adds a row (its router is the driver's) and then the other searches for it and gets
+    it by id: the row acknowledged first is always found, where the reader's placement puts it. Before
+    the fix a grow failed both: the new shards took the move's placement, and writes, while the old
+    ones still answered another front end's reads at the old one; and an old shard still at its first
+    placement took any id it was sent (2 -> 3: id 201 on shard 0, where the old placement's Get looks
+    on shard 1)."""
     writer = deployment(tmp_path)
     writer.create_namespace(NamespaceConfig("ns", dim=DIM))
     rng = np.random.default_rng(3)
     writer.add("ns", rng.standard_normal((200, DIM)).astype(np.float32), np.arange(200))
-    if target == 3:  # a shrink from 4, where each front end knows all four shards already
-        reshard(writer, 4, batch_rows=64)
+    if start != 2:  # each front end knows all the shards already
+        reshard(writer, start, batch_rows=64)
     reader = Router(_OtherFrontEnd(writer.runtime))
     reader.search("ns", np.zeros((1, DIM), np.float32), 1)
     missed, checked = [], []
 
-    def add_then_search(where):
+    def add_then_read(where):
         key = rng.standard_normal((1, DIM)).astype(np.float32) * 100  # far from every other row
         added = writer.add("ns", key, np.arange(1)).ids
         found = reader.search("ns", key, 1).ids[0]
         checked.append(where)
-        if found[0] != added[0]:
-            missed.append((where, int(added[0]), int(found[0]), writer.placement.version, reader.placement.version))
+        try:
+            got = reader.get("ns", added).ids.tolist()
+        except IdsNotFound:
+            got = []
+        if found[0] != added[0] or got != added.tolist():
+            missed.append((where, int(added[0]), int(found[0]), got, writer.placement.version,
+                           reader.placement.version))
 
     for name in ("_create_namespaces", "_push"):
         original = getattr(Resharder, name)
 
         def wrapped(self, *args, _original=original, _name=name):
-            add_then_search(f"before {_name}")
+            add_then_read(f"before {_name}")
             _original(self, *args)
-            add_then_search(f"after {_name}")
+            add_then_read(f"after {_name}")
 
         monkeypatch.setattr(Resharder, name, wrapped)
     assert reshard(writer, target, batch_rows=64).done
