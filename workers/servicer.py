@@ -15,7 +15,7 @@ from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
 from monim.protos.errors import InvalidArgument
 from monim.workers.auth import authorize_step, caller_name
-from monim.workers.decoding import undecodable
+from monim.workers.decoding import payloads_of, undecodable
 from monim.workers.router import Router
 from monim.workers.status import grpc_errors, status_of
 
@@ -24,15 +24,16 @@ log = logging.getLogger(__name__)
 
 def _required(message, field: str, what: str | None = None):
     """The field's array, read-only: a request's arrays are only read (by the router, and by the shards,
-    which read Ray's read-only arrays too), so the copy that would make them writable is saved."""
+    which read Ray's read-only arrays too), so they stay views of the received bytes."""
     if not message.HasField(field):
         raise InvalidArgument(f"{what or field} is missing from the request")
-    return convert.tensor_from_proto(getattr(message, field), what or field, writable=False)
+    return convert.tensor_from_proto(getattr(message, field), what or field, writable=False,
+                                     data=(payloads_of(message) or {}).get(field))
 
 
 def _optional(message, field: str):
     """The field's array, read-only (as _required's), or None when the request does not carry it."""
-    return convert.optional_tensor(message, field, writable=False)
+    return convert.optional_tensor(message, field, writable=False, payloads=payloads_of(message))
 
 
 def _merge_eps(request) -> float:
