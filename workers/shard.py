@@ -629,10 +629,11 @@ class Shard:
 
     @_serialized
     def stage_gradients(self, namespace: str, generation: int, step_id: str, part: int, ids: np.ndarray,
-                        grads: np.ndarray) -> int:
+                        grads: np.ndarray, check_step: bool = True) -> int:
         """Stages value gradients for ids (all of which belong here) after checking they are stored
-        and that this part, stepped alone, would keep the rows finite (INVALID_ARGUMENT otherwise;
-        the commit checks the whole step again)."""
+        and, with check_step, that this part, stepped alone, would keep the rows finite (INVALID_ARGUMENT
+        otherwise; the commit checks the whole step again, all or nothing on this shard: a step staged
+        on one shard alone needs no check before it)."""
         store = self._check_owned(namespace, generation, ids)
         store.check_stored(ids)
         staged = source_tensor(grads)  # read-only when it came through Ray or a request
@@ -642,7 +643,7 @@ class Shard:
             staged = staged.clone()  # the caller's own array (an in-process router passes views): kept until the commit
         if ids.flags.writeable:
             ids = ids.copy()
-        if ids.size:
+        if ids.size and check_step:
             store.step(ids, staged, dry_run=True)
         if step_id not in self._committed:
             self._staged_step(namespace, generation, step_id).parts[part] = (ids, staged)

@@ -121,3 +121,39 @@ def test_gradient_clipping_bounds_each_row():
     values = store.get(np.arange(2)).values
     np.testing.assert_allclose(np.linalg.norm(values[0]), 0.5, atol=1e-5)  # (3, 4) summed, then clipped
     np.testing.assert_allclose(values[1], [-0.1, 0], atol=1e-6)  # under the bound: unchanged gradient
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_a_step_that_would_overflow_in_its_last_block_changes_no_row(monkeypatch, name, shards):
+    """A CPU step is computed a block of rows at a time (here 4 rows a block); one overflowing row in
+    the last block refuses the whole step (INVALID_ARGUMENT), on one shard (whose commit is the only
+    check: a step staged on one shard is not checked at staging) and on three; nothing changes, and
+    the same step without that row then matches torch.optim."""
+    from monim.datastore import optimizers
+    from monim.protos.errors import InvalidArgument
+
+    monkeypatch.setattr(optimizers, "_CPU_BLOCK_FLOATS", 4 * VALUE_DIM)
+    initial = np.random.default_rng(1).standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
+    options = {"sgd": {"lr": 10.0, "momentum": 0.9}, "adagrad": {"lr": 0.1}, "adam": {"lr": 0.01}}[name]
+    router = Router(LocalRuntime(shards))
+    router.create_namespace(NamespaceConfig("opt", dim=2, value_dim=VALUE_DIM, optimizer=dict(options, name=name)))
+    router.add("opt", np.zeros((ROWS, 2), np.float32), np.arange(ROWS), values=initial)
+    before = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
+    ids = np.arange(ROWS, dtype=np.int64)
+    grads = np.random.default_rng(2).standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
+    hostile = grads.copy()
+    hostile[-1] = 3e38  # squared (adagrad, adam), or times lr 10 (sgd), past float32
+    with pytest.raises(InvalidArgument, match="overflow float32"):
+        router.apply_gradients("opt", ids, hostile, request_id="hostile")
+    after = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
+    np.testing.assert_array_equal(after.values, before.values)
+    for column, values in before.optimizer_state.items():
+        np.testing.assert_array_equal(after.optimizer_state[column], values, err_msg=column)
+    steps = [(ids[:-1], grads[:-1])]
+    assert router.apply_gradients("opt", *steps[0], request_id="hostile-without-the-row") == ROWS - 1
+    torch_options = dict(options, betas=(0.9, 0.999)) if name == "adam" else options
+    expected_values, _, expected_steps = torch_reference(name, torch_options, initial, steps)
+    rows = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
+    np.testing.assert_allclose(rows.values, expected_values, atol=1e-5, rtol=1e-5)
+    assert rows.optimizer_state["step"].tolist() == expected_steps.tolist()
