@@ -107,7 +107,7 @@ def run(args) -> dict:
     queries = (keys[rng.integers(0, args.rows, args.batch)] + 0.1 * rng.standard_normal((args.batch, args.dim))).astype(
         np.float32)
     grad = rng.standard_normal((args.batch, args.value_dim)).astype(np.float32)
-    config = NamespaceConfig("bench", dim=args.dim, value_dim=args.value_dim, max_k=max(args.ks),
+    config = NamespaceConfig("bench", dim=args.dim, value_dim=args.value_dim, max_k=max(args.ks, default=32),
                              optimizer={"name": "adam", "lr": 1e-3})
     targets = {"in-process": InProcess(config, args.device)}
     if args.service:
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=10.0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    args.ks = [int(k) for k in args.ks.split(",")]
+    args.ks = [int(k) for k in args.ks.split(",") if k]  # --ks "": ApplyGradients alone
     args.apply_batches = [int(n) for n in args.apply_batches.split(",")]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# {' '.join(['python -m bench.memory_bench', *sys.argv[1:]])}")
