@@ -69,11 +69,11 @@ class InProcess:
 
 
 class Service:
-    def __init__(self, config, shards):
+    def __init__(self, config, shards, shard_cpus=1.0):
         from monim.model_client import MemoryClient
         from monim.workers.embedded import EmbeddedStore
 
-        self.embedded = EmbeddedStore(shards=shards, num_cpus=max(2, shards))
+        self.embedded = EmbeddedStore(shards=shards, num_cpus=max(2, int(shards * shard_cpus)), shard_cpus=shard_cpus)
         self.client = MemoryClient(self.embedded.address, timeout_s=600)
         self.name = config.name
         self.client.create_namespace(config.name, dim=config.dim, value_dim=config.value_dim, max_k=config.max_k,
@@ -111,7 +111,7 @@ def run(args) -> dict:
                              optimizer={"name": "adam", "lr": 1e-3})
     targets = {"in-process": InProcess(config, args.device)}
     if args.service:
-        targets["service"] = Service(config, args.shards)
+        targets["service"] = Service(config, args.shards, args.shard_cpus)
     results = {"rows": args.rows, "batch": args.batch, "dim": args.dim, "value_dim": args.value_dim, "cells": []}
     for name, target in targets.items():
         target.add(keys, tokens, values)
@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--service", action="store_true", help="also measure through gRPC and 2 shard actors")
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--shard-cpus", type=float, default=1.0,
+                        help="CPUs (so torch and faiss threads) each shard actor holds; the in-process store uses all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=10.0)
     parser.add_argument("--json", default=None)
