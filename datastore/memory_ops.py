@@ -72,7 +72,6 @@ class _Slots:
             entry = rows >= 0
         self.held = (ordered >= 0).reshape(-1)                              # of the (ordered) slots
         entry = entry.reshape(-1)
-        self.merged = self.order is not None                                # entries may sum slots
         self.entry_of_slot = torch.cumsum(entry, 0) - 1                     # valid where held
         self.columns = ordered.reshape(-1)[entry]
         per_query = entry.reshape(batch, -1).sum(1)
@@ -86,7 +85,7 @@ class _Slots:
     def entries(self, weights: torch.Tensor) -> torch.Tensor:
         """[nnz]: each entry's weight, the sum of weights [B, k] over its slots."""
         held = self._ordered(weights)[self.held]
-        if not self.merged:
+        if self.order is None:  # one entry a held slot
             return held
         return torch.zeros(self.columns.shape[0], dtype=weights.dtype, device=weights.device).index_add_(
             0, self.entry_of_slot[self.held], held)
@@ -127,6 +126,12 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
     if values.shape[0] == 0:  # nothing stored: no slot is held
         return torch.zeros(rows.shape[0], values.shape[1], dtype=torch.float32, device=values.device)
     return _Slots(rows, values.shape[0]).times(alpha, values)
+
+
+def weighted_rows(alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """m float32 [B, width] = sum_i alpha_bi rows_bi: alpha float32 [B, k], rows float32 [B, k, width]
+    (the neighbours' value rows, as a search returns them; alpha is 0 at empty slots)."""
+    return np.matmul(alpha[:, None, :], rows)[:, 0].astype(np.float32, copy=False)
 
 
 @dataclasses.dataclass
@@ -187,12 +192,6 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
         grad_dot=agv.sum(1).cpu().numpy(), grad_dot_dist=(agv * d).sum(1).cpu().numpy(),
         alpha_dist=(a * d).sum(1).cpu().numpy())
     return partials, unique_rows, value_grads
-
-
-def weighted_rows(alpha: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """m float32 [B, width] = sum_i alpha_bi rows_bi: alpha float32 [B, k], rows float32 [B, k, width]
-    (the neighbours' value rows, as a search returns them; alpha is 0 at empty slots)."""
-    return np.matmul(alpha[:, None, :], rows)[:, 0].astype(np.float32, copy=False)
 
 
 def combine_backward(partials: BackwardPartials, queries: np.ndarray, alpha: np.ndarray, metric: str,

@@ -174,13 +174,14 @@ class Router:
             placement = self.placement = Placement.from_dict(self.runtime.call_registry("thaw_batch", time.time()))
         self.push_placement(placement)
 
-    def push_placement(self, placement: Placement) -> list:
+    def push_placement(self, placement: Placement) -> None:
         """Every shard of the placement takes it. During a grow the source's shards first, then the new
         ones (which take no write before: Shard._check_owned)."""
         move = placement.move
         first = move.source if move is not None and move.target > move.source else placement.actors
-        return [deleted for shards in (range(0, first), range(first, placement.actors)) if len(shards)
-                for deleted in self._call([(shard, "set_placement", (placement.to_dict(),)) for shard in shards])]
+        for shards in (range(0, first), range(first, placement.actors)):
+            if shards:
+                self._call([(shard, "set_placement", (placement.to_dict(),)) for shard in shards])
 
     def _round(self, make_calls, on_retry=None) -> list:
         """One round of calls that must all be answered at one placement: make_calls(placement) ->

@@ -142,6 +142,14 @@ def _clipped(ranges: list, first: int, end: int) -> list:
     return [[max(a, first), min(b, end)] for a, b in ranges if max(a, first) < min(b, end)]
 
 
+def _in_ranges(ranges: list, ids: np.ndarray) -> np.ndarray:
+    """bool [N]: the ids that lie in one of the [first, end) ranges."""
+    inside = np.zeros(ids.shape[0], bool)
+    for first, end in ranges:
+        inside |= (ids >= first) & (ids < end)
+    return inside
+
+
 def _outside(ranges: list, columns: dict) -> dict | None:
     """A write's columns without the rows whose ids lie in ranges (a reshard moved them here with the
     write applied); None if no row is left. A write without ids (a delete by source) is all inside."""
@@ -149,9 +157,7 @@ def _outside(ranges: list, columns: dict) -> dict | None:
     if ids is None:
         return None
     ids = np.asarray(ids)
-    inside = np.zeros(ids.shape[0], bool)
-    for first, end in ranges:
-        inside |= (ids >= first) & (ids < end)
+    inside = _in_ranges(ranges, ids)
     if not inside.any():
         return columns
     if inside.all():
@@ -683,8 +689,7 @@ class Shard:
             ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
             grads = self._joined_gradients([g for _, g in parts], store)
             if (step_id, "step") in self._moved:  # committed where some of its rows were before a reshard
-                outside = _outside(self._moved[(step_id, "step")], {"ids": ids})
-                kept = np.isin(ids, outside["ids"]) if outside is not None else np.zeros(ids.shape, bool)
+                kept = ~_in_ranges(self._moved[(step_id, "step")], ids)
                 ids, grads = ids[kept], grads[torch.from_numpy(kept).to(grads.device) if torch.is_tensor(grads) else kept]
             self._committing.add(step_id)
         try:
