@@ -160,10 +160,14 @@ def test_a_step_answered_aborted_stepped_nothing(tmp_path):
         runtime.shutdown()
 
 
-def test_a_shard_that_restarts_during_a_snapshot_exports_again(tmp_path):
+@pytest.mark.parametrize("export_written_before_the_restart", [False, True])
+def test_a_shard_that_restarts_during_a_snapshot_exports_again(tmp_path, export_written_before_the_restart):
     """A shard restarted between its export and the status round has lost the export (found by
     the reliability profile in CI: CreateSnapshot answered INVALID_ARGUMENT "no snapshot export");
-    the front end asks it again, and the snapshot is whole."""
+    the front end asks it again, and the snapshot is whole. If the export was written before the
+    process ended, the front end takes that one."""
+    import threading
+
     from monim.workers.shard import Shard
     from monim.workers.snapshots import Snapshots
 
@@ -171,20 +175,31 @@ def test_a_shard_that_restarts_during_a_snapshot_exports_again(tmp_path):
     router = Router(runtime)
     router.create_namespace(NamespaceConfig("ns", dim=4))
     router.add("ns", np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32), np.arange(10))
-    real = runtime.call_shards
+    real, restarted = runtime.call_shards, []
+    old = runtime.shards[1]
+    release = threading.Event()
+    if not export_written_before_the_restart:
+        old._writer.submit(release.wait)  # the old process's export waits behind this, and never runs
 
     def restart_after_the_export(calls, timeout_s=None):
         answers = real(calls, timeout_s)
-        if any(method == "export_snapshot" for _, method, _ in calls) and not getattr(runtime, "restarted", False):
-            runtime.restarted = True
-            runtime.shards[1] = Shard(1, 2, "cpu", str(tmp_path / "data"))  # a fresh process on its log
+        if any(method == "export_snapshot" for _, method, _ in calls) and not restarted:
+            restarted.append(True)
+            # The process ends: its export is written first or never (a thread of a process that
+            # ended writes nothing more), and a fresh process starts on its log.
+            old._writer.shutdown(wait=export_written_before_the_restart, cancel_futures=True)
+            release.set()
+            runtime.shards[1] = Shard(1, 2, "cpu", str(tmp_path / "data"))
         return answers
 
     runtime.call_shards = restart_after_the_export
     snapshots = Snapshots(router, str(tmp_path / "snapshots"))
     try:
         assert snapshots.create("during-restart")["rows"] == {"ns": 10}
+        assert restarted
+        assert [entry["rows"] for entry in snapshots.list()] == [{"ns": 10}]
     finally:
+        old._writer.shutdown(wait=True)
         runtime.shutdown()
 
 
