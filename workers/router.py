@@ -601,8 +601,9 @@ class Router:
             routes = dict(self._route_ids(ids, namespace, placement))
             staged_on[:] = range(placement.actors) if defer_step else sorted(routes)
             # Each shard's part is checked before any commits (all or nothing across shards), unless one
-            # shard takes the whole step: its commit's own check is all or nothing (one pass less).
-            check_step = defer_step or len(staged_on) > 1
+            # shard takes the whole step (a deferred step's parts are staged on every shard): its
+            # commit's own check is all or nothing (one pass less).
+            check_step = len(staged_on) > 1
             return [(shard, "stage_gradients", (namespace, config.generation, step, part,
                                                 _rows(ids, routes.get(shard, none)), _rows(grads, routes.get(shard, none)),
                                                 check_step))

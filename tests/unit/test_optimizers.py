@@ -123,13 +123,21 @@ def test_gradient_clipping_bounds_each_row():
     np.testing.assert_allclose(values[1], [-0.1, 0], atol=1e-6)  # under the bound: unchanged gradient
 
 
+def _apply_in_parts(router, ids, grads, step_id):
+    """A step sent as a client sends one larger than a message: deferred parts, then one commit."""
+    for part, rows in enumerate(np.array_split(np.arange(ids.size), 3)):
+        router.apply_gradients("opt", ids[rows], grads[rows], step_id=step_id, part=part, defer_step=True)
+    return router.commit_step("opt", step_id)
+
+
+@pytest.mark.parametrize("parts", [False, True], ids=["whole", "deferred-parts"])
 @pytest.mark.parametrize("shards", [1, 3])
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
-def test_a_step_that_would_overflow_in_its_last_block_changes_no_row(monkeypatch, name, shards):
+def test_a_step_that_would_overflow_in_its_last_block_changes_no_row(monkeypatch, name, shards, parts):
     """A CPU step is computed a block of rows at a time (here 4 rows a block); one overflowing row in
     the last block refuses the whole step (INVALID_ARGUMENT), on one shard (whose commit is the only
-    check: a step staged on one shard is not checked at staging) and on three; nothing changes, and
-    the same step without that row then matches torch.optim."""
+    check: a step staged on one shard is not checked at staging, also when it comes in deferred
+    parts) and on three; nothing changes, and the same step without that row then matches torch.optim."""
     from monim.datastore import optimizers
     from monim.protos.errors import InvalidArgument
 
@@ -145,13 +153,19 @@ def test_a_step_that_would_overflow_in_its_last_block_changes_no_row(monkeypatch
     hostile = grads.copy()
     hostile[-1] = 3e38  # squared (adagrad, adam), or times lr 10 (sgd), past float32
     with pytest.raises(InvalidArgument, match="overflow float32"):
-        router.apply_gradients("opt", ids, hostile, request_id="hostile")
+        if parts:
+            _apply_in_parts(router, ids, hostile, "hostile")
+        else:
+            router.apply_gradients("opt", ids, hostile, request_id="hostile")
     after = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
     np.testing.assert_array_equal(after.values, before.values)
     for column, values in before.optimizer_state.items():
         np.testing.assert_array_equal(after.optimizer_state[column], values, err_msg=column)
     steps = [(ids[:-1], grads[:-1])]
-    assert router.apply_gradients("opt", *steps[0], request_id="hostile-without-the-row") == ROWS - 1
+    if parts:
+        assert _apply_in_parts(router, *steps[0], "hostile-without-the-row") == ROWS - 1
+    else:
+        assert router.apply_gradients("opt", *steps[0], request_id="hostile-without-the-row") == ROWS - 1
     torch_options = dict(options, betas=(0.9, 0.999)) if name == "adam" else options
     expected_values, _, expected_steps = torch_reference(name, torch_options, initial, steps)
     rows = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
