@@ -7,11 +7,13 @@
 numpy arrays and torch tensors are accepted; results are numpy. Errors are
 the typed exceptions of monim.protos.errors (importable from monim). Large batches are split so that
 no message passes ``max_message_bytes``; an Add split this way is applied
-chunk by chunk (each chunk whole or not at all).
+chunk by chunk (each chunk whole or not at all). The chunks of one call are pipelined: the next is
+encoded and sent while the last is processed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -40,6 +42,10 @@ _SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 
 IN_PROCESS = ":memory:"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# A request or reply larger than this goes in chunks of about this size (at most half the message
+# limit), PIPELINE_DEPTH of them in flight: while the server processes one, the next is encoded and sent.
+CHUNK_BYTES = 32 * 1024 * 1024
+PIPELINE_DEPTH = 2
 # The environment variable a token is read from when none is passed (read when a client is made).
 TOKEN_ENV = "MONIM_TOKEN"
 _FLOAT_KINDS = ("float16", "float32")
@@ -311,13 +317,34 @@ class MemoryClient:
                 time.sleep(self.backoff_s * (2**attempt) * (1 + random.random()))
 
     def _row_chunks(self, rows: int, bytes_per_row: int):
-        """Slices of at most max_message_bytes/2 worth of rows (the rest is headroom)."""
+        """Slices of rows: one if all of them take at most max_message_bytes/2 (the rest is headroom),
+        else slices of at most CHUNK_BYTES worth (and max_message_bytes/2), for _pipelined."""
         if not self.remote:
             yield slice(0, rows)
             return
-        per_chunk = max(1, (self.max_message_bytes // 2) // max(1, bytes_per_row))
+        limit = self.max_message_bytes // 2
+        if rows * bytes_per_row > limit:
+            limit = min(limit, CHUNK_BYTES)
+        per_chunk = max(1, limit // max(1, bytes_per_row))
         for start in range(0, max(rows, 1), per_chunk):
             yield slice(start, start + per_chunk)
+
+    @staticmethod
+    def _pipelined(calls: list) -> list:
+        """Runs the calls (one per chunk of a request), at most PIPELINE_DEPTH at once, in order;
+        returns their answers in order. After a call fails none is started; those already started
+        finish, then the first failure (in the calls' order) is raised."""
+        if len(calls) <= 1:
+            return [call() for call in calls]
+        futures: list[concurrent.futures.Future] = []
+        with concurrent.futures.ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="monim-chunk") as pool:
+            for index, call in enumerate(calls):
+                if index >= PIPELINE_DEPTH:
+                    concurrent.futures.wait([futures[index - PIPELINE_DEPTH]])
+                if any(future.done() and future.exception() is not None for future in futures):
+                    break
+                futures.append(pool.submit(call))
+        return [future.result() for future in futures]
 
     @staticmethod
     def _rows(array) -> int:
@@ -361,6 +388,8 @@ class MemoryClient:
         token closer than this (its weight grows by 1; the row's id is that entry's).
         details=True returns the AddResult (ids, admitted, merged) instead of the ids.
         request_id: makes a repeated call (e.g. after a crash) land once; one is made when None.
+        A batch larger than a message goes in chunks, two in flight at once (one at a time with
+        merge_eps): its ids are then not always increasing in the rows' order.
         """
         keys, values = _float_array(keys, "keys"), _float_array(values, "values")
         weights, logp = _float_array(weights, "weights"), _float_array(logp, "logp")
@@ -379,10 +408,12 @@ class MemoryClient:
             def part_of(array, part):
                 return None if array is None else array[part]
 
-            results = [self._retried("add", namespace, keys[p], tokens[p], part_of(values, p), part_of(weights, p),
-                                     source, part_of(logp, p), admit_below, merge_eps,
-                                     request_id=validation.part_id(request_id, i))
-                       for i, p in enumerate(parts)]
+            calls = [functools.partial(self._retried, "add", namespace, keys[p], tokens[p], part_of(values, p),
+                                       part_of(weights, p), source, part_of(logp, p), admit_below, merge_eps,
+                                       request_id=validation.part_id(request_id, i))
+                     for i, p in enumerate(parts)]
+            # A row may merge into one an earlier chunk stored: with merge_eps, chunks go one at a time.
+            results = [call() for call in calls] if merge_eps > 0 else self._pipelined(calls)
             result = AddResult(ids=np.concatenate([r.ids for r in results]),
                                admitted=np.concatenate([r.admitted for r in results]),
                                merged=np.concatenate([r.merged for r in results]), generation=results[-1].generation)
@@ -439,9 +470,10 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
-        parts = [self._retried("search", namespace, queries[part], k, return_keys, return_values, return_weights,
-                               nprobe=nprobe, rerank=rerank)
-                 for part in self._row_chunks(self._rows(queries), row_bytes)]
+        parts = self._pipelined([
+            functools.partial(self._retried, "search", namespace, queries[part], k, return_keys, return_values,
+                              return_weights, nprobe=nprobe, rerank=rerank)
+            for part in self._row_chunks(self._rows(queries), row_bytes)])
         if len(parts) == 1:
             return parts[0]
         return SearchResult(**{f.name: None if getattr(parts[0], f.name) is None else
@@ -467,8 +499,8 @@ class MemoryClient:
         value_dim and a step (8), and its source (counted as 64)."""
         states = 3 * config.value_dim + 2 if return_optimizer_state else 0
         row_bytes = 8 + 4 * config.dim + 8 + 4 * config.value_dim + 4 * states + 64
-        parts = [self._retried("get", namespace, ids[part], return_optimizer_state)
-                 for part in self._row_chunks(self._rows(ids), row_bytes)]
+        parts = self._pipelined([functools.partial(self._retried, "get", namespace, ids[part], return_optimizer_state)
+                                 for part in self._row_chunks(self._rows(ids), row_bytes)])
         if len(parts) == 1:
             return parts[0]
         state = None
@@ -503,9 +535,9 @@ class MemoryClient:
         row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
         chunks = list(self._row_chunks(self._rows(queries), row_bytes))
         keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
-        parts = [self._retried("retrieve", namespace, queries[part], k, temperature, keep_state=keep_state,
-                               nprobe=nprobe, rerank=rerank)
-                 for part in chunks]
+        parts = self._pipelined([functools.partial(self._retried, "retrieve", namespace, queries[part], k, temperature,
+                                                   keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+                                 for part in chunks])
         if len(parts) == 1:
             return parts[0]
         if len({p.generation for p in parts}) > 1:
@@ -561,7 +593,7 @@ class MemoryClient:
         if len(parts) == 1 and step_values:
             return send(slice(None), 0, False)
         try:
-            answers = [send(part, index, True) for index, part in enumerate(parts)]
+            answers = self._pipelined([functools.partial(send, part, index, True) for index, part in enumerate(parts)])
         except MemoryStoreError:
             try:
                 self._store.abort_step(namespace, step_id, generation=result.generation)
@@ -587,9 +619,9 @@ class MemoryClient:
                                  generation=generation)
         step_id = request_id
         try:
-            for index, part in enumerate(parts):
-                self._retried("apply_gradients", namespace, ids[part], grads[part], generation=generation,
-                              step_id=step_id, part=index, defer_step=True)
+            self._pipelined([functools.partial(self._retried, "apply_gradients", namespace, ids[part], grads[part],
+                                               generation=generation, step_id=step_id, part=index, defer_step=True)
+                             for index, part in enumerate(parts)])
         except MemoryStoreError:
             try:
                 self._store.abort_step(namespace, step_id, generation=generation)
