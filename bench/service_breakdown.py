@@ -10,6 +10,10 @@ prints the milliseconds per call (summed over the call's chunks and parts).
 
     python -m bench.service_breakdown                      # CPU, 100,000 rows of 768 + 768 values
     python -m bench.service_breakdown --device cuda        # a GPU shard against the in-process GPU store
+    python -m bench.service_breakdown --pipelines 2:32,4:16,1:128   # the client's chunks: depth:MiB each
+
+With --pipelines, the service's calls are timed once per setting of the client's pipeline (chunks
+in flight : chunk size in MiB; the stages are printed for the first setting).
 """
 
 from __future__ import annotations
@@ -110,10 +114,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="the in-process store's device; the shard takes a GPU if any")
     p.add_argument("--shard-cpus", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--pipelines", default="2:32", help="client pipeline settings, depth:chunk_MiB, comma-separated")
     args = p.parse_args(argv)
+    pipelines = [tuple(int(x) for x in item.split(":")) for item in args.pipelines.split(",") if item]
 
     import ray
     from monim.model_client import MemoryClient
+    from monim.model_client import client as client_module
     from monim.workers import runtime as runtime_module
     from monim.workers import servicer as servicer_module
     from monim.workers.embedded import EmbeddedStore
@@ -154,8 +161,12 @@ def main(argv=None) -> int:
         load(remote)
         actor = service.runtime.shards[0]
         print(f"# shard actor: {ray.get(actor.__ray_call__.remote(_install_in_actor, NAMESPACE))}")
-        for op, call in (("add", lambda: remote.add(NAMESPACE, keys[:add_n], tokens[:add_n], values=values[:add_n])),
-                         ("apply", lambda: remote.apply_gradients(NAMESPACE, apply_ids, apply_grads))):
+        for setting, (depth, chunk_mib), op, call in [
+                (setting, pipeline, op, call) for setting, pipeline in enumerate(pipelines) for op, call in (
+                    ("add", lambda: remote.add(NAMESPACE, keys[:add_n], tokens[:add_n], values=values[:add_n])),
+                    ("apply", lambda: remote.apply_gradients(NAMESPACE, apply_ids, apply_grads)))]:
+            client_module.PIPELINE_DEPTH, client_module.CHUNK_BYTES = depth, chunk_mib << 20
+
             def forget():  # the warm-up's stages
                 front.take()
                 ray.get(actor.__ray_call__.remote(_take_in_actor))
@@ -169,8 +180,10 @@ def main(argv=None) -> int:
             what = f"Add of {rows:,} rows (keys + values)" if op == "add" else f"ApplyGradients (Adam) of {rows:,} rows"
             print(f"\n{what}: in-process {local_ms:,.0f} ms ({rows / local_ms * 1e3:,.0f} rows/s), "
                   f"service {service_ms:,.0f} ms ({rows / service_ms * 1e3:,.0f} rows/s) = "
-                  f"{local_ms / service_ms:.2f}x in-process")
-            print("  (a stage's time is summed over the call's chunks, two of which are in flight at once)")
+                  f"{local_ms / service_ms:.2f}x in-process; client chunks of {chunk_mib} MiB, {depth} in flight")
+            if setting:
+                continue
+            print("  (a stage's time is summed over the call's chunks, which may be in flight at once)")
             for label, (count, total) in sorted(stages.items(), key=lambda item: -item[1][1]):
                 print(f"  {label:40s} {total / calls * 1e3:9,.1f} ms per call ({count / calls:.0f} per call)")
     return 0
