@@ -30,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-NAMESPACE = "breakdown"
+NAMESPACE = "breakdown"  # the loaded rows the ApplyGradients steps
+ADD_NAMESPACE = "breakdown-add"  # made again before each series of timed Adds: each series grows it alike
 # The shard's methods and its store's, timed inside the actor.
 SHARD_STAGES = ("add", "stage_gradients", "commit_step", "_write", "_apply", "_joined_gradients", "_check_owned")
 STORE_STAGES = ("add", "step", "check_stored")
@@ -67,15 +68,16 @@ class Stages:
         return out
 
 
-def _install_in_actor(shard, namespace: str):
+def _install_in_actor(shard):
     """Runs inside the shard actor: wraps its stages; the Stages object lives on the shard."""
     sync = torch.cuda.synchronize if shard.device.startswith("cuda") else None
     stages = Stages(sync)
     for name in SHARD_STAGES:
         stages.wrap(shard, name, f"shard.{name}")
-    store = shard.stores[namespace]
-    for name in STORE_STAGES:
-        stages.wrap(store, name, f"store.{name}")
+    from monim.datastore.store import NeighborStore
+
+    for name in STORE_STAGES:  # on the class: the Add namespace's store is made again for each series
+        stages.wrap(NeighborStore, name, f"store.{name}")
     shard._breakdown = stages
     return f"{shard.device}, torch threads {torch.get_num_threads()}, pid {os.getpid()}"
 
@@ -142,30 +144,38 @@ def main(argv=None) -> int:
     for method in ("Add", "ApplyGradients", "CommitStep"):
         front.wrap(servicer_module.MemoryServicer, method, f"servicer.{method}")
 
+    def create(client, name):
+        client.create_namespace(name, dim=args.dim, value_dim=args.value_dim, max_k=32, optimizer="adam", lr=1e-3)
+
     def load(client):
-        client.create_namespace(NAMESPACE, dim=args.dim, value_dim=args.value_dim, max_k=32, optimizer="adam",
-                                lr=1e-3)
+        create(client, NAMESPACE)
         for start in range(0, args.rows, 32_768):
             part = slice(start, start + 32_768)
             client.add(NAMESPACE, keys[part], tokens[part], values=values[part])
 
+    def add_series(client):
+        """The Add to time, into ADD_NAMESPACE made afresh now."""
+        if any(config.name == ADD_NAMESPACE for config in client.list_namespaces()):
+            client.drop_namespace(ADD_NAMESPACE)
+        create(client, ADD_NAMESPACE)
+        return lambda: client.add(ADD_NAMESPACE, keys[:add_n], tokens[:add_n], values=values[:add_n])
+
     results = {}
     with MemoryClient(":memory:", device=args.device) as local:
         load(local)
-        results["in-process", "add"] = timed_calls(
-            lambda: local.add(NAMESPACE, keys[:add_n], tokens[:add_n], values=values[:add_n]), args.repeats)
+        results["in-process", "add"] = timed_calls(add_series(local), args.repeats)
         results["in-process", "apply"] = timed_calls(
             lambda: local.apply_gradients(NAMESPACE, apply_ids, apply_grads), args.repeats)
     with EmbeddedStore(shards=1, num_cpus=max(2, int(args.shard_cpus) + 1), shard_cpus=args.shard_cpus) as service, \
             MemoryClient(service.address, timeout_s=600) as remote:
         load(remote)
         actor = service.runtime.shards[0]
-        print(f"# shard actor: {ray.get(actor.__ray_call__.remote(_install_in_actor, NAMESPACE))}")
-        for setting, (depth, chunk_mib), op, call in [
-                (setting, pipeline, op, call) for setting, pipeline in enumerate(pipelines) for op, call in (
-                    ("add", lambda: remote.add(NAMESPACE, keys[:add_n], tokens[:add_n], values=values[:add_n])),
-                    ("apply", lambda: remote.apply_gradients(NAMESPACE, apply_ids, apply_grads)))]:
+        print(f"# shard actor: {ray.get(actor.__ray_call__.remote(_install_in_actor))}")
+        for setting, (depth, chunk_mib), op in [(setting, pipeline, op) for setting, pipeline in enumerate(pipelines)
+                                                for op in ("add", "apply")]:
             client_module.PIPELINE_DEPTH, client_module.CHUNK_BYTES = depth, chunk_mib << 20
+            call = add_series(remote) if op == "add" else \
+                functools.partial(remote.apply_gradients, NAMESPACE, apply_ids, apply_grads)
 
             def forget():  # the warm-up's stages
                 front.take()
