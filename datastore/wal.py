@@ -4,8 +4,12 @@ A log is a folder of segments ``<seq>.wal`` (12-digit sequence numbers); every s
 and every snapshot begin a new segment, and the segments a snapshot covers are deleted once it is
 written. Each record is
 
-    magic b"MWAL" | payload length (u32, little-endian) | CRC-32 of the payload (u32) | payload
+    magic b"MWCC" | payload length (u32, little-endian) | CRC-32C of the payload (u32) | payload
     | zero padding to the next 4096-byte boundary
+
+(CRC-32C, Castagnoli, as iSCSI, ext4 and RocksDB use it, by google-crc32c with the CPU's crc32
+instruction: 0.5 ms a 12.6 MB record where zlib's CRC-32 took 3 ms. Records of logs written
+before it have the magic b"MWAL" and zlib's CRC-32; they are read as they were.)
 
 and the payload is an Arrow IPC stream of one record batch: the operation and its scalar
 arguments in the schema's metadata (``op``, ``args`` as JSON), its arrays as columns (a 2-D array
@@ -41,12 +45,24 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 from monim.datastore.location import Location
 from monim.protos.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 
-MAGIC = b"MWAL"
+MAGIC = b"MWCC"  # records written now: CRC-32C
+LEGACY_MAGIC = b"MWAL"  # records of older logs: zlib's CRC-32
+
+
+def crc32c(view) -> int:
+    """CRC-32C of a bytes-like object, without copying it (google-crc32c takes read-only buffers)."""
+    data = np.frombuffer(view, np.uint8)
+    data.flags.writeable = False
+    return google_crc32c.value(data)
+
+
+_CHECKSUMS = {MAGIC: crc32c, LEGACY_MAGIC: zlib.crc32}
 _HEADER = struct.Struct("<4sII")
 ALIGNMENT = 4096  # records start and end on this boundary (direct I/O needs block-aligned writes)
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -114,7 +130,7 @@ def encode_record(op: str, args: dict, columns: dict[str, np.ndarray]) -> memory
         buffer = _thread.buffer = mmap.mmap(-1, max(total, ALIGNMENT))
     record = memoryview(buffer)[:total]
     _write_stream(batch, pa.FixedSizeBufferWriter(pa.py_buffer(record[_HEADER.size:size])))
-    record[:_HEADER.size] = _HEADER.pack(MAGIC, size - _HEADER.size, zlib.crc32(record[_HEADER.size:size]))
+    record[:_HEADER.size] = _HEADER.pack(MAGIC, size - _HEADER.size, crc32c(record[_HEADER.size:size]))
     record[size:] = bytes(total - size)
     return record
 
@@ -154,10 +170,11 @@ def read_segment(path, last: bool, data: bytes | None = None) -> Iterator[tuple[
             magic, length, checksum = _HEADER.unpack(header)
             end = offset + _HEADER.size + length
             torn = end > len(data)
-            if not torn and (magic != MAGIC or zlib.crc32(data[offset + _HEADER.size:end]) != checksum):
+            checksum_of = _CHECKSUMS.get(magic)
+            if not torn and (checksum_of is None or checksum_of(data[offset + _HEADER.size:end]) != checksum):
                 if last and _aligned(end) >= len(data):
                     return  # the last record was being written when the process died
-                raise WalCorrupted(path, offset, "bad magic" if magic != MAGIC else "checksum mismatch")
+                raise WalCorrupted(path, offset, "bad magic" if checksum_of is None else "checksum mismatch")
         if torn:
             if last:
                 return

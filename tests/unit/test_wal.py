@@ -113,6 +113,52 @@ def test_a_log_written_before_records_were_padded_still_replays(tmp_path):
     assert_same(list(WriteAheadLog(tmp_path).replay()), items)
 
 
+def test_records_are_checksummed_with_crc32c():
+    """CRC-32C (Castagnoli): the standard check value of "123456789" is 0xE3069283."""
+    assert wal_module.crc32c(b"123456789") == 0xE3069283
+    record = wal_module.encode_record(*records(1)[0])
+    magic, length, checksum = wal_module._HEADER.unpack(bytes(record[:wal_module._HEADER.size]))
+    payload = bytes(record[wal_module._HEADER.size:wal_module._HEADER.size + length])
+    assert magic == b"MWCC" and checksum == wal_module.crc32c(payload)
+
+
+def as_legacy_log(segment):
+    """Rewrites each record of the segment as logs before CRC-32C were written (magic MWAL, zlib's CRC-32)."""
+    import zlib
+
+    data = bytearray(segment.read_bytes())
+    for offset, payload, _ in read_segment(segment, last=True):
+        data[offset:offset + 12] = wal_module._HEADER.pack(b"MWAL", len(payload), zlib.crc32(payload))
+    segment.write_bytes(bytes(data))
+
+
+def test_a_log_written_with_crc32_records_still_replays_and_a_flipped_byte_is_refused(tmp_path):
+    items = records()
+    write(tmp_path, items)
+    segment = next(tmp_path.glob("*.wal"))
+    as_legacy_log(segment)
+    assert_same(list(WriteAheadLog(tmp_path).replay()), items)
+    offsets = [offset for offset, _, _ in read_segment(segment, last=True)]
+    data = bytearray(segment.read_bytes())
+    data[offsets[1] + 40] ^= 0x01
+    segment.write_bytes(bytes(data))
+    with pytest.raises(WalCorrupted, match="checksum mismatch") as raised:
+        list(WriteAheadLog(tmp_path).replay())
+    assert raised.value.offset == offsets[1]
+
+
+def test_a_record_with_an_unknown_magic_in_the_middle_is_refused(tmp_path):
+    write(tmp_path, records())
+    segment = next(tmp_path.glob("*.wal"))
+    offsets = [offset for offset, _, _ in read_segment(segment, last=True)]
+    data = bytearray(segment.read_bytes())
+    data[offsets[1]:offsets[1] + 4] = b"MWXX"
+    segment.write_bytes(bytes(data))
+    with pytest.raises(WalCorrupted, match="bad magic") as raised:
+        list(WriteAheadLog(tmp_path).replay())
+    assert raised.value.offset == offsets[1]
+
+
 def test_a_flipped_byte_in_the_middle_is_refused_with_file_and_offset(tmp_path):
     write(tmp_path, records())
     segment = next(tmp_path.glob("*.wal"))
