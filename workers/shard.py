@@ -79,6 +79,11 @@ class _StagedStep:
     started: float
     parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
 
+    def in_order(self) -> list:
+        """The parts by their index, not by arrival (a client sends several at once): the step's sums
+        over repeated ids, and so its result, do not depend on the network's timing."""
+        return [self.parts[part] for part in sorted(self.parts)]
+
 
 def _serialized(method):
     """One call at a time per shard (a writer waiting for the disk lets the others in)."""
@@ -685,7 +690,7 @@ class Shard:
             if staged is None and expect_parts:
                 raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a "
                               "restart, or dropped after 10 minutes): nothing was stepped; run the backward again")
-            parts = list(staged.parts.values()) if staged is not None else []
+            parts = staged.in_order() if staged is not None else []
             ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
             grads = self._joined_gradients([g for _, g in parts], store)
             if (step_id, "step") in self._moved:  # committed where some of its rows were before a reshard

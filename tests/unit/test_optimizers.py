@@ -171,3 +171,26 @@ def test_a_step_that_would_overflow_in_its_last_block_changes_no_row(monkeypatch
     rows = router.get("opt", np.arange(ROWS), return_optimizer_state=True)
     np.testing.assert_allclose(rows.values, expected_values, atol=1e-5, rtol=1e-5)
     assert rows.optimizer_state["step"].tolist() == expected_steps.tolist()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_a_step_in_parts_is_the_same_whatever_order_its_parts_arrive_in(name):
+    """A client sends a large step's parts two at a time, so they may reach a shard in any order;
+    the step sums repeated ids' gradients in the parts' order, not their arrival's: the same values,
+    bit for bit, as the parts sent in order."""
+    rng = np.random.default_rng(4)
+    initial = rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
+    ids = rng.integers(0, ROWS, 20 * ROWS)  # every row many times, in every part
+    grads = rng.standard_normal((ids.size, VALUE_DIM)).astype(np.float32)
+    parts = np.array_split(np.arange(ids.size), 4)
+    values = []
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
+        router = Router(LocalRuntime(1))
+        router.create_namespace(NamespaceConfig("opt", dim=2, value_dim=VALUE_DIM, optimizer={"name": name, "lr": 0.1}))
+        router.add("opt", np.zeros((ROWS, 2), np.float32), np.arange(ROWS), values=initial)
+        for part in order:
+            router.apply_gradients("opt", ids[parts[part]], grads[parts[part]], step_id="s", part=part,
+                                   defer_step=True)
+        router.commit_step("opt", "s")
+        values.append(router.get("opt", np.arange(ROWS)).values)
+    np.testing.assert_array_equal(values[1], values[0])
