@@ -132,44 +132,50 @@ def as_legacy_log(segment):
     segment.write_bytes(bytes(data))
 
 
+def damage_record(segment, record: int, damage) -> int:
+    """damage(data, offset) changes the bytes of the segment's record number ``record`` (from 0) in
+    place; returns that record's offset."""
+    offset = [offset for offset, _, _ in read_segment(segment, last=True)][record]
+    data = bytearray(segment.read_bytes())
+    damage(data, offset)
+    segment.write_bytes(bytes(data))
+    return offset
+
+
+def flip_a_payload_byte(data, offset):
+    data[offset + 40] ^= 0x01  # inside the record's payload
+
+
+def refused_replay(directory, match=None) -> WalCorrupted:
+    with pytest.raises(WalCorrupted, match=match) as raised:
+        list(WriteAheadLog(directory).replay())
+    return raised.value
+
+
 def test_a_log_written_with_crc32_records_still_replays_and_a_flipped_byte_is_refused(tmp_path):
     items = records()
     write(tmp_path, items)
     segment = next(tmp_path.glob("*.wal"))
     as_legacy_log(segment)
     assert_same(list(WriteAheadLog(tmp_path).replay()), items)
-    offsets = [offset for offset, _, _ in read_segment(segment, last=True)]
-    data = bytearray(segment.read_bytes())
-    data[offsets[1] + 40] ^= 0x01
-    segment.write_bytes(bytes(data))
-    with pytest.raises(WalCorrupted, match="checksum mismatch") as raised:
-        list(WriteAheadLog(tmp_path).replay())
-    assert raised.value.offset == offsets[1]
+    offset = damage_record(segment, 1, flip_a_payload_byte)
+    assert refused_replay(tmp_path, "checksum mismatch").offset == offset
 
 
 def test_a_record_with_an_unknown_magic_in_the_middle_is_refused(tmp_path):
     write(tmp_path, records())
     segment = next(tmp_path.glob("*.wal"))
-    offsets = [offset for offset, _, _ in read_segment(segment, last=True)]
-    data = bytearray(segment.read_bytes())
-    data[offsets[1]:offsets[1] + 4] = b"MWXX"
-    segment.write_bytes(bytes(data))
-    with pytest.raises(WalCorrupted, match="bad magic") as raised:
-        list(WriteAheadLog(tmp_path).replay())
-    assert raised.value.offset == offsets[1]
+    offset = damage_record(segment, 1, lambda data, offset: data.__setitem__(slice(offset, offset + 4), b"MWXX"))
+    assert refused_replay(tmp_path, "bad magic").offset == offset
 
 
 def test_a_flipped_byte_in_the_middle_is_refused_with_file_and_offset(tmp_path):
     write(tmp_path, records())
     segment = next(tmp_path.glob("*.wal"))
-    offsets = [offset for offset, _, _ in read_segment(segment, last=True)]
-    data = bytearray(segment.read_bytes())
-    data[offsets[2] + 40] ^= 0x01  # inside the third record's payload
-    segment.write_bytes(bytes(data))
-    with pytest.raises(WalCorrupted) as raised:
-        list(WriteAheadLog(tmp_path).replay())
-    assert raised.value.offset == offsets[2] and str(segment) in raised.value.message
-    assert raised.value.code == "FAILED_PRECONDITION"
+    offset = damage_record(segment, 2, flip_a_payload_byte)  # the third record
+    refused = refused_replay(tmp_path)
+    assert refused.offset == offset and str(segment) in refused.message
+    assert refused.code == "FAILED_PRECONDITION"
 
 
 def test_segments_replay_in_order_and_a_snapshot_drops_what_it_covers(tmp_path):
