@@ -13,6 +13,11 @@ wide, made on the GPU; queries: stored keys plus noise), and every batch B in ``
   copy       a device-to-device copy of the keys (bytes read + written / time): the memory
              bandwidth a search that only reads the keys could reach.
 
+``--compare-unscreened`` adds the same search with the float16 screen's later chunks as a cuBLAS
+matmul writing a score block and a Triton filter pass over it (the kernel before
+gpu_select.screen_below), in the same run; ``--screen-tiles Q:R:D:W:S,...`` times our search once per
+tile of the screen kernel (queries, rows, dims, warps, stages per program) for each batch it serves.
+
 Printed per cell: ms per call (median of ``--repeats`` after a warm-up), ours / GEMM as a rate
 (GEMM time / our time: 1.0 = as fast as the bare matmul), and the rate at which ours reads the
 keys against the copy bandwidth (what bounds B=1 and B=64).
@@ -31,6 +36,7 @@ import sys
 import time
 
 import torch
+from monim.datastore import flat_index, gpu_select
 from monim.datastore.flat_index import _score_block_bytes, torch_search
 
 SEED = 1234
@@ -58,6 +64,25 @@ def _bare_gemm(queries: torch.Tensor, keys: torch.Tensor, chunk: int) -> None:
         torch.mm(queries, keys[start : start + chunk].T)
 
 
+def _unscreened(queries, keys, norms, k):
+    """Our search with the screen's later chunks as matmul + filter pass (the previous kernel)."""
+    saved = gpu_select.SCREEN_MIN_BATCH
+    gpu_select.SCREEN_MIN_BATCH = 1 << 62
+    try:
+        return torch_search(queries, keys, norms, k, "l2")
+    finally:
+        gpu_select.SCREEN_MIN_BATCH = saved
+
+
+def _with_tile(tile, queries, keys, norms, k):
+    saved = gpu_select.SCREEN_TILES
+    gpu_select.SCREEN_TILES = [(None, tile)]
+    try:
+        return torch_search(queries, keys, norms, k, "l2")
+    finally:
+        gpu_select.SCREEN_TILES = saved
+
+
 def _keys(rows: int, dim: int, dtype: torch.dtype, generator: torch.Generator):
     """Standard normal keys and their squared norms, made in parts (a float32 copy of 10M x 1024 is 41 GB)."""
     keys = torch.empty(rows, dim, device=generator.device, dtype=dtype)
@@ -77,18 +102,28 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
     copy_rate = 2 * part.numel() * part.element_size() / copy
     print(f"\n{rows:,} x {args.dim} {str(keys.dtype).removeprefix('torch.')} keys ({key_bytes / 1e9:.1f} GB): "
           f"a copy of {part.shape[0]:,} rows reads+writes {copy_rate / 1e12:.2f} TB/s")
-    print(f"{'B':>5} {'k':>5} | {'ours ms':>9} {'GEMM ms':>9} {'vs GEMM':>8} | {'keys read':>10} {'vs copy':>8}")
+    compare = args.compare_unscreened and keys.dtype == torch.float16
+    print(f"{'B':>5} {'k':>5} | {'ours ms':>9} {'GEMM ms':>9} {'vs GEMM':>8} | {'keys read':>10} {'vs copy':>8}"
+          + (f" | {'unscreened ms':>13} {'vs ours':>7}" if compare else ""))
     for batch in args.batches:
         picks = torch.randint(0, rows, (batch,), generator=generator, device=keys.device)
         queries = keys[picks].float() + 0.1 * torch.randn(batch, args.dim, generator=generator, device=keys.device)
-        chunk = max(1024, _score_block_bytes(keys.device) // (4 * batch))
+        chunk = max(1024, _score_block_bytes(keys.device, 4 * batch * rows) // (4 * batch))
         gemm_queries = queries.to(keys.dtype)
         gemm = _timed(lambda: _bare_gemm(gemm_queries, keys, chunk), args.repeats)
         for k in args.ks:
             ours = _timed(lambda k=k: torch_search(queries, keys, norms, k, "l2"), args.repeats)
             read_rate = key_bytes / ours
-            print(f"{batch:>5} {k:>5} | {ours * 1e3:>9.2f} {gemm * 1e3:>9.2f} {gemm / ours:>8.2f} | "
-                  f"{read_rate / 1e12:>7.2f} TB/s {read_rate / copy_rate:>8.2f}", flush=True)
+            line = (f"{batch:>5} {k:>5} | {ours * 1e3:>9.2f} {gemm * 1e3:>9.2f} {gemm / ours:>8.2f} | "
+                    f"{read_rate / 1e12:>7.2f} TB/s {read_rate / copy_rate:>8.2f}")
+            if compare:
+                unscreened = _timed(lambda k=k: _unscreened(queries, keys, norms, k), args.repeats)
+                line += f" | {unscreened * 1e3:>13.2f} {unscreened / ours:>6.2f}x"
+            print(line, flush=True)
+            if args.screen_tiles and gpu_select.screens(keys, batch):
+                for tile in args.screen_tiles:
+                    took = _timed(lambda k=k, tile=tile: _with_tile(tile, queries, keys, norms, k), args.repeats)
+                    print(f"{'':>11} screen tile {':'.join(map(str, tile))}: {took * 1e3:.2f} ms", flush=True)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -114,9 +149,16 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=_ints, default=[1, 64, 4096])
     parser.add_argument("--ks", type=_ints, default=[32, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-unscreened", action="store_true")
+    parser.add_argument("--screen-tiles", default=[], type=lambda text: [tuple(map(int, t.split(":")))
+                                                                          for t in text.split(",") if t])
+    parser.add_argument("--first-chunk-rows", type=int, default=None,
+                        help="flat_index.FIRST_CHUNK_ROWS for this run (default: the module's)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
+    if args.first_chunk_rows is not None:
+        flat_index.FIRST_CHUNK_ROWS = args.first_chunk_rows
     run(args)
 
 

@@ -222,10 +222,11 @@ class _Distances:
         return packed_d, packed_i
 
 
-def _chunk_bounds(stored: int, chunk: int, keep: int, batch: int):
+def _chunk_bounds(stored: int, chunk: int, keep: int, batch: int, screened: bool = False):
     """(start, end) of each chunk of a scan: for a batch of FIRST_CHUNK_MIN_BATCH queries or more, a
     first chunk of at most FIRST_CHUNK_ROWS rows (but at least 8 * keep), then chunks as large as all
-    the rows before them, up to ``chunk``; else every chunk ``chunk`` rows. The first
+    the rows before them, up to ``chunk`` (without that bound if ``screened``: a screened chunk writes
+    no score block); else every chunk ``chunk`` rows. The first
     chunk's top-k over a [B, rows] block is the scan's dearest step at small B (64 queries over 4M
     rows: a top-k over 64 very long rows), and a chunk as large as all rows before it has about keep
     entries per query below the threshold, as _filter_capacity expects of chunks in no order."""
@@ -236,7 +237,7 @@ def _chunk_bounds(stored: int, chunk: int, keep: int, batch: int):
         end = min(stored, start + size)
         yield start, end
         start = end
-        size = min(chunk, start)
+        size = start if screened else min(chunk, start)
 
 
 def _filter_capacity(keep: int, rows: int) -> int:
@@ -246,7 +247,8 @@ def _filter_capacity(keep: int, rows: int) -> int:
     return min(rows, 2 * keep + 64)
 
 
-def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep: int, chunk: int, sort: bool):
+def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep: int, chunk: int, sort: bool,
+                  screen=None, checked: bool = False):
     """Each query's `keep` smallest distances over all rows, scanned `chunk` rows at a time.
 
     block_scores(start, block) -> float32 [B, rows in block], the matmul scores that `distances`
@@ -258,12 +260,20 @@ def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep:
     query has more than _filter_capacity entries below its threshold (rows stored in order of
     distance) takes a top-k instead. The result is the same either way. Unsorted until the end;
     sorted there if `sort`.
+
+    screen(start, end, threshold, most) -> (distances, rows, counts): the filter of a later chunk in
+    one kernel with its matmul (gpu_select.screen_below: no score block), in place of block_scores +
+    distances.below. Screened chunks double past `chunk` rows and are merged one by one, without
+    waiting for the GPU: whether some query had more than `most` entries in a chunk is asked once, at
+    the end, and if one had, the scan runs again `checked` (each screened chunk's counts read at once,
+    a chunk past its capacity taken by a top-k of its blocks).
     Returns (distances float32 [B, keep], rows int64 [B, keep]) on the keys' device.
     """
     stored = keys.shape[0]
-    bounds = list(_chunk_bounds(stored, chunk, keep, distances.row_mul.shape[0]))
+    bounds = list(_chunk_bounds(stored, chunk, keep, distances.row_mul.shape[0], screened=screen is not None))
     one_chunk = len(bounds) == 1
     best_d = best_i = None
+    overflowed = None  # a device bool: some unchecked screened chunk passed more entries than it kept
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # entries below the threshold, merged by the keep
 
     def merge_pending():
@@ -274,21 +284,38 @@ def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep:
             pending.clear()
 
     for start, end in bounds:
-        block = keys[start:end]
-        scores = block_scores(start, block)
+        scores = None
         if best_d is not None and best_d.shape[1] == keep:
             # The threshold of the last merge: above the true one while entries wait, so a few more pass.
-            below = distances.below(scores, best_d.amax(dim=1), start, _filter_capacity(keep, block.shape[0]))
+            threshold, most = best_d.amax(dim=1), _filter_capacity(keep, end - start)
+            if screen is not None:
+                d, i, counts = screen(start, end, threshold, most)
+                if not checked:
+                    over = counts.max() > most
+                    overflowed = over if overflowed is None else overflowed | over
+                    best_d, best_i = _merge(best_d, best_i, d, i, keep)
+                    continue
+                widest = int(counts.max())
+                below = None if widest > most else (d[:, :widest], i[:, :widest]) if widest else (None, None)
+            else:
+                scores = block_scores(start, keys[start:end])
+                below = distances.below(scores, threshold, start, most)
             if below is not None:
                 if below[0] is not None:
                     pending.append(below)
-                    if sum(d.shape[1] for d, _ in pending) >= keep:
+                    if screen is not None or sum(d.shape[1] for d, _ in pending) >= keep:
                         merge_pending()
                 continue
-        block_d = distances.apply_(scores, start)
-        d, i = torch.topk(block_d, min(keep, block.shape[0]), dim=1, largest=False, sorted=one_chunk and sort)
-        del block_d, scores
-        best_d, best_i = _merge(best_d, best_i, d, i.add_(start), keep)
+        for block_start in range(start, end, chunk):  # one block, but a screened chunk may span several
+            block_end = min(end, block_start + chunk)
+            block, scores = (block_scores(block_start, keys[block_start:block_end]) if scores is None else scores), None
+            block_d = distances.apply_(block, block_start)
+            d, i = torch.topk(block_d, min(keep, block_end - block_start), dim=1, largest=False,
+                              sorted=one_chunk and sort)
+            del block_d, block
+            best_d, best_i = _merge(best_d, best_i, d, i.add_(block_start), keep)
+    if overflowed is not None and bool(overflowed):
+        return _chunked_topk(keys, block_scores, distances, keep, chunk, sort, screen, checked=True)
     merge_pending()
     if sort and not one_chunk:
         best_d, order = torch.sort(best_d, dim=1)
@@ -334,8 +361,13 @@ def _float16_candidates(queries, keys, key_norms, keep, metric, chunk):
     else:  # the per-query scale does not change a query's order
         distances = _Distances(torch.full((batch,), -1.0, device=q.device), torch.zeros(batch, device=q.device),
                                torch.zeros(keys.shape[0], device=q.device), clamp=False)
+    screen = None
+    if gpu_select.screens(keys, batch):
+        def screen(start, end, threshold, most):
+            return gpu_select.screen_below(q, keys, distances.row_mul, distances.row_add, distances.col_add,
+                                           distances.clamp, threshold, start, end, most)
     return _chunked_topk(keys, lambda start, block: _half_matmul_float(q, block.T), distances, keep, chunk,
-                         sort=False)[1]
+                         sort=False, screen=screen)[1]
 
 
 def _rerank(queries, keys, candidates, k_found, metric, block_bytes):

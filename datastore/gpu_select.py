@@ -1,4 +1,5 @@
-"""One pass over a GPU score block: the distances, and each query's entries below its threshold.
+"""The GPU passes of flat_index's scan: each query's entries below its threshold, from a score block or
+straight from the keys; and the exact re-rank of float16 candidates.
 
 The torch kernel of flat_index scans the stored rows in chunks: a matmul writes a [B, chunk] float32
 score block, the distances are a per-query multiply and add and a per-row add of the scores, and
@@ -7,8 +8,12 @@ operations that is five or six passes over the block (multiply, add, compare, co
 each about as long as the matmul that wrote it at B=4096 (measured on an H100: 2M x 1024 float16
 keys, B=4096, k=32: 28 ms of matmul, 150 ms of passes). This Triton kernel reads the block once:
 it forms each distance, compares it with the query's threshold, and appends the entries below it to
-the query's row of an output block (one atomic add per tile of a query's row reserves the tile's
-slots).
+the query's row of an output block (each entry below takes its slot by an atomic add to the query's
+counter).
+
+For batches of SCREEN_MIN_BATCH to SCREEN_MAX_BATCH queries over float16 keys (decoding and small
+training batches, where the search is bound by reading the keys) a third kernel, _screen_kernel, does
+the matmul too: the products stay in registers, and no score block is written or read at all.
 
 Available where Triton imports and the block is on a CUDA device; flat_index falls back to torch
 operations elsewhere (the same entries, in another order within a query: the caller takes a top-k of
@@ -28,10 +33,35 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BELOW_TILE = (1024, 4)      # rows, warps per program of _below_kernel
 RERANK_TILE = (32, 128, 4)  # candidates, dims, warps per program of _rerank_kernel
+# Tiles of _screen_kernel by batch: (most queries, (queries, rows, dims, warps, stages) per program).
+# The first entry whose batch bound is at least the batch is taken.
+# Measured on an H200 (10M x 1024 float16 keys): of (queries, rows) 32-128 x 128-256 with 4 or 8 warps,
+# 64 x 128, 4 warps, 4 stages was the fastest at B=64.
+SCREEN_TILES = [
+    (None, (64, 128, 64, 4, 4)),
+]
+# The batches the screen serves. Smaller ones: one matmul and a top-k (a tile would waste most of its
+# rows). Larger ones: cuBLAS and below_threshold, as the matmul is compute-bound there and Triton's is
+# slower than cuBLAS's (at B=4096 its main loop alone took 35 ms against cuBLAS's 31 ms for 2M rows,
+# and its epilogue as long again).
+# At B=128 the screen was slower than cuBLAS and the filter for k >= 1024 (14.8 against 12.1 ms).
+SCREEN_MIN_BATCH = 32
+SCREEN_MAX_BATCH = 64
 
 
 def available(scores: torch.Tensor) -> bool:
     return triton is not None and scores.is_cuda
+
+
+def screens(keys: torch.Tensor, batch: int) -> bool:
+    """Whether screen_below serves a batch over these keys: float16 keys on a CUDA device, Triton, a
+    batch of SCREEN_MIN_BATCH to SCREEN_MAX_BATCH queries."""
+    return (triton is not None and keys.is_cuda and keys.dtype == torch.float16
+            and SCREEN_MIN_BATCH <= batch <= SCREEN_MAX_BATCH)
+
+
+def _screen_tile(batch: int):
+    return next(tile for most, tile in SCREEN_TILES if most is None or batch <= most)
 
 
 if triton is not None:
@@ -39,8 +69,10 @@ if triton is not None:
     @triton.jit
     def _below_kernel(scores, stride, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
                       width, start, capacity, CLAMP: tl.constexpr, BLOCK: tl.constexpr):
-        """One query (program_id 0), BLOCK rows of the block (program_id 1). The tile's entries below
-        the threshold take consecutive slots from one atomic add to the query's counter."""
+        """One query (program_id 0), BLOCK rows of the block (program_id 1). Each entry below the
+        threshold takes its slot by an atomic add to the query's counter: a few per program, and no
+        reduction across the program's warps (a sum and a prefix sum per tile took twice as long:
+        1.15 against 2.4 TB/s on an H200)."""
         query = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
@@ -49,15 +81,59 @@ if triton is not None:
         d = d + tl.load(col_add + start + cols, mask=inside, other=0.0)
         if CLAMP:
             d = tl.maximum(d, 0.0)
-        below = (inside & (d < tl.load(threshold + query))).to(tl.int32)
-        found = tl.sum(below, axis=0)
-        if found > 0:
-            first = tl.atomic_add(counts + query, found)
-            slot = first + tl.cumsum(below, axis=0) - 1
+        below = inside & (d < tl.load(threshold + query))
+        slot = tl.atomic_add(counts + query + tl.zeros((BLOCK,), dtype=tl.int32), 1, mask=below, sem="relaxed")
+        kept = below & (slot < capacity)
+        where = query.to(tl.int64) * capacity + slot
+        tl.store(out_d + where, d, mask=kept)
+        tl.store(out_i + where, (cols + start).to(tl.int64), mask=kept)
+
+    @triton.jit
+    def _screen_kernel(queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
+                       batch, width, start, capacity, dim, query_stride, key_stride,
+                       CLAMP: tl.constexpr, EVEN_DIM: tl.constexpr,
+                       BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A [BLOCK_Q queries, BLOCK_R rows] tile of float16 products accumulated in float32, turned into
+        distances in registers, and each query's entries below its threshold appended to its row of
+        the output (one atomic add per query of the tile). No score block is written. Programs run
+        query tiles fastest, so the programs in flight share a few row tiles: the keys are read from
+        memory about once, the queries (a few MB) stay in the L2 cache."""
+        program = tl.program_id(0)
+        query_tiles = tl.cdiv(batch, BLOCK_Q)
+        q_rows = (program % query_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        cols = (program // query_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        q_in = q_rows < batch
+        col_in = cols < width
+        rows = (cols + start).to(tl.int64)
+        dims = tl.arange(0, BLOCK_D)
+        q_ptrs = queries + q_rows.to(tl.int64)[:, None] * query_stride + dims[None, :]
+        k_ptrs = keys + rows[None, :] * key_stride + dims[:, None]
+        acc = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+        for first in range(0, dim, BLOCK_D):
+            if EVEN_DIM:
+                a = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
+                b = tl.load(k_ptrs, mask=col_in[None, :], other=0.0)
+            else:
+                a = tl.load(q_ptrs, mask=q_in[:, None] & (dims[None, :] + first < dim), other=0.0)
+                b = tl.load(k_ptrs, mask=col_in[None, :] & (dims[:, None] + first < dim), other=0.0)
+            acc = tl.dot(a, b, acc)
+            q_ptrs += BLOCK_D
+            k_ptrs += BLOCK_D
+        d = acc * tl.load(row_mul + q_rows, mask=q_in, other=0.0)[:, None]
+        d = d + tl.load(row_add + q_rows, mask=q_in, other=0.0)[:, None]
+        d = d + tl.load(col_add + rows, mask=col_in, other=0.0)[None, :]
+        if CLAMP:
+            d = tl.maximum(d, 0.0)
+        limit = tl.load(threshold + q_rows, mask=q_in, other=float("-inf"))
+        below = (q_in[:, None] & col_in[None, :] & (d < limit[:, None])).to(tl.int32)
+        found = tl.sum(below, axis=1)
+        if tl.max(found, axis=0) > 0:  # the compaction only where some entry passes (B=64: 1.44 -> 1.17 ms)
+            first_slot = tl.atomic_add(counts + q_rows, found, mask=found > 0)
+            slot = first_slot[:, None] + tl.cumsum(below, axis=1) - 1
             kept = (below > 0) & (slot < capacity)
-            where = query.to(tl.int64) * capacity + slot
+            where = q_rows.to(tl.int64)[:, None] * capacity + slot
             tl.store(out_d + where, d, mask=kept)
-            tl.store(out_i + where, (cols + start).to(tl.int64), mask=kept)
+            tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
 
     @triton.jit
     def _rerank_kernel(queries, keys, candidates, out, dim, keep, query_stride, key_stride,
@@ -114,10 +190,39 @@ def below_threshold(scores: torch.Tensor, row_mul: torch.Tensor, row_add: torch.
     _below_kernel[(batch, triton.cdiv(width, block))](
         scores, scores.stride(0), row_mul, row_add, col_add, threshold, counts, out_d, out_i, width, start, capacity,
         CLAMP=clamp, BLOCK=block, num_warps=warps)
+    return _packed(counts, out_d, out_i, capacity, start)
+
+
+def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tensor, row_add: torch.Tensor,
+                 col_add: torch.Tensor, clamp: bool, threshold: torch.Tensor, start: int, end: int, capacity: int):
+    """below_threshold of the scores queries @ keys[start:end].T, without the score block: the float16
+    products (accumulated in float32) become distances in the matmul's registers and only the entries
+    below each query's threshold leave the kernel. queries: float16 [B, dim], contiguous; keys: float16
+    [N, dim], rows contiguous; the other arguments as below_threshold's.
+    Returns (distances [B, capacity], rows [B, capacity], counts [B]) without waiting for the GPU:
+    each query's entries packed to the left (+inf and row `start` past them); a query whose count
+    exceeds capacity lost the entries past it (the caller checks counts)."""
+    batch, dim = queries.shape
+    assert keys.stride(1) == 1 and queries.stride(1) == 1
+    counts = torch.zeros(batch, dtype=torch.int32, device=keys.device)
+    out_d = torch.full((batch, capacity), float("inf"), dtype=torch.float32, device=keys.device)
+    out_i = torch.full((batch, capacity), start, dtype=torch.int64, device=keys.device)
+    block_q, block_r, block_d, warps, stages = _screen_tile(batch)
+    grid = (triton.cdiv(batch, block_q) * triton.cdiv(end - start, block_r),)
+    _screen_kernel[grid](queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
+                         batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0),
+                         CLAMP=clamp, EVEN_DIM=dim % block_d == 0,
+                         BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    return out_d, out_i, counts
+
+
+def _packed(counts: torch.Tensor, out_d: torch.Tensor, out_i: torch.Tensor, capacity: int, start: int):
+    """The filled part of a [B, capacity] output: (distances, rows) up to the widest query's count, +inf
+    and row `start` past each query's own; (None, None) if no query has any; None past capacity."""
     widest = int(counts.max())
     if widest == 0:
         return None, None
     if widest > capacity:
         return None
-    past = torch.arange(widest, device=scores.device)[None, :] >= counts[:, None]  # slots no entry took
+    past = torch.arange(widest, device=counts.device)[None, :] >= counts[:, None]  # slots no entry took
     return out_d[:, :widest].masked_fill_(past, float("inf")), out_i[:, :widest].masked_fill_(past, start)

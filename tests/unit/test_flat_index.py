@@ -124,6 +124,11 @@ def test_chunk_bounds_start_small_and_double_for_a_large_batch(monkeypatch):
     assert bounds == [(0, 100), (100, 200), (200, 400), (400, 800), (800, 1600), (1600, 2000)]
     assert list(flat_index._chunk_bounds(2000, 1024, keep=10, batch=1)) == [(0, 1024), (1024, 2000)]
     assert list(flat_index._chunk_bounds(2000, 1024, keep=50, batch=64))[0] == (0, 400)  # >= 8 keep
+    # Screened chunks (no score block) keep doubling past the block's rows; others stop at them.
+    assert list(flat_index._chunk_bounds(2000, 256, keep=10, batch=64, screened=True)) == [
+        (0, 100), (100, 200), (200, 400), (400, 800), (800, 1600), (1600, 2000)]
+    assert list(flat_index._chunk_bounds(1000, 256, keep=10, batch=64)) == [
+        (0, 100), (100, 200), (200, 400), (400, 656), (656, 912), (912, 1000)]
 
 
 @pytest.mark.parametrize("block_bytes", [None, 4 * 40 * 1000])

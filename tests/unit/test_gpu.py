@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from monim.datastore import NamespaceConfig, NeighborStore, flat_index
+from monim.datastore import NamespaceConfig, NeighborStore, flat_index, gpu_select
 from monim.model_client.local_store import LocalMemory
 
 from tests.conftest import assert_same_neighbours, brute_force
@@ -11,6 +11,7 @@ from tests.unit.test_flat_index import (
     assert_float32_search_over_rounded_keys,
     check_torch_kernel_on_rows_in_order_of_distance,
     fp16_store_data,
+    rows_in_order_of_distance,
 )
 from tests.unit.test_learnable_memory import DIM, TEMPERATURE, VALUE_DIM, K, N, dense_reference, make_data
 
@@ -98,6 +99,81 @@ def test_cuda_kernel_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
     """The one-pass filter of later chunks (datastore/gpu_select.py) overflows its capacity on every
     chunk when rows come nearest last; the chunk's top-k is taken instead, and answers stay exact."""
     check_torch_kernel_on_rows_in_order_of_distance("cuda", metric, k, monkeypatch)
+
+
+@pytest.mark.parametrize("batch", [40, 64, 300])  # one tile of queries or several, partial tiles
+@pytest.mark.parametrize("dim", [768, 100])  # dims a multiple of the tile's and not
+@pytest.mark.parametrize("clamp", [False, True])
+def test_screen_kernel_passes_the_entries_the_filter_pass_does(batch, dim, clamp):
+    """gpu_select.screen_below (matmul and filter in one kernel) against a float32 matmul of the same
+    float16 operands and below_threshold over its score block: the same entries below each query's
+    threshold, their distances equal to float32 rounding."""
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    stored, start, end = 9000, 1000, 8500
+    keys = torch.randn(stored, dim, generator=generator, device="cuda").half()
+    queries = torch.randn(batch, dim, generator=generator, device="cuda").half()
+    row_mul = -2.0 * torch.rand(batch, generator=generator, device="cuda") - 0.5
+    row_add = torch.randn(batch, generator=generator, device="cuda")
+    col_add = (keys.float() ** 2).sum(1)
+    scores = queries.float() @ keys[start:end].float().T
+    distances = scores * row_mul[:, None] + row_add[:, None] + col_add[None, start:end]
+    threshold = torch.quantile(distances, 0.02, dim=1)  # about 150 entries per query pass
+    capacity = 400
+    screened_d, screened_i, counts = gpu_select.screen_below(queries, keys, row_mul, row_add, col_add, clamp,
+                                                             threshold, start, end, capacity)
+    filtered = gpu_select.below_threshold(scores, row_mul, row_add, col_add, clamp, threshold, start, capacity)
+    assert filtered is not None and int(counts.max()) <= capacity
+    assert (torch.isfinite(screened_d).sum(dim=1) == counts).all()  # +inf past each query's count
+    for query in range(batch):
+        got, want = (
+            {row: d for row, d in zip(rows[query].tolist(), dists[query].tolist(), strict=True) if d != float("inf")}
+            for dists, rows in ((screened_d, screened_i), filtered))
+        # An entry at the threshold itself may fall either side with another summation order.
+        near = {row for row, d in {**got, **want}.items() if abs(d - float(threshold[query])) <= 1e-3 * abs(d) + 1e-3}
+        assert set(got) - near == set(want) - near, query
+        for row in set(got) & set(want):
+            assert abs(got[row] - want[row]) <= 1e-4 * abs(want[row]) + 1e-3
+    # Past capacity: the counts say so (the entries past it are dropped; the caller scans again).
+    _, _, small_counts = gpu_select.screen_below(queries, keys, row_mul, row_add, col_add, clamp, threshold,
+                                                 start, end, 10)
+    assert (small_counts == counts).all() and int(small_counts.max()) > 10
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 100, 1024])
+def test_screened_search_answers_as_the_unscreened_one(metric, k, monkeypatch):
+    """float16 keys at LM norms, a batch the screen serves, several chunks: the screened scan's answers
+    are float32 search over the rounded keys, as the unscreened scan's are, and the two agree."""
+    monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 256 * 4096)  # 4096-row score blocks
+    monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)
+    monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", 2048)  # then 2048, 4096, 8192, ... rows screened
+    keys, queries = fp16_store_data(np.random.default_rng(3), stored=30_000, dim=768, batch=100)
+    k_t = torch.from_numpy(keys).to("cuda").half()
+    norms = (k_t.float() ** 2).sum(1)
+    q_t = torch.from_numpy(queries).to("cuda")
+    assert gpu_select.screens(k_t, q_t.shape[0])
+    distances, rows = flat_index.torch_search(q_t, k_t, norms, k, metric)
+    assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric)
+    monkeypatch.setattr(gpu_select, "SCREEN_MIN_BATCH", 1 << 62)
+    unscreened_d, unscreened_rows = flat_index.torch_search(q_t, k_t, norms, k, metric)
+    np.testing.assert_allclose(distances, unscreened_d, rtol=1e-6)
+    assert (rows == unscreened_rows).mean() > 0.999  # the rest: exact ties of float32 distances
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 200])
+def test_screened_search_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
+    """Rows stored nearest last: every screened chunk passes more entries than its capacity, and the
+    chunk takes a top-k block by block instead; the answers stay float32 search over the rounded keys."""
+    monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 40 * 1000)  # 1024-row blocks at B=40
+    monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)
+    monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", 64)
+    keys, queries = rows_in_order_of_distance(metric)
+    k_t = torch.from_numpy(keys).to("cuda").half()
+    assert gpu_select.screens(k_t, queries.shape[0])
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries).to("cuda"), k_t, (k_t.float() ** 2).sum(1),
+                                              k, metric)
+    assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric, rtol=1e-4)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
