@@ -13,21 +13,13 @@ map (IdMap) follows every move, so searches always scan ``[0, N)``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 from monim.datastore.id_map import ABSENT, IdMap
+from monim.datastore.transfer import source_tensor
 
 _MIN_CAPACITY = 1024
-
-
-def source_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor over an array that is only read from. Arrays replayed from the log or handed over by
-    Ray are read-only views, which torch.from_numpy warns about."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
 
 
 class RowStore:

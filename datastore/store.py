@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from monim.datastore import flat_index, memory_ops, optimizers
 from monim.datastore.ivf_index import IvfIndex
-from monim.datastore.row_store import RowStore, source_tensor
+from monim.datastore.row_store import RowStore
+from monim.datastore.transfer import to_device, to_host
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
 from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
@@ -153,21 +154,21 @@ class NeighborStore:
         stored = self.rows.size
         if self.backend == "faiss":
             return flat_index.faiss_search(queries, self.rows.keys[:stored].numpy(), k, self.config.metric)
-        q = torch.from_numpy(queries).to(self.device)
+        q = to_device(queries, self.device)
         return flat_index.torch_search(q, self.rows.keys[:stored], self.rows.key_norms[:stored], k,
                                        self.config.metric)
 
     def _gather(self, rows: np.ndarray, distances: np.ndarray, return_keys: bool, return_values: bool,
                 return_weights: bool) -> SearchResult:
         found = rows >= 0
-        safe = torch.from_numpy(np.where(found, rows, 0)).to(self.device)
-        mask = torch.from_numpy(found).to(self.device)
+        safe = to_device(np.where(found, rows, 0), self.device)
+        mask = to_device(found, self.device)
 
         def column(tensor, fill):
             picked = tensor[safe]
             shape = mask.shape + (1,) * (picked.dim() - mask.dim())
-            return torch.where(mask.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype,
-                                                                         device=picked.device)).cpu().numpy()
+            return to_host(torch.where(mask.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype,
+                                                                                 device=picked.device)))
 
         if self.rows.size == 0:
             empty = np.zeros(rows.shape, np.int64)
@@ -280,14 +281,14 @@ class NeighborStore:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """The array (only read from: a request's, maybe read-only) as a tensor on the store's device."""
-        return source_tensor(array).to(self.device)
+        return to_device(array, self.device)
 
     def value_sum(self, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids are >= 0 (those of this store).
         NOT_FOUND if one of them is no longer stored (never a silently smaller sum)."""
         with self._lock:
             rows = self._held_rows(ids)
-            return memory_ops.value_sum(self.rows.values[: self.rows.size], rows, self._tensor(alpha)).cpu().numpy()
+            return to_host(memory_ops.value_sum(self.rows.values[: self.rows.size], rows, self._tensor(alpha)))
 
     def backward_partials(self, queries, ids, alpha, distances, grad_memory):
         """This store's part of a Retrieve backward (inputs already checked), computed from the
@@ -298,7 +299,7 @@ class NeighborStore:
             partials, unique_rows, grads = memory_ops.slot_partials(
                 self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
                 self._tensor(alpha), self._tensor(distances), self._tensor(grad_memory))
-            return partials, self.rows.ids[unique_rows].cpu().numpy(), grads
+            return partials, to_host(self.rows.ids[unique_rows]), grads
 
     def check_stored(self, ids: np.ndarray) -> None:
         """NOT_FOUND naming the ids (all of which belong here) that are not stored."""

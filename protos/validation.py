@@ -259,10 +259,16 @@ def check_backward_request(config, queries, ids, alpha, distances, grad_memory, 
     check_value_namespace(config.value_dim, "a retrieve backward")
     queries = check_vectors(queries, config.dim, "queries")
     ids, alpha, distances = check_slots(ids, alpha, distances, queries.shape[0])
+    return queries, ids, alpha, distances, check_grad_memory(config, grad_memory, queries.shape[0]), \
+        check_temperature(temperature)
+
+
+def check_grad_memory(config, grad_memory, batch: int) -> np.ndarray:
+    """grad_memory float [batch, value_dim], finite -> float32."""
     grad_memory = check_vectors(grad_memory, config.value_dim, "grad_memory", "value_dim")
-    if grad_memory.shape[0] != queries.shape[0]:
-        raise InvalidArgument(f"grad_memory has {grad_memory.shape[0]} rows but there are {queries.shape[0]} queries")
-    return queries, ids, alpha, distances, grad_memory, check_temperature(temperature)
+    if grad_memory.shape[0] != batch:
+        raise InvalidArgument(f"grad_memory has {grad_memory.shape[0]} rows but there are {batch} queries")
+    return grad_memory
 
 
 def check_gradients(ids, grads, value_dim: int):

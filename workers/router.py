@@ -481,12 +481,15 @@ class Router:
         and generation come from it (pass None for them), and grad_memory is its rows
         [row_offset, row_offset + B); FAILED_PRECONDITION if the handle is unknown or expired.
         Returns (grad_queries float32 [B, dim], grad_temperature)."""
-        if handle:
+        if handle:  # the forward's state is this router's own, checked when it was made: only grad_memory is new
             queries, ids, alpha, distances, temperature, generation = self._kept_forward(
                 namespace, handle, row_offset, grad_memory, queries, ids, alpha, distances)
-        config = self.config(namespace, generation)
-        queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
-            config, queries, ids, alpha, distances, grad_memory, temperature)
+            config = self.config(namespace, generation)
+            grad_memory = validation.check_grad_memory(config, grad_memory, queries.shape[0])
+        else:
+            config = self.config(namespace, generation)
+            queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
+                config, queries, ids, alpha, distances, grad_memory, temperature)
         step = self._step_key(config, validation.check_step_id(step_id) or validation.new_request_id())
         try:
             partials = self._round(

@@ -39,7 +39,7 @@ import torch
 from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
 from monim.datastore.location import Location
 from monim.datastore.memory_ops import BackwardPartials
-from monim.datastore.row_store import source_tensor
+from monim.datastore.transfer import source_tensor, to_device
 from monim.datastore.wal import WriteAheadLog
 from monim.protos.errors import (
     Aborted,
@@ -649,7 +649,7 @@ class Shard:
         store.check_stored(ids)
         staged = source_tensor(grads)  # read-only when it came through Ray or a request
         if self.wal is None:  # nothing is logged: the gradients go to the rows' device once, here
-            staged = staged.to(store.device)
+            staged = to_device(grads, store.device)
         if staged.device.type == "cpu" and grads.flags.writeable:
             staged = staged.clone()  # the caller's own array (an in-process router passes views): kept until the commit
         if ids.flags.writeable:
@@ -742,16 +742,16 @@ class Shard:
         """The store, if every id >= 0 of ids is this shard's and none is being moved; else
         PlacementChanged (the router routes them again). NOT_FOUND / FAILED_PRECONDITION as _store."""
         store = self._store(namespace, generation)
+        placement = self.placement
+        if placement.move is None and placement.num_shards == 1 and self.shard_index < placement.actors:
+            return store  # one shard holds every id (a training step's B x k of them: no pass over them)
         ids = np.asarray(ids, np.int64).reshape(-1)
         ids = ids[ids >= 0]
         if not ids.size:
             return store
-        placement = self.placement
         if self.shard_index >= placement.actors:  # a grow's new shard, before the move's placement reaches it
             raise PlacementChanged(f"shard {self.shard_index} is not in placement version {placement.version} "
                                    f"of {placement.actors} shards yet", placement.version)
-        if placement.move is None and placement.num_shards == 1:
-            return store  # one shard holds every id (a training step's B x k of them: no pass over them)
         # Also at version 0 (never resharded): a router already at a grow's placement may send ids here
         # that the placement this shard answers reads with puts on another shard.
         elsewhere = placement.owners(namespace, ids) != self.shard_index

@@ -105,6 +105,29 @@ def test_a_handle_with_the_arrays_too_or_rows_outside_the_batch_is_invalid(servi
                                  handle=kept.handle, row_offset=2)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (np.full((4, VALUE_DIM), np.nan, np.float32), "grad_memory"),
+    (np.ones((4, VALUE_DIM + 1), np.float32), "value_dim"),
+    (np.ones((4, VALUE_DIM), np.int64), "grad_memory"),
+])
+def test_a_handle_with_a_bad_grad_memory_is_invalid_and_steps_nothing(service, bad, message):
+    """The kept forward is the router's own (checked when it was made); grad_memory is what the
+    backward brings, and it is checked as in a backward that sends every array."""
+    router, client, _, _ = service
+    twin_namespaces(client, names=("a",))
+    before = client.get("a", np.arange(ROWS)).values
+    queries = np.random.default_rng(2).standard_normal((4, DIM)).astype(np.float32)
+    kept = client.retrieve("a", queries, K, 1.0, keep_state=True)
+    from monim.protos.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=message):
+        router.retrieve_backward("a", None, None, None, None, bad, 1.0, handle=kept.handle)
+    np.testing.assert_array_equal(client.get("a", np.arange(ROWS)).values, before)
+    router.retrieve_backward("a", None, None, None, None, np.ones((4, VALUE_DIM), np.float32), 1.0,
+                             handle=kept.handle)  # the handle is still good
+    assert not np.array_equal(client.get("a", np.arange(ROWS)).values, before)
+
+
 def test_an_expired_or_foreign_handle_makes_the_client_send_the_arrays(service):
     router, client, _, _ = service
     twin_namespaces(client)

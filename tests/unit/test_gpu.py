@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from monim.datastore import NamespaceConfig, NeighborStore, flat_index, gpu_select
+from monim.datastore import NamespaceConfig, NeighborStore, flat_index, gpu_select, transfer
 from monim.model_client.local_store import LocalMemory
 
 from tests.conftest import assert_same_neighbours, brute_force
@@ -174,6 +174,24 @@ def test_screened_search_when_every_chunk_holds_better_rows(metric, k, monkeypat
     distances, rows = flat_index.torch_search(torch.from_numpy(queries).to("cuda"), k_t, (k_t.float() ** 2).sum(1),
                                               k, metric)
     assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [10, 300_000])  # under and over transfer.PINNED_MIN_BYTES
+def test_arrays_go_to_the_gpu_and_back_unchanged(rows):
+    """transfer.to_device / to_host: large arrays through pinned memory, the copy to the GPU queued;
+    read-only and non-contiguous arrays too, and the source may change right after the call."""
+    def made():
+        return np.arange(rows * 8, dtype=np.float32).reshape(rows, 8)
+
+    read_only = made()
+    read_only.flags.writeable = False
+    for array in (made(), read_only, made()[:, ::2]):
+        on_gpu = transfer.to_device(array, "cuda")
+        expected = array.copy()
+        if array.flags.writeable:
+            array[...] = -1  # the caller's buffer, reused at once
+        assert on_gpu.is_cuda
+        np.testing.assert_array_equal(transfer.to_host(on_gpu), expected)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
