@@ -147,7 +147,7 @@ def test_screened_search_answers_as_the_unscreened_one(metric, k, monkeypatch):
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 256 * 4096)  # 4096-row score blocks
     monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)
     monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", 2048)  # then 2048, 4096, 8192, ... rows screened
-    keys, queries = fp16_store_data(np.random.default_rng(3), stored=30_000, dim=768, batch=100)
+    keys, queries = fp16_store_data(np.random.default_rng(3), stored=30_000, dim=768, batch=60)
     k_t = torch.from_numpy(keys).to("cuda").half()
     norms = (k_t.float() ** 2).sum(1)
     q_t = torch.from_numpy(queries).to("cuda")
