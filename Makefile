@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/monim demo
 
-test: $(STAMP)
+# Triton for the tests only: its interpreter runs the GPU search kernels (datastore/gpu_select.py)
+# on CPU (tests/unit/test_gpu_kernels_interpreted.py); the demo does not need it.
+TEST_STAMP := $(VENV)/.test-installed
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt triton
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -7,6 +7,15 @@ import os
 import numpy as np
 import pytest
 
+# Without a GPU, Triton's kernels (datastore/gpu_select.py) run in its interpreter, on CPU tensors
+# (tests/unit/test_gpu_kernels_interpreted.py); triton.jit reads this when a kernel is defined, so it
+# is set before anything imports them.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # Ray's token auth on, as `monim serve` turns it on for the local Ray it starts (workers/runtime.py,
 # prepare_ray_auth), and set before anything imports Ray, which reads it then: the integration tests
 # join the session server's Ray by its address, and Ray sends its token only in this mode.
