@@ -8,7 +8,8 @@ Two kernels with the same contract:
   score block stays bounded; used when the store lives on a CUDA device
   (keys may be float16 there). The first chunk takes a top-k; later ones
   only pass on the entries below each query's best so far (on a GPU in one
-  Triton pass over the block, datastore/gpu_select.py). float16 keys give
+  Triton pass over the block, datastore/gpu_select.py; for 32-64 queries over
+  float16 keys in one Triton kernel with the matmul, no block written at all). float16 keys give
   what float32 search over the rounded keys gives: a float16 matmul screens
   candidates, which are then ranked again exactly in float32 with the
   unrounded queries (on a GPU by a Triton kernel that reads the candidates'
