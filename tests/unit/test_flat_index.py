@@ -157,6 +157,21 @@ def fp16_store_data(rng, stored=3000, dim=64, batch=48):
     return keys.astype(np.float32), np.concatenate([near, scaled(batch - batch // 2)]).astype(np.float32)
 
 
+def assert_same_entries_below(got, want, threshold) -> None:
+    """got and want: (distances, rows) [B, width] of each query's entries below its threshold (+inf in
+    unused slots), from two filters of the same scores. The same entries per query, except ones at the
+    threshold itself (another summation order may put them either side), with distances equal to
+    float32 rounding."""
+    for query in range(threshold.shape[0]):
+        mine, theirs = ({row: d for row, d in zip(rows[query].tolist(), dists[query].tolist(), strict=True)
+                         if d != float("inf")} for dists, rows in (got, want))
+        limit = float(threshold[query])
+        near = {row for row, d in {**mine, **theirs}.items() if abs(d - limit) <= 1e-3 * abs(d) + 1e-3}
+        assert set(mine) - near == set(theirs) - near, query
+        for row in set(mine) & set(theirs):
+            assert abs(mine[row] - theirs[row]) <= 1e-4 * abs(theirs[row]) + 1e-3
+
+
 def assert_float32_search_over_rounded_keys(queries, keys, rows, distances, metric, rtol=1e-5):
     """rows/distances [B, k] are what float32 search over `keys` (the float16-rounded keys) gives: each
     distance within rtol of its float64 value (for ip, plus rtol/10 of |q||k|: float32 sums of products

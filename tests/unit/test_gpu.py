@@ -9,6 +9,7 @@ from monim.model_client.local_store import LocalMemory
 from tests.conftest import assert_same_neighbours, brute_force
 from tests.unit.test_flat_index import (
     assert_float32_search_over_rounded_keys,
+    assert_same_entries_below,
     check_torch_kernel_on_rows_in_order_of_distance,
     fp16_store_data,
     rows_in_order_of_distance,
@@ -124,15 +125,7 @@ def test_screen_kernel_passes_the_entries_the_filter_pass_does(batch, dim, clamp
     filtered = gpu_select.below_threshold(scores, row_mul, row_add, col_add, clamp, threshold, start, capacity)
     assert filtered is not None and int(counts.max()) <= capacity
     assert (torch.isfinite(screened_d).sum(dim=1) == counts).all()  # +inf past each query's count
-    for query in range(batch):
-        got, want = (
-            {row: d for row, d in zip(rows[query].tolist(), dists[query].tolist(), strict=True) if d != float("inf")}
-            for dists, rows in ((screened_d, screened_i), filtered))
-        # An entry at the threshold itself may fall either side with another summation order.
-        near = {row for row, d in {**got, **want}.items() if abs(d - float(threshold[query])) <= 1e-3 * abs(d) + 1e-3}
-        assert set(got) - near == set(want) - near, query
-        for row in set(got) & set(want):
-            assert abs(got[row] - want[row]) <= 1e-4 * abs(want[row]) + 1e-3
+    assert_same_entries_below((screened_d, screened_i), filtered, threshold)
     # Past capacity: the counts say so (the entries past it are dropped; the caller scans again).
     _, _, small_counts = gpu_select.screen_below(queries, keys, row_mul, row_add, col_add, clamp, threshold,
                                                  start, end, 10)

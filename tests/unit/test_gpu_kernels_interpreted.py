@@ -10,15 +10,15 @@ import pytest
 import torch
 from monim.datastore import flat_index, gpu_select
 
-from tests.unit.test_flat_index import assert_float32_search_over_rounded_keys, fp16_store_data, rows_in_order_of_distance
+from tests.unit.test_flat_index import (
+    assert_float32_search_over_rounded_keys,
+    assert_same_entries_below,
+    fp16_store_data,
+    rows_in_order_of_distance,
+)
 
 pytestmark = pytest.mark.skipif(gpu_select.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs Triton in interpreter mode (no GPU; tests/conftest.py sets it)")
-
-
-def _entries(distances: torch.Tensor, rows: torch.Tensor, query: int) -> dict[int, float]:
-    return {row: d for row, d in zip(rows[query].tolist(), distances[query].tolist(), strict=True)
-            if d != float("inf")}
 
 
 def _block(batch: int, dim: int, stored: int = 3000, seed: int = 7):
@@ -48,14 +48,8 @@ def test_screen_and_filter_kernels_pass_the_entries_the_torch_filter_does(batch,
     torch_below = distances.below(scores.clone(), threshold, start, capacity)  # the CPU path: torch operations
     assert filtered is not None and torch_below is not None and int(counts.max()) <= capacity
     assert (torch.isfinite(screened_d).sum(dim=1) == counts).all()  # +inf past each query's count
-    for query in range(batch):
-        want = _entries(*torch_below, query)
-        near = {row for row, d in want.items() if abs(d - float(threshold[query])) <= 1e-3 * abs(d) + 1e-3}
-        for got in (_entries(screened_d, screened_i, query), _entries(*filtered, query)):
-            near_too = near | {row for row, d in got.items() if abs(d - float(threshold[query])) <= 1e-3 * abs(d) + 1e-3}
-            assert set(got) - near_too == set(want) - near_too, query
-            for row in set(got) & set(want):
-                assert abs(got[row] - want[row]) <= 1e-4 * abs(want[row]) + 1e-3
+    for got in ((screened_d, screened_i), filtered):
+        assert_same_entries_below(got, torch_below, threshold)
     # Too small a capacity: the counts say so (the screen's caller scans again; the filter answers None).
     _, _, small = gpu_select.screen_below(queries, keys, row_mul, row_add, col_add, clamp, threshold, start, end, 5)
     assert (small == counts).all() and int(small.max()) > 5
