@@ -297,8 +297,7 @@ def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep:
                     overflowed = over if overflowed is None else overflowed | over
                     best_d, best_i = _merge(best_d, best_i, d, i, keep)
                     continue
-                widest = int(counts.max())
-                below = None if widest > most else (d[:, :widest], i[:, :widest]) if widest else (None, None)
+                below = gpu_select.packed(counts, d, i, most, start)
             else:
                 scores = block_scores(start, keys[start:end])
                 below = distances.below(scores, threshold, start, most)

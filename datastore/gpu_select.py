@@ -190,7 +190,7 @@ def below_threshold(scores: torch.Tensor, row_mul: torch.Tensor, row_add: torch.
     _below_kernel[(batch, triton.cdiv(width, block))](
         scores, scores.stride(0), row_mul, row_add, col_add, threshold, counts, out_d, out_i, width, start, capacity,
         CLAMP=clamp, BLOCK=block, num_warps=warps)
-    return _packed(counts, out_d, out_i, capacity, start)
+    return packed(counts, out_d, out_i, capacity, start)
 
 
 def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tensor, row_add: torch.Tensor,
@@ -201,7 +201,7 @@ def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tenso
     [N, dim], rows contiguous; the other arguments as below_threshold's.
     Returns (distances [B, capacity], rows [B, capacity], counts [B]) without waiting for the GPU:
     each query's entries packed to the left (+inf and row `start` past them); a query whose count
-    exceeds capacity lost the entries past it (the caller checks counts)."""
+    exceeds capacity lost the entries past it (the caller checks counts, or takes packed(...) of them)."""
     batch, dim = queries.shape
     assert keys.stride(1) == 1 and queries.stride(1) == 1
     counts = torch.zeros(batch, dtype=torch.int32, device=keys.device)
@@ -216,7 +216,7 @@ def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tenso
     return out_d, out_i, counts
 
 
-def _packed(counts: torch.Tensor, out_d: torch.Tensor, out_i: torch.Tensor, capacity: int, start: int):
+def packed(counts: torch.Tensor, out_d: torch.Tensor, out_i: torch.Tensor, capacity: int, start: int):
     """The filled part of a [B, capacity] output: (distances, rows) up to the widest query's count, +inf
     and row `start` past each query's own; (None, None) if no query has any; None past capacity."""
     widest = int(counts.max())
