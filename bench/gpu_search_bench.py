@@ -34,6 +34,7 @@ import shlex
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 from monim.datastore import flat_index, gpu_select
@@ -64,23 +65,11 @@ def _bare_gemm(queries: torch.Tensor, keys: torch.Tensor, chunk: int) -> None:
         torch.mm(queries, keys[start : start + chunk].T)
 
 
-def _unscreened(queries, keys, norms, k):
-    """Our search with the screen's later chunks as matmul + filter pass (the previous kernel)."""
-    saved = gpu_select.SCREEN_MIN_BATCH
-    gpu_select.SCREEN_MIN_BATCH = 1 << 62
-    try:
+def _search_with(setting: str, value, queries, keys, norms, k):
+    """Our search with gpu_select.<setting> set to value for the call: SCREEN_MIN_BATCH past every batch
+    (the screen's later chunks as matmul + filter pass, the previous kernel), or one SCREEN_TILES entry."""
+    with mock.patch.object(gpu_select, setting, value):
         return torch_search(queries, keys, norms, k, "l2")
-    finally:
-        gpu_select.SCREEN_MIN_BATCH = saved
-
-
-def _with_tile(tile, queries, keys, norms, k):
-    saved = gpu_select.SCREEN_TILES
-    gpu_select.SCREEN_TILES = [(None, tile)]
-    try:
-        return torch_search(queries, keys, norms, k, "l2")
-    finally:
-        gpu_select.SCREEN_TILES = saved
 
 
 def _keys(rows: int, dim: int, dtype: torch.dtype, generator: torch.Generator):
@@ -117,12 +106,14 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
             line = (f"{batch:>5} {k:>5} | {ours * 1e3:>9.2f} {gemm * 1e3:>9.2f} {gemm / ours:>8.2f} | "
                     f"{read_rate / 1e12:>7.2f} TB/s {read_rate / copy_rate:>8.2f}")
             if compare:
-                unscreened = _timed(lambda k=k: _unscreened(queries, keys, norms, k), args.repeats)
+                unscreened = _timed(lambda k=k: _search_with("SCREEN_MIN_BATCH", 1 << 62, queries, keys, norms, k),
+                                    args.repeats)
                 line += f" | {unscreened * 1e3:>13.2f} {unscreened / ours:>6.2f}x"
             print(line, flush=True)
             if args.screen_tiles and gpu_select.screens(keys, batch):
                 for tile in args.screen_tiles:
-                    took = _timed(lambda k=k, tile=tile: _with_tile(tile, queries, keys, norms, k), args.repeats)
+                    took = _timed(lambda k=k, tile=tile: _search_with("SCREEN_TILES", [(None, tile)], queries, keys,
+                                                                      norms, k), args.repeats)
                     print(f"{'':>11} screen tile {':'.join(map(str, tile))}: {took * 1e3:.2f} ms", flush=True)
 
 
