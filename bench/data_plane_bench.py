@@ -13,7 +13,7 @@ it measures, each cell on both back to back:
   add         rows/s of Add with values (the load itself) and of keys only (--keys-only-rows)
   search      q/s at B in --batches and k in --ks
   decode      one generated token's read, B=1 k=32: Search and Retrieve p50 / p99, as calls and
-              (service) as steps of one Decode stream
+              (service) as steps of one Decode stream (to a shard's own endpoint, by default)
   learn       Retrieve(keep_state) + RetrieveBackward against Search at B=4096 (the training step)
   apply       ApplyGradients (Adam) rows/s at --apply-rows, and one ApplyGradients larger than a
               gRPC message (--big-apply-rows x value_dim, split by the client)
@@ -171,6 +171,7 @@ def decode_cells(table, local, remote, queries, args):
         for call in ways.values():
             for q in steps[:10]:
                 call(q)
+        where = "front end" if stream.target == remote.target else "a shard's endpoint"
         times = {way: [] for way in ways}
         for q in steps:
             for way, call in ways.items():
@@ -185,7 +186,7 @@ def decode_cells(table, local, remote, queries, args):
         local_p = pct((read, "in"))
         call_p, stream_p = pct((read, "calls")), pct((read, "stream"))
         table.add(f"decode: {read.capitalize()} B=1 k=32, p50 / p99", f"{local_p[0]:.2f} / {local_p[1]:.2f} ms",
-                  f"stream {stream_p[0]:.2f} / {stream_p[1]:.2f} ms (calls {call_p[0]:.2f} / {call_p[1]:.2f})",
+                  f"stream {stream_p[0]:.2f} / {stream_p[1]:.2f} ms to {where} (calls {call_p[0]:.2f} / {call_p[1]:.2f})",
                   "", goal, in_process_ms=local_p, calls_ms=call_p, stream_ms=stream_p)
 
 

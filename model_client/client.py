@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import os
 import random
+import threading
 import time
 from collections.abc import Iterator
 
@@ -114,18 +115,42 @@ class _RemoteStore:
 
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None):
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
-        if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=options)
-        else:
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self._options = [("grpc.max_send_message_length", max_message_bytes),
+                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._credentials = credentials
+        self.channel = self._open_channel(target)
         self.tls = credentials is not None
         self.stub = pb_grpc.MemoryServiceStub(self.channel)
+        self._endpoint_channels: dict[str, grpc.Channel] = {}  # a shard's decode endpoint -> its channel
+        self._endpoint_lock = threading.Lock()
         self._framed_calls: dict = {}
         self.timeout_s = timeout_s
         # Sent with each call rather than as call credentials, which gRPC allows on TLS channels only.
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def _open_channel(self, target: str) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(target, options=self._options)
+        return grpc.secure_channel(target, self._credentials, options=self._options)
+
+    def decode_endpoints(self) -> list[str]:
+        """The shards' decode endpoints the server names (workers/decode_endpoint.py); [] when it
+        names none, or is a server from before DecodeEndpoints (UNIMPLEMENTED)."""
+        try:
+            return list(self._call("DecodeEndpoints", pb.DecodeEndpointsRequest()).targets)
+        except MemoryStoreError as error:
+            if getattr(error, "status_code", "") == "UNIMPLEMENTED":
+                return []
+            raise
+
+    def endpoint_stub(self, target: str) -> pb_grpc.MemoryServiceStub:
+        """A stub over this client's channel to a decode endpoint (same credentials and limits), kept
+        open for the client's life."""
+        with self._endpoint_lock:
+            channel = self._endpoint_channels.get(target)
+            if channel is None:
+                channel = self._endpoint_channels[target] = self._open_channel(target)
+        return pb_grpc.MemoryServiceStub(channel)
 
     def _call(self, method: str, request, tensors: dict | None = None):
         """One RPC. tensors: the request's Tensor fields (name -> array, None: unset), serialized with
@@ -249,6 +274,10 @@ class _RemoteStore:
 
     def close(self):
         self.channel.close()
+        with self._endpoint_lock:
+            for channel in self._endpoint_channels.values():
+                channel.close()
+            self._endpoint_channels.clear()
 
 
 def _in_process_store(device: str):
@@ -278,13 +307,17 @@ class MemoryClient:
     it is given, or when ``tls`` is True (then the system's root certificates are trusted).
     tls_cert, tls_key: PEM files of this client's certificate and key, for mutual TLS.
     The in-process store has no access control and ignores the token; TLS options raise there.
+    decode_endpoints: decode streams (``decode()``, and ``attach_monim`` while generating) go to a
+    shard's own endpoint where the server names them, with the front end as the fallback
+    (model_client/decode.py); False: always to the front end.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
                  token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls: bool | None = None):
+                 tls_key: str | None = None, tls: bool | None = None, decode_endpoints: bool = True):
         self.target = target
+        self.decode_endpoints = decode_endpoints
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes

@@ -10,6 +10,14 @@ that fails raises its typed error (the stream stays open). If the stream itself 
 (UNAVAILABLE: the front end went away or drains), the step is sent again on a new stream, with the
 client's retries and backoff: steps only read, so sending one twice changes nothing.
 
+Where the stream goes: when the server names its shards' decode endpoints (``DecodeEndpoints``,
+workers/decode_endpoint.py) and the client allows it (``MemoryClient(decode_endpoints=True)``, the
+default), to one of them, picked at random, which answers with no hop from the front end to a shard.
+If that endpoint cannot be reached or breaks (its shard restarted, a TLS certificate that does not
+name its host, a firewall), the step goes to the front end at once, without waiting or using a
+retry, and the stream stays there for ``ENDPOINT_RETRY_S`` before it asks for endpoints again.
+``DecodeStream.target`` says where the last step went.
+
 For the in-process store (``MemoryClient(":memory:")``) the same object calls the store directly.
 """
 
@@ -26,10 +34,20 @@ from monim.model_client.client import _float_array
 from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
-from monim.protos.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from monim.protos.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MemoryStoreError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from monim.protos.results import RetrieveResult, SearchResult
 
 _END = object()  # closes the request iterator of a stream
+# After a decode endpoint failed (or none was named), steps go to the front end this long before the
+# stream asks for endpoints again.
+ENDPOINT_RETRY_S = 30.0
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -74,6 +92,9 @@ class DecodeStream:
         self._stream: _Stream | None = None
         self._closed = False
         self._unary = False  # the server refused a stream (it has as many as it takes): calls instead
+        self._on_endpoint = False  # whether _stream goes to a shard's decode endpoint
+        self._endpoints_after = 0.0  # time.monotonic() before which no endpoint is asked for
+        self.target = ""  # "host:port" the last step went to: the front end or a shard's endpoint
 
     # ----- the two reads ---------------------------------------------------------------------
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
@@ -108,30 +129,47 @@ class DecodeStream:
                 raise InvalidArgument("this decode stream is closed")
             if self._unary:
                 return self._unary_step(step)
-            for attempt in range(client.retries + 1):
+            attempt = 0
+            while True:
                 if self._stream is None:
-                    store = client._store
-                    self._stream = _Stream(store.stub, store.metadata, store.tls)
+                    self._stream = self._open()
                 try:
                     result = self._stream.step(step)
-                except ResourceExhausted as error:
-                    if "decode streams are open" not in error.message:
-                        raise
-                    self._stream.close()  # the server takes no more streams: this one sends calls instead
-                    self._stream = None
-                    self._unary = True
-                    return self._unary_step(step)
-                except (Unavailable, DeadlineExceeded):
+                except (Unavailable, DeadlineExceeded, ResourceExhausted, Unauthenticated) as error:
                     self._stream.close()
                     self._stream = None
-                    if attempt == client.retries:
+                    if self._on_endpoint:  # the endpoint is gone, full or unreachable: the front end takes the step
+                        self._endpoints_after = time.monotonic() + ENDPOINT_RETRY_S
+                        continue
+                    if isinstance(error, ResourceExhausted):
+                        if "decode streams are open" not in error.message:
+                            raise
+                        self._unary = True  # the server takes no more streams: this one sends calls instead
+                        return self._unary_step(step)
+                    if isinstance(error, Unauthenticated) or attempt == client.retries:
                         raise
                     time.sleep(client.backoff_s * (2**attempt) * (1 + random.random()))
+                    attempt += 1
                     continue
                 if result.code != 0:
                     raise _step_error(result)
                 return result
-        raise AssertionError("unreachable")
+
+    def _open(self) -> _Stream:
+        """A new stream: to a shard's decode endpoint where the server names one (and the client and
+        the last failure allow), else to the front end."""
+        client, store = self._client, self._client._store
+        if client.decode_endpoints and time.monotonic() >= self._endpoints_after:
+            try:
+                targets = store.decode_endpoints()
+            except MemoryStoreError:  # the front end's stream will say what is wrong
+                targets = []
+            if targets:
+                self.target, self._on_endpoint = random.choice(targets), True
+                return _Stream(store.endpoint_stub(self.target), store.metadata, store.tls)
+            self._endpoints_after = time.monotonic() + ENDPOINT_RETRY_S
+        self.target, self._on_endpoint = client.target, False
+        return _Stream(store.stub, store.metadata, store.tls)
 
     def _unary_step(self, step: pb.DecodeStep) -> pb.DecodeStepResult:
         """The step as a Search or Retrieve call of its own (with the client's retries)."""

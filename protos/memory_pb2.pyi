@@ -491,6 +491,16 @@ class DecodeStepResult(_message.Message):
     message: str
     def __init__(self, search: _Optional[_Union[SearchResponse, _Mapping]] = ..., retrieve: _Optional[_Union[RetrieveResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
+class DecodeEndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DecodeEndpointsResponse(_message.Message):
+    __slots__ = ("targets",)
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, targets: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ReshardRequest(_message.Message):
     __slots__ = ("shards", "batch_rows")
     SHARDS_FIELD_NUMBER: _ClassVar[int]

@@ -119,6 +119,11 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.DecodeStep.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.DecodeStepResult.FromString,
                 _registered_method=True)
+        self.DecodeEndpoints = channel.unary_unary(
+                '/monim.v1.MemoryService/DecodeEndpoints',
+                request_serializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsResponse.FromString,
+                _registered_method=True)
         self.Reshard = channel.unary_stream(
                 '/monim.v1.MemoryService/Reshard',
                 request_serializer=monim_dot_protos_dot_memory__pb2.ReshardRequest.SerializeToString,
@@ -231,6 +236,12 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeEndpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reshard(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -324,6 +335,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=monim_dot_protos_dot_memory__pb2.DecodeStep.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.DecodeStepResult.SerializeToString,
+            ),
+            'DecodeEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecodeEndpoints,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsResponse.SerializeToString,
             ),
             'Reshard': grpc.unary_stream_rpc_method_handler(
                     servicer.Reshard,
@@ -790,6 +806,33 @@ class MemoryService:
             '/monim.v1.MemoryService/Decode',
             monim_dot_protos_dot_memory__pb2.DecodeStep.SerializeToString,
             monim_dot_protos_dot_memory__pb2.DecodeStepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/DecodeEndpoints',
+            monim_dot_protos_dot_memory__pb2.DecodeEndpointsRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.DecodeEndpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

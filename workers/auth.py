@@ -261,6 +261,9 @@ METHOD_ACCESS: dict[str, Access] = {
     # (authorize_step), and a refused step is answered PERMISSION_DENIED while the stream goes on.
     "Decode": Access(READ, _namespace),  # its metrics label: the namespace of each step
     "Reshard": Access(ADMIN, _no_namespace),
+    # Where a Decode stream may go instead (the shards' own endpoints): any token; each step there
+    # is checked as it is here.
+    "DecodeEndpoints": Access(LIST, _no_namespace),
 }
 STREAMING_METHODS = {"Decode"}
 # A MemoryService method added to the proto but not to the table needs admin until it is.

@@ -97,11 +97,15 @@ def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def add_memory_service(servicer, server: grpc.Server) -> None:
+def add_memory_service(servicer, server: grpc.Server, methods: frozenset[str] | None = None) -> None:
     """Registers the servicer's methods on the server: unary-unary ones, stream-stream ones (Decode),
-    whose servicer method checks each message with undecodable(), and unary-stream ones (Reshard)."""
+    whose servicer method checks each message with undecodable(), and unary-stream ones (Reshard).
+    methods: only these (a shard's decode endpoint serves Decode alone; gRPC answers UNIMPLEMENTED
+    for the others); None: all of them."""
     handlers = {}
     for method in SERVICE.methods:
+        if methods is not None and method.name not in methods:
+            continue
         request = getattr(pb, method.input_type.name)
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(

@@ -31,8 +31,10 @@ import time
 
 import numpy as np
 from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError, ShardUnavailable, Unavailable
+from monim.workers.decode_endpoint import ensure_endpoint, is_loopback
 from monim.workers.machine import host_report
 from monim.workers.registry import NamespaceRegistry
+from monim.workers.router import Router
 from monim.workers.shard import DEFAULT_SNAPSHOT_EVERY, Shard
 from monim.workers.shard_groups import DEFAULT_STRATEGY, DEFAULT_WAIT_S, ShardGroups, check_strategy
 
@@ -48,6 +50,8 @@ SHARD_CALLS_AT_ONCE = 16
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
+# How long DecodeEndpoints waits for the shards to name (or start) their decode endpoints.
+ENDPOINT_WAIT_S = 10.0
 # How long a stopping front end waits for its shards to finish a background snapshot and close their logs.
 CLOSE_TIMEOUT_S = 60.0
 
@@ -111,6 +115,16 @@ def _host_of_actor(shard) -> dict:
     import ray
 
     return dict(host_report(shard.device), node_id=ray.get_runtime_context().get_node_id())
+
+
+def _decode_endpoint_of_actor(shard, deployment: str, restarts: bool, options) -> str:
+    """Runs in a shard actor's process (Ray's __ray_call__): its decode endpoint's target, the endpoint
+    started first if it is not up (a router over ShardSideRuntime; workers/decode_endpoint.py)."""
+    import ray
+    from monim.workers.router import Router
+
+    host = options.host if is_loopback(options.host) else ray.util.get_node_ip_address()
+    return ensure_endpoint(shard, lambda: Router(ShardSideRuntime(ray, deployment, shard, restarts)), host, options)
 
 
 def _outcomes(results: list, errors: list[Exception], each: bool) -> list:
@@ -228,6 +242,12 @@ class LocalRuntime:
         if target is None:
             raise ShardUnavailable(shard, "killed")
         return dict(host_report(target.device), node_id="")
+
+    def decode_endpoints(self, options, timeout_s: float | None = None) -> list[str]:
+        """Each shard's decode endpoint (workers/decode_endpoint.py), started where it is not up yet: in
+        this process, a router over this runtime."""
+        return [ensure_endpoint(shard, lambda: Router(self), options.host, options)
+                for shard in self.shards if shard is not None]
 
     def kill_shard(self, shard: int) -> None:
         """For tests: the shard stops answering, as a dead actor would."""
@@ -426,27 +446,53 @@ class RayRuntime:
                 timeout_s = None if deadline is None else deadline - time.monotonic()
 
     def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
-        ray = self._ray
-        shared: dict = {}
+        results = self._gather(calls, self._scatter(calls), timeout_s)
+        errors = [r for r in results if isinstance(r, Exception)]
+        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
+
+    def _scatter(self, calls) -> list:
+        """The calls sent to their shard actors at once: their futures, in call order."""
         beyond = [shard for shard, _, _ in calls if shard >= len(self.shards)]
         if beyond:
             raise ShardUnavailable(beyond[0], "retired by a reshard")
-        futures = [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
-                   for shard, method, args in calls]
+        shared: dict = {}
+        return [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
+                for shard, method, args in calls]
+
+    def _gather(self, calls, futures: list, timeout_s: float | None) -> list:
+        """Each call's result or (unwrapped) error, in call order; DeadlineExceeded if any is late
+        (the late ones are cancelled)."""
+        ray = self._ray
         ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
         if len(ready) < len(futures):
             late = [i for i, f in enumerate(futures) if f not in ready]
             for i in late:  # calls still queued never start; a running one finishes (writes carry request ids)
                 ray.cancel(futures[i])
             raise DeadlineExceeded(f"shard(s) {[calls[i][0] for i in late]} did not answer within {timeout_s} s")
-        results, errors = [], []
+        results = []
         for (shard, _, _), future in zip(calls, futures):
             try:
                 results.append(ray.get(future))
-            except Exception as error:  # noqa: BLE001 - unwrapped and re-raised below
-                errors.append(self._unwrap(error, shard))
-                results.append(errors[-1])
-        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
+            except Exception as error:  # noqa: BLE001 - unwrapped and re-raised by the caller
+                results.append(self._unwrap(error, shard))
+        return results
+
+    def decode_endpoints(self, options, timeout_s: float = ENDPOINT_WAIT_S) -> list[str]:
+        """Each shard's decode endpoint (workers/decode_endpoint.py), started where it is not up yet,
+        in shard order; a shard that does not answer within timeout_s (restarting, say) is left out."""
+        futures = [actor.__ray_call__.remote(_decode_endpoint_of_actor, self.deployment, self.restarts, options)
+                   for actor in self.shards]
+        ready, _ = self._ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
+        targets = []
+        for shard, future in enumerate(futures):
+            if future not in ready:
+                self._ray.cancel(future)
+                continue
+            try:
+                targets.append(self._ray.get(future))
+            except Exception as error:  # noqa: BLE001 - that shard's steps go through the front end
+                log.warning("shard %d: no decode endpoint: %s", shard, self._unwrap(error, shard))
+        return targets
 
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
         """workers/machine.py's report from the shard actor's own process, with its Ray node id."""
@@ -496,3 +542,57 @@ class RayRuntime:
             self.destroy()
         if self._owns_ray:
             self._ray.shutdown()
+
+
+class ShardSideRuntime(RayRuntime):
+    """The runtime of the router inside a shard actor's process (its decode endpoint): the deployment's
+    registry and shard actors found by name, and the shard of this process called directly, in the
+    calling thread, while the others answer through Ray (sent first, so that they work meanwhile).
+    It creates, retires and kills nothing: the front ends do."""
+
+    def __init__(self, ray, deployment: str, local_shard: Shard, restarts: bool):  # noqa: D107 - no super(): joins only
+        self._ray = ray
+        self._owns_ray = False
+        self._created_actors = False
+        self.deployment = deployment
+        self.restarts = restarts
+        self.local = local_shard
+        self.registry = ray.get_actor(f"{deployment}-registry")
+        self.shards = []
+        self.num_shards = 0
+
+    def ensure_shards(self, count: int, placement: dict | None = None) -> None:
+        """Handles of the named shard actors up to count (a reshard's new ones, once a front end made them)."""
+        while len(self.shards) < count:
+            index = len(self.shards)
+            try:
+                self.shards.append(self._ray.get_actor(f"{self.deployment}-shard-{index}"))
+            except ValueError:
+                raise ShardUnavailable(index, "no such shard actor (yet)") from None
+        self.num_shards = max(self.num_shards, count)
+
+    def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
+        here = self.local.shard_index
+        elsewhere = [call for call in calls if call[0] != here]
+        futures = self._scatter(elsewhere) if elsewhere else []
+        local_results = []
+        for shard, method, args in calls:
+            if shard == here:
+                try:
+                    local_results.append(_logged(shard, method, getattr(self.local, method), args))
+                except Exception as error:  # noqa: BLE001 - answered as the call's outcome
+                    local_results.append(error)
+        remote_results = iter(self._gather(elsewhere, futures, timeout_s) if elsewhere else [])
+        local_iter = iter(local_results)
+        results = [next(local_iter) if shard == here else next(remote_results) for shard, _, _ in calls]
+        errors = [r for r in results if isinstance(r, Exception)]
+        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
+
+    def retire_shards(self, count: int) -> None:
+        raise NotImplementedError("a shard's decode endpoint retires no shards")
+
+    def destroy(self) -> None:
+        raise NotImplementedError("a shard's decode endpoint destroys nothing")
+
+    def shutdown(self) -> None:
+        """Nothing: the actors and Ray belong to the deployment."""

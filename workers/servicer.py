@@ -41,10 +41,14 @@ def _merge_eps(request) -> float:
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
-    """Every call runs under the client's deadline (shard calls not started by then are cancelled)."""
+    """Every call runs under the client's deadline (shard calls not started by then are cancelled).
 
-    def __init__(self, router: Router):
+    decode_endpoints: the options of the shards' decode endpoints (workers/decode_endpoint.py), which
+    DecodeEndpoints starts and names; None: this server names none."""
+
+    def __init__(self, router: Router, decode_endpoints=None):
         self.router = router
+        self.decode_endpoints = decode_endpoints
 
     @grpc_errors
     def CreateNamespace(self, request, context):
@@ -177,6 +181,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         client set one, bounds every step."""
         for step in request_iterator:
             yield self._decode_step(step, context)
+
+    @grpc_errors
+    def DecodeEndpoints(self, request, context):
+        """The shards' decode endpoints, started where they are not up (empty: none are served)."""
+        if self.decode_endpoints is None:
+            return pb.DecodeEndpointsResponse()
+        return pb.DecodeEndpointsResponse(targets=self.router.runtime.decode_endpoints(self.decode_endpoints))
 
     def _decode_step(self, step, context) -> bytes | pb.DecodeStepResult:
         kind = step.WhichOneof("step")

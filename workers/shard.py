@@ -459,7 +459,11 @@ class Shard:
         return None
 
     def close(self) -> None:
-        """Finishes a background snapshot and closes the log (a shard whose process ends needs none of this)."""
+        """Stops its decode endpoint, finishes a background snapshot and closes the log (a shard whose
+        process ends needs none of this)."""
+        from monim.workers.decode_endpoint import stop_endpoint
+
+        stop_endpoint(self)
         self._writer.shutdown(wait=True)
         if self.wal is not None:
             self.wal.close()

@@ -1,0 +1,175 @@
+"""The shards' own decode endpoints (workers/decode_endpoint.py; docs/API.md, "Decode endpoints").
+
+In one process, without Ray: a front end over LocalRuntime(2) with decode_endpoints on, whose
+DecodeEndpoints starts an endpoint per shard (each a router over the same runtime). A client's
+decode stream goes to one of them and answers as the front end's calls do; a gone endpoint sends the
+step to the front end at once (no retry used) and the stream asks again later; an endpoint serves
+Decode only, and checks tokens and each step's namespace as the front end does.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from monim.model_client import decode as decode_module
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.protos.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from monim.workers.auth import AuthPolicy
+from monim.workers.decode_endpoint import ENDPOINT_ATTRIBUTE, stop_endpoint
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
+
+from monim import MemoryClient
+
+DIM, VALUE_DIM, ROWS, SHARDS = 16, 8, 600, 2
+AUTH = """
+[[token]]
+name = "reader"
+secret = "reader-secret"
+read = ["mem"]
+
+[[token]]
+name = "other"
+secret = "other-secret"
+read = ["elsewhere"]
+"""
+
+
+def _serve(runtime, **options):
+    server, port = start_server(Router(runtime), port=0, **options)
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    """A front end with decode endpoints and one without, over one runtime holding "mem"."""
+    runtime = LocalRuntime(SHARDS)
+    server, address = _serve(runtime, decode_endpoints=True)
+    plain, plain_address = _serve(runtime)
+    rng = np.random.default_rng(0)
+    with MemoryClient(address) as client:
+        client.create_namespace("mem", dim=DIM, value_dim=VALUE_DIM)
+        client.add("mem", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS) % 50,
+                   values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+    yield runtime, address, plain_address
+    server.stop(0)
+    plain.stop(0)
+    runtime.shutdown()
+
+
+def _queries(seed: int, batch: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, DIM)).astype(np.float32)
+
+
+def test_the_server_names_one_endpoint_per_shard_and_none_when_off(deployment):
+    runtime, address, plain_address = deployment
+    with MemoryClient(address) as client, MemoryClient(plain_address) as plain:
+        targets = client._store.decode_endpoints()
+        assert len(targets) == SHARDS and len(set(targets)) == SHARDS and address not in targets
+        assert client._store.decode_endpoints() == targets  # started once: asked again, the same ones
+        assert plain._store.decode_endpoints() == []
+        with plain.decode() as stream:
+            stream.search("mem", _queries(0), 4)
+            assert stream.target == plain_address
+
+
+def test_an_endpoint_stream_answers_as_the_front_end_calls_do(deployment):
+    _, address, _ = deployment
+    with MemoryClient(address) as client, client.decode() as stream:
+        for step in range(12):
+            queries, k = _queries(step), 1 + step % 9
+            found = stream.search("mem", queries, k, return_values=True, return_weights=True)
+            expected = client.search("mem", queries, k, return_values=True, return_weights=True)
+            np.testing.assert_array_equal(found.ids, expected.ids)
+            np.testing.assert_allclose(found.distances, expected.distances, rtol=1e-6)
+            np.testing.assert_array_equal(found.values, expected.values)
+            read, expected = stream.retrieve("mem", queries, k, 2.0), client.retrieve("mem", queries, k, 2.0)
+            np.testing.assert_array_equal(read.ids, expected.ids)
+            np.testing.assert_allclose(read.memory, expected.memory, rtol=1e-5, atol=1e-6)
+        assert stream.target in client._store.decode_endpoints()
+        # Every shard's rows are found from one endpoint (it fans out like the front end).
+        owners = {int(i) % SHARDS for i in client.search("mem", _queries(99, 20), 10).ids.ravel()}
+        assert owners == set(range(SHARDS))
+
+
+def test_a_failing_step_on_an_endpoint_is_answered_and_the_stream_goes_on(deployment):
+    _, address, _ = deployment
+    with MemoryClient(address) as client, client.decode() as stream:
+        stream.search("mem", _queries(1), 3)
+        target = stream.target
+        with pytest.raises(InvalidArgument, match="dim"):
+            stream.search("mem", np.zeros((1, DIM + 1), np.float32), 3)
+        assert stream.search("mem", _queries(2), 3).ids.shape == (3, 3)
+        assert stream.target == target
+        assert client.describe_namespace("mem").rows == ROWS
+
+
+def test_an_endpoint_serves_decode_only(deployment):
+    _, address, _ = deployment
+    with MemoryClient(address) as client:
+        target = client._store.decode_endpoints()[0]
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Search(pb.SearchRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=2))
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    # A client pointed at an endpoint itself streams there (DecodeEndpoints is UNIMPLEMENTED there: none).
+    with MemoryClient(target) as direct, direct.decode() as stream:
+        assert direct._store.decode_endpoints() == []
+        assert stream.search("mem", _queries(3), 2).ids.shape == (3, 2)
+        assert stream.target == target
+
+
+def test_a_gone_endpoint_sends_the_step_to_the_front_end_and_the_stream_asks_again(deployment, monkeypatch):
+    runtime, address, _ = deployment
+    with MemoryClient(address, retries=0) as client, client.decode() as stream:
+        expected = client.search("mem", _queries(5), 6)
+        stream.search("mem", _queries(4), 6)
+        first = stream.target
+        assert first != address
+        for shard in runtime.shards:  # as when the shards' processes restarted: the endpoints are gone
+            stop_endpoint(shard)
+        found = stream.search("mem", _queries(5), 6)  # no retry to spend (retries=0): the fallback is free
+        np.testing.assert_array_equal(found.ids, expected.ids)
+        assert stream.target == address
+        stream.search("mem", _queries(6), 6)
+        assert stream.target == address  # stays on the front end for ENDPOINT_RETRY_S
+        monkeypatch.setattr(decode_module, "ENDPOINT_RETRY_S", 0.0)
+        stream._endpoints_after = 0.0
+        stream._stream.close()
+        stream._stream = None  # the next step opens a stream: the front end starts the endpoints again
+        np.testing.assert_array_equal(stream.search("mem", _queries(5), 6).ids, expected.ids)
+        assert stream.target not in (address, first)
+        assert all(getattr(shard, ENDPOINT_ATTRIBUTE) is not None for shard in runtime.shards)
+
+
+def test_an_endpoint_checks_tokens_and_each_steps_namespace(tmp_path):
+    auth_file = tmp_path / "auth.toml"
+    auth_file.write_text(AUTH)
+    runtime = LocalRuntime(1)
+    server, address = _serve(runtime, decode_endpoints=True, auth=AuthPolicy.load(str(auth_file)))
+    try:
+        with MemoryClient(address, token="reader-secret") as reader:
+            reader_targets = reader._store.decode_endpoints()
+        with MemoryClient(address) as anonymous, pytest.raises(Unauthenticated):
+            anonymous._store.decode_endpoints()
+        with grpc.insecure_channel(reader_targets[0]) as channel:  # no token, straight at the endpoint
+            steps = pb_grpc.MemoryServiceStub(channel).Decode(iter([pb.DecodeStep(search=pb.SearchRequest(
+                namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=1))]))
+            with pytest.raises(grpc.RpcError) as refused:
+                next(steps)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with MemoryClient(address, token="other-secret") as other, other.decode() as stream:
+            with pytest.raises(PermissionDenied, match="no read access"):
+                stream.search("mem", _queries(0), 1)
+            assert stream.target == reader_targets[0]
+    finally:
+        server.stop(0)
+        runtime.shutdown()
