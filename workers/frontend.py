@@ -161,7 +161,12 @@ class CallGate(grpc.ServerInterceptor):
             self._calls.notify_all()
         if self.observer is None:
             return
-        code = grpc.StatusCode.CANCELLED if result is None else _STATUS_BY_VALUE.get(result.code, grpc.StatusCode.UNKNOWN)
+        if result is None:
+            code = grpc.StatusCode.CANCELLED
+        elif isinstance(result, bytes):  # an answer the servicer framed (protos/framing.py): only successes are
+            code = grpc.StatusCode.OK
+        else:
+            code = _STATUS_BY_VALUE.get(result.code, grpc.StatusCode.UNKNOWN)
         inner = getattr(step, step.WhichOneof("step") or "search", None)
         try:
             self.observer(method, inner, code, seconds, self._token_name(context))
