@@ -69,7 +69,9 @@ class DecodeEndpoint:
         from monim.workers.servicer import MemoryServicer
 
         self.router = router
-        self.gate = CallGate(options.auth, max_streams=ENDPOINT_THREADS - 1)
+        self.gate = CallGate(options.auth, observer=self._count, max_streams=ENDPOINT_THREADS - 1)
+        self._steps: dict[str, int] = {}  # steps answered, by status code name
+        self._steps_lock = threading.Lock()
         interceptors = [self.gate] + ([AuthInterceptor(options.auth)] if options.auth is not None else [])
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-decode"),
@@ -86,6 +88,17 @@ class DecodeEndpoint:
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _count(self, method, step, code: grpc.StatusCode, seconds: float, token_name: str) -> None:
+        with self._steps_lock:
+            self._steps[code.name] = self._steps.get(code.name, 0) + 1
+
+    def stats(self) -> dict:
+        """For the front end's metrics (Shard.metrics): its target, the streams open now, the steps
+        answered so far by status code name."""
+        with self._steps_lock:
+            steps = dict(self._steps)
+        return {"target": self.target, "streams": self.gate.streams, "steps": steps}
 
     def stop(self, grace_s: float | None = None) -> None:
         self.health.enter_graceful_shutdown()

@@ -935,7 +935,8 @@ class Shard:
         """What the front end's metrics and health report (workers/metrics.py): per namespace its rows
         and the bytes its columns hold on the device (allocated); the bytes of the log's segments and
         the seconds since the latest snapshot was written (None without a data dir, or before the first
-        snapshot); whether the log failed (the shard then refuses writes until it restarts).
+        snapshot); whether the log failed (the shard then refuses writes until it restarts); its decode
+        endpoint's streams and steps (None before one is started).
         Without the shard's lock: health asks this every few seconds, and a shard busy with a long
         write or search under its lock is serving, not down (tests/unit/test_shard_probe.py). The
         figures are each read at one moment (a copy of the namespaces first), not all at the same one."""
@@ -952,5 +953,7 @@ class Shard:
                 manifest = latest[0] / "manifest.json"
                 written = manifest.filesystem.get_file_info(manifest.path).mtime
                 snapshot_age_s = None if written is None else max(0.0, time.time() - written.timestamp())
+        endpoint = getattr(self, "decode_endpoint", None)  # workers/decode_endpoint.py, once one is started
         return {"shard": self.shard_index, "namespaces": namespaces, "wal_bytes": wal_bytes,
-                "snapshot_age_s": snapshot_age_s, "wal_failed": self.wal is not None and self.wal.failed is not None}
+                "snapshot_age_s": snapshot_age_s, "wal_failed": self.wal is not None and self.wal.failed is not None,
+                "decode_endpoint": None if endpoint is None else endpoint.stats()}

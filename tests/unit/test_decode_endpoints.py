@@ -9,6 +9,8 @@ Decode only, and checks tokens and each step's namespace as the front end does.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -170,6 +172,47 @@ def test_an_endpoint_checks_tokens_and_each_steps_namespace(tmp_path):
             with pytest.raises(PermissionDenied, match="no read access"):
                 stream.search("mem", _queries(0), 1)
             assert stream.target == reader_targets[0]
+    finally:
+        server.stop(0)
+        runtime.shutdown()
+
+
+def test_endpoint_steps_and_streams_reach_the_front_ends_metrics():
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    runtime = LocalRuntime(1)
+    server, address = _serve(runtime, decode_endpoints=True, metrics_port=0)
+    try:
+        with MemoryClient(address) as client:
+            client.create_namespace("mem", dim=DIM)
+            client.add("mem", _queries(0, 20), np.arange(20))
+            with client.decode() as stream:
+                for step in range(5):
+                    stream.search("mem", _queries(step), 3)
+                with pytest.raises(InvalidArgument):
+                    stream.search("mem", _queries(0), 0)
+                assert stream.target != address
+
+                def scrape() -> dict:
+                    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+                    with urllib.request.urlopen(url, timeout=30) as answer:
+                        text = answer.read().decode()
+                    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+                samples = scrape()
+                assert samples[("monim_decode_endpoint_streams", (("shard", "0"),))] == 1
+                assert samples[("monim_decode_endpoint_steps_total", (("code", "OK"), ("shard", "0")))] == 5
+                assert samples[("monim_decode_endpoint_steps_total",
+                                (("code", "INVALID_ARGUMENT"), ("shard", "0")))] == 1
+                assert not any(name == "monim_requests_total" and dict(labels).get("method") == "Decode"
+                               for name, labels in samples)  # the front end served no step
+            deadline = time.monotonic() + 10
+            while scrape()[("monim_decode_endpoint_streams", (("shard", "0"),))] != 0:  # the stream closed
+                assert time.monotonic() < deadline, "the endpoint still counts the closed stream"
+                time.sleep(0.05)
     finally:
         server.stop(0)
         runtime.shutdown()
