@@ -9,7 +9,8 @@ same acknowledged calls) is exactly what the service must answer:
 - Add (request id; some batches with logp, so admission drops rows; some with near-duplicates of
   stored rows and merge_eps, so rows merge into them): the same rows admitted and merged, merged
   rows into the same entries, new rows new ids.
-- Search (k past the row count at times; keys, values, weights at times), Retrieve (a handle kept
+- Search (k past the row count at times; keys, values, weights at times; as a step of a Decode
+  stream at times, which goes to a shard's own decode endpoint: docs/API.md), Retrieve (a handle kept
   at the front end at times): neighbours as the model's up to ties, then per slot tokens, keys,
   values, weights, alpha; memory where a query's neighbours are the same.
 - RetrieveBackward of the served forward (the model steps the same rows with the same alpha) and
@@ -51,7 +52,7 @@ READ_DEADLINE_S = 180.0
 FAIL_BACK_S = 20.0
 SOURCES = ("", "tag-a", "tag-b", "tag-c", "tag-d")
 # Share of each call in the mix (Retrieve and ApplyGradients fall back to Search on a namespace without values).
-MIX = {"add": 0.25, "search": 0.2, "get": 0.12, "retrieve": 0.14, "apply_gradients": 0.08, "delete": 0.12,
+MIX = {"add": 0.25, "search": 0.14, "decode": 0.06, "get": 0.12, "retrieve": 0.14, "apply_gradients": 0.08, "delete": 0.12,
        "describe": 0.05, "create_snapshot": 0.01}
 _MISSING_IDS = re.compile(r"has no entries with ids \[([-0-9, ]*)\]")
 
@@ -119,6 +120,7 @@ class Client:
         self.report = ClientReport(plan.index)
         self.twins: list[NamespaceTwin] = []
         self.snapshots = 0
+        self.streams = {}  # a front end's client -> its open decode stream (model_client/decode.py)
 
     # ----- calls: retried, failed over, counted ----------------------------------------------------
     def call(self, kind: str, function, write: bool, expect: tuple[str, ...] = ()):
@@ -242,24 +244,37 @@ class Client:
                                   details=True)
         self.wrong(twin.added(served, modelled, keys, tokens, source))
 
-    def search(self, twin: NamespaceTwin) -> None:
+    def search(self, twin: NamespaceTwin, kind: str = "search") -> None:
+        """kind "decode": the search is a step of the client's Decode stream to that front end's deployment."""
         spec, rng = twin.spec, self.rng
         batch = int(rng.integers(1, 9))
         k = int(rng.integers(1, min(spec.max_k, twin.rows() + 8) + 1))
         queries = self._queries(twin, batch)
         flags = dict(return_keys=bool(rng.random() < 0.3), return_values=bool(spec.value_dim and rng.random() < 0.3),
                      return_weights=bool(rng.random() < 0.3))
-        served, _ = self.call("search", lambda c: c.search(spec.name, queries, k, **flags), write=False)
+        if kind == "decode":
+            served, _ = self.call(kind, lambda c: self._stream(c).search(spec.name, queries, k, **flags), write=False)
+        else:
+            served, _ = self.call(kind, lambda c: c.search(spec.name, queries, k, **flags), write=False)
         modelled = self.model.search(spec.name, queries, k, **flags)
         ids = twin.to_model(served.ids)
-        problems = neighbour_problems("search", ids, served.distances, modelled.ids, modelled.distances,
+        problems = neighbour_problems(kind, ids, served.distances, modelled.ids, modelled.distances,
                                       self._distance_of(twin, queries))
         if ids.shape == modelled.ids.shape:
             same = same_slots(ids, modelled.ids)
-            problems += column_problems("search tokens", served.tokens, modelled.tokens, same, 0.0)
+            problems += column_problems(f"{kind} tokens", served.tokens, modelled.tokens, same, 0.0)
             for name, atol in (("keys", 0.0), ("values", 1e-5), ("weights", 1e-6)):
-                problems += column_problems(f"search {name}", getattr(served, name), getattr(modelled, name), same, atol)
+                problems += column_problems(f"{kind} {name}", getattr(served, name), getattr(modelled, name), same, atol)
         self.wrong(problems)
+
+    def decode(self, twin: NamespaceTwin) -> None:
+        self.search(twin, kind="decode")
+
+    def _stream(self, client):
+        stream = self.streams.get(id(client))
+        if stream is None:
+            stream = self.streams[id(client)] = client.decode()
+        return stream
 
     def get(self, twin: NamespaceTwin) -> None:
         from monim.protos.errors import NotFound

@@ -9,6 +9,7 @@ Decode only, and checks tokens and each step's namespace as the front end does.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -216,3 +217,38 @@ def test_endpoint_steps_and_streams_reach_the_front_ends_metrics():
     finally:
         server.stop(0)
         runtime.shutdown()
+
+
+def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothing_behind(deployment):
+    runtime, address, _ = deployment
+    with MemoryClient(address) as reference:
+        expected = {seed: reference.search("mem", _queries(seed), 5) for seed in range(40)}
+        target = reference._store.decode_endpoints()[0]
+    endpoint = next(getattr(shard, ENDPOINT_ATTRIBUTE) for shard in runtime.shards
+                    if getattr(shard, ENDPOINT_ATTRIBUTE).target == target)
+    failures, started = [], threading.Barrier(4)
+
+    def generate(worker: int) -> None:
+        try:
+            with MemoryClient(target) as client, client.decode() as stream:  # the endpoint itself: no choice
+                started.wait(timeout=30)
+                for seed in range(worker, 40, 4):
+                    found = stream.search("mem", _queries(seed), 5)
+                    np.testing.assert_array_equal(found.ids, expected[seed].ids)
+                if worker == 0:  # goes away mid-stream: a step sent, its answer never read
+                    stream._stream._requests.put(pb.DecodeStep(search=pb.SearchRequest(
+                        namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=5)))
+                    stream._stream._results.cancel()
+        except Exception as error:  # noqa: BLE001 - reported by the test's thread
+            failures.append(error)
+
+    workers = [threading.Thread(target=generate, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not failures
+    deadline = time.monotonic() + 10
+    while endpoint.gate.streams or endpoint.gate.in_flight:
+        assert time.monotonic() < deadline, (endpoint.gate.streams, endpoint.gate.in_flight)
+        time.sleep(0.05)
