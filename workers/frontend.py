@@ -314,6 +314,10 @@ class Frontend:
                     for service in ("", SERVICE_NAME):
                         self.health.set(service, status)
                     serving = now_serving
+            except RuntimeError as error:
+                if "after" in str(error) and "shutdown" in str(error):
+                    return  # the probe's pool takes no more work: the front end or the interpreter is ending
+                log.exception("health: could not poll the shards")
             except Exception:  # noqa: BLE001 - the watch must outlive one bad poll
                 log.exception("health: could not poll the shards")
             self._watch_stop.wait(self.health_poll_s)

@@ -60,3 +60,23 @@ def test_a_shard_that_does_not_answer_still_reads_as_unavailable():
     finally:
         stuck.set()
         probe.close()
+
+
+def test_the_health_watch_ends_quietly_once_its_probe_can_take_no_more_work(caplog):
+    """Seen at the exit of a process that never stopped its server: Python shuts every thread pool
+    down, and the watch logged "could not poll the shards" with a traceback every poll until the
+    process was gone. A probe that can no longer ask the shards ends the watch, without a word."""
+    from monim.workers.frontend import Frontend
+
+    runtime = LocalRuntime(1)
+    frontend = Frontend(Router(runtime), health_poll_s=0.02)
+    frontend.attach(server=None)
+    try:
+        time.sleep(0.1)
+        frontend.probe.close()  # what the interpreter's exit does to every pool
+        frontend._watch.join(timeout=5)
+        assert not frontend._watch.is_alive()
+        assert "could not poll" not in caplog.text
+    finally:
+        frontend.close()
+        runtime.shutdown()
