@@ -6,11 +6,12 @@ process), a model that generates reads its memory once per token with a batch of
 queries. Measured, interleaved round by round so that a noisy machine disturbs all alike:
 
   in-process  MemoryClient(":memory:"): the same store in this process, called directly
-  calls       MemoryClient.search / MemoryClient.retrieve: one gRPC call per token
-  stream      the same through MemoryClient.decode() with decode_endpoints=False: one step of one
-              open Decode stream to the front end per token (the front end calls the shard actors)
-  endpoint    MemoryClient.decode() as it is by default: the stream goes to a shard's own decode
-              endpoint (workers/decode_endpoint.py), which calls its own shard directly
+  calls       MemoryClient(read_endpoints=False).search / .retrieve: one gRPC call per token to the
+              front end, which calls the shard actors through Ray
+  stream      the same through that client's decode(): one step of one open Decode stream per token
+  ep calls    MemoryClient.search / .retrieve as they are by default: to a shard's own read endpoint
+              (workers/read_endpoint.py), which calls its own shard directly
+  ep stream   that client's decode(): the stream to the same endpoint
 
 Printed: p50 and p99 latency per token step (ms) of Search and Retrieve, and each against calls.
 
@@ -56,26 +57,28 @@ def run(args) -> None:
                .astype(np.float32) for _ in range(args.steps)]
     with EmbeddedStore(shards=args.shards, num_cpus=max(2, args.shards)) as store, \
             MemoryClient(store.address) as client, \
-            MemoryClient(store.address, decode_endpoints=False) as front_end_only:
+            MemoryClient(store.address, read_endpoints=False) as front_end_only:
         client.create_namespace("decode", dim=args.dim, value_dim=args.value_dim)
         for start in range(0, args.rows, 20_000):
             client.add("decode", keys[start:start + 20_000], tokens[start:start + 20_000],
                        values=values[start:start + 20_000])
         ways = {
             ("search", "in-process"): lambda q: local.search("decode", q, args.k),
-            ("search", "calls"): lambda q: client.search("decode", q, args.k),
+            ("search", "calls"): lambda q: front_end_only.search("decode", q, args.k),
             ("retrieve", "in-process"): lambda q: local.retrieve("decode", q, args.k, 1.0),
-            ("retrieve", "calls"): lambda q: client.retrieve("decode", q, args.k, 1.0),
+            ("retrieve", "calls"): lambda q: front_end_only.retrieve("decode", q, args.k, 1.0),
+            ("search", "ep calls"): lambda q: client.search("decode", q, args.k),
+            ("retrieve", "ep calls"): lambda q: client.retrieve("decode", q, args.k, 1.0),
         }
         with front_end_only.decode() as stream, client.decode() as direct:
             ways[("search", "stream")] = lambda q: stream.search("decode", q, args.k)
             ways[("retrieve", "stream")] = lambda q: stream.retrieve("decode", q, args.k, 1.0)
-            ways[("search", "endpoint")] = lambda q: direct.search("decode", q, args.k)
-            ways[("retrieve", "endpoint")] = lambda q: direct.retrieve("decode", q, args.k, 1.0)
+            ways[("search", "ep stream")] = lambda q: direct.search("decode", q, args.k)
+            ways[("retrieve", "ep stream")] = lambda q: direct.retrieve("decode", q, args.k, 1.0)
             for call in ways.values():  # warm-up
                 for q in queries[:10]:
                     call(q)
-            print(f"# front end {store.address}; the endpoint stream went to {direct.target}")
+            print(f"# front end {store.address}; the endpoint calls and stream went to {direct.target}")
             times = {way: [] for way in ways}
             for q in queries:  # round by round: every way reads the same token's queries
                 for way, call in ways.items():

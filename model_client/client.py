@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 from monim.model_client.errors import error_from_rpc
+from monim.model_client.read_routing import ReadRouting
 from monim.protos import convert, framing, validation
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
@@ -35,6 +36,7 @@ from monim.protos.errors import (
     InvalidArgument,
     MemoryStoreError,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
@@ -114,15 +116,17 @@ class _RemoteStore:
     """The service over one persistent gRPC channel; one RPC per call, carrying the token if any."""
 
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int, token: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None):
+                 credentials: grpc.ChannelCredentials | None = None, route_reads: bool = True):
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes)]
         self._credentials = credentials
+        self.target = target
         self.channel = self._open_channel(target)
         self.tls = credentials is not None
         self.stub = pb_grpc.MemoryServiceStub(self.channel)
-        self._endpoint_channels: dict[str, grpc.Channel] = {}  # a shard's decode endpoint -> its channel
+        self._endpoint_channels: dict[str, grpc.Channel] = {}  # a shard's read endpoint -> its channel
         self._endpoint_lock = threading.Lock()
+        self.read_routing = ReadRouting(self.read_endpoints, route_reads)
         self._framed_calls: dict = {}
         self.timeout_s = timeout_s
         # Sent with each call rather than as call credentials, which gRPC allows on TLS channels only.
@@ -133,47 +137,66 @@ class _RemoteStore:
             return grpc.insecure_channel(target, options=self._options)
         return grpc.secure_channel(target, self._credentials, options=self._options)
 
-    def decode_endpoints(self) -> list[str]:
-        """The shards' decode endpoints the server names (workers/decode_endpoint.py); [] when it
-        names none, or is a server from before DecodeEndpoints (UNIMPLEMENTED)."""
+    def read_endpoints(self) -> list[str]:
+        """The shards' read endpoints the server names (workers/read_endpoint.py); [] when it
+        names none, or is a server from before ReadEndpoints (UNIMPLEMENTED)."""
         try:
-            return list(self._call("DecodeEndpoints", pb.DecodeEndpointsRequest()).targets)
+            return list(self._call("ReadEndpoints", pb.ReadEndpointsRequest()).targets)
         except MemoryStoreError as error:
             if getattr(error, "status_code", "") == "UNIMPLEMENTED":
                 return []
             raise
 
-    def endpoint_stub(self, target: str) -> pb_grpc.MemoryServiceStub:
-        """A stub over this client's channel to a decode endpoint (same credentials and limits), kept
-        open for the client's life."""
+    def endpoint_channel(self, target: str) -> grpc.Channel:
+        """This client's channel to a read endpoint (same credentials and limits), kept open for the
+        client's life."""
         with self._endpoint_lock:
             channel = self._endpoint_channels.get(target)
             if channel is None:
                 channel = self._endpoint_channels[target] = self._open_channel(target)
-        return pb_grpc.MemoryServiceStub(channel)
+        return channel
 
     def _call(self, method: str, request, tensors: dict | None = None):
         """One RPC. tensors: the request's Tensor fields (name -> array, None: unset), serialized with
         one copy of their bytes (protos/framing.py) rather than through the message; then an answer
         with Tensor fields comes back as a framing.Framed (message, payloads: the tensors' bytes as
-        views of the received answer), any other as its message."""
+        views of the received answer), any other as its message. A read goes to a shard's read
+        endpoint where model_client/read_routing.py says so, and to the front end if that fails."""
+        if self.read_routing.routes(method, request):
+            target = self.read_routing.target()
+            if target is not None:
+                try:
+                    return self._call_on(target, method, request, tensors)
+                except (Unavailable, Unauthenticated):
+                    self.read_routing.failed(target)
+        return self._call_on(self.target, method, request, tensors)
+
+    def _call_on(self, target: str, method: str, request, tensors: dict | None):
+        """_call on the front end (target: its own) or on a read endpoint."""
         try:
             if tensors is None:
-                return getattr(self.stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
-            return self._framed(method)(framing.serialized(request, tensors), timeout=self.timeout_s,
-                                        metadata=self.metadata)
+                return self._framed(target, method, serialized=False)(request, timeout=self.timeout_s,
+                                                                      metadata=self.metadata)
+            return self._framed(target, method)(framing.serialized(request, tensors), timeout=self.timeout_s,
+                                                metadata=self.metadata)
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.tls) from None
 
-    def _framed(self, method: str):
-        """The method's callable over this channel taking an already serialized request."""
-        callable_ = self._framed_calls.get(method)
+    def _framed(self, target: str, method: str, serialized: bool = True):
+        """The method's callable over the channel to target. serialized: it takes an already serialized
+        request and answers with tensors as a framing.Framed; else it takes and answers messages."""
+        key = (target, method, serialized)
+        callable_ = self._framed_calls.get(key)
         if callable_ is None:
+            channel = self.channel if target == self.target else self.endpoint_channel(target)
+            request = getattr(pb, _SERVICE.methods_by_name[method].input_type.name)
             reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
             has_tensors = any(f.message_type is pb.Tensor.DESCRIPTOR for f in reply.DESCRIPTOR.fields)
-            callable_ = self._framed_calls[method] = self.channel.unary_unary(
-                f"/{_SERVICE.full_name}/{method}", request_serializer=None,
-                response_deserializer=functools.partial(framing.parsed, reply) if has_tensors else reply.FromString)
+            callable_ = self._framed_calls[key] = channel.unary_unary(
+                f"/{_SERVICE.full_name}/{method}",
+                request_serializer=None if serialized else request.SerializeToString,
+                response_deserializer=functools.partial(framing.parsed, reply) if has_tensors and serialized
+                else reply.FromString)
         return callable_
 
     def create_namespace(self, config, request_id=""):
@@ -307,17 +330,17 @@ class MemoryClient:
     it is given, or when ``tls`` is True (then the system's root certificates are trusted).
     tls_cert, tls_key: PEM files of this client's certificate and key, for mutual TLS.
     The in-process store has no access control and ignores the token; TLS options raise there.
-    decode_endpoints: decode streams (``decode()``, and ``attach_monim`` while generating) go to a
-    shard's own endpoint where the server names them, with the front end as the fallback
-    (model_client/decode.py); False: always to the front end.
+    read_endpoints: Search, Retrieve (without keep_state) and decode streams (``decode()``, and
+    ``attach_monim`` while generating) go to a shard's own read endpoint where the server names
+    them, with the front end as the fallback (model_client/read_routing.py; docs/API.md, "Read
+    endpoints"); False: every call to the front end.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
                  token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls: bool | None = None, decode_endpoints: bool = True):
+                 tls_key: str | None = None, tls: bool | None = None, read_endpoints: bool = True):
         self.target = target
-        self.decode_endpoints = decode_endpoints
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
@@ -335,7 +358,7 @@ class MemoryClient:
             token = os.environ.get(TOKEN_ENV)
         token = token.strip() if token else None
         credentials = _channel_credentials(tls_ca, tls_cert, tls_key) if use_tls else None
-        self._store = _RemoteStore(target, timeout_s, max_message_bytes, token, credentials)
+        self._store = _RemoteStore(target, timeout_s, max_message_bytes, token, credentials, read_endpoints)
 
     # ----- plumbing -------------------------------------------------------------
     def _retried(self, method: str, *args, **kwargs):

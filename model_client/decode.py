@@ -10,13 +10,12 @@ that fails raises its typed error (the stream stays open). If the stream itself 
 (UNAVAILABLE: the front end went away or drains), the step is sent again on a new stream, with the
 client's retries and backoff: steps only read, so sending one twice changes nothing.
 
-Where the stream goes: when the server names its shards' decode endpoints (``DecodeEndpoints``,
-workers/decode_endpoint.py) and the client allows it (``MemoryClient(decode_endpoints=True)``, the
-default), to one of them, picked at random, which answers with no hop from the front end to a shard.
-If that endpoint cannot be reached or breaks (its shard restarted, a TLS certificate that does not
-name its host, a firewall), the step goes to the front end at once, without waiting or using a
-retry, and the stream stays there for ``ENDPOINT_RETRY_S`` before it asks for endpoints again.
-``DecodeStream.target`` says where the last step went.
+Where the stream goes: to the shard read endpoint the client reads through
+(model_client/read_routing.py), if the server names them and the client allows it
+(``MemoryClient(read_endpoints=True)``, the default): there a step makes no hop from the front end
+to a shard. If that endpoint cannot be reached or breaks, the step goes to the front end at once,
+without a wait or a retry, and the client's reads stay there for a while. ``DecodeStream.target``
+says where the last step went.
 
 For the in-process store (``MemoryClient(":memory:")``) the same object calls the store directly.
 """
@@ -34,10 +33,10 @@ from monim.model_client.client import _float_array
 from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.errors import (
     DeadlineExceeded,
     InvalidArgument,
-    MemoryStoreError,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -45,9 +44,6 @@ from monim.protos.errors import (
 from monim.protos.results import RetrieveResult, SearchResult
 
 _END = object()  # closes the request iterator of a stream
-# After a decode endpoint failed (or none was named), steps go to the front end this long before the
-# stream asks for endpoints again.
-ENDPOINT_RETRY_S = 30.0
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -92,8 +88,7 @@ class DecodeStream:
         self._stream: _Stream | None = None
         self._closed = False
         self._unary = False  # the server refused a stream (it has as many as it takes): calls instead
-        self._on_endpoint = False  # whether _stream goes to a shard's decode endpoint
-        self._endpoints_after = 0.0  # time.monotonic() before which no endpoint is asked for
+        self._on_endpoint = False  # whether _stream goes to a shard's read endpoint
         self.target = ""  # "host:port" the last step went to: the front end or a shard's endpoint
 
     # ----- the two reads ---------------------------------------------------------------------
@@ -139,7 +134,7 @@ class DecodeStream:
                     self._stream.close()
                     self._stream = None
                     if self._on_endpoint:  # the endpoint is gone, full or unreachable: the front end takes the step
-                        self._endpoints_after = time.monotonic() + ENDPOINT_RETRY_S
+                        self._client._store.read_routing.failed(self.target)
                         continue
                     if isinstance(error, ResourceExhausted):
                         if "decode streams are open" not in error.message:
@@ -156,20 +151,13 @@ class DecodeStream:
                 return result
 
     def _open(self) -> _Stream:
-        """A new stream: to a shard's decode endpoint where the server names one (and the client and
-        the last failure allow), else to the front end."""
+        """A new stream: to the read endpoint the client reads through, else to the front end."""
         client, store = self._client, self._client._store
-        if client.decode_endpoints and time.monotonic() >= self._endpoints_after:
-            try:
-                targets = store.decode_endpoints()
-            except MemoryStoreError:  # the front end's stream will say what is wrong
-                targets = []
-            if targets:
-                self.target, self._on_endpoint = random.choice(targets), True
-                return _Stream(store.endpoint_stub(self.target), store.metadata, store.tls)
-            self._endpoints_after = time.monotonic() + ENDPOINT_RETRY_S
-        self.target, self._on_endpoint = client.target, False
-        return _Stream(store.stub, store.metadata, store.tls)
+        endpoint = store.read_routing.target()
+        self._on_endpoint = endpoint is not None
+        self.target = endpoint or client.target
+        channel = store.endpoint_channel(endpoint) if endpoint is not None else store.channel
+        return _Stream(pb_grpc.MemoryServiceStub(channel), store.metadata, store.tls)
 
     def _unary_step(self, step: pb.DecodeStep) -> pb.DecodeStepResult:
         """The step as a Search or Retrieve call of its own (with the client's retries)."""

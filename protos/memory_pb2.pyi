@@ -491,11 +491,11 @@ class DecodeStepResult(_message.Message):
     message: str
     def __init__(self, search: _Optional[_Union[SearchResponse, _Mapping]] = ..., retrieve: _Optional[_Union[RetrieveResponse, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
-class DecodeEndpointsRequest(_message.Message):
+class ReadEndpointsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class DecodeEndpointsResponse(_message.Message):
+class ReadEndpointsResponse(_message.Message):
     __slots__ = ("targets",)
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedScalarFieldContainer[str]

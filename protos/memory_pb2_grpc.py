@@ -119,10 +119,10 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.DecodeStep.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.DecodeStepResult.FromString,
                 _registered_method=True)
-        self.DecodeEndpoints = channel.unary_unary(
-                '/monim.v1.MemoryService/DecodeEndpoints',
-                request_serializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsRequest.SerializeToString,
-                response_deserializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsResponse.FromString,
+        self.ReadEndpoints = channel.unary_unary(
+                '/monim.v1.MemoryService/ReadEndpoints',
+                request_serializer=monim_dot_protos_dot_memory__pb2.ReadEndpointsRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.ReadEndpointsResponse.FromString,
                 _registered_method=True)
         self.Reshard = channel.unary_stream(
                 '/monim.v1.MemoryService/Reshard',
@@ -236,7 +236,7 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def DecodeEndpoints(self, request, context):
+    def ReadEndpoints(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -336,10 +336,10 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     request_deserializer=monim_dot_protos_dot_memory__pb2.DecodeStep.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.DecodeStepResult.SerializeToString,
             ),
-            'DecodeEndpoints': grpc.unary_unary_rpc_method_handler(
-                    servicer.DecodeEndpoints,
-                    request_deserializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsRequest.FromString,
-                    response_serializer=monim_dot_protos_dot_memory__pb2.DecodeEndpointsResponse.SerializeToString,
+            'ReadEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadEndpoints,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.ReadEndpointsRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.ReadEndpointsResponse.SerializeToString,
             ),
             'Reshard': grpc.unary_stream_rpc_method_handler(
                     servicer.Reshard,
@@ -817,7 +817,7 @@ class MemoryService:
             _registered_method=True)
 
     @staticmethod
-    def DecodeEndpoints(request,
+    def ReadEndpoints(request,
             target,
             options=(),
             channel_credentials=None,
@@ -830,9 +830,9 @@ class MemoryService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/monim.v1.MemoryService/DecodeEndpoints',
-            monim_dot_protos_dot_memory__pb2.DecodeEndpointsRequest.SerializeToString,
-            monim_dot_protos_dot_memory__pb2.DecodeEndpointsResponse.FromString,
+            '/monim.v1.MemoryService/ReadEndpoints',
+            monim_dot_protos_dot_memory__pb2.ReadEndpointsRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.ReadEndpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,7 +10,7 @@ same acknowledged calls) is exactly what the service must answer:
   stored rows and merge_eps, so rows merge into them): the same rows admitted and merged, merged
   rows into the same entries, new rows new ids.
 - Search (k past the row count at times; keys, values, weights at times; as a step of a Decode
-  stream at times, which goes to a shard's own decode endpoint: docs/API.md), Retrieve (a handle kept
+  stream at times, which goes to a shard's own read endpoint: docs/API.md), Retrieve (a handle kept
   at the front end at times): neighbours as the model's up to ties, then per slot tokens, keys,
   values, weights, alpha; memory where a query's neighbours are the same.
 - RetrieveBackward of the served forward (the model steps the same rows with the same alpha) and

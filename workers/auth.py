@@ -263,7 +263,7 @@ METHOD_ACCESS: dict[str, Access] = {
     "Reshard": Access(ADMIN, _no_namespace),
     # Where a Decode stream may go instead (the shards' own endpoints): any token; each step there
     # is checked as it is here.
-    "DecodeEndpoints": Access(LIST, _no_namespace),
+    "ReadEndpoints": Access(LIST, _no_namespace),
 }
 STREAMING_METHODS = {"Decode"}
 # A MemoryService method added to the proto but not to the table needs admin until it is.

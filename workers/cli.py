@@ -90,7 +90,7 @@ def _serve(args) -> int:
                           else parse_size(args.shard_memory_budget),
                           snapshot_root=args.snapshot_root, auth_file=args.auth_file, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, tls_client_ca=args.tls_client_ca, metrics_port=args.metrics_port,
-                          metrics_host=args.metrics_host, decode_endpoints=not args.no_decode_endpoints)
+                          metrics_host=args.metrics_host, read_endpoints=not args.no_read_endpoints)
     print(f"monim: {store.runtime.auth_line}", flush=True)
     if args.ray_address is None:
         print(f"monim: started a local Ray at {store.runtime.ray_address} (another front end of this deployment: "
@@ -263,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; default: none)")
     serve.add_argument("--metrics-host", default=None, help="address the metrics endpoint listens on (default --host)")
-    serve.add_argument("--no-decode-endpoints", action="store_true",
+    serve.add_argument("--no-read-endpoints", action="store_true",
                        help="serve decode streams on this front end only, not on the shards' own endpoints "
-                            "(extra ports on the shards' nodes; docs/API.md, 'Decode endpoints')")
+                            "(extra ports on the shards' nodes; docs/API.md, 'Read endpoints')")
     serve.add_argument("--grace-s", type=float, default=30.0,
                        help="on SIGTERM or SIGINT, how long calls in flight may take to finish (default 30)")
     serve.set_defaults(run=_serve, serve_options=defer_defaults(serve))

@@ -100,7 +100,7 @@ def _serialize(response) -> bytes:
 def add_memory_service(servicer, server: grpc.Server, methods: frozenset[str] | None = None) -> None:
     """Registers the servicer's methods on the server: unary-unary ones, stream-stream ones (Decode),
     whose servicer method checks each message with undecodable(), and unary-stream ones (Reshard).
-    methods: only these (a shard's decode endpoint serves Decode alone; gRPC answers UNIMPLEMENTED
+    methods: only these (a shard's read endpoint serves Decode alone; gRPC answers UNIMPLEMENTED
     for the others); None: all of them."""
     handlers = {}
     for method in SERVICE.methods:

@@ -39,8 +39,8 @@ class EmbeddedStore:
     Ray starts: a bad one raises InvalidArgument naming it, and nothing is started.
     metrics_port: Prometheus text on http://metrics_host:metrics_port/metrics (0: a free port,
     ``metrics_port`` then says which; None: no metrics); metrics_host: default host.
-    decode_endpoints: clients' decode streams may go to the shards' own endpoints, started when a
-    client first asks (workers/decode_endpoint.py); False: every stream comes here.
+    read_endpoints: clients' decode streams may go to the shards' own endpoints, started when a
+    client first asks (workers/read_endpoint.py); False: every stream comes here.
     """
 
     def __init__(self, shards: int = 2, host: str = "127.0.0.1", port: int = 0, ray_address: str | None = None,
@@ -51,7 +51,7 @@ class EmbeddedStore:
                  tls_key: str | None = None, tls_client_ca: str | None = None, metrics_port: int | None = None,
                  metrics_host: str | None = None, shard_memory_budget: int | None = None,
                  placement: str = DEFAULT_STRATEGY, placement_wait_s: float = DEFAULT_WAIT_S,
-                 decode_endpoints: bool = True):
+                 read_endpoints: bool = True):
         auth = AuthPolicy.load(auth_file) if auth_file is not None else None
         tls = ServerTls.load(tls_cert, tls_key, tls_client_ca)
         self.runtime = RayRuntime(shards, address=ray_address, num_cpus=num_cpus, shard_cpus=shard_cpus,
@@ -68,7 +68,7 @@ class EmbeddedStore:
         try:
             self.server, self.port = start_server(self.router, host, port, max_message_bytes=max_message_bytes,
                                                   auth=auth, tls=tls, metrics_port=metrics_port,
-                                                  metrics_host=metrics_host, decode_endpoints=decode_endpoints)
+                                                  metrics_host=metrics_host, read_endpoints=read_endpoints)
         except Exception:
             self.runtime.shutdown()
             raise

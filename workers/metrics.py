@@ -16,8 +16,9 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_shard_memory_used_bytes{shard, memory}          gauge: memory="host": its process's resident set;
                                                           memory="gpu": what torch holds on its GPU
     monim_shard_memory_free_bytes{shard, memory}          gauge: available on its node / free on its GPU
-    monim_decode_endpoint_streams{shard}                  gauge: Decode streams open on the shard's own endpoint
-    monim_decode_endpoint_steps_total{shard, code}        counter: steps it answered, by gRPC status (since it started)
+    monim_read_endpoint_streams{shard}                    gauge: Decode streams open on the shard's own read endpoint
+    monim_read_endpoint_calls_total{shard, method, code}  counter: calls (a Decode step: one) it answered, by gRPC
+                                                          status, since it started
     monim_namespace_requests_per_second{namespace}        gauge: data calls over the last minute
     monim_namespace_request_p99_seconds{namespace}        gauge: their 99th percentile latency, same minute
 
@@ -202,10 +203,11 @@ class ShardCollector(Collector):
                                       labels=("shard", "memory")),
             "free": GaugeMetricFamily("monim_shard_memory_free_bytes", "memory=host: memory available on the "
                                       "shard's node; memory=gpu: free memory on its GPU", labels=("shard", "memory")),
-            "streams": GaugeMetricFamily("monim_decode_endpoint_streams", "Decode streams open on the shard's own "
-                                         "decode endpoint", labels=("shard",)),
-            "steps": CounterMetricFamily("monim_decode_endpoint_steps", "Decode steps the shard's own endpoint "
-                                         "answered, by gRPC status (since it started)", labels=("shard", "code")),
+            "streams": GaugeMetricFamily("monim_read_endpoint_streams", "Decode streams open on the shard's own "
+                                         "read endpoint", labels=("shard",)),
+            "calls": CounterMetricFamily("monim_read_endpoint_calls", "Calls (a Decode step: one) the shard's own "
+                                         "read endpoint answered, by gRPC status (since it started)",
+                                         labels=("shard", "method", "code")),
         }
 
     def describe(self):
@@ -226,11 +228,11 @@ class ShardCollector(Collector):
                 families["wal"].add_metric((label,), shard["wal_bytes"])
             if shard.get("snapshot_age_s") is not None:
                 families["age"].add_metric((label,), shard["snapshot_age_s"])
-            endpoint = shard.get("decode_endpoint")
+            endpoint = shard.get("read_endpoint")
             if endpoint is not None:
                 families["streams"].add_metric((label,), endpoint["streams"])
-                for code, count in sorted(endpoint["steps"].items()):
-                    families["steps"].add_metric((label, code), count)
+                for (method, code), count in sorted(endpoint["calls"].items()):
+                    families["calls"].add_metric((label, method, code), count)
             host = shard.get("host")
             if host is not None:
                 families["info"].add_metric((label, host["node"], host.get("node_id", ""), host["device"]), 1.0)

@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError, ShardUnavailable, Unavailable
-from monim.workers.decode_endpoint import ensure_endpoint, is_loopback
 from monim.workers.machine import host_report
+from monim.workers.read_endpoint import ensure_endpoint, is_loopback
 from monim.workers.registry import NamespaceRegistry
 from monim.workers.router import Router
 from monim.workers.shard import DEFAULT_SNAPSHOT_EVERY, Shard
@@ -50,7 +50,7 @@ SHARD_CALLS_AT_ONCE = 16
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
-# How long DecodeEndpoints waits for the shards to name (or start) their decode endpoints.
+# How long ReadEndpoints waits for the shards to name (or start) their read endpoints.
 ENDPOINT_WAIT_S = 10.0
 # How long a stopping front end waits for its shards to finish a background snapshot and close their logs.
 CLOSE_TIMEOUT_S = 60.0
@@ -117,9 +117,9 @@ def _host_of_actor(shard) -> dict:
     return dict(host_report(shard.device), node_id=ray.get_runtime_context().get_node_id())
 
 
-def _decode_endpoint_of_actor(shard, deployment: str, restarts: bool, options) -> str:
-    """Runs in a shard actor's process (Ray's __ray_call__): its decode endpoint's target, the endpoint
-    started first if it is not up (a router over ShardSideRuntime; workers/decode_endpoint.py)."""
+def _read_endpoint_of_actor(shard, deployment: str, restarts: bool, options) -> str:
+    """Runs in a shard actor's process (Ray's __ray_call__): its read endpoint's target, the endpoint
+    started first if it is not up (a router over ShardSideRuntime; workers/read_endpoint.py)."""
     import ray
     from monim.workers.router import Router
 
@@ -243,8 +243,8 @@ class LocalRuntime:
             raise ShardUnavailable(shard, "killed")
         return dict(host_report(target.device), node_id="")
 
-    def decode_endpoints(self, options, timeout_s: float | None = None) -> list[str]:
-        """Each shard's decode endpoint (workers/decode_endpoint.py), started where it is not up yet: in
+    def read_endpoints(self, options, timeout_s: float | None = None) -> list[str]:
+        """Each shard's read endpoint (workers/read_endpoint.py), started where it is not up yet: in
         this process, a router over this runtime."""
         return [ensure_endpoint(shard, lambda: Router(self), options.host, options)
                 for shard in self.shards if shard is not None]
@@ -477,10 +477,10 @@ class RayRuntime:
                 results.append(self._unwrap(error, shard))
         return results
 
-    def decode_endpoints(self, options, timeout_s: float = ENDPOINT_WAIT_S) -> list[str]:
-        """Each shard's decode endpoint (workers/decode_endpoint.py), started where it is not up yet,
+    def read_endpoints(self, options, timeout_s: float = ENDPOINT_WAIT_S) -> list[str]:
+        """Each shard's read endpoint (workers/read_endpoint.py), started where it is not up yet,
         in shard order; a shard that does not answer within timeout_s (restarting, say) is left out."""
-        futures = [actor.__ray_call__.remote(_decode_endpoint_of_actor, self.deployment, self.restarts, options)
+        futures = [actor.__ray_call__.remote(_read_endpoint_of_actor, self.deployment, self.restarts, options)
                    for actor in self.shards]
         ready, _ = self._ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
         targets = []
@@ -491,7 +491,7 @@ class RayRuntime:
             try:
                 targets.append(self._ray.get(future))
             except Exception as error:  # noqa: BLE001 - that shard's steps go through the front end
-                log.warning("shard %d: no decode endpoint: %s", shard, self._unwrap(error, shard))
+                log.warning("shard %d: no read endpoint: %s", shard, self._unwrap(error, shard))
         return targets
 
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
@@ -545,7 +545,7 @@ class RayRuntime:
 
 
 class ShardSideRuntime(RayRuntime):
-    """The runtime of the router inside a shard actor's process (its decode endpoint): the deployment's
+    """The runtime of the router inside a shard actor's process (its read endpoint): the deployment's
     registry and shard actors found by name, and the shard of this process called directly, in the
     calling thread, while the others answer through Ray (sent first, so that they work meanwhile).
     It creates, retires and kills nothing: the front ends do."""
@@ -589,10 +589,10 @@ class ShardSideRuntime(RayRuntime):
         return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
 
     def retire_shards(self, count: int) -> None:
-        raise NotImplementedError("a shard's decode endpoint retires no shards")
+        raise NotImplementedError("a shard's read endpoint retires no shards")
 
     def destroy(self) -> None:
-        raise NotImplementedError("a shard's decode endpoint destroys nothing")
+        raise NotImplementedError("a shard's read endpoint destroys nothing")
 
     def shutdown(self) -> None:
         """Nothing: the actors and Ray belong to the deployment."""

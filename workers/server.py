@@ -15,9 +15,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from monim.protos import memory_pb2 as pb
 from monim.workers.auth import AuthInterceptor, AuthPolicy
-from monim.workers.decode_endpoint import EndpointOptions
 from monim.workers.decoding import add_memory_service
 from monim.workers.frontend import HEALTH_POLL_S, Frontend
+from monim.workers.read_endpoint import EndpointOptions
 from monim.workers.router import Router
 from monim.workers.servicer import MemoryServicer
 from monim.workers.tls import ServerTls
@@ -36,7 +36,7 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 32,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, auth: AuthPolicy | None = None,
                  tls: ServerTls | None = None, metrics_port: int | None = None, metrics_host: str | None = None,
-                 health_poll_s: float = HEALTH_POLL_S, decode_endpoints: bool = False) -> tuple[Frontend, int]:
+                 health_poll_s: float = HEALTH_POLL_S, read_endpoints: bool = False) -> tuple[Frontend, int]:
     """Starts serving; returns (server, bound port). port 0 picks a free port. The server is a
     Frontend: a grpc.Server whose ``stop(grace)`` drains, whose health follows the shards (polled
     every health_poll_s), with ``metrics_port``.
@@ -46,8 +46,8 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     metrics_port: Prometheus text on http://metrics_host:metrics_port/metrics (metrics_host: default
     host; 0: a free port; None: no metrics). max_workers: threads serving calls; an open Decode
     stream holds one, and at most half of them are given to streams (RESOURCE_EXHAUSTED past that).
-    decode_endpoints: DecodeEndpoints starts and names the shards' own decode endpoints, with this
-    server's tokens, TLS and message limit (workers/decode_endpoint.py); False: it names none."""
+    read_endpoints: ReadEndpoints starts and names the shards' own read endpoints, with this
+    server's tokens, TLS and message limit (workers/read_endpoint.py); False: it names none."""
     frontend = Frontend(router, auth=auth, metrics_port=metrics_port, metrics_host=metrics_host or host,
                         health_poll_s=health_poll_s)
     frontend.gate.max_streams = max_workers // 2  # decode streams hold a thread each; calls keep the rest
@@ -55,7 +55,7 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     interceptors = frontend.interceptors + ([AuthInterceptor(auth)] if auth is not None else [])
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=message_size_options(max_message_bytes), interceptors=interceptors)
-    endpoints = EndpointOptions(host, max_message_bytes, auth, tls) if decode_endpoints else None
+    endpoints = EndpointOptions(host, max_message_bytes, auth, tls) if read_endpoints else None
     add_memory_service(MemoryServicer(router, endpoints), server)  # undecodable requests: INVALID_ARGUMENT
     health_servicer = frontend.health
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

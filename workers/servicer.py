@@ -13,7 +13,7 @@ from monim.protos import convert, framing
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
-from monim.protos.errors import InvalidArgument
+from monim.protos.errors import FailedPrecondition, InvalidArgument
 from monim.workers.auth import authorize_step, caller_name
 from monim.workers.decoding import payloads_of, undecodable
 from monim.workers.router import Router
@@ -43,12 +43,13 @@ def _merge_eps(request) -> float:
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
     """Every call runs under the client's deadline (shard calls not started by then are cancelled).
 
-    decode_endpoints: the options of the shards' decode endpoints (workers/decode_endpoint.py), which
-    DecodeEndpoints starts and names; None: this server names none."""
+    read_endpoints: the options of the shards' read endpoints (workers/read_endpoint.py), which
+    ReadEndpoints starts and names; None: this server names none."""
 
-    def __init__(self, router: Router, decode_endpoints=None):
+    def __init__(self, router: Router, read_endpoints=None, keeps_forwards: bool = True):
         self.router = router
-        self.decode_endpoints = decode_endpoints
+        self.read_endpoints = read_endpoints
+        self.keeps_forwards = keeps_forwards  # False on a shard's read endpoint: the front end keeps them
 
     @grpc_errors
     def CreateNamespace(self, request, context):
@@ -124,6 +125,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Retrieve(self, request, context):
+        if request.keep_state and not self.keeps_forwards:
+            raise FailedPrecondition("a shard's read endpoint keeps no forward state: send a Retrieve with "
+                                     "keep_state to the front end (MemoryClient does)")
         return self._retrieve(request)
 
     def _retrieve(self, request) -> bytes:
@@ -183,11 +187,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             yield self._decode_step(step, context)
 
     @grpc_errors
-    def DecodeEndpoints(self, request, context):
-        """The shards' decode endpoints, started where they are not up (empty: none are served)."""
-        if self.decode_endpoints is None:
-            return pb.DecodeEndpointsResponse()
-        return pb.DecodeEndpointsResponse(targets=self.router.runtime.decode_endpoints(self.decode_endpoints))
+    def ReadEndpoints(self, request, context):
+        """The shards' read endpoints, started where they are not up (empty: none are served)."""
+        if self.read_endpoints is None:
+            return pb.ReadEndpointsResponse()
+        return pb.ReadEndpointsResponse(targets=self.router.runtime.read_endpoints(self.read_endpoints))
 
     def _decode_step(self, step, context) -> bytes | pb.DecodeStepResult:
         kind = step.WhichOneof("step")

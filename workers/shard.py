@@ -459,9 +459,9 @@ class Shard:
         return None
 
     def close(self) -> None:
-        """Stops its decode endpoint, finishes a background snapshot and closes the log (a shard whose
+        """Stops its read endpoint, finishes a background snapshot and closes the log (a shard whose
         process ends needs none of this)."""
-        from monim.workers.decode_endpoint import stop_endpoint
+        from monim.workers.read_endpoint import stop_endpoint
 
         stop_endpoint(self)
         self._writer.shutdown(wait=True)
@@ -953,7 +953,7 @@ class Shard:
                 manifest = latest[0] / "manifest.json"
                 written = manifest.filesystem.get_file_info(manifest.path).mtime
                 snapshot_age_s = None if written is None else max(0.0, time.time() - written.timestamp())
-        endpoint = getattr(self, "decode_endpoint", None)  # workers/decode_endpoint.py, once one is started
+        endpoint = getattr(self, "read_endpoint", None)  # workers/read_endpoint.py, once one is started
         return {"shard": self.shard_index, "namespaces": namespaces, "wal_bytes": wal_bytes,
                 "snapshot_age_s": snapshot_age_s, "wal_failed": self.wal is not None and self.wal.failed is not None,
-                "decode_endpoint": None if endpoint is None else endpoint.stats()}
+                "read_endpoint": None if endpoint is None else endpoint.stats()}

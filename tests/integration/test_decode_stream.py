@@ -30,9 +30,9 @@ DIM, VALUE_DIM, ROWS = 16, 8, 400
 def front_end(ray_joined):
     from monim.workers.embedded import EmbeddedStore
 
-    # The front end's own Decode (the shards' endpoints: test_decode_endpoints_service.py).
+    # The front end's own Decode (the shards' endpoints: test_read_endpoints_service.py).
     store = EmbeddedStore(shards=2, ray_address="auto", shard_cpus=0, use_gpus=False,
-                          deployment=f"decode-{uuid.uuid4().hex[:8]}", decode_endpoints=False)
+                          deployment=f"decode-{uuid.uuid4().hex[:8]}", read_endpoints=False)
     try:
         yield store
     finally:

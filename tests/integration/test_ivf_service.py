@@ -82,8 +82,8 @@ def test_adding_50k_rows_to_ivf_pq_while_another_client_searches(remote_client, 
         called = remote_client.search(namespace_name, queries, k, nprobe=8, rerank=40)
         with remote_client.decode() as stream:  # the Decode stream's steps carry the options too
             streamed = stream.search(namespace_name, queries, k, nprobe=8, rerank=40)
-            # `monim serve` runs the shards' decode endpoints by default: the stream went to a shard's own.
-            assert stream.target in remote_client._store.decode_endpoints() and stream.target != remote_client.target
+            # `monim serve` runs the shards' read endpoints by default: the stream went to a shard's own.
+            assert stream.target in remote_client._store.read_endpoints() and stream.target != remote_client.target
             with pytest.raises(InvalidArgument, match=r"nprobe must be in \[0, 32\]"):
                 stream.search(namespace_name, queries, k, nprobe=40)
         np.testing.assert_array_equal(streamed.ids, called.ids)

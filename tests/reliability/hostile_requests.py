@@ -285,7 +285,7 @@ def namespace_only_cases(draw, world: World, rpc: str) -> Case:
 
 @st.composite
 def no_field_cases(draw, world: World, rpc: str) -> Case:
-    """ListNamespaces and ListSnapshots have no fields: unknown ones, which must be ignored."""
+    """ListNamespaces, ListSnapshots and ReadEndpoints have no fields: unknown ones, which must be ignored."""
     request = REQUEST_TYPES[rpc]()
     request.MergeFromString(b"".join(draw(st.lists(unknown_fields(), min_size=1, max_size=3))))
     return Case(rpc, request, ("unknown fields",), frozenset({OK}))
@@ -777,4 +777,5 @@ CASES = {
     "RestoreSnapshot": restore_snapshot_cases,
     "Decode": decode_cases,
     "Reshard": reshard_cases,
+    "ReadEndpoints": lambda world: no_field_cases(world, "ReadEndpoints"),
 }

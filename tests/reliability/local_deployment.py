@@ -78,7 +78,8 @@ class LocalDeployment:
         self.runtime = LocalRuntime(self.shards, data_dir=os.path.join(self.data_dir, "data"), fsync="never")
         self.router = Router(self.runtime, timeout_s=30.0)
         self.router.snapshots = Snapshots(self.router, os.path.join(self.data_dir, "snapshots"))
-        self.server, port = start_server(self.router, port=0, max_workers=8, max_message_bytes=MAX_MESSAGE_BYTES)
+        self.server, port = start_server(self.router, port=0, max_workers=8, max_message_bytes=MAX_MESSAGE_BYTES,
+                                         read_endpoints=True)
         self.address = f"127.0.0.1:{port}"
         # The client side accepts more than the server, so oversized requests reach the server.
         self.channel = grpc.insecure_channel(self.address, options=[

@@ -37,7 +37,7 @@ EVERY_FLAG = [
     ("--tls-client-ca", '"/etc/monim/clients.pem"', "/etc/monim/clients.pem"),
     ("--metrics-port", "9464", 9464),
     ("--metrics-host", '"10.0.0.5"', "10.0.0.5"),
-    ("--no-decode-endpoints", "true", True),
+    ("--no-read-endpoints", "true", True),
     ("--grace-s", "12.5", 12.5),
 ]
 

@@ -1,21 +1,24 @@
-"""A shard's own decode endpoint: the Decode stream served inside the shard's process.
+"""A shard's own read endpoint: the reads a model makes every step, served inside the shard's process.
 
-A decoding step through the front end costs a gRPC round trip to the front end and a Ray actor call
-from there to each shard (about half of a 5.4 ms step on an H200 host, docs/BENCHMARKS.md). An
-endpoint serves the same ``Decode`` stream in a shard actor's process, through the same servicer and
-a router of its own, whose runtime calls the shard it runs in directly and the other shards as the
-front end does (workers/runtime.py, ``ShardSideRuntime``): a step of a one-shard namespace crosses
-no process boundary on the server, and on more shards the one a step lands on answers its part with
-no hop. The front end's ``DecodeEndpoints`` call starts the endpoints that are not up yet (the first
-time, or after a shard restarted) and names them; ``MemoryClient.decode()`` streams to one and goes
-back to the front end when it cannot (model_client/decode.py).
+A read through the front end costs a gRPC round trip to the front end and a Ray actor call from
+there to each shard (about half of a 5.4 ms decoding step on an H200 host, docs/BENCHMARKS.md),
+and a large answer is copied through Ray's object store on its way. An endpoint serves ``Search``,
+``Retrieve`` (without ``keep_state``: forward states are kept by the front end, which the backward
+goes to) and the ``Decode`` stream in a shard actor's process, through the same servicer and a
+router of its own, whose runtime calls the shard it runs in directly and the other shards as the
+front end does (workers/runtime.py, ``ShardSideRuntime``): a read of a one-shard namespace crosses
+no process boundary on the server, and on more shards the endpoint's own shard answers its part
+with no hop. The front end's ``ReadEndpoints`` call starts the endpoints that are not up yet (the
+first time, or after a shard restarted) and names them; ``MemoryClient`` reads through one and goes
+back to the front end when it cannot (model_client/read_routing.py).
 
-An endpoint takes the front end's tokens and TLS: every step is authorized as on the front end.
-It serves Decode alone (other methods: UNIMPLEMENTED) and the standard health service. It binds the
-front end's host when that is a loopback address (one machine: nothing else may reach it), else the
-address of the node its shard runs on (so clients reach it where Ray placed the shard). The first
-front end to start a shard's endpoint sets its options; it lives until the shard closes or its
-process ends.
+An endpoint takes the front end's tokens and TLS: every call and step is authorized as on the front
+end. It serves those three methods (others: UNIMPLEMENTED) and the standard health service. It binds
+the front end's host when that is a loopback address (one machine: nothing else may reach it), else
+the address of the node its shard runs on (so clients reach it where Ray placed the shard). The
+first front end to start a shard's endpoint sets its options; it lives until the shard closes or its
+process ends. Its calls are counted by the front end's metrics as the shard's
+(``monim_read_endpoint_calls_total``), not in ``monim_requests_total``.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from monim.workers.decoding import add_memory_service
 from monim.workers.frontend import SERVICE_NAME, CallGate
 from monim.workers.tls import ServerTls
 
-# Threads of an endpoint's server: an open Decode stream holds one.
+# Threads of an endpoint's server: an open Decode stream holds one, a call one while it runs.
 ENDPOINT_THREADS = 16
-DECODE_ONLY = frozenset({"Decode"})
+READ_METHODS = frozenset({"Search", "Retrieve", "Decode"})
 # Set on a Shard object once its endpoint runs; one lock for every shard of a process.
-ENDPOINT_ATTRIBUTE = "decode_endpoint"
+ENDPOINT_ATTRIBUTE = "read_endpoint"
 _starting = threading.Lock()
 
 
@@ -60,8 +63,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class DecodeEndpoint:
-    """A gRPC server on ``host`` (a free port) serving ``Decode`` through ``router``; ``target`` is
+class ReadEndpoint:
+    """A gRPC server on ``host`` (a free port) serving READ_METHODS through ``router``; ``target`` is
     what clients dial. stop() ends it (open streams are cancelled)."""
 
     def __init__(self, router, host: str, options: EndpointOptions):
@@ -69,36 +72,36 @@ class DecodeEndpoint:
         from monim.workers.servicer import MemoryServicer
 
         self.router = router
-        self.gate = CallGate(options.auth, observer=self._count, max_streams=ENDPOINT_THREADS - 1)
-        self._steps: dict[str, int] = {}  # steps answered, by status code name
-        self._steps_lock = threading.Lock()
+        self.gate = CallGate(options.auth, observer=self._count, max_streams=ENDPOINT_THREADS // 2)
+        self._calls: dict[tuple[str, str], int] = {}  # calls and steps answered, by (method, status code name)
+        self._calls_lock = threading.Lock()
         interceptors = [self.gate] + ([AuthInterceptor(options.auth)] if options.auth is not None else [])
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-decode"),
             options=message_size_options(options.max_message_bytes), interceptors=interceptors)
-        add_memory_service(MemoryServicer(router), self.server, methods=DECODE_ONLY)
+        add_memory_service(MemoryServicer(router, keeps_forwards=False), self.server, methods=READ_METHODS)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{host}:0"
         port = self.server.add_secure_port(address, options.tls.credentials()) if options.tls is not None \
             else self.server.add_insecure_port(address)
         if port == 0:
-            raise OSError(f"a decode endpoint cannot listen on {host}")
+            raise OSError(f"a read endpoint cannot listen on {host}")
         self.server.start()
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def _count(self, method, step, code: grpc.StatusCode, seconds: float, token_name: str) -> None:
-        with self._steps_lock:
-            self._steps[code.name] = self._steps.get(code.name, 0) + 1
+    def _count(self, method: str, request, code: grpc.StatusCode, seconds: float, token_name: str) -> None:
+        with self._calls_lock:
+            self._calls[(method, code.name)] = self._calls.get((method, code.name), 0) + 1
 
     def stats(self) -> dict:
-        """For the front end's metrics (Shard.metrics): its target, the streams open now, the steps
-        answered so far by status code name."""
-        with self._steps_lock:
-            steps = dict(self._steps)
-        return {"target": self.target, "streams": self.gate.streams, "steps": steps}
+        """For the front end's metrics (Shard.metrics): its target, the Decode streams open now, the
+        calls (each Decode step one) answered so far, {(method, status code name): count}."""
+        with self._calls_lock:
+            calls = dict(self._calls)
+        return {"target": self.target, "streams": self.gate.streams, "calls": calls}
 
     def stop(self, grace_s: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
@@ -112,7 +115,7 @@ def ensure_endpoint(shard, make_router, host: str, options: EndpointOptions) -> 
     with _starting:
         endpoint = getattr(shard, ENDPOINT_ATTRIBUTE, None)
         if endpoint is None:
-            endpoint = DecodeEndpoint(make_router(), host, options)
+            endpoint = ReadEndpoint(make_router(), host, options)
             setattr(shard, ENDPOINT_ATTRIBUTE, endpoint)
         return endpoint.target
 

@@ -1,4 +1,4 @@
-"""Decode endpoints in Ray shard actors (workers/decode_endpoint.py, ShardSideRuntime in
+"""Read endpoints in Ray shard actors (workers/read_endpoint.py, ShardSideRuntime in
 workers/runtime.py): a stream that goes to a shard's own process answers as the front end's calls
 do, over every shard's rows; when that shard's process is killed, the step goes to the front end
 (which waits for Ray to restart the shard) and the stream later finds the restarted shard's new
@@ -12,7 +12,6 @@ import signal
 import uuid
 
 import numpy as np
-from monim.model_client import decode as decode_module
 
 from monim import MemoryClient
 
@@ -33,7 +32,7 @@ def _queries(seed: int, batch: int = 4) -> np.ndarray:
 def _endpoint_of(ray, deployment: str, shard: int) -> str:
     """The target of the endpoint running in that shard actor's process, asked of the process itself."""
     actor = ray.get_actor(f"{deployment}-shard-{shard}", namespace="monim")
-    return ray.get(actor.__ray_call__.remote(lambda s: s.decode_endpoint.target if s.decode_endpoint else ""))
+    return ray.get(actor.__ray_call__.remote(lambda s: s.read_endpoint.target if s.read_endpoint else ""))
 
 
 def test_a_stream_to_a_shards_endpoint_answers_as_the_calls_do(ray_joined):
@@ -54,13 +53,12 @@ def test_a_stream_to_a_shards_endpoint_answers_as_the_calls_do(ray_joined):
                 np.testing.assert_allclose(read.memory, expected.memory, rtol=1e-5, atol=1e-6)
             endpoints = [_endpoint_of(ray_joined, deployment, shard) for shard in range(2)]
             assert stream.target in endpoints and store.address not in endpoints
-            assert sorted(client._store.decode_endpoints()) == sorted(endpoints)
+            assert sorted(client._store.read_endpoints()) == sorted(endpoints)
             ids = stream.search("mem", _queries(50, 30), 10).ids
             assert {int(i) % 2 for i in ids.ravel()} == {0, 1}  # both shards' rows, from one endpoint
 
 
-def test_a_killed_shard_sends_the_step_to_the_front_end_then_its_new_endpoint_serves(ray_joined, tmp_path,
-                                                                                    monkeypatch):
+def test_a_killed_shard_sends_the_step_to_the_front_end_then_its_new_endpoint_serves(ray_joined, tmp_path):
     from monim.workers.embedded import EmbeddedStore
 
     deployment = f"endpoint-kill-{uuid.uuid4().hex[:8]}"
@@ -77,8 +75,7 @@ def test_a_killed_shard_sends_the_step_to_the_front_end_then_its_new_endpoint_se
             os.kill(ray_joined.get(shard.ping.remote())["pid"], signal.SIGKILL)  # Ray restarts it from its log
             np.testing.assert_array_equal(stream.search("mem", _queries(1), 5).ids, expected.ids)
             assert stream.target == store.address
-            monkeypatch.setattr(decode_module, "ENDPOINT_RETRY_S", 0.0)
-            stream._endpoints_after = 0.0
+            client._store.read_routing.forget()  # the retry wait over: the client asks again
             stream._stream.close()
             stream._stream = None  # the next step opens a stream: the front end starts the new endpoint
             np.testing.assert_array_equal(stream.search("mem", _queries(1), 5).ids, expected.ids)

@@ -1,0 +1,300 @@
+"""The shards' own read endpoints (workers/read_endpoint.py; docs/API.md, "Read endpoints").
+
+In one process, without Ray: a front end over LocalRuntime(2) with read_endpoints on, whose
+ReadEndpoints starts an endpoint per shard (each a router over the same runtime). A client's
+Search, Retrieve and decode stream go to one of them and answer as the front end does; a Retrieve
+that keeps its state goes to the front end; a gone endpoint sends the read to the front end at once
+(no retry used) and the client asks again later; an endpoint serves reads only, and checks tokens
+and each step's namespace as the front end does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from monim.model_client import read_routing
+from monim.protos import convert
+from monim.protos import memory_pb2 as pb
+from monim.protos import memory_pb2_grpc as pb_grpc
+from monim.protos.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from monim.workers.auth import AuthPolicy
+from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, stop_endpoint
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
+
+from monim import MemoryClient
+
+DIM, VALUE_DIM, ROWS, SHARDS = 16, 8, 600, 2
+AUTH = """
+[[token]]
+name = "reader"
+secret = "reader-secret"
+read = ["mem"]
+
+[[token]]
+name = "other"
+secret = "other-secret"
+read = ["elsewhere"]
+"""
+
+
+def _serve(runtime, **options):
+    server, port = start_server(Router(runtime), port=0, **options)
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    """A front end with read endpoints and one without, over one runtime holding "mem"."""
+    runtime = LocalRuntime(SHARDS)
+    server, address = _serve(runtime, read_endpoints=True)
+    plain, plain_address = _serve(runtime)
+    rng = np.random.default_rng(0)
+    with MemoryClient(address) as client:
+        client.create_namespace("mem", dim=DIM, value_dim=VALUE_DIM)
+        client.add("mem", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS) % 50,
+                   values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+    yield runtime, address, plain_address, server
+    server.stop(0)
+    plain.stop(0)
+    runtime.shutdown()
+
+
+def _queries(seed: int, batch: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, DIM)).astype(np.float32)
+
+
+def test_the_server_names_one_endpoint_per_shard_and_none_when_off(deployment):
+    runtime, address, plain_address, _ = deployment
+    with MemoryClient(address) as client, MemoryClient(plain_address) as plain:
+        targets = client._store.read_endpoints()
+        assert len(targets) == SHARDS and len(set(targets)) == SHARDS and address not in targets
+        assert client._store.read_endpoints() == targets  # started once: asked again, the same ones
+        assert plain._store.read_endpoints() == []
+        with plain.decode() as stream:
+            stream.search("mem", _queries(0), 4)
+            assert stream.target == plain_address
+
+
+def _endpoint_calls(runtime, method: str) -> int:
+    """Calls of ``method`` answered OK by every shard's endpoint so far."""
+    return sum(getattr(shard, ENDPOINT_ATTRIBUTE).stats()["calls"].get((method, "OK"), 0)
+               for shard in runtime.shards if getattr(shard, ENDPOINT_ATTRIBUTE, None) is not None)
+
+
+def test_reads_through_an_endpoint_answer_as_the_front_end_does(deployment):
+    runtime, address, _, _ = deployment
+    with MemoryClient(address) as client, MemoryClient(address, read_endpoints=False) as front_end, \
+            client.decode() as stream:
+        searched, retrieved = _endpoint_calls(runtime, "Search"), _endpoint_calls(runtime, "Retrieve")
+        for step in range(12):
+            queries, k = _queries(step), 1 + step % 9
+            expected = front_end.search("mem", queries, k, return_values=True, return_weights=True)
+            for found in (stream.search("mem", queries, k, return_values=True, return_weights=True),
+                          client.search("mem", queries, k, return_values=True, return_weights=True)):
+                np.testing.assert_array_equal(found.ids, expected.ids)
+                np.testing.assert_allclose(found.distances, expected.distances, rtol=1e-6)
+                np.testing.assert_array_equal(found.values, expected.values)
+            expected = front_end.retrieve("mem", queries, k, 2.0)
+            for read in (stream.retrieve("mem", queries, k, 2.0), client.retrieve("mem", queries, k, 2.0)):
+                np.testing.assert_array_equal(read.ids, expected.ids)
+                np.testing.assert_allclose(read.memory, expected.memory, rtol=1e-5, atol=1e-6)
+        assert stream.target in client._store.read_endpoints()
+        assert stream.target == client._store.read_routing.target()  # one endpoint for the client's reads
+        assert _endpoint_calls(runtime, "Search") - searched == 12  # the calls, not the front end's
+        assert _endpoint_calls(runtime, "Retrieve") - retrieved == 12
+        assert _endpoint_calls(runtime, "Decode") >= 24
+        # Every shard's rows are found from one endpoint (it fans out like the front end).
+        owners = {int(i) % SHARDS for i in client.search("mem", _queries(99, 20), 10).ids.ravel()}
+        assert owners == set(range(SHARDS))
+
+
+def test_a_retrieve_that_keeps_its_state_goes_to_the_front_end(deployment):
+    runtime, address, _, server = deployment
+    with MemoryClient(address) as client:
+        client.search("mem", _queries(0), 2)  # the client reads through an endpoint from here on
+        before = _endpoint_calls(runtime, "Retrieve")
+        kept = client.retrieve("mem", _queries(1), 4, 1.0, keep_state=True)
+        assert kept.handle and server.router.forwards.get(kept.handle, "mem") is not None
+        assert _endpoint_calls(runtime, "Retrieve") == before
+        target = client._store.read_routing.target()
+    with grpc.insecure_channel(target) as channel:  # sent to an endpoint anyway: refused, nothing kept
+        request = pb.RetrieveRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(1)), k=4,
+                                     temperature=1.0, keep_state=True)
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.MemoryServiceStub(channel).Retrieve(request)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "keeps no forward state" in refused.value.details()
+
+
+def test_a_failing_step_on_an_endpoint_is_answered_and_the_stream_goes_on(deployment):
+    _, address, _, _ = deployment
+    with MemoryClient(address) as client, client.decode() as stream:
+        stream.search("mem", _queries(1), 3)
+        target = stream.target
+        with pytest.raises(InvalidArgument, match="dim"):
+            stream.search("mem", np.zeros((1, DIM + 1), np.float32), 3)
+        assert stream.search("mem", _queries(2), 3).ids.shape == (3, 3)
+        assert stream.target == target
+        assert client.describe_namespace("mem").rows == ROWS
+
+
+def test_an_endpoint_serves_reads_only(deployment):
+    _, address, _, _ = deployment
+    with MemoryClient(address) as client:
+        target = client._store.read_endpoints()[0]
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.MemoryServiceStub(channel)
+        found = stub.Search(pb.SearchRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=2))
+        assert convert.search_result_from_proto(found).ids.shape == (3, 2)
+        for call, request in ((stub.Add, pb.AddRequest(namespace="mem")), (stub.DropNamespace,
+                                                                          pb.DropNamespaceRequest(namespace="mem"))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with MemoryClient(address) as client:
+        assert client.describe_namespace("mem").rows == ROWS
+    # A client pointed at an endpoint itself reads there (ReadEndpoints is UNIMPLEMENTED there: none).
+    with MemoryClient(target) as direct, direct.decode() as stream:
+        assert direct._store.read_endpoints() == []
+        assert stream.search("mem", _queries(3), 2).ids.shape == (3, 2)
+        assert direct.search("mem", _queries(3), 2).ids.shape == (3, 2)
+        assert stream.target == target
+
+
+def test_a_gone_endpoint_sends_the_read_to_the_front_end_and_the_client_asks_again(deployment):
+    runtime, address, _, _ = deployment
+    with MemoryClient(address, retries=0) as client, MemoryClient(address, read_endpoints=False) as front_end, \
+            client.decode() as stream:
+        expected = front_end.search("mem", _queries(5), 6)
+        stream.search("mem", _queries(4), 6)
+        first = stream.target
+        assert first != address and client._store.read_routing.target() == first
+        for shard in runtime.shards:  # as when the shards' processes restarted: the endpoints are gone
+            stop_endpoint(shard)
+        # No retry to spend (retries=0): the fallback to the front end is free, for calls and steps.
+        np.testing.assert_array_equal(client.search("mem", _queries(5), 6).ids, expected.ids)
+        assert client._store.read_routing.target() is None  # reads stay on the front end for ENDPOINT_RETRY_S
+        np.testing.assert_array_equal(stream.search("mem", _queries(5), 6).ids, expected.ids)
+        assert stream.target == address
+        client._store.read_routing.forget()  # the wait is over: the next read asks, and the front end starts them
+        np.testing.assert_array_equal(client.search("mem", _queries(5), 6).ids, expected.ids)
+        assert client._store.read_routing.target() not in (None, address, first)
+        assert all(getattr(shard, ENDPOINT_ATTRIBUTE) is not None for shard in runtime.shards)
+    assert read_routing.ENDPOINT_RETRY_S == 30.0
+
+
+def test_an_endpoint_checks_tokens_and_each_steps_namespace(tmp_path):
+    auth_file = tmp_path / "auth.toml"
+    auth_file.write_text(AUTH)
+    runtime = LocalRuntime(1)
+    server, address = _serve(runtime, read_endpoints=True, auth=AuthPolicy.load(str(auth_file)))
+    try:
+        with MemoryClient(address, token="reader-secret") as reader:
+            reader_targets = reader._store.read_endpoints()
+        with MemoryClient(address) as anonymous, pytest.raises(Unauthenticated):
+            anonymous._store.read_endpoints()
+        with grpc.insecure_channel(reader_targets[0]) as channel:  # no token, straight at the endpoint
+            stub = pb_grpc.MemoryServiceStub(channel)
+            search = pb.SearchRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=1)
+            for call in (lambda: next(stub.Decode(iter([pb.DecodeStep(search=search)]))), lambda: stub.Search(search)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with MemoryClient(address, token="other-secret") as other, other.decode() as stream:
+            with pytest.raises(PermissionDenied, match="no read access"):
+                stream.search("mem", _queries(0), 1)
+            assert stream.target == reader_targets[0]
+            with pytest.raises(PermissionDenied, match="no read access"):  # refused there, not sent elsewhere
+                other.search("mem", _queries(0), 1)
+            assert other._store.read_routing.target() == reader_targets[0]
+    finally:
+        server.stop(0)
+        runtime.shutdown()
+
+
+def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    runtime = LocalRuntime(1)
+    server, address = _serve(runtime, read_endpoints=True, metrics_port=0)
+    try:
+        with MemoryClient(address) as client:
+            client.create_namespace("mem", dim=DIM)
+            client.add("mem", _queries(0, 20), np.arange(20))
+            with client.decode() as stream:
+                for step in range(5):
+                    stream.search("mem", _queries(step), 3)
+                with pytest.raises(InvalidArgument):
+                    stream.search("mem", _queries(0), 0)
+                assert stream.target != address
+                for _ in range(2):
+                    client.search("mem", _queries(0), 3)
+
+                def scrape() -> dict:
+                    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+                    with urllib.request.urlopen(url, timeout=30) as answer:
+                        text = answer.read().decode()
+                    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+                samples = scrape()
+                assert samples[("monim_read_endpoint_streams", (("shard", "0"),))] == 1
+                calls = "monim_read_endpoint_calls_total"
+                assert samples[(calls, (("code", "OK"), ("method", "Decode"), ("shard", "0")))] == 5
+                assert samples[(calls, (("code", "INVALID_ARGUMENT"), ("method", "Decode"), ("shard", "0")))] == 1
+                assert samples[(calls, (("code", "OK"), ("method", "Search"), ("shard", "0")))] == 2
+                assert not any(name == "monim_requests_total" and dict(labels).get("method") in ("Decode", "Search")
+                               for name, labels in samples)  # the front end served none of them
+            deadline = time.monotonic() + 10
+            while scrape()[("monim_read_endpoint_streams", (("shard", "0"),))] != 0:  # the stream closed
+                assert time.monotonic() < deadline, "the endpoint still counts the closed stream"
+                time.sleep(0.05)
+    finally:
+        server.stop(0)
+        runtime.shutdown()
+
+
+def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothing_behind(deployment):
+    runtime, address, _, _ = deployment
+    with MemoryClient(address) as reference:
+        expected = {seed: reference.search("mem", _queries(seed), 5) for seed in range(40)}
+        target = reference._store.read_endpoints()[0]
+    endpoint = next(getattr(shard, ENDPOINT_ATTRIBUTE) for shard in runtime.shards
+                    if getattr(shard, ENDPOINT_ATTRIBUTE).target == target)
+    failures, started = [], threading.Barrier(4)
+
+    def generate(worker: int) -> None:
+        try:
+            with MemoryClient(target) as client, client.decode() as stream:  # the endpoint itself: no choice
+                started.wait(timeout=30)
+                for seed in range(worker, 40, 4):
+                    found = stream.search("mem", _queries(seed), 5)
+                    np.testing.assert_array_equal(found.ids, expected[seed].ids)
+                if worker == 0:  # goes away mid-stream: a step sent, its answer never read
+                    stream._stream._requests.put(pb.DecodeStep(search=pb.SearchRequest(
+                        namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=5)))
+                    stream._stream._results.cancel()
+        except Exception as error:  # noqa: BLE001 - reported by the test's thread
+            failures.append(error)
+
+    workers = [threading.Thread(target=generate, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not failures
+    deadline = time.monotonic() + 10
+    while endpoint.gate.streams or endpoint.gate.in_flight:
+        assert time.monotonic() < deadline, (endpoint.gate.streams, endpoint.gate.in_flight)
+        time.sleep(0.05)
