@@ -3,7 +3,8 @@
 On one random data set (``--rows`` keys of width ``--dim`` with ``--value-dim`` values) served by
 an embedded deployment (``--shards`` Ray shard actors behind a gRPC front end, all in this
 process), a model that generates reads its memory once per token with a batch of ``--batch``
-queries. Measured, interleaved round by round so that a noisy machine disturbs all alike:
+queries. Measured, interleaved round by round (in a new order each round) so that a noisy machine disturbs
+all alike:
 
   in-process  MemoryClient(":memory:"): the same store in this process, called directly
   calls       MemoryClient(read_endpoints=False).search / .retrieve: one gRPC call per token to the
@@ -80,8 +81,11 @@ def run(args) -> None:
                     call(q)
             print(f"# front end {store.address}; the endpoint calls and stream went to {direct.target}")
             times = {way: [] for way in ways}
+            order = list(ways)
             for q in queries:  # round by round: every way reads the same token's queries
-                for way, call in ways.items():
+                rng.shuffle(order)  # in a new order each round: what one way leaves behind (an in-process
+                for way in order:   # call's spinning threads on a small machine) falls on all alike
+                    call = ways[way]
                     started = time.perf_counter()
                     call(q)
                     times[way].append(time.perf_counter() - started)
