@@ -68,13 +68,13 @@ def auth_file(tmp_path_factory):
     return str(path)
 
 
-def serve(auth=None, tls=None, snapshot_root=None):
+def serve(auth=None, tls=None, snapshot_root=None, read_endpoints=False):
     """An in-process deployment of 2 shards on a free loopback port: (address, stop)."""
     runtime = LocalRuntime(2)
     router = Router(runtime)
     if snapshot_root is not None:
         router.snapshots = Snapshots(router, str(snapshot_root))
-    server, port = start_server(router, port=0, auth=auth, tls=tls)
+    server, port = start_server(router, port=0, auth=auth, tls=tls, read_endpoints=read_endpoints)
 
     def stop():
         server.stop(0).wait()
@@ -269,6 +269,30 @@ def test_mutual_tls_needs_a_client_certificate(mutual_tls_server, pki):
         no_cert.list_namespaces()
     with client(mutual_tls_server, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key) as with_cert:
         assert with_cert.list_namespaces() == []
+
+
+def test_the_shards_read_endpoints_speak_the_front_ends_mutual_tls(pki):
+    address, stop = serve(tls=ServerTls.load(pki.server_cert, pki.server_key, pki.ca), read_endpoints=True)
+    secured = {"address": address}
+    try:
+        keys = np.random.default_rng(3).standard_normal((20, DIM), dtype=np.float32)
+        with client(secured, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key) as with_cert:
+            with_cert.create_namespace("a-tls", dim=DIM)
+            ids = with_cert.add("a-tls", keys, np.arange(20))
+            found = with_cert.search("a-tls", keys[:4], 1)
+            assert found.ids[:, 0].tolist() == ids[:4].tolist()
+            endpoint = with_cert._store.read_routing.target()
+            assert endpoint not in (None, address)  # the search went to a shard's endpoint, over mutual TLS
+            with with_cert.decode() as stream:
+                assert stream.search("a-tls", keys[:4], 1).ids[:, 0].tolist() == ids[:4].tolist()
+                assert stream.target == endpoint
+        with client({"address": endpoint}, tls_ca=pki.ca) as no_cert, \
+                pytest.raises(Unavailable, match="client certificate"):
+            no_cert.search("a-tls", keys[:4], 1)
+        with client({"address": endpoint}) as plaintext, pytest.raises(Unavailable, match="may require TLS"):
+            plaintext.search("a-tls", keys[:4], 1)
+    finally:
+        stop()
 
 
 # ----- the CLI --------------------------------------------------------------------------------
