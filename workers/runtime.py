@@ -550,7 +550,7 @@ class ShardSideRuntime(RayRuntime):
     calling thread, while the others answer through Ray (sent first, so that they work meanwhile).
     It creates, retires and kills nothing: the front ends do."""
 
-    def __init__(self, ray, deployment: str, local_shard: Shard, restarts: bool):  # noqa: D107 - no super(): joins only
+    def __init__(self, ray, deployment: str, local_shard: Shard, restarts: bool):  # no super(): it joins, never creates
         self._ray = ray
         self._owns_ray = False
         self._created_actors = False
