@@ -10,6 +10,7 @@ and each step's namespace as the front end does.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -23,7 +24,7 @@ from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from monim.workers.auth import AuthPolicy
-from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, stop_endpoint
+from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, ENDPOINT_THREADS, stop_endpoint
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 from monim.workers.server import start_server
@@ -298,3 +299,30 @@ def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothin
     while endpoint.gate.streams or endpoint.gate.in_flight:
         assert time.monotonic() < deadline, (endpoint.gate.streams, endpoint.gate.in_flight)
         time.sleep(0.05)
+
+
+def test_a_full_endpoint_sends_the_stream_to_the_front_end(deployment):
+    _, address, _, _ = deployment
+    step = pb.DecodeStep(search=pb.SearchRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=2))
+    with MemoryClient(address) as client, client.decode() as stream:
+        target = client._store.read_routing.target()  # the endpoint this client reads through
+        held, channel = [], grpc.insecure_channel(target)
+        try:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            for _ in range(ENDPOINT_THREADS // 2):  # as many open streams as the endpoint takes
+                requests = queue.SimpleQueue()
+                answers = stub.Decode(iter(requests.get, None))
+                requests.put(step)
+                assert next(answers).code == 0
+                held.append((requests, answers))
+            with pytest.raises(grpc.RpcError) as refused:  # one more is refused
+                next(stub.Decode(iter([step])))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            np.testing.assert_array_equal(stream.search("mem", _queries(0), 2).ids,
+                                          client.search("mem", _queries(0), 2).ids)
+            assert stream.target == address  # the client's refused stream went to the front end at once
+        finally:
+            for requests, answers in held:
+                requests.put(None)
+                answers.cancel()
+            channel.close()
