@@ -303,7 +303,7 @@ class Frontend:
             try:
                 shards = self.probe.poll()
                 if self.metrics is not None:
-                    self.metrics.learn(name for shard in shards for name in shard.get("namespaces", {}))
+                    self.metrics.learn_shards(shards)
                 self.shard_states = [shard["state"] for shard in shards]
                 now_serving = all(state == "serving" for state in self.shard_states)
                 if now_serving != serving:

@@ -26,8 +26,10 @@ The per-shard gauges are read when Prometheus scrapes (``ShardCollector``), thro
 ShardProbe: a shard that does not answer within its wait is reported by its state only, and never
 holds the scrape up. The last two are for ``monim status``, which reads one scrape: they cover the
 data calls (Search, Add, Get, Delete, Retrieve, RetrieveBackward, ApplyGradients, CommitStep,
-AbortStep) of any status code, in one-second slots (``RecentCalls``); dashboards should rather use
-rate() and histogram_quantile() over the counters.
+AbortStep) of any status code, in one-second slots (``RecentCalls``), this front end's and those the
+shards' read endpoints answered (Search, Retrieve, Decode steps: their counts come with the shards'
+metrics, polled every few seconds by the health watch and at each scrape); dashboards should rather
+use rate() and histogram_quantile() over the counters.
 
 Label values stay bounded: ``namespace`` is a namespace that exists (a call on any other name, say
 one refused for a typo, counts under "unknown"; a call that names none under ""), and ``token``
@@ -101,12 +103,10 @@ class RecentCalls:
                 slot = slots[now % self.window_s] = [now, [0] * (len(self.bounds) + 1)]
             slot[1][bucket] += 1
 
-    def summary(self, q: float = 0.99) -> dict[str, tuple[float, float | None]]:
-        """namespace -> (calls per second, q-quantile of their latency in seconds) over the window,
-        or over the time since this object was made when that is shorter (at least 1 s)."""
-        now_s = self.clock()
-        now = int(now_s)
-        span_s = min(float(self.window_s), max(now_s - self.started, 1.0))
+    def window_counts(self) -> dict[str, list[int]]:
+        """namespace -> its calls in each latency bucket over the window (a namespace without calls in
+        it is forgotten)."""
+        now = int(self.clock())
         answers = {}
         with self._lock:
             for namespace, slots in list(self._slots.items()):
@@ -114,12 +114,23 @@ class RecentCalls:
                 for slot in slots:
                     if slot is not None and now - slot[0] < self.window_s:
                         counts = [a + b for a, b in zip(counts, slot[1])]
-                total = sum(counts)
-                if total == 0:
+                if sum(counts) == 0:
                     del self._slots[namespace]
                     continue
-                answers[namespace] = (total / span_s, bucket_quantile(q, counts, self.bounds))
+                answers[namespace] = counts
         return answers
+
+    def summary(self, q: float = 0.99, more=()) -> dict[str, tuple[float, float | None]]:
+        """namespace -> (calls per second, q-quantile of their latency in seconds) over the window,
+        or over the time since this object was made when that is shorter (at least 1 s). more:
+        window_counts() of other sources with the same bounds (the shards' read endpoints), added in."""
+        span_s = min(float(self.window_s), max(self.clock() - self.started, 1.0))
+        counts = self.window_counts()
+        for other in more:
+            for namespace, theirs in other.items():
+                ours = counts.get(namespace)
+                counts[namespace] = list(theirs) if ours is None else [a + b for a, b in zip(ours, theirs)]
+        return {namespace: (sum(c) / span_s, bucket_quantile(q, c, self.bounds)) for namespace, c in counts.items()}
 
 
 class ServerMetrics:
@@ -140,8 +151,9 @@ class ServerMetrics:
         self._known: set[str] = set()  # namespaces seen to exist: the only ones a label may name
         self._known_lock = threading.Lock()
         self.recent = RecentCalls()
+        self.endpoint_recent: dict[int, dict[str, list[int]]] = {}  # shard -> its read endpoint's window_counts()
         self.registry.register(ShardCollector(self))
-        self.registry.register(RecentCollector(self.recent))
+        self.registry.register(RecentCollector(self.recent, lambda: list(self.endpoint_recent.values())))
         if forwards is not None:
             self.registry.register(ForwardsCollector(forwards))
 
@@ -149,6 +161,15 @@ class ServerMetrics:
         """Namespaces that exist (as shards or a successful call report them) may be labels."""
         with self._known_lock:
             self._known.update(namespaces)
+
+    def learn_shards(self, shards: list[dict]) -> None:
+        """What a poll of the shards (ShardProbe.poll) tells the metrics: the namespaces that exist, and
+        the recent calls each shard's read endpoint answered (for the per-namespace rates)."""
+        self.learn(name for shard in shards for name in shard.get("namespaces", {}))
+        for shard in shards:
+            endpoint = shard.get("read_endpoint")
+            if endpoint is not None and "recent" in endpoint:
+                self.endpoint_recent[shard["shard"]] = endpoint["recent"]
 
     def namespace_label(self, method: str, request, code: grpc.StatusCode) -> str:
         """The namespace a call concerns, as a label: "" for none; the name when it exists (the call
@@ -216,7 +237,7 @@ class ShardCollector(Collector):
     def collect(self):
         families = self._families()
         shards = self.metrics.probe.poll(hosts=True)
-        self.metrics.learn(name for shard in shards for name in shard.get("namespaces", {}))
+        self.metrics.learn_shards(shards)
         for shard in shards:
             label = str(shard["shard"])
             for state in SHARD_STATES:
@@ -245,10 +266,12 @@ class ShardCollector(Collector):
 
 
 class RecentCollector(Collector):
-    """Each namespace's data calls per second and their p99 latency over the last minute (RecentCalls)."""
+    """Each namespace's data calls per second and their p99 latency over the last minute (RecentCalls),
+    this front end's and, from the last poll of the shards, their read endpoints'."""
 
-    def __init__(self, recent: RecentCalls):
+    def __init__(self, recent: RecentCalls, endpoints=lambda: []):
         self.recent = recent
+        self.endpoints = endpoints
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
@@ -262,7 +285,7 @@ class RecentCollector(Collector):
 
     def collect(self):
         rate, p99 = self._families()
-        for namespace, (per_second, quantile) in sorted(self.recent.summary().items()):
+        for namespace, (per_second, quantile) in sorted(self.recent.summary(more=self.endpoints()).items()):
             rate.add_metric((namespace,), per_second)
             if quantile is not None:
                 p99.add_metric((namespace,), quantile)

@@ -67,11 +67,16 @@ class ReadEndpoint:
     """A gRPC server on ``host`` (a free port) serving READ_METHODS through ``router``; ``target`` is
     what clients dial. stop() ends it (open streams are cancelled)."""
 
-    def __init__(self, router, host: str, options: EndpointOptions):
+    def __init__(self, router, host: str, options: EndpointOptions, known=lambda namespace: False):
+        """known(namespace): whether it exists (its calls are counted under its name, others under
+        "unknown", as the front end's metrics do)."""
+        from monim.workers.metrics import UNKNOWN_NAMESPACE, RecentCalls
         from monim.workers.server import message_size_options
         from monim.workers.servicer import MemoryServicer
 
         self.router = router
+        self.recent = RecentCalls()  # per namespace, for the front end's monim_namespace_requests_per_second
+        self._known, self._unknown = known, UNKNOWN_NAMESPACE
         self.gate = CallGate(options.auth, observer=self._count, max_streams=ENDPOINT_THREADS // 2)
         self._calls: dict[tuple[str, str], int] = {}  # calls and steps answered, by (method, status code name)
         self._calls_lock = threading.Lock()
@@ -95,13 +100,17 @@ class ReadEndpoint:
     def _count(self, method: str, request, code: grpc.StatusCode, seconds: float, token_name: str) -> None:
         with self._calls_lock:
             self._calls[(method, code.name)] = self._calls.get((method, code.name), 0) + 1
+        namespace = getattr(request, "namespace", "")
+        self.recent.observe(namespace if self._known(namespace) else self._unknown, seconds)
 
     def stats(self) -> dict:
         """For the front end's metrics (Shard.metrics): its target, the Decode streams open now, the
-        calls (each Decode step one) answered so far, {(method, status code name): count}."""
+        calls (each Decode step one) answered so far, {(method, status code name): count}, and the
+        last minute's per namespace (RecentCalls.window_counts)."""
         with self._calls_lock:
             calls = dict(self._calls)
-        return {"target": self.target, "streams": self.gate.streams, "calls": calls}
+        return {"target": self.target, "streams": self.gate.streams, "calls": calls,
+                "recent": self.recent.window_counts()}
 
     def stop(self, grace_s: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
@@ -115,7 +124,8 @@ def ensure_endpoint(shard, make_router, host: str, options: EndpointOptions) -> 
     with _starting:
         endpoint = getattr(shard, ENDPOINT_ATTRIBUTE, None)
         if endpoint is None:
-            endpoint = ReadEndpoint(make_router(), host, options)
+            endpoint = ReadEndpoint(make_router(), host, options,
+                                    known=lambda namespace: namespace in getattr(shard, "stores", {}))
             setattr(shard, ENDPOINT_ATTRIBUTE, endpoint)
         return endpoint.target
 

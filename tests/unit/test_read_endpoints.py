@@ -228,7 +228,7 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
     from prometheus_client.parser import text_string_to_metric_families
 
     runtime = LocalRuntime(1)
-    server, address = _serve(runtime, read_endpoints=True, metrics_port=0)
+    server, address = _serve(runtime, read_endpoints=True, metrics_port=0, health_poll_s=0.1)
     try:
         with MemoryClient(address) as client:
             client.create_namespace("mem", dim=DIM)
@@ -257,6 +257,11 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
                 assert samples[(calls, (("code", "OK"), ("method", "Search"), ("shard", "0")))] == 2
                 assert not any(name == "monim_requests_total" and dict(labels).get("method") in ("Decode", "Search")
                                for name, labels in samples)  # the front end served none of them
+                # ... and yet `monim status`'s per-namespace rate counts them: the front end's own calls on
+                # "mem" (the Add) alone make at most 1 per second (a rate over at least 1 s), with the
+                # endpoint's 8 it is 9 over the few seconds this server has run.
+                assert 1.0 < samples[("monim_namespace_requests_per_second", (("namespace", "mem"),))] <= 9
+                assert ("monim_namespace_request_p99_seconds", (("namespace", "mem"),)) in samples
             deadline = time.monotonic() + 10
             while scrape()[("monim_read_endpoint_streams", (("shard", "0"),))] != 0:  # the stream closed
                 assert time.monotonic() < deadline, "the endpoint still counts the closed stream"
