@@ -91,12 +91,17 @@ def scrape(url: str, timeout_s: float) -> dict:
                 namespaces[labels["namespace"]]["requests_per_s"] = value
             elif name == "monim_namespace_request_p99_seconds":
                 namespaces[labels["namespace"]]["p99_latency_s"] = value
+            elif name == "monim_read_endpoint_namespace_requests_per_second":
+                namespaces[labels["namespace"]]["endpoint_requests_per_s"] = value
+            elif name == "monim_read_endpoint_namespace_request_p99_seconds":
+                namespaces[labels["namespace"]]["endpoint_p99_latency_s"] = value
     return {"shards": dict(shards), "namespaces": dict(namespaces)}
 
 
 def _merged(scrapes: list[dict]) -> dict:
     """Several front ends' scrapes as one: shard figures and bytes from the first that has them
-    (every front end reads the same shards), requests/s summed, the largest p99."""
+    (every front end reads the same shards), requests/s summed, the largest p99; the reads the shards'
+    read endpoints answered (every front end reports the same) added once, from the first scrape."""
     shards: dict[int, dict] = collections.defaultdict(dict)
     namespaces: dict[str, dict] = collections.defaultdict(lambda: {"bytes": {}, "requests_per_s": 0.0})
     for one in scrapes:
@@ -110,6 +115,13 @@ def _merged(scrapes: list[dict]) -> dict:
             merged["requests_per_s"] += fields.get("requests_per_s", 0.0)
             if "p99_latency_s" in fields:
                 merged["p99_latency_s"] = max(merged.get("p99_latency_s", 0.0), fields["p99_latency_s"])
+            for key in ("endpoint_requests_per_s", "endpoint_p99_latency_s"):
+                if key in fields:
+                    merged.setdefault(key, fields[key])
+    for merged in namespaces.values():
+        merged["requests_per_s"] += merged.pop("endpoint_requests_per_s", 0.0)
+        if "endpoint_p99_latency_s" in merged:
+            merged["p99_latency_s"] = max(merged.get("p99_latency_s", 0.0), merged.pop("endpoint_p99_latency_s"))
     return {"shards": shards, "namespaces": namespaces}
 
 

@@ -21,15 +21,18 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
                                                           status, since it started
     monim_namespace_requests_per_second{namespace}        gauge: data calls over the last minute
     monim_namespace_request_p99_seconds{namespace}        gauge: their 99th percentile latency, same minute
+    monim_read_endpoint_namespace_requests_per_second{namespace}  gauge: the same of the reads the shards'
+    monim_read_endpoint_namespace_request_p99_seconds{namespace}  read endpoints answered (one per deployment)
 
 The per-shard gauges are read when Prometheus scrapes (``ShardCollector``), through the front end's
 ShardProbe: a shard that does not answer within its wait is reported by its state only, and never
 holds the scrape up. The last two are for ``monim status``, which reads one scrape: they cover the
 data calls (Search, Add, Get, Delete, Retrieve, RetrieveBackward, ApplyGradients, CommitStep,
-AbortStep) of any status code, in one-second slots (``RecentCalls``), this front end's and those the
+AbortStep) of any status code, in one-second slots (``RecentCalls``); the two after them the reads the
 shards' read endpoints answered (Search, Retrieve, Decode steps: their counts come with the shards'
-metrics, polled every few seconds by the health watch and at each scrape); dashboards should rather
-use rate() and histogram_quantile() over the counters.
+metrics, polled every few seconds by the health watch and at each scrape; every front end reports
+the same figure, so ``monim status`` adds it once to the front ends' summed rates); dashboards should
+rather use rate() and histogram_quantile() over the counters.
 
 Label values stay bounded: ``namespace`` is a namespace that exists (a call on any other name, say
 one refused for a typo, counts under "unknown"; a call that names none under ""), and ``token``
@@ -120,17 +123,28 @@ class RecentCalls:
                 answers[namespace] = counts
         return answers
 
-    def summary(self, q: float = 0.99, more=()) -> dict[str, tuple[float, float | None]]:
-        """namespace -> (calls per second, q-quantile of their latency in seconds) over the window,
-        or over the time since this object was made when that is shorter (at least 1 s). more:
-        window_counts() of other sources with the same bounds (the shards' read endpoints), added in."""
-        span_s = min(float(self.window_s), max(self.clock() - self.started, 1.0))
-        counts = self.window_counts()
-        for other in more:
-            for namespace, theirs in other.items():
-                ours = counts.get(namespace)
-                counts[namespace] = list(theirs) if ours is None else [a + b for a, b in zip(ours, theirs)]
-        return {namespace: (sum(c) / span_s, bucket_quantile(q, c, self.bounds)) for namespace, c in counts.items()}
+    def span_s(self) -> float:
+        """The seconds the window covers now: window_s, or the time since this object was made when
+        that is shorter (at least 1 s)."""
+        return min(float(self.window_s), max(self.clock() - self.started, 1.0))
+
+    def summary(self, q: float = 0.99) -> dict[str, tuple[float, float | None]]:
+        """namespace -> (calls per second, q-quantile of their latency in seconds) over span_s()."""
+        return rates([(self.span_s(), self.window_counts())], q, self.bounds)
+
+
+def rates(sources, q: float = 0.99, bounds=LATENCY_BUCKETS_S) -> dict[str, tuple[float, float | None]]:
+    """sources: [(span_s, {namespace: bucket counts})] (RecentCalls.span_s and window_counts of one or
+    several places) -> namespace -> (calls per second, summed over the sources; q-quantile of all
+    their latencies)."""
+    per_second: dict[str, float] = {}
+    counts: dict[str, list[int]] = {}
+    for span_s, by_namespace in sources:
+        for namespace, theirs in by_namespace.items():
+            per_second[namespace] = per_second.get(namespace, 0.0) + sum(theirs) / span_s
+            ours = counts.get(namespace)
+            counts[namespace] = list(theirs) if ours is None else [a + b for a, b in zip(ours, theirs)]
+    return {namespace: (per_second[namespace], bucket_quantile(q, c, bounds)) for namespace, c in counts.items()}
 
 
 class ServerMetrics:
@@ -151,9 +165,12 @@ class ServerMetrics:
         self._known: set[str] = set()  # namespaces seen to exist: the only ones a label may name
         self._known_lock = threading.Lock()
         self.recent = RecentCalls()
-        self.endpoint_recent: dict[int, dict[str, list[int]]] = {}  # shard -> its read endpoint's window_counts()
+        self.endpoint_recent: dict[int, dict] = {}  # shard -> its read endpoint's {"span_s", "counts"}
         self.registry.register(ShardCollector(self))
-        self.registry.register(RecentCollector(self.recent, lambda: list(self.endpoint_recent.values())))
+        self.registry.register(RecentCollector(lambda: self.recent.summary(), "monim_namespace"))
+        self.registry.register(RecentCollector(lambda: rates([(r["span_s"], r["counts"])
+                                                              for r in list(self.endpoint_recent.values())]),
+                                               "monim_read_endpoint_namespace"))
         if forwards is not None:
             self.registry.register(ForwardsCollector(forwards))
 
@@ -266,18 +283,20 @@ class ShardCollector(Collector):
 
 
 class RecentCollector(Collector):
-    """Each namespace's data calls per second and their p99 latency over the last minute (RecentCalls),
-    this front end's and, from the last poll of the shards, their read endpoints'."""
+    """Each namespace's data calls per second and their p99 latency over the last minute: summary() ->
+    {namespace: (per second, p99)} (RecentCalls.summary, or rates() of the shards' read endpoints);
+    prefix: the families' names, ``<prefix>_requests_per_second`` and ``<prefix>_request_p99_seconds``."""
 
-    def __init__(self, recent: RecentCalls, endpoints=lambda: []):
-        self.recent = recent
-        self.endpoints = endpoints
+    def __init__(self, summary, prefix: str):
+        self.summary = summary
+        self.prefix = prefix
 
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
-        return (GaugeMetricFamily("monim_namespace_requests_per_second", "Data calls on the namespace per second "
-                                  "over the last minute (any status code)", labels=("namespace",)),
-                GaugeMetricFamily("monim_namespace_request_p99_seconds", "99th percentile latency of those calls "
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        whose = "this front end's" if self.prefix == "monim_namespace" else \
+            "the shards' read endpoints' (as of the last poll of the shards; every front end reports the same)"
+        return (GaugeMetricFamily(f"{self.prefix}_requests_per_second", f"Data calls on the namespace per second "
+                                  f"over the last minute (any status code), {whose}", labels=("namespace",)),
+                GaugeMetricFamily(f"{self.prefix}_request_p99_seconds", "99th percentile latency of those calls "
                                   "over the last minute (interpolated in the latency buckets)", labels=("namespace",)))
 
     def describe(self):
@@ -285,7 +304,7 @@ class RecentCollector(Collector):
 
     def collect(self):
         rate, p99 = self._families()
-        for namespace, (per_second, quantile) in sorted(self.recent.summary(more=self.endpoints()).items()):
+        for namespace, (per_second, quantile) in sorted(self.summary().items()):
             rate.add_metric((namespace,), per_second)
             if quantile is not None:
                 p99.add_metric((namespace,), quantile)

@@ -110,7 +110,7 @@ class ReadEndpoint:
         with self._calls_lock:
             calls = dict(self._calls)
         return {"target": self.target, "streams": self.gate.streams, "calls": calls,
-                "recent": self.recent.window_counts()}
+                "recent": {"span_s": self.recent.span_s(), "counts": self.recent.window_counts()}}
 
     def stop(self, grace_s: float | None = None) -> None:
         self.health.enter_graceful_shutdown()

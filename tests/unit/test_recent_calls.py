@@ -53,3 +53,18 @@ def test_a_young_front_end_divides_by_its_age():
     for _ in range(50):
         recent.observe("a", 0.001)
     assert recent.summary()["a"][0] == pytest.approx(5.0)
+
+
+def test_rates_of_several_places_add_per_second_and_pool_their_latencies():
+    """The shards' read endpoints each count their calls over their own span; a deployment's rate is
+    the sum of theirs, its p99 that of all their calls."""
+    from monim.workers.metrics import rates
+
+    bounds = (0.01, 0.1, 1.0)
+    first = (60.0, {"a": [60, 0, 0, 0], "b": [0, 6, 0, 0]})  # an endpoint up for a minute or more
+    second = (2.0, {"a": [0, 0, 4, 0]})                       # one started 2 s ago
+    found = rates([first, second], 0.99, bounds)
+    assert found["a"][0] == pytest.approx(60 / 60 + 4 / 2)
+    assert found["a"][1] == bucket_quantile(0.99, [60, 0, 4, 0], bounds)
+    assert found["b"] == (pytest.approx(0.1), bucket_quantile(0.99, [0, 6, 0, 0], bounds))
+    assert rates([]) == {}
