@@ -75,14 +75,14 @@ class ReadEndpoint:
         from monim.workers.servicer import MemoryServicer
 
         self.router = router
-        self.recent = RecentCalls()  # per namespace, for the front end's monim_namespace_requests_per_second
+        self.recent = RecentCalls()  # per namespace: monim_read_endpoint_namespace_requests_per_second
         self._known, self._unknown = known, UNKNOWN_NAMESPACE
         self.gate = CallGate(options.auth, observer=self._count, max_streams=ENDPOINT_THREADS // 2)
         self._calls: dict[tuple[str, str], int] = {}  # calls and steps answered, by (method, status code name)
         self._calls_lock = threading.Lock()
         interceptors = [self.gate] + ([AuthInterceptor(options.auth)] if options.auth is not None else [])
         self.server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-decode"),
+            concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-read"),
             options=message_size_options(options.max_message_bytes), interceptors=interceptors)
         add_memory_service(MemoryServicer(router, keeps_forwards=False), self.server, methods=READ_METHODS)
         self.health = health.HealthServicer()
