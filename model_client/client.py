@@ -162,7 +162,7 @@ class _RemoteStore:
         with Tensor fields comes back as a framing.Framed (message, payloads: the tensors' bytes as
         views of the received answer), any other as its message. A read goes to a shard's read
         endpoint where model_client/read_routing.py says so, and to the front end if that fails."""
-        if self.read_routing.routes(method, request):
+        if self.read_routing.routes(method):
             target = self.read_routing.target()
             if target is not None:
                 try:
@@ -330,10 +330,10 @@ class MemoryClient:
     it is given, or when ``tls`` is True (then the system's root certificates are trusted).
     tls_cert, tls_key: PEM files of this client's certificate and key, for mutual TLS.
     The in-process store has no access control and ignores the token; TLS options raise there.
-    read_endpoints: Search, Retrieve (without keep_state) and decode streams (``decode()``, and
-    ``attach_monim`` while generating) go to a shard's own read endpoint where the server names
-    them, with the front end as the fallback (model_client/read_routing.py; docs/API.md, "Read
-    endpoints"); False: every call to the front end.
+    read_endpoints: a memory layer's calls (search, retrieve, retrieve_backward and decode streams,
+    so ``attach_monim`` while training and generating) go to a shard's own read endpoint where the
+    server names them, with the front end as the fallback (model_client/read_routing.py; docs/API.md,
+    "Read endpoints"); False: every call to the front end.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,

@@ -1,13 +1,15 @@
-"""Which shard read endpoint a remote MemoryClient reads through (docs/API.md, "Read endpoints").
+"""Which shard read endpoint a remote MemoryClient sends its memory layer's calls to (docs/API.md,
+"Read endpoints").
 
-A server may serve the reads a model makes every step (Search, Retrieve without ``keep_state``,
-Decode streams) on each shard's own endpoint too (workers/read_endpoint.py), with no hop from the
-front end to the shards. A client asks the front end for them (``ReadEndpoints``) at its first read
-and keeps one, picked at random (so that clients spread over the shards), for its reads; everything
-else goes to the front end. When the endpoint cannot be reached or breaks (its shard restarted and
-the endpoint with it, a TLS certificate that does not name its host, a firewall), the read goes to
-the front end at once, without a retry or a wait, and so do the client's reads for
-``ENDPOINT_RETRY_S``; then it asks again. A server that names none is asked again after as long.
+A server may serve the calls a memory layer makes every step (Search, Retrieve, Decode streams, and
+the training step's RetrieveBackward, CommitStep, AbortStep) on each shard's own endpoint too
+(workers/read_endpoint.py), with no hop from the front end to the shards. A client asks the front
+end for them (``ReadEndpoints``) at its first such call and keeps one, picked at random (so that
+clients spread over the shards), for all of them; everything else goes to the front end. When the
+endpoint cannot be reached or breaks (its shard restarted and the endpoint with it, a TLS
+certificate that does not name its host, a firewall), the call goes to the front end at once,
+without a retry or a wait, and so do the client's calls for ``ENDPOINT_RETRY_S``; then it asks
+again. A server that names none is asked again after as long.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from monim.protos.errors import MemoryStoreError
 # After an endpoint failed, or the server named none, reads go to the front end this long before the
 # client asks for endpoints again.
 ENDPOINT_RETRY_S = 30.0
-# The unary calls a read endpoint serves (a Retrieve only without keep_state; Decode is a stream).
-ENDPOINT_CALLS = frozenset({"Search", "Retrieve"})
+# The unary calls a read endpoint serves (Decode, a stream, goes there too): a memory layer's every
+# step. A backward named by its forward's handle must reach the router that kept it: the client's
+# one endpoint, as its forward did; where it does not (the endpoint failed in between), the router
+# answers FAILED_PRECONDITION and MemoryClient.retrieve_backward sends the forward's arrays instead.
+ENDPOINT_CALLS = frozenset({"Search", "Retrieve", "RetrieveBackward", "CommitStep", "AbortStep"})
 
 
 class ReadRouting:
@@ -36,9 +41,9 @@ class ReadRouting:
         self._target: str | None = None
         self._asked_after = 0.0  # time.monotonic() before which the server is not asked again
 
-    def routes(self, method: str, request) -> bool:
+    def routes(self, method: str) -> bool:
         """Whether this call may go to an endpoint."""
-        return self.enabled and method in ENDPOINT_CALLS and not getattr(request, "keep_state", False)
+        return self.enabled and method in ENDPOINT_CALLS
 
     def target(self) -> str | None:
         """The endpoint to read through now, or None (the front end)."""

@@ -1,22 +1,24 @@
-"""A shard's own read endpoint: the reads a model makes every step, served inside the shard's process.
+"""A shard's own read endpoint: what a model's memory layer calls every step, served in the shard's process.
 
-A read through the front end costs a gRPC round trip to the front end and a Ray actor call from
+A call through the front end costs a gRPC round trip to the front end and a Ray actor call from
 there to each shard (about half of a 5.4 ms decoding step on an H200 host, docs/BENCHMARKS.md),
-and a large answer is copied through Ray's object store on its way. An endpoint serves ``Search``,
-``Retrieve`` (without ``keep_state``: forward states are kept by the front end, which the backward
-goes to) and the ``Decode`` stream in a shard actor's process, through the same servicer and a
-router of its own, whose runtime calls the shard it runs in directly and the other shards as the
-front end does (workers/runtime.py, ``ShardSideRuntime``): a read of a one-shard namespace crosses
-no process boundary on the server, and on more shards the endpoint's own shard answers its part
-with no hop. The front end's ``ReadEndpoints`` call starts the endpoints that are not up yet (the
-first time, or after a shard restarted) and names them; ``MemoryClient`` reads through one and goes
-back to the front end when it cannot (model_client/read_routing.py).
+and a large request or answer one more copy, through Ray's object store. An endpoint serves the
+calls a MoNIM layer makes every step: ``Search``, ``Retrieve`` and the ``Decode`` stream, and the
+training step's ``RetrieveBackward`` with its ``CommitStep`` / ``AbortStep`` (a forward kept with
+``keep_state`` lives in the router that made it: the backward goes where the forward went). It runs
+them in a shard actor's process, through the same servicer and a router of its own, whose runtime
+calls the shard it runs in directly and the other shards as the front end does
+(workers/runtime.py, ``ShardSideRuntime``): a call on a one-shard namespace crosses no process
+boundary on the server, and on more shards the endpoint's own shard answers its part with no hop.
+The front end's ``ReadEndpoints`` call starts the endpoints that are not up yet (the first time, or
+after a shard restarted) and names them; ``MemoryClient`` sends those calls to one and goes back to
+the front end when it cannot (model_client/read_routing.py).
 
 An endpoint takes the front end's tokens and TLS: every call and step is authorized as on the front
-end. It serves those three methods (others: UNIMPLEMENTED) and the standard health service. It binds
-the front end's host when that is a loopback address (one machine: nothing else may reach it), else
-the address of the node its shard runs on (so clients reach it where Ray placed the shard). The
-first front end to start a shard's endpoint sets its options; it lives until the shard closes or its
+end. It serves those methods (others: UNIMPLEMENTED) and the standard health service. It binds the
+front end's host when that is a loopback address (one machine: nothing else may reach it), else the
+address of the node its shard runs on (so clients reach it where Ray placed the shard). The first
+front end to start a shard's endpoint sets its options; it lives until the shard closes or its
 process ends. Its calls are counted by the front end's metrics as the shard's
 (``monim_read_endpoint_calls_total``), not in ``monim_requests_total``.
 """
@@ -37,7 +39,9 @@ from monim.workers.tls import ServerTls
 
 # Threads of an endpoint's server: an open Decode stream holds one, a call one while it runs.
 ENDPOINT_THREADS = 16
-READ_METHODS = frozenset({"Search", "Retrieve", "Decode"})
+# What a model's MoNIM layer calls every step: its reads, and the backward of its own forwards (their
+# states are kept by the router that made them: this endpoint's, for a Retrieve sent here).
+ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "Decode", "RetrieveBackward", "CommitStep", "AbortStep"})
 # Set on a Shard object once its endpoint runs; one lock for every shard of a process.
 ENDPOINT_ATTRIBUTE = "read_endpoint"
 _starting = threading.Lock()
@@ -64,7 +68,7 @@ def is_loopback(host: str) -> bool:
 
 
 class ReadEndpoint:
-    """A gRPC server on ``host`` (a free port) serving READ_METHODS through ``router``; ``target`` is
+    """A gRPC server on ``host`` (a free port) serving ENDPOINT_METHODS through ``router``; ``target`` is
     what clients dial. stop() ends it (open streams are cancelled)."""
 
     def __init__(self, router, host: str, options: EndpointOptions, known=lambda namespace: False):
@@ -84,7 +88,7 @@ class ReadEndpoint:
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-read"),
             options=message_size_options(options.max_message_bytes), interceptors=interceptors)
-        add_memory_service(MemoryServicer(router, keeps_forwards=False), self.server, methods=READ_METHODS)
+        add_memory_service(MemoryServicer(router), self.server, methods=ENDPOINT_METHODS)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{host}:0"

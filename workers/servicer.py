@@ -13,7 +13,7 @@ from monim.protos import convert, framing
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
-from monim.protos.errors import FailedPrecondition, InvalidArgument
+from monim.protos.errors import InvalidArgument
 from monim.workers.auth import authorize_step, caller_name
 from monim.workers.decoding import payloads_of, undecodable
 from monim.workers.router import Router
@@ -46,10 +46,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     read_endpoints: the options of the shards' read endpoints (workers/read_endpoint.py), which
     ReadEndpoints starts and names; None: this server names none."""
 
-    def __init__(self, router: Router, read_endpoints=None, keeps_forwards: bool = True):
+    def __init__(self, router: Router, read_endpoints=None):
         self.router = router
         self.read_endpoints = read_endpoints
-        self.keeps_forwards = keeps_forwards  # False on a shard's read endpoint: the front end keeps them
 
     @grpc_errors
     def CreateNamespace(self, request, context):
@@ -125,9 +124,6 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def Retrieve(self, request, context):
-        if request.keep_state and not self.keeps_forwards:
-            raise FailedPrecondition("a shard's read endpoint keeps no forward state: send a Retrieve with "
-                                     "keep_state to the front end (MemoryClient does)")
         return self._retrieve(request)
 
     def _retrieve(self, request) -> bytes:

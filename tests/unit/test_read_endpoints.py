@@ -22,7 +22,7 @@ from monim.model_client import read_routing
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
-from monim.protos.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from monim.protos.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from monim.workers.auth import AuthPolicy
 from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, ENDPOINT_THREADS, stop_endpoint
 from monim.workers.router import Router
@@ -116,22 +116,47 @@ def test_reads_through_an_endpoint_answer_as_the_front_end_does(deployment):
         assert owners == set(range(SHARDS))
 
 
-def test_a_retrieve_that_keeps_its_state_goes_to_the_front_end(deployment):
+def _endpoint_of(runtime, target: str):
+    endpoints = [getattr(shard, ENDPOINT_ATTRIBUTE, None) for shard in runtime.shards]
+    return next(endpoint for endpoint in endpoints if endpoint is not None and endpoint.target == target)
+
+
+def test_a_training_step_through_an_endpoint_steps_as_one_through_the_front_end(deployment):
+    """Retrieve(keep_state) + RetrieveBackward through the client's endpoint (its router keeps the
+    forward) against the same on a twin namespace through the front end; then a backward whose
+    endpoint went away between forward and backward: it reaches the front end, which does not know
+    the handle, and the client sends the forward's arrays there (retries=0: no retry is spent)."""
     runtime, address, _, server = deployment
-    with MemoryClient(address) as client:
-        client.search("mem", _queries(0), 2)  # the client reads through an endpoint from here on
-        before = _endpoint_calls(runtime, "Retrieve")
-        kept = client.retrieve("mem", _queries(1), 4, 1.0, keep_state=True)
-        assert kept.handle and server.router.forwards.get(kept.handle, "mem") is not None
-        assert _endpoint_calls(runtime, "Retrieve") == before
-        target = client._store.read_routing.target()
-    with grpc.insecure_channel(target) as channel:  # sent to an endpoint anyway: refused, nothing kept
-        request = pb.RetrieveRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(1)), k=4,
-                                     temperature=1.0, keep_state=True)
-        with pytest.raises(grpc.RpcError) as refused:
-            pb_grpc.MemoryServiceStub(channel).Retrieve(request)
-        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "keeps no forward state" in refused.value.details()
+    rng = np.random.default_rng(7)
+    keys = rng.standard_normal((200, DIM)).astype(np.float32)
+    values = rng.standard_normal((200, VALUE_DIM)).astype(np.float32)
+    with MemoryClient(address, retries=0) as client, MemoryClient(address, read_endpoints=False) as front_end:
+        for name in ("train-ep", "train-fe"):
+            front_end.create_namespace(name, dim=DIM, value_dim=VALUE_DIM)
+            front_end.add(name, keys, np.arange(200) % 50, values=values)
+        for step in range(2):
+            queries, grad = _queries(20 + step), rng.standard_normal((3, VALUE_DIM)).astype(np.float32)
+            forward = client.retrieve("train-ep", queries, 8, 1.0, keep_state=True)
+            twin = front_end.retrieve("train-fe", queries, 8, 1.0, keep_state=True)
+            np.testing.assert_array_equal(forward.ids, twin.ids)
+            target = client._store.read_routing.target()
+            if step == 0:  # the forward is kept where it was made: the client's endpoint, not the front end
+                assert _endpoint_of(runtime, target).router.forwards.get(forward.handle, "train-ep") is not None
+                with pytest.raises(FailedPrecondition):
+                    server.router.forwards.get(forward.handle, "train-ep")
+            else:  # the endpoints go away between the forward and its backward
+                for shard in runtime.shards:
+                    stop_endpoint(shard)
+            grad_queries, grad_temperature = client.retrieve_backward("train-ep", forward, grad)
+            expected_queries, expected_temperature = front_end.retrieve_backward("train-fe", twin, grad)
+            np.testing.assert_allclose(grad_queries, expected_queries, rtol=1e-5, atol=1e-6)
+            assert grad_temperature == pytest.approx(expected_temperature, rel=1e-5, abs=1e-6)
+            np.testing.assert_allclose(front_end.get("train-ep", np.arange(200)).values,
+                                       front_end.get("train-fe", np.arange(200)).values, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(front_end.get("train-ep", np.arange(200)).values, values)  # the steps stepped
+        client._store.read_routing.forget()
+        for name in ("train-ep", "train-fe"):
+            front_end.drop_namespace(name)
 
 
 def test_a_failing_step_on_an_endpoint_is_answered_and_the_stream_goes_on(deployment):
