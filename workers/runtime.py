@@ -121,7 +121,6 @@ def _read_endpoint_of_actor(shard, deployment: str, restarts: bool, options) -> 
     """Runs in a shard actor's process (Ray's __ray_call__): its read endpoint's target, the endpoint
     started first if it is not up (a router over ShardSideRuntime; workers/read_endpoint.py)."""
     import ray
-    from monim.workers.router import Router
 
     host = options.host if is_loopback(options.host) else ray.util.get_node_ip_address()
     return ensure_endpoint(shard, lambda: Router(ShardSideRuntime(ray, deployment, shard, restarts)), host, options)
