@@ -6,9 +6,10 @@ fixed seed; queries are stored keys plus noise), loaded into two stores:
   in-process  MemoryClient(":memory:", device=--device): the router over one shard in this process
               (the same validation and arithmetic as a shard of the service, no network);
   service     MemoryClient(address) -> gRPC -> router -> ``--shards`` Ray shard actors (a GPU each
-              where the machine has as many), all started in this process by EmbeddedStore; its
-              reads (Search, Retrieve, decode streams) go to a shard's read endpoint, as a client's
-              do by default (docs/API.md, "Read endpoints"; ``--front-end-reads``: to the front end),
+              where the machine has as many), all started in this process by EmbeddedStore; a
+              memory layer's calls (Search, Retrieve, decode streams, the training step, Add,
+              ApplyGradients) go to a shard's read endpoint, as a client's do by default
+              (docs/API.md, "Read endpoints"; ``--front-end-reads``: to the front end),
 
 it measures, each cell on both back to back:
 
@@ -40,6 +41,7 @@ import time
 import numpy as np
 import torch
 
+from bench.grpc_floor import GrpcFloor
 from bench.search_bench import int_list, same_neighbours
 
 NAMESPACE = "bench-plane"
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ks", type=int_list, default=[32, 1024])
     p.add_argument("--learn-batch", type=int, default=4096, help="B of the training-step cells")
     p.add_argument("--front-end-reads", action="store_true",
-                   help="the service's reads go to the front end, not to a shard's read endpoint")
+                   help="the service's calls go to the front end, not to a shard's read endpoint")
     p.add_argument("--decode-steps", type=int, default=300, help="tokens of the B=1 decode cells")
     p.add_argument("--apply-rows", type=int, default=65_536, help="rows per ApplyGradients in the rate cell")
     p.add_argument("--big-apply-rows", type=int, default=131_072, help="one ApplyGradients past the message limit")
@@ -119,26 +121,28 @@ def load(client, name, keys, tokens, values, chunk: int = 65_536) -> float:
 
 
 class Table:
-    """Rows of (what, in-process, service, service/in-process, goal), printed as they come and at the end."""
+    """Rows of (what, in-process, service, service/in-process, goal, floor), printed as they come and at the end.
+    floor: in-process plus a bare gRPC call of the same bytes (bench/grpc_floor.py), and the service against it."""
 
     def __init__(self):
         self.rows: list[dict] = []
 
-    def add(self, what: str, local: str, service: str, ratio: str = "", goal: str = "", **numbers):
-        row = dict(what=what, local=local, service=service, ratio=ratio, goal=goal, numbers=numbers)
+    def add(self, what: str, local: str, service: str, ratio: str = "", goal: str = "", floor: str = "", **numbers):
+        row = dict(what=what, local=local, service=service, ratio=ratio, goal=goal, floor=floor, numbers=numbers)
         self.rows.append(row)
-        print(f"  {what}: in-process {local} | service {service} {ratio} (goal {goal or '-'})", flush=True)
+        print(f"  {what}: in-process {local} | service {service} {ratio} (goal {goal or '-'})"
+              + (f" | in-process + bare gRPC {floor}" if floor else ""), flush=True)
 
     def render(self) -> str:
-        head = ("what", "in-process", "through the service", "svc/in", "goal (service)")
-        cells = [head] + [(r["what"], r["local"], r["service"], r["ratio"], r["goal"]) for r in self.rows]
+        head = ("what", "in-process", "through the service", "svc/in", "goal (service)", "in-process + bare gRPC (svc/it)")
+        cells = [head] + [(r["what"], r["local"], r["service"], r["ratio"], r["goal"], r["floor"]) for r in self.rows]
         widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
         lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
         lines.insert(1, "-+-".join("-" * w for w in widths))
         return "\n".join(lines)
 
 
-def search_cells(table, local, remote, queries, args):
+def search_cells(table, local, remote, queries, args, floor):
     for k in args.ks:
         qps, ratios = {}, []
         for batch in args.batches:
@@ -146,6 +150,8 @@ def search_cells(table, local, remote, queries, args):
             for name, client in (("in", local), ("svc", remote)):
                 times = timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s)
                 qps[name, batch] = batch * len(times) / sum(times)
+            # The answer: ids int64, distances float32, tokens int32 per neighbour.
+            qps["floor", batch] = batch / (batch / qps["in", batch] + floor.transfer(q.nbytes, batch * k * 16))
             a, b = client_first(local, q, k), client_first(remote, q, k)
             if not same_neighbours(a, b):
                 print(f"WARNING: B={batch} k={k}: the first query's neighbours differ")
@@ -154,6 +160,8 @@ def search_cells(table, local, remote, queries, args):
         table.add(f"Search q/s, B={'/'.join(map(str, args.batches))}, k={k}",
                   fmt(f"{qps['in', b]:,.0f}" for b in args.batches), fmt(f"{qps['svc', b]:,.0f}" for b in args.batches),
                   "(" + fmt(f"{r:.2f}" for r in ratios) + "x)", ">= 0.8x in every cell",
+                  fmt(f"{qps['floor', b]:,.0f}" for b in args.batches)
+                  + " (" + fmt(f"{qps['svc', b] / qps['floor', b]:.2f}" for b in args.batches) + ")",
                   qps={f"{n}_B{b}": v for (n, b), v in qps.items()})
 
 
@@ -162,9 +170,14 @@ def client_first(client, q, k):
     return found.ids[0], found.distances[0]
 
 
-def decode_cells(table, local, remote, queries, args):
+def decode_cells(table, local, remote, queries, args, floor):
     """B=1, k=32, one read per token, round by round so that all ways see the same load."""
     steps = [queries[i:i + 1] for i in range(args.decode_steps)]
+    # A bare stream's step with the same bytes: the query up; neighbours (16 bytes each) down, and for
+    # a Retrieve the memory output (value_dim float32) and alpha too.
+    with floor.stream() as bare:
+        floor_s = {"search": floor._timed(lambda: bare(steps[0].nbytes, 32 * 16)),
+                   "retrieve": floor._timed(lambda: bare(steps[0].nbytes, 32 * 20 + 4 * args.value_dim))}
     with remote.decode() as stream:
         ways = {("search", "in"): lambda q: local.search(NAMESPACE, q, 32),
                 ("search", "calls"): lambda q: remote.search(NAMESPACE, q, 32),
@@ -189,9 +202,11 @@ def decode_cells(table, local, remote, queries, args):
     for read, goal in (("search", "<= 1.0 / 2.0 ms"), ("retrieve", "<= 1.5 / 3.0 ms")):
         local_p = pct((read, "in"))
         call_p, stream_p = pct((read, "calls")), pct((read, "stream"))
+        best_ms = local_p[0] + 1e3 * floor_s[read]
         table.add(f"decode: {read.capitalize()} B=1 k=32, p50 / p99", f"{local_p[0]:.2f} / {local_p[1]:.2f} ms",
                   f"stream {stream_p[0]:.2f} / {stream_p[1]:.2f} ms to {where} (calls {call_p[0]:.2f} / {call_p[1]:.2f})",
-                  "", goal, in_process_ms=local_p, calls_ms=call_p, stream_ms=stream_p)
+                  "", goal, f"p50 {best_ms:.2f} ms ({stream_p[0] / best_ms:.2f})",
+                  in_process_ms=local_p, calls_ms=call_p, stream_ms=stream_p, bare_stream_step_ms=1e3 * floor_s[read])
 
 
 def learn_cells(table, local, remote, queries, rng, args):
@@ -213,7 +228,7 @@ def learn_cells(table, local, remote, queries, rng, args):
                   in_process=ratio["in"], through_service=ratio["svc"])
 
 
-def apply_cells(table, local, remote, rng, args):
+def apply_cells(table, local, remote, rng, args, floor):
     n = min(args.apply_rows, args.rows)
     ids = rng.choice(args.rows, n, replace=False).astype(np.int64)
     grads = rng.standard_normal((n, args.value_dim), dtype=np.float32)
@@ -221,8 +236,10 @@ def apply_cells(table, local, remote, rng, args):
     for name, client in (("in", local), ("svc", remote)):
         rate[name] = n / p50(timed(lambda: client.apply_gradients(NAMESPACE, ids, grads), args.repeats,
                                    args.budget_s))
+    rate["floor"] = n / (n / rate["in"] + floor.transfer(ids.nbytes + grads.nbytes, 64))
     table.add(f"ApplyGradients (Adam) of {n:,} rows, rows/s", f"{rate['in']:,.0f}", f"{rate['svc']:,.0f}",
-              f"({rate['svc'] / rate['in']:.2f}x)", ">= 0.5x in-process", **rate)
+              f"({rate['svc'] / rate['in']:.2f}x)", ">= 0.5x in-process",
+              f"{rate['floor']:,.0f} ({rate['svc'] / rate['floor']:.2f})", rows_per_s=rate)
     big = min(args.big_apply_rows, args.rows)
     ids = rng.choice(args.rows, big, replace=False).astype(np.int64)
     grads = rng.standard_normal((big, args.value_dim), dtype=np.float32)
@@ -300,6 +317,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(MemoryClient(":memory:", device=args.device))
         service = stack.enter_context(EmbeddedStore(shards=args.shards, num_cpus=max(4, 2 * args.shards)))
+        floor = stack.enter_context(GrpcFloor(repeats=args.repeats, budget_s=args.budget_s))
         remote = stack.enter_context(MemoryClient(service.address, timeout_s=600,
                                                   read_endpoints=not args.front_end_reads))
         rate = {}
@@ -311,17 +329,24 @@ def main(argv=None) -> int:
             rate[name, "keys"] = load(client, "keys-only", keys[:only], tokens[:only], None)
             client.drop_namespace("keys-only")
         shards = remote.describe_namespace(NAMESPACE).shards
-        print(f"service reads go to {remote._store.read_routing.target() or 'the front end'} "
+        print(f"service calls go to {remote._store.read_routing.target() or 'the front end'} "
               f"(front end {service.address})")
         print("service shards: " + ", ".join(f"{s['shard']}: {s['rows']:,} rows on {s['device']} ({s['backend']})"
                                              for s in shards))
+        # load() adds 65,536 rows a call: keys, values, tokens (int64) up; ids (int64) and flags down.
+        calls = -(-args.rows // 65_536)
+        per_call = min(args.rows, 65_536)
+        rate["floor"] = args.rows / (args.rows / rate["in"] + calls * floor.transfer(
+            per_call * (4 * (args.dim + args.value_dim) + 8), per_call * 10))
         table.add(f"Add of {args.dim}-d rows with values, rows/s (keys only)",
                   f"{rate['in']:,.0f} ({rate['in', 'keys']:,.0f})", f"{rate['svc']:,.0f} ({rate['svc', 'keys']:,.0f})",
-                  f"({rate['svc'] / rate['in']:.2f}x)", ">= 200k", rates={str(k): v for k, v in rate.items()})
-        search_cells(table, local, remote, queries, args)
-        decode_cells(table, local, remote, queries, args)
+                  f"({rate['svc'] / rate['in']:.2f}x)", ">= 200k",
+                  f"{rate['floor']:,.0f} ({rate['svc'] / rate['floor']:.2f})",
+                  rates={str(k): v for k, v in rate.items()})
+        search_cells(table, local, remote, queries, args, floor)
+        decode_cells(table, local, remote, queries, args, floor)
         learn_cells(table, local, remote, queries, rng, args)
-        apply_cells(table, local, remote, rng, args)
+        apply_cells(table, local, remote, rng, args, floor)
         if args.lm_size != "none":
             lm_cells(table, local, remote, args)
     print(f"\n# total {time.perf_counter() - began:.0f} s\n")

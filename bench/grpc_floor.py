@@ -1,0 +1,202 @@
+"""What gRPC itself costs to move a call's bytes: the floor under any service built on it.
+
+A bare gRPC server in a process of its own (as the service's front end or a shard's endpoint is to
+its client) answers generic calls that carry no work: a unary call and a bidirectional stream whose
+every request says how many bytes to answer. Timing a call with the same request and answer sizes
+as one of the service's, on the same machine in the same run, says how much of the service's time
+is gRPC's (the C core's copies and transport, Python's per-message handling) and how much is ours:
+
+    in-process time + floor  ~  the best a gRPC service over this store could do.
+
+Both ends use the message limits and channel options the service uses (workers/server.py's
+message_size_options). A large transfer goes as the client sends one: chunks of
+model_client.client.CHUNK_BYTES, PIPELINE_DEPTH of them in flight.
+
+    with GrpcFloor() as floor:
+        floor.unary(request_bytes, answer_bytes)              # seconds, median of the calls
+        floor.transfer(total_up, total_down)                  # seconds for a chunked, pipelined call
+        with floor.stream() as step: step(request_bytes, answer_bytes)   # one step on an open stream
+
+    python -m bench.grpc_floor        # prints a few sizes' floors on this machine
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+
+SERVICE = "monim.bench.Floor"
+_HEADER = struct.Struct("<q")  # a request's first 8 bytes: the answer's size
+
+
+def _answer(request: bytes, cache: dict) -> bytes:
+    size = _HEADER.unpack_from(request)[0]
+    answer = cache.get(size)
+    if answer is None:
+        answer = cache[size] = bytes(size)
+    return answer
+
+
+def serve(ready_path: str) -> None:
+    """The floor's server (run in its own process): writes its port to ready_path, runs until stdin closes."""
+    from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+
+    cache: dict = {}
+    handlers = {
+        "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: _answer(request, cache)),
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            lambda requests, context: (_answer(request, cache) for request in requests)),
+    }
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(16),
+                         options=message_size_options(DEFAULT_MAX_MESSAGE_BYTES))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with open(ready_path + ".tmp", "w") as f:
+        f.write(str(port))
+    os.replace(ready_path + ".tmp", ready_path)
+    sys.stdin.read()  # the parent closes it (or exits)
+    server.stop(0)
+
+
+class GrpcFloor:
+    """A bare gRPC server in a child process and a channel to it (see the module docstring)."""
+
+    def __init__(self, repeats: int = 20, budget_s: float = 2.0):
+        import tempfile
+
+        from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+
+        self.repeats, self.budget_s = repeats, budget_s
+        self._dir = tempfile.TemporaryDirectory()
+        ready = os.path.join(self._dir.name, "port")
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve", ready],
+                                         stdin=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(__file__)))
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ready):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the gRPC floor's server did not start")
+            time.sleep(0.05)
+        with open(ready) as f:
+            self.address = f"127.0.0.1:{f.read().strip()}"
+        self._channel = grpc.insecure_channel(self.address, options=message_size_options(DEFAULT_MAX_MESSAGE_BYTES))
+        self._call = self._channel.unary_unary(f"/{SERVICE}/Call")
+        self._stream = self._channel.stream_stream(f"/{SERVICE}/Stream")
+        self._payloads: dict = {}
+
+    def _request(self, request_bytes: int, answer_bytes: int) -> bytes:
+        body = self._payloads.get(request_bytes)
+        if body is None:
+            body = self._payloads[request_bytes] = bytes(max(0, request_bytes - _HEADER.size))
+        return _HEADER.pack(answer_bytes) + body
+
+    def _timed(self, call) -> float:
+        call()  # warm-up
+        times, began = [], time.perf_counter()
+        while len(times) < self.repeats and (not times or time.perf_counter() - began < self.budget_s):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def unary(self, request_bytes: int, answer_bytes: int) -> float:
+        """Seconds (median) of one bare unary call sending and answering that many bytes."""
+        return self._timed(lambda: self._call(self._request(request_bytes, answer_bytes)))
+
+    def transfer(self, total_up: int, total_down: int) -> float:
+        """Seconds (median) to send total_up bytes and get total_down back as the client sends a large
+        call: one message if it fits in half the message limit, else chunks of CHUNK_BYTES with
+        PIPELINE_DEPTH in flight, the answer shared among them."""
+        from monim.model_client import client as client_module
+
+        limit = client_module.DEFAULT_MAX_MESSAGE_BYTES // 2
+        chunks = 1 if total_up <= limit else -(-total_up // min(limit, client_module.CHUNK_BYTES))
+        up, down = -(-total_up // chunks), -(-total_down // chunks)
+        if chunks == 1:
+            return self.unary(up, down)
+        request = self._request(up, down)
+        with concurrent.futures.ThreadPoolExecutor(client_module.PIPELINE_DEPTH) as pool:
+            return self._timed(lambda: list(pool.map(lambda _: self._call(request), range(chunks))))
+
+    @contextlib.contextmanager
+    def stream(self):
+        """step(request_bytes, answer_bytes) -> None: one step on an open bare stream."""
+        requests: list = []
+        ready = threading.Condition()
+
+        def sent():
+            while True:
+                with ready:
+                    ready.wait_for(lambda: requests)
+                    request = requests.pop(0)
+                if request is None:
+                    return
+                yield request
+
+        answers = self._stream(sent())
+
+        def step(request_bytes: int, answer_bytes: int) -> None:
+            with ready:
+                requests.append(self._request(request_bytes, answer_bytes))
+                ready.notify()
+            next(answers)
+
+        try:
+            yield step
+        finally:
+            with ready:
+                requests.append(None)
+                ready.notify()
+            answers.cancel()
+
+    def close(self) -> None:
+        self._channel.close()
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._dir.cleanup()
+
+    def __enter__(self) -> GrpcFloor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--serve", metavar="READY_PATH", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
+    with GrpcFloor() as floor:
+        with floor.stream() as step:
+            stream_s = floor._timed(lambda: step(3_136, 512))
+        print(f"# bare gRPC on {os.cpu_count()} CPUs, grpcio {grpc.__version__}")
+        print(f"stream step, 3 KB up / 512 B down: {1e3 * stream_s:.3f} ms")
+        print(f"unary call, 3 KB up / 512 B down: {1e3 * floor.unary(3_136, 512):.3f} ms")
+        for mb_up, mb_down in ((12.6, 67.1), (403.0, 0.5)):
+            seconds = floor.transfer(int(mb_up * 1e6), int(mb_down * 1e6))
+            print(f"transfer, {mb_up} MB up / {mb_down} MB down: {1e3 * seconds:.1f} ms "
+                  f"({(mb_up + mb_down) / seconds / 1e3:.2f} GB/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
