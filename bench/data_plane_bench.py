@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--value-dim", type=int, default=768)
     p.add_argument("--shards", type=int, default=1, help="service shard actors (default 1)")
+    p.add_argument("--shard-cpus", type=int, default=1,
+                   help="CPUs each shard actor holds (monim serve --shard-cpus; its torch and faiss threads)")
     p.add_argument("--device", default="cpu", help="the in-process store's device: cpu or cuda")
     p.add_argument("--batches", type=int_list, default=[1, 64, 4096])
     p.add_argument("--ks", type=int_list, default=[32, 1024])
@@ -310,13 +312,15 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "no GPU"
     print(f"# {command}")
     print(f"# {args.rows:,} x {args.dim} keys, value_dim {args.value_dim}; in-process on {args.device} ({gpu}); "
-          f"service: {args.shards} shard(s); {os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}")
+          f"service: {args.shards} shard(s) of {args.shard_cpus} CPU(s); {os.cpu_count()} CPUs, {platform.machine()}, "
+          f"torch {torch.__version__}")
     began = time.perf_counter()
     rng, keys, values, tokens, queries = make_data(args)
     table = Table()
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(MemoryClient(":memory:", device=args.device))
-        service = stack.enter_context(EmbeddedStore(shards=args.shards, num_cpus=max(4, 2 * args.shards)))
+        service = stack.enter_context(EmbeddedStore(shards=args.shards, shard_cpus=args.shard_cpus,
+                                                    num_cpus=max(4, args.shards * (args.shard_cpus + 1))))
         floor = stack.enter_context(GrpcFloor(repeats=args.repeats, budget_s=args.budget_s))
         remote = stack.enter_context(MemoryClient(service.address, timeout_s=600,
                                                   read_endpoints=not args.front_end_reads))
