@@ -126,10 +126,11 @@ def _read_endpoint_of_actor(shard, deployment: str, restarts: bool, options) -> 
     return ensure_endpoint(shard, lambda: Router(ShardSideRuntime(ray, deployment, shard, restarts)), host, options)
 
 
-def _outcomes(results: list, errors: list[Exception], each: bool) -> list:
+def _outcomes(results: list, each: bool) -> list:
     """results (each call's result or error, in call order) as call_shards answers them: with each,
     the list itself (a dead shard's error still raised, so that the round is sent again); else the
     results, or the round's error raised."""
+    errors = [result for result in results if isinstance(result, Exception)]
     if each:
         dead = [error for error in errors if isinstance(error, ShardUnavailable)]
         if dead:
@@ -211,7 +212,7 @@ class LocalRuntime:
             try:
                 return [_logged(shard, method, getattr(target, method), args)]
             except Exception as error:  # noqa: BLE001 - answered as the call's outcome
-                return _outcomes([error], [error], each)
+                return _outcomes([error], each)
         futures = []
         for shard, method, args in calls:
             target = self.shards[shard]
@@ -219,7 +220,7 @@ class LocalRuntime:
                 futures.append((shard, None))
             else:
                 futures.append((shard, self._pool.submit(_logged, shard, method, getattr(target, method), args)))
-        results, errors = [], []
+        results = []
         for shard, future in futures:
             try:
                 if future is None:
@@ -231,9 +232,8 @@ class LocalRuntime:
                         other.cancel()
                 raise DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s") from None
             except Exception as error:  # noqa: BLE001 - raised once all have answered
-                errors.append(error)
                 results.append(error)
-        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
+        return _outcomes(results, each)
 
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
         """workers/machine.py's report for the shard (this process's, which holds every shard)."""
@@ -445,9 +445,7 @@ class RayRuntime:
                 timeout_s = None if deadline is None else deadline - time.monotonic()
 
     def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
-        results = self._gather(calls, self._scatter(calls), timeout_s)
-        errors = [r for r in results if isinstance(r, Exception)]
-        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
+        return _outcomes(self._gather(calls, self._scatter(calls), timeout_s), each)
 
     def _scatter(self, calls) -> list:
         """The calls sent to their shard actors at once: their futures, in call order."""
@@ -583,9 +581,7 @@ class ShardSideRuntime(RayRuntime):
                     local_results.append(error)
         remote_results = iter(self._gather(elsewhere, futures, timeout_s) if elsewhere else [])
         local_iter = iter(local_results)
-        results = [next(local_iter) if shard == here else next(remote_results) for shard, _, _ in calls]
-        errors = [r for r in results if isinstance(r, Exception)]
-        return _outcomes(results if each else [r for r in results if not isinstance(r, Exception)], errors, each)
+        return _outcomes([next(local_iter) if shard == here else next(remote_results) for shard, _, _ in calls], each)
 
     def retire_shards(self, count: int) -> None:
         raise NotImplementedError("a shard's read endpoint retires no shards")
