@@ -19,9 +19,13 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_read_endpoint_streams{shard}                    gauge: Decode streams open on the shard's own read endpoint
     monim_read_endpoint_calls_total{shard, method, code}  counter: calls (a Decode step: one) it answered, by gRPC
                                                           status, since it started
+    monim_read_endpoint_forward_states{shard}             gauge: Retrieve states its router keeps for their backward
+    monim_read_endpoint_forward_state_bytes{shard}        gauge: the bytes they hold
+    monim_read_endpoint_forward_states_dropped_total{shard, why}  counter: evicted, expired or missed, as
+                                                          monim_forward_states_dropped_total on the front end
     monim_namespace_requests_per_second{namespace}        gauge: data calls over the last minute
     monim_namespace_request_p99_seconds{namespace}        gauge: their 99th percentile latency, same minute
-    monim_read_endpoint_namespace_requests_per_second{namespace}  gauge: the same of the reads the shards'
+    monim_read_endpoint_namespace_requests_per_second{namespace}  gauge: the same of the calls the shards'
     monim_read_endpoint_namespace_request_p99_seconds{namespace}  read endpoints answered (one per deployment)
 
 The per-shard gauges are read when Prometheus scrapes (``ShardCollector``), through the front end's
@@ -246,6 +250,13 @@ class ShardCollector(Collector):
             "calls": CounterMetricFamily("monim_read_endpoint_calls", "Calls (a Decode step: one) the shard's own "
                                          "read endpoint answered, by gRPC status (since it started)",
                                          labels=("shard", "method", "code")),
+            "forwards": GaugeMetricFamily("monim_read_endpoint_forward_states", "Retrieve states the shard's own "
+                                          "read endpoint keeps for their backward (handles)", labels=("shard",)),
+            "forward_bytes": GaugeMetricFamily("monim_read_endpoint_forward_state_bytes", "Bytes those states hold",
+                                               labels=("shard",)),
+            "forwards_dropped": CounterMetricFamily("monim_read_endpoint_forward_states_dropped", "Its kept states "
+                                                    "dropped: evicted for room, expired unused, or asked for and not "
+                                                    "found (missed)", labels=("shard", "why")),
         }
 
     def describe(self):
@@ -271,6 +282,12 @@ class ShardCollector(Collector):
                 families["streams"].add_metric((label,), endpoint["streams"])
                 for (method, code), count in sorted(endpoint["calls"].items()):
                     families["calls"].add_metric((label, method, code), count)
+                forwards = endpoint.get("forwards")
+                if forwards is not None:
+                    families["forwards"].add_metric((label,), forwards["states"])
+                    families["forward_bytes"].add_metric((label,), forwards["bytes"])
+                    for why, count in sorted(forwards["dropped"].items()):
+                        families["forwards_dropped"].add_metric((label, why), count)
             host = shard.get("host")
             if host is not None:
                 families["info"].add_metric((label, host["node"], host.get("node_id", ""), host["device"]), 1.0)

@@ -25,7 +25,8 @@ front end's host when that is a loopback address (one machine: nothing else may 
 address of the node its shard runs on (so clients reach it where Ray placed the shard). The first
 front end to start a shard's endpoint sets its options; it lives until the shard closes or its
 process ends. Its calls are counted by the front end's metrics as the shard's
-(``monim_read_endpoint_calls_total``), not in ``monim_requests_total``.
+(``monim_read_endpoint_calls_total``), not in ``monim_requests_total``, and so are the forwards its
+router keeps (``monim_read_endpoint_forward_states``).
 """
 
 from __future__ import annotations
@@ -116,12 +117,16 @@ class ReadEndpoint:
 
     def stats(self) -> dict:
         """For the front end's metrics (Shard.metrics): its target, the Decode streams open now, the
-        calls (each Decode step one) answered so far, {(method, status code name): count}, and the
-        last minute's per namespace (RecentCalls.window_counts)."""
+        calls (each Decode step one) answered so far, {(method, status code name): count}, the
+        last minute's per namespace (RecentCalls.window_counts), and its router's kept forwards
+        (states, bytes, dropped: {why: count}; workers/forwards.py)."""
         with self._calls_lock:
             calls = dict(self._calls)
+        forwards = self.router.forwards
         return {"target": self.target, "streams": self.gate.streams, "calls": calls,
-                "recent": {"span_s": self.recent.span_s(), "counts": self.recent.window_counts()}}
+                "recent": {"span_s": self.recent.span_s(), "counts": self.recent.window_counts()},
+                "forwards": {"states": len(forwards), "bytes": forwards.bytes,
+                             "dropped": {why: forwards.counts[why] for why in ("evicted", "expired", "missed")}}}
 
     def stop(self, grace_s: float | None = None) -> None:
         self.health.enter_graceful_shutdown()

@@ -302,6 +302,10 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
         with MemoryClient(address) as client:
             client.create_namespace("mem", dim=DIM)
             client.add("mem", _queries(0, 20), np.arange(20))
+            with MemoryClient(address, read_endpoints=False) as front_end:
+                front_end.create_namespace("learn", dim=DIM, value_dim=VALUE_DIM)
+                front_end.add("learn", _queries(1, 20), np.arange(20), values=np.ones((20, VALUE_DIM), np.float32))
+            client.retrieve("learn", _queries(2), 3, 1.0, keep_state=True)  # kept by the endpoint's router
             with client.decode() as stream:
                 for step in range(5):
                     stream.search("mem", _queries(step), 3)
@@ -325,9 +329,14 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
                 assert samples[(calls, (("code", "INVALID_ARGUMENT"), ("method", "Decode"), ("shard", "0")))] == 1
                 assert samples[(calls, (("code", "OK"), ("method", "Search"), ("shard", "0")))] == 2
                 assert samples[(calls, (("code", "OK"), ("method", "Add"), ("shard", "0")))] == 1
-                assert not any(name == "monim_requests_total" and dict(labels).get("method") in ("Decode", "Search",
-                                                                                                 "Add")
-                               for name, labels in samples)  # the front end served none of them
+                assert samples[("monim_read_endpoint_forward_states", (("shard", "0"),))] == 1  # the kept Retrieve
+                assert samples[("monim_read_endpoint_forward_state_bytes", (("shard", "0"),))] > 0
+                dropped = "monim_read_endpoint_forward_states_dropped_total"
+                assert samples[(dropped, (("shard", "0"), ("why", "missed")))] == 0
+                assert samples[("monim_forward_states", ())] == 0  # the front end's table: none kept there
+                assert not any(name == "monim_requests_total" and dict(labels)["namespace"] == "mem"
+                               and dict(labels)["method"] != "CreateNamespace"
+                               for name, labels in samples)  # the front end served none of the data calls
                 # ... and yet the per-namespace rates (`monim status`) count them, as the endpoints' own
                 # (every front end reports the same; status adds them once to the front ends' sum): the
                 # 9 calls over the second or few this endpoint has run; the front end's own: none.
