@@ -9,7 +9,8 @@ What comes from where:
 - the front end's Prometheus endpoint, when --metrics names it (``monim serve --metrics-port``;
   workers/metrics.py): per shard its node, the bytes the namespace's columns hold, the host and
   GPU memory its process uses and what is free there, its last snapshot's age and log size (and
-  "failed" when its log failed); per namespace its data calls per second and their p99 latency
+  "failed" when its log failed), and where its read endpoint listens with the Decode streams open
+  on it; per namespace its data calls per second and their p99 latency
   over the last minute. Without --metrics these show "-". With several front ends, give each
   one's URL: requests/s are summed, and the p99 is the largest of theirs.
 
@@ -34,9 +35,9 @@ from monim.workers.cli_client import add_connection_options, connect, console
 WATCH_S = 2.0
 SHARD_FIELDS = ("shard", "node", "node_id", "device", "rows", "bytes", "host_memory_used_bytes",
                 "host_memory_free_bytes", "gpu_memory_used_bytes", "gpu_memory_free_bytes", "state",
-                "snapshot_age_s", "wal_bytes")
+                "snapshot_age_s", "wal_bytes", "endpoint", "endpoint_streams")
 COLUMNS = ("shard", "node", "device", "rows", "bytes", "host used / free", "GPU used / free", "req/s (1 min)",
-           "p99 (1 min)", "state", "last snapshot")
+           "p99 (1 min)", "state", "last snapshot", "read endpoint (streams)")
 
 
 def add_status_command(commands) -> None:
@@ -85,6 +86,10 @@ def scrape(url: str, timeout_s: float) -> dict:
                 shards[shard]["snapshot_age_s"] = value
             elif name == "monim_wal_bytes":
                 shards[shard]["wal_bytes"] = int(value)
+            elif name == "monim_read_endpoint_info":
+                shards[shard]["endpoint"] = labels["target"]
+            elif name == "monim_read_endpoint_streams":
+                shards[shard]["endpoint_streams"] = int(value)
             elif name == "monim_namespace_bytes":
                 namespaces[labels["namespace"]]["bytes"][shard] = int(value)
             elif name == "monim_namespace_requests_per_second":
@@ -195,6 +200,13 @@ def _latency(seconds) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _endpoint(shard: dict) -> str:
+    """Where clients reach the shard's read endpoint, and its open Decode streams; "-" while none runs."""
+    if shard["endpoint"] is None:
+        return "-"
+    return f"{shard['endpoint']} ({shard['endpoint_streams'] or 0})"
+
+
 def _nodes(shards: list[dict]) -> dict[int, str]:
     """The node column: the host name, and the start of the Ray node id where one host name stands
     for several nodes (simulated nodes on one machine)."""
@@ -231,7 +243,7 @@ def namespace_table(namespace: dict, scraped: bool):
                       _bytes(shard["bytes"]),
                       _pair(shard["host_memory_used_bytes"], shard["host_memory_free_bytes"]),
                       _pair(shard["gpu_memory_used_bytes"], shard["gpu_memory_free_bytes"]),
-                      "", "", state, _age(shard["snapshot_age_s"], scraped))
+                      "", "", state, _age(shard["snapshot_age_s"], scraped), _endpoint(shard))
     table.add_section()
     serving = sum(shard["state"] == "serving" for shard in namespace["shards"])
     sizes = [shard["bytes"] for shard in namespace["shards"]]
@@ -239,7 +251,7 @@ def namespace_table(namespace: dict, scraped: bool):
     table.add_row("all", "", "", f"{namespace['rows']:,}", _bytes(None if None in sizes else sum(sizes)), "", "",
                   "-" if rate is None else f"{rate:,.1f}", _latency(namespace["p99_latency_s"]),
                   "serving" if serving == len(namespace["shards"]) else f"{serving}/{len(namespace['shards'])} serving",
-                  "")
+                  "", "")
     return table
 
 

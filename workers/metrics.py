@@ -16,7 +16,8 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_shard_memory_used_bytes{shard, memory}          gauge: memory="host": its process's resident set;
                                                           memory="gpu": what torch holds on its GPU
     monim_shard_memory_free_bytes{shard, memory}          gauge: available on its node / free on its GPU
-    monim_read_endpoint_streams{shard}                    gauge: Decode streams open on the shard's own read endpoint
+    monim_read_endpoint_info{shard, target}               gauge, always 1: where clients reach the shard's own read endpoint
+    monim_read_endpoint_streams{shard}                    gauge: Decode streams open on it
     monim_read_endpoint_calls_total{shard, method, code}  counter: calls (a Decode step: one) it answered, by gRPC
                                                           status, since it started
     monim_read_endpoint_forward_states{shard}             gauge: Retrieve states its router keeps for their backward
@@ -245,6 +246,8 @@ class ShardCollector(Collector):
                                       labels=("shard", "memory")),
             "free": GaugeMetricFamily("monim_shard_memory_free_bytes", "memory=host: memory available on the "
                                       "shard's node; memory=gpu: free memory on its GPU", labels=("shard", "memory")),
+            "endpoint": GaugeMetricFamily("monim_read_endpoint_info", "Always 1: the address (host:port) at which "
+                                          "clients reach the shard's own read endpoint", labels=("shard", "target")),
             "streams": GaugeMetricFamily("monim_read_endpoint_streams", "Decode streams open on the shard's own "
                                          "read endpoint", labels=("shard",)),
             "calls": CounterMetricFamily("monim_read_endpoint_calls", "Calls (a Decode step: one) the shard's own "
@@ -279,6 +282,7 @@ class ShardCollector(Collector):
                 families["age"].add_metric((label,), shard["snapshot_age_s"])
             endpoint = shard.get("read_endpoint")
             if endpoint is not None:
+                families["endpoint"].add_metric((label, endpoint["target"]), 1.0)
                 families["streams"].add_metric((label,), endpoint["streams"])
                 for (method, code), count in sorted(endpoint["calls"].items()):
                     families["calls"].add_metric((label, method, code), count)

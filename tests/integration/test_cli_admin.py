@@ -173,11 +173,12 @@ def test_status_prints_every_column_for_every_namespace_and_shard(deployment, ca
         assert len(shard_rows) == 2
         for line in shard_rows:
             cells = [cell.strip() for cell in line.split("│")[1:-1]]
-            shard, node, device, rows_held, size, host_memory, gpu_memory, rate, p99, state, snapshot = cells
+            shard, node, device, rows_held, size, host_memory, gpu_memory, rate, p99, state, snapshot, endpoint = cells
             assert node == host and device == "cpu" and int(rows_held.replace(",", "")) > 0
             assert size.endswith("iB") and " / " in host_memory and host_memory.count("iB") == 2
             assert gpu_memory == "-" and (rate, p99) == ("", "")  # a CPU shard; rate and p99 are the namespace's
             assert state == "serving" and snapshot.endswith("ago")
+            assert endpoint == "-"  # this server runs no read endpoints (test_read_endpoints.py shows one)
         cells = [cell.strip() for cell in total.split("│")[1:-1]]
         assert cells[3] == total_rows and cells[4].endswith("iB")
         assert float(cells[7]) > 0 and cells[8].endswith("ms") and cells[9] == "serving"

@@ -10,6 +10,7 @@ and checks tokens and each step's namespace as the front end does.
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import time
@@ -23,11 +24,13 @@ from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from monim.workers import cli_status
 from monim.workers.auth import AuthPolicy
 from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, ENDPOINT_THREADS, stop_endpoint
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 from monim.workers.server import start_server
+from rich.console import Console
 
 from monim import MemoryClient
 
@@ -324,6 +327,14 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
 
                 samples = scrape()
                 assert samples[("monim_read_endpoint_streams", (("shard", "0"),))] == 1
+                assert samples[("monim_read_endpoint_info", (("shard", "0"), ("target", stream.target)))] == 1
+                # monim status shows where the endpoint listens and its open streams, from the same scrape.
+                report = cli_status.collect(client, address, [f"http://127.0.0.1:{server.metrics_port}/metrics"], 30)
+                shard = next(n for n in report["namespaces"] if n["name"] == "mem")["shards"][0]
+                assert (shard["endpoint"], shard["endpoint_streams"]) == (stream.target, 1)
+                out = Console(record=True, width=250, file=io.StringIO())
+                out.print(cli_status.render(report))
+                assert f"{stream.target} (1)" in out.export_text()
                 calls = "monim_read_endpoint_calls_total"
                 assert samples[(calls, (("code", "OK"), ("method", "Decode"), ("shard", "0")))] == 5
                 assert samples[(calls, (("code", "INVALID_ARGUMENT"), ("method", "Decode"), ("shard", "0")))] == 1
