@@ -6,10 +6,10 @@ fixed seed; queries are stored keys plus noise), loaded into two stores:
   in-process  MemoryClient(":memory:", device=--device): the router over one shard in this process
               (the same validation and arithmetic as a shard of the service, no network);
   service     MemoryClient(address) -> gRPC -> router -> ``--shards`` Ray shard actors (a GPU each
-              where the machine has as many), all started in this process by EmbeddedStore; a
-              memory layer's calls (Search, Retrieve, decode streams, the training step, Add,
-              ApplyGradients) go to a shard's read endpoint, as a client's do by default
-              (docs/API.md, "Read endpoints"; ``--front-end-reads``: to the front end),
+              where the machine has as many), all started in this process by EmbeddedStore; its
+              reads and training steps (Search, Retrieve, decode streams, RetrieveBackward) go to a
+              shard's read endpoint, as a client's do by default (docs/API.md, "Read endpoints";
+              ``--front-end-reads``: to the front end), its writes to the front end,
 
 it measures, each cell on both back to back:
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ks", type=int_list, default=[32, 1024])
     p.add_argument("--learn-batch", type=int, default=4096, help="B of the training-step cells")
     p.add_argument("--front-end-reads", action="store_true",
-                   help="the service's calls go to the front end, not to a shard's read endpoint")
+                   help="the service's reads go to the front end, not to a shard's read endpoint")
     p.add_argument("--decode-steps", type=int, default=300, help="tokens of the B=1 decode cells")
     p.add_argument("--apply-rows", type=int, default=65_536, help="rows per ApplyGradients in the rate cell")
     p.add_argument("--big-apply-rows", type=int, default=131_072, help="one ApplyGradients past the message limit")
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
             rate[name, "keys"] = load(client, "keys-only", keys[:only], tokens[:only], None)
             client.drop_namespace("keys-only")
         shards = remote.describe_namespace(NAMESPACE).shards
-        print(f"service calls go to {remote._store.read_routing.target() or 'the front end'} "
+        print(f"service reads go to {remote._store.read_routing.target() or 'the front end'} "
               f"(front end {service.address})")
         print("service shards: " + ", ".join(f"{s['shard']}: {s['rows']:,} rows on {s['device']} ({s['backend']})"
                                              for s in shards))

@@ -1,14 +1,12 @@
 """Where a large Add and ApplyGradients spend their time through the service, against the same
 call on the in-process store, in one run on the same data.
 
-Through the front end a call passes the client (encoding), gRPC, the front end's servicer and router,
-the Ray call to the shard actor (its arguments put in Ray's object store), and the shard's method;
-through the shard's own endpoint (docs/API.md, "Read endpoints"), the same but for the Ray call.
+Through the service a call passes the client (encoding), gRPC, the front end's servicer and router,
+the Ray call to the shard actor (its arguments put in Ray's object store), and the shard's method.
 This bench times each stage: the front end's stages by wrapping its methods in this process (the
 bench runs the embedded deployment), the shard's inside the actor (``__ray_call__`` wraps its
 methods and its store's there; on a GPU each timed stage ends with a synchronize). Per stage it
-prints the milliseconds per call (summed over the call's chunks and parts), then the same calls'
-time through the endpoint.
+prints the milliseconds per call (summed over the call's chunks and parts).
 
     python -m bench.service_breakdown                      # CPU, 100,000 rows of 768 + 768 values
     python -m bench.service_breakdown --device cuda        # a GPU shard against the in-process GPU store
@@ -169,8 +167,7 @@ def main(argv=None) -> int:
         results["in-process", "apply"] = timed_calls(
             lambda: local.apply_gradients(NAMESPACE, apply_ids, apply_grads), args.repeats)
     with EmbeddedStore(shards=1, num_cpus=max(2, int(args.shard_cpus) + 1), shard_cpus=args.shard_cpus) as service, \
-            MemoryClient(service.address, timeout_s=600, read_endpoints=False) as remote, \
-            MemoryClient(service.address, timeout_s=600) as direct:
+            MemoryClient(service.address, timeout_s=600) as remote:
         load(remote)
         actor = service.runtime.shards[0]
         print(f"# shard actor: {ray.get(actor.__ray_call__.remote(_install_in_actor))}")
@@ -196,15 +193,7 @@ def main(argv=None) -> int:
                   f"{local_ms / service_ms:.2f}x in-process; client chunks of {chunk_mib} MiB, {depth} in flight")
             if setting:
                 continue
-            # The same calls to the shard's own endpoint (its process serves them: no front end, no Ray hop).
-            call = add_series(direct) if op == "add" else \
-                functools.partial(direct.apply_gradients, NAMESPACE, apply_ids, apply_grads)
-            direct_ms = 1e3 * float(np.median(timed_calls(call, args.repeats)))
-            forget()
-            print(f"  through the shard's own endpoint: {direct_ms:,.0f} ms ({rows / direct_ms * 1e3:,.0f} rows/s) = "
-                  f"{local_ms / direct_ms:.2f}x in-process, {service_ms / direct_ms:.2f}x faster than the front end")
-            print("  the front end's stages (a stage's time is summed over the call's chunks, which may be in flight "
-                  "at once):")
+            print("  (a stage's time is summed over the call's chunks, which may be in flight at once)")
             for label, (count, total) in sorted(stages.items(), key=lambda item: -item[1][1]):
                 print(f"  {label:40s} {total / calls * 1e3:9,.1f} ms per call ({count / calls:.0f} per call)")
     return 0

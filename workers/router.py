@@ -67,6 +67,18 @@ PLACEMENT_CATCH_UP_S = 1.0
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("monim_deadline", default=None)
 
 
+def _joined_shares(pending: list) -> list:
+    """Refused shares of the same part as one (their positions together, in order)."""
+    joined: dict = {}
+    for method, ids, make_args, positions in pending:
+        key = id(make_args)
+        if key in joined:
+            joined[key][3] = np.concatenate([joined[key][3], positions])
+        else:
+            joined[key] = [method, ids, make_args, positions]
+    return [(method, ids, make_args, np.sort(positions)) for method, ids, make_args, positions in joined.values()]
+
+
 def _rows(array: np.ndarray | None, positions: np.ndarray) -> np.ndarray | None:
     """array[positions] for increasing positions: a view when they are one run (every row of a batch
     for one shard, or one shard's run of new ids), else a copy. A 65,536 x 768 Add with values is
@@ -211,12 +223,14 @@ class Router:
         """Writes of rows by id: parts = [(method, ids int64 [N], args(positions) -> tuple)]; each part's
         ids go to their owners. A shard that refuses its share (PlacementChanged: a reshard moved or is
         copying those rows) applied none of it; only that share is routed again and sent, so a write
-        lands once. Returns the shards' results."""
+        lands once (the refused shares of a part go together, one call per owner; a shard that applied
+        another share of the request before applies the rows it has not: Shard._not_applied). Returns
+        the shards' results."""
         pending = [(method, ids, make_args, np.arange(ids.shape[0])) for method, ids, make_args in parts]
         results, waited = [], 0.0
         while pending:
             calls, shares = [], []
-            for method, ids, make_args, positions in pending:
+            for method, ids, make_args, positions in _joined_shares(pending):
                 for shard, sub in self._route_ids(ids[positions], namespace):
                     calls.append((shard, method, make_args(positions[sub])))
                     shares.append((method, ids, make_args, positions[sub]))

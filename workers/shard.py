@@ -131,45 +131,69 @@ class _Remembered(collections.OrderedDict):
         return value
 
 
-def _merged(ranges: list) -> list:
-    """[first, end) ranges sorted, with overlapping and touching ones joined."""
-    out: list = []
-    for first, end in sorted(ranges):
-        if out and first <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], end)
-        else:
-            out.append([first, end])
-    return out
+def _range_runs(ranges) -> np.ndarray:
+    """[first, end) ranges as runs [R, 3] (see _id_runs): each range one run of step 1."""
+    return np.array([[first, end - 1, 1] for first, end in sorted(ranges) if end > first], np.int64).reshape(-1, 3)
 
 
-def _clipped(ranges: list, first: int, end: int) -> list:
-    """The parts of ranges inside [first, end)."""
-    return [[max(a, first), min(b, end)] for a, b in ranges if max(a, first) < min(b, end)]
-
-
-def _in_ranges(ranges: list, ids: np.ndarray) -> np.ndarray:
-    """bool [N]: the ids that lie in one of the [first, end) ranges."""
+def _in_any(shares: list, ids: np.ndarray) -> np.ndarray:
+    """bool [N]: the ids in one of the sets (each runs [R, 3], see _id_runs)."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
     inside = np.zeros(ids.shape[0], bool)
-    for first, end in ranges:
-        inside |= (ids >= first) & (ids < end)
+    for runs in shares:
+        inside |= _in_runs(runs, ids)
     return inside
 
 
-def _outside(ranges: list, columns: dict) -> dict | None:
-    """A write's columns without the rows whose ids lie in ranges (a reshard moved them here with the
-    write applied); None if no row is left. A write without ids (a delete by source) is all inside."""
+def _runs_meet(runs: np.ndarray, first: int, end: int) -> bool:
+    """Whether the set's span meets [first, end) (runs sorted by first, last run's last the largest)."""
+    return bool(runs.shape[0]) and int(runs[0, 0]) < end and int(runs[-1, 1]) >= first
+
+
+def _outside(shares: list, columns: dict) -> dict | None:
+    """A write's columns without the rows whose ids are in shares (sets of ids a reshard moved here with
+    the write applied, _id_runs each); None if no row is left. A write without ids (a delete by
+    source) is all inside."""
     ids = columns.get("ids")
     if ids is None:
         return None
-    ids = np.asarray(ids)
-    inside = _in_ranges(ranges, ids)
+    return _rows_besides(columns, _in_any(shares, ids))
+
+
+def _rows_besides(columns: dict, inside: np.ndarray) -> dict | None:
+    """The write's columns without its rows where inside is True (one per id); None if none is left."""
     if not inside.any():
         return columns
     if inside.all():
         return None
     kept = ~inside
-    return {name: array[kept] if isinstance(array, np.ndarray) and array.ndim and array.shape[0] == ids.shape[0]
+    rows = inside.shape[0]
+    return {name: array[kept] if isinstance(array, np.ndarray) and array.ndim and array.shape[0] == rows
             else array for name, array in columns.items()}
+
+
+def _id_runs(ids) -> np.ndarray:
+    """A set of ids, compactly: runs [R, 3] of (first, last, step) covering the sorted unique ids, each
+    run the ids first, first + step, ..., last (an Add's share on a shard, a block of ids taken by
+    id % shards, is one run). Runs are sorted by first and meet at most at an end."""
+    ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
+    if ids.size < 2:
+        return np.array([[ids[0], ids[0], 1]] if ids.size else [], np.int64).reshape(-1, 3)
+    gaps = np.diff(ids)
+    starts = np.concatenate(([0], np.flatnonzero(gaps[1:] != gaps[:-1]) + 1))  # a run of equal gaps each
+    ends = np.concatenate((starts[1:], [gaps.size]))
+    return np.stack([ids[starts], ids[ends], gaps[starts]], axis=1)
+
+
+def _in_runs(runs: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Whether each of ids is in the set _id_runs made."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if not runs.shape[0] or not ids.size:
+        return np.zeros(ids.shape[0], bool)
+    run = np.searchsorted(runs[:, 0], ids, side="right") - 1  # the last run starting at or before each id
+    found = run >= 0
+    first, last, step = (runs[np.maximum(run, 0), column] for column in range(3))
+    return found & (ids <= last) & ((ids - first) % step == 0)
 
 
 class Shard:
@@ -200,6 +224,11 @@ class Shard:
         # reshard moved here: -> the id ranges [[first, end), ...] of those moves (_apply_receive). A retry
         # skips its ids in them (applied already, where they were) and applies the rest (never sent there).
         self._moved = _Remembered()
+        # A write by ids (add, increment_weights, delete) may reach this shard in several shares under
+        # one request id: after a reshard refused some, the router sends their rows again to their
+        # owners at the new placement. (request id, op) -> the ids applied here, as _id_runs of each
+        # share: a later share applies the rest, a retry of a share nothing.
+        self._applied_ids = _Remembered()
         self._staged: dict[str, _StagedStep] = {}
         self._lock = threading.RLock()
         # Writers wait on this (it releases the lock) for their record's fdatasync and their turn to
@@ -249,7 +278,9 @@ class Shard:
             # the lock, or a placement taken during the wait (a reshard's freeze) would not see this write.
             self._changes.wait_for(lambda: not self._draining)
             if key[0] and key in self._applied:
-                return self._applied[key]
+                columns = self._not_applied(key, columns)
+                if columns is None:
+                    return self._applied[key]
             answer = check() if check is not None else None
             if isinstance(answer, _Answer):
                 return answer.value
@@ -299,6 +330,16 @@ class Shard:
         if applied:
             self._changes.notify_all()
 
+    def _not_applied(self, key, columns: dict) -> dict | None:
+        """The rows of a write whose request (key) was applied here before that it did not cover (another
+        share of it: see _applied_ids); None when it covered them all, or when the write has no ids or
+        the shard does not know which ids the request covered (a write without ids; a request applied
+        before a restart from a snapshot that did not keep them): the whole write counts as applied."""
+        ids, shares = columns.get("ids"), self._applied_ids.get(key)
+        if ids is None or shares is None:
+            return None
+        return _rows_besides(columns, _in_any(shares, ids))
+
     def _exists(self, namespace: str, generation: int):
         """A write's check: the namespace (of that generation) is stored here, else NOT_FOUND / FAILED_PRECONDITION."""
         return lambda: self._store(namespace, generation) and None
@@ -311,8 +352,13 @@ class Shard:
     def _apply(self, op: str, args: dict, columns: dict):
         """The one place a change happens, live or replayed from the log."""
         namespace, generation = args.get("namespace"), args.get("generation", 0)
-        if args.get("request_id") and (args["request_id"], op) in self._applied:
-            return self._applied[(args["request_id"], op)]  # the same request logged twice, by two racing retries
+        key = (args.get("request_id"), op)
+        earlier = None  # this request's result here so far, when another share of it was applied
+        if key[0] and key in self._applied:  # the same request logged twice (two racing retries), or another share
+            rest = self._not_applied(key, columns)
+            if rest is None:
+                return self._applied[key]
+            columns, earlier = rest, self._applied[key]
         if op == "step" and args["step_id"] in self._committed:
             return self._committed[args["step_id"]]
         if op == "create":
@@ -351,8 +397,11 @@ class Shard:
             return self._committed.remember(args["step_id"], result)
         else:
             raise InvalidArgument(f"unknown log record {op!r}")
-        if args.get("request_id"):
-            self._applied.remember((args["request_id"], op), result)
+        if key[0]:  # remembered: what the request did here, all its shares (this share answers its own)
+            both = earlier + result if isinstance(earlier, int) and isinstance(result, int) else result
+            self._applied.remember(key, both)
+            if columns.get("ids") is not None:
+                self._applied_ids.remember(key, self._applied_ids.get(key, []) + [_id_runs(columns["ids"])])
         return result
 
     def _recover(self) -> None:
@@ -373,8 +422,13 @@ class Shard:
                 self._applied.remember((request_id, op), result)
             for step_id, result in extra.get("committed", []):
                 self._committed.remember(step_id, result)
-            for request_id, op, ranges in extra.get("moved", []):
-                self._moved.remember((request_id, op), ranges)
+            for request_id, op, ranges in extra.get("moved", []):  # written before moves kept exact ids
+                self._moved.remember((request_id, op), [_range_runs(ranges)])
+            for request_id, op, shares in extra.get("moved_runs", []):
+                self._moved.remember((request_id, op), [np.array(runs, np.int64).reshape(-1, 3) for runs in shares])
+            for request_id, op, shares in extra.get("applied_ids", []):
+                self._applied_ids.remember((request_id, op), [np.array(runs, np.int64).reshape(-1, 3)
+                                                              for runs in shares])
         for op, args, columns in self.wal.replay(after=covered):
             try:
                 self._apply(op, args, columns)
@@ -429,7 +483,10 @@ class Shard:
                  "applied": [[key[0], key[1], value] for key, value in self._applied.items()
                              if isinstance(value, (int, type(None)))],
                  "committed": [[key, value] for key, value in self._committed.items()],
-                 "moved": [[key[0], key[1], ranges] for key, ranges in self._moved.items()],
+                 "moved_runs": [[key[0], key[1], [runs.tolist() for runs in shares]]
+                                for key, shares in self._moved.items()],
+                 "applied_ids": [[key[0], key[1], [runs.tolist() for runs in shares]]
+                                 for key, shares in self._applied_ids.items()],
                  "placement": self.placement.to_dict()}
         target = self.folder / f"snapshot-{covered:012d}"
         self._records_since_snapshot = 0
@@ -698,7 +755,7 @@ class Shard:
             ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
             grads = self._joined_gradients([g for _, g in parts], store)
             if (step_id, "step") in self._moved:  # committed where some of its rows were before a reshard
-                kept = ~_in_ranges(self._moved[(step_id, "step")], ids)
+                kept = ~_in_any(self._moved[(step_id, "step")], ids)
                 ids, grads = ids[kept], grads[torch.from_numpy(kept).to(grads.device) if torch.is_tensor(grads) else kept]
             self._committing.add(step_id)
         try:
@@ -863,13 +920,37 @@ class Shard:
         targets = [int(target) for target in np.unique(targets) if target != self.shard_index]
         if not targets:
             return []
-        moved = [[key[0], key[1], within] for key, ranges in self._moved.items()
-                 if key[0].startswith(f"{namespace}:") and (within := _clipped(ranges, first, end))]
-        applied = json.dumps({"applied": [[request_id, op] for request_id, op in self._applied if op != "receive"],
-                              "committed": [step for step in self._committed if step.startswith(f"{namespace}:")],
-                              "range": [first, end], "moved": moved})
+        exported = ids[np.isin(ids % move.target, targets)]
+        applied = json.dumps({"range": [first, end], "marks": self._covered_marks(namespace, exported, first, end)})
         return [(target, snapshot.table_to_bytes(snapshot.rows_table(store, ids[ids % move.target == target])),
                  applied) for target in targets]
+
+    def _covered_marks(self, namespace: str, exported: np.ndarray, first: int, end: int) -> list:
+        """[[request or step id, op, runs]]: for each write of the namespace this shard applied (or learnt
+        of from an earlier move) the exported ids it covered, exactly where the shard knows its ids
+        (_applied_ids, _moved), else the batch's whole range (a write without ids, a committed step:
+        every row of the batch it touched was here). A write's share that was refused here and sent
+        to another shard is not covered: a retry of it at the batch's new owner lands."""
+        prefix, whole = f"{namespace}:", _range_runs([[first, end]]).tolist()
+        marks = []
+        for key in self._applied:
+            if key[1] == "receive" or not key[0].startswith(prefix):
+                continue
+            shares = self._applied_ids.get(key)
+            if shares is None:
+                marks.append([key[0], key[1], whole])
+                continue
+            shares = [runs for runs in shares if _runs_meet(runs, first, end)] + self._moved.get(key, [])
+            covered = exported[_in_any(shares, exported)] if shares else exported[:0]
+            if covered.size:
+                marks.append([key[0], key[1], _id_runs(covered).tolist()])
+        for key, shares in self._moved.items():
+            if key not in self._applied and key[0].startswith(prefix):
+                covered = exported[_in_any(shares, exported)]
+                if covered.size:
+                    marks.append([key[0], key[1], _id_runs(covered).tolist()])
+        marks += [[step, "step", whole] for step in self._committed if step.startswith(prefix)]
+        return marks
 
     def receive_rows(self, namespace: str, generation: int, request_id: str, payload: bytes,
                      applied: str = '{"applied": [], "committed": []}') -> int:
@@ -901,8 +982,9 @@ class Shard:
 
     def _learn_moved_writes(self, applied: dict) -> None:
         """What the old owner of rows moved here had applied to them (export_batch): each write and step
-        is remembered with the moved ids' range, so that a retry skips those rows only. (A log written
-        before moves sent their range: the whole write, as then.)"""
+        is remembered with the moved ids it covered, so that a retry skips those rows only. (Logs
+        written before moves sent exact ids carry the batch's range for every write, and earlier ones
+        no range: the whole write, as then.)"""
         batch = applied.get("range")
         if batch is None:
             for request_id, op in applied["applied"]:
@@ -912,12 +994,19 @@ class Shard:
                 if step_id not in self._committed:
                     self._committed.remember(step_id, 0)
             return
-        marks = [((request_id, op), [batch]) for request_id, op in applied["applied"]]
-        marks += [((step_id, "step"), [batch]) for step_id in applied["committed"]]
-        marks += [((request_id, op), ranges) for request_id, op, ranges in applied.get("moved", [])]
-        for key, ranges in marks:
-            if key not in self._applied and (key[1] != "step" or key[0] not in self._committed):
-                self._moved.remember(key, _merged(self._moved.get(key, []) + ranges))
+        if "marks" in applied:
+            marks = [((request_id, op), np.array(runs, np.int64).reshape(-1, 3))
+                     for request_id, op, runs in applied["marks"]]
+        else:
+            marks = [((request_id, op), _range_runs([batch])) for request_id, op in applied["applied"]]
+            marks += [((step_id, "step"), _range_runs([batch])) for step_id in applied["committed"]]
+            marks += [((request_id, op), _range_runs(ranges)) for request_id, op, ranges in applied.get("moved", [])]
+        for key, runs in marks:
+            # A request applied here as a whole needs no ids; one applied here in shares (whose ids are
+            # known) does: the moved rows are covered too.
+            if (key not in self._applied or key in self._applied_ids) and \
+                    (key[1] != "step" or key[0] not in self._committed):
+                self._moved.remember(key, self._moved.get(key, []) + [runs])
 
     @_serialized
     def staged_in_range(self, namespace: str, first: int, end: int) -> list[str]:

@@ -485,3 +485,74 @@ def test_a_share_of_a_write_refused_before_a_batch_moved_lands_on_the_shard_the_
         shards[2].increment_weights("ns", config.generation, merge, np.array([2]), np.array([1.0], np.float32))
         assert router.describe_namespace("ns")["rows"] == 202
         assert router.get("ns", np.array([2])).weights.tolist() == [2.0]
+
+
+@pytest.mark.parametrize("restart", ["none", "log", "snapshot"])
+def test_shares_of_one_write_sent_to_one_shard_one_after_another_all_land(tmp_path, restart):
+    """After a reshard refused a write's shares, the router sends their rows again to their owners at
+    the new placement: a shard may then get a second share of a request whose first share it applied
+    (one round: shares of several old owners; or a later round). Each share's rows land, once; the
+    whole write retried lands nothing twice; and so after a restart from the log or a snapshot. (Before
+    the fix the shard took the request id as applied and answered the second share without storing it:
+    acknowledged rows lost, found by tests/integration/test_reshard_service.py once Adds came from a
+    shard's read endpoint, whose timing sends the shares apart.)"""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(6)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    config = router.config("ns")
+    shard = router.runtime.shards[0]
+    request = router._step_key(config, "one-add")
+    keys = rng.standard_normal((6, DIM)).astype(np.float32)
+    ids = np.array([100, 102, 104, 106, 108, 110])  # all shard 0's (id % 2)
+    shares = [[0], [1, 3], [2, 4, 5]]
+    for share in shares:
+        assert shard.add("ns", config.generation, request, ids[share], keys[share], np.arange(len(share)),
+                         None, None, "") == len(share)
+    merge = router._step_key(config, "one-merge")
+    for share in ([0, 1], [2]):
+        shard.increment_weights("ns", config.generation, merge, ids[share], np.ones(len(share), np.float32))
+    if restart != "none":
+        if restart == "snapshot":
+            shard.snapshot()
+        crash(router)
+        router = deployment(tmp_path)
+        shard = router.runtime.shards[0]
+    for share in shares + [[0, 1, 2, 3, 4, 5]]:  # every share again, and the whole write: nothing twice
+        shard.add("ns", config.generation, request, ids[share], keys[share], np.arange(len(share)), None, None, "")
+    shard.increment_weights("ns", config.generation, merge, ids[:3], np.ones(3, np.float32))
+    rows = router.get("ns", ids)
+    np.testing.assert_array_equal(rows.keys, keys)
+    assert router.describe_namespace("ns")["rows"] == 6
+    assert rows.weights.tolist() == [2.0, 2.0, 2.0, 1.0, 1.0, 1.0]
+
+
+def test_a_request_applied_in_shares_is_not_applied_again_to_rows_a_move_brought(tmp_path, monkeypatch):
+    """Shard 2 (new in a grow) applies a share of an Add; then a batch the old owner had applied another
+    share of the same Add to moves there. The whole Add retried stores nothing twice: the shard knows
+    the moved rows' range as applied, beside its own share's ids."""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(8)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    keys = rng.standard_normal((200, DIM)).astype(np.float32)
+    router.add("ns", keys, np.arange(200), request_id="first")  # ids 0..199, on shards 0 and 1
+    config = router.config("ns")
+    request = router._step_key(config, "first")
+    shards, original_copy, copies = router.runtime.shards, Resharder._copy, []
+    late = rng.standard_normal((1, DIM)).astype(np.float32)
+
+    def copy_after_a_share(self, config, first, end, placement):
+        if not copies:  # a share of the same request, applied by the new shard before the batch comes
+            assert shards[2].add("ns", config.generation, request, np.array([202]), late, np.arange(1), None,
+                                 None, "") == 1
+        original_copy(self, config, first, end, placement)
+        copies.append((first, end))
+
+    monkeypatch.setattr(Resharder, "_copy", copy_after_a_share)
+    assert reshard(router, 4, batch_rows=64).done and copies
+    assert router.describe_namespace("ns")["rows"] == 201
+    moved = np.arange(2, 200, 4)  # id % 4 == 2: shard 2's now, moved from shard 0 with "first" applied
+    for _ in range(2):
+        shards[2].add("ns", config.generation, request, moved, keys[moved], np.arange(moved.size), None, None, "")
+        shards[2].add("ns", config.generation, request, np.array([202]), late, np.arange(1), None, None, "")
+        assert router.describe_namespace("ns")["rows"] == 201
+    np.testing.assert_array_equal(router.get("ns", moved).keys, keys[moved])
