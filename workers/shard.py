@@ -60,6 +60,8 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 # Request ids (and committed step ids) remembered per shard, to apply each write at most once.
 REMEMBERED_REQUESTS = 100_000
+# Runs of ids (3 int64 each) the shard keeps, over all remembered requests, of which ids each applied.
+REMEMBERED_ID_RUNS = 2_000_000
 # Staged steps that are neither committed nor aborted are dropped after this long, or when
 # more than MAX_STAGED_STEPS wait (a client that died between the parts and the commit).
 STAGED_STEP_TTL_S = 600.0
@@ -129,6 +131,30 @@ class _Remembered(collections.OrderedDict):
         while len(self) > REMEMBERED_REQUESTS:
             self.popitem(last=False)
         return value
+
+
+class _RememberedIds(_Remembered):
+    """(request id, op) -> [runs [R, 3], ...] (see _id_runs), bounded also by the runs it holds in all:
+    the oldest requests' ids go first (such a request then counts as applied whole, as before shares
+    were told apart). A share of a request comes within its router's call; the bound is for the
+    writes of random ids (deletes, weight increments), whose runs are many."""
+
+    def __init__(self, max_runs: int = 0):
+        super().__init__()
+        self.max_runs = max_runs or REMEMBERED_ID_RUNS
+        self.runs = 0
+
+    def remember(self, key, value):
+        self.runs += sum(runs.shape[0] for runs in value) - sum(runs.shape[0] for runs in self.get(key, []))
+        super().remember(key, value)
+        while self.runs > self.max_runs and len(self) > 1:
+            self.popitem(last=False)
+        return value
+
+    def popitem(self, last=True):
+        key, value = super().popitem(last=last)
+        self.runs -= sum(runs.shape[0] for runs in value)
+        return key, value
 
 
 def _range_runs(ranges) -> np.ndarray:
@@ -228,7 +254,7 @@ class Shard:
         # one request id: after a reshard refused some, the router sends their rows again to their
         # owners at the new placement. (request id, op) -> the ids applied here, as _id_runs of each
         # share: a later share applies the rest, a retry of a share nothing.
-        self._applied_ids = _Remembered()
+        self._applied_ids = _RememberedIds()
         self._staged: dict[str, _StagedStep] = {}
         self._lock = threading.RLock()
         # Writers wait on this (it releases the lock) for their record's fdatasync and their turn to

@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monim.datastore import NamespaceConfig
 from monim.protos.errors import Aborted, FailedPrecondition, IdsNotFound, InvalidArgument
 from monim.workers import registry as registry_module
@@ -588,3 +590,27 @@ def test_an_add_routed_with_the_placement_before_a_shrink_began_is_found_after_i
     assert writer.search("ns", key, 1).ids[0].tolist() == added[0].tolist()
     assert writer.get("ns", added[0]).ids.tolist() == added[0].tolist()
     other.runtime.shutdown()
+
+
+def test_the_ids_a_shard_keeps_of_each_request_are_bounded():
+    """The oldest requests' ids go first past the bound of runs (a request then counts as applied whole)."""
+    from monim.workers.shard import _id_runs, _RememberedIds
+
+    kept = _RememberedIds(max_runs=10)
+    for n in range(6):
+        kept.remember((f"r{n}", "delete"), [_id_runs(np.arange(0, 40, 1 + n % 2) * 7 + n)])  # 1 run each
+    random_ids = np.random.default_rng(0).choice(10_000, 8, replace=False)
+    kept.remember(("random", "delete"), [_id_runs(random_ids)])
+    assert kept.runs <= 10 and ("random", "delete") in kept and ("r0", "delete") not in kept
+    assert kept.runs == sum(runs.shape[0] for shares in kept.values() for runs in shares)
+    kept.remember(("random", "delete"), kept[("random", "delete")] + [_id_runs([1])])
+    assert kept.runs == sum(runs.shape[0] for shares in kept.values() for runs in shares)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=60), st.lists(st.integers(-5, 305), max_size=60))
+def test_id_runs_hold_exactly_their_ids(held, asked):
+    from monim.workers.shard import _id_runs, _in_runs
+
+    runs = _id_runs(np.array(held, np.int64))
+    np.testing.assert_array_equal(_in_runs(runs, np.array(asked, np.int64)), np.isin(asked, held))
