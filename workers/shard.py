@@ -157,6 +157,11 @@ class _RememberedIds(_Remembered):
         return key, value
 
 
+def _runs_of(listed) -> np.ndarray:
+    """Runs [R, 3] from their JSON form (a list of [first, last, step])."""
+    return np.array(listed, np.int64).reshape(-1, 3)
+
+
 def _range_runs(ranges) -> np.ndarray:
     """[first, end) ranges as runs [R, 3] (see _id_runs): each range one run of step 1."""
     return np.array([[first, end - 1, 1] for first, end in sorted(ranges) if end > first], np.int64).reshape(-1, 3)
@@ -247,8 +252,9 @@ class Shard:
         self._applied = _Remembered()     # (request id, operation) -> result
         self._committed = _Remembered()   # step id -> rows updated
         # Writes (request id, operation) and steps (step id, "step") that other shards applied to rows a
-        # reshard moved here: -> the id ranges [[first, end), ...] of those moves (_apply_receive). A retry
-        # skips its ids in them (applied already, where they were) and applies the rest (never sent there).
+        # reshard moved here: -> the ids of those moves it covered, as a list of _id_runs sets
+        # (_learn_moved_writes). A retry skips those ids (applied already, where they were) and applies
+        # the rest (never sent there).
         self._moved = _Remembered()
         # A write by ids (add, increment_weights, delete) may reach this shard in several shares under
         # one request id: after a reshard refused some, the router sends their rows again to their
@@ -451,10 +457,9 @@ class Shard:
             for request_id, op, ranges in extra.get("moved", []):  # written before moves kept exact ids
                 self._moved.remember((request_id, op), [_range_runs(ranges)])
             for request_id, op, shares in extra.get("moved_runs", []):
-                self._moved.remember((request_id, op), [np.array(runs, np.int64).reshape(-1, 3) for runs in shares])
+                self._moved.remember((request_id, op), [_runs_of(runs) for runs in shares])
             for request_id, op, shares in extra.get("applied_ids", []):
-                self._applied_ids.remember((request_id, op), [np.array(runs, np.int64).reshape(-1, 3)
-                                                              for runs in shares])
+                self._applied_ids.remember((request_id, op), [_runs_of(runs) for runs in shares])
         for op, args, columns in self.wal.replay(after=covered):
             try:
                 self._apply(op, args, columns)
@@ -1021,8 +1026,7 @@ class Shard:
                     self._committed.remember(step_id, 0)
             return
         if "marks" in applied:
-            marks = [((request_id, op), np.array(runs, np.int64).reshape(-1, 3))
-                     for request_id, op, runs in applied["marks"]]
+            marks = [((request_id, op), _runs_of(runs)) for request_id, op, runs in applied["marks"]]
         else:
             marks = [((request_id, op), _range_runs([batch])) for request_id, op in applied["applied"]]
             marks += [((step_id, "step"), _range_runs([batch])) for step_id in applied["committed"]]
