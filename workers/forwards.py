@@ -47,6 +47,10 @@ class ForwardState:
         return self.queries.nbytes + self.ids.nbytes + self.alpha.nbytes + self.distances.nbytes
 
 
+# Why a kept state went (ForwardStates.counts; metrics by these labels).
+DROP_REASONS = ("evicted", "expired", "missed")
+
+
 class ForwardStates:
     """The table. Counters (for metrics): kept, evicted (for room), expired, missed (unknown handles)."""
 
@@ -56,7 +60,7 @@ class ForwardStates:
         self._states: collections.OrderedDict[str, ForwardState] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.bytes = 0
-        self.counts = {"kept": 0, "evicted": 0, "expired": 0, "missed": 0}
+        self.counts = dict.fromkeys(("kept", *DROP_REASONS), 0)
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # handle -> why, to say so
 
     def keep(self, namespace: str, generation: int, queries, ids, alpha, distances, temperature: float) -> str:

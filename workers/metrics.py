@@ -54,6 +54,7 @@ import time
 
 import grpc
 from monim.workers.auth import METHOD_ACCESS, READ, WRITE
+from monim.workers.forwards import DROP_REASONS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
@@ -353,7 +354,7 @@ class ForwardsCollector(Collector):
         states, held, dropped = self._families()
         states.add_metric((), len(self.forwards))
         held.add_metric((), self.forwards.bytes)
-        for why in ("evicted", "expired", "missed"):
+        for why in DROP_REASONS:
             dropped.add_metric((why,), self.forwards.counts[why])
         yield from (states, held, dropped)
 

@@ -44,6 +44,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from monim.workers.auth import AuthInterceptor, AuthPolicy
 from monim.workers.decoding import add_memory_service
+from monim.workers.forwards import DROP_REASONS
 from monim.workers.frontend import SERVICE_NAME, CallGate
 from monim.workers.tls import ServerTls
 
@@ -128,7 +129,7 @@ class ReadEndpoint:
         return {"target": self.target, "streams": self.gate.streams, "calls": calls,
                 "recent": {"span_s": self.recent.span_s(), "counts": self.recent.window_counts()},
                 "forwards": {"states": len(forwards), "bytes": forwards.bytes,
-                             "dropped": {why: forwards.counts[why] for why in ("evicted", "expired", "missed")}}}
+                             "dropped": {why: forwards.counts[why] for why in DROP_REASONS}}}
 
     def stop(self, grace_s: float | None = None) -> None:
         self.health.enter_graceful_shutdown()
