@@ -177,9 +177,8 @@ def decode_cells(table, local, remote, queries, args, floor):
     steps = [queries[i:i + 1] for i in range(args.decode_steps)]
     # A bare stream's step with the same bytes: the query up; neighbours (16 bytes each) down, and for
     # a Retrieve the memory output (value_dim float32) and alpha too.
-    with floor.stream() as bare:
-        floor_s = {"search": floor._timed(lambda: bare(steps[0].nbytes, 32 * 16)),
-                   "retrieve": floor._timed(lambda: bare(steps[0].nbytes, 32 * 20 + 4 * args.value_dim))}
+    floor_s = {"search": floor.stream_step(steps[0].nbytes, 32 * 16),
+               "retrieve": floor.stream_step(steps[0].nbytes, 32 * 20 + 4 * args.value_dim)}
     with remote.decode() as stream:
         ways = {("search", "in"): lambda q: local.search(NAMESPACE, q, 32),
                 ("search", "calls"): lambda q: remote.search(NAMESPACE, q, 32),

@@ -15,7 +15,7 @@ model_client.client.CHUNK_BYTES, PIPELINE_DEPTH of them in flight.
     with GrpcFloor() as floor:
         floor.unary(request_bytes, answer_bytes)              # seconds, median of the calls
         floor.transfer(total_up, total_down)                  # seconds for a chunked, pipelined call
-        with floor.stream() as step: step(request_bytes, answer_bytes)   # one step on an open stream
+        floor.stream_step(request_bytes, answer_bytes)        # seconds (median), a step on an open stream
 
     python -m bench.grpc_floor        # prints a few sizes' floors on this machine
 """
@@ -127,6 +127,11 @@ class GrpcFloor:
         with concurrent.futures.ThreadPoolExecutor(client_module.PIPELINE_DEPTH) as pool:
             return self._timed(lambda: list(pool.map(lambda _: self._call(request), range(chunks))))
 
+    def stream_step(self, request_bytes: int, answer_bytes: int) -> float:
+        """Seconds (median) of one step of an open bare stream sending and answering that many bytes."""
+        with self.stream() as step:
+            return self._timed(lambda: step(request_bytes, answer_bytes))
+
     @contextlib.contextmanager
     def stream(self):
         """step(request_bytes, answer_bytes) -> None: one step on an open bare stream."""
@@ -186,10 +191,8 @@ def main(argv=None) -> int:
         serve(args.serve)
         return 0
     with GrpcFloor() as floor:
-        with floor.stream() as step:
-            stream_s = floor._timed(lambda: step(3_136, 512))
         print(f"# bare gRPC on {os.cpu_count()} CPUs, grpcio {grpc.__version__}")
-        print(f"stream step, 3 KB up / 512 B down: {1e3 * stream_s:.3f} ms")
+        print(f"stream step, 3 KB up / 512 B down: {1e3 * floor.stream_step(3_136, 512):.3f} ms")
         print(f"unary call, 3 KB up / 512 B down: {1e3 * floor.unary(3_136, 512):.3f} ms")
         for mb_up, mb_down in ((12.6, 67.1), (403.0, 0.5)):
             seconds = floor.transfer(int(mb_up * 1e6), int(mb_down * 1e6))
