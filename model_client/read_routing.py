@@ -1,11 +1,12 @@
 """Which shard read endpoint a remote MemoryClient sends its memory layer's calls to (docs/API.md,
 "Read endpoints").
 
-A server may serve the calls a memory layer makes every step (Search, Retrieve, Decode streams, and
-the training step's RetrieveBackward, CommitStep, AbortStep) on each shard's own endpoint too
-(workers/read_endpoint.py), with no hop from the front end to the shards. A client asks the front
-end for them (``ReadEndpoints``) at its first such call and keeps one, picked at random (so that
-clients spread over the shards), for all of them; everything else goes to the front end. When the
+A server may serve the calls a memory layer makes every step (Search, Retrieve, Decode streams, the
+training step's RetrieveBackward, CommitStep, AbortStep, and its writes, Add and ApplyGradients) on
+each shard's own endpoint too (workers/read_endpoint.py), with no hop from the front end to the
+shards. A client asks the front end for them (``ReadEndpoints``) at its first such call and keeps
+one, picked at random (so that clients spread over the shards), for all of them; everything else
+goes to the front end. When the
 endpoint cannot be reached or breaks (its shard restarted and the endpoint with it, a TLS
 certificate that does not name its host, a firewall), the call goes to the front end at once,
 without a retry or a wait, and so do the client's calls for ``ENDPOINT_RETRY_S``; then it asks
@@ -27,7 +28,9 @@ ENDPOINT_RETRY_S = 30.0
 # step. A backward named by its forward's handle must reach the router that kept it: the client's
 # one endpoint, as its forward did; where it does not (the endpoint failed in between), the router
 # answers FAILED_PRECONDITION and MemoryClient.retrieve_backward sends the forward's arrays instead.
-ENDPOINT_CALLS = frozenset({"Search", "Retrieve", "RetrieveBackward", "CommitStep", "AbortStep"})
+# A write sent to the front end after its endpoint failed carries the request id it had there (the
+# client always sends one): it lands once.
+ENDPOINT_CALLS = frozenset({"Search", "Retrieve", "RetrieveBackward", "CommitStep", "AbortStep", "Add", "ApplyGradients"})
 
 
 class ReadRouting:

@@ -3,9 +3,14 @@
 A call through the front end costs a gRPC round trip to the front end and a Ray actor call from
 there to each shard (about half of a 5.4 ms decoding step on an H200 host, docs/BENCHMARKS.md),
 and a large request or answer one more copy, through Ray's object store. An endpoint serves the
-calls a MoNIM layer makes every step: ``Search``, ``Retrieve`` and the ``Decode`` stream, and the
+calls a MoNIM layer makes every step: ``Search``, ``Retrieve`` and the ``Decode`` stream, the
 training step's ``RetrieveBackward`` with its ``CommitStep`` / ``AbortStep`` (a forward kept with
-``keep_state`` lives in the router that made it: the backward goes where the forward went). It runs
+``keep_state`` lives in the router that made it: the backward goes where the forward went), and the
+layer's writes, ``Add`` (the hard tokens it memorizes) and ``ApplyGradients`` (a step's value
+gradients, in parts when large). The name says "read" for what it started as. Every write is as
+safe here as on the front end: the router is the same, and what it relies on lives in the registry
+and the shards, not in a router (ids and request ids are planned by the registry, a step's parts are
+staged on the shards, and a shard refuses a call routed with an old placement). It runs
 them in a shard actor's process, through the same servicer and a router of its own, whose runtime
 calls the shard it runs in directly and the other shards as the front end does
 (workers/runtime.py, ``ShardSideRuntime``): a call on a one-shard namespace crosses no process
@@ -13,15 +18,6 @@ boundary on the server, and on more shards the endpoint's own shard answers its 
 The front end's ``ReadEndpoints`` call starts the endpoints that are not up yet (the first time, or
 after a shard restarted) and names them; ``MemoryClient`` sends those calls to one and goes back to
 the front end when it cannot (model_client/read_routing.py).
-
-Writes (Add, ApplyGradients) stay on the front ends. Served here they were measured faster (the
-Ray hop is a copy of the whole request), but a write from a router other than a reshard driver's
-can land, during the start of a shrink, on a shard the move then never empties: the move's mark
-(the first id placed by the target count) is read from the registry before its placement reaches
-the shards, so an Add whose ids were planned after it but routed with the placement before the move
-is taken by its old owner and stays there, unfound (found with the Adds of
-tests/integration/test_reshard_service.py sent here; a second front end's writes have the same
-window; docs/OPERATIONS.md, "Reshard").
 
 An endpoint takes the front end's tokens and TLS: every call and step is authorized as on the front
 end. It serves those methods (others: UNIMPLEMENTED) and the standard health service. It binds the
@@ -50,9 +46,11 @@ from monim.workers.tls import ServerTls
 
 # Threads of an endpoint's server: an open Decode stream holds one, a call one while it runs.
 ENDPOINT_THREADS = 16
-# What a model's MoNIM layer calls every step: its reads, and the backward of its own forwards (their
-# states are kept by the router that made them: this endpoint's, for a Retrieve sent here).
-ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "Decode", "RetrieveBackward", "CommitStep", "AbortStep"})
+# What a model's MoNIM layer calls every step: its reads, the backward of its own forwards (their
+# states are kept by the router that made them: this endpoint's, for a Retrieve sent here), and its
+# writes (the hard tokens it memorizes, a step's value gradients).
+ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "Decode", "RetrieveBackward", "CommitStep", "AbortStep",
+                              "Add", "ApplyGradients"})
 # Set on a Shard object once its endpoint runs; one lock for every shard of a process.
 ENDPOINT_ATTRIBUTE = "read_endpoint"
 _starting = threading.Lock()

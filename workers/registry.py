@@ -328,14 +328,18 @@ class NamespaceRegistry:
     def list(self) -> list[dict]:
         return [self.configs[name] for name in sorted(self.configs)]
 
-    def plan_add(self, name: str, generation: int, request_id: str, targets: np.ndarray) -> tuple[np.ndarray, int]:
+    def plan_add(self, name: str, generation: int, request_id: str,
+                 targets: np.ndarray) -> tuple[np.ndarray, int, int]:
         """Records an Add's merge plan (targets int64 [N]: the entry a row merges into, or -1 for a
-        new row) and reserves ids for its new rows; returns (targets, first id). A retry of the
-        request answers the first plan, so the retry adds and merges exactly the same rows."""
+        new row) and reserves ids for its new rows; returns (targets, first id, placement version).
+        A retry of the request answers the first plan, so the retry adds and merges exactly the same
+        rows. The caller routes the rows with this placement version or a later one: during a
+        reshard, ids past the move's mark are placed by the target count, and a router still at the
+        placement before the move would send them to a shard the move never empties."""
         self.config(name, generation)
         if request_id and request_id in self._plans:
             kept, start = self._plans[request_id]
-            return (np.full(kept, -1, np.int64) if isinstance(kept, int) else kept), start
+            return (np.full(kept, -1, np.int64) if isinstance(kept, int) else kept), start, self.placement.version
         start = self.next_ids[name]
         self.next_ids[name] = start + int((targets < 0).sum())
         if self.next_ids[name] > self.reserved_ids[name]:
@@ -345,7 +349,7 @@ class NamespaceRegistry:
             kept = int(targets.size) if (targets < 0).all() else targets  # no merges: its length only
             self._log_plan(request_id, kept, start)
             self._remember_plan(request_id, kept, start)
-        return targets, start
+        return targets, start, self.placement.version
 
     def reserve_ids(self, name: str, next_id: int) -> None:
         """New ids of the namespace start at next_id or later (a restored namespace keeps its ids)."""

@@ -157,8 +157,12 @@ class Router:
             self.runtime.forget_shards(self.placement.actors)
 
     def refresh_placement(self) -> Placement:
-        """Reads the placement from the registry (a shard refused a call routed with ours)."""
-        self.placement = Placement.from_dict(self.runtime.call_registry("get_placement"))
+        """Reads the placement from the registry (a shard refused a call routed with ours). Never goes back
+        to an older version than the one it has (another thread may have read a newer one meanwhile), as
+        a shard ignores a placement older than its own."""
+        placement = Placement.from_dict(self.runtime.call_registry("get_placement"))
+        if placement.version >= self.placement.version:
+            self.placement = placement
         self._ensure_shards()
         return self.placement
 
@@ -384,8 +388,10 @@ class Router:
             if merge_eps > 0:
                 neighbours = self._search(config, keys[chosen], min(admission.MERGE_CANDIDATES, config.max_k))
                 targets = admission.merge_targets(neighbours, tokens[chosen], merge_eps)
-            targets, start = self.runtime.call_registry("plan_add", namespace, config.generation, request_id,
-                                                        targets)
+            targets, start, planned_at = self.runtime.call_registry("plan_add", namespace, config.generation,
+                                                                    request_id, targets)
+            if self.placement.version < planned_at:  # its ids may be past a move's mark (registry.plan_add)
+                self.refresh_placement()
             if targets.size != chosen.size:  # the registry answered the plan of an earlier Add with this id
                 raise InvalidArgument(f"request id {caller_id!r} is that of an Add of {targets.size} admitted rows; "
                                       f"this one has {chosen.size} (a retry must send the same batch)")

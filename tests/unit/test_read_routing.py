@@ -64,8 +64,9 @@ def test_off_it_never_asks_and_routes_nothing():
     assert routing.target() is None and server.asked == 0
     assert not routing.routes("Search")
     on = ReadRouting(server)
-    assert all(on.routes(method) for method in ("Search", "Retrieve", "RetrieveBackward", "CommitStep", "AbortStep"))
-    assert not any(on.routes(method) for method in ("Add", "ApplyGradients", "Get", "Delete", "DropNamespace"))
+    assert all(on.routes(method) for method in ("Search", "Retrieve", "RetrieveBackward", "CommitStep", "AbortStep",
+                                                "Add", "ApplyGradients"))
+    assert not any(on.routes(method) for method in ("Get", "Delete", "DropNamespace", "CreateNamespace", "Snapshot"))
 
 
 def test_threads_asking_at_once_make_one_question():

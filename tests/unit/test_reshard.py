@@ -560,34 +560,35 @@ def test_a_request_applied_in_shares_is_not_applied_again_to_rows_a_move_brought
     np.testing.assert_array_equal(router.get("ns", moved).keys, keys[moved])
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (docs/OPERATIONS.md, Reshard): a move's mark is read before its "
-                   "placement reaches the shards; an Add planned past it but routed with the placement before "
-                   "the move lands on a shard the move never empties")
-def test_an_add_routed_with_the_placement_before_a_shrink_began_is_found_after_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start,target", [(4, 3), (2, 3)])
+def test_an_add_routed_with_the_placement_before_a_reshard_began_is_found_after_it(tmp_path, monkeypatch, start,
+                                                                                     target):
     """Another front end (its router still at the placement before the move) adds a row between the
-    registry's begin of a shrink (which reads the namespace's mark: its next id) and the push of the
+    registry's begin of a reshard (which reads the namespace's mark: its next id) and the push of the
     move's placement to the shards. The row's id is past the mark, so the move places it by the target
-    count and never moves it; but it was routed by the old count, and its shard (still at the old
-    placement) took it. After the shrink a Get and a search must find it."""
+    count and never moves it; routed by the old count, its shard (still at the old placement) took it
+    and kept it where no placement looks. The registry answers each Add's plan with its placement
+    version, and a router behind it reads the placement first. After the reshard a Get and a search
+    must find the row."""
     writer = deployment(tmp_path)
     writer.create_namespace(NamespaceConfig("ns", dim=DIM))
     rng = np.random.default_rng(9)
     writer.add("ns", rng.standard_normal((200, DIM)).astype(np.float32), np.arange(200))
-    reshard(writer, 4, batch_rows=64)
+    reshard(writer, start, batch_rows=64)
     other = Router(_OtherFrontEnd(writer.runtime))
-    other.search("ns", np.zeros((1, DIM), np.float32), 1)  # its placement: 4 shards, no move
-    key = rng.standard_normal((1, DIM)).astype(np.float32) * 100  # far from every other row
+    other.search("ns", np.zeros((1, DIM), np.float32), 1)  # its placement: start shards, no move
+    keys = rng.standard_normal((3, DIM)).astype(np.float32) * 100  # far from every other row
     original, added = Resharder._create_namespaces, []
 
     def add_before_the_push(self, shards):
-        if not added:  # the shrink has begun in the registry; no shard has its placement yet
-            added.append(other.add("ns", key, np.arange(1)).ids)
+        if not added:  # the reshard has begun in the registry; no shard has its placement yet
+            added.append(other.add("ns", keys, np.arange(3)).ids)
         original(self, shards)
 
     monkeypatch.setattr(Resharder, "_create_namespaces", add_before_the_push)
-    assert reshard(writer, 3, batch_rows=64).done
-    assert added[0][0] % 4 != added[0][0] % 3  # routed by the old count to a shard the new one does not name
-    assert writer.search("ns", key, 1).ids[0].tolist() == added[0].tolist()
+    assert reshard(writer, target, batch_rows=64).done
+    assert (added[0] % start != added[0] % target).any()  # the old count routes one to a shard the new does not
+    assert writer.search("ns", keys, 1).ids[:, 0].tolist() == added[0].tolist()
     assert writer.get("ns", added[0]).ids.tolist() == added[0].tolist()
     other.runtime.shutdown()
 
