@@ -111,6 +111,16 @@ def create(client, name, args):
                             lr=1e-3)
 
 
+def warm_up(client, args) -> None:
+    """One Add and one search on a scratch namespace, untimed: the service's first calls start its
+    read endpoint (the client asks for it at its first memory-layer call) and the shard's torch."""
+    client.create_namespace("warm-up", dim=args.dim, value_dim=args.value_dim)
+    client.add("warm-up", np.zeros((1, args.dim), np.float32), np.zeros(1, np.int64),
+               values=np.zeros((1, args.value_dim), np.float32))
+    client.search("warm-up", np.zeros((1, args.dim), np.float32), 1)
+    client.drop_namespace("warm-up")
+
+
 def load(client, name, keys, tokens, values, chunk: int = 65_536) -> float:
     """Adds every row in chunks; returns rows/s."""
     sync()
@@ -325,6 +335,7 @@ def main(argv=None) -> int:
                                                   read_endpoints=not args.front_end_reads))
         rate = {}
         for name, client in (("in", local), ("svc", remote)):
+            warm_up(client, args)
             create(client, NAMESPACE, args)
             rate[name] = load(client, NAMESPACE, keys, tokens, values)
             only = min(args.keys_only_rows, args.rows)
