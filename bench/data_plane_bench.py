@@ -121,15 +121,21 @@ def warm_up(client, args) -> None:
     client.drop_namespace("warm-up")
 
 
-def load(client, name, keys, tokens, values, chunk: int = 65_536) -> float:
-    """Adds every row in chunks; returns rows/s."""
+def load(client, name, keys, tokens, values, chunk: int = 65_536) -> tuple[float, np.ndarray]:
+    """Adds every row in chunks; returns (rows/s, each id's row: an Add the client splits numbers its
+    rows in the order its parts land, so ids need not follow the rows)."""
     sync()
     t0 = time.perf_counter()
+    ids = []
     for start in range(0, len(keys), chunk):
         part = slice(start, start + chunk)
-        client.add(name, keys[part], tokens[part], values=None if values is None else values[part])
+        ids.append(client.add(name, keys[part], tokens[part], values=None if values is None else values[part]))
     sync()
-    return len(keys) / (time.perf_counter() - t0)
+    rate = len(keys) / (time.perf_counter() - t0)
+    ids = np.concatenate(ids)
+    row_of = np.full(int(ids.max()) + 1, -1, np.int64)
+    row_of[ids] = np.arange(ids.size)
+    return rate, row_of
 
 
 class Table:
@@ -164,7 +170,7 @@ def search_cells(table, local, remote, queries, args, floor):
                 qps[name, batch] = batch * len(times) / sum(times)
             # The answer: ids int64, distances float32, tokens int32 per neighbour.
             qps["floor", batch] = batch / (batch / qps["in", batch] + floor.transfer(q.nbytes, batch * k * 16))
-            a, b = client_first(local, q, k), client_first(remote, q, k)
+            a, b = client_first(local, q, k, args.row_of["in"]), client_first(remote, q, k, args.row_of["svc"])
             if not same_neighbours(a, b):
                 print(f"WARNING: B={batch} k={k}: the first query's neighbours differ")
             ratios.append(qps["svc", batch] / qps["in", batch])
@@ -177,9 +183,10 @@ def search_cells(table, local, remote, queries, args, floor):
                   qps={f"{n}_B{b}": v for (n, b), v in qps.items()})
 
 
-def client_first(client, q, k):
+def client_first(client, q, k, row_of):
+    """The first query's neighbours as (rows of the loaded data, distances)."""
     found = client.search(NAMESPACE, q[:1], k)
-    return found.ids[0], found.distances[0]
+    return row_of[found.ids[0]], found.distances[0]
 
 
 def decode_cells(table, local, remote, queries, args, floor):
@@ -333,14 +340,14 @@ def main(argv=None) -> int:
         floor = stack.enter_context(GrpcFloor(repeats=args.repeats, budget_s=args.budget_s))
         remote = stack.enter_context(MemoryClient(service.address, timeout_s=600,
                                                   read_endpoints=not args.front_end_reads))
-        rate = {}
+        rate, args.row_of = {}, {}
         for name, client in (("in", local), ("svc", remote)):
             warm_up(client, args)
             create(client, NAMESPACE, args)
-            rate[name] = load(client, NAMESPACE, keys, tokens, values)
+            rate[name], args.row_of[name] = load(client, NAMESPACE, keys, tokens, values)
             only = min(args.keys_only_rows, args.rows)
             client.create_namespace("keys-only", dim=args.dim)
-            rate[name, "keys"] = load(client, "keys-only", keys[:only], tokens[:only], None)
+            rate[name, "keys"] = load(client, "keys-only", keys[:only], tokens[:only], None)[0]
             client.drop_namespace("keys-only")
         shards = remote.describe_namespace(NAMESPACE).shards
         print(f"service reads go to {remote._store.read_routing.target() or 'the front end'} "
