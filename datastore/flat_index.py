@@ -401,11 +401,18 @@ def _rerank(queries, keys, candidates, k_found, metric, block_bytes):
 
 
 def torch_search(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor | None, k: int, metric: str):
+    """torch_nearest's answer as numpy arrays: (distances float32 [B, k], rows int64 [B, k])."""
+    distances, rows = torch_nearest(queries, keys, key_norms, k, metric)
+    return to_host(distances), to_host(rows)
+
+
+def torch_nearest(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Tensor | None, k: int, metric: str):
     """Chunked matmul + top-k.
 
     queries: float32 (or float16) [B, dim], on the keys' device; never rounded further.
     keys: float32 or float16 [N, dim]. key_norms: float32 [N] (||k||^2 of the keys as stored), for l2.
-    Returns (distances float32 [B, k], rows int64 [B, k]) as numpy arrays.
+    Returns (distances float32 [B, k], rows int64 [B, k]) on the keys' device, padded with
+    (+inf, -1) past the rows stored.
 
     float32 keys: one exact pass. The rows are scanned in chunks whose [B, chunk] score block fits
     _score_block_bytes (1 GiB: 65,536 rows at B=4096, all of 100,000 rows in one chunk up to B=2684).
@@ -419,13 +426,18 @@ def torch_search(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Ten
     batch, stored = queries.shape[0], keys.shape[0]
     k_found = min(k, stored)
     if k_found == 0:
-        return pad_results(np.empty((batch, 0), np.float32), np.empty((batch, 0), np.int64), k)
-    block_bytes = _score_block_bytes(keys.device, 4 * batch * stored)
-    chunk = max(1024, block_bytes // (4 * max(batch, 1)))
-    if keys.dtype == torch.float16:
-        candidates = _float16_candidates(queries, keys, key_norms, _candidate_count(k_found, stored), metric, chunk)
-        best_d, best_i = _rerank(queries, keys, candidates, k_found, metric, block_bytes)
+        best_d = torch.empty((batch, 0), dtype=torch.float32, device=keys.device)
+        best_i = torch.empty((batch, 0), dtype=torch.int64, device=keys.device)
     else:
-        best_d, best_i = _float32_nearest(queries, keys, key_norms, k_found, metric, chunk)
-    return pad_results(to_host(best_d), to_host(best_i).astype(np.int64, copy=False), k)
-
+        block_bytes = _score_block_bytes(keys.device, 4 * batch * stored)
+        chunk = max(1024, block_bytes // (4 * max(batch, 1)))
+        if keys.dtype == torch.float16:
+            candidates = _float16_candidates(queries, keys, key_norms, _candidate_count(k_found, stored), metric,
+                                             chunk)
+            best_d, best_i = _rerank(queries, keys, candidates, k_found, metric, block_bytes)
+        else:
+            best_d, best_i = _float32_nearest(queries, keys, key_norms, k_found, metric, chunk)
+    if k_found < k:
+        best_d = torch.cat([best_d, best_d.new_full((batch, k - k_found), float("inf"))], dim=1)
+        best_i = torch.cat([best_i, best_i.new_full((batch, k - k_found), MISSING)], dim=1)
+    return best_d, best_i.long()

@@ -15,7 +15,7 @@ import torch
 from monim.datastore import flat_index, memory_ops, optimizers
 from monim.datastore.ivf_index import IvfIndex
 from monim.datastore.row_store import RowStore
-from monim.datastore.transfer import to_device, to_host
+from monim.datastore.transfer import to_device, to_host, to_host_all
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
 from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
@@ -139,8 +139,9 @@ class NeighborStore:
                 distances, rows = self._leave_out(distances, rows, hidden, k)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
 
-    def _leave_out(self, distances: np.ndarray, rows: np.ndarray, hidden: np.ndarray, k: int):
-        """The first k of each query's [k + h] nearest rows that do not hold a hidden id."""
+    def _leave_out(self, distances, rows, hidden: np.ndarray, k: int):
+        """The first k of each query's [k + h] nearest rows that do not hold a hidden id (numpy)."""
+        distances, rows = (t.cpu().numpy() if isinstance(t, torch.Tensor) else t for t in (distances, rows))
         found = rows >= 0
         ids = self.rows.ids[: self.rows.size].cpu().numpy()[np.where(found, rows, 0)]
         keep = found & ~np.isin(ids, hidden)
@@ -151,40 +152,49 @@ class NeighborStore:
         return distances, rows
 
     def _nearest_rows(self, queries: np.ndarray, k: int):
+        """(distances float32 [B, k], rows int64 [B, k]): numpy from faiss, tensors on the store's
+        device from the torch kernel (left there for _gather)."""
         stored = self.rows.size
         if self.backend == "faiss":
             return flat_index.faiss_search(queries, self.rows.keys[:stored].numpy(), k, self.config.metric)
         q = to_device(queries, self.device)
-        return flat_index.torch_search(q, self.rows.keys[:stored], self.rows.key_norms[:stored], k,
-                                       self.config.metric)
+        return flat_index.torch_nearest(q, self.rows.keys[:stored], self.rows.key_norms[:stored], k,
+                                        self.config.metric)
 
-    def _gather(self, rows: np.ndarray, distances: np.ndarray, return_keys: bool, return_values: bool,
+    def _gather(self, rows, distances, return_keys: bool, return_values: bool,
                 return_weights: bool) -> SearchResult:
-        found = rows >= 0
-        safe = to_device(np.where(found, rows, 0), self.device)
-        mask = to_device(found, self.device)
-
-        def column(tensor, fill):
-            picked = tensor[safe]
-            shape = mask.shape + (1,) * (picked.dim() - mask.dim())
-            return to_host(torch.where(mask.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype,
-                                                                                 device=picked.device)))
-
+        """The answer's columns for rows (int64 [B, k], -1 where none: numpy, or a tensor on the store's
+        device), brought to the host together (one wait for the device)."""
         if self.rows.size == 0:
+            rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+            distances = distances.cpu().numpy() if isinstance(distances, torch.Tensor) else distances
             empty = np.zeros(rows.shape, np.int64)
             ids, tokens = empty - 1, empty.astype(np.int32) - 1
             keys = np.zeros(rows.shape + (self.config.dim,), np.float32) if return_keys else None
             values = np.zeros(rows.shape + (self.config.value_dim,), np.float32) if return_values else None
             weights = np.zeros(rows.shape, np.float32) if return_weights else None
             return SearchResult(ids, distances, tokens, keys, values, weights)
-        return SearchResult(
-            ids=column(self.rows.ids, MISSING_ID),
-            distances=distances,
-            tokens=column(self.rows.tokens, -1),
-            keys=column(self.rows.keys, 0).astype(np.float32, copy=False) if return_keys else None,
-            values=column(self.rows.values, 0) if return_values else None,
-            weights=column(self.rows.weights, 0) if return_weights else None,
-        )
+        rows = rows if isinstance(rows, torch.Tensor) else to_device(rows, self.device)
+        found = rows >= 0
+        safe = rows.clamp_min(0)
+
+        def column(tensor, fill):
+            picked = tensor[safe]
+            shape = found.shape + (1,) * (picked.dim() - found.dim())
+            return torch.where(found.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype,
+                                                                          device=picked.device))
+
+        host = to_host_all({
+            "ids": column(self.rows.ids, MISSING_ID),
+            "distances": distances,
+            "tokens": column(self.rows.tokens, -1),
+            "keys": column(self.rows.keys, 0) if return_keys else None,
+            "values": column(self.rows.values, 0) if return_values else None,
+            "weights": column(self.rows.weights, 0) if return_weights else None,
+        })
+        if host["keys"] is not None:
+            host["keys"] = host["keys"].astype(np.float32, copy=False)
+        return SearchResult(**host)
 
     def _rows_of_stored(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ids that must all be stored; NOT_FOUND naming the ones that are not."""

@@ -47,3 +47,18 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor)
     return host.numpy()
+
+
+def to_host_all(tensors: dict) -> dict:
+    """{name: numpy copy} of tensors on one device, waiting for the device once: from a GPU, each is
+    queued into pinned memory and the stream synchronized after the last (a decoding step's answer is
+    five small tensors: one wait instead of five). None stays None; numpy arrays stay as they are."""
+    on_gpu = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_cuda}
+    host = {}
+    for name, tensor in on_gpu.items():
+        host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host[name].copy_(tensor, non_blocking=True)
+    if on_gpu:
+        torch.cuda.current_stream(next(iter(on_gpu.values())).device).synchronize()
+    return {name: host[name].numpy() if name in host else t.numpy() if isinstance(t, torch.Tensor) else t
+            for name, t in tensors.items()}
