@@ -23,10 +23,16 @@ def _as_array(array, what: str) -> np.ndarray:
     return array
 
 
+SMALL_ARRAY_ELEMENTS = 1 << 16
+
+
 def all_finite(array: np.ndarray) -> bool:
     """Every element finite. One pass without a temporary: NaN and Inf make any sum non-finite, so a
     finite sum proves it (twice as fast as isfinite().all() on 200 MB, which writes a mask first); a
-    non-finite sum may also be an overflow of finite values, which the exact check then tells apart."""
+    non-finite sum may also be an overflow of finite values, which the exact check then tells apart.
+    Small arrays (a decoding step's query) take the plain check: errstate's set-up costs more there."""
+    if array.size <= SMALL_ARRAY_ELEMENTS:
+        return bool(np.isfinite(array).all())
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.add.reduce(array, axis=None)):
             return True

@@ -1,6 +1,6 @@
 """The reliability workload (issue 15): load, faults and a checker, run from the checkout.
 
-    python -m reliability.run --minutes 10 [--clients 3] [--seed 0] [--faults shard,sigstop,slowdisk,frontend,server]
+    python -m reliability.run --minutes 10 [--clients 3] [--seed 0] [--faults shard,sigstop,slowdisk,reshard,frontend,server]
                               [--report docs/RELIABILITY.md]
 
 Not part of the wheel (pyproject.toml lists the packages it ships; like ``bench/``, this folder is a

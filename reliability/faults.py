@@ -7,6 +7,10 @@
 - ``server``: SIGKILL of every process of the deployment at once (the Ray head's session, Ray's
   actors with it, and both front ends); then the Ray head and both front ends start again on the
   same data dir and ports.
+- ``reshard``: the deployment moves to one shard fewer (one more when it has one) and back, through
+  front end 1 (``MemoryClient.reshard``, small batches), while the clients go on reading and writing
+  through both front ends and the shards' endpoints: routers other than the driver's. A search is
+  probed between the two moves. Recovery: the time both moves took.
 - ``sigstop``: SIGSTOP of one shard worker for longer than the clients' call deadline (a probe made
   meanwhile must end in DEADLINE_EXCEEDED), then SIGCONT.
 - ``slowdisk``: every fsync of the deployment's Ray workers (shards, registry) sleeps first, for as
@@ -32,12 +36,13 @@ import numpy as np
 
 from reliability.processes import signal_pid
 
-FAULT_KINDS = ("shard", "sigstop", "slowdisk", "frontend", "server")  # the order of each round: the longest last
+FAULT_KINDS = ("shard", "sigstop", "slowdisk", "reshard", "frontend", "server")  # the order of each round: the longest last
 RECOVERY_LIMIT_S = 240.0
 WARMUP_S = 15.0      # workload before the first fault
 TAIL_S = 20.0        # workload after the last one is due
 SPACING_S = 60.0     # a round's faults at least this far apart, if the run allows more than one round
 PROBE_EVERY_S = 0.5
+RESHARD_BATCH_ROWS = 1024  # ids per step of the reshard fault: many freezes, copies and flips under load
 
 
 @dataclasses.dataclass
@@ -166,6 +171,34 @@ class FaultInjector:
         restarted = time.monotonic() - since
         self._recovered(record, since)
         record.note = f"Ray head and both front ends serving again {restarted:.1f} s after the kill"
+
+    def _reshard(self, record: FaultRecord) -> None:
+        from monim.model_client import MemoryClient
+        from monim.protos.errors import MemoryStoreError
+
+        count = self.deployment.config.shards
+        there = count - 1 if count > 1 else count + 1
+        record.target = f"{count} -> {there} -> {count} shards, driven through front end 1"
+        since = time.monotonic()
+        notes = []
+        try:
+            with MemoryClient(self.deployment.addresses[1], timeout_s=self.call_timeout_s, retries=0) as admin:
+                for target in (there, count):
+                    started = time.monotonic()
+                    moved = 0
+                    for progress in admin.reshard(target, RESHARD_BATCH_ROWS, timeout_s=RECOVERY_LIMIT_S):
+                        moved = progress["rows_moved"]
+                    notes.append(f"to {target}: {moved:,} rows moved in {time.monotonic() - started:.1f} s")
+                    if target == there:
+                        why = self.prober.once()
+                        notes.append("a probe between the moves was answered" if why is None
+                                     else f"a probe between the moves: {why}")
+        except MemoryStoreError as error:
+            record.note = "; ".join(notes + [f"the reshard failed: {getattr(error, 'status_code', error.code)} "
+                                             f"{error.message[:200]}"])
+            return
+        self._recovered(record, since)
+        record.note = "; ".join(notes + ([record.note] if record.note else []))
 
     def _sigstop(self, record: FaultRecord) -> None:
         from monim.protos.errors import MemoryStoreError

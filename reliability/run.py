@@ -1,5 +1,5 @@
 """The reliability run: ``python -m reliability.run --minutes M [--clients N] [--seed S]
-[--faults shard,sigstop,slowdisk,frontend,server] [--report docs/RELIABILITY.md]``.
+[--faults shard,sigstop,slowdisk,reshard,frontend,server] [--report docs/RELIABILITY.md]``.
 
 Stages, in order:
 1. start the deployment (reliability/deployment.py: a Ray head and two front ends of one
