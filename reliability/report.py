@@ -128,7 +128,8 @@ def _tables(result: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
         by_code[code] += count
     asked = collections.Counter()
     for (kind, code), count in result.refusals.items():
-        asked[f"{code} ({kind} of deleted ids)" if code == "NOT_FOUND" else f"{code} ({kind})"] += count
+        why = {"NOT_FOUND": "of deleted ids", "FAILED_PRECONDITION": "during a reshard"}.get(code, "")
+        asked[f"{code} ({kind} {why})" if why else f"{code} ({kind})"] += count
     codes = [[code, f"{count:,}", "failed attempts (retried)"] for code, count in by_code.most_common()]
     codes += [[code, f"{count:,}", "asked for, answered as it must"] for code, count in asked.most_common()]
     faults = [[str(i + 1), f"{f.at_s:.0f}", f.kind, f.target,

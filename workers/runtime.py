@@ -192,8 +192,12 @@ class LocalRuntime:
         self.forget_shards(count)
 
     def forget_shards(self, count: int) -> None:
-        del self.shards[count:]
-        self.num_shards = count
+        """The shards from ``count`` on that a shrink retired (closed) go. One that is not closed stays:
+        a grow starts its new shards before the registry names them, and a router that reads the
+        placement meanwhile must not drop them (workers/reshard.py)."""
+        while len(self.shards) > count and self.shards[-1] is not None and self.shards[-1].closed:
+            self.shards.pop()
+        self.num_shards = len(self.shards)
 
     def call_registry(self, method: str, *args):
         with self._registry_lock:  # one call at a time, as the registry actor (max_concurrency=1) takes them
@@ -364,13 +368,17 @@ class RayRuntime:
                 log.warning("retired shard %d could not close its log: %s", shard, self._unwrap(error, shard))
             self._ray.kill(actor, no_restart=True)
             shard += 1
-        self.forget_shards(count)
+        del self.shards[count:]
+        self.num_shards = count
         self.groups.release_from(count)
 
     def forget_shards(self, count: int) -> None:
-        """Another front end retired the shards from ``count`` on: their handles go."""
-        del self.shards[count:]
-        self.num_shards = count
+        """Another front end retired the shards from ``count`` on: the handles of those whose actors are
+        gone go. A live one stays: a grow starts its new shard actors before the registry names them,
+        and a router of the front end driving it that reads the placement meanwhile must not drop them."""
+        while len(self.shards) > count and not self._actor_exists(f"{self.deployment}-shard-{len(self.shards) - 1}"):
+            self.shards.pop()
+        self.num_shards = len(self.shards)
 
     def _actor_exists(self, name: str) -> bool:
         try:

@@ -277,6 +277,7 @@ class Shard:
         self._records_since_snapshot = 0
         # Snapshot files are written on this thread, after the rows were copied under the lock.
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-snapshot")
+        self.closed = False  # close() ran: a shrink retired it (an in-process runtime then drops it)
         self._snapshot_written: concurrent.futures.Future | None = None  # the latest automatic snapshot
         self._exports: dict[str, concurrent.futures.Future] = {}
         self.recovery: dict = {}
@@ -551,6 +552,7 @@ class Shard:
         process ends needs none of this)."""
         from monim.workers.read_endpoint import stop_endpoint
 
+        self.closed = True
         stop_endpoint(self)
         self._writer.shutdown(wait=True)
         if self.wal is not None:

@@ -615,3 +615,29 @@ def test_id_runs_hold_exactly_their_ids(held, asked):
 
     runs = _id_runs(np.array(held, np.int64))
     np.testing.assert_array_equal(_in_runs(runs, np.array(asked, np.int64)), np.isin(asked, held))
+
+
+@pytest.mark.parametrize("start,target", [(2, 1), (3, 2)])
+def test_a_grow_after_a_shrink_keeps_its_new_shards_when_the_router_reads_the_placement_before_it_begins(
+        tmp_path, monkeypatch, start, target):
+    """A grow starts its new shards (and creates every namespace on them) before the registry names them;
+    a request of the same front end that reads the placement in that moment (a refresh after a refusal,
+    an Add planned past the router's version) must not drop them. Seen in the reliability run's reshard
+    fault: a shrink and then a grow back, driven through one front end, failed with 'shard 1 is
+    unavailable: retired by a reshard'."""
+    router = deployment(tmp_path, shards=start)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    keys = np.random.default_rng(3).standard_normal((300, DIM)).astype(np.float32)
+    ids = router.add("ns", keys, np.arange(300)).ids
+    assert reshard(router, target, batch_rows=64).done
+    original = Resharder._create_namespaces
+
+    def placement_read_first(self, shards):  # another request's refresh, on the same router
+        self.router.refresh_placement()
+        original(self, shards)
+
+    monkeypatch.setattr(Resharder, "_create_namespaces", placement_read_first)
+    assert reshard(router, start, batch_rows=64).done
+    assert router.describe_namespace("ns")["rows"] == 300
+    assert [s["rows"] > 0 for s in router.describe_namespace("ns")["shards"]] == [True] * start
+    np.testing.assert_array_equal(router.get("ns", ids).keys, keys)
