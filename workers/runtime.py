@@ -387,6 +387,22 @@ class RayRuntime:
         except ValueError:
             return False
 
+    def _rebound(self, shard: int) -> bool:
+        """The actor of the shard's name is another than this runtime's handle (a shrink killed the
+        one it knew and a grow since started a new one under its name, while this front end made no
+        call that would have let it see the shard go): the handle is replaced. True if it was."""
+        if shard >= len(self.shards):
+            return False
+        try:
+            current = self._ray.get_actor(f"{self.deployment}-shard-{shard}")
+        except ValueError:
+            return False
+        if current == self.shards[shard]:
+            return False
+        log.info("shard %d: a new actor holds its name (a reshard replaced it); calling that one", shard)
+        self.shards[shard] = current
+        return True
+
     def _retired(self, shard: int) -> bool:
         """A shard a shrink removed (its actor killed for good: its name is free), not one restarting."""
         return shard >= len(self.shards) or not self._actor_exists(f"{self.deployment}-shard-{shard}")
@@ -446,6 +462,8 @@ class RayRuntime:
             try:
                 return self._call_shards_once(calls, timeout_s, each)
             except ShardUnavailable as error:
+                if self._rebound(error.shard):
+                    continue
                 left = None if deadline is None else deadline - time.monotonic()
                 if not self.restarts or (left is not None and left < RESTART_POLL_S) or self._retired(error.shard):
                     raise

@@ -128,6 +128,25 @@ def test_resharding_2_4_3_under_load_fails_no_call_loses_no_row_and_every_search
         client.close()
 
 
+def test_a_front_end_idle_through_a_shrink_and_a_grow_back_reaches_the_new_shard(two_front_ends):
+    """2 -> 1 -> 2 through the first front end while the second makes no call: the second still holds a
+    handle of the shard actor the shrink killed, and the grow made a new actor under its name. Its calls
+    must reach the new one (they failed with 'shard 1 is unavailable: ActorDiedError' until its restart,
+    in the reliability run's reshard fault)."""
+    first, second, _, _ = two_front_ends
+    keys = np.random.default_rng(4).standard_normal((200, DIM)).astype(np.float32)
+    with MemoryClient(first.address, timeout_s=120) as admin, \
+            MemoryClient(second.address, timeout_s=60, retries=0, read_endpoints=False) as idle:
+        admin.create_namespace("back", dim=DIM)
+        ids = admin.add("back", keys, np.arange(200))
+        assert idle.search("back", keys[:1], 1).ids[0, 0] == ids[0]  # its handles of both shards
+        for shards in (1, 2):
+            assert list(admin.reshard(shards, 64))[-1]["done"]
+        np.testing.assert_array_equal(idle.get("back", ids).keys, keys)
+        np.testing.assert_array_equal(idle.search("back", keys, 1).ids[:, 0], ids)
+        assert [shard["rows"] > 0 for shard in idle.describe_namespace("back").shards] == [True, True]
+
+
 def test_a_snapshot_waits_for_a_reshard_in_progress(two_front_ends):
     first, _, _, _ = two_front_ends
     with MemoryClient(first.address, timeout_s=60) as admin:
