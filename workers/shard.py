@@ -728,7 +728,7 @@ class Shard:
         A part of a step this shard already committed (a retry) gets its partials, and stages nothing."""
         store = self._check_owned(namespace, generation, ids)
         partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory)
-        if step_id not in self._committed:
+        if self._stages(step_id):
             self._staged_step(namespace, generation, step_id).parts[part] = (step_ids, grads)
         return partials
 
@@ -750,9 +750,15 @@ class Shard:
             ids = ids.copy()
         if ids.size and check_step:
             store.step(ids, staged, dry_run=True)
-        if step_id not in self._committed:
+        if self._stages(step_id):
             self._staged_step(namespace, generation, step_id).parts[part] = (ids, staged)
         return int(ids.size)
+
+    def _stages(self, step_id: str) -> bool:
+        """Whether a part of step_id is staged: not once the step is committed, nor while its commit is
+        being written (a late part of a first attempt, its retry committing: staged then, it would stay,
+        never committed, and hold up a reshard of its rows)."""
+        return step_id not in self._committed and step_id not in self._committing
 
     def _staged_step(self, namespace: str, generation: int, step_id: str) -> _StagedStep:
         now = time.monotonic()

@@ -11,6 +11,10 @@ two, without Ray (each was an xfail(strict=True) test until it was fixed; all ar
 - A step whose commit round meets a shard restart answered ABORTED ("nothing was stepped") after
   the other shards stepped; it answers UNAVAILABLE now, and the retry with the same step id finishes
   it (workers/router.py _commit, workers/shard.py step_committed).
+- A part of a step that reaches a shard while that step's commit is being written (a first attempt
+  late behind a stopped shard, its retry committing) was staged again and stayed, never committed:
+  a reshard then waited 30 s for it on every batch of its rows (workers/shard.py backward_part,
+  stage_gradients).
 """
 
 from __future__ import annotations
@@ -227,3 +231,42 @@ def test_a_snapshot_is_never_written_over(tmp_path):
         assert snapshots.list()[0]["rows"] == first["rows"] == {"ns": 10}
     finally:
         runtime.shutdown()
+
+
+@pytest.mark.parametrize("late", ["stage_gradients", "backward_part"])
+def test_a_part_that_arrives_while_its_step_commits_is_not_staged_again(tmp_path, late):
+    """The commit of step "s" is held while its log record is written; the first attempt's part of the
+    same step arrives then. After the commit nothing of "s" may stay staged."""
+    runtime = LocalRuntime(1, data_dir=str(tmp_path), fsync="always")
+    router = Router(runtime)
+    router.create_namespace(NamespaceConfig("ns", dim=4, value_dim=2))
+    rng = np.random.default_rng(1)
+    ids = router.add("ns", rng.standard_normal((4, 4)).astype(np.float32), np.arange(4),
+                     values=np.zeros((4, 2), np.float32)).ids
+    shard, generation = runtime.shards[0], router.config("ns").generation
+    grads = np.ones((4, 2), np.float32)
+    writing, release = threading.Event(), threading.Event()
+    original = shard.wal.append
+
+    def slow_append(op, *args):
+        if op == "step":
+            writing.set()
+            release.wait(10)
+        return original(op, *args)
+
+    shard.wal.append = slow_append
+    shard.stage_gradients("ns", generation, "s", 0, ids, grads)
+    committing = threading.Thread(target=shard.commit_step, args=("ns", generation, "s"))
+    committing.start()
+    assert writing.wait(10)
+    if late == "stage_gradients":
+        shard.stage_gradients("ns", generation, "s", 0, ids, grads)
+    else:
+        found = router.retrieve("ns", rng.standard_normal((2, 4)).astype(np.float32), 2)
+        shard.backward_part("ns", generation, "s", 0, found.queries, found.ids, found.alpha, found.distances,
+                            np.ones((2, 2), np.float32))
+    release.set()
+    committing.join(10)
+    assert shard.commit_step("ns", generation, "s") == 4
+    assert shard.staged_in_range("ns", 0, 10) == []
+    runtime.shutdown()
