@@ -124,10 +124,11 @@ def _size(count: float) -> str:
 
 
 class _Remembered(collections.OrderedDict):
-    """A bounded map of the most recent keys."""
+    """A bounded map of the most recent keys (a key remembered again is the newest)."""
 
     def remember(self, key, value):
         self[key] = value
+        self.move_to_end(key)
         while len(self) > REMEMBERED_REQUESTS:
             self.popitem(last=False)
         return value

@@ -608,6 +608,20 @@ def test_the_ids_a_shard_keeps_of_each_request_are_bounded():
     assert kept.runs == sum(runs.shape[0] for shares in kept.values() for runs in shares)
 
 
+def test_a_request_given_another_share_is_the_newest_the_shard_keeps(monkeypatch):
+    """A request that a later share updated goes last, not by when its first share came."""
+    from monim.workers import shard as shard_module
+    from monim.workers.shard import _id_runs, _RememberedIds
+
+    monkeypatch.setattr(shard_module, "REMEMBERED_REQUESTS", 2)
+    kept = _RememberedIds()
+    kept.remember(("old", "add"), [_id_runs([1])])
+    kept.remember(("new", "add"), [_id_runs([2])])
+    kept.remember(("old", "add"), kept[("old", "add")] + [_id_runs([3])])  # another share of "old"
+    kept.remember(("newest", "add"), [_id_runs([4])])
+    assert list(kept) == [("old", "add"), ("newest", "add")]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 300), max_size=60), st.lists(st.integers(-5, 305), max_size=60))
 def test_id_runs_hold_exactly_their_ids(held, asked):
