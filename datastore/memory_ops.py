@@ -205,16 +205,19 @@ def combine_backward(partials: BackwardPartials, queries: np.ndarray, alpha: np.
                      temperature: float) -> tuple[np.ndarray, float]:
     """(grad_queries float32 [B, dim], grad_temperature) from the summed partials of all shards.
     In float64, with torch's threads (numpy's elementwise passes run on one: at B=4096, k=1024 they
-    took 34 ms on a 16-core host)."""
+    took 34 ms on a 16-core host), in as few passes over the [B, dim] arrays as torch allows (fused
+    multiply-adds in place): a GPU shard's endpoint runs this on its one CPU, where eight passes were
+    most of a training step's backward (an H100 host, B=4096, k=32; docs/BENCHMARKS.md)."""
     weighted_keys, alpha_keys, grad_m_dot_m, grad_dot_dist, alpha_dist = (
         source_tensor(np.asarray(getattr(partials, f.name), np.float64)) for f in dataclasses.fields(partials))
     alpha_total = source_tensor(alpha).sum(1, dtype=torch.float64)
-    sum_c_keys = weighted_keys - grad_m_dot_m[:, None] * alpha_keys
+    sum_c_keys = torch.addcmul(weighted_keys, grad_m_dot_m[:, None], alpha_keys, value=-1.0)
     sum_c_dist = grad_dot_dist - grad_m_dot_m * alpha_dist
     if metric == "l2":
         sum_c = grad_m_dot_m * (1.0 - alpha_total)                         # 0 up to rounding
-        grad_queries = -(2.0 / temperature) * (source_tensor(queries).double() * sum_c[:, None] - sum_c_keys)
+        # -(2 / T) (q sum_c - sum_c_keys), in place on sum_c_keys (float32 queries promote exactly).
+        grad_queries = sum_c_keys.addcmul_(source_tensor(queries), sum_c[:, None], value=-1.0).mul_(2.0 / temperature)
     else:
-        grad_queries = sum_c_keys / temperature
+        grad_queries = sum_c_keys.div_(temperature)
     grad_temperature = float(sum_c_dist.sum() / temperature**2)
     return grad_queries.float().numpy(), grad_temperature
