@@ -426,9 +426,12 @@ class WriteAheadLog:
 
     def rotate(self) -> int:
         """Ends the segment being written (durable: a snapshot may drop its predecessors); the next
-        append starts a new one. Returns the sequence number of the last segment before it."""
+        append starts a new one. Returns the sequence number of the last segment before it. When the
+        group commit has synced every record written (a shard's snapshot: it applies records only
+        once they are durable), the segment is closed without another sync: a caller that holds
+        its shard's lock must not wait for a slow disk."""
         with self._lock:
-            self._segments.end_segment(durable=self.sync_delay is not None)
+            self._segments.end_segment(durable=self.sync_delay is not None and self.synced < self.written)
             self._segment_open = False
             self.synced = self.written
             return self.sequence

@@ -279,7 +279,7 @@ class Shard:
         # Snapshot files are written on this thread, after the rows were copied under the lock.
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="monim-snapshot")
         self.closed = False  # close() ran: a shrink retired it (an in-process runtime then drops it)
-        self._snapshot_written: concurrent.futures.Future | None = None  # the latest automatic snapshot
+        self._snapshot_written: concurrent.futures.Future | None = None  # the latest snapshot's files being written
         self._exports: dict[str, concurrent.futures.Future] = {}
         self.recovery: dict = {}
         self.folder = None if data_dir is None else Location.of(data_dir) / f"shard-{shard_index}"
@@ -478,21 +478,35 @@ class Shard:
         return [self.folder / name for name in self.folder.names() if name.startswith("snapshot-")
                 and (self.folder / name / "manifest.json").exists()]
 
-    @_serialized
     def snapshot(self, wait: bool = True) -> dict | None:
         """Writes every namespace of this shard to a new snapshot, then deletes the log segments and
-        the older snapshot it covers. The rows are copied to host memory under each store's lock
-        (a memcpy); the files are written after that: here (wait=True; returns the manifest), or in
-        a background thread while the shard goes on serving (wait=False; automatic snapshots).
-        None without a data dir, or when a background snapshot is still being written."""
+        the older snapshot it covers. The rows are copied to host memory under the shard's lock (a
+        memcpy, once every logged record is applied); the files are written and synced after that,
+        by the shard's snapshot thread, with the lock free: reads and writes go on while the disk
+        works. wait=True (CreateSnapshot) answers the manifest once the files are durable;
+        wait=False (automatic snapshots) answers at once. None without a data dir, or (wait=False)
+        while another snapshot is being taken."""
         if self.folder is None:
             return None
-        if self._snapshot_written is not None and not self._snapshot_written.done():
+        while True:
+            with self._changes:
+                pending = self._snapshot_written
+                if pending is None or pending.done():
+                    written = self._snapshot_captured(wait)
+                    break
             if not wait:
                 return None
-            concurrent.futures.wait([self._snapshot_written])
-        # One snapshot at a time: the wait for logged records below lets other calls in, and two
-        # snapshots of the same log position would write the same folder.
+            # One snapshot's files at a time: two of the same log position would write one folder.
+            concurrent.futures.wait([pending])
+        if not isinstance(written, concurrent.futures.Future):
+            return written
+        return written.result() if wait else None
+
+    def _snapshot_captured(self, wait: bool):
+        """Under the lock: the log rotated and the rows captured, once every logged record is applied
+        (the wait for them lets other calls in); the files' writing submitted to the snapshot thread.
+        Returns its future, or the manifest of the snapshot there is when nothing was logged since,
+        or None (wait=False, another snapshot is being captured)."""
         if self._snapshotting and not wait:
             return None
         self._changes.wait_for(lambda: not self._snapshotting)
@@ -505,8 +519,8 @@ class Shard:
             self._snapshotting = self._draining = False
             self._changes.notify_all()
 
-    def _snapshot_drained(self, wait: bool) -> dict | None:
-        """snapshot(), once every logged record is applied (under the lock)."""
+    def _snapshot_drained(self, wait: bool):
+        """_snapshot_captured, once every logged record is applied."""
         from monim.datastore import snapshot
 
         if self._applied_through != self.wal.written:
@@ -536,17 +550,14 @@ class Shard:
                     old.delete()
             return manifest
 
-        if wait:
-            return write()
-
         def background() -> None:
             try:
                 write()
             except Exception:  # noqa: BLE001 - the log still covers everything; the next snapshot retries
                 log.exception("shard %d: background snapshot %s failed", self.shard_index, target)
 
-        self._snapshot_written = self._writer.submit(background)
-        return None
+        self._snapshot_written = self._writer.submit(write if wait else background)
+        return self._snapshot_written
 
     def close(self) -> None:
         """Stops its read endpoint, finishes a background snapshot and closes the log (a shard whose

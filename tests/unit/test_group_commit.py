@@ -120,6 +120,50 @@ def test_a_snapshot_taken_while_writers_wait_for_the_disk_keeps_their_rows(tmp_p
     again.runtime.shutdown()
 
 
+@pytest.mark.parametrize("wait", [True, False])
+def test_reads_go_on_while_a_snapshot_waits_for_the_disk(tmp_path, fdatasyncs, monkeypatch, wait):
+    """Regression (the reliability run's slowdisk fault, CI 2026-12-05: a search waited 6.01 s, one
+    slow sync): a snapshot, asked for (CreateSnapshot: wait) or automatic (in the background), held
+    the shard's lock while the log's segment and the snapshot's files were synced. Reads and other
+    snapshots' callers must not wait for the disk; the snapshot still covers every row."""
+    from monim.datastore import snapshot as snapshot_module
+
+    real_fsync = snapshot_module._fsync
+
+    def gated_fsync(local_path):
+        fdatasyncs["inside"].set()
+        fdatasyncs["gate"].wait(30)
+        real_fsync(local_path)
+
+    monkeypatch.setattr(snapshot_module, "_fsync", gated_fsync)
+    router = deployment(tmp_path)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    rng = np.random.default_rng(4)
+    router.add("ns", rng.standard_normal((12, DIM)).astype(np.float32), np.arange(12))
+    shard = router.runtime.shards[0]
+    fdatasyncs["gate"].clear()
+    fdatasyncs["inside"].clear()
+    taken = threading.Thread(target=shard.snapshot, args=(wait,))
+    taken.start()
+    assert fdatasyncs["inside"].wait(5)  # the snapshot waits for the disk now
+    started = time.monotonic()
+    found = router.search("ns", rng.standard_normal((2, DIM)).astype(np.float32), 5)
+    describe = router.describe_namespace("ns")
+    assert time.monotonic() - started < 1.0, "a read waited for the snapshot's disk"
+    assert (found.ids >= 0).all() and describe["rows"] == 12
+    assert taken.is_alive() or not wait  # a snapshot asked for answers once its files are durable
+    fdatasyncs["gate"].set()
+    taken.join(10)
+    assert not taken.is_alive()
+    shard.snapshot()  # waits for a background one first
+    router.runtime.shutdown()
+    again = deployment(tmp_path)
+    assert again.describe_namespace("ns")["rows"] == 12
+    assert again.runtime.shards[0].recovery["snapshot"] is not None
+    assert again.runtime.shards[0].recovery["records_replayed"] == 0
+    again.runtime.shutdown()
+
+
 def test_racing_retries_of_one_step_and_one_create_apply_once(tmp_path, fdatasyncs):
     """Retries that arrive while the first try waits for the disk: the step is applied once (each
     retry answers its result) and a second create of the same generation changes nothing."""
