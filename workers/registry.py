@@ -275,8 +275,9 @@ class NamespaceRegistry:
             return self.placement.to_dict()
         move.flipped = [move.current, move.cursor, move.frozen_end]
         move.frozen_end = move.cursor
-        log.warning("reshard: thawed ids [%d, %d) of %r: its driver stopped %.0f s ago (run the reshard again "
-                    "to resume it)", move.flipped[1], move.flipped[2], move.current, now - move.heartbeat)
+        stopped = "stopped" if not move.heartbeat else f"stopped reporting {now - move.heartbeat:.0f} s ago"
+        log.warning("reshard: thawed ids [%d, %d) of %r: its driver %s (run the reshard again to resume it)",
+                    move.flipped[1], move.flipped[2], move.current, stopped)
         return self._changed()
 
     def release_reshard(self, driver: str) -> None:

@@ -17,7 +17,9 @@ and every step is safe to run again, so a driver that stops anywhere (a crash, a
       are dropped: their commit answers ABORTED, nothing stepped);
    c. copy: every old owner exports the batch's rows that change shard (every column: values,
       optimizer state, sources, steps); each new owner logs and appends them (rows it holds already,
-      from an interrupted copy, are skipped: they are equal, as writes to them waited);
+      from an interrupted copy, are skipped: they are equal, as writes to them waited), at the
+      placement they were exported at only (a copy that arrives after a router thawed the batch is
+      refused: its rows may have changed at their owner since);
    d. flip: the registry moves the cursor past the batch; every shard takes it, and the old owners
       delete the rows they no longer own. Writes that waited go to the new owners.
 3. finish: the registry records the target count; every shard takes it; with a shrink, the removed
@@ -186,7 +188,8 @@ class Resharder:
         exports = self.router._call([(shard, "export_batch", (config.name, config.generation, first, end))
                                      for shard in range(placement.actors)])
         receives = [(target, "receive_rows", (config.name, config.generation,
-                                              f"reshard:{placement.version}:{source}", payload, applied))
+                                              f"reshard:{placement.version}:{source}", payload, applied,
+                                              placement.version))
                     for source, batches in enumerate(exports) for target, payload, applied in batches]
         if receives:
             self.rows_moved += sum(self.router._call(receives))

@@ -1004,19 +1004,27 @@ class Shard:
         return marks
 
     def receive_rows(self, namespace: str, generation: int, request_id: str, payload: bytes,
-                     applied: str = '{"applied": [], "committed": []}') -> int:
+                     applied: str = '{"applied": [], "committed": []}', version: int | None = None) -> int:
         """Appends rows a reshard moves here (an Arrow IPC stream in the snapshot schema, every column
         kept), logged first; ids already held (a batch copied again after an interrupted move: equal,
         as writes to them waited) are skipped. ``applied``: the writes their old owner had applied
         (export_batch), remembered here as applied (changing no row here: answered 0 when retried).
-        Returns the rows appended."""
+        ``version``: the placement the rows were exported at (their batch frozen); at any other
+        (a copy that arrives after the batch was thawed, or flipped) PlacementChanged, and nothing is
+        stored: the rows may have changed at their owner since. Returns the rows appended."""
         from monim.datastore import snapshot
 
         rows = snapshot.table_from_bytes(payload).num_rows
+
+        def check() -> None:
+            if version is not None and version != self.placement.version:
+                raise PlacementChanged(f"shard {self.shard_index} is at placement version {self.placement.version}; "
+                                       f"the rows were copied at version {version}", self.placement.version)
+            self._check_room(namespace, rows, generation)
+
         return self._write("receive", {"namespace": namespace, "generation": generation, "request_id": request_id},
                            {"table": np.array([payload], dtype=object),
-                            "applied": np.array([applied.encode()], dtype=object)},
-                           check=lambda: self._check_room(namespace, rows, generation))
+                            "applied": np.array([applied.encode()], dtype=object)}, check=check)
 
     def _apply_receive(self, store: NeighborStore, args: dict, columns: dict) -> int:
         import pyarrow as pa

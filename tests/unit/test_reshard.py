@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from monim.datastore import NamespaceConfig
 from monim.protos.errors import Aborted, FailedPrecondition, IdsNotFound, InvalidArgument
 from monim.workers import registry as registry_module
+from monim.workers.placement import PlacementChanged
 from monim.workers.reshard import Resharder, reshard
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
@@ -655,3 +656,40 @@ def test_a_grow_after_a_shrink_keeps_its_new_shards_when_the_router_reads_the_pl
     assert router.describe_namespace("ns")["rows"] == 300
     assert [s["rows"] > 0 for s in router.describe_namespace("ns")["shards"]] == [True] * start
     np.testing.assert_array_equal(router.get("ns", ids).keys, keys)
+
+
+def test_a_copy_that_arrives_after_its_batch_was_thawed_is_refused_and_changes_nothing(tmp_path, monkeypatch):
+    """A batch's copy that reaches its new owner late (the driver's call timed out, the routers thawed
+    the batch after the driver's lease ran out, writes to its rows went on at the old owner) would
+    put a stale second copy of the rows beside the live ones: the new owner takes a copy only at the
+    placement it was exported at (PlacementChanged otherwise), so nothing of it is stored."""
+    router = deployment(tmp_path)
+    fill(router)
+    late, frozen = [], []
+
+    def export_then_stop(self, config, first, end, placement):
+        exports = self.router._call([(s, "export_batch", (config.name, config.generation, first, end))
+                                     for s in range(placement.actors)])
+        late.extend((config, target, payload, applied) for batches in exports for target, payload, applied in batches)
+        frozen.append(placement)
+        raise KeyboardInterrupt  # the driver's receive calls are still on their way
+
+    monkeypatch.setattr(Resharder, "_copy", export_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        reshard(router, 3, batch_rows=40)
+    monkeypatch.undo()
+    assert late, "the batch moves rows"
+    placement = frozen[0]
+    monkeypatch.setattr(registry_module, "RESHARD_LEASE_S", 0.0)  # the driver's lease ran out
+    router._catch_up(router.refresh_placement())  # a router that waited thaws the batch
+    thawed = router.refresh_placement()
+    assert thawed.version > placement.version and not thawed.any_frozen(placement.move.current)
+    before = state(router)
+    for config, target, payload, applied in late:
+        with pytest.raises(PlacementChanged, match="placement"):
+            router._call([(target, "receive_rows", (config.name, config.generation,
+                                                    f"reshard:{placement.version}:late", payload, applied,
+                                                    placement.version))])
+    assert state(router) == before  # no row twice, nothing else changed
+    reshard(router, 3, batch_rows=40)
+    assert state(router) == before
