@@ -168,6 +168,7 @@ class LocalRuntime:
                  snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None):
         self.registry = NamespaceRegistry(num_shards, data_dir)
         self._registry_lock = threading.Lock()
+        self._shards_lock = threading.RLock()  # the list of shards: concurrent calls may each find a grow
         self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
         self.data_dir = data_dir
         self.num_shards = num_shards = self.registry.shard_count()
@@ -177,27 +178,30 @@ class LocalRuntime:
     def ensure_shards(self, count: int, placement: dict | None = None) -> None:
         """Shards up to ``count`` (a reshard's new ones: empty, or recovered from their folders), new ones
         at ``placement``."""
-        while len(self.shards) < count:
-            self.shards.append(Shard(len(self.shards), count, *self._shard_args, placement=placement))
-        if count > self.num_shards:
-            self._pool.shutdown(wait=False)
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix="shard")
-        self.num_shards = max(self.num_shards, count)
+        with self._shards_lock:
+            while len(self.shards) < count:
+                self.shards.append(Shard(len(self.shards), count, *self._shard_args, placement=placement))
+            if count > self.num_shards:
+                self._pool.shutdown(wait=False)
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix="shard")
+            self.num_shards = max(self.num_shards, count)
 
     def retire_shards(self, count: int) -> None:
         """After a shrink: the shards from ``count`` on stop (their rows are all elsewhere)."""
-        for shard in self.shards[count:]:
-            if shard is not None:
-                shard.close()
-        self.forget_shards(count)
+        with self._shards_lock:
+            for shard in self.shards[count:]:
+                if shard is not None:
+                    shard.close()
+            self.forget_shards(count)
 
     def forget_shards(self, count: int) -> None:
         """The shards from ``count`` on that a shrink retired (closed) go. One that is not closed stays:
         a grow starts its new shards before the registry names them, and a router that reads the
         placement meanwhile must not drop them (workers/reshard.py)."""
-        while len(self.shards) > count and self.shards[-1] is not None and self.shards[-1].closed:
-            self.shards.pop()
-        self.num_shards = len(self.shards)
+        with self._shards_lock:
+            while len(self.shards) > count and self.shards[-1] is not None and self.shards[-1].closed:
+                self.shards.pop()
+            self.num_shards = len(self.shards)
 
     def call_registry(self, method: str, *args):
         with self._registry_lock:  # one call at a time, as the registry actor (max_concurrency=1) takes them
@@ -328,6 +332,7 @@ class RayRuntime:
         self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
         self.data_dir = data_dir
         self.shards = []
+        self._shards_lock = threading.RLock()  # the list of handles: concurrent calls may each find a grow
         try:
             self.ensure_shards(self.num_shards)
         except Exception:  # no room for the shards, say: nothing this front end made stays
@@ -346,18 +351,24 @@ class RayRuntime:
     def ensure_shards(self, count: int, placement: dict | None = None) -> None:
         """Shard actors up to ``count``: this deployment's named ones where they exist (another front end,
         or a reshard, made them), else new ones (empty, or recovered from their folders of the data dir),
-        in their placement group's bundles (workers/shard_groups.py)."""
-        new = range(len(self.shards), count)
-        missing = [i for i in new if not self._actor_exists(f"{self.deployment}-shard-{i}")]
-        scheduling = self.groups.scheduling(missing) if missing else {}
-        self.shards += [self._shard_actor(i, count, scheduling.get(i, "DEFAULT"), placement) for i in new]
-        self.num_shards = max(self.num_shards, count)
-        if new:
-            self.call_shards([(i, "ping", ()) for i in new], timeout_s=300)
+        in their placement group's bundles (workers/shard_groups.py). One call at a time: concurrent
+        calls that each find a grow would append a shard's handle twice (tests/unit/test_runtime_shards.py)."""
+        with self._shards_lock:
+            new = range(len(self.shards), count)
+            missing = [i for i in new if not self._actor_exists(f"{self.deployment}-shard-{i}")]
+            scheduling = self.groups.scheduling(missing) if missing else {}
+            self.shards += [self._shard_actor(i, count, scheduling.get(i, "DEFAULT"), placement) for i in new]
+            self.num_shards = max(self.num_shards, count)
+            if new:
+                self.call_shards([(i, "ping", ()) for i in new], timeout_s=300)
 
     def retire_shards(self, count: int) -> None:
         """After a shrink: the shard actors from ``count`` on are closed and killed (their rows are all
         on the others)."""
+        with self._shards_lock:
+            self._retire_shards(count)
+
+    def _retire_shards(self, count: int) -> None:
         shard = count
         while shard < len(self.shards) or self._actor_exists(f"{self.deployment}-shard-{shard}"):
             actor = self.shards[shard] if shard < len(self.shards) else \
@@ -376,9 +387,11 @@ class RayRuntime:
         """Another front end retired the shards from ``count`` on: the handles of those whose actors are
         gone go. A live one stays: a grow starts its new shard actors before the registry names them,
         and a router of the front end driving it that reads the placement meanwhile must not drop them."""
-        while len(self.shards) > count and not self._actor_exists(f"{self.deployment}-shard-{len(self.shards) - 1}"):
-            self.shards.pop()
-        self.num_shards = len(self.shards)
+        with self._shards_lock:
+            while len(self.shards) > count and \
+                    not self._actor_exists(f"{self.deployment}-shard-{len(self.shards) - 1}"):
+                self.shards.pop()
+            self.num_shards = len(self.shards)
 
     def _actor_exists(self, name: str) -> bool:
         try:
@@ -583,16 +596,18 @@ class ShardSideRuntime(RayRuntime):
         self.registry = ray.get_actor(f"{deployment}-registry")
         self.shards = []
         self.num_shards = 0
+        self._shards_lock = threading.RLock()  # its concurrent calls (reads and writes) may each find a grow
 
     def ensure_shards(self, count: int, placement: dict | None = None) -> None:
         """Handles of the named shard actors up to count (a reshard's new ones, once a front end made them)."""
-        while len(self.shards) < count:
-            index = len(self.shards)
-            try:
-                self.shards.append(self._ray.get_actor(f"{self.deployment}-shard-{index}"))
-            except ValueError:
-                raise ShardUnavailable(index, "no such shard actor (yet)") from None
-        self.num_shards = max(self.num_shards, count)
+        with self._shards_lock:
+            while len(self.shards) < count:
+                index = len(self.shards)
+                try:
+                    self.shards.append(self._ray.get_actor(f"{self.deployment}-shard-{index}"))
+                except ValueError:
+                    raise ShardUnavailable(index, "no such shard actor (yet)") from None
+            self.num_shards = max(self.num_shards, count)
 
     def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
         here = self.local.shard_index
