@@ -404,17 +404,16 @@ class RayRuntime:
         """The actor of the shard's name is another than this runtime's handle (a shrink killed the
         one it knew and a grow since started a new one under its name, while this front end made no
         call that would have let it see the shard go): the handle is replaced. True if it was."""
-        if shard >= len(self.shards):
-            return False
         try:
             current = self._ray.get_actor(f"{self.deployment}-shard-{shard}")
         except ValueError:
             return False
-        if current == self.shards[shard]:
-            return False
-        log.info("shard %d: a new actor holds its name (a reshard replaced it); calling that one", shard)
-        self.shards[shard] = current
-        return True
+        with self._shards_lock:  # a retire may shorten the list meanwhile
+            if shard >= len(self.shards) or current == self.shards[shard]:
+                return False
+            log.info("shard %d: a new actor holds its name (a reshard replaced it); calling that one", shard)
+            self.shards[shard] = current
+            return True
 
     def _retired(self, shard: int) -> bool:
         """A shard a shrink removed (its actor killed for good: its name is free), not one restarting."""
