@@ -388,6 +388,7 @@ class _OtherFrontEnd(LocalRuntime):
         self._shard_args, self.data_dir = first._shard_args, first.data_dir
         self.shards = list(first.shards)
         self.num_shards = len(self.shards)
+        self._shards_lock = threading.RLock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="other-shard")
 
     def ensure_shards(self, count: int) -> None:
