@@ -62,6 +62,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 REMEMBERED_REQUESTS = 100_000
 # Runs of ids (3 int64 each) the shard keeps, over all remembered requests, of which ids each applied.
 REMEMBERED_ID_RUNS = 2_000_000
+# Bytes of the partial sums a shard keeps of the parts of its latest committed steps, so that a retry
+# of such a part (its call failed elsewhere after the commit) gets the sums of the values before the step.
+REMEMBERED_PARTIALS_BYTES = 64 << 20
 # Staged steps that are neither committed nor aborted are dropped after this long, or when
 # more than MAX_STAGED_STEPS wait (a client that died between the parts and the commit).
 STAGED_STEP_TTL_S = 600.0
@@ -80,6 +83,7 @@ class _StagedStep:
     generation: int
     started: float
     parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
+    partials: dict = dataclasses.field(default_factory=dict)  # part -> the BackwardPartials it answered
 
     def in_order(self) -> list:
         """The parts by their index, not by arrival (a client sends several at once): the step's sums
@@ -156,6 +160,29 @@ class _RememberedIds(_Remembered):
         key, value = super().popitem(last=last)
         self.runs -= sum(runs.shape[0] for runs in value)
         return key, value
+
+
+class _RememberedPartials(collections.OrderedDict):
+    """(step id, part) -> the BackwardPartials a shard answered for a part of a step it committed,
+    bounded by the bytes they hold (the oldest steps' go first: a retry of one of those gets sums over
+    the stepped values, as before they were kept)."""
+
+    def __init__(self, max_bytes: int = 0):
+        super().__init__()
+        self.max_bytes = max_bytes or REMEMBERED_PARTIALS_BYTES
+        self.bytes = 0
+
+    @staticmethod
+    def _size(partials) -> int:
+        return sum(np.asarray(getattr(partials, f.name)).nbytes for f in dataclasses.fields(partials))
+
+    def remember(self, key, partials) -> None:
+        if key in self:
+            self.bytes -= self._size(self.pop(key))
+        self[key] = partials
+        self.bytes += self._size(partials)
+        while self.bytes > self.max_bytes and len(self) > 1:
+            self.bytes -= self._size(self.popitem(last=False)[1])
 
 
 def _runs_of(listed) -> np.ndarray:
@@ -263,6 +290,7 @@ class Shard:
         # share: a later share applies the rest, a retry of a share nothing.
         self._applied_ids = _RememberedIds()
         self._staged: dict[str, _StagedStep] = {}
+        self._answered = _RememberedPartials()  # what the parts of committed steps answered
         self._lock = threading.RLock()
         # Writers wait on this (it releases the lock) for their record's fdatasync and their turn to
         # apply; snapshots wait on it for every logged record to be applied.
@@ -737,11 +765,16 @@ class Shard:
                       distances, grad_memory) -> BackwardPartials:
         """This shard's partial sums of one part of a Retrieve backward; its value gradients wait,
         staged under step_id, for commit_step. NOT_FOUND (nothing staged) if one of its ids is gone.
-        A part of a step this shard already committed (a retry) gets its partials, and stages nothing."""
+        A part of a step this shard already committed (a retry) gets the partials it answered before the
+        step (while it keeps them: _RememberedPartials), and stages nothing."""
         store = self._check_owned(namespace, generation, ids)
+        if not self._stages(step_id) and (step_id, part) in self._answered:
+            return self._answered[(step_id, part)]
         partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory)
         if self._stages(step_id):
-            self._staged_step(namespace, generation, step_id).parts[part] = (step_ids, grads)
+            staged = self._staged_step(namespace, generation, step_id)
+            staged.parts[part] = (step_ids, grads)
+            staged.partials[part] = partials
         return partials
 
     @_serialized
@@ -799,6 +832,8 @@ class Shard:
                 raise InvalidArgument(f"step {step_id!r} was staged for namespace {staged.namespace!r}, not "
                                       f"{namespace!r}: nothing was stepped")
             self._staged.pop(step_id, None)
+            for part, partials in (staged.partials.items() if staged is not None else ()):
+                self._answered.remember((step_id, part), partials)
             if staged is None and expect_parts:
                 raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a "
                               "restart, or dropped after 10 minutes): nothing was stepped; run the backward again")

@@ -15,6 +15,9 @@ two, without Ray (each was an xfail(strict=True) test until it was fixed; all ar
   late behind a stopped shard, its retry committing) was staged again and stayed, never committed:
   a reshard then waited 30 s for it on every batch of its rows (workers/shard.py backward_part,
   stage_gradients).
+- A RetrieveBackward retried with its step id after its commit met a shard restart got, from the
+  shard that had committed, partial sums over the values after the step: its dL/dq and dL/dT were not
+  the forward's (workers/shard.py backward_part, _RememberedPartials).
 """
 
 from __future__ import annotations
@@ -270,3 +273,55 @@ def test_a_part_that_arrives_while_its_step_commits_is_not_staged_again(tmp_path
     assert shard.commit_step("ns", generation, "s") == 4
     assert shard.staged_in_range("ns", 0, 10) == []
     runtime.shutdown()
+
+
+def test_a_backward_retried_after_its_step_committed_on_a_shard_answers_the_gradients_of_the_first_try(tmp_path):
+    """The same commit round as above (shard 0 commits, shard 1 restarts without its staged part, the
+    call answers UNAVAILABLE), then the retry with the same step id. Shard 0 answered the retry's part
+    with partial sums over its rows' values after the step, so the retry's dL/dq and dL/dT were not
+    those of the forward (the reliability CI profile, 2026-12-05: "retrieve_backward dL/dq: 21 entries
+    differ", 2 s after a shard kill). A shard answers a committed step's part again with the sums it
+    answered first."""
+    from monim.protos.errors import Unavailable
+    from monim.workers.shard import Shard
+
+    def deployment(folder):
+        runtime = LocalRuntime(2, data_dir=str(folder), fsync="always")
+        router = Router(runtime)
+        rng = np.random.default_rng(7)
+        router.create_namespace(NamespaceConfig("ns", dim=4, value_dim=2, optimizer={"name": "sgd", "lr": 0.5}))
+        router.add("ns", rng.standard_normal((20, 4)).astype(np.float32), np.arange(20),
+                   values=rng.standard_normal((20, 2)).astype(np.float32))
+        return runtime, router, router.retrieve("ns", rng.standard_normal((3, 4)).astype(np.float32), 12, 0.7)
+
+    def backward(router, forward):
+        return router.retrieve_backward("ns", forward.queries, forward.ids, forward.alpha, forward.distances,
+                                        np.full((3, 2), 0.5, np.float32), 0.7, generation=forward.generation,
+                                        step_id="s")
+
+    plain_runtime, plain, plain_forward = deployment(tmp_path / "plain")
+    expected_dq, expected_dt = backward(plain, plain_forward)
+    plain_runtime.shutdown()
+
+    runtime, router, forward = deployment(tmp_path / "faulty")
+    send, restarted = runtime.call_shards, []
+
+    def shard_1_restarts_during_the_commit(calls, timeout_s=None):
+        if calls[0][1] == "placed" and calls[0][2][1] == "commit_step" and not restarted:
+            restarted.append(True)
+            runtime.shards[0].commit_step(*calls[0][2][2:])
+            runtime.shards[1].close()
+            runtime.shards[1] = Shard(1, 2, "cpu", str(tmp_path / "faulty"), "always")
+        return send(calls, timeout_s)
+
+    runtime.call_shards = shard_1_restarts_during_the_commit
+    try:
+        with pytest.raises(Unavailable):
+            backward(router, forward)
+        runtime.call_shards = send
+        dq, dt = backward(router, forward)  # the retry
+        assert restarted
+        np.testing.assert_allclose(dq, expected_dq, rtol=1e-6, atol=1e-7)
+        assert dt == pytest.approx(expected_dt, rel=1e-6)
+    finally:
+        runtime.shutdown()
