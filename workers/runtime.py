@@ -366,22 +366,19 @@ class RayRuntime:
         """After a shrink: the shard actors from ``count`` on are closed and killed (their rows are all
         on the others)."""
         with self._shards_lock:
-            self._retire_shards(count)
-
-    def _retire_shards(self, count: int) -> None:
-        shard = count
-        while shard < len(self.shards) or self._actor_exists(f"{self.deployment}-shard-{shard}"):
-            actor = self.shards[shard] if shard < len(self.shards) else \
-                self._ray.get_actor(f"{self.deployment}-shard-{shard}")
-            try:
-                self._ray.get(actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
-            except Exception as error:  # noqa: BLE001 - a dead shard has nothing to flush
-                log.warning("retired shard %d could not close its log: %s", shard, self._unwrap(error, shard))
-            self._ray.kill(actor, no_restart=True)
-            shard += 1
-        del self.shards[count:]
-        self.num_shards = count
-        self.groups.release_from(count)
+            shard = count
+            while shard < len(self.shards) or self._actor_exists(f"{self.deployment}-shard-{shard}"):
+                actor = self.shards[shard] if shard < len(self.shards) else \
+                    self._ray.get_actor(f"{self.deployment}-shard-{shard}")
+                try:
+                    self._ray.get(actor.close.remote(), timeout=CLOSE_TIMEOUT_S)
+                except Exception as error:  # noqa: BLE001 - a dead shard has nothing to flush
+                    log.warning("retired shard %d could not close its log: %s", shard, self._unwrap(error, shard))
+                self._ray.kill(actor, no_restart=True)
+                shard += 1
+            del self.shards[count:]
+            self.num_shards = count
+            self.groups.release_from(count)
 
     def forget_shards(self, count: int) -> None:
         """Another front end retired the shards from ``count`` on: the handles of those whose actors are

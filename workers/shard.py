@@ -768,10 +768,11 @@ class Shard:
         A part of a step this shard already committed (a retry) gets the partials it answered before the
         step (while it keeps them: _RememberedPartials), and stages nothing."""
         store = self._check_owned(namespace, generation, ids)
-        if not self._stages(step_id) and (step_id, part) in self._answered:
+        stages = self._stages(step_id)
+        if not stages and (step_id, part) in self._answered:
             return self._answered[(step_id, part)]
         partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory)
-        if self._stages(step_id):
+        if stages:
             staged = self._staged_step(namespace, generation, step_id)
             staged.parts[part] = (step_ids, grads)
             staged.partials[part] = partials
@@ -877,13 +878,16 @@ class Shard:
         runs under the same hold of the lock as the check; a write (which waits for the disk without
         the lock) checks its ids against the placement under the lock again (_check_owned)."""
         with self._lock:
-            if version != self.placement.version:
-                raise PlacementChanged(f"shard {self.shard_index} is at placement version "
-                                       f"{self.placement.version}; the call was routed with version {version}",
-                                       self.placement.version)
+            self._check_version(version)
             if method in _PLACED_READS:
                 return getattr(self, method)(*args)
         return getattr(self, method)(*args)
+
+    def _check_version(self, version: int) -> None:
+        """PlacementChanged unless this shard is at placement ``version`` (under the lock)."""
+        if version != self.placement.version:
+            raise PlacementChanged(f"shard {self.shard_index} is at placement version {self.placement.version}; "
+                                   f"the call was routed with version {version}", self.placement.version)
 
     def _check_owned(self, namespace: str, generation: int, ids: np.ndarray) -> NeighborStore:
         """The store, if every id >= 0 of ids is this shard's and none is being moved; else
@@ -1052,9 +1056,8 @@ class Shard:
         rows = snapshot.table_from_bytes(payload).num_rows
 
         def check() -> None:
-            if version is not None and version != self.placement.version:
-                raise PlacementChanged(f"shard {self.shard_index} is at placement version {self.placement.version}; "
-                                       f"the rows were copied at version {version}", self.placement.version)
+            if version is not None:
+                self._check_version(version)
             self._check_room(namespace, rows, generation)
 
         return self._write("receive", {"namespace": namespace, "generation": generation, "request_id": request_id},
