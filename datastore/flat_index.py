@@ -146,6 +146,13 @@ def _score_block_bytes(device: torch.device, whole: int) -> int:
     return budget
 
 
+def one_block(batch: int, stored: int) -> bool:
+    """Whether a search of batch queries over stored rows scans them as one score block: no chunk
+    filtered against a threshold, nothing the host must look at before the answer is made (so the
+    search can be captured as a CUDA graph: datastore/search_graphs.py)."""
+    return 4 * batch * stored <= _SMALL_SCORE_BLOCK_BYTES
+
+
 def _candidate_count(k: int, stored: int) -> int:
     """Candidates the float16 screen keeps per query for the exact float32 re-rank: 2k + 16, at most
     every row. The margin absorbs the screen's error (queries rounded to float16)."""

@@ -38,6 +38,9 @@ class RowStore:
         self.sources: list[str] = []
         self._source_codes: dict[str, int] = {}
         self._insertions = 0
+        # Counts the reallocations of the columns: anything that keeps their addresses (a search's
+        # CUDA graph) is stale once it changes.
+        self.layout = 0
         self._allocate(_MIN_CAPACITY)
 
     # ----- storage -----------------------------------------------------------
@@ -68,6 +71,7 @@ class RowStore:
                 column[: self.size] = getattr(self, name)[: self.size]
             setattr(self, name, column)
         self.capacity = capacity
+        self.layout += 1
 
     def _reserve(self, rows: int) -> None:
         needed = self.size + rows

@@ -15,6 +15,7 @@ import torch
 from monim.datastore import flat_index, memory_ops, optimizers
 from monim.datastore.ivf_index import IvfIndex
 from monim.datastore.row_store import RowStore
+from monim.datastore.search_graphs import SearchGraphs
 from monim.datastore.transfer import to_device, to_host, to_host_all
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
@@ -57,6 +58,9 @@ class NeighborStore:
         self._lock = threading.RLock()
         # The approximate index of an ivf namespace (None for flat); it shares the store's lock.
         self.ivf = IvfIndex(config, self.rows, self._lock) if config.index != "flat" else None
+        # A flat GPU store's small searches, captured as CUDA graphs once a shape repeats.
+        self.graphs = SearchGraphs(self.rows, self._device_answer) \
+            if self.device.type == "cuda" and self.ivf is None else None
 
     def __len__(self) -> int:
         return self.rows.size
@@ -129,6 +133,10 @@ class NeighborStore:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         with self._lock:
             held = 0 if hidden is None or not len(hidden) else int((self.rows.rows_of(hidden) >= 0).sum())
+            if not held and self.graphs is not None:
+                host = self.graphs.search(queries, k, (return_keys, return_values, return_weights))
+                if host is not None:
+                    return self._result(host)
             found = None if self.ivf is None else self.ivf.search(queries, k + held, nprobe, rerank)
             if found is None:
                 distances, rows = self._nearest_rows(queries, k + held)
@@ -157,9 +165,18 @@ class NeighborStore:
         stored = self.rows.size
         if self.backend == "faiss":
             return flat_index.faiss_search(queries, self.rows.keys[:stored].numpy(), k, self.config.metric)
-        q = to_device(queries, self.device)
-        return flat_index.torch_nearest(q, self.rows.keys[:stored], self.rows.key_norms[:stored], k,
+        return self._torch_nearest(to_device(queries, self.device), k)
+
+    def _torch_nearest(self, queries: torch.Tensor, k: int):
+        stored = self.rows.size
+        return flat_index.torch_nearest(queries, self.rows.keys[:stored], self.rows.key_norms[:stored], k,
                                         self.config.metric)
+
+    def _device_answer(self, queries: torch.Tensor, k: int, columns: tuple) -> dict:
+        """The search's answer as tensors on the store's device, queued, not waited for (what a search's
+        CUDA graph captures). columns: (return_keys, return_values, return_weights)."""
+        distances, rows = self._torch_nearest(queries, k)
+        return self._answer_columns(rows, distances, *columns)
 
     def _gather(self, rows, distances, return_keys: bool, return_values: bool,
                 return_weights: bool) -> SearchResult:
@@ -175,23 +192,32 @@ class NeighborStore:
             weights = np.zeros(rows.shape, np.float32) if return_weights else None
             return SearchResult(ids, distances, tokens, keys, values, weights)
         rows = rows if isinstance(rows, torch.Tensor) else to_device(rows, self.device)
+        host = to_host_all(self._answer_columns(rows, distances, return_keys, return_values, return_weights))
+        return self._result(host)
+
+    def _answer_columns(self, rows: torch.Tensor, distances, return_keys: bool, return_values: bool,
+                        return_weights: bool) -> dict:
+        """{column: tensor on the store's device} of a search's answer for rows (int64 [B, k], -1 where
+        none): ids, distances, tokens, and keys, values, weights when asked (else None). Queued on the
+        device, never waited for (a search's CUDA graph captures it: datastore/search_graphs.py)."""
         found = rows >= 0
         safe = rows.clamp_min(0)
 
         def column(tensor, fill):
             picked = tensor[safe]
-            shape = found.shape + (1,) * (picked.dim() - found.dim())
-            return torch.where(found.view(shape), picked, torch.as_tensor(fill, dtype=picked.dtype,
-                                                                          device=picked.device))
+            return picked.masked_fill_(~found.view(found.shape + (1,) * (picked.dim() - found.dim())), fill)
 
-        host = to_host_all({
+        return {
             "ids": column(self.rows.ids, MISSING_ID),
             "distances": distances,
             "tokens": column(self.rows.tokens, -1),
             "keys": column(self.rows.keys, 0) if return_keys else None,
             "values": column(self.rows.values, 0) if return_values else None,
             "weights": column(self.rows.weights, 0) if return_weights else None,
-        })
+        }
+
+    @staticmethod
+    def _result(host: dict) -> SearchResult:
         if host["keys"] is not None:
             host["keys"] = host["keys"].astype(np.float32, copy=False)
         return SearchResult(**host)
@@ -258,9 +284,12 @@ class NeighborStore:
         return True if self.ivf is None else self.ivf.wait_idle(timeout_s)
 
     def close(self) -> None:
-        """The namespace was dropped: background index work stops."""
+        """The namespace was dropped: background index work stops, captured searches go."""
         if self.ivf is not None:
             self.ivf.close()
+        if self.graphs is not None:
+            with self._lock:
+                self.graphs.drop()
 
     def increment_weights(self, ids: np.ndarray, counts: np.ndarray) -> None:
         """weights[ids] += counts (ids distinct and stored)."""

@@ -1,0 +1,162 @@
+"""CUDA graphs of a GPU store's small searches: a decoding step's read as one launch.
+
+A decoding step searches with one query (or a few). Over 1M x 768 float16 keys the GPU's work is
+~0.7 ms on an H100, but issuing it from Python took ~1.7 ms: some fifty kernels (the query's float16
+scale, the matmul, the distances, top-k, the re-rank, the gathers of ids and tokens), each launched
+by the host in turn. A store that meets the same shape of search again captures the whole search,
+from the query's copy to the answer's columns, as one CUDA graph, and replays it from then on: one
+launch, and the host waits only for the GPU.
+
+What a graph depends on is its key: the rows stored, the batch, k, the query's dtype and the columns
+asked; and the columns' addresses, which change only when RowStore reallocates them (RowStore.layout:
+every graph is dropped then, before it could read freed memory). Anything else a graph reads where it
+is stored, so it sees updates in place (values stepped, weights merged, keys replaced). A search of a
+new shape (rows were added since) runs eagerly; a shape is captured on its CAPTURE_AFTER-th search,
+so a store written between every search never pays for a capture. At most KEPT graphs are held per
+store (least recently used out), each with its own memory pool (a few score rows: the search is one
+scan block, flat_index.one_block).
+
+Only for a flat namespace on a GPU, without rows hidden by a reshard, and at most MAX_BATCH queries.
+MONIM_SEARCH_GRAPHS=0 in the environment turns graphs off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from monim.datastore import flat_index
+
+log = logging.getLogger(__name__)
+
+ENABLED = os.environ.get("MONIM_SEARCH_GRAPHS", "1") != "0"
+MAX_BATCH = 16
+CAPTURE_AFTER = 2
+KEPT = 4
+# Most bytes of one answer a graph hands back (keys or values asked at large k go eagerly).
+MAX_ANSWER_BYTES = 8 << 20
+_MAX_SEEN = 256
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    query: torch.Tensor  # the static input on the device
+    query_host: torch.Tensor  # pinned: the query is copied through it
+    outputs: dict  # {column: static output tensor on the device, or None}
+    host: dict  # {column: pinned tensor the output is copied into}
+
+
+class SearchGraphs:
+    """One store's captured searches.
+
+    answer(queries: device tensor [B, dim], k, columns) -> {column: device tensor or None}: the store's
+    search without a host copy or a wait (NeighborStore._device_answer); columns is the tuple
+    (return_keys, return_values, return_weights).
+    """
+
+    def __init__(self, rows, answer: Callable[[torch.Tensor, int, tuple], dict]):
+        self.rows = rows
+        self._answer = answer
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: dict[tuple, int] = {}
+        self._layout = rows.layout
+        self.captures = 0
+        self.replays = 0
+        self.failure: str | None = None  # why graphs were turned off for this store
+
+    def search(self, queries: np.ndarray, k: int, columns: tuple) -> dict | None:
+        """{column: numpy array} of the search's answer from a graph, or None where this search is not
+        one for a graph (the caller answers it eagerly). The caller holds the store's lock."""
+        key = self._key(queries, k, columns)
+        if key is None:
+            return None
+        graph = self._graphs.get(key)
+        if graph is None:
+            seen = self._seen.get(key, 0) + 1
+            if seen < CAPTURE_AFTER:
+                if len(self._seen) >= _MAX_SEEN:
+                    self._seen.clear()
+                self._seen[key] = seen
+                return None
+            self._seen.pop(key, None)
+            graph = self._capture(queries, k, columns)
+            if graph is None:
+                return None
+        self._graphs.move_to_end(key)
+        return self._replay(graph, queries)
+
+    def _key(self, queries: np.ndarray, k: int, columns: tuple) -> tuple | None:
+        rows = self.rows
+        if not ENABLED or self.failure is not None or rows.device.type != "cuda" or rows.size == 0:
+            return None
+        batch = queries.shape[0]
+        if not 0 < batch <= MAX_BATCH or not flat_index.one_block(batch, rows.size):
+            return None
+        return_keys, return_values, return_weights = columns
+        per_neighbour = 8 + 4 + 4 + 4 * (rows.dim * return_keys + rows.value_dim * return_values + return_weights)
+        if batch * k * per_neighbour > MAX_ANSWER_BYTES:
+            return None
+        if rows.layout != self._layout:  # the columns moved: every graph would read freed memory
+            self.drop()
+            self._layout = rows.layout
+        return rows.size, batch, k, str(queries.dtype), columns
+
+    def _capture(self, queries: np.ndarray, k: int, columns: tuple) -> _Graph | None:
+        device = self.rows.device
+        query = torch.empty(queries.shape, dtype=_torch_dtype(queries), device=device)
+        query_host = torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
+        query_host.numpy()[...] = queries
+        query.copy_(query_host)
+        try:
+            # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernel, torch's lazy
+            # state), as torch.cuda.graphs asks; then capture. thread_local: other threads of the
+            # process (other stores, a snapshot's copies) may use the GPU meanwhile.
+            with torch.cuda.device(device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._answer(query, k, columns)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    outputs = self._answer(query, k, columns)
+        except Exception as error:  # noqa: BLE001 (a search that can't be captured is still answered)
+            self.failure = f"{type(error).__name__}: {error}"
+            self.drop()
+            log.warning("search graphs off for this store: capture failed (%s); searches run eagerly", self.failure)
+            return None
+        host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                for name, t in outputs.items() if t is not None}
+        captured = _Graph(graph, query, query_host, outputs, host)
+        self._graphs[self._key(queries, k, columns)] = captured
+        while len(self._graphs) > KEPT:
+            self._graphs.popitem(last=False)
+        self.captures += 1
+        return captured
+
+    def _replay(self, graph: _Graph, queries: np.ndarray) -> dict:
+        query = graph.query
+        stream = torch.cuda.current_stream(query.device)
+        graph.query_host.numpy()[...] = queries  # the last replay's copy ended: it was waited for
+        query.copy_(graph.query_host, non_blocking=True)
+        graph.graph.replay()
+        for name, buffer in graph.host.items():
+            buffer.copy_(graph.outputs[name], non_blocking=True)
+        stream.synchronize()
+        self.replays += 1
+        return {name: graph.host[name].numpy().copy() if name in graph.host else None for name in graph.outputs}
+
+    def drop(self) -> None:
+        """Forgets every graph (their memory goes back to torch's allocator)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+
+def _torch_dtype(array: np.ndarray) -> torch.dtype:
+    return torch.from_numpy(array[:0]).dtype
