@@ -110,10 +110,14 @@ class Placement:
         return move is not None and namespace == move.current and move.frozen_end > move.cursor
 
     def mask(self, namespace: str, ids: np.ndarray, shard: int) -> np.ndarray:
-        """ids with -1 wherever another shard holds the id (or it is -1): the ids a shard sums over."""
+        """ids with -1 wherever another shard holds the id (or it is -1): the ids a shard sums over.
+        With one shard and no move, shard 0's are the ids themselves where none is below -1, not a copy
+        (a training step's 4M ids: 14 ms a copy on an H200 host)."""
         ids = np.asarray(ids, np.int64)
         if self.move is None and self.num_shards == 1:
-            return np.maximum(ids, -1) if shard == 0 else np.full(ids.shape, -1, np.int64)
+            if shard != 0:
+                return np.full(ids.shape, -1, np.int64)
+            return ids if not ids.size or ids.min() >= -1 else np.maximum(ids, -1)
         return np.where((ids >= 0) & (self.owners(namespace, ids) == shard), ids, -1)
 
 

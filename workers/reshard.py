@@ -80,9 +80,7 @@ class Resharder:
 
     def _push(self, placement: Placement) -> None:
         """Every shard of the placement takes it (and drops its flipped batch's rows it no longer owns)."""
-        self.router.placement = placement
-        self.router._ensure_shards()
-        self.router.push_placement(placement)
+        self.router.push_placement(self.router.adopt_placement(placement))
 
     def run(self, shards: int, batch_rows: int = 0) -> Iterator[ReshardProgress]:
         """Reshards to ``shards`` (or resumes the reshard to it that was interrupted), yielding progress
@@ -103,8 +101,7 @@ class Resharder:
             yield ReshardProgress(self.source, placement.num_shards, 0, 0, done=True)
             return
         try:
-            self.router.placement = placement
-            self.router._ensure_shards()
+            self.router.adopt_placement(placement)
             self._create_namespaces(placement.actors)  # again: one created since, on the old shards only
             self._push(placement)
             yield self._progress(placement)

@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import threading
 import time
 
 import numpy as np
@@ -118,8 +119,9 @@ class Router:
 
     def __init__(self, runtime, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.runtime = runtime
+        self._placement_lock = threading.RLock()  # threads that read the registry at different moments
         self.placement = Placement.from_dict(runtime.call_registry("get_placement"))
-        self._ensure_shards()
+        self._ensure_shards(self.placement)
         self.timeout_s = timeout_s
         self._configs: dict[str, NamespaceConfig] = {}
         self.forwards = ForwardStates()  # Retrieve states kept for their backward (workers/forwards.py)
@@ -149,22 +151,28 @@ class Router:
         """Shard actors the placement uses (during a reshard: the source's and the target's)."""
         return self.placement.actors
 
-    def _ensure_shards(self) -> None:
+    def _ensure_shards(self, placement: Placement) -> None:
         """The runtime has a handle for every shard the placement uses (a reshard adds and removes them)."""
-        if self.runtime.num_shards < self.placement.actors:
-            self.runtime.ensure_shards(self.placement.actors)
-        elif self.runtime.num_shards > self.placement.actors and hasattr(self.runtime, "forget_shards"):
-            self.runtime.forget_shards(self.placement.actors)
+        if self.runtime.num_shards < placement.actors:
+            self.runtime.ensure_shards(placement.actors)
+        elif self.runtime.num_shards > placement.actors and hasattr(self.runtime, "forget_shards"):
+            self.runtime.forget_shards(placement.actors)
+
+    def adopt_placement(self, placement: Placement) -> Placement:
+        """Takes placement, unless this router has a newer one: threads (and the reshard driver) read the
+        registry at different moments, and one that read it before a shrink finished must neither bring
+        the older placement back nor start the shards the shrink retired again. The runtime then has a
+        handle for every shard of the placement the router has, which is returned."""
+        with self._placement_lock:
+            if placement.version >= self.placement.version:
+                self.placement = placement
+            current = self.placement
+            self._ensure_shards(current)
+        return current
 
     def refresh_placement(self) -> Placement:
-        """Reads the placement from the registry (a shard refused a call routed with ours). Never goes back
-        to an older version than the one it has (another thread may have read a newer one meanwhile), as
-        a shard ignores a placement older than its own."""
-        placement = Placement.from_dict(self.runtime.call_registry("get_placement"))
-        if placement.version >= self.placement.version:
-            self.placement = placement
-        self._ensure_shards()
-        return self.placement
+        """Reads the placement from the registry (a shard refused a call routed with ours); adopt_placement."""
+        return self.adopt_placement(Placement.from_dict(self.runtime.call_registry("get_placement")))
 
     def _wait_for_placement(self, waited: float) -> float:
         """After a PlacementChanged: a short sleep (the reshard driver is pushing the placement to the
@@ -187,7 +195,7 @@ class Router:
         frozen by a driver that stopped reporting is thawed first (registry.thaw_batch)."""
         move = placement.move
         if move is not None and move.frozen_end > move.cursor:
-            placement = self.placement = Placement.from_dict(self.runtime.call_registry("thaw_batch", time.time()))
+            placement = self.adopt_placement(Placement.from_dict(self.runtime.call_registry("thaw_batch", time.time())))
         self.push_placement(placement)
 
     def push_placement(self, placement: Placement) -> None:

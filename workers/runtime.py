@@ -203,16 +203,28 @@ class LocalRuntime:
                 self.shards.pop()
             self.num_shards = len(self.shards)
 
+    def _submit(self, *call) -> concurrent.futures.Future:
+        """The call on the shards' thread pool, the one there is now: a grow replaces it (shut down, so
+        a submit to it that lost the race raises and goes to its successor)."""
+        while True:
+            pool = self._pool
+            try:
+                return pool.submit(*call)
+            except RuntimeError:
+                if pool is self._pool:
+                    raise
+
     def call_registry(self, method: str, *args):
         with self._registry_lock:  # one call at a time, as the registry actor (max_concurrency=1) takes them
             return getattr(self.registry, method)(*args)
 
     def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
-        if any(shard >= len(self.shards) for shard, _, _ in calls):
-            raise ShardUnavailable(next(s for s, _, _ in calls if s >= len(self.shards)), "retired by a reshard")
+        shards = list(self.shards)  # a reshard's retire may shorten the list meanwhile
+        if any(shard >= len(shards) for shard, _, _ in calls):
+            raise ShardUnavailable(next(s for s, _, _ in calls if s >= len(shards)), "retired by a reshard")
         if len(calls) == 1:  # one shard (the in-process store): no thread hop
             shard, method, args = calls[0]
-            target = self.shards[shard]
+            target = shards[shard]
             if target is None:
                 raise ShardUnavailable(shard, "killed")
             if not each:
@@ -223,11 +235,11 @@ class LocalRuntime:
                 return _outcomes([error], each)
         futures = []
         for shard, method, args in calls:
-            target = self.shards[shard]
+            target = shards[shard]
             if target is None:
                 futures.append((shard, None))
             else:
-                futures.append((shard, self._pool.submit(_logged, shard, method, getattr(target, method), args)))
+                futures.append((shard, self._submit(_logged, shard, method, getattr(target, method), args)))
         results = []
         for shard, future in futures:
             try:
@@ -484,11 +496,12 @@ class RayRuntime:
 
     def _scatter(self, calls) -> list:
         """The calls sent to their shard actors at once: their futures, in call order."""
-        beyond = [shard for shard, _, _ in calls if shard >= len(self.shards)]
+        shards = list(self.shards)  # a reshard's retire may shorten the list meanwhile
+        beyond = [shard for shard, _, _ in calls if shard >= len(shards)]
         if beyond:
             raise ShardUnavailable(beyond[0], "retired by a reshard")
         shared: dict = {}
-        return [getattr(self.shards[shard], method).remote(*self._share_large_args(args, shared))
+        return [getattr(shards[shard], method).remote(*self._share_large_args(args, shared))
                 for shard, method, args in calls]
 
     def _gather(self, calls, futures: list, timeout_s: float | None) -> list:

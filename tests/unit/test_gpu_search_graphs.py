@@ -91,10 +91,10 @@ def test_graphs_are_dropped_when_the_columns_move():
 
 def test_large_batches_and_answers_stay_eager(monkeypatch):
     store, keys, rng = make_store()
-    monkeypatch.setattr(search_graphs, "MAX_ANSWER_BYTES", 1 << 16)
+    monkeypatch.setattr(search_graphs, "MAX_ANSWER_BYTES", 1 << 15)
     for _ in range(3):
         store.search(keys[:search_graphs.MAX_BATCH + 1], 4)
-        store.search(keys[:1], 200, return_values=True)  # 200 x (16 + 4 x 48) bytes: > 64 KiB
+        store.search(keys[:1], 200, return_values=True)  # 200 x (16 + 4 x 48) bytes: > 32 KiB
     assert store.graphs.captures == 0
     store.search(keys[:1], 200)
     store.search(keys[:1], 200)  # 200 x 16 bytes

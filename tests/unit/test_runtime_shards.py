@@ -84,3 +84,138 @@ def test_concurrent_grows_of_an_in_process_runtime_make_each_shard_once(monkeypa
     assert [shard.shard_index for shard in runtime.shards] == [0, 1, 2, 3] and sorted(made) == [2, 3]
     assert runtime.num_shards == 4
     runtime.shutdown()
+
+
+# ----- a shrink's retire while calls are in flight (an audit of the router's shared state, 2026-12-05) -----
+
+def _searcher_paused_at_submit(router, shard_to_pause: int):
+    """Runs a search on a thread whose submit to shard_to_pause waits until released (as a slow ray.put
+    or a thread switch would hold it): (thread, paused, release, outcome)."""
+    import numpy as np
+
+    runtime = router.runtime
+    paused, release, outcome, searcher = threading.Event(), threading.Event(), {}, {}
+    real_submit = runtime._pool.submit
+
+    def submit(fn, shard, *args, **kwargs):
+        if threading.get_ident() == searcher.get("id") and shard == shard_to_pause and not paused.is_set():
+            paused.set()
+            release.wait(10)
+        return real_submit(fn, shard, *args, **kwargs)
+
+    runtime._pool.submit = submit
+
+    def search():
+        searcher["id"] = threading.get_ident()
+        try:
+            outcome["ids"] = router.search("ns", np.zeros((1, 8), np.float32), 5).ids
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=search)
+    thread.start()
+    return thread, paused, release, outcome
+
+
+def test_a_search_whose_shards_a_shrink_retires_midway_is_retried_not_an_internal_error():
+    """A search routed over 4 shards was past the check of the shard list when the reshard driver
+    retired shards 2 and 3; indexing the shortened list raised IndexError (INTERNAL to the client)."""
+    import numpy as np
+    from monim.datastore import NamespaceConfig
+    from monim.workers.reshard import reshard
+    from monim.workers.router import Router
+
+    router = Router(LocalRuntime(4))
+    router.create_namespace(NamespaceConfig("ns", dim=8))
+    keys = np.random.default_rng(0).standard_normal((200, 8)).astype(np.float32)
+    ids = router.add("ns", keys, np.arange(200)).ids
+    expected = ids[np.argsort((keys ** 2).sum(1), kind="stable")[:5]]
+    thread, paused, release, outcome = _searcher_paused_at_submit(router, shard_to_pause=1)
+    assert paused.wait(10)
+    assert reshard(router, 2).done and len(router.runtime.shards) == 2
+    release.set()
+    thread.join(10)
+    assert "error" not in outcome, repr(outcome.get("error"))
+    np.testing.assert_array_equal(outcome["ids"][0], expected)
+
+
+def test_a_placement_read_before_a_shrink_finished_neither_comes_back_nor_restarts_retired_shards():
+    """A request thread compared the registry's placement with the router's (PlacementChanged), and the
+    driver finished a 4 -> 2 shrink and retired shards 2 and 3 before the thread stored what it had read:
+    the router went back to the older placement and started shards 2 and 3 again, which nothing ever
+    retired."""
+    import numpy as np
+    from monim.datastore import NamespaceConfig
+    from monim.workers.reshard import Resharder
+    from monim.workers.router import Router
+
+    compared, release, late = threading.Event(), threading.Event(), {}
+
+    class PausingRouter(Router):
+        """The late reader's read of the router's placement (to compare it) stalls, as a thread switch can."""
+
+        @property
+        def placement(self):
+            value = self.__dict__["_placement"]
+            if threading.get_ident() == late.get("id") and not compared.is_set():
+                compared.set()
+                release.wait(10)
+            return value
+
+        @placement.setter
+        def placement(self, value):
+            self.__dict__["_placement"] = value
+
+    router = PausingRouter(LocalRuntime(4))
+    router.create_namespace(NamespaceConfig("ns", dim=8))
+    router.add("ns", np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32), np.arange(100))
+    steps = Resharder(router).run(2, batch_rows=50)
+    for progress in steps:
+        if progress.namespaces_done == progress.namespaces:
+            break  # every batch moved: the next step finishes and retires
+
+    def refresh():
+        late["id"] = threading.get_ident()
+        router.refresh_placement()
+
+    reader = threading.Thread(target=refresh)
+    reader.start()
+    assert compared.wait(10)
+    driver = threading.Thread(target=lambda: next(steps))
+    driver.start()
+    driver.join(1)  # finished, or waiting for the reader to let go of the placement
+    release.set()
+    reader.join(10)
+    driver.join(10)
+    registry = router.runtime.call_registry("get_placement")
+    assert registry["move"] is None and router.placement.version == registry["version"]
+    assert len(router.runtime.shards) == 2 and router.runtime.num_shards == 2
+
+
+def test_a_call_that_meets_a_grow_replacing_the_thread_pool_is_answered():
+    """In-process: a grow shut the shards' thread pool down and made a new one while a call was about
+    to submit to the old one (RuntimeError: cannot schedule new futures after shutdown)."""
+    runtime = LocalRuntime(2)
+    real = runtime.shards[1]
+
+    class SlowLookup:  # the call's getattr on the shard is slow: the grow happens meanwhile
+        def __getattr__(self, name):
+            time.sleep(0.2)
+            return getattr(real, name)
+
+    runtime.shards[1] = SlowLookup()
+    outcome = {}
+
+    def call():
+        try:
+            outcome["answers"] = runtime.call_shards([(0, "ping", ()), (1, "ping", ())])
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.05)
+    runtime.ensure_shards(3)
+    thread.join(10)
+    assert "error" not in outcome, repr(outcome.get("error"))
+    assert len(outcome["answers"]) == 2
