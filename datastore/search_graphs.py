@@ -142,13 +142,14 @@ class SearchGraphs:
 
     def _replay(self, graph: _Graph, queries: np.ndarray) -> dict:
         query = graph.query
-        stream = torch.cuda.current_stream(query.device)
         graph.query_host.numpy()[...] = queries  # the last replay's copy ended: it was waited for
-        query.copy_(graph.query_host, non_blocking=True)
-        graph.graph.replay()
-        for name, buffer in graph.host.items():
-            buffer.copy_(graph.outputs[name], non_blocking=True)
-        stream.synchronize()
+        with torch.cuda.device(query.device):  # a replay launches on the current device's stream
+            stream = torch.cuda.current_stream()
+            query.copy_(graph.query_host, non_blocking=True)
+            graph.graph.replay()
+            for name, buffer in graph.host.items():
+                buffer.copy_(graph.outputs[name], non_blocking=True)
+            stream.synchronize()
         self.replays += 1
         return {name: graph.host[name].numpy().copy() if name in graph.host else None for name in graph.outputs}
 
