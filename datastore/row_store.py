@@ -41,6 +41,8 @@ class RowStore:
         # Counts the reallocations of the columns: anything that keeps their addresses (a search's
         # CUDA graph) is stale once it changes.
         self.layout = 0
+        # Counts the deletes: a row index read before is still the same entry's while it is unchanged.
+        self.removals = 0
         self._allocate(_MIN_CAPACITY)
 
     # ----- storage -----------------------------------------------------------
@@ -144,6 +146,7 @@ class RowStore:
         if rows.size == 0:
             return 0
         new_size = self.size - rows.size
+        self.removals += 1
         gone = self.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy()
         self.id_map.assign(gone, np.full(gone.shape, ABSENT, np.int64))
         holes = rows[rows < new_size]

@@ -8,6 +8,7 @@ store shared by threads never shows a half-written batch.
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import numpy as np
@@ -23,6 +24,44 @@ from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
 from monim.protos.results import MISSING_ID, Rows, SearchResult
 
 BACKENDS = ("auto", "faiss", "torch")
+
+
+class KeptRows:
+    """The rows of a few recent searches' answers, by the name the search was given (a training step's
+    forward keeps them for its value sums and its backward: B x k ids at B=4096, k=1024 are 32 MB to
+    copy to the device and look up each time). An answer's rows are those of its ids while no row has
+    been deleted since (RowStore.removals). At most MAX_ENTRIES answers and MAX_BYTES, oldest out."""
+
+    MAX_ENTRIES = 8
+    MAX_BYTES = 256 << 20
+
+    def __init__(self):
+        self._answers: collections.OrderedDict[str, tuple[int, torch.Tensor]] = collections.OrderedDict()
+        self.bytes = 0
+
+    def put(self, name: str, rows: torch.Tensor, removals: int) -> None:
+        if rows.nbytes > self.MAX_BYTES:
+            return
+        self._drop(name)
+        while self._answers and (len(self._answers) >= self.MAX_ENTRIES or self.bytes + rows.nbytes > self.MAX_BYTES):
+            self._drop(next(iter(self._answers)))
+        self._answers[name] = (removals, rows)
+        self.bytes += rows.nbytes
+
+    def get(self, name: str, removals: int) -> torch.Tensor | None:
+        """The rows kept under name, if no row was deleted since (else they are dropped: None)."""
+        kept = self._answers.get(name)
+        if kept is None:
+            return None
+        if kept[0] != removals:
+            self._drop(name)
+            return None
+        return kept[1]
+
+    def _drop(self, name: str) -> None:
+        kept = self._answers.pop(name, None)
+        if kept is not None:
+            self.bytes -= kept[1].nbytes
 
 
 class NeighborStore:
@@ -58,6 +97,7 @@ class NeighborStore:
         self._lock = threading.RLock()
         # The approximate index of an ivf namespace (None for flat); it shares the store's lock.
         self.ivf = IvfIndex(config, self.rows, self._lock) if config.index != "flat" else None
+        self.kept_rows = KeptRows()
         # A flat GPU store's small searches, captured as CUDA graphs once a shape repeats.
         self.graphs = SearchGraphs(self.rows, self._device_answer) \
             if self.device.type == "cuda" and self.ivf is None else None
@@ -120,12 +160,15 @@ class NeighborStore:
     # ----- reads -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, return_keys: bool = False, return_values: bool = False,
                return_weights: bool = False, nprobe: int = 0, rerank: int = 0,
-               hidden: np.ndarray | None = None) -> SearchResult:
+               hidden: np.ndarray | None = None, keep_rows: str = "") -> SearchResult:
         """Top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes. Exact on a flat
         namespace and on an ivf one until its index is trained; then by the index, probing nprobe
         lists (0: min(32, nlist)), with rerank > 0 candidates ranked again by exact distance.
         hidden: int64 ids left out of the answer (rows a reshard is copying here, which their old
-        shard still answers for)."""
+        shard still answers for).
+        keep_rows: a name under which the answer's rows stay on the store's device for a while, for
+        value_sum and backward_partials over exactly this answer's ids (KeptRows): a training step's
+        B x k ids then go to the device and through the id map once, not three times."""
         queries = validation.check_vectors(queries, self.config.dim, "queries")
         k = validation.check_k(k, self.config.max_k)
         nprobe, rerank = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank)
@@ -145,6 +188,9 @@ class NeighborStore:
                 rows = np.where(ids >= 0, self.rows.rows_of(np.maximum(ids, 0)), -1)
             if held:
                 distances, rows = self._leave_out(distances, rows, hidden, k)
+            rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+            if keep_rows:
+                self.kept_rows.put(keep_rows, rows, self.rows.removals)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
 
     def _leave_out(self, distances, rows, hidden: np.ndarray, k: int):
@@ -180,10 +226,10 @@ class NeighborStore:
 
     def _gather(self, rows, distances, return_keys: bool, return_values: bool,
                 return_weights: bool) -> SearchResult:
-        """The answer's columns for rows (int64 [B, k], -1 where none: numpy, or a tensor on the store's
-        device), brought to the host together (one wait for the device)."""
+        """The answer's columns for rows (int64 [B, k], -1 where none: a tensor, on the host or on the
+        store's device), brought to the host together (one wait for the device)."""
         if self.rows.size == 0:
-            rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
+            rows = rows.cpu().numpy()
             distances = distances.cpu().numpy() if isinstance(distances, torch.Tensor) else distances
             empty = np.zeros(rows.shape, np.int64)
             ids, tokens = empty - 1, empty.astype(np.int32) - 1
@@ -191,7 +237,7 @@ class NeighborStore:
             values = np.zeros(rows.shape + (self.config.value_dim,), np.float32) if return_values else None
             weights = np.zeros(rows.shape, np.float32) if return_weights else None
             return SearchResult(ids, distances, tokens, keys, values, weights)
-        rows = rows if isinstance(rows, torch.Tensor) else to_device(rows, self.device)
+        rows = rows.to(self.device)
         host = to_host_all(self._answer_columns(rows, distances, return_keys, return_values, return_weights))
         return self._result(host)
 
@@ -300,10 +346,18 @@ class NeighborStore:
             self.rows.weights[index] += torch.from_numpy(counts.astype(np.float32)).to(self.device)
 
     # ----- learnable memory ---------------------------------------------------------
-    def _held_rows(self, ids: np.ndarray) -> torch.Tensor:
+    def _held_rows(self, ids: np.ndarray, kept: tuple[str, int] | None = None) -> torch.Tensor:
         """int64 [...] ids -> rows on the device, -1 where the id is -1 (an empty slot, or an id the
         caller left to another store: the router masks each shard's ids by placement). NOT_FOUND
-        naming every id >= 0 that is not stored."""
+        naming every id >= 0 that is not stored.
+        kept: (name, first) when ids are rows [first, first + B) of a search's answer kept under that
+        name (search's keep_rows), exactly: then that answer's rows, while no row was deleted since."""
+        if kept is not None:
+            rows = self.kept_rows.get(kept[0], self.rows.removals)
+            if rows is not None:
+                rows = rows[kept[1] : kept[1] + ids.shape[0]]
+                if rows.shape == ids.shape:
+                    return rows.to(self.device)
         if self.device.type == "cpu":
             rows = self.rows.rows_of(ids)
             gone = (ids >= 0) & (rows < 0)
@@ -322,19 +376,20 @@ class NeighborStore:
         """The array (only read from: a request's, maybe read-only) as a tensor on the store's device."""
         return to_device(array, self.device)
 
-    def value_sum(self, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    def value_sum(self, ids: np.ndarray, alpha: np.ndarray, kept: tuple[str, int] | None = None) -> np.ndarray:
         """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids are >= 0 (those of this store).
-        NOT_FOUND if one of them is no longer stored (never a silently smaller sum)."""
+        NOT_FOUND if one of them is no longer stored (never a silently smaller sum). kept: _held_rows."""
         with self._lock:
-            rows = self._held_rows(ids)
+            rows = self._held_rows(ids, kept)
             return to_host(memory_ops.value_sum(self.rows.values[: self.rows.size], rows, self._tensor(alpha)))
 
-    def backward_partials(self, queries, ids, alpha, distances, grad_memory):
+    def backward_partials(self, queries, ids, alpha, distances, grad_memory, kept: tuple[str, int] | None = None):
         """This store's part of a Retrieve backward (inputs already checked), computed from the
         values as they are now; changes nothing. NOT_FOUND, if an id that belongs here is gone.
-        Returns (BackwardPartials, ids int64 [U] of the rows it holds, their value gradients [U, value_dim])."""
+        kept: _held_rows. Returns (BackwardPartials, ids int64 [U] of the rows it holds, their value
+        gradients [U, value_dim])."""
         with self._lock:
-            rows = self._held_rows(ids)
+            rows = self._held_rows(ids, kept)
             partials, unique_rows, grads = memory_ops.slot_partials(
                 self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
                 self._tensor(alpha), self._tensor(distances), self._tensor(grad_memory))

@@ -41,6 +41,7 @@ class ForwardState:
     distances: np.ndarray
     temperature: float
     used: float
+    rows_token: str = ""  # the search's rows kept at its one shard under this name (NeighborStore.kept_rows)
 
     @property
     def nbytes(self) -> int:
@@ -63,10 +64,11 @@ class ForwardStates:
         self.counts = dict.fromkeys(("kept", *DROP_REASONS), 0)
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # handle -> why, to say so
 
-    def keep(self, namespace: str, generation: int, queries, ids, alpha, distances, temperature: float) -> str:
+    def keep(self, namespace: str, generation: int, queries, ids, alpha, distances, temperature: float,
+             rows_token: str = "") -> str:
         """Keeps a forward's state; returns its handle ("" if it alone would pass max_bytes)."""
         state = ForwardState(namespace, generation, queries, ids, alpha, distances, float(temperature),
-                             time.monotonic())
+                             time.monotonic(), rows_token)
         if state.nbytes > self.max_bytes:
             return ""
         handle = secrets.token_hex(12)

@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import secrets
 import threading
 import time
 
@@ -112,6 +113,11 @@ def _reread_config_if_recreated(method):
             return method(self, namespace, *args, **kwargs)
 
     return wrapper
+
+
+def _one_shard(placement: Placement) -> bool:
+    """Whether one shard holds every row (no reshard under way): its answer to a search is the answer."""
+    return placement.actors == 1 and placement.move is None
 
 
 class Router:
@@ -434,14 +440,14 @@ class Router:
                             return_weights, nprobe, rerank)
 
     def _search(self, config: NamespaceConfig, queries, k, return_keys=False, return_values=False,
-                return_weights=False, nprobe=0, rerank=0) -> SearchResult:
+                return_weights=False, nprobe=0, rerank=0, keep_rows: str = "") -> SearchResult:
         queries = validation.check_vectors(queries, config.dim, "queries")
         k = validation.check_k(k, config.max_k)
         nprobe, rerank = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank)
         if return_values and not config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         results = self._all_shards("search", config.name, config.generation, queries, k, return_keys,
-                                   return_values, return_weights, nprobe, rerank)
+                                   return_values, return_weights, nprobe, rerank, keep_rows)
         merged = merge_topk(results, k)
         merged.generation = config.generation
         return merged
@@ -467,8 +473,11 @@ class Router:
                                         rerank)
         one_round = queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
         for _ in range(RETRIEVE_ATTEMPTS):
+            # One shard's answer is the whole answer: its rows stay there, named, for the value sums and the
+            # backward (NeighborStore.kept_rows), which then skip sending and looking up B x k ids.
+            kept_rows = secrets.token_hex(8) if _one_shard(self.placement) and (keep_state or not one_round) else ""
             found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
-                                 rerank=rerank)
+                                 rerank=rerank, keep_rows=kept_rows)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
             if one_round:  # the values came with the neighbours, from the same hold of each shard's lock
                 memory = memory_ops.weighted_rows(alpha, found.values)
@@ -476,11 +485,11 @@ class Router:
             else:
                 try:
                     memory = sum(self._round(functools.partial(self._value_sum_calls, namespace, config.generation,
-                                                               found.ids, alpha)))
+                                                               found.ids, alpha, kept_rows)))
                 except IdsNotFound:
                     continue
             handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
-                                        temperature) if keep_state else ""
+                                        temperature, kept_rows) if keep_state else ""
             return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
                                   tokens=found.tokens, weights=found.weights, queries=queries,
                                   temperature=temperature, generation=config.generation, handle=handle)
@@ -488,9 +497,10 @@ class Router:
                       "attempts of this Retrieve; retry it")
 
     @staticmethod
-    def _value_sum_calls(namespace, generation, ids, alpha, placement) -> list:
+    def _value_sum_calls(namespace, generation, ids, alpha, kept_rows, placement) -> list:
         """Every shard sums over the ids it holds (the others masked to -1)."""
-        return [(shard, "value_sum", (namespace, generation, placement.mask(namespace, ids, shard), alpha))
+        kept = (kept_rows, 0) if kept_rows and _one_shard(placement) else None
+        return [(shard, "value_sum", (namespace, generation, placement.mask(namespace, ids, shard), alpha, kept))
                 for shard in range(placement.actors)]
 
     @_reread_config_if_recreated
@@ -510,7 +520,7 @@ class Router:
         [row_offset, row_offset + B); FAILED_PRECONDITION if the handle is unknown or expired.
         Returns (grad_queries float32 [B, dim], grad_temperature)."""
         if handle:  # the forward's state is this router's own, checked when it was made: only grad_memory is new
-            queries, ids, alpha, distances, temperature, generation = self._kept_forward(
+            queries, ids, alpha, distances, temperature, generation, kept_rows = self._kept_forward(
                 namespace, handle, row_offset, grad_memory, queries, ids, alpha, distances)
             config = self.config(namespace, generation)
             grad_memory = validation.check_grad_memory(config, grad_memory, queries.shape[0])
@@ -518,12 +528,15 @@ class Router:
             config = self.config(namespace, generation)
             queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
                 config, queries, ids, alpha, distances, grad_memory, temperature)
+            kept_rows = ""
         step = self._step_key(config, validation.check_step_id(step_id) or validation.new_request_id())
         try:
             partials = self._round(
                 lambda placement: [(shard, "backward_part", (namespace, config.generation, step, part, queries,
                                                              placement.mask(namespace, ids, shard), alpha, distances,
-                                                             grad_memory)) for shard in range(placement.actors)],
+                                                             grad_memory,
+                                                             (kept_rows, row_offset) if kept_rows and _one_shard(placement)
+                                                             else None)) for shard in range(placement.actors)],
                 on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
@@ -537,8 +550,9 @@ class Router:
         return memory_ops.combine_backward(total, queries, alpha, config.metric, temperature)
 
     def _kept_forward(self, namespace, handle, row_offset, grad_memory, *sent):
-        """(queries, ids, alpha, distances, temperature, generation) of rows [row_offset, row_offset + B)
-        of the forward kept under handle, B being grad_memory's rows."""
+        """(queries, ids, alpha, distances, temperature, generation, kept_rows) of rows [row_offset,
+        row_offset + B) of the forward kept under handle, B being grad_memory's rows; kept_rows: the name of
+        the search's rows kept at its one shard (NeighborStore.kept_rows), or ""."""
         if any(array is not None and np.asarray(array).size for array in sent):
             raise InvalidArgument("a backward that names a handle sends only grad_memory: the forward's queries, "
                                   "ids, alpha and distances come from the handle")
@@ -550,7 +564,7 @@ class Router:
                                   f"forward's batch of {state.ids.shape[0]}")
         part = slice(row_offset, row_offset + rows)
         return (state.queries[part], state.ids[part], state.alpha[part], state.distances[part], state.temperature,
-                state.generation)
+                state.generation, state.rows_token)
 
     @staticmethod
     def _step_key(config: NamespaceConfig, step_id: str) -> str:

@@ -740,9 +740,11 @@ class Shard:
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
-               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0,
+               keep_rows: str = "") -> SearchResult:
         return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights,
-                                                         nprobe, rerank, hidden=self._incoming(namespace))
+                                                         nprobe, rerank, hidden=self._incoming(namespace),
+                                                         keep_rows=keep_rows)
 
     @_serialized
     def get_present(self, namespace: str, generation: int, ids: np.ndarray,
@@ -755,14 +757,15 @@ class Shard:
 
     # ----- learnable memory ----------------------------------------------------------
     @_serialized
-    def value_sum(self, namespace: str, generation: int, ids: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    def value_sum(self, namespace: str, generation: int, ids: np.ndarray, alpha: np.ndarray,
+                  kept: tuple[str, int] | None = None) -> np.ndarray:
         """float32 [B, value_dim]: this shard's part of sum_i alpha_i v_i; NOT_FOUND if one of
-        its ids went since the search."""
-        return self._store(namespace, generation).value_sum(ids, alpha)
+        its ids went since the search. kept: NeighborStore._held_rows."""
+        return self._store(namespace, generation).value_sum(ids, alpha, kept)
 
     @_serialized
     def backward_part(self, namespace: str, generation: int, step_id: str, part: int, queries, ids, alpha,
-                      distances, grad_memory) -> BackwardPartials:
+                      distances, grad_memory, kept: tuple[str, int] | None = None) -> BackwardPartials:
         """This shard's partial sums of one part of a Retrieve backward; its value gradients wait,
         staged under step_id, for commit_step. NOT_FOUND (nothing staged) if one of its ids is gone.
         A part of a step this shard already committed (a retry) gets the partials it answered before the
@@ -771,7 +774,7 @@ class Shard:
         stages = self._stages(step_id)
         if not stages and (step_id, part) in self._answered:
             return self._answered[(step_id, part)]
-        partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory)
+        partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory, kept)
         if stages:
             staged = self._staged_step(namespace, generation, step_id)
             staged.parts[part] = (step_ids, grads)

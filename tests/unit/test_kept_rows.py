@@ -1,0 +1,123 @@
+"""A one-shard deployment's training step keeps the search's rows at the shard (NeighborStore.kept_rows):
+the value sums and the backward read them instead of sending B x k ids to the store's device and looking
+each up again. Same answers and the same step as without; a delete in between makes the store look the
+ids up again (rows move), and a deleted neighbour is still NOT_FOUND with nothing stepped."""
+
+import numpy as np
+import pytest
+from monim.datastore import NamespaceConfig
+from monim.protos.errors import IdsNotFound
+from monim.workers import router as router_module
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+
+DIM, VALUE_DIM, ROWS, K, B = 8, 16, 300, 12, 40
+
+
+def deployment(shards=1):
+    router = Router(LocalRuntime(shards))
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer=_adam()))
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    values = rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
+    router.add("ns", keys, np.arange(ROWS), values=values)
+    queries = keys[rng.integers(0, ROWS, B)] + 0.05 * rng.standard_normal((B, DIM)).astype(np.float32)
+    grad = rng.standard_normal((B, VALUE_DIM)).astype(np.float32)
+    return router, queries, grad
+
+
+def _adam():
+    from monim.protos.config import OptimizerConfig
+    return OptimizerConfig("adam", lr=0.01)
+
+
+def store_of(router):
+    return router.runtime.shards[0].stores["ns"]
+
+
+def count_lookups(store, monkeypatch):
+    """Ids the store looks up in its id map (host or device)."""
+    looked = []
+    id_map = store.rows.id_map
+    for name in ("lookup", "lookup_tensor"):
+        real = getattr(id_map, name)
+        monkeypatch.setattr(id_map, name, lambda ids, real=real: looked.append(int(np.size(ids))) or real(ids))
+    return looked
+
+
+def step(router, queries, grad, **retrieve):
+    forward = router.retrieve("ns", queries, K, 0.5, keep_state=True, **retrieve)
+    grads = router.retrieve_backward("ns", None, None, None, None, grad, forward.temperature, handle=forward.handle)
+    return forward, grads
+
+
+@pytest.fixture(autouse=True)
+def two_rounds(monkeypatch):
+    """The value sums as their own round (a training batch's: B x k x value_dim past ONE_ROUND_VALUE_BYTES)."""
+    monkeypatch.setattr(router_module, "ONE_ROUND_VALUE_BYTES", 0)
+
+
+def test_a_step_on_one_shard_looks_no_id_up_after_its_search_and_answers_as_without(monkeypatch):
+    router, queries, grad = deployment()
+    looked = count_lookups(store_of(router), monkeypatch)
+    forward, (grad_q, grad_t) = step(router, queries, grad)
+    assert sum(n for n in looked if n >= B * K) == 0, looked  # the value sums' and the backward's ids: none
+    stepped = router.get("ns", np.arange(ROWS)).values
+
+    # The same step with the rows not kept (as on several shards): the same answers and values.
+    other, _, _ = deployment()
+    monkeypatch.setattr(router_module, "_one_shard", lambda placement: False)
+    again, (grad_q2, grad_t2) = step(other, queries, grad)
+    np.testing.assert_array_equal(forward.memory, again.memory)
+    np.testing.assert_array_equal(grad_q, grad_q2)
+    assert grad_t == grad_t2
+    np.testing.assert_array_equal(stepped, other.get("ns", np.arange(ROWS)).values)
+
+
+def test_a_delete_between_forward_and_backward_makes_the_store_look_the_ids_up_again(monkeypatch):
+    """Deleting a row that no query found moves the last row into its place: the kept rows would name
+    the wrong entries, so the backward looks its ids up, and steps what an untouched twin steps."""
+    router, queries, grad = deployment()
+    twin, _, _ = deployment()
+    forward = router.retrieve("ns", queries, K, 0.5, keep_state=True)
+    found = set(forward.ids.ravel().tolist())
+    victim = next(i for i in range(ROWS - 1) if i not in found)
+    assert router.delete("ns", ids=np.array([victim])) == 1
+    twin.delete("ns", ids=np.array([victim]))
+    looked = count_lookups(store_of(router), monkeypatch)
+    grads = router.retrieve_backward("ns", None, None, None, None, grad, 0.5, handle=forward.handle)
+    assert any(n >= B * K for n in looked)  # looked up again
+    twin_forward = twin.retrieve("ns", queries, K, 0.5)
+    np.testing.assert_array_equal(twin_forward.ids, forward.ids)
+    twin_grads = twin.retrieve_backward("ns", queries, twin_forward.ids, twin_forward.alpha, twin_forward.distances,
+                                        grad, 0.5)
+    np.testing.assert_array_equal(grads[0], twin_grads[0])
+    kept_ids = np.setdiff1d(np.arange(ROWS), [victim])
+    np.testing.assert_array_equal(router.get("ns", kept_ids).values, twin.get("ns", kept_ids).values)
+
+
+def test_a_neighbour_deleted_before_the_backward_is_still_not_found_and_nothing_steps():
+    router, queries, grad = deployment()
+    forward = router.retrieve("ns", queries, K, 0.5, keep_state=True)
+    before = router.get("ns", np.arange(ROWS)).values
+    gone = int(forward.ids[0, 0])
+    router.delete("ns", ids=np.array([gone]))
+    with pytest.raises(IdsNotFound):
+        router.retrieve_backward("ns", None, None, None, None, grad, 0.5, handle=forward.handle)
+    left = np.setdiff1d(np.arange(ROWS), [gone])
+    np.testing.assert_array_equal(router.get("ns", left).values, before[left])
+
+
+def test_the_kept_answers_are_bounded():
+    router, queries, grad = deployment()
+    store = store_of(router)
+    for _ in range(store.kept_rows.MAX_ENTRIES + 5):
+        router.retrieve("ns", queries, K, 0.5, keep_state=True)
+    assert len(store.kept_rows._answers) == store.kept_rows.MAX_ENTRIES
+    assert store.kept_rows.bytes == store.kept_rows.MAX_ENTRIES * B * K * 8
+
+
+def test_two_shards_keep_nothing():
+    router, queries, grad = deployment(shards=2)
+    step(router, queries, grad)
+    assert all(not shard.stores["ns"].kept_rows._answers for shard in router.runtime.shards)
