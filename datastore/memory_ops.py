@@ -29,16 +29,23 @@ _GATHER_BLOCK_FLOATS = 1 << 26
 
 def attention(distances: np.ndarray, weights: np.ndarray, ids: np.ndarray, temperature: float) -> np.ndarray:
     """alpha float32 [B, k] = softmax(-d/T + log w) over the present neighbours; 0 where id is -1
-    (and on a row with no neighbours at all). In place where it can be: at B=4096, k=1024 each pass
-    over the scores is a few ms, and a batch whose slots are all held needs no masks."""
-    scores = torch.div(source_tensor(distances).float(), -temperature)
-    scores.add_(source_tensor(weights).float().clamp_min(1e-30).log_())
-    present = ids >= 0
-    if present.all():
-        return torch.softmax(scores, dim=1).numpy()
-    missing = torch.from_numpy(~present)
+    (and on a row with no neighbours at all): attention_tensor over the arrays."""
+    return attention_tensor(source_tensor(distances), source_tensor(weights), torch.from_numpy(ids >= 0),
+                            temperature).numpy()
+
+
+def attention_tensor(distances: torch.Tensor, weights: torch.Tensor, present: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """attention's alpha from tensors on any one device (a lone shard's forward: on its GPU). In place
+    where it can be: at B=4096, k=1024 each pass over the scores is a few ms on a host, and a batch
+    whose slots are all held needs no masks."""
+    scores = torch.div(distances.float(), -temperature)
+    scores.add_(weights.float().clamp_min(1e-30).log_())
+    if bool(present.all()):
+        return torch.softmax(scores, dim=1)
+    missing = ~present
     alpha = torch.softmax(scores.masked_fill_(missing, float("-inf")), dim=1)
-    return alpha.nan_to_num_(nan=0.0).masked_fill_(missing, 0.0).numpy()
+    return alpha.nan_to_num_(nan=0.0).masked_fill_(missing, 0.0)
 
 
 def _chunks(batch: int, k: int, width: int):

@@ -39,17 +39,20 @@ class KeptRows:
         self._answers: collections.OrderedDict[str, tuple[int, torch.Tensor]] = collections.OrderedDict()
         self.bytes = 0
 
-    def put(self, name: str, rows: torch.Tensor, removals: int) -> None:
-        if rows.nbytes > self.MAX_BYTES:
+    def put(self, name: str, rows: torch.Tensor, removals: int, **more: torch.Tensor) -> None:
+        """Keeps rows int64 [B, k] (and more [B, k] tensors of the same answer: alpha, distances)."""
+        answer = {"rows": rows, **more}
+        nbytes = sum(t.nbytes for t in answer.values())
+        if nbytes > self.MAX_BYTES:
             return
         self._drop(name)
-        while self._answers and (len(self._answers) >= self.MAX_ENTRIES or self.bytes + rows.nbytes > self.MAX_BYTES):
+        while self._answers and (len(self._answers) >= self.MAX_ENTRIES or self.bytes + nbytes > self.MAX_BYTES):
             self._drop(next(iter(self._answers)))
-        self._answers[name] = (removals, rows)
-        self.bytes += rows.nbytes
+        self._answers[name] = (removals, answer, nbytes)
+        self.bytes += nbytes
 
-    def get(self, name: str, removals: int) -> torch.Tensor | None:
-        """The rows kept under name, if no row was deleted since (else they are dropped: None)."""
+    def get(self, name: str, removals: int) -> dict | None:
+        """{"rows": ..., and what else was kept} under name, if no row was deleted since (else dropped: None)."""
         kept = self._answers.get(name)
         if kept is None:
             return None
@@ -61,7 +64,7 @@ class KeptRows:
     def _drop(self, name: str) -> None:
         kept = self._answers.pop(name, None)
         if kept is not None:
-            self.bytes -= kept[1].nbytes
+            self.bytes -= kept[2]
 
 
 class NeighborStore:
@@ -180,18 +183,47 @@ class NeighborStore:
                 host = self.graphs.search(queries, k, (return_keys, return_values, return_weights))
                 if host is not None:
                     return self._result(host)
-            found = None if self.ivf is None else self.ivf.search(queries, k + held, nprobe, rerank)
-            if found is None:
-                distances, rows = self._nearest_rows(queries, k + held)
-            else:
-                distances, ids = found
-                rows = np.where(ids >= 0, self.rows.rows_of(np.maximum(ids, 0)), -1)
-            if held:
-                distances, rows = self._leave_out(distances, rows, hidden, k)
-            rows = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+            distances, rows = self._search_rows(queries, k, nprobe, rerank, hidden, held)
             if keep_rows:
                 self.kept_rows.put(keep_rows, rows, self.rows.removals)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
+
+    def _search_rows(self, queries: np.ndarray, k: int, nprobe: int, rerank: int, hidden=None, held: int = 0):
+        """(distances float32 [B, k], rows int64 tensor [B, k], -1 where none) of a search (under the
+        lock): by the ivf index once trained, else exact; held of the hidden ids left out."""
+        found = None if self.ivf is None else self.ivf.search(queries, k + held, nprobe, rerank)
+        if found is None:
+            distances, rows = self._nearest_rows(queries, k + held)
+        else:
+            distances, ids = found
+            rows = np.where(ids >= 0, self.rows.rows_of(np.maximum(ids, 0)), -1)
+        if held:
+            distances, rows = self._leave_out(distances, rows, hidden, k)
+        return distances, rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+
+    def forward(self, queries: np.ndarray, k: int, temperature: float, keep_rows: str = "", nprobe: int = 0,
+                rerank: int = 0) -> tuple[SearchResult, np.ndarray, np.ndarray]:
+        """A Retrieve's forward where this store holds every row (a deployment of one shard): the search
+        (ids, distances, tokens, weights), alpha = softmax(-d/T + log w) and m = sum_i alpha_i v_i, all on
+        the store's device, under one hold of the lock. Returns (SearchResult, alpha float32 [B, k],
+        memory float32 [B, value_dim]). keep_rows: as search, with alpha and distances kept beside the
+        rows for the backward (backward_partials' kept)."""
+        queries = validation.check_vectors(queries, self.config.dim, "queries")
+        k = validation.check_k(k, self.config.max_k)
+        nprobe, rerank = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank)
+        temperature = validation.check_temperature(temperature)
+        validation.check_value_namespace(self.config.value_dim, "Retrieve")
+        with self._lock:
+            distances, rows = self._search_rows(queries, k, nprobe, rerank)
+            rows = rows.to(self.device)
+            columns = self._answer_columns(rows, torch.as_tensor(distances).to(self.device), False, False, True)
+            alpha = memory_ops.attention_tensor(columns["distances"], columns["weights"], rows >= 0, temperature)
+            memory = memory_ops.value_sum(self.rows.values[: self.rows.size], rows, alpha)
+            if keep_rows:
+                self.kept_rows.put(keep_rows, rows, self.rows.removals, alpha=alpha, distances=columns["distances"])
+            host = to_host_all({**columns, "alpha": alpha, "memory": memory})
+        alpha, memory = host.pop("alpha"), host.pop("memory")
+        return self._result(host), alpha, memory
 
     def _leave_out(self, distances, rows, hidden: np.ndarray, k: int):
         """The first k of each query's [k + h] nearest rows that do not hold a hidden id (numpy)."""
@@ -353,9 +385,9 @@ class NeighborStore:
         kept: (name, first) when ids are rows [first, first + B) of a search's answer kept under that
         name (search's keep_rows), exactly: then that answer's rows, while no row was deleted since."""
         if kept is not None:
-            rows = self.kept_rows.get(kept[0], self.rows.removals)
-            if rows is not None:
-                rows = rows[kept[1] : kept[1] + ids.shape[0]]
+            answer = self.kept_rows.get(kept[0], self.rows.removals)
+            if answer is not None:
+                rows = answer["rows"][kept[1] : kept[1] + ids.shape[0]]
                 if rows.shape == ids.shape:
                     return rows.to(self.device)
         if self.device.type == "cpu":
@@ -390,9 +422,17 @@ class NeighborStore:
         gradients [U, value_dim])."""
         with self._lock:
             rows = self._held_rows(ids, kept)
+            # The forward's own alpha and distances where this store made them (forward's keep_rows).
+            answer = None if kept is None else self.kept_rows.get(kept[0], self.rows.removals)
+            alpha_t = distances_t = None
+            if answer is not None and "alpha" in answer:
+                part = slice(kept[1], kept[1] + alpha.shape[0])
+                alpha_t, distances_t = answer["alpha"][part], answer["distances"][part]
+            if alpha_t is None or tuple(alpha_t.shape) != alpha.shape:
+                alpha_t, distances_t = self._tensor(alpha), self._tensor(distances)
             partials, unique_rows, grads = memory_ops.slot_partials(
                 self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
-                self._tensor(alpha), self._tensor(distances), self._tensor(grad_memory))
+                alpha_t, distances_t, self._tensor(grad_memory))
             return partials, to_host(self.rows.ids[unique_rows]), grads
 
     def check_stored(self, ids: np.ndarray) -> None:

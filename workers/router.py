@@ -462,6 +462,9 @@ class Router:
         take at most ONE_ROUND_VALUE_BYTES), else every shard sums alpha_i v_i over its own ids and
         the partial sums are added. If a row went between those two rounds (a shard answers
         NOT_FOUND), the forward starts again: m is never a sum with a neighbour silently missing.
+        On one shard (no reshard under way), a batch past ONE_ROUND_VALUE_BYTES runs the whole forward
+        there in one call, on the shard's device (NeighborStore.forward), and with keep_state its rows,
+        alpha and distances stay there for the backward (NeighborStore.kept_rows).
         keep_state: the queries, ids, alpha, distances and temperature stay here under
         result.handle, for a backward that sends only grad_memory.
         nprobe, rerank: as in search (an ivf namespace's search; its distances enter alpha)."""
@@ -476,6 +479,14 @@ class Router:
             # One shard's answer is the whole answer: its rows stay there, named, for the value sums and the
             # backward (NeighborStore.kept_rows), which then skip sending and looking up B x k ids.
             kept_rows = secrets.token_hex(8) if _one_shard(self.placement) and (keep_state or not one_round) else ""
+            if kept_rows and not one_round:  # a training batch on one shard: the whole forward there, on its device
+                answers = self._all_shards("forward", namespace, config.generation, queries, k, temperature, kept_rows,
+                                           nprobe, rerank)
+                if len(answers) == 1:  # (else a reshard began meanwhile: the general way below)
+                    found, alpha, memory = answers[0]
+                    found.generation = config.generation
+                    return self._retrieved(namespace, config, queries, found, alpha, memory, temperature,
+                                           keep_state, kept_rows)
             found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
                                  rerank=rerank, keep_rows=kept_rows)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
@@ -488,13 +499,17 @@ class Router:
                                                                found.ids, alpha, kept_rows)))
                 except IdsNotFound:
                     continue
-            handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
-                                        temperature, kept_rows) if keep_state else ""
-            return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
-                                  tokens=found.tokens, weights=found.weights, queries=queries,
-                                  temperature=temperature, generation=config.generation, handle=handle)
+            return self._retrieved(namespace, config, queries, found, alpha, memory, temperature, keep_state,
+                                   kept_rows)
         raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
                       "attempts of this Retrieve; retry it")
+
+    def _retrieved(self, namespace, config, queries, found, alpha, memory, temperature, keep_state, kept_rows):
+        handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
+                                    temperature, kept_rows) if keep_state else ""
+        return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
+                              tokens=found.tokens, weights=found.weights, queries=queries,
+                              temperature=temperature, generation=config.generation, handle=handle)
 
     @staticmethod
     def _value_sum_calls(namespace, generation, ids, alpha, kept_rows, placement) -> list:

@@ -73,7 +73,7 @@ DEFAULT_SNAPSHOT_EVERY = 10_000
 KEPT_EXPORTS = 64  # finished snapshot exports whose status a shard still answers
 # Calls Shard.placed runs under its version check's hold of the lock (the others write, and wait for
 # the disk without the lock).
-_PLACED_READS = frozenset({"search", "get_present", "value_sum", "backward_part", "stage_gradients", "stats",
+_PLACED_READS = frozenset({"search", "forward", "get_present", "value_sum", "backward_part", "stage_gradients", "stats",
                            "abort_step"})
 
 
@@ -756,6 +756,12 @@ class Shard:
         return rows, ids[~present]
 
     # ----- learnable memory ----------------------------------------------------------
+    @_serialized
+    def forward(self, namespace: str, generation: int, queries: np.ndarray, k: int, temperature: float,
+                keep_rows: str = "", nprobe: int = 0, rerank: int = 0):
+        """A Retrieve's forward on a deployment of one shard, whole: NeighborStore.forward."""
+        return self._store(namespace, generation).forward(queries, k, temperature, keep_rows, nprobe, rerank)
+
     @_serialized
     def value_sum(self, namespace: str, generation: int, ids: np.ndarray, alpha: np.ndarray,
                   kept: tuple[str, int] | None = None) -> np.ndarray:

@@ -114,10 +114,26 @@ def test_the_kept_answers_are_bounded():
     for _ in range(store.kept_rows.MAX_ENTRIES + 5):
         router.retrieve("ns", queries, K, 0.5, keep_state=True)
     assert len(store.kept_rows._answers) == store.kept_rows.MAX_ENTRIES
-    assert store.kept_rows.bytes == store.kept_rows.MAX_ENTRIES * B * K * 8
+    assert store.kept_rows.bytes == store.kept_rows.MAX_ENTRIES * B * K * (8 + 4 + 4)  # rows, alpha, distances
 
 
 def test_two_shards_keep_nothing():
     router, queries, grad = deployment(shards=2)
     step(router, queries, grad)
     assert all(not shard.stores["ns"].kept_rows._answers for shard in router.runtime.shards)
+
+
+def test_a_lone_shards_forward_is_one_call_and_its_backward_sends_only_grad_memory_to_the_device(monkeypatch):
+    router, queries, grad = deployment()
+    shard, store = router.runtime.shards[0], store_of(router)
+    calls, sent = [], []
+    for name in ("search", "forward", "value_sum", "backward_part"):
+        real = getattr(shard, name)
+        monkeypatch.setattr(shard, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    real_tensor = store._tensor
+    monkeypatch.setattr(store, "_tensor", lambda array: sent.append(np.shape(array)) or real_tensor(array))
+    forward, _ = step(router, queries, grad)
+    assert calls == ["forward", "backward_part"]
+    # grad_memory (and the commit's rows); not the forward's alpha and distances, kept at the shard
+    assert (B, VALUE_DIM) in sent and (B, K) not in sent, sent
+    np.testing.assert_allclose(forward.alpha.sum(1), 1.0, rtol=1e-5)
