@@ -207,6 +207,30 @@ def test_cuda_retrieve_and_backward_match_autograd(metric):
     np.testing.assert_allclose(memory.get("g", np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_cuda_lone_shard_forward_and_kept_backward_match_autograd(metric, monkeypatch):
+    """A training batch's forward run whole on the lone GPU shard (NeighborStore.forward) and its backward
+    by handle from the alpha and distances kept there: the dense reference's memory, gradients and step."""
+    from monim.workers import router as router_module
+
+    monkeypatch.setattr(router_module, "ONE_ROUND_VALUE_BYTES", 0)  # the value sums as for a large batch
+    keys, values, weights, queries, grad_memory = make_data(seed=4)
+    memory = LocalMemory(device="cuda")
+    memory.create_namespace(NamespaceConfig("g", dim=DIM, metric=metric, value_dim=VALUE_DIM, key_dtype="float32",
+                                            optimizer={"name": "sgd", "lr": 0.1}))
+    memory.add("g", keys, np.arange(N), values=values, weights=weights)
+    result = memory.retrieve("g", queries, K, TEMPERATURE, keep_state=True)
+    assert memory.runtime.shards[0].stores["g"].kept_rows.bytes > 0  # rows, alpha, distances kept on the GPU
+    ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, result.ids, metric,
+                                                       TEMPERATURE, grad_memory)
+    np.testing.assert_allclose(result.memory, ref_m, atol=1e-5)
+    grad_queries, grad_temperature = memory.retrieve_backward("g", None, None, None, None, grad_memory, TEMPERATURE,
+                                                              handle=result.handle)
+    np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
+    assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
+    np.testing.assert_allclose(memory.get("g", np.arange(N)).values, values - 0.1 * ref_gv, atol=1e-5)
+
+
 @pytest.mark.parametrize("index", ["ivf_flat", "ivf_pq"])
 def test_cuda_ivf_store_trains_and_reranks_with_its_gpu_keys(index):
     """A CUDA store of an ivf namespace: training and adds read its (float16) keys from the GPU, the
