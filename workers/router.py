@@ -476,10 +476,11 @@ class Router:
                                         rerank)
         one_round = queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
         for _ in range(RETRIEVE_ATTEMPTS):
-            # One shard's answer is the whole answer: its rows stay there, named, for the value sums and the
-            # backward (NeighborStore.kept_rows), which then skip sending and looking up B x k ids.
-            kept_rows = secrets.token_hex(8) if _one_shard(self.placement) and (keep_state or not one_round) else ""
-            if kept_rows and not one_round:  # a training batch on one shard: the whole forward there, on its device
+            # One shard's answer is the whole answer: a training batch's forward runs there whole, on its
+            # device, and for a backward its rows (alpha, distances) stay there under a name (kept_rows).
+            alone = _one_shard(self.placement)
+            kept_rows = secrets.token_hex(8) if alone and keep_state else ""
+            if alone and not one_round:
                 answers = self._all_shards("forward", namespace, config.generation, queries, k, temperature, kept_rows,
                                            nprobe, rerank)
                 if len(answers) == 1:  # (else a reshard began meanwhile: the general way below)
