@@ -181,9 +181,10 @@ class LocalRuntime:
         with self._shards_lock:
             while len(self.shards) < count:
                 self.shards.append(Shard(len(self.shards), count, *self._shard_args, placement=placement))
-            if count > self.num_shards:
-                self._pool.shutdown(wait=False)
-                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix="shard")
+            if count > self.num_shards:  # the new pool first: a submit that finds the old one shut finds this
+                old, self._pool = self._pool, concurrent.futures.ThreadPoolExecutor(max_workers=count,
+                                                                                    thread_name_prefix="shard")
+                old.shutdown(wait=False)
             self.num_shards = max(self.num_shards, count)
 
     def retire_shards(self, count: int) -> None:

@@ -744,7 +744,7 @@ class Shard:
                keep_rows: str = "") -> SearchResult:
         return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights,
                                                          nprobe, rerank, hidden=self._incoming(namespace),
-                                                         keep_rows=keep_rows)
+                                                         keep_rows=self._kept_name(keep_rows))
 
     @_serialized
     def get_present(self, namespace: str, generation: int, ids: np.ndarray,
@@ -760,14 +760,29 @@ class Shard:
     def forward(self, namespace: str, generation: int, queries: np.ndarray, k: int, temperature: float,
                 keep_rows: str = "", nprobe: int = 0, rerank: int = 0):
         """A Retrieve's forward on a deployment of one shard, whole: NeighborStore.forward."""
-        return self._store(namespace, generation).forward(queries, k, temperature, keep_rows, nprobe, rerank)
+        return self._store(namespace, generation).forward(queries, k, temperature, self._kept_name(keep_rows),
+                                                          nprobe, rerank)
+
+    def _kept_name(self, name: str) -> str:
+        """The name a store keeps a search's rows under (NeighborStore.kept_rows): only while this shard
+        holds every row (its answer is the whole answer), and with the placement's version in it, so rows
+        kept at another placement are never taken for this one's (a router whose placement was stale when
+        it chose to keep them may have searched the two shards of a grow, each keeping its own half)."""
+        placement = self.placement
+        if not name or placement.actors != 1 or placement.move is not None or self.shard_index != 0:
+            return ""
+        return f"{placement.version}:{name}"
+
+    def _kept(self, kept: tuple[str, int] | None) -> tuple[str, int] | None:
+        name = self._kept_name(kept[0]) if kept else ""
+        return (name, kept[1]) if name else None
 
     @_serialized
     def value_sum(self, namespace: str, generation: int, ids: np.ndarray, alpha: np.ndarray,
                   kept: tuple[str, int] | None = None) -> np.ndarray:
         """float32 [B, value_dim]: this shard's part of sum_i alpha_i v_i; NOT_FOUND if one of
         its ids went since the search. kept: NeighborStore._held_rows."""
-        return self._store(namespace, generation).value_sum(ids, alpha, kept)
+        return self._store(namespace, generation).value_sum(ids, alpha, self._kept(kept))
 
     @_serialized
     def backward_part(self, namespace: str, generation: int, step_id: str, part: int, queries, ids, alpha,
@@ -780,7 +795,8 @@ class Shard:
         stages = self._stages(step_id)
         if not stages and (step_id, part) in self._answered:
             return self._answered[(step_id, part)]
-        partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory, kept)
+        partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory,
+                                                            self._kept(kept))
         if stages:
             staged = self._staged_step(namespace, generation, step_id)
             staged.parts[part] = (step_ids, grads)

@@ -137,3 +137,38 @@ def test_a_lone_shards_forward_is_one_call_and_its_backward_sends_only_grad_memo
     # grad_memory (and the commit's rows); not the forward's alpha and distances, kept at the shard
     assert (B, VALUE_DIM) in sent and (B, K) not in sent, sent
     np.testing.assert_allclose(forward.alpha.sum(1), 1.0, rtol=1e-5)
+
+
+def test_rows_kept_while_a_stale_router_searched_two_shards_are_not_used_after_a_shrink_back_to_one():
+    """A front end whose placement still named one shard kept the rows of a forward that, once it had
+    refreshed, ran on the two shards of a grow: each kept its own half of the answer under the name. After
+    a shrink back to one shard, the backward by handle used shard 0's half in place of the merged ids (a
+    review of the change found it: grad_q off by 4.35, 129 of 216 rows stepped)."""
+    from monim.protos.config import OptimizerConfig
+    from monim.workers.reshard import reshard
+
+    runtime = LocalRuntime(1)
+    driver = Router(runtime)
+    driver.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer=OptimizerConfig("sgd", lr=0.1)))
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    driver.add("ns", keys, np.arange(ROWS), values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+    queries = keys[rng.integers(0, ROWS, B)] + 0.05 * rng.standard_normal((B, DIM)).astype(np.float32)
+    grad = rng.standard_normal((B, VALUE_DIM)).astype(np.float32)
+    stale = Router(runtime)  # another front end: it read the placement of one shard
+    stale.config("ns")
+    reshard(driver, 2, batch_rows=64)
+    forward = stale.retrieve("ns", queries, K, 0.5, keep_state=True)
+    reshard(driver, 1, batch_rows=64)
+    stale.refresh_placement()
+    expected = stale.retrieve_backward("ns", forward.queries, forward.ids, forward.alpha, forward.distances, grad,
+                                       0.5, step_id="arrays", defer_step=True)
+    stale.abort_step("ns", "arrays")
+    found = stale.retrieve_backward("ns", None, None, None, None, grad, 0.5, handle=forward.handle,
+                                    step_id="handle", defer_step=True)
+    np.testing.assert_array_equal(found[0], expected[0])
+    assert found[1] == expected[1]
+    staged = runtime.shards[0]._staged
+    step = staged[next(key for key in staged if key.endswith(":handle"))]
+    stepped = np.sort(np.concatenate([ids for ids, _ in step.in_order()]))
+    np.testing.assert_array_equal(stepped, np.unique(forward.ids[forward.ids >= 0]))
