@@ -79,6 +79,11 @@ class Placement:
         return dataclasses.asdict(self)
 
     @property
+    def alone(self) -> bool:
+        """One shard holds every row and no reshard is under way: its answer to a search is the answer."""
+        return self.move is None and self.num_shards == 1
+
+    @property
     def actors(self) -> int:
         """Shard actors the placement uses: max(source, target) during a move."""
         return max(self.move.source, self.move.target) if self.move else self.num_shards
@@ -114,7 +119,7 @@ class Placement:
         With one shard and no move, shard 0's are the ids themselves where none is below -1, not a copy
         (a training step's 4M ids: 14 ms a copy on an H200 host)."""
         ids = np.asarray(ids, np.int64)
-        if self.move is None and self.num_shards == 1:
+        if self.alone:
             if shard != 0:
                 return np.full(ids.shape, -1, np.int64)
             return ids if not ids.size or ids.min() >= -1 else np.maximum(ids, -1)

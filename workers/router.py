@@ -115,11 +115,6 @@ def _reread_config_if_recreated(method):
     return wrapper
 
 
-def _one_shard(placement: Placement) -> bool:
-    """Whether one shard holds every row (no reshard under way): its answer to a search is the answer."""
-    return placement.actors == 1 and placement.move is None
-
-
 class Router:
     """runtime: a RayRuntime or LocalRuntime (see workers/runtime.py)."""
 
@@ -478,7 +473,7 @@ class Router:
         for _ in range(RETRIEVE_ATTEMPTS):
             # One shard's answer is the whole answer: a training batch's forward runs there whole, on its
             # device, and for a backward its rows (alpha, distances) stay there under a name (kept_rows).
-            alone = _one_shard(self.placement)
+            alone = self.placement.alone
             kept_rows = secrets.token_hex(8) if alone and keep_state else ""
             if alone and not one_round:
                 answers = self._all_shards("forward", namespace, config.generation, queries, k, temperature, kept_rows,
@@ -515,7 +510,7 @@ class Router:
     @staticmethod
     def _value_sum_calls(namespace, generation, ids, alpha, kept_rows, placement) -> list:
         """Every shard sums over the ids it holds (the others masked to -1)."""
-        kept = (kept_rows, 0) if kept_rows and _one_shard(placement) else None
+        kept = (kept_rows, 0) if kept_rows and placement.alone else None
         return [(shard, "value_sum", (namespace, generation, placement.mask(namespace, ids, shard), alpha, kept))
                 for shard in range(placement.actors)]
 
@@ -551,7 +546,7 @@ class Router:
                 lambda placement: [(shard, "backward_part", (namespace, config.generation, step, part, queries,
                                                              placement.mask(namespace, ids, shard), alpha, distances,
                                                              grad_memory,
-                                                             (kept_rows, row_offset) if kept_rows and _one_shard(placement)
+                                                             (kept_rows, row_offset) if kept_rows and placement.alone
                                                              else None)) for shard in range(placement.actors)],
                 on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:

@@ -769,7 +769,7 @@ class Shard:
         kept at another placement are never taken for this one's (a router whose placement was stale when
         it chose to keep them may have searched the two shards of a grow, each keeping its own half)."""
         placement = self.placement
-        if not name or placement.actors != 1 or placement.move is not None or self.shard_index != 0:
+        if not name or not placement.alone or self.shard_index != 0:
             return ""
         return f"{placement.version}:{name}"
 
@@ -919,7 +919,7 @@ class Shard:
         PlacementChanged (the router routes them again). NOT_FOUND / FAILED_PRECONDITION as _store."""
         store = self._store(namespace, generation)
         placement = self.placement
-        if placement.move is None and placement.num_shards == 1 and self.shard_index < placement.actors:
+        if placement.alone and self.shard_index < placement.actors:
             return store  # one shard holds every id (a training step's B x k of them: no pass over them)
         ids = np.asarray(ids, np.int64).reshape(-1)
         ids = ids[ids >= 0]

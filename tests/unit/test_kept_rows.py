@@ -8,6 +8,7 @@ import pytest
 from monim.datastore import NamespaceConfig
 from monim.protos.errors import IdsNotFound
 from monim.workers import router as router_module
+from monim.workers.placement import Placement
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
@@ -66,7 +67,7 @@ def test_a_step_on_one_shard_looks_no_id_up_after_its_search_and_answers_as_with
 
     # The same step with the rows not kept (as on several shards): the same answers and values.
     other, _, _ = deployment()
-    monkeypatch.setattr(router_module, "_one_shard", lambda placement: False)
+    monkeypatch.setattr(Placement, "alone", property(lambda placement: False))
     again, (grad_q2, grad_t2) = step(other, queries, grad)
     np.testing.assert_array_equal(forward.memory, again.memory)
     np.testing.assert_array_equal(grad_q, grad_q2)
