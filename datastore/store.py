@@ -378,18 +378,22 @@ class NeighborStore:
             self.rows.weights[index] += torch.from_numpy(counts.astype(np.float32)).to(self.device)
 
     # ----- learnable memory ---------------------------------------------------------
-    def _held_rows(self, ids: np.ndarray, kept: tuple[str, int] | None = None) -> torch.Tensor:
+    def _kept_part(self, kept: tuple[str, int] | None, ids: np.ndarray) -> dict | None:
+        """kept: (name, first) when ids are rows [first, first + B) of a search's answer kept under that
+        name (search's keep_rows), exactly: {"rows", and "alpha", "distances" where forward kept them}
+        of those rows, while no row was deleted since; else None."""
+        answer = None if kept is None else self.kept_rows.get(kept[0], self.rows.removals)
+        if answer is None:
+            return None
+        part = {name: tensor[kept[1] : kept[1] + ids.shape[0]] for name, tensor in answer.items()}
+        return part if part["rows"].shape == ids.shape else None
+
+    def _held_rows(self, ids: np.ndarray, kept_part: dict | None = None) -> torch.Tensor:
         """int64 [...] ids -> rows on the device, -1 where the id is -1 (an empty slot, or an id the
         caller left to another store: the router masks each shard's ids by placement). NOT_FOUND
-        naming every id >= 0 that is not stored.
-        kept: (name, first) when ids are rows [first, first + B) of a search's answer kept under that
-        name (search's keep_rows), exactly: then that answer's rows, while no row was deleted since."""
-        if kept is not None:
-            answer = self.kept_rows.get(kept[0], self.rows.removals)
-            if answer is not None:
-                rows = answer["rows"][kept[1] : kept[1] + ids.shape[0]]
-                if rows.shape == ids.shape:
-                    return rows.to(self.device)
+        naming every id >= 0 that is not stored. kept_part (_kept_part): the rows a search found them at."""
+        if kept_part is not None:
+            return kept_part["rows"].to(self.device)
         if self.device.type == "cpu":
             rows = self.rows.rows_of(ids)
             gone = (ids >= 0) & (rows < 0)
@@ -410,25 +414,22 @@ class NeighborStore:
 
     def value_sum(self, ids: np.ndarray, alpha: np.ndarray, kept: tuple[str, int] | None = None) -> np.ndarray:
         """float32 [B, value_dim]: sum_i alpha_i v_i over the slots whose ids are >= 0 (those of this store).
-        NOT_FOUND if one of them is no longer stored (never a silently smaller sum). kept: _held_rows."""
+        NOT_FOUND if one of them is no longer stored (never a silently smaller sum). kept: _kept_part."""
         with self._lock:
-            rows = self._held_rows(ids, kept)
+            rows = self._held_rows(ids, self._kept_part(kept, ids))
             return to_host(memory_ops.value_sum(self.rows.values[: self.rows.size], rows, self._tensor(alpha)))
 
     def backward_partials(self, queries, ids, alpha, distances, grad_memory, kept: tuple[str, int] | None = None):
         """This store's part of a Retrieve backward (inputs already checked), computed from the
         values as they are now; changes nothing. NOT_FOUND, if an id that belongs here is gone.
-        kept: _held_rows. Returns (BackwardPartials, ids int64 [U] of the rows it holds, their value
-        gradients [U, value_dim])."""
+        kept: _kept_part (with the forward's own alpha and distances where forward kept them). Returns
+        (BackwardPartials, ids int64 [U] of the rows it holds, their value gradients [U, value_dim])."""
         with self._lock:
-            rows = self._held_rows(ids, kept)
-            # The forward's own alpha and distances where this store made them (forward's keep_rows).
-            answer = None if kept is None else self.kept_rows.get(kept[0], self.rows.removals)
-            alpha_t = distances_t = None
-            if answer is not None and "alpha" in answer:
-                part = slice(kept[1], kept[1] + alpha.shape[0])
-                alpha_t, distances_t = answer["alpha"][part], answer["distances"][part]
-            if alpha_t is None or tuple(alpha_t.shape) != alpha.shape:
+            part = self._kept_part(kept, ids)
+            rows = self._held_rows(ids, part)
+            if part is not None and "alpha" in part:
+                alpha_t, distances_t = part["alpha"], part["distances"]
+            else:
                 alpha_t, distances_t = self._tensor(alpha), self._tensor(distances)
             partials, unique_rows, grads = memory_ops.slot_partials(
                 self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
