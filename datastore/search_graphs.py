@@ -85,7 +85,7 @@ class SearchGraphs:
                 self._seen[key] = seen
                 return None
             self._seen.pop(key, None)
-            graph = self._capture(queries, k, columns)
+            graph = self._capture(key, queries, k, columns)
             if graph is None:
                 return None
         self._graphs.move_to_end(key)
@@ -107,7 +107,7 @@ class SearchGraphs:
             self._layout = rows.layout
         return rows.size, batch, k, str(queries.dtype), columns
 
-    def _capture(self, queries: np.ndarray, k: int, columns: tuple) -> _Graph | None:
+    def _capture(self, key: tuple, queries: np.ndarray, k: int, columns: tuple) -> _Graph | None:
         device = self.rows.device
         query = torch.empty(queries.shape, dtype=_torch_dtype(queries), device=device)
         query_host = torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
@@ -134,7 +134,7 @@ class SearchGraphs:
         host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 for name, t in outputs.items() if t is not None}
         captured = _Graph(graph, query, query_host, outputs, host)
-        self._graphs[self._key(queries, k, columns)] = captured
+        self._graphs[key] = captured
         while len(self._graphs) > KEPT:
             self._graphs.popitem(last=False)
         self.captures += 1
