@@ -172,9 +172,7 @@ class NeighborStore:
         keep_rows: a name under which the answer's rows stay on the store's device for a while, for
         value_sum and backward_partials over exactly this answer's ids (KeptRows): a training step's
         B x k ids then go to the device and through the id map once, not three times."""
-        queries = validation.check_vectors(queries, self.config.dim, "queries")
-        k = validation.check_k(k, self.config.max_k)
-        nprobe, rerank = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank)
+        queries, k, nprobe, rerank = self._checked_search(queries, k, nprobe, rerank)
         if return_values and not self.config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         with self._lock:
@@ -187,6 +185,12 @@ class NeighborStore:
             if keep_rows:
                 self.kept_rows.put(keep_rows, rows, self.rows.removals)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
+
+    def _checked_search(self, queries, k, nprobe: int, rerank: int):
+        """A search's queries, k, nprobe and rerank, checked (INVALID_ARGUMENT naming the bad one)."""
+        queries = validation.check_vectors(queries, self.config.dim, "queries")
+        k = validation.check_k(k, self.config.max_k)
+        return (queries, k, *validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank))
 
     def _search_rows(self, queries: np.ndarray, k: int, nprobe: int, rerank: int, hidden=None, held: int = 0):
         """(distances float32 [B, k], rows int64 tensor [B, k], -1 where none) of a search (under the
@@ -208,9 +212,7 @@ class NeighborStore:
         the store's device, under one hold of the lock. Returns (SearchResult, alpha float32 [B, k],
         memory float32 [B, value_dim]). keep_rows: as search, with alpha and distances kept beside the
         rows for the backward (backward_partials' kept)."""
-        queries = validation.check_vectors(queries, self.config.dim, "queries")
-        k = validation.check_k(k, self.config.max_k)
-        nprobe, rerank = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank)
+        queries, k, nprobe, rerank = self._checked_search(queries, k, nprobe, rerank)
         temperature = validation.check_temperature(temperature)
         validation.check_value_namespace(self.config.value_dim, "Retrieve")
         with self._lock:
