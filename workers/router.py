@@ -510,7 +510,7 @@ class Router:
     @staticmethod
     def _value_sum_calls(namespace, generation, ids, alpha, kept_rows, placement) -> list:
         """Every shard sums over the ids it holds (the others masked to -1)."""
-        kept = (kept_rows, 0) if kept_rows and placement.alone else None
+        kept = (kept_rows, 0) if kept_rows else None  # used by a shard only while alone (Shard._kept)
         return [(shard, "value_sum", (namespace, generation, placement.mask(namespace, ids, shard), alpha, kept))
                 for shard in range(placement.actors)]
 
@@ -546,8 +546,8 @@ class Router:
                 lambda placement: [(shard, "backward_part", (namespace, config.generation, step, part, queries,
                                                              placement.mask(namespace, ids, shard), alpha, distances,
                                                              grad_memory,
-                                                             (kept_rows, row_offset) if kept_rows and placement.alone
-                                                             else None)) for shard in range(placement.actors)],
+                                                             (kept_rows, row_offset) if kept_rows else None))
+                                   for shard in range(placement.actors)],
                 on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):

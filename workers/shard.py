@@ -774,6 +774,7 @@ class Shard:
         return f"{placement.version}:{name}"
 
     def _kept(self, kept: tuple[str, int] | None) -> tuple[str, int] | None:
+        """(name, first) as the store knows it (NeighborStore._kept_part), or None where rows are not kept."""
         name = self._kept_name(kept[0]) if kept else ""
         return (name, kept[1]) if name else None
 
@@ -781,7 +782,7 @@ class Shard:
     def value_sum(self, namespace: str, generation: int, ids: np.ndarray, alpha: np.ndarray,
                   kept: tuple[str, int] | None = None) -> np.ndarray:
         """float32 [B, value_dim]: this shard's part of sum_i alpha_i v_i; NOT_FOUND if one of
-        its ids went since the search. kept: NeighborStore._held_rows."""
+        its ids went since the search. kept: (the forward's kept_rows, first row), taken by _kept."""
         return self._store(namespace, generation).value_sum(ids, alpha, self._kept(kept))
 
     @_serialized
