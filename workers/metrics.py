@@ -24,6 +24,10 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_read_endpoint_forward_state_bytes{shard}        gauge: the bytes they hold
     monim_read_endpoint_forward_states_dropped_total{shard, why}  counter: evicted, expired or missed, as
                                                           monim_forward_states_dropped_total on the front end
+    monim_shard_staged_steps{shard}                       gauge: steps whose parts wait on the shard for their commit
+    monim_shard_staged_step_bytes{shard}                  gauge: the bytes those parts hold (bounded: workers/staged_steps.py)
+    monim_shard_staged_steps_dropped_total{shard, why}    counter: expired (10 minutes uncommitted) or evicted (idle,
+                                                          for room); their commits answer ABORTED
     monim_namespace_requests_per_second{namespace}        gauge: data calls over the last minute
     monim_namespace_request_p99_seconds{namespace}        gauge: their 99th percentile latency, same minute
     monim_read_endpoint_namespace_requests_per_second{namespace}  gauge: the same of the calls the shards'
@@ -258,6 +262,13 @@ class ShardCollector(Collector):
                                           "read endpoint keeps for their backward (handles)", labels=("shard",)),
             "forward_bytes": GaugeMetricFamily("monim_read_endpoint_forward_state_bytes", "Bytes those states hold",
                                                labels=("shard",)),
+            "staged": GaugeMetricFamily("monim_shard_staged_steps", "Steps whose parts wait on the shard for their "
+                                        "commit", labels=("shard",)),
+            "staged_bytes": GaugeMetricFamily("monim_shard_staged_step_bytes", "Bytes the staged parts hold (their "
+                                              "ids and value gradients, on the shard's device)", labels=("shard",)),
+            "staged_dropped": CounterMetricFamily("monim_shard_staged_steps_dropped", "Staged steps dropped before "
+                                                  "their commit: expired (uncommitted for 10 minutes) or evicted "
+                                                  "(idle, for room)", labels=("shard", "why")),
             "forwards_dropped": CounterMetricFamily("monim_read_endpoint_forward_states_dropped", "Its kept states "
                                                     "dropped: evicted for room, expired unused, or asked for and not "
                                                     "found (missed)", labels=("shard", "why")),
@@ -281,6 +292,12 @@ class ShardCollector(Collector):
                 families["wal"].add_metric((label,), shard["wal_bytes"])
             if shard.get("snapshot_age_s") is not None:
                 families["age"].add_metric((label,), shard["snapshot_age_s"])
+            staged = shard.get("staged")
+            if staged is not None:
+                families["staged"].add_metric((label,), staged["steps"])
+                families["staged_bytes"].add_metric((label,), staged["bytes"])
+                for why, count in sorted(staged["dropped"].items()):
+                    families["staged_dropped"].add_metric((label, why), count)
             endpoint = shard.get("read_endpoint")
             if endpoint is not None:
                 families["endpoint"].add_metric((label, endpoint["target"]), 1.0)

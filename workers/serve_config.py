@@ -66,6 +66,16 @@ def parse_size(text: str) -> int | None:
     return size if size > 0 else None
 
 
+def format_size(count: float) -> str:
+    """Bytes as people read them: "512 bytes", "1.5 GiB" (parse_size reads it back)."""
+    if count < 1024:
+        return f"{int(count):,} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        count /= 1024
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}"
+
+
 # dest -> (what a good value satisfies, what the message says of a bad one); applied whatever the source.
 _CHECKS = {
     "port": (lambda v: 0 <= v <= 65535, _PORT),

@@ -51,6 +51,8 @@ from monim.protos.errors import (
     ResourceExhausted,
 )
 from monim.workers.placement import Placement, PlacementChanged
+from monim.workers.serve_config import format_size
+from monim.workers.staged_steps import StagedSteps, default_budget, nbytes
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +67,12 @@ REMEMBERED_ID_RUNS = 2_000_000
 # Bytes of the partial sums a shard keeps of the parts of its latest committed steps, so that a retry
 # of such a part (its call failed elsewhere after the commit) gets the sums of the values before the step.
 REMEMBERED_PARTIALS_BYTES = 64 << 20
-# Staged steps that are neither committed nor aborted are dropped after this long, or when
-# more than MAX_STAGED_STEPS wait (a client that died between the parts and the commit).
-STAGED_STEP_TTL_S = 600.0
-MAX_STAGED_STEPS = 256
 DEFAULT_SNAPSHOT_EVERY = 10_000
 KEPT_EXPORTS = 64  # finished snapshot exports whose status a shard still answers
 # Calls Shard.placed runs under its version check's hold of the lock (the others write, and wait for
 # the disk without the lock).
 _PLACED_READS = frozenset({"search", "forward", "get_present", "value_sum", "backward_part", "stage_gradients", "stats",
                            "abort_step"})
-
-
-@dataclasses.dataclass
-class _StagedStep:
-    namespace: str
-    generation: int
-    started: float
-    parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
-    partials: dict = dataclasses.field(default_factory=dict)  # part -> the BackwardPartials it answered
-
-    def in_order(self) -> list:
-        """The parts by their index, not by arrival (a client sends several at once): the step's sums
-        over repeated ids, and so its result, do not depend on the network's timing."""
-        return [self.parts[part] for part in sorted(self.parts)]
 
 
 def _serialized(method):
@@ -116,15 +100,6 @@ def default_memory_budget(device: str, num_shards: int) -> int:
     if str(device).startswith("cuda"):
         return int(0.9 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
     return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, num_shards))
-
-
-def _size(count: float) -> str:
-    if count < 1024:
-        return f"{int(count):,} bytes"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        count /= 1024
-        if count < 1024 or unit == "TiB":
-            return f"{count:.1f} {unit}"
 
 
 class _Remembered(collections.OrderedDict):
@@ -172,17 +147,13 @@ class _RememberedPartials(collections.OrderedDict):
         self.max_bytes = max_bytes or REMEMBERED_PARTIALS_BYTES
         self.bytes = 0
 
-    @staticmethod
-    def _size(partials) -> int:
-        return sum(np.asarray(getattr(partials, f.name)).nbytes for f in dataclasses.fields(partials))
-
     def remember(self, key, partials) -> None:
         if key in self:
-            self.bytes -= self._size(self.pop(key))
+            self.bytes -= nbytes(self.pop(key))
         self[key] = partials
-        self.bytes += self._size(partials)
+        self.bytes += nbytes(partials)
         while self.bytes > self.max_bytes and len(self) > 1:
-            self.bytes -= self._size(self.popitem(last=False)[1])
+            self.bytes -= nbytes(self.popitem(last=False)[1])
 
 
 def _runs_of(listed) -> np.ndarray:
@@ -289,7 +260,8 @@ class Shard:
         # owners at the new placement. (request id, op) -> the ids applied here, as _id_runs of each
         # share: a later share applies the rest, a retry of a share nothing.
         self._applied_ids = _RememberedIds()
-        self._staged: dict[str, _StagedStep] = {}
+        # Parts of steps waiting for their commit, bounded by age, count and bytes (workers/staged_steps.py)
+        self._staged = StagedSteps(default_budget(self.memory_budget), shard_index)
         self._answered = _RememberedPartials()  # what the parts of committed steps answered
         self._lock = threading.RLock()
         # Writers wait on this (it releases the lock) for their record's fdatasync and their turn to
@@ -439,8 +411,7 @@ class Shard:
                 return 0  # dropped (or re-created) by a change logged before this one
             del self.stores[namespace]
             store.close()
-            for step_id in [s for s, staged in self._staged.items() if staged.namespace == namespace]:
-                del self._staged[step_id]
+            self._staged.drop_namespace(namespace)
             return len(store)
         if op == "placement":
             return self._apply_placement(args)
@@ -682,8 +653,8 @@ class Shard:
         hidden = self._incoming(namespace)
         stats = self._store(namespace, generation).stats()
         stats["rows"] -= 0 if hidden is None else int(hidden.size)
-        return dict(stats, shard=self.shard_index,
-                    staged_steps=len(self._staged), memory_used=self._memory_used(), memory_budget=self.memory_budget)
+        return dict(stats, shard=self.shard_index, staged_steps=len(self._staged), staged_bytes=self._staged.bytes,
+                    memory_used=self._memory_used(), memory_budget=self.memory_budget)
 
     @_serialized
     def check_room(self, namespace: str, generation: int, request_id: str, rows: int) -> None:
@@ -707,7 +678,7 @@ class Shard:
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
                 f"shard {self.shard_index} has no room for {int(rows)} more rows of namespace {namespace!r}: it "
-                f"would allocate {_size(grown)} for them, and holds {_size(used)} of its {_size(self.memory_budget)} "
+                f"would allocate {format_size(grown)} for them, and holds {format_size(used)} of its {format_size(self.memory_budget)} "
                 f"budget of {self.device} memory (monim serve --shard-memory-budget; more shards; or delete rows)")
 
     # ----- data ------------------------------------------------------------------
@@ -799,9 +770,7 @@ class Shard:
         partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory,
                                                             self._kept(kept))
         if stages:
-            staged = self._staged_step(namespace, generation, step_id)
-            staged.parts[part] = (step_ids, grads)
-            staged.partials[part] = partials
+            self._staged.stage(namespace, generation, step_id, part, step_ids, grads, partials)
         return partials
 
     @_serialized
@@ -823,7 +792,7 @@ class Shard:
         if ids.size and check_step:
             store.step(ids, staged, dry_run=True)
         if self._stages(step_id):
-            self._staged_step(namespace, generation, step_id).parts[part] = (ids, staged)
+            self._staged.stage(namespace, generation, step_id, part, ids, staged)
         return int(ids.size)
 
     def _stages(self, step_id: str) -> bool:
@@ -831,19 +800,6 @@ class Shard:
         being written (a late part of a first attempt, its retry committing: staged then, it would stay,
         never committed, and hold up a reshard of its rows)."""
         return step_id not in self._committed and step_id not in self._committing
-
-    def _staged_step(self, namespace: str, generation: int, step_id: str) -> _StagedStep:
-        now = time.monotonic()
-        for old in [s for s, staged in self._staged.items() if now - staged.started > STAGED_STEP_TTL_S]:
-            del self._staged[old]
-        staged = self._staged.get(step_id)
-        if staged is None:
-            while len(self._staged) >= MAX_STAGED_STEPS:
-                del self._staged[next(iter(self._staged))]
-            staged = self._staged[step_id] = _StagedStep(namespace, generation, now)
-        elif staged.namespace != namespace:
-            raise InvalidArgument(f"step id {step_id!r} is already used by namespace {staged.namespace!r}")
-        return staged
 
     def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False) -> int:
         """Applies the staged parts of step_id as one optimizer step; returns the rows updated.
@@ -858,7 +814,7 @@ class Shard:
             if staged is not None and (staged.namespace, staged.generation) != (namespace, store.config.generation):
                 raise InvalidArgument(f"step {step_id!r} was staged for namespace {staged.namespace!r}, not "
                                       f"{namespace!r}: nothing was stepped")
-            self._staged.pop(step_id, None)
+            self._staged.pop(step_id)
             for part, partials in (staged.partials.items() if staged is not None else ()):
                 self._answered.remember((step_id, part), partials)
             if staged is None and expect_parts:
@@ -895,7 +851,7 @@ class Shard:
 
     @_serialized
     def abort_step(self, namespace: str, generation: int, step_id: str) -> None:
-        self._staged.pop(step_id, None)
+        self._staged.pop(step_id)
 
     # ----- placement and reshard (workers/placement.py, workers/reshard.py) -------------------------
     def placed(self, version: int, method: str, *args):
@@ -1147,7 +1103,7 @@ class Shard:
         and the bytes its columns hold on the device (allocated); the bytes of the log's segments and
         the seconds since the latest snapshot was written (None without a data dir, or before the first
         snapshot); whether the log failed (the shard then refuses writes until it restarts); its decode
-        endpoint's streams and steps (None before one is started).
+        endpoint's streams and steps (None before one is started); its staged steps (StagedSteps.stats).
         Without the shard's lock: health asks this every few seconds, and a shard busy with a long
         write or search under its lock is serving, not down (tests/unit/test_shard_probe.py). The
         figures are each read at one moment (a copy of the namespaces first), not all at the same one."""
@@ -1167,4 +1123,4 @@ class Shard:
         endpoint = getattr(self, "read_endpoint", None)  # workers/read_endpoint.py, once one is started
         return {"shard": self.shard_index, "namespaces": namespaces, "wal_bytes": wal_bytes,
                 "snapshot_age_s": snapshot_age_s, "wal_failed": self.wal is not None and self.wal.failed is not None,
-                "read_endpoint": None if endpoint is None else endpoint.stats()}
+                "read_endpoint": None if endpoint is None else endpoint.stats(), "staged": self._staged.stats()}

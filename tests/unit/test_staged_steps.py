@@ -1,0 +1,221 @@
+"""Staged step parts are bounded by age, count and bytes (workers/staged_steps.py).
+
+Before the bound, the parts of steps whose client died before its commit stayed for 10 minutes
+whatever their size (on a GPU shard without a log, GBs of value gradients each): a few such steps
+could exhaust the shard's memory. Now a part that would pass the byte budget drops steps that are
+idle (no part or commit for IDLE_S), least recently reached first, and is refused with
+RESOURCE_EXHAUSTED, staging nothing, when only live steps are left. Through a real gRPC server: the
+client sees RESOURCE_EXHAUSTED, nothing is stepped, and the steps already waiting still commit."""
+
+import collections
+import urllib.request
+
+import numpy as np
+import pytest
+from monim.datastore import NamespaceConfig
+from monim.model_client import MemoryClient
+from monim.model_client.errors import ResourceExhausted as ClientResourceExhausted
+from monim.protos.config import OptimizerConfig
+from monim.protos.errors import Aborted, InvalidArgument, ResourceExhausted
+from monim.workers import staged_steps
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
+from monim.workers.staged_steps import StagedSteps
+from prometheus_client.parser import text_string_to_metric_families
+
+DIM, VALUE_DIM, ROWS = 8, 16, 200
+PART_BYTES = 10 * 8 + 10 * VALUE_DIM * 4  # 10 ids and their float32 gradients
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def part(rows=10):
+    return np.arange(rows, dtype=np.int64), np.ones((rows, VALUE_DIM), np.float32)
+
+
+def table(budget=3 * PART_BYTES):
+    clock = Clock()
+    return StagedSteps(budget, shard_index=2, clock=clock), clock
+
+
+def test_bytes_are_counted_per_part_and_released_by_pop_and_by_a_retried_part():
+    steps, _ = table()
+    steps.stage("ns", 1, "a", 0, *part())
+    steps.stage("ns", 1, "a", 1, *part())
+    assert steps.bytes == 2 * PART_BYTES and steps["a"].bytes == 2 * PART_BYTES
+    steps.stage("ns", 1, "a", 1, *part())  # the same part again (a retry): counted once
+    assert steps.bytes == 2 * PART_BYTES
+    assert steps.pop("a").bytes == 2 * PART_BYTES
+    assert steps.bytes == 0 and len(steps) == 0 and steps.pop("a") is None
+
+
+def test_a_part_past_the_budget_evicts_idle_steps_least_recently_reached_first():
+    steps, clock = table()
+    steps.stage("ns", 1, "old", 0, *part())
+    clock.now += 10
+    steps.stage("ns", 1, "older-but-reached", 0, *part())
+    clock.now += 10
+    steps.stage("ns", 1, "old", 1, *part())  # reached again: now the most recent
+    clock.now += staged_steps.IDLE_S + 1
+    steps.stage("ns", 1, "new", 0, *part())  # 3 parts + 1 > budget: one idle step must go
+    assert "older-but-reached" not in steps and "old" in steps and "new" in steps
+    assert steps.bytes == 3 * PART_BYTES
+    assert steps.dropped == {"expired": 0, "evicted": 1}
+
+
+def test_a_part_past_the_budget_with_only_live_steps_is_refused_and_nothing_of_it_is_staged():
+    steps, clock = table()
+    steps.stage("ns", 1, "live", 0, *part())
+    steps.stage("ns", 1, "live", 1, *part())
+    clock.now += staged_steps.IDLE_S / 2
+    with pytest.raises(ResourceExhausted) as refused:
+        steps.stage("ns", 1, "new", 0, *part(20))
+    assert refused.value.code == "RESOURCE_EXHAUSTED"
+    message = str(refused.value)
+    assert "shard 2 cannot stage 1.4 KiB more of step parts: the steps waiting for their commit (1) hold " \
+           "1.4 KiB of its 2.1 KiB" in message and "nothing of this part was staged" in message
+    assert "new" not in steps and steps.bytes == 2 * PART_BYTES and steps["live"].bytes == 2 * PART_BYTES
+    # ... and the same refused for a part of the live step itself: its earlier parts stay
+    with pytest.raises(ResourceExhausted):
+        steps.stage("ns", 1, "live", 2, *part(20))
+    assert sorted(steps["live"].parts) == [0, 1] and steps.bytes == 2 * PART_BYTES
+
+
+def test_a_part_larger_than_the_whole_budget_is_refused_even_on_an_empty_table():
+    steps, _ = table(budget=PART_BYTES - 1)
+    with pytest.raises(ResourceExhausted, match=r"waiting for their commit \(0\)"):
+        steps.stage("ns", 1, "a", 0, *part())
+    assert len(steps) == 0 and steps.bytes == 0
+
+
+def test_steps_expire_after_the_ttl_and_are_counted(monkeypatch):
+    steps, clock = table(budget=1 << 30)
+    steps.stage("ns", 1, "a", 0, *part())
+    clock.now += staged_steps.TTL_S + 1
+    steps.stage("ns", 1, "b", 0, *part())
+    assert "a" not in steps and steps.bytes == PART_BYTES
+    assert steps.stats() == {"steps": 1, "bytes": PART_BYTES, "budget": 1 << 30,
+                             "dropped": {"expired": 1, "evicted": 0}}
+
+
+def test_the_count_bound_evicts_idle_steps_and_refuses_when_all_are_live(monkeypatch):
+    monkeypatch.setattr(staged_steps, "MAX_STEPS", 2)
+    steps, clock = table(budget=1 << 30)
+    steps.stage("ns", 1, "a", 0, *part())
+    steps.stage("ns", 1, "b", 0, *part())
+    with pytest.raises(ResourceExhausted, match="2 steps waiting for their commit, the most it keeps"):
+        steps.stage("ns", 1, "c", 0, *part())
+    steps.stage("ns", 1, "b", 1, *part())  # a new part of a waiting step needs no new entry
+    clock.now += staged_steps.IDLE_S + 1
+    steps.stage("ns", 1, "c", 0, *part())
+    assert sorted(s for s, _ in steps.items()) == ["b", "c"]  # "a" was reached least recently
+    assert steps.dropped["evicted"] == 1
+
+
+def test_a_step_id_of_another_namespace_is_refused():
+    steps, _ = table()
+    steps.stage("ns", 1, "a", 0, *part())
+    with pytest.raises(InvalidArgument, match="already used by namespace 'ns'"):
+        steps.stage("other", 1, "a", 1, *part())
+    assert steps.bytes == PART_BYTES
+
+
+def test_the_default_budget_is_a_quarter_of_the_memory_budget_and_at_least_256_mib():
+    assert staged_steps.default_budget(8 << 30) == 2 << 30
+    assert staged_steps.default_budget(1 << 20) == 256 << 20
+
+
+# ----- through the router and a real gRPC server -------------------------------------------------
+
+def _deployment(shards=2):
+    runtime = LocalRuntime(shards)
+    router = Router(runtime)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer=OptimizerConfig("sgd", lr=0.5)))
+    rng = np.random.default_rng(0)
+    router.add("ns", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS) % 7,
+               values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+    return runtime, router
+
+
+def test_dead_clients_steps_no_longer_pile_up_past_the_budget():
+    """Steps left staged (never committed) by clients that went away: before the bound, every one
+    stayed (bytes without limit); now an idle one makes room for a live one, and a live step commits.
+The front end's metrics count them."""
+    clock = Clock()
+    runtime, router = _deployment()
+    try:
+        for shard in runtime.shards:
+            shard._staged.budget, shard._staged.clock = 12 * 1024, clock
+        grads = np.ones((ROWS, VALUE_DIM), np.float32)
+        for dead in range(5):  # each stages 7.0 KiB a shard (100 rows)
+            router.apply_gradients("ns", np.arange(ROWS), grads, step_id=f"dead-{dead}", defer_step=True)
+            clock.now += staged_steps.IDLE_S + 1
+        for shard in runtime.shards:
+            assert shard._staged.bytes <= shard._staged.budget and len(shard._staged) == 1
+            assert shard._staged.dropped["evicted"] == 4
+        before = router.get("ns", np.arange(ROWS)).values
+        router.apply_gradients("ns", np.arange(ROWS), grads, step_id="live", defer_step=True)
+        assert router.commit_step("ns", "live") == ROWS
+        np.testing.assert_allclose(router.get("ns", np.arange(ROWS)).values, before - 0.5, rtol=1e-6)
+        with pytest.raises(Aborted):  # an evicted step's commit steps nothing
+            router.commit_step("ns", "dead-0")
+        samples = scrape(router)
+        # the live step took the room of dead-4 (idle), then committed: nothing waits
+        assert samples["monim_shard_staged_steps"] == [({"shard": "0"}, 0.0), ({"shard": "1"}, 0.0)]
+        assert [value for _, value in samples["monim_shard_staged_step_bytes"]] == [0.0, 0.0]
+        assert sorted((labels["shard"], labels["why"], value) for labels, value in
+                      samples["monim_shard_staged_steps_dropped_total"]) == \
+            [("0", "evicted", 5.0), ("0", "expired", 0.0), ("1", "evicted", 5.0), ("1", "expired", 0.0)]
+    finally:
+        runtime.shutdown()
+
+
+def scrape(router) -> dict:
+    """Every sample of a front end's /metrics over router: {name: [(labels, value)]}."""
+    server, _ = start_server(router, port=0, metrics_port=0)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=30) as answer:
+            text = answer.read().decode()
+    finally:
+        server.stop(0)
+    samples = collections.defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name].append((sample.labels, sample.value))
+    return samples
+
+
+def test_a_refused_part_reaches_the_client_as_resource_exhausted_and_steps_nothing():
+    runtime, router = _deployment()
+    server, port = start_server(router, port=0)
+    try:
+        for shard in runtime.shards:
+            shard._staged.budget = 8 * 1024
+        with MemoryClient(f"127.0.0.1:{port}") as client:
+            grads = np.ones((ROWS, VALUE_DIM), np.float32)
+            before = client.get("ns", np.arange(ROWS)).values
+            waiting = np.arange(0, 100)  # a live step of another client holds half of each shard's budget
+            router.apply_gradients("ns", waiting, grads[:100], step_id="waiting", defer_step=True)
+            with pytest.raises(ClientResourceExhausted) as refused:
+                client.apply_gradients("ns", np.arange(ROWS), grads)
+            assert refused.value.status_code == "RESOURCE_EXHAUSTED"  # the gRPC status the server sent
+            assert "more of step parts" in refused.value.message and "nothing of this part was staged" in \
+                refused.value.message
+            np.testing.assert_array_equal(client.get("ns", np.arange(ROWS)).values, before)  # nothing stepped
+            for shard in runtime.shards:  # the refused step was dropped everywhere; the waiting one stays
+                assert [s.rsplit(":", 1)[1] for s, _ in shard._staged.items()] == ["waiting"]
+            assert router.commit_step("ns", "waiting") == 100
+            after = client.get("ns", np.arange(ROWS)).values
+            np.testing.assert_allclose(after[:100], before[:100] - 0.5, rtol=1e-6)
+            np.testing.assert_array_equal(after[100:], before[100:])
+            assert client.apply_gradients("ns", np.arange(ROWS), grads) == ROWS  # room again once committed
+    finally:
+        server.stop(0)
+        runtime.shutdown()

@@ -1,0 +1,162 @@
+"""The steps a shard holds staged: value gradients of optimizer steps sent in parts, waiting for their commit.
+
+A step's parts (workers/shard.py: ``backward_part``, ``stage_gradients``) leave their ids and value
+gradients here under the step's id until ``commit_step`` takes them or ``abort_step`` drops them.
+A client that dies between its parts and its commit leaves them behind, and on a GPU shard without
+a log they lie in GPU memory (a B=4096, k=1024 step's gradients take gigabytes), so the table is
+bounded three ways:
+
+- age: a step first staged more than ``TTL_S`` ago is dropped ("expired");
+- count: at most ``MAX_STEPS`` steps wait;
+- bytes: their arrays take at most ``budget`` bytes (``default_budget``: a quarter of the shard's
+  memory budget, at least 256 MiB).
+
+A part that would pass the count or the bytes first drops the steps that no part has reached for
+``IDLE_S`` (a live client sends its next part or its commit within seconds), least recently
+reached first ("evicted"). If that is not enough it is refused, RESOURCE_EXHAUSTED naming the
+numbers, and nothing of it is staged: the router then drops the step on every shard, so nothing of
+it is stepped, and the steps already waiting finish. A dropped step's commit answers ABORTED
+(nothing stepped), as after a restart.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import numpy as np
+import torch
+from monim.protos.errors import InvalidArgument, ResourceExhausted
+from monim.workers.serve_config import format_size
+
+TTL_S = 600.0
+IDLE_S = 30.0
+MAX_STEPS = 256
+MIN_BUDGET = 256 << 20
+DROP_REASONS = ("expired", "evicted")
+
+
+def default_budget(memory_budget: int) -> int:
+    """Bytes the staged steps of a shard whose rows may take memory_budget bytes may hold."""
+    return max(MIN_BUDGET, int(memory_budget) // 4)
+
+
+def nbytes(array) -> int:
+    """Bytes of a staged array (numpy or torch), or of a BackwardPartials' arrays."""
+    if array is None:
+        return 0
+    if torch.is_tensor(array):
+        return array.element_size() * array.nelement()
+    if dataclasses.is_dataclass(array):  # BackwardPartials
+        return sum(nbytes(getattr(array, f.name)) for f in dataclasses.fields(array))
+    return int(np.asarray(array).nbytes)
+
+
+@dataclasses.dataclass
+class StagedStep:
+    namespace: str
+    generation: int
+    started: float
+    touched: float
+    parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
+    partials: dict = dataclasses.field(default_factory=dict)  # part -> the BackwardPartials it answered
+    bytes: int = 0
+
+    def in_order(self) -> list:
+        """The parts by their index, not by arrival (a client sends several at once): the step's sums
+        over repeated ids, and so its result, do not depend on the network's timing."""
+        return [self.parts[part] for part in sorted(self.parts)]
+
+
+class StagedSteps:
+    """step id -> StagedStep, bounded (see the module's doc). Not thread-safe: the shard's lock guards it."""
+
+    def __init__(self, budget: int, shard_index: int = 0, clock=time.monotonic):
+        self.budget = int(budget)
+        self.shard_index = shard_index
+        self.clock = clock
+        self._steps: collections.OrderedDict[str, StagedStep] = collections.OrderedDict()  # least recently reached first
+        self.bytes = 0
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __iter__(self):
+        return iter(self._steps)
+
+    def __contains__(self, step_id: str) -> bool:
+        return step_id in self._steps
+
+    def __getitem__(self, step_id: str) -> StagedStep:
+        return self._steps[step_id]
+
+    def get(self, step_id: str) -> StagedStep | None:
+        return self._steps.get(step_id)
+
+    def items(self):
+        return self._steps.items()
+
+    def pop(self, step_id: str) -> StagedStep | None:
+        """Takes the step out (a commit or an abort); None if it is not staged."""
+        staged = self._steps.pop(step_id, None)
+        if staged is not None:
+            self.bytes -= staged.bytes
+        return staged
+
+    def drop_namespace(self, namespace: str) -> None:
+        for step_id in [s for s, staged in self._steps.items() if staged.namespace == namespace]:
+            self.pop(step_id)
+
+    def stage(self, namespace: str, generation: int, step_id: str, part: int, ids, grads, partials=None) -> None:
+        """Keeps part ``part`` of step_id (its ids, value gradients and, for a backward, the partial sums
+        it answered), replacing an earlier copy of the same part (a retry). INVALID_ARGUMENT if the step
+        id is another namespace's; RESOURCE_EXHAUSTED (nothing staged) if the bounds leave no room."""
+        now = self.clock()
+        self._expire(now)
+        staged = self._steps.get(step_id)
+        if staged is not None and staged.namespace != namespace:
+            raise InvalidArgument(f"step id {step_id!r} is already used by namespace {staged.namespace!r}")
+        size = nbytes(ids) + nbytes(grads) + nbytes(partials)
+        if staged is not None and part in staged.parts:
+            size -= nbytes(staged.parts[part][0]) + nbytes(staged.parts[part][1]) + nbytes(staged.partials.get(part))
+        self._make_room(step_id, size, new_step=staged is None, now=now)
+        if staged is None:
+            staged = self._steps[step_id] = StagedStep(namespace, generation, now, now)
+        staged.parts[part] = (ids, grads)
+        if partials is not None:
+            staged.partials[part] = partials
+        staged.touched = now
+        staged.bytes += size
+        self.bytes += size
+        self._steps.move_to_end(step_id)
+
+    def _expire(self, now: float) -> None:
+        for step_id in [s for s, staged in self._steps.items() if now - staged.started > TTL_S]:
+            self.pop(step_id)
+            self.dropped["expired"] += 1
+
+    def _make_room(self, step_id: str, size: int, new_step: bool, now: float) -> None:
+        def full() -> bool:
+            return self.bytes + size > self.budget or (new_step and len(self._steps) >= MAX_STEPS)
+
+        for idle in [s for s, staged in self._steps.items() if s != step_id and now - staged.touched > IDLE_S]:
+            if not full():
+                break
+            self.pop(idle)
+            self.dropped["evicted"] += 1
+        if self.bytes + size > self.budget:
+            raise ResourceExhausted(
+                f"shard {self.shard_index} cannot stage {format_size(size)} more of step parts: the steps waiting for "
+                f"their commit ({len(self._steps)}) hold {format_size(self.bytes)} of its {format_size(self.budget)} for "
+                "staged steps "
+                "(nothing of this part was staged; commit or abort the waiting steps, or send smaller parts)")
+        if new_step and len(self._steps) >= MAX_STEPS:
+            raise ResourceExhausted(
+                f"shard {self.shard_index} has {len(self._steps)} steps waiting for their commit, the most it keeps "
+                "(nothing of this part was staged; commit or abort the waiting steps)")
+
+    def stats(self) -> dict:
+        return {"steps": len(self._steps), "bytes": self.bytes, "budget": self.budget, "dropped": dict(self.dropped)}
+
