@@ -25,7 +25,7 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_read_endpoint_forward_states_dropped_total{shard, why}  counter: evicted, expired or missed, as
                                                           monim_forward_states_dropped_total on the front end
     monim_shard_staged_steps{shard}                       gauge: steps whose parts wait on the shard for their commit
-    monim_shard_staged_step_bytes{shard}                  gauge: the bytes those parts hold (bounded: workers/staged_steps.py)
+    monim_shard_staged_step_bytes{shard}                  gauge: the bytes those parts hold (workers/staged_steps.py)
     monim_shard_staged_steps_dropped_total{shard, why}    counter: expired (10 minutes uncommitted) or evicted (idle,
                                                           for room); their commits answer ABORTED
     monim_namespace_requests_per_second{namespace}        gauge: data calls over the last minute

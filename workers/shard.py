@@ -678,8 +678,8 @@ class Shard:
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
                 f"shard {self.shard_index} has no room for {int(rows)} more rows of namespace {namespace!r}: it "
-                f"would allocate {format_size(grown)} for them, and holds {format_size(used)} of its {format_size(self.memory_budget)} "
-                f"budget of {self.device} memory (monim serve --shard-memory-budget; more shards; or delete rows)")
+                f"would allocate {format_size(grown)} for them, and holds {format_size(used)} of its "
+                f"{format_size(self.memory_budget)} budget of {self.device} memory (monim serve --shard-memory-budget; more shards; or delete rows)")
 
     # ----- data ------------------------------------------------------------------
     def add(self, namespace: str, generation: int, request_id: str, ids: np.ndarray, keys: np.ndarray,
