@@ -679,7 +679,8 @@ class Shard:
             raise ResourceExhausted(
                 f"shard {self.shard_index} has no room for {int(rows)} more rows of namespace {namespace!r}: it "
                 f"would allocate {format_size(grown)} for them, and holds {format_size(used)} of its "
-                f"{format_size(self.memory_budget)} budget of {self.device} memory (monim serve --shard-memory-budget; more shards; or delete rows)")
+                f"{format_size(self.memory_budget)} budget of {self.device} memory (monim serve --shard-memory-budget; "
+                "more shards; or delete rows)")
 
     # ----- data ------------------------------------------------------------------
     def add(self, namespace: str, generation: int, request_id: str, ids: np.ndarray, keys: np.ndarray,
