@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 import torch
-from monim.datastore.transfer import source_tensor, to_host
+from monim.datastore.transfer import source_tensor, to_device
 
 # Floats of one gathered [chunk, k, width] block.
 _GATHER_BLOCK_FLOATS = 1 << 26
@@ -151,7 +151,9 @@ class BackwardPartials:
     """Sums over the slots one shard holds (a: alpha, gv: g.v_i, d: distance, k: key).
 
     weighted_keys [B, dim] = sum a*gv*k;  alpha_keys [B, dim] = sum a*k;
-    grad_dot [B] = sum a*gv;  grad_dot_dist [B] = sum a*gv*d;  alpha_dist [B] = sum a*d.
+    grad_dot [B] = sum a*gv;  grad_dot_dist [B] = sum a*gv*d;  alpha_dist [B] = sum a*d;
+    alpha_sum [B] = sum a (over every shard: the query's total weight, 1 up to rounding).
+    float64 numpy arrays, or tensors on the shard's device (``unpack`` of slot_partials' packed sums).
     """
 
     weighted_keys: np.ndarray
@@ -159,9 +161,16 @@ class BackwardPartials:
     grad_dot: np.ndarray
     grad_dot_dist: np.ndarray
     alpha_dist: np.ndarray
+    alpha_sum: np.ndarray
 
     def __add__(self, other: "BackwardPartials") -> "BackwardPartials":
         return BackwardPartials(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+    @classmethod
+    def unpack(cls, packed) -> "BackwardPartials":
+        """The sums as views of one float64 [B, 2 dim + 4] array or tensor (slot_partials' packed form)."""
+        dim = (packed.shape[1] - 4) // 2
+        return cls(packed[:, :dim], packed[:, dim:2 * dim], *(packed[:, 2 * dim + i] for i in range(4)))
 
 
 def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor,
@@ -170,7 +179,9 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
 
     keys [N, dim], values [N, value_dim]: the store's columns. rows int64 [B, k] (-1: not held here).
     alpha, distances float32 [B, k]; grad_memory float32 [B, value_dim].
-    Returns (BackwardPartials in float64, unique rows [U], value gradients float32 [U, value_dim]).
+    Returns (the BackwardPartials packed in one float64 tensor [B, 2 dim + 4] on the device: unpack
+    them with BackwardPartials.unpack, after one copy to the host if they go there; unique rows [U];
+    value gradients float32 [U, value_dim]).
     The sums over the slots are sparse products over the store's rows (_Slots), except with float16
     keys, whose weighted sums gather the keys a block of queries at a time.
     """
@@ -178,9 +189,8 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     device = values.device
     dim = keys.shape[1]
     if values.shape[0] == 0:  # nothing stored here: no slot is held, every sum is zero
-        zeros = {name: np.zeros((batch, dim) if name.endswith("keys") else batch)
-                 for name in ("weighted_keys", "alpha_keys", "grad_dot", "grad_dot_dist", "alpha_dist")}
-        return (BackwardPartials(**zeros), torch.zeros(0, dtype=torch.int64, device=device),
+        return (torch.zeros(batch, 2 * dim + 4, dtype=torch.float64, device=device),
+                torch.zeros(0, dtype=torch.int64, device=device),
                 torch.zeros(0, values.shape[1], dtype=torch.float32, device=device))
     held = rows >= 0
     zero = torch.zeros((), device=device)
@@ -199,32 +209,35 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
             weighted_keys[part] = torch.bmm(agv[part].unsqueeze(1), gathered_keys).squeeze(1)
             alpha_keys[part] = torch.bmm(a[part].unsqueeze(1), gathered_keys).squeeze(1)
     agv, a, d = agv.double(), a.double(), d.double()
-    # One copy to the host of all five sums (float64 [B, 2 dim + 3]), through pinned memory on a GPU.
-    packed = to_host(torch.cat([weighted_keys.double(), alpha_keys.double(), agv.sum(1, keepdim=True),
-                                (agv * d).sum(1, keepdim=True), (a * d).sum(1, keepdim=True)], dim=1))
-    partials = BackwardPartials(weighted_keys=packed[:, :dim], alpha_keys=packed[:, dim:2 * dim],
-                                grad_dot=packed[:, 2 * dim], grad_dot_dist=packed[:, 2 * dim + 1],
-                                alpha_dist=packed[:, 2 * dim + 2])
-    return partials, unique_rows, value_grads
+    # One tensor, for one copy to the host where the sums of several shards are added.
+    packed = torch.cat([weighted_keys.double(), alpha_keys.double(), agv.sum(1, keepdim=True),
+                        (agv * d).sum(1, keepdim=True), (a * d).sum(1, keepdim=True), a.sum(1, keepdim=True)], dim=1)
+    return packed, unique_rows, value_grads
 
 
-def combine_backward(partials: BackwardPartials, queries: np.ndarray, alpha: np.ndarray, metric: str,
-                     temperature: float) -> tuple[np.ndarray, float]:
-    """(grad_queries float32 [B, dim], grad_temperature) from the summed partials of all shards.
-    In float64, with torch's threads (numpy's elementwise passes run on one: at B=4096, k=1024 they
-    took 34 ms on a 16-core host), in as few passes over the [B, dim] arrays as torch allows (fused
-    multiply-adds in place): a GPU shard's endpoint runs this on its one CPU, where eight passes were
-    most of a training step's backward (an H100 host, B=4096, k=32; docs/BENCHMARKS.md)."""
-    weighted_keys, alpha_keys, grad_m_dot_m, grad_dot_dist, alpha_dist = (
-        source_tensor(np.asarray(getattr(partials, f.name), np.float64)) for f in dataclasses.fields(partials))
-    alpha_total = source_tensor(alpha).sum(1, dtype=torch.float64)
+def combine_backward(partials: BackwardPartials, queries, metric: str, temperature: float) -> tuple[torch.Tensor, float]:
+    """(grad_queries float32 [B, dim], grad_temperature) from the partials summed over all shards,
+    on their device: the host's for numpy partials (a router adding several shards'), a lone GPU
+    shard's own for its tensors (only grad_queries then leaves the GPU, not the sums: 4x the bytes).
+    In float64, in as few passes over the [B, dim] arrays as torch allows (fused multiply-adds in
+    place; on the host with torch's threads: numpy's elementwise passes run on one, and a GPU shard's
+    endpoint has one CPU). queries: float32 [B, dim], numpy or a tensor. The partials are not changed."""
+    weighted_keys, alpha_keys, grad_m_dot_m, grad_dot_dist, alpha_dist, alpha_total = (
+        _float64(getattr(partials, f.name)) for f in dataclasses.fields(partials))
     sum_c_keys = torch.addcmul(weighted_keys, grad_m_dot_m[:, None], alpha_keys, value=-1.0)
     sum_c_dist = grad_dot_dist - grad_m_dot_m * alpha_dist
     if metric == "l2":
         sum_c = grad_m_dot_m * (1.0 - alpha_total)                         # 0 up to rounding
+        queries = queries.to(sum_c.device) if torch.is_tensor(queries) else to_device(queries, sum_c.device)
         # -(2 / T) (q sum_c - sum_c_keys), in place on sum_c_keys (float32 queries promote exactly).
-        grad_queries = sum_c_keys.addcmul_(source_tensor(queries), sum_c[:, None], value=-1.0).mul_(2.0 / temperature)
+        grad_queries = sum_c_keys.addcmul_(queries, sum_c[:, None], value=-1.0).mul_(2.0 / temperature)
     else:
         grad_queries = sum_c_keys.div_(temperature)
     grad_temperature = float(sum_c_dist.sum() / temperature**2)
-    return grad_queries.float().numpy(), grad_temperature
+    return grad_queries.float(), grad_temperature
+
+
+def _float64(array) -> torch.Tensor:
+    if torch.is_tensor(array):
+        return array.to(torch.float64)
+    return source_tensor(np.asarray(array, np.float64))

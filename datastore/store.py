@@ -425,7 +425,8 @@ class NeighborStore:
         """This store's part of a Retrieve backward (inputs already checked), computed from the
         values as they are now; changes nothing. NOT_FOUND, if an id that belongs here is gone.
         kept: _kept_part (with the forward's own alpha and distances where forward kept them). Returns
-        (BackwardPartials, ids int64 [U] of the rows it holds, their value gradients [U, value_dim])."""
+        (the BackwardPartials packed in one float64 tensor on the store's device (slot_partials), ids
+        int64 [U] of the rows it holds, their value gradients [U, value_dim] on the device)."""
         with self._lock:
             part = self._kept_part(kept, ids)
             rows = self._held_rows(ids, part)

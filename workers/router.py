@@ -541,12 +541,15 @@ class Router:
                 config, queries, ids, alpha, distances, grad_memory, temperature)
             kept_rows = ""
         step = self._step_key(config, validation.check_step_id(step_id) or validation.new_request_id())
+        # A lone shard finishes the backward on its device (finish): the round's one answer is then
+        # (grad_queries, grad_temperature), else each shard's partial sums.
         try:
-            partials = self._round(
+            answers = self._round(
                 lambda placement: [(shard, "backward_part", (namespace, config.generation, step, part, queries,
                                                              placement.mask(namespace, ids, shard), alpha, distances,
                                                              grad_memory,
-                                                             (kept_rows, row_offset) if kept_rows else None))
+                                                             (kept_rows, row_offset) if kept_rows else None,
+                                                             (config.metric, temperature) if placement.alone else None))
                                    for shard in range(placement.actors)],
                 on_retry=self._moved_during_step(config, step, defer_step))
         except MemoryStoreError as error:
@@ -555,10 +558,11 @@ class Router:
             raise
         if not defer_step:
             self._commit(config, step)
-        total = partials[0]
-        for more in partials[1:]:
-            total = total + more
-        return memory_ops.combine_backward(total, queries, alpha, config.metric, temperature)
+        if not isinstance(answers[0], memory_ops.BackwardPartials):
+            return answers[0]
+        grad_queries, grad_temperature = memory_ops.combine_backward(sum(answers[1:], answers[0]), queries,
+                                                                     config.metric, temperature)
+        return grad_queries.numpy(), grad_temperature
 
     def _kept_forward(self, namespace, handle, row_offset, grad_memory, *sent):
         """(queries, ids, alpha, distances, temperature, generation, kept_rows) of rows [row_offset,

@@ -36,10 +36,10 @@ import warnings
 
 import numpy as np
 import torch
-from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult
+from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult, memory_ops
 from monim.datastore.location import Location
 from monim.datastore.memory_ops import BackwardPartials
-from monim.datastore.transfer import source_tensor, to_device
+from monim.datastore.transfer import source_tensor, to_device, to_host
 from monim.datastore.wal import WriteAheadLog
 from monim.protos.errors import (
     Aborted,
@@ -138,7 +138,8 @@ class _RememberedIds(_Remembered):
 
 
 class _RememberedPartials(collections.OrderedDict):
-    """(step id, part) -> the BackwardPartials a shard answered for a part of a step it committed,
+    """(step id, part, placement version) -> the partial sums a shard answered for a part of a step it
+    committed (packed, on its device: slot_partials),
     bounded by the bytes they hold (the oldest steps' go first: a retry of one of those gets sums over
     the stepped values, as before they were kept)."""
 
@@ -759,20 +760,30 @@ class Shard:
 
     @_serialized
     def backward_part(self, namespace: str, generation: int, step_id: str, part: int, queries, ids, alpha,
-                      distances, grad_memory, kept: tuple[str, int] | None = None) -> BackwardPartials:
-        """This shard's partial sums of one part of a Retrieve backward; its value gradients wait,
-        staged under step_id, for commit_step. NOT_FOUND (nothing staged) if one of its ids is gone.
-        A part of a step this shard already committed (a retry) gets the partials it answered before the
-        step (while it keeps them: _RememberedPartials), and stages nothing."""
+                      distances, grad_memory, kept: tuple[str, int] | None = None,
+                      finish: tuple[str, float] | None = None):
+        """This shard's partial sums of one part of a Retrieve backward (BackwardPartials of numpy
+        arrays); its value gradients wait, staged under step_id, for commit_step. NOT_FOUND (nothing
+        staged) if one of its ids is gone. A part of a step this shard already committed (a retry) gets
+        the partials it answered before the step (while it keeps them: _RememberedPartials), and
+        stages nothing.
+        finish: (metric, temperature), from a router whose placement is alone (this shard holds every
+        row, and the version check says its placement is the router's): the finished answer
+        (grad_queries float32 [B, dim], grad_temperature), combined on this shard's device, instead of
+        the partials (the sums are 4x grad_queries' bytes, and a GPU shard adds them in a millisecond)."""
         store = self._check_owned(namespace, generation, ids)
         stages = self._stages(step_id)
-        if not stages and (step_id, part) in self._answered:
-            return self._answered[(step_id, part)]
-        partials, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory,
-                                                            self._kept(kept))
-        if stages:
-            self._staged.stage(namespace, generation, step_id, part, step_ids, grads, partials)
-        return partials
+        # Sums remembered at another placement may cover rows another shard holds now (and sums again).
+        packed = self._answered.get((step_id, part, self.placement.version)) if not stages else None
+        if packed is None:
+            packed, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory,
+                                                              self._kept(kept))
+            if stages:
+                self._staged.stage(namespace, generation, step_id, part, step_ids, grads, (self.placement.version, packed))
+        if finish is None:
+            return BackwardPartials.unpack(to_host(packed))
+        grad_queries, grad_temperature = memory_ops.combine_backward(BackwardPartials.unpack(packed), queries, *finish)
+        return to_host(grad_queries), grad_temperature
 
     @_serialized
     def stage_gradients(self, namespace: str, generation: int, step_id: str, part: int, ids: np.ndarray,
@@ -816,8 +827,8 @@ class Shard:
                 raise InvalidArgument(f"step {step_id!r} was staged for namespace {staged.namespace!r}, not "
                                       f"{namespace!r}: nothing was stepped")
             self._staged.pop(step_id)
-            for part, partials in (staged.partials.items() if staged is not None else ()):
-                self._answered.remember((step_id, part), partials)
+            for part, (version, packed) in (staged.partials.items() if staged is not None else ()):
+                self._answered.remember((step_id, part, version), packed)
             if staged is None and expect_parts:
                 raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a "
                               "restart, or dropped after 10 minutes): nothing was stepped; run the backward again")

@@ -43,13 +43,13 @@ def default_budget(memory_budget: int) -> int:
 
 
 def nbytes(array) -> int:
-    """Bytes of a staged array (numpy or torch), or of a BackwardPartials' arrays."""
+    """Bytes of a staged array (numpy or torch), or of a tuple's."""
     if array is None:
         return 0
     if torch.is_tensor(array):
         return array.element_size() * array.nelement()
-    if dataclasses.is_dataclass(array):  # BackwardPartials
-        return sum(nbytes(getattr(array, f.name)) for f in dataclasses.fields(array))
+    if isinstance(array, (tuple, list)):
+        return sum(nbytes(item) for item in array)
     return int(np.asarray(array).nbytes)
 
 
@@ -60,7 +60,7 @@ class StagedStep:
     started: float
     touched: float
     parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
-    partials: dict = dataclasses.field(default_factory=dict)  # part -> the BackwardPartials it answered
+    partials: dict = dataclasses.field(default_factory=dict)  # part -> what it answered (the shard's to remember)
     bytes: int = 0
 
     def in_order(self) -> list:
@@ -110,8 +110,8 @@ class StagedSteps:
             self.pop(step_id)
 
     def stage(self, namespace: str, generation: int, step_id: str, part: int, ids, grads, partials=None) -> None:
-        """Keeps part ``part`` of step_id (its ids, value gradients and, for a backward, the partial sums
-        it answered), replacing an earlier copy of the same part (a retry). INVALID_ARGUMENT if the step
+        """Keeps part ``part`` of step_id (its ids, value gradients and, for a backward, what it answered:
+        partials), replacing an earlier copy of the same part (a retry). INVALID_ARGUMENT if the step
         id is another namespace's; RESOURCE_EXHAUSTED (nothing staged) if the bounds leave no room."""
         now = self.clock()
         self._expire(now)

@@ -173,3 +173,43 @@ def test_rows_kept_while_a_stale_router_searched_two_shards_are_not_used_after_a
     step = staged[next(key for key in staged if key.endswith(":handle"))]
     stepped = np.sort(np.concatenate([ids for ids, _ in step.in_order()]))
     np.testing.assert_array_equal(stepped, np.unique(forward.ids[forward.ids >= 0]))
+
+
+def test_a_lone_shard_finishes_the_backward_and_a_retry_after_the_commit_answers_the_same(monkeypatch):
+    """The lone shard adds its sums and finishes dL/dq on its own device: the router gets
+    (grad_queries, grad_temperature), not the 4x larger partial sums; a retry of the committed step
+    (its answer lost) gets the same answer, from the sums remembered before the step, and steps nothing."""
+    router, queries, grad = deployment()
+    shard = router.runtime.shards[0]
+    answered = []
+    real = shard.backward_part
+    monkeypatch.setattr(shard, "backward_part", lambda *a: answered.append(real(*a)) or answered[-1])
+    forward = router.retrieve("ns", queries, K, 0.5)
+    args = (forward.queries, forward.ids, forward.alpha, forward.distances, grad, 0.5)
+    grad_q, grad_t = router.retrieve_backward("ns", *args, step_id="s")
+    assert isinstance(answered[0], tuple) and answered[0][0].shape == (B, DIM)
+    stepped = router.get("ns", np.arange(ROWS)).values
+    again_q, again_t = router.retrieve_backward("ns", *args, step_id="s")
+    np.testing.assert_array_equal(again_q, grad_q)
+    assert again_t == grad_t
+    np.testing.assert_array_equal(router.get("ns", np.arange(ROWS)).values, stepped)
+
+
+def test_a_retry_after_a_grow_does_not_add_the_moved_rows_sums_twice():
+    """A step committed on a lone shard, then a grow to two, then a retry of the step: shard 0's sums
+    remembered from before the grow cover the rows now on shard 1, which adds its own; they are of
+    another placement, so shard 0 sums its rows as they are now (the retry's answer is the backward
+    over the stepped values, as when the sums are no longer remembered), and nothing steps twice."""
+    from monim.workers.reshard import reshard
+
+    router, queries, grad = deployment()
+    forward = router.retrieve("ns", queries, K, 0.5)
+    args = (forward.queries, forward.ids, forward.alpha, forward.distances, grad, 0.5)
+    router.retrieve_backward("ns", *args, step_id="s")
+    reshard(router, 2, batch_rows=64)
+    stepped = router.get("ns", np.arange(ROWS)).values
+    retried = router.retrieve_backward("ns", *args, step_id="s")
+    now = router.retrieve_backward("ns", *args, step_id="probe", defer_step=True)
+    router.abort_step("ns", "probe")
+    np.testing.assert_allclose(retried[0], now[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(router.get("ns", np.arange(ROWS)).values, stepped)

@@ -27,7 +27,8 @@ def gathered_reference(keys, values, rows, alpha, distances, grad):
     row_grads = torch.zeros(values.shape[0] + 1, values.shape[1], dtype=torch.float64)
     row_grads.index_add_(0, safe.reshape(-1), (a[:, :, None] * g[:, None, :]).reshape(-1, values.shape[1]))
     partials = {"weighted_keys": ((a * gv)[:, :, None] * kk).sum(1), "alpha_keys": (a[:, :, None] * kk).sum(1),
-                "grad_dot": (a * gv).sum(1), "grad_dot_dist": (a * gv * d).sum(1), "alpha_dist": (a * d).sum(1)}
+                "grad_dot": (a * gv).sum(1), "grad_dot_dist": (a * gv * d).sum(1), "alpha_dist": (a * d).sum(1),
+                "alpha_sum": a.sum(1)}
     return memory, row_grads, partials
 
 
@@ -65,7 +66,9 @@ def test_sparse_products_equal_the_gathered_formulas(device, case):
     assert summed.device.type == device
     np.testing.assert_allclose(summed.cpu().numpy(), memory.numpy(), rtol=1e-5, atol=1e-5)
 
-    partials, unique_rows, value_grads = memory_ops.slot_partials(*on)
+    packed, unique_rows, value_grads = memory_ops.slot_partials(*on)
+    assert packed.device.type == device and packed.dtype == torch.float64 and packed.shape == (batch, 2 * dim + 4)
+    partials = memory_ops.BackwardPartials.unpack(packed.cpu().numpy())
     held_rows = torch.unique(rows[rows >= 0])
     assert torch.equal(unique_rows.cpu(), held_rows)
     np.testing.assert_allclose(value_grads.cpu().numpy(), row_grads[held_rows].numpy(), rtol=1e-5, atol=1e-5)
@@ -92,7 +95,8 @@ def test_more_slots_than_stored_rows_and_a_row_repeated_in_one_query():
     rows = torch.tensor([[3] * 10 + [-1] * 5 + list(range(5))])
     alpha = torch.full((1, 20), 0.05)
     grad = torch.ones(1, 2)
-    partials, unique_rows, value_grads = memory_ops.slot_partials(values, values, rows, alpha, torch.ones(1, 20), grad)
+    packed, unique_rows, value_grads = memory_ops.slot_partials(values, values, rows, alpha, torch.ones(1, 20), grad)
+    partials = memory_ops.BackwardPartials.unpack(packed.numpy())
     assert unique_rows.tolist() == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(value_grads[3].numpy(), [0.55, 0.55], rtol=1e-6)            # 10 slots + 1 of range(5)
     gv = values.sum(1)[rows.clamp_min(0)] * (rows >= 0)
