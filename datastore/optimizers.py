@@ -18,6 +18,7 @@ each row's gradient is clipped to that L2 norm.
 from __future__ import annotations
 
 import torch
+from monim.datastore import fused_step
 from monim.protos.config import OptimizerConfig
 from monim.protos.errors import InvalidArgument
 
@@ -80,14 +81,18 @@ def apply_step(config: OptimizerConfig, steps: torch.Tensor, rows: torch.Tensor,
     any is written.
     """
     step = steps[rows] + 1
+    if fused_step.available(values):
+        _fused_step(config, step, rows, grads, values, state, dry_run)
+        if not dry_run:
+            steps[rows] = step
+        return
     count = rows.shape[0]
     block = count if values.is_cuda else max(1, _CPU_BLOCK_FLOATS // max(1, values.shape[1]))
     computed = [(part, *_new_rows(config, step[part], rows[part], grads[part], values, state))
                 for part in (slice(start, min(count, start + block)) for start in range(0, count, block))]
     if not all(bool(torch.isfinite(tensor).all()) for _, new_values, new_state in computed
                for tensor in (new_values, *new_state.values())):
-        raise InvalidArgument("these gradients would make value rows (or their optimizer state) overflow float32 "
-                              "(sums or squares past 3.4e38): nothing was stepped; scale them down or set max_grad_norm")
+        raise InvalidArgument(_OVERFLOW)
     if dry_run:
         return
     steps[rows] = step
@@ -95,3 +100,29 @@ def apply_step(config: OptimizerConfig, steps: torch.Tensor, rows: torch.Tensor,
         for name, column in new_state.items():
             state[name][rows[part]] = column
         values[rows[part]] = new_values
+
+
+_OVERFLOW = ("these gradients would make value rows (or their optimizer state) overflow float32 (sums or squares "
+             "past 3.4e38): nothing was stepped; scale them down or set max_grad_norm")
+
+
+def _fused_step(config: OptimizerConfig, step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
+                values: torch.Tensor, state: dict[str, torch.Tensor], dry_run: bool) -> None:
+    """apply_step on a GPU: datastore/fused_step.py's two passes (check, then write in place)."""
+    kind = fused_step.kind(config.name, config.momentum)
+    step_f = step.to(torch.float64)
+    if kind == "adam":
+        scale = (config.lr * torch.sqrt(1 - config.beta2**step_f) / (1 - config.beta1**step_f)).float()
+        first, second = state["exp_avg"], state["exp_avg_sq"]
+    elif kind == "adagrad":
+        scale = (config.lr / (1 + (step_f - 1) * config.lr_decay)).float()
+        first, second = state["sum"], None
+    else:
+        scale = torch.empty(0, device=values.device)
+        first, second = state.get("momentum_buffer"), None
+    options = dict(lr=config.lr, momentum=config.momentum or 0.0, beta1=config.beta1 or 0.0,
+                   beta2=config.beta2 or 0.0, eps=config.eps or 0.0)
+    if not fused_step.step_rows(kind, rows, grads, scale, values, first, second, write=False, **options):
+        raise InvalidArgument(_OVERFLOW)
+    if not dry_run:
+        fused_step.step_rows(kind, rows, grads, scale, values, first, second, write=True, **options)
