@@ -66,6 +66,10 @@ class KeptRows:
         if kept is not None:
             self.bytes -= kept[2]
 
+    def clear(self) -> None:
+        self._answers.clear()
+        self.bytes = 0
+
 
 class NeighborStore:
     """k-NN store of (id, key, token, value, weight, source) entries: exact (index flat), or
@@ -350,6 +354,14 @@ class NeighborStore:
         """Bytes the store holds: its columns (allocated), and for an ivf namespace its index as
         counted for every row from the first (IvfIndex.reserved_bytes: training never adds any)."""
         return self.rows.nbytes + (self.ivf.reserved_bytes(self.rows.capacity) if self.ivf is not None else 0)
+
+    def drop_kept_rows(self) -> int:
+        """Drops the rows kept for recent steps (a cache: their backward looks its ids up instead);
+        returns the bytes freed."""
+        with self._lock:
+            freed = self.kept_rows.bytes
+            self.kept_rows.clear()
+            return freed
 
     def growth_bytes(self, rows: int) -> int:
         """Bytes that storing ``rows`` more rows allocates (RowStore.growth_bytes, and their index entries)."""

@@ -667,7 +667,8 @@ class Shard:
             self._check_room(namespace, rows)
 
     def _memory_used(self) -> int:
-        return sum(store.nbytes for store in self.stores.values())
+        """Bytes of the shard's rows (their columns, allocated) and of the rows kept for recent steps."""
+        return sum(store.nbytes + store.kept_rows.bytes for store in self.stores.values())
 
     def _check_room(self, namespace: str, rows: int, generation: int = 0) -> None:
         """RESOURCE_EXHAUSTED, naming the numbers, if appending rows to the namespace would take the
@@ -676,6 +677,9 @@ class Shard:
         store = self._store(namespace, generation)
         grown = store.growth_bytes(int(rows))
         used = self._memory_used()
+        if grown and used + grown > self.memory_budget:  # rows first: the kept rows of steps are a cache
+            if sum(kept.drop_kept_rows() for kept in self.stores.values()):
+                used = self._memory_used()
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
                 f"shard {self.shard_index} has no room for {int(rows)} more rows of namespace {namespace!r}: it "

@@ -73,3 +73,34 @@ def test_the_first_add_to_an_empty_namespace_is_checked_too():
     with pytest.raises(ResourceExhausted, match="no room for 5000 more rows"):
         add(router, 5000, seed=5)
     assert router.describe_namespace("ns")["rows"] == 0
+
+
+def test_rows_kept_for_steps_count_as_used_and_make_room_for_an_add():
+    """A lone shard keeps the rows (and alpha, distances) of recent training forwards on its device
+    (NeighborStore.kept_rows): they count in memory_used, and an Add that needs their room drops them
+    (a cache: the step's backward then looks its ids up, and steps what a twin that kept them steps)."""
+    from monim.protos.config import OptimizerConfig
+
+    def deployment():
+        router = Router(LocalRuntime(1))
+        router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=4, optimizer=OptimizerConfig("sgd", lr=0.5)))
+        rng = np.random.default_rng(5)
+        router.add("ns", rng.standard_normal((1000, DIM)).astype(np.float32), np.arange(1000),
+                   values=rng.standard_normal((1000, 4)).astype(np.float32))
+        queries = rng.standard_normal((64, DIM)).astype(np.float32)
+        return router, router.retrieve("ns", queries, 16, 1.0, keep_state=True)
+
+    router, forward = deployment()
+    twin, twin_forward = deployment()
+    shard, store = router.runtime.shards[0], router.runtime.shards[0].stores["ns"]
+    kept = store.kept_rows.bytes
+    assert kept >= 64 * 16 * 8  # the answer's rows (int64), with alpha and distances where the forward ran there
+    assert router.describe_namespace("ns")["shards"][0]["memory_used"] == store.nbytes + kept
+    shard.memory_budget = store.nbytes + store.growth_bytes(100) + kept // 2  # room for 100 rows once they go
+    router.add("ns", np.random.default_rng(6).standard_normal((100, DIM)).astype(np.float32), np.arange(100))
+    assert store.kept_rows.bytes == 0 and router.describe_namespace("ns")["rows"] == 1100
+    grad = np.random.default_rng(7).standard_normal((64, 4)).astype(np.float32)
+    found = router.retrieve_backward("ns", None, None, None, None, grad, 1.0, handle=forward.handle)
+    expected = twin.retrieve_backward("ns", None, None, None, None, grad, 1.0, handle=twin_forward.handle)
+    np.testing.assert_array_equal(found[0], expected[0])
+    np.testing.assert_array_equal(router.get("ns", np.arange(1000)).values, twin.get("ns", np.arange(1000)).values)
