@@ -29,6 +29,21 @@ def _load(path: str):
     return module
 
 
+def _packing(slot_partials):
+    """A version of slot_partials from before df314f1 (it answered BackwardPartials of numpy arrays,
+    without alpha's total) as this tree's store calls it: its sums packed in one float64 tensor on the
+    device, with alpha's total over the held slots appended."""
+    def packed(keys, values, rows, alpha, distances, grad_memory):
+        partials, unique_rows, grads = slot_partials(keys, values, rows, alpha, distances, grad_memory)
+        if torch.is_tensor(partials):
+            return partials, unique_rows, grads  # a version that packs already
+        columns = [torch.as_tensor(np.asarray(getattr(partials, name), np.float64)).reshape(rows.shape[0], -1)
+                   for name in ("weighted_keys", "alpha_keys", "grad_dot", "grad_dot_dist", "alpha_dist")]
+        alpha_total = torch.where(rows >= 0, alpha, 0).double().sum(1, keepdim=True).cpu()
+        return torch.cat([*columns, alpha_total], dim=1).to(values.device), unique_rows, grads
+    return packed
+
+
 def _timed(call, device: str, repeats: int) -> float:
     def sync():
         if device.startswith("cuda"):
@@ -57,8 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
-    versions = {"other": {name: getattr(_load(args.other), name) for name in SWAPPED},
-                "this tree": {name: getattr(memory_ops, name) for name in SWAPPED}}
+    other = {name: getattr(_load(args.other), name) for name in SWAPPED}
+    other["slot_partials"] = _packing(other["slot_partials"])
+    versions = {"other": other, "this tree": {name: getattr(memory_ops, name) for name in SWAPPED}}
     store = LocalMemory(args.device)
     store.create_namespace(NamespaceConfig("ab", dim=args.dim, value_dim=args.dim, max_k=max(ks),
                                            optimizer={"name": "adam", "lr": 1e-3}))

@@ -599,13 +599,14 @@ class Router:
                               "stepped; send the whole step again")
         return retry
 
-    def _commit(self, config: NamespaceConfig, step: str, staged_on=None) -> int:
+    def _commit(self, config: NamespaceConfig, step: str, staged_on=None, parts: int = 0) -> int:
         """Commits the step (its _step_key) on every shard; staged_on: the shards that were sent parts
-        (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing."""
+        (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing;
+        parts: as commit_step's."""
         try:
             return sum(self._round(lambda placement: [
                 (shard, "commit_step", (config.name, config.generation, step,
-                                        staged_on is None or shard in staged_on))
+                                        staged_on is None or shard in staged_on, parts))
                 for shard in range(placement.actors)]))
         except Aborted:
             # A shard lost its parts in a restart. If another had committed already, the step is not
@@ -619,13 +620,17 @@ class Router:
             raise
 
     @_reread_config_if_recreated
-    def commit_step(self, namespace: str, step_id: str, *, generation: int = 0) -> int:
+    def commit_step(self, namespace: str, step_id: str, *, generation: int = 0, parts: int = 0) -> int:
         """Applies the value gradients the parts of step_id staged, as one optimizer step; returns
-        the rows updated. Committing again answers the same."""
+        the rows updated. Committing again answers the same. parts: how many the step was sent in
+        (parts 0 .. parts - 1, each sent to every shard); a shard that holds some but not all of them
+        (the others were dropped) answers ABORTED and steps nothing. 0: not said."""
         config = self.config(namespace, generation)
         if not validation.check_step_id(step_id):
             raise InvalidArgument("step_id is missing")
-        return self._commit(config, self._step_key(config, step_id))
+        if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)) or parts < 0:
+            raise InvalidArgument(f"parts must be a count of parts (0: not said), got {parts!r}")
+        return self._commit(config, self._step_key(config, step_id), parts=int(parts))
 
     @_reread_config_if_recreated
     def abort_step(self, namespace: str, step_id: str, *, generation: int = 0) -> None:

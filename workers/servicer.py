@@ -152,7 +152,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def CommitStep(self, request, context):
-        rows = self.router.commit_step(request.namespace, request.step_id, generation=request.generation)
+        rows = self.router.commit_step(request.namespace, request.step_id, generation=request.generation,
+                                       parts=request.parts)
         return pb.CommitStepResponse(rows_updated=rows)
 
     @grpc_errors

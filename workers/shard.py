@@ -156,6 +156,12 @@ class _RememberedPartials(collections.OrderedDict):
         while self.bytes > self.max_bytes and len(self) > 1:
             self.bytes -= nbytes(self.popitem(last=False)[1])
 
+    def forget(self, step_prefix: str) -> None:
+        """Drops the sums of the steps whose ids start with step_prefix (a dropped namespace's: on a GPU
+        shard they hold its memory)."""
+        for key in [key for key in self if key[0].startswith(step_prefix)]:
+            self.bytes -= nbytes(self.pop(key))
+
 
 def _runs_of(listed) -> np.ndarray:
     """Runs [R, 3] from their JSON form (a list of [first, last, step])."""
@@ -413,6 +419,7 @@ class Shard:
             del self.stores[namespace]
             store.close()
             self._staged.drop_namespace(namespace)
+            self._answered.forget(f"{namespace}:")  # step ids are "<namespace>:<generation>:<id>"
             return len(store)
         if op == "placement":
             return self._apply_placement(args)
@@ -817,10 +824,14 @@ class Shard:
         never committed, and hold up a reshard of its rows)."""
         return step_id not in self._committed and step_id not in self._committing
 
-    def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False) -> int:
+    def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False,
+                    parts: int = 0) -> int:
         """Applies the staged parts of step_id as one optimizer step; returns the rows updated.
         Committing again answers the first result. expect_parts: every part of the step came here
-        (ABORTED if none is staged, e.g. after a restart); else a step with nothing here updates 0 rows."""
+        (ABORTED if none is staged, e.g. after a restart); else a step with nothing here updates 0 rows.
+        parts: the step was sent in parts 0 .. parts - 1, each to this shard: ABORTED, nothing stepped and
+        the rest dropped, if some but not all of them are staged (the step was dropped for room or age,
+        then a later part staged it afresh)."""
         with self._changes:
             self._changes.wait_for(lambda: step_id not in self._committing)  # a retry waits for the first try
             if step_id in self._committed:
@@ -831,11 +842,17 @@ class Shard:
                 raise InvalidArgument(f"step {step_id!r} was staged for namespace {staged.namespace!r}, not "
                                       f"{namespace!r}: nothing was stepped")
             self._staged.pop(step_id)
+            if staged is not None and parts and sorted(staged.parts) != list(range(parts)):
+                raise Aborted(f"step {step_id!r} has {len(staged.parts)} of its {parts} parts on shard "
+                              f"{self.shard_index} (the others were dropped: unused for 30 s while the shard needed "
+                              "room, unused for 10 minutes, or lost in a restart): nothing was stepped; run the "
+                              "step again")
             for part, (version, packed) in (staged.partials.items() if staged is not None else ()):
                 self._answered.remember((step_id, part, version), packed)
             if staged is None and expect_parts:
                 raise Aborted(f"step {step_id!r} has no staged parts on shard {self.shard_index} (lost in a "
-                              "restart, or dropped after 10 minutes): nothing was stepped; run the backward again")
+                              "restart, or dropped: unused for 30 s while the shard needed room, or for 10 "
+                              "minutes): nothing was stepped; run the backward again")
             parts = staged.in_order() if staged is not None else []
             ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
             grads = self._joined_gradients([g for _, g in parts], store)

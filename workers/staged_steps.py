@@ -6,7 +6,7 @@ A client that dies between its parts and its commit leaves them behind, and on a
 a log they lie in GPU memory (a B=4096, k=1024 step's gradients take gigabytes), so the table is
 bounded three ways:
 
-- age: a step first staged more than ``TTL_S`` ago is dropped ("expired");
+- age: a step that no part has reached for ``TTL_S`` is dropped ("expired");
 - count: at most ``MAX_STEPS`` steps wait;
 - bytes: their arrays take at most ``budget`` bytes (``default_budget``: a quarter of the shard's
   memory budget, at least 256 MiB).
@@ -15,8 +15,10 @@ A part that would pass the count or the bytes first drops the steps that no part
 ``IDLE_S`` (a live client sends its next part or its commit within seconds), least recently
 reached first ("evicted"). If that is not enough it is refused, RESOURCE_EXHAUSTED naming the
 numbers, and nothing of it is staged: the router then drops the step on every shard, so nothing of
-it is stepped, and the steps already waiting finish. A dropped step's commit answers ABORTED
-(nothing stepped), as after a restart.
+it is stepped, and the steps already waiting finish. The bytes bound what waits beside a step: a
+step larger than the budget alone is staged when no other step holds bytes. A dropped step's
+commit answers ABORTED (nothing stepped), as after a restart; so does a commit that names more
+parts than the shard holds (a part dropped, then a later one staged afresh: Shard.commit_step).
 """
 
 from __future__ import annotations
@@ -120,42 +122,52 @@ class StagedSteps:
             raise InvalidArgument(f"step id {step_id!r} is already used by namespace {staged.namespace!r}")
         size = nbytes(ids) + nbytes(grads) + nbytes(partials)
         if staged is not None and part in staged.parts:
-            size -= nbytes(staged.parts[part][0]) + nbytes(staged.parts[part][1]) + nbytes(staged.partials.get(part))
+            size -= nbytes(staged.parts[part]) + nbytes(staged.partials.get(part))
         self._make_room(step_id, size, new_step=staged is None, now=now)
         if staged is None:
             staged = self._steps[step_id] = StagedStep(namespace, generation, now, now)
         staged.parts[part] = (ids, grads)
         if partials is not None:
             staged.partials[part] = partials
+        else:
+            staged.partials.pop(part, None)  # a part staged again without them: what it answered before is gone
         staged.touched = now
         staged.bytes += size
         self.bytes += size
         self._steps.move_to_end(step_id)
 
     def _expire(self, now: float) -> None:
-        for step_id in [s for s, staged in self._steps.items() if now - staged.started > TTL_S]:
+        for step_id in [s for s, staged in self._steps.items() if now - staged.touched > TTL_S]:
             self.pop(step_id)
             self.dropped["expired"] += 1
 
     def _make_room(self, step_id: str, size: int, new_step: bool, now: float) -> None:
-        def full() -> bool:
-            return self.bytes + size > self.budget or (new_step and len(self._steps) >= MAX_STEPS)
-
-        for idle in [s for s, staged in self._steps.items() if s != step_id and now - staged.touched > IDLE_S]:
-            if not full():
-                break
-            self.pop(idle)
-            self.dropped["evicted"] += 1
-        if self.bytes + size > self.budget:
+        """Drops idle steps (least recently reached first) while the part would pass a bound; refuses it
+        (RESOURCE_EXHAUSTED, nothing dropped) if it would pass one whatever the idle steps. A step's own
+        parts never keep it out: a step larger than the budget is staged when no other step holds bytes
+        (the bound is on what waits beside it, not on the size of one step)."""
+        own = self._steps[step_id].bytes if step_id in self._steps else 0
+        others = [(s, staged) for s, staged in self._steps.items() if s != step_id]
+        idle = [(s, staged) for s, staged in others if now - staged.touched > IDLE_S]
+        live_bytes = sum(staged.bytes for _, staged in others) - sum(staged.bytes for _, staged in idle)
+        live_steps = len(others) - len(idle)
+        if live_bytes and live_bytes + own + size > self.budget:
             raise ResourceExhausted(
-                f"shard {self.shard_index} cannot stage {format_size(size)} more of step parts: the steps waiting for "
-                f"their commit ({len(self._steps)}) hold {format_size(self.bytes)} of its {format_size(self.budget)} for "
-                "staged steps "
-                "(nothing of this part was staged; commit or abort the waiting steps, or send smaller parts)")
-        if new_step and len(self._steps) >= MAX_STEPS:
+                f"shard {self.shard_index} cannot stage {format_size(size)} more of step parts: the other steps "
+                f"waiting for their commit ({live_steps}) hold {format_size(live_bytes)} of its "
+                f"{format_size(self.budget)} for staged steps (nothing of this part was staged; commit or abort "
+                "the waiting steps, or send the step again once they are done)")
+        if new_step and live_steps >= MAX_STEPS:
             raise ResourceExhausted(
-                f"shard {self.shard_index} has {len(self._steps)} steps waiting for their commit, the most it keeps "
+                f"shard {self.shard_index} has {live_steps} steps waiting for their commit, the most it keeps "
                 "(nothing of this part was staged; commit or abort the waiting steps)")
+        for idle_step, _ in idle:
+            over_bytes = self.bytes + size > self.budget and self.bytes > own
+            over_count = new_step and len(self._steps) >= MAX_STEPS
+            if not (over_bytes or over_count):
+                break
+            self.pop(idle_step)
+            self.dropped["evicted"] += 1
 
     def stats(self) -> dict:
         return {"steps": len(self._steps), "bytes": self.bytes, "budget": self.budget, "dropped": dict(self.dropped)}
