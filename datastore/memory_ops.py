@@ -21,6 +21,7 @@ import warnings
 
 import numpy as np
 import torch
+from monim.datastore import slot_kernels
 from monim.datastore.transfer import source_tensor, to_device
 
 # Floats of one gathered [chunk, k, width] block.
@@ -183,7 +184,8 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     them with BackwardPartials.unpack, after one copy to the host if they go there; unique rows [U];
     value gradients float32 [U, value_dim]).
     The sums over the slots are sparse products over the store's rows (_Slots), except with float16
-    keys, whose weighted sums gather the keys a block of queries at a time.
+    keys, whose weighted sums gather the keys a block of queries at a time, or on a GPU run as two
+    Triton kernels (datastore/slot_kernels.py).
     """
     batch, k = rows.shape
     device = values.device
@@ -198,10 +200,13 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     a = torch.where(held, alpha, zero)                                    # empty slots weigh 0
     d = torch.where(held, distances, zero)
     unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
-    agv = a * slots.sampled_dots(grad_memory, values)                      # alpha * g.v_i  [B, k]
-    if keys.dtype == torch.float32:
+    if slot_kernels.available(keys):  # float16 keys on a GPU: two Triton passes (datastore/slot_kernels.py)
+        agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
+    elif keys.dtype == torch.float32:
+        agv = a * slots.sampled_dots(grad_memory, values)                  # alpha * g.v_i  [B, k]
         weighted_keys, alpha_keys = slots.times(agv, keys), slots.times(a, keys)
     else:
+        agv = a * slots.sampled_dots(grad_memory, values)
         weighted_keys = torch.empty(batch, dim, dtype=torch.float32, device=device)
         alpha_keys = torch.empty(batch, dim, dtype=torch.float32, device=device)
         for part in _chunks(batch, k, dim):

@@ -1,0 +1,97 @@
+"""A backward's sums over a query's slots, on a GPU store with float16 keys, as two Triton kernels.
+
+memory_ops.slot_partials needs, per query b over its slots i (row r_bi, weight a_bi, 0 where empty):
+    agv_bi = a_bi * (g_b . v_{r_bi})                 [B, k]
+    weighted_keys_b = sum_i agv_bi k_{r_bi}          [B, dim]
+    alpha_keys_b = sum_i a_bi k_{r_bi}               [B, dim]
+With float16 keys the torch version gathers the slots' keys a block of queries at a time into
+float32 [b, k, dim] blocks and multiplies them (two batched products), and takes the dots as a
+sampled sparse product: at B=4096, k=1024, dim 768 that was 31 ms of an H100's time, most of a
+training step's backward, moving ~45 GB. Here ``_dots_kernel`` reads each slot's value row once
+(one program per query and block of slots) and ``_sums_kernel`` each slot's key row once (one
+program per query and block of dimensions, accumulating in float32 registers): ~19 GB.
+The sums are in float32, over the slots in order (repeated rows count once per slot, as the
+gathered version); they agree with it to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from monim.datastore.gpu_select import tl, triton
+
+SLOTS = 32       # slots a program takes at a time
+DOT_DIMS = 128   # value dimensions _dots_kernel loads at a time
+SUM_DIMS = 128   # key dimensions of one _sums_kernel program
+
+
+def available(keys: torch.Tensor) -> bool:
+    """Whether the kernels serve these keys: float16 on a CUDA device, with Triton installed (the tests
+    run them on CPU tensors in Triton's interpreter)."""
+    return triton is not None and keys.is_cuda and keys.dtype == torch.float16
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dots_kernel(rows_ptr, weights_ptr, grad_ptr, values_ptr, out_ptr, k, value_dim,
+                     SLOTS: tl.constexpr, DIMS: tl.constexpr):
+        query = tl.program_id(0).to(tl.int64)
+        slots = tl.program_id(1) * SLOTS + tl.arange(0, SLOTS)
+        in_k = slots < k
+        rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
+        held = rows >= 0
+        safe = tl.where(held, rows, 0).to(tl.int64)
+        dots = tl.zeros((SLOTS,), dtype=tl.float32)
+        dims = tl.arange(0, DIMS)
+        for start in range(0, value_dim, DIMS):
+            in_dim = start + dims < value_dim
+            grad = tl.load(grad_ptr + query * value_dim + start + dims, mask=in_dim, other=0.0)
+            values = tl.load(values_ptr + safe[:, None] * value_dim + start + dims[None, :],
+                             mask=held[:, None] & in_dim[None, :], other=0.0)
+            dots += tl.sum(values * grad[None, :], axis=1)
+        weights = tl.load(weights_ptr + query * k + slots, mask=in_k, other=0.0)
+        tl.store(out_ptr + query * k + slots, tl.where(held, weights * dots, 0.0), mask=in_k)
+
+    @triton.jit
+    def _sums_kernel(rows_ptr, weights_ptr, agv_ptr, keys_ptr, weighted_ptr, alpha_ptr, k, dim,
+                     SLOTS: tl.constexpr, DIMS: tl.constexpr):
+        query = tl.program_id(0).to(tl.int64)
+        dims = tl.program_id(1) * DIMS + tl.arange(0, DIMS)
+        in_dim = dims < dim
+        weighted = tl.zeros((DIMS,), dtype=tl.float32)
+        alpha = tl.zeros((DIMS,), dtype=tl.float32)
+        slot_range = tl.arange(0, SLOTS)
+        for start in range(0, k, SLOTS):
+            slots = start + slot_range
+            in_k = slots < k
+            rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
+            held = rows >= 0
+            safe = tl.where(held, rows, 0).to(tl.int64)
+            weights = tl.load(weights_ptr + query * k + slots, mask=in_k & held, other=0.0)
+            agv = tl.load(agv_ptr + query * k + slots, mask=in_k & held, other=0.0)
+            keys = tl.load(keys_ptr + safe[:, None] * dim + dims[None, :], mask=held[:, None] & in_dim[None, :],
+                           other=0.0).to(tl.float32)
+            weighted += tl.sum(agv[:, None] * keys, axis=0)
+            alpha += tl.sum(weights[:, None] * keys, axis=0)
+        tl.store(weighted_ptr + query * dim + dims, weighted, mask=in_dim)
+        tl.store(alpha_ptr + query * dim + dims, alpha, mask=in_dim)
+
+
+def slot_sums(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+              grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(agv float32 [B, k], weighted_keys float32 [B, dim], alpha_keys float32 [B, dim]) of the module's
+    doc. keys [N, dim] (float16), values float32 [N, value_dim], rows int64 [B, k] (-1: not held),
+    weights float32 [B, k] (alpha, 0 at slots not held), grad float32 [B, value_dim]; one device."""
+    batch, k = rows.shape
+    dim, value_dim = keys.shape[1], values.shape[1]
+    rows, weights, grad = rows.contiguous(), weights.contiguous().float(), grad.contiguous().float()
+    agv = torch.empty(batch, k, dtype=torch.float32, device=rows.device)
+    weighted = torch.empty(batch, dim, dtype=torch.float32, device=rows.device)
+    alpha = torch.empty(batch, dim, dtype=torch.float32, device=rows.device)
+    if batch == 0 or k == 0:
+        return agv, weighted.zero_(), alpha.zero_()
+    _dots_kernel[(batch, triton.cdiv(k, SLOTS))](rows, weights, grad, values, agv, k, value_dim,
+                                                  SLOTS=SLOTS, DIMS=DOT_DIMS, num_warps=4)
+    _sums_kernel[(batch, triton.cdiv(dim, SUM_DIMS))](rows, weights, agv, keys, weighted, alpha, k, dim,
+                                                       SLOTS=SLOTS, DIMS=SUM_DIMS, num_warps=4)
+    return agv, weighted, alpha

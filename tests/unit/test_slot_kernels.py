@@ -1,0 +1,48 @@
+"""The backward's slot sums of float16-key GPU stores as Triton kernels (datastore/slot_kernels.py)
+against memory_ops.slot_partials' torch version (gathered keys, a sampled sparse product), which
+tests/unit/test_memory_ops.py checks against the plain formulas: empty slots, a row in several slots
+of one query, k and widths that are not multiples of the kernels' tiles. Compiled on a GPU; on CPU
+tensors in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); skipped without Triton."""
+
+import os
+
+import pytest
+import torch
+from monim.datastore import memory_ops, slot_kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(slot_kernels.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+                                reason="needs Triton: compiled on a GPU, or its interpreter on CPU")
+
+
+def case(batch=5, k=45, dim=150, value_dim=70, stored=30, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    keys = (3 * torch.randn(stored, dim, generator=generator)).half()
+    values = torch.randn(stored, value_dim, generator=generator)
+    rows = torch.randint(0, stored, (batch, k), generator=generator)  # k > stored: rows repeat within a query
+    rows[torch.rand(batch, k, generator=generator) < 0.3] = -1
+    alpha = torch.softmax(torch.randn(batch, k, generator=generator), 1)
+    distances = torch.rand(batch, k, generator=generator)
+    grad = torch.randn(batch, value_dim, generator=generator)
+    return [t.to(DEVICE) for t in (keys, values, rows, alpha, distances, grad)]
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(batch=3, k=1, dim=8, value_dim=1), dict(batch=2, k=64, dim=256, value_dim=128)])
+def test_the_kernels_give_the_sums_of_the_torch_path(shape, monkeypatch):
+    keys, values, rows, alpha, distances, grad = case(**shape)
+    monkeypatch.setattr(slot_kernels, "available", lambda keys: False)
+    want = memory_ops.slot_partials(keys, values, rows, alpha, distances, grad)
+    monkeypatch.setattr(slot_kernels, "available", lambda keys: True)
+    got = memory_ops.slot_partials(keys, values, rows, alpha, distances, grad)
+    torch.testing.assert_close(got[0].cpu(), want[0].cpu(), rtol=1e-5, atol=1e-5)  # the packed sums
+    assert torch.equal(got[1].cpu(), want[1].cpu())
+    torch.testing.assert_close(got[2].cpu(), want[2].cpu())  # the value gradients (not the kernels')
+
+
+def test_agv_is_zero_at_slots_not_held():
+    keys, values, rows, alpha, distances, grad = case()
+    weights = torch.where(rows >= 0, alpha, 0)
+    agv, weighted, alpha_keys = slot_kernels.slot_sums(keys, values, rows, weights, grad)
+    assert (agv[rows < 0] == 0).all()
+    dots = (grad[:, None, :] * values[rows.clamp_min(0)]).sum(-1)
+    torch.testing.assert_close(agv, torch.where(rows >= 0, weights * dots, 0), rtol=1e-5, atol=1e-6)
