@@ -11,7 +11,8 @@ import torch
 from monim.datastore import memory_ops, slot_kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(slot_kernels.triton is None or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(slot_kernels.triton is None or (DEVICE == "cpu" and not INTERPRETED),
                                 reason="needs Triton: compiled on a GPU, or its interpreter on CPU")
 
 
@@ -27,7 +28,10 @@ def case(batch=5, k=45, dim=150, value_dim=70, stored=30, seed=0):
     return [t.to(DEVICE) for t in (keys, values, rows, alpha, distances, grad)]
 
 
-@pytest.mark.parametrize("shape", [dict(), dict(batch=3, k=1, dim=8, value_dim=1), dict(batch=2, k=64, dim=256, value_dim=128)])
+SHAPES = [dict(), dict(batch=3, k=1, dim=8, value_dim=1), dict(batch=2, k=64, dim=256, value_dim=128)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_the_kernels_give_the_sums_of_the_torch_path(shape, monkeypatch):
     keys, values, rows, alpha, distances, grad = case(**shape)
     monkeypatch.setattr(slot_kernels, "available", lambda keys: False)
