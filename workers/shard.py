@@ -684,9 +684,11 @@ class Shard:
         store = self._store(namespace, generation)
         grown = store.growth_bytes(int(rows))
         used = self._memory_used()
-        if grown and used + grown > self.memory_budget:  # rows first: the kept rows of steps are a cache
-            if sum(kept.drop_kept_rows() for kept in self.stores.values()):
-                used = self._memory_used()
+        kept = sum(held.kept_rows.bytes for held in self.stores.values())
+        if grown and used + grown > self.memory_budget >= used - kept + grown:
+            for held in self.stores.values():  # rows first: the kept rows of steps are a cache
+                held.drop_kept_rows()
+            used = self._memory_used()
         if grown and used + grown > self.memory_budget:
             raise ResourceExhausted(
                 f"shard {self.shard_index} has no room for {int(rows)} more rows of namespace {namespace!r}: it "

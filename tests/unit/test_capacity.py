@@ -104,3 +104,18 @@ def test_rows_kept_for_steps_count_as_used_and_make_room_for_an_add():
     expected = twin.retrieve_backward("ns", None, None, None, None, grad, 1.0, handle=twin_forward.handle)
     np.testing.assert_array_equal(found[0], expected[0])
     np.testing.assert_array_equal(router.get("ns", np.arange(1000)).values, twin.get("ns", np.arange(1000)).values)
+
+
+def test_an_add_refused_anyway_leaves_the_kept_rows():
+    router = Router(LocalRuntime(1))
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=4))
+    rng = np.random.default_rng(5)
+    router.add("ns", rng.standard_normal((1000, DIM)).astype(np.float32), np.arange(1000),
+               values=rng.standard_normal((1000, 4)).astype(np.float32))
+    router.retrieve("ns", rng.standard_normal((64, DIM)).astype(np.float32), 16, 1.0, keep_state=True)
+    shard, store = router.runtime.shards[0], router.runtime.shards[0].stores["ns"]
+    kept = store.kept_rows.bytes
+    shard.memory_budget = store.nbytes + kept + store.growth_bytes(100) - 1  # short of room even without them
+    with pytest.raises(ResourceExhausted):
+        router.add("ns", rng.standard_normal((10_000, DIM)).astype(np.float32), np.arange(10_000))
+    assert store.kept_rows.bytes == kept
