@@ -91,6 +91,8 @@ def step_rows(kind_name: str, rows: torch.Tensor, grads: torch.Tensor, scale: to
     count, width = grads.shape
     if count == 0:
         return True
+    if not all(column is None or column.is_contiguous() for column in (values, first, second)):
+        raise ValueError("the fused step addresses rows as row * width: the columns must be contiguous")
     bad = torch.zeros(1, dtype=torch.int32, device=values.device)
     first = values if first is None else first  # a pointer the kernel never reads for plain SGD
     second = first if second is None else second

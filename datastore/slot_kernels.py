@@ -84,6 +84,8 @@ def slot_sums(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, weig
     weights float32 [B, k] (alpha, 0 at slots not held), grad float32 [B, value_dim]; one device."""
     batch, k = rows.shape
     dim, value_dim = keys.shape[1], values.shape[1]
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("the slot kernels address rows as row * width: keys and values must be contiguous")
     rows, weights, grad = rows.contiguous(), weights.contiguous().float(), grad.contiguous().float()
     agv = torch.empty(batch, k, dtype=torch.float32, device=rows.device)
     weighted = torch.empty(batch, dim, dtype=torch.float32, device=rows.device)
