@@ -260,8 +260,8 @@ class _RemoteStore:
         return (convert.tensor_from_proto(response.grad_queries, "grad_queries", data=payloads.get("grad_queries")),
                 response.grad_temperature)
 
-    def commit_step(self, namespace, step_id, *, generation=0, parts=0):
-        request = pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation, parts=parts)
+    def commit_step(self, namespace, step_id, *, generation=0):
+        request = pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation)
         return self._call("CommitStep", request).rows_updated
 
     def abort_step(self, namespace, step_id, *, generation=0):
@@ -656,10 +656,8 @@ class MemoryClient:
             except MemoryStoreError:
                 pass  # staged parts also expire on the shards
             raise
-        if step_values:
-            self._retried("commit_step", namespace, step_id, generation=result.generation, parts=len(parts))
-        else:  # the staged value gradients go
-            self._retried("abort_step", namespace, step_id, generation=result.generation)
+        finish = "commit_step" if step_values else "abort_step"  # abort: the staged value gradients go
+        self._retried(finish, namespace, step_id, generation=result.generation)
         return np.concatenate([g for g, _ in answers]), float(sum(t for _, t in answers))
 
     def apply_gradients(self, namespace: str, ids, grads, generation: int = 0, request_id: str | None = None) -> int:
@@ -686,7 +684,7 @@ class MemoryClient:
             except MemoryStoreError:
                 pass  # staged parts also expire on the shards
             raise
-        return self._retried("commit_step", namespace, step_id, generation=generation, parts=len(parts))
+        return self._retried("commit_step", namespace, step_id, generation=generation)
 
     # ----- snapshots (admin) ----------------------------------------------------------
     def decode(self):

@@ -386,16 +386,14 @@ class ApplyGradientsResponse(_message.Message):
     def __init__(self, rows_updated: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("namespace", "step_id", "generation", "parts")
+    __slots__ = ("namespace", "step_id", "generation")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
-    PARTS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     step_id: str
     generation: int
-    parts: int
-    def __init__(self, namespace: _Optional[str] = ..., step_id: _Optional[str] = ..., generation: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
+    def __init__(self, namespace: _Optional[str] = ..., step_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class CommitStepResponse(_message.Message):
     __slots__ = ("rows_updated",)

@@ -599,38 +599,41 @@ class Router:
                               "stepped; send the whole step again")
         return retry
 
-    def _commit(self, config: NamespaceConfig, step: str, staged_on=None, parts: int = 0) -> int:
+    def _commit(self, config: NamespaceConfig, step: str, staged_on=None) -> int:
         """Commits the step (its _step_key) on every shard; staged_on: the shards that were sent parts
-        (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing;
-        parts: as commit_step's."""
+        (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing.
+        On several shards a first round (Shard.prepare_step) asks each whether it still holds the parts it
+        was sent and keeps them from eviction: a shard that dropped some (idle while it needed room, or
+        for 10 minutes) makes the step ABORTED on every shard before any steps."""
         try:
+            if self.placement.actors > 1:  # one shard's own commit checks its parts under its lock
+                self._round(lambda placement: [(shard, "prepare_step", (config.name, config.generation, step))
+                                               for shard in range(placement.actors)])
             return sum(self._round(lambda placement: [
                 (shard, "commit_step", (config.name, config.generation, step,
-                                        staged_on is None or shard in staged_on, parts))
+                                        staged_on is None or shard in staged_on))
                 for shard in range(placement.actors)]))
         except Aborted:
-            # A shard lost its parts in a restart. If another had committed already, the step is not
+            # A shard lost its parts (a restart). If another had committed already, the step is not
             # "nothing": UNAVAILABLE, so that the caller retries the same step id, which stages the
             # lost parts again and commits them (the committed shards answer their first count).
             done = self._call([(shard, "step_committed", (step,)) for shard in range(self.num_shards)])
             if any(done):
                 raise Unavailable(f"the step was committed on shard(s) {[s for s, d in enumerate(done) if d]} while "
-                                  "another shard lost its part in a restart; send it again with the same step id to "
-                                  "finish it (rows already stepped are not stepped again)") from None
+                                  "another shard had lost its parts (a restart, or dropped before the commit); send it "
+                                  "again with the same step id to finish it (rows already stepped are not stepped "
+                                  "again)") from None
+            self._undo("abort_step", config.name, config.generation, step)  # what the other shards hold goes
             raise
 
     @_reread_config_if_recreated
-    def commit_step(self, namespace: str, step_id: str, *, generation: int = 0, parts: int = 0) -> int:
+    def commit_step(self, namespace: str, step_id: str, *, generation: int = 0) -> int:
         """Applies the value gradients the parts of step_id staged, as one optimizer step; returns
-        the rows updated. Committing again answers the same. parts: how many the step was sent in
-        (parts 0 .. parts - 1, each sent to every shard); a shard that holds some but not all of them
-        (the others were dropped) answers ABORTED and steps nothing. 0: not said."""
+        the rows updated. Committing again answers the same."""
         config = self.config(namespace, generation)
         if not validation.check_step_id(step_id):
             raise InvalidArgument("step_id is missing")
-        if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)) or parts < 0:
-            raise InvalidArgument(f"parts must be a count of parts (0: not said), got {parts!r}")
-        return self._commit(config, self._step_key(config, step_id), parts=int(parts))
+        return self._commit(config, self._step_key(config, step_id))
 
     @_reread_config_if_recreated
     def abort_step(self, namespace: str, step_id: str, *, generation: int = 0) -> None:

@@ -152,8 +152,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @grpc_errors
     def CommitStep(self, request, context):
-        rows = self.router.commit_step(request.namespace, request.step_id, generation=request.generation,
-                                       parts=request.parts)
+        rows = self.router.commit_step(request.namespace, request.step_id, generation=request.generation)
         return pb.CommitStepResponse(rows_updated=rows)
 
     @grpc_errors

@@ -72,7 +72,7 @@ KEPT_EXPORTS = 64  # finished snapshot exports whose status a shard still answer
 # Calls Shard.placed runs under its version check's hold of the lock (the others write, and wait for
 # the disk without the lock).
 _PLACED_READS = frozenset({"search", "forward", "get_present", "value_sum", "backward_part", "stage_gradients", "stats",
-                           "abort_step"})
+                           "abort_step", "prepare_step"})
 
 
 def _serialized(method):
@@ -826,14 +826,12 @@ class Shard:
         never committed, and hold up a reshard of its rows)."""
         return step_id not in self._committed and step_id not in self._committing
 
-    def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False,
-                    parts: int = 0) -> int:
+    def commit_step(self, namespace: str, generation: int, step_id: str, expect_parts: bool = False) -> int:
         """Applies the staged parts of step_id as one optimizer step; returns the rows updated.
         Committing again answers the first result. expect_parts: every part of the step came here
         (ABORTED if none is staged, e.g. after a restart); else a step with nothing here updates 0 rows.
-        parts: the step was sent in parts 0 .. parts - 1, each to this shard: ABORTED, nothing stepped and
-        the rest dropped, if some but not all of them are staged (the step was dropped for room or age,
-        then a later part staged it afresh)."""
+        ABORTED, nothing stepped, if parts of the step were dropped here (for room or age) and not staged
+        again (StagedSteps.missing: a later part staged it afresh)."""
         with self._changes:
             self._changes.wait_for(lambda: step_id not in self._committing)  # a retry waits for the first try
             if step_id in self._committed:
@@ -843,12 +841,8 @@ class Shard:
             if staged is not None and (staged.namespace, staged.generation) != (namespace, store.config.generation):
                 raise InvalidArgument(f"step {step_id!r} was staged for namespace {staged.namespace!r}, not "
                                       f"{namespace!r}: nothing was stepped")
+            self._check_not_dropped(step_id)
             self._staged.pop(step_id)
-            if staged is not None and parts and sorted(staged.parts) != list(range(parts)):
-                raise Aborted(f"step {step_id!r} has {len(staged.parts)} of its {parts} parts on shard "
-                              f"{self.shard_index} (the others were dropped: unused for 30 s while the shard needed "
-                              "room, unused for 10 minutes, or lost in a restart): nothing was stepped; run the "
-                              "step again")
             for part, (version, packed) in (staged.partials.items() if staged is not None else ()):
                 self._answered.remember((step_id, part, version), packed)
             if staged is None and expect_parts:
@@ -879,6 +873,25 @@ class Shard:
         if self.wal is None:
             return torch.cat([g.to(store.device) for g in grads])
         return torch.cat([g.cpu() for g in grads]).numpy()
+
+    @_serialized
+    def prepare_step(self, namespace: str, generation: int, step_id: str) -> None:
+        """The first round of a commit on several shards: ABORTED if parts of the step were dropped here
+        and not staged again (then no shard steps: the router aborts it everywhere); else its staged
+        parts are kept from eviction and expiry until the commit or an abort."""
+        if step_id in self._committed:
+            return
+        self._store(namespace, generation)
+        self._check_not_dropped(step_id)
+        self._staged.pin(step_id)
+
+    def _check_not_dropped(self, step_id: str) -> None:
+        missing = self._staged.missing(step_id)
+        if missing:
+            self._staged.pop(step_id)
+            raise Aborted(f"step {step_id!r} lost part(s) {sorted(missing)[:8]} on shard {self.shard_index}: "
+                          "dropped before the commit (unused for 30 s while the shard needed room, or for 10 "
+                          "minutes), and not sent again: nothing was stepped; run the step again")
 
     @_serialized
     def step_committed(self, step_id: str) -> bool:

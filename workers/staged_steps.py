@@ -17,8 +17,10 @@ reached first ("evicted"). If that is not enough it is refused, RESOURCE_EXHAUST
 numbers, and nothing of it is staged: the router then drops the step on every shard, so nothing of
 it is stepped, and the steps already waiting finish. The bytes bound what waits beside a step: a
 step larger than the budget alone is staged when no other step holds bytes. A dropped step's
-commit answers ABORTED (nothing stepped), as after a restart; so does a commit that names more
-parts than the shard holds (a part dropped, then a later one staged afresh: Shard.commit_step).
+commit answers ABORTED (nothing stepped), as after a restart; so does one whose dropped parts a
+later part did not bring back (``missing``: a late part stages the step afresh). On several shards
+a commit first asks each (Shard.prepare_step) whether it holds its parts, and pins them against
+eviction: if one lost some, the step is aborted everywhere and no shard steps.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from monim.workers.serve_config import format_size
 TTL_S = 600.0
 IDLE_S = 30.0
 MAX_STEPS = 256
+MAX_DROPPED = 4096  # dropped steps whose parts a shard remembers (missing)
 MIN_BUDGET = 256 << 20
 DROP_REASONS = ("expired", "evicted")
 
@@ -64,6 +67,7 @@ class StagedStep:
     parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
     partials: dict = dataclasses.field(default_factory=dict)  # part -> what it answered (the shard's to remember)
     bytes: int = 0
+    pinned: bool = False  # a commit on several shards is under way: not evicted
 
     def in_order(self) -> list:
         """The parts by their index, not by arrival (a client sends several at once): the step's sums
@@ -79,6 +83,7 @@ class StagedSteps:
         self.shard_index = shard_index
         self.clock = clock
         self._steps: collections.OrderedDict[str, StagedStep] = collections.OrderedDict()  # least recently reached first
+        self._dropped: collections.OrderedDict[str, set] = collections.OrderedDict()  # step id -> its parts dropped
         self.bytes = 0
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
 
@@ -101,11 +106,36 @@ class StagedSteps:
         return self._steps.items()
 
     def pop(self, step_id: str) -> StagedStep | None:
-        """Takes the step out (a commit or an abort); None if it is not staged."""
+        """Takes the step out (a commit or an abort), and forgets that parts of it were dropped; None if
+        it is not staged."""
+        self._dropped.pop(step_id, None)
+        return self._remove(step_id)
+
+    def _remove(self, step_id: str) -> StagedStep | None:
         staged = self._steps.pop(step_id, None)
         if staged is not None:
             self.bytes -= staged.bytes
         return staged
+
+    def _drop(self, step_id: str, why: str) -> None:
+        """Drops a step before its commit (expired, evicted), remembering which of its parts went: a later
+        part may stage it afresh, and its commit must not step that part alone (missing)."""
+        staged = self._remove(step_id)
+        self.dropped[why] += 1
+        self._dropped[step_id] = self._dropped.pop(step_id, set()) | set(staged.parts)
+        while len(self._dropped) > MAX_DROPPED:
+            self._dropped.popitem(last=False)
+
+    def missing(self, step_id: str) -> set:
+        """Parts of step_id that were dropped here and have not been staged again."""
+        staged = self._steps.get(step_id)
+        return self._dropped.get(step_id, set()) - (set(staged.parts) if staged is not None else set())
+
+    def pin(self, step_id: str) -> None:
+        """Keeps the step from eviction until its commit (a commit's first round on several shards)."""
+        staged = self._steps.get(step_id)
+        if staged is not None:
+            staged.pinned = True
 
     def drop_namespace(self, namespace: str) -> None:
         for step_id in [s for s, staged in self._steps.items() if staged.namespace == namespace]:
@@ -138,8 +168,7 @@ class StagedSteps:
 
     def _expire(self, now: float) -> None:
         for step_id in [s for s, staged in self._steps.items() if now - staged.touched > TTL_S]:
-            self.pop(step_id)
-            self.dropped["expired"] += 1
+            self._drop(step_id, "expired")
 
     def _make_room(self, step_id: str, size: int, new_step: bool, now: float) -> None:
         """Drops idle steps (least recently reached first) while the part would pass a bound; refuses it
@@ -148,7 +177,7 @@ class StagedSteps:
         (the bound is on what waits beside it, not on the size of one step)."""
         own = self._steps[step_id].bytes if step_id in self._steps else 0
         others = [(s, staged) for s, staged in self._steps.items() if s != step_id]
-        idle = [(s, staged) for s, staged in others if now - staged.touched > IDLE_S]
+        idle = [(s, staged) for s, staged in others if now - staged.touched > IDLE_S and not staged.pinned]
         live_bytes = sum(staged.bytes for _, staged in others) - sum(staged.bytes for _, staged in idle)
         live_steps = len(others) - len(idle)
         if live_bytes and live_bytes + own + size > self.budget:
@@ -166,8 +195,7 @@ class StagedSteps:
             over_count = new_step and len(self._steps) >= MAX_STEPS
             if not (over_bytes or over_count):
                 break
-            self.pop(idle_step)
-            self.dropped["evicted"] += 1
+            self._drop(idle_step, "evicted")
 
     def stats(self) -> dict:
         return {"steps": len(self._steps), "bytes": self.bytes, "budget": self.budget, "dropped": dict(self.dropped)}
