@@ -604,14 +604,18 @@ class Router:
         (None: all), which answer ABORTED if their parts are gone (a restart), rather than stepping nothing.
         On several shards a first round (Shard.prepare_step) asks each whether it still holds the parts it
         was sent and keeps them from eviction: a shard that dropped some (idle while it needed room, or
-        for 10 minutes) makes the step ABORTED on every shard before any steps."""
+        for 10 minutes) makes the step ABORTED on every shard before any steps. Its answers also say how
+        many shards the parts were sent to: a grow's shards past that (the parts were all staged before
+        the grow began) hold none and are not told to expect any."""
         try:
+            sent_to = 0  # the shards of the placements the step's parts were routed with (0: not known)
             if self.placement.actors > 1:  # one shard's own commit checks its parts under its lock
-                self._round(lambda placement: [(shard, "prepare_step", (config.name, config.generation, step))
-                                               for shard in range(placement.actors)])
+                sent_to = max(self._round(lambda placement: [(shard, "prepare_step", (config.name, config.generation,
+                                                                                      step))
+                                                             for shard in range(placement.actors)]))
             return sum(self._round(lambda placement: [
                 (shard, "commit_step", (config.name, config.generation, step,
-                                        staged_on is None or shard in staged_on))
+                                        (staged_on is None or shard in staged_on) and (not sent_to or shard < sent_to)))
                 for shard in range(placement.actors)]))
         except Aborted:
             # A shard lost its parts (a restart). If another had committed already, the step is not

@@ -792,7 +792,8 @@ class Shard:
             packed, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory,
                                                               self._kept(kept))
             if stages:
-                self._staged.stage(namespace, generation, step_id, part, step_ids, grads, (self.placement.version, packed))
+                self._staged.stage(namespace, generation, step_id, part, step_ids, grads, (self.placement.version, packed),
+                               actors=self.placement.actors)
         if finish is None:
             return BackwardPartials.unpack(to_host(packed))
         grad_queries, grad_temperature = memory_ops.combine_backward(BackwardPartials.unpack(packed), queries, *finish)
@@ -817,7 +818,7 @@ class Shard:
         if ids.size and check_step:
             store.step(ids, staged, dry_run=True)
         if self._stages(step_id):
-            self._staged.stage(namespace, generation, step_id, part, ids, staged)
+            self._staged.stage(namespace, generation, step_id, part, ids, staged, actors=self.placement.actors)
         return int(ids.size)
 
     def _stages(self, step_id: str) -> bool:
@@ -875,15 +876,19 @@ class Shard:
         return torch.cat([g.cpu() for g in grads]).numpy()
 
     @_serialized
-    def prepare_step(self, namespace: str, generation: int, step_id: str) -> None:
+    def prepare_step(self, namespace: str, generation: int, step_id: str) -> int:
         """The first round of a commit on several shards: ABORTED if parts of the step were dropped here
         and not staged again (then no shard steps: the router aborts it everywhere); else its staged
-        parts are kept from eviction and expiry until the commit or an abort."""
+        parts are kept from eviction and expiry until the commit or an abort. Returns the shard count of
+        the placements its parts here were routed with (0: none held): shards past it (a grow's, that
+        joined after the parts were sent) are not told to expect parts."""
         if step_id in self._committed:
-            return
+            return 0
         self._store(namespace, generation)
         self._check_not_dropped(step_id)
         self._staged.pin(step_id)
+        staged = self._staged.get(step_id)
+        return 0 if staged is None else staged.actors
 
     def _check_not_dropped(self, step_id: str) -> None:
         missing = self._staged.missing(step_id)

@@ -68,6 +68,7 @@ class StagedStep:
     partials: dict = dataclasses.field(default_factory=dict)  # part -> what it answered (the shard's to remember)
     bytes: int = 0
     pinned: bool = False  # a commit on several shards is under way: not evicted
+    actors: int = 0  # the most shards a placement had when a part was staged here (Shard.prepare_step)
 
     def in_order(self) -> list:
         """The parts by their index, not by arrival (a client sends several at once): the step's sums
@@ -141,10 +142,12 @@ class StagedSteps:
         for step_id in [s for s, staged in self._steps.items() if staged.namespace == namespace]:
             self.pop(step_id)
 
-    def stage(self, namespace: str, generation: int, step_id: str, part: int, ids, grads, partials=None) -> None:
+    def stage(self, namespace: str, generation: int, step_id: str, part: int, ids, grads, partials=None,
+              actors: int = 1) -> None:
         """Keeps part ``part`` of step_id (its ids, value gradients and, for a backward, what it answered:
         partials), replacing an earlier copy of the same part (a retry). INVALID_ARGUMENT if the step
-        id is another namespace's; RESOURCE_EXHAUSTED (nothing staged) if the bounds leave no room."""
+        id is another namespace's; RESOURCE_EXHAUSTED (nothing staged) if the bounds leave no room.
+        actors: the shards of the placement the part was routed with (StagedStep.actors)."""
         now = self.clock()
         self._expire(now)
         staged = self._steps.get(step_id)
@@ -162,6 +165,7 @@ class StagedSteps:
         else:
             staged.partials.pop(part, None)  # a part staged again without them: what it answered before is gone
         staged.touched = now
+        staged.actors = max(staged.actors, int(actors))
         staged.bytes += size
         self.bytes += size
         self._steps.move_to_end(step_id)

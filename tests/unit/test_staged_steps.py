@@ -341,3 +341,41 @@ def test_dropping_a_namespace_forgets_what_its_committed_steps_answered():
         assert len(shard._answered) == 0 and shard._answered.bytes == 0
     finally:
         runtime.shutdown()
+
+
+def test_a_step_staged_before_a_grow_began_and_committed_after_it_succeeds():
+    """All parts staged on the 2 shards of the old placement, the commit after the grow began: the new
+    shards hold none of it and are not told to expect parts (a second review found them answering
+    ABORTED, turned into UNAVAILABLE though every row was stepped once, on every retry)."""
+    from monim.workers.reshard import Resharder
+
+    runtime, router = _deployment()
+    try:
+        ids, grads = np.arange(ROWS), np.ones((ROWS, VALUE_DIM), np.float32)
+        before = router.get("ns", ids).values
+        steps = Resharder(router).run(4, 10)
+        router.apply_gradients("ns", ids[:100], grads[:100], step_id="S", part=0, defer_step=True)
+        router.apply_gradients("ns", ids[100:], grads[100:], step_id="S", part=1, defer_step=True)
+        next(steps)  # the grow begins
+        assert router.commit_step("ns", "S") == ROWS
+        assert router.commit_step("ns", "S") == ROWS  # again: the first answer
+        for _ in steps:
+            pass
+        np.testing.assert_allclose(router.get("ns", ids).values, before - 0.5, rtol=1e-6)
+    finally:
+        runtime.shutdown()
+
+
+def test_a_shard_that_lost_its_parts_in_a_restart_still_makes_the_commit_aborted():
+    """No shard holds the step's parts (both restarted): the commit is ABORTED (nothing stepped), not 0
+    rows: the prepare round's answers (0 everywhere) leave every shard expecting its parts."""
+    runtime, router = _deployment()
+    try:
+        ids, grads = np.arange(ROWS), np.ones((ROWS, VALUE_DIM), np.float32)
+        router.apply_gradients("ns", ids, grads, step_id="S", part=0, defer_step=True)
+        for shard in runtime.shards:
+            shard._staged.pop(next(iter(shard._staged)))  # what a restart loses
+        with pytest.raises(Aborted, match="has no staged parts"):
+            router.commit_step("ns", "S")
+    finally:
+        runtime.shutdown()
