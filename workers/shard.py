@@ -879,7 +879,7 @@ class Shard:
     def prepare_step(self, namespace: str, generation: int, step_id: str) -> int:
         """The first round of a commit on several shards: ABORTED if parts of the step were dropped here
         and not staged again (then no shard steps: the router aborts it everywhere); else its staged
-        parts are kept from eviction and expiry until the commit or an abort. Returns the shard count of
+        parts are kept from eviction (not from expiry) until the commit or an abort. Returns the shard count of
         the placements its parts here were routed with (0: none held): shards past it (a grow's, that
         joined after the parts were sent) are not told to expect parts."""
         if step_id in self._committed:
