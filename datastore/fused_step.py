@@ -24,10 +24,12 @@ from monim.datastore.gpu_select import tl, triton
 KINDS = {"sgd": 0, "sgd_momentum": 1, "adagrad": 2, "adam": 3}
 
 
-def available(values: torch.Tensor) -> bool:
-    """Whether a step over these value columns runs here: on a CUDA device, with Triton installed (the
-    tests run the kernels on CPU tensors in Triton's interpreter: tests/unit/test_gpu_kernels_interpreted.py)."""
-    return triton is not None and values.is_cuda
+def available(values: torch.Tensor, state: dict | None = None) -> bool:
+    """Whether a step over these value (and state) columns runs here: on a CUDA device, contiguous (the
+    kernel addresses a row as row * width), with Triton installed (the tests run the kernel on CPU
+    tensors in Triton's interpreter: tests/unit/test_fused_step.py)."""
+    return (triton is not None and values.is_cuda and values.is_contiguous()
+            and all(column.is_contiguous() for column in (state or {}).values()))
 
 
 if triton is not None:

@@ -200,7 +200,7 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     a = torch.where(held, alpha, zero)                                    # empty slots weigh 0
     d = torch.where(held, distances, zero)
     unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
-    if slot_kernels.available(keys):  # float16 keys on a GPU: two Triton passes (datastore/slot_kernels.py)
+    if slot_kernels.available(keys, values):  # float16 keys on a GPU: two Triton passes (datastore/slot_kernels.py)
         agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
     elif keys.dtype == torch.float32:
         agv = a * slots.sampled_dots(grad_memory, values)                  # alpha * g.v_i  [B, k]

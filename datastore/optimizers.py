@@ -81,7 +81,7 @@ def apply_step(config: OptimizerConfig, steps: torch.Tensor, rows: torch.Tensor,
     any is written.
     """
     step = steps[rows] + 1
-    if fused_step.available(values):
+    if fused_step.available(values, state):
         _fused_step(config, step, rows, grads, values, state, dry_run)
         if not dry_run:
             steps[rows] = step

@@ -24,10 +24,12 @@ DOT_DIMS = 128   # value dimensions _dots_kernel loads at a time
 SUM_DIMS = 128   # key dimensions of one _sums_kernel program
 
 
-def available(keys: torch.Tensor) -> bool:
-    """Whether the kernels serve these keys: float16 on a CUDA device, with Triton installed (the tests
-    run them on CPU tensors in Triton's interpreter)."""
-    return triton is not None and keys.is_cuda and keys.dtype == torch.float16
+def available(keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the kernels serve these columns: float16 keys on a CUDA device, both contiguous (the
+    kernels address a row as row * width), with Triton installed (the tests run them on CPU tensors in
+    Triton's interpreter)."""
+    return (triton is not None and keys.is_cuda and keys.dtype == torch.float16 and keys.is_contiguous()
+            and values.is_contiguous())
 
 
 if triton is not None:

@@ -34,9 +34,9 @@ SHAPES = [dict(), dict(batch=3, k=1, dim=8, value_dim=1), dict(batch=2, k=64, di
 @pytest.mark.parametrize("shape", SHAPES)
 def test_the_kernels_give_the_sums_of_the_torch_path(shape, monkeypatch):
     keys, values, rows, alpha, distances, grad = case(**shape)
-    monkeypatch.setattr(slot_kernels, "available", lambda keys: False)
+    monkeypatch.setattr(slot_kernels, "available", lambda keys, values: False)
     want = memory_ops.slot_partials(keys, values, rows, alpha, distances, grad)
-    monkeypatch.setattr(slot_kernels, "available", lambda keys: True)
+    monkeypatch.setattr(slot_kernels, "available", lambda keys, values: True)
     got = memory_ops.slot_partials(keys, values, rows, alpha, distances, grad)
     torch.testing.assert_close(got[0].cpu(), want[0].cpu(), rtol=1e-5, atol=1e-5)  # the packed sums
     assert torch.equal(got[1].cpu(), want[1].cpu())
@@ -50,3 +50,13 @@ def test_agv_is_zero_at_slots_not_held():
     assert (agv[rows < 0] == 0).all()
     dots = (grad[:, None, :] * values[rows.clamp_min(0)]).sum(-1)
     torch.testing.assert_close(agv, torch.where(rows >= 0, weights * dots, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_columns_that_are_not_contiguous_take_the_torch_path():
+    keys = torch.zeros(8, 6, dtype=torch.float16)
+    values = torch.zeros(8, 6)
+    assert not slot_kernels.available(keys, values)  # on the CPU: never
+    if DEVICE == "cuda":
+        keys, values = keys.cuda(), values.cuda()
+        assert slot_kernels.available(keys, values)
+        assert not slot_kernels.available(keys[:, :3], values) and not slot_kernels.available(keys, values.t())
