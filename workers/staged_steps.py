@@ -62,8 +62,7 @@ def nbytes(array) -> int:
 class StagedStep:
     namespace: str
     generation: int
-    started: float
-    touched: float
+    touched: float  # when a part last reached it (idle, expiry)
     parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
     partials: dict = dataclasses.field(default_factory=dict)  # part -> what it answered (the shard's to remember)
     bytes: int = 0
@@ -158,7 +157,7 @@ class StagedSteps:
             size -= nbytes(staged.parts[part]) + nbytes(staged.partials.get(part))
         self._make_room(step_id, size, new_step=staged is None, now=now)
         if staged is None:
-            staged = self._steps[step_id] = StagedStep(namespace, generation, now, now)
+            staged = self._steps[step_id] = StagedStep(namespace, generation, now)
         staged.parts[part] = (ids, grads)
         if partials is not None:
             staged.partials[part] = partials

@@ -304,28 +304,6 @@ def test_a_step_dropped_on_one_shard_only_is_stepped_on_none():
         runtime.shutdown()
 
 
-def test_a_step_whose_parts_straddle_the_start_of_a_grow_still_commits():
-    """Part 0 staged on the 2 shards of the old placement, part 1 on the 4 of the grow's (the router
-    that drives the reshard adopts it at once): the new shards never had part 0, which is not a lost part
-    (a second review found a check of the parts count aborting this, half committed)."""
-    from monim.workers.reshard import Resharder
-
-    runtime, router = _deployment()
-    try:
-        ids, grads = np.arange(ROWS), np.ones((ROWS, VALUE_DIM), np.float32)
-        before = router.get("ns", ids).values
-        steps = Resharder(router).run(4, 10)
-        router.apply_gradients("ns", ids[:100], grads[:100], step_id="S", part=0, defer_step=True)
-        next(steps)  # the grow begins: 4 actors in this router's placement
-        router.apply_gradients("ns", ids[100:], grads[100:], step_id="S", part=1, defer_step=True)
-        assert router.commit_step("ns", "S") == ROWS
-        for _ in steps:
-            pass
-        np.testing.assert_allclose(router.get("ns", ids).values, before - 0.5, rtol=1e-6)
-    finally:
-        runtime.shutdown()
-
-
 def test_dropping_a_namespace_forgets_what_its_committed_steps_answered():
     """The sums a shard remembers for retries of committed steps' parts lie on its device (a GPU's
     memory): a dropped namespace's go with it."""
@@ -343,10 +321,14 @@ def test_dropping_a_namespace_forgets_what_its_committed_steps_answered():
         runtime.shutdown()
 
 
-def test_a_step_staged_before_a_grow_began_and_committed_after_it_succeeds():
-    """All parts staged on the 2 shards of the old placement, the commit after the grow began: the new
-    shards hold none of it and are not told to expect parts (a second review found them answering
-    ABORTED, turned into UNAVAILABLE though every row was stepped once, on every retry)."""
+@pytest.mark.parametrize("grow_begins", ["between the parts", "before the commit"])
+def test_a_step_across_the_start_of_a_grow_commits(grow_begins):
+    """Between the parts: part 0 staged on the 2 shards of the old placement, part 1 on the 4 of the
+    grow's (the router that drives the reshard adopts it at once): the new shards never had part 0, which
+    is not a lost part (a second review found a check of the parts count aborting this, half committed).
+    Before the commit: every part staged on the old 2 shards; the new ones hold none of it and are not
+    told to expect parts (the second review found them answering ABORTED, turned into UNAVAILABLE though
+    every row was stepped once, on every retry)."""
     from monim.workers.reshard import Resharder
 
     runtime, router = _deployment()
@@ -355,8 +337,11 @@ def test_a_step_staged_before_a_grow_began_and_committed_after_it_succeeds():
         before = router.get("ns", ids).values
         steps = Resharder(router).run(4, 10)
         router.apply_gradients("ns", ids[:100], grads[:100], step_id="S", part=0, defer_step=True)
+        if grow_begins == "between the parts":
+            next(steps)  # 4 actors in this router's placement now
         router.apply_gradients("ns", ids[100:], grads[100:], step_id="S", part=1, defer_step=True)
-        next(steps)  # the grow begins
+        if grow_begins == "before the commit":
+            next(steps)
         assert router.commit_step("ns", "S") == ROWS
         assert router.commit_step("ns", "S") == ROWS  # again: the first answer
         for _ in steps:
