@@ -43,11 +43,21 @@ def clip_rows(grads: torch.Tensor, max_norm: float) -> torch.Tensor:
 _CPU_BLOCK_FLOATS = 1 << 18
 
 
+def _row_scale(config: OptimizerConfig, step: torch.Tensor) -> torch.Tensor | None:
+    """float32 [U]: each row's step size from its step count (computed in float64), Adagrad's decayed
+    lr or Adam's bias-corrected one; None for SGD (config.lr for every row)."""
+    step_f = step.to(torch.float64)
+    if config.name == "adagrad":
+        return (config.lr / (1 + (step_f - 1) * config.lr_decay)).float()
+    if config.name == "adam":
+        return (config.lr * torch.sqrt(1 - config.beta2**step_f) / (1 - config.beta1**step_f)).float()
+    return None
+
+
 def _new_rows(config: OptimizerConfig, step: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor,
               values: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(new values, new state columns) of rows [U] after one step with grads [U, value_dim]."""
     lr = config.lr
-    step_f = step.to(torch.float64).unsqueeze(1)
     new_state = {}
     if config.name == "sgd":
         update = grads
@@ -55,14 +65,14 @@ def _new_rows(config: OptimizerConfig, step: torch.Tensor, rows: torch.Tensor, g
             update = new_state["momentum_buffer"] = state["momentum_buffer"][rows] * config.momentum + grads
         new_values = values[rows] - lr * update
     elif config.name == "adagrad":
-        clr = (lr / (1 + (step_f - 1) * config.lr_decay)).float()
+        clr = _row_scale(config, step).unsqueeze(1)
         total = new_state["sum"] = state["sum"][rows] + grads * grads
         new_values = values[rows] - clr * (grads / (total.sqrt() + config.eps))
     else:  # adam, as torch.optim.SparseAdam
         old_avg, old_sq = state["exp_avg"][rows], state["exp_avg_sq"][rows]
         exp_avg = new_state["exp_avg"] = old_avg + (grads - old_avg) * (1 - config.beta1)
         exp_avg_sq = new_state["exp_avg_sq"] = old_sq + (grads * grads - old_sq) * (1 - config.beta2)
-        step_size = (lr * torch.sqrt(1 - config.beta2**step_f) / (1 - config.beta1**step_f)).float()
+        step_size = _row_scale(config, step).unsqueeze(1)
         new_values = values[rows] - step_size * (exp_avg / (exp_avg_sq.sqrt() + config.eps))
     return new_values, new_state
 
@@ -110,15 +120,14 @@ def _fused_step(config: OptimizerConfig, step: torch.Tensor, rows: torch.Tensor,
                 values: torch.Tensor, state: dict[str, torch.Tensor], dry_run: bool) -> None:
     """apply_step on a GPU: datastore/fused_step.py's two passes (check, then write in place)."""
     kind = fused_step.kind(config.name, config.momentum)
-    step_f = step.to(torch.float64)
+    scale = _row_scale(config, step)
+    if scale is None:  # SGD: the kernel reads config.lr
+        scale = torch.empty(0, device=values.device)
     if kind == "adam":
-        scale = (config.lr * torch.sqrt(1 - config.beta2**step_f) / (1 - config.beta1**step_f)).float()
         first, second = state["exp_avg"], state["exp_avg_sq"]
     elif kind == "adagrad":
-        scale = (config.lr / (1 + (step_f - 1) * config.lr_decay)).float()
         first, second = state["sum"], None
     else:
-        scale = torch.empty(0, device=values.device)
         first, second = state.get("momentum_buffer"), None
     options = dict(lr=config.lr, momentum=config.momentum or 0.0, beta1=config.beta1 or 0.0,
                    beta2=config.beta2 or 0.0, eps=config.eps or 0.0)
