@@ -36,7 +36,8 @@ class KeptRows:
     MAX_BYTES = 256 << 20
 
     def __init__(self):
-        self._answers: collections.OrderedDict[str, tuple[int, torch.Tensor]] = collections.OrderedDict()
+        # name -> (RowStore.removals when kept, {"rows", ...: tensors}, their bytes)
+        self._answers: collections.OrderedDict[str, tuple[int, dict, int]] = collections.OrderedDict()
         self.bytes = 0
 
     def put(self, name: str, rows: torch.Tensor, removals: int, **more: torch.Tensor) -> None:
@@ -355,13 +356,10 @@ class NeighborStore:
         counted for every row from the first (IvfIndex.reserved_bytes: training never adds any)."""
         return self.rows.nbytes + (self.ivf.reserved_bytes(self.rows.capacity) if self.ivf is not None else 0)
 
-    def drop_kept_rows(self) -> int:
-        """Drops the rows kept for recent steps (a cache: their backward looks its ids up instead);
-        returns the bytes freed."""
+    def drop_kept_rows(self) -> None:
+        """Drops the rows kept for recent steps (a cache: their backward looks its ids up instead)."""
         with self._lock:
-            freed = self.kept_rows.bytes
             self.kept_rows.clear()
-            return freed
 
     def growth_bytes(self, rows: int) -> int:
         """Bytes that storing ``rows`` more rows allocates (RowStore.growth_bytes, and their index entries)."""
