@@ -9,7 +9,9 @@ store shared by threads never shows a half-written batch.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -24,6 +26,23 @@ from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
 from monim.protos.results import MISSING_ID, Rows, SearchResult
 
 BACKENDS = ("auto", "faiss", "torch")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldRows:
+    """The rows a backward's value gradients are for, as the store held them: int64 [U] on its device,
+    sorted and distinct (memory_ops.slot_partials' unique rows), valid in the same RowStore (not one a
+    restore made since: weakly held, never kept alive) while its removals are ``removals`` (no row
+    deleted since). A step of exactly those gradients takes them as they are: no lookup of the ids
+    through the id map, no sort to sum repeated ones (a training step at B=4096, k=1024 touches about
+    a million rows)."""
+
+    rows: torch.Tensor
+    row_store: weakref.ref
+    removals: int
+
+    def valid_in(self, row_store: RowStore) -> bool:
+        return self.row_store() is row_store and self.removals == row_store.removals
 
 
 class KeptRows:
@@ -436,7 +455,8 @@ class NeighborStore:
         values as they are now; changes nothing. NOT_FOUND, if an id that belongs here is gone.
         kept: _kept_part (with the forward's own alpha and distances where forward kept them). Returns
         (the BackwardPartials packed in one float64 tensor on the store's device (slot_partials), ids
-        int64 [U] of the rows it holds, their value gradients [U, value_dim] on the device)."""
+        int64 [U] of the rows it holds, their value gradients [U, value_dim] on the device, HeldRows:
+        the rows of those ids, for a step of exactly these gradients)."""
         with self._lock:
             part = self._kept_part(kept, ids)
             rows = self._held_rows(ids, part)
@@ -447,25 +467,34 @@ class NeighborStore:
             partials, unique_rows, grads = memory_ops.slot_partials(
                 self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
                 alpha_t, distances_t, self._tensor(grad_memory))
-            return partials, to_host(self.rows.ids[unique_rows]), grads
+            held = HeldRows(unique_rows, weakref.ref(self.rows), self.rows.removals)
+            return partials, to_host(self.rows.ids[unique_rows]), grads, held
 
     def check_stored(self, ids: np.ndarray) -> None:
         """NOT_FOUND naming the ids (all of which belong here) that are not stored."""
         with self._lock:
             self._rows_of_stored(ids)
 
-    def step(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray, dry_run: bool = False) -> int:
+    def step(self, ids: np.ndarray, grads: torch.Tensor | np.ndarray, dry_run: bool = False,
+             held: HeldRows | None = None) -> int:
         """One optimizer step: value gradients grads [N, value_dim] for ids int64 [N] (repeated ids
         are summed, then each row's gradient is clipped). Ids no longer stored are skipped (a delete
         wins over an update). Returns the number of rows updated. INVALID_ARGUMENT, changing nothing,
-        if the step would overflow float32; dry_run: only that check (for a step being staged)."""
+        if the step would overflow float32; dry_run: only that check (for a step being staged).
+        held: the rows of exactly these ids (backward_partials'), taken as they are while no row was
+        deleted since; else the ids are looked up."""
         with self._lock:
-            rows = self.rows.rows_of(ids)
-            kept = rows >= 0
-            if not kept.any():
-                return 0
             grads = torch.as_tensor(grads).to(self.device, torch.float32)
-            unique, summed = optimizers.coalesce(self._tensor(rows[kept]), grads[self._tensor(kept)])
+            if held is not None and held.valid_in(self.rows) and held.rows.numel() == len(ids):
+                unique, summed = held.rows, grads  # distinct, every one stored: nothing to sum or skip
+            else:
+                rows = self.rows.rows_of(ids)
+                kept = rows >= 0
+                if not kept.any():
+                    return 0
+                unique, summed = optimizers.coalesce(self._tensor(rows[kept]), grads[self._tensor(kept)])
+            if not unique.numel():
+                return 0
             config = self.config.optimizer
             state = {name: getattr(self.rows, name) for name in self.rows.state_columns}
             optimizers.apply_step(config, self.rows.steps, unique, optimizers.clip_rows(summed, config.max_grad_norm),

@@ -434,7 +434,7 @@ class Shard:
         elif op == "delete":
             result = store.delete(ids=columns.get("ids"), source=args.get("source"))
         elif op == "step":
-            result = store.step(columns["ids"], columns["grads"]) if columns["ids"].size else 0
+            result = store.step(columns["ids"], columns["grads"], held=args.get("held")) if columns["ids"].size else 0
             return self._committed.remember(args["step_id"], result)
         else:
             raise InvalidArgument(f"unknown log record {op!r}")
@@ -789,11 +789,11 @@ class Shard:
         # Sums remembered at another placement may cover rows another shard holds now (and sums again).
         packed = self._answered.get((step_id, part, self.placement.version)) if not stages else None
         if packed is None:
-            packed, step_ids, grads = store.backward_partials(queries, ids, alpha, distances, grad_memory,
-                                                              self._kept(kept))
+            packed, step_ids, grads, held = store.backward_partials(queries, ids, alpha, distances, grad_memory,
+                                                                    self._kept(kept))
             if stages:
                 self._staged.stage(namespace, generation, step_id, part, step_ids, grads, (self.placement.version, packed),
-                               actors=self.placement.actors)
+                                   actors=self.placement.actors, held=held)
         if finish is None:
             return BackwardPartials.unpack(to_host(packed))
         grad_queries, grad_temperature = memory_ops.combine_backward(BackwardPartials.unpack(packed), queries, *finish)
@@ -853,13 +853,17 @@ class Shard:
             parts = staged.in_order() if staged is not None else []
             ids = np.concatenate([ids for ids, _ in parts]) if parts else np.empty(0, np.int64)
             grads = self._joined_gradients([g for _, g in parts], store)
+            args = {"namespace": namespace, "generation": generation, "step_id": step_id}
             if (step_id, "step") in self._moved:  # committed where some of its rows were before a reshard
                 kept = ~_in_any(self._moved[(step_id, "step")], ids)
                 ids, grads = ids[kept], grads[torch.from_numpy(kept).to(grads.device) if torch.is_tensor(grads) else kept]
+            elif self.wal is None and len(parts) == 1 and staged.held:
+                # One backward's rows, as its store held them: the step needs no id lookup or sort (a
+                # logged record has no place for them: a replay looks its ids up).
+                args["held"] = next(iter(staged.held.values()))
             self._committing.add(step_id)
         try:
-            return self._write("step", {"namespace": namespace, "generation": generation, "step_id": step_id},
-                               {"ids": ids, "grads": grads})
+            return self._write("step", args, {"ids": ids, "grads": grads})
         finally:
             with self._changes:
                 self._committing.discard(step_id)

@@ -65,6 +65,7 @@ class StagedStep:
     touched: float  # when a part last reached it (idle, expiry)
     parts: dict = dataclasses.field(default_factory=dict)  # part -> (ids int64 [U], grads [U, value_dim])
     partials: dict = dataclasses.field(default_factory=dict)  # part -> what it answered (the shard's to remember)
+    held: dict = dataclasses.field(default_factory=dict)  # part -> the rows its ids were at (NeighborStore.HeldRows)
     bytes: int = 0
     pinned: bool = False  # a commit on several shards is under way: not evicted
     actors: int = 0  # the most shards a placement had when a part was staged here (Shard.prepare_step)
@@ -142,23 +143,29 @@ class StagedSteps:
             self.pop(step_id)
 
     def stage(self, namespace: str, generation: int, step_id: str, part: int, ids, grads, partials=None,
-              actors: int = 1) -> None:
+              actors: int = 1, held=None) -> None:
         """Keeps part ``part`` of step_id (its ids, value gradients and, for a backward, what it answered:
-        partials), replacing an earlier copy of the same part (a retry). INVALID_ARGUMENT if the step
-        id is another namespace's; RESOURCE_EXHAUSTED (nothing staged) if the bounds leave no room.
-        actors: the shards of the placement the part was routed with (StagedStep.actors)."""
+        partials, and the rows its ids were at: held), replacing an earlier copy of the same part (a
+        retry). INVALID_ARGUMENT if the step id is another namespace's; RESOURCE_EXHAUSTED (nothing
+        staged) if the bounds leave no room. actors: the shards of the placement the part was routed
+        with (StagedStep.actors)."""
         now = self.clock()
         self._expire(now)
         staged = self._steps.get(step_id)
         if staged is not None and staged.namespace != namespace:
             raise InvalidArgument(f"step id {step_id!r} is already used by namespace {staged.namespace!r}")
-        size = nbytes(ids) + nbytes(grads) + nbytes(partials)
+        size = nbytes(ids) + nbytes(grads) + nbytes(partials) + nbytes(held and held.rows)
         if staged is not None and part in staged.parts:
-            size -= nbytes(staged.parts[part]) + nbytes(staged.partials.get(part))
+            old_held = staged.held.get(part)
+            size -= nbytes(staged.parts[part]) + nbytes(staged.partials.get(part)) + nbytes(old_held and old_held.rows)
         self._make_room(step_id, size, new_step=staged is None, now=now)
         if staged is None:
             staged = self._steps[step_id] = StagedStep(namespace, generation, now)
         staged.parts[part] = (ids, grads)
+        if held is not None:
+            staged.held[part] = held
+        else:
+            staged.held.pop(part, None)
         if partials is not None:
             staged.partials[part] = partials
         else:

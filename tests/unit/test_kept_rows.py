@@ -213,3 +213,63 @@ def test_a_retry_after_a_grow_does_not_add_the_moved_rows_sums_twice():
     router.abort_step("ns", "probe")
     np.testing.assert_allclose(retried[0], now[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(router.get("ns", np.arange(ROWS)).values, stepped)
+
+
+def _deferred_step(router, queries, grad, step_id="s"):
+    forward = router.retrieve("ns", queries, K, 0.5)
+    router.retrieve_backward("ns", forward.queries, forward.ids, forward.alpha, forward.distances, grad, 0.5,
+                             step_id=step_id, defer_step=True)
+    return forward
+
+
+def _without_held_rows(monkeypatch):
+    from monim.datastore.store import HeldRows
+    monkeypatch.setattr(HeldRows, "valid_in", lambda held, row_store: False)
+
+
+def test_the_commit_of_a_lone_backward_steps_its_rows_as_held_without_looking_an_id_up(monkeypatch):
+    """The backward's rows (sorted, distinct) go with its gradients to the commit: no id is looked up
+    and nothing is summed again, and the step is the one the lookup makes, bit for bit."""
+    router, queries, grad = deployment()
+    _deferred_step(router, queries, grad)
+    looked = count_lookups(store_of(router), monkeypatch)
+    stepped = router.commit_step("ns", "s")
+    assert looked == []
+    assert stepped > 0
+    twin, _, _ = deployment()
+    _deferred_step(twin, queries, grad)
+    with monkeypatch.context() as patch:
+        _without_held_rows(patch)
+        looked_twin = count_lookups(store_of(twin), patch)
+        assert twin.commit_step("ns", "s") == stepped
+        assert looked_twin  # the twin's commit did look its ids up
+    np.testing.assert_array_equal(router.get("ns", np.arange(ROWS)).values, twin.get("ns", np.arange(ROWS)).values)
+
+
+def test_a_delete_between_backward_and_commit_makes_the_commit_look_its_ids_up():
+    """A delete fills the hole from the tail: the held rows would name other entries. The commit looks
+    the ids up again: the deleted neighbour is skipped (a delete wins over an update) and every other
+    row steps as on a twin whose commit came before the delete."""
+    router, queries, grad = deployment()
+    twin, _, _ = deployment()
+    forward = _deferred_step(router, queries, grad)
+    _deferred_step(twin, queries, grad)
+    victim = int(forward.ids[0, 0])
+    assert victim != ROWS - 1
+    router.delete("ns", ids=np.array([victim]))
+    assert router.commit_step("ns", "s") == twin.commit_step("ns", "s") - 1
+    twin.delete("ns", ids=np.array([victim]))
+    left = np.setdiff1d(np.arange(ROWS), [victim])
+    np.testing.assert_array_equal(router.get("ns", left).values, twin.get("ns", left).values)
+
+
+def test_held_rows_of_a_store_since_replaced_are_not_taken():
+    """A restore replaces the namespace's rows with a RowStore whose removals count afresh: rows held in
+    the old one name nothing in the new one (HeldRows keeps the old one weakly and compares it)."""
+    import weakref
+
+    from monim.datastore.store import HeldRows
+    old, new = store_of(deployment()[0]).rows, store_of(deployment()[0]).rows
+    assert old.removals == new.removals
+    held = HeldRows(old.ids.new_zeros(0), weakref.ref(old), old.removals)
+    assert held.valid_in(old) and not held.valid_in(new)
