@@ -19,7 +19,7 @@ from monim.datastore import flat_index, memory_ops, optimizers
 from monim.datastore.ivf_index import IvfIndex
 from monim.datastore.row_store import RowStore
 from monim.datastore.search_graphs import SearchGraphs
-from monim.datastore.transfer import to_device, to_host, to_host_all
+from monim.datastore.transfer import to_device, to_host, to_host_all, to_host_later
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig
 from monim.protos.errors import AlreadyExists, IdsNotFound, InvalidArgument
@@ -243,13 +243,14 @@ class NeighborStore:
             distances, rows = self._search_rows(queries, k, nprobe, rerank)
             rows = rows.to(self.device)
             columns = self._answer_columns(rows, torch.as_tensor(distances).to(self.device), False, False, True)
+            answer = to_host_later(columns)  # goes to the host while alpha and the value sums are computed
             alpha = memory_ops.attention_tensor(columns["distances"], columns["weights"], rows >= 0, temperature)
             memory = memory_ops.value_sum(self.rows.values[: self.rows.size], rows, alpha)
             if keep_rows:
                 self.kept_rows.put(keep_rows, rows, self.rows.removals, alpha=alpha, distances=columns["distances"])
-            host = to_host_all({**columns, "alpha": alpha, "memory": memory})
-        alpha, memory = host.pop("alpha"), host.pop("memory")
-        return self._result(host), alpha, memory
+            mine = to_host_all({"alpha": alpha, "memory": memory})
+            host = answer()
+        return self._result(host), mine["alpha"], mine["memory"]
 
     def _leave_out(self, distances, rows, hidden: np.ndarray, k: int):
         """The first k of each query's [k + h] nearest rows that do not hold a hidden id (numpy)."""

@@ -9,6 +9,7 @@ backward's partials took 51 ms to the host through pageable memory).
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -16,6 +17,9 @@ import torch
 
 # Smaller copies go as they are: a pinned buffer's set-up costs more than it saves.
 PINNED_MIN_BYTES = 1 << 20
+
+_copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # to_host_later's, one a device
+_copy_streams_lock = threading.Lock()
 
 
 def source_tensor(array: np.ndarray) -> torch.Tensor:
@@ -62,3 +66,33 @@ def to_host_all(tensors: dict) -> dict:
         torch.cuda.current_stream(next(iter(on_gpu.values())).device).synchronize()
     return {name: host[name].numpy() if name in host else t.numpy() if isinstance(t, torch.Tensor) else t
             for name, t in tensors.items()}
+
+
+def to_host_later(tensors: dict):
+    """to_host_all's copies queued on a side stream of the tensors' device, after the work queued so far
+    on the current one, which goes on meanwhile (the device's copy engines run beside its kernels: a
+    lone shard's forward computes alpha and the value sums while the search's answer goes to the host).
+    Returns a function that waits for the copies and answers as to_host_all does."""
+    on_gpu = {name: t for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.is_cuda}
+    if not on_gpu:
+        return lambda: to_host_all(tensors)
+    device = next(iter(on_gpu.values())).device
+    with _copy_streams_lock:
+        side = _copy_streams.get(device)
+        if side is None:
+            side = _copy_streams[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    host = {}
+    with torch.cuda.stream(side):
+        for name, tensor in on_gpu.items():
+            tensor.record_stream(side)  # not reused by the allocator before the copy ends
+            host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host[name].copy_(tensor, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(side)
+
+    def wait() -> dict:
+        copied.synchronize()
+        return {name: host[name].numpy() if name in host else t.numpy() if isinstance(t, torch.Tensor) else t
+                for name, t in tensors.items()}
+    return wait

@@ -187,6 +187,24 @@ def test_arrays_go_to_the_gpu_and_back_unchanged(rows):
         np.testing.assert_array_equal(transfer.to_host(on_gpu), expected)
 
 
+def test_copies_to_the_host_on_the_side_stream_see_the_work_queued_before_and_not_after():
+    """transfer.to_host_later: the copies start after the current stream's queued work (a long matmul
+    writing the tensor), while work queued after them (overwriting it) does not reach the copy."""
+    a = torch.randn(4096, 4096, device="cuda")
+    out = torch.empty(4096, 4096, device="cuda")
+    torch.matmul(a, a, out=out)
+    small = out[:3, :5].clone()
+    wait = transfer.to_host_later({"big": out, "small": small, "none": None, "host": np.ones(2)})
+    before = out.clone()  # on the current stream, after the matmul
+    torch.cuda.current_stream().wait_stream(transfer._copy_streams[out.device])  # as a later write must
+    out.fill_(-1.0)
+    host = wait()
+    expected = before.cpu().numpy()
+    np.testing.assert_array_equal(host["big"], expected)
+    np.testing.assert_array_equal(host["small"], expected[:3, :5])
+    assert host["none"] is None and host["host"].tolist() == [1.0, 1.0]
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_cuda_retrieve_and_backward_match_autograd(metric):
     """The in-process store (the router over one shard) with its rows on the GPU."""
