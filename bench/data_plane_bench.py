@@ -237,8 +237,10 @@ def learn_cells(table, local, remote, queries, rng, args, floor):
     for k, goal in zip(args.ks, ("<= 1.3x (in-process too)", "<= 1.5x (in-process too)")):
         # The step's bytes: the queries up, the memory output and the neighbours (ids int64, alpha,
         # distances, weights float32, tokens int32) down; then grad_memory up and grad_queries down.
-        wire_s = (floor.transfer(q.nbytes, len(q) * (4 * args.value_dim + 24 * k))
-                  + floor.transfer(grad.nbytes, q.nbytes))
+        # (A forward that keeps its state and its backward go whole up to half the message limit.)
+        whole = remote.max_message_bytes
+        wire_s = (floor.transfer(q.nbytes, len(q) * (4 * args.value_dim + 24 * k), whole_up_to=whole)
+                  + floor.transfer(grad.nbytes, q.nbytes, whole_up_to=whole))
         ratio = {}
         for name, client in (("in", local), ("svc", remote)):
             search = p50(timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s))
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
         calls = -(-args.rows // 65_536)
         per_call = min(args.rows, 65_536)
         rate["floor"] = args.rows / (args.rows / rate["in"] + calls * floor.transfer(
-            per_call * (4 * (args.dim + args.value_dim) + 8), per_call * 10))
+            per_call * (4 * (args.dim + args.value_dim) + 8), per_call * 10, whole_up_to=remote.max_message_bytes))
         table.add(f"Add of {args.dim}-d rows with values, rows/s (keys only)",
                   f"{rate['in']:,.0f} ({rate['in', 'keys']:,.0f})", f"{rate['svc']:,.0f} ({rate['svc', 'keys']:,.0f})",
                   f"({rate['svc'] / rate['in']:.2f}x)", ">= 200k",

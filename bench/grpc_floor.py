@@ -10,7 +10,7 @@ is gRPC's (the C core's copies and transport, Python's per-message handling) and
 
 Both ends use the message limits and channel options the service uses (workers/server.py's
 message_size_options). A large transfer goes as the client sends one: chunks of
-model_client.client.CHUNK_BYTES, PIPELINE_DEPTH of them in flight.
+model_client.client.CHUNK_BYTES, PIPELINE_DEPTH of them in flight, where the client splits one.
 
     with GrpcFloor() as floor:
         floor.unary(request_bytes, answer_bytes)              # seconds, median of the calls
@@ -18,6 +18,7 @@ model_client.client.CHUNK_BYTES, PIPELINE_DEPTH of them in flight.
         floor.stream_step(request_bytes, answer_bytes)        # seconds (median), a step on an open stream
 
     python -m bench.grpc_floor        # prints a few sizes' floors on this machine
+    python -m bench.grpc_floor --chunk-sweep   # one call's bytes in messages of several sizes
 """
 
 from __future__ import annotations
@@ -112,14 +113,17 @@ class GrpcFloor:
         """Seconds (median) of one bare unary call sending and answering that many bytes."""
         return self._timed(lambda: self._call(self._request(request_bytes, answer_bytes)))
 
-    def transfer(self, total_up: int, total_down: int) -> float:
-        """Seconds (median) to send total_up bytes and get total_down back as the client sends a large
-        call: one message if it fits in half the message limit, else chunks of CHUNK_BYTES with
-        PIPELINE_DEPTH in flight, the answer shared among them."""
+    def transfer(self, total_up: int, total_down: int, whole_up_to: int | None = None) -> float:
+        """Seconds (median) to send total_up bytes and get total_down back as the client sends a call
+        (MemoryClient._row_chunks): one message if the larger side takes at most whole_up_to bytes
+        (default CHUNK_BYTES; an Add or a forward that keeps its state: half the message limit), else
+        chunks of CHUNK_BYTES with PIPELINE_DEPTH in flight, the other side shared among them."""
         from monim.model_client import client as client_module
 
         limit = client_module.DEFAULT_MAX_MESSAGE_BYTES // 2
-        chunks = 1 if total_up <= limit else -(-total_up // min(limit, client_module.CHUNK_BYTES))
+        whole = min(limit, client_module.CHUNK_BYTES if whole_up_to is None else whole_up_to)
+        larger = max(total_up, total_down)
+        chunks = 1 if larger <= whole else -(-larger // min(limit, client_module.CHUNK_BYTES))
         up, down = -(-total_up // chunks), -(-total_down // chunks)
         if chunks == 1:
             return self.unary(up, down)
@@ -181,14 +185,52 @@ class GrpcFloor:
         self.close()
 
 
+def chunk_sweep(floor: GrpcFloor, rounds: int) -> None:
+    """An Add's 403 MB up and a k=1024 Search's 67 MB answer down, in messages of several sizes with
+    PIPELINE_DEPTH (or one) in flight, round by round (so that all sizes see the same machine)."""
+    from monim.model_client import client as client_module
+
+    depth = client_module.PIPELINE_DEPTH
+    ways = [("up", 403_000_000, 32 << 20, depth), ("up", 403_000_000, 8 << 20, depth),
+            ("up", 403_000_000, 4 << 20, depth), ("down", 67_100_000, 67_100_000, 1),
+            ("down", 67_100_000, 32 << 20, depth), ("down", 67_100_000, 8 << 20, depth),
+            ("down", 67_100_000, 4 << 20, depth)]
+    times: dict = {way: [] for way in ways}
+    with concurrent.futures.ThreadPoolExecutor(depth) as pool:
+        for _ in range(rounds):
+            for way in ways:
+                side, total, size, in_flight = way
+                messages = max(1, round(total / size))  # each of the size the client makes: CHUNK_BYTES of rows
+                request = floor._request(size, 64) if side == "up" else floor._request(64, size)
+                if in_flight == 1:
+                    times[way].append(floor._timed(lambda: [floor._call(request) for _ in range(messages)]))
+                else:
+                    times[way].append(floor._timed(lambda: list(pool.map(lambda _: floor._call(request),
+                                                                         range(messages)))))
+    print(f"# bare gRPC on {os.cpu_count()} CPUs, grpcio {grpc.__version__}: one call's bytes in messages of a size, "
+          f"medians of each round")
+    for (side, total, size, in_flight), seconds in times.items():
+        messages = max(1, round(total / size))
+        print(f"{side:4s} {messages * size / 1e6:5.1f} MB in {messages:3d} messages of {size / 2**20:5.1f} MiB, "
+              f"{in_flight} in flight: " + " / ".join(f"{1e3 * t:6.1f}" for t in seconds)
+              + f" ms ({messages * size / min(seconds) / 1e9:.2f} GB/s at best)")
+
+
 def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--serve", metavar="READY_PATH", help=argparse.SUPPRESS)
+    p.add_argument("--chunk-sweep", action="store_true",
+                   help="time 403 MB up and 67 MB down in messages of several sizes (CHUNK_BYTES's choice)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the sweep, each over every size (default 3)")
     args = p.parse_args(argv)
     if args.serve:
         serve(args.serve)
+        return 0
+    if args.chunk_sweep:
+        with GrpcFloor(repeats=6) as floor:
+            chunk_sweep(floor, args.rounds)
         return 0
     with GrpcFloor() as floor:
         print(f"# bare gRPC on {os.cpu_count()} CPUs, grpcio {grpc.__version__}")

@@ -47,7 +47,11 @@ IN_PROCESS = ":memory:"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # A request or reply larger than this goes in chunks of about this size (at most half the message
 # limit), PIPELINE_DEPTH of them in flight: while the server processes one, the next is encoded and sent.
-CHUNK_BYTES = 32 * 1024 * 1024
+# Not larger: a message of 32 MiB or more costs gRPC's Python ends and the servers' buffers far more
+# per byte than a few smaller ones (glibc maps an allocation that large afresh every time, and each
+# of its pages faults in; docs/BENCHMARKS.md, "Chunks of 8 MiB"): 403 MB went up 2.5x faster, and a
+# 67 MB answer came down 3x faster, in 8 MiB messages than in one or in 32 MiB ones.
+CHUNK_BYTES = 8 * 1024 * 1024
 PIPELINE_DEPTH = 2
 # The environment variable a token is read from when none is passed (read when a client is made).
 TOKEN_ENV = "MONIM_TOKEN"
@@ -372,15 +376,18 @@ class MemoryClient:
                     raise
                 time.sleep(self.backoff_s * (2**attempt) * (1 + random.random()))
 
-    def _row_chunks(self, rows: int, bytes_per_row: int):
-        """Slices of rows: one if all of them take at most max_message_bytes/2 (the rest is headroom),
-        else slices of at most CHUNK_BYTES worth (and max_message_bytes/2), for _pipelined."""
+    def _row_chunks(self, rows: int, bytes_per_row: int, whole_up_to: int | None = None):
+        """Slices of rows: one if all of them take at most whole_up_to bytes (and max_message_bytes/2:
+        the rest is headroom), else slices of at most CHUNK_BYTES worth, for _pipelined. A call whose
+        parts cannot be sent apart without a cost of their own (a forward that keeps its state under one
+        handle, a backward by that handle) passes whole_up_to=max_message_bytes: split only past half
+        the limit."""
         if not self.remote:
             yield slice(0, rows)
             return
-        limit = self.max_message_bytes // 2
+        limit = min(self.max_message_bytes // 2, CHUNK_BYTES if whole_up_to is None else whole_up_to)
         if rows * bytes_per_row > limit:
-            limit = min(limit, CHUNK_BYTES)
+            limit = min(self.max_message_bytes // 2, CHUNK_BYTES)
         per_chunk = max(1, limit // max(1, bytes_per_row))
         for start in range(0, max(rows, 1), per_chunk):
             yield slice(start, start + per_chunk)
@@ -453,7 +460,9 @@ class MemoryClient:
         n = self._rows(keys)
         row_bytes = keys.itemsize * int(np.prod(keys.shape[1:], dtype=np.int64)) + 24 + (
             0 if values is None else values.itemsize * int(np.prod(values.shape[1:], dtype=np.int64)))
-        parts = list(self._row_chunks(n, row_bytes))
+        # Whole up to half the message limit (an Add in one message is all or nothing; split, it is
+        # applied chunk by chunk), then in chunks of CHUNK_BYTES.
+        parts = list(self._row_chunks(n, row_bytes, whole_up_to=self.max_message_bytes))
         request_id = validation.check_step_id(request_id or validation.new_request_id())
         if len(parts) == 1:
             result = self._retried("add", namespace, keys, tokens, values, weights, source, logp, admit_below,
@@ -541,20 +550,27 @@ class MemoryClient:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
         return_optimizer_state adds rows.optimizer_state: {column: float32 [N, value_dim], "step": [1]}."""
         ids = _int_array(ids, "ids")
-        if not self.remote or ids.nbytes < self.max_message_bytes // 4:
-            try:  # most Gets fit in one reply; one that does not is asked again in parts
+        if not self.remote:
+            return self._retried("get", namespace, ids, return_optimizer_state)
+        # A reply past CHUNK_BYTES goes in chunks; the namespace's widths (asked once) size it.
+        if ids.size * self._get_row_bytes(self._config(namespace), return_optimizer_state) <= CHUNK_BYTES:
+            try:  # a reply the cached widths misjudge (the namespace was made again, wider) is asked again in parts
                 return self._retried("get", namespace, ids, return_optimizer_state)
             except ResourceExhausted:
-                if not self.remote:
-                    raise
+                pass
         return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace, refresh=True))
 
-    def _get_chunks(self, namespace, ids, return_optimizer_state, config) -> Rows:
-        """Splits the ids so that no reply passes half the message limit: per row its id (8), key (4 x
-        dim), token, weight (4 each), value (4 x value_dim), up to 3 optimizer state columns of
-        value_dim and a step (8), and its source (counted as 64)."""
+    @staticmethod
+    def _get_row_bytes(config: NamespaceConfig, return_optimizer_state: bool) -> int:
+        """A Get reply's bytes per row: its id (8), key (4 x dim), token, weight (4 each), value (4 x
+        value_dim), up to 3 optimizer state columns of value_dim and a step (8), and its source (counted
+        as 64)."""
         states = 3 * config.value_dim + 2 if return_optimizer_state else 0
-        row_bytes = 8 + 4 * config.dim + 8 + 4 * config.value_dim + 4 * states + 64
+        return 8 + 4 * config.dim + 8 + 4 * config.value_dim + 4 * states + 64
+
+    def _get_chunks(self, namespace, ids, return_optimizer_state, config) -> Rows:
+        """Splits the ids in chunks of replies of at most CHUNK_BYTES (_get_row_bytes a row)."""
+        row_bytes = self._get_row_bytes(config, return_optimizer_state)
         parts = self._pipelined([functools.partial(self._retried, "get", namespace, ids[part], return_optimizer_state)
                                  for part in self._row_chunks(self._rows(ids), row_bytes)])
         if len(parts) == 1:
@@ -589,7 +605,10 @@ class MemoryClient:
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
-        chunks = list(self._row_chunks(self._rows(queries), row_bytes))
+        # A forward that keeps its state goes whole up to half the message limit: split, it keeps none
+        # (its backward then sends its arrays), and a lone shard keeps no rows for it either.
+        whole_up_to = self.max_message_bytes if keep_state else None
+        chunks = list(self._row_chunks(self._rows(queries), row_bytes, whole_up_to))
         keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
         parts = self._pipelined([functools.partial(self._retried, "retrieve", namespace, queries[part], k, temperature,
                                                    keep_state=keep_state, nprobe=nprobe, rerank=rerank)
@@ -634,7 +653,10 @@ class MemoryClient:
         k = ids.shape[1] if getattr(ids, "ndim", 0) == 2 else 1
         value_dim = grad_memory.shape[1] if getattr(grad_memory, "ndim", 0) == 2 else 1
         row_bytes = 4 * value_dim + 64 + (0 if handle else queries.itemsize * width + 16 * k)
-        parts = list(self._row_chunks(self._rows(grad_memory if handle else queries), row_bytes))
+        # Whole up to half the message limit: a step in parts is staged, then committed (one more call),
+        # and a lone shard finishes only a backward sent whole.
+        parts = list(self._row_chunks(self._rows(grad_memory if handle else queries), row_bytes,
+                                      whole_up_to=self.max_message_bytes))
 
         def send(part, index, defer):
             if handle:
