@@ -173,7 +173,7 @@ def search_cells(table, local, remote, queries, args, floor):
                 times = timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s)
                 qps[name, batch] = batch * len(times) / sum(times)
             # The answer: ids int64, distances float32, tokens int32 per neighbour.
-            qps["floor", batch] = batch / (batch / qps["in", batch] + floor.transfer(q.nbytes, batch * k * 16))
+            qps["floor", batch] = batch / (batch / qps["in", batch] + floor.read(q.nbytes, batch * k * 16))
             a, b = client_first(local, q, k, args.row_of["in"]), client_first(remote, q, k, args.row_of["svc"])
             if not same_neighbours(a, b):
                 print(f"WARNING: B={batch} k={k}: the first query's neighbours differ")
@@ -237,10 +237,9 @@ def learn_cells(table, local, remote, queries, rng, args, floor):
     for k, goal in zip(args.ks, ("<= 1.3x (in-process too)", "<= 1.5x (in-process too)")):
         # The step's bytes: the queries up, the memory output and the neighbours (ids int64, alpha,
         # distances, weights float32, tokens int32) down; then grad_memory up and grad_queries down.
-        # (A forward that keeps its state and its backward go whole up to half the message limit.)
-        whole = remote.max_message_bytes
-        wire_s = (floor.transfer(q.nbytes, len(q) * (4 * args.value_dim + 24 * k), whole_up_to=whole)
-                  + floor.transfer(grad.nbytes, q.nbytes, whole_up_to=whole))
+        # (The forward's answer in parts past CHUNK_BYTES; the backward whole up to half the message limit.)
+        wire_s = (floor.read(q.nbytes, len(q) * (4 * args.value_dim + 24 * k))
+                  + floor.transfer(grad.nbytes, q.nbytes, whole_up_to=remote.max_message_bytes))
         ratio = {}
         for name, client in (("in", local), ("svc", remote)):
             search = p50(timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s))

@@ -15,6 +15,7 @@ model_client.client.CHUNK_BYTES, PIPELINE_DEPTH of them in flight, where the cli
     with GrpcFloor() as floor:
         floor.unary(request_bytes, answer_bytes)              # seconds, median of the calls
         floor.transfer(total_up, total_down)                  # seconds for a chunked, pipelined call
+        floor.read(request_bytes, answer_bytes)               # seconds for a read, its answer in parts if large
         floor.stream_step(request_bytes, answer_bytes)        # seconds (median), a step on an open stream
 
     python -m bench.grpc_floor        # prints a few sizes' floors on this machine
@@ -131,6 +132,19 @@ class GrpcFloor:
         with concurrent.futures.ThreadPoolExecutor(client_module.PIPELINE_DEPTH) as pool:
             return self._timed(lambda: list(pool.map(lambda _: self._call(request), range(chunks))))
 
+    def read(self, request_bytes: int, answer_bytes: int) -> float:
+        """Seconds (median) of a read as the client makes it (MemoryClient._read): one unary call, or
+        past CHUNK_BYTES one call whose answer streams in messages of ANSWER_PART_BYTES (SearchParts)."""
+        from monim.model_client import client as client_module
+        from monim.protos import convert
+
+        if answer_bytes <= client_module.CHUNK_BYTES:
+            return self.unary(request_bytes, answer_bytes)
+        messages = -(-answer_bytes // convert.ANSWER_PART_BYTES)
+        each = -(-answer_bytes // messages)
+        first, rest = self._request(request_bytes, each), self._request(0, each)
+        return self._timed(lambda: sum(1 for _ in self._stream(iter([first] + [rest] * (messages - 1)))))
+
     def stream_step(self, request_bytes: int, answer_bytes: int) -> float:
         """Seconds (median) of one step of an open bare stream sending and answering that many bytes."""
         with self.stream() as step:
@@ -187,14 +201,16 @@ class GrpcFloor:
 
 def chunk_sweep(floor: GrpcFloor, rounds: int) -> None:
     """An Add's 403 MB up and a k=1024 Search's 67 MB answer down, in messages of several sizes with
-    PIPELINE_DEPTH (or one) in flight, round by round (so that all sizes see the same machine)."""
+    PIPELINE_DEPTH (or one) in flight, and down as one call's stream of messages (SearchParts), round
+    by round (so that all sizes see the same machine)."""
     from monim.model_client import client as client_module
 
     depth = client_module.PIPELINE_DEPTH
     ways = [("up", 403_000_000, 32 << 20, depth), ("up", 403_000_000, 8 << 20, depth),
             ("up", 403_000_000, 4 << 20, depth), ("down", 67_100_000, 67_100_000, 1),
             ("down", 67_100_000, 32 << 20, depth), ("down", 67_100_000, 8 << 20, depth),
-            ("down", 67_100_000, 4 << 20, depth)]
+            ("down", 67_100_000, 4 << 20, depth), ("stream", 67_100_000, 8 << 20, 0),
+            ("stream", 67_100_000, 4 << 20, 0)]
     times: dict = {way: [] for way in ways}
     with concurrent.futures.ThreadPoolExecutor(depth) as pool:
         for _ in range(rounds):
@@ -202,7 +218,9 @@ def chunk_sweep(floor: GrpcFloor, rounds: int) -> None:
                 side, total, size, in_flight = way
                 messages = max(1, round(total / size))  # each of the size the client makes: CHUNK_BYTES of rows
                 request = floor._request(size, 64) if side == "up" else floor._request(64, size)
-                if in_flight == 1:
+                if side == "stream":  # one call, its answer in messages (SearchParts): all asked at once
+                    times[way].append(floor._timed(lambda: sum(1 for _ in floor._stream(iter([request] * messages)))))
+                elif in_flight == 1:
                     times[way].append(floor._timed(lambda: [floor._call(request) for _ in range(messages)]))
                 else:
                     times[way].append(floor._timed(lambda: list(pool.map(lambda _: floor._call(request),
@@ -211,8 +229,9 @@ def chunk_sweep(floor: GrpcFloor, rounds: int) -> None:
           f"medians of each round")
     for (side, total, size, in_flight), seconds in times.items():
         messages = max(1, round(total / size))
-        print(f"{side:4s} {messages * size / 1e6:5.1f} MB in {messages:3d} messages of {size / 2**20:5.1f} MiB, "
-              f"{in_flight} in flight: " + " / ".join(f"{1e3 * t:6.1f}" for t in seconds)
+        how = "one stream" if side == "stream" else f"{in_flight} in flight"
+        print(f"{side:6s} {messages * size / 1e6:5.1f} MB in {messages:3d} messages of {size / 2**20:5.1f} MiB, "
+              f"{how}: " + " / ".join(f"{1e3 * t:6.1f}" for t in seconds)
               + f" ms ({messages * size / min(seconds) / 1e9:.2f} GB/s at best)")
 
 

@@ -47,10 +47,11 @@ IN_PROCESS = ":memory:"
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # A request or reply larger than this goes in chunks of about this size (at most half the message
 # limit), PIPELINE_DEPTH of them in flight: while the server processes one, the next is encoded and sent.
-# Not larger: a message of 32 MiB or more costs gRPC's Python ends and the servers' buffers far more
-# per byte than a few smaller ones (glibc maps an allocation that large afresh every time, and each
-# of its pages faults in; docs/BENCHMARKS.md, "Chunks of 8 MiB"): 403 MB went up 2.5x faster, and a
-# 67 MB answer came down 3x faster, in 8 MiB messages than in one or in 32 MiB ones.
+# Not larger: a message of 32 MiB or more costs gRPC's Python ends far more per byte than several
+# smaller ones (glibc maps an allocation that large afresh every time, and each of its pages faults
+# in; docs/BENCHMARKS.md, "Answers in parts, chunks of 8 MiB"): 403 MB went up 2.5x faster in 8 MiB
+# messages than in 32 MiB ones. A Search's or a Retrieve's answer past it comes in parts instead
+# (SearchParts, RetrieveParts: one call, one search, messages of 4 MiB).
 CHUNK_BYTES = 8 * 1024 * 1024
 PIPELINE_DEPTH = 2
 # The environment variable a token is read from when none is passed (read when a client is made).
@@ -179,10 +180,13 @@ class _RemoteStore:
         """_call on the front end (target: its own) or on a read endpoint."""
         try:
             if tensors is None:
-                return self._framed(target, method, serialized=False)(request, timeout=self.timeout_s,
-                                                                      metadata=self.metadata)
-            return self._framed(target, method)(framing.serialized(request, tensors), timeout=self.timeout_s,
-                                                metadata=self.metadata)
+                answer = self._framed(target, method, serialized=False)(request, timeout=self.timeout_s,
+                                                                        metadata=self.metadata)
+            else:
+                answer = self._framed(target, method)(framing.serialized(request, tensors), timeout=self.timeout_s,
+                                                      metadata=self.metadata)
+            # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
+            return list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.tls) from None
 
@@ -196,7 +200,8 @@ class _RemoteStore:
             request = getattr(pb, _SERVICE.methods_by_name[method].input_type.name)
             reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
             has_tensors = any(f.message_type is pb.Tensor.DESCRIPTOR for f in reply.DESCRIPTOR.fields)
-            callable_ = self._framed_calls[key] = channel.unary_unary(
+            kind = channel.unary_stream if _SERVICE.methods_by_name[method].server_streaming else channel.unary_unary
+            callable_ = self._framed_calls[key] = kind(
                 f"/{_SERVICE.full_name}/{method}",
                 request_serializer=None if serialized else request.SerializeToString,
                 response_deserializer=functools.partial(framing.parsed, reply) if has_tensors and serialized
@@ -235,6 +240,14 @@ class _RemoteStore:
                                    rerank=rerank)
         return convert.search_result_from_proto(*self._call("Search", request, dict(queries=queries)))
 
+    def search_parts(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
+                     generation=0, nprobe=0, rerank=0):
+        """search, its answer in parts (SearchParts)."""
+        request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
+                                   return_weights=return_weights, generation=generation, nprobe=nprobe,
+                                   rerank=rerank)
+        return convert.search_result_from_parts(self._call("SearchParts", request, dict(queries=queries)))
+
     def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
         request = pb.GetRequest(namespace=namespace, return_optimizer_state=return_optimizer_state,
                                 generation=generation)
@@ -251,6 +264,14 @@ class _RemoteStore:
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank)
         response, payloads = self._call("Retrieve", request, dict(queries=queries))
         return convert.retrieve_result_from_proto(response, queries, temperature, payloads)
+
+    def retrieve_parts(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0,
+                       rerank=0):
+        """retrieve, its answer in parts (RetrieveParts)."""
+        request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
+                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+        return convert.retrieve_result_from_parts(self._call("RetrieveParts", request, dict(queries=queries)),
+                                                  queries, temperature)
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
                           generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0):
@@ -350,6 +371,7 @@ class MemoryClient:
         self.max_message_bytes = max_message_bytes
         self.remote = target != IN_PROCESS
         self._configs: dict[str, NamespaceConfig] = {}  # namespace -> its config, to size replies
+        self._answers_in_parts = True  # False once the server said it has no SearchParts / RetrieveParts
         use_tls = bool(tls) or (tls is None and any(f is not None for f in (tls_ca, tls_cert, tls_key)))
         if not self.remote:
             if use_tls:
@@ -392,6 +414,19 @@ class MemoryClient:
         for start in range(0, max(rows, 1), per_chunk):
             yield slice(start, start + per_chunk)
 
+    def _read(self, method: str, answer_bytes: int, *args, **kwargs):
+        """A read ("search" or "retrieve") whose answer takes about answer_bytes: past CHUNK_BYTES it
+        comes in parts (SearchParts, RetrieveParts: one search of the batch, its answer in messages of
+        at most 4 MiB), unless the server has no such call (a server from before them: UNIMPLEMENTED)."""
+        if self.remote and answer_bytes > CHUNK_BYTES and self._answers_in_parts:
+            try:
+                return self._retried(f"{method}_parts", *args, **kwargs)
+            except MemoryStoreError as error:
+                if getattr(error, "status_code", "") != "UNIMPLEMENTED":
+                    raise
+                self._answers_in_parts = False
+        return self._retried(method, *args, **kwargs)
+
     @staticmethod
     def _pipelined(calls: list) -> list:
         """Runs the calls (one per chunk of a request), at most PIPELINE_DEPTH at once, in order;
@@ -426,16 +461,21 @@ class MemoryClient:
                                  max_k=max_k, key_dtype=key_dtype, nlist=nlist, pq_m=pq_m,
                                  train_min_rows=train_min_rows,
                                  optimizer=OptimizerConfig.from_dict(dict(optimizer_options, name=optimizer, lr=lr)))
-        return self._retried("create_namespace", config, validation.new_request_id())
+        config = self._retried("create_namespace", config, validation.new_request_id())
+        self._configs[name] = config
+        return config
 
     def list_namespaces(self) -> list[NamespaceConfig]:
         return self._retried("list_namespaces")
 
     def describe_namespace(self, name: str) -> NamespaceDescription:
-        return NamespaceDescription(**self._retried("describe_namespace", name))
+        description = NamespaceDescription(**self._retried("describe_namespace", name))
+        self._configs[name] = description.config  # sizes later replies (a MoNIMLayer describes its namespace)
+        return description
 
     def drop_namespace(self, name: str) -> int:
         """Drops the namespace and all its entries; returns how many rows went."""
+        self._configs.pop(name, None)
         return self._store.drop_namespace(name)
 
     # ----- data ------------------------------------------------------------------
@@ -522,12 +562,13 @@ class MemoryClient:
     def _config(self, namespace: str, refresh: bool = False) -> NamespaceConfig:
         """The namespace's config, to size replies: one describe_namespace per namespace."""
         if refresh or namespace not in self._configs:
-            self._configs[namespace] = self.describe_namespace(namespace).config
+            self.describe_namespace(namespace)
         return self._configs[namespace]
 
     def _search_chunks(self, namespace, queries, k, return_keys, return_values, return_weights, value_dim,
                        nprobe=0, rerank=0):
-        """Splits the batch so that neither a request nor a reply passes half the message limit.
+        """Splits the batch so that neither a request nor a reply passes half the message limit; a
+        reply past CHUNK_BYTES comes in parts (_read).
 
         Per query, the request carries its row (dim x 2 or 4 bytes) and the reply k slots of id (8),
         distance (4) and token (4) bytes, plus 4 x dim bytes of key, 4 x value_dim of value and 4 of
@@ -535,10 +576,12 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
+        chunks = self._row_chunks(self._rows(queries), row_bytes, whole_up_to=self.max_message_bytes)
         parts = self._pipelined([
-            functools.partial(self._retried, "search", namespace, queries[part], k, return_keys, return_values,
-                              return_weights, nprobe=nprobe, rerank=rerank)
-            for part in self._row_chunks(self._rows(queries), row_bytes)])
+            functools.partial(self._read, "search", self._rows(queries[part]) * max(k, 1) * slot_bytes,
+                              namespace, queries[part], k, return_keys, return_values, return_weights,
+                              nprobe=nprobe, rerank=rerank)
+            for part in chunks])
         if len(parts) == 1:
             return parts[0]
         return SearchResult(**{f.name: None if getattr(parts[0], f.name) is None else
@@ -552,9 +595,12 @@ class MemoryClient:
         ids = _int_array(ids, "ids")
         if not self.remote:
             return self._retried("get", namespace, ids, return_optimizer_state)
-        # A reply past CHUNK_BYTES goes in chunks; the namespace's widths (asked once) size it.
-        if ids.size * self._get_row_bytes(self._config(namespace), return_optimizer_state) <= CHUNK_BYTES:
-            try:  # a reply the cached widths misjudge (the namespace was made again, wider) is asked again in parts
+        # A reply past CHUNK_BYTES goes in chunks, sized by the namespace's widths where this client knows
+        # them (it described the namespace: no call of its own for that); else one call is tried first.
+        config = self._configs.get(namespace)
+        if (ids.nbytes < self.max_message_bytes // 4 if config is None
+                else ids.size * self._get_row_bytes(config, return_optimizer_state) <= CHUNK_BYTES):
+            try:  # one that does not fit (or that stale widths misjudged) is asked again in parts
                 return self._retried("get", namespace, ids, return_optimizer_state)
             except ResourceExhausted:
                 pass
@@ -604,13 +650,15 @@ class MemoryClient:
         nprobe, rerank: as in ``search`` (ivf namespaces)."""
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
-        row_bytes = max(4 * width, max(int(k), 1) * 28) + 64
-        # A forward that keeps its state goes whole up to half the message limit: split, it keeps none
-        # (its backward then sends its arrays), and a lone shard keeps no rows for it either.
-        whole_up_to = self.max_message_bytes if keep_state else None
-        chunks = list(self._row_chunks(self._rows(queries), row_bytes, whole_up_to))
+        config = self._configs.get(namespace)  # the memory's width where known (no call of its own for it)
+        answer_row_bytes = 4 * (config.value_dim if config is not None else 0) + max(int(k), 1) * 28
+        # Whole up to half the message limit (split, a forward keeps no state: its backward then sends
+        # its arrays), its answer in parts past CHUNK_BYTES.
+        chunks = list(self._row_chunks(self._rows(queries), max(4 * width, answer_row_bytes) + 64,
+                                       whole_up_to=self.max_message_bytes))
         keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
-        parts = self._pipelined([functools.partial(self._retried, "retrieve", namespace, queries[part], k, temperature,
+        parts = self._pipelined([functools.partial(self._read, "retrieve", self._rows(queries[part]) * answer_row_bytes,
+                                                   namespace, queries[part], k, temperature,
                                                    keep_state=keep_state, nprobe=nprobe, rerank=rerank)
                                  for part in chunks])
         if len(parts) == 1:

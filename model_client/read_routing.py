@@ -30,7 +30,8 @@ ENDPOINT_RETRY_S = 30.0
 # answers FAILED_PRECONDITION and MemoryClient.retrieve_backward sends the forward's arrays instead.
 # A write sent to the front end after its endpoint failed carries the request id it had there (the
 # client always sends one): it lands once.
-ENDPOINT_CALLS = frozenset({"Search", "Retrieve", "RetrieveBackward", "CommitStep", "AbortStep", "Add", "ApplyGradients"})
+ENDPOINT_CALLS = frozenset({"Search", "Retrieve", "SearchParts", "RetrieveParts", "RetrieveBackward", "CommitStep",
+                            "AbortStep", "Add", "ApplyGradients"})
 
 
 class ReadRouting:

@@ -140,6 +140,41 @@ def search_result_to_wire(result: SearchResult) -> bytes:
                               {name: getattr(result, name) for name in _SEARCHED})
 
 
+# An answer sent in parts (SearchParts, RetrieveParts) keeps each message at most about this size.
+ANSWER_PART_BYTES = 4 << 20
+
+
+def _row_parts(columns: dict, part_bytes: int):
+    """Slices of the batch's rows (the first dimension of every column present) of at most part_bytes
+    a part (at least one row a part, and one part for an empty batch)."""
+    present = [array for array in columns.values() if array is not None]
+    rows = present[0].shape[0] if present else 0
+    row_bytes = sum(array.nbytes // max(1, array.shape[0]) for array in present)
+    per_part = max(1, part_bytes // max(1, row_bytes))
+    for start in range(0, max(rows, 1), per_part):
+        yield slice(start, start + per_part)
+
+
+def _parts_to_wire(message, columns: dict, part_bytes: int):
+    for part in _row_parts(columns, part_bytes):
+        yield framing.serialized(message, {name: None if a is None else a[part] for name, a in columns.items()})
+
+
+def search_result_parts_to_wire(result: SearchResult, part_bytes: int | None = None):
+    """The answer as SearchResponse messages of consecutive rows, each at most part_bytes (default
+    ANSWER_PART_BYTES): SearchParts' stream."""
+    return _parts_to_wire(pb.SearchResponse(generation=result.generation),
+                          {name: getattr(result, name) for name in _SEARCHED}, part_bytes or ANSWER_PART_BYTES)
+
+
+def search_result_from_parts(parts) -> SearchResult:
+    """SearchParts' answer, its (message, payloads) parts joined in order."""
+    found = [search_result_from_proto(*part) for part in parts]
+    return found[0] if len(found) == 1 else dataclasses.replace(found[0], **{
+        name: None if getattr(found[0], name) is None else np.concatenate([getattr(f, name) for f in found])
+        for name in _SEARCHED})
+
+
 def search_result_from_proto(response: pb.SearchResponse, payloads: dict | None = None) -> SearchResult:
     return SearchResult(
         ids=_tensor(response, "ids", payloads),
@@ -188,6 +223,20 @@ _RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
 def retrieve_result_to_wire(result: RetrieveResult) -> bytes:
     return framing.serialized(pb.RetrieveResponse(generation=result.generation, handle=result.handle),
                               {name: getattr(result, name) for name in _RETRIEVED})
+
+
+def retrieve_result_parts_to_wire(result: RetrieveResult, part_bytes: int | None = None):
+    """The answer as RetrieveResponse messages of consecutive rows (RetrieveParts' stream), as
+    search_result_parts_to_wire; each carries the generation and the handle."""
+    return _parts_to_wire(pb.RetrieveResponse(generation=result.generation, handle=result.handle),
+                          {name: getattr(result, name) for name in _RETRIEVED}, part_bytes or ANSWER_PART_BYTES)
+
+
+def retrieve_result_from_parts(parts, queries, temperature: float) -> RetrieveResult:
+    """RetrieveParts' answer, its (message, payloads) parts joined in order."""
+    found = [retrieve_result_from_proto(response, queries, temperature, payloads) for response, payloads in parts]
+    return found[0] if len(found) == 1 else dataclasses.replace(found[0], **{
+        name: np.concatenate([getattr(f, name) for f in found]) for name in _RETRIEVED})
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float,

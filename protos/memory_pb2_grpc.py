@@ -129,6 +129,16 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.ReshardRequest.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.ReshardProgress.FromString,
                 _registered_method=True)
+        self.SearchParts = channel.unary_stream(
+                '/monim.v1.MemoryService/SearchParts',
+                request_serializer=monim_dot_protos_dot_memory__pb2.SearchRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.RetrieveParts = channel.unary_stream(
+                '/monim.v1.MemoryService/RetrieveParts',
+                request_serializer=monim_dot_protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -248,6 +258,22 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchParts(self, request, context):
+        """A Search or a Retrieve whose answer comes in parts: consecutive rows of the batch, in order,
+        each message at most about 4 MiB (every field split at the same rows; generation, and a
+        Retrieve's handle, in each). gRPC moves several messages of that size far faster than one
+        large one (docs/BENCHMARKS.md, "Answers in parts"); the store still searches the batch once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrieveParts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +371,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Reshard,
                     request_deserializer=monim_dot_protos_dot_memory__pb2.ReshardRequest.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.ReshardProgress.SerializeToString,
+            ),
+            'SearchParts': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchParts,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.SearchRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.SearchResponse.SerializeToString,
+            ),
+            'RetrieveParts': grpc.unary_stream_rpc_method_handler(
+                    servicer.RetrieveParts,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.RetrieveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -860,6 +896,60 @@ class MemoryService:
             '/monim.v1.MemoryService/Reshard',
             monim_dot_protos_dot_memory__pb2.ReshardRequest.SerializeToString,
             monim_dot_protos_dot_memory__pb2.ReshardProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/monim.v1.MemoryService/SearchParts',
+            monim_dot_protos_dot_memory__pb2.SearchRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/monim.v1.MemoryService/RetrieveParts',
+            monim_dot_protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.RetrieveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -250,6 +250,8 @@ METHOD_ACCESS: dict[str, Access] = {
     "Get": Access(READ, _namespace),
     "Delete": Access(WRITE, _namespace),
     "Retrieve": Access(READ, _namespace),
+    "SearchParts": Access(READ, _namespace),
+    "RetrieveParts": Access(READ, _namespace),
     "RetrieveBackward": Access(WRITE, _namespace),
     "ApplyGradients": Access(WRITE, _namespace),
     "CommitStep": Access(WRITE, _namespace),
@@ -326,7 +328,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         method = full_method[len(self._prefix):]
         if method in STREAMING_METHODS and handler.stream_stream is not None:
             return handler._replace(stream_stream=self._guarded_stream(method, handler.stream_stream))
-        if handler.unary_stream is not None:  # Reshard: checked as a unary call; the reply streams
+        if handler.unary_stream is not None:  # Reshard, SearchParts, RetrieveParts: checked as a unary call
             return handler._replace(unary_stream=self._guarded(method, handler.unary_stream))
         if handler.unary_unary is None:  # a streaming method not in STREAMING_METHODS is refused
             log.error("%s is not unary-unary; the auth interceptor refuses it", full_method)

@@ -49,8 +49,8 @@ ENDPOINT_THREADS = 16
 # What a model's MoNIM layer calls every step: its reads, the backward of its own forwards (their
 # states are kept by the router that made them: this endpoint's, for a Retrieve sent here), and its
 # writes (the hard tokens it memorizes, a step's value gradients).
-ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "Decode", "RetrieveBackward", "CommitStep", "AbortStep",
-                              "Add", "ApplyGradients"})
+ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "SearchParts", "RetrieveParts", "Decode", "RetrieveBackward",
+                              "CommitStep", "AbortStep", "Add", "ApplyGradients"})
 # Set on a Shard object once its endpoint runs; one lock for every shard of a process.
 ENDPOINT_ATTRIBUTE = "read_endpoint"
 _starting = threading.Lock()

@@ -101,13 +101,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return self._search(request)
 
     def _search(self, request) -> bytes:
-        result = self.router.search(
+        return convert.search_result_to_wire(self._searched(request))
+
+    def _searched(self, request):
+        return self.router.search(
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
             return_weights=request.return_weights, generation=request.generation, nprobe=request.nprobe,
             rerank=request.rerank,
         )
-        return convert.search_result_to_wire(result)
+
+    def SearchParts(self, request, context):
+        """Search, its answer in messages of consecutive rows (convert.ANSWER_PART_BYTES, 4 MiB, each at most):
+        one search of the batch, each part framed as the one before goes out."""
+        yield from convert.search_result_parts_to_wire(self._searched_with_status(request, context))
+
+    @grpc_errors
+    def _searched_with_status(self, request, context):
+        return self._searched(request)
 
     @grpc_errors
     def Get(self, request, context):
@@ -127,10 +138,20 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return self._retrieve(request)
 
     def _retrieve(self, request) -> bytes:
-        result = self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
-                                      request.temperature, generation=request.generation,
-                                      keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
-        return convert.retrieve_result_to_wire(result)
+        return convert.retrieve_result_to_wire(self._retrieved(request))
+
+    def _retrieved(self, request):
+        return self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
+                                    request.temperature, generation=request.generation,
+                                    keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
+
+    def RetrieveParts(self, request, context):
+        """Retrieve, its answer in parts as SearchParts' (the handle, with keep_state, in each)."""
+        yield from convert.retrieve_result_parts_to_wire(self._retrieved_with_status(request, context))
+
+    @grpc_errors
+    def _retrieved_with_status(self, request, context):
+        return self._retrieved(request)
 
     @grpc_errors
     def RetrieveBackward(self, request, context):

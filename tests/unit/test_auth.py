@@ -128,12 +128,13 @@ def test_a_secret_finds_its_token_and_nothing_else_does(policy):
 def test_every_memory_service_method_has_an_access_rule_and_streams_are_known():
     """A client-streaming method is guarded only if the interceptor knows it (STREAMING_METHODS: the
     stream is authenticated, its steps checked one by one); any other is refused. One that streams
-    only its reply (Reshard) is checked as a unary call, on its one request."""
+    only its reply (Reshard, SearchParts, RetrieveParts) is checked as a unary call, on its one request."""
     service = pb.DESCRIPTOR.services_by_name["MemoryService"]
     assert SERVICE_NAME == "monim.v1.MemoryService"
     assert {m.name for m in service.methods} == set(METHOD_ACCESS)
     assert {m.name for m in service.methods if m.client_streaming} == STREAMING_METHODS
-    assert {m.name for m in service.methods if m.server_streaming and not m.client_streaming} == {"Reshard"}
+    assert {m.name for m in service.methods if m.server_streaming and not m.client_streaming} == {
+        "Reshard", "SearchParts", "RetrieveParts"}
     assert {name for name, access in METHOD_ACCESS.items() if access.scope == ADMIN} == ADMIN_METHODS
 
 

@@ -1,13 +1,17 @@
-"""Calls past CHUNK_BYTES go in chunks of at most CHUNK_BYTES, also far under the message limit:
-reads (Search, Get, a Retrieve that keeps no state) and ApplyGradients (parts, then one commit: one
-step). Calls whose split has a cost of its own stay whole up to half the limit: an Add (whole, it
-is all or nothing), a Retrieve that keeps its state under one handle, and its backward. A real gRPC
-server in this process (no Ray) with the default message limit; CHUNK_BYTES made small."""
+"""Calls past CHUNK_BYTES: a Search's or a Retrieve's answer comes in parts (SearchParts,
+RetrieveParts: one search of the batch, its answer in messages of at most ANSWER_PART_BYTES), equal
+to the unary answer; a Retrieve that keeps its state keeps it (one handle) and its backward goes
+whole; a Get and an ApplyGradients (parts, then one commit: one step) go in chunks of CHUNK_BYTES;
+an Add goes whole up to half the limit (all or nothing). A server without the parts calls gets the
+unary ones. A real gRPC server in this process (no Ray) with the default message limit; CHUNK_BYTES
+and ANSWER_PART_BYTES made small."""
 
 import numpy as np
 import pytest
 from monim.model_client import MemoryClient
 from monim.model_client import client as client_module
+from monim.model_client.errors import InvalidArgument, NotFound
+from monim.protos import convert
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 from monim.workers.server import start_server
@@ -19,6 +23,7 @@ DIM, VALUE_DIM, K, ROWS, BATCH = 16, 32, 20, 800, 120
 @pytest.fixture
 def deployment(monkeypatch):
     monkeypatch.setattr(client_module, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(convert, "ANSWER_PART_BYTES", CHUNK)
     runtime = LocalRuntime(1)
     router = Router(runtime)
     server, port = start_server(router, port=0)
@@ -45,37 +50,105 @@ def calls_to(client, method, monkeypatch, rows_at=1):
     return rows
 
 
-def test_a_search_past_the_chunk_size_goes_in_chunks_and_answers_as_one_call(deployment, monkeypatch):
+def parts_parsed(monkeypatch, what="search"):
+    """The rows of each answer part the client parses."""
+    rows = []
+    real = getattr(convert, f"{what}_result_from_proto")
+
+    def counted(response, *args):
+        result = real(response, *args)
+        rows.append(len(result.ids))
+        return result
+    monkeypatch.setattr(convert, f"{what}_result_from_proto", counted)
+    return rows
+
+
+def test_a_search_whose_answer_passes_the_chunk_size_comes_in_parts_of_one_search(deployment, monkeypatch):
     client, queries, _ = deployment
-    whole = client.search("ns", queries[:10], K)  # 10 x 20 x 16 bytes: under one chunk
-    rows = calls_to(client, "search", monkeypatch)
+    unary = client._store.search("ns", queries, K)  # the same batch, one message
+    calls, parts = calls_to(client, "search_parts", monkeypatch), parts_parsed(monkeypatch)
     found = client.search("ns", queries, K)
-    assert BATCH * K * 16 > CHUNK and len(rows) > 1 and sum(rows) == BATCH
-    assert max(rows) * (K * 16 + 64) <= CHUNK
-    np.testing.assert_array_equal(found.ids[:10], whole.ids)
-    np.testing.assert_allclose(found.distances[:10], whole.distances, rtol=1e-5)  # faiss's sums depend on B
+    assert BATCH * K * 16 > CHUNK and calls == [BATCH]  # one call, one search of the whole batch
+    assert len(parts) > 1 and sum(parts) == BATCH and max(parts) * K * 16 <= CHUNK
+    for name in ("ids", "distances", "tokens"):
+        np.testing.assert_array_equal(getattr(found, name), getattr(unary, name))
+    assert found.generation == unary.generation
 
 
-def test_get_and_a_stateless_retrieve_go_in_chunks(deployment, monkeypatch):
+def test_a_search_under_the_chunk_size_is_one_message(deployment, monkeypatch):
     client, queries, _ = deployment
+    calls = calls_to(client, "search", monkeypatch)
+    client.search("ns", queries[:10], K)  # 10 x 20 x 16 bytes
+    assert calls == [10]
+
+
+def test_a_retrieve_that_keeps_its_state_comes_in_parts_with_its_handle_and_its_backward_goes_whole(
+        deployment, monkeypatch):
+    client, queries, rng = deployment
+    unary = client._store.retrieve("ns", queries, K, 0.5)
+    forwards = calls_to(client, "retrieve_parts", monkeypatch)
+    backwards = calls_to(client, "retrieve_backward", monkeypatch, rows_at=5)  # grad_memory's rows
+    parts = parts_parsed(monkeypatch, "retrieve")
+    result = client.retrieve("ns", queries, K, 0.5, keep_state=True)
+    assert forwards == [BATCH] and len(parts) > 1 and sum(parts) == BATCH and result.handle
+    for name in ("memory", "ids", "alpha", "distances", "tokens", "weights"):
+        np.testing.assert_array_equal(getattr(result, name), getattr(unary, name), err_msg=name)
+    grad = rng.standard_normal((BATCH, VALUE_DIM)).astype(np.float32)
+    by_handle = client.retrieve_backward("ns", result, grad, step_values=False)
+    assert backwards == [BATCH]
+    result.handle = ""  # the same backward from the arrays
+    by_arrays = client.retrieve_backward("ns", result, grad, step_values=False)
+    np.testing.assert_allclose(by_handle[0], by_arrays[0], rtol=1e-6, atol=1e-7)
+
+
+def test_get_goes_in_chunks(deployment, monkeypatch):
+    client, _, _ = deployment
     rows = calls_to(client, "get", monkeypatch)
     got = client.get("ns", np.arange(ROWS))
     np.testing.assert_array_equal(got.ids, np.arange(ROWS))
     assert len(rows) > 1 and sum(rows) == ROWS
-    rows = calls_to(client, "retrieve", monkeypatch)
-    result = client.retrieve("ns", queries, K, 0.5)
-    assert len(rows) > 1 and sum(rows) == BATCH and result.memory.shape == (BATCH, VALUE_DIM)
 
 
-def test_a_retrieve_that_keeps_its_state_and_its_backward_go_whole(deployment, monkeypatch):
-    client, queries, rng = deployment
-    forwards = calls_to(client, "retrieve", monkeypatch)
-    backwards = calls_to(client, "retrieve_backward", monkeypatch, rows_at=5)  # grad_memory's rows
-    result = client.retrieve("ns", queries, K, 0.5, keep_state=True)
-    grad = rng.standard_normal((BATCH, VALUE_DIM)).astype(np.float32)
-    client.retrieve_backward("ns", result, grad)
-    assert forwards == [BATCH] and result.handle
-    assert backwards == [BATCH]
+def test_bad_calls_answered_in_parts_say_why_and_change_nothing(deployment):
+    client, queries, _ = deployment
+    before = client.get("ns", np.arange(ROWS)).values
+    with pytest.raises(InvalidArgument, match="k must be"):
+        client.search("ns", queries, K + 1)
+    with pytest.raises(NotFound, match="nope"):
+        client._store.search_parts("nope", queries, K)
+    with pytest.raises(InvalidArgument, match="temperature"):
+        client.retrieve("ns", queries, K, -1.0)
+    np.testing.assert_array_equal(client.get("ns", np.arange(ROWS)).values, before)
+
+
+def test_a_server_without_the_parts_calls_answers_the_unary_ones(monkeypatch):
+    """A server from before SearchParts (UNIMPLEMENTED): the client uses Search and Retrieve, and
+    asks no more."""
+    import concurrent.futures
+
+    import grpc
+    from monim.workers.decoding import SERVICE, add_memory_service
+    from monim.workers.servicer import MemoryServicer
+
+    monkeypatch.setattr(client_module, "CHUNK_BYTES", CHUNK)
+    runtime = LocalRuntime(1)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4))
+    older = {m.name for m in SERVICE.methods} - {"SearchParts", "RetrieveParts"}
+    add_memory_service(MemoryServicer(Router(runtime)), server, methods=frozenset(older))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with MemoryClient(f"127.0.0.1:{port}", read_endpoints=False) as client:
+            client.create_namespace("ns", dim=DIM, max_k=K)
+            keys = np.random.default_rng(2).standard_normal((ROWS, DIM)).astype(np.float32)
+            client.add("ns", keys, np.arange(ROWS))
+            unary = calls_to(client, "search", monkeypatch)
+            found = client.search("ns", keys[:BATCH], K)
+            assert unary == [BATCH] and not client._answers_in_parts
+            np.testing.assert_array_equal(found.ids[:, 0], np.arange(BATCH))
+    finally:
+        server.stop(0)
+        runtime.shutdown()
 
 
 def test_an_add_goes_whole_up_to_half_the_limit(deployment, monkeypatch):

@@ -23,7 +23,7 @@ from monim.model_client import read_routing
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
-from monim.protos.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from monim.protos.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from monim.workers import cli_status
 from monim.workers.auth import AuthPolicy
 from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, ENDPOINT_THREADS, stop_endpoint
@@ -278,7 +278,8 @@ def test_an_endpoint_checks_tokens_and_each_steps_namespace(tmp_path):
         with grpc.insecure_channel(reader_targets[0]) as channel:  # no token, straight at the endpoint
             stub = pb_grpc.MemoryServiceStub(channel)
             search = pb.SearchRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=1)
-            for call in (lambda: next(stub.Decode(iter([pb.DecodeStep(search=search)]))), lambda: stub.Search(search)):
+            for call in (lambda: next(stub.Decode(iter([pb.DecodeStep(search=search)]))), lambda: stub.Search(search),
+                         lambda: next(stub.SearchParts(search))):
                 with pytest.raises(grpc.RpcError) as refused:
                     call()
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -289,6 +290,11 @@ def test_an_endpoint_checks_tokens_and_each_steps_namespace(tmp_path):
             with pytest.raises(PermissionDenied, match="no read access"):  # refused there, not sent elsewhere
                 other.search("mem", _queries(0), 1)
             assert other._store.read_routing.target() == reader_targets[0]
+            for parts in (other._store.search_parts, other._store.retrieve_parts):  # an answer in parts: the same
+                with pytest.raises(PermissionDenied, match="no read access"):
+                    parts("mem", _queries(0), 1, *(() if parts == other._store.search_parts else (1.0,)))
+        with MemoryClient(address, token="reader-secret") as reader, pytest.raises(NotFound, match="'mem'"):
+            reader._store.search_parts("mem", _queries(0), 1)  # let in: the namespace is not made in this test
     finally:
         server.stop(0)
         runtime.shutdown()
