@@ -758,6 +758,12 @@ RESHARD_DEFECTS = {
 }
 
 
+def answered_in_parts(cases, rpc: str):
+    """The cases of Search or Retrieve sent as rpc (SearchParts, RetrieveParts: the same request, its
+    answer in parts): the same codes."""
+    return lambda world: cases(world).map(lambda case: dataclasses.replace(case, rpc=rpc))
+
+
 CASES = {
     "CreateNamespace": create_namespace_cases,
     "ListNamespaces": lambda world: no_field_cases(world, "ListNamespaces"),
@@ -778,4 +784,6 @@ CASES = {
     "Decode": decode_cases,
     "Reshard": reshard_cases,
     "ReadEndpoints": lambda world: no_field_cases(world, "ReadEndpoints"),
+    "SearchParts": answered_in_parts(search_cases, "SearchParts"),
+    "RetrieveParts": answered_in_parts(retrieve_cases, "RetrieveParts"),
 }

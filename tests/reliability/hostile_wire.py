@@ -52,11 +52,14 @@ REFUSALS = {
     "Decode": {INVALID, NOT_FOUND, PRECONDITION},  # each step a Search or a Retrieve
     "Reshard": {INVALID},  # a valid one names the deployment's own count (pinned_reshard)
     "ReadEndpoints": set(),
+    "SearchParts": {INVALID, NOT_FOUND, PRECONDITION},
+    "RetrieveParts": {INVALID, NOT_FOUND, PRECONDITION},
 }
 # Calls whose random requests may name the seeded namespaces: none can change a stored row with random
 # fields (reads; a commit of a step no part reached; creating or restoring a name that is taken). The
 # others never name them (a random request that happens to be valid could change it, and rightly).
-SEEDED_NAMES_ALLOWED = {"ListNamespaces", "DescribeNamespace", "Search", "Get", "Retrieve", "Decode", "AbortStep",
+SEEDED_NAMES_ALLOWED = {"ListNamespaces", "DescribeNamespace", "Search", "Get", "Retrieve", "SearchParts",
+                        "RetrieveParts", "Decode", "AbortStep",
                         "CommitStep", "CreateNamespace", "CreateSnapshot", "ListSnapshots", "RestoreSnapshot",
                         "ReadEndpoints"}
 
