@@ -175,3 +175,21 @@ def test_apply_gradients_past_the_chunk_size_is_one_step_in_parts(deployment, mo
     assert client.apply_gradients("twin", ids, grads) == ROWS
     assert rows[-1] == ROWS  # sent whole
     np.testing.assert_array_equal(client.get("ns", ids).values, client.get("twin", ids).values)
+
+
+def test_a_client_that_stops_reading_an_answer_in_parts_leaves_the_server_serving(deployment):
+    """The server frames each part as the one before goes out; a client that cancels after the first
+    leaves nothing behind: the next calls are answered as before."""
+    from monim.protos import memory_pb2 as pb
+    from monim.protos import memory_pb2_grpc as pb_grpc
+
+    client, queries, _ = deployment
+    expected = client.search("ns", queries, K)
+    stub = pb_grpc.MemoryServiceStub(client._store.channel)
+    parts = stub.SearchParts(pb.SearchRequest(namespace="ns", k=K, queries=convert.tensor_to_proto(queries)))
+    first = convert.search_result_from_proto(next(parts))
+    np.testing.assert_array_equal(first.ids, expected.ids[:len(first.ids)])  # the first rows, first
+    assert len(first.ids) < BATCH
+    parts.cancel()
+    for _ in range(3):
+        np.testing.assert_array_equal(client.search("ns", queries, K).ids, expected.ids)
