@@ -25,6 +25,7 @@ Closing the shards' logs is the runtime's part, after this (EmbeddedStore.stop).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -43,6 +44,8 @@ PROBE_WAIT_S = 3.0
 # After the drain, how long the gRPC server waits for what is left (health Watch streams never end).
 FINAL_GRACE_S = 1.0
 SHUTTING_DOWN = "the server is shutting down; retry on another front end"
+# Calls that stream their answer and are gated as calls (in flight until their last part; reported).
+ANSWERED_IN_PARTS = frozenset({"SearchParts", "RetrieveParts"})
 _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -70,8 +73,10 @@ class CallGate(grpc.ServerInterceptor):
         method = full_method[len(self._prefix):]
         if handler.stream_stream is not None:
             return handler._replace(stream_stream=self._gated_stream(method, handler.stream_stream))
+        if handler.unary_stream is not None and method in ANSWERED_IN_PARTS:
+            return handler._replace(unary_stream=self._gated_parts(method, handler.unary_stream))
         if handler.unary_unary is None:
-            return handler
+            return handler  # Reshard: an admin's long call, not drained for
         return handler._replace(unary_unary=self._gated(method, handler.unary_unary))
 
     def _token_name(self, context) -> str:
@@ -83,39 +88,57 @@ class CallGate(grpc.ServerInterceptor):
 
     def _gated(self, method: str, behavior):
         def gated(request, context):
-            started = time.perf_counter()
-            with self._calls:
-                admitted = not self.closed
-                if admitted:
-                    self.in_flight += 1
-            code = grpc.StatusCode.OK
-            try:
-                if not admitted:
-                    code = grpc.StatusCode.UNAVAILABLE
-                    context.abort(code, SHUTTING_DOWN)
-                response = behavior(request, context)
-                code = context.code() or grpc.StatusCode.OK  # a servicer may set_code and return
-                if not context.is_active():  # the client gave up first: that is what it saw
-                    remaining = context.time_remaining()
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-                        else grpc.StatusCode.CANCELLED
-                return response
-            except Exception:
-                # context.abort raises with the code set; anything else reaches the client as UNKNOWN
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                if admitted:
-                    with self._calls:
-                        self.in_flight -= 1
-                        self._calls.notify_all()
-                if self.observer is not None:
-                    try:
-                        self.observer(method, request, code, time.perf_counter() - started, self._token_name(context))
-                    except Exception:  # noqa: BLE001 - metrics never fail a call
-                        log.exception("could not record the metrics of a %s call", method)
+            with self._call(method, request, context):
+                return behavior(request, context)
 
         return gated
+
+    def _gated_parts(self, method: str, behavior):
+        """A call answered in parts (SearchParts, RetrieveParts): in flight until its last part is
+        sent (or the client goes), reported as one call."""
+        def gated(request, context):
+            with self._call(method, request, context):
+                yield from behavior(request, context)
+
+        return gated
+
+    @contextlib.contextmanager
+    def _call(self, method: str, request, context):
+        """One call: admitted and counted in flight unless the gate is closed (UNAVAILABLE), reported
+        to the observer with the code the client saw when it ends."""
+        started = time.perf_counter()
+        with self._calls:
+            admitted = not self.closed
+            if admitted:
+                self.in_flight += 1
+        code = grpc.StatusCode.OK
+        try:
+            if not admitted:
+                code = grpc.StatusCode.UNAVAILABLE
+                context.abort(code, SHUTTING_DOWN)
+            yield
+            code = context.code() or grpc.StatusCode.OK  # a servicer may set_code and return
+            if not context.is_active():  # the client gave up first: that is what it saw
+                remaining = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+                    else grpc.StatusCode.CANCELLED
+        except GeneratorExit:  # an answer in parts the client stopped reading
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            # context.abort raises with the code set; anything else reaches the client as UNKNOWN
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            if admitted:
+                with self._calls:
+                    self.in_flight -= 1
+                    self._calls.notify_all()
+            if self.observer is not None:
+                try:
+                    self.observer(method, request, code, time.perf_counter() - started, self._token_name(context))
+                except Exception:  # noqa: BLE001 - metrics never fail a call
+                    log.exception("could not record the metrics of a %s call", method)
 
     def _gated_stream(self, method: str, behavior):
         """A Decode stream: each step counts as a call in flight while it is served, and is reported
