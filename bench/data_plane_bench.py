@@ -25,6 +25,9 @@ it measures, each cell on both back to back:
 
     python -m bench.data_plane_bench --device cuda --rows 1000000 --shards 1
     python -m bench.data_plane_bench --rows 20000 --lm-size tiny     # a quick check on a CPU
+
+--compare-one-message adds the service's largest Searches with their answers in one message (the
+client before SearchParts), interleaved with the same Searches answered in parts.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import time
 
 import numpy as np
 import torch
+from monim.model_client import client as client_module
 
 from bench.grpc_floor import GrpcFloor
 from bench.search_bench import int_list, same_neighbours
@@ -70,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lm-tokens", type=int, default=64, help="tokens generated per decode")
     p.add_argument("--repeats", type=int, default=10, help="most timed calls per cell")
     p.add_argument("--budget-s", type=float, default=4.0, help="stop timing a cell after this long")
+    p.add_argument("--compare-one-message", action="store_true",
+                   help="also time the service's largest Searches with their answers in one message (before parts)")
     p.add_argument("--json", metavar="PATH")
     return p.parse_args(argv)
 
@@ -185,6 +191,32 @@ def search_cells(table, local, remote, queries, args, floor):
                   fmt(f"{qps['floor', b]:,.0f}" for b in args.batches)
                   + " (" + fmt(f"{qps['svc', b] / qps['floor', b]:.2f}" for b in args.batches) + ")",
                   qps={f"{n}_B{b}": v for (n, b), v in qps.items()})
+
+
+def one_message_cells(table, remote, queries, args):
+    """The service's reads at the largest batch with every answer in one message (the client before
+    SearchParts / RetrieveParts), against the same reads answered in parts, interleaved call by call."""
+    q = queries[:max(args.batches)]
+    for k in args.ks:
+        answer = len(q) * k * 16
+        if answer <= client_module.CHUNK_BYTES:
+            continue
+        times = {"parts": [], "one": []}
+        saved = client_module.CHUNK_BYTES
+        try:
+            for i in range(2 * args.repeats + 2):
+                way = ("parts", "one")[i % 2]
+                client_module.CHUNK_BYTES = saved if way == "parts" else 1 << 62
+                t0 = time.perf_counter()
+                remote.search(NAMESPACE, q, k)
+                if i >= 2:
+                    times[way].append(time.perf_counter() - t0)
+        finally:
+            client_module.CHUNK_BYTES = saved
+        parts, one = 1e3 * p50(times["parts"]), 1e3 * p50(times["one"])
+        table.add(f"Search through the service, B={len(q)}, k={k} ({answer / 1e6:.0f} MB answer): in parts / one message",
+                  "", f"{parts:.1f} / {one:.1f} ms", f"({one / parts:.2f}x faster in parts)", "", "",
+                  parts_ms=parts, one_message_ms=one)
 
 
 def client_first(client, q, k, row_of):
@@ -378,6 +410,8 @@ def main(argv=None) -> int:
                   f"{rate['floor']:,.0f} ({rate['svc'] / rate['floor']:.2f})",
                   rates={str(k): v for k, v in rate.items()})
         search_cells(table, local, remote, queries, args, floor)
+        if args.compare_one_message:
+            one_message_cells(table, remote, queries, args)
         decode_cells(table, local, remote, queries, args, floor)
         learn_cells(table, local, remote, queries, rng, args, floor)
         apply_cells(table, local, remote, rng, args, floor)
