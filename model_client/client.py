@@ -415,10 +415,11 @@ class MemoryClient:
             yield slice(start, start + per_chunk)
 
     def _read(self, method: str, answer_bytes: int, *args, **kwargs):
-        """A read ("search" or "retrieve") whose answer takes about answer_bytes: past CHUNK_BYTES it
-        comes in parts (SearchParts, RetrieveParts: one search of the batch, its answer in messages of
-        at most 4 MiB), unless the server has no such call (a server from before them: UNIMPLEMENTED)."""
-        if self.remote and answer_bytes > CHUNK_BYTES and self._answers_in_parts:
+        """A read ("search" or "retrieve") whose answer takes about answer_bytes: past CHUNK_BYTES (or
+        half the message limit, if less) it comes in parts (SearchParts, RetrieveParts: one search of
+        the batch, its answer in messages of at most 4 MiB), unless the server has no such call (a
+        server from before them: UNIMPLEMENTED)."""
+        if self.remote and answer_bytes > min(CHUNK_BYTES, self.max_message_bytes // 2) and self._answers_in_parts:
             try:
                 return self._retried(f"{method}_parts", *args, **kwargs)
             except MemoryStoreError as error:
@@ -653,8 +654,11 @@ class MemoryClient:
         config = self._configs.get(namespace)  # the memory's width where known (no call of its own for it)
         answer_row_bytes = 4 * (config.value_dim if config is not None else 0) + max(int(k), 1) * 28
         # Whole up to half the message limit (split, a forward keeps no state: its backward then sends
-        # its arrays), its answer in parts past CHUNK_BYTES.
-        chunks = list(self._row_chunks(self._rows(queries), max(4 * width, answer_row_bytes) + 64,
+        # its arrays), its answer in parts past CHUNK_BYTES. An answer in parts has no message to fit:
+        # only the queries count then (a training batch of B=4096, k=1024 and 1024-wide values answers
+        # 134 MB, and stays one forward with its state); without parts, the answer's slots count too.
+        split_row_bytes = 4 * width if self._answers_in_parts else max(4 * width, max(int(k), 1) * 28)
+        chunks = list(self._row_chunks(self._rows(queries), split_row_bytes + 64,
                                        whole_up_to=self.max_message_bytes))
         keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
         parts = self._pipelined([functools.partial(self._read, "retrieve", self._rows(queries[part]) * answer_row_bytes,

@@ -97,7 +97,8 @@ class ReadEndpoint:
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-read"),
             options=message_size_options(options.max_message_bytes), interceptors=interceptors)
-        add_memory_service(MemoryServicer(router), self.server, methods=ENDPOINT_METHODS)
+        add_memory_service(MemoryServicer(router, max_message_bytes=options.max_message_bytes), self.server,
+                           methods=ENDPOINT_METHODS)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{host}:0"

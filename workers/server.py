@@ -56,7 +56,8 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
                          options=message_size_options(max_message_bytes), interceptors=interceptors)
     endpoints = EndpointOptions(host, max_message_bytes, auth, tls) if read_endpoints else None
-    add_memory_service(MemoryServicer(router, endpoints), server)  # undecodable requests: INVALID_ARGUMENT
+    # (undecodable requests: INVALID_ARGUMENT)
+    add_memory_service(MemoryServicer(router, endpoints, max_message_bytes), server)
     health_servicer = frontend.health
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -44,11 +44,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     """Every call runs under the client's deadline (shard calls not started by then are cancelled).
 
     read_endpoints: the options of the shards' read endpoints (workers/read_endpoint.py), which
-    ReadEndpoints starts and names; None: this server names none."""
+    ReadEndpoints starts and names; None: this server names none. max_message_bytes: the server's
+    message limit; an answer in parts (SearchParts, RetrieveParts) sends messages of at most
+    convert.ANSWER_PART_BYTES or half of it, whichever is less."""
 
-    def __init__(self, router: Router, read_endpoints=None):
+    def __init__(self, router: Router, read_endpoints=None, max_message_bytes: int | None = None):
         self.router = router
         self.read_endpoints = read_endpoints
+        self.max_message_bytes = max_message_bytes
+
+    def _part_bytes(self) -> int:
+        part = convert.ANSWER_PART_BYTES
+        return part if self.max_message_bytes is None else min(part, self.max_message_bytes // 2)
 
     @grpc_errors
     def CreateNamespace(self, request, context):
@@ -114,7 +121,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def SearchParts(self, request, context):
         """Search, its answer in messages of consecutive rows (convert.ANSWER_PART_BYTES, 4 MiB, each at most):
         one search of the batch, each part framed as the one before goes out."""
-        yield from convert.search_result_parts_to_wire(self._searched_with_status(request, context))
+        yield from convert.search_result_parts_to_wire(self._searched_with_status(request, context), self._part_bytes())
 
     @grpc_errors
     def _searched_with_status(self, request, context):
@@ -147,7 +154,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     def RetrieveParts(self, request, context):
         """Retrieve, its answer in parts as SearchParts' (the handle, with keep_state, in each)."""
-        yield from convert.retrieve_result_parts_to_wire(self._retrieved_with_status(request, context))
+        yield from convert.retrieve_result_parts_to_wire(self._retrieved_with_status(request, context),
+                                                         self._part_bytes())
 
     @grpc_errors
     def _retrieved_with_status(self, request, context):

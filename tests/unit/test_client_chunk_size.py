@@ -193,3 +193,30 @@ def test_a_client_that_stops_reading_an_answer_in_parts_leaves_the_server_servin
     parts.cancel()
     for _ in range(3):
         np.testing.assert_array_equal(client.search("ns", queries, K).ids, expected.ids)
+
+
+def test_a_training_forward_whose_answer_passes_half_the_message_limit_stays_one_forward_with_its_state():
+    """Only the queries must fit a message when the answer comes in parts: a Retrieve with keep_state
+    whose answer (memory and slots) passes half the limit is one call that keeps its state, and its
+    backward by handle steps as the backward from the arrays does."""
+    small = 256 * 1024
+    runtime = LocalRuntime(1)
+    server, port = start_server(Router(runtime), port=0, max_message_bytes=small)
+    rng = np.random.default_rng(9)
+    try:
+        with MemoryClient(f"127.0.0.1:{port}", max_message_bytes=small) as client:
+            client.create_namespace("ns", dim=DIM, value_dim=VALUE_DIM, max_k=K, optimizer="sgd", lr=0.1)
+            keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+            client.add("ns", keys, np.arange(ROWS), values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+            queries = keys[rng.integers(0, ROWS, 600)]
+            assert 600 * (4 * VALUE_DIM + 28 * K) > small // 2 > queries.nbytes
+            result = client.retrieve("ns", queries, K, 0.5, keep_state=True)
+            assert result.handle and result.memory.shape == (600, VALUE_DIM)
+            grad = rng.standard_normal((600, VALUE_DIM)).astype(np.float32)
+            by_handle = client.retrieve_backward("ns", result, grad, step_values=False)
+            result.handle = ""
+            np.testing.assert_allclose(client.retrieve_backward("ns", result, grad, step_values=False)[0], by_handle[0],
+                                       rtol=1e-6, atol=1e-7)
+    finally:
+        server.stop(0)
+        runtime.shutdown()
