@@ -419,7 +419,7 @@ class MemoryClient:
         half the message limit, if less) it comes in parts (SearchParts, RetrieveParts: one search of
         the batch, its answer in messages of at most 4 MiB), unless the server has no such call (a
         server from before them: UNIMPLEMENTED)."""
-        if self.remote and answer_bytes > min(CHUNK_BYTES, self.max_message_bytes // 2) and self._answers_in_parts:
+        if self.remote and answer_bytes > min(CHUNK_BYTES, self.max_message_bytes // 2) and self._parts_fit():
             try:
                 return self._retried(f"{method}_parts", *args, **kwargs)
             except MemoryStoreError as error:
@@ -427,6 +427,11 @@ class MemoryClient:
                     raise
                 self._answers_in_parts = False
         return self._retried(method, *args, **kwargs)
+
+    def _parts_fit(self) -> bool:
+        """Whether reads may be answered in parts: the server has the calls, and their messages (at most
+        convert.ANSWER_PART_BYTES) fit this client's limit with room to spare."""
+        return self._answers_in_parts and convert.ANSWER_PART_BYTES <= self.max_message_bytes // 2
 
     @staticmethod
     def _pipelined(calls: list) -> list:
@@ -656,8 +661,8 @@ class MemoryClient:
         # Whole up to half the message limit (split, a forward keeps no state: its backward then sends
         # its arrays), its answer in parts past CHUNK_BYTES. An answer in parts has no message to fit:
         # only the queries count then (a training batch of B=4096, k=1024 and 1024-wide values answers
-        # 134 MB, and stays one forward with its state); without parts, the answer's slots count too.
-        split_row_bytes = 4 * width if self._answers_in_parts else max(4 * width, max(int(k), 1) * 28)
+        # 134 MB, and stays one forward with its state); without parts, the answer counts too.
+        split_row_bytes = 4 * width if self._parts_fit() else max(4 * width, answer_row_bytes)
         chunks = list(self._row_chunks(self._rows(queries), split_row_bytes + 64,
                                        whole_up_to=self.max_message_bytes))
         keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays

@@ -195,10 +195,13 @@ def test_a_client_that_stops_reading_an_answer_in_parts_leaves_the_server_servin
         np.testing.assert_array_equal(client.search("ns", queries, K).ids, expected.ids)
 
 
-def test_a_training_forward_whose_answer_passes_half_the_message_limit_stays_one_forward_with_its_state():
+def test_a_training_forward_whose_answer_passes_half_the_message_limit_stays_one_forward_with_its_state(
+        monkeypatch):
     """Only the queries must fit a message when the answer comes in parts: a Retrieve with keep_state
     whose answer (memory and slots) passes half the limit is one call that keeps its state, and its
-    backward by handle steps as the backward from the arrays does."""
+    backward by handle steps as the backward from the arrays does. (Parts of 16 KiB: they must fit the
+    client's limit, else it splits by the answer: test_concurrency's 64 KiB client.)"""
+    monkeypatch.setattr(convert, "ANSWER_PART_BYTES", 16 * 1024)
     small = 256 * 1024
     runtime = LocalRuntime(1)
     server, port = start_server(Router(runtime), port=0, max_message_bytes=small)
