@@ -46,7 +46,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     read_endpoints: the options of the shards' read endpoints (workers/read_endpoint.py), which
     ReadEndpoints starts and names; None: this server names none. max_message_bytes: the server's
     message limit; an answer in parts (SearchParts, RetrieveParts) sends messages of at most
-    convert.ANSWER_PART_BYTES or half of it, whichever is less."""
+    convert.ANSWER_PART_BYTES or half that limit, whichever is less."""
 
     def __init__(self, router: Router, read_endpoints=None, max_message_bytes: int | None = None):
         self.router = router
