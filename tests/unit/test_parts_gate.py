@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from monim import MemoryClient
 
-DIM, ROWS, K, BATCH = 8, 300, 20, 200
+DIM, ROWS, K, BATCH = 8, 300, 20, 4000  # a 1.3 MB answer: more than gRPC buffers before a cancel
 
 
 def _counts(server, method: str) -> dict:
