@@ -47,6 +47,12 @@ def error_from_rpc(error: grpc.RpcError, tls: bool = False) -> MemoryStoreError:
     code = error.code() if hasattr(error, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
+    if name == "CANCELLED":
+        # The client cancels no call whose answer it still reads: a CANCELLED is the server's, which
+        # stopped during the call (a call it had not handed to a handler yet; grpc/grpc#41785). That is
+        # UNAVAILABLE to the caller: retried, or sent to the front end (a write with its request id
+        # lands once).
+        name, details = "UNAVAILABLE", f"the server cancelled the call as it stopped ({details or 'CANCELLED'})"
     cls = ERRORS_BY_CODE.get(name, InternalError)
     hint = transport_hint(details or "", tls) if name == "UNAVAILABLE" else ""
     result = cls(f"{details or name} ({hint})" if hint else details or name)

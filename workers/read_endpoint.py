@@ -23,8 +23,12 @@ An endpoint takes the front end's tokens and TLS: every call and step is authori
 end. It serves those methods (others: UNIMPLEMENTED) and the standard health service. It binds the
 front end's host when that is a loopback address (one machine: nothing else may reach it), else the
 address of the node its shard runs on (so clients reach it where Ray placed the shard). The first
-front end to start a shard's endpoint sets its options; it lives until the shard closes or its
-process ends. Its calls are counted by the front end's metrics as the shard's
+front end to start a shard's endpoint sets its options; it lives until the shard closes (a reshard
+that shrinks retires it) or its process ends. A closing shard's endpoint refuses new calls
+(UNAVAILABLE: the client sends them to the front end), waits up to ``STOP_GRACE_S`` for those in
+flight, then stops; a call it cancels then reaches its client as CANCELLED, which the client takes
+for UNAVAILABLE (model_client/errors.py) and sends to the front end, a write with its request id.
+Its calls are counted by the front end's metrics as the shard's
 (``monim_read_endpoint_calls_total``), not in ``monim_requests_total``, and so are the forwards its
 router keeps (``monim_read_endpoint_forward_states``).
 """
@@ -34,7 +38,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import ipaddress
+import logging
 import threading
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,9 +57,14 @@ ENDPOINT_THREADS = 16
 # writes (the hard tokens it memorizes, a step's value gradients).
 ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "SearchParts", "RetrieveParts", "Decode", "RetrieveBackward",
                               "CommitStep", "AbortStep", "Add", "ApplyGradients"})
+# How long a closing shard's endpoint waits for the calls in flight on it (a memory layer's steps:
+# milliseconds each) before it stops and cancels what is left. It holds up the reshard that retires
+# the shard by as much at most.
+STOP_GRACE_S = 5.0
 # Set on a Shard object once its endpoint runs; one lock for every shard of a process.
 ENDPOINT_ATTRIBUTE = "read_endpoint"
 _starting = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +89,7 @@ def is_loopback(host: str) -> bool:
 
 class ReadEndpoint:
     """A gRPC server on ``host`` (a free port) serving ENDPOINT_METHODS through ``router``; ``target`` is
-    what clients dial. stop() ends it (open streams are cancelled)."""
+    what clients dial. stop() ends it."""
 
     def __init__(self, router, host: str, options: EndpointOptions, known=lambda namespace: False):
         """known(namespace): whether it exists (its calls are counted under its name, others under
@@ -130,10 +141,16 @@ class ReadEndpoint:
                 "forwards": {"states": len(forwards), "bytes": forwards.bytes,
                              "dropped": {why: forwards.counts[why] for why in DROP_REASONS}}}
 
-    def stop(self, grace_s: float | None = None) -> None:
+    def stop(self, grace_s: float = 0.0) -> None:
+        """Refuses new calls and Decode steps (UNAVAILABLE), waits up to grace_s seconds for the calls
+        in flight, then stops the server: calls still in flight and open Decode streams are cancelled."""
         self.health.enter_graceful_shutdown()
         self.gate.close()
-        self.server.stop(grace_s).wait()
+        deadline = time.monotonic() + grace_s
+        if not self.gate.wait_idle(lambda: deadline):
+            log.warning("read endpoint %s: %d call(s) still in flight after %.1f s; cancelling them",
+                        self.target, self.gate.in_flight, grace_s)
+        self.server.stop(0).wait()
 
 
 def ensure_endpoint(shard, make_router, host: str, options: EndpointOptions) -> str:
@@ -149,9 +166,10 @@ def ensure_endpoint(shard, make_router, host: str, options: EndpointOptions) -> 
 
 
 def stop_endpoint(shard) -> None:
-    """Stops the shard's endpoint, if it has one (the shard closes)."""
+    """Stops the shard's endpoint, if it has one (the shard closes), after the calls in flight on it
+    (up to STOP_GRACE_S)."""
     with _starting:
         endpoint = getattr(shard, ENDPOINT_ATTRIBUTE, None)
         if endpoint is not None:
             setattr(shard, ENDPOINT_ATTRIBUTE, None)
-            endpoint.stop(0)
+            endpoint.stop(STOP_GRACE_S)

@@ -10,6 +10,7 @@ and checks tokens and each step's namespace as the front end does.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import queue
 import threading
@@ -23,7 +24,15 @@ from monim.model_client import read_routing
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
-from monim.protos.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from monim.protos.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MemoryStoreError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from monim.workers import cli_status
 from monim.workers.auth import AuthPolicy
 from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, ENDPOINT_THREADS, stop_endpoint
@@ -430,3 +439,196 @@ def test_a_full_endpoint_sends_the_stream_to_the_front_end(deployment):
                 requests.put(None)
                 answers.cancel()
             channel.close()
+
+
+def _held(router, method: str):
+    """Holds router.method's calls until ``release`` is set: (entered, release, finished) Events,
+    finished set once a held call has run (the real method) to its end."""
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real = getattr(router, method)
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            finished.set()
+
+    setattr(router, method, held)
+    return entered, release, finished
+
+
+def _closing_shard(runtime, client):
+    """The endpoint the client reads through, and the shard whose endpoint it is."""
+    endpoint = _endpoint_of(runtime, client._store.read_routing.target())
+    return endpoint, next(shard for shard in runtime.shards if getattr(shard, ENDPOINT_ATTRIBUTE, None) is endpoint)
+
+
+@pytest.fixture
+def twins(deployment):
+    """"close-ep" and its twin "close-fe", the same rows (dropped after the test); (ids, gradients
+    for them)."""
+    _, address, _, _ = deployment
+    rng, rows = np.random.default_rng(21), 120
+    keys = rng.standard_normal((rows, DIM)).astype(np.float32)
+    values = rng.standard_normal((rows, VALUE_DIM)).astype(np.float32)
+    with MemoryClient(address, read_endpoints=False) as front_end:
+        ids = []
+        for name in ("close-ep", "close-fe"):
+            front_end.create_namespace(name, dim=DIM, value_dim=VALUE_DIM, optimizer="adam", lr=0.05)
+            ids.append(front_end.add(name, keys, np.arange(rows) % 50, values=values))
+        np.testing.assert_array_equal(ids[0], ids[1])
+        yield ids[0], rng.standard_normal((rows, VALUE_DIM)).astype(np.float32)
+        for name in ("close-ep", "close-fe"):
+            front_end.drop_namespace(name)
+
+
+def _stepped_once(front_end, ids, grads) -> None:
+    """close-ep's rows are close-fe's after one step of the same gradients (Adam: a second step of
+    them would move the rows on)."""
+    assert front_end.apply_gradients("close-fe", ids, grads) == len(ids)
+    np.testing.assert_allclose(front_end.get("close-ep", ids).values, front_end.get("close-fe", ids).values,
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_a_write_in_flight_on_a_closing_shards_endpoint_is_answered_there(deployment, twins):
+    """A reshard that shrinks closes a shard and its endpoint while clients' calls are in flight
+    there: the endpoint refuses new calls, waits for those in flight (STOP_GRACE_S), then stops. An
+    ApplyGradients held in the endpoint's router while its shard closes is answered by the endpoint,
+    and steps the rows once (the reliability run's reshard saw a bare CANCELLED: the endpoint
+    stopped with no grace)."""
+    runtime, address, _, _ = deployment
+    with MemoryClient(address, retries=0) as client, MemoryClient(address, read_endpoints=False) as front_end:
+        ids, grads = twins
+        endpoint, shard = _closing_shard(runtime, client)
+        entered, release, _ = _held(endpoint.router, "apply_gradients")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            try:
+                write = pool.submit(client.apply_gradients, "close-ep", ids, grads)
+                assert entered.wait(10)
+                closing = pool.submit(stop_endpoint, shard)
+                time.sleep(0.3)
+                assert not closing.done()  # it waits for the call in flight
+            finally:
+                release.set()
+            assert write.result(timeout=10) == len(ids)
+            closing.result(timeout=10)
+        assert endpoint.stats()["calls"].get(("ApplyGradients", "OK")) == 1  # answered where it was sent
+        _stepped_once(front_end, ids, grads)
+        client._store.read_routing.forget()
+
+
+def test_a_call_the_closing_endpoint_cancels_past_its_grace_goes_to_the_front_end_and_lands_once(deployment, twins,
+                                                                                                 monkeypatch):
+    """A call still in flight when the grace runs out is cancelled by the endpoint's stop: the
+    client (no retries to spend) sends it to the front end at once, as for a gone endpoint; the
+    cancelled handler goes on to its end, and its write (the same request id) lands nothing twice.
+    A CANCELLED the client did not ask for is UNAVAILABLE to it (the server stopped mid-call)."""
+    from monim.workers import read_endpoint
+
+    monkeypatch.setattr(read_endpoint, "STOP_GRACE_S", 0.2)
+    runtime, address, _, _ = deployment
+    with MemoryClient(address, retries=0) as client, MemoryClient(address, read_endpoints=False) as front_end:
+        ids, grads = twins
+        endpoint, shard = _closing_shard(runtime, client)
+        entered, release, finished = _held(endpoint.router, "apply_gradients")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                write = pool.submit(client.apply_gradients, "close-ep", ids, grads)
+                assert entered.wait(10)
+                stop_endpoint(shard)  # the grace passes with the call still held
+                assert write.result(timeout=10) == len(ids)  # from the front end
+        finally:
+            release.set()
+        assert finished.wait(10)  # the cancelled handler's write, sent after the front end's
+        assert client._store.read_routing.target() is None  # reads stay on the front end a while
+        _stepped_once(front_end, ids, grads)
+        client._store.read_routing.forget()
+
+
+def test_a_decode_step_the_closing_endpoint_cancels_is_answered_by_the_front_end(deployment, monkeypatch):
+    from monim.workers import read_endpoint
+
+    monkeypatch.setattr(read_endpoint, "STOP_GRACE_S", 0.2)
+    runtime, address, _, _ = deployment
+    with MemoryClient(address, retries=0) as client, client.decode() as stream:
+        expected = client.search("mem", _queries(30), 4)
+        stream.search("mem", _queries(31), 4)
+        endpoint, shard = _closing_shard(runtime, client)
+        assert stream.target == endpoint.target
+        entered, release, _ = _held(endpoint.router, "search")
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                step = pool.submit(stream.search, "mem", _queries(30), 4)
+                assert entered.wait(10)
+                stop_endpoint(shard)
+                np.testing.assert_array_equal(step.result(timeout=10).ids, expected.ids)
+        finally:
+            release.set()
+        assert stream.target == address
+        client._store.read_routing.forget()
+
+
+class _CancelledByTheServer(MemoryStoreError):
+    """What a server's gRPC core answers a call it drops while stopping: CANCELLED, no details (a
+    call that had not reached a handler yet; grpc/grpc#41785). Raised by a router, the servicer
+    answers it with that status."""
+
+    code = "CANCELLED"
+
+
+def _cancelled_after(router, method: str) -> list:
+    """router.method runs, then its call is answered CANCELLED (once): the write landed, the client
+    does not know. Returns the list the cancelled calls' answers go to."""
+    real, answers = getattr(router, method), []
+
+    def cancelled(*args, **kwargs):
+        if answers:
+            return real(*args, **kwargs)
+        answers.append(real(*args, **kwargs))
+        raise _CancelledByTheServer("")
+
+    setattr(router, method, cancelled)
+    return answers
+
+
+def test_a_call_an_endpoint_answers_cancelled_goes_to_the_front_end_and_lands_once(deployment, twins):
+    """The reliability run's reshard (2 -> 1 shards) once answered an ApplyGradients on a closing
+    endpoint with a bare CANCELLED, which reached the workload as an error. A CANCELLED the client
+    did not ask for means the server stopped during the call: to the client it is UNAVAILABLE, so
+    the call goes to the front end (no retry spent), where its request id lands it once."""
+    runtime, address, _, _ = deployment
+    with MemoryClient(address, retries=0) as client, MemoryClient(address, read_endpoints=False) as front_end:
+        ids, grads = twins
+        endpoint, _ = _closing_shard(runtime, client)
+        landed = _cancelled_after(endpoint.router, "apply_gradients")
+        try:
+            assert client.apply_gradients("close-ep", ids, grads) == len(ids)
+        finally:
+            del endpoint.router.apply_gradients
+        assert landed == [len(ids)]  # it had landed on the endpoint
+        assert endpoint.stats()["calls"][("ApplyGradients", "CANCELLED")] == 1
+        assert client._store.read_routing.target() is None  # reads stay on the front end a while
+        _stepped_once(front_end, ids, grads)
+        client._store.read_routing.forget()
+
+
+def test_a_call_the_front_end_answers_cancelled_is_retried_and_lands_once(deployment, twins):
+    _, address, _, server = deployment
+    with MemoryClient(address, retries=1, backoff_s=0.01, read_endpoints=False) as front_end:
+        ids, grads = twins
+        landed = _cancelled_after(server.router, "apply_gradients")
+        try:
+            assert front_end.apply_gradients("close-ep", ids, grads) == len(ids)
+        finally:
+            del server.router.apply_gradients
+        assert landed == [len(ids)]
+        _stepped_once(front_end, ids, grads)
+        with MemoryClient(address, retries=0, read_endpoints=False) as no_retries:
+            _cancelled_after(server.router, "search")
+            try:
+                with pytest.raises(Unavailable, match="cancelled"):
+                    no_retries.search("close-ep", _queries(0), 2)
+            finally:
+                del server.router.search
