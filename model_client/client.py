@@ -588,12 +588,7 @@ class MemoryClient:
                               namespace, queries[part], k, return_keys, return_values, return_weights,
                               nprobe=nprobe, rerank=rerank)
             for part in chunks])
-        if len(parts) == 1:
-            return parts[0]
-        return SearchResult(**{f.name: None if getattr(parts[0], f.name) is None else
-                               np.concatenate([getattr(p, f.name) for p in parts])
-                               for f in dataclasses.fields(SearchResult) if f.name != "generation"},
-                            generation=parts[-1].generation)
+        return convert.joined_search_results(parts)
 
     def get(self, namespace: str, ids, return_optimizer_state: bool = False) -> Rows:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
@@ -674,9 +669,7 @@ class MemoryClient:
             return parts[0]
         if len({p.generation for p in parts}) > 1:
             raise FailedPrecondition(f"namespace {namespace!r} was re-created during this Retrieve; retry it")
-        return RetrieveResult(**{name: np.concatenate([getattr(p, name) for p in parts])
-                                 for name in ("memory", "ids", "alpha", "distances", "tokens", "weights")},
-                              queries=queries, temperature=temperature, generation=parts[0].generation)
+        return dataclasses.replace(convert.joined_retrieve_results(parts), queries=queries, handle="")
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
                           step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:

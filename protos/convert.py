@@ -169,8 +169,13 @@ def search_result_parts_to_wire(result: SearchResult, part_bytes: int | None = N
 
 def search_result_from_parts(parts) -> SearchResult:
     """SearchParts' answer, its (message, payloads) parts joined in order."""
-    found = [search_result_from_proto(*part) for part in parts]
-    return found[0] if len(found) == 1 else dataclasses.replace(found[0], **{
+    return joined_search_results([search_result_from_proto(*part) for part in parts])
+
+
+def joined_search_results(found: list[SearchResult]) -> SearchResult:
+    """The answers of consecutive query rows (the parts of one answer, or a split batch's calls) as one,
+    in order; the last one's generation."""
+    return found[0] if len(found) == 1 else dataclasses.replace(found[-1], **{
         name: None if getattr(found[0], name) is None else np.concatenate([getattr(f, name) for f in found])
         for name in _SEARCHED})
 
@@ -234,7 +239,12 @@ def retrieve_result_parts_to_wire(result: RetrieveResult, part_bytes: int | None
 
 def retrieve_result_from_parts(parts, queries, temperature: float) -> RetrieveResult:
     """RetrieveParts' answer, its (message, payloads) parts joined in order."""
-    found = [retrieve_result_from_proto(response, queries, temperature, payloads) for response, payloads in parts]
+    return joined_retrieve_results([retrieve_result_from_proto(response, queries, temperature, payloads)
+                                    for response, payloads in parts])
+
+
+def joined_retrieve_results(found: list[RetrieveResult]) -> RetrieveResult:
+    """As joined_search_results, for Retrieve: the first one's queries, temperature and handle."""
     return found[0] if len(found) == 1 else dataclasses.replace(found[0], **{
         name: np.concatenate([getattr(f, name) for f in found]) for name in _RETRIEVED})
 
