@@ -10,7 +10,7 @@ prints the milliseconds per call (summed over the call's chunks and parts).
 
     python -m bench.service_breakdown                      # CPU, 100,000 rows of 768 + 768 values
     python -m bench.service_breakdown --device cuda        # a GPU shard against the in-process GPU store
-    python -m bench.service_breakdown --pipelines 2:32,4:16,1:128   # the client's chunks: depth:MiB each
+    python -m bench.service_breakdown --pipelines 2:8,4:8,2:32     # the client's chunks: depth:MiB each
 
 With --pipelines, the service's calls are timed once per setting of the client's pipeline (chunks
 in flight : chunk size in MiB; the stages are printed for the first setting).
@@ -116,13 +116,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="the in-process store's device; the shard takes a GPU if any")
     p.add_argument("--shard-cpus", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--pipelines", default="2:32", help="client pipeline settings, depth:chunk_MiB, comma-separated")
+    p.add_argument("--pipelines", default="", help="client pipeline settings, depth:chunk_MiB, comma-separated "
+                                                  "(default: the client's own)")
     args = p.parse_args(argv)
-    pipelines = [tuple(int(x) for x in item.split(":")) for item in args.pipelines.split(",") if item]
 
     import ray
     from monim.model_client import MemoryClient
     from monim.model_client import client as client_module
+
+    pipelines = [tuple(int(x) for x in item.split(":")) for item in args.pipelines.split(",") if item] or \
+        [(client_module.PIPELINE_DEPTH, client_module.CHUNK_BYTES >> 20)]
     from monim.workers import runtime as runtime_module
     from monim.workers import servicer as servicer_module
     from monim.workers.embedded import EmbeddedStore
@@ -171,6 +174,10 @@ def main(argv=None) -> int:
         load(remote)
         actor = service.runtime.shards[0]
         print(f"# shard actor: {ray.get(actor.__ray_call__.remote(_install_in_actor))}")
+        # An untimed series of Adds first: the shard's first ones take fresh memory from the OS (page
+        # faults), which every later series reuses; timed first, the first setting's Add ran 1.8x slower
+        # than the same setting timed again after the others (2-core VM).
+        timed_calls(add_series(remote), args.repeats)
         for setting, (depth, chunk_mib), op in [(setting, pipeline, op) for setting, pipeline in enumerate(pipelines)
                                                 for op in ("add", "apply")]:
             client_module.PIPELINE_DEPTH, client_module.CHUNK_BYTES = depth, chunk_mib << 20
