@@ -36,17 +36,12 @@ import hmac
 import logging
 import os
 import stat
-import sys
 from typing import Callable
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # the server extra installs tomli on 3.10
-    import tomli as tomllib
 
 import grpc
 from monim.protos import memory_pb2 as pb
 from monim.protos.errors import InvalidArgument, PermissionDenied
+from monim.workers.toml_file import read_toml
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +155,7 @@ class AuthPolicy:
         """Reads and checks an auth file; InvalidArgument names the file and the first problem:
         unreadable, not TOML, no ``[[token]]``, a missing or unknown key, a wrong type, an empty
         name or secret, two tokens with one name or one secret."""
-        try:
-            with open(path, "rb") as file:
-                data = tomllib.load(file)
-        except FileNotFoundError:
-            raise InvalidArgument(f"auth file {path}: no such file") from None
-        except IsADirectoryError:
-            raise InvalidArgument(f"auth file {path}: is a directory") from None
-        except OSError as error:
-            raise InvalidArgument(f"auth file {path}: cannot be read ({error.strerror or error})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise InvalidArgument(f"auth file {path}: not valid TOML: {error}") from None
+        data = read_toml(path, "auth file")
         unknown = sorted(set(data) - {"token"})
         if unknown:
             raise InvalidArgument(f"{path}: unknown top-level key(s) {', '.join(unknown)} (only [[token]] tables)")

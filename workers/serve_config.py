@@ -25,10 +25,10 @@ import json
 import math
 import os
 import re
-import sys
 
 from monim.protos.errors import InvalidArgument
 from monim.workers.shard_groups import STRATEGIES
+from monim.workers.toml_file import read_toml
 
 ENV_PREFIX = "MONIM_"
 CONFIG_ENV = "MONIM_CONFIG"
@@ -175,21 +175,7 @@ def _typed(option: Option, value, where: str):
 def load_config(path: str, options: dict[str, Option]) -> dict[str, tuple[object, _Source]]:
     """Reads and checks a config file: {dest: (value, source)}. InvalidArgument names the file and
     the first problem: unreadable, not TOML, an unknown key, one flag under two spellings, a wrong type."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # the server extra installs tomli on 3.10 (imported here: `monim status` needs only the base install)
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-    except FileNotFoundError:
-        raise InvalidArgument(f"config file {path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"config file {path}: is a directory") from None
-    except OSError as error:
-        raise InvalidArgument(f"config file {path}: cannot be read ({error.strerror or error})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise InvalidArgument(f"config file {path}: not valid TOML: {error}") from None
+    data = read_toml(path, "config file")
     by_key = {spelling: option for option in options.values() for spelling in (option.key, option.dest)}
     folder = os.path.dirname(os.path.abspath(path))
     found: dict[str, tuple[object, _Source]] = {}
