@@ -21,6 +21,9 @@ from monim.protos.errors import (  # noqa: F401 - re-exported for users
     Unavailable,
 )
 
+# gRPC's details of a call cancelled because the client closed its channel meanwhile.
+CHANNEL_CLOSED = "Channel closed!"
+
 
 def transport_hint(details: str, tls: bool) -> str:
     """What a failed connection's details most likely mean for TLS, as advice ("" if nothing)."""
@@ -47,9 +50,10 @@ def error_from_rpc(error: grpc.RpcError, tls: bool = False) -> MemoryStoreError:
     code = error.code() if hasattr(error, "code") else None
     name = code.name if code is not None else "UNKNOWN"
     details = error.details() if hasattr(error, "details") else str(error)
-    if name == "CANCELLED":
-        # The client cancels no call whose answer it still reads: a CANCELLED is the server's, which
-        # stopped during the call (a call it had not handed to a handler yet; grpc/grpc#41785). That is
+    if name == "CANCELLED" and details != CHANNEL_CLOSED:
+        # The client cancels no call whose answer it still reads (but for a close of its own channel,
+        # from another thread: left as it is, not retried): a CANCELLED is the server's, which stopped
+        # during the call (a call it had not handed to a handler yet; grpc/grpc#41785). That is
         # UNAVAILABLE to the caller: retried, or sent to the front end (a write with its request id
         # lands once).
         name, details = "UNAVAILABLE", f"the server cancelled the call as it stopped ({details or 'CANCELLED'})"

@@ -632,3 +632,23 @@ def test_a_call_the_front_end_answers_cancelled_is_retried_and_lands_once(deploy
                     no_retries.search("close-ep", _queries(0), 2)
             finally:
                 del server.router.search
+
+
+def test_a_call_in_flight_when_its_own_client_closes_is_not_retried(deployment):
+    """CANCELLED "Channel closed!" is the client's own doing (close() from another thread): it stays
+    an error of that call, not UNAVAILABLE, and no retry runs on the closed channel."""
+    runtime, address, _, server = deployment
+    entered, release, finished = _held(server.router, "search")
+    try:
+        client = MemoryClient(address, retries=3, backoff_s=0.01, read_endpoints=False)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.search, "mem", _queries(0), 2)
+            assert entered.wait(10)
+            client.close()
+            with pytest.raises(MemoryStoreError, match="Channel closed") as closed:
+                call.result(timeout=10)
+        assert not isinstance(closed.value, Unavailable)
+    finally:
+        release.set()
+        del server.router.search
+    assert finished.wait(10)
