@@ -53,7 +53,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # messages than in 32 MiB ones. A Search's or a Retrieve's answer past it comes in parts instead
 # (SearchParts, RetrieveParts: one call, one search, messages of 4 MiB).
 CHUNK_BYTES = 8 * 1024 * 1024
-PIPELINE_DEPTH = 2
+# Four in flight: on an H100 host (16 cores, one GPU shard) a 403 MB Add of 65,536 rows and a
+# 201 MB ApplyGradients went 1.2x and 1.4-1.6x faster than with two (216-222k against 180k rows/s;
+# 587-690k against 433-482k), eight no faster for the Add (docs/BENCHMARKS.md, run 14). Each holds
+# one of the server's threads while it is served, and 4 x 8 MiB of the client's memory.
+PIPELINE_DEPTH = 4
 # The environment variable a token is read from when none is passed (read when a client is made).
 TOKEN_ENV = "MONIM_TOKEN"
 _FLOAT_KINDS = ("float16", "float32")

@@ -172,7 +172,7 @@ def test_a_backward_larger_than_one_message_is_one_optimizer_step(server_address
             name = new_name()
             with MemoryClient(server_address, max_message_bytes=limit) as client:
                 client.create_namespace(name, dim=32, value_dim=16, optimizer="sgd", lr=0.1)
-                # With the small limit the Add goes in chunks two at a time: ids in the order the
+                # With the small limit the Add goes in chunks, several at a time: ids in the order the
                 # chunks arrived, so rows are compared by the ids the Add returned, in row order.
                 ids = client.add(name, keys, np.arange(300), values=values)
                 result = client.retrieve(name, queries, 16)

@@ -175,7 +175,7 @@ def test_a_step_that_would_overflow_in_its_last_block_changes_no_row(monkeypatch
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
 def test_a_step_in_parts_is_the_same_whatever_order_its_parts_arrive_in(name):
-    """A client sends a large step's parts two at a time, so they may reach a shard in any order;
+    """A client sends a large step's parts several at a time, so they may reach a shard in any order;
     the step sums repeated ids' gradients in the parts' order, not their arrival's: the same values,
     bit for bit, as the parts sent in order."""
     rng = np.random.default_rng(4)
