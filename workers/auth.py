@@ -41,7 +41,7 @@ from typing import Callable
 import grpc
 from monim.protos import memory_pb2 as pb
 from monim.protos.errors import InvalidArgument, PermissionDenied
-from monim.workers.toml_file import read_toml
+from monim.workers.server_files import read_toml
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import os
 import re
 
 from monim.protos.errors import InvalidArgument
+from monim.workers.server_files import read_toml
 from monim.workers.shard_groups import STRATEGIES
-from monim.workers.toml_file import read_toml
 
 ENV_PREFIX = "MONIM_"
 CONFIG_ENV = "MONIM_CONFIG"

@@ -15,19 +15,12 @@ import ssl
 
 import grpc
 from monim.protos.errors import InvalidArgument
+from monim.workers.server_files import read_bytes
 
 
 def _read_pem(path: str, what: str, marker: str) -> bytes:
     """The file's bytes, which must hold a PEM block whose type ends with ``marker``."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except FileNotFoundError:
-        raise InvalidArgument(f"{what} {path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidArgument(f"{what} {path}: is a directory") from None
-    except OSError as error:
-        raise InvalidArgument(f"{what} {path}: cannot be read ({error.strerror or error})") from None
+    data = read_bytes(path, what)
     if not any(line.startswith(b"-----BEGIN ") and line.rstrip().endswith(marker.encode() + b"-----")
                for line in data.splitlines()):
         raise InvalidArgument(f"{what} {path}: no PEM '{marker}' block in it")
