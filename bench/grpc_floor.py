@@ -50,8 +50,10 @@ def _answer(request: bytes, cache: dict) -> bytes:
 
 def serve(ready_path: str) -> None:
     """The floor's server (run in its own process): writes its port to ready_path, runs until stdin closes."""
+    from monim.protos import heap
     from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 
+    heap.keep_freed_memory()  # as the service's processes do (MONIM_KEEP_FREED_MEMORY=0: not)
     cache: dict = {}
     handlers = {
         "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: _answer(request, cache)),
@@ -76,8 +78,10 @@ class GrpcFloor:
     def __init__(self, repeats: int = 20, budget_s: float = 2.0):
         import tempfile
 
+        from monim.protos import heap
         from monim.workers.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 
+        self.tuned_malloc = heap.keep_freed_memory()  # as a client's process does
         self.repeats, self.budget_s = repeats, budget_s
         self._dir = tempfile.TemporaryDirectory()
         ready = os.path.join(self._dir.name, "port")
@@ -252,7 +256,8 @@ def main(argv=None) -> int:
             chunk_sweep(floor, args.rounds)
         return 0
     with GrpcFloor() as floor:
-        print(f"# bare gRPC on {os.cpu_count()} CPUs, grpcio {grpc.__version__}")
+        print(f"# bare gRPC on {os.cpu_count()} CPUs, grpcio {grpc.__version__}, malloc keeps freed memory: "
+              f"{floor.tuned_malloc} (protos/heap.py)")
         print(f"stream step, 3 KB up / 512 B down: {1e3 * floor.stream_step(3_136, 512):.3f} ms")
         print(f"unary call, 3 KB up / 512 B down: {1e3 * floor.unary(3_136, 512):.3f} ms")
         for mb_up, mb_down in ((12.6, 67.1), (403.0, 0.5)):

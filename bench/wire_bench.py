@@ -15,7 +15,7 @@ import platform
 import time
 
 import numpy as np
-from monim.protos import convert, framing
+from monim.protos import convert, framing, heap
 from monim.protos import memory_pb2 as pb
 
 
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
+    tuned = heap.keep_freed_memory()  # as a client's process does (MONIM_KEEP_FREED_MEMORY=0: not)
+    print(f"# malloc keeps freed memory: {tuned} (protos/heap.py)")
     rng = np.random.default_rng(0)
     arrays = (rng.standard_normal((args.rows, args.dim), dtype=np.float32), np.arange(args.rows),
               rng.standard_normal((args.rows, args.dim), dtype=np.float32))

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 from monim.model_client.errors import error_from_rpc
 from monim.model_client.read_routing import ReadRouting
-from monim.protos import convert, framing, validation
+from monim.protos import convert, framing, heap, validation
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW, NamespaceConfig, OptimizerConfig
@@ -126,6 +126,7 @@ class _RemoteStore:
 
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, route_reads: bool = True):
+        heap.keep_freed_memory()  # this process encodes and decodes the messages (protos/heap.py)
         self._options = [("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.max_receive_message_length", max_message_bytes)]
         self._credentials = credentials

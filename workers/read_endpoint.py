@@ -44,6 +44,7 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from monim.protos import heap
 from monim.workers.auth import AuthInterceptor, AuthPolicy
 from monim.workers.decoding import add_memory_service
 from monim.workers.forwards import DROP_REASONS
@@ -98,6 +99,7 @@ class ReadEndpoint:
         from monim.workers.server import message_size_options
         from monim.workers.servicer import MemoryServicer
 
+        heap.keep_freed_memory()  # the shard's process: its messages' buffers reuse their pages (protos/heap.py)
         self.router = router
         self.recent = RecentCalls()  # per namespace: monim_read_endpoint_namespace_requests_per_second
         self._known, self._unknown = known, UNKNOWN_NAMESPACE

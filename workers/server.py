@@ -13,6 +13,7 @@ import concurrent.futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from monim.protos import heap
 from monim.protos import memory_pb2 as pb
 from monim.workers.auth import AuthInterceptor, AuthPolicy
 from monim.workers.decoding import add_memory_service
@@ -48,6 +49,7 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
     stream holds one, and at most half of them are given to streams (RESOURCE_EXHAUSTED past that).
     read_endpoints: ReadEndpoints starts and names the shards' own read endpoints, with this
     server's tokens, TLS and message limit (workers/read_endpoint.py); False: it names none."""
+    heap.keep_freed_memory()  # the messages' buffers reuse their pages (protos/heap.py)
     frontend = Frontend(router, auth=auth, metrics_port=metrics_port, metrics_host=metrics_host or host,
                         health_poll_s=health_poll_s)
     frontend.gate.max_streams = max_workers // 2  # decode streams hold a thread each; calls keep the rest
