@@ -694,3 +694,39 @@ def test_a_copy_that_arrives_after_its_batch_was_thawed_is_refused_and_changes_n
     assert state(router) == before  # no row twice, nothing else changed
     reshard(router, 3, batch_rows=40)
     assert state(router) == before
+
+
+def _tagged(router, rng, rows: int, source: str) -> np.ndarray:
+    return router.add("ns", rng.standard_normal((rows, DIM)).astype(np.float32), np.arange(rows), source=source).ids
+
+
+@pytest.mark.parametrize("applied_first_on", ["target", "source"])
+def test_a_delete_by_source_retried_after_a_move_deletes_every_row_of_the_source(tmp_path, applied_first_on):
+    """A delete by source whose round one shard applied and another refused (the reshard's placement
+    reached them at different times: the reliability run of seed 53 lost 659 deletes this way) is sent
+    again, whole, after the batch moved. The shard that had applied it must delete the rows of the
+    source that the move brought it, and the shard that learnt of it from the move (the batch's marks)
+    must still delete its own. Before the fix the first answered its first count and the second 0: the
+    rows stayed, though the delete was acknowledged."""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(11)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    tagged = _tagged(router, rng, 120, "day-0")
+    kept = _tagged(router, rng, 40, "day-1")
+    config = router.config("ns")
+    request = router._step_key(config, "delete-day-0")
+    shards = router.runtime.shards
+    shard = shards[0] if applied_first_on == "target" else shards[1]  # a shrink to 1 moves shard 1's rows to 0
+    first = shard.delete("ns", config.generation, request, None, "day-0")
+    assert 0 < first < tagged.size
+    assert reshard(router, 1, batch_rows=32).done
+    # The retry: answered by the shards that still hold rows (docs/OPERATIONS.md, "Reshard"): shard 0's
+    # count, each row once (with what it deleted at first, if it did); shard 1 went with its count.
+    counted = tagged.size if applied_first_on == "target" else tagged.size - first
+    assert router.delete("ns", source="day-0", request_id="delete-day-0") == counted
+    assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
+    assert router.delete("ns", source="day-0", request_id="delete-day-0") == counted  # again: nothing more
+    # the log replays the same: a restart keeps the rows deleted
+    crash(router)
+    router = deployment(tmp_path, shards=1)
+    assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
