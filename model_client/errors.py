@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import grpc
 from monim.protos.errors import (  # noqa: F401 - re-exported for users
+    ERROR_REASON_KEY,
     ERRORS_BY_CODE,
+    ERRORS_BY_REASON,
     AlreadyExists,
     DeadlineExceeded,
     InternalError,
@@ -58,7 +60,19 @@ def error_from_rpc(error: grpc.RpcError, tls: bool = False) -> MemoryStoreError:
         # lands once).
         name, details = "UNAVAILABLE", f"the server cancelled the call as it stopped ({details or 'CANCELLED'})"
     cls = ERRORS_BY_CODE.get(name, InternalError)
+    reason = _reason(error)
+    if reason in ERRORS_BY_REASON and ERRORS_BY_REASON[reason].code == name:
+        cls = ERRORS_BY_REASON[reason]
     hint = transport_hint(details or "", tls) if name == "UNAVAILABLE" else ""
-    result = cls(f"{details or name} ({hint})" if hint else details or name)
+    result = cls.from_status(f"{details or name} ({hint})" if hint else details or name)
     result.status_code = name
     return result
+
+
+def _reason(error: grpc.RpcError) -> str:
+    """The server's ERROR_REASON_KEY of the call's trailing metadata, or ""."""
+    try:
+        metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    except Exception:  # noqa: BLE001 - an error made without a call (a test's, a channel's) has none
+        return ""
+    return next((value for key, value in metadata or () if key == ERROR_REASON_KEY), "")

@@ -22,8 +22,10 @@ from importlib import metadata as _metadata
 from monim._lazy import lazy_attributes
 from monim.protos.config import NamespaceConfig, OptimizerConfig
 from monim.protos.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
+    FailedPrecondition,
     IdsNotFound,
     InternalError,
     InvalidArgument,
@@ -33,6 +35,7 @@ from monim.protos.errors import (
     PermissionDenied,
     ResourceExhausted,
     ShardUnavailable,
+    StepAnswerLost,
     Unauthenticated,
     Unavailable,
 )
@@ -56,10 +59,10 @@ _LAZY = {
 __getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
-    "AddResult", "AlreadyExists", "DeadlineExceeded", "IdsNotFound", "InternalError", "InvalidArgument",
-    "MemoryStoreError", "NamespaceConfig", "NamespaceNotFound", "NotFound", "OptimizerConfig", "PermissionDenied",
-    "ResourceExhausted", "RetrieveResult", "Rows", "SearchResult", "ShardUnavailable", "Unauthenticated",
-    "Unavailable", "__version__", *_LAZY,
+    "Aborted", "AddResult", "AlreadyExists", "DeadlineExceeded", "FailedPrecondition", "IdsNotFound",
+    "InternalError", "InvalidArgument", "MemoryStoreError", "NamespaceConfig", "NamespaceNotFound",
+    "NotFound", "OptimizerConfig", "PermissionDenied", "ResourceExhausted", "RetrieveResult", "Rows",
+    "SearchResult", "ShardUnavailable", "StepAnswerLost", "Unauthenticated", "Unavailable", "__version__", *_LAZY,
 ]
 
 

@@ -14,10 +14,18 @@ class MemoryStoreError(Exception):
     """Base class; ``code`` is the gRPC status code name it travels as."""
 
     code = "INTERNAL"
+    # A finer cause than the code, for the few errors a caller acts on differently: sent as the call's
+    # trailing metadata (ERROR_REASON_KEY) and raised as its class by a client (ERRORS_BY_REASON).
+    reason = ""
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+    @classmethod
+    def from_status(cls, message: str) -> "MemoryStoreError":
+        """The error as a client rebuilds it from a call's status: its class and message only."""
+        return _rebuild_error(cls, message, {"message": message})
 
     def __reduce__(self):
         # Keeps subclasses with extra constructor arguments picklable (Ray
@@ -81,6 +89,21 @@ class NamespaceChanged(FailedPrecondition):
         self.namespace, self.expected, self.actual = namespace, expected, actual
 
 
+class StepAnswerLost(FailedPrecondition):
+    """A backward was sent again for a step already committed (its value rows stepped, once), and the
+    partial sums its first try answered are no longer kept (the shard restarted, its rows moved, or
+    the sums aged out): its dL/dq and dL/dT cannot be answered again. Nothing is stepped twice."""
+
+    reason = "STEP_ANSWER_LOST"
+    step_id, shard = "", -1  # (named in the message of one a client rebuilt)
+
+    def __init__(self, step_id: str, shard: int):
+        super().__init__(f"step {step_id!r} was committed on shard {shard} (its value rows stepped once) and the "
+                         "gradients its first try answered are no longer kept (a restart, a reshard, or aged "
+                         "out): dL/dq and dL/dT of this step cannot be answered again; go on with the next step")
+        self.step_id, self.shard = step_id, shard
+
+
 class Aborted(MemoryStoreError):
     """A concurrent change kept the call from finishing consistently; nothing was changed, retry."""
 
@@ -138,3 +161,5 @@ ERRORS_BY_CODE = {
         InternalError,
     )
 }
+ERROR_REASON_KEY = "monim-error-reason"
+ERRORS_BY_REASON = {cls.reason: cls for cls in (StepAnswerLost,)}

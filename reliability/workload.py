@@ -317,6 +317,7 @@ class Client:
             self.wrong(rows_problems(what, served, self.model.get(twin.spec.name, model_ids, True)))
 
     def retrieve(self, twin: NamespaceTwin) -> None:
+        from monim.protos.errors import StepAnswerLost
         from monim.protos.results import RetrieveResult
 
         spec, rng = twin.spec, self.rng
@@ -342,8 +343,12 @@ class Client:
             return  # the service named rows the model does not have: nothing to step on the model's side
         grad_memory = (0.5 * rng.standard_normal((batch, spec.value_dim))).astype(np.float32)
         step_id = uuid.uuid4().hex
-        (grad_queries, grad_temperature), failed = self.call(
-            "retrieve_backward", lambda c: c.retrieve_backward(spec.name, served, grad_memory, step_id=step_id), write=True)
+        try:
+            (grad_queries, grad_temperature), failed = self.call(
+                "retrieve_backward", lambda c: c.retrieve_backward(spec.name, served, grad_memory, step_id=step_id),
+                write=True, expect=("FAILED_PRECONDITION",))
+        except StepAnswerLost:  # documented: a retry after the committing shard restarted; the rows stepped once
+            failed = True
         as_served = RetrieveResult(memory=served.memory, ids=ids, alpha=served.alpha, distances=served.distances,
                                    tokens=served.tokens, weights=served.weights, queries=queries, temperature=temperature)
         want_queries, want_temperature = self.model.retrieve_backward(spec.name, as_served, grad_memory)

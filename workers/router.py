@@ -42,6 +42,7 @@ from monim.protos.errors import (
     NamespaceChanged,
     NamespaceNotFound,
     ShardUnavailable,
+    StepAnswerLost,
     Unavailable,
 )
 from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
@@ -552,6 +553,12 @@ class Router:
                                                              (config.metric, temperature) if placement.alone else None))
                                    for shard in range(placement.actors)],
                 on_retry=self._moved_during_step(config, step, defer_step))
+        except StepAnswerLost:
+            # The step was committed on a shard that no longer has its first answer: finish it on any shard
+            # that lost its parts before committing them (they were staged again by this round), then say so.
+            if not defer_step:
+                self._commit(config, step)
+            raise
         except MemoryStoreError as error:
             if not defer_step or not isinstance(error, (Unavailable, DeadlineExceeded)):
                 self._undo("abort_step", namespace, config.generation, step)

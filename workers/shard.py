@@ -49,6 +49,7 @@ from monim.protos.errors import (
     NamespaceChanged,
     NamespaceNotFound,
     ResourceExhausted,
+    StepAnswerLost,
 )
 from monim.workers.placement import Placement, PlacementChanged
 from monim.workers.serve_config import format_size
@@ -140,8 +141,8 @@ class _RememberedIds(_Remembered):
 class _RememberedPartials(collections.OrderedDict):
     """(step id, part, placement version) -> the partial sums a shard answered for a part of a step it
     committed (packed, on its device: slot_partials),
-    bounded by the bytes they hold (the oldest steps' go first: a retry of one of those gets sums over
-    the stepped values, as before they were kept)."""
+    bounded by the bytes they hold (the oldest steps' go first: a retry of one of those is answered
+    StepAnswerLost, as after a restart)."""
 
     def __init__(self, max_bytes: int = 0):
         super().__init__()
@@ -794,7 +795,8 @@ class Shard:
         arrays); its value gradients wait, staged under step_id, for commit_step. NOT_FOUND (nothing
         staged) if one of its ids is gone. A part of a step this shard already committed (a retry) gets
         the partials it answered before the step (while it keeps them: _RememberedPartials), and
-        stages nothing.
+        stages nothing; once they are gone (a restart, a reshard, aged out) StepAnswerLost, unless this
+        shard holds none of the part's ids (its sums are zeros, whatever the values).
         finish: (metric, temperature), from a router whose placement is alone (this shard holds every
         row, and the version check says its placement is the router's): the finished answer
         (grad_queries float32 [B, dim], grad_temperature), combined on this shard's device, instead of
@@ -803,6 +805,9 @@ class Shard:
         stages = self._stages(step_id)
         # Sums remembered at another placement may cover rows another shard holds now (and sums again).
         packed = self._answered.get((step_id, part, self.placement.version)) if not stages else None
+        if packed is None and not stages and (ids >= 0).any():
+            # Sums over the values after the step would be wrong answers (found by the reliability run of seed 89).
+            raise StepAnswerLost(step_id.split(":", 2)[-1], self.shard_index)  # the caller's id, not its _step_key
         if packed is None:
             packed, step_ids, grads, held = store.backward_partials(queries, ids, alpha, distances, grad_memory,
                                                                     self._kept(kept))

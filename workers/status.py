@@ -6,7 +6,7 @@ import functools
 import logging
 
 import grpc
-from monim.protos.errors import MemoryStoreError
+from monim.protos.errors import ERROR_REASON_KEY, MemoryStoreError
 from monim.workers.auth import caller_name
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def grpc_errors(method):
             if code == grpc.StatusCode.INTERNAL:
                 caller = caller_name()
                 log.exception("%s failed%s", method.__name__, f" (token {caller!r})" if caller else "")
+            if getattr(error, "reason", ""):
+                context.set_trailing_metadata(((ERROR_REASON_KEY, error.reason),))
             context.abort(code, message)
 
     return wrapper

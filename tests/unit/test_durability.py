@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from monim.datastore import NamespaceConfig
 from monim.datastore.wal import WalCorrupted, read_segment
-from monim.protos.errors import FailedPrecondition, ResourceExhausted
+from monim.protos.errors import FailedPrecondition, ResourceExhausted, StepAnswerLost
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
@@ -184,9 +184,6 @@ def test_a_data_dir_on_a_file_size_limit_refuses_the_write_and_keeps_what_was_ac
     router.runtime.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="open (found 2026-12-06 by the reliability run of seed 89): a shard keeps the "
-                   "partial sums a committed step's parts answered in memory only (_RememberedPartials), so after a "
-                   "restart a retry of the backward gets sums over the values after the step")
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_backward_retried_after_a_restart_answers_its_first_gradients_or_says_it_cannot(tmp_path, shards):
     """A RetrieveBackward whose commit a shard took before it was killed (the client saw UNAVAILABLE) is
@@ -214,3 +211,96 @@ def test_a_backward_retried_after_a_restart_answers_its_first_gradients_or_says_
     if retried is not None:
         np.testing.assert_allclose(retried[0], answer[0], rtol=1e-6, atol=1e-7)
         assert retried[1] == pytest.approx(answer[1])
+
+
+def _stepped_deployment(tmp_path, shards, steps=("s1",)):
+    """A deployment with 50 rows and an SGD step (RetrieveBackward) per step id; returns (router, the
+    backward's arguments, {step id: its answer})."""
+    rng = np.random.default_rng(3)
+    router = deployment(tmp_path, shards=shards)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer={"name": "sgd", "lr": 0.5}))
+    router.add("ns", rng.standard_normal((50, DIM)).astype(np.float32), np.arange(50),
+               values=rng.standard_normal((50, VALUE_DIM)).astype(np.float32))
+    queries = rng.standard_normal((4, DIM)).astype(np.float32)
+    found = router.retrieve("ns", queries, 6, 0.7)
+    args = (queries, found.ids, found.alpha, found.distances, rng.standard_normal((4, VALUE_DIM)).astype(np.float32), 0.7)
+    return router, args, {step: router.retrieve_backward("ns", *args, step_id=step) for step in steps}
+
+
+def test_a_backward_retried_after_its_sums_aged_out_says_so_and_a_recent_one_answers_the_same(tmp_path):
+    """A shard keeps the sums of its latest committed steps up to a byte bound: a retry of an older step
+    is answered FAILED_PRECONDITION (StepAnswerLost), not sums over the values after the step; a retry
+    of the latest gets its first answer; neither steps anything again."""
+    router, args, answers = _stepped_deployment(tmp_path, 1, steps=())
+    router.runtime.shards[0]._answered.max_bytes = 1  # keeps the latest step's sums only
+    for step in ("s1", "s2"):
+        answers[step] = router.retrieve_backward("ns", *args, step_id=step)
+    stepped = router.get("ns", np.arange(50)).values
+    with pytest.raises(StepAnswerLost, match="step 's1' was committed on shard 0") as lost:
+        router.retrieve_backward("ns", *args, step_id="s1")
+    assert isinstance(lost.value, FailedPrecondition)
+    again = router.retrieve_backward("ns", *args, step_id="s2")
+    np.testing.assert_array_equal(again[0], answers["s2"][0])
+    assert again[1] == answers["s2"][1]
+    np.testing.assert_array_equal(router.get("ns", np.arange(50)).values, stepped)
+    router.runtime.shutdown()
+
+
+def test_a_step_committed_on_one_shard_before_both_restarted_is_finished_by_its_retry(tmp_path):
+    """Both shards staged their parts; only shard 0's commit landed before both were killed (shard 1's
+    parts are lost). The retry with the step id: shard 0 cannot answer its sums again (StepAnswerLost),
+    and shard 1 stages its part again; the router commits it before saying so, so every row of the
+    step stepped exactly once, as in a twin that committed whole."""
+    twin, args, _ = _stepped_deployment(tmp_path / "twin", 2, steps=("s1",))
+    whole = twin.get("ns", np.arange(50)).values
+    twin.runtime.shutdown()
+    first, args, _ = _stepped_deployment(tmp_path / "run", 2, steps=())
+    first.retrieve_backward("ns", *args, step_id="s1", defer_step=True)
+    config = first.config("ns")
+    first.runtime.shards[0].commit_step("ns", config.generation, first._step_key(config, "s1"))
+    first.runtime.shutdown()
+    again = deployment(tmp_path / "run", shards=2)
+    with pytest.raises(StepAnswerLost, match="step 's1' was committed on shard 0"):
+        again.retrieve_backward("ns", *args, step_id="s1")
+    np.testing.assert_array_equal(again.get("ns", np.arange(50)).values, whole)
+    with pytest.raises(StepAnswerLost):  # sent once more: nothing steps again
+        again.retrieve_backward("ns", *args, step_id="s1")
+    np.testing.assert_array_equal(again.get("ns", np.arange(50)).values, whole)
+    again.runtime.shutdown()
+
+
+def test_a_client_of_a_restarted_server_gets_step_answer_lost_with_its_status(tmp_path):
+    """Through gRPC: the front end sends the reason with FAILED_PRECONDITION, and the client raises
+    StepAnswerLost (a FailedPrecondition), so a training loop can tell "this step's gradients are gone,
+    its rows stepped" from a stale forward handle; the rows stepped once."""
+    from monim.model_client import MemoryClient
+    from monim.workers.server import start_server
+
+    def serve():
+        router = deployment(tmp_path, shards=2)
+        server, port = start_server(router, port=0)
+        return router, server, MemoryClient(f"127.0.0.1:{port}")
+
+    rng = np.random.default_rng(5)
+    router, server, client = serve()
+    client.create_namespace("ns", dim=DIM, value_dim=VALUE_DIM, optimizer="sgd", lr=0.5)
+    client.add("ns", rng.standard_normal((50, DIM)).astype(np.float32), np.arange(50),
+               values=rng.standard_normal((50, VALUE_DIM)).astype(np.float32))
+    found = client.retrieve("ns", rng.standard_normal((4, DIM)).astype(np.float32), 6, 0.7)
+    grad = rng.standard_normal((4, VALUE_DIM)).astype(np.float32)
+    client.retrieve_backward("ns", found, grad, step_id="s1")
+    stepped = client.get("ns", np.arange(50)).values
+    client.close(), server.stop(0), router.runtime.shutdown()
+    router, server, client = serve()
+    try:
+        with pytest.raises(StepAnswerLost, match="step 's1' was committed") as lost:
+            client.retrieve_backward("ns", found, grad, step_id="s1")
+        assert lost.value.status_code == "FAILED_PRECONDITION"
+        np.testing.assert_array_equal(client.get("ns", np.arange(50)).values, stepped)
+        client.drop_namespace("ns")
+        client.create_namespace("ns", dim=DIM, value_dim=VALUE_DIM, optimizer="sgd", lr=0.5)
+        with pytest.raises(FailedPrecondition, match="re-created") as other:  # another one stays a plain one
+            client.retrieve_backward("ns", found, grad, step_id="s2")
+        assert type(other.value) is FailedPrecondition
+    finally:
+        client.close(), server.stop(0), router.runtime.shutdown()

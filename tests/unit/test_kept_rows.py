@@ -6,7 +6,7 @@ ids up again (rows move), and a deleted neighbour is still NOT_FOUND with nothin
 import numpy as np
 import pytest
 from monim.datastore import NamespaceConfig
-from monim.protos.errors import IdsNotFound
+from monim.protos.errors import IdsNotFound, StepAnswerLost
 from monim.workers import router as router_module
 from monim.workers.placement import Placement
 from monim.workers.router import Router
@@ -195,11 +195,11 @@ def test_a_lone_shard_finishes_the_backward_and_a_retry_after_the_commit_answers
     np.testing.assert_array_equal(router.get("ns", np.arange(ROWS)).values, stepped)
 
 
-def test_a_retry_after_a_grow_does_not_add_the_moved_rows_sums_twice():
+def test_a_retry_after_a_grow_says_its_gradients_are_gone_and_steps_nothing_twice():
     """A step committed on a lone shard, then a grow to two, then a retry of the step: shard 0's sums
-    remembered from before the grow cover the rows now on shard 1, which adds its own; they are of
-    another placement, so shard 0 sums its rows as they are now (the retry's answer is the backward
-    over the stepped values, as when the sums are no longer remembered), and nothing steps twice."""
+    remembered from before the grow cover the rows now on shard 1 (they are of another placement),
+    and sums over the rows as they are now would be over the stepped values: the retry is answered
+    FAILED_PRECONDITION (StepAnswerLost, naming the caller's step id), and nothing steps twice."""
     from monim.workers.reshard import reshard
 
     router, queries, grad = deployment()
@@ -208,10 +208,9 @@ def test_a_retry_after_a_grow_does_not_add_the_moved_rows_sums_twice():
     router.retrieve_backward("ns", *args, step_id="s")
     reshard(router, 2, batch_rows=64)
     stepped = router.get("ns", np.arange(ROWS)).values
-    retried = router.retrieve_backward("ns", *args, step_id="s")
-    now = router.retrieve_backward("ns", *args, step_id="probe", defer_step=True)
-    router.abort_step("ns", "probe")
-    np.testing.assert_allclose(retried[0], now[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(StepAnswerLost, match="step 's' was committed") as lost:
+        router.retrieve_backward("ns", *args, step_id="s")
+    assert lost.value.code == "FAILED_PRECONDITION"
     np.testing.assert_array_equal(router.get("ns", np.arange(ROWS)).values, stepped)
 
 

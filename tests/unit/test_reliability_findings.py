@@ -28,7 +28,7 @@ import threading
 import numpy as np
 import pytest
 from monim.datastore import NamespaceConfig
-from monim.protos.errors import ShardUnavailable
+from monim.protos.errors import ShardUnavailable, StepAnswerLost
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
@@ -266,8 +266,9 @@ def test_a_part_that_arrives_while_its_step_commits_is_not_staged_again(tmp_path
         shard.stage_gradients("ns", generation, "s", 0, ids, grads)
     else:
         found = router.retrieve("ns", rng.standard_normal((2, 4)).astype(np.float32), 2)
-        shard.backward_part("ns", generation, "s", 0, found.queries, found.ids, found.alpha, found.distances,
-                            np.ones((2, 2), np.float32))
+        with pytest.raises(StepAnswerLost):  # being committed, with no sums of its own kept to answer with
+            shard.backward_part("ns", generation, "s", 0, found.queries, found.ids, found.alpha, found.distances,
+                                np.ones((2, 2), np.float32))
     release.set()
     committing.join(10)
     assert shard.commit_step("ns", generation, "s") == 4
