@@ -12,6 +12,11 @@ refuse requests for a generation they do not hold.
 Create and the id block of an Add are remembered by request id, so a front
 end that retries a request gets the same generation and the same ids.
 
+Every call comes through ``call``: writes one at a time, each answered after its fsync; reads
+(READS: a config, the placement, the next id) from the state as of the last finished write, so that
+they never wait for a write's fsync (a search whose router must read a config or the placement
+waited as long as the slowest write in flight). The Ray actor takes several calls at once for that.
+
 With a data dir, the registry's state is ``registry.json`` there, replaced
 atomically (write, fsync, rename) at every create and drop, and whenever ids pass
 the reserved mark: ids are reserved in blocks of ID_RESERVATION, so a registry that
@@ -31,6 +36,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 
 import numpy as np
 from monim.datastore import NamespaceConfig
@@ -53,6 +59,49 @@ REMEMBERED_REQUESTS = 100_000
 REMEMBERED_TARGETS = 10_000_000  # merge targets of remembered Add plans, at most
 # A reshard whose driver has not reported for this long may be taken over (resumed) by another call.
 RESHARD_LEASE_S = 30.0
+
+
+# The calls that only read: answered by a Published view, without waiting for a write in progress.
+READS = frozenset({"config", "list", "get_placement", "ping", "shard_count", "next_id"})
+
+
+def _config_in(configs: dict, name: str, generation: int) -> dict:
+    config = configs.get(name)
+    if config is None:
+        raise NamespaceNotFound(name)
+    if generation and config["generation"] != generation:
+        raise NamespaceChanged(name, generation, config["generation"])
+    return config
+
+
+class Published:
+    """The registry's state as of its last finished write, for READS (never changed: a write makes a
+    new one). Config dicts are shared with the registry, which replaces them and never edits one."""
+
+    def __init__(self, registry: "NamespaceRegistry"):
+        self.configs = dict(registry.configs)
+        self.next_ids = dict(registry.next_ids)
+        self.placement = registry.placement.to_dict()
+        self.actors = registry.placement.actors
+
+    def config(self, name: str, generation: int = 0) -> dict:
+        return _config_in(self.configs, name, generation)
+
+    def list(self) -> list[dict]:
+        return [self.configs[name] for name in sorted(self.configs)]
+
+    def get_placement(self) -> dict:
+        return dict(self.placement)
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid(), "namespaces": len(self.configs)}
+
+    def shard_count(self) -> int:
+        return self.actors
+
+    def next_id(self, name: str) -> int:
+        self.config(name)
+        return self.next_ids[name]
 
 
 def new_generation() -> int:
@@ -83,6 +132,19 @@ class NamespaceRegistry:
             if self.path.exists():
                 self._load()
             self._load_plans()
+        self._writes = threading.Lock()
+        self._published = Published(self)
+
+    def call(self, method: str, *args):
+        """A runtime's call of a registry method: a read from the last finished write's state (no wait
+        for a write in progress); a write after the writes before it, published once it returns."""
+        if method in READS:
+            return getattr(self._published, method)(*args)
+        with self._writes:
+            try:
+                return getattr(self, method)(*args)
+            finally:
+                self._published = Published(self)
 
     def _lock_data_dir(self) -> None:
         """One deployment per data dir: the registry holds an exclusive lock on DATA_DIR/LOCK for
@@ -319,12 +381,7 @@ class NamespaceRegistry:
         return config
 
     def config(self, name: str, generation: int = 0) -> dict:
-        config = self.configs.get(name)
-        if config is None:
-            raise NamespaceNotFound(name)
-        if generation and config["generation"] != generation:
-            raise NamespaceChanged(name, generation, config["generation"])
-        return config
+        return _config_in(self.configs, name, generation)
 
     def list(self) -> list[dict]:
         return [self.configs[name] for name in sorted(self.configs)]

@@ -47,6 +47,8 @@ RESTART_POLL_S = 0.5
 # Calls a shard actor takes at once: the shard serializes them on its lock, except that writers
 # waiting for the disk let the others in (group commit; workers/shard.py).
 SHARD_CALLS_AT_ONCE = 16
+# Calls the registry actor takes at once: its writes one at a time, its reads beside them (registry.py).
+REGISTRY_CALLS_AT_ONCE = 8
 # Arrays above this many bytes are put in Ray's object store once and passed by
 # reference, instead of being serialized into every shard's call.
 _PUT_THRESHOLD_BYTES = 1 << 16
@@ -167,7 +169,6 @@ class LocalRuntime:
     def __init__(self, num_shards: int, device: str = "cpu", data_dir: str | None = None, fsync: str = "always",
                  snapshot_every: int = DEFAULT_SNAPSHOT_EVERY, memory_budget: int | None = None):
         self.registry = NamespaceRegistry(num_shards, data_dir)
-        self._registry_lock = threading.Lock()
         self._shards_lock = threading.RLock()  # the list of shards: concurrent calls may each find a grow
         self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
         self.data_dir = data_dir
@@ -216,8 +217,7 @@ class LocalRuntime:
                     raise
 
     def call_registry(self, method: str, *args):
-        with self._registry_lock:  # one call at a time, as the registry actor (max_concurrency=1) takes them
-            return getattr(self.registry, method)(*args)
+        return self.registry.call(method, *args)  # writes one at a time; reads wait for none (registry.py)
 
     def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
         shards = list(self.shards)  # a reshard's retire may shorten the list meanwhile
@@ -332,9 +332,9 @@ class RayRuntime:
         self.restarts = data_dir is not None
         lifetime = dict(lifetime="detached", max_restarts=-1, max_task_retries=0) if self.restarts else {}
         self.registry = ray.remote(NamespaceRegistry).options(
-            name=registry_name, get_if_exists=True, num_cpus=0, max_concurrency=1, **lifetime
+            name=registry_name, get_if_exists=True, num_cpus=0, max_concurrency=REGISTRY_CALLS_AT_ONCE, **lifetime
         ).remote(num_shards, data_dir)
-        self.num_shards = ray.get(self.registry.shard_count.remote())
+        self.num_shards = ray.get(self.registry.call.remote("shard_count"))
         if use_gpus == "auto":
             use_gpus = ray.cluster_resources().get("GPU", 0) >= self.num_shards
         device = "cuda" if use_gpus else "cpu"
@@ -451,7 +451,7 @@ class RayRuntime:
         deadline = time.monotonic() + REGISTRY_WAIT_S
         while True:
             try:
-                return self._ray.get(getattr(self.registry, method).remote(*args),
+                return self._ray.get(self.registry.call.remote(method, *args),
                                      timeout=max(0.0, deadline - time.monotonic()))
             except self._ray.exceptions.GetTimeoutError:
                 raise DeadlineExceeded(f"the namespace registry did not answer within {REGISTRY_WAIT_S:g} s") from None

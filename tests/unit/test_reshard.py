@@ -384,7 +384,7 @@ class _OtherFrontEnd(LocalRuntime):
     serve` finds a deployment's named shard actors): its own handles, its own router's placement."""
 
     def __init__(self, first: LocalRuntime):
-        self.first, self.registry, self._registry_lock = first, first.registry, first._registry_lock
+        self.first, self.registry = first, first.registry
         self._shard_args, self.data_dir = first._shard_args, first.data_dir
         self.shards = list(first.shards)
         self.num_shards = len(self.shards)
