@@ -689,6 +689,9 @@ class MemoryClient:
         since (nothing stepped); FailedPrecondition if the namespace was re-created since.
         step_id: the step's request id (one is made when None): a repeated call with the same one
         (e.g. after the retries gave up) steps once, as a retried ``add`` with its request_id lands once.
+        StepAnswerLost (a FailedPrecondition) if that step was committed and a shard no longer has the
+        gradients it answered (it restarted, its rows moved, or they aged out): the rows stepped once;
+        this step's dL/dq and dL/dT are gone (a training loop skips the batch).
         step_values=False: only the gradients of the queries and T; no value row is stepped (the
         parts are staged, then dropped)."""
         grad_memory = _float_array(grad_memory, "grad_memory")
