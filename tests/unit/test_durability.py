@@ -184,35 +184,6 @@ def test_a_data_dir_on_a_file_size_limit_refuses_the_write_and_keeps_what_was_ac
     router.runtime.shutdown()
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_a_backward_retried_after_a_restart_answers_its_first_gradients_or_says_it_cannot(tmp_path, shards):
-    """A RetrieveBackward whose commit a shard took before it was killed (the client saw UNAVAILABLE) is
-    sent again with its step id after the restart: the value rows must not step twice, and the answer
-    must be the first try's dL/dq and dL/dT, or an error that says they are gone, never sums over
-    the rows' values after the step."""
-    rng = np.random.default_rng(3)
-    first = deployment(tmp_path, shards=shards)
-    first.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM, optimizer={"name": "sgd", "lr": 0.5}))
-    first.add("ns", rng.standard_normal((50, DIM)).astype(np.float32), np.arange(50),
-              values=rng.standard_normal((50, VALUE_DIM)).astype(np.float32))
-    queries = rng.standard_normal((4, DIM)).astype(np.float32)
-    grad = rng.standard_normal((4, VALUE_DIM)).astype(np.float32)
-    found = first.retrieve("ns", queries, 6, 0.7)
-    answer = first.retrieve_backward("ns", queries, found.ids, found.alpha, found.distances, grad, 0.7, step_id="s1")
-    stepped = first.get("ns", np.arange(50)).values
-    first.runtime.shutdown()
-    again = deployment(tmp_path, shards=shards)
-    try:
-        retried = again.retrieve_backward("ns", queries, found.ids, found.alpha, found.distances, grad, 0.7,
-                                          step_id="s1")
-    except FailedPrecondition:
-        retried = None
-    np.testing.assert_array_equal(again.get("ns", np.arange(50)).values, stepped)  # stepped once
-    if retried is not None:
-        np.testing.assert_allclose(retried[0], answer[0], rtol=1e-6, atol=1e-7)
-        assert retried[1] == pytest.approx(answer[1])
-
-
 def _stepped_deployment(tmp_path, shards, steps=("s1",)):
     """A deployment with 50 rows and an SGD step (RetrieveBackward) per step id; returns (router, the
     backward's arguments, {step id: its answer})."""
@@ -225,6 +196,27 @@ def _stepped_deployment(tmp_path, shards, steps=("s1",)):
     found = router.retrieve("ns", queries, 6, 0.7)
     args = (queries, found.ids, found.alpha, found.distances, rng.standard_normal((4, VALUE_DIM)).astype(np.float32), 0.7)
     return router, args, {step: router.retrieve_backward("ns", *args, step_id=step) for step in steps}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_backward_retried_after_a_restart_answers_its_first_gradients_or_says_it_cannot(tmp_path, shards):
+    """A RetrieveBackward whose commit a shard took before it was killed (the client saw UNAVAILABLE) is
+    sent again with its step id after the restart: the value rows must not step twice, and the answer
+    must be the first try's dL/dq and dL/dT, or an error that says they are gone, never sums over
+    the rows' values after the step."""
+    first, args, answers = _stepped_deployment(tmp_path, shards)
+    answer = answers["s1"]
+    stepped = first.get("ns", np.arange(50)).values
+    first.runtime.shutdown()
+    again = deployment(tmp_path, shards=shards)
+    try:
+        retried = again.retrieve_backward("ns", *args, step_id="s1")
+    except FailedPrecondition:
+        retried = None
+    np.testing.assert_array_equal(again.get("ns", np.arange(50)).values, stepped)  # stepped once
+    if retried is not None:
+        np.testing.assert_allclose(retried[0], answer[0], rtol=1e-6, atol=1e-7)
+        assert retried[1] == pytest.approx(answer[1])
 
 
 def test_a_backward_retried_after_its_sums_aged_out_says_so_and_a_recent_one_answers_the_same(tmp_path):
