@@ -97,6 +97,7 @@ class Published:
         return {"pid": os.getpid(), "namespaces": len(self.configs)}
 
     def shard_count(self) -> int:
+        """Shard actors the deployment has: during a reshard, max(source, target)."""
         return self.actors
 
     def next_id(self, name: str) -> int:
@@ -134,6 +135,10 @@ class NamespaceRegistry:
             self._load_plans()
         self._writes = threading.Lock()
         self._published = Published(self)
+
+    def ping(self) -> dict:
+        """The actor's liveness call, as a shard actor's (its pid: what a test kills)."""
+        return self.call("ping")
 
     def call(self, method: str, *args):
         """A runtime's call of a registry method: a read from the last finished write's state (no wait
@@ -246,14 +251,7 @@ class NamespaceRegistry:
             self._lock_file.close()
             self._lock_file = None
 
-    def shard_count(self) -> int:
-        """Shard actors the deployment has: during a reshard, max(source, target)."""
-        return self.placement.actors
-
     # ----- placement and reshard (workers/placement.py, workers/reshard.py) ----------------------
-    def get_placement(self) -> dict:
-        return self.placement.to_dict()
-
     def _changed(self) -> dict:
         self.placement.version += 1
         self._save()
@@ -352,9 +350,6 @@ class NamespaceRegistry:
     def heartbeat(self, driver: str, now: float) -> None:
         self._driving(driver, now)
 
-    def ping(self) -> dict:
-        return {"pid": os.getpid(), "namespaces": len(self.configs)}
-
     def create(self, config: dict, request_id: str = "") -> dict:
         """Registers the namespace with a new generation; returns its config. A retry of the
         request that created it answers the same config; anything else: ALREADY_EXISTS."""
@@ -382,9 +377,6 @@ class NamespaceRegistry:
 
     def config(self, name: str, generation: int = 0) -> dict:
         return _config_in(self.configs, name, generation)
-
-    def list(self) -> list[dict]:
-        return [self.configs[name] for name in sorted(self.configs)]
 
     def plan_add(self, name: str, generation: int, request_id: str,
                  targets: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -416,7 +408,3 @@ class NamespaceRegistry:
         if self.next_ids[name] > self.reserved_ids[name]:
             self.reserved_ids[name] = self.next_ids[name] + ID_RESERVATION
             self._save()
-
-    def next_id(self, name: str) -> int:
-        self.config(name)
-        return self.next_ids[name]

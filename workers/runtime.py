@@ -172,7 +172,7 @@ class LocalRuntime:
         self._shards_lock = threading.RLock()  # the list of shards: concurrent calls may each find a grow
         self._shard_args = (device, data_dir, fsync, snapshot_every, memory_budget)
         self.data_dir = data_dir
-        self.num_shards = num_shards = self.registry.shard_count()
+        self.num_shards = num_shards = self.registry.call("shard_count")
         self.shards: list[Shard | None] = [Shard(i, num_shards, *self._shard_args) for i in range(num_shards)]
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="shard")
 

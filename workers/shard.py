@@ -407,10 +407,10 @@ class Shard:
     def _apply(self, op: str, args: dict, columns: dict):
         """The one place a change happens, live or replayed from the log."""
         namespace, generation = args.get("namespace"), args.get("generation", 0)
-        key = (args.get("request_id"), op)
+        key, again = (args.get("request_id"), op), _applied_again(op, args)
         earlier = None  # this request's result here so far, when another share of it was applied
         if key[0] and key in self._applied:  # the same request logged twice (two racing retries), or another share
-            rest = columns if _applied_again(op, args) else self._not_applied(key, columns)
+            rest = columns if again else self._not_applied(key, columns)
             if rest is None:
                 return self._applied[key]
             columns, earlier = rest, self._applied[key]
@@ -457,7 +457,7 @@ class Shard:
             self._applied.remember(key, both)
             if columns.get("ids") is not None:
                 self._applied_ids.remember(key, self._applied_ids.get(key, []) + [_id_runs(columns["ids"])])
-            if _applied_again(op, args):  # the whole request here, as a retry of any other write answers
+            if again:  # the whole request here, as a retry of any other write answers
                 return both
         return result
 

@@ -90,7 +90,7 @@ def test_a_failed_create_never_drops_the_namespace_the_shards_already_hold():
     with pytest.raises(AlreadyExists):
         router.create_namespace(NamespaceConfig("ns", dim=DIM, value_dim=VALUE_DIM))
     assert sum(len(shard.stores["ns"]) for shard in runtime.shards) == N
-    assert runtime.registry.list() == []  # and the failed create left no registration behind
+    assert runtime.registry.call("list") == []  # and the failed create left no registration behind
 
 
 # ----- 2. multi-shard writes -----------------------------------------------------------------------
