@@ -36,9 +36,11 @@ _SMALL_SCORE_BLOCK_BYTES = 64 << 20
 # Rows of the first chunk of a scan of FIRST_CHUNK_MIN_BATCH queries or more at most (the one chunk
 # that takes a full top-k); later chunks double up to the score block's size (see _chunk_bounds).
 # None: every chunk as large as the block. On an H100, 10M x 1024 float16 keys: B=64 16.9 -> 12.6 ms
-# (k=32) and 17.5 -> 14.7 ms (k=1024); B=1 took 8.9 -> 10.9 ms with it (one long row's top-k is
-# cheap), hence the batch floor; B=4096 scans 65,536-row chunks either way.
-FIRST_CHUNK_ROWS: int | None = 1 << 19
+# (k=32) and 17.5 -> 14.7 ms (k=1024) with 2^19 rows; B=1 took 8.9 -> 10.9 ms with it (one long
+# row's top-k is cheap), hence the batch floor. 2^16 rather than 2^19: over 1M x 768 float16 keys
+# batches of 256 to 2048 queries took 10-45% less (B=1024, k=1024: 14.7 -> 11.5 ms; B=512, k=32:
+# 11.6 -> 6.5 ms; docs/BENCHMARKS.md, "Search split into calls"), B=64 and B=4096 the same.
+FIRST_CHUNK_ROWS: int | None = 1 << 16
 FIRST_CHUNK_MIN_BATCH = 32
 
 

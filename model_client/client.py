@@ -58,6 +58,10 @@ CHUNK_BYTES = 8 * 1024 * 1024
 # 587-690k against 433-482k), eight no faster for the Add (docs/BENCHMARKS.md, run 14). Each holds
 # one of the server's threads while it is served, and 4 x 8 MiB of the client's memory.
 PIPELINE_DEPTH = 4
+# A Search whose answer passes this goes as calls of equal rows, each answering at most this much (in
+# parts), PIPELINE_DEPTH at once: the server searches one while the answers of those before it travel
+# and are copied into the batch's arrays (one search of the batch answers nothing until it is done).
+READ_CHUNK_BYTES = 20 << 20
 # The environment variable a token is read from when none is passed (read when a client is made).
 TOKEN_ENV = "MONIM_TOKEN"
 _FLOAT_KINDS = ("float16", "float32")
@@ -239,19 +243,21 @@ class _RemoteStore:
         return convert.add_result_from_proto(*self._call("Add", request, tensors))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-               generation=0, nprobe=0, rerank=0):
+               generation=0, nprobe=0, rerank=0, into=None, start=0):
+        """into, start: the answer's rows go to rows start... of that convert.BatchAnswer (a split batch's
+        call), else to arrays of its own; copied once from the received bytes either way."""
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank)
-        return convert.search_result_from_proto(*self._call("Search", request, dict(queries=queries)))
+        return convert.search_result_from_parts([self._call("Search", request, dict(queries=queries))], into, start)
 
     def search_parts(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-                     generation=0, nprobe=0, rerank=0):
+                     generation=0, nprobe=0, rerank=0, into=None, start=0):
         """search, its answer in parts (SearchParts)."""
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank)
-        return convert.search_result_from_parts(self._call("SearchParts", request, dict(queries=queries)))
+        return convert.search_result_from_parts(self._call("SearchParts", request, dict(queries=queries)), into, start)
 
     def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
         request = pb.GetRequest(namespace=namespace, return_optimizer_state=return_optimizer_state,
@@ -264,19 +270,21 @@ class _RemoteStore:
             request.source = source  # explicit presence: "" (untagged rows) is not "unset"
         return self._call("Delete", request, dict(ids=ids)).deleted
 
-    def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0):
+    def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0,
+                 into=None, start=0):
+        """into, start: as search's."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank)
-        response, payloads = self._call("Retrieve", request, dict(queries=queries))
-        return convert.retrieve_result_from_proto(response, queries, temperature, payloads)
+        return convert.retrieve_result_from_parts([self._call("Retrieve", request, dict(queries=queries))], queries,
+                                                  temperature, into, start)
 
     def retrieve_parts(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0,
-                       rerank=0):
+                       rerank=0, into=None, start=0):
         """retrieve, its answer in parts (RetrieveParts)."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank)
         return convert.retrieve_result_from_parts(self._call("RetrieveParts", request, dict(queries=queries)),
-                                                  queries, temperature)
+                                                  queries, temperature, into, start)
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
                           generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0):
@@ -403,19 +411,22 @@ class MemoryClient:
                     raise
                 time.sleep(self.backoff_s * (2**attempt) * (1 + random.random()))
 
-    def _row_chunks(self, rows: int, bytes_per_row: int, whole_up_to: int | None = None):
+    def _row_chunks(self, rows: int, bytes_per_row: int, whole_up_to: int | None = None,
+                    chunk_bytes: int | None = None):
         """Slices of rows: one if all of them take at most whole_up_to bytes (and max_message_bytes/2:
-        the rest is headroom), else slices of at most CHUNK_BYTES worth, for _pipelined. A call whose
-        parts cannot be sent apart without a cost of their own (a forward that keeps its state under one
-        handle, a backward by that handle) passes whole_up_to=max_message_bytes: split only past half
-        the limit."""
+        the rest is headroom), else as few slices of equal rows as keep each within chunk_bytes (and
+        half the limit), for _pipelined. A call whose parts cannot be sent apart without a cost of their
+        own (a forward that keeps its state under one handle, a backward by that handle) passes
+        whole_up_to=max_message_bytes: split only past half the limit. chunk_bytes: CHUNK_BYTES if None."""
         if not self.remote:
             yield slice(0, rows)
             return
-        limit = min(self.max_message_bytes // 2, CHUNK_BYTES if whole_up_to is None else whole_up_to)
+        chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        limit = min(self.max_message_bytes // 2, chunk_bytes if whole_up_to is None else whole_up_to)
         if rows * bytes_per_row > limit:
-            limit = min(self.max_message_bytes // 2, CHUNK_BYTES)
-        per_chunk = max(1, limit // max(1, bytes_per_row))
+            limit = min(self.max_message_bytes // 2, chunk_bytes)
+        most = max(1, limit // max(1, bytes_per_row))
+        per_chunk = -(-rows // -(-rows // most)) if rows else 1  # ceil(rows / chunks), chunks = ceil(rows / most)
         for start in range(0, max(rows, 1), per_chunk):
             yield slice(start, start + per_chunk)
 
@@ -587,13 +598,18 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
-        chunks = self._row_chunks(self._rows(queries), row_bytes, whole_up_to=self.max_message_bytes)
-        parts = self._pipelined([
+        chunks = list(self._row_chunks(self._rows(queries), row_bytes, whole_up_to=READ_CHUNK_BYTES,
+                                       chunk_bytes=READ_CHUNK_BYTES))
+        if len(chunks) == 1:
+            return self._read("search", self._rows(queries) * max(k, 1) * slot_bytes, namespace, queries, k,
+                              return_keys, return_values, return_weights, nprobe=nprobe, rerank=rerank)
+        into = convert.BatchAnswer(self._rows(queries))
+        found = self._pipelined([
             functools.partial(self._read, "search", self._rows(queries[part]) * max(k, 1) * slot_bytes,
                               namespace, queries[part], k, return_keys, return_values, return_weights,
-                              nprobe=nprobe, rerank=rerank)
+                              nprobe=nprobe, rerank=rerank, into=into, start=part.start)
             for part in chunks])
-        return convert.joined_search_results(parts)
+        return convert.batch_search_result(into, found, namespace)
 
     def get(self, namespace: str, ids, return_optimizer_state: bool = False) -> Rows:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
@@ -665,16 +681,15 @@ class MemoryClient:
         split_row_bytes = 4 * width if self._parts_fit() else max(4 * width, answer_row_bytes)
         chunks = list(self._row_chunks(self._rows(queries), split_row_bytes + 64,
                                        whole_up_to=self.max_message_bytes))
-        keep_state = keep_state and len(chunks) == 1  # a split forward's backward sends its arrays
-        parts = self._pipelined([functools.partial(self._read, "retrieve", self._rows(queries[part]) * answer_row_bytes,
-                                                   namespace, queries[part], k, temperature,
-                                                   keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+        if len(chunks) == 1:
+            return self._read("retrieve", self._rows(queries) * answer_row_bytes, namespace, queries, k, temperature,
+                              keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+        into = convert.BatchAnswer(self._rows(queries))  # a split forward keeps no state: its backward sends its arrays
+        found = self._pipelined([functools.partial(self._read, "retrieve", self._rows(queries[part]) * answer_row_bytes,
+                                                   namespace, queries[part], k, temperature, nprobe=nprobe,
+                                                   rerank=rerank, into=into, start=part.start)
                                  for part in chunks])
-        if len(parts) == 1:
-            return parts[0]
-        if len({p.generation for p in parts}) > 1:
-            raise FailedPrecondition(f"namespace {namespace!r} was re-created during this Retrieve; retry it")
-        return dataclasses.replace(convert.joined_retrieve_results(parts), queries=queries, handle="")
+        return dataclasses.replace(convert.batch_retrieve_result(into, found, namespace), queries=queries, handle="")
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
                           step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:

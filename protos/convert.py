@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 from monim.protos import framing
 from monim.protos import memory_pb2 as pb
 from monim.protos.config import INDEXES, KEY_DTYPES, METRICS, OPTIMIZERS, NamespaceConfig, OptimizerConfig
-from monim.protos.errors import InvalidArgument
+from monim.protos.errors import FailedPrecondition, InternalError, InvalidArgument
 from monim.protos.framing import WIRE_DTYPES, wire_array
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 
@@ -89,9 +90,10 @@ def optional_tensor(message, field: str, what: str | None = None, writable: bool
     return tensor_from_proto(getattr(message, field), what or field, writable, (payloads or {}).get(field))
 
 
-def _tensor(message, field: str, payloads) -> np.ndarray:
-    """A required Tensor field of an answer, as a writable array (the caller's to keep)."""
-    return tensor_from_proto(getattr(message, field), field, True, (payloads or {}).get(field))
+def _tensor(message, field: str, payloads, writable: bool = True) -> np.ndarray:
+    """A required Tensor field of an answer, as a writable array (the caller's to keep), or with
+    writable=False a read-only view of the received bytes."""
+    return tensor_from_proto(getattr(message, field), field, writable, (payloads or {}).get(field))
 
 
 def config_to_proto(config: NamespaceConfig) -> pb.NamespaceConfig:
@@ -167,27 +169,78 @@ def search_result_parts_to_wire(result: SearchResult, part_bytes: int | None = N
                           {name: getattr(result, name) for name in _SEARCHED}, part_bytes or ANSWER_PART_BYTES)
 
 
-def search_result_from_parts(parts) -> SearchResult:
-    """SearchParts' answer, its (message, payloads) parts joined in order."""
-    return joined_search_results([search_result_from_proto(*part) for part in parts])
+def search_result_from_parts(parts, into: BatchAnswer | None = None, start: int = 0) -> SearchResult:
+    """SearchParts' answer (or Search's: one part): its (message, payloads) parts, in order, each copied
+    once into the rows of ``into`` from ``start`` on (a BatchAnswer of their own rows when None)."""
+    return _placed([search_result_from_proto(*part, writable=False) for part in parts], into, start, _SEARCHED)
 
 
-def joined_search_results(found: list[SearchResult]) -> SearchResult:
-    """The answers of consecutive query rows (the parts of one answer, or a split batch's calls) as one,
-    in order; the last one's generation."""
-    return found[0] if len(found) == 1 else dataclasses.replace(found[-1], **{
-        name: None if getattr(found[0], name) is None else np.concatenate([getattr(f, name) for f in found])
-        for name in _SEARCHED})
+class BatchAnswer:
+    """The arrays of one batch's answer, filled by the answers of its row ranges as they come (the parts
+    of one call, the calls of a split batch: in any order, from any thread). Each answer's bytes are
+    copied once, from the received message into their rows of the batch's arrays, which the caller
+    keeps (writable); nothing is joined at the end."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.columns: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def put(self, start: int, columns: dict) -> None:
+        """Copies each array of ``columns`` (name -> [n, ...], or None: not in this answer) into rows
+        [start, start + n) of the batch's array of that name (made at the first answer that has it)."""
+        for name, array in columns.items():
+            if array is None:
+                continue
+            with self._lock:
+                column = self.columns.get(name)
+                if column is None:
+                    column = self.columns[name] = np.empty((self.rows, *array.shape[1:]), array.dtype)
+            end = start + array.shape[0]
+            if column.shape[1:] != array.shape[1:] or column.dtype != array.dtype or end > self.rows:
+                raise InternalError(f"an answer's {name} of shape {list(array.shape)} ({array.dtype}) at row {start} "
+                                    f"does not fit the batch's {list(column.shape)} ({column.dtype})")
+            column[start:end] = array
+
+    def rows_of(self, name: str, start: int, end: int) -> np.ndarray | None:
+        column = self.columns.get(name)
+        return None if column is None else column[start:end]
 
 
-def search_result_from_proto(response: pb.SearchResponse, payloads: dict | None = None) -> SearchResult:
+def _placed(found: list, into: BatchAnswer | None, start: int, names: tuple[str, ...]):
+    """The answers of consecutive rows (read-only views of the received bytes), copied into ``into``
+    from row ``start`` on; the first one's other fields (generation, handle)."""
+    into = into or BatchAnswer(sum(f.ids.shape[0] for f in found))
+    row = start
+    for f in found:
+        into.put(row, {name: getattr(f, name) for name in names})
+        row += f.ids.shape[0]
+    return dataclasses.replace(found[0], **{name: into.rows_of(name, start, row) for name in names})
+
+
+def batch_search_result(into: BatchAnswer, found: list[SearchResult], namespace: str) -> SearchResult:
+    """The answer of a batch split into calls (consecutive rows, in order) that filled ``into``.
+    FailedPrecondition if the namespace was re-created between them (ids of two incarnations)."""
+    _one_generation(found, namespace, "Search")
+    return dataclasses.replace(found[0], **{name: into.rows_of(name, 0, into.rows) for name in _SEARCHED})
+
+
+def _one_generation(found: list, namespace: str, call: str) -> None:
+    if len({f.generation for f in found}) > 1:
+        raise FailedPrecondition(f"namespace {namespace!r} was re-created during this {call}; retry it")
+
+
+def search_result_from_proto(response: pb.SearchResponse, payloads: dict | None = None,
+                             writable: bool = True) -> SearchResult:
+    """writable=False: the arrays are read-only views of the received bytes (to be copied once, by a
+    BatchAnswer); else the caller's own copies."""
     return SearchResult(
-        ids=_tensor(response, "ids", payloads),
-        distances=_tensor(response, "distances", payloads),
-        tokens=_tensor(response, "tokens", payloads),
-        keys=optional_tensor(response, "keys", payloads=payloads),
-        values=optional_tensor(response, "values", payloads=payloads),
-        weights=optional_tensor(response, "weights", payloads=payloads),
+        ids=_tensor(response, "ids", payloads, writable),
+        distances=_tensor(response, "distances", payloads, writable),
+        tokens=_tensor(response, "tokens", payloads, writable),
+        keys=optional_tensor(response, "keys", writable=writable, payloads=payloads),
+        values=optional_tensor(response, "values", writable=writable, payloads=payloads),
+        weights=optional_tensor(response, "weights", writable=writable, payloads=payloads),
         generation=response.generation,
     )
 
@@ -237,21 +290,24 @@ def retrieve_result_parts_to_wire(result: RetrieveResult, part_bytes: int | None
                           {name: getattr(result, name) for name in _RETRIEVED}, part_bytes or ANSWER_PART_BYTES)
 
 
-def retrieve_result_from_parts(parts, queries, temperature: float) -> RetrieveResult:
-    """RetrieveParts' answer, its (message, payloads) parts joined in order."""
-    return joined_retrieve_results([retrieve_result_from_proto(response, queries, temperature, payloads)
-                                    for response, payloads in parts])
+def retrieve_result_from_parts(parts, queries, temperature: float, into: BatchAnswer | None = None,
+                               start: int = 0) -> RetrieveResult:
+    """RetrieveParts' answer (or Retrieve's, one part): as search_result_from_parts; the caller's
+    queries and temperature kept for the backward."""
+    return _placed([retrieve_result_from_proto(response, queries, temperature, payloads, writable=False)
+                    for response, payloads in parts], into, start, _RETRIEVED)
 
 
-def joined_retrieve_results(found: list[RetrieveResult]) -> RetrieveResult:
-    """As joined_search_results, for Retrieve: the first one's queries, temperature and handle."""
-    return found[0] if len(found) == 1 else dataclasses.replace(found[0], **{
-        name: np.concatenate([getattr(f, name) for f in found]) for name in _RETRIEVED})
+def batch_retrieve_result(into: BatchAnswer, found: list[RetrieveResult], namespace: str) -> RetrieveResult:
+    """As batch_search_result, for a Retrieve split into calls."""
+    _one_generation(found, namespace, "Retrieve")
+    return dataclasses.replace(found[0], **{name: into.rows_of(name, 0, into.rows) for name in _RETRIEVED})
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float,
-                               payloads: dict | None = None) -> RetrieveResult:
-    """The reply, with the caller's own queries and temperature kept for the backward."""
-    return RetrieveResult(**{name: _tensor(response, name, payloads) for name in _RETRIEVED},
+                               payloads: dict | None = None, writable: bool = True) -> RetrieveResult:
+    """The reply, with the caller's own queries and temperature kept for the backward (writable: as in
+    search_result_from_proto)."""
+    return RetrieveResult(**{name: _tensor(response, name, payloads, writable) for name in _RETRIEVED},
                           queries=queries, temperature=temperature, generation=response.generation,
                           handle=response.handle)

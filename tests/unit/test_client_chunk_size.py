@@ -55,8 +55,8 @@ def parts_parsed(monkeypatch, what="search"):
     rows = []
     real = getattr(convert, f"{what}_result_from_proto")
 
-    def counted(response, *args):
-        result = real(response, *args)
+    def counted(response, *args, **kwargs):
+        result = real(response, *args, **kwargs)
         rows.append(len(result.ids))
         return result
     monkeypatch.setattr(convert, f"{what}_result_from_proto", counted)
@@ -223,3 +223,80 @@ def test_a_training_forward_whose_answer_passes_half_the_message_limit_stays_one
     finally:
         server.stop(0)
         runtime.shutdown()
+
+
+def test_a_search_whose_answer_passes_the_read_chunk_size_goes_as_calls_of_equal_rows_at_once(
+        deployment, monkeypatch):
+    """Past READ_CHUNK_BYTES a Search goes as calls of equal rows, several in flight at once (the
+    server searches one while the answers before it travel), each answered in parts and copied into
+    the batch's arrays: the same answer as one call, in arrays the caller may write to."""
+    import threading
+    import time
+
+    client, queries, _ = deployment
+    unary = client._store.search("ns", queries, K, return_weights=True)
+    monkeypatch.setattr(client_module, "READ_CHUNK_BYTES", 2 * CHUNK)  # 32 KiB: the answer takes 56 KB
+    real, in_flight, most, rows = client._store.search_parts, [0], [0], []
+    lock = threading.Lock()
+
+    def counted(namespace, queries, *args, **kwargs):
+        with lock:
+            rows.append(len(queries))
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.05)  # long enough for the calls after it to start
+        try:
+            return real(namespace, queries, *args, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+    monkeypatch.setattr(client._store, "search_parts", counted)
+    found = client.search("ns", queries, K, return_weights=True)
+    assert len(rows) == 2 and rows == [BATCH // 2] * 2 and most[0] == 2
+    for name in ("ids", "distances", "tokens", "weights"):
+        if name == "distances":  # a batch of another size is another matmul: the last float32 place may differ
+            np.testing.assert_allclose(found.distances, unary.distances, rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(getattr(found, name), getattr(unary, name), err_msg=name)
+        assert getattr(found, name).flags.writeable and getattr(found, name).flags.c_contiguous
+    assert found.keys is None and found.values is None and found.generation == unary.generation
+
+
+def test_a_namespace_made_again_between_the_calls_of_a_split_search_fails_it_clearly(deployment, monkeypatch):
+    """The calls of a split batch answer from one incarnation of the namespace, or the search fails
+    (FAILED_PRECONDITION, retry it): never ids of two incarnations in one answer."""
+    from monim import FailedPrecondition
+
+    client, queries, rng = deployment
+    monkeypatch.setattr(client_module, "READ_CHUNK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(client_module, "PIPELINE_DEPTH", 1)  # one call after the other
+    real, calls = client._store.search_parts, []
+
+    def then_made_again(*args, **kwargs):
+        answer = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            client.drop_namespace("ns")
+            client.create_namespace("ns", dim=DIM, value_dim=VALUE_DIM, max_k=K)
+            client.add("ns", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS))
+        return answer
+    monkeypatch.setattr(client._store, "search_parts", then_made_again)
+    with pytest.raises(FailedPrecondition, match="re-created during this Search; retry it") as error:
+        client.search("ns", queries, K)
+    assert error.value.code == "FAILED_PRECONDITION" and len(calls) == 2
+    monkeypatch.setattr(client._store, "search_parts", real)
+    assert client.search("ns", queries, K).ids.shape == (BATCH, K)  # asked again, it is answered
+
+
+def test_a_batch_answer_takes_its_row_ranges_in_any_order_and_refuses_one_that_does_not_fit():
+    from monim.model_client.errors import InternalError
+
+    answer = convert.BatchAnswer(5)
+    answer.put(3, {"ids": np.array([[7], [8]]), "keys": None})
+    answer.put(0, {"ids": np.array([[1], [2], [3]]), "keys": None})
+    np.testing.assert_array_equal(answer.rows_of("ids", 0, 5), [[1], [2], [3], [7], [8]])
+    assert answer.rows_of("keys", 0, 5) is None
+    with pytest.raises(InternalError, match="does not fit"):
+        answer.put(4, {"ids": np.array([[1], [2]])})  # past the batch's rows
+    with pytest.raises(InternalError, match="does not fit"):
+        answer.put(0, {"ids": np.array([[1, 2]])})  # another width
