@@ -131,8 +131,7 @@ class _RemoteStore:
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, route_reads: bool = True):
         heap.keep_freed_memory()  # this process encodes and decodes the messages (protos/heap.py)
-        self._options = [("grpc.max_send_message_length", max_message_bytes),
-                         ("grpc.max_receive_message_length", max_message_bytes)]
+        self._options = framing.channel_options(max_message_bytes)
         self._credentials = credentials
         self.target = target
         self.channel = self._open_channel(target)

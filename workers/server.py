@@ -13,7 +13,7 @@ import concurrent.futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from monim.protos import heap
+from monim.protos import framing, heap
 from monim.protos import memory_pb2 as pb
 from monim.workers.auth import AuthInterceptor, AuthPolicy
 from monim.workers.decoding import add_memory_service
@@ -28,10 +28,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
 def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
+    return framing.channel_options(max_message_bytes)
 
 
 def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max_workers: int = 32,
