@@ -26,6 +26,7 @@ import grpc
 import numpy as np
 from monim.model_client.errors import error_from_rpc
 from monim.model_client.read_routing import ReadRouting
+from monim.model_client.shared_memory import CallRegion, SharedMemory, tensor_bytes
 from monim.protos import convert, framing, heap, validation
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
@@ -40,6 +41,7 @@ from monim.protos.errors import (
     Unavailable,
 )
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
+from monim.protos.shared_memory import MIN_SHARED_BYTES
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 
@@ -129,8 +131,11 @@ class _RemoteStore:
     """The service over one persistent gRPC channel; one RPC per call, carrying the token if any."""
 
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int, token: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, route_reads: bool = True):
+                 credentials: grpc.ChannelCredentials | None = None, route_reads: bool = True,
+                 shared_memory: bool = True):
         heap.keep_freed_memory()  # this process encodes and decodes the messages (protos/heap.py)
+        # Large tensors through shared memory where the server is on this host (model_client/shared_memory.py).
+        self.shared = SharedMemory() if shared_memory else None
         self._options = framing.channel_options(max_message_bytes)
         self._credentials = credentials
         self.target = target
@@ -169,34 +174,64 @@ class _RemoteStore:
                 channel = self._endpoint_channels[target] = self._open_channel(target)
         return channel
 
-    def _call(self, method: str, request, tensors: dict | None = None):
+    def _call(self, method: str, request, tensors: dict | None = None, then=None, answer_bytes: int = 0):
         """One RPC. tensors: the request's Tensor fields (name -> array, None: unset), serialized with
         one copy of their bytes (protos/framing.py) rather than through the message; then an answer
         with Tensor fields comes back as a framing.Framed (message, payloads: the tensors' bytes as
         views of the received answer), any other as its message. A read goes to a shard's read
-        endpoint where model_client/read_routing.py says so, and to the front end if that fails."""
+        endpoint where model_client/read_routing.py says so, and to the front end if that fails.
+        then(answer) -> what the call returns (default: the answer): it reads the answer's payloads
+        while a shared memory region they may lie in is held (each copied once, out of the region).
+        answer_bytes: about how large the answer's tensors are (room for them in the region)."""
         if self.read_routing.routes(method):
             target = self.read_routing.target()
             if target is not None:
                 try:
-                    return self._call_on(target, method, request, tensors)
+                    return self._call_on(target, method, request, tensors, then, answer_bytes)
                 except (Unavailable, Unauthenticated):
                     self.read_routing.failed(target)
-        return self._call_on(self.target, method, request, tensors)
+        return self._call_on(self.target, method, request, tensors, then, answer_bytes)
 
-    def _call_on(self, target: str, method: str, request, tensors: dict | None):
+    def _call_on(self, target: str, method: str, request, tensors: dict | None, then=None, answer_bytes: int = 0):
         """_call on the front end (target: its own) or on a read endpoint."""
+        held = self._call_region(target, tensors, answer_bytes)
         try:
+            metadata = self.metadata
             if tensors is None:
+                if held is not None:
+                    metadata = (*(metadata or ()), held.answer_metadata())
                 answer = self._framed(target, method, serialized=False)(request, timeout=self.timeout_s,
-                                                                        metadata=self.metadata)
+                                                                        metadata=metadata)
             else:
-                answer = self._framed(target, method)(framing.serialized(request, tensors), timeout=self.timeout_s,
-                                                      metadata=self.metadata)
+                data = framing.serialized(request, tensors, None if held is None else held.request_placer)
+                if held is not None:
+                    metadata = (*(metadata or ()), held.answer_metadata())
+                answer = self._framed(target, method)(data, timeout=self.timeout_s, metadata=metadata)
             # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
-            return list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
+            answer = list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
+            if then is not None:
+                return then(answer)
+            return answer if held is None else _detached(answer, held)
         except grpc.RpcError as error:
             raise error_from_rpc(error, self.tls) from None
+        finally:
+            if held is not None:
+                self.shared.release(held.region)
+
+    def _call_region(self, target: str, tensors: dict | None, answer_bytes: int) -> CallRegion | None:
+        """A shared memory region for a call that moves a large tensor either way, where the server
+        uses them; None: the call goes in messages only."""
+        if self.shared is None:
+            return None
+        size = tensor_bytes(tensors) + (answer_bytes + (1 << 16) if answer_bytes >= MIN_SHARED_BYTES else 0)
+        if size < MIN_SHARED_BYTES or not self.shared.usable(target, functools.partial(self._probe, target)):
+            return None
+        region = self.shared.acquire(size)
+        return None if region is None else CallRegion(self.shared, region)
+
+    def _probe(self, target: str, region: str) -> None:
+        self._framed(target, "ProbeSharedMemory", serialized=False)(
+            pb.ProbeSharedMemoryRequest(region=region), timeout=min(self.timeout_s, 10.0), metadata=self.metadata)
 
     def _framed(self, target: str, method: str, serialized: bool = True):
         """The method's callable over the channel to target. serialized: it takes an already serialized
@@ -209,11 +244,12 @@ class _RemoteStore:
             reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
             has_tensors = any(f.message_type is pb.Tensor.DESCRIPTOR for f in reply.DESCRIPTOR.fields)
             kind = channel.unary_stream if _SERVICE.methods_by_name[method].server_streaming else channel.unary_unary
+            shared = None if self.shared is None else self.shared.view
             callable_ = self._framed_calls[key] = kind(
                 f"/{_SERVICE.full_name}/{method}",
                 request_serializer=None if serialized else request.SerializeToString,
-                response_deserializer=functools.partial(framing.parsed, reply) if has_tensors and serialized
-                else reply.FromString)
+                response_deserializer=functools.partial(framing.parsed, reply, shared=shared)
+                if has_tensors and serialized else reply.FromString)
         return callable_
 
     def create_namespace(self, config, request_id=""):
@@ -248,15 +284,17 @@ class _RemoteStore:
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank)
-        return convert.search_result_from_parts([self._call("Search", request, dict(queries=queries))], into, start)
+        return self._call("Search", request, dict(queries=queries),
+                          then=lambda answer: convert.search_result_from_parts([answer], into, start))
 
     def search_parts(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-                     generation=0, nprobe=0, rerank=0, into=None, start=0):
-        """search, its answer in parts (SearchParts)."""
+                     generation=0, nprobe=0, rerank=0, into=None, start=0, answer_bytes=0):
+        """search, its answer in parts (SearchParts). answer_bytes: about how large it is."""
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank)
-        return convert.search_result_from_parts(self._call("SearchParts", request, dict(queries=queries)), into, start)
+        return self._call("SearchParts", request, dict(queries=queries), answer_bytes=answer_bytes,
+                          then=lambda parts: convert.search_result_from_parts(parts, into, start))
 
     def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
         request = pb.GetRequest(namespace=namespace, return_optimizer_state=return_optimizer_state,
@@ -274,28 +312,31 @@ class _RemoteStore:
         """into, start: as search's."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank)
-        return convert.retrieve_result_from_parts([self._call("Retrieve", request, dict(queries=queries))], queries,
-                                                  temperature, into, start)
+        return self._call("Retrieve", request, dict(queries=queries), then=lambda answer: (
+            convert.retrieve_result_from_parts([answer], queries, temperature, into, start)))
 
     def retrieve_parts(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0,
-                       rerank=0, into=None, start=0):
-        """retrieve, its answer in parts (RetrieveParts)."""
+                       rerank=0, into=None, start=0, answer_bytes=0):
+        """retrieve, its answer in parts (RetrieveParts). answer_bytes: about how large it is."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank)
-        return convert.retrieve_result_from_parts(self._call("RetrieveParts", request, dict(queries=queries)),
-                                                  queries, temperature, into, start)
+        return self._call("RetrieveParts", request, dict(queries=queries), answer_bytes=answer_bytes, then=lambda parts: (
+            convert.retrieve_result_from_parts(parts, queries, temperature, into, start)))
 
     def retrieve_backward(self, namespace, queries, ids, alpha, distances, grad_memory, temperature, *,
-                          generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0):
+                          generation=0, step_id="", part=0, defer_step=False, handle="", row_offset=0, answer_bytes=0):
+        """answer_bytes: of dL/dq (float32 [B, dim]), where queries are not sent (by handle)."""
         request = pb.RetrieveBackwardRequest(
             namespace=namespace, temperature=temperature, generation=generation, step_id=step_id, part=part,
             defer_step=defer_step, handle=handle, row_offset=row_offset)
         tensors = dict(grad_memory=grad_memory)
         if not handle:  # else the front end has the forward's arrays
             tensors.update(queries=queries, ids=ids, alpha=alpha, distances=distances)
-        response, payloads = self._call("RetrieveBackward", request, tensors)
-        return (convert.tensor_from_proto(response.grad_queries, "grad_queries", data=payloads.get("grad_queries")),
-                response.grad_temperature)
+        if queries is not None:
+            answer_bytes = 4 * queries.shape[0] * (queries.shape[1] if queries.ndim == 2 else 1)
+        return self._call("RetrieveBackward", request, tensors, answer_bytes=answer_bytes, then=lambda answer: (
+            convert.tensor_from_proto(answer.message.grad_queries, "grad_queries",
+                                      data=answer.payloads.get("grad_queries")), answer.message.grad_temperature))
 
     def commit_step(self, namespace, step_id, *, generation=0):
         request = pb.StepRequest(namespace=namespace, step_id=step_id, generation=generation)
@@ -338,6 +379,19 @@ class _RemoteStore:
             for channel in self._endpoint_channels.values():
                 channel.close()
             self._endpoint_channels.clear()
+        if self.shared is not None:
+            self.shared.close()
+
+
+def _detached(answer, held: CallRegion):
+    """The answer (a Framed, or a list of them) with its payloads that lie in the call's region copied
+    out of it (the region goes back to the pool when the call returns)."""
+    if isinstance(answer, list):
+        return [_detached(part, held) for part in answer]
+    if not isinstance(answer, framing.Framed):
+        return answer
+    return framing.Framed(answer.message, {name: bytes(data) if isinstance(data, memoryview) and held.holds(data) else data
+                                           for name, data in answer.payloads.items()})
 
 
 def _in_process_store(device: str):
@@ -371,12 +425,16 @@ class MemoryClient:
     so ``attach_monim`` while training and generating) go to a shard's own read endpoint where the
     server names them, with the front end as the fallback (model_client/read_routing.py; docs/API.md,
     "Read endpoints"); False: every call to the front end.
+    shared_memory: a call's large tensors (1 MiB or more) go through shared memory regions of this
+    host instead of its messages where the server is on this host and can use them (it is asked once;
+    docs/API.md, "Shared memory on one host"); False: in the messages always.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.2, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, device: str = "cpu",
                  token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
-                 tls_key: str | None = None, tls: bool | None = None, read_endpoints: bool = True):
+                 tls_key: str | None = None, tls: bool | None = None, read_endpoints: bool = True,
+                 shared_memory: bool = True):
         self.target = target
         self.retries = retries
         self.backoff_s = backoff_s
@@ -396,7 +454,8 @@ class MemoryClient:
             token = os.environ.get(TOKEN_ENV)
         token = token.strip() if token else None
         credentials = _channel_credentials(tls_ca, tls_cert, tls_key) if use_tls else None
-        self._store = _RemoteStore(target, timeout_s, max_message_bytes, token, credentials, read_endpoints)
+        self._store = _RemoteStore(target, timeout_s, max_message_bytes, token, credentials, read_endpoints,
+                                   shared_memory)
 
     # ----- plumbing -------------------------------------------------------------
     def _retried(self, method: str, *args, **kwargs):
@@ -436,7 +495,7 @@ class MemoryClient:
         server from before them: UNIMPLEMENTED)."""
         if self.remote and answer_bytes > min(CHUNK_BYTES, self.max_message_bytes // 2) and self._parts_fit():
             try:
-                return self._retried(f"{method}_parts", *args, **kwargs)
+                return self._retried(f"{method}_parts", *args, answer_bytes=answer_bytes, **kwargs)
             except MemoryStoreError as error:
                 if getattr(error, "status_code", "") != "UNIMPLEMENTED":
                     raise
@@ -735,7 +794,9 @@ class MemoryClient:
                 start = part.start or 0
                 return self._retried("retrieve_backward", namespace, None, None, None, None, grad_memory[part],
                                      result.temperature, generation=result.generation, step_id=step_id, part=index,
-                                     defer_step=defer, handle=handle, row_offset=start)
+                                     defer_step=defer, handle=handle, row_offset=start,
+                                     **({"answer_bytes": self._rows(grad_memory[part]) * 4 * width} if self.remote
+                                        else {}))
             return self._retried("retrieve_backward", namespace, queries[part], ids[part], result.alpha[part],
                                  result.distances[part], grad_memory[part], result.temperature,
                                  generation=result.generation, step_id=step_id, part=index, defer_step=defer)

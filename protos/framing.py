@@ -17,11 +17,15 @@ message twice.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from typing import NamedTuple
 
 import numpy as np
 from monim.protos import memory_pb2 as pb
 from monim.protos.errors import InvalidArgument
+from monim.protos.shared_memory import MIN_SHARED_BYTES
 
 WIRE_DTYPES = {
     "float32": np.dtype("<f4"),
@@ -81,17 +85,44 @@ def wire_array(array) -> tuple[str, np.ndarray]:
     return name, array.astype(WIRE_DTYPES[name], copy=False)
 
 
-def serialized(message, tensors: dict) -> bytes:
+# Where the answers of the call this thread serves may put their large tensors (a Placer of the
+# client's shared memory region, protos/shared_memory.py), set by the server around each call.
+_answer_placer: contextvars.ContextVar = contextvars.ContextVar("answer_placer", default=None)
+
+
+@contextlib.contextmanager
+def answers_placed(placer):
+    """serialized() without a placer of its own uses ``placer`` inside (None: none)."""
+    token = _answer_placer.set(placer)
+    try:
+        yield
+    finally:
+        _answer_placer.reset(token)
+
+
+def serialized(message, tensors: dict, placer=None) -> bytes:
     """The wire form of ``message`` with each Tensor field named in ``tensors`` set to its array
-    (numpy or torch; None leaves the field unset). ``message`` must not set those fields itself."""
+    (numpy or torch; None leaves the field unset). ``message`` must not set those fields itself.
+    placer (protos/shared_memory.Placer; default: the one answers_placed set): a tensor of
+    MIN_SHARED_BYTES or more is copied into the shared memory range it hands out, and the message
+    names where (Tensor.shared) instead of carrying it, while the range has room."""
+    placer = placer if placer is not None else _answer_placer.get()
     fields = message.DESCRIPTOR.fields_by_name
     parts: list = [message.SerializeToString()]
     for name, array in tensors.items():
         if array is None:
             continue
         dtype, array = wire_array(array)
-        head = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()
         data = memoryview(np.ascontiguousarray(array)).cast("B") if array.size else b""
+        spot = placer.place(len(data)) if placer is not None and len(data) >= MIN_SHARED_BYTES else None
+        if spot is not None:
+            region, offset, target = spot
+            target[:] = data
+            head = pb.Tensor(dtype=dtype, shape=array.shape,
+                             shared=pb.SharedBytes(region=region, offset=offset)).SerializeToString()
+            parts += [_key(fields[name].number), _varint(len(head)), head]
+            continue
+        head = pb.Tensor(dtype=dtype, shape=array.shape).SerializeToString()
         length = _varint(len(data))
         parts += [_key(fields[name].number), _varint(len(head) + len(_DATA_KEY) + len(length) + len(data)),
                   head, _DATA_KEY, length, data]
@@ -160,11 +191,13 @@ def _repeated(field) -> bool:
     return field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED  # protobuf < 6
 
 
-def parsed(message_class, data: bytes) -> Framed:
+def parsed(message_class, data: bytes, shared=None) -> Framed:
     """``data`` (one serialized ``message_class``) parsed with the data of its singular Tensor fields
     left in place: read them with convert.tensor_from_proto(..., data=payloads.get(name)). Anything
     this reader does not expect (a Tensor field twice, a malformed field) is parsed by protobuf
-    whole instead, which raises on what it cannot parse."""
+    whole instead, which raises on what it cannot parse.
+    shared(region, offset, size) -> the bytes of a Tensor that names shared memory (Tensor.shared)
+    instead of carrying them (a view, or a copy); None: such a Tensor is INVALID_ARGUMENT."""
     tensor_fields = {f.number: f.name for f in message_class.DESCRIPTOR.fields
                      if f.message_type is pb.Tensor.DESCRIPTOR and not _repeated(f)}
     view = memoryview(data)
@@ -186,6 +219,25 @@ def parsed(message_class, data: bytes) -> Framed:
                     head.append(view[value + inner_start:value + inner_end])
             head_bytes = b"".join(head)
             rest += [view[start:key_end], _varint(len(head_bytes)), head_bytes]
+            if not payloads[name]:
+                payloads[name] = _shared_payload(head_bytes, shared, name) or payloads[name]
     except _Malformed:
         return Framed(message_class.FromString(data), {})
     return Framed(message_class.FromString(b"".join(rest)), payloads)
+
+
+def _shared_payload(head: bytes, shared, what: str):
+    """The bytes a Tensor head names in shared memory (None if it names none; a bad dtype or shape is
+    left to tensor_from_proto, which says so)."""
+    if not head:
+        return None
+    tensor = pb.Tensor.FromString(head)
+    if not tensor.HasField("shared"):
+        return None
+    dtype = WIRE_DTYPES.get(tensor.dtype)
+    if dtype is None or any(size < 0 for size in tensor.shape):
+        return None
+    if shared is None:
+        raise InvalidArgument(f"{what} names shared memory, which is not used on this channel")
+    size = math.prod(tensor.shape) * dtype.itemsize
+    return shared(tensor.shared.region, tensor.shared.offset, size)

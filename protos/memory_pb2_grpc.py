@@ -139,6 +139,11 @@ class MemoryServiceStub:
                 request_serializer=monim_dot_protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.ProbeSharedMemory = channel.unary_unary(
+                '/monim.v1.MemoryService/ProbeSharedMemory',
+                request_serializer=monim_dot_protos_dot_memory__pb2.ProbeSharedMemoryRequest.SerializeToString,
+                response_deserializer=monim_dot_protos_dot_memory__pb2.ProbeSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -274,6 +279,14 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProbeSharedMemory(self, request, context):
+        """FAILED_PRECONDITION where the server cannot use the region (another host or user, or shared
+        memory turned off there): the client then sends every tensor in its messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -381,6 +394,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.RetrieveParts,
                     request_deserializer=monim_dot_protos_dot_memory__pb2.RetrieveRequest.FromString,
                     response_serializer=monim_dot_protos_dot_memory__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'ProbeSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProbeSharedMemory,
+                    request_deserializer=monim_dot_protos_dot_memory__pb2.ProbeSharedMemoryRequest.FromString,
+                    response_serializer=monim_dot_protos_dot_memory__pb2.ProbeSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -950,6 +968,33 @@ class MemoryService:
             '/monim.v1.MemoryService/RetrieveParts',
             monim_dot_protos_dot_memory__pb2.RetrieveRequest.SerializeToString,
             monim_dot_protos_dot_memory__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProbeSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/monim.v1.MemoryService/ProbeSharedMemory',
+            monim_dot_protos_dot_memory__pb2.ProbeSharedMemoryRequest.SerializeToString,
+            monim_dot_protos_dot_memory__pb2.ProbeSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -251,6 +251,8 @@ METHOD_ACCESS: dict[str, Access] = {
     # Where a Decode stream may go instead (the shards' own endpoints): any token; each step there
     # is checked as it is here.
     "ReadEndpoints": Access(LIST, _no_namespace),
+    # Whether the server can use a client's shared memory region (touches no namespace): any token.
+    "ProbeSharedMemory": Access(LIST, _no_namespace),
 }
 STREAMING_METHODS = {"Decode"}
 # A MemoryService method added to the proto but not to the table needs admin until it is.

@@ -19,8 +19,9 @@ import threading
 
 import grpc
 from google.protobuf.message import DecodeError
-from monim.protos import framing
+from monim.protos import framing, shared_memory
 from monim.protos import memory_pb2 as pb
+from monim.protos.errors import InvalidArgument
 
 MAX_PENDING = 1024
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
@@ -57,13 +58,14 @@ def _deserializer(message_class):
     def deserialize(data: bytes):
         try:
             if in_place:
-                return ParsedRequest(*framing.parsed(message_class, data))
+                return ParsedRequest(*framing.parsed(message_class, data, shared=shared_memory.copied))
             return message_class.FromString(data)
-        except DecodeError as error:
+        except (DecodeError, InvalidArgument) as error:
             request = message_class()
+            problem = (str(error) if isinstance(error, InvalidArgument) else
+                       f"the request is not a valid {message_class.__name__} message ({len(data)} bytes): {error}")
             with _lock:
-                _pending[id(request)] = (request, f"the request is not a valid {message_class.__name__} message "
-                                                  f"({len(data)} bytes): {error}")
+                _pending[id(request)] = (request, problem)
                 while len(_pending) > MAX_PENDING:
                     _pending.popitem(last=False)
             return request
@@ -81,12 +83,43 @@ def undecodable(request) -> str | None:
         return held[1]
 
 
+def _answer_placer(context):
+    """Where the call's answer may put its large tensors: the client's shared memory region that its
+    metadata names (protos/shared_memory.py), or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == shared_memory.ANSWER_REGION_KEY:
+            try:
+                return shared_memory.answer_placer(value)
+            except InvalidArgument as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+    return None
+
+
 def _checked(behavior):
     def handle(request, context):
         problem = undecodable(request)
         if problem is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        return behavior(request, context)
+        with framing.answers_placed(_answer_placer(context)):
+            return behavior(request, context)
+
+    return handle
+
+
+def _checked_parts(behavior):
+    """_checked for a method that answers a stream of messages (each framed as it goes out)."""
+    def handle(request, context):
+        problem = undecodable(request)
+        if problem is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        placer = _answer_placer(context)
+        answers = behavior(request, context)
+        while True:
+            with framing.answers_placed(placer):
+                answer = next(answers, None)
+            if answer is None:
+                return
+            yield answer
 
     return handle
 
@@ -112,9 +145,9 @@ def add_memory_service(servicer, server: grpc.Server, methods: frozenset[str] | 
                 getattr(servicer, method.name), request_deserializer=_deserializer(request),
                 response_serializer=_serialize)
             continue
-        if method.server_streaming:  # Reshard: one request, a stream of progress
+        if method.server_streaming:  # Reshard: one request, a stream of progress; SearchParts, RetrieveParts
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
+                _checked_parts(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
                 response_serializer=_serialize)
             continue
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(

@@ -57,7 +57,7 @@ ENDPOINT_THREADS = 16
 # states are kept by the router that made them: this endpoint's, for a Retrieve sent here), and its
 # writes (the hard tokens it memorizes, a step's value gradients).
 ENDPOINT_METHODS = frozenset({"Search", "Retrieve", "SearchParts", "RetrieveParts", "Decode", "RetrieveBackward",
-                              "CommitStep", "AbortStep", "Add", "ApplyGradients"})
+                              "CommitStep", "AbortStep", "Add", "ApplyGradients", "ProbeSharedMemory"})
 # How long a closing shard's endpoint waits for the calls in flight on it (a memory layer's steps:
 # milliseconds each) before it stops and cancels what is left. It holds up the reshard that retires
 # the shard by as much at most.

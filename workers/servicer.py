@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 
 import grpc
-from monim.protos import convert, framing
+from monim.protos import convert, framing, shared_memory
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.config import DEFAULT_ADMIT_BELOW
-from monim.protos.errors import InvalidArgument
+from monim.protos.errors import FailedPrecondition, InvalidArgument
 from monim.workers.auth import authorize_step, caller_name
 from monim.workers.decoding import payloads_of, undecodable
 from monim.workers.router import Router
@@ -210,6 +210,19 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         client set one, bounds every step."""
         for step in request_iterator:
             yield self._decode_step(step, context)
+
+    @grpc_errors
+    def ProbeSharedMemory(self, request, context):
+        """Reads the client's region's first 32 bytes and writes them back reversed after them
+        (protos/shared_memory.py): FAILED_PRECONDITION where this server cannot use the region."""
+        if not shared_memory.enabled():
+            raise FailedPrecondition(f"shared memory is turned off on this server ({shared_memory.ENV}=0)")
+        try:
+            region = shared_memory.server_regions().get(request.region)
+            region.view(32, 32)[:] = bytes(region.view(0, 32))[::-1]
+        except InvalidArgument as error:
+            raise FailedPrecondition(f"this server cannot use the region: {error.message}") from None
+        return pb.ProbeSharedMemoryResponse()
 
     @grpc_errors
     def ReadEndpoints(self, request, context):

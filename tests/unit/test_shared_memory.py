@@ -1,0 +1,168 @@
+"""Large tensors through shared memory between a client and a server of one host
+(protos/shared_memory.py, model_client/shared_memory.py): the same answers as through messages, a
+server that cannot use the regions gets messages, bad references are INVALID_ARGUMENT and change
+nothing, a forward's kept state never points into a region the client writes again, and a closed
+client leaves no file behind. A real gRPC server in this process (no Ray)."""
+
+import concurrent.futures
+import glob
+import os
+
+import numpy as np
+import pytest
+from monim.model_client.errors import InvalidArgument
+from monim.protos import framing, shared_memory
+from monim.protos import memory_pb2 as pb
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
+
+from monim import MemoryClient
+
+pytestmark = pytest.mark.skipif(not shared_memory.enabled(), reason="no /dev/shm on this machine")
+
+ROWS, DIM, VALUE_DIM, K = 4096, 128, 64, 32  # keys 2 MiB, values 1 MiB: both through a region
+
+
+@pytest.fixture
+def server():
+    runtime = LocalRuntime(1)
+    frontend, port = start_server(Router(runtime), port=0)
+    yield f"127.0.0.1:{port}"
+    frontend.stop(0)
+    runtime.shutdown()
+
+
+def made(client, rng, name="ns"):
+    client.create_namespace(name, dim=DIM, value_dim=VALUE_DIM, max_k=K, optimizer="adam", lr=0.01)
+    keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    values = rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32)
+    client.add(name, keys, np.arange(ROWS), values=values)
+    return keys
+
+
+def test_calls_through_shared_memory_answer_as_calls_through_messages(server):
+    rng = np.random.default_rng(3)
+    with MemoryClient(server) as shared, MemoryClient(server, shared_memory=False) as plain:
+        keys = made(shared, rng)  # the Add's keys and values through a region
+        assert shared._store.shared._usable == {server: True} and len(shared_memory.server_regions()) >= 1
+        np.testing.assert_array_equal(plain.get("ns", np.arange(ROWS)).keys, keys)
+        queries = keys[rng.integers(0, ROWS, 2048)] + 0.01
+        before = shared._store.shared.bytes_placed
+        found, expected = shared.search("ns", queries, K), plain.search("ns", queries, K)
+        for name in ("ids", "distances", "tokens"):
+            np.testing.assert_array_equal(getattr(found, name), getattr(expected, name))
+        assert found.ids.flags.writeable
+        got = shared.get("ns", np.arange(ROWS))
+        np.testing.assert_array_equal(got.values, plain.get("ns", np.arange(ROWS)).values)
+        grad = rng.standard_normal((2048, VALUE_DIM)).astype(np.float32)
+        r1 = shared.retrieve("ns", queries, K, 0.5, keep_state=True)
+        r2 = plain.retrieve("ns", queries, K, 0.5, keep_state=True)
+        np.testing.assert_array_equal(r1.memory, r2.memory)
+        g1, g2 = (c.retrieve_backward("ns", r, grad, step_values=False) for c, r in ((shared, r1), (plain, r2)))
+        np.testing.assert_array_equal(g1[0], g2[0])
+        assert g1[1] == g2[1]
+        assert shared._store.shared.bytes_placed > before  # answers came through the region
+        assert plain._store.shared is None
+
+
+def test_a_server_that_cannot_use_the_regions_gets_messages(server, monkeypatch):
+    monkeypatch.setattr(shared_memory, "enabled", lambda: False)  # the server's side only
+    rng = np.random.default_rng(4)
+    with MemoryClient(server) as client:
+        keys = made(client, rng)
+        assert client._store.shared._usable == {server: False}
+        found = client.search("ns", keys[:2048], K)
+        np.testing.assert_array_equal(found.ids[:, 0], np.arange(2048))
+        assert client._store.shared.bytes_placed == 0
+
+
+def _raw_add(client, target, data):
+    return client._store._framed(target, "Add")(data, timeout=10)
+
+
+def test_a_request_naming_a_region_it_may_not_use_is_invalid_and_changes_nothing(server):
+    import grpc
+
+    rng = np.random.default_rng(5)
+    with MemoryClient(server) as client:
+        made(client, rng)
+        request = pb.AddRequest(namespace="ns")
+        keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+        region = shared_memory.Region.create(4 << 20)
+        try:
+            data = framing.serialized(request, dict(keys=keys, tokens=np.arange(ROWS)),
+                                      shared_memory.Placer(region, 0, region.size))
+        finally:
+            region.close()  # removed before the server opens it
+        outside = b"../../etc/passwd".ljust(len(region.name), b"x")  # the same length: the message stays valid
+        bad = {"cannot be opened here": data,
+               "not a shared memory region's name": data.replace(region.name.encode(), outside)}
+        for why, message in bad.items():
+            with pytest.raises(grpc.RpcError) as error:
+                _raw_add(client, server, message)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in error.value.details()
+        region = shared_memory.Region.create(1 << 20)  # too small for the 2 MiB it is said to hold
+        try:
+            tensor = pb.Tensor(dtype="float32", shape=[ROWS, DIM], shared=pb.SharedBytes(region=region.name, offset=0))
+            message = framing.serialized(pb.AddRequest(namespace="ns", keys=tensor), dict(tokens=np.arange(ROWS)))
+            with pytest.raises(grpc.RpcError) as error:
+                _raw_add(client, server, message)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "past the end" in error.value.details()
+        finally:
+            region.close()
+        assert client.describe_namespace("ns").rows == ROWS  # nothing stored
+
+
+def test_an_answer_region_the_server_cannot_use_is_invalid(server):
+    import grpc
+
+    with MemoryClient(server) as client:
+        made(client, np.random.default_rng(6))
+        call = client._store._framed(server, "Search")
+        data = framing.serialized(pb.SearchRequest(namespace="ns", k=K), dict(queries=np.zeros((1, DIM), np.float32)))
+        for value, why in (("monim-1-" + "0" * 32 + ":0:100", "cannot be opened"), ("nonsense", "must be")):
+            with pytest.raises(grpc.RpcError) as error:
+                call(data, timeout=10, metadata=((shared_memory.ANSWER_REGION_KEY, value),))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in error.value.details()
+
+
+def test_a_kept_forward_never_points_into_a_region_the_client_writes_again(server):
+    """The server copies a request's bytes out of the region: a Retrieve's kept queries stay its
+    own while the client's next calls write the same region."""
+    rng = np.random.default_rng(7)
+    with MemoryClient(server) as client:
+        keys = made(client, rng)
+        queries = keys[rng.integers(0, ROWS, 4096)] + 0.01  # 2 MiB of queries: through a region
+        grad = rng.standard_normal((4096, VALUE_DIM)).astype(np.float32)
+        result = client.retrieve("ns", queries, K, 1.0, keep_state=True)
+        assert result.handle
+        for _ in range(3):  # the same region, written with other queries
+            client.search("ns", rng.standard_normal((4096, DIM)).astype(np.float32), K)
+        by_handle = client.retrieve_backward("ns", result, grad, step_values=False)
+        result.handle = ""
+        by_arrays = client.retrieve_backward("ns", result, grad, step_values=False)
+        np.testing.assert_array_equal(by_handle[0], by_arrays[0])
+
+
+def test_calls_at_once_each_hold_a_region_and_a_closed_client_leaves_no_file(server):
+    rng = np.random.default_rng(8)
+    client = MemoryClient(server)
+    keys = made(client, rng)
+    batches = [keys[rng.integers(0, ROWS, 2048)] + 0.01 for _ in range(8)]
+    with MemoryClient(server, shared_memory=False) as plain:
+        expected = [plain.search("ns", q, K).ids for q in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda q: client.search("ns", q, K).ids, batches))
+    for f, e in zip(found, expected):
+        np.testing.assert_array_equal(f, e)
+    mine = glob.glob(os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-{os.getpid()}-*"))
+    assert len(mine) >= 2  # several calls held regions at once
+    client.close()
+    assert not glob.glob(os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-{os.getpid()}-*"))
+
+
+def test_a_region_name_must_be_one_of_the_clients():
+    for name in ("../x", "monim-1-abc", "/dev/shm/monim-1-" + "0" * 32, "monim-1-" + "0" * 32 + "/.."):
+        with pytest.raises(InvalidArgument, match="not a shared memory region's name"):
+            shared_memory.Region.open(name)
