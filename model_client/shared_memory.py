@@ -9,7 +9,8 @@ region goes back to the pool. A region is made when no free one is large enough 
 REGION_BYTES, more for a larger call) while the pool holds less than ``budget`` bytes; past that the
 call sends everything in its messages. Each server (the front end, each read endpoint) is asked once
 whether it can use the regions (ProbeSharedMemory); one that cannot, or a host whose shared memory is
-full, gets messages only. close() removes the regions' files.
+full, gets messages only. close() removes the regions' files; the first region a process makes
+first removes those of this user's clients that died before they closed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import os
 import threading
 
 from monim.protos.errors import InternalError
-from monim.protos.shared_memory import ANSWER_REGION_KEY, MIN_SHARED_BYTES, Placer, Region, enabled
+from monim.protos.shared_memory import (
+    ANSWER_REGION_KEY,
+    MIN_SHARED_BYTES,
+    SHARED_MEMORY_DIR,
+    Placer,
+    Region,
+    enabled,
+)
 
 # The smallest region made (a split Search's call answers up to 20 MiB; a region is reused, so its
 # memory is taken once).
@@ -65,6 +73,7 @@ class SharedMemory:
 
     def acquire(self, size: int) -> Region | None:
         """A free region of at least size bytes (made if none is and the budget allows), or None."""
+        _remove_orphans()
         with self._lock:
             fitting = [region for region in self._free if region.size >= size]
             if fitting:
@@ -106,6 +115,43 @@ class SharedMemory:
                 region.close()
             self._regions.clear()
             self._free.clear()
+
+
+_orphans_checked = threading.Lock()
+_orphans_done: set[int] = set()
+
+
+def _remove_orphans() -> None:
+    """Once per process: removes the region files of this user's clients that died before they closed
+    (monim-<pid>-*, no process <pid> left)."""
+    pid = os.getpid()
+    if pid in _orphans_done:
+        return
+    with _orphans_checked:
+        if pid in _orphans_done:
+            return
+        _orphans_done.add(pid)
+        try:
+            names = os.listdir(SHARED_MEMORY_DIR)
+        except OSError:
+            return
+        for name in names:
+            parts = name.split("-")
+            if len(parts) != 3 or parts[0] != "monim" or not parts[1].isdigit() or int(parts[1]) == pid:
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+                continue  # alive (or another user's process: not ours to judge)
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+            path = os.path.join(SHARED_MEMORY_DIR, name)
+            try:
+                if os.stat(path, follow_symlinks=False).st_uid == os.geteuid():
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 class CallRegion:

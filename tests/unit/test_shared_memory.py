@@ -166,3 +166,27 @@ def test_a_region_name_must_be_one_of_the_clients():
     for name in ("../x", "monim-1-abc", "/dev/shm/monim-1-" + "0" * 32, "monim-1-" + "0" * 32 + "/.."):
         with pytest.raises(InvalidArgument, match="not a shared memory region's name"):
             shared_memory.Region.open(name)
+
+
+def test_the_regions_of_a_client_that_died_are_removed_by_the_next_one(server):
+    import subprocess
+    import sys
+
+    from monim.model_client import shared_memory as client_shared_memory
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names no process now
+    orphan = os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-{gone.pid}-{'ab' * 16}")
+    alive = os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-1-{'cd' * 16}")  # pid 1 lives
+    for path in (orphan, alive):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    client_shared_memory._orphans_done.discard(os.getpid())
+    try:
+        with MemoryClient(server) as client:
+            made(client, np.random.default_rng(9))  # its first large call makes a region
+        assert not os.path.exists(orphan) and os.path.exists(alive)
+    finally:
+        for path in (orphan, alive):
+            if os.path.exists(path):
+                os.unlink(path)
