@@ -296,10 +296,12 @@ class _RemoteStore:
         return self._call("SearchParts", request, dict(queries=queries), answer_bytes=answer_bytes,
                           then=lambda parts: convert.search_result_from_parts(parts, into, start))
 
-    def get(self, namespace, ids, return_optimizer_state=False, *, generation=0):
+    def get(self, namespace, ids, return_optimizer_state=False, *, generation=0, answer_bytes=0):
+        """answer_bytes: about how large the rows are (room for them in a shared memory region)."""
         request = pb.GetRequest(namespace=namespace, return_optimizer_state=return_optimizer_state,
                                 generation=generation)
-        return convert.rows_from_proto(*self._call("Get", request, dict(ids=ids)))
+        return self._call("Get", request, dict(ids=ids), answer_bytes=answer_bytes,
+                          then=lambda answer: convert.rows_from_proto(*answer))
 
     def delete(self, namespace, ids=None, source=None, *, request_id="", generation=0):
         request = pb.DeleteRequest(namespace=namespace, request_id=request_id, generation=generation)
@@ -678,10 +680,10 @@ class MemoryClient:
         # A reply past CHUNK_BYTES goes in chunks, sized by the namespace's widths where this client knows
         # them (it described the namespace: no call of its own for that); else one call is tried first.
         config = self._configs.get(namespace)
-        if (ids.nbytes < self.max_message_bytes // 4 if config is None
-                else ids.size * self._get_row_bytes(config, return_optimizer_state) <= CHUNK_BYTES):
+        answer_bytes = 0 if config is None else ids.size * self._get_row_bytes(config, return_optimizer_state)
+        if (ids.nbytes < self.max_message_bytes // 4) if config is None else answer_bytes <= CHUNK_BYTES:
             try:  # one that does not fit (or that stale widths misjudged) is asked again in parts
-                return self._retried("get", namespace, ids, return_optimizer_state)
+                return self._retried("get", namespace, ids, return_optimizer_state, answer_bytes=answer_bytes)
             except ResourceExhausted:
                 pass
         return self._get_chunks(namespace, ids, return_optimizer_state, self._config(namespace, refresh=True))
@@ -697,7 +699,8 @@ class MemoryClient:
     def _get_chunks(self, namespace, ids, return_optimizer_state, config) -> Rows:
         """Splits the ids in chunks of replies of at most CHUNK_BYTES (_get_row_bytes a row)."""
         row_bytes = self._get_row_bytes(config, return_optimizer_state)
-        parts = self._pipelined([functools.partial(self._retried, "get", namespace, ids[part], return_optimizer_state)
+        parts = self._pipelined([functools.partial(self._retried, "get", namespace, ids[part], return_optimizer_state,
+                                                   answer_bytes=self._rows(ids[part]) * row_bytes)
                                  for part in self._row_chunks(self._rows(ids), row_bytes)])
         if len(parts) == 1:
             return parts[0]

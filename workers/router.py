@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import hashlib
 import logging
 import secrets
 import threading
@@ -763,8 +764,11 @@ class Router:
                                         validation.check_source(source)))
         ids = validation.check_ids(ids)
         ids = ids[ids >= 0]
+        # Each shard gets its share of the ids; the digest of them all tells a share of this request
+        # from another request that reuses its id (Shard._digests: that one answers the first count).
+        digest = hashlib.blake2b(np.ascontiguousarray(ids).tobytes(), digest_size=8).hexdigest()
         return sum(self._routed_writes(namespace, [
-            ("delete", ids, lambda p: (namespace, config.generation, request_id, ids[p], None))]))
+            ("delete", ids, lambda p: (namespace, config.generation, request_id, ids[p], None, digest))]))
 
     # ----- snapshots (admin; workers/snapshots.py) ---------------------------------------------
     def _snapshot_root(self):

@@ -279,6 +279,10 @@ class Shard:
         # owners at the new placement. (request id, op) -> the ids applied here, as _id_runs of each
         # share: a later share applies the rest, a retry of a share nothing.
         self._applied_ids = _RememberedIds()
+        # (request id, op) -> the router's digest of the whole request (a delete's ids): a request id
+        # used again by another request answers the first one's result and applies nothing, however its
+        # ids fall on the shards (its rows are no share of the first request).
+        self._digests = _Remembered()
         # Parts of steps waiting for their commit, bounded by age, count and bytes (workers/staged_steps.py)
         self._staged = StagedSteps(default_budget(self.memory_budget), shard_index)
         self._answered = _RememberedPartials()  # what the parts of committed steps answered
@@ -333,7 +337,7 @@ class Shard:
             # the lock, or a placement taken during the wait (a reshard's freeze) would not see this write.
             self._changes.wait_for(lambda: not self._draining)
             if key[0] and key in self._applied and not again:
-                columns = self._not_applied(key, columns)
+                columns = None if self._another_request(key, args) else self._not_applied(key, columns)
                 if columns is None:
                     return self._applied[key]
             answer = check() if check is not None else None
@@ -385,6 +389,11 @@ class Shard:
         if applied:
             self._changes.notify_all()
 
+    def _another_request(self, key, args: dict) -> bool:
+        """Whether this write reuses the request id of another request (their digests differ)."""
+        known, digest = self._digests.get(key), args.get("digest")
+        return bool(known) and bool(digest) and known != digest
+
     def _not_applied(self, key, columns: dict) -> dict | None:
         """The rows of a write whose request (key) was applied here before that it did not cover (another
         share of it: see _applied_ids); None when it covered them all, or when the write has no ids or
@@ -410,6 +419,8 @@ class Shard:
         key, again = (args.get("request_id"), op), _applied_again(op, args)
         earlier = None  # this request's result here so far, when another share of it was applied
         if key[0] and key in self._applied:  # the same request logged twice (two racing retries), or another share
+            if not again and self._another_request(key, args):
+                return self._applied[key]
             rest = columns if again else self._not_applied(key, columns)
             if rest is None:
                 return self._applied[key]
@@ -455,6 +466,8 @@ class Shard:
         if key[0]:  # remembered: what the request did here, all its shares (this share answers its own)
             both = earlier + result if isinstance(earlier, int) and isinstance(result, int) else result
             self._applied.remember(key, both)
+            if args.get("digest"):
+                self._digests.remember(key, args["digest"])
             if columns.get("ids") is not None:
                 self._applied_ids.remember(key, self._applied_ids.get(key, []) + [_id_runs(columns["ids"])])
             if again:  # the whole request here, as a retry of any other write answers
@@ -728,7 +741,8 @@ class Shard:
                     {"ids": ids, "counts": counts}, check=lambda: self._check_owned(namespace, generation, ids))
 
     def delete(self, namespace: str, generation: int, request_id: str, ids: np.ndarray | None,
-               source: str | None) -> int:
+               source: str | None, digest: str = "") -> int:
+        """digest: the router's digest of the whole request's ids (see _digests)."""
         def check():
             if ids is not None:
                 return self._check_owned(namespace, generation, ids)
@@ -738,7 +752,7 @@ class Shard:
                                        "by a reshard; a delete by source waits for the batch", self.placement.version)
 
         return self._write("delete", {"namespace": namespace, "generation": generation, "request_id": request_id,
-                                      "source": source}, {"ids": ids}, check=check)
+                                      "source": source, "digest": digest}, {"ids": ids}, check=check)
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,

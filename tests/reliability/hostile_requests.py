@@ -291,6 +291,22 @@ def no_field_cases(draw, world: World, rpc: str) -> Case:
     return Case(rpc, request, ("unknown fields",), frozenset({OK}))
 
 
+@st.composite
+def probe_shared_memory_cases(draw, world: World) -> Case:
+    """ProbeSharedMemory naming no region this server can use (the fuzzing client made none): a name of
+    another form (paths among them), or one of the form no file has. FAILED_PRECONDITION either way."""
+    well_formed_missing = st.builds(lambda pid, digits: f"monim-{pid}-{digits}", st.integers(1, 10**9),
+                                    st.text("0123456789abcdef", min_size=32, max_size=32))
+    region = draw(st.one_of(hv.odd_names, st.sampled_from(["", "../../etc/passwd", "/dev/shm/x", "monim-1-zz"]),
+                            well_formed_missing))
+    request = REQUEST_TYPES["ProbeSharedMemory"](region=region)
+    defects = ("a region this server cannot use",)
+    if draw(st.booleans()):
+        request.MergeFromString(draw(unknown_fields()))
+        defects += ("unknown field",)
+    return Case("ProbeSharedMemory", request, defects, frozenset({PRECONDITION}))
+
+
 def _add_values_defect(draw, d, ns, world):
     rows = d.base["keys"].shape[0]
     if ns.value_dim == 0:
@@ -786,4 +802,5 @@ CASES = {
     "ReadEndpoints": lambda world: no_field_cases(world, "ReadEndpoints"),
     "SearchParts": answered_in_parts(search_cases, "SearchParts"),
     "RetrieveParts": answered_in_parts(retrieve_cases, "RetrieveParts"),
+    "ProbeSharedMemory": probe_shared_memory_cases,
 }

@@ -54,6 +54,7 @@ REFUSALS = {
     "ReadEndpoints": set(),
     "SearchParts": {INVALID, NOT_FOUND, PRECONDITION},
     "RetrieveParts": {INVALID, NOT_FOUND, PRECONDITION},
+    "ProbeSharedMemory": {PRECONDITION},  # the fuzzing client made no region
 }
 # Calls whose random requests may name the seeded namespaces: none can change a stored row with random
 # fields (reads; a commit of a step no part reached; creating or restoring a name that is taken). The

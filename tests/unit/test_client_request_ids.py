@@ -61,6 +61,16 @@ def test_delete_repeated_with_its_request_id_answers_the_first_count(client, ids
     assert client.describe_namespace("ns").rows == ROWS - 50
 
 
+def test_delete_of_other_ids_under_a_used_request_id_answers_the_first_count_and_deletes_nothing(client, ids):
+    """A request id names one request: another Delete that reuses it (other ids, on both shards) is
+    answered as the first was, as docs/API.md says, and deletes nothing (found by the hostile-input
+    suite: each shard took the new ids for a share of the first request it had not applied)."""
+    assert client.delete("ns", ids[:50], request_id="delete-1") == 50
+    assert client.delete("ns", ids[100:140], request_id="delete-1") == 50
+    assert client.describe_namespace("ns").rows == ROWS - 50
+    np.testing.assert_array_equal(client.get("ns", ids[100:140]).ids, ids[100:140])
+
+
 def test_retrieve_backward_repeated_with_its_step_id_steps_once(client, ids):
     rng = np.random.default_rng(5)
     result = client.retrieve("ns", rng.standard_normal((4, DIM)).astype(np.float32), k=8)

@@ -53,8 +53,11 @@ def test_calls_through_shared_memory_answer_as_calls_through_messages(server):
         for name in ("ids", "distances", "tokens"):
             np.testing.assert_array_equal(getattr(found, name), getattr(expected, name))
         assert found.ids.flags.writeable
+        placed = shared._store.shared.bytes_placed
         got = shared.get("ns", np.arange(ROWS))
+        np.testing.assert_array_equal(got.keys, keys)
         np.testing.assert_array_equal(got.values, plain.get("ns", np.arange(ROWS)).values)
+        assert shared._store.shared.bytes_placed >= placed + keys.nbytes  # the rows' keys came through the region
         grad = rng.standard_normal((2048, VALUE_DIM)).astype(np.float32)
         r1 = shared.retrieve("ns", queries, K, 0.5, keep_state=True)
         r2 = plain.retrieve("ns", queries, K, 0.5, keep_state=True)
