@@ -5,7 +5,6 @@ nothing, a forward's kept state never points into a region the client writes aga
 client leaves no file behind. A real gRPC server in this process (no Ray)."""
 
 import concurrent.futures
-import glob
 import os
 
 import numpy as np
@@ -159,10 +158,10 @@ def test_calls_at_once_each_hold_a_region_and_a_closed_client_leaves_no_file(ser
         found = list(pool.map(lambda q: client.search("ns", q, K).ids, batches))
     for f, e in zip(found, expected):
         np.testing.assert_array_equal(f, e)
-    mine = glob.glob(os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-{os.getpid()}-*"))
-    assert len(mine) >= 2  # several calls held regions at once
+    mine = [os.path.join(shared_memory.SHARED_MEMORY_DIR, name) for name in client._store.shared._regions]
+    assert len(mine) >= 2 and all(os.path.exists(path) for path in mine)  # several calls held regions at once
     client.close()
-    assert not glob.glob(os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-{os.getpid()}-*"))
+    assert not any(os.path.exists(path) for path in mine)
 
 
 def test_a_region_name_must_be_one_of_the_clients():
