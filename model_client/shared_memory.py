@@ -9,7 +9,8 @@ region goes back to the pool. A region is made when no free one is large enough 
 REGION_BYTES, more for a larger call) while the pool holds less than ``budget`` bytes; past that the
 call sends everything in its messages. Each server (the front end, each read endpoint) is asked once
 whether it can use the regions (ProbeSharedMemory); one that cannot, or a host whose shared memory is
-full, gets messages only. close() removes the regions' files; the first region a process makes
+full, gets messages only. close() removes the regions' files (so does the client's garbage
+collection, or the interpreter's exit, if it was not closed); the first region a process makes
 first removes those of this user's clients that died before they closed.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 from monim.protos.errors import InternalError
 from monim.protos.shared_memory import (
@@ -44,6 +46,8 @@ class SharedMemory:
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self.bytes_placed = 0  # tensors' bytes that went through a region instead of a message (both ways)
+        # The regions' files go with this object, or at the interpreter's exit, if close() was not called.
+        self._finalizer = weakref.finalize(self, _close_regions, self._regions, self._free, self._pid)
 
     def usable(self, target: str, probe) -> bool:
         """Whether calls to target use the regions; probe(region name) asks its server once
@@ -111,10 +115,18 @@ class SharedMemory:
 
     def close(self) -> None:
         with self._lock:
-            for region in self._regions.values():
-                region.close()
-            self._regions.clear()
-            self._free.clear()
+            self._finalizer()
+
+
+def _close_regions(regions: dict, free: list, pid: int) -> None:
+    """Unmaps the regions and removes their files (a client's close, or its finalizer), in the process
+    that made them (a forked child's copy leaves its parent's alone)."""
+    if os.getpid() != pid:
+        return
+    for region in regions.values():
+        region.close()
+    regions.clear()
+    free.clear()
 
 
 _orphans_checked = threading.Lock()

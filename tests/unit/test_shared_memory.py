@@ -192,3 +192,15 @@ def test_the_regions_of_a_client_that_died_are_removed_by_the_next_one(server):
         for path in (orphan, alive):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_a_client_dropped_without_close_leaves_no_file(server):
+    import gc
+
+    client = MemoryClient(server)
+    made(client, np.random.default_rng(10))
+    mine = [os.path.join(shared_memory.SHARED_MEMORY_DIR, name) for name in client._store.shared._regions]
+    assert mine and all(os.path.exists(path) for path in mine)
+    del client
+    gc.collect()
+    assert not any(os.path.exists(path) for path in mine)
