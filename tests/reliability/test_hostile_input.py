@@ -236,6 +236,9 @@ REGRESSIONS = {
     "Add with the request id of an Add of 160 rows, with 3 [INTERNAL: IndexError in the router]": (
         "Add", lambda w: pb.AddRequest(namespace=w.values.name, keys=_t(np.ones((3, 8), np.float32)),
                                        tokens=_t([1, 2, 3]), request_id="seed-add-values-0"), INVALID),
+    "Delete of other ids with the request id of a Delete every shard applied [OK, and it deleted them]": (
+        "Delete", lambda w: pb.DeleteRequest(namespace=w.values.name, ids=_t(np.array(w.values.stored_ids[:4])),
+                                             request_id="seed-delete-values"), OK),
     "snapshot location with a part of 300 characters [INTERNAL: OSError, file name too long]": (
         "CreateSnapshot", lambda w: pb.CreateSnapshotRequest(location="l" * 300), INVALID),
     "snapshot location of 10,000 characters [RESOURCE_EXHAUSTED: quoted whole in FAILED_PRECONDITION]": (
