@@ -498,6 +498,8 @@ class Shard:
                 self._moved.remember((request_id, op), [_runs_of(runs) for runs in shares])
             for request_id, op, shares in extra.get("applied_ids", []):
                 self._applied_ids.remember((request_id, op), [_runs_of(runs) for runs in shares])
+            for request_id, op, digest in extra.get("digests", []):
+                self._digests.remember((request_id, op), digest)
         for op, args, columns in self.wal.replay(after=covered):
             try:
                 self._apply(op, args, columns)
@@ -570,6 +572,7 @@ class Shard:
                                 for key, shares in self._moved.items()],
                  "applied_ids": [[key[0], key[1], [runs.tolist() for runs in shares]]
                                  for key, shares in self._applied_ids.items()],
+                 "digests": [[key[0], key[1], digest] for key, digest in self._digests.items()],
                  "placement": self.placement.to_dict()}
         target = self.folder / f"snapshot-{covered:012d}"
         self._records_since_snapshot = 0

@@ -82,6 +82,23 @@ def test_a_retry_after_a_restart_lands_once(tmp_path):
     assert again.describe_namespace("ns")["rows"] == 10
 
 
+@pytest.mark.parametrize("snapshot_every", [0, 1], ids=["log only", "snapshot after each write"])
+def test_a_used_delete_request_id_is_known_after_a_restart(tmp_path, snapshot_every):
+    """Another Delete reusing a request id answers the first count and deletes nothing, also after a
+    restart: the whole request's digest is recovered from the log, or from the snapshot past it."""
+    first = deployment(tmp_path, snapshot_every=snapshot_every)
+    first.create_namespace(NamespaceConfig("ns", dim=DIM))
+    keys = np.random.default_rng(2).standard_normal((40, DIM)).astype(np.float32)
+    ids = first.add("ns", keys, np.arange(40)).ids
+    assert first.delete("ns", ids=ids[:10], request_id="delete-1") == 10
+    first.add("ns", keys[:2], np.arange(2))  # writes after it: a snapshot then covers the delete
+    first.add("ns", keys[:2], np.arange(2))
+    first.runtime.shutdown()
+    again = deployment(tmp_path, snapshot_every=snapshot_every)
+    assert again.delete("ns", ids=ids[20:30], request_id="delete-1") == 10
+    assert again.describe_namespace("ns")["rows"] == 34
+
+
 def three_adds_then_stop(data_dir, seed):
     """A 1-shard deployment that took three 5-row adds, then stopped: the path of its last log segment."""
     first = deployment(data_dir, shards=1)
