@@ -196,17 +196,14 @@ class _RemoteStore:
         """_call on the front end (target: its own) or on a read endpoint."""
         held = self._call_region(target, tensors, answer_bytes)
         try:
-            metadata = self.metadata
             if tensors is None:
-                if held is not None:
-                    metadata = (*(metadata or ()), held.answer_metadata())
-                answer = self._framed(target, method, serialized=False)(request, timeout=self.timeout_s,
-                                                                        metadata=metadata)
+                call, sent = self._framed(target, method, serialized=False), request
             else:
-                data = framing.serialized(request, tensors, None if held is None else held.request_placer)
-                if held is not None:
-                    metadata = (*(metadata or ()), held.answer_metadata())
-                answer = self._framed(target, method)(data, timeout=self.timeout_s, metadata=metadata)
+                call = self._framed(target, method)
+                sent = framing.serialized(request, tensors, None if held is None else held.request_placer)
+            # The answer's room in the region: after the request's tensors, so named once they are placed.
+            metadata = self.metadata if held is None else (*(self.metadata or ()), held.answer_metadata())
+            answer = call(sent, timeout=self.timeout_s, metadata=metadata)
             # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
             answer = list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
             if then is not None:
@@ -227,7 +224,7 @@ class _RemoteStore:
         if size < MIN_SHARED_BYTES or not self.shared.usable(target, functools.partial(self._probe, target)):
             return None
         region = self.shared.acquire(size)
-        return None if region is None else CallRegion(self.shared, region)
+        return None if region is None else CallRegion(region)
 
     def _probe(self, target: str, region: str) -> None:
         self._framed(target, "ProbeSharedMemory", serialized=False)(
@@ -669,7 +666,7 @@ class MemoryClient:
                               namespace, queries[part], k, return_keys, return_values, return_weights,
                               nprobe=nprobe, rerank=rerank, into=into, start=part.start)
             for part in chunks])
-        return convert.batch_search_result(into, found, namespace)
+        return convert.batch_result(into, found, namespace)
 
     def get(self, namespace: str, ids, return_optimizer_state: bool = False) -> Rows:
         """ids int [N] -> Rows in the same order; NotFound names ids that are not stored.
@@ -750,7 +747,7 @@ class MemoryClient:
                                                    namespace, queries[part], k, temperature, nprobe=nprobe,
                                                    rerank=rerank, into=into, start=part.start)
                                  for part in chunks])
-        return dataclasses.replace(convert.batch_retrieve_result(into, found, namespace), queries=queries, handle="")
+        return dataclasses.replace(convert.batch_result(into, found, namespace), queries=queries, handle="")
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
                           step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:

@@ -170,8 +170,8 @@ class CallRegion:
     """A region held for one call: its request's large tensors from the start (request_placer), the
     room after them for the answer (answer_metadata)."""
 
-    def __init__(self, shared: SharedMemory, region: Region):
-        self.shared, self.region = shared, region
+    def __init__(self, region: Region):
+        self.region = region
         self.request_placer = Placer(region, 0, region.size)
 
     def answer_metadata(self) -> tuple[str, str]:

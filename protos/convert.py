@@ -218,16 +218,14 @@ def _placed(found: list, into: BatchAnswer | None, start: int, names: tuple[str,
     return dataclasses.replace(found[0], **{name: into.rows_of(name, start, row) for name in names})
 
 
-def batch_search_result(into: BatchAnswer, found: list[SearchResult], namespace: str) -> SearchResult:
-    """The answer of a batch split into calls (consecutive rows, in order) that filled ``into``.
-    FailedPrecondition if the namespace was re-created between them (ids of two incarnations)."""
-    _one_generation(found, namespace, "Search")
-    return dataclasses.replace(found[0], **{name: into.rows_of(name, 0, into.rows) for name in _SEARCHED})
-
-
-def _one_generation(found: list, namespace: str, call: str) -> None:
+def batch_result(into: BatchAnswer, found: list, namespace: str):
+    """The answer of a Search or a Retrieve whose batch was split into calls (consecutive rows, in
+    order; their SearchResults or RetrieveResults) that filled ``into``. FailedPrecondition if the
+    namespace was re-created between them (ids of two incarnations)."""
+    call, names = ("Search", _SEARCHED) if isinstance(found[0], SearchResult) else ("Retrieve", _RETRIEVED)
     if len({f.generation for f in found}) > 1:
         raise FailedPrecondition(f"namespace {namespace!r} was re-created during this {call}; retry it")
+    return dataclasses.replace(found[0], **{name: into.rows_of(name, 0, into.rows) for name in names})
 
 
 def search_result_from_proto(response: pb.SearchResponse, payloads: dict | None = None,
@@ -296,12 +294,6 @@ def retrieve_result_from_parts(parts, queries, temperature: float, into: BatchAn
     queries and temperature kept for the backward."""
     return _placed([retrieve_result_from_proto(response, queries, temperature, payloads, writable=False)
                     for response, payloads in parts], into, start, _RETRIEVED)
-
-
-def batch_retrieve_result(into: BatchAnswer, found: list[RetrieveResult], namespace: str) -> RetrieveResult:
-    """As batch_search_result, for a Retrieve split into calls."""
-    _one_generation(found, namespace, "Retrieve")
-    return dataclasses.replace(found[0], **{name: into.rows_of(name, 0, into.rows) for name in _RETRIEVED})
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float,

@@ -132,7 +132,7 @@ class Placer:
         return -(-self._next // 64) * 64
 
     def place(self, size: int):
-        offset = -(-self._next // 64) * 64
+        offset = self.used
         if offset + size > self._end:
             return None
         self._next = offset + size

@@ -95,11 +95,15 @@ def _answer_placer(context):
     return None
 
 
+def _refuse_undecodable(request, context) -> None:
+    problem = undecodable(request)
+    if problem is not None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+
 def _checked(behavior):
     def handle(request, context):
-        problem = undecodable(request)
-        if problem is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        _refuse_undecodable(request, context)
         with framing.answers_placed(_answer_placer(context)):
             return behavior(request, context)
 
@@ -109,9 +113,7 @@ def _checked(behavior):
 def _checked_parts(behavior):
     """_checked for a method that answers a stream of messages (each framed as it goes out)."""
     def handle(request, context):
-        problem = undecodable(request)
-        if problem is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        _refuse_undecodable(request, context)
         placer = _answer_placer(context)
         answers = behavior(request, context)
         while True:
