@@ -204,3 +204,33 @@ def test_a_client_dropped_without_close_leaves_no_file(server):
     del client
     gc.collect()
     assert not any(os.path.exists(path) for path in mine)
+
+
+def test_a_client_killed_while_it_holds_regions_leaves_files_the_next_client_removes(server):
+    """A client process killed (SIGKILL, by its pid) cannot remove its regions; the next client of
+    the user on the host does, at its first region."""
+    import signal
+    import subprocess
+    import sys
+
+    from monim.model_client import shared_memory as client_shared_memory
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from monim.model_client.shared_memory import SharedMemory\n"
+        "pool = SharedMemory()\n"
+        "regions = [pool.acquire(1 << 20) for _ in range(2)]\n"
+        "print(' '.join(r.name for r in regions), flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        names = child.stdout.readline().split()
+        paths = [os.path.join(shared_memory.SHARED_MEMORY_DIR, name) for name in names]
+        assert len(paths) == 2 and all(os.path.exists(path) for path in paths)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert all(os.path.exists(path) for path in paths)  # killed: nothing removed them
+    client_shared_memory._orphans_done.discard(os.getpid())
+    with MemoryClient(server) as client:
+        made(client, np.random.default_rng(11))  # its first large call makes a region
+    assert not any(os.path.exists(path) for path in paths)
