@@ -12,7 +12,6 @@ import os
 import pathlib
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,17 +24,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_serve(data_dir, deployment: str, *options: str, env: dict | None = None):
     """`monim serve` (2 shards, its own local Ray of 2 CPUs) as a user starts it, in its own session
     (so a test can kill it and every process under it): (process, address, output lines so far).
-    env: more environment variables for it (and so for its Ray and the shards)."""
-    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", str(_free_port()), "--shards", "2",
+    env: more environment variables for it (and so for its Ray and the shards).
+    It binds port 0 and says which port it got: a port picked here and freed could be taken (by one
+    of its own Ray's processes, say) before it binds."""
+    command = [sys.executable, "-m", "monim.workers.cli", "serve", "--port", "0", "--shards", "2",
                "--num-cpus", "2", "--deployment", deployment, "--data-dir", str(data_dir), *options]
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DISABLE_USAGE_STATS="1", **(env or {}))
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -43,6 +43,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_prometheus(config, tsdb, log_path, tries: int = 5):
+    """A Prometheus on a free loopback port: (process, port). A port picked and freed here can be
+    taken before Prometheus binds it; then it exits saying so, and another port is tried."""
+    for _ in range(tries):
+        port = _free_port()
+        with open(log_path, "w") as log:
+            prometheus = subprocess.Popen(
+                ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tsdb}",
+                 f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and prometheus.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2):
+                    return prometheus, port
+            except OSError:  # not listening yet, or not ready
+                time.sleep(0.2)
+        if prometheus.poll() is None:
+            return prometheus, port  # up but slow to say ready: the test's own deadline decides
+        if "address already in use" not in log_path.read_text():
+            raise AssertionError("prometheus exited:\n" + log_path.read_text())
+    raise AssertionError(f"prometheus found no free port in {tries} tries:\n" + log_path.read_text())
+
+
 class Deployment:
     """Two in-process shards on a data dir, served with metrics on a free port."""
 
@@ -307,7 +330,6 @@ def test_a_real_prometheus_scrapes_the_counters(deployment, tmp_path):
     expected = collections.Counter()
     for (method, _, code), calls in deployment.calls.items():
         expected[(method, code)] += calls
-    port = _free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(f"""
 global:
@@ -321,10 +343,7 @@ scrape_configs:
       - targets: ["127.0.0.1:{deployment.server.metrics_port}"]
 """)
     log_path = tmp_path / "prometheus.log"
-    with open(log_path, "w") as log:
-        prometheus = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    prometheus, port = _start_prometheus(config, tmp_path / "tsdb", log_path)
     try:
         deadline = time.monotonic() + 60
         seen: collections.Counter = collections.Counter()
