@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 import torch
 from monim.datastore import flat_index, memory_ops, optimizers
+from monim.datastore.hnsw_index import HnswIndex
 from monim.datastore.ivf_index import IvfIndex
 from monim.datastore.row_store import RowStore
 from monim.datastore.search_graphs import SearchGraphs
@@ -91,9 +92,14 @@ class KeptRows:
         self.bytes = 0
 
 
+# The approximate index of each index kind but flat (exact), by the namespace's ``index``.
+_APPROXIMATE = {"ivf_flat": IvfIndex, "ivf_pq": IvfIndex, "hnsw": HnswIndex}
+
+
 class NeighborStore:
     """k-NN store of (id, key, token, value, weight, source) entries: exact (index flat), or
-    exact until trained and then approximate (ivf_flat, ivf_pq: datastore/ivf_index.py).
+    exact until its index is built and then approximate (ivf_flat, ivf_pq: datastore/ivf_index.py;
+    hnsw: datastore/hnsw_index.py).
 
     config: the namespace's NamespaceConfig.
     device: "cpu" or a CUDA device; all columns live there.
@@ -122,12 +128,13 @@ class NeighborStore:
         self.next_id = 0
         self.id_stride, self.id_offset = id_stride, id_offset
         self._lock = threading.RLock()
-        # The approximate index of an ivf namespace (None for flat); it shares the store's lock.
-        self.ivf = IvfIndex(config, self.rows, self._lock) if config.index != "flat" else None
+        # The approximate index of an ivf or hnsw namespace (None for flat); it shares the store's lock.
+        self.approximate = _APPROXIMATE[config.index](config, self.rows, self._lock) \
+            if config.index in _APPROXIMATE else None
         self.kept_rows = KeptRows()
         # A flat GPU store's small searches, captured as CUDA graphs once a shape repeats.
         self.graphs = SearchGraphs(self.rows, self._device_answer) \
-            if self.device.type == "cuda" and self.ivf is None else None
+            if self.device.type == "cuda" and self.approximate is None else None
 
     def __len__(self) -> int:
         return self.rows.size
@@ -164,8 +171,8 @@ class NeighborStore:
                     raise AlreadyExists(f"ids already stored: {present[:10].tolist()}")
             self.rows.append(ids, keys, tokens, values, weights, source)
             self.next_id = max(self.next_id, int(ids.max()) + 1)
-            if self.ivf is not None:
-                self.ivf.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
+            if self.approximate is not None:
+                self.approximate.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
         return ids
 
     def delete(self, ids: np.ndarray | None = None, source: str | None = None) -> int:
@@ -180,23 +187,24 @@ class NeighborStore:
                 rows = rows[rows >= 0]
             else:
                 rows = self.rows.rows_with_source(validation.check_source(source))
-            if self.ivf is not None and rows.size:
-                self.ivf.after_delete(self.rows.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy())
+            if self.approximate is not None and rows.size:
+                self.approximate.after_delete(self.rows.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy())
             return self.rows.remove_rows(rows)
 
     # ----- reads -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, return_keys: bool = False, return_values: bool = False,
                return_weights: bool = False, nprobe: int = 0, rerank: int = 0,
-               hidden: np.ndarray | None = None, keep_rows: str = "") -> SearchResult:
+               hidden: np.ndarray | None = None, keep_rows: str = "", ef: int = 0) -> SearchResult:
         """Top-k of queries float32/float16 [B, dim]; see SearchResult for the shapes. Exact on a flat
-        namespace and on an ivf one until its index is trained; then by the index, probing nprobe
-        lists (0: min(32, nlist)), with rerank > 0 candidates ranked again by exact distance.
+        namespace and on an ivf or hnsw one until its index is built; then by the index: ivf probing
+        nprobe lists (0: min(32, nlist)), with rerank > 0 candidates ranked again by exact distance;
+        hnsw with a beam of ef (0: max(64, k)) candidates.
         hidden: int64 ids left out of the answer (rows a reshard is copying here, which their old
         shard still answers for).
         keep_rows: a name under which the answer's rows stay on the store's device for a while, for
         value_sum and backward_partials over exactly this answer's ids (KeptRows): a training step's
         B x k ids then go to the device and through the id map once, not three times."""
-        queries, k, nprobe, rerank = self._checked_search(queries, k, nprobe, rerank)
+        queries, k, options = self._checked_search(queries, k, nprobe, rerank, ef)
         if return_values and not self.config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         with self._lock:
@@ -205,21 +213,23 @@ class NeighborStore:
                 host = self.graphs.search(queries, k, (return_keys, return_values, return_weights))
                 if host is not None:
                     return self._result(host)
-            distances, rows = self._search_rows(queries, k, nprobe, rerank, hidden, held)
+            distances, rows = self._search_rows(queries, k, options, hidden, held)
             if keep_rows:
                 self.kept_rows.put(keep_rows, rows, self.rows.removals)
             return self._gather(rows, distances, return_keys, return_values, return_weights)
 
-    def _checked_search(self, queries, k, nprobe: int, rerank: int):
-        """A search's queries, k, nprobe and rerank, checked (INVALID_ARGUMENT naming the bad one)."""
+    def _checked_search(self, queries, k, nprobe: int, rerank: int, ef: int):
+        """A search's queries, k and index options, checked (INVALID_ARGUMENT naming the bad one):
+        (queries, k, {"nprobe", "rerank", "ef"} with the defaults filled in)."""
         queries = validation.check_vectors(queries, self.config.dim, "queries")
         k = validation.check_k(k, self.config.max_k)
-        return (queries, k, *validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank))
+        nprobe, rerank, ef = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank, ef)
+        return queries, k, {"nprobe": nprobe, "rerank": rerank, "ef": ef}
 
-    def _search_rows(self, queries: np.ndarray, k: int, nprobe: int, rerank: int, hidden=None, held: int = 0):
+    def _search_rows(self, queries: np.ndarray, k: int, options: dict, hidden=None, held: int = 0):
         """(distances float32 [B, k], rows int64 tensor [B, k], -1 where none) of a search (under the
-        lock): by the ivf index once trained, else exact; held of the hidden ids left out."""
-        found = None if self.ivf is None else self.ivf.search(queries, k + held, nprobe, rerank)
+        lock): by the approximate index once built, else exact; held of the hidden ids left out."""
+        found = None if self.approximate is None else self.approximate.search(queries, k + held, **options)
         if found is None:
             distances, rows = self._nearest_rows(queries, k + held)
         else:
@@ -230,17 +240,17 @@ class NeighborStore:
         return distances, rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
 
     def forward(self, queries: np.ndarray, k: int, temperature: float, keep_rows: str = "", nprobe: int = 0,
-                rerank: int = 0) -> tuple[SearchResult, np.ndarray, np.ndarray]:
+                rerank: int = 0, ef: int = 0) -> tuple[SearchResult, np.ndarray, np.ndarray]:
         """A Retrieve's forward where this store holds every row (a deployment of one shard): the search
         (ids, distances, tokens, weights), alpha = softmax(-d/T + log w) and m = sum_i alpha_i v_i, all on
         the store's device, under one hold of the lock. Returns (SearchResult, alpha float32 [B, k],
         memory float32 [B, value_dim]). keep_rows: as search, with alpha and distances kept beside the
         rows for the backward (backward_partials' kept)."""
-        queries, k, nprobe, rerank = self._checked_search(queries, k, nprobe, rerank)
+        queries, k, options = self._checked_search(queries, k, nprobe, rerank, ef)
         temperature = validation.check_temperature(temperature)
         validation.check_value_namespace(self.config.value_dim, "Retrieve")
         with self._lock:
-            distances, rows = self._search_rows(queries, k, nprobe, rerank)
+            distances, rows = self._search_rows(queries, k, options)
             rows = rows.to(self.device)
             columns = self._answer_columns(rows, torch.as_tensor(distances).to(self.device), False, False, True)
             answer = to_host_later(columns)  # goes to the host while alpha and the value sums are computed
@@ -360,21 +370,23 @@ class NeighborStore:
             return self.rows.rows_of(validation.check_ids(ids)) >= 0
 
     def stats(self) -> dict:
-        """rows, device, backend, next_id, bytes (held for the rows and the index); for an ivf
-        namespace also index_state ("exact" | "training" | "trained"), index_trainings,
-        index_tombstones, index_drift, index_train_seconds (IvfIndex.stats)."""
+        """rows, device, backend, next_id, bytes (held for the rows and the index); for an ivf or
+        hnsw namespace also index_state ("exact" | "training" | "trained"), index_trainings,
+        index_tombstones, index_drift, index_train_seconds (BackgroundIndex.stats; hnsw also
+        index_unindexed, the rows waiting to enter its graph)."""
         with self._lock:
             stats = {"rows": self.rows.size, "device": str(self.device), "backend": self.backend,
                      "next_id": self.next_id, "bytes": self.nbytes, "index_state": "exact"}
-            if self.ivf is not None:
-                stats.update(self.ivf.stats())
+            if self.approximate is not None:
+                stats.update(self.approximate.stats())
             return stats
 
     @property
     def nbytes(self) -> int:
-        """Bytes the store holds: its columns (allocated), and for an ivf namespace its index as
-        counted for every row from the first (IvfIndex.reserved_bytes: training never adds any)."""
-        return self.rows.nbytes + (self.ivf.reserved_bytes(self.rows.capacity) if self.ivf is not None else 0)
+        """Bytes the store holds: its columns (allocated), and for an ivf or hnsw namespace its index
+        as counted for every row from the first (BackgroundIndex.reserved_bytes: a build never adds any)."""
+        approximate = self.approximate
+        return self.rows.nbytes + (approximate.reserved_bytes(self.rows.capacity) if approximate is not None else 0)
 
     def drop_kept_rows(self) -> None:
         """Drops the rows kept for recent steps (a cache: their backward looks its ids up instead)."""
@@ -384,19 +396,19 @@ class NeighborStore:
     def growth_bytes(self, rows: int) -> int:
         """Bytes that storing ``rows`` more rows allocates (RowStore.growth_bytes, and their index entries)."""
         grown = self.rows.growth_bytes(rows)
-        if self.ivf is not None and grown:
+        if self.approximate is not None and grown:
             capacity = grown // self.rows.row_bytes  # the columns' new capacity
-            grown += self.ivf.reserved_bytes(capacity) - self.ivf.reserved_bytes(self.rows.capacity)
+            grown += self.approximate.reserved_bytes(capacity) - self.approximate.reserved_bytes(self.rows.capacity)
         return grown
 
     def wait_for_index(self, timeout_s: float | None = None) -> bool:
         """Waits until no index build or compaction is running (tests, benchmarks); True if none is."""
-        return True if self.ivf is None else self.ivf.wait_idle(timeout_s)
+        return True if self.approximate is None else self.approximate.wait_idle(timeout_s)
 
     def close(self) -> None:
         """The namespace was dropped: background index work stops, captured searches go."""
-        if self.ivf is not None:
-            self.ivf.close()
+        if self.approximate is not None:
+            self.approximate.close()
         if self.graphs is not None:
             with self._lock:
                 self.graphs.drop()
@@ -567,8 +579,8 @@ class NeighborStore:
                                    source_codes, steps, state)
             if n:
                 self.next_id = max(self.next_id, int(ids.max()) + 1)
-                if self.ivf is not None:  # restored rows are indexed as added ones (a trained index is not kept)
-                    self.ivf.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
+                if self.approximate is not None:  # restored rows are indexed as added ones (a trained index is not kept)
+                    self.approximate.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
 
     def advance_counters(self, next_id: int, insertions: int) -> None:
         """Moves next_id and the insertion counter up to the given values (a restore sets them as

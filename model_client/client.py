@@ -261,7 +261,8 @@ class _RemoteStore:
         shards = [{"shard": s.shard, "rows": s.rows, "device": s.device, "backend": s.backend, "state": s.state,
                    "memory_used": s.memory_used_bytes, "memory_budget": s.memory_budget_bytes,
                    "index_state": s.index_state, "index_trainings": s.index_trainings,
-                   "index_tombstones": s.index_tombstones, "index_drift": s.index_drift} for s in r.shards]
+                   "index_tombstones": s.index_tombstones, "index_drift": s.index_drift,
+                   "index_unindexed": s.index_unindexed} for s in r.shards]
         return {"config": convert.config_from_proto(r.config), "rows": r.rows, "shards": shards, "next_id": r.next_id}
 
     def drop_namespace(self, namespace):
@@ -275,21 +276,21 @@ class _RemoteStore:
         return convert.add_result_from_proto(*self._call("Add", request, tensors))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-               generation=0, nprobe=0, rerank=0, into=None, start=0):
+               generation=0, nprobe=0, rerank=0, ef=0, into=None, start=0):
         """into, start: the answer's rows go to rows start... of that convert.BatchAnswer (a split batch's
         call), else to arrays of its own; copied once from the received bytes either way."""
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
-                                   rerank=rerank)
+                                   rerank=rerank, ef=ef)
         return self._call("Search", request, dict(queries=queries),
                           then=lambda answer: convert.search_result_from_parts([answer], into, start))
 
     def search_parts(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-                     generation=0, nprobe=0, rerank=0, into=None, start=0, answer_bytes=0):
+                     generation=0, nprobe=0, rerank=0, ef=0, into=None, start=0, answer_bytes=0):
         """search, its answer in parts (SearchParts). answer_bytes: about how large it is."""
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
-                                   rerank=rerank)
+                                   rerank=rerank, ef=ef)
         return self._call("SearchParts", request, dict(queries=queries), answer_bytes=answer_bytes,
                           then=lambda parts: convert.search_result_from_parts(parts, into, start))
 
@@ -307,18 +308,18 @@ class _RemoteStore:
         return self._call("Delete", request, dict(ids=ids)).deleted
 
     def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0,
-                 into=None, start=0):
+                 ef=0, into=None, start=0):
         """into, start: as search's."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
-                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
         return self._call("Retrieve", request, dict(queries=queries), then=lambda answer: (
             convert.retrieve_result_from_parts([answer], queries, temperature, into, start)))
 
     def retrieve_parts(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0,
-                       rerank=0, into=None, start=0, answer_bytes=0):
+                       rerank=0, ef=0, into=None, start=0, answer_bytes=0):
         """retrieve, its answer in parts (RetrieveParts). answer_bytes: about how large it is."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
-                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
         return self._call("RetrieveParts", request, dict(queries=queries), answer_bytes=answer_bytes, then=lambda parts: (
             convert.retrieve_result_from_parts(parts, queries, temperature, into, start)))
 
@@ -530,15 +531,15 @@ class MemoryClient:
     # ----- namespaces ----------------------------------------------------------
     def create_namespace(self, name: str, dim: int, metric: str = "l2", index: str = "flat", value_dim: int = 0,
                          max_k: int = 1024, key_dtype: str = "auto", optimizer: str = "sgd", lr: float = 0.01,
-                         nlist: int = 0, pq_m: int = 0, train_min_rows: int = 0,
-                         **optimizer_options) -> NamespaceConfig:
+                         nlist: int = 0, pq_m: int = 0, train_min_rows: int = 0, hnsw_m: int = 0,
+                         ef_construction: int = 0, **optimizer_options) -> NamespaceConfig:
         """optimizer: sgd | adagrad | adam for the value rows, with lr and options (momentum, beta1,
         beta2, eps, lr_decay, initial_accumulator_value, max_grad_norm); see datastore/optimizers.py.
-        index: flat (exact), ivf_flat or ivf_pq, with nlist, pq_m (ivf_pq) and train_min_rows (0:
-        the defaults; docs/INDEXES.md)."""
+        index: flat (exact), ivf_flat or ivf_pq, with nlist, pq_m (ivf_pq) and train_min_rows, or hnsw,
+        with hnsw_m, ef_construction and train_min_rows (0: the defaults; docs/INDEXES.md)."""
         config = NamespaceConfig(name=name, dim=dim, metric=metric, index=index, value_dim=value_dim,
                                  max_k=max_k, key_dtype=key_dtype, nlist=nlist, pq_m=pq_m,
-                                 train_min_rows=train_min_rows,
+                                 train_min_rows=train_min_rows, hnsw_m=hnsw_m, ef_construction=ef_construction,
                                  optimizer=OptimizerConfig.from_dict(dict(optimizer_options, name=optimizer, lr=lr)))
         config = self._retried("create_namespace", config, validation.new_request_id())
         self._configs[name] = config
@@ -617,23 +618,24 @@ class MemoryClient:
             validation.check_logp(logp, keys.shape[0])
 
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0, ef: int = 0) -> SearchResult:
         """queries float [B, dim] -> SearchResult (ids int64 [B,k], distances float32 [B,k], tokens int32 [B,k]).
         nprobe, rerank: ivf namespaces only: lists probed (0: min(32, nlist)) and candidates ranked
-        again by exact distance (0: off, else >= k)."""
+        again by exact distance (0: off, else >= k). ef: hnsw namespaces only: the search's beam
+        width (0: max(64, k), else in [k, 32768])."""
         queries = _float_array(queries, "queries")
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
             raise InvalidArgument(f"k must be an integer, got {k!r}")
         value_dim = self._search_value_dim(namespace) if return_values and self.remote else 0
         try:
             return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,
-                                       value_dim, nprobe, rerank)
+                                       value_dim, nprobe, rerank, ef)
         except ResourceExhausted:
             # The cached value_dim may be stale (the namespace was dropped and made again, wider).
             if not (return_values and self.remote) or self._search_value_dim(namespace, refresh=True) <= value_dim:
                 raise
             return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,
-                                       self._search_value_dim(namespace), nprobe, rerank)
+                                       self._search_value_dim(namespace), nprobe, rerank, ef)
 
     def _search_value_dim(self, namespace: str, refresh: bool = False) -> int:
         return self._config(namespace, refresh).value_dim
@@ -645,7 +647,7 @@ class MemoryClient:
         return self._configs[namespace]
 
     def _search_chunks(self, namespace, queries, k, return_keys, return_values, return_weights, value_dim,
-                       nprobe=0, rerank=0):
+                       nprobe=0, rerank=0, ef=0):
         """Splits the batch so that neither a request nor a reply passes half the message limit; a
         reply past CHUNK_BYTES comes in parts (_read).
 
@@ -659,12 +661,12 @@ class MemoryClient:
                                        chunk_bytes=READ_CHUNK_BYTES))
         if len(chunks) == 1:
             return self._read("search", self._rows(queries) * max(k, 1) * slot_bytes, namespace, queries, k,
-                              return_keys, return_values, return_weights, nprobe=nprobe, rerank=rerank)
+                              return_keys, return_values, return_weights, nprobe=nprobe, rerank=rerank, ef=ef)
         into = convert.BatchAnswer(self._rows(queries))
         found = self._pipelined([
             functools.partial(self._read, "search", self._rows(queries[part]) * max(k, 1) * slot_bytes,
                               namespace, queries[part], k, return_keys, return_values, return_weights,
-                              nprobe=nprobe, rerank=rerank, into=into, start=part.start)
+                              nprobe=nprobe, rerank=rerank, ef=ef, into=into, start=part.start)
             for part in chunks])
         return convert.batch_result(into, found, namespace)
 
@@ -722,12 +724,12 @@ class MemoryClient:
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *,
-                 keep_state: bool = False, nprobe: int = 0, rerank: int = 0) -> RetrieveResult:
+                 keep_state: bool = False, nprobe: int = 0, rerank: int = 0, ef: int = 0) -> RetrieveResult:
         """The MoNIM forward next to the data: r.memory float32 [B, value_dim] = sum_i alpha_i v_i,
         with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k.
         keep_state: the server keeps what the backward needs under r.handle (for a few minutes), so
         that retrieve_backward sends only grad_memory; MoNIMLayer asks for it when a backward follows.
-        nprobe, rerank: as in ``search`` (ivf namespaces)."""
+        nprobe, rerank, ef: as in ``search`` (ivf namespaces; hnsw namespaces)."""
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         config = self._configs.get(namespace)  # the memory's width where known (no call of its own for it)
@@ -741,11 +743,11 @@ class MemoryClient:
                                        whole_up_to=self.max_message_bytes))
         if len(chunks) == 1:
             return self._read("retrieve", self._rows(queries) * answer_row_bytes, namespace, queries, k, temperature,
-                              keep_state=keep_state, nprobe=nprobe, rerank=rerank)
+                              keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
         into = convert.BatchAnswer(self._rows(queries))  # a split forward keeps no state: its backward sends its arrays
         found = self._pipelined([functools.partial(self._read, "retrieve", self._rows(queries[part]) * answer_row_bytes,
                                                    namespace, queries[part], k, temperature, nprobe=nprobe,
-                                                   rerank=rerank, into=into, start=part.start)
+                                                   rerank=rerank, ef=ef, into=into, start=part.start)
                                  for part in chunks])
         return dataclasses.replace(convert.batch_result(into, found, namespace), queries=queries, handle="")
 

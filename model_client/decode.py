@@ -93,26 +93,26 @@ class DecodeStream:
 
     # ----- the two reads ---------------------------------------------------------------------
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0) -> SearchResult:
+               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0, ef: int = 0) -> SearchResult:
         """As MemoryClient.search, for one decoding step (one batch of queries)."""
         if not self._client.remote:
             return self._client.search(namespace, queries, k, return_keys, return_values, return_weights,
-                                       nprobe=nprobe, rerank=rerank)
+                                       nprobe=nprobe, rerank=rerank, ef=ef)
         queries = _float_array(queries, "queries")
         step = pb.DecodeStep(search=pb.SearchRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), return_keys=return_keys,
-            return_values=return_values, return_weights=return_weights, nprobe=nprobe, rerank=rerank))
+            return_values=return_values, return_weights=return_weights, nprobe=nprobe, rerank=rerank, ef=ef))
         return convert.search_result_from_proto(self._send(step).search)
 
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *, nprobe: int = 0,
-                 rerank: int = 0) -> RetrieveResult:
+                 rerank: int = 0, ef: int = 0) -> RetrieveResult:
         """As MemoryClient.retrieve, for one decoding step (no backward follows: no state is kept)."""
         if not self._client.remote:
-            return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank)
+            return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank, ef=ef)
         queries = _float_array(queries, "queries")
         step = pb.DecodeStep(retrieve=pb.RetrieveRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), temperature=temperature,
-            nprobe=nprobe, rerank=rerank))
+            nprobe=nprobe, rerank=rerank, ef=ef))
         return convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
 
     # ----- the stream ----------------------------------------------------------------------------

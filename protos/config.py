@@ -15,12 +15,18 @@ from monim.protos.errors import InvalidArgument
 DEFAULT_ADMIT_BELOW = -1.5
 
 METRICS = ("l2", "ip")
-INDEXES = ("flat", "ivf_flat", "ivf_pq")
+INDEXES = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 IVF_INDEXES = ("ivf_flat", "ivf_pq")
+HNSW_INDEXES = ("hnsw",)
 MAX_NLIST = 1 << 20
 MAX_TRAIN_MIN_ROWS = 1 << 40
 DEFAULT_NLIST = 1024
 PQ_TRAIN_ROWS = 256  # faiss's PQ trains 256 centroids per sub-quantizer: it needs at least that many rows
+DEFAULT_HNSW_M = 32  # hnsw: the graph's degree M (faiss IndexHNSWFlat)
+MIN_HNSW_M, MAX_HNSW_M = 2, 512
+DEFAULT_EF_CONSTRUCTION = 64  # hnsw: the build's beam width (faiss efConstruction)
+MAX_EF_CONSTRUCTION = 4096
+DEFAULT_HNSW_TRAIN_MIN_ROWS = 10_000  # hnsw: rows a shard holds before it builds its graph
 KEY_DTYPES = ("auto", "float32", "float16")
 MAX_NAME_CHARS = 128
 MAX_K_LIMIT = 4096
@@ -106,6 +112,16 @@ def default_pq_m(dim: int) -> int:
     return max([m for m in range(1, min(64, max(1, dim // 2)) + 1) if dim % m == 0])
 
 
+# Each index option and the indexes it applies to (0 on any other).
+_INDEX_OPTIONS = {"nlist": IVF_INDEXES, "pq_m": ("ivf_pq",), "train_min_rows": IVF_INDEXES + HNSW_INDEXES,
+                  "hnsw_m": HNSW_INDEXES, "ef_construction": HNSW_INDEXES}
+
+
+def _either(names) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 @dataclasses.dataclass(frozen=True)
 class NamespaceConfig:
     """What a namespace stores and how it is searched.
@@ -114,7 +130,8 @@ class NamespaceConfig:
     dim: width of keys and queries.
     metric: ``l2`` (squared Euclidean) or ``ip`` (inner product; reported as
         the negative inner product so that smaller is nearer for both).
-    index: ``flat`` (exact), ``ivf_flat`` or ``ivf_pq`` (faiss; approximate once trained; docs/INDEXES.md).
+    index: ``flat`` (exact), ``ivf_flat``, ``ivf_pq`` or ``hnsw`` (faiss; approximate once trained or
+        built; docs/INDEXES.md).
     value_dim: width of the learnable value vectors; 0 for none.
     max_k: the largest k a search may ask for.
     key_dtype: storage dtype of keys on GPU shards: ``auto`` (the default) is float16 there
@@ -124,8 +141,12 @@ class NamespaceConfig:
     nlist: ivf indexes: the number of inverted lists (k-means centroids); 0 takes 1024.
     pq_m: ivf_pq: sub-quantizers (bytes per code); must divide dim; 0 takes the largest divisor
         of dim that is at most dim / 2 and at most 64.
-    train_min_rows: ivf indexes: rows a shard holds before it trains its index (it searches
-        exactly until then); 0 takes 64 x nlist; at least nlist (and 256 for ivf_pq).
+    train_min_rows: ivf indexes and hnsw: rows a shard holds before it trains its index (ivf) or
+        builds its graph (hnsw); it searches exactly until then. ivf: 0 takes 64 x nlist; at least
+        nlist (and 256 for ivf_pq). hnsw: 0 takes 10,000; at least 1.
+    hnsw_m: hnsw: the graph's degree M (links per node); 0 takes 32; in [2, 512].
+    ef_construction: hnsw: the build's beam width (candidates kept while a node is linked in);
+        0 takes 64; in [1, 4096].
     generation: which incarnation of the name this is, set by the store when
         the namespace is created (0 before); a namespace dropped and created
         again gets a new one, and requests that carry an old one are refused.
@@ -143,6 +164,8 @@ class NamespaceConfig:
     nlist: int = 0
     pq_m: int = 0
     train_min_rows: int = 0
+    hnsw_m: int = 0
+    ef_construction: int = 0
 
     def __post_init__(self):
         validate_namespace_name(self.name)
@@ -150,7 +173,8 @@ class NamespaceConfig:
             object.__setattr__(self, "optimizer", OptimizerConfig.from_dict(self.optimizer))
         if not isinstance(self.optimizer, OptimizerConfig):
             raise InvalidArgument(f"optimizer must be an OptimizerConfig, got {type(self.optimizer).__name__}")
-        for field in ("dim", "value_dim", "max_k", "generation", "nlist", "pq_m", "train_min_rows"):
+        for field in ("dim", "value_dim", "max_k", "generation", "nlist", "pq_m", "train_min_rows", "hnsw_m",
+                      "ef_construction"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidArgument(f"{field} must be an integer, got {value!r}")
@@ -169,16 +193,19 @@ class NamespaceConfig:
         self._check_index_options()
 
     def _check_index_options(self) -> None:
-        """nlist, pq_m, train_min_rows: in range for an ivf index (0 takes the default, written back
-        so that the stored config says what is used), 0 for the others."""
-        given = {name: getattr(self, name) for name in ("nlist", "pq_m", "train_min_rows")}
-        applies = {"nlist": IVF_INDEXES, "train_min_rows": IVF_INDEXES, "pq_m": ("ivf_pq",)}
+        """nlist, pq_m, train_min_rows (ivf indexes), hnsw_m, ef_construction, train_min_rows (hnsw): in
+        range for an index they apply to (0 takes the default, written back so that the stored config
+        says what is used), 0 for the others."""
+        given = {name: getattr(self, name) for name in _INDEX_OPTIONS}
         for name, value in given.items():
-            if value and self.index not in applies[name]:
-                raise InvalidArgument(f"{name} applies to index {' or '.join(applies[name])}, not {self.index!r}; "
+            if value and self.index not in _INDEX_OPTIONS[name]:
+                raise InvalidArgument(f"{name} applies to index {_either(_INDEX_OPTIONS[name])}, not {self.index!r}; "
                                       f"leave it 0")
             if value < 0:
                 raise InvalidArgument(f"{name} must be >= 0 (0: the default), got {value}")
+        if self.index in HNSW_INDEXES:
+            self._check_hnsw_options()
+            return
         if self.index not in IVF_INDEXES:
             return
         nlist = self.nlist or DEFAULT_NLIST
@@ -196,6 +223,20 @@ class NamespaceConfig:
             raise InvalidArgument(f"train_min_rows must be in [{least}, {MAX_TRAIN_MIN_ROWS}] for {self.index} "
                                   f"with nlist {nlist} (k-means needs a row per list"
                                   f"{' and the PQ 256' if self.index == 'ivf_pq' else ''}), got {train_min_rows}")
+        object.__setattr__(self, "train_min_rows", train_min_rows)
+
+    def _check_hnsw_options(self) -> None:
+        hnsw_m = self.hnsw_m or DEFAULT_HNSW_M
+        if not MIN_HNSW_M <= hnsw_m <= MAX_HNSW_M:
+            raise InvalidArgument(f"hnsw_m must be in [{MIN_HNSW_M}, {MAX_HNSW_M}], got {hnsw_m}")
+        ef_construction = self.ef_construction or DEFAULT_EF_CONSTRUCTION
+        if not 1 <= ef_construction <= MAX_EF_CONSTRUCTION:
+            raise InvalidArgument(f"ef_construction must be in [1, {MAX_EF_CONSTRUCTION}], got {ef_construction}")
+        train_min_rows = self.train_min_rows or DEFAULT_HNSW_TRAIN_MIN_ROWS
+        if not 1 <= train_min_rows <= MAX_TRAIN_MIN_ROWS:
+            raise InvalidArgument(f"train_min_rows must be in [1, {MAX_TRAIN_MIN_ROWS}] for hnsw, got {train_min_rows}")
+        object.__setattr__(self, "hnsw_m", hnsw_m)
+        object.__setattr__(self, "ef_construction", ef_construction)
         object.__setattr__(self, "train_min_rows", train_min_rows)
 
     def to_dict(self) -> dict:

@@ -121,7 +121,7 @@ def config_from_proto(message: pb.NamespaceConfig) -> NamespaceConfig:
     """Unset fields take the dataclass defaults."""
     fields = {"name": message.name, "dim": message.dim}
     for name in ("metric", "index", "key_dtype", "value_dim", "max_k", "generation", "nlist", "pq_m",
-                 "train_min_rows"):
+                 "train_min_rows", "hnsw_m", "ef_construction"):
         if getattr(message, name):
             fields[name] = getattr(message, name)
     for name, choices in (("metric", METRICS), ("index", INDEXES), ("key_dtype", KEY_DTYPES)):

@@ -49,7 +49,7 @@ class OptimizerConfig(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ..., lr_decay: _Optional[float] = ..., initial_accumulator_value: _Optional[float] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class NamespaceConfig(_message.Message):
-    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer", "generation", "nlist", "pq_m", "train_min_rows")
+    __slots__ = ("name", "dim", "metric", "index", "value_dim", "max_k", "key_dtype", "optimizer", "generation", "nlist", "pq_m", "train_min_rows", "hnsw_m", "ef_construction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,8 @@ class NamespaceConfig(_message.Message):
     NLIST_FIELD_NUMBER: _ClassVar[int]
     PQ_M_FIELD_NUMBER: _ClassVar[int]
     TRAIN_MIN_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HNSW_M_FIELD_NUMBER: _ClassVar[int]
+    EF_CONSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     metric: str
@@ -74,7 +76,9 @@ class NamespaceConfig(_message.Message):
     nlist: int
     pq_m: int
     train_min_rows: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., generation: _Optional[int] = ..., nlist: _Optional[int] = ..., pq_m: _Optional[int] = ..., train_min_rows: _Optional[int] = ...) -> None: ...
+    hnsw_m: int
+    ef_construction: int
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., metric: _Optional[str] = ..., index: _Optional[str] = ..., value_dim: _Optional[int] = ..., max_k: _Optional[int] = ..., key_dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., generation: _Optional[int] = ..., nlist: _Optional[int] = ..., pq_m: _Optional[int] = ..., train_min_rows: _Optional[int] = ..., hnsw_m: _Optional[int] = ..., ef_construction: _Optional[int] = ...) -> None: ...
 
 class CreateNamespaceRequest(_message.Message):
     __slots__ = ("config", "request_id")
@@ -107,7 +111,7 @@ class DescribeNamespaceRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class ShardStats(_message.Message):
-    __slots__ = ("shard", "rows", "device", "backend", "state", "memory_used_bytes", "memory_budget_bytes", "index_state", "index_trainings", "index_tombstones", "index_drift")
+    __slots__ = ("shard", "rows", "device", "backend", "state", "memory_used_bytes", "memory_budget_bytes", "index_state", "index_trainings", "index_tombstones", "index_drift", "index_unindexed")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +123,7 @@ class ShardStats(_message.Message):
     INDEX_TRAININGS_FIELD_NUMBER: _ClassVar[int]
     INDEX_TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
     INDEX_DRIFT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_UNINDEXED_FIELD_NUMBER: _ClassVar[int]
     shard: int
     rows: int
     device: str
@@ -130,7 +135,8 @@ class ShardStats(_message.Message):
     index_trainings: int
     index_tombstones: int
     index_drift: float
-    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., index_state: _Optional[str] = ..., index_trainings: _Optional[int] = ..., index_tombstones: _Optional[int] = ..., index_drift: _Optional[float] = ...) -> None: ...
+    index_unindexed: int
+    def __init__(self, shard: _Optional[int] = ..., rows: _Optional[int] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., state: _Optional[str] = ..., memory_used_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., index_state: _Optional[str] = ..., index_trainings: _Optional[int] = ..., index_tombstones: _Optional[int] = ..., index_drift: _Optional[float] = ..., index_unindexed: _Optional[int] = ...) -> None: ...
 
 class DescribeNamespaceResponse(_message.Message):
     __slots__ = ("config", "rows", "shards", "next_id")
@@ -195,7 +201,7 @@ class AddResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., admitted: _Optional[_Union[Tensor, _Mapping]] = ..., merged: _Optional[_Union[Tensor, _Mapping]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights", "generation", "nprobe", "rerank")
+    __slots__ = ("namespace", "queries", "k", "return_keys", "return_values", "return_weights", "generation", "nprobe", "rerank", "ef")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +211,7 @@ class SearchRequest(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
+    EF_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
@@ -214,7 +221,8 @@ class SearchRequest(_message.Message):
     generation: int
     nprobe: int
     rerank: int
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., return_keys: _Optional[bool] = ..., return_values: _Optional[bool] = ..., return_weights: _Optional[bool] = ..., generation: _Optional[int] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ...) -> None: ...
+    ef: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., return_keys: _Optional[bool] = ..., return_values: _Optional[bool] = ..., return_weights: _Optional[bool] = ..., generation: _Optional[int] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ..., ef: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("ids", "distances", "tokens", "keys", "values", "weights", "generation")
@@ -292,7 +300,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state", "nprobe", "rerank")
+    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state", "nprobe", "rerank", "ef")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +309,7 @@ class RetrieveRequest(_message.Message):
     KEEP_STATE_FIELD_NUMBER: _ClassVar[int]
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
+    EF_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
@@ -309,7 +318,8 @@ class RetrieveRequest(_message.Message):
     keep_state: bool
     nprobe: int
     rerank: int
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ...) -> None: ...
+    ef: int
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ..., ef: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights", "generation", "handle")

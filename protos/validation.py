@@ -118,29 +118,41 @@ def check_k(k, max_k: int) -> int:
 
 MAX_RERANK = 16384
 DEFAULT_NPROBE = 32
+DEFAULT_EF = 64
+MAX_EF = 32768
 
 
-def check_search_options(index: str, nlist: int, k: int, nprobe, rerank) -> tuple[int, int]:
-    """nprobe and rerank of a search of a namespace with index ``index`` (and ``nlist`` lists) for k
-    neighbours -> (nprobe, rerank), nprobe 0 replaced by min(32, nlist). Both must be 0 on a flat
-    namespace (an exact index has neither: asking is a mistake worth hearing of); on an ivf one
-    nprobe is in [0, nlist] and rerank 0 (off) or in [k, 16384]."""
-    for name, value in (("nprobe", nprobe), ("rerank", rerank)):
+def check_search_options(index: str, nlist: int, k: int, nprobe, rerank, ef=0) -> tuple[int, int, int]:
+    """nprobe, rerank and ef of a search of a namespace with index ``index`` (and ``nlist`` lists) for
+    k neighbours -> (nprobe, rerank, ef) with the defaults filled in. An option of an index the
+    namespace does not have must be 0 (asking is a mistake worth hearing of): all three on a flat
+    namespace; ef on an ivf one, where nprobe is in [0, nlist] (0: min(32, nlist)) and rerank 0 (off)
+    or in [k, 16384]; nprobe and rerank on an hnsw one, where ef is 0 (max(64, k)) or in [k, 32768]."""
+    for name, value in (("nprobe", nprobe), ("rerank", rerank), ("ef", ef)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise InvalidArgument(f"{name} must be an integer, got {value!r}")
         if value < 0:
             raise InvalidArgument(f"{name} must be >= 0 (0: the default), got {value}")
-    nprobe, rerank = int(nprobe), int(rerank)
+    nprobe, rerank, ef = int(nprobe), int(rerank), int(ef)
     if index == "flat":
+        if nprobe or rerank or ef:
+            raise InvalidArgument(f"nprobe and rerank apply to ivf indexes, ef to hnsw indexes; namespace index is "
+                                  f"flat (exact): leave them 0, got nprobe {nprobe}, rerank {rerank}, ef {ef}")
+        return 0, 0, 0
+    if index == "hnsw":
         if nprobe or rerank:
-            raise InvalidArgument(f"nprobe and rerank apply to ivf indexes; namespace index is flat (exact): "
-                                  f"leave them 0, got nprobe {nprobe}, rerank {rerank}")
-        return 0, 0
+            raise InvalidArgument(f"nprobe and rerank apply to ivf indexes; namespace index is hnsw (use ef for "
+                                  f"recall): leave them 0, got nprobe {nprobe}, rerank {rerank}")
+        if ef and not k <= ef <= MAX_EF:
+            raise InvalidArgument(f"ef must be 0 (the default) or in [k, {MAX_EF}] = [{k}, {MAX_EF}], got {ef}")
+        return 0, 0, ef or max(DEFAULT_EF, k)
+    if ef:
+        raise InvalidArgument(f"ef applies to hnsw indexes; namespace index is {index}: leave it 0, got ef {ef}")
     if nprobe > nlist:
         raise InvalidArgument(f"nprobe must be in [0, {nlist}] (the namespace's nlist), got {nprobe}")
     if rerank and not k <= rerank <= MAX_RERANK:
         raise InvalidArgument(f"rerank must be 0 (off) or in [k, {MAX_RERANK}] = [{k}, {MAX_RERANK}], got {rerank}")
-    return nprobe or min(DEFAULT_NPROBE, nlist), rerank
+    return nprobe or min(DEFAULT_NPROBE, nlist), rerank, 0
 
 
 def check_source(source) -> str:

@@ -51,7 +51,11 @@ def add_namespace_command(commands) -> None:
     create.add_argument("--nlist", type=int, default=0, help="ivf indexes: inverted lists (0: 1024; docs/INDEXES.md)")
     create.add_argument("--pq-m", type=int, default=0, help="ivf_pq: bytes per code, divides dim (0: the default)")
     create.add_argument("--train-min-rows", type=int, default=0,
-                        help="ivf indexes: rows a shard holds before it trains (0: 64 x nlist)")
+                        help="ivf indexes and hnsw: rows a shard holds before it trains its index or builds its "
+                             "graph (0: ivf 64 x nlist, hnsw 10000)")
+    create.add_argument("--hnsw-m", type=int, default=0, help="hnsw: the graph's degree M, in [2, 512] (0: 32)")
+    create.add_argument("--ef-construction", type=int, default=0,
+                        help="hnsw: the build's beam width, in [1, 4096] (0: 64)")
     for option in _OPTIMIZER_OPTIONS:
         create.add_argument(f"--{option.replace('_', '-')}", type=float, default=None,
                             help=f"optimizer option {option} (datastore/optimizers.py; default: the optimizer's)")
@@ -75,6 +79,9 @@ def _config_line(config: NamespaceConfig) -> str:
     if config.nlist:
         index += f" (nlist {config.nlist}{f', pq_m {config.pq_m}' if config.pq_m else ''}, " \
                  f"trains at {config.train_min_rows:,} rows a shard)"
+    elif config.hnsw_m:
+        index += f" (hnsw_m {config.hnsw_m}, ef_construction {config.ef_construction}, " \
+                 f"builds at {config.train_min_rows:,} rows a shard)"
     return (f"dim {config.dim}, {config.metric}, {index}, value_dim {config.value_dim}, max_k {config.max_k}, "
             f"keys {config.key_dtype}, optimizer {optimizer.name} (lr {optimizer.lr:g})")
 
@@ -84,7 +91,8 @@ def _create(client, args) -> int:
     config = client.create_namespace(args.name, dim=args.dim, metric=args.metric, index=args.index,
                                      value_dim=args.value_dim, max_k=args.max_k, key_dtype=args.key_dtype,
                                      optimizer=args.optimizer, lr=args.lr, nlist=args.nlist, pq_m=args.pq_m,
-                                     train_min_rows=args.train_min_rows, **options)
+                                     train_min_rows=args.train_min_rows, hnsw_m=args.hnsw_m,
+                                     ef_construction=args.ef_construction, **options)
     print(f"created {config.name}: {_config_line(config)}")
     return 0
 
@@ -127,7 +135,8 @@ def _describe(client, args) -> int:
     for shard in described.shards:
         index = shard.get("index_state") or "-"
         if shard.get("index_trainings"):
-            index += f" ({shard['index_trainings']} builds, {shard.get('index_tombstones', 0):,} tombstones)"
+            index += f" ({shard['index_trainings']} builds, {shard.get('index_tombstones', 0):,} tombstones"
+            index += f", {shard['index_unindexed']:,} waiting for the graph)" if shard.get("index_unindexed") else ")"
         table.add_row(str(shard["shard"]), f"{shard['rows']:,}", shard["device"] or "-", shard["backend"] or "-",
                       shard["state"], index)
     out.print(table)

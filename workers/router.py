@@ -429,22 +429,22 @@ class Router:
     @_reread_config_if_recreated
     def search(self, namespace: str, queries: np.ndarray, k: int, return_keys: bool = False,
                return_values: bool = False, return_weights: bool = False, *, generation: int = 0,
-               nprobe: int = 0, rerank: int = 0) -> SearchResult:
+               nprobe: int = 0, rerank: int = 0, ef: int = 0) -> SearchResult:
         """Stages: validate; send the queries to every shard at once; merge the per-shard top-k.
-        nprobe, rerank: ivf namespaces only (validation.check_search_options); each shard answers
-        exactly until its index is trained (docs/INDEXES.md)."""
+        nprobe, rerank: ivf namespaces only; ef: hnsw namespaces only (validation.check_search_options);
+        each shard answers exactly until its index is built (docs/INDEXES.md)."""
         return self._search(self.config(namespace, generation), queries, k, return_keys, return_values,
-                            return_weights, nprobe, rerank)
+                            return_weights, nprobe, rerank, ef)
 
     def _search(self, config: NamespaceConfig, queries, k, return_keys=False, return_values=False,
-                return_weights=False, nprobe=0, rerank=0, keep_rows: str = "") -> SearchResult:
+                return_weights=False, nprobe=0, rerank=0, ef=0, keep_rows: str = "") -> SearchResult:
         queries = validation.check_vectors(queries, config.dim, "queries")
         k = validation.check_k(k, config.max_k)
-        nprobe, rerank = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank)
+        nprobe, rerank, ef = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank, ef)
         if return_values and not config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
         results = self._all_shards("search", config.name, config.generation, queries, k, return_keys,
-                                   return_values, return_weights, nprobe, rerank, keep_rows)
+                                   return_values, return_weights, nprobe, rerank, ef, keep_rows)
         merged = merge_topk(results, k)
         merged.generation = config.generation
         return merged
@@ -452,7 +452,8 @@ class Router:
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated
     def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0, *,
-                 generation: int = 0, keep_state: bool = False, nprobe: int = 0, rerank: int = 0) -> RetrieveResult:
+                 generation: int = 0, keep_state: bool = False, nprobe: int = 0, rerank: int = 0,
+                 ef: int = 0) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
         then m = sum alpha_i v_i: from the value rows the search brought along (one round, when they
@@ -464,13 +465,13 @@ class Router:
         alpha and distances stay there for the backward (NeighborStore.kept_rows).
         keep_state: the queries, ids, alpha, distances and temperature stay here under
         result.handle, for a backward that sends only grad_memory.
-        nprobe, rerank: as in search (an ivf namespace's search; its distances enter alpha)."""
+        nprobe, rerank, ef: as in search (an ivf or hnsw namespace's search; its distances enter alpha)."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
         queries = validation.check_vectors(queries, config.dim, "queries")
         validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
-                                        rerank)
+                                        rerank, ef)
         one_round = queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
         for _ in range(RETRIEVE_ATTEMPTS):
             # One shard's answer is the whole answer: a training batch's forward runs there whole, on its
@@ -479,14 +480,14 @@ class Router:
             kept_rows = secrets.token_hex(8) if alone and keep_state else ""
             if alone and not one_round:
                 answers = self._all_shards("forward", namespace, config.generation, queries, k, temperature, kept_rows,
-                                           nprobe, rerank)
+                                           nprobe, rerank, ef)
                 if len(answers) == 1:  # (else a reshard began meanwhile: the general way below)
                     found, alpha, memory = answers[0]
                     found.generation = config.generation
                     return self._retrieved(namespace, config, queries, found, alpha, memory, temperature,
                                            keep_state, kept_rows)
             found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
-                                 rerank=rerank, keep_rows=kept_rows)
+                                 rerank=rerank, ef=ef, keep_rows=kept_rows)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
             if one_round:  # the values came with the neighbours, from the same hold of each shard's lock
                 memory = memory_ops.weighted_rows(alpha, found.values)

@@ -78,7 +78,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                                   state=s["state"], memory_used_bytes=s.get("memory_used", 0),
                                   memory_budget_bytes=s.get("memory_budget", 0),
                                   index_state=s.get("index_state", ""), index_trainings=s.get("index_trainings", 0),
-                                  index_tombstones=s.get("index_tombstones", 0), index_drift=s.get("index_drift", 0.0))
+                                  index_tombstones=s.get("index_tombstones", 0), index_drift=s.get("index_drift", 0.0),
+                                  index_unindexed=s.get("index_unindexed", 0))
                     for s in description["shards"]],
         )
 
@@ -115,7 +116,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             request.namespace, _required(request, "queries"), request.k,
             return_keys=request.return_keys, return_values=request.return_values,
             return_weights=request.return_weights, generation=request.generation, nprobe=request.nprobe,
-            rerank=request.rerank,
+            rerank=request.rerank, ef=request.ef,
         )
 
     def SearchParts(self, request, context):
@@ -150,7 +151,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def _retrieved(self, request):
         return self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
                                     request.temperature, generation=request.generation,
-                                    keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank)
+                                    keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank,
+                                    ef=request.ef)
 
     def RetrieveParts(self, request, context):
         """Retrieve, its answer in parts as SearchParts' (the handle, with keep_state, in each)."""

@@ -759,10 +759,10 @@ class Shard:
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
-               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0,
+               return_values: bool, return_weights: bool, nprobe: int = 0, rerank: int = 0, ef: int = 0,
                keep_rows: str = "") -> SearchResult:
         return self._store(namespace, generation).search(queries, k, return_keys, return_values, return_weights,
-                                                         nprobe, rerank, hidden=self._incoming(namespace),
+                                                         nprobe, rerank, ef=ef, hidden=self._incoming(namespace),
                                                          keep_rows=self._kept_name(keep_rows))
 
     @_serialized
@@ -777,10 +777,10 @@ class Shard:
     # ----- learnable memory ----------------------------------------------------------
     @_serialized
     def forward(self, namespace: str, generation: int, queries: np.ndarray, k: int, temperature: float,
-                keep_rows: str = "", nprobe: int = 0, rerank: int = 0):
+                keep_rows: str = "", nprobe: int = 0, rerank: int = 0, ef: int = 0):
         """A Retrieve's forward on a deployment of one shard, whole: NeighborStore.forward."""
         return self._store(namespace, generation).forward(queries, k, temperature, self._kept_name(keep_rows),
-                                                          nprobe, rerank)
+                                                          nprobe, rerank, ef=ef)
 
     def _kept_name(self, name: str) -> str:
         """The name a store keeps a search's rows under (NeighborStore.kept_rows): only while this shard

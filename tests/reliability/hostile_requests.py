@@ -179,9 +179,9 @@ def _bad_k(draw, d, ns, world):
     d.put(f"k = {k}", INVALID, k=k)
 
 
-def _ivf_options_on_flat(draw, d, ns, world):
-    """nprobe / rerank (the world's namespaces are flat: any but 0 is refused)."""
-    field = draw(st.sampled_from(["nprobe", "rerank"]))
+def _index_options_on_flat(draw, d, ns, world):
+    """nprobe / rerank (ivf) or ef (hnsw) (the world's namespaces are flat: any but 0 is refused)."""
+    field = draw(st.sampled_from(["nprobe", "rerank", "ef"]))
     value = draw(st.one_of(st.integers(-(2**31), -1), st.integers(1, 2**31 - 1)))
     d.put(f"{field} = {value} on a flat namespace", INVALID, **{field: value})
 
@@ -224,7 +224,8 @@ def _config_defect(draw, d, ns, world):
     config.CopyFrom(d.fields["config"])
     field = draw(st.sampled_from(["name", "taken name", "dim", "value_dim", "max_k", "metric", "index", "key_dtype",
                                   "optimizer", "lr", "momentum", "beta1", "beta2", "eps", "lr_decay",
-                                  "initial_accumulator_value", "max_grad_norm", "nlist", "pq_m", "train_min_rows"]))
+                                  "initial_accumulator_value", "max_grad_norm", "nlist", "pq_m", "train_min_rows",
+                                  "hnsw_m", "ef_construction", "hnsw options"]))
     code = INVALID
     if field == "name":
         config.name = draw(hv.odd_names)
@@ -236,10 +237,24 @@ def _config_defect(draw, d, ns, world):
         config.value_dim = draw(st.one_of(st.integers(-(2**31), -1), st.integers(65537, 2**31 - 1)))
     elif field == "max_k":  # 0 is "unset": the default
         config.max_k = draw(st.one_of(st.integers(-(2**31), -1), st.integers(4097, 2**31 - 1)))
-    elif field in ("nlist", "pq_m", "train_min_rows"):  # ivf options: on a flat config, any but 0 is refused
+    elif field in ("nlist", "pq_m", "train_min_rows", "hnsw_m", "ef_construction"):
+        # ivf and hnsw options: on a flat config, any but 0 is refused
         limit = 2**63 - 1 if field == "train_min_rows" else 2**31 - 1
         setattr(config, field, draw(st.one_of(st.integers(-limit, -1), st.integers(1, limit))))
         config.index = draw(st.sampled_from(["", "flat"]))
+    elif field == "hnsw options":  # on an hnsw config: an option out of its range, or an ivf one
+        config.index = "hnsw"
+        option = draw(st.sampled_from(["hnsw_m", "ef_construction", "train_min_rows", "nlist", "pq_m"]))
+        limit = 2**63 - 1 if option == "train_min_rows" else 2**31 - 1
+        bad = [st.integers(-limit, -1)]
+        if option in ("nlist", "pq_m"):  # ivf options: any but 0 is refused
+            bad.append(st.integers(1, limit))
+        else:
+            low, high = {"hnsw_m": (config_options.MIN_HNSW_M, config_options.MAX_HNSW_M),
+                         "ef_construction": (1, config_options.MAX_EF_CONSTRUCTION),
+                         "train_min_rows": (1, config_options.MAX_TRAIN_MIN_ROWS)}[option]
+            bad += [st.integers(high + 1, limit)] + ([st.integers(1, low - 1)] if low > 1 else [])
+        setattr(config, option, draw(st.one_of(*bad)))
     elif field in ("metric", "index", "key_dtype"):
         known = {"metric": config_options.METRICS, "index": config_options.INDEXES,
                  "key_dtype": config_options.KEY_DTYPES}[field]
@@ -431,7 +446,7 @@ def search_cases(draw, world: World) -> Case:
               return_weights=draw(st.booleans()), generation=draw(st.sampled_from([0, ns.generation])))
     table = dict(NAMESPACE_DEFECTS)
     table.update({"queries": _vectors_defect("queries", lambda n: n.dim), "k": ("k", _bad_k),
-                  "ivf options": ("nprobe", _ivf_options_on_flat)})
+                  "index options": ("nprobe", _index_options_on_flat)})
     if ns.value_dim == 0:
         table["values"] = ("return_values", lambda dr, d, n, w: d.put("values of a namespace without them", INVALID,
                                                                       return_values=True))
@@ -511,7 +526,8 @@ def retrieve_cases(draw, world: World) -> Case:
     table = dict(NAMESPACE_DEFECTS)
     table.update({"queries": _vectors_defect("queries", lambda n: n.dim), "k": ("k", _bad_k),
                   "temperature": ("temperature", _bad_temperature),
-                  "no values": ("namespace", _no_values_namespace)})
+                  "no values": ("namespace", _no_values_namespace),
+                  "index options": ("nprobe", _index_options_on_flat)})
     for _, apply in _defects(draw, table):
         apply(draw, d, ns, world)
     return d.case(draw)

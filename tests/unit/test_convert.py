@@ -107,3 +107,21 @@ def test_rows_add_and_retrieve_results_round_trip():
     for response, payloads in read_both_ways(pb.RetrieveResponse, convert.retrieve_result_to_wire(retrieved)):
         back = convert.retrieve_result_from_proto(response, None, 1.0, payloads)
         assert back.ids.tolist() == [[4, 5]] and back.alpha.tolist() == [[0.25, 0.75]] and back.handle == "h-1"
+
+
+def test_namespace_config_round_trip_with_the_index_options():
+    from monim.protos.config import NamespaceConfig
+
+    for config in (NamespaceConfig("g", dim=8, index="hnsw", hnsw_m=16, ef_construction=200, train_min_rows=5000),
+                   NamespaceConfig("d", dim=8, index="hnsw"),
+                   NamespaceConfig("p", dim=16, index="ivf_pq", nlist=8, pq_m=4, train_min_rows=512),
+                   NamespaceConfig("f", dim=4)):
+        message = pb.NamespaceConfig.FromString(convert.config_to_proto(config).SerializeToString())
+        assert convert.config_from_proto(message) == config
+    message = convert.config_to_proto(NamespaceConfig("g", dim=8, index="hnsw", hnsw_m=16, ef_construction=200))
+    assert (message.hnsw_m, message.ef_construction, message.train_min_rows) == (16, 200, 10_000)
+    # a config sent without them (an older client) takes the defaults
+    bare = convert.config_from_proto(pb.NamespaceConfig(name="g", dim=8, index="hnsw"))
+    assert (bare.hnsw_m, bare.ef_construction, bare.train_min_rows) == (32, 64, 10_000)
+    with pytest.raises(InvalidArgument, match="hnsw_m applies to index hnsw, not 'flat'"):
+        convert.config_from_proto(pb.NamespaceConfig(name="f", dim=8, hnsw_m=16))

@@ -83,7 +83,7 @@ def test_a_store_is_exact_until_train_min_rows_then_trains_in_the_background():
     assert store.wait_for_index(60)
     stats = store.stats()
     assert stats["index_state"] == "trained" and stats["index_trainings"] == 1
-    assert store.ivf.index.ntotal == 3000
+    assert store.approximate.index.ntotal == 3000
 
 
 def test_deletes_are_tombstones_never_answered_and_compacted_later():
@@ -98,7 +98,7 @@ def test_deletes_are_tombstones_never_answered_and_compacted_later():
     store.delete(ids=np.arange(0, 2500))  # past 10% of the indexed rows: compaction
     assert store.wait_for_index(60)
     assert store.stats()["index_tombstones"] == 0
-    assert store.ivf.index.ntotal == len(store) == 5000 - len(np.union1d(np.arange(2500), nearest[:, 0]))
+    assert store.approximate.index.ntotal == len(store) == 5000 - len(np.union1d(np.arange(2500), nearest[:, 0]))
     assert (store.search(queries, 5, nprobe=8).ids >= 2500).all()
 
 
@@ -118,7 +118,7 @@ def test_drift_past_the_threshold_retrains(monkeypatch, metric):
     stats = store.stats()
     assert stats["index_trainings"] == 2 and stats["index_state"] == "trained"
     assert stats["index_drift"] == 0.0  # the window starts again against the new training sample
-    assert store.ivf.index.ntotal == 4000
+    assert store.approximate.index.ntotal == 4000
 
 
 def test_bad_options_are_refused_and_nothing_changes():
@@ -133,7 +133,7 @@ def test_bad_options_are_refused_and_nothing_changes():
         (dict(index="flat", nlist=8), "nlist applies to index ivf_flat or ivf_pq, not 'flat'"),
         (dict(index="ivf_pq", nlist=8, train_min_rows=100), "train_min_rows must be in [256,"),
         (dict(index="ivf_flat", nlist=64, train_min_rows=10), "train_min_rows must be in [64,"),
-        (dict(index="hnsw"), "unknown index 'hnsw'"),
+        (dict(index="annoy"), "unknown index 'annoy'"),
     ]
     router = Router(LocalRuntime(2))
     for options, message in cases:
@@ -146,13 +146,15 @@ def test_bad_options_are_refused_and_nothing_changes():
     router.add("pq", mixture(100, 16, 4, seed=12), np.zeros(100, np.int32))
     queries = mixture(3, 16, 4, seed=13)
     for namespace, options, message in [
-        ("flat", dict(nprobe=4), "nprobe and rerank apply to ivf indexes; namespace index is flat"),
+        ("flat", dict(nprobe=4), "nprobe and rerank apply to ivf indexes, ef to hnsw indexes; namespace index is flat"),
         ("flat", dict(rerank=20), "nprobe and rerank apply to ivf indexes"),
         ("pq", dict(nprobe=9), "nprobe must be in [0, 8] (the namespace's nlist), got 9"),
         ("pq", dict(nprobe=-1), "nprobe must be >= 0"),
         ("pq", dict(rerank=5), "rerank must be 0 (off) or in [k, 16384] = [10, 16384], got 5"),
         ("pq", dict(rerank=16385), "rerank must be 0 (off) or in [k, 16384]"),
         ("pq", dict(nprobe=2.5), "nprobe must be an integer"),
+        ("flat", dict(ef=64), "namespace index is flat (exact): leave them 0, got nprobe 0, rerank 0, ef 64"),
+        ("pq", dict(ef=64), "ef applies to hnsw indexes; namespace index is ivf_pq: leave it 0, got ef 64"),
     ]:
         with pytest.raises(InvalidArgument) as refused:
             router.search(namespace, queries, 10, **options)
@@ -367,12 +369,12 @@ def test_rows_added_before_a_queued_build_starts_are_indexed_once():
     keys, queries = mixture(3000, 16, 10, seed=21), mixture(20, 16, 10, seed=22)
     store = NeighborStore(NamespaceConfig("q", dim=16, index="ivf_flat", nlist=8, train_min_rows=1000))
     gate = threading.Event()
-    store.ivf._worker.submit(gate.wait)  # the worker is busy: the build waits in its queue
+    store.approximate._worker.submit(gate.wait)  # the worker is busy: the build waits in its queue
     store.add(keys[:1000], np.zeros(1000, np.int32))  # reaches train_min_rows: the build is queued
     store.add(keys[1000:], np.zeros(2000, np.int32))  # before it starts
     gate.set()
     assert store.wait_for_index(60) and store.stats()["index_state"] == "trained"
-    assert store.ivf.index.ntotal == 3000
+    assert store.approximate.index.ntotal == 3000
     found = store.search(queries, 10, nprobe=8).ids
     assert all(len(set(row)) == 10 for row in found.tolist()), "an id answered twice"
     store.close()
