@@ -45,33 +45,65 @@ def entry_bytes(config) -> int:
 
 
 class _Tail:
-    """Rows added to a live graph and not in it yet: ids int64 [T] and float32 keys [T, dim], in order."""
+    """Rows added to a live graph and not in it yet, oldest first: ``ids`` int64 [T] and ``keys``
+    float32 [T, dim] (views of buffers that grow by doubling, so an add copies only its own rows)."""
 
     def __init__(self, dim: int):
-        self.ids = np.empty(0, np.int64)
-        self.keys = np.empty((0, dim), np.float32)
+        self._ids = np.empty(0, np.int64)
+        self._keys = np.empty((0, dim), np.float32)
+        self._start = self._end = 0
 
     def __len__(self) -> int:
-        return self.ids.size
+        return self._end - self._start
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids[self._start:self._end]
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self._keys[self._start:self._end]
 
     def append(self, ids: np.ndarray, keys: np.ndarray) -> None:
-        self.ids = np.concatenate([self.ids, ids.astype(np.int64, copy=False)])
-        self.keys = np.concatenate([self.keys, keys])
+        n, held = ids.size, len(self)
+        if self._end + n > self._ids.size:
+            capacity = max(2 * (held + n), 1024)
+            if capacity > self._ids.size:  # a larger buffer
+                grown_ids, grown_keys = np.empty(capacity, np.int64), np.empty((capacity, self._keys.shape[1]), np.float32)
+            else:  # room enough once the rows taken from the front are dropped
+                grown_ids, grown_keys = self._ids, self._keys
+            grown_ids[:held], grown_keys[:held] = self.ids.copy(), self.keys.copy()
+            self._ids, self._keys, self._start, self._end = grown_ids, grown_keys, 0, held
+        self._ids[self._end:self._end + n] = ids
+        self._keys[self._end:self._end + n] = keys
+        self._end += n
 
     def take(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """The first ``rows`` rows, removed."""
-        ids, keys = self.ids[:rows], self.keys[:rows]
-        self.ids, self.keys = self.ids[rows:], self.keys[rows:]
-        return ids, np.ascontiguousarray(keys)
+        """The oldest ``rows`` rows (copies), removed."""
+        ids, keys = self.ids[:rows].copy(), self.keys[:rows].copy()
+        self._start += ids.size
+        if not len(self):
+            self._start = self._end = 0
+        return ids, keys
 
     def remove(self, ids: np.ndarray) -> np.ndarray:
         """Drops those of ids it holds; returns the others."""
         held = np.isin(self.ids, ids)
-        if held.any():
-            gone = self.ids[held]
-            self.ids, self.keys = self.ids[~held], self.keys[~held]
-            return ids[~np.isin(ids, gone)]
-        return ids
+        if not held.any():
+            return ids
+        gone = self.ids[held]
+        kept_ids, kept_keys = self.ids[~held].copy(), self.keys[~held].copy()
+        self._ids[:kept_ids.size], self._keys[:kept_ids.size] = kept_ids, kept_keys
+        self._start, self._end = 0, kept_ids.size
+        return ids[~np.isin(ids, gone)]
+
+
+def _requeued(tail: _Tail, ids: np.ndarray, keys: np.ndarray, dim: int) -> _Tail:
+    """A tail with these rows back in front of the others (an insertion that failed)."""
+    again = _Tail(dim)
+    again.append(ids, keys)
+    again.append(tail.ids, tail.keys)
+    return again
 
 
 class HnswIndex(BackgroundIndex):
@@ -129,7 +161,12 @@ class HnswIndex(BackgroundIndex):
                     return
                 ids, keys = self._tail.take(self._slice_rows)
                 started = time.perf_counter()
-                self.index.add_with_ids(keys, ids)
+                try:
+                    self.index.add_with_ids(keys, ids)
+                except BaseException:
+                    self._tail = _requeued(self._tail, ids, keys, self.config.dim)  # searched exactly still
+                    self._absorbing = False  # the next add tries again
+                    raise
                 took = time.perf_counter() - started
             if ids.size == self._slice_rows:  # a full slice: size the next one to the pause
                 self._slice_rows = int(np.clip(self._slice_rows * ABSORB_PAUSE_S / max(took, 1e-4),

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from monim.datastore import NeighborStore
 from monim.datastore import hnsw_index as hnsw
 from monim.protos.config import NamespaceConfig
@@ -286,3 +288,51 @@ def test_the_in_process_client_has_the_hnsw_index():
         assert (description.config.hnsw_m, description.config.ef_construction) == (8, 40)
         found = client.search("mem", queries, 5, ef=3000)
         np.testing.assert_array_equal(found.ids, exact_ids(keys, queries, 5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "take", "remove"]), st.integers(0, 700)), max_size=30))
+def test_the_tail_keeps_its_rows_in_order_through_appends_takes_and_removes(operations):
+    """The tail's buffers (grown by doubling, rows taken from the front) against a list of the same rows."""
+    tail, model, next_id = hnsw._Tail(3), [], 0
+    for operation, n in operations:
+        if operation == "append":
+            ids = np.arange(next_id, next_id + n, dtype=np.int64)
+            next_id += n
+            tail.append(ids, np.repeat(ids[:, None], 3, axis=1).astype(np.float32))
+            model.extend(ids.tolist())
+        elif operation == "take":
+            ids, keys = tail.take(n)
+            assert ids.tolist() == model[:n] and (keys == ids[:, None]).all()
+            model = model[n:]
+        else:
+            asked = np.arange(0, next_id + 5, max(1, n), dtype=np.int64)
+            others = tail.remove(asked)
+            assert sorted(others.tolist()) == sorted(set(asked.tolist()) - set(model))
+            model = [i for i in model if i not in set(asked.tolist())]
+        assert tail.ids.tolist() == model and (tail.keys == tail.ids[:, None]).all() and len(tail) == len(model)
+
+
+def test_an_insertion_that_fails_keeps_its_rows_in_the_tail_and_the_next_add_tries_again(monkeypatch, caplog):
+    keys = mixture(3000, 16, 10, seed=49)
+    store = built_store(NamespaceConfig("f", dim=16, index="hnsw", hnsw_m=8, train_min_rows=2000), keys[:2000])
+    graph = store.approximate.index
+    calls = {"n": 0}
+    real_add = type(graph).add_with_ids
+
+    def failing_once(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("insertion failed")
+        return real_add(self, *args)
+
+    monkeypatch.setattr(type(graph), "add_with_ids", failing_once)
+    ids = store.add(keys[2000:2500], np.zeros(500, np.int32))
+    assert not store.wait_for_index(2) or store.stats()["index_unindexed"] == 500  # the worker gave up on it
+    assert "insertion failed" in caplog.text
+    assert store.stats()["index_unindexed"] == 500 and graph.ntotal == 2000
+    np.testing.assert_array_equal(store.search(keys[2000:2500], 1).ids[:, 0], ids)  # still answered, exactly
+    store.add(keys[2500:], np.zeros(500, np.int32))  # the next add starts the worker again
+    assert store.wait_for_index(60)
+    assert store.stats()["index_unindexed"] == 0 and graph.ntotal == 3000
+    store.close()
