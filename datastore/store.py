@@ -172,8 +172,16 @@ class NeighborStore:
             self.rows.append(ids, keys, tokens, values, weights, source)
             self.next_id = max(self.next_id, int(ids.max()) + 1)
             if self.approximate is not None:
-                self.approximate.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
+                self.approximate.after_add(ids, self._as_stored(keys))
         return ids
+
+    def _as_stored(self, keys: np.ndarray) -> np.ndarray:
+        """keys float32 [N, dim] (C-contiguous) as the row store holds them (rounded to float16 on a
+        float16 store): what an index is given, so that it answers the distances a build (which
+        reads the stored keys) would."""
+        if self.rows.key_dtype == torch.float16:
+            keys = np.asarray(keys).astype(np.float16)
+        return np.ascontiguousarray(keys, dtype=np.float32)
 
     def delete(self, ids: np.ndarray | None = None, source: str | None = None) -> int:
         """Deletes entries by id (unknown ids are ignored) or by source tag; returns how many went."""
@@ -580,7 +588,7 @@ class NeighborStore:
             if n:
                 self.next_id = max(self.next_id, int(ids.max()) + 1)
                 if self.approximate is not None:  # restored rows are indexed as added ones (a trained index is not kept)
-                    self.approximate.after_add(ids, np.ascontiguousarray(keys, dtype=np.float32))
+                    self.approximate.after_add(ids, self._as_stored(keys))
 
     def advance_counters(self, next_id: int, insertions: int) -> None:
         """Moves next_id and the insertion counter up to the given values (a restore sets them as

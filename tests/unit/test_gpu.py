@@ -266,3 +266,24 @@ def test_cuda_ivf_store_trains_and_reranks_with_its_gpu_keys(index):
     assert recall(found.ids, exact_ids(keys, queries, 10)) >= 0.99
     np.testing.assert_allclose(found.distances, ((keys[found.ids] - queries[:, None, :]) ** 2).sum(axis=2),
                                rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_hnsw_store_builds_its_graph_from_its_gpu_keys_and_answers_its_tail():
+    """A CUDA store of an hnsw namespace with float16 keys: the build and the tail copy the keys from
+    the GPU (rounded to float16, as stored), the graph on the CPU answers, and the distances are those
+    of the stored (rounded) keys (docs/INDEXES.md, "hnsw")."""
+    pytest.importorskip("faiss")
+    from tests.unit.test_ivf_index import exact_ids, mixture, recall
+
+    keys, queries = mixture(20_000, 64, 50, seed=32), mixture(200, 64, 50, seed=33)
+    stored = keys.astype(np.float16).astype(np.float32)
+    store = NeighborStore(NamespaceConfig("h", dim=64, index="hnsw", train_min_rows=10_000), device="cuda")
+    store.add(keys[:15_000], np.zeros(15_000, np.int32))
+    assert store.wait_for_index(300) and store.stats()["index_state"] == "trained"
+    store.add(keys[15_000:], np.zeros(5_000, np.int32))  # into the built graph's tail first
+    found = store.search(queries, 10, ef=256)
+    assert recall(found.ids, exact_ids(stored, queries, 10)) >= 0.99
+    np.testing.assert_allclose(found.distances, ((stored[found.ids] - queries[:, None, :]) ** 2).sum(axis=2),
+                               rtol=1e-4, atol=1e-3)
+    assert store.wait_for_index(300) and store.stats()["index_unindexed"] == 0
+    store.close()
