@@ -143,11 +143,34 @@ class BackgroundIndex:
             return "training"
         return "exact" if self.index is None else "trained"
 
+    def metrics(self) -> dict:
+        """The index's figures for the shard's metrics (workers/shard.py ``Shard.metrics``, exported by
+        workers/metrics.py), read WITHOUT the store's lock: health asks every few seconds, and a store
+        busy with a long search or add under its lock must not stall it. Plain attribute reads, each
+        of one moment but not all of the same one (a swap between two reads may show, for that
+        scrape, the new build's count beside the state before it).
+
+        state: as ``state``; builds: builds swapped in since the store was made (it restarts with
+        the shard); tombstones: deleted rows still in the index, excluded from searches; drift: the
+        drift monitor's ratio (ivf), None for an index without one; train_seconds and
+        compaction_seconds: the latest build's and compaction's (0.0 before one); unindexed: rows
+        waiting to enter the index (hnsw's tail; 0 here)."""
+        return {"state": self.state, "builds": self.trainings, "tombstones": len(self._tombstones),
+                "drift": self.drift_ratio(), "train_seconds": self.train_seconds,
+                "compaction_seconds": self.compaction_seconds, "unindexed": 0}
+
+    def drift_ratio(self) -> float | None:
+        """The drift monitor's ratio (ivf: datastore/ivf_index.py); None: this index has none."""
+        return None
+
     def stats(self) -> dict:
-        return {"index_state": self.state, "index_trainings": self.trainings,
-                "index_tombstones": len(self._tombstones), "index_drift": 0.0,
-                "index_train_seconds": round(self.train_seconds, 3),
-                "index_compaction_seconds": round(self.compaction_seconds, 3)}
+        """DescribeNamespace's figures (under the store's lock, so all of one moment): metrics()'s."""
+        figures = self.metrics()
+        return {"index_state": figures["state"], "index_trainings": figures["builds"],
+                "index_tombstones": figures["tombstones"], "index_drift": round(figures["drift"] or 0.0, 4),
+                "index_train_seconds": round(figures["train_seconds"], 3),
+                "index_compaction_seconds": round(figures["compaction_seconds"], 3),
+                "index_unindexed": figures["unindexed"]}
 
     def reserved_bytes(self, rows: int) -> int:
         """Bytes the index takes for ``rows`` rows, counted from the first row (an exact store will

@@ -116,8 +116,11 @@ class HnswIndex(BackgroundIndex):
         self._absorbing = False       # a task moving the tail into the graph is queued or running
         self._slice_rows = ABSORB_FIRST_ROWS
 
-    def stats(self) -> dict:
-        return {**super().stats(), "index_unindexed": len(self._tail)}
+    def metrics(self) -> dict:
+        """BackgroundIndex.metrics (without the store's lock), with the rows waiting in the tail. The
+        tail's length is two reads of its bounds: while the worker moves a slice into the graph it may
+        be that slice off, for that moment."""
+        return {**super().metrics(), "unindexed": len(self._tail)}
 
     def reserved_bytes(self, rows: int) -> int:
         """The graph's entries for every row, and the tail's most keys (BackgroundIndex.reserved_bytes)."""

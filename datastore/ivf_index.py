@@ -90,14 +90,14 @@ class IvfIndex(BackgroundIndex):
         self._recent = collections.deque()  # (rows, sum of errors) of recent adds
         self._recent_rows, self._recent_sum = 0, 0.0
 
-    def stats(self) -> dict:
-        return {**super().stats(), "index_drift": round(self.drift_ratio(), 4)}
-
     def drift_ratio(self) -> float:
-        """Mean quantization error of the recent adds over the training sample's (0 before any)."""
-        if not self._recent_rows or self._train_error <= 0:
+        """Mean quantization error of the recent adds over the training sample's (0 before any). Each
+        attribute is read once (metrics() calls this without the store's lock, while a swap may empty
+        the window)."""
+        rows, total, reference = self._recent_rows, self._recent_sum, self._train_error
+        if not rows or reference <= 0:
             return 0.0
-        return self._recent_sum / self._recent_rows / self._train_error
+        return total / rows / reference
 
     def reserved_bytes(self, rows: int) -> int:
         """Codes, ids and centroids (BackgroundIndex.reserved_bytes)."""

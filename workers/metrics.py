@@ -9,6 +9,15 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_requests_in_flight                              gauge: calls being served (queue depth)
     monim_namespace_rows{namespace, shard}                gauge: rows each shard holds
     monim_namespace_bytes{namespace, shard}               gauge: bytes their columns hold (allocated)
+    monim_namespace_index_state{namespace, shard, state}  gauge: 1 for the state of the namespace's approximate
+                                                          index on the shard (exact, training, trained), 0 for
+                                                          the others
+    monim_namespace_index_builds_total{namespace, shard}  counter: builds of it swapped in (first, retrain, rebuild),
+                                                          since the shard started
+    monim_namespace_index_tombstones{namespace, shard}    gauge: deleted rows still in it (excluded from searches)
+    monim_namespace_index_unindexed_rows{namespace, shard}  gauge: rows waiting to enter it (hnsw's tail; 0 for ivf)
+    monim_namespace_index_drift{namespace, shard}         gauge: ivf's drift ratio (a retrain past 2; none for hnsw)
+    monim_namespace_index_build_seconds{namespace, shard}  gauge: its latest build's seconds (once there is one)
     monim_shard_state{shard, state}                       gauge: 1 for the shard's state, 0 for the others
     monim_wal_bytes{shard}                                gauge: the shard's log segments (data dir only)
     monim_snapshot_age_seconds{shard}                     gauge: since its latest snapshot (once there is one)
@@ -32,6 +41,10 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_namespace_request_p99_seconds{namespace}        gauge: their 99th percentile latency, same minute
     monim_read_endpoint_namespace_requests_per_second{namespace}  gauge: the same of the calls the shards'
     monim_read_endpoint_namespace_request_p99_seconds{namespace}  read endpoints answered (one per deployment)
+
+The namespace_index families have a sample for each namespace with an approximate index (ivf_flat,
+ivf_pq, hnsw) on each shard, none for a flat one; the shard reads them without its stores' locks
+(BackgroundIndex.metrics).
 
 The per-shard gauges are read when Prometheus scrapes (``ShardCollector``), through the front end's
 ShardProbe: a shard that does not answer within its wait is reported by its state only, and never
@@ -72,6 +85,7 @@ UNKNOWN_NAMESPACE = "unknown"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RECENT_WINDOW_S = 60
 MEMORY_KINDS = ("host", "gpu")
+INDEX_STATES = ("exact", "training", "trained")  # datastore/background_index.py
 
 
 def bucket_quantile(q: float, counts: list[int], bounds=LATENCY_BUCKETS_S) -> float | None:
@@ -238,6 +252,25 @@ class ShardCollector(Collector):
                                       labels=("namespace", "shard")),
             "bytes": GaugeMetricFamily("monim_namespace_bytes", "Bytes a namespace's columns hold on a shard's "
                                        "device (allocated)", labels=("namespace", "shard")),
+            "index_state": GaugeMetricFamily("monim_namespace_index_state", "1 for the state of the namespace's "
+                                             "approximate index on the shard (exact: searched exactly, too few "
+                                             "rows; training: a build runs; trained), 0 for the others",
+                                             labels=("namespace", "shard", "state")),
+            "index_builds": CounterMetricFamily("monim_namespace_index_builds", "Builds of the namespace's index "
+                                                "swapped in on the shard (first build, retrain, rebuild), since the "
+                                                "shard started", labels=("namespace", "shard")),
+            "index_tombstones": GaugeMetricFamily("monim_namespace_index_tombstones", "Deleted rows still in the "
+                                                  "namespace's index on the shard, excluded from searches (cleared "
+                                                  "past 10% of its rows, at least 1,024)", labels=("namespace", "shard")),
+            "index_unindexed": GaugeMetricFamily("monim_namespace_index_unindexed_rows", "Rows waiting to enter the "
+                                                 "namespace's index on the shard (hnsw: its tail, searched exactly; "
+                                                 "at most 16,384), 0 for ivf", labels=("namespace", "shard")),
+            "index_drift": GaugeMetricFamily("monim_namespace_index_drift", "ivf: mean quantization error of the "
+                                             "recent adds over the training sample's (a retrain past 2)",
+                                             labels=("namespace", "shard")),
+            "index_build_seconds": GaugeMetricFamily("monim_namespace_index_build_seconds", "Seconds the latest "
+                                                     "build of the namespace's index on the shard took, from its "
+                                                     "start to its swap", labels=("namespace", "shard")),
             "state": GaugeMetricFamily("monim_shard_state", "1 for the shard's state (serving, recovering, "
                                        "unavailable, failed), 0 for the others", labels=("shard", "state")),
             "wal": GaugeMetricFamily("monim_wal_bytes", "Bytes of the shard's write-ahead log segments",
@@ -288,6 +321,17 @@ class ShardCollector(Collector):
             for name, held in sorted(shard.get("namespaces", {}).items()):
                 families["rows"].add_metric((name, label), held["rows"])
                 families["bytes"].add_metric((name, label), held["bytes"])
+                index = held.get("index")
+                if index is not None:
+                    for state in INDEX_STATES:
+                        families["index_state"].add_metric((name, label, state), float(index["state"] == state))
+                    families["index_builds"].add_metric((name, label), index["builds"])
+                    families["index_tombstones"].add_metric((name, label), index["tombstones"])
+                    families["index_unindexed"].add_metric((name, label), index["unindexed"])
+                    if index["drift"] is not None:
+                        families["index_drift"].add_metric((name, label), index["drift"])
+                    if index["builds"]:
+                        families["index_build_seconds"].add_metric((name, label), index["train_seconds"])
             if shard.get("wal_bytes") is not None:
                 families["wal"].add_metric((label,), shard["wal_bytes"])
             if shard.get("snapshot_age_s") is not None:

@@ -1198,12 +1198,19 @@ class Shard:
         the seconds since the latest snapshot was written (None without a data dir, or before the first
         snapshot); whether the log failed (the shard then refuses writes until it restarts); its decode
         endpoint's streams and steps (None before one is started); its staged steps (StagedSteps.stats).
-        Without the shard's lock: health asks this every few seconds, and a shard busy with a long
-        write or search under its lock is serving, not down (tests/unit/test_shard_probe.py). The
-        figures are each read at one moment (a copy of the namespaces first), not all at the same one."""
+        A namespace with an approximate index has its "index" too (BackgroundIndex.metrics: state,
+        builds, tombstones, drift, unindexed rows; none for flat).
+        Without the shard's lock, nor any store's: health asks this every few seconds, and a shard busy
+        with a long write or search under its lock is serving, not down (tests/unit/test_shard_probe.py).
+        The figures are each read at one moment (a copy of the namespaces first), not all at the same one."""
         import pyarrow.fs as pafs
 
-        namespaces = {name: {"rows": len(store), "bytes": store.nbytes} for name, store in dict(self.stores).items()}
+        namespaces = {}
+        for name, store in dict(self.stores).items():
+            held = namespaces[name] = {"rows": len(store), "bytes": store.nbytes}
+            approximate = store.approximate
+            if approximate is not None:
+                held["index"] = approximate.metrics()
         wal_bytes = snapshot_age_s = None
         if self.folder is not None:
             log_folder = self.wal.location

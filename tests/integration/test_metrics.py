@@ -260,6 +260,110 @@ def test_a_hung_shard_never_holds_a_scrape_up_and_health_recovers(deployment):
     wait_for_health(deployment, SERVING, within_s=PROBE_WAIT_S + 3)
 
 
+# ----- approximate indexes ------------------------------------------------------------------------
+INDEX_FAMILIES = ("monim_namespace_index_state", "monim_namespace_index_builds_total",
+                  "monim_namespace_index_tombstones", "monim_namespace_index_unindexed_rows",
+                  "monim_namespace_index_drift", "monim_namespace_index_build_seconds")
+
+
+def create_indexed(deployment) -> dict[str, np.ndarray]:
+    """An hnsw and an ivf_flat namespace (train_min_rows 200) with 600 rows each (300 a shard: ids go
+    to shard id % 2), built on both shards, and a flat one; {name: the ids added}."""
+    configs = (NamespaceConfig(name="graph", dim=DIM, max_k=16, index="hnsw", train_min_rows=200),
+               NamespaceConfig(name="lists", dim=DIM, max_k=16, index="ivf_flat", nlist=4, train_min_rows=200),
+               NamespaceConfig(name="plain", dim=DIM, max_k=16))
+    added = {}
+    for config in configs:
+        request = pb.CreateNamespaceRequest(config=convert.config_to_proto(config))
+        assert deployment.call("CreateNamespace", request, config.name)[0] == grpc.StatusCode.OK
+        code, response = deployment.call("Add", add_request(config.name, 600), config.name)
+        assert code == grpc.StatusCode.OK
+        added[config.name] = convert.tensor_from_proto(response.ids, "ids")
+    for shard in deployment.runtime.shards:
+        for name in ("graph", "lists"):
+            assert shard.stores[name].wait_for_index(60)
+    return added
+
+
+def index_samples(samples: dict, family: str) -> dict:
+    """{(namespace, shard) or (namespace, shard, state): value} of one family."""
+    return {tuple(labels[key] for key in ("namespace", "shard", "state") if key in labels): value
+            for labels, value in samples[family]}
+
+
+def test_index_metrics_follow_the_builds_and_the_deletes(deployment):
+    added = create_indexed(deployment)
+    deleted = {"graph": np.concatenate([added["graph"][:5], added["graph"][-4:]]), "lists": added["lists"][10:16]}
+    for name, ids in deleted.items():
+        code, response = deployment.call("Delete", pb.DeleteRequest(namespace=name, ids=convert.tensor_to_proto(ids)),
+                                         name)
+        assert code == grpc.StatusCode.OK and response.deleted == ids.size
+    samples = deployment.scrape()
+    keys = {(name, shard) for name in ("graph", "lists") for shard in ("0", "1")}
+
+    states = index_samples(samples, "monim_namespace_index_state")
+    assert states == {(name, shard, state): float(state == "trained") for name, shard in keys
+                      for state in ("exact", "training", "trained")}
+    builds = index_samples(samples, "monim_namespace_index_builds_total")
+    assert set(builds) == keys and all(value >= 1 for value in builds.values())
+    tombstones = index_samples(samples, "monim_namespace_index_tombstones")
+    assert tombstones == {(name, str(shard)): float((deleted[name] % 2 == shard).sum())
+                          for name in deleted for shard in (0, 1)}
+    assert sum(tombstones[("graph", shard)] for shard in ("0", "1")) == 9
+    assert sum(tombstones[("lists", shard)] for shard in ("0", "1")) == 6
+    assert index_samples(samples, "monim_namespace_index_unindexed_rows") == {key: 0.0 for key in keys}
+    drift = index_samples(samples, "monim_namespace_index_drift")
+    assert set(drift) == {("lists", "0"), ("lists", "1")} and all(value >= 0 for value in drift.values())
+    seconds = index_samples(samples, "monim_namespace_index_build_seconds")
+    assert set(seconds) == keys and all(value > 0 for value in seconds.values())
+    for family in INDEX_FAMILIES:  # a flat namespace has no index, so no index sample
+        assert all(labels["namespace"] != "plain" for labels, _ in samples[family])
+    assert {labels["namespace"] for labels, _ in samples["monim_namespace_rows"]} == {"graph", "lists", "plain"}
+
+    # The same figures as DescribeNamespace's (under the stores' locks).
+    for name in ("graph", "lists"):
+        code, described = deployment.call("DescribeNamespace", pb.DescribeNamespaceRequest(namespace=name), name)
+        assert code == grpc.StatusCode.OK
+        for stats in described.shards:
+            assert stats.index_state == "trained"
+            assert stats.index_trainings == builds[(name, str(stats.shard))]
+            assert stats.index_tombstones == tombstones[(name, str(stats.shard))]
+
+
+def test_index_metrics_are_read_without_the_stores_lock(deployment):
+    """A store busy under its lock (a long search or add) must not stall health or a scrape."""
+    create_indexed(deployment)
+    shard = deployment.runtime.shards[0]
+    held, release = threading.Event(), threading.Event()
+
+    def busy(store):
+        with store._lock:
+            held.set()
+            release.wait(30)
+
+    holders = []
+    try:
+        for name in ("graph", "lists"):
+            held.clear()
+            holders.append(threading.Thread(target=busy, args=(shard.stores[name],), daemon=True))
+            holders[-1].start()
+            assert held.wait(5)
+        answer = {}
+        reading = threading.Thread(target=lambda: answer.update(shard.metrics()), daemon=True)
+        reading.start()
+        reading.join(5)
+        assert not reading.is_alive(), "Shard.metrics waited for a store's lock"
+        assert answer["namespaces"]["graph"]["index"]["state"] == "trained"
+        assert answer["namespaces"]["lists"]["index"]["builds"] >= 1
+        assert "index" not in answer["namespaces"]["plain"]
+        states = index_samples(deployment.scrape(), "monim_namespace_index_state")  # shard 0 answered in time
+        assert states[("graph", "0", "trained")] == 1 and states[("lists", "0", "trained")] == 1
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(10)
+
+
 # ----- draining ---------------------------------------------------------------------------------
 def test_stop_drains_calls_in_flight_and_refuses_new_ones(deployment):
     create(deployment, "drain")
