@@ -18,9 +18,14 @@ Lifecycle of one store's index (its ``state``, which DescribeNamespace shows per
   tombstones: a search excludes them (a faiss IDSelector in its search parameters, so they take
   no top-k slot); past COMPACT_FRACTION of the indexed rows ``_compact_later`` clears them.
 
-Ids: faiss holds the entries' own int64 ids, so a search's labels are ids, mapped to rows through
-the store's id map; rows move on deletes, ids do not. Keys never change after an add (values do),
-so an index entry never goes stale.
+Labels: faiss holds each entry under a label made of the row's id and its incarnation in this
+index (``label = id | epoch << ID_BITS``): an id deleted and added again (a reshard moves a row away
+and back; a restore) gets a new label while its old entry may still be in the index (a tombstone,
+or in a build's snapshot), so the old entry never hides the new one nor answers beside it, and a
+compaction removes only the old one. Epochs are kept only for ids added again (almost always none:
+labels are then the ids). A search's labels go back to ids (``ids_of``), mapped to rows through the
+store's id map; rows move on deletes, ids do not. Keys never change after an add (values do), so an
+index entry never goes stale.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ COMPACT_FRACTION = 0.1
 COMPACT_MIN_TOMBSTONES = 1024
 # A build that failed (logged) is tried again by an add after this long.
 RETRY_AFTER_FAILURE_S = 60.0
+# A label: the id in its low ID_BITS bits, the id's incarnation in the index above them.
+ID_BITS = 47
+ID_MASK = (1 << ID_BITS) - 1
+MAX_EPOCH = (1 << (63 - ID_BITS)) - 1
 
 _faiss = None
 
@@ -96,15 +105,23 @@ class Worker:
         self._tasks.put(None)
 
 
+def ids_of(labels: np.ndarray) -> np.ndarray:
+    """The ids of an index's labels (-1 stays -1)."""
+    return np.where(labels >= 0, labels & ID_MASK, -1)
+
+
 class Journal:
-    """Rows added and deleted while a build runs (under the store's lock)."""
+    """Rows added and deleted while a build runs (under the store's lock): the ids added (in order,
+    an id twice if it went and came back), and the labels deleted with the ids they were of."""
 
     def __init__(self):
         self.added: list[np.ndarray] = []
-        self.deleted: list[np.ndarray] = []
+        self.deleted_labels: set[int] = set()
+        self.deleted_ids: set[int] = set()
 
     def take_added(self) -> np.ndarray:
-        ids = np.concatenate(self.added) if self.added else np.empty(0, np.int64)
+        """The ids added since the last take, each once."""
+        ids = np.unique(np.concatenate(self.added)) if self.added else np.empty(0, np.int64)
         self.added = []
         return ids
 
@@ -126,7 +143,8 @@ class BackgroundIndex:
         self.train_seconds = 0.0     # the latest build's, from its start to the swap
         self.compaction_seconds = 0.0  # the latest compaction's (searches wait that long)
         self._journal: Journal | None = None  # while a build runs
-        self._tombstones: set[int] = set()
+        self._tombstones: set[int] = set()  # labels of deleted rows' entries still in the index
+        self._epochs: dict[int, int] = {}  # id -> its incarnation, for ids added again (module docstring)
         self._selector = None        # faiss IDSelectorNot of the tombstones (and what it points to), or None
         self._compacting = False
         self._closed = False
@@ -177,9 +195,32 @@ class BackgroundIndex:
         build), so that a build never takes a shard past its budget."""
         raise NotImplementedError
 
+    # ----- labels (under the store's lock) -------------------------------------------------------------
+    def labels_of(self, ids: np.ndarray) -> np.ndarray:
+        """The labels the rows of these ids have (or will have) in the index: their current incarnation."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if not self._epochs:
+            return ids
+        epochs = np.fromiter((self._epochs.get(i, 0) for i in ids.tolist()), np.int64, ids.size)
+        return ids | (epochs << ID_BITS)
+
+    def _new_incarnations(self, ids: np.ndarray) -> None:
+        """ids are added again: each whose current label may still be in an index (a tombstone of the
+        live one, or deleted during a build whose snapshot may hold it) gets the next incarnation."""
+        if not self._tombstones and (self._journal is None or not self._journal.deleted_labels):
+            return
+        gone = self._tombstones if self._journal is None else self._tombstones | self._journal.deleted_labels
+        for id_, label in zip(ids.tolist(), self.labels_of(ids).tolist()):
+            if label in gone:
+                epoch = self._epochs.get(id_, 0) + 1
+                if epoch > MAX_EPOCH:
+                    raise RuntimeError(f"id {id_} was added again {MAX_EPOCH} times to one index without a compaction")
+                self._epochs[id_] = epoch
+
     # ----- writes (under the store's lock) -----------------------------------------------------------
     def after_add(self, ids: np.ndarray, keys: np.ndarray) -> None:
-        """ids int64 [N] were stored with keys float32 [N, dim] (C-contiguous)."""
+        """ids int64 [N] (each < 2^ID_BITS) were stored with keys float32 [N, dim] (C-contiguous)."""
+        self._new_incarnations(ids)
         if self._journal is not None:
             self._journal.added.append(ids.copy())
         if self.index is not None:
@@ -191,14 +232,18 @@ class BackgroundIndex:
 
     def after_delete(self, ids: np.ndarray) -> None:
         """ids int64 [N] are no longer stored."""
-        if self._journal is not None:
-            self._journal.deleted.append(ids.copy())
+        self._journal_deleted(ids)
         if self.index is not None and ids.size:
             self._tombstone(ids)
 
+    def _journal_deleted(self, ids: np.ndarray) -> None:
+        if self._journal is not None and ids.size:
+            self._journal.deleted_labels.update(self.labels_of(ids).tolist())
+            self._journal.deleted_ids.update(ids.tolist())
+
     def _tombstone(self, ids: np.ndarray) -> None:
-        """ids are excluded from searches from now on; past COMPACT_FRACTION, cleared later."""
-        self._tombstones.update(ids.tolist())
+        """ids' entries are excluded from searches from now on; past COMPACT_FRACTION, cleared later."""
+        self._tombstones.update(self.labels_of(ids).tolist())
         self._refresh_selector()
         if (len(self._tombstones) >= max(COMPACT_MIN_TOMBSTONES, COMPACT_FRACTION * self.index.ntotal)
                 and not self._compacting and not self._closed):
@@ -258,13 +303,13 @@ class BackgroundIndex:
     def _went_live(self, reference) -> None:
         """Under the lock, at the swap, after the new index went live."""
 
-    def _add_to_building(self, index, ids: np.ndarray, keys: np.ndarray) -> None:
-        index.add_with_ids(keys, ids)
+    def _add_to_building(self, index, labels: np.ndarray, keys: np.ndarray) -> None:
+        index.add_with_ids(keys, labels)
 
     def _add_at_swap(self, index, ids: np.ndarray, keys: np.ndarray) -> None:
         """Under the lock, at the swap: the journal's last added rows (at most CATCH_UP_ROWS)."""
         if ids.size:
-            index.add_with_ids(keys, ids)
+            index.add_with_ids(keys, self.labels_of(ids))
 
     def _copy_keys(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids still stored, their keys float32 [n, dim]); under the lock."""
@@ -272,6 +317,14 @@ class BackgroundIndex:
         kept = rows >= 0
         picked = torch.from_numpy(rows[kept]).to(self.rows.keys.device)
         return ids[kept], np.ascontiguousarray(self.rows.keys[picked].float().cpu().numpy())
+
+    def _copy_for_build(self, ids: np.ndarray, snapshot: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Under the lock: (labels, keys) of the rows a build adds now. Rows of the build's snapshot
+        deleted since it began are left to the journal (added again, they are among its adds)."""
+        if snapshot and self._journal.deleted_ids:
+            ids = ids[~np.isin(ids, np.fromiter(self._journal.deleted_ids, np.int64))]
+        ids, keys = self._copy_keys(ids)
+        return self.labels_of(ids), keys
 
     def _build(self) -> None:
         """Make a new index, add every row to it, swap it in (see the module's docstring)."""
@@ -281,8 +334,8 @@ class BackgroundIndex:
                 return
             size = self.rows.size
             ids = self.rows.ids[:size].cpu().numpy().copy()
-            # Rows added since the build was queued are in this snapshot: the journal keeps what comes after.
-            self._journal.added = []
+            # The snapshot holds every row stored now, under its current label: the journal keeps what comes after.
+            self._journal = Journal()
             sample = self._sample(size)
         index = self._new_index()
         reference = self._train(index, sample)
@@ -291,8 +344,8 @@ class BackgroundIndex:
             with self._lock:
                 if self._closed:
                     return
-                chunk_ids, keys = self._copy_keys(ids[start:start + BUILD_CHUNK_ROWS])
-            self._add_to_building(index, chunk_ids, keys)
+                labels, keys = self._copy_for_build(ids[start:start + BUILD_CHUNK_ROWS], snapshot=True)
+            self._add_to_building(index, labels, keys)
         while True:  # rows added during the build, outside the lock while many wait
             with self._lock:
                 if self._closed:
@@ -301,15 +354,14 @@ class BackgroundIndex:
                 if waiting <= CATCH_UP_ROWS:
                     self._swap(index, reference, started)
                     return
-                chunk_ids, keys = self._copy_keys(self._journal.take_added())
-            self._add_to_building(index, chunk_ids, keys)
+                labels, keys = self._copy_for_build(self._journal.take_added(), snapshot=False)
+            self._add_to_building(index, labels, keys)
 
     def _swap(self, index, reference, started: float) -> None:
         """Under the lock: the journal's last adds and its deletes, then the new index goes live."""
-        deleted = self._journal.deleted
         self.index = index
         self._add_at_swap(index, *self._copy_keys(self._journal.take_added()))
-        self._tombstones = set(np.concatenate(deleted).tolist()) if deleted else set()
+        self._tombstones = set(self._journal.deleted_labels)  # those the new index holds, and a few it never did
         self._refresh_selector()
         self._went_live(reference)
         self.trainings += 1

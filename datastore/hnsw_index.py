@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from monim.datastore.background_index import BackgroundIndex, faiss_module
+from monim.datastore.background_index import BackgroundIndex, faiss_module, ids_of
 from monim.datastore.flat_index import pad_results
 
 # How long one slice of the tail's insertion may hold the store's lock, and the rows of the first slice.
@@ -134,15 +134,14 @@ class HnswIndex(BackgroundIndex):
         excess = len(self._tail) - MAX_TAIL_ROWS
         if excess > 0:
             oldest_ids, oldest_keys = self._tail.take(excess)
-            self.index.add_with_ids(oldest_keys, oldest_ids)
+            self.index.add_with_ids(oldest_keys, self.labels_of(oldest_ids))
         if len(self._tail) and not self._absorbing and not self._closed:
             self._absorbing = True
             self._worker.submit(self._logged, self._absorb)
 
     def after_delete(self, ids: np.ndarray) -> None:
         """ids int64 [N] are no longer stored: out of the tail, or tombstones of the graph."""
-        if self._journal is not None:
-            self._journal.deleted.append(ids.copy())
+        self._journal_deleted(ids)
         if self.index is not None and ids.size:
             in_graph = self._tail.remove(ids)
             if in_graph.size:
@@ -165,7 +164,7 @@ class HnswIndex(BackgroundIndex):
                 ids, keys = self._tail.take(self._slice_rows)
                 started = time.perf_counter()
                 try:
-                    self.index.add_with_ids(keys, ids)
+                    self.index.add_with_ids(keys, self.labels_of(ids))
                 except BaseException:
                     self._tail = _requeued(self._tail, ids, keys, self.config.dim)  # searched exactly still
                     self._absorbing = False  # the next add tries again
@@ -210,7 +209,8 @@ class HnswIndex(BackgroundIndex):
         params.efSearch = max(ef, k)
         if self.search_selector is not None:
             params.sel = self.search_selector
-        distances, ids = self.index.search(queries, k, params=params)
+        distances, labels = self.index.search(queries, k, params=params)
+        ids = ids_of(labels)
         if self.config.metric == "ip":
             distances = np.negative(distances)
         distances[ids < 0] = np.inf

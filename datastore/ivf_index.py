@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import torch
-from monim.datastore.background_index import BackgroundIndex, faiss_module
+from monim.datastore.background_index import BackgroundIndex, faiss_module, ids_of
 from monim.datastore.flat_index import pad_results
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ class IvfIndex(BackgroundIndex):
     def _add_to_live(self, ids: np.ndarray, keys: np.ndarray) -> None:
         """Assigns the keys to their lists (once: the assignment also feeds the drift monitor) and adds them."""
         faiss = faiss_module()
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        labels = self.labels_of(ids)
         lists = self.index.quantizer.search(keys, 1)[1]
-        self.index.add_core(keys.shape[0], faiss.swig_ptr(keys), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        self.index.add_core(keys.shape[0], faiss.swig_ptr(keys), faiss.swig_ptr(labels), faiss.swig_ptr(lists))
         self._recent.append((keys.shape[0], float(_quantization_errors(keys, self._centroids, lists).sum())))
         self._recent_rows += keys.shape[0]
         self._recent_sum += self._recent[-1][1]
@@ -140,7 +140,8 @@ class IvfIndex(BackgroundIndex):
         params.nprobe = nprobe
         if self.search_selector is not None:
             params.sel = self.search_selector
-        distances, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), wanted, params=params)
+        distances, labels = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), wanted, params=params)
+        ids = ids_of(labels)
         if self.config.metric == "ip":
             distances = np.negative(distances)
         distances[ids < 0] = np.inf

@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 import torch
 from monim.datastore import flat_index, memory_ops, optimizers
+from monim.datastore.background_index import ID_BITS, ID_MASK
 from monim.datastore.hnsw_index import HnswIndex
 from monim.datastore.ivf_index import IvfIndex
 from monim.datastore.row_store import RowStore
@@ -169,6 +170,9 @@ class NeighborStore:
                 present = ids[self.rows.rows_of(ids) >= 0]
                 if present.size:
                     raise AlreadyExists(f"ids already stored: {present[:10].tolist()}")
+                if self.approximate is not None and int(ids.max()) > ID_MASK:
+                    raise InvalidArgument(f"ids of a namespace with index {self.config.index} must be below 2^{ID_BITS}, "
+                                          f"got {int(ids.max())}")
             self.rows.append(ids, keys, tokens, values, weights, source)
             self.next_id = max(self.next_id, int(ids.max()) + 1)
             if self.approximate is not None:
