@@ -146,6 +146,7 @@ class BackgroundIndex:
         self._tombstones: set[int] = set()  # labels of deleted rows' entries still in the index
         self._epochs: dict[int, int] = {}  # id -> its incarnation, for ids added again (module docstring)
         self._selector = None        # faiss IDSelectorNot of the tombstones (and what it points to), or None
+        self._dead = None            # the tombstones as an int64 array (None: none)
         self._compacting = False
         self._closed = False
         self._worker = Worker(f"monim-{config.index}-{config.name}")
@@ -201,21 +202,26 @@ class BackgroundIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not self._epochs:
             return ids
-        epochs = np.fromiter((self._epochs.get(i, 0) for i in ids.tolist()), np.int64, ids.size)
-        return ids | (epochs << ID_BITS)
+        labels = ids.copy()
+        again = np.flatnonzero(np.isin(ids, np.fromiter(self._epochs, np.int64, len(self._epochs))))
+        labels[again] |= np.array([self._epochs[i] for i in ids[again].tolist()], np.int64) << ID_BITS
+        return labels
 
     def _new_incarnations(self, ids: np.ndarray) -> None:
-        """ids are added again: each whose current label may still be in an index (a tombstone of the
-        live one, or deleted during a build whose snapshot may hold it) gets the next incarnation."""
-        if not self._tombstones and (self._journal is None or not self._journal.deleted_labels):
+        """ids are added (again): each whose current label may still be in an index (a tombstone of
+        the live one, or deleted during a build whose snapshot may hold it) gets the next incarnation."""
+        deleted = self._journal.deleted_labels if self._journal is not None else ()
+        if not self._tombstones and not deleted:
             return
-        gone = self._tombstones if self._journal is None else self._tombstones | self._journal.deleted_labels
-        for id_, label in zip(ids.tolist(), self.labels_of(ids).tolist()):
-            if label in gone:
-                epoch = self._epochs.get(id_, 0) + 1
-                if epoch > MAX_EPOCH:
-                    raise RuntimeError(f"id {id_} was added again {MAX_EPOCH} times to one index without a compaction")
-                self._epochs[id_] = epoch
+        labels = self.labels_of(ids)
+        hit = np.isin(labels, self._dead) if self._dead is not None else np.zeros(ids.size, bool)
+        if deleted:
+            hit |= np.isin(labels, np.fromiter(deleted, np.int64, len(deleted)))
+        for id_ in ids[hit].tolist():
+            epoch = self._epochs.get(id_, 0) + 1
+            if epoch > MAX_EPOCH:
+                raise RuntimeError(f"id {id_} was added again {MAX_EPOCH} times to one index without a compaction")
+            self._epochs[id_] = epoch
 
     # ----- writes (under the store's lock) -----------------------------------------------------------
     def after_add(self, ids: np.ndarray, keys: np.ndarray) -> None:
@@ -252,10 +258,10 @@ class BackgroundIndex:
     def _refresh_selector(self) -> None:
         faiss = faiss_module()
         if not self._tombstones:
-            self._selector = None
+            self._selector = self._dead = None
             return
-        dead = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
-        batch = faiss.IDSelectorBatch(dead.size, faiss.swig_ptr(dead))
+        self._dead = np.fromiter(self._tombstones, np.int64, len(self._tombstones))
+        batch = faiss.IDSelectorBatch(self._dead.size, faiss.swig_ptr(self._dead))
         self._selector = (batch, faiss.IDSelectorNot(batch))  # the batch is kept alive with its negation
 
     @property
