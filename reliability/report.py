@@ -134,12 +134,13 @@ def _tables(result: RunResult) -> list[tuple[str, list[str], list[list[str]]]]:
     codes += [[code, f"{count:,}", "asked for, answered as it must"] for code, count in asked.most_common()]
     faults = [[str(i + 1), f"{f.at_s:.0f}", f.kind, f.target,
                f"{f.recovery_s:.1f}" if f.recovered else "NOT RECOVERED", f.note] for i, f in enumerate(result.faults)]
-    checks = [[c.name, f"{c.expected_rows:,}", f"{c.stored_rows:,}", str(c.missing), str(c.differing), str(c.extra)]
-              for c in result.checks]
+    checks = [[c.name, f"{c.expected_rows:,}", f"{c.stored_rows:,}", str(c.missing), str(c.differing), str(c.extra),
+               c.index] for c in result.checks]
     return [("Calls by type", ["call", "answered", "after a retry", "failed attempts"], calls),
             ("Status codes", ["code", "count", ""], codes or [["-", "0", "no call failed"]]),
             ("Faults", ["#", "at (s)", "fault", "target", "recovery (s)", "note"], faults or [["-"] * 6]),
-            ("Final state", ["namespace", "acknowledged rows", "stored rows", "missing", "differing", "extra"], checks)]
+            ("Final state", ["namespace", "acknowledged rows", "stored rows", "missing", "differing", "extra", "index"],
+             checks)]
 
 
 def print_report(result: RunResult) -> None:

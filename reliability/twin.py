@@ -26,10 +26,19 @@ class NamespaceSpec:
     optimizer: str = "sgd"
     lr: float = 0.01
     max_k: int = 64
+    index: str = "flat"        # or "ivf_flat", searched with every list probed: exact, as the model's
+    nlist: int = 0
+    train_min_rows: int = 0
 
     def create_options(self) -> dict:
+        index = {} if self.index == "flat" else dict(index=self.index, nlist=self.nlist,
+                                                      train_min_rows=self.train_min_rows)
         return dict(dim=self.dim, metric=self.metric, value_dim=self.value_dim, optimizer=self.optimizer, lr=self.lr,
-                    max_k=self.max_k)
+                    max_k=self.max_k, **index)
+
+    def search_options(self) -> dict:
+        """What a search of it passes: an ivf_flat namespace probes every list (its answers exact)."""
+        return {} if self.index == "flat" else {"nprobe": self.nlist}
 
 
 class _Growing:

@@ -31,6 +31,7 @@ class NamespaceCheck:
     missing: int = 0
     differing: int = 0
     extra: int = 0
+    index: str = "flat"     # the namespace's index, and each shard's index state for an ivf or hnsw one
     problems: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -79,6 +80,9 @@ def check_namespace(client, name: str, expected: dict) -> NamespaceCheck:
     check = NamespaceCheck(name, expected["rows"])
     description = _describe(client, name)
     check.stored_rows = description.rows
+    if description.config.index != "flat":
+        check.index = f"{description.config.index}: " + ", ".join(
+            f"{s['index_state']} ({s['index_trainings']} builds)" for s in description.shards)
     served_ids = expected["served_ids"]
     found_ids, found_rows = [], []
     for start in range(0, served_ids.size, GET_CHUNK):

@@ -3,8 +3,9 @@ checked at once against its exact model (reliability/twin.py), every write retri
 id until it is acknowledged.
 
 Each client owns two namespaces: ``c<i>-values`` (learnable: l2, value_dim 8, Adam) and ``c<i>-keys``
-(inner product, keys only). Since no one else writes them, the model (the in-process store fed the
-same acknowledged calls) is exactly what the service must answer:
+(inner product, keys only; an ivf_flat index for odd i, searched with every list probed, so that its
+answers are exact and its index is checked through every fault). Since no one else writes them, the
+model (the in-process store fed the same acknowledged calls) is exactly what the service must answer:
 
 - Add (request id; some batches with logp, so admission drops rows; some with near-duplicates of
   stored rows and merge_eps, so rows merge into them): the same rows admitted and merged, merged
@@ -69,8 +70,11 @@ class ClientPlan:
     initial_rows: int = 256
 
     def namespaces(self) -> list[NamespaceSpec]:
+        # Every other client's keys namespace is ivf_flat (a small nlist, trained early on each shard,
+        # again after each restart and reshard): its index follows every fault's adds and deletes.
+        indexed = dict(index="ivf_flat", nlist=8, train_min_rows=200) if self.index % 2 else {}
         return [NamespaceSpec(f"c{self.index}-values", dim=16, value_dim=8, optimizer="adam", lr=0.05),
-                NamespaceSpec(f"c{self.index}-keys", dim=12, metric="ip")]
+                NamespaceSpec(f"c{self.index}-keys", dim=12, metric="ip", **indexed)]
 
 
 @dataclasses.dataclass
@@ -258,7 +262,7 @@ class Client:
         k = int(rng.integers(1, min(spec.max_k, twin.rows() + 8) + 1))
         queries = self._queries(twin, batch)
         flags = dict(return_keys=bool(rng.random() < 0.3), return_values=bool(spec.value_dim and rng.random() < 0.3),
-                     return_weights=bool(rng.random() < 0.3))
+                     return_weights=bool(rng.random() < 0.3), **spec.search_options())
         if kind == "decode":
             served, _ = self.call(kind, lambda c: self._stream(c).search(spec.name, queries, k, **flags), write=False)
         else:
