@@ -123,8 +123,9 @@ class HnswIndex(BackgroundIndex):
         return {**super().metrics(), "unindexed": len(self._tail)}
 
     def reserved_bytes(self, rows: int) -> int:
-        """The graph's entries for every row, and the tail's most keys (BackgroundIndex.reserved_bytes)."""
-        return rows * entry_bytes(self.config) + MAX_TAIL_ROWS * 4 * self.config.dim
+        """The graph's entries for every row, and the tail's copies of keys: as many as there are rows,
+        up to MAX_TAIL_ROWS (BackgroundIndex.reserved_bytes)."""
+        return rows * entry_bytes(self.config) + min(rows, MAX_TAIL_ROWS) * 4 * self.config.dim
 
     # ----- writes (under the store's lock) -----------------------------------------------------------
     def _add_to_live(self, ids: np.ndarray, keys: np.ndarray) -> None:
