@@ -261,3 +261,30 @@ def test_status_watch_redraws_until_ctrl_c(deployment, as_json):
         assert len(reports) >= 3 and all({n["name"] for n in r["namespaces"]} == {"wiki", "news"} for r in reports)
     else:
         assert "last snapshot" in "".join(views) and "Traceback" not in "".join(views)
+
+
+def test_an_hnsw_namespace_made_and_described_from_the_command_line(deployment, capsys):
+    at = ("--address", deployment.address)
+    code, out, err = monim(capsys, "namespace", "create", "cli-graph", "--dim", "8", "--index", "hnsw", "--hnsw-m", "16",
+                           "--ef-construction", "40", "--train-min-rows", "100", *at)
+    assert code == 0, err
+    assert "hnsw (hnsw_m 16, ef_construction 40, builds at 100 rows a shard)" in out
+    try:
+        with MemoryClient(deployment.address) as client:
+            client.add("cli-graph", np.random.default_rng(5).standard_normal((400, 8)).astype(np.float32),
+                       np.zeros(400, np.int32))
+            deadline = time.monotonic() + 60
+            while any(s["index_state"] != "trained" for s in client.describe_namespace("cli-graph").shards):
+                assert time.monotonic() < deadline, client.describe_namespace("cli-graph").shards
+                time.sleep(0.1)
+        code, out, _ = monim(capsys, "namespace", "describe", "cli-graph", *at)
+        assert code == 0 and out.count("trained (1 builds, 0 tombstones)") == 2, out
+        code, out, _ = monim(capsys, "namespace", "describe", "cli-graph", "--json", *at)
+        described = json.loads(out)
+        assert (described["config"]["hnsw_m"], described["config"]["ef_construction"]) == (16, 40)
+        assert [s["index_unindexed"] for s in described["shards"]] == [0, 0]
+    finally:
+        MemoryClient(deployment.address).drop_namespace("cli-graph")
+    code, _, err = monim(capsys, "namespace", "create", "cli-flat", "--dim", "8", "--hnsw-m", "16", *at)
+    assert code == 2 and "hnsw_m applies to index hnsw, not 'flat'" in err and err.count("\n") == 1
+    assert "cli-flat" not in {c.name for c in MemoryClient(deployment.address).list_namespaces()}
