@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the run ends by itself past this (default: the workload + 15 minutes)")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data dir, logs)")
+    parser.add_argument("--indexed", action="store_true",
+                        help="the odd clients' keys namespaces are ivf_flat (searched with every list probed: exact)")
     args = parser.parse_args(argv)
     args.faults = [] if args.faults in ("", "none") else [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = sorted(set(args.faults) - set(FAULT_KINDS))
@@ -119,7 +121,8 @@ class Run:
         context = multiprocessing.get_context("spawn")
         self.stop = context.Event()
         plans = [ClientPlan(i, list(self.deployment.addresses), self.args.seed, self.args.call_timeout_s,
-                            os.path.join(self.deployment.log_dir, f"client-{i}.log"), end_by=self.deadline - 120)
+                            os.path.join(self.deployment.log_dir, f"client-{i}.log"), end_by=self.deadline - 120,
+                            indexed=self.args.indexed)
                  for i in range(self.args.clients)]
         for plan in plans:
             process = context.Process(target=client_main, args=(plan, self.stop, messages), name=f"client-{plan.index}",
