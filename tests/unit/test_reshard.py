@@ -730,3 +730,45 @@ def test_a_delete_by_source_retried_after_a_move_deletes_every_row_of_the_source
     crash(router)
     router = deployment(tmp_path, shards=1)
     assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
+
+
+def test_every_delete_during_reshards_answers_the_rows_it_deleted(tmp_path):
+    """Three threads delete 8 stored ids at a time through one router while another router reshards
+    2 -> 1 -> 2 three times: each Delete's count is the 8 rows it deleted (the rows are another test's;
+    here the count, which a client checks against its own). The reliability run met a first-attempt
+    Delete answering 1 for 8 during a reshard with Ray (docs/RELIABILITY.md, "Open finding"); this is the
+    in-process form of that workload, which counts right."""
+    runtime = LocalRuntime(2, data_dir=str(tmp_path), fsync="never", snapshot_every=0)
+    router, driver = Router(runtime), Router(runtime)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    rng = np.random.default_rng(11)
+    alive = set(router.add("ns", rng.standard_normal((6000, DIM)).astype(np.float32), np.arange(6000) % 100).ids.tolist())
+    lock, stop, wrong, errors = threading.Lock(), threading.Event(), [], []
+
+    def deleter(seed):
+        local = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                with lock:
+                    picks = local.choice(np.array(sorted(alive)), 8, replace=False)
+                    alive.difference_update(picks.tolist())
+                count = router.delete("ns", ids=picks)
+                if count != 8:
+                    wrong.append((count, picks.tolist()))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=deleter, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            for shards in (1, 2):
+                assert reshard(driver, shards, batch_rows=400).done
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    assert not wrong, wrong[:5]
+    assert np.sort(all_ids(router, "ns")).tolist() == sorted(alive)
