@@ -140,13 +140,11 @@ class HnswIndex(BackgroundIndex):
             self._absorbing = True
             self._worker.submit(self._logged, self._absorb)
 
-    def after_delete(self, ids: np.ndarray) -> None:
-        """ids int64 [N] are no longer stored: out of the tail, or tombstones of the graph."""
-        self._journal_deleted(ids)
-        if self.index is not None and ids.size:
-            in_graph = self._tail.remove(ids)
-            if in_graph.size:
-                self._tombstone(in_graph)
+    def _tombstone(self, ids: np.ndarray) -> None:
+        """Deleted ids leave the tail; those in the graph become tombstones (BackgroundIndex._tombstone)."""
+        in_graph = self._tail.remove(ids)
+        if in_graph.size:
+            super()._tombstone(in_graph)
 
     def _compact_later(self) -> None:
         """A rebuild of the graph from the rows stored now (faiss removes no node from a graph)."""
