@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the run ends by itself past this (default: the workload + 15 minutes)")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (data dir, logs)")
-    parser.add_argument("--indexed", action="store_true",
-                        help="the odd clients' keys namespaces are ivf_flat (searched with every list probed: exact)")
+    parser.add_argument("--indexed", action=argparse.BooleanOptionalAction, default=True,
+                        help="the odd clients' keys namespaces are ivf_flat, searched with every list probed: exact "
+                             "(default; --no-indexed: every namespace flat)")
     args = parser.parse_args(argv)
     args.faults = [] if args.faults in ("", "none") else [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = sorted(set(args.faults) - set(FAULT_KINDS))

@@ -3,7 +3,7 @@ checked at once against its exact model (reliability/twin.py), every write retri
 id until it is acknowledged.
 
 Each client owns two namespaces: ``c<i>-values`` (learnable: l2, value_dim 8, Adam) and ``c<i>-keys``
-(inner product, keys only; with ``--indexed`` an ivf_flat index for odd i, searched with every list
+(inner product, keys only; an ivf_flat index for odd i unless ``--no-indexed``, searched with every list
 probed, so that its answers are exact and its index is checked through every fault). Since no one else writes them, the
 model (the in-process store fed the same acknowledged calls) is exactly what the service must answer:
 
@@ -68,10 +68,10 @@ class ClientPlan:
     end_by: float              # time.time() at which the client stops, whatever happens
     max_rows: int = 20_000     # per namespace: past it, deletes take over
     initial_rows: int = 256
-    indexed: bool = False      # the odd clients' keys namespaces are ivf_flat (run.py --indexed)
+    indexed: bool = True       # the odd clients' keys namespaces are ivf_flat (run.py --no-indexed: flat)
 
     def namespaces(self) -> list[NamespaceSpec]:
-        # With --indexed every other client's keys namespace is ivf_flat (a small nlist, trained early on
+        # Unless --no-indexed, every other client's keys namespace is ivf_flat (a small nlist, trained early on
         # each shard, again after each restart and reshard): its index follows every fault's writes.
         indexed = dict(index="ivf_flat", nlist=8, train_min_rows=200) if self.indexed and self.index % 2 else {}
         return [NamespaceSpec(f"c{self.index}-values", dim=16, value_dim=8, optimizer="adam", lr=0.05),

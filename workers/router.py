@@ -239,8 +239,10 @@ class Router:
         ids go to their owners. A shard that refuses its share (PlacementChanged: a reshard moved or is
         copying those rows) applied none of it; only that share is routed again and sent, so a write
         lands once (the refused shares of a part go together, one call per owner; a shard that applied
-        another share of the request before applies the rows it has not: Shard._not_applied). Returns
-        the shards' results."""
+        another share of the request before applies the rows it has not: Shard._not_applied). A share
+        sent to a shard a shrink retired (its actor gone: this front end routed with the placement
+        before) is routed again the same way, while the other shares' answers count: sent again, a
+        share a shard applied would answer only the rows it had not. Returns the shards' results."""
         pending = [(method, ids, make_args, np.arange(ids.shape[0])) for method, ids, make_args in parts]
         results, waited = [], 0.0
         while pending:
@@ -251,16 +253,19 @@ class Router:
                     shares.append((method, ids, make_args, positions[sub]))
             try:
                 outcomes = self._call(calls, each=True)
-            except ShardUnavailable as error:  # sent again whole: shares a shard applied answer by request id
+            except ShardUnavailable as error:  # past the runtime's list of shards: nothing was sent
                 if not self._retired(error.shard):
                     raise
                 waited = self._wait_for_placement(waited)
                 continue
-            errors = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, PlacementChanged)]
+            retired = {o.shard for o in outcomes if isinstance(o, ShardUnavailable) and self._retired(o.shard)}
+            refused = [isinstance(o, PlacementChanged) or (isinstance(o, ShardUnavailable) and o.shard in retired)
+                       for o in outcomes]
+            errors = [o for o, again in zip(outcomes, refused) if isinstance(o, Exception) and not again]
             if errors:
                 raise errors[0]
-            results += [o for o in outcomes if not isinstance(o, Exception)]
-            pending = [share for share, o in zip(shares, outcomes) if isinstance(o, PlacementChanged)]
+            results += [o for o, again in zip(outcomes, refused) if not again]
+            pending = [share for share, again in zip(shares, refused) if again]
             if pending:
                 waited = self._wait_for_placement(waited)
         return results

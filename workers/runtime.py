@@ -130,13 +130,11 @@ def _read_endpoint_of_actor(shard, deployment: str, restarts: bool, options) -> 
 
 def _outcomes(results: list, each: bool) -> list:
     """results (each call's result or error, in call order) as call_shards answers them: with each,
-    the list itself (a dead shard's error still raised, so that the round is sent again); else the
-    results, or the round's error raised."""
+    the list itself (a dead shard's ShardUnavailable too: the other calls' results stand, and the caller
+    sends that shard's share again where it belongs: Router._routed_writes); else the results, or the
+    round's error raised."""
     errors = [result for result in results if isinstance(result, Exception)]
     if each:
-        dead = [error for error in errors if isinstance(error, ShardUnavailable)]
-        if dead:
-            raise dead[0]
         return results
     if errors:
         raise _combined(errors)
@@ -475,25 +473,37 @@ class RayRuntime:
         return out
 
     def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
-        """Scatters the calls at once, then gathers all their results in call order. With restarts,
-        calls that met a dead or restarting shard are sent again (every shard call is safe to repeat:
-        reads, and writes with their request ids) until the shard answers or the time is up.
+        """Scatters the calls at once, then gathers all their results in call order. The calls that
+        met a dead shard are sent again, and only those (the others' results stand: a write another
+        shard applied is not asked twice), to a new actor under the shard's name at once, and with
+        restarts to a restarting one (every shard call is safe to repeat: reads, and writes with their
+        request ids) until it answers or the time is up; a retired shard's stay ShardUnavailable.
         each: each call's result or error, in call order (see _outcomes)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        results = self._call_shards_once(calls, timeout_s)
         while True:
-            try:
-                return self._call_shards_once(calls, timeout_s, each)
-            except ShardUnavailable as error:
-                if self._rebound(error.shard):
-                    continue
-                left = None if deadline is None else deadline - time.monotonic()
-                if not self.restarts or (left is not None and left < RESTART_POLL_S) or self._retired(error.shard):
-                    raise
+            dead = {result.shard for result in results if isinstance(result, ShardUnavailable)}
+            rebound = {shard for shard in dead if self._rebound(shard)}
+            restarting = {shard for shard in dead - rebound if self.restarts and not self._retired(shard)}
+            left = None if deadline is None else deadline - time.monotonic()
+            if not rebound and (not restarting or (left is not None and left < RESTART_POLL_S)):
+                return _outcomes(results, each)
+            if not rebound:
                 time.sleep(RESTART_POLL_S)
                 timeout_s = None if deadline is None else deadline - time.monotonic()
+            again = [i for i, result in enumerate(results)
+                     if isinstance(result, ShardUnavailable) and result.shard in rebound | restarting]
+            try:
+                answers = self._call_shards_once([calls[i] for i in again], timeout_s)
+            except ShardUnavailable:  # retired meanwhile (nothing of this resend went): as the first answers
+                return _outcomes(results, each)
+            for i, answer in zip(again, answers):
+                results[i] = answer
 
-    def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
-        return _outcomes(self._gather(calls, self._scatter(calls), timeout_s), each)
+    def _call_shards_once(self, calls, timeout_s: float | None) -> list:
+        """Each call's result or error, in call order; ShardUnavailable raised if a call names a shard
+        past this runtime's list (retired: nothing is sent)."""
+        return self._gather(calls, self._scatter(calls), timeout_s)
 
     def _scatter(self, calls) -> list:
         """The calls sent to their shard actors at once: their futures, in call order."""
@@ -619,7 +629,7 @@ class ShardSideRuntime(RayRuntime):
                     raise ShardUnavailable(index, "no such shard actor (yet)") from None
             self.num_shards = max(self.num_shards, count)
 
-    def _call_shards_once(self, calls, timeout_s: float | None, each: bool = False) -> list:
+    def _call_shards_once(self, calls, timeout_s: float | None) -> list:
         here = self.local.shard_index
         elsewhere = [call for call in calls if call[0] != here]
         futures = self._scatter(elsewhere) if elsewhere else []
@@ -632,7 +642,7 @@ class ShardSideRuntime(RayRuntime):
                     local_results.append(error)
         remote_results = iter(self._gather(elsewhere, futures, timeout_s) if elsewhere else [])
         local_iter = iter(local_results)
-        return _outcomes([next(local_iter) if shard == here else next(remote_results) for shard, _, _ in calls], each)
+        return [next(local_iter) if shard == here else next(remote_results) for shard, _, _ in calls]
 
     def retire_shards(self, count: int) -> None:
         raise NotImplementedError("a shard's read endpoint retires no shards")

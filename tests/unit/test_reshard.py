@@ -772,3 +772,29 @@ def test_every_delete_during_reshards_answers_the_rows_it_deleted(tmp_path):
     assert not errors, errors
     assert not wrong, wrong[:5]
     assert np.sort(all_ids(router, "ns")).tolist() == sorted(alive)
+
+
+def test_a_delete_that_meets_a_retired_shard_counts_the_rows_the_other_shards_deleted(tmp_path):
+    """A front end that has not seen a shrink routes a Delete with the placement before it: the shard
+    still placed applies its share, the retired shard's actor is gone (ShardUnavailable). The router
+    sends the Delete again at the new placement, where the shard that applied a share answers only
+    the rows it had not: the first round's answers must count. (Before the fix the router dropped
+    them: a Delete of 8 rows answered 1, the reliability run's open finding of 2026-12-06, seen with
+    Ray only, because an in-process runtime shortens its list of shards before any call goes.)"""
+    runtime = LocalRuntime(2, data_dir=str(tmp_path), fsync="never", snapshot_every=0)
+    stale_runtime = _OtherFrontEnd(runtime)
+    stale, driver = Router(stale_runtime), Router(runtime)
+    driver.create_namespace(NamespaceConfig("ns", dim=DIM))
+    rng = np.random.default_rng(3)
+    ids = driver.add("ns", rng.standard_normal((400, DIM)).astype(np.float32), np.arange(400) % 9).ids
+    stale.config("ns")
+    assert stale.placement.actors == 2
+    assert reshard(driver, 1, batch_rows=100).done
+    stale_runtime.shards[1] = None  # killed with the shrink; this front end still routes to it
+    picks = ids[:8]
+    assert {int(i) % 2 for i in picks} == {0, 1}  # shares on both shards of the placement before
+    assert stale.delete("ns", ids=picks) == 8
+    assert not set(picks.tolist()) & set(all_ids(driver, "ns").tolist())
+    assert len(all_ids(driver, "ns")) == 392
+    assert stale.delete("ns", ids=picks, request_id="again") == 0
+    stale_runtime.shutdown()
