@@ -5,8 +5,10 @@ this host) and an in-process store (``MemoryClient(":memory:")``) hold the same 
 width ``--dim`` (a mixture of Gaussians, bench/ivf_bench.py's) in two namespaces: ``flat`` and
 ``hnsw`` (built once it holds half the rows; the bench waits until every row is in the graph).
 Each path then runs ``--steps`` steps of a Decode stream (``client.decode()``: what ``attach_monim``
-uses inside ``generate()``), one query near a stored key per step, k ``--k``; it prints p50 / p99
-per namespace and path, and the service's p50 over in-process's, measured in the same run.
+uses inside ``generate()``), one query near a stored key per step, k ``--k``: in-process, through the
+service on the endpoint's Unix socket (a client on the shard's host; workers/decode_socket.py) and
+through the service on a gRPC stream (as a client on another host streams); it prints p50 / p99 per
+namespace and path, and the ratios of the p50s, measured in the same run.
 
     python -m bench.cpu_decode_bench [--rows 100000] [--dim 768] [--k 32] [--steps 300]
 """
@@ -33,8 +35,8 @@ def _wait_for_graph(client, namespace: str, timeout_s: float = 600.0) -> None:
         time.sleep(0.5)
 
 
-def _steps(client, namespace: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Seconds of each step of one Decode stream (after one warm-up step)."""
+def _steps(client, namespace: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, str]:
+    """Seconds of each step of one Decode stream (after one warm-up step), and how it went."""
     with client.decode() as stream:
         stream.search(namespace, queries[:1], k)
         times = []
@@ -42,7 +44,7 @@ def _steps(client, namespace: str, queries: np.ndarray, k: int) -> np.ndarray:
             began = time.perf_counter()
             stream.search(namespace, query[None], k)
             times.append(time.perf_counter() - began)
-    return np.array(times)
+        return np.array(times), stream.transport or "in-process"
 
 
 def main(argv=None) -> None:
@@ -63,7 +65,8 @@ def main(argv=None) -> None:
           f"{platform.machine()}, {platform.processor() or 'cpu'}; one CPU shard actor")
     store = EmbeddedStore(shards=1, num_cpus=2, shard_cpus=1, use_gpus=False)
     try:
-        with MemoryClient(store.address) as service, MemoryClient(":memory:") as local:
+        with MemoryClient(store.address) as service, MemoryClient(":memory:") as local, \
+                MemoryClient(store.address, shared_memory=False) as over_grpc:
             for client in (service, local):
                 client.create_namespace("flat", dim=args.dim)
                 client.create_namespace("hnsw", dim=args.dim, index="hnsw", train_min_rows=args.rows // 2)
@@ -72,12 +75,20 @@ def main(argv=None) -> None:
                         client.add(namespace, keys[start:start + 10_000], np.zeros(min(10_000, args.rows - start),
                                                                                   np.int32))
                 _wait_for_graph(client, "hnsw")
-            print(f"{'namespace':9s} | {'in-process p50 / p99 ms':24s} | {'service p50 / p99 ms':21s} | service/in-process")
+            # The service two ways: a stream on the endpoint's Unix socket (a client on its host, the
+            # default) and a gRPC stream (MemoryClient(shared_memory=False): a client on another host).
+            paths = {"in-process": local, "service, socket": service, "service, gRPC": over_grpc}
+            print(f"{'namespace':9s} | " + " | ".join(f"{name + ' p50 / p99 ms':28s}" for name in paths)
+                  + " | socket/in-process | gRPC/socket")
             for namespace in ("flat", "hnsw"):
-                inside, through = (_steps(client, namespace, queries, args.k) for client in (local, service))
-                print(f"{namespace:9s} | {1e3 * np.median(inside):8.3f} / {1e3 * np.percentile(inside, 99):8.3f}"
-                      f"{'':7s} | {1e3 * np.median(through):8.3f} / {1e3 * np.percentile(through, 99):8.3f}    | "
-                      f"{np.median(through) / np.median(inside):.2f}x")
+                measured = {name: _steps(client, namespace, queries, args.k) for name, client in paths.items()}
+                times = {name: t for name, (t, _) in measured.items()}
+                assert [how for _, how in measured.values()] == ["in-process", "socket", "grpc"], measured
+                p50 = {name: np.median(t) for name, t in times.items()}
+                print(f"{namespace:9s} | " + " | ".join(
+                    f"{1e3 * p50[name]:8.3f} / {1e3 * np.percentile(t, 99):8.3f}{'':9s}" for name, t in times.items())
+                    + f" | {p50['service, socket'] / p50['in-process']:17.2f}x | "
+                      f"{p50['service, gRPC'] / p50['service, socket']:.2f}x")
     finally:
         store.stop()
 

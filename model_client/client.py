@@ -136,6 +136,7 @@ class _RemoteStore:
         heap.keep_freed_memory()  # this process encodes and decodes the messages (protos/heap.py)
         # Large tensors through shared memory where the server is on this host (model_client/shared_memory.py).
         self.shared = SharedMemory() if shared_memory else None
+        self._decode_sockets: dict[str, str] = {}  # target -> the Unix socket it named for Decode streams
         self._options = framing.channel_options(max_message_bytes)
         self._credentials = credentials
         self.target = target
@@ -227,8 +228,20 @@ class _RemoteStore:
         return None if region is None else CallRegion(region)
 
     def _probe(self, target: str, region: str) -> None:
-        self._framed(target, "ProbeSharedMemory", serialized=False)(
+        answer = self._framed(target, "ProbeSharedMemory", serialized=False)(
             pb.ProbeSharedMemoryRequest(region=region), timeout=min(self.timeout_s, 10.0), metadata=self.metadata)
+        self._decode_sockets[target] = answer.decode_socket
+
+    def decode_socket(self, target: str) -> str | None:
+        """The Unix socket on which target's server takes this host's Decode streams
+        (workers/decode_socket.py), where it passed the shared memory probe and named one; else None."""
+        if self.shared is None or not self.shared.usable(target, functools.partial(self._probe, target)):
+            return None
+        return self._decode_sockets.get(target) or None
+
+    def forget_decode_socket(self, target: str) -> None:
+        """target's socket could not be reached from here: its Decode streams go over gRPC."""
+        self._decode_sockets[target] = ""
 
     def _framed(self, target: str, method: str, serialized: bool = True):
         """The method's callable over the channel to target. serialized: it takes an already serialized
@@ -425,9 +438,10 @@ class MemoryClient:
     so ``attach_monim`` while training and generating) go to a shard's own read endpoint where the
     server names them, with the front end as the fallback (model_client/read_routing.py; docs/API.md,
     "Read endpoints"); False: every call to the front end.
-    shared_memory: a call's large tensors (1 MiB or more) go through shared memory regions of this
-    host instead of its messages where the server is on this host and can use them (it is asked once;
-    docs/API.md, "Shared memory on one host"); False: in the messages always.
+    shared_memory: where the server is on this host and can use this host's shared memory (it is asked
+    once; docs/API.md, "Shared memory on one host"), a call's large tensors (1 MiB or more) go through
+    shared memory regions instead of its messages, and decode streams through the server's Unix socket
+    instead of gRPC; False: messages and gRPC streams always.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,

@@ -137,22 +137,41 @@ def add_memory_service(servicer, server: grpc.Server, methods: frozenset[str] | 
     whose servicer method checks each message with undecodable(), and unary-stream ones (Reshard).
     methods: only these (a shard's read endpoint serves Decode alone; gRPC answers UNIMPLEMENTED
     for the others); None: all of them."""
-    handlers = {}
-    for method in SERVICE.methods:
-        if methods is not None and method.name not in methods:
-            continue
-        request = getattr(pb, method.input_type.name)
-        if method.client_streaming and method.server_streaming:
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                getattr(servicer, method.name), request_deserializer=_deserializer(request),
-                response_serializer=_serialize)
-            continue
-        if method.server_streaming:  # Reshard: one request, a stream of progress; SearchParts, RetrieveParts
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _checked_parts(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
-                response_serializer=_serialize)
-            continue
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _checked(getattr(servicer, method.name)), request_deserializer=_deserializer(request),
-            response_serializer=_serialize)
+    handlers = {method.name: method_handler(servicer, method.name) for method in SERVICE.methods
+                if methods is None or method.name in methods}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+
+
+def method_handler(servicer, name: str) -> grpc.RpcMethodHandler:
+    """The servicer's method as gRPC serves it: stream-stream (Decode), whose servicer method checks
+    each message with undecodable(); unary-stream (Reshard: one request, a stream of progress;
+    SearchParts, RetrieveParts); unary-unary (the rest)."""
+    method = SERVICE.methods_by_name[name]
+    request = getattr(pb, method.input_type.name)
+    if method.client_streaming and method.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=_deserializer(request), response_serializer=_serialize)
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _checked_parts(getattr(servicer, name)), request_deserializer=_deserializer(request),
+            response_serializer=_serialize)
+    return grpc.unary_unary_rpc_method_handler(
+        _checked(getattr(servicer, name)), request_deserializer=_deserializer(request), response_serializer=_serialize)
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    def __init__(self, method: str):
+        self.method, self.invocation_metadata = method, ()
+
+
+def intercepted_handler(servicer, name: str, interceptors) -> grpc.RpcMethodHandler:
+    """The handler a grpc.Server built with these interceptors runs for the method (the first
+    interceptor outermost, as gRPC applies them): for serving it outside gRPC (workers/decode_socket.py)."""
+    details = _CallDetails(f"/{SERVICE.full_name}/{name}")
+
+    def continuation(index: int):
+        if index == len(interceptors):
+            return lambda _: method_handler(servicer, name)
+        return lambda call: interceptors[index].intercept_service(continuation(index + 1), call)
+
+    return continuation(0)(details)

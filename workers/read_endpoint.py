@@ -46,6 +46,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from monim.protos import heap
 from monim.workers.auth import AuthInterceptor, AuthPolicy
+from monim.workers.decode_socket import serve_decode_socket
 from monim.workers.decoding import add_memory_service
 from monim.workers.forwards import DROP_REASONS
 from monim.workers.frontend import SERVICE_NAME, CallGate
@@ -110,8 +111,8 @@ class ReadEndpoint:
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=ENDPOINT_THREADS, thread_name_prefix="monim-read"),
             options=message_size_options(options.max_message_bytes), interceptors=interceptors)
-        add_memory_service(MemoryServicer(router, max_message_bytes=options.max_message_bytes), self.server,
-                           methods=ENDPOINT_METHODS)
+        servicer = MemoryServicer(router, max_message_bytes=options.max_message_bytes)
+        add_memory_service(servicer, self.server, methods=ENDPOINT_METHODS)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         address = f"{host}:0"
@@ -120,6 +121,7 @@ class ReadEndpoint:
         if port == 0:
             raise OSError(f"a read endpoint cannot listen on {host}")
         self.server.start()
+        self.decode_socket = serve_decode_socket(servicer, interceptors)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -153,6 +155,8 @@ class ReadEndpoint:
             log.warning("read endpoint %s: %d call(s) still in flight after %.1f s; cancelling them",
                         self.target, self.gate.in_flight, grace_s)
         self.server.stop(0).wait()
+        if self.decode_socket is not None:
+            self.decode_socket.stop()
 
 
 def ensure_endpoint(shard, make_router, host: str, options: EndpointOptions) -> str:

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from monim.protos import framing, heap
 from monim.protos import memory_pb2 as pb
 from monim.workers.auth import AuthInterceptor, AuthPolicy
+from monim.workers.decode_socket import serve_decode_socket
 from monim.workers.decoding import add_memory_service
 from monim.workers.frontend import HEALTH_POLL_S, Frontend
 from monim.workers.read_endpoint import EndpointOptions
@@ -56,7 +57,8 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
                          options=message_size_options(max_message_bytes), interceptors=interceptors)
     endpoints = EndpointOptions(host, max_message_bytes, auth, tls) if read_endpoints else None
     # (undecodable requests: INVALID_ARGUMENT)
-    add_memory_service(MemoryServicer(router, endpoints, max_message_bytes), server)
+    servicer = MemoryServicer(router, endpoints, max_message_bytes)
+    add_memory_service(servicer, server)
     health_servicer = frontend.health
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -68,6 +70,7 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
         frontend.close()  # the metrics endpoint, if it started
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
+    frontend.decode_socket = serve_decode_socket(servicer, interceptors)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     frontend.attach(server)

@@ -33,6 +33,7 @@ from monim.protos.errors import (
     Unauthenticated,
     Unavailable,
 )
+from monim.protos.socket_frames import MESSAGE, send_frame
 from monim.workers import cli_status
 from monim.workers.auth import AuthPolicy
 from monim.workers.read_endpoint import ENDPOINT_ATTRIBUTE, ENDPOINT_THREADS, stop_endpoint
@@ -379,7 +380,20 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
         runtime.shutdown()
 
 
-def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothing_behind(deployment):
+def _leave_mid_stream(stream, step) -> None:
+    """Goes away with a step sent and its answer never read (the stream not closed)."""
+    inner = stream._stream
+    if stream.transport == "socket":
+        send_frame(inner._socket, MESSAGE, step.SerializeToString())
+        inner._socket.close()
+    else:
+        inner._requests.put(step)
+        inner._results.cancel()
+
+
+@pytest.mark.parametrize("transport", ["socket", "grpc"])
+def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothing_behind(deployment, transport):
+    """Over gRPC, and over the endpoint's Unix socket (workers/decode_socket.py: a client on its host)."""
     runtime, address, _, _ = deployment
     with MemoryClient(address) as reference:
         expected = {seed: reference.search("mem", _queries(seed), 5) for seed in range(40)}
@@ -390,15 +404,15 @@ def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothin
 
     def generate(worker: int) -> None:
         try:
-            with MemoryClient(target) as client, client.decode() as stream:  # the endpoint itself: no choice
-                started.wait(timeout=30)
+            with MemoryClient(target, shared_memory=transport == "socket") as client, client.decode() as stream:
+                started.wait(timeout=30)  # (the endpoint itself: no choice of where to stream)
                 for seed in range(worker, 40, 4):
                     found = stream.search("mem", _queries(seed), 5)
                     np.testing.assert_array_equal(found.ids, expected[seed].ids)
+                assert stream.transport == transport
                 if worker == 0:  # goes away mid-stream: a step sent, its answer never read
-                    stream._stream._requests.put(pb.DecodeStep(search=pb.SearchRequest(
+                    _leave_mid_stream(stream, pb.DecodeStep(search=pb.SearchRequest(
                         namespace="mem", queries=convert.tensor_to_proto(_queries(0)), k=5)))
-                    stream._stream._results.cancel()
         except Exception as error:  # noqa: BLE001 - reported by the test's thread
             failures.append(error)
 
@@ -409,7 +423,7 @@ def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothin
         worker.join(timeout=60)
     assert not failures
     deadline = time.monotonic() + 10
-    while endpoint.gate.streams or endpoint.gate.in_flight:
+    while endpoint.gate.streams or endpoint.gate.in_flight or endpoint.decode_socket.streams:
         assert time.monotonic() < deadline, (endpoint.gate.streams, endpoint.gate.in_flight)
         time.sleep(0.05)
 

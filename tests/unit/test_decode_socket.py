@@ -1,0 +1,308 @@
+"""Decode streams on a server's Unix socket (workers/decode_socket.py), for clients on its host: the
+same answers as the gRPC stream, in order; a failing step answered with its code and the stream
+going on; bytes that are no step refused as INVALID_ARGUMENT; tokens checked (no token: the stream
+ends UNAUTHENTICATED; a step outside the token's grant: PERMISSION_DENIED, the stream goes on); the
+stream limit shared with gRPC streams; a client gone mid-stream leaves no stream, step in flight or
+thread behind; a drained server ends its socket streams UNAVAILABLE and removes the file; a client
+that cannot reach the socket streams over gRPC; a broken peer never stops the listener; a dead
+server's socket file is removed by the next server. A real gRPC server in this process (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from monim.protos import convert, shared_memory
+from monim.protos import memory_pb2 as pb
+from monim.protos.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from monim.protos.socket_frames import HELLO, MESSAGE, STATUS, recv_frame, send_frame
+from monim.workers.auth import AuthPolicy
+from monim.workers.router import Router
+from monim.workers.runtime import LocalRuntime
+from monim.workers.server import start_server
+
+from monim import MemoryClient
+
+pytestmark = pytest.mark.skipif(not shared_memory.enabled(), reason="no /dev/shm on this machine")
+
+DIM, VALUE_DIM, ROWS = 16, 8, 300
+AUTH = """
+[[token]]
+name = "admin"
+secret = "admin-secret"
+admin = true
+write = ["*"]
+
+[[token]]
+name = "reader"
+secret = "reader-secret"
+read = ["mem"]
+write = ["mem"]
+
+[[token]]
+name = "other"
+secret = "other-secret"
+read = ["elsewhere"]
+"""
+
+
+def _queries(seed: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, DIM)).astype(np.float32)
+
+
+def _serve(auth=None):
+    """(front end, address, runtime) with "mem" filled."""
+    runtime = LocalRuntime(1)
+    frontend, port = start_server(Router(runtime), port=0, auth=auth)
+    address = f"127.0.0.1:{port}"
+    with MemoryClient(address, token="admin-secret" if auth else None) as client:
+        rng = np.random.default_rng(0)
+        client.create_namespace("mem", dim=DIM, value_dim=VALUE_DIM)
+        client.add("mem", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS) % 50,
+                   values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+    return frontend, address, runtime
+
+
+@pytest.fixture
+def served():
+    frontend, address, runtime = _serve()
+    yield frontend, address, runtime
+    frontend.stop(0)
+    runtime.shutdown()
+
+
+@pytest.fixture
+def served_with_tokens(tmp_path):
+    path = tmp_path / "auth.toml"
+    path.write_text(AUTH)
+    frontend, address, runtime = _serve(AuthPolicy.load(str(path)))
+    yield frontend, address, runtime
+    frontend.stop(0)
+    runtime.shutdown()
+
+
+def _raw(frontend, metadata=()) -> socket.socket:
+    """A connection to the server's decode socket, its hello sent."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.settimeout(30)
+    connection.connect(frontend.decode_socket.path)
+    send_frame(connection, HELLO, json.dumps([list(pair) for pair in metadata]).encode())
+    return connection
+
+
+def _closed(connection: socket.socket) -> bool:
+    """The server closed the connection (reset, when a step it never read was left in it)."""
+    try:
+        return recv_frame(connection) is None
+    except ConnectionResetError:
+        return True
+
+
+def _step(seed: int = 0, k: int = 3, namespace: str = "mem") -> pb.DecodeStep:
+    return pb.DecodeStep(search=pb.SearchRequest(namespace=namespace, queries=convert.tensor_to_proto(_queries(seed)),
+                                                 k=k))
+
+
+def _wait_idle(frontend) -> None:
+    gate, deadline = frontend.gate, time.monotonic() + 10
+    while gate.streams or gate.in_flight or frontend.decode_socket.streams:
+        assert time.monotonic() < deadline, (gate.streams, gate.in_flight, frontend.decode_socket.streams)
+        time.sleep(0.02)
+
+
+def test_steps_on_the_socket_answer_as_the_grpc_stream_does_in_order(served):
+    frontend, address, _ = served
+    with MemoryClient(address) as local, MemoryClient(address, shared_memory=False) as remote, \
+            local.decode() as on_socket, remote.decode() as on_grpc:
+        for step in range(40):
+            queries, k = _queries(step), 1 + step % 7
+            if step % 2:
+                found, expected = on_socket.search("mem", queries, k, return_weights=True), \
+                    on_grpc.search("mem", queries, k, return_weights=True)
+                for name in ("ids", "distances", "tokens", "weights"):
+                    np.testing.assert_array_equal(getattr(found, name), getattr(expected, name))
+            else:
+                read, expected = on_socket.retrieve("mem", queries, k, 2.0), on_grpc.retrieve("mem", queries, k, 2.0)
+                np.testing.assert_array_equal(read.ids, expected.ids)
+                np.testing.assert_array_equal(read.memory, expected.memory)
+        assert (on_socket.transport, on_grpc.transport) == ("socket", "grpc")
+        assert on_socket.target == on_grpc.target == address
+        assert frontend.gate.streams == 2 and frontend.decode_socket.streams == 1
+    _wait_idle(frontend)
+
+
+def test_a_failing_step_is_answered_with_its_code_and_the_stream_goes_on(served):
+    frontend, address, _ = served
+    with MemoryClient(address) as client:
+        before = len(client.get("mem", np.arange(ROWS)).ids)
+        with client.decode() as stream:
+            with pytest.raises(NotFound, match="'nope' does not exist"):
+                stream.search("nope", _queries(1), 4)
+            with pytest.raises(InvalidArgument, match="k must be"):
+                stream.search("mem", _queries(1), 0)
+            with pytest.raises(InvalidArgument, match="temperature"):
+                stream.retrieve("mem", _queries(1), 4, temperature=-1.0)
+            assert stream.search("mem", _queries(1), 4).ids.shape == (2, 4)
+            assert stream.transport == "socket"
+        # What the client library would not send: keep_state, an empty step, bytes that are no DecodeStep.
+        connection = _raw(frontend)
+        keep = pb.DecodeStep(retrieve=pb.RetrieveRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(2)),
+                                                         k=3, temperature=1.0, keep_state=True))
+        answers = []
+        for payload in (keep.SerializeToString(), pb.DecodeStep().SerializeToString(), b"\xff\xff\xff\xff",
+                        _step().SerializeToString()):
+            send_frame(connection, MESSAGE, payload)
+            kind, answer = recv_frame(connection)
+            assert kind == MESSAGE
+            answers.append(pb.DecodeStepResult.FromString(answer))
+        assert [a.code for a in answers] == [3, 3, 3, 0]  # INVALID_ARGUMENT x 3, then OK
+        assert "keeps no forward state" in answers[0].message
+        assert "neither a search nor a retrieve" in answers[1].message
+        assert "not a valid DecodeStep" in answers[2].message
+        connection.shutdown(socket.SHUT_WR)  # the client closes its side: the stream ends OK
+        kind, status = recv_frame(connection)
+        assert kind == STATUS and json.loads(status)["code"] == "OK"
+        connection.close()
+        assert len(client.get("mem", np.arange(ROWS)).ids) == before  # nothing stored changed
+    assert len(frontend.router.forwards) == 0
+    _wait_idle(frontend)
+
+
+def test_tokens_are_checked_on_the_socket_as_on_grpc(served_with_tokens):
+    frontend, address, _ = served_with_tokens
+    with MemoryClient(address) as anonymous:  # no token: the probe is refused, so no socket either
+        with pytest.raises(Unauthenticated), anonymous.decode() as stream:
+            stream.search("mem", _queries(0), 1)
+    connection = _raw(frontend)  # straight at the socket, without a token
+    send_frame(connection, MESSAGE, _step().SerializeToString())
+    kind, status = recv_frame(connection)
+    assert kind == STATUS and json.loads(status)["code"] == "UNAUTHENTICATED"
+    assert _closed(connection)
+    connection.close()
+    connection = _raw(frontend, [("authorization", "Bearer wrong")])
+    send_frame(connection, MESSAGE, _step().SerializeToString())
+    assert json.loads(recv_frame(connection)[1]) == {"code": "UNAUTHENTICATED", "message": "unknown token"}
+    connection.close()
+    with MemoryClient(address, token="other-secret") as other, other.decode() as stream:
+        with pytest.raises(PermissionDenied, match="no read access"):
+            stream.search("mem", _queries(0), 1)
+        assert stream.transport == "socket"
+        with pytest.raises(NotFound):  # the same stream goes on: a namespace its token may read
+            stream.search("elsewhere", _queries(0), 1)
+    with MemoryClient(address, token="reader-secret") as reader, reader.decode() as stream:
+        np.testing.assert_array_equal(stream.search("mem", _queries(3), 4).ids, reader.search("mem", _queries(3), 4).ids)
+        assert stream.transport == "socket"
+    _wait_idle(frontend)
+
+
+def test_the_stream_limit_counts_socket_streams_and_a_refused_client_sends_calls(served):
+    frontend, address, _ = served
+    limit, frontend.gate.max_streams = frontend.gate.max_streams, 1
+    try:
+        with MemoryClient(address) as client, client.decode() as first, client.decode() as second:
+            first.search("mem", _queries(4), 3)  # holds the one stream the server takes now
+            connection = _raw(frontend)
+            send_frame(connection, MESSAGE, _step().SerializeToString())
+            kind, status = recv_frame(connection)
+            assert kind == STATUS and json.loads(status)["code"] == "RESOURCE_EXHAUSTED"
+            assert "decode streams are open" in json.loads(status)["message"]
+            connection.close()
+            expected = client.search("mem", _queries(5), 3)
+            np.testing.assert_array_equal(second.search("mem", _queries(5), 3).ids, expected.ids)  # by calls
+            assert second._unary and frontend.gate.streams == 1
+    finally:
+        frontend.gate.max_streams = limit
+    _wait_idle(frontend)
+
+
+def test_a_client_gone_mid_stream_leaves_nothing_behind(served):
+    frontend, address, _ = served
+    threads = threading.active_count()
+    with MemoryClient(address) as client:
+        for _ in range(5):
+            stream = client.decode()
+            stream.retrieve("mem", _queries(3), 5)
+            send_frame(stream._stream._socket, MESSAGE, _step().SerializeToString())  # sent, never read
+            stream._stream._socket.close()  # gone without closing the stream
+        connection = _raw(frontend)
+        send_frame(connection, MESSAGE, _step().SerializeToString()[:5])  # a frame cut short
+        connection.close()
+    _wait_idle(frontend)
+    assert len(frontend.router.forwards) == 0
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() <= threads
+
+
+def test_a_broken_peer_never_stops_the_listener(served):
+    frontend, address, _ = served
+    for payload in (b"", b"\x07\x00\x00\x00\x00", b"\x01\xff\xff\xff\xff"):  # nothing, a bad kind, a frame too large
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(frontend.decode_socket.path)
+        connection.sendall(payload)
+        connection.close()
+    connection = _raw(frontend)
+    send_frame(connection, HELLO, b"not the first frame twice")  # a second hello: the stream ends
+    assert recv_frame(connection)[0] == STATUS
+    connection.close()
+    with MemoryClient(address) as client, client.decode() as stream:
+        assert stream.search("mem", _queries(6), 2).ids.shape == (2, 2) and stream.transport == "socket"
+    _wait_idle(frontend)
+
+
+def test_a_draining_server_ends_its_socket_streams_and_removes_the_file(served):
+    frontend, address, _ = served
+    path = frontend.decode_socket.path
+    with MemoryClient(address, retries=0) as client, client.decode() as stream:
+        stream.search("mem", _queries(7), 2)
+        assert os.path.exists(path) and stat_mode(path) == 0o600
+        frontend.stop(5).wait(30)
+        with pytest.raises(Unavailable):
+            stream.search("mem", _queries(7), 2)
+    assert not os.path.exists(path)
+
+
+def stat_mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_a_client_that_cannot_reach_the_socket_streams_over_grpc(served):
+    frontend, address, _ = served
+    with MemoryClient(address) as client:
+        client._store.decode_socket(address)  # the probe: the socket's path learned
+        client._store._decode_sockets[address] = frontend.decode_socket.path + ".gone"
+        with client.decode() as stream:
+            np.testing.assert_array_equal(stream.search("mem", _queries(8), 3).ids, client.search("mem", _queries(8), 3).ids)
+            assert stream.transport == "grpc"
+        assert client._store.decode_socket(address) is None  # not tried again
+
+
+def test_a_dead_servers_socket_file_is_removed_by_the_next_server(served):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    orphan = os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-decode-{pid}-0123456789abcdef.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(orphan)
+    listener.close()
+    runtime = LocalRuntime(1)
+    frontend, _ = start_server(Router(runtime), port=0)
+    try:
+        assert not os.path.exists(orphan)
+        assert os.path.exists(frontend.decode_socket.path)
+    finally:
+        frontend.stop(0)
+        runtime.shutdown()
