@@ -117,12 +117,13 @@ class DecodeSocket:
         _remove_orphans()
         self.path = os.path.join(SHARED_MEMORY_DIR, f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_mask = os.umask(0o177)  # created 0600: no window in which another user could connect
         try:
             self._listener.bind(self.path)
-        finally:
-            os.umask(old_mask)
-        self._listener.listen(64)
+            os.chmod(self.path, 0o600)  # before listen(): until then no one can connect
+            self._listener.listen(64)
+        except OSError:
+            self._listener.close()
+            raise
         self._thread = threading.Thread(target=self._accept, name="monim-decode-socket", daemon=True)
         self._thread.start()
 
