@@ -6,7 +6,7 @@ width ``--dim`` (a mixture of Gaussians, bench/ivf_bench.py's) in two namespaces
 ``hnsw`` (built once it holds half the rows; the bench waits until every row is in the graph).
 Each path then runs ``--steps`` steps of a Decode stream (``client.decode()``: what ``attach_monim``
 uses inside ``generate()``), one query near a stored key per step, k ``--k``: in-process, through the
-service on the endpoint's Unix socket (a client on the shard's host; workers/decode_socket.py) and
+service on the endpoint's Unix socket (a client on the shard's host; workers/host_socket.py) and
 through the service on a gRPC stream (as a client on another host streams); it prints p50 / p99 per
 namespace and path, and the ratios of the p50s, measured in the same run.
 

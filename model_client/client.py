@@ -25,6 +25,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 from monim.model_client.errors import error_from_rpc
+from monim.model_client.host_socket import NoSocket, SocketCalls
 from monim.model_client.read_routing import ReadRouting
 from monim.model_client.shared_memory import CallRegion, SharedMemory, tensor_bytes
 from monim.protos import convert, framing, heap, validation
@@ -40,13 +41,14 @@ from monim.protos.errors import (
     Unauthenticated,
     Unavailable,
 )
+from monim.protos.framing import DEFAULT_MAX_MESSAGE_BYTES
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
 from monim.protos.shared_memory import MIN_SHARED_BYTES
+from monim.protos.socket_frames import NOT_CALLED_HERE
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
 
 IN_PROCESS = ":memory:"
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # A request or reply larger than this goes in chunks of about this size (at most half the message
 # limit), PIPELINE_DEPTH of them in flight: while the server processes one, the next is encoded and sent.
 # Not larger: a message of 32 MiB or more costs gRPC's Python ends far more per byte than several
@@ -136,8 +138,10 @@ class _RemoteStore:
         heap.keep_freed_memory()  # this process encodes and decodes the messages (protos/heap.py)
         # Large tensors through shared memory where the server is on this host (model_client/shared_memory.py).
         self.shared = SharedMemory() if shared_memory else None
-        self._decode_sockets: dict[str, str] = {}  # target -> the Unix socket it named for Decode streams
+        self._host_sockets: dict[str, str] = {}  # target -> its server's Unix socket for this host's clients
+        self._socket_calls: dict[str, SocketCalls] = {}  # target -> calls on that socket
         self._options = framing.channel_options(max_message_bytes)
+        self.max_message_bytes = max_message_bytes
         self._credentials = credentials
         self.target = target
         self.channel = self._open_channel(target)
@@ -197,14 +201,12 @@ class _RemoteStore:
         """_call on the front end (target: its own) or on a read endpoint."""
         held = self._call_region(target, tensors, answer_bytes)
         try:
-            if tensors is None:
-                call, sent = self._framed(target, method, serialized=False), request
-            else:
-                call = self._framed(target, method)
-                sent = framing.serialized(request, tensors, None if held is None else held.request_placer)
+            serialized = tensors is not None
+            sent = framing.serialized(request, tensors, None if held is None else held.request_placer) \
+                if serialized else request
             # The answer's room in the region: after the request's tensors, so named once they are placed.
             metadata = self.metadata if held is None else (*(self.metadata or ()), held.answer_metadata())
-            answer = call(sent, timeout=self.timeout_s, metadata=metadata)
+            answer = self._invoke(target, method, serialized, sent, metadata)
             # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
             answer = list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
             if then is not None:
@@ -215,6 +217,27 @@ class _RemoteStore:
         finally:
             if held is not None:
                 self.shared.release(held.region)
+
+    def _invoke(self, target: str, method: str, serialized: bool, sent, metadata):
+        """The call, on the server's host socket where it has one this client reaches (model_client/
+        host_socket.py), else over gRPC."""
+        calls = self._socket_calls_of(target)
+        if calls is not None and method not in NOT_CALLED_HERE:
+            try:
+                return calls.callable(method, *self._codec(method, serialized))(
+                    sent, timeout=self.timeout_s, metadata=metadata)
+            except NoSocket:  # gone, or not reachable from this process: nothing was sent
+                self.forget_host_socket(target)
+        return self._framed(target, method, serialized)(sent, timeout=self.timeout_s, metadata=metadata)
+
+    def _socket_calls_of(self, target: str) -> SocketCalls | None:
+        path = self.host_socket(target)
+        if path is None:
+            return None
+        calls = self._socket_calls.get(path)
+        if calls is None:
+            calls = self._socket_calls.setdefault(path, SocketCalls(path, self.max_message_bytes))
+        return calls
 
     def _call_region(self, target: str, tensors: dict | None, answer_bytes: int) -> CallRegion | None:
         """A shared memory region for a call that moves a large tensor either way, where the server
@@ -230,18 +253,18 @@ class _RemoteStore:
     def _probe(self, target: str, region: str) -> None:
         answer = self._framed(target, "ProbeSharedMemory", serialized=False)(
             pb.ProbeSharedMemoryRequest(region=region), timeout=min(self.timeout_s, 10.0), metadata=self.metadata)
-        self._decode_sockets[target] = answer.decode_socket
+        self._host_sockets[target] = answer.host_socket
 
-    def decode_socket(self, target: str) -> str | None:
+    def host_socket(self, target: str) -> str | None:
         """The Unix socket on which target's server takes this host's Decode streams
-        (workers/decode_socket.py), where it passed the shared memory probe and named one; else None."""
+        (workers/host_socket.py), where it passed the shared memory probe and named one; else None."""
         if self.shared is None or not self.shared.usable(target, functools.partial(self._probe, target)):
             return None
-        return self._decode_sockets.get(target) or None
+        return self._host_sockets.get(target) or None
 
-    def forget_decode_socket(self, target: str) -> None:
-        """target's socket could not be reached from here: its Decode streams go over gRPC."""
-        self._decode_sockets[target] = ""
+    def forget_host_socket(self, target: str) -> None:
+        """target's socket could not be reached from here: its calls and Decode streams go over gRPC."""
+        self._host_sockets[target] = ""
 
     def _framed(self, target: str, method: str, serialized: bool = True):
         """The method's callable over the channel to target. serialized: it takes an already serialized
@@ -250,17 +273,23 @@ class _RemoteStore:
         callable_ = self._framed_calls.get(key)
         if callable_ is None:
             channel = self.channel if target == self.target else self.endpoint_channel(target)
-            request = getattr(pb, _SERVICE.methods_by_name[method].input_type.name)
-            reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
-            has_tensors = any(f.message_type is pb.Tensor.DESCRIPTOR for f in reply.DESCRIPTOR.fields)
-            kind = channel.unary_stream if _SERVICE.methods_by_name[method].server_streaming else channel.unary_unary
-            shared = None if self.shared is None else self.shared.view
-            callable_ = self._framed_calls[key] = kind(
-                f"/{_SERVICE.full_name}/{method}",
-                request_serializer=None if serialized else request.SerializeToString,
-                response_deserializer=functools.partial(framing.parsed, reply, shared=shared)
-                if has_tensors and serialized else reply.FromString)
+            request_serializer, response_deserializer, in_parts = self._codec(method, serialized)
+            kind = channel.unary_stream if in_parts else channel.unary_unary
+            callable_ = self._framed_calls[key] = kind(f"/{_SERVICE.full_name}/{method}",
+                                                       request_serializer=request_serializer,
+                                                       response_deserializer=response_deserializer)
         return callable_
+
+    def _codec(self, method: str, serialized: bool):
+        """(request serializer or None for bytes, reply deserializer, answered in parts) of the method."""
+        request = getattr(pb, _SERVICE.methods_by_name[method].input_type.name)
+        reply = getattr(pb, _SERVICE.methods_by_name[method].output_type.name)
+        has_tensors = any(f.message_type is pb.Tensor.DESCRIPTOR for f in reply.DESCRIPTOR.fields)
+        shared = None if self.shared is None else self.shared.view
+        return (None if serialized else request.SerializeToString,
+                functools.partial(framing.parsed, reply, shared=shared) if has_tensors and serialized
+                else reply.FromString,
+                _SERVICE.methods_by_name[method].server_streaming)
 
     def create_namespace(self, config, request_id=""):
         request = pb.CreateNamespaceRequest(config=convert.config_to_proto(config), request_id=request_id)
@@ -394,6 +423,8 @@ class _RemoteStore:
             self._endpoint_channels.clear()
         if self.shared is not None:
             self.shared.close()
+        for calls in list(self._socket_calls.values()):
+            calls.close()
 
 
 def _detached(answer, held: CallRegion):
@@ -440,8 +471,9 @@ class MemoryClient:
     "Read endpoints"); False: every call to the front end.
     shared_memory: where the server is on this host and can use this host's shared memory (it is asked
     once; docs/API.md, "Shared memory on one host"), a call's large tensors (1 MiB or more) go through
-    shared memory regions instead of its messages, and decode streams through the server's Unix socket
-    instead of gRPC; False: messages and gRPC streams always.
+    shared memory regions instead of its messages, and its calls and decode streams through the
+    server's Unix socket instead of gRPC (docs/API.md, "Calls and decode streams on one host"); False:
+    gRPC and messages always.
     """
 
     def __init__(self, target: str = IN_PROCESS, timeout_s: float = 60.0, retries: int = 3,

@@ -22,10 +22,8 @@ For the in-process store (``MemoryClient(":memory:")``) the same object calls th
 
 from __future__ import annotations
 
-import json
 import queue
 import random
-import socket
 import threading
 import time
 
@@ -33,6 +31,7 @@ import grpc
 import numpy as np
 from monim.model_client.client import _float_array
 from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
+from monim.model_client.host_socket import NoSocket, SocketStream
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
@@ -44,7 +43,6 @@ from monim.protos.errors import (
     Unavailable,
 )
 from monim.protos.results import RetrieveResult, SearchResult
-from monim.protos.socket_frames import HELLO, MESSAGE, STATUS, recv_frame, send_frame
 
 _END = object()  # closes the request iterator of a stream
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -79,43 +77,20 @@ class _Stream:
         self._results.cancel()
 
 
-class _SocketStream:
-    """One Decode stream on a server's Unix socket (workers/decode_socket.py): the calling thread sends
-    each step and reads its answer, no other thread involved. A step unanswered within timeout_s raises
-    DeadlineExceeded; a broken connection, Unavailable (the DecodeStream opens another stream)."""
+class _OnSocket:
+    """A Decode stream on the server's host socket (model_client/host_socket.py), its errors typed."""
 
     def __init__(self, path: str, metadata, timeout_s: float):
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._socket.settimeout(timeout_s)
-            self._socket.connect(path)
-            send_frame(self._socket, HELLO, json.dumps([list(pair) for pair in metadata or ()]).encode())
-        except OSError:
-            self._socket.close()
-            raise
+        self._stream = SocketStream(path, metadata, timeout_s)
 
     def step(self, request: pb.DecodeStep) -> pb.DecodeStepResult:
         try:
-            send_frame(self._socket, MESSAGE, request.SerializeToString())
-            frame = recv_frame(self._socket)
-        except socket.timeout:
-            raise DeadlineExceeded("a decode step on the server's socket was not answered in time") from None
-        except OSError as error:
-            raise Unavailable(f"the decode socket broke: {error}") from None
-        if frame is None:
-            raise Unavailable("the server closed the decode socket")
-        kind, payload = frame
-        if kind == MESSAGE:
-            return pb.DecodeStepResult.FromString(payload)
-        status = json.loads(payload)
-        if kind != STATUS or status.get("code") == "OK":
-            raise Unavailable("the decode stream ended")
-        error = ERRORS_BY_CODE.get(status["code"], InternalError)(status.get("message") or status["code"])
-        error.status_code = status["code"]
-        raise error
+            return self._stream.step(request)
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
 
     def close(self) -> None:
-        self._socket.close()
+        self._stream.close()
 
 
 class DecodeStream:
@@ -199,14 +174,14 @@ class DecodeStream:
         endpoint = store.read_routing.target()
         self._on_endpoint = endpoint is not None
         self.target = endpoint or client.target
-        path = store.decode_socket(self.target)
+        path = store.host_socket(self.target)
         if path is not None:
             try:
-                stream = _SocketStream(path, store.metadata, store.timeout_s)
+                stream = _OnSocket(path, store.metadata, store.timeout_s)
                 self.transport = "socket"
                 return stream
-            except OSError:  # gone, or this process cannot reach it (another mount namespace): gRPC
-                store.forget_decode_socket(self.target)
+            except NoSocket:  # gone, or this process cannot reach it (another mount namespace): gRPC
+                store.forget_host_socket(self.target)
         self.transport = "grpc"
         channel = store.endpoint_channel(endpoint) if endpoint is not None else store.channel
         return _Stream(pb_grpc.MemoryServiceStub(channel), store.metadata, store.tls)

@@ -41,6 +41,8 @@ _LENGTH_DELIMITED = 2
 # 12.6 MB down took 26.5 instead of 33 ms and a 67 MB answer 63-66 instead of 70-75 ms; on the 2-core
 # VM it made no difference (docs/BENCHMARKS.md, "Search split into calls").
 MAX_FRAME_BYTES = (1 << 24) - 1
+# The largest message a server takes or sends, and a client, unless they are told otherwise.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:

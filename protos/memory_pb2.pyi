@@ -518,10 +518,10 @@ class ProbeSharedMemoryRequest(_message.Message):
     def __init__(self, region: _Optional[str] = ...) -> None: ...
 
 class ProbeSharedMemoryResponse(_message.Message):
-    __slots__ = ("decode_socket",)
-    DECODE_SOCKET_FIELD_NUMBER: _ClassVar[int]
-    decode_socket: str
-    def __init__(self, decode_socket: _Optional[str] = ...) -> None: ...
+    __slots__ = ("host_socket",)
+    HOST_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    host_socket: str
+    def __init__(self, host_socket: _Optional[str] = ...) -> None: ...
 
 class ReadEndpointsRequest(_message.Message):
     __slots__ = ()

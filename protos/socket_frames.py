@@ -1,20 +1,33 @@
-"""The frames of a Decode stream on a server's Unix socket (workers/decode_socket.py): one byte of
-kind, four of length (little-endian), the payload.
+"""The frames on a server's Unix socket for clients on its host (workers/host_socket.py): one byte of
+kind, four of length (little-endian), the payload. A connection carries one Decode stream or calls.
 
+A Decode stream:
 - HELLO (client, first): JSON [[key, value], ...], the call metadata (its ``authorization``);
 - MESSAGE: a serialized DecodeStep (client) or DecodeStepResult (server);
-- STATUS (server, last): JSON {"code": status code name, "message": ...}: the stream ended (OK when the
-  client closed its side).
+- STATUS (server, last): JSON {"code": status code name, "message": ..., "trailing": [[key, value]]}:
+  the stream ended (OK when the client closed its side).
+
+Calls, one after another (a client keeps the connection for its next call):
+- CALLS (client, first; empty);
+- CALL (client): a call_payload: its header (JSON {"method", "metadata": [[key, value]], "timeout":
+  seconds or null}) and its serialized request;
+- the answer (server): a unary call's MESSAGE (its reply), or a STATUS (its error); a call answered in
+  parts (SearchParts, RetrieveParts) MESSAGEs, then a STATUS (OK, or the error that ended it).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 
 from monim.protos.errors import InvalidArgument
 
-HELLO, MESSAGE, STATUS = 1, 2, 3
+HELLO, MESSAGE, STATUS, CALLS, CALL = 1, 2, 3, 4, 5
+# Methods that stay on gRPC: Reshard streams a long admin's move that stops when its client goes;
+# Decode has streams of its own here; ProbeSharedMemory is how a client learns of the socket.
+NOT_CALLED_HERE = frozenset({"Reshard", "Decode", "ProbeSharedMemory"})
+_HEADER_LENGTH = struct.Struct("<I")
 _HEADER = struct.Struct("<BI")
 # A step's request is one batch of queries: far below this (a larger length is a broken peer).
 MAX_FRAME_BYTES = 1 << 30
@@ -55,3 +68,29 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
             return None
         got += count
     return bytes(buffer)
+
+
+def call_payload(header: dict, request: bytes) -> bytes:
+    """A CALL frame's payload: the header's JSON behind its length, then the request."""
+    encoded = json.dumps(header).encode()
+    return _HEADER_LENGTH.pack(len(encoded)) + encoded + request
+
+
+def split_call(payload: bytes) -> tuple[dict, memoryview]:
+    """call_payload's (header, request); InvalidArgument for a payload that is not one."""
+    view = memoryview(payload)
+    if len(view) < _HEADER_LENGTH.size:
+        raise InvalidArgument("a call frame without its header")
+    (length,) = _HEADER_LENGTH.unpack(view[:_HEADER_LENGTH.size])
+    end = _HEADER_LENGTH.size + length
+    try:
+        header = json.loads(bytes(view[_HEADER_LENGTH.size:end]))
+    except ValueError:
+        raise InvalidArgument("a call frame whose header is not JSON") from None
+    if len(view) < end or not isinstance(header, dict) or not isinstance(header.get("method"), str):
+        raise InvalidArgument("a call frame whose header names no method")
+    return header, view[end:]
+
+
+def status_payload(code: str, message: str, trailing=()) -> bytes:
+    return json.dumps({"code": code, "message": message, "trailing": [list(pair) for pair in trailing]}).encode()

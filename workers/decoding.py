@@ -166,7 +166,7 @@ class _CallDetails(grpc.HandlerCallDetails):
 
 def intercepted_handler(servicer, name: str, interceptors) -> grpc.RpcMethodHandler:
     """The handler a grpc.Server built with these interceptors runs for the method (the first
-    interceptor outermost, as gRPC applies them): for serving it outside gRPC (workers/decode_socket.py)."""
+    interceptor outermost, as gRPC applies them): for serving it outside gRPC (workers/host_socket.py)."""
     details = _CallDetails(f"/{SERVICE.full_name}/{name}")
 
     def continuation(index: int):

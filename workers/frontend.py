@@ -285,7 +285,7 @@ class Frontend:
         self.gate = CallGate(auth)
         self.health_poll_s = health_poll_s
         self.server: grpc.Server | None = None
-        self.decode_socket = None  # workers/decode_socket.py: stopped after the server
+        self.host_socket = None  # workers/host_socket.py: stopped after the server
         self.metrics = None
         self.metrics_port = None
         self._httpd = None
@@ -380,8 +380,8 @@ class Frontend:
     def _finish(self, grace_s: float) -> None:
         if self.server is not None:
             self.server.stop(grace_s).wait()  # a second stop with less grace cuts the first short
-        if self.decode_socket is not None:
-            self.decode_socket.stop()
+        if self.host_socket is not None:
+            self.host_socket.stop()
         with self._lock:
             if self._finished:
                 return

@@ -46,10 +46,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from monim.protos import heap
 from monim.workers.auth import AuthInterceptor, AuthPolicy
-from monim.workers.decode_socket import serve_decode_socket
 from monim.workers.decoding import add_memory_service
 from monim.workers.forwards import DROP_REASONS
 from monim.workers.frontend import SERVICE_NAME, CallGate
+from monim.workers.host_socket import serve_host_socket
 from monim.workers.tls import ServerTls
 
 # Threads of an endpoint's server: an open Decode stream holds one, a call one while it runs.
@@ -121,7 +121,7 @@ class ReadEndpoint:
         if port == 0:
             raise OSError(f"a read endpoint cannot listen on {host}")
         self.server.start()
-        self.decode_socket = serve_decode_socket(servicer, interceptors)
+        self.host_socket = serve_host_socket(servicer, interceptors, ENDPOINT_METHODS)
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -155,8 +155,8 @@ class ReadEndpoint:
             log.warning("read endpoint %s: %d call(s) still in flight after %.1f s; cancelling them",
                         self.target, self.gate.in_flight, grace_s)
         self.server.stop(0).wait()
-        if self.decode_socket is not None:
-            self.decode_socket.stop()
+        if self.host_socket is not None:
+            self.host_socket.stop()
 
 
 def ensure_endpoint(shard, make_router, host: str, options: EndpointOptions) -> str:

@@ -15,16 +15,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from monim.protos import framing, heap
 from monim.protos import memory_pb2 as pb
+from monim.protos.framing import DEFAULT_MAX_MESSAGE_BYTES
 from monim.workers.auth import AuthInterceptor, AuthPolicy
-from monim.workers.decode_socket import serve_decode_socket
 from monim.workers.decoding import add_memory_service
 from monim.workers.frontend import HEALTH_POLL_S, Frontend
+from monim.workers.host_socket import serve_host_socket
 from monim.workers.read_endpoint import EndpointOptions
 from monim.workers.router import Router
 from monim.workers.servicer import MemoryServicer
 from monim.workers.tls import ServerTls
 
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 
 
@@ -70,7 +70,7 @@ def start_server(router: Router, host: str = "127.0.0.1", port: int = 50051, max
         frontend.close()  # the metrics endpoint, if it started
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
-    frontend.decode_socket = serve_decode_socket(servicer, interceptors)
+    frontend.host_socket = serve_host_socket(servicer, interceptors)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     frontend.attach(server)

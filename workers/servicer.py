@@ -52,7 +52,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.router = router
         self.read_endpoints = read_endpoints
         self.max_message_bytes = max_message_bytes
-        self.decode_socket = ""  # the path of this server's DecodeSocket, named to clients that pass the probe
+        self.host_socket = ""  # the path of this server's HostSocket, named to clients that pass the probe
 
     def _part_bytes(self) -> int:
         part = convert.ANSWER_PART_BYTES
@@ -225,7 +225,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             region.view(32, 32)[:] = bytes(region.view(0, 32))[::-1]
         except InvalidArgument as error:
             raise FailedPrecondition(f"this server cannot use the region: {error.message}") from None
-        return pb.ProbeSharedMemoryResponse(decode_socket=self.decode_socket)
+        return pb.ProbeSharedMemoryResponse(host_socket=self.host_socket)
 
     @grpc_errors
     def ReadEndpoints(self, request, context):

@@ -384,8 +384,8 @@ def _leave_mid_stream(stream, step) -> None:
     """Goes away with a step sent and its answer never read (the stream not closed)."""
     inner = stream._stream
     if stream.transport == "socket":
-        send_frame(inner._socket, MESSAGE, step.SerializeToString())
-        inner._socket.close()
+        send_frame(inner._stream._socket, MESSAGE, step.SerializeToString())
+        inner._stream._socket.close()
     else:
         inner._requests.put(step)
         inner._results.cancel()
@@ -393,7 +393,7 @@ def _leave_mid_stream(stream, step) -> None:
 
 @pytest.mark.parametrize("transport", ["socket", "grpc"])
 def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothing_behind(deployment, transport):
-    """Over gRPC, and over the endpoint's Unix socket (workers/decode_socket.py: a client on its host)."""
+    """Over gRPC, and over the endpoint's Unix socket (workers/host_socket.py: a client on its host)."""
     runtime, address, _, _ = deployment
     with MemoryClient(address) as reference:
         expected = {seed: reference.search("mem", _queries(seed), 5) for seed in range(40)}
@@ -423,7 +423,7 @@ def test_streams_of_several_clients_run_at_once_on_one_endpoint_and_leave_nothin
         worker.join(timeout=60)
     assert not failures
     deadline = time.monotonic() + 10
-    while endpoint.gate.streams or endpoint.gate.in_flight or endpoint.decode_socket.streams:
+    while endpoint.gate.streams or endpoint.gate.in_flight or endpoint.host_socket.connections:
         assert time.monotonic() < deadline, (endpoint.gate.streams, endpoint.gate.in_flight)
         time.sleep(0.05)
 

@@ -1,4 +1,4 @@
-"""Decode streams on a server's Unix socket (workers/decode_socket.py), for clients on its host: the
+"""Decode streams on a server's Unix socket (workers/host_socket.py), for clients on its host: the
 same answers as the gRPC stream, in order; a failing step answered with its code and the stream
 going on; bytes that are no step refused as INVALID_ARGUMENT; tokens checked (no token: the stream
 ends UNAUTHENTICATED; a step outside the token's grant: PERMISSION_DENIED, the stream goes on); the
@@ -98,7 +98,7 @@ def _raw(frontend, metadata=()) -> socket.socket:
     """A connection to the server's decode socket, its hello sent."""
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     connection.settimeout(30)
-    connection.connect(frontend.decode_socket.path)
+    connection.connect(frontend.host_socket.path)
     send_frame(connection, HELLO, json.dumps([list(pair) for pair in metadata]).encode())
     return connection
 
@@ -118,8 +118,8 @@ def _step(seed: int = 0, k: int = 3, namespace: str = "mem") -> pb.DecodeStep:
 
 def _wait_idle(frontend) -> None:
     gate, deadline = frontend.gate, time.monotonic() + 10
-    while gate.streams or gate.in_flight or frontend.decode_socket.streams:
-        assert time.monotonic() < deadline, (gate.streams, gate.in_flight, frontend.decode_socket.streams)
+    while gate.streams or gate.in_flight or frontend.host_socket.connections:
+        assert time.monotonic() < deadline, (gate.streams, gate.in_flight, frontend.host_socket.connections)
         time.sleep(0.02)
 
 
@@ -140,7 +140,7 @@ def test_steps_on_the_socket_answer_as_the_grpc_stream_does_in_order(served):
                 np.testing.assert_array_equal(read.memory, expected.memory)
         assert (on_socket.transport, on_grpc.transport) == ("socket", "grpc")
         assert on_socket.target == on_grpc.target == address
-        assert frontend.gate.streams == 2 and frontend.decode_socket.streams == 1
+        assert frontend.gate.streams == 2 and frontend.host_socket.connections == 2  # a stream, and the calls
     _wait_idle(frontend)
 
 
@@ -194,7 +194,7 @@ def test_tokens_are_checked_on_the_socket_as_on_grpc(served_with_tokens):
     connection.close()
     connection = _raw(frontend, [("authorization", "Bearer wrong")])
     send_frame(connection, MESSAGE, _step().SerializeToString())
-    assert json.loads(recv_frame(connection)[1]) == {"code": "UNAUTHENTICATED", "message": "unknown token"}
+    assert json.loads(recv_frame(connection)[1]) == {"code": "UNAUTHENTICATED", "message": "unknown token", "trailing": []}
     connection.close()
     with MemoryClient(address, token="other-secret") as other, other.decode() as stream:
         with pytest.raises(PermissionDenied, match="no read access"):
@@ -235,8 +235,8 @@ def test_a_client_gone_mid_stream_leaves_nothing_behind(served):
         for _ in range(5):
             stream = client.decode()
             stream.retrieve("mem", _queries(3), 5)
-            send_frame(stream._stream._socket, MESSAGE, _step().SerializeToString())  # sent, never read
-            stream._stream._socket.close()  # gone without closing the stream
+            send_frame(stream._stream._stream._socket, MESSAGE, _step().SerializeToString())  # sent, never read
+            stream._stream._stream._socket.close()  # gone without closing the stream
         connection = _raw(frontend)
         send_frame(connection, MESSAGE, _step().SerializeToString()[:5])  # a frame cut short
         connection.close()
@@ -252,7 +252,7 @@ def test_a_broken_peer_never_stops_the_listener(served):
     frontend, address, _ = served
     for payload in (b"", b"\x07\x00\x00\x00\x00", b"\x01\xff\xff\xff\xff"):  # nothing, a bad kind, a frame too large
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        connection.connect(frontend.decode_socket.path)
+        connection.connect(frontend.host_socket.path)
         connection.sendall(payload)
         connection.close()
     connection = _raw(frontend)
@@ -266,7 +266,7 @@ def test_a_broken_peer_never_stops_the_listener(served):
 
 def test_a_draining_server_ends_its_socket_streams_and_removes_the_file(served):
     frontend, address, _ = served
-    path = frontend.decode_socket.path
+    path = frontend.host_socket.path
     with MemoryClient(address, retries=0) as client, client.decode() as stream:
         stream.search("mem", _queries(7), 2)
         assert os.path.exists(path) and stat_mode(path) == 0o600
@@ -283,18 +283,18 @@ def stat_mode(path: str) -> int:
 def test_a_client_that_cannot_reach_the_socket_streams_over_grpc(served):
     frontend, address, _ = served
     with MemoryClient(address) as client:
-        client._store.decode_socket(address)  # the probe: the socket's path learned
-        client._store._decode_sockets[address] = frontend.decode_socket.path + ".gone"
+        client._store.host_socket(address)  # the probe: the socket's path learned
+        client._store._host_sockets[address] = frontend.host_socket.path + ".gone"
         with client.decode() as stream:
             np.testing.assert_array_equal(stream.search("mem", _queries(8), 3).ids, client.search("mem", _queries(8), 3).ids)
             assert stream.transport == "grpc"
-        assert client._store.decode_socket(address) is None  # not tried again
+        assert client._store.host_socket(address) is None  # not tried again
 
 
 def test_a_dead_servers_socket_file_is_removed_by_the_next_server(served):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
-    orphan = os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-decode-{pid}-0123456789abcdef.sock")
+    orphan = os.path.join(shared_memory.SHARED_MEMORY_DIR, f"monim-host-{pid}-0123456789abcdef.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(orphan)
     listener.close()
@@ -302,7 +302,182 @@ def test_a_dead_servers_socket_file_is_removed_by_the_next_server(served):
     frontend, _ = start_server(Router(runtime), port=0)
     try:
         assert not os.path.exists(orphan)
-        assert os.path.exists(frontend.decode_socket.path)
+        assert os.path.exists(frontend.host_socket.path)
+    finally:
+        frontend.stop(0)
+        runtime.shutdown()
+
+
+# ----- calls on the socket -----------------------------------------------------------------------
+def test_every_call_on_the_socket_answers_as_over_grpc(served):
+    """The same calls through a client on the socket and one on gRPC, on twin namespaces: every answer
+    equal, the socket used for each, and nothing of the gRPC one's calls on it."""
+    frontend, address, _ = served
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((500, DIM)).astype(np.float32)
+    values = rng.standard_normal((500, VALUE_DIM)).astype(np.float32)
+    with MemoryClient(address, timeout_s=30) as local, MemoryClient(address, shared_memory=False) as remote:
+        answers = []
+        for client, name in ((local, "twin-a"), (remote, "twin-b")):
+            before = frontend.host_socket.calls
+            client.create_namespace(name, dim=DIM, value_dim=VALUE_DIM, optimizer="adam", lr=0.01)
+            ids = client.add(name, keys, np.arange(500) % 7, values=values, source="s")
+            queries = keys[:64] + 0.01
+            found = client.search(name, queries, 8, return_values=True)
+            parts = client._store.search_parts(name, queries, 8)  # an answer in parts
+            forward = client.retrieve(name, queries, 8, keep_state=True)
+            grads = client.retrieve_backward(name, forward, np.ones((64, VALUE_DIM), np.float32))
+            client.apply_gradients(name, ids[:10], np.ones((10, VALUE_DIM), np.float32))
+            deleted = client.delete(name, ids=ids[400:])
+            described = client.describe_namespace(name)
+            rows = client.get(name, ids[:400], return_optimizer_state=True)
+            answers.append((found, parts, forward, grads, deleted, described.rows, rows))
+            served_here = frontend.host_socket.calls - before
+            assert (served_here > 0) == (client is local), served_here
+        (a, b) = answers
+        for name in ("ids", "distances", "tokens", "values"):
+            np.testing.assert_array_equal(getattr(a[0], name), getattr(b[0], name))
+        np.testing.assert_array_equal(a[1].ids, b[1].ids)
+        np.testing.assert_array_equal(a[2].memory, b[2].memory)
+        for got, expected in zip(a[3], b[3]):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+        assert a[4] == b[4] == 100 and a[5] == b[5] == 400
+        np.testing.assert_array_equal(a[6].values, b[6].values)
+        np.testing.assert_array_equal(a[6].optimizer_state["exp_avg"], b[6].optimizer_state["exp_avg"])
+
+
+def test_errors_on_the_socket_are_the_grpc_ones_and_change_nothing(served, monkeypatch):
+    frontend, address, _ = served
+    from monim.protos.errors import StepAnswerLost
+
+    with MemoryClient(address, retries=0) as client:
+        rows = client.describe_namespace("mem").rows
+        calls = frontend.host_socket.calls
+        with pytest.raises(NotFound, match="'nope' does not exist"):
+            client.search("nope", _queries(0), 3)
+        with pytest.raises(InvalidArgument, match="k must be"):
+            client.search("mem", _queries(0), 0)
+        with pytest.raises(InvalidArgument):
+            client.add("mem", np.full((2, DIM), np.nan, np.float32), np.arange(2))
+        with pytest.raises(NotFound, match="no entries with ids"):
+            client.get("mem", np.array([10**9]))
+        monkeypatch.setattr(frontend.router, "search", lambda *a, **k: (_ for _ in ()).throw(StepAnswerLost("s1", 0)))
+        with pytest.raises(StepAnswerLost):  # its class travels as the status's trailing reason
+            client.search("mem", _queries(0), 3)
+        monkeypatch.undo()
+        assert frontend.host_socket.calls >= calls + 5
+        assert client.describe_namespace("mem").rows == rows
+        np.testing.assert_array_equal(client.search("mem", _queries(1), 3).ids,
+                                      client.search("mem", _queries(1), 3).ids)  # the connection serves on
+
+
+def test_a_call_past_its_deadline_raises_and_the_next_call_is_answered(served, monkeypatch):
+    frontend, address, _ = served
+    from monim.protos.errors import DeadlineExceeded
+
+    real = frontend.router.search
+    held = threading.Event()
+
+    def slow(*args, **kwargs):
+        held.wait(10)
+        return real(*args, **kwargs)
+
+    with MemoryClient(address, timeout_s=0.5, retries=0, read_endpoints=False) as client:
+        client.describe_namespace("mem")
+        monkeypatch.setattr("monim.model_client.host_socket._DEADLINE_MARGIN_S", 0.2)
+        monkeypatch.setattr(frontend.router, "search", slow)
+        with pytest.raises(DeadlineExceeded):
+            client.search("mem", _queries(2), 3)
+        held.set()
+        monkeypatch.setattr(frontend.router, "search", real)
+        assert client.search("mem", _queries(2), 3).ids.shape == (2, 3)
+
+
+def test_a_connection_the_server_closed_is_not_used_again(served):
+    frontend, address, _ = served
+    with MemoryClient(address, retries=0) as client:
+        expected = client.search("mem", _queries(3), 4).ids  # a calls connection, kept idle after
+        with frontend.host_socket._lock:
+            open_now = list(frontend.host_socket._connections)
+        for connection in open_now:  # as a server that went away and came back closes them
+            connection.shutdown(socket.SHUT_RDWR)
+        np.testing.assert_array_equal(client.search("mem", _queries(3), 4).ids, expected)
+
+
+def test_raw_calls_the_socket_refuses(served):
+    frontend, address, _ = served
+    from monim.protos.socket_frames import CALL, CALLS, call_payload
+
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    connection.settimeout(30)
+    connection.connect(frontend.host_socket.path)
+    send_frame(connection, CALLS, b"")
+    for method, body, code in (("NoSuchMethod", b"", "UNIMPLEMENTED"), ("Reshard", b"", "UNIMPLEMENTED"),
+                               ("Decode", b"", "UNIMPLEMENTED"), ("Search", b"\xff\xff\xff", "INVALID_ARGUMENT")):
+        send_frame(connection, CALL, call_payload({"method": method, "metadata": [], "timeout": 5}, body))
+        kind, status = recv_frame(connection)
+        assert kind == STATUS and json.loads(status)["code"] == code, (method, status)
+    send_frame(connection, CALL, b"\x03\x00\x00\x00{x}")  # a header that is no JSON: the connection ends
+    assert _closed(connection)
+    connection.close()
+    with MemoryClient(address) as client:
+        assert client.search("mem", _queries(4), 2).ids.shape == (2, 2)
+
+
+def test_calls_from_threads_at_once_share_a_few_connections(served):
+    frontend, address, _ = served
+    with MemoryClient(address) as client:
+        expected = {seed: client.search("mem", _queries(seed), 5).ids for seed in range(24)}
+        failures = []
+
+        def work(worker: int) -> None:
+            try:
+                for seed in range(worker, 24, 4):
+                    for _ in range(5):
+                        np.testing.assert_array_equal(client.search("mem", _queries(seed), 5).ids, expected[seed])
+            except Exception as error:  # noqa: BLE001 - reported below
+                failures.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not failures
+        calls = client._store._socket_calls[frontend.host_socket.path]
+        assert 1 <= len(calls._free) <= 4 and not calls._busy
+    _wait_idle(frontend)
+
+
+def test_the_message_limit_holds_on_the_socket_as_on_grpc():
+    """A server's max_message_bytes: a larger request is RESOURCE_EXHAUSTED and changes nothing, and so
+    is an answer larger than the server's or the client's limit (the client then asks in parts)."""
+    from monim.protos.errors import ResourceExhausted
+    from monim.protos.socket_frames import CALL, CALLS, call_payload
+
+    runtime = LocalRuntime(1)
+    frontend, port = start_server(Router(runtime), port=0, max_message_bytes=1 << 16)
+    address = f"127.0.0.1:{port}"
+    try:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.settimeout(30)
+        connection.connect(frontend.host_socket.path)
+        send_frame(connection, CALLS, b"")
+        send_frame(connection, CALL, call_payload({"method": "ListNamespaces", "metadata": [], "timeout": 5},
+                                                  b"\x00" * (1 << 17)))
+        status = json.loads(recv_frame(connection)[1])
+        assert status["code"] == "RESOURCE_EXHAUSTED" and "larger than max (131072 vs. 65536)" in status["message"]
+        connection.close()
+        with MemoryClient(address, max_message_bytes=1 << 16, retries=0) as client:
+            client.create_namespace("wide", dim=DIM, value_dim=1024)
+            with pytest.raises(ResourceExhausted, match="larger than max"):  # 100 rows of 4 KiB values at once
+                client._store.add("wide", np.zeros((100, DIM), np.float32), np.arange(100),
+                                  values=np.zeros((100, 1024), np.float32))
+            assert client.describe_namespace("wide").rows == 0
+            ids = client.add("wide", np.zeros((100, DIM), np.float32), np.arange(100),
+                             values=np.ones((100, 1024), np.float32))  # the client's own split: in parts
+            assert client.get("wide", ids).values.sum() == 100 * 1024  # an answer past the limit: asked in parts
+            assert frontend.host_socket.calls > 0
     finally:
         frontend.stop(0)
         runtime.shutdown()
