@@ -12,6 +12,7 @@ gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -94,7 +95,10 @@ class SocketStream:
 
     def step(self, request: pb.DecodeStep) -> pb.DecodeStepResult:
         try:
-            send_frame(self._socket, MESSAGE, request.SerializeToString())
+            # A server that refused the stream before its first step (too many streams, draining, no
+            # token) sent its status and closed: the send fails, and that status is the answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                send_frame(self._socket, MESSAGE, request.SerializeToString())
             frame = recv_frame(self._socket)
         except socket.timeout:
             raise SocketRpcError("DEADLINE_EXCEEDED", "a decode step on the server's socket was not answered "

@@ -186,14 +186,12 @@ def test_tokens_are_checked_on_the_socket_as_on_grpc(served_with_tokens):
     with MemoryClient(address) as anonymous:  # no token: the probe is refused, so no socket either
         with pytest.raises(Unauthenticated), anonymous.decode() as stream:
             stream.search("mem", _queries(0), 1)
-    connection = _raw(frontend)  # straight at the socket, without a token
-    send_frame(connection, MESSAGE, _step().SerializeToString())
+    connection = _raw(frontend)  # straight at the socket, without a token: refused before any step
     kind, status = recv_frame(connection)
     assert kind == STATUS and json.loads(status)["code"] == "UNAUTHENTICATED"
     assert _closed(connection)
     connection.close()
     connection = _raw(frontend, [("authorization", "Bearer wrong")])
-    send_frame(connection, MESSAGE, _step().SerializeToString())
     assert json.loads(recv_frame(connection)[1]) == {"code": "UNAUTHENTICATED", "message": "unknown token", "trailing": []}
     connection.close()
     with MemoryClient(address, token="other-secret") as other, other.decode() as stream:
@@ -214,12 +212,24 @@ def test_the_stream_limit_counts_socket_streams_and_a_refused_client_sends_calls
     try:
         with MemoryClient(address) as client, client.decode() as first, client.decode() as second:
             first.search("mem", _queries(4), 3)  # holds the one stream the server takes now
-            connection = _raw(frontend)
-            send_frame(connection, MESSAGE, _step().SerializeToString())
+            connection = _raw(frontend)  # refused at once, before any step
             kind, status = recv_frame(connection)
             assert kind == STATUS and json.loads(status)["code"] == "RESOURCE_EXHAUSTED"
             assert "decode streams are open" in json.loads(status)["message"]
             connection.close()
+            from monim.model_client.host_socket import SocketStream
+            from monim.protos.errors import ResourceExhausted
+
+            late = client.decode()
+            late._stream = late._open()  # refused at once: the server closes before this step is sent
+            deadline = time.monotonic() + 10
+            while frontend.host_socket.connections > 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # (counted out just before its close)
+            assert isinstance(late._stream._stream, SocketStream)
+            with pytest.raises(ResourceExhausted, match="decode streams are open"):  # its status, not a broken pipe
+                late._stream.step(_step())
+            late.close()
             expected = client.search("mem", _queries(5), 3)
             np.testing.assert_array_equal(second.search("mem", _queries(5), 3).ids, expected.ids)  # by calls
             assert second._unary and frontend.gate.streams == 1
