@@ -139,7 +139,8 @@ class _RemoteStore:
         # Large tensors through shared memory where the server is on this host (model_client/shared_memory.py).
         self.shared = SharedMemory() if shared_memory else None
         self._host_sockets: dict[str, str] = {}  # target -> its server's Unix socket for this host's clients
-        self._socket_calls: dict[str, SocketCalls] = {}  # target -> calls on that socket
+        self._socket_calls: dict[str, SocketCalls] = {}  # socket path -> calls on that socket
+        self._socket_callables: dict = {}  # (socket path, method, serialized) -> its callable there
         self._options = framing.channel_options(max_message_bytes)
         self.max_message_bytes = max_message_bytes
         self._credentials = credentials
@@ -221,23 +222,24 @@ class _RemoteStore:
     def _invoke(self, target: str, method: str, serialized: bool, sent, metadata):
         """The call, on the server's host socket where it has one this client reaches (model_client/
         host_socket.py), else over gRPC."""
-        calls = self._socket_calls_of(target)
-        if calls is not None and method not in NOT_CALLED_HERE:
+        path = None if method in NOT_CALLED_HERE else self.host_socket(target)
+        if path is not None:
             try:
-                return calls.callable(method, *self._codec(method, serialized))(
-                    sent, timeout=self.timeout_s, metadata=metadata)
+                return self._on_socket(path, method, serialized)(sent, timeout=self.timeout_s, metadata=metadata)
             except NoSocket:  # gone, or not reachable from this process: nothing was sent
                 self.forget_host_socket(target)
         return self._framed(target, method, serialized)(sent, timeout=self.timeout_s, metadata=metadata)
 
-    def _socket_calls_of(self, target: str) -> SocketCalls | None:
-        path = self.host_socket(target)
-        if path is None:
-            return None
-        calls = self._socket_calls.get(path)
-        if calls is None:
-            calls = self._socket_calls.setdefault(path, SocketCalls(path, self.max_message_bytes))
-        return calls
+    def _on_socket(self, path: str, method: str, serialized: bool):
+        """The method's callable on the host socket at path (kept, as _framed keeps gRPC's)."""
+        key = (path, method, serialized)
+        callable_ = self._socket_callables.get(key)
+        if callable_ is None:
+            calls = self._socket_calls.get(path)
+            if calls is None:
+                calls = self._socket_calls.setdefault(path, SocketCalls(path, self.max_message_bytes))
+            callable_ = self._socket_callables[key] = calls.callable(method, *self._codec(method, serialized))
+        return callable_
 
     def _call_region(self, target: str, tensors: dict | None, answer_bytes: int) -> CallRegion | None:
         """A shared memory region for a call that moves a large tensor either way, where the server
@@ -256,7 +258,7 @@ class _RemoteStore:
         self._host_sockets[target] = answer.host_socket
 
     def host_socket(self, target: str) -> str | None:
-        """The Unix socket on which target's server takes this host's Decode streams
+        """The Unix socket on which target's server takes this host's calls and Decode streams
         (workers/host_socket.py), where it passed the shared memory probe and named one; else None."""
         if self.shared is None or not self.shared.usable(target, functools.partial(self._probe, target)):
             return None

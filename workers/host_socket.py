@@ -181,11 +181,10 @@ class HostSocket:
             hello = recv_frame(connection)
             connection.settimeout(None)
             if hello is not None and hello[0] == HELLO:
-                self._serve_stream(connection, peer,
-                                   tuple((str(key), str(value)) for key, value in json.loads(hello[1])))
+                self._serve_stream(connection, peer, _metadata(json.loads(hello[1])))
             elif hello is not None and hello[0] == CALLS:
                 self._serve_calls(connection, peer)
-        except (OSError, ConnectionError, ValueError, TypeError, InvalidArgument) as error:
+        except (OSError, ValueError, TypeError, InvalidArgument) as error:
             log.debug("a host socket connection ended: %s", error)
         except Exception:  # noqa: BLE001 - one broken connection never takes the listener down
             log.exception("a host socket connection failed")
@@ -216,7 +215,7 @@ class HostSocket:
         while True:
             try:
                 frame = recv_frame(connection)
-            except (OSError, ConnectionError):
+            except OSError:
                 return
             if frame is None or frame[0] != MESSAGE:
                 return
@@ -235,7 +234,7 @@ class HostSocket:
             with self._lock:
                 self.calls += 1
             timeout = header.get("timeout")
-            context = _SocketContext(tuple((str(k), str(v)) for k, v in header.get("metadata") or ()), peer,
+            context = _SocketContext(_metadata(header.get("metadata")), peer,
                                      None if timeout is None else time.monotonic() + float(timeout))
             handler = None if header["method"] in NOT_CALLED_HERE else self._handler(header["method"])
             if handler is None:
@@ -258,7 +257,7 @@ class HostSocket:
                 code, message = grpc.StatusCode.OK, ""
             except _Aborted as aborted:
                 code, message = aborted.code, aborted.details
-            except (OSError, ConnectionError):
+            except OSError:
                 raise  # the client went away: nothing to answer
             except Exception as error:  # noqa: BLE001 - as gRPC answers an exception in a handler
                 log.exception("%s on the host socket failed", header["method"])
@@ -292,6 +291,11 @@ class HostSocket:
         except FileNotFoundError:
             pass
         self._thread.join(timeout=5)
+
+
+def _metadata(pairs) -> tuple:
+    """A frame's [[key, value], ...] as grpc's invocation metadata: a tuple of string pairs."""
+    return tuple((str(key), str(value)) for key, value in pairs or ())
 
 
 def _within(answer: bytes, limit: int, context) -> bytes:

@@ -258,7 +258,8 @@ class Router:
                     raise
                 waited = self._wait_for_placement(waited)
                 continue
-            retired = {o.shard for o in outcomes if isinstance(o, ShardUnavailable) and self._retired(o.shard)}
+            retired = {shard for shard in {o.shard for o in outcomes if isinstance(o, ShardUnavailable)}
+                       if self._retired(shard)}
             refused = [isinstance(o, PlacementChanged) or (isinstance(o, ShardUnavailable) and o.shard in retired)
                        for o in outcomes]
             errors = [o for o, again in zip(outcomes, refused) if isinstance(o, Exception) and not again]

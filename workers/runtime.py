@@ -133,9 +133,9 @@ def _outcomes(results: list, each: bool) -> list:
     the list itself (a dead shard's ShardUnavailable too: the other calls' results stand, and the caller
     sends that shard's share again where it belongs: Router._routed_writes); else the results, or the
     round's error raised."""
-    errors = [result for result in results if isinstance(result, Exception)]
     if each:
         return results
+    errors = [result for result in results if isinstance(result, Exception)]
     if errors:
         raise _combined(errors)
     return results
