@@ -67,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--front-end-reads", action="store_true",
                    help="the service's reads go to the front end, not to a shard's read endpoint")
     p.add_argument("--decode-steps", type=int, default=300, help="tokens of the B=1 decode cells")
+    p.add_argument("--decode-block", type=int, default=1,
+                   help="steps each way of the decode cells takes in turn (1: the ways alternate step by step; "
+                        "a larger block is what one model's generation looks like to a GPU that the in-process "
+                        "store and the shard's process share: it switches between their contexts once a block)")
     p.add_argument("--apply-rows", type=int, default=65_536, help="rows per ApplyGradients in the rate cell")
     p.add_argument("--big-apply-rows", type=int, default=131_072, help="one ApplyGradients past the message limit")
     p.add_argument("--keys-only-rows", type=int, default=100_000)
@@ -226,7 +230,8 @@ def client_first(client, q, k, row_of):
 
 
 def decode_cells(table, local, remote, queries, args, floor):
-    """B=1, k=32, one read per token, round by round so that all ways see the same load."""
+    """B=1, k=32, one read per token, round by round (--decode-block steps of each way a round) so that
+    all ways see the same load."""
     steps = [queries[i:i + 1] for i in range(args.decode_steps)]
     # A bare stream's step with the same bytes: the query up; neighbours (16 bytes each) down, and for
     # a Retrieve the memory output (value_dim float32) and alpha too.
@@ -244,11 +249,13 @@ def decode_cells(table, local, remote, queries, args, floor):
                 call(q)
         where = "front end" if stream.target == remote.target else "a shard's endpoint"
         times = {way: [] for way in ways}
-        for q in steps:
+        block = max(1, args.decode_block)
+        for first in range(0, len(steps), block):
             for way, call in ways.items():
-                t0 = time.perf_counter()
-                call(q)
-                times[way].append(time.perf_counter() - t0)
+                for q in steps[first:first + block]:
+                    t0 = time.perf_counter()
+                    call(q)
+                    times[way].append(time.perf_counter() - t0)
 
     def pct(way):
         return 1e3 * np.percentile(times[way], 50), 1e3 * np.percentile(times[way], 99)

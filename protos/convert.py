@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 from monim.protos import framing
+from monim.protos.copies import copy_rows
 from monim.protos import memory_pb2 as pb
 from monim.protos.config import INDEXES, KEY_DTYPES, METRICS, OPTIMIZERS, NamespaceConfig, OptimizerConfig
 from monim.protos.errors import FailedPrecondition, InternalError, InvalidArgument
@@ -200,7 +201,7 @@ class BatchAnswer:
             if column.shape[1:] != array.shape[1:] or column.dtype != array.dtype or end > self.rows:
                 raise InternalError(f"an answer's {name} of shape {list(array.shape)} ({array.dtype}) at row {start} "
                                     f"does not fit the batch's {list(column.shape)} ({column.dtype})")
-            column[start:end] = array
+            copy_rows(column[start:end], array)
 
     def rows_of(self, name: str, start: int, end: int) -> np.ndarray | None:
         column = self.columns.get(name)

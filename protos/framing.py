@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 from monim.protos import memory_pb2 as pb
+from monim.protos.copies import copy_bytes
 from monim.protos.errors import InvalidArgument
 from monim.protos.shared_memory import MIN_SHARED_BYTES
 
@@ -119,7 +120,7 @@ def serialized(message, tensors: dict, placer=None) -> bytes:
         spot = placer.place(len(data)) if placer is not None and len(data) >= MIN_SHARED_BYTES else None
         if spot is not None:
             region, offset, target = spot
-            target[:] = data
+            copy_bytes(target, data)
             head = pb.Tensor(dtype=dtype, shape=array.shape,
                              shared=pb.SharedBytes(region=region, offset=offset)).SerializeToString()
             parts += [_key(fields[name].number), _varint(len(head)), head]
@@ -221,8 +222,10 @@ def parsed(message_class, data: bytes, shared=None) -> Framed:
                     head.append(view[value + inner_start:value + inner_end])
             head_bytes = b"".join(head)
             rest += [view[start:key_end], _varint(len(head_bytes)), head_bytes]
-            if not payloads[name]:
-                payloads[name] = _shared_payload(head_bytes, shared, name) or payloads[name]
+            if not len(payloads[name]):
+                in_shared_memory = _shared_payload(head_bytes, shared, name)
+                if in_shared_memory is not None:
+                    payloads[name] = in_shared_memory
     except _Malformed:
         return Framed(message_class.FromString(data), {})
     return Framed(message_class.FromString(b"".join(rest)), payloads)

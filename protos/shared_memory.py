@@ -28,6 +28,8 @@ import stat
 import threading
 import time
 
+import numpy as np
+from monim.protos.copies import copied_bytes
 from monim.protos.errors import InvalidArgument
 
 SHARED_MEMORY_DIR = "/dev/shm"
@@ -182,12 +184,12 @@ def server_regions() -> OpenRegions:
     return _server_regions
 
 
-def copied(name: str, offset: int, size: int) -> bytes:
+def copied(name: str, offset: int, size: int) -> np.ndarray:
     """A server's copy of a request tensor's bytes in a client's region (nothing it keeps may point
-    into memory its client writes again)."""
+    into memory its client writes again): read-only uint8, copied without holding the GIL."""
     if not enabled():
         raise InvalidArgument(f"shared memory is turned off on this server ({ENV}=0): send tensors in the message")
-    return bytes(_server_regions.get(name).view(offset, size))
+    return copied_bytes(_server_regions.get(name).view(offset, size))
 
 
 def answer_placer(value: str) -> Placer:

@@ -1,0 +1,77 @@
+"""Copies of a large call's bytes that let the process's other threads run, several threads at once.
+
+A tensor that passes through a shared memory region is copied once on each side (protos/framing.py
+into the region, protos/shared_memory.copied out of it; the client's answer into the caller's
+arrays). A ``memoryview`` slice assignment or ``bytes(view)`` does that copy holding the GIL: for a
+67 MB Search answer that is 3-9 ms during which no other thread of the server runs (a decode step
+waits behind it; so does the search of the next call of a split batch, whose answers are meant to
+travel while it runs). numpy's copy releases the GIL, and a copy of PARALLEL_BYTES or more is cut
+into slices copied by up to COPY_THREADS threads at once (one thread's memcpy moves ~7-20 GB/s, well
+below what the host's memory does).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+
+import numpy as np
+
+# A copy at least this large goes in slices on several threads.
+PARALLEL_BYTES = 16 << 20
+# Threads of one copy at most (and of the pool, shared by the process's copies).
+COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's copy threads (made again in a forked child: the parent's threads are not there)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = concurrent.futures.ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="monim-copy")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def copy_bytes(target, source) -> None:
+    """target[:] = source for two buffers of equal length (memoryview, bytes, numpy arrays, mmap),
+    target writable: without the GIL, and in slices on up to COPY_THREADS threads past PARALLEL_BYTES."""
+    into = np.frombuffer(target, np.uint8)
+    data = np.frombuffer(source, np.uint8)
+    if into.shape != data.shape:
+        raise ValueError(f"a copy of {data.size} bytes into {into.size}")
+    size = data.size
+    if COPY_THREADS == 1 or size < PARALLEL_BYTES:
+        np.copyto(into, data)
+        return
+    step = -(-size // COPY_THREADS)
+    step += -step % 4096  # slices on page boundaries
+    bounds = [(start, min(size, start + step)) for start in range(0, size, step)]
+    copies = [_executor().submit(np.copyto, into[a:b], data[a:b]) for a, b in bounds[1:]]
+    np.copyto(into[bounds[0][0]:bounds[0][1]], data[bounds[0][0]:bounds[0][1]])
+    for copy in copies:
+        copy.result()
+
+
+def copy_rows(target: np.ndarray, source: np.ndarray) -> None:
+    """target[...] = source for arrays of one shape and dtype: copy_bytes where both are contiguous,
+    numpy's assignment (which also releases the GIL) where not."""
+    if (target.shape == source.shape and target.dtype == source.dtype
+            and target.flags.c_contiguous and source.flags.c_contiguous and target.nbytes >= PARALLEL_BYTES):
+        copy_bytes(target.reshape(-1).view(np.uint8), source.reshape(-1).view(np.uint8))
+    else:
+        target[...] = source
+
+
+def copied_bytes(source) -> np.ndarray:
+    """A new read-only uint8 array with source's bytes (in place of bytes(source), which holds the GIL)."""
+    data = np.frombuffer(source, np.uint8)
+    out = np.empty(data.size, np.uint8)
+    copy_bytes(out, data)
+    out.flags.writeable = False
+    return out
