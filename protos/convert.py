@@ -13,9 +13,9 @@ import threading
 
 import numpy as np
 from monim.protos import framing
-from monim.protos.copies import copy_rows
 from monim.protos import memory_pb2 as pb
 from monim.protos.config import INDEXES, KEY_DTYPES, METRICS, OPTIMIZERS, NamespaceConfig, OptimizerConfig
+from monim.protos.copies import copy_rows
 from monim.protos.errors import FailedPrecondition, InternalError, InvalidArgument
 from monim.protos.framing import WIRE_DTYPES, wire_array
 from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
