@@ -19,7 +19,7 @@ import threading
 import numpy as np
 
 # A copy at least this large goes in slices on several threads.
-PARALLEL_BYTES = 16 << 20
+PARALLEL_BYTES = 4 << 20
 # Threads of one copy at most (and of the pool, shared by the process's copies).
 COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
