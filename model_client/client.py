@@ -57,6 +57,11 @@ IN_PROCESS = ":memory:"
 # messages than in 32 MiB ones. A Search's or a Retrieve's answer past it comes in parts instead
 # (SearchParts, RetrieveParts: one call, one search, messages of 4 MiB).
 CHUNK_BYTES = 8 * 1024 * 1024
+# The chunks of a write whose tensors go through shared memory regions (a client on the server's host):
+# its message is small whatever the chunk, and each chunk is a call with costs of its own at the front
+# end and the shards (an id plan, a Ray call, a log record). On the 2-core VM a 201 MB Add with values
+# went 1.6-2.0x faster in chunks of 32 MiB than of 8 (docs/BENCHMARKS.md, "Region copies").
+SHARED_CHUNK_BYTES = 32 * 1024 * 1024
 # Four in flight: on an H100 host (16 cores, one GPU shard) a 403 MB Add of 65,536 rows and a
 # 201 MB ApplyGradients went 1.2x and 1.4-1.6x faster than with two (216-222k against 180k rows/s;
 # 587-690k against 433-482k), eight no faster for the Add (docs/BENCHMARKS.md, run 14). Each holds
@@ -257,10 +262,15 @@ class _RemoteStore:
             pb.ProbeSharedMemoryRequest(region=region), timeout=min(self.timeout_s, 10.0), metadata=self.metadata)
         self._host_sockets[target] = answer.host_socket
 
+    def uses_shared_memory(self, target: str | None = None) -> bool:
+        """Whether calls to target (default: the front end) pass their large tensors in regions."""
+        target = self.target if target is None else target
+        return self.shared is not None and self.shared.usable(target, functools.partial(self._probe, target))
+
     def host_socket(self, target: str) -> str | None:
         """The Unix socket on which target's server takes this host's calls and Decode streams
         (workers/host_socket.py), where it passed the shared memory probe and named one; else None."""
-        if self.shared is None or not self.shared.usable(target, functools.partial(self._probe, target)):
+        if not self.uses_shared_memory(target):
             return None
         return self._host_sockets.get(target) or None
 
@@ -523,11 +533,13 @@ class MemoryClient:
         the rest is headroom), else as few slices of equal rows as keep each within chunk_bytes (and
         half the limit), for _pipelined. A call whose parts cannot be sent apart without a cost of their
         own (a forward that keeps its state under one handle, a backward by that handle) passes
-        whole_up_to=max_message_bytes: split only past half the limit. chunk_bytes: CHUNK_BYTES if None."""
+        whole_up_to=max_message_bytes: split only past half the limit. chunk_bytes: if None,
+        SHARED_CHUNK_BYTES where the front end takes this client's tensors in shared memory, else CHUNK_BYTES."""
         if not self.remote:
             yield slice(0, rows)
             return
-        chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        if chunk_bytes is None:
+            chunk_bytes = SHARED_CHUNK_BYTES if self._store.uses_shared_memory() else CHUNK_BYTES
         limit = min(self.max_message_bytes // 2, chunk_bytes if whole_up_to is None else whole_up_to)
         if rows * bytes_per_row > limit:
             limit = min(self.max_message_bytes // 2, chunk_bytes)

@@ -23,6 +23,7 @@ DIM, VALUE_DIM, K, ROWS, BATCH = 16, 32, 20, 800, 120
 @pytest.fixture
 def deployment(monkeypatch):
     monkeypatch.setattr(client_module, "CHUNK_BYTES", CHUNK)
+    monkeypatch.setattr(client_module, "SHARED_CHUNK_BYTES", CHUNK)  # this client is on the server's host
     monkeypatch.setattr(convert, "ANSWER_PART_BYTES", CHUNK)
     runtime = LocalRuntime(1)
     router = Router(runtime)
@@ -109,6 +110,23 @@ def test_get_goes_in_chunks(deployment, monkeypatch):
     assert len(rows) > 1 and sum(rows) == ROWS
 
 
+def test_writes_through_shared_memory_go_in_larger_chunks_than_in_messages(deployment, monkeypatch):
+    """A client whose tensors go in regions splits by SHARED_CHUNK_BYTES (its messages stay small); one
+    that sends them in messages (another host, or shared_memory=False) by CHUNK_BYTES."""
+    client, _, rng = deployment
+    monkeypatch.setattr(client_module, "SHARED_CHUNK_BYTES", 4 * CHUNK)
+    ids = np.arange(ROWS)
+    grads = rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32)  # 152 bytes a row on the wire
+    on_regions = calls_to(client, "apply_gradients", monkeypatch)
+    assert client._store.uses_shared_memory() and client.apply_gradients("ns", ids, grads) == ROWS
+    assert on_regions == [400, 400]  # 431 rows fit 4 CHUNK
+    with MemoryClient(client.target, shared_memory=False) as in_messages:
+        rows = calls_to(in_messages, "apply_gradients", monkeypatch)
+        assert not in_messages._store.uses_shared_memory()
+        assert in_messages.apply_gradients("ns", ids, grads) == ROWS
+        assert rows == [100] * 8  # 107 fit CHUNK
+
+
 def test_bad_calls_answered_in_parts_say_why_and_change_nothing(deployment):
     client, queries, _ = deployment
     before = client.get("ns", np.arange(ROWS)).values
@@ -171,7 +189,7 @@ def test_apply_gradients_past_the_chunk_size_is_one_step_in_parts(deployment, mo
     rows = calls_to(client, "apply_gradients", monkeypatch)
     assert client.apply_gradients("ns", ids, grads) == ROWS
     assert len(rows) > 1 and sum(rows) == ROWS
-    monkeypatch.setattr(client_module, "CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr(client_module, "SHARED_CHUNK_BYTES", 1 << 30)
     assert client.apply_gradients("twin", ids, grads) == ROWS
     assert rows[-1] == ROWS  # sent whole
     np.testing.assert_array_equal(client.get("ns", ids).values, client.get("twin", ids).values)
