@@ -7,7 +7,8 @@ arrays). A ``memoryview`` slice assignment or ``bytes(view)`` does that copy hol
 waits behind it; so does the search of the next call of a split batch, whose answers are meant to
 travel while it runs). numpy's copy releases the GIL, and a copy of PARALLEL_BYTES or more is cut
 into slices copied by up to COPY_THREADS threads at once (one thread's memcpy moves ~7-20 GB/s, well
-below what the host's memory does).
+below what the host's memory does: on an H100 host a Search answer's 67 MB took ~8 ms to copy on each
+side, in parts of 1-2 MB an array).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 import numpy as np
 
 # A copy at least this large goes in slices on several threads.
-PARALLEL_BYTES = 4 << 20
+PARALLEL_BYTES = 1 << 20
 # Threads of one copy at most (and of the pool, shared by the process's copies).
 COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 

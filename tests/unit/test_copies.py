@@ -93,3 +93,19 @@ def test_another_thread_runs_while_a_large_copy_copies():
     held = counted(lambda: memoryview(target).__setitem__(slice(None), memoryview(source)))
     released = counted(lambda: copies.copy_bytes(target, source))
     assert released > 1.3 * held, (released, held)
+
+
+def test_a_large_answer_tensor_is_a_writable_copy_of_its_bytes(four_threads):
+    """convert.tensor_from_proto's copy of a caller's answer (a backward's dL/dq) goes through copy_rows."""
+    from monim.protos import convert
+    from monim.protos import memory_pb2 as pb
+
+    grad_queries = np.random.default_rng(1).standard_normal((1024, 768), dtype=np.float32)  # 3 MB
+    data = bytearray(grad_queries.tobytes())
+    head = pb.Tensor(dtype="float32", shape=grad_queries.shape)
+    answer = convert.tensor_from_proto(head, "grad_queries", data=memoryview(data))
+    data[:4] = b"\x00\x00\xc0\x7f"  # the received buffer is reused
+    np.testing.assert_array_equal(answer, grad_queries)
+    answer[0, 0] = 1.0  # the caller's to write
+    read_only = convert.tensor_from_proto(head, "grad_queries", writable=False, data=bytes(data))
+    assert not read_only.flags.writeable and np.isnan(read_only[0, 0])
