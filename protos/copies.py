@@ -39,6 +39,20 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
+def in_slices(work, size: int, itemsize: int = 1) -> list:
+    """[work(start, end) for each slice of range(size)]: one slice under PARALLEL_BYTES (of itemsize
+    bytes an element), else up to COPY_THREADS slices on page boundaries run at once (work must release
+    the GIL to gain: numpy's copies and reductions do)."""
+    if COPY_THREADS == 1 or size * itemsize < PARALLEL_BYTES:
+        return [work(0, size)]
+    step = -(-size // COPY_THREADS)
+    step += -step % max(1, 4096 // itemsize)
+    bounds = [(start, min(size, start + step)) for start in range(0, size, step)]
+    later = [_executor().submit(work, start, end) for start, end in bounds[1:]]
+    first = work(*bounds[0])
+    return [first] + [result.result() for result in later]
+
+
 def copy_bytes(target, source) -> None:
     """target[:] = source for two buffers of equal length (memoryview, bytes, numpy arrays, mmap),
     target writable: without the GIL, and in slices on up to COPY_THREADS threads past PARALLEL_BYTES."""
@@ -46,17 +60,7 @@ def copy_bytes(target, source) -> None:
     data = np.frombuffer(source, np.uint8)
     if into.shape != data.shape:
         raise ValueError(f"a copy of {data.size} bytes into {into.size}")
-    size = data.size
-    if COPY_THREADS == 1 or size < PARALLEL_BYTES:
-        np.copyto(into, data)
-        return
-    step = -(-size // COPY_THREADS)
-    step += -step % 4096  # slices on page boundaries
-    bounds = [(start, min(size, start + step)) for start in range(0, size, step)]
-    copies = [_executor().submit(np.copyto, into[a:b], data[a:b]) for a, b in bounds[1:]]
-    np.copyto(into[bounds[0][0]:bounds[0][1]], data[bounds[0][0]:bounds[0][1]])
-    for copy in copies:
-        copy.result()
+    in_slices(lambda start, end: np.copyto(into[start:end], data[start:end]), data.size)
 
 
 def copy_rows(target: np.ndarray, source: np.ndarray) -> None:

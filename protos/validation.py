@@ -10,6 +10,7 @@ import hashlib
 import uuid
 
 import numpy as np
+from monim.protos.copies import in_slices
 from monim.protos.errors import InvalidArgument
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
@@ -33,10 +34,17 @@ def all_finite(array: np.ndarray) -> bool:
     Small arrays (a decoding step's query) take the plain check: errstate's set-up costs more there."""
     if array.size <= SMALL_ARRAY_ELEMENTS:
         return bool(np.isfinite(array).all())
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.add.reduce(array, axis=None)):
-            return True
-    return bool(np.isfinite(array).all())
+    if array.flags.c_contiguous:  # on several threads when large (a B=4096 step's queries and gradients: 25 MB)
+        flat = array.reshape(-1)
+        sums = in_slices(lambda start, end: _quiet_sum(flat[start:end]), flat.size, flat.itemsize)
+    else:
+        sums = [_quiet_sum(array)]
+    return all(np.isfinite(total) for total in sums) or bool(np.isfinite(array).all())
+
+
+def _quiet_sum(array: np.ndarray):
+    with np.errstate(over="ignore", invalid="ignore"):  # numpy's error state is each thread's own
+        return np.add.reduce(array, axis=None)
 
 
 def check_vectors(array, width: int, what: str, width_name: str = "dim") -> np.ndarray:

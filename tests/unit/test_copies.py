@@ -109,3 +109,17 @@ def test_a_large_answer_tensor_is_a_writable_copy_of_its_bytes(four_threads):
     answer[0, 0] = 1.0  # the caller's to write
     read_only = convert.tensor_from_proto(head, "grad_queries", writable=False, data=bytes(data))
     assert not read_only.flags.writeable and np.isnan(read_only[0, 0])
+
+
+@pytest.mark.parametrize("bad_at", [0, 300_000, 524_287, 1_048_575])
+def test_the_finite_check_in_slices_finds_a_nan_or_inf_in_any_slice(four_threads, bad_at):
+    from monim.protos.validation import all_finite
+
+    array = np.ones((1024, 1024), np.float32)  # 4 MB: four slices
+    assert all_finite(array)
+    for bad in (np.nan, np.inf, -np.inf):
+        array.reshape(-1)[bad_at] = bad
+        assert not all_finite(array)
+        array.reshape(-1)[bad_at] = 1.0
+    huge = np.full((1024, 1024), np.finfo(np.float16).max, np.float16)  # each slice's sum overflows
+    assert all_finite(huge) and all_finite(huge[:, ::2])  # the exact check tells; strided: one sum
