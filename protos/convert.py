@@ -66,8 +66,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
                               f"expected one of {', '.join(WIRE_DTYPES)}")
     if len(tensor.shape) > MAX_TENSOR_DIMS:
         raise InvalidArgument(f"{what} has {len(tensor.shape)} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
-    shape = tuple(int(s) for s in tensor.shape)
-    if any(s < 0 for s in shape):
+    shape = tuple(tensor.shape)  # Python ints (a decoding step parses one small tensor: no generators here)
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
     if data is None:
         data = tensor.data  # read once: every read of a bytes field makes a new copy of it
@@ -77,7 +77,7 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
         raise InvalidArgument(
             f"{what} carries {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
         )
-    if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:  # empty, but numpy cannot shape it
+    if expected == 0 and math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:  # numpy cannot shape it
         raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
     # An array over ``bytes`` is read-only; a caller's answer (user code may write to it) is copied.
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
