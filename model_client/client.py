@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 from monim.model_client.errors import error_from_rpc
-from monim.model_client.host_socket import NoSocket, SocketCalls
+from monim.model_client.host_socket import NoSocket, SocketCalls, SocketFull
 from monim.model_client.read_routing import ReadRouting
 from monim.model_client.shared_memory import CallRegion, SharedMemory, tensor_bytes
 from monim.protos import convert, framing, heap, validation
@@ -231,6 +231,8 @@ class _RemoteStore:
         if path is not None:
             try:
                 return self._on_socket(path, method, serialized)(sent, timeout=self.timeout_s, metadata=metadata)
+            except SocketFull:  # the server serves as many socket connections as it takes: this call over gRPC
+                pass
             except NoSocket:  # gone, or not reachable from this process: nothing was sent
                 self.forget_host_socket(target)
         return self._framed(target, method, serialized)(sent, timeout=self.timeout_s, metadata=metadata)

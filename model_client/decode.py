@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 from monim.model_client.client import _float_array
 from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
-from monim.model_client.host_socket import NoSocket, SocketStream
+from monim.model_client.host_socket import NoSocket, SocketFull, SocketStream
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
@@ -105,6 +105,7 @@ class DecodeStream:
         self._stream: _Stream | None = None
         self._closed = False
         self._unary = False  # the server refused a stream (it has as many as it takes): calls instead
+        self._socket_full = False  # the server's socket turned this stream away: it goes over gRPC
         self._on_endpoint = False  # whether _stream goes to a shard's read endpoint
         self.target = ""  # "host:port" the last step went to: the front end or a shard's endpoint
         self.transport = ""  # how: "socket" (the server's Unix socket, on its host) or "grpc"
@@ -148,6 +149,10 @@ class DecodeStream:
                     self._stream = self._open()
                 try:
                     result = self._stream.step(step)
+                except SocketFull:  # the socket serves as many connections as it takes: a gRPC stream
+                    self._stream.close()
+                    self._stream, self._socket_full = None, True
+                    continue
                 except (Unavailable, DeadlineExceeded, ResourceExhausted, Unauthenticated) as error:
                     self._stream.close()
                     self._stream = None
@@ -174,7 +179,7 @@ class DecodeStream:
         endpoint = store.read_routing.target()
         self._on_endpoint = endpoint is not None
         self.target = endpoint or client.target
-        path = store.host_socket(self.target)
+        path = None if self._socket_full else store.host_socket(self.target)
         if path is not None:
             try:
                 stream = _OnSocket(path, store.metadata, store.timeout_s)

@@ -26,6 +26,7 @@ from monim.protos.socket_frames import (
     CALLS,
     HELLO,
     MESSAGE,
+    REFUSED_KEY,
     STATUS,
     call_payload,
     recv_frame,
@@ -40,6 +41,11 @@ _DEADLINE_MARGIN_S = 5.0
 
 class NoSocket(Exception):
     """The socket could not be opened (gone, or this process cannot reach it): nothing was sent."""
+
+
+class SocketFull(NoSocket):
+    """The server turned the connection away before reading anything from it (it serves as many at once
+    as it takes): nothing ran; this call or stream goes over gRPC, and later ones try the socket again."""
 
 
 class SocketRpcError(grpc.RpcError):
@@ -61,8 +67,12 @@ class SocketRpcError(grpc.RpcError):
 
 
 def _status_error(payload: bytes) -> SocketRpcError:
+    """The status as an error; SocketFull (raised) for the server's refusal of the connection."""
     status = json.loads(payload)
-    return SocketRpcError(status.get("code", "UNKNOWN"), status.get("message", ""), status.get("trailing") or ())
+    trailing = status.get("trailing") or ()
+    if any(pair[0] == REFUSED_KEY for pair in trailing):
+        raise SocketFull(status.get("message", ""))
+    return SocketRpcError(status.get("code", "UNKNOWN"), status.get("message", ""), trailing)
 
 
 def _connect(path: str, timeout_s: float | None) -> socket.socket:
@@ -89,6 +99,8 @@ class SocketStream:
         self._socket = _connect(path, timeout_s)
         try:
             send_frame(self._socket, HELLO, json.dumps(_metadata_pairs(metadata)).encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # turned away at once: the status it sent answers the first step (SocketFull)
         except OSError as error:
             self._socket.close()
             raise NoSocket(str(error)) from None
@@ -152,8 +164,14 @@ class SocketCalls:
         wait = None if timeout is None else timeout + _DEADLINE_MARGIN_S
         try:
             connection.settimeout(wait)
-            send_frame(connection, CALL, payload)
+            # A server that turned a new connection away sent its status and closed: the send may fail,
+            # and that status is the answer (SocketFull).
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                send_frame(connection, CALL, payload)
             answers, error = _answers(connection, answered_in_parts)
+        except SocketFull:
+            connection.close()
+            raise
         except socket.timeout:
             connection.close()  # its answer may still come: the connection is left
             raise SocketRpcError("DEADLINE_EXCEEDED", f"no answer on the server's socket within {wait} s") from None
@@ -189,6 +207,8 @@ class SocketCalls:
         connection = _connect(self.path, timeout)
         try:
             send_frame(connection, CALLS, b"")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed at once: a refusal's status is read as the call's answer (_call)
         except OSError as error:
             connection.close()
             raise NoSocket(str(error)) from None

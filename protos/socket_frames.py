@@ -27,6 +27,9 @@ HELLO, MESSAGE, STATUS, CALLS, CALL = 1, 2, 3, 4, 5
 # Methods that stay on gRPC: Reshard streams a long admin's move that stops when its client goes;
 # Decode has streams of its own here; ProbeSharedMemory is how a client learns of the socket.
 NOT_CALLED_HERE = frozenset({"Reshard", "Decode", "ProbeSharedMemory"})
+# The trailing metadata key of the status a server sends a connection it will not serve (too many at
+# once), before it read anything from it: the connection's call or stream never ran.
+REFUSED_KEY = "monim-socket-refused"
 _HEADER_LENGTH = struct.Struct("<I")
 _HEADER = struct.Struct("<BI")
 # A step's request is one batch of queries: far below this (a larger length is a broken peer).

@@ -22,7 +22,9 @@ region: the same host, user and /dev/shm. Tokens are checked as on gRPC; TLS has
 socket no other host or user can open.
 
 The frames (a connection carries one Decode stream, or calls one after another) are
-protos/socket_frames.py's: both ends use them.
+protos/socket_frames.py's: both ends use them. At most MAX_CONNECTIONS connections are served at once
+(a thread each); the next is turned away with a status naming REFUSED_KEY, and its client goes over
+gRPC for that call or stream.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from monim.protos.socket_frames import (
     HELLO,
     MESSAGE,
     NOT_CALLED_HERE,
+    REFUSED_KEY,
     STATUS,
     recv_frame,
     send_frame,
@@ -58,6 +61,10 @@ from monim.workers.decoding import SERVICE, intercepted_handler
 log = logging.getLogger(__name__)
 
 HELLO_WAIT_S = 10.0  # a connection that sends no hello within this is closed
+# Connections served at once (each holds a thread of the server). One past it is answered with a
+# RESOURCE_EXHAUSTED status naming REFUSED_KEY before anything is read, and closed: its client sends
+# that call over gRPC (model_client/host_socket.py), which has limits of its own.
+MAX_CONNECTIONS = 512
 _PREFIX = "monim-host-"
 _CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 
@@ -128,8 +135,11 @@ class HostSocket:
     serves (None: every MemoryService method but Reshard; a shard's read endpoint passes its own).
     stop() closes it and its connections."""
 
-    def __init__(self, servicer, interceptors, methods: frozenset[str] | None = None):
+    def __init__(self, servicer, interceptors, methods: frozenset[str] | None = None,
+                 max_connections: int = MAX_CONNECTIONS):
         self._servicer, self._interceptors, self._methods = servicer, list(interceptors), methods
+        self.max_connections = max_connections
+        self.refused = 0  # connections turned away past max_connections
         # gRPC's limit on a message either way, kept here too: a call answers as it would there.
         self.max_message_bytes = servicer.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES
         self._handlers: dict[str, grpc.RpcMethodHandler | None] = {}
@@ -169,9 +179,28 @@ class HostSocket:
                 if self._stopped:
                     connection.close()
                     return
-                self._connections.add(connection)
+                full = len(self._connections) >= self.max_connections
+                if full:
+                    self.refused += 1
+                else:
+                    self._connections.add(connection)
+            if full:
+                self._refuse(connection)
+                continue
             threading.Thread(target=self._serve, args=(connection,), name="monim-host-socket-client",
                              daemon=True).start()
+
+    def _refuse(self, connection: socket.socket) -> None:
+        """Tells a connection past max_connections so, before reading anything from it, and closes it."""
+        message = (f"the server's host socket serves at most {self.max_connections} connections at once; "
+                   "this one goes over gRPC")
+        try:
+            connection.settimeout(1.0)
+            send_frame(connection, STATUS, status_payload("RESOURCE_EXHAUSTED", message, ((REFUSED_KEY, "1"),)))
+        except OSError:
+            pass
+        finally:
+            connection.close()
 
     def _serve(self, connection: socket.socket) -> None:
         """One connection: its first frame says whether it carries a Decode stream or calls."""

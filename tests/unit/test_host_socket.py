@@ -491,3 +491,54 @@ def test_the_message_limit_holds_on_the_socket_as_on_grpc():
     finally:
         frontend.stop(0)
         runtime.shutdown()
+
+
+def test_a_connection_past_the_servers_most_is_turned_away_and_its_client_goes_over_grpc(served):
+    """max_connections: the next connection is answered RESOURCE_EXHAUSTED (with the refusal's key)
+    before anything is read, and closed; a client's call and decode stream that meet it go over gRPC,
+    answer as before, store nothing twice, and the client uses the socket again once there is room."""
+    from monim.protos.socket_frames import REFUSED_KEY
+
+    frontend, address, _ = served
+    host_socket = frontend.host_socket
+    _wait_idle(frontend)  # the fixture's client's connections are gone
+    host_socket.max_connections = 1
+    holder = _raw(frontend)  # a decode stream that holds the one connection served
+    deadline = time.monotonic() + 10
+    while frontend.gate.streams < 1 and time.monotonic() < deadline:  # its hello read: it is served
+        time.sleep(0.01)
+    assert host_socket.connections == 1 and host_socket.refused == 0
+    turned_away = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    turned_away.settimeout(30)
+    turned_away.connect(host_socket.path)
+    kind, payload = recv_frame(turned_away)  # sent before the client said anything
+    status = json.loads(payload)
+    assert kind == STATUS and status["code"] == "RESOURCE_EXHAUSTED" and [REFUSED_KEY, "1"] in status["trailing"]
+    assert "at most 1 connections" in status["message"] and recv_frame(turned_away) is None
+    turned_away.close()
+    with MemoryClient(address) as client:
+        rows = len(client.get("mem", np.arange(ROWS)).ids)  # over gRPC: the socket is full
+        expected = client._store._framed(address, "Search", serialized=False)(
+            pb.SearchRequest(namespace="mem", k=4, queries=convert.tensor_to_proto(_queries(3))), timeout=30).ids
+        calls_before, refused_before = host_socket.calls, host_socket.refused
+        found = client.search("mem", _queries(3), 4)
+        np.testing.assert_array_equal(found.ids, convert.tensor_from_proto(expected, "ids"))
+        assert host_socket.calls == calls_before and host_socket.refused > refused_before
+        ids = client.add("mem", _queries(4, batch=3), np.arange(3))  # a write too: stored once
+        assert len(client.get("mem", np.arange(ROWS + 3)).ids) == rows + 3 and len(ids) == 3
+        with client.decode() as stream:
+            np.testing.assert_array_equal(stream.search("mem", _queries(3), 4).ids, found.ids)
+            assert stream.transport == "grpc"
+        assert client._store.host_socket(address) == host_socket.path  # not forgotten
+        holder.close()
+        deadline = time.monotonic() + 10
+        while host_socket._connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client.search("mem", _queries(3), 4)
+        assert host_socket.calls == calls_before + 1  # room again: the socket serves the client
+        host_socket.max_connections = 2  # the client's idle calls connection, and a stream
+        with client.decode() as stream:
+            stream.search("mem", _queries(3), 4)
+            assert stream.transport == "socket"
+        client.delete("mem", ids)
+    _wait_idle(frontend)
