@@ -292,7 +292,8 @@ class Frontend:
         if metrics_port is not None:
             from monim.workers.metrics import ServerMetrics, serve_metrics
 
-            self.metrics = ServerMetrics(self.probe, lambda: self.gate.in_flight, getattr(router, "forwards", None))
+            self.metrics = ServerMetrics(self.probe, lambda: self.gate.in_flight, getattr(router, "forwards", None),
+                                         lambda: self.host_socket)
             self.gate.observer = self.metrics.observe
             self._httpd, self.metrics_port = serve_metrics(self.metrics, metrics_host, metrics_port)
         self.shard_states: list[str] = []

@@ -175,8 +175,9 @@ class ServerMetrics:
     """The metrics of one front end. probe: its ShardProbe (workers/frontend.py); in_flight: a
     function that returns the number of calls being served."""
 
-    def __init__(self, probe, in_flight, forwards=None):
-        """forwards: the router's ForwardStates (workers/forwards.py), to report its table."""
+    def __init__(self, probe, in_flight, forwards=None, host_socket=None):
+        """forwards: the router's ForwardStates (workers/forwards.py), to report its table. host_socket:
+        a function that returns the front end's HostSocket (workers/host_socket.py), or None while it has none."""
         self.registry = CollectorRegistry()
         self.probe = probe
         self.requests = Counter("monim_requests", "MemoryService calls answered, by method, namespace, gRPC status "
@@ -197,6 +198,8 @@ class ServerMetrics:
                                                "monim_read_endpoint_namespace"))
         if forwards is not None:
             self.registry.register(ForwardsCollector(forwards))
+        if host_socket is not None:
+            self.registry.register(HostSocketCollector(host_socket))
 
     def learn(self, namespaces) -> None:
         """Namespaces that exist (as shards or a successful call report them) may be labels."""
@@ -418,6 +421,34 @@ class ForwardsCollector(Collector):
         for why in DROP_REASONS:
             dropped.add_metric((why,), self.forwards.counts[why])
         yield from (states, held, dropped)
+
+
+class HostSocketCollector(Collector):
+    """The front end's Unix socket for clients on its host (workers/host_socket.py)."""
+
+    def __init__(self, host_socket):
+        self.host_socket = host_socket
+
+    @staticmethod
+    def _families():
+        return (GaugeMetricFamily("monim_host_socket_connections", "Connections served on the host socket "
+                                  "(decode streams and calls connections of this host's clients)"),
+                CounterMetricFamily("monim_host_socket_calls", "Calls taken on the host socket"),
+                CounterMetricFamily("monim_host_socket_refused", "Connections turned away past the socket's "
+                                    "most (their calls and streams went over gRPC)"))
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        host_socket = self.host_socket()
+        if host_socket is None:
+            return
+        connections, calls, refused = self._families()
+        connections.add_metric((), host_socket.connections)
+        calls.add_metric((), host_socket.calls)
+        refused.add_metric((), host_socket.refused)
+        yield from (connections, calls, refused)
 
 
 def serve_metrics(metrics: ServerMetrics, host: str, port: int):

@@ -541,4 +541,9 @@ def test_a_connection_past_the_servers_most_is_turned_away_and_its_client_goes_o
             stream.search("mem", _queries(3), 4)
             assert stream.transport == "socket"
         client.delete("mem", ids)
+    from monim.workers.metrics import HostSocketCollector
+
+    exported = {family.name: family.samples[0].value for family in HostSocketCollector(lambda: host_socket).collect()}
+    assert exported["monim_host_socket_refused"] == host_socket.refused >= 2  # a call and a stream at least
+    assert exported["monim_host_socket_calls"] == host_socket.calls
     _wait_idle(frontend)
