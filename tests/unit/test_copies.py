@@ -4,8 +4,8 @@ length mismatch, and let another Python thread run while they copy."""
 from __future__ import annotations
 
 import mmap
+import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -64,35 +64,39 @@ def test_a_length_mismatch_is_refused_and_nothing_is_written():
 
 
 def test_another_thread_runs_while_a_large_copy_copies():
-    """A memoryview slice assignment holds the GIL for the whole copy; copy_bytes does not. The
-    counting thread's progress during the copies is compared with its progress alone: with the GIL
-    held it would be near zero (it was under half of copy_bytes' with the memoryview on the VM)."""
+    """A memoryview slice assignment holds the GIL for the whole copy; copy_bytes does not. A thread
+    starts a large copy; this thread, woken as it starts, counts its own Python steps until the copy is
+    done. The interpreter's switch interval is made long, so the GIL changes hands only where a thread
+    lets it go: a copy that holds it leaves this thread no step at all before it is done."""
     size = 64 << 20
     source = np.ones(size, np.uint8)
     target = np.empty(size, np.uint8)
     copies.copy_bytes(target, source)  # pages touched
 
-    def counted(copy, seconds=0.3) -> float:
-        stop, count = threading.Event(), [0]
+    def steps_during(copy) -> int:
+        started, done = threading.Event(), threading.Event()
 
-        def spin():
-            while not stop.is_set():
-                count[0] += 1
-        thread = threading.Thread(target=spin)
-        thread.start()
-        started = time.perf_counter()
-        copying = 0.0
-        while time.perf_counter() - started < seconds:
-            t0 = time.perf_counter()
+        def run():
+            started.set()
             copy()
-            copying += time.perf_counter() - t0
-        stop.set()
+            done.set()
+        thread = threading.Thread(target=run)
+        thread.start()
+        started.wait()
+        steps = 0
+        while not done.is_set():
+            steps += 1
         thread.join()
-        return count[0] / (time.perf_counter() - started)
+        return steps
 
-    held = counted(lambda: memoryview(target).__setitem__(slice(None), memoryview(source)))
-    released = counted(lambda: copies.copy_bytes(target, source))
-    assert released > 1.3 * held, (released, held)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.5)
+    try:
+        held = steps_during(lambda: memoryview(target).__setitem__(slice(None), memoryview(source)))
+        released = steps_during(lambda: copies.copy_bytes(target, source))
+    finally:
+        sys.setswitchinterval(interval)
+    assert held == 0 and released > 0, (held, released)
 
 
 def test_a_large_answer_tensor_is_a_writable_copy_of_its_bytes(four_threads):
