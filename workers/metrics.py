@@ -29,6 +29,8 @@ and tests in one process do not collide. What it exports (docs/OPERATIONS.md, "W
     monim_read_endpoint_streams{shard}                    gauge: Decode streams open on it
     monim_read_endpoint_calls_total{shard, method, code}  counter: calls (a Decode step: one) it answered, by gRPC
                                                           status, since it started
+    monim_read_endpoint_host_socket_connections{shard}    gauge: connections on its Unix socket for clients on its host
+    monim_read_endpoint_host_socket_refused_total{shard}  counter: connections turned away there past its most
     monim_read_endpoint_forward_states{shard}             gauge: Retrieve states its router keeps for their backward
     monim_read_endpoint_forward_state_bytes{shard}        gauge: the bytes they hold
     monim_read_endpoint_forward_states_dropped_total{shard, why}  counter: evicted, expired or missed, as
@@ -291,6 +293,12 @@ class ShardCollector(Collector):
                                           "clients reach the shard's own read endpoint", labels=("shard", "target")),
             "streams": GaugeMetricFamily("monim_read_endpoint_streams", "Decode streams open on the shard's own "
                                          "read endpoint", labels=("shard",)),
+            "socket_connections": GaugeMetricFamily("monim_read_endpoint_host_socket_connections", "Connections "
+                                                    "on the read endpoint's Unix socket for clients on its host",
+                                                    labels=("shard",)),
+            "socket_refused": CounterMetricFamily("monim_read_endpoint_host_socket_refused", "Connections the read "
+                                                  "endpoint's socket turned away past its most (they went over "
+                                                  "gRPC)", labels=("shard",)),
             "calls": CounterMetricFamily("monim_read_endpoint_calls", "Calls (a Decode step: one) the shard's own "
                                          "read endpoint answered, by gRPC status (since it started)",
                                          labels=("shard", "method", "code")),
@@ -349,6 +357,10 @@ class ShardCollector(Collector):
             if endpoint is not None:
                 families["endpoint"].add_metric((label, endpoint["target"]), 1.0)
                 families["streams"].add_metric((label,), endpoint["streams"])
+                socket = endpoint.get("host_socket")
+                if socket is not None:
+                    families["socket_connections"].add_metric((label,), socket["connections"])
+                    families["socket_refused"].add_metric((label,), socket["refused"])
                 for (method, code), count in sorted(endpoint["calls"].items()):
                     families["calls"].add_metric((label, method, code), count)
                 forwards = endpoint.get("forwards")

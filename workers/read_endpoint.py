@@ -135,15 +135,19 @@ class ReadEndpoint:
     def stats(self) -> dict:
         """For the front end's metrics (Shard.metrics): its target, the Decode streams open now, the
         calls (each Decode step one) answered so far, {(method, status code name): count}, the
-        last minute's per namespace (RecentCalls.window_counts), and its router's kept forwards
-        (states, bytes, dropped: {why: count}; workers/forwards.py)."""
+        last minute's per namespace (RecentCalls.window_counts), its router's kept forwards
+        (states, bytes, dropped: {why: count}; workers/forwards.py), and its host socket's connections
+        and refusals (workers/host_socket.py; None without one)."""
         with self._calls_lock:
             calls = dict(self._calls)
         forwards = self.router.forwards
+        socket = self.host_socket
         return {"target": self.target, "streams": self.gate.streams, "calls": calls,
                 "recent": {"span_s": self.recent.span_s(), "counts": self.recent.window_counts()},
                 "forwards": {"states": len(forwards), "bytes": forwards.bytes,
-                             "dropped": {why: forwards.counts[why] for why in DROP_REASONS}}}
+                             "dropped": {why: forwards.counts[why] for why in DROP_REASONS}},
+                "host_socket": None if socket is None else {"connections": socket.connections,
+                                                            "refused": socket.refused}}
 
     def stop(self, grace_s: float = 0.0) -> None:
         """Refuses new calls and Decode steps (UNAVAILABLE), waits up to grace_s seconds for the calls

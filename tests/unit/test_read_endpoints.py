@@ -343,6 +343,10 @@ def test_endpoint_calls_and_streams_reach_the_front_ends_metrics():
 
                 samples = scrape()
                 assert samples[("monim_read_endpoint_streams", (("shard", "0"),))] == 1
+                # The stream is on the endpoint's host socket (so are the client's calls there); none turned away.
+                assert samples[("monim_read_endpoint_host_socket_connections", (("shard", "0"),))] >= 1
+                assert samples[("monim_read_endpoint_host_socket_refused_total", (("shard", "0"),))] == 0
+                assert samples[("monim_host_socket_refused_total", ())] == 0  # the front end's own socket
                 assert samples[("monim_read_endpoint_info", (("shard", "0"), ("target", stream.target)))] == 1
                 # monim status shows where the endpoint listens and its open streams, from the same scrape.
                 report = cli_status.collect(client, address, [f"http://127.0.0.1:{server.metrics_port}/metrics"], 30)
