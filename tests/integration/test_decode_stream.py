@@ -79,14 +79,18 @@ def test_steps_answer_as_the_calls_do_in_order(client):
 
 def test_a_failing_step_is_answered_with_its_code_and_the_stream_goes_on(client, front_end):
     rows = _rows(client)
-    with client.decode() as stream:
-        with pytest.raises(NotFound, match="'nope' does not exist"):
-            stream.search("nope", _queries(1), 4)
-        with pytest.raises(InvalidArgument, match="k must be"):
-            stream.search("mem", _queries(1), 0)
-        with pytest.raises(InvalidArgument, match="temperature"):
-            stream.retrieve("mem", _queries(1), 4, temperature=-1.0)
-        assert stream.search("mem", _queries(1), 4).ids.shape == (2, 4)  # the same stream answers on
+    # On the server's host socket (this client shares its host) and over gRPC (as from another host).
+    with MemoryClient(front_end.address, timeout_s=60, shared_memory=False) as over_grpc:
+        for reader, transport in ((client, "socket"), (over_grpc, "grpc")):
+            with reader.decode() as stream:
+                with pytest.raises(NotFound, match="'nope' does not exist"):
+                    stream.search("nope", _queries(1), 4)
+                with pytest.raises(InvalidArgument, match="k must be"):
+                    stream.search("mem", _queries(1), 0)
+                with pytest.raises(InvalidArgument, match="temperature"):
+                    stream.retrieve("mem", _queries(1), 4, temperature=-1.0)
+                assert stream.search("mem", _queries(1), 4).ids.shape == (2, 4)  # the same stream answers on
+                assert stream.transport == transport
     # Steps the client library would not send: keep_state, an empty step, bytes that are no DecodeStep.
     channel, stub = _raw_stub(front_end)
     queries = convert.tensor_to_proto(_queries(2))

@@ -145,19 +145,11 @@ def test_steps_on_the_socket_answer_as_the_grpc_stream_does_in_order(served):
 
 
 def test_a_failing_step_is_answered_with_its_code_and_the_stream_goes_on(served):
+    """The bytes a client library would not send (keep_state, an empty step, no DecodeStep at all), on
+    the raw socket; the library's failing steps on both transports: tests/integration/test_decode_stream.py."""
     frontend, address, _ = served
     with MemoryClient(address) as client:
         before = len(client.get("mem", np.arange(ROWS)).ids)
-        with client.decode() as stream:
-            with pytest.raises(NotFound, match="'nope' does not exist"):
-                stream.search("nope", _queries(1), 4)
-            with pytest.raises(InvalidArgument, match="k must be"):
-                stream.search("mem", _queries(1), 0)
-            with pytest.raises(InvalidArgument, match="temperature"):
-                stream.retrieve("mem", _queries(1), 4, temperature=-1.0)
-            assert stream.search("mem", _queries(1), 4).ids.shape == (2, 4)
-            assert stream.transport == "socket"
-        # What the client library would not send: keep_state, an empty step, bytes that are no DecodeStep.
         connection = _raw(frontend)
         keep = pb.DecodeStep(retrieve=pb.RetrieveRequest(namespace="mem", queries=convert.tensor_to_proto(_queries(2)),
                                                          k=3, temperature=1.0, keep_state=True))
