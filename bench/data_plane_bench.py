@@ -242,11 +242,20 @@ def decode_cells(table, local, remote, queries, args, floor):
     # a Retrieve the memory output (value_dim float32) and alpha too.
     floor_s = {"search": floor.stream_step(steps[0].nbytes, 32 * 16),
                "retrieve": floor.stream_step(steps[0].nbytes, 32 * 20 + 4 * args.value_dim)}
+    on_device = [torch.from_numpy(q).to(args.device) for q in steps]
+    tensor_of = {id(q): t for q, t in zip(steps, on_device)}
+
+    def tensors_in(q):  # the layer's way (as_tensors): the query on the device, the memory ready there
+        found = local.retrieve(NAMESPACE, tensor_of[id(q)], 32, 1.0, as_tensors=True)
+        sync()
+        return found
+
     with remote.decode() as stream:
         ways = {("search", "in"): lambda q: local.search(NAMESPACE, q, 32),
                 ("search", "calls"): lambda q: remote.search(NAMESPACE, q, 32),
                 ("search", "stream"): lambda q: stream.search(NAMESPACE, q, 32),
                 ("retrieve", "in"): lambda q: local.retrieve(NAMESPACE, q, 32, 1.0),
+                ("retrieve", "in tensors"): tensors_in,
                 ("retrieve", "calls"): lambda q: remote.retrieve(NAMESPACE, q, 32, 1.0),
                 ("retrieve", "stream"): lambda q: stream.retrieve(NAMESPACE, q, 32, 1.0)}
         for call in ways.values():
@@ -269,7 +278,8 @@ def decode_cells(table, local, remote, queries, args, floor):
         local_p = pct((read, "in"))
         call_p, stream_p = pct((read, "calls")), pct((read, "stream"))
         best_ms = local_p[0] + 1e3 * floor_s[read]
-        table.add(f"decode: {read.capitalize()} B=1 k=32, p50 / p99", f"{local_p[0]:.2f} / {local_p[1]:.2f} ms",
+        tensors = "" if read == "search" else " (tensors on the device %.2f / %.2f)" % pct((read, "in tensors"))
+        table.add(f"decode: {read.capitalize()} B=1 k=32, p50 / p99", f"{local_p[0]:.2f} / {local_p[1]:.2f} ms{tensors}",
                   f"stream {stream_p[0]:.2f} / {stream_p[1]:.2f} ms to {where} (calls {call_p[0]:.2f} / {call_p[1]:.2f})",
                   "", goal, f"p50 {best_ms:.2f} ms ({stream_p[0] / best_ms:.2f})",
                   in_process_ms=local_p, calls_ms=call_p, stream_ms=stream_p, bare_stream_step_ms=1e3 * floor_s[read])
@@ -296,11 +306,20 @@ def learn_cells(table, local, remote, queries, rng, args, floor):
             # backward) are freed; the first ~26 steps at k=1024 allocate theirs (cudaHostAlloc, ~11 ms each).
             both = p50(timed(step, args.repeats, args.budget_s, warm_ups=STEP_WARM_UPS))
             ratio[name] = (both / search, both, search)
+        q_on, grad_on = torch.from_numpy(q).to(args.device), torch.from_numpy(grad).to(args.device)
+
+        def tensor_step():  # the layer's way in-process: tensors in and out, on the store's device
+            r = local.retrieve(NAMESPACE, q_on, k, 1.0, keep_state=True, as_tensors=True)
+            local.retrieve_backward(NAMESPACE, r, grad_on)
+            sync()
+        on_device = p50(timed(tensor_step, args.repeats, args.budget_s, warm_ups=STEP_WARM_UPS))
         table.add(f"Retrieve+backward / Search, B={len(q)}, k={k}",
-                  f"{ratio['in'][0]:.2f}x ({1e3 * ratio['in'][1]:.1f} / {1e3 * ratio['in'][2]:.1f} ms)",
+                  f"{ratio['in'][0]:.2f}x ({1e3 * ratio['in'][1]:.1f} / {1e3 * ratio['in'][2]:.1f} ms); "
+                  f"tensors {on_device / ratio['in'][2]:.2f}x",
                   f"{ratio['svc'][0]:.2f}x ({1e3 * ratio['svc'][1]:.1f} / {1e3 * ratio['svc'][2]:.1f} ms)", "", goal,
                   f"step {1e3 * (ratio['in'][1] + wire_s):.1f} ms ({ratio['svc'][1] / (ratio['in'][1] + wire_s):.2f})",
-                  in_process=ratio["in"], through_service=ratio["svc"], bare_transfers_s=wire_s)
+                  in_process=ratio["in"], through_service=ratio["svc"], bare_transfers_s=wire_s,
+                  in_process_tensors_s=on_device)
 
 
 def apply_cells(table, local, remote, rng, args, floor):

@@ -26,6 +26,8 @@ from monim.datastore.transfer import source_tensor, to_device
 
 # Floats of one gathered [chunk, k, width] block.
 _GATHER_BLOCK_FLOATS = 1 << 26
+# value_sum on a GPU gathers [B, k, value_dim] rows whole up to this many floats (16 MB).
+DENSE_GATHER_FLOATS = 1 << 22
 
 
 def attention(distances: np.ndarray, weights: np.ndarray, ids: np.ndarray, temperature: float) -> np.ndarray:
@@ -42,7 +44,7 @@ def attention_tensor(distances: torch.Tensor, weights: torch.Tensor, present: to
     whose slots are all held needs no masks."""
     scores = torch.div(distances.float(), -temperature)
     scores.add_(weights.float().clamp_min(1e-30).log_())
-    if bool(present.all()):
+    if not present.is_cuda and bool(present.all()):  # (on a GPU the masks cost less than the wait for this answer)
         return torch.softmax(scores, dim=1)
     missing = ~present
     alpha = torch.softmax(scores.masked_fill_(missing, float("-inf")), dim=1)
@@ -138,6 +140,11 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
     """
     if values.shape[0] == 0:  # nothing stored: no slot is held
         return torch.zeros(rows.shape[0], values.shape[1], dtype=torch.float32, device=values.device)
+    if rows.is_cuda and rows.numel() * values.shape[1] <= DENSE_GATHER_FLOATS:
+        # A decoding step's few slots: gathered and summed on the GPU without a wait for the host (the
+        # sparse matrix's set-up waits twice for sizes only the GPU knows).
+        weights = alpha.masked_fill(rows < 0, 0.0)
+        return torch.bmm(weights[:, None, :], values[rows.clamp_min(0)])[:, 0]
     return _Slots(rows, values.shape[0]).times(alpha, values)
 
 

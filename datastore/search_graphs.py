@@ -16,6 +16,12 @@ so a store written between every search never pays for a capture. At most KEPT g
 store (least recently used out), each with its own memory pool (a few score rows: the search is one
 scan block, flat_index.one_block).
 
+The device path's Retrieve forward (NeighborStore.forward given a tensor: a decoding model's memory
+read with an in-process store on its GPU) is captured the same way, search, alpha and m in one graph:
+its query is copied in on the device, the temperature is an input of the graph (a learned T changes
+every step), and its answer is handed back as tensors on the device, not waited for, so the host
+goes on launching the model's next kernels while the GPU reads the memory.
+
 Only for a flat namespace on a GPU, without rows hidden by a reshard, and at most MAX_BATCH queries.
 MONIM_SEARCH_GRAPHS=0 in the environment turns graphs off.
 """
@@ -30,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from monim.datastore import flat_index
+from monim.datastore import flat_index, memory_ops
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +53,27 @@ _MAX_SEEN = 256
 class _Graph:
     graph: torch.cuda.CUDAGraph
     query: torch.Tensor  # the static input on the device
-    query_host: torch.Tensor  # pinned: the query is copied through it
+    query_host: torch.Tensor | None  # pinned: a search's query is copied through it
     outputs: dict  # {column: static output tensor on the device, or None}
     host: dict  # {column: pinned tensor the output is copied into}
+    temperature: torch.Tensor | None = None  # a forward's: its static input on the device
 
 
 class SearchGraphs:
-    """One store's captured searches.
+    """One store's captured searches and forwards.
 
     answer(queries: device tensor [B, dim], k, columns) -> {column: device tensor or None}: the store's
     search without a host copy or a wait (NeighborStore._device_answer); columns is the tuple
     (return_keys, return_values, return_weights).
+    forward(queries, k, temperature: 0-d device tensor) -> {column: device tensor}: the store's Retrieve
+    forward the same way (NeighborStore._device_forward); None where the store has none.
     """
 
-    def __init__(self, rows, answer: Callable[[torch.Tensor, int, tuple], dict]):
+    def __init__(self, rows, answer: Callable[[torch.Tensor, int, tuple], dict],
+                 forward: Callable[[torch.Tensor, int, torch.Tensor], dict] | None = None):
         self.rows = rows
         self._answer = answer
+        self._forward = forward
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: dict[tuple, int] = {}
         self._layout = rows.layout
@@ -78,41 +89,88 @@ class SearchGraphs:
             return None
         graph = self._graphs.get(key)
         if graph is None:
-            seen = self._seen.get(key, 0) + 1
-            if seen < CAPTURE_AFTER:
-                if len(self._seen) >= _MAX_SEEN:
-                    self._seen.clear()
-                self._seen[key] = seen
+            if not self._due(key):
                 return None
-            self._seen.pop(key, None)
             graph = self._capture(key, queries, k, columns)
             if graph is None:
                 return None
         self._graphs.move_to_end(key)
         return self._replay(graph, queries)
 
-    def _key(self, queries: np.ndarray, k: int, columns: tuple) -> tuple | None:
+    def forward(self, queries: torch.Tensor, k: int, temperature: float) -> dict | None:
+        """{column: tensor on the device} of the Retrieve forward (ids, distances, tokens, weights, alpha,
+        memory) from a graph, queued, not waited for; None where this forward is not one for a graph
+        (the caller runs it eagerly). queries: float32 [B, dim] on the store's device. The caller holds
+        the store's lock."""
+        if self._forward is None:
+            return None
+        key = self._key(queries, k, ("forward",))
+        if key is None:
+            return None
+        graph = self._graphs.get(key)
+        if graph is None:
+            if not self._due(key):
+                return None
+            graph = self._capture(key, queries, k, ("forward",), temperature)
+            if graph is None:
+                return None
+        self._graphs.move_to_end(key)
+        graph.query.copy_(queries)
+        graph.temperature.fill_(temperature)
+        graph.graph.replay()
+        self.replays += 1
+        # Copies: the caller keeps its answer while the next step's replay writes the static outputs.
+        return {name: tensor.clone() for name, tensor in graph.outputs.items()}
+
+    def _due(self, key: tuple) -> bool:
+        """Whether a shape not captured yet is to be captured now (its CAPTURE_AFTER-th time)."""
+        seen = self._seen.get(key, 0) + 1
+        if seen < CAPTURE_AFTER:
+            if len(self._seen) >= _MAX_SEEN:
+                self._seen.clear()
+            self._seen[key] = seen
+            return False
+        self._seen.pop(key, None)
+        return True
+
+    def _key(self, queries, k: int, columns: tuple) -> tuple | None:
         rows = self.rows
         if not ENABLED or self.failure is not None or rows.device.type != "cuda" or rows.size == 0:
             return None
         batch = queries.shape[0]
         if not 0 < batch <= MAX_BATCH or not flat_index.one_block(batch, rows.size):
             return None
-        return_keys, return_values, return_weights = columns
-        per_neighbour = 8 + 4 + 4 + 4 * (rows.dim * return_keys + rows.value_dim * return_values + return_weights)
-        if batch * k * per_neighbour > MAX_ANSWER_BYTES:
+        if columns == ("forward",):  # ids, distances, tokens, weights, alpha; m; the value rows gathered
+            answer_bytes = batch * (k * 24 + 4 * rows.value_dim)
+            if batch * k * rows.value_dim > memory_ops.DENSE_GATHER_FLOATS:
+                return None  # (a larger sum waits for the host to size its sparse matrix: no graph takes it)
+        else:
+            return_keys, return_values, return_weights = columns
+            answer_bytes = batch * k * (8 + 4 + 4 + 4 * (rows.dim * return_keys + rows.value_dim * return_values
+                                                         + return_weights))
+        if answer_bytes > MAX_ANSWER_BYTES:
             return None
         if rows.layout != self._layout:  # the columns moved: every graph would read freed memory
             self.drop()
             self._layout = rows.layout
-        return rows.size, batch, k, str(queries.dtype), columns
+        return rows.size, batch, k, str(queries.dtype).removeprefix("torch."), columns
 
-    def _capture(self, key: tuple, queries: np.ndarray, k: int, columns: tuple) -> _Graph | None:
+    def _capture(self, key: tuple, queries, k: int, columns: tuple, temperature: float = 1.0) -> _Graph | None:
         device = self.rows.device
-        query = torch.empty(queries.shape, dtype=_torch_dtype(queries), device=device)
-        query_host = torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
-        query_host.numpy()[...] = queries
-        query.copy_(query_host)
+        forward = columns == ("forward",)
+        query = torch.empty(queries.shape, dtype=queries.dtype if forward else _torch_dtype(queries), device=device)
+        query_host = None if forward else torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
+        if forward:
+            query.copy_(queries)
+            static_temperature = torch.full((), float(temperature), dtype=torch.float32, device=device)
+        else:
+            query_host.numpy()[...] = queries
+            query.copy_(query_host)
+            static_temperature = None
+
+        def run():
+            return self._forward(query, k, static_temperature) if forward else self._answer(query, k, columns)
+
         try:
             # Warm up on a side stream first (Triton compiles, cuBLAS picks its kernel, torch's lazy
             # state), as torch.cuda.graphs asks; then capture. thread_local: other threads of the
@@ -121,19 +179,19 @@ class SearchGraphs:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    self._answer(query, k, columns)
+                    run()
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    outputs = self._answer(query, k, columns)
+                    outputs = run()
         except Exception as error:  # noqa: BLE001 (a search that can't be captured is still answered)
             self.failure = f"{type(error).__name__}: {error}"
             self.drop()
             log.warning("search graphs off for this store: capture failed (%s); searches run eagerly", self.failure)
             return None
-        host = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                for name, t in outputs.items() if t is not None}
-        captured = _Graph(graph, query, query_host, outputs, host)
+        host = {} if forward else {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                   for name, t in outputs.items() if t is not None}
+        captured = _Graph(graph, query, query_host, outputs, host, static_temperature)
         self._graphs[key] = captured
         while len(self._graphs) > KEPT:
             self._graphs.popitem(last=False)

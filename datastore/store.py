@@ -134,7 +134,7 @@ class NeighborStore:
             if config.index in _APPROXIMATE else None
         self.kept_rows = KeptRows()
         # A flat GPU store's small searches, captured as CUDA graphs once a shape repeats.
-        self.graphs = SearchGraphs(self.rows, self._device_answer) \
+        self.graphs = SearchGraphs(self.rows, self._device_answer, self._device_forward) \
             if self.device.type == "cuda" and self.approximate is None else None
 
     def __len__(self) -> int:
@@ -233,7 +233,10 @@ class NeighborStore:
     def _checked_search(self, queries, k, nprobe: int, rerank: int, ef: int):
         """A search's queries, k and index options, checked (INVALID_ARGUMENT naming the bad one):
         (queries, k, {"nprobe", "rerank", "ef"} with the defaults filled in)."""
-        queries = validation.check_vectors(queries, self.config.dim, "queries")
+        if validation.is_tensor(queries):  # forward's device path: the queries stay where they are
+            queries = validation.check_vector_tensor(queries.to(self.device), self.config.dim, "queries")
+        else:
+            queries = validation.check_vectors(queries, self.config.dim, "queries")
         k = validation.check_k(k, self.config.max_k)
         nprobe, rerank, ef = validation.check_search_options(self.config.index, self.config.nlist, k, nprobe, rerank, ef)
         return queries, k, {"nprobe": nprobe, "rerank": rerank, "ef": ef}
@@ -241,7 +244,7 @@ class NeighborStore:
     def _search_rows(self, queries: np.ndarray, k: int, options: dict, hidden=None, held: int = 0):
         """(distances float32 [B, k], rows int64 tensor [B, k], -1 where none) of a search (under the
         lock): by the approximate index once built, else exact; held of the hidden ids left out."""
-        found = None if self.approximate is None else self.approximate.search(queries, k + held, **options)
+        found = None if self.approximate is None else self.approximate.search(_on_host(queries), k + held, **options)
         if found is None:
             distances, rows = self._nearest_rows(queries, k + held)
         else:
@@ -257,22 +260,48 @@ class NeighborStore:
         (ids, distances, tokens, weights), alpha = softmax(-d/T + log w) and m = sum_i alpha_i v_i, all on
         the store's device, under one hold of the lock. Returns (SearchResult, alpha float32 [B, k],
         memory float32 [B, value_dim]). keep_rows: as search, with alpha and distances kept beside the
-        rows for the backward (backward_partials' kept)."""
+        rows for the backward (backward_partials' kept).
+        queries a torch tensor (the in-process store's device path, docs/API.md "Tensors in and out"):
+        every array of the answer is a tensor on the store's device, queued there, not waited for;
+        nothing goes through the host but the finite check's one flag."""
+        on_device = validation.is_tensor(queries)
         queries, k, options = self._checked_search(queries, k, nprobe, rerank, ef)
         temperature = validation.check_temperature(temperature)
         validation.check_value_namespace(self.config.value_dim, "Retrieve")
         with self._lock:
-            distances, rows = self._search_rows(queries, k, options)
-            rows = rows.to(self.device)
-            columns = self._answer_columns(rows, torch.as_tensor(distances).to(self.device), False, False, True)
-            answer = to_host_later(columns)  # goes to the host while alpha and the value sums are computed
-            alpha = memory_ops.attention_tensor(columns["distances"], columns["weights"], rows >= 0, temperature)
-            memory = memory_ops.value_sum(self.rows.values[: self.rows.size], rows, alpha)
+            answer = None
+            if on_device and not keep_rows and self.graphs is not None:  # a decoding step's: one graph launch
+                answer = self.graphs.forward(queries, k, temperature)
+            if answer is None:
+                later = {}  # the host path's search columns go to the host while alpha and m are computed
+                answer = self._device_forward(queries, k, temperature, self._search_rows(queries, k, options),
+                                              None if on_device else lambda columns: later.update(
+                                                  host=to_host_later(columns)))
             if keep_rows:
-                self.kept_rows.put(keep_rows, rows, self.rows.removals, alpha=alpha, distances=columns["distances"])
-            mine = to_host_all({"alpha": alpha, "memory": memory})
-            host = answer()
+                self.kept_rows.put(keep_rows, answer["rows"], self.rows.removals, alpha=answer["alpha"],
+                                   distances=answer["distances"])
+            if on_device:
+                return SearchResult(**{name: answer[name] for name in ("ids", "distances", "tokens", "weights")}), \
+                    answer["alpha"], answer["memory"]
+            mine = to_host_all({"alpha": answer["alpha"], "memory": answer["memory"]})
+            host = later["host"]()
         return self._result(host), mine["alpha"], mine["memory"]
+
+    def _device_forward(self, queries: torch.Tensor, k: int, temperature, found=None, searched=None) -> dict:
+        """forward's answer as tensors on the store's device, queued, never waited for (a forward's CUDA
+        graph captures it: datastore/search_graphs.py): {ids, distances, tokens, weights, alpha [B, k],
+        memory [B, value_dim], rows [B, k]}. temperature: a float, or a 0-d tensor on the device (the
+        graph's input). found: the search's (distances, rows), if made already; searched(columns): called
+        with the search's columns as soon as they are queued."""
+        distances, rows = found if found is not None else self._torch_nearest(queries, k)
+        rows = rows.to(self.device)
+        columns = self._answer_columns(rows, torch.as_tensor(distances).to(self.device), False, False, True)
+        if searched is not None:
+            searched(columns)
+        alpha = memory_ops.attention_tensor(columns["distances"], columns["weights"], rows >= 0, temperature)
+        memory = memory_ops.value_sum(self.rows.values[: self.rows.size], rows, alpha)
+        return {name: columns[name] for name in ("ids", "distances", "tokens", "weights")} | {
+            "alpha": alpha, "memory": memory, "rows": rows}
 
     def _leave_out(self, distances, rows, hidden: np.ndarray, k: int):
         """The first k of each query's [k + h] nearest rows that do not hold a hidden id (numpy)."""
@@ -291,7 +320,7 @@ class NeighborStore:
         device from the torch kernel (left there for _gather)."""
         stored = self.rows.size
         if self.backend == "faiss":
-            return flat_index.faiss_search(queries, self.rows.keys[:stored].numpy(), k, self.config.metric)
+            return flat_index.faiss_search(_on_host(queries), self.rows.keys[:stored].numpy(), k, self.config.metric)
         return self._torch_nearest(to_device(queries, self.device), k)
 
     def _torch_nearest(self, queries: torch.Tensor, k: int):
@@ -450,6 +479,8 @@ class NeighborStore:
         naming every id >= 0 that is not stored. kept_part (_kept_part): the rows a search found them at."""
         if kept_part is not None:
             return kept_part["rows"].to(self.device)
+        if torch.is_tensor(ids) and self.device.type == "cpu":  # a device path's ids, on the host store's device
+            ids = ids.numpy()
         if self.device.type == "cpu":
             rows = self.rows.rows_of(ids)
             gone = (ids >= 0) & (rows < 0)
@@ -457,11 +488,12 @@ class NeighborStore:
                 raise IdsNotFound(self.config.name, ids[gone])
             return torch.from_numpy(rows)
         # On a GPU the ids go there once and are looked up there (B x k of them in a training step).
-        on_device = self._tensor(np.ascontiguousarray(ids, np.int64))
+        on_device = ids.to(self.device, torch.int64) if torch.is_tensor(ids) \
+            else self._tensor(np.ascontiguousarray(ids, np.int64))
         rows = self.rows.id_map.lookup_tensor(on_device)
         gone = (on_device >= 0) & (rows < 0)
         if bool(gone.any()):
-            raise IdsNotFound(self.config.name, ids[gone.cpu().numpy()])
+            raise IdsNotFound(self.config.name, on_device[gone].cpu().numpy())
         return rows
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
@@ -600,3 +632,8 @@ class NeighborStore:
         with self._lock:
             self.next_id = max(self.next_id, int(next_id))
             self.rows.advance_insertions(insertions)
+
+
+def _on_host(queries):
+    """Queries as numpy for an index on the host (faiss): a device path's tensor is copied there."""
+    return queries.cpu().numpy() if torch.is_tensor(queries) else queries

@@ -33,7 +33,10 @@ def source_tensor(array: np.ndarray) -> torch.Tensor:
 
 def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """The array (only read from) as a tensor on device: on a GPU, large arrays through pinned memory
-    (the copy to the GPU is queued, not waited for; the buffer is not reused before it ends)."""
+    (the copy to the GPU is queued, not waited for; the buffer is not reused before it ends). A tensor
+    (the in-process store's device path) goes there as torch moves it: not at all where it is."""
+    if torch.is_tensor(array):
+        return array.to(device)
     tensor = source_tensor(array)
     if torch.device(device).type != "cuda" or tensor.nbytes < PINNED_MIN_BYTES:
         return tensor.to(device)

@@ -101,6 +101,15 @@ def _float_array(array, what: str):
     return array
 
 
+def _tensor_queries(queries):
+    """(device, queries) of an as_tensors read: a torch tensor, float64 and bfloat16 in float32 (as the
+    numpy path narrows float64; bfloat16 has no numpy dtype)."""
+    if not validation.is_tensor(queries):
+        raise InvalidArgument(f"as_tensors takes queries as a torch tensor, got {type(queries).__name__}")
+    queries = queries.detach()
+    return queries.device, queries.float() if str(queries.dtype) in ("torch.bfloat16", "torch.float64") else queries
+
+
 def _int_array(array, what: str):
     array = _to_numpy(array, what)
     if array is not None and array.dtype.kind in "iu" and array.dtype != np.int32:
@@ -786,12 +795,21 @@ class MemoryClient:
 
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *,
-                 keep_state: bool = False, nprobe: int = 0, rerank: int = 0, ef: int = 0) -> RetrieveResult:
+                 keep_state: bool = False, nprobe: int = 0, rerank: int = 0, ef: int = 0,
+                 as_tensors: bool = False) -> RetrieveResult:
         """The MoNIM forward next to the data: r.memory float32 [B, value_dim] = sum_i alpha_i v_i,
         with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k.
         keep_state: the server keeps what the backward needs under r.handle (for a few minutes), so
         that retrieve_backward sends only grad_memory; MoNIMLayer asks for it when a backward follows.
-        nprobe, rerank, ef: as in ``search`` (ivf namespaces; hnsw namespaces)."""
+        nprobe, rerank, ef: as in ``search`` (ivf namespaces; hnsw namespaces).
+        as_tensors: queries a torch tensor; the result's arrays are torch tensors on its device. The
+        in-process store (":memory:") on that device answers there: nothing goes through the host but
+        the finite check's flag, nothing is waited for, and the backward of a kept forward takes and
+        returns tensors there too (docs/API.md, "Tensors in and out"). A server's answer is copied
+        there once."""
+        if as_tensors:
+            return self._retrieve_tensors(namespace, queries, k, temperature, keep_state=keep_state, nprobe=nprobe,
+                                          rerank=rerank, ef=ef)
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         config = self._configs.get(namespace)  # the memory's width where known (no call of its own for it)
@@ -813,6 +831,12 @@ class MemoryClient:
                                  for part in chunks])
         return dataclasses.replace(convert.batch_result(into, found, namespace), queries=queries, handle="")
 
+    def _retrieve_tensors(self, namespace: str, queries, k: int, temperature: float, **options) -> RetrieveResult:
+        device, queries = _tensor_queries(queries)
+        if self.remote:
+            return self.retrieve(namespace, queries, k, temperature, **options).to_tensors(device)
+        return self._retried("retrieve", namespace, queries, k, temperature, **options).to_tensors(device)
+
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
                           step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:
         """Backward of ``retrieve``: the value rows take one optimizer step with dL/dv_i = alpha_i dL/dm;
@@ -830,7 +854,14 @@ class MemoryClient:
         gradients it answered (it restarted, its rows moved, or they aged out): the rows stepped once;
         this step's dL/dq and dL/dT are gone (a training loop skips the batch).
         step_values=False: only the gradients of the queries and T; no value row is stepped (the
-        parts are staged, then dropped)."""
+        parts are staged, then dropped).
+        A result of ``retrieve(..., as_tensors=True)``: grad_memory a torch tensor, and grad_queries one,
+        on its device (with the in-process store on that device, the backward runs there)."""
+        batch, rows = int(result.ids.shape[0]), np.shape(grad_memory)[0] if np.ndim(grad_memory) else 0
+        if rows != batch:  # (a handle's backward may go in parts by row: this call's is the whole forward's)
+            raise InvalidArgument(f"grad_memory has {rows} rows but the forward had {batch} queries")
+        if result.tensors:
+            return self._backward_tensors(namespace, result, grad_memory, step_id, step_values)
         grad_memory = _float_array(grad_memory, "grad_memory")
         step_id = step_id or validation.new_request_id()
         if result.handle:
@@ -840,6 +871,32 @@ class MemoryClient:
                 if "retrieve handle" not in error.message:
                     raise
         return self._backward(namespace, result, grad_memory, step_id, step_values)
+
+    def _backward_tensors(self, namespace: str, result: RetrieveResult, grad_memory, step_id, step_values: bool):
+        """retrieve_backward of an as_tensors result: in-process, by its handle, on the device; else (a
+        server; a forward without a handle, or whose handle is gone) its arrays go through the host."""
+        if not validation.is_tensor(grad_memory):
+            raise InvalidArgument(f"the backward of an as_tensors forward takes grad_memory as a torch tensor, "
+                                  f"got {type(grad_memory).__name__}")
+        device = grad_memory.device
+        if not self.remote and result.handle and step_values:
+            step_id = step_id or validation.new_request_id()
+            try:
+                grad_queries, grad_temperature = self._retried(
+                    "retrieve_backward", namespace, None, None, None, None, grad_memory.detach().float(),
+                    result.temperature, generation=result.generation, step_id=step_id, handle=result.handle)
+                return grad_queries.to(device), grad_temperature
+            except FailedPrecondition as error:
+                if "retrieve handle" not in error.message:
+                    raise
+            result = dataclasses.replace(result, handle="")
+        host = dataclasses.replace(result, **{field: getattr(result, field).detach().cpu().numpy()
+                                              for field in ("memory", "ids", "alpha", "distances", "tokens", "weights",
+                                                            "queries")})
+        grad_queries, grad_temperature = self.retrieve_backward(namespace, host, grad_memory, step_id, step_values)
+        import torch  # an as_tensors caller has it
+
+        return torch.from_numpy(grad_queries).to(device), grad_temperature
 
     def _backward(self, namespace: str, result: RetrieveResult, grad_memory, step_id: str, step_values: bool,
                   handle: str = ""):

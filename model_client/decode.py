@@ -29,7 +29,7 @@ import time
 
 import grpc
 import numpy as np
-from monim.model_client.client import _float_array
+from monim.model_client.client import _float_array, _tensor_queries
 from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
 from monim.model_client.host_socket import NoSocket, SocketFull, SocketStream
 from monim.protos import convert
@@ -124,15 +124,21 @@ class DecodeStream:
         return convert.search_result_from_proto(self._send(step).search)
 
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *, nprobe: int = 0,
-                 rerank: int = 0, ef: int = 0) -> RetrieveResult:
-        """As MemoryClient.retrieve, for one decoding step (no backward follows: no state is kept)."""
+                 rerank: int = 0, ef: int = 0, as_tensors: bool = False) -> RetrieveResult:
+        """As MemoryClient.retrieve, for one decoding step (no backward follows: no state is kept).
+        as_tensors: as there (the step's answer copied to the queries' device once)."""
         if not self._client.remote:
-            return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank, ef=ef)
+            return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank, ef=ef,
+                                         as_tensors=as_tensors)
+        device = None
+        if as_tensors:
+            device, queries = _tensor_queries(queries)
         queries = _float_array(queries, "queries")
         step = pb.DecodeStep(retrieve=pb.RetrieveRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), temperature=temperature,
             nprobe=nprobe, rerank=rerank, ef=ef))
-        return convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
+        result = convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
+        return result if device is None else result.to_tensors(device)
 
     # ----- the stream ----------------------------------------------------------------------------
     def _send(self, step: pb.DecodeStep) -> pb.DecodeStepResult:

@@ -111,28 +111,32 @@ class RetrieveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, temperature, values, layer: "MoNIMLayer"):
         started = time.perf_counter()
+        ctx_dtype = queries.dtype
         # A backward follows when an input needs a gradient: then the server keeps the forward's state
         # and the backward sends only grad_memory.
-        queries_host = queries.detach().float().cpu().numpy()
+        # Tensors in and out (as_tensors): with an in-process store on the model's GPU nothing leaves it and
+        # the host does not wait here; with a server the queries' one copy is the wire's.
+        queries = queries.detach().float()
         if layer.decoding is not None and not any(ctx.needs_input_grad[:3]):  # generating: no backward follows
-            result = layer.decoding.retrieve(layer.namespace, queries_host, layer.k, float(temperature.detach()))
+            result = layer.decoding.retrieve(layer.namespace, queries, layer.k, layer.temperature_value(),
+                                             as_tensors=True)
         else:
-            result = layer.client.retrieve(layer.namespace, queries_host, layer.k, float(temperature.detach()),
-                                           keep_state=any(ctx.needs_input_grad[:3]))
+            result = layer.client.retrieve(layer.namespace, queries, layer.k, layer.temperature_value(),
+                                           keep_state=any(ctx.needs_input_grad[:3]), as_tensors=True)
         layer.timer.record("retrieve", time.perf_counter() - started, queries.shape[0])
         ctx.result, ctx.layer = result, layer
-        ctx.device, ctx.dtype = queries.device, queries.dtype
+        ctx.device, ctx.dtype = queries.device, ctx_dtype
         layer.last_result = result
-        return torch.from_numpy(result.memory).to(queries.device, queries.dtype)
+        return result.memory.to(queries.device, ctx_dtype)
 
     @staticmethod
     def backward(ctx, grad_memory):
         layer = ctx.layer
         started = time.perf_counter()
         grad_queries, grad_temperature = layer.client.retrieve_backward(
-            layer.namespace, ctx.result, grad_memory.detach().float().cpu().numpy(), step_values=layer.train_values)
+            layer.namespace, ctx.result, grad_memory.detach().float(), step_values=layer.train_values)
         layer.timer.record("retrieve_backward", time.perf_counter() - started, grad_memory.shape[0])
-        return (torch.from_numpy(grad_queries).to(ctx.device, ctx.dtype),
+        return (grad_queries.to(ctx.device, ctx.dtype),
                 torch.tensor(grad_temperature, dtype=torch.float32, device=ctx.device),
                 torch.zeros((), device=ctx.device), None)
 
@@ -168,6 +172,7 @@ class MoNIMLayer(nn.Module):
         self.train_values = train_values
         self.mix_knn = mix_knn or mode == "knnlm"
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self._temperature_read = (None, temperature)  # ((data_ptr, version) of log T when read, T): temperature_value
         self.gate = nn.Parameter(torch.tensor(float(gate)))
         lam = math.log(knn_lambda / (1 - knn_lambda))
         self.knn_lambda_logit = nn.Parameter(torch.tensor(lam), requires_grad=learn_lambda)
@@ -193,6 +198,16 @@ class MoNIMLayer(nn.Module):
     @property
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
+
+    def temperature_value(self) -> float:
+        """T as a float for the store, read from the parameter's device only when log T changed since the
+        last read (an optimizer's step or a load changes its version): a decoding step on a GPU then makes
+        the host wait for nothing but the store's finite check."""
+        parameter = self.log_temperature
+        seen = (parameter.data_ptr(), parameter._version)
+        if self._temperature_read[0] != seen:
+            self._temperature_read = (seen, math.exp(float(parameter.detach())))
+        return self._temperature_read[1]
 
     @property
     def knn_lambda(self) -> torch.Tensor:
@@ -234,8 +249,8 @@ class MoNIMLayer(nn.Module):
     def _record_features(self, distances, ids, tokens, index, batch, seq, device) -> None:
         if self.combiner is None:
             return
-        features = AdaptiveCombiner.neighbour_features(torch.from_numpy(distances), torch.from_numpy(ids),
-                                                       torch.from_numpy(np.asarray(tokens)))
+        features = AdaptiveCombiner.neighbour_features(*(torch.as_tensor(array).to(device)
+                                                         for array in (distances, ids, tokens)))
         self.last_features = self._scatter(features.to(device), index, batch, seq)
 
     def gate_at(self, lm_logits: torch.Tensor | None) -> torch.Tensor:
@@ -266,12 +281,14 @@ class MoNIMLayer(nn.Module):
         return self._distribution(r.ids, r.distances, r.weights, r.tokens, vocab_size, index, batch, seq, device)
 
     def _distribution(self, ids, distances, weights, tokens, vocab_size, index, batch, seq, device):
-        distances = torch.from_numpy(np.where(ids >= 0, distances, 0)).to(device)
-        ids = torch.from_numpy(ids).to(device)
-        scores = -distances / self.temperature + torch.from_numpy(weights).to(device).clamp_min(1e-30).log()
+        # numpy (a search's) or tensors (a Retrieve's with as_tensors, already on the device)
+        ids, distances, weights, tokens = (torch.as_tensor(array).to(device) for array in (ids, distances, weights,
+                                                                                            tokens))
+        distances = distances.masked_fill(ids < 0, 0.0)
+        scores = -distances / self.temperature + weights.clamp_min(1e-30).log()
         scores = scores.masked_fill(ids < 0, float("-inf"))
         alpha = torch.nan_to_num(torch.softmax(scores, dim=1), nan=0.0)
-        tokens = torch.from_numpy(np.asarray(tokens).astype(np.int64)).clamp_min(0).to(device)
+        tokens = tokens.long().clamp_min(0)
         p_knn = torch.zeros(ids.shape[0], vocab_size, device=device).scatter_add_(1, tokens, alpha)
         return self._scatter(p_knn, index, batch, seq)
 

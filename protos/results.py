@@ -61,6 +61,7 @@ class RetrieveResult:
     queries and temperature are the forward's inputs, kept for the backward;
     generation: of the namespace the ids belong to (the backward carries it).
     handle: names the forward's state kept at the front end ("" if none: the backward sends the arrays).
+    With ``as_tensors`` (MemoryClient.retrieve) the arrays are torch tensors on the queries' device.
     """
 
     memory: np.ndarray
@@ -73,6 +74,20 @@ class RetrieveResult:
     temperature: float = 1.0
     generation: int = 0
     handle: str = ""
+
+    @property
+    def tensors(self) -> bool:
+        """Whether the arrays are torch tensors (a result of as_tensors)."""
+        return hasattr(self.memory, "is_cuda")
+
+    def to_tensors(self, device) -> "RetrieveResult":
+        """This result with its arrays as torch tensors on device (numpy arrays copied there once)."""
+        import torch  # only asked for by a caller that has torch
+
+        arrays = {field: getattr(self, field) for field in ("memory", "ids", "alpha", "distances", "tokens", "weights",
+                                                           "queries")}
+        return dataclasses.replace(self, **{field: torch.as_tensor(array).to(device)
+                                            for field, array in arrays.items() if array is not None})
 
 
 @dataclasses.dataclass

@@ -67,6 +67,32 @@ def check_vectors(array, width: int, what: str, width_name: str = "dim") -> np.n
     return array
 
 
+def is_tensor(array) -> bool:
+    """A torch tensor (told apart without importing torch: the thin client has none)."""
+    return type(array).__module__.startswith("torch") and hasattr(array, "is_cuda")
+
+
+def check_vector_tensor(tensor, width: int, what: str, width_name: str = "dim"):
+    """check_vectors for a torch tensor (the in-process store's device path: nothing goes to the host
+    but one flag, the finite check's): float16/float32 [N, width], N >= 1, finite -> float32, contiguous,
+    on the tensor's device. The same errors as check_vectors."""
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if dtype not in ("float32", "float16"):
+        raise InvalidArgument(f"{what} have dtype {dtype}; expected float32 or float16")
+    if tensor.ndim != 2:
+        raise InvalidArgument(f"{what} must be 2-D [N, {width_name}], got shape {list(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise InvalidArgument(f"{what} is an empty batch")
+    if tensor.shape[1] != width:
+        raise InvalidArgument(f"{what} have width {tensor.shape[1]} but the namespace's {width_name} is {width}")
+    tensor = tensor.detach().float().contiguous()
+    finite = tensor.isfinite().all(dim=1)
+    if not bool(finite.all()):
+        bad_row = int((~finite).nonzero()[0, 0])
+        raise InvalidArgument(f"{what} contain NaN or Inf (first at row {bad_row})")
+    return tensor
+
+
 def check_tokens(tokens, rows: int) -> np.ndarray:
     """int32/int64 [rows] in [0, 2^31) -> int32 [rows]."""
     tokens = _as_array(tokens, "tokens")
@@ -289,9 +315,10 @@ def check_backward_request(config, queries, ids, alpha, distances, grad_memory, 
         check_temperature(temperature)
 
 
-def check_grad_memory(config, grad_memory, batch: int) -> np.ndarray:
-    """grad_memory float [batch, value_dim], finite -> float32."""
-    grad_memory = check_vectors(grad_memory, config.value_dim, "grad_memory", "value_dim")
+def check_grad_memory(config, grad_memory, batch: int):
+    """grad_memory float [batch, value_dim], finite -> float32 (a torch tensor stays one: check_vector_tensor)."""
+    check = check_vector_tensor if is_tensor(grad_memory) else check_vectors
+    grad_memory = check(grad_memory, config.value_dim, "grad_memory", "value_dim")
     if grad_memory.shape[0] != batch:
         raise InvalidArgument(f"grad_memory has {grad_memory.shape[0]} rows but there are {batch} queries")
     return grad_memory

@@ -30,7 +30,9 @@ import threading
 import time
 
 import numpy as np
+import torch
 from monim.datastore import admission, memory_ops
+from monim.datastore.transfer import to_host
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig, validate_namespace_name
 from monim.protos.errors import (
@@ -471,20 +473,25 @@ class Router:
         alpha and distances stay there for the backward (NeighborStore.kept_rows).
         keep_state: the queries, ids, alpha, distances and temperature stay here under
         result.handle, for a backward that sends only grad_memory.
-        nprobe, rerank, ef: as in search (an ivf or hnsw namespace's search; its distances enter alpha)."""
+        nprobe, rerank, ef: as in search (an ivf or hnsw namespace's search; its distances enter alpha).
+        queries a torch tensor (the in-process store's device path: MemoryClient.retrieve's as_tensors):
+        the result's arrays are tensors on the shard's device; with one shard nothing goes through the
+        host (the forward runs there whole, and its state for a backward stays there)."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
-        queries = validation.check_vectors(queries, config.dim, "queries")
+        on_device = validation.is_tensor(queries)  # (its queries checked where they go: the store, on its device)
+        if not on_device:
+            queries = validation.check_vectors(queries, config.dim, "queries")
         validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
                                         rerank, ef)
-        one_round = queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
+        one_round = not on_device and queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
         for _ in range(RETRIEVE_ATTEMPTS):
             # One shard's answer is the whole answer: a training batch's forward runs there whole, on its
             # device, and for a backward its rows (alpha, distances) stay there under a name (kept_rows).
             alone = self.placement.alone
             kept_rows = secrets.token_hex(8) if alone and keep_state else ""
-            if alone and not one_round:
+            if alone and (on_device or not one_round):
                 answers = self._all_shards("forward", namespace, config.generation, queries, k, temperature, kept_rows,
                                            nprobe, rerank, ef)
                 if len(answers) == 1:  # (else a reshard began meanwhile: the general way below)
@@ -492,6 +499,12 @@ class Router:
                     found.generation = config.generation
                     return self._retrieved(namespace, config, queries, found, alpha, memory, temperature,
                                            keep_state, kept_rows)
+            if on_device:  # several shards: the general way, on the host; the answer goes back to the device
+                device, queries = queries.device, validation.check_vector_tensor(queries, config.dim, "queries")
+                queries = queries.cpu().numpy()
+                result = self.retrieve(namespace, queries, k, temperature, generation=config.generation,
+                                       keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
+                return result.to_tensors(device)
             found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
                                  rerank=rerank, ef=ef, keep_rows=kept_rows)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
@@ -538,13 +551,23 @@ class Router:
         handle: a kept forward (retrieve's keep_state): queries, ids, alpha, distances, temperature
         and generation come from it (pass None for them), and grad_memory is its rows
         [row_offset, row_offset + B); FAILED_PRECONDITION if the handle is unknown or expired.
-        Returns (grad_queries float32 [B, dim], grad_temperature)."""
+        Returns (grad_queries float32 [B, dim], grad_temperature).
+        grad_memory a torch tensor (the in-process store's device path): grad_queries is one too, on the
+        shard's device; a forward kept there (its queries a tensor) is finished there, nothing through the host."""
+        device = grad_memory.device if validation.is_tensor(grad_memory) else None
         if handle:  # the forward's state is this router's own, checked when it was made: only grad_memory is new
             queries, ids, alpha, distances, temperature, generation, kept_rows = self._kept_forward(
                 namespace, handle, row_offset, grad_memory, queries, ids, alpha, distances)
             config = self.config(namespace, generation)
             grad_memory = validation.check_grad_memory(config, grad_memory, queries.shape[0])
+            if validation.is_tensor(queries) != (device is not None):  # one side on a device: both on the state's
+                grad_memory = grad_memory.cpu().numpy() if device is not None \
+                    else torch.from_numpy(grad_memory).to(queries.device)
         else:
+            if device is not None:  # the arrays of a forward that kept no state: checked and used on the host
+                queries, ids, alpha, distances, grad_memory = (
+                    array.cpu().numpy() if validation.is_tensor(array) else array
+                    for array in (queries, ids, alpha, distances, grad_memory))
             config = self.config(namespace, generation)
             queries, ids, alpha, distances, grad_memory, temperature = validation.check_backward_request(
                 config, queries, ids, alpha, distances, grad_memory, temperature)
@@ -574,10 +597,13 @@ class Router:
         if not defer_step:
             self._commit(config, step)
         if not isinstance(answers[0], memory_ops.BackwardPartials):
-            return answers[0]
-        grad_queries, grad_temperature = memory_ops.combine_backward(sum(answers[1:], answers[0]), queries,
-                                                                     config.metric, temperature)
-        return grad_queries.numpy(), grad_temperature
+            grad_queries, grad_temperature = answers[0]
+        else:
+            grad_queries, grad_temperature = memory_ops.combine_backward(sum(answers[1:], answers[0]), queries,
+                                                                         config.metric, temperature)
+        if device is not None:
+            return torch.as_tensor(grad_queries).to(device), grad_temperature
+        return to_host(grad_queries) if torch.is_tensor(grad_queries) else grad_queries, grad_temperature
 
     def _kept_forward(self, namespace, handle, row_offset, grad_memory, *sent):
         """(queries, ids, alpha, distances, temperature, generation, kept_rows) of rows [row_offset,
@@ -587,7 +613,7 @@ class Router:
             raise InvalidArgument("a backward that names a handle sends only grad_memory: the forward's queries, "
                                   "ids, alpha and distances come from the handle")
         state = self.forwards.get(validation.check_step_id(handle), namespace)
-        rows = np.asarray(grad_memory).shape[0] if np.ndim(grad_memory) >= 1 else 0
+        rows = np.shape(grad_memory)[0] if np.ndim(grad_memory) >= 1 else 0
         if isinstance(row_offset, bool) or not isinstance(row_offset, (int, np.integer)) or row_offset < 0 \
                 or row_offset + rows > state.ids.shape[0]:
             raise InvalidArgument(f"grad_memory rows [{row_offset}, {row_offset + rows}) are not rows of the "

@@ -834,7 +834,8 @@ class Shard:
         if finish is None:
             return BackwardPartials.unpack(to_host(packed))
         grad_queries, grad_temperature = memory_ops.combine_backward(BackwardPartials.unpack(packed), queries, *finish)
-        return to_host(grad_queries), grad_temperature
+        # A device path's forward (its queries a tensor, in this process) gets its answer where it is.
+        return grad_queries if torch.is_tensor(queries) else to_host(grad_queries), grad_temperature
 
     @_serialized
     def stage_gradients(self, namespace: str, generation: int, step_id: str, part: int, ids: np.ndarray,

@@ -1,0 +1,102 @@
+"""The device path on a GPU: with an in-process store on the model's GPU, Retrieve and its backward take
+and give tensors there, nothing goes through the host but the finite check's one flag, and a decoding
+step's forward replays one CUDA graph. Skipped without a GPU (run on the GPU machine)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from monim.datastore import search_graphs
+from monim.model_client.client import MemoryClient
+from monim.model_client.layer import MoNIMLayer
+
+from tests.unit.test_learnable_memory import BATCH, DIM, LR, TEMPERATURE, VALUE_DIM, N, dense_reference, make_data
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")]
+
+K = 12
+
+
+def on_gpu(metric="l2", seed=4):
+    keys, values, weights, queries, grad_memory = make_data(seed)
+    client = MemoryClient(":memory:", device="cuda")
+    client.create_namespace("g", dim=DIM, metric=metric, value_dim=VALUE_DIM, key_dtype="float32", optimizer="sgd",
+                            lr=LR)  # float32 keys: the reference is float32
+    client.add("g", keys, np.arange(N), values=values, weights=weights)
+    return client, (keys, values, weights, queries, grad_memory)
+
+
+def synchronizations(call):
+    """(call's result, the number of times it made the host wait for the GPU)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return result, sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_a_training_step_on_the_gpu_matches_autograd_and_stays_there(metric):
+    client, (keys, values, weights, queries, grad_memory) = on_gpu(metric)
+    q, g = torch.from_numpy(queries).cuda(), torch.from_numpy(grad_memory).cuda()
+    result = client.retrieve("g", q, K, TEMPERATURE, keep_state=True, as_tensors=True)
+    assert all(getattr(result, name).is_cuda for name in ("memory", "ids", "alpha", "distances", "tokens", "weights"))
+    ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, result.ids.cpu().numpy(),
+                                                       metric, TEMPERATURE, grad_memory)
+    np.testing.assert_allclose(result.memory.cpu().numpy(), ref_m, atol=1e-5)
+    grad_queries, grad_temperature = client.retrieve_backward("g", result, g)
+    assert grad_queries.is_cuda
+    np.testing.assert_allclose(grad_queries.cpu().numpy(), ref_gq, atol=1e-5)
+    assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
+    np.testing.assert_allclose(client.get("g", np.arange(N)).values, values - LR * ref_gv, atol=1e-5)
+
+
+def test_a_decoding_steps_forward_replays_a_graph_waits_once_and_sees_updates():
+    client, (keys, values, weights, queries, _) = on_gpu()
+    store = client._store.runtime.shards[0].stores["g"]
+    steps = [torch.from_numpy(queries[i:i + 1]).cuda() for i in range(6)]
+    answers = [client.retrieve("g", q, K, TEMPERATURE, as_tensors=True) for q in steps]
+    assert store.graphs.captures == 1 and store.graphs.replays == len(steps) - 1
+    answer, waits = synchronizations(lambda: client.retrieve("g", steps[0], K, 0.5, as_tensors=True))
+    assert waits == 1  # the finite check's flag; the answer is queued on the GPU, not waited for
+    expected = client.retrieve("g", queries[:1], K, 0.5)  # the numpy path (another graph: search only)
+    np.testing.assert_allclose(answer.memory.cpu().numpy(), expected.memory, atol=1e-5)  # T is the graph's input
+    np.testing.assert_array_equal(answer.ids.cpu().numpy(), expected.ids)
+    for q, found in zip(steps, answers):  # each answer its own, not the graph's last output
+        ref_m, *_ = dense_reference(q.cpu().numpy(), keys, values, weights, found.ids.cpu().numpy(), "l2",
+                                    TEMPERATURE, np.zeros((1, VALUE_DIM), np.float32))
+        np.testing.assert_allclose(found.memory.cpu().numpy(), ref_m, atol=1e-5)
+    # A value row stepped in place: the next replay reads it.
+    first = int(answer.ids[0, 0])
+    client.apply_gradients("g", np.array([first]), np.ones((1, VALUE_DIM), np.float32))
+    stepped = client.retrieve("g", steps[0], K, 0.5, as_tensors=True)
+    assert not torch.equal(stepped.memory, answer.memory)
+    eager = search_graphs.ENABLED
+    try:
+        search_graphs.ENABLED = False
+        again = client.retrieve("g", steps[0], K, 0.5, as_tensors=True)
+    finally:
+        search_graphs.ENABLED = eager
+    torch.testing.assert_close(stepped.memory, again.memory, atol=1e-5, rtol=0)
+
+
+def test_the_layer_reads_the_gpu_store_without_leaving_the_gpu():
+    client, (keys, values, weights, queries, grad_memory) = on_gpu()
+    layer = MoNIMLayer(client, "g", k=K, temperature=TEMPERATURE).cuda()
+    hidden = torch.from_numpy(queries).cuda().reshape(2, BATCH // 2, DIM).requires_grad_(True)
+    memory = layer(hidden)
+    (memory * torch.from_numpy(grad_memory).cuda().reshape(memory.shape)).sum().backward()
+    ref_m, _, ref_gq, ref_gt, _ = dense_reference(queries, keys, values, weights, layer.last_result.ids.cpu().numpy(),
+                                                  "l2", TEMPERATURE, grad_memory)
+    np.testing.assert_allclose(memory.detach().reshape(BATCH, VALUE_DIM).cpu().numpy(), ref_m, atol=1e-5)
+    np.testing.assert_allclose(hidden.grad.reshape(BATCH, DIM).cpu().numpy(), ref_gq, atol=1e-5)
+    with torch.no_grad():  # decoding: one token's hidden state
+        for _ in range(3):
+            _, waits = synchronizations(lambda: layer(hidden[:1, :1]))
+        assert waits == 1
