@@ -77,6 +77,27 @@ def test_steps_answer_as_the_calls_do_in_order(client):
                 np.testing.assert_allclose(read.memory, expected.memory, rtol=1e-5, atol=1e-6)
 
 
+def test_tensors_in_and_out_through_the_server(client):
+    """as_tensors (docs/API.md, "Tensors in and out") on a server: a call, a stream's step and a training
+    step's backward answer tensors with the numpy path's numbers."""
+    import torch
+
+    queries = _queries(99, batch=3)
+    expected = client.retrieve("mem", queries, 5, 2.0)
+    with client.decode() as stream:
+        read = stream.retrieve("mem", torch.from_numpy(queries), 5, 2.0, as_tensors=True)
+    called = client.retrieve("mem", torch.from_numpy(queries).double(), 5, 2.0, as_tensors=True)
+    for result in (read, called):
+        assert result.tensors and result.memory.dtype == torch.float32 and result.ids.dtype == torch.int64
+        np.testing.assert_array_equal(result.ids.numpy(), expected.ids)
+        np.testing.assert_allclose(result.memory.numpy(), expected.memory, rtol=1e-5, atol=1e-6)
+    grad = np.random.default_rng(5).standard_normal((3, VALUE_DIM)).astype(np.float32)
+    grad_queries, _ = client.retrieve_backward("mem", called, torch.from_numpy(grad), step_values=False)
+    expected_grad, _ = client.retrieve_backward("mem", expected, grad, step_values=False)
+    assert isinstance(grad_queries, torch.Tensor)
+    np.testing.assert_allclose(grad_queries.numpy(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_a_failing_step_is_answered_with_its_code_and_the_stream_goes_on(client, front_end):
     rows = _rows(client)
     # On the server's host socket (this client shares its host) and over gRPC (as from another host).
