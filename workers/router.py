@@ -481,6 +481,8 @@ class Router:
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
         on_device = validation.is_tensor(queries)  # (its queries checked where they go: the store, on its device)
+        if on_device and (queries.device.type == "cpu" or not self.placement.alone):
+            return self._retrieve_on_host(namespace, config, queries, k, temperature, keep_state, nprobe, rerank, ef)
         if not on_device:
             queries = validation.check_vectors(queries, config.dim, "queries")
         validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
@@ -499,12 +501,9 @@ class Router:
                     found.generation = config.generation
                     return self._retrieved(namespace, config, queries, found, alpha, memory, temperature,
                                            keep_state, kept_rows)
-            if on_device:  # several shards: the general way, on the host; the answer goes back to the device
-                device, queries = queries.device, validation.check_vector_tensor(queries, config.dim, "queries")
-                queries = queries.cpu().numpy()
-                result = self.retrieve(namespace, queries, k, temperature, generation=config.generation,
-                                       keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
-                return result.to_tensors(device)
+            if on_device:  # a reshard began meanwhile
+                return self._retrieve_on_host(namespace, config, queries, k, temperature, keep_state, nprobe, rerank,
+                                              ef)
             found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
                                  rerank=rerank, ef=ef, keep_rows=kept_rows)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
@@ -521,6 +520,14 @@ class Router:
                                    kept_rows)
         raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
                       "attempts of this Retrieve; retry it")
+
+    def _retrieve_on_host(self, namespace, config, queries, k, temperature, keep_state, nprobe, rerank, ef):
+        """retrieve of a tensor by the host's way, its answer then as tensors on the tensor's device: a tensor
+        on the host is a numpy array already (and there the host's way is the faster at small batches); on
+        several shards the answers meet on the host anyway."""
+        result = self.retrieve(namespace, queries.detach().cpu().numpy(), k, temperature, generation=config.generation,
+                               keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
+        return result.to_tensors(queries.device)
 
     def _retrieved(self, namespace, config, queries, found, alpha, memory, temperature, keep_state, kept_rows):
         handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,

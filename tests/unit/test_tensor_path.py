@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from monim.datastore import NamespaceConfig
+from monim.datastore import NamespaceConfig, NeighborStore
 from monim.model_client.client import MemoryClient
 from monim.model_client.layer import MoNIMLayer
 from monim.protos.errors import InvalidArgument
@@ -199,3 +199,21 @@ def test_the_layer_reads_a_new_temperature_after_each_change_of_log_t():
     np.testing.assert_allclose(layer(hidden)[0].detach().numpy(), client.retrieve("mem", queries, K, 1.0).memory,
                                atol=1e-6)
     assert layer.temperature_value() == 1.0
+
+
+def test_the_stores_forward_answers_tensors_where_it_is_given_one():
+    """NeighborStore.forward's device branch (the one a GPU store runs; the router sends a host tensor the
+    host's way), here on the host: tensors with the numpy branch's numbers, rows kept for a backward."""
+    keys, values, weights, queries, _ = make_data()
+    store = NeighborStore(NamespaceConfig("mem", dim=DIM, value_dim=VALUE_DIM), backend="torch")
+    store.add(keys, np.arange(N), values=values, weights=weights)
+    found, alpha, memory = store.forward(torch.from_numpy(queries), K, TEMPERATURE, keep_rows="step")
+    expected, expected_alpha, expected_memory = store.forward(queries, K, TEMPERATURE)
+    for name in ("ids", "distances", "tokens", "weights"):
+        assert isinstance(getattr(found, name), torch.Tensor), name
+        np.testing.assert_array_equal(getattr(found, name).numpy(), getattr(expected, name), err_msg=name)
+    np.testing.assert_allclose(alpha.numpy(), expected_alpha, atol=1e-7)
+    np.testing.assert_allclose(memory.numpy(), expected_memory, atol=1e-6)
+    assert store.kept_rows.get("step", store.rows.removals)["rows"].shape == (BATCH, K)
+    with pytest.raises(InvalidArgument, match=r"queries contain NaN or Inf \(first at row 3\)"):
+        store.forward(torch.from_numpy(queries).index_fill(0, torch.tensor([3]), float("nan")), K, TEMPERATURE)
