@@ -834,8 +834,8 @@ class MemoryClient:
     def _retrieve_tensors(self, namespace: str, queries, k: int, temperature: float, **options) -> RetrieveResult:
         device, queries = _tensor_queries(queries)
         if self.remote:
-            return self.retrieve(namespace, queries, k, temperature, **options).to_tensors(device)
-        return self._retried("retrieve", namespace, queries, k, temperature, **options).to_tensors(device)
+            return self.retrieve(namespace, queries, k, temperature, **options).to_tensors(device, queries)
+        return self._retried("retrieve", namespace, queries, k, temperature, **options).to_tensors(device, queries)
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
                           step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:

@@ -130,15 +130,16 @@ class DecodeStream:
         if not self._client.remote:
             return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank, ef=ef,
                                          as_tensors=as_tensors)
-        device = None
+        device = tensor = None
         if as_tensors:
             device, queries = _tensor_queries(queries)
+            tensor = queries
         queries = _float_array(queries, "queries")
         step = pb.DecodeStep(retrieve=pb.RetrieveRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), temperature=temperature,
             nprobe=nprobe, rerank=rerank, ef=ef))
         result = convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
-        return result if device is None else result.to_tensors(device)
+        return result if device is None else result.to_tensors(device, tensor)
 
     # ----- the stream ----------------------------------------------------------------------------
     def _send(self, step: pb.DecodeStep) -> pb.DecodeStepResult:

@@ -527,7 +527,7 @@ class Router:
         several shards the answers meet on the host anyway."""
         result = self.retrieve(namespace, queries.detach().cpu().numpy(), k, temperature, generation=config.generation,
                                keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
-        return result.to_tensors(queries.device)
+        return result.to_tensors(queries.device, queries)
 
     def _retrieved(self, namespace, config, queries, found, alpha, memory, temperature, keep_state, kept_rows):
         handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,

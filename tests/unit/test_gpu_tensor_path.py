@@ -100,3 +100,15 @@ def test_the_layer_reads_the_gpu_store_without_leaving_the_gpu():
         for _ in range(3):
             _, waits = synchronizations(lambda: layer(hidden[:1, :1]))
         assert waits == 1
+
+
+def test_a_servers_answer_goes_to_the_gpu_in_one_copy_with_every_dtype_intact():
+    client, (_, _, _, queries, _) = on_gpu()
+    expected = client.retrieve("g", queries[:3], K, TEMPERATURE)  # numpy, as a server's answer comes
+    mine = torch.from_numpy(queries[:3]).cuda()
+    moved = expected.to_tensors("cuda", mine)
+    assert moved.queries is mine
+    for name in ("memory", "ids", "alpha", "distances", "tokens", "weights"):
+        column = getattr(moved, name)
+        assert column.is_cuda and column.dtype == torch.from_numpy(getattr(expected, name)).dtype, name
+        np.testing.assert_array_equal(column.cpu().numpy(), getattr(expected, name), err_msg=name)
