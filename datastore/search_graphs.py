@@ -81,9 +81,12 @@ class SearchGraphs:
         self.replays = 0
         self.failure: str | None = None  # why graphs were turned off for this store
 
-    def search(self, queries: np.ndarray, k: int, columns: tuple) -> dict | None:
+    def search(self, queries, k: int, columns: tuple) -> dict | None:
         """{column: numpy array} of the search's answer from a graph, or None where this search is not
-        one for a graph (the caller answers it eagerly). The caller holds the store's lock."""
+        one for a graph (the caller answers it eagerly). The caller holds the store's lock. queries a
+        tensor on the store's device (the device path): {column: tensor there}, queued, not waited for."""
+        if torch.is_tensor(queries):
+            columns = ("device",) + tuple(columns)  # another graph: no host buffers, the answer left there
         key = self._key(queries, k, columns)
         if key is None:
             return None
@@ -95,6 +98,8 @@ class SearchGraphs:
             if graph is None:
                 return None
         self._graphs.move_to_end(key)
+        if torch.is_tensor(queries):
+            return self._replay_on_device(graph, queries)
         return self._replay(graph, queries)
 
     def forward(self, queries: torch.Tensor, k: int, temperature: float) -> dict | None:
@@ -115,12 +120,15 @@ class SearchGraphs:
             if graph is None:
                 return None
         self._graphs.move_to_end(key)
-        graph.query.copy_(queries)
         graph.temperature.fill_(temperature)
+        return self._replay_on_device(graph, queries)
+
+    def _replay_on_device(self, graph: _Graph, queries: torch.Tensor) -> dict:
+        graph.query.copy_(queries)
         graph.graph.replay()
         self.replays += 1
         # Copies: the caller keeps its answer while the next step's replay writes the static outputs.
-        return {name: tensor.clone() for name, tensor in graph.outputs.items()}
+        return {name: None if tensor is None else tensor.clone() for name, tensor in graph.outputs.items()}
 
     def _due(self, key: tuple) -> bool:
         """Whether a shape not captured yet is to be captured now (its CAPTURE_AFTER-th time)."""
@@ -140,12 +148,13 @@ class SearchGraphs:
         batch = queries.shape[0]
         if not 0 < batch <= MAX_BATCH or not flat_index.one_block(batch, rows.size):
             return None
-        if columns == ("forward",):  # ids, distances, tokens, weights, alpha; m; the value rows gathered
+        asked = columns[1:] if columns[0] == "device" else columns
+        if asked == ("forward",):  # ids, distances, tokens, weights, alpha; m; the value rows gathered
             answer_bytes = batch * (k * 24 + 4 * rows.value_dim)
             if batch * k * rows.value_dim > memory_ops.DENSE_GATHER_FLOATS:
                 return None  # (a larger sum waits for the host to size its sparse matrix: no graph takes it)
         else:
-            return_keys, return_values, return_weights = columns
+            return_keys, return_values, return_weights = asked
             answer_bytes = batch * k * (8 + 4 + 4 + 4 * (rows.dim * return_keys + rows.value_dim * return_values
                                                          + return_weights))
         if answer_bytes > MAX_ANSWER_BYTES:
@@ -157,16 +166,17 @@ class SearchGraphs:
 
     def _capture(self, key: tuple, queries, k: int, columns: tuple, temperature: float = 1.0) -> _Graph | None:
         device = self.rows.device
-        forward = columns == ("forward",)
-        query = torch.empty(queries.shape, dtype=queries.dtype if forward else _torch_dtype(queries), device=device)
-        query_host = None if forward else torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
-        if forward:
+        on_device, forward = torch.is_tensor(queries), columns == ("forward",)
+        columns = columns[1:] if columns[0] == "device" else columns
+        query = torch.empty(queries.shape, dtype=queries.dtype if on_device else _torch_dtype(queries), device=device)
+        query_host = None if on_device else torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
+        if on_device:
             query.copy_(queries)
-            static_temperature = torch.full((), float(temperature), dtype=torch.float32, device=device)
         else:
             query_host.numpy()[...] = queries
             query.copy_(query_host)
-            static_temperature = None
+        static_temperature = torch.full((), float(temperature), dtype=torch.float32, device=device) if forward \
+            else None
 
         def run():
             return self._forward(query, k, static_temperature) if forward else self._answer(query, k, columns)
@@ -189,8 +199,8 @@ class SearchGraphs:
             self.drop()
             log.warning("search graphs off for this store: capture failed (%s); searches run eagerly", self.failure)
             return None
-        host = {} if forward else {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                   for name, t in outputs.items() if t is not None}
+        host = {} if on_device else {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                     for name, t in outputs.items() if t is not None}
         captured = _Graph(graph, query, query_host, outputs, host, static_temperature)
         self._graphs[key] = captured
         while len(self._graphs) > KEPT:

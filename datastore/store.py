@@ -216,19 +216,25 @@ class NeighborStore:
         keep_rows: a name under which the answer's rows stay on the store's device for a while, for
         value_sum and backward_partials over exactly this answer's ids (KeptRows): a training step's
         B x k ids then go to the device and through the id map once, not three times."""
+        on_device = validation.is_tensor(queries)  # the device path: the answer as tensors there, not waited for
         queries, k, options = self._checked_search(queries, k, nprobe, rerank, ef)
         if return_values and not self.config.value_dim:
             raise InvalidArgument("values were asked for but the namespace has value_dim 0")
+        columns = (return_keys, return_values, return_weights)
         with self._lock:
             held = 0 if hidden is None or not len(hidden) else int((self.rows.rows_of(hidden) >= 0).sum())
             if not held and self.graphs is not None:
-                host = self.graphs.search(queries, k, (return_keys, return_values, return_weights))
-                if host is not None:
-                    return self._result(host)
+                answer = self.graphs.search(queries, k, columns)
+                if answer is not None:
+                    return self._result(answer)
             distances, rows = self._search_rows(queries, k, options, hidden, held)
             if keep_rows:
                 self.kept_rows.put(keep_rows, rows, self.rows.removals)
-            return self._gather(rows, distances, return_keys, return_values, return_weights)
+            if on_device and self.rows.size:
+                return self._result(self._answer_columns(rows.to(self.device), torch.as_tensor(distances).to(
+                    self.device), *columns))
+            found = self._gather(rows, distances, *columns)
+        return found.to_tensors(self.device) if on_device else found
 
     def _checked_search(self, queries, k, nprobe: int, rerank: int, ef: int):
         """A search's queries, k and index options, checked (INVALID_ARGUMENT naming the bad one):
@@ -373,10 +379,12 @@ class NeighborStore:
         }
 
     @staticmethod
-    def _result(host: dict) -> SearchResult:
-        if host["keys"] is not None:
-            host["keys"] = host["keys"].astype(np.float32, copy=False)
-        return SearchResult(**host)
+    def _result(answer: dict) -> SearchResult:
+        """The answer's columns (numpy, or tensors on the device path) as a SearchResult, keys in float32."""
+        keys = answer["keys"]
+        if keys is not None:
+            answer["keys"] = keys.float() if torch.is_tensor(keys) else keys.astype(np.float32, copy=False)
+        return SearchResult(**answer)
 
     def _rows_of_stored(self, ids: np.ndarray) -> np.ndarray:
         """Rows of ids that must all be stored; NOT_FOUND naming the ones that are not."""

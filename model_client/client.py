@@ -110,6 +110,12 @@ def _tensor_queries(queries):
     return queries.device, queries.float() if str(queries.dtype) in ("torch.bfloat16", "torch.float64") else queries
 
 
+def _k(k) -> int:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise InvalidArgument(f"k must be an integer, got {k!r}")
+    return int(k)
+
+
 def _int_array(array, what: str):
     array = _to_numpy(array, what)
     if array is not None and array.dtype.kind in "iu" and array.dtype != np.int32:
@@ -689,14 +695,24 @@ class MemoryClient:
             validation.check_logp(logp, keys.shape[0])
 
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0, ef: int = 0) -> SearchResult:
+               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0, ef: int = 0,
+               as_tensors: bool = False) -> SearchResult:
         """queries float [B, dim] -> SearchResult (ids int64 [B,k], distances float32 [B,k], tokens int32 [B,k]).
         nprobe, rerank: ivf namespaces only: lists probed (0: min(32, nlist)) and candidates ranked
         again by exact distance (0: off, else >= k). ef: hnsw namespaces only: the search's beam
-        width (0: max(64, k), else in [k, 32768])."""
+        width (0: max(64, k), else in [k, 32768]).
+        as_tensors: queries a torch tensor, the answer's arrays torch tensors on its device, as retrieve's
+        (the in-process store on that device answers there, without a wait)."""
+        if as_tensors:
+            device, queries = _tensor_queries(queries)
+            options = dict(nprobe=nprobe, rerank=rerank, ef=ef)
+            if self.remote:
+                return self.search(namespace, queries, k, return_keys, return_values, return_weights,
+                                   **options).to_tensors(device)
+            return self._retried("search", namespace, queries, _k(k), return_keys, return_values, return_weights,
+                                 **options).to_tensors(device)
         queries = _float_array(queries, "queries")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-            raise InvalidArgument(f"k must be an integer, got {k!r}")
+        k = _k(k)
         value_dim = self._search_value_dim(namespace) if return_values and self.remote else 0
         try:
             return self._search_chunks(namespace, queries, int(k), return_keys, return_values, return_weights,

@@ -28,8 +28,7 @@ import threading
 import time
 
 import grpc
-import numpy as np
-from monim.model_client.client import _float_array, _tensor_queries
+from monim.model_client.client import _float_array, _k, _tensor_queries
 from monim.model_client.errors import ERRORS_BY_CODE, InternalError, error_from_rpc
 from monim.model_client.host_socket import NoSocket, SocketFull, SocketStream
 from monim.protos import convert
@@ -112,16 +111,21 @@ class DecodeStream:
 
     # ----- the two reads ---------------------------------------------------------------------
     def search(self, namespace: str, queries, k: int, return_keys: bool = False, return_values: bool = False,
-               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0, ef: int = 0) -> SearchResult:
-        """As MemoryClient.search, for one decoding step (one batch of queries)."""
+               return_weights: bool = False, *, nprobe: int = 0, rerank: int = 0, ef: int = 0,
+               as_tensors: bool = False) -> SearchResult:
+        """As MemoryClient.search, for one decoding step (one batch of queries); as_tensors as there."""
         if not self._client.remote:
             return self._client.search(namespace, queries, k, return_keys, return_values, return_weights,
-                                       nprobe=nprobe, rerank=rerank, ef=ef)
+                                       nprobe=nprobe, rerank=rerank, ef=ef, as_tensors=as_tensors)
+        device = None
+        if as_tensors:
+            device, queries = _tensor_queries(queries)
         queries = _float_array(queries, "queries")
         step = pb.DecodeStep(search=pb.SearchRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), return_keys=return_keys,
             return_values=return_values, return_weights=return_weights, nprobe=nprobe, rerank=rerank, ef=ef))
-        return convert.search_result_from_proto(self._send(step).search)
+        found = convert.search_result_from_proto(self._send(step).search)
+        return found if device is None else found.to_tensors(device)
 
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *, nprobe: int = 0,
                  rerank: int = 0, ef: int = 0, as_tensors: bool = False) -> RetrieveResult:
@@ -216,9 +220,3 @@ class DecodeStream:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _k(k) -> int:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-        raise InvalidArgument(f"k must be an integer, got {k!r}")
-    return int(k)

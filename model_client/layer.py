@@ -299,7 +299,7 @@ class MoNIMLayer(nn.Module):
         batch, seq = hidden.shape[:2]
         started = time.perf_counter()
         reader = self.decoding if self.decoding is not None and not torch.is_grad_enabled() else self.client
-        found = reader.search(self.namespace, queries.detach().float().cpu().numpy(), self.k, return_weights=True)
+        found = reader.search(self.namespace, queries.detach().float(), self.k, return_weights=True, as_tensors=True)
         self.timer.record("search", time.perf_counter() - started, queries.shape[0])
         self._record_features(found.distances, found.ids, found.tokens, index, batch, seq, hidden.device)
         return self._distribution(found.ids, found.distances, found.weights, found.tokens, vocab_size, index, batch,

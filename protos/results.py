@@ -30,6 +30,43 @@ class SearchResult:
     weights: np.ndarray | None = None
     generation: int = 0
 
+    @property
+    def tensors(self) -> bool:
+        """Whether the arrays are torch tensors (a result of as_tensors)."""
+        return hasattr(self.ids, "is_cuda")
+
+    def to_tensors(self, device) -> "SearchResult":
+        """This result with its arrays as torch tensors on device (tensors_on)."""
+        return dataclasses.replace(self, **tensors_on(device, {field: getattr(self, field) for field in (
+            "ids", "distances", "tokens", "keys", "values", "weights")}))
+
+
+def tensors_on(device, arrays: dict) -> dict:
+    """{name: torch tensor on device} of {name: numpy array, tensor or None} (None stays out): numpy
+    arrays on the host as they are (no copy), to a GPU in one copy of them all (a decoding step's six
+    small arrays: one transfer, not six, each of which would wait for the host)."""
+    import torch  # only asked for by a caller that has torch
+
+    device = torch.device(device)
+    tensors = {name: array.to(device) for name, array in arrays.items() if isinstance(array, torch.Tensor)}
+    host = {name: np.ascontiguousarray(array) for name, array in arrays.items()
+            if array is not None and name not in tensors}
+    if device.type != "cuda":
+        tensors.update({name: torch.from_numpy(array).to(device) for name, array in host.items()})
+    elif host:
+        offsets, end = {}, 0
+        for name, array in host.items():
+            offsets[name] = end
+            end += -(-array.nbytes // 8) * 8  # each array 8-byte aligned: a view of any dtype
+        staged = torch.empty(end, dtype=torch.uint8, pin_memory=True)
+        for name, array in host.items():
+            staged.numpy()[offsets[name]:offsets[name] + array.nbytes] = array.reshape(-1).view(np.uint8)
+        moved = staged.to(device, non_blocking=True)  # (the host allocator keeps the buffer until it is done)
+        for name, array in host.items():
+            part = moved[offsets[name]:offsets[name] + array.nbytes]
+            tensors[name] = part.view(torch.from_numpy(array[:0].reshape(-1)).dtype).reshape(array.shape)
+    return tensors
+
 
 @dataclasses.dataclass
 class Rows:
@@ -81,35 +118,13 @@ class RetrieveResult:
         return hasattr(self.memory, "is_cuda")
 
     def to_tensors(self, device, queries=None) -> "RetrieveResult":
-        """This result with its arrays as torch tensors on device: numpy arrays on the host as they are
-        (no copy), to a GPU in one copy of them all (a decoding step's six small arrays: one transfer, not
-        six, each of which would wait for the host). queries: the tensor the forward was given, kept as it
-        is (else this result's queries go there too)."""
-        import torch  # only asked for by a caller that has torch
-
-        device = torch.device(device)
+        """This result with its arrays as torch tensors on device (tensors_on). queries: the tensor the
+        forward was given, kept as it is (else this result's queries go there too)."""
         arrays = {field: getattr(self, field) for field in ("memory", "ids", "alpha", "distances", "tokens", "weights",
                                                            "queries")}
         if queries is not None:
             arrays["queries"] = None
-        tensors = {field: array for field, array in arrays.items() if isinstance(array, torch.Tensor)}
-        host = {field: np.ascontiguousarray(array) for field, array in arrays.items()
-                if array is not None and field not in tensors}
-        tensors = {field: tensor.to(device) for field, tensor in tensors.items()}
-        if device.type != "cuda":
-            tensors.update({field: torch.from_numpy(array).to(device) for field, array in host.items()})
-        elif host:
-            offsets, end = {}, 0
-            for field, array in host.items():
-                offsets[field] = end
-                end += -(-array.nbytes // 8) * 8  # each array 8-byte aligned: a view of any dtype
-            staged = torch.empty(end, dtype=torch.uint8, pin_memory=True)
-            for field, array in host.items():
-                staged.numpy()[offsets[field]:offsets[field] + array.nbytes] = array.reshape(-1).view(np.uint8)
-            moved = staged.to(device, non_blocking=True)  # (the host allocator keeps the buffer until it is done)
-            for field, array in host.items():
-                part = moved[offsets[field]:offsets[field] + array.nbytes]
-                tensors[field] = part.view(torch.from_numpy(array[:0].reshape(-1)).dtype).reshape(array.shape)
+        tensors = tensors_on(device, arrays)
         if queries is not None:
             tensors["queries"] = queries
         return dataclasses.replace(self, **tensors)

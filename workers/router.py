@@ -446,6 +446,12 @@ class Router:
 
     def _search(self, config: NamespaceConfig, queries, k, return_keys=False, return_values=False,
                 return_weights=False, nprobe=0, rerank=0, ef=0, keep_rows: str = "") -> SearchResult:
+        if validation.is_tensor(queries):  # the device path (MemoryClient.search's as_tensors), as retrieve's
+            if queries.device.type == "cpu" or not self.placement.alone:
+                return self._search(config, queries.detach().cpu().numpy(), k, return_keys, return_values,
+                                    return_weights, nprobe, rerank, ef, keep_rows).to_tensors(queries.device)
+            return self._search_on_device(config, queries, k, return_keys, return_values, return_weights, nprobe,
+                                          rerank, ef)
         queries = validation.check_vectors(queries, config.dim, "queries")
         k = validation.check_k(k, config.max_k)
         nprobe, rerank, ef = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank, ef)
@@ -456,6 +462,21 @@ class Router:
         merged = merge_topk(results, k)
         merged.generation = config.generation
         return merged
+
+    def _search_on_device(self, config, queries, k, return_keys, return_values, return_weights, nprobe, rerank,
+                          ef) -> SearchResult:
+        """A tensor's search at the lone shard, on its device (the store checks the queries there)."""
+        k = validation.check_k(k, config.max_k)
+        nprobe, rerank, ef = validation.check_search_options(config.index, config.nlist, k, nprobe, rerank, ef)
+        if return_values and not config.value_dim:
+            raise InvalidArgument("values were asked for but the namespace has value_dim 0")
+        results = self._all_shards("search", config.name, config.generation, queries, k, return_keys, return_values,
+                                   return_weights, nprobe, rerank, ef, "")
+        if len(results) != 1:  # a reshard began meanwhile: the host's way
+            return self._search(config, queries.detach().cpu().numpy(), k, return_keys, return_values, return_weights,
+                                nprobe, rerank, ef).to_tensors(queries.device)
+        results[0].generation = config.generation
+        return results[0]
 
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated

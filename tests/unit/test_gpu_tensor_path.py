@@ -100,6 +100,12 @@ def test_the_layer_reads_the_gpu_store_without_leaving_the_gpu():
         for _ in range(3):
             _, waits = synchronizations(lambda: layer(hidden[:1, :1]))
         assert waits == 1
+    knnlm = MoNIMLayer(client, "g", k=K, temperature=TEMPERATURE, mode="knnlm").cuda()
+    with torch.no_grad():
+        for _ in range(3):
+            p_knn, waits = synchronizations(lambda: knnlm.knn_distribution(hidden[:1, :1], 1000))
+        assert waits == 1 and p_knn.is_cuda
+        torch.testing.assert_close(p_knn.sum(), torch.tensor(1.0, device="cuda"))
 
 
 def test_a_servers_answer_goes_to_the_gpu_in_one_copy_with_every_dtype_intact():
@@ -112,3 +118,22 @@ def test_a_servers_answer_goes_to_the_gpu_in_one_copy_with_every_dtype_intact():
         column = getattr(moved, name)
         assert column.is_cuda and column.dtype == torch.from_numpy(getattr(expected, name)).dtype, name
         np.testing.assert_array_equal(column.cpu().numpy(), getattr(expected, name), err_msg=name)
+
+
+def test_a_decoding_steps_search_replays_a_graph_of_its_own_and_waits_once():
+    client, (_, _, _, queries, _) = on_gpu()
+    store = client._store.runtime.shards[0].stores["g"]
+    columns = dict(return_keys=True, return_values=True, return_weights=True)
+    expected = [client.search("g", queries[i:i + 1], K, **columns) for i in range(4)]  # the host's graph
+    host_graphs = store.graphs.captures
+    found = [client.search("g", torch.from_numpy(queries[i:i + 1]).cuda(), K, as_tensors=True, **columns)
+             for i in range(4)]
+    assert store.graphs.captures == host_graphs + 1  # another graph: the answer stays on the device
+    last, waits = synchronizations(lambda: client.search("g", torch.from_numpy(queries[:1]).cuda(), K,
+                                                         as_tensors=True, **columns))
+    assert waits == 1
+    for answer, numpy_answer in zip(found + [last], expected + expected[:1]):
+        for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
+            column = getattr(answer, name)
+            assert column.is_cuda, name
+            np.testing.assert_array_equal(column.cpu().numpy(), getattr(numpy_answer, name), err_msg=name)

@@ -217,3 +217,34 @@ def test_the_stores_forward_answers_tensors_where_it_is_given_one():
     assert store.kept_rows.get("step", store.rows.removals)["rows"].shape == (BATCH, K)
     with pytest.raises(InvalidArgument, match=r"queries contain NaN or Inf \(first at row 3\)"):
         store.forward(torch.from_numpy(queries).index_fill(0, torch.tensor([3]), float("nan")), K, TEMPERATURE)
+
+
+def test_a_search_with_tensors_answers_as_the_numpy_one():
+    client, (_, _, _, queries, _) = in_process()
+    expected = client.search("mem", queries, K, return_keys=True, return_values=True, return_weights=True)
+    with client.decode() as stream:
+        for found in (client.search("mem", torch.from_numpy(queries), K, return_keys=True, return_values=True,
+                                    return_weights=True, as_tensors=True),
+                      stream.search("mem", torch.from_numpy(queries), K, return_keys=True, return_values=True,
+                                    return_weights=True, as_tensors=True)):
+            assert found.tensors
+            for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
+                assert isinstance(getattr(found, name), torch.Tensor), name
+                np.testing.assert_array_equal(getattr(found, name).numpy(), getattr(expected, name), err_msg=name)
+    with pytest.raises(InvalidArgument, match=r"queries contain NaN or Inf \(first at row 0\)"):
+        client.search("mem", torch.full((1, DIM), float("inf")), K, as_tensors=True)
+    with pytest.raises(InvalidArgument, match="k must be an integer, got 2.0"):
+        client.search("mem", torch.from_numpy(queries), 2.0, as_tensors=True)
+
+
+def test_the_stores_search_answers_tensors_where_it_is_given_one():
+    keys, values, weights, queries, _ = make_data()
+    store = NeighborStore(NamespaceConfig("mem", dim=DIM, value_dim=VALUE_DIM), backend="torch")
+    for _ in range(2):  # an empty store, then a full one
+        columns = dict(return_keys=True, return_values=True, return_weights=True)
+        found = store.search(torch.from_numpy(queries), K, **columns)
+        expected = store.search(queries, K, **columns)
+        for name in ("ids", "distances", "tokens", "keys", "values", "weights"):
+            assert isinstance(getattr(found, name), torch.Tensor), name
+            np.testing.assert_array_equal(getattr(found, name).numpy(), getattr(expected, name), err_msg=name)
+        store.add(keys, np.arange(N), values=values, weights=weights)
