@@ -874,8 +874,10 @@ class MemoryClient:
         A result of ``retrieve(..., as_tensors=True)``: grad_memory a torch tensor, and grad_queries one,
         on its device (with the in-process store on that device, the backward runs there)."""
         batch, rows = int(result.ids.shape[0]), np.shape(grad_memory)[0] if np.ndim(grad_memory) else 0
-        if rows != batch:  # (a handle's backward may go in parts by row: this call's is the whole forward's)
-            raise InvalidArgument(f"grad_memory has {rows} rows but the forward had {batch} queries")
+        if rows != batch and (result.handle or result.tensors):
+            # By a handle the server takes a backward in parts by row and cannot tell a short one from a
+            # part (the arrays' own backward it refuses itself); this call's is the whole forward's.
+            raise InvalidArgument(f"grad_memory has {rows} rows but there are {batch} queries")
         if result.tensors:
             return self._backward_tensors(namespace, result, grad_memory, step_id, step_values)
         grad_memory = _float_array(grad_memory, "grad_memory")

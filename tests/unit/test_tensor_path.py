@@ -155,7 +155,7 @@ def test_bad_queries_on_the_device_path_are_refused_as_on_the_numpy_path(queries
     (torch.full((BATCH, VALUE_DIM), float("inf")), "grad_memory contain NaN or Inf (first at row 0)"),
     (torch.zeros(BATCH, VALUE_DIM + 1), f"grad_memory have width {VALUE_DIM + 1} but the namespace's value_dim is "
                                         f"{VALUE_DIM}"),
-    (torch.zeros(BATCH - 1, VALUE_DIM), f"grad_memory has {BATCH - 1} rows but the forward had {BATCH} queries"),
+    (torch.zeros(BATCH - 1, VALUE_DIM), f"grad_memory has {BATCH - 1} rows but there are {BATCH} queries"),
     (np.zeros((BATCH, VALUE_DIM), np.float32), "the backward of an as_tensors forward takes grad_memory as a torch "
                                                "tensor, got ndarray"),
 ])
@@ -177,7 +177,7 @@ def test_a_backward_with_fewer_rows_than_its_forward_is_refused_on_the_numpy_pat
     for grad in (grad_memory[:-1], np.concatenate([grad_memory, grad_memory[:1]])):
         with pytest.raises(InvalidArgument) as refused:
             client.retrieve_backward("mem", result, grad)
-        assert refused.value.message == f"grad_memory has {len(grad)} rows but the forward had {BATCH} queries"
+        assert refused.value.message == f"grad_memory has {len(grad)} rows but there are {BATCH} queries"
     np.testing.assert_array_equal(stored_values(client), values)
 
 
