@@ -95,6 +95,14 @@ class ForwardStates:
             self._states.move_to_end(handle)
             return state
 
+    def release(self, handle: str) -> None:
+        """Lets the state under handle go now (its backward is done); unknown handles are ignored."""
+        with self._lock:
+            state = self._states.pop(handle, None)
+            if state is not None:
+                self.bytes -= state.nbytes
+                self._say_gone(handle, "released (its backward was done)")
+
     def _expire(self, now: float) -> None:
         while self._states:
             handle, state = next(iter(self._states.items()))
@@ -106,8 +114,11 @@ class ForwardStates:
         state = self._states.pop(handle)
         self.bytes -= state.nbytes
         self.counts[why] += 1
-        self._gone[handle] = f"{why} (unused for {self.ttl_s:g} s)" if why == "expired" else \
-            f"{why} (the table keeps {self.max_entries} forwards, {self.max_bytes} bytes)"
+        self._say_gone(handle, f"{why} (unused for {self.ttl_s:g} s)" if why == "expired" else
+                       f"{why} (the table keeps {self.max_entries} forwards, {self.max_bytes} bytes)")
+
+    def _say_gone(self, handle: str, why: str) -> None:
+        self._gone[handle] = why
         while len(self._gone) > self.max_entries:
             self._gone.popitem(last=False)
 

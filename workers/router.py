@@ -624,6 +624,11 @@ class Router:
             raise
         if not defer_step:
             self._commit(config, step)
+            if handle and torch.is_tensor(queries):
+                # A device path's state holds the GPU's memory (a B=4096, k=1024 forward's: 80 MB): it goes once
+                # its step is done, not when the table needs room. (A repeat of the step sends the arrays, and
+                # the shard answers what it answered.)
+                self.forwards.release(handle)
         if not isinstance(answers[0], memory_ops.BackwardPartials):
             grad_queries, grad_temperature = answers[0]
         else:

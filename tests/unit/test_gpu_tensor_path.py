@@ -50,8 +50,9 @@ def test_a_training_step_on_the_gpu_matches_autograd_and_stays_there(metric):
     ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, result.ids.cpu().numpy(),
                                                        metric, TEMPERATURE, grad_memory)
     np.testing.assert_allclose(result.memory.cpu().numpy(), ref_m, atol=1e-5)
+    assert client._store.forwards.bytes > 0
     grad_queries, grad_temperature = client.retrieve_backward("g", result, g)
-    assert grad_queries.is_cuda
+    assert grad_queries.is_cuda and len(client._store.forwards) == 0  # the state on the GPU went with its step
     np.testing.assert_allclose(grad_queries.cpu().numpy(), ref_gq, atol=1e-5)
     assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
     np.testing.assert_allclose(client.get("g", np.arange(N)).values, values - LR * ref_gv, atol=1e-5)

@@ -11,7 +11,7 @@ import torch
 from monim.datastore import NamespaceConfig, NeighborStore
 from monim.model_client.client import MemoryClient
 from monim.model_client.layer import MoNIMLayer
-from monim.protos.errors import InvalidArgument
+from monim.protos.errors import FailedPrecondition, InvalidArgument
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
@@ -248,3 +248,23 @@ def test_the_stores_search_answers_tensors_where_it_is_given_one():
             assert isinstance(getattr(found, name), torch.Tensor), name
             np.testing.assert_array_equal(getattr(found, name).numpy(), getattr(expected, name), err_msg=name)
         store.add(keys, np.arange(N), values=values, weights=weights)
+
+
+def test_a_device_forwards_state_goes_when_its_step_is_done():
+    """On a GPU a kept forward's state is the device's memory: released by its backward, not held for
+    the handle's 300 s (a host tensor's state is the host's, kept as the numpy path's)."""
+    keys, values, weights, queries, grad_memory = make_data()
+    router = Router(LocalRuntime(1))
+    router.create_namespace(NamespaceConfig("mem", dim=DIM, value_dim=VALUE_DIM, optimizer={"name": "sgd", "lr": LR}))
+    router.add("mem", keys, np.arange(N), values=values, weights=weights)
+    result = router.retrieve("mem", torch.from_numpy(queries), K, TEMPERATURE, keep_state=True)
+    state = router.forwards.get(result.handle, "mem")
+    router.forwards.keep("mem", state.generation, torch.from_numpy(state.queries), torch.from_numpy(state.ids),
+                         torch.from_numpy(state.alpha), torch.from_numpy(state.distances), state.temperature)
+    handle = next(reversed(router.forwards._states))  # the same forward, as a device path keeps it: tensors
+    router.retrieve_backward("mem", None, None, None, None, torch.from_numpy(grad_memory), TEMPERATURE,
+                             handle=handle)
+    assert len(router.forwards) == 1 and router.forwards.bytes == state.nbytes  # the host one stays
+    with pytest.raises(FailedPrecondition, match="released"):
+        router.retrieve_backward("mem", None, None, None, None, torch.from_numpy(grad_memory), TEMPERATURE,
+                                 handle=handle)
