@@ -87,17 +87,9 @@ class SearchGraphs:
         tensor on the store's device (the device path): {column: tensor there}, queued, not waited for."""
         if torch.is_tensor(queries):
             columns = ("device",) + tuple(columns)  # another graph: no host buffers, the answer left there
-        key = self._key(queries, k, columns)
-        if key is None:
-            return None
-        graph = self._graphs.get(key)
+        graph = self._graph(queries, k, columns)
         if graph is None:
-            if not self._due(key):
-                return None
-            graph = self._capture(key, queries, k, columns)
-            if graph is None:
-                return None
-        self._graphs.move_to_end(key)
+            return None
         if torch.is_tensor(queries):
             return self._replay_on_device(graph, queries)
         return self._replay(graph, queries)
@@ -107,19 +99,9 @@ class SearchGraphs:
         memory) from a graph, queued, not waited for; None where this forward is not one for a graph
         (the caller runs it eagerly). queries: float32 [B, dim] on the store's device. The caller holds
         the store's lock."""
-        if self._forward is None:
-            return None
-        key = self._key(queries, k, ("forward",))
-        if key is None:
-            return None
-        graph = self._graphs.get(key)
+        graph = None if self._forward is None else self._graph(queries, k, ("forward",), temperature)
         if graph is None:
-            if not self._due(key):
-                return None
-            graph = self._capture(key, queries, k, ("forward",), temperature)
-            if graph is None:
-                return None
-        self._graphs.move_to_end(key)
+            return None
         graph.temperature.fill_(temperature)
         return self._replay_on_device(graph, queries)
 
@@ -129,6 +111,22 @@ class SearchGraphs:
         self.replays += 1
         # Copies: the caller keeps its answer while the next step's replay writes the static outputs.
         return {name: None if tensor is None else tensor.clone() for name, tensor in graph.outputs.items()}
+
+    def _graph(self, queries, k: int, columns: tuple, temperature: float = 1.0) -> _Graph | None:
+        """The graph of this shape, captured now if it is due; None if the shape is not one for a graph,
+        not due yet, or its capture failed."""
+        key = self._key(queries, k, columns)
+        if key is None:
+            return None
+        graph = self._graphs.get(key)
+        if graph is None:
+            if not self._due(key):
+                return None
+            graph = self._capture(key, queries, k, columns, temperature)
+            if graph is None:
+                return None
+        self._graphs.move_to_end(key)
+        return graph
 
     def _due(self, key: tuple) -> bool:
         """Whether a shape not captured yet is to be captured now (its CAPTURE_AFTER-th time)."""

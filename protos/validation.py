@@ -50,21 +50,24 @@ def _quiet_sum(array: np.ndarray):
 def check_vectors(array, width: int, what: str, width_name: str = "dim") -> np.ndarray:
     """float16/float32 [N, width], N >= 1, finite -> float32 [N, width], C-contiguous."""
     array = _as_array(array, what)
-    if array.dtype not in FLOAT_DTYPES:
-        raise InvalidArgument(f"{what} have dtype {array.dtype}; expected float32 or float16")
-    if array.ndim != 2:
-        raise InvalidArgument(f"{what} must be 2-D [N, {width_name}], got shape {list(array.shape)}")
-    if array.shape[0] == 0:
-        raise InvalidArgument(f"{what} is an empty batch")
-    if array.shape[1] != width:
-        raise InvalidArgument(
-            f"{what} have width {array.shape[1]} but the namespace's {width_name} is {width}"
-        )
+    _check_vector_shape(str(array.dtype), array.shape, width, what, width_name)
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not all_finite(array):
         bad_row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
         raise InvalidArgument(f"{what} contain NaN or Inf (first at row {bad_row})")
     return array
+
+
+def _check_vector_shape(dtype: str, shape: tuple, width: int, what: str, width_name: str) -> None:
+    """check_vectors' checks of dtype (its name) and shape, for numpy arrays and tensors alike."""
+    if dtype not in ("float32", "float16"):
+        raise InvalidArgument(f"{what} have dtype {dtype}; expected float32 or float16")
+    if len(shape) != 2:
+        raise InvalidArgument(f"{what} must be 2-D [N, {width_name}], got shape {list(shape)}")
+    if shape[0] == 0:
+        raise InvalidArgument(f"{what} is an empty batch")
+    if shape[1] != width:
+        raise InvalidArgument(f"{what} have width {shape[1]} but the namespace's {width_name} is {width}")
 
 
 def is_tensor(array) -> bool:
@@ -76,15 +79,7 @@ def check_vector_tensor(tensor, width: int, what: str, width_name: str = "dim"):
     """check_vectors for a torch tensor (the in-process store's device path: nothing goes to the host
     but one flag, the finite check's): float16/float32 [N, width], N >= 1, finite -> float32, contiguous,
     on the tensor's device. The same errors as check_vectors."""
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if dtype not in ("float32", "float16"):
-        raise InvalidArgument(f"{what} have dtype {dtype}; expected float32 or float16")
-    if tensor.ndim != 2:
-        raise InvalidArgument(f"{what} must be 2-D [N, {width_name}], got shape {list(tensor.shape)}")
-    if tensor.shape[0] == 0:
-        raise InvalidArgument(f"{what} is an empty batch")
-    if tensor.shape[1] != width:
-        raise InvalidArgument(f"{what} have width {tensor.shape[1]} but the namespace's {width_name} is {width}")
+    _check_vector_shape(str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), width, what, width_name)
     tensor = tensor.detach().float().contiguous()
     finite = tensor.isfinite().all(dim=1)
     if not bool(finite.all()):
