@@ -85,8 +85,6 @@ class SearchGraphs:
         """{column: numpy array} of the search's answer from a graph, or None where this search is not
         one for a graph (the caller answers it eagerly). The caller holds the store's lock. queries a
         tensor on the store's device (the device path): {column: tensor there}, queued, not waited for."""
-        if torch.is_tensor(queries):
-            columns = ("device",) + tuple(columns)  # another graph: no host buffers, the answer left there
         graph = self._graph(queries, k, columns)
         if graph is None:
             return None
@@ -146,13 +144,12 @@ class SearchGraphs:
         batch = queries.shape[0]
         if not 0 < batch <= MAX_BATCH or not flat_index.one_block(batch, rows.size):
             return None
-        asked = columns[1:] if columns[0] == "device" else columns
-        if asked == ("forward",):  # ids, distances, tokens, weights, alpha; m; the value rows gathered
+        if columns == ("forward",):  # ids, distances, tokens, weights, alpha; m; the value rows gathered
             answer_bytes = batch * (k * 24 + 4 * rows.value_dim)
             if batch * k * rows.value_dim > memory_ops.DENSE_GATHER_FLOATS:
                 return None  # (a larger sum waits for the host to size its sparse matrix: no graph takes it)
         else:
-            return_keys, return_values, return_weights = asked
+            return_keys, return_values, return_weights = columns
             answer_bytes = batch * k * (8 + 4 + 4 + 4 * (rows.dim * return_keys + rows.value_dim * return_values
                                                          + return_weights))
         if answer_bytes > MAX_ANSWER_BYTES:
@@ -160,12 +157,12 @@ class SearchGraphs:
         if rows.layout != self._layout:  # the columns moved: every graph would read freed memory
             self.drop()
             self._layout = rows.layout
-        return rows.size, batch, k, str(queries.dtype).removeprefix("torch."), columns
+        # A tensor's graph is another than an array's of the same shape: no host buffers, the answer left there.
+        return rows.size, batch, k, str(queries.dtype).removeprefix("torch."), columns, torch.is_tensor(queries)
 
     def _capture(self, key: tuple, queries, k: int, columns: tuple, temperature: float = 1.0) -> _Graph | None:
         device = self.rows.device
         on_device, forward = torch.is_tensor(queries), columns == ("forward",)
-        columns = columns[1:] if columns[0] == "device" else columns
         query = torch.empty(queries.shape, dtype=queries.dtype if on_device else _torch_dtype(queries), device=device)
         query_host = None if on_device else torch.empty(queries.shape, dtype=query.dtype, pin_memory=True)
         if on_device:

@@ -230,11 +230,7 @@ class NeighborStore:
             distances, rows = self._search_rows(queries, k, options, hidden, held)
             if keep_rows:
                 self.kept_rows.put(keep_rows, rows, self.rows.removals)
-            if on_device and self.rows.size:
-                return self._result(self._answer_columns(rows.to(self.device), torch.as_tensor(distances).to(
-                    self.device), *columns))
-            found = self._gather(rows, distances, *columns)
-        return found.to_tensors(self.device) if on_device else found
+            return self._gather(rows, distances, *columns, on_device=on_device)
 
     def _checked_search(self, queries, k, nprobe: int, rerank: int, ef: int):
         """A search's queries, k and index options, checked (INVALID_ARGUMENT naming the bad one):
@@ -340,10 +336,11 @@ class NeighborStore:
         distances, rows = self._torch_nearest(queries, k)
         return self._answer_columns(rows, distances, *columns)
 
-    def _gather(self, rows, distances, return_keys: bool, return_values: bool,
-                return_weights: bool) -> SearchResult:
+    def _gather(self, rows, distances, return_keys: bool, return_values: bool, return_weights: bool,
+                on_device: bool = False) -> SearchResult:
         """The answer's columns for rows (int64 [B, k], -1 where none: a tensor, on the host or on the
-        store's device), brought to the host together (one wait for the device)."""
+        store's device), brought to the host together (one wait for the device); on_device: left on the
+        store's device as tensors (the device path), not waited for."""
         if self.rows.size == 0:
             rows = rows.cpu().numpy()
             distances = distances.cpu().numpy() if isinstance(distances, torch.Tensor) else distances
@@ -352,10 +349,13 @@ class NeighborStore:
             keys = np.zeros(rows.shape + (self.config.dim,), np.float32) if return_keys else None
             values = np.zeros(rows.shape + (self.config.value_dim,), np.float32) if return_values else None
             weights = np.zeros(rows.shape, np.float32) if return_weights else None
-            return SearchResult(ids, distances, tokens, keys, values, weights)
+            found = SearchResult(ids, distances, tokens, keys, values, weights)
+            return found.to_tensors(self.device) if on_device else found
         rows = rows.to(self.device)
-        host = to_host_all(self._answer_columns(rows, distances, return_keys, return_values, return_weights))
-        return self._result(host)
+        if on_device:
+            distances = torch.as_tensor(distances).to(self.device)
+        columns = self._answer_columns(rows, distances, return_keys, return_values, return_weights)
+        return self._result(columns if on_device else to_host_all(columns))
 
     def _answer_columns(self, rows: torch.Tensor, distances, return_keys: bool, return_values: bool,
                         return_weights: bool) -> dict:

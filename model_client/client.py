@@ -102,12 +102,12 @@ def _float_array(array, what: str):
 
 
 def _tensor_queries(queries):
-    """(device, queries) of an as_tensors read: a torch tensor, float64 and bfloat16 in float32 (as the
-    numpy path narrows float64; bfloat16 has no numpy dtype)."""
+    """The queries of an as_tensors read: a torch tensor, float64 and bfloat16 in float32 (as the numpy
+    path narrows float64; bfloat16 has no numpy dtype), on the device they came on."""
     if not validation.is_tensor(queries):
         raise InvalidArgument(f"as_tensors takes queries as a torch tensor, got {type(queries).__name__}")
     queries = queries.detach()
-    return queries.device, queries.float() if str(queries.dtype) in ("torch.bfloat16", "torch.float64") else queries
+    return queries.float() if str(queries.dtype) in ("torch.bfloat16", "torch.float64") else queries
 
 
 def _k(k) -> int:
@@ -704,13 +704,13 @@ class MemoryClient:
         as_tensors: queries a torch tensor, the answer's arrays torch tensors on its device, as retrieve's
         (the in-process store on that device answers there, without a wait)."""
         if as_tensors:
-            device, queries = _tensor_queries(queries)
+            queries = _tensor_queries(queries)
             options = dict(nprobe=nprobe, rerank=rerank, ef=ef)
             if self.remote:
                 return self.search(namespace, queries, k, return_keys, return_values, return_weights,
-                                   **options).to_tensors(device)
+                                   **options).to_tensors(queries.device)
             return self._retried("search", namespace, queries, _k(k), return_keys, return_values, return_weights,
-                                 **options).to_tensors(device)
+                                 **options).to_tensors(queries.device)
         queries = _float_array(queries, "queries")
         k = _k(k)
         value_dim = self._search_value_dim(namespace) if return_values and self.remote else 0
@@ -848,10 +848,11 @@ class MemoryClient:
         return dataclasses.replace(convert.batch_result(into, found, namespace), queries=queries, handle="")
 
     def _retrieve_tensors(self, namespace: str, queries, k: int, temperature: float, **options) -> RetrieveResult:
-        device, queries = _tensor_queries(queries)
+        queries = _tensor_queries(queries)
         if self.remote:
-            return self.retrieve(namespace, queries, k, temperature, **options).to_tensors(device, queries)
-        return self._retried("retrieve", namespace, queries, k, temperature, **options).to_tensors(device, queries)
+            return self.retrieve(namespace, queries, k, temperature, **options).to_tensors(queries.device, queries)
+        return self._retried("retrieve", namespace, queries, k, temperature, **options).to_tensors(queries.device,
+                                                                                                    queries)
 
     def retrieve_backward(self, namespace: str, result: RetrieveResult, grad_memory,
                           step_id: str | None = None, step_values: bool = True) -> tuple[np.ndarray, float]:

@@ -117,15 +117,13 @@ class DecodeStream:
         if not self._client.remote:
             return self._client.search(namespace, queries, k, return_keys, return_values, return_weights,
                                        nprobe=nprobe, rerank=rerank, ef=ef, as_tensors=as_tensors)
-        device = None
-        if as_tensors:
-            device, queries = _tensor_queries(queries)
-        queries = _float_array(queries, "queries")
+        tensor = _tensor_queries(queries) if as_tensors else None
+        queries = _float_array(queries if tensor is None else tensor, "queries")
         step = pb.DecodeStep(search=pb.SearchRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), return_keys=return_keys,
             return_values=return_values, return_weights=return_weights, nprobe=nprobe, rerank=rerank, ef=ef))
         found = convert.search_result_from_proto(self._send(step).search)
-        return found if device is None else found.to_tensors(device)
+        return found if tensor is None else found.to_tensors(tensor.device)
 
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *, nprobe: int = 0,
                  rerank: int = 0, ef: int = 0, as_tensors: bool = False) -> RetrieveResult:
@@ -134,16 +132,13 @@ class DecodeStream:
         if not self._client.remote:
             return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank, ef=ef,
                                          as_tensors=as_tensors)
-        device = tensor = None
-        if as_tensors:
-            device, queries = _tensor_queries(queries)
-            tensor = queries
-        queries = _float_array(queries, "queries")
+        tensor = _tensor_queries(queries) if as_tensors else None
+        queries = _float_array(queries if tensor is None else tensor, "queries")
         step = pb.DecodeStep(retrieve=pb.RetrieveRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), temperature=temperature,
             nprobe=nprobe, rerank=rerank, ef=ef))
         result = convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
-        return result if device is None else result.to_tensors(device, tensor)
+        return result if tensor is None else result.to_tensors(tensor.device, tensor)
 
     # ----- the stream ----------------------------------------------------------------------------
     def _send(self, step: pb.DecodeStep) -> pb.DecodeStepResult:

@@ -111,23 +111,22 @@ class RetrieveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, temperature, values, layer: "MoNIMLayer"):
         started = time.perf_counter()
-        ctx_dtype = queries.dtype
         # A backward follows when an input needs a gradient: then the server keeps the forward's state
         # and the backward sends only grad_memory.
         # Tensors in and out (as_tensors): with an in-process store on the model's GPU nothing leaves it and
         # the host does not wait here; with a server the queries' one copy is the wire's.
-        queries = queries.detach().float()
+        sent = queries.detach().float()
         if layer.decoding is not None and not any(ctx.needs_input_grad[:3]):  # generating: no backward follows
-            result = layer.decoding.retrieve(layer.namespace, queries, layer.k, layer.temperature_value(),
+            result = layer.decoding.retrieve(layer.namespace, sent, layer.k, layer.temperature_value(),
                                              as_tensors=True)
         else:
-            result = layer.client.retrieve(layer.namespace, queries, layer.k, layer.temperature_value(),
+            result = layer.client.retrieve(layer.namespace, sent, layer.k, layer.temperature_value(),
                                            keep_state=any(ctx.needs_input_grad[:3]), as_tensors=True)
         layer.timer.record("retrieve", time.perf_counter() - started, queries.shape[0])
         ctx.result, ctx.layer = result, layer
-        ctx.device, ctx.dtype = queries.device, ctx_dtype
+        ctx.device, ctx.dtype = queries.device, queries.dtype
         layer.last_result = result
-        return result.memory.to(queries.device, ctx_dtype)
+        return result.memory.to(queries.device, queries.dtype)
 
     @staticmethod
     def backward(ctx, grad_memory):
@@ -251,7 +250,7 @@ class MoNIMLayer(nn.Module):
             return
         features = AdaptiveCombiner.neighbour_features(*(torch.as_tensor(array).to(device)
                                                          for array in (distances, ids, tokens)))
-        self.last_features = self._scatter(features.to(device), index, batch, seq)
+        self.last_features = self._scatter(features, index, batch, seq)
 
     def gate_at(self, lm_logits: torch.Tensor | None) -> torch.Tensor:
         """MoNIM mode's gate: the scalar g, or with the adaptive combiner g per position [batch, seq, 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from monim.protos.validation import is_tensor
 
 MISSING_ID = -1
 
@@ -33,7 +34,7 @@ class SearchResult:
     @property
     def tensors(self) -> bool:
         """Whether the arrays are torch tensors (a result of as_tensors)."""
-        return hasattr(self.ids, "is_cuda")
+        return is_tensor(self.ids)
 
     def to_tensors(self, device) -> "SearchResult":
         """This result with its arrays as torch tensors on device (tensors_on)."""
@@ -115,7 +116,7 @@ class RetrieveResult:
     @property
     def tensors(self) -> bool:
         """Whether the arrays are torch tensors (a result of as_tensors)."""
-        return hasattr(self.memory, "is_cuda")
+        return is_tensor(self.memory)
 
     def to_tensors(self, device, queries=None) -> "RetrieveResult":
         """This result with its arrays as torch tensors on device (tensors_on). queries: the tensor the

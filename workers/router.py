@@ -448,8 +448,8 @@ class Router:
                 return_weights=False, nprobe=0, rerank=0, ef=0, keep_rows: str = "") -> SearchResult:
         if validation.is_tensor(queries):  # the device path (MemoryClient.search's as_tensors), as retrieve's
             if queries.device.type == "cpu" or not self.placement.alone:
-                return self._search(config, queries.detach().cpu().numpy(), k, return_keys, return_values,
-                                    return_weights, nprobe, rerank, ef, keep_rows).to_tensors(queries.device)
+                return self._search_on_host(config, queries, k, return_keys, return_values, return_weights, nprobe,
+                                            rerank, ef)
             return self._search_on_device(config, queries, k, return_keys, return_values, return_weights, nprobe,
                                           rerank, ef)
         queries = validation.check_vectors(queries, config.dim, "queries")
@@ -473,10 +473,14 @@ class Router:
         results = self._all_shards("search", config.name, config.generation, queries, k, return_keys, return_values,
                                    return_weights, nprobe, rerank, ef, "")
         if len(results) != 1:  # a reshard began meanwhile: the host's way
-            return self._search(config, queries.detach().cpu().numpy(), k, return_keys, return_values, return_weights,
-                                nprobe, rerank, ef).to_tensors(queries.device)
+            return self._search_on_host(config, queries, k, return_keys, return_values, return_weights, nprobe,
+                                        rerank, ef)
         results[0].generation = config.generation
         return results[0]
+
+    def _search_on_host(self, config, queries, *options) -> SearchResult:
+        """A tensor's search by the host's way (as _retrieve_on_host), its answer as tensors on its device."""
+        return self._search(config, queries.detach().cpu().numpy(), *options).to_tensors(queries.device)
 
     # ----- learnable memory ----------------------------------------------------------
     @_reread_config_if_recreated
