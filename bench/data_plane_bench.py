@@ -17,7 +17,8 @@ it measures, each cell on both back to back:
   search      q/s at B in --batches and k in --ks (B over the median call, after SEARCH_WARM_UPS untimed ones)
   decode      one generated token's read, B=1 k=32: Search and Retrieve p50 / p99, as calls and
               (service) as steps of one Decode stream (to a shard's own endpoint, by default)
-  learn       Retrieve(keep_state) + RetrieveBackward against Search at B=4096 (the training step)
+  learn       Retrieve(keep_state) + RetrieveBackward against Search at B=4096 (the training step): the
+              layer's (memory_only: m alone comes back), and with the neighbours' columns in the answer
   apply       ApplyGradients (Adam) rows/s at --apply-rows, and one ApplyGradients larger than a
               gRPC message (--big-apply-rows x value_dim, split by the client)
   lm          greedy decoding of a GPT-2-size LM (random init, 124M, built here: nothing is
@@ -289,37 +290,43 @@ def learn_cells(table, local, remote, queries, rng, args, floor):
     q = queries[:args.learn_batch]
     grad = rng.standard_normal((len(q), args.value_dim), dtype=np.float32)
     for k, goal in zip(args.ks, ("<= 1.3x (in-process too)", "<= 1.5x (in-process too)")):
-        # The step's bytes: the queries up, the memory output and the neighbours (ids int64, alpha,
-        # distances, weights float32, tokens int32) down; then grad_memory up and grad_queries down.
-        # (The forward's answer in parts past CHUNK_BYTES; the backward whole up to half the message limit.)
-        wire_s = (floor.read(q.nbytes, len(q) * (4 * args.value_dim + 24 * k))
+        # The layer's step (MoNIMLayer: memory_only): the queries up, the memory output down; then
+        # grad_memory up and grad_queries down. (The forward's answer in parts past CHUNK_BYTES; the
+        # backward whole up to half the message limit.) "with neighbours": the forward's answer also
+        # carries ids int64, alpha, distances, weights float32 and tokens int32 [B, k].
+        wire_s = (floor.read(q.nbytes, len(q) * 4 * args.value_dim)
                   + floor.transfer(grad.nbytes, q.nbytes, whole_up_to=remote.max_message_bytes))
         ratio = {}
         for name, client in (("in", local), ("svc", remote)):
             search = p50(timed(lambda: client.search(NAMESPACE, q, k), args.repeats, args.budget_s))
-
-            def step():
-                r = client.retrieve(NAMESPACE, q, k, 1.0, keep_state=True)
-                client.retrieve_backward(NAMESPACE, r, grad)
-            # A training loop's steady state: torch caches the pinned host buffers of a step's copies
-            # once the arrays of the steps before (the user's results, the forward states kept for their
-            # backward) are freed; the first ~26 steps at k=1024 allocate theirs (cudaHostAlloc, ~11 ms each).
-            both = p50(timed(step, args.repeats, args.budget_s, warm_ups=STEP_WARM_UPS))
-            ratio[name] = (both / search, both, search)
+            for memory_only in (True, False):
+                def step():
+                    r = client.retrieve(NAMESPACE, q, k, 1.0, keep_state=True, memory_only=memory_only)
+                    client.retrieve_backward(NAMESPACE, r, grad)
+                # A training loop's steady state: torch caches the pinned host buffers of a step's copies
+                # once the arrays of the steps before (the user's results, the forward states kept for their
+                # backward) are freed; the first ~26 steps at k=1024 allocate theirs (cudaHostAlloc, ~11 ms each).
+                both = p50(timed(step, args.repeats, args.budget_s, warm_ups=STEP_WARM_UPS))
+                ratio[name, memory_only] = (both / search, both, search)
         q_on, grad_on = torch.from_numpy(q).to(args.device), torch.from_numpy(grad).to(args.device)
 
         def tensor_step():  # the layer's way in-process: tensors in and out, on the store's device
-            r = local.retrieve(NAMESPACE, q_on, k, 1.0, keep_state=True, as_tensors=True)
+            r = local.retrieve(NAMESPACE, q_on, k, 1.0, keep_state=True, as_tensors=True, memory_only=True)
             local.retrieve_backward(NAMESPACE, r, grad_on)
             sync()
         on_device = p50(timed(tensor_step, args.repeats, args.budget_s, warm_ups=STEP_WARM_UPS))
+
+        def cell(name):
+            ratio_, both, search = ratio[name, True]
+            return (f"{ratio_:.2f}x ({1e3 * both:.1f} / {1e3 * search:.1f} ms); with neighbours "
+                    f"{ratio[name, False][0]:.2f}x")
         table.add(f"Retrieve+backward / Search, B={len(q)}, k={k}",
-                  f"{ratio['in'][0]:.2f}x ({1e3 * ratio['in'][1]:.1f} / {1e3 * ratio['in'][2]:.1f} ms); "
-                  f"tensors {on_device / ratio['in'][2]:.2f}x",
-                  f"{ratio['svc'][0]:.2f}x ({1e3 * ratio['svc'][1]:.1f} / {1e3 * ratio['svc'][2]:.1f} ms)", "", goal,
-                  f"step {1e3 * (ratio['in'][1] + wire_s):.1f} ms ({ratio['svc'][1] / (ratio['in'][1] + wire_s):.2f})",
-                  in_process=ratio["in"], through_service=ratio["svc"], bare_transfers_s=wire_s,
-                  in_process_tensors_s=on_device)
+                  f"{cell('in')}; tensors {on_device / ratio['in', True][2]:.2f}x", cell("svc"), "", goal,
+                  f"step {1e3 * (ratio['in', True][1] + wire_s):.1f} ms "
+                  f"({ratio['svc', True][1] / (ratio['in', True][1] + wire_s):.2f})",
+                  in_process=ratio["in", True], through_service=ratio["svc", True],
+                  in_process_with_neighbours=ratio["in", False], through_service_with_neighbours=ratio["svc", False],
+                  bare_transfers_s=wire_s, in_process_tensors_s=on_device)
 
 
 def apply_cells(table, local, remote, rng, args, floor):

@@ -42,7 +42,7 @@ from monim.protos.errors import (
     Unavailable,
 )
 from monim.protos.framing import DEFAULT_MAX_MESSAGE_BYTES
-from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
+from monim.protos.results import RETRIEVED, AddResult, RetrieveResult, Rows, SearchResult
 from monim.protos.shared_memory import MIN_SHARED_BYTES
 from monim.protos.socket_frames import NOT_CALLED_HERE
 
@@ -91,6 +91,22 @@ def _to_numpy(array, what: str):
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
     return np.asarray(array)
+
+
+def _check_arrays_to_send(result: RetrieveResult, handle_error: FailedPrecondition | None = None) -> None:
+    """Before a backward sends the forward's arrays: handle_error (raised) unless it says the handle
+    is gone; then, or with no handle, an error unless the result has the arrays (not memory_only's)."""
+    if handle_error is not None and "retrieve handle" not in handle_error.message:
+        raise handle_error
+    if result.has_neighbours or (handle_error is None and result.handle):
+        return
+    if handle_error is not None:
+        gone = handle_error.message.split(";")[0]
+        raise FailedPrecondition(f"{gone}, and the forward (memory_only) has no neighbours to send instead: "
+                                 "nothing was stepped; run the forward again") from None
+    raise InvalidArgument("this result has neither a handle nor neighbours (a Retrieve with memory_only and "
+                          "without keep_state): there is nothing to send for its backward; retrieve with "
+                          "keep_state=True")
 
 
 def _float_array(array, what: str):
@@ -379,18 +395,20 @@ class _RemoteStore:
         return self._call("Delete", request, dict(ids=ids)).deleted
 
     def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0,
-                 ef=0, into=None, start=0):
+                 ef=0, memory_only=False, into=None, start=0):
         """into, start: as search's."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
-                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
+                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef,
+                                     memory_only=memory_only)
         return self._call("Retrieve", request, dict(queries=queries), then=lambda answer: (
             convert.retrieve_result_from_parts([answer], queries, temperature, into, start)))
 
     def retrieve_parts(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0,
-                       rerank=0, ef=0, into=None, start=0, answer_bytes=0):
+                       rerank=0, ef=0, memory_only=False, into=None, start=0, answer_bytes=0):
         """retrieve, its answer in parts (RetrieveParts). answer_bytes: about how large it is."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
-                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
+                                     keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef,
+                                     memory_only=memory_only)
         return self._call("RetrieveParts", request, dict(queries=queries), answer_bytes=answer_bytes, then=lambda parts: (
             convert.retrieve_result_from_parts(parts, queries, temperature, into, start)))
 
@@ -812,7 +830,7 @@ class MemoryClient:
     # ----- learnable memory ----------------------------------------------------------
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *,
                  keep_state: bool = False, nprobe: int = 0, rerank: int = 0, ef: int = 0,
-                 as_tensors: bool = False) -> RetrieveResult:
+                 as_tensors: bool = False, memory_only: bool = False) -> RetrieveResult:
         """The MoNIM forward next to the data: r.memory float32 [B, value_dim] = sum_i alpha_i v_i,
         with r.ids, r.alpha, r.distances, r.tokens, r.weights [B, k] of the global top-k.
         keep_state: the server keeps what the backward needs under r.handle (for a few minutes), so
@@ -822,14 +840,20 @@ class MemoryClient:
         in-process store (":memory:") on that device answers there: nothing goes through the host but
         the finite check's flag, nothing is waited for, and the backward of a kept forward takes and
         returns tensors there too (docs/API.md, "Tensors in and out"). A server's answer is copied
-        there once."""
+        there once.
+        memory_only: r.memory (and r.handle) only, the neighbours' columns None: B x value_dim comes
+        back, not B x k x 28 bytes (a MoNIM layer's step needs no more). Its backward goes by the
+        handle; if that is gone, FailedPrecondition (the result has no arrays to send: run the forward
+        again). A batch split into calls keeps no state, so with keep_state its neighbours come all
+        the same (docs/API.md, "The memory alone")."""
         if as_tensors:
             return self._retrieve_tensors(namespace, queries, k, temperature, keep_state=keep_state, nprobe=nprobe,
-                                          rerank=rerank, ef=ef)
+                                          rerank=rerank, ef=ef, memory_only=memory_only)
         queries = _float_array(queries, "queries")
         width = queries.shape[1] if queries.ndim == 2 else 1
         config = self._configs.get(namespace)  # the memory's width where known (no call of its own for it)
         answer_row_bytes = 4 * (config.value_dim if config is not None else 0) + max(int(k), 1) * 28
+        whole_row_bytes = 4 * (config.value_dim if config is not None else 0) if memory_only else answer_row_bytes
         # Whole up to half the message limit (split, a forward keeps no state: its backward then sends
         # its arrays), its answer in parts past CHUNK_BYTES. An answer in parts has no message to fit:
         # only the queries count then (a training batch of B=4096, k=1024 and 1024-wide values answers
@@ -838,12 +862,15 @@ class MemoryClient:
         chunks = list(self._row_chunks(self._rows(queries), split_row_bytes + 64,
                                        whole_up_to=self.max_message_bytes))
         if len(chunks) == 1:
-            return self._read("retrieve", self._rows(queries) * answer_row_bytes, namespace, queries, k, temperature,
-                              keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
+            return self._read("retrieve", self._rows(queries) * whole_row_bytes, namespace, queries, k, temperature,
+                              keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef, memory_only=memory_only)
         into = convert.BatchAnswer(self._rows(queries))  # a split forward keeps no state: its backward sends its arrays
+        memory_only = memory_only and not keep_state  # (so it needs them)
+        answer_row_bytes = whole_row_bytes if memory_only else answer_row_bytes
         found = self._pipelined([functools.partial(self._read, "retrieve", self._rows(queries[part]) * answer_row_bytes,
                                                    namespace, queries[part], k, temperature, nprobe=nprobe,
-                                                   rerank=rerank, ef=ef, into=into, start=part.start)
+                                                   rerank=rerank, ef=ef, memory_only=memory_only, into=into,
+                                                   start=part.start)
                                  for part in chunks])
         return dataclasses.replace(convert.batch_result(into, found, namespace), queries=queries, handle="")
 
@@ -874,7 +901,7 @@ class MemoryClient:
         parts are staged, then dropped).
         A result of ``retrieve(..., as_tensors=True)``: grad_memory a torch tensor, and grad_queries one,
         on its device (with the in-process store on that device, the backward runs there)."""
-        batch, rows = int(result.ids.shape[0]), np.shape(grad_memory)[0] if np.ndim(grad_memory) else 0
+        batch, rows = result.rows, np.shape(grad_memory)[0] if np.ndim(grad_memory) else 0
         if rows != batch and (result.handle or result.tensors):
             # By a handle the server takes a backward in parts by row and cannot tell a short one from a
             # part (the arrays' own backward it refuses itself); this call's is the whole forward's.
@@ -887,8 +914,8 @@ class MemoryClient:
             try:
                 return self._backward(namespace, result, grad_memory, step_id, step_values, handle=result.handle)
             except FailedPrecondition as error:
-                if "retrieve handle" not in error.message:
-                    raise
+                _check_arrays_to_send(result, error)
+        _check_arrays_to_send(result)
         return self._backward(namespace, result, grad_memory, step_id, step_values)
 
     def _backward_tensors(self, namespace: str, result: RetrieveResult, grad_memory, step_id, step_values: bool):
@@ -906,12 +933,11 @@ class MemoryClient:
                     result.temperature, generation=result.generation, step_id=step_id, handle=result.handle)
                 return grad_queries.to(device), grad_temperature
             except FailedPrecondition as error:
-                if "retrieve handle" not in error.message:
-                    raise
+                _check_arrays_to_send(result, error)
             result = dataclasses.replace(result, handle="")
+        _check_arrays_to_send(result)
         host = dataclasses.replace(result, **{field: getattr(result, field).detach().cpu().numpy()
-                                              for field in ("memory", "ids", "alpha", "distances", "tokens", "weights",
-                                                            "queries")})
+                                              for field in (*RETRIEVED, "queries") if getattr(result, field) is not None})
         grad_queries, grad_temperature = self.retrieve_backward(namespace, host, grad_memory, step_id, step_values)
         import torch  # an as_tensors caller has it
 

@@ -126,17 +126,17 @@ class DecodeStream:
         return found if tensor is None else found.to_tensors(tensor.device)
 
     def retrieve(self, namespace: str, queries, k: int, temperature: float = 1.0, *, nprobe: int = 0,
-                 rerank: int = 0, ef: int = 0, as_tensors: bool = False) -> RetrieveResult:
+                 rerank: int = 0, ef: int = 0, as_tensors: bool = False, memory_only: bool = False) -> RetrieveResult:
         """As MemoryClient.retrieve, for one decoding step (no backward follows: no state is kept).
-        as_tensors: as there (the step's answer copied to the queries' device once)."""
+        as_tensors, memory_only: as there (the step's answer copied to the queries' device once)."""
         if not self._client.remote:
             return self._client.retrieve(namespace, queries, k, temperature, nprobe=nprobe, rerank=rerank, ef=ef,
-                                         as_tensors=as_tensors)
+                                         as_tensors=as_tensors, memory_only=memory_only)
         tensor = _tensor_queries(queries) if as_tensors else None
         queries = _float_array(queries if tensor is None else tensor, "queries")
         step = pb.DecodeStep(retrieve=pb.RetrieveRequest(
             namespace=namespace, queries=convert.tensor_to_proto(queries), k=_k(k), temperature=temperature,
-            nprobe=nprobe, rerank=rerank, ef=ef))
+            nprobe=nprobe, rerank=rerank, ef=ef, memory_only=memory_only))
         result = convert.retrieve_result_from_proto(self._send(step).retrieve, queries, temperature)
         return result if tensor is None else result.to_tensors(tensor.device, tensor)
 

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import torch
-from monim.protos.errors import InvalidArgument
+from monim.protos.errors import FailedPrecondition, InvalidArgument
 from torch import nn
 
 MODES = ("monim", "knnlm")
@@ -115,13 +115,16 @@ class RetrieveFunction(torch.autograd.Function):
         # and the backward sends only grad_memory.
         # Tensors in and out (as_tensors): with an in-process store on the model's GPU nothing leaves it and
         # the host does not wait here; with a server the queries' one copy is the wire's.
-        sent = queries.detach().float()
+        # Only m comes back (memory_only) unless the neighbours are used here too (mix_knn, the adaptive combiner's
+        # features): B x value_dim, not B x k x 28 bytes.
+        sent, memory_only = queries.detach().float(), layer.needs_memory_only
         if layer.decoding is not None and not any(ctx.needs_input_grad[:3]):  # generating: no backward follows
             result = layer.decoding.retrieve(layer.namespace, sent, layer.k, layer.temperature_value(),
-                                             as_tensors=True)
+                                             as_tensors=True, memory_only=memory_only)
         else:
             result = layer.client.retrieve(layer.namespace, sent, layer.k, layer.temperature_value(),
-                                           keep_state=any(ctx.needs_input_grad[:3]), as_tensors=True)
+                                           keep_state=any(ctx.needs_input_grad[:3]), as_tensors=True,
+                                           memory_only=memory_only)
         layer.timer.record("retrieve", time.perf_counter() - started, queries.shape[0])
         ctx.result, ctx.layer = result, layer
         ctx.device, ctx.dtype = queries.device, queries.dtype
@@ -132,8 +135,19 @@ class RetrieveFunction(torch.autograd.Function):
     def backward(ctx, grad_memory):
         layer = ctx.layer
         started = time.perf_counter()
-        grad_queries, grad_temperature = layer.client.retrieve_backward(
-            layer.namespace, ctx.result, grad_memory.detach().float(), step_values=layer.train_values)
+        grad_memory = grad_memory.detach().float()
+        try:
+            grad_queries, grad_temperature = layer.client.retrieve_backward(
+                layer.namespace, ctx.result, grad_memory, step_values=layer.train_values)
+        except FailedPrecondition as error:
+            if ctx.result.has_neighbours or "retrieve handle" not in error.message:
+                raise
+            # The forward's state was kept at the store only (memory_only) and is gone (expired, evicted, its
+            # endpoint restarted): its neighbours are searched again, with the forward's queries and T.
+            again = layer.client.retrieve(layer.namespace, ctx.result.queries, layer.k, ctx.result.temperature,
+                                          keep_state=True, as_tensors=True)
+            grad_queries, grad_temperature = layer.client.retrieve_backward(
+                layer.namespace, again, grad_memory, step_values=layer.train_values)
         layer.timer.record("retrieve_backward", time.perf_counter() - started, grad_memory.shape[0])
         return (grad_queries.to(ctx.device, ctx.dtype),
                 torch.tensor(grad_temperature, dtype=torch.float32, device=ctx.device),
@@ -193,6 +207,12 @@ class MoNIMLayer(nn.Module):
                                   "MoNIM mode needs them (or use mode='knnlm')")
         if not 1 <= k <= config.max_k:
             raise InvalidArgument(f"k must be in [1, {config.max_k}] (the namespace's max_k), got {k}")
+
+    @property
+    def needs_memory_only(self) -> bool:
+        """Whether a Retrieve's m is all this layer reads of it (no p_kNN of its neighbours, no adaptive
+        combiner's features): then it asks for m alone (memory_only)."""
+        return self.mode == "monim" and not self.mix_knn and self.combiner is None
 
     @property
     def temperature(self) -> torch.Tensor:

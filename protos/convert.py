@@ -18,7 +18,7 @@ from monim.protos.config import INDEXES, KEY_DTYPES, METRICS, OPTIMIZERS, Namesp
 from monim.protos.copies import copy_rows
 from monim.protos.errors import FailedPrecondition, InternalError, InvalidArgument
 from monim.protos.framing import WIRE_DTYPES, wire_array
-from monim.protos.results import AddResult, RetrieveResult, Rows, SearchResult
+from monim.protos.results import RETRIEVED, AddResult, RetrieveResult, Rows, SearchResult
 
 # numpy's limit is 64; no tensor of the API has more than 3.
 MAX_TENSOR_DIMS = 32
@@ -218,11 +218,12 @@ class BatchAnswer:
 def _placed(found: list, into: BatchAnswer | None, start: int, names: tuple[str, ...]):
     """The answers of consecutive rows (read-only views of the received bytes), copied into ``into``
     from row ``start`` on; the first one's other fields (generation, handle)."""
-    into = into or BatchAnswer(sum(f.ids.shape[0] for f in found))
+    rows = [getattr(f, names[0]).shape[0] for f in found]  # (a Retrieve's memory, with or without neighbours)
+    into = into or BatchAnswer(sum(rows))
     row = start
-    for f in found:
+    for f, n in zip(found, rows):
         into.put(row, {name: getattr(f, name) for name in names})
-        row += f.ids.shape[0]
+        row += n
     return dataclasses.replace(found[0], **{name: into.rows_of(name, start, row) for name in names})
 
 
@@ -230,7 +231,7 @@ def batch_result(into: BatchAnswer, found: list, namespace: str):
     """The answer of a Search or a Retrieve whose batch was split into calls (consecutive rows, in
     order; their SearchResults or RetrieveResults) that filled ``into``. FailedPrecondition if the
     namespace was re-created between them (ids of two incarnations)."""
-    call, names = ("Search", _SEARCHED) if isinstance(found[0], SearchResult) else ("Retrieve", _RETRIEVED)
+    call, names = ("Search", _SEARCHED) if isinstance(found[0], SearchResult) else ("Retrieve", RETRIEVED)
     if len({f.generation for f in found}) > 1:
         raise FailedPrecondition(f"namespace {namespace!r} was re-created during this {call}; retry it")
     return dataclasses.replace(found[0], **{name: into.rows_of(name, 0, into.rows) for name in names})
@@ -281,19 +282,16 @@ def add_result_from_proto(response: pb.AddResponse, payloads: dict | None = None
                      merged=_tensor(response, "merged", payloads), generation=response.generation)
 
 
-_RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
-
-
 def retrieve_result_to_wire(result: RetrieveResult) -> bytes:
     return framing.serialized(pb.RetrieveResponse(generation=result.generation, handle=result.handle),
-                              {name: getattr(result, name) for name in _RETRIEVED})
+                              {name: getattr(result, name) for name in RETRIEVED})
 
 
 def retrieve_result_parts_to_wire(result: RetrieveResult, part_bytes: int | None = None):
     """The answer as RetrieveResponse messages of consecutive rows (RetrieveParts' stream), as
     search_result_parts_to_wire; each carries the generation and the handle."""
     return _parts_to_wire(pb.RetrieveResponse(generation=result.generation, handle=result.handle),
-                          {name: getattr(result, name) for name in _RETRIEVED}, part_bytes or ANSWER_PART_BYTES)
+                          {name: getattr(result, name) for name in RETRIEVED}, part_bytes or ANSWER_PART_BYTES)
 
 
 def retrieve_result_from_parts(parts, queries, temperature: float, into: BatchAnswer | None = None,
@@ -301,13 +299,16 @@ def retrieve_result_from_parts(parts, queries, temperature: float, into: BatchAn
     """RetrieveParts' answer (or Retrieve's, one part): as search_result_from_parts; the caller's
     queries and temperature kept for the backward."""
     return _placed([retrieve_result_from_proto(response, queries, temperature, payloads, writable=False)
-                    for response, payloads in parts], into, start, _RETRIEVED)
+                    for response, payloads in parts], into, start, RETRIEVED)
 
 
 def retrieve_result_from_proto(response: pb.RetrieveResponse, queries, temperature: float,
                                payloads: dict | None = None, writable: bool = True) -> RetrieveResult:
     """The reply, with the caller's own queries and temperature kept for the backward (writable: as in
     search_result_from_proto)."""
-    return RetrieveResult(**{name: _tensor(response, name, payloads, writable) for name in _RETRIEVED},
+    memory, *neighbours = RETRIEVED  # the neighbours: absent from the answer of a Retrieve with memory_only
+    return RetrieveResult(memory=_tensor(response, memory, payloads, writable),
+                          **{name: optional_tensor(response, name, writable=writable, payloads=payloads)
+                             for name in neighbours},
                           queries=queries, temperature=temperature, generation=response.generation,
                           handle=response.handle)

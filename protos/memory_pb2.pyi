@@ -300,7 +300,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state", "nprobe", "rerank", "ef")
+    __slots__ = ("namespace", "queries", "k", "temperature", "generation", "keep_state", "nprobe", "rerank", "ef", "memory_only")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +310,7 @@ class RetrieveRequest(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     EF_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_ONLY_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     queries: Tensor
     k: int
@@ -319,7 +320,8 @@ class RetrieveRequest(_message.Message):
     nprobe: int
     rerank: int
     ef: int
-    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ..., ef: _Optional[int] = ...) -> None: ...
+    memory_only: bool
+    def __init__(self, namespace: _Optional[str] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., temperature: _Optional[float] = ..., generation: _Optional[int] = ..., keep_state: _Optional[bool] = ..., nprobe: _Optional[int] = ..., rerank: _Optional[int] = ..., ef: _Optional[int] = ..., memory_only: _Optional[bool] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("memory", "ids", "alpha", "distances", "tokens", "weights", "generation", "handle")

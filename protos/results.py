@@ -89,13 +89,18 @@ class Rows:
         return int(self.ids.shape[0])
 
 
+# A RetrieveResult's arrays, in the answer's order: the memory, then the neighbours' columns.
+RETRIEVED = ("memory", "ids", "alpha", "distances", "tokens", "weights")
+
+
 @dataclasses.dataclass
 class RetrieveResult:
     """The memory output of a MoNIM layer and what its backward needs.
 
     memory: float32 [B, value_dim] = sum_i alpha_i v_i.
     ids int64 [B, k], alpha float32 [B, k], distances float32 [B, k],
-    tokens int32 [B, k], weights float32 [B, k] of the global top-k.
+    tokens int32 [B, k], weights float32 [B, k] of the global top-k (None, all five, for a Retrieve
+    with memory_only).
     queries and temperature are the forward's inputs, kept for the backward;
     generation: of the namespace the ids belong to (the backward carries it).
     handle: names the forward's state kept at the front end ("" if none: the backward sends the arrays).
@@ -103,11 +108,11 @@ class RetrieveResult:
     """
 
     memory: np.ndarray
-    ids: np.ndarray
-    alpha: np.ndarray
-    distances: np.ndarray
-    tokens: np.ndarray
-    weights: np.ndarray
+    ids: np.ndarray | None = None
+    alpha: np.ndarray | None = None
+    distances: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    weights: np.ndarray | None = None
     queries: np.ndarray | None = None
     temperature: float = 1.0
     generation: int = 0
@@ -121,14 +126,22 @@ class RetrieveResult:
     def to_tensors(self, device, queries=None) -> "RetrieveResult":
         """This result with its arrays as torch tensors on device (tensors_on). queries: the tensor the
         forward was given, kept as it is (else this result's queries go there too)."""
-        arrays = {field: getattr(self, field) for field in ("memory", "ids", "alpha", "distances", "tokens", "weights",
-                                                           "queries")}
+        arrays = {field: getattr(self, field) for field in (*RETRIEVED, "queries")}
         if queries is not None:
             arrays["queries"] = None
         tensors = tensors_on(device, arrays)
         if queries is not None:
             tensors["queries"] = queries
         return dataclasses.replace(self, **tensors)
+
+    @property
+    def rows(self) -> int:
+        return int(self.memory.shape[0])
+
+    @property
+    def has_neighbours(self) -> bool:
+        """Whether it carries the neighbours (ids, alpha, ...): not a Retrieve's with memory_only."""
+        return self.ids is not None
 
 
 @dataclasses.dataclass

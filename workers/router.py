@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -32,7 +33,7 @@ import time
 import numpy as np
 import torch
 from monim.datastore import admission, memory_ops
-from monim.datastore.transfer import to_host
+from monim.datastore.transfer import to_device, to_host, to_host_all
 from monim.protos import validation
 from monim.protos.config import NamespaceConfig, validate_namespace_name
 from monim.protos.errors import (
@@ -48,7 +49,7 @@ from monim.protos.errors import (
     StepAnswerLost,
     Unavailable,
 )
-from monim.protos.results import MISSING_ID, AddResult, RetrieveResult, Rows, SearchResult
+from monim.protos.results import MISSING_ID, RETRIEVED, AddResult, RetrieveResult, Rows, SearchResult
 from monim.workers.forwards import ForwardStates
 from monim.workers.merge import merge_topk
 from monim.workers.placement import Placement, PlacementChanged
@@ -486,7 +487,7 @@ class Router:
     @_reread_config_if_recreated
     def retrieve(self, namespace: str, queries: np.ndarray, k: int, temperature: float = 1.0, *,
                  generation: int = 0, keep_state: bool = False, nprobe: int = 0, rerank: int = 0,
-                 ef: int = 0) -> RetrieveResult:
+                 ef: int = 0, memory_only: bool = False) -> RetrieveResult:
         """The MoNIM forward, exact across shards. Stages: validate; every shard searches its top-k
         (ids, distances, weights); merge to the global top-k; alpha = softmax(-d/T + log w) here;
         then m = sum alpha_i v_i: from the value rows the search brought along (one round, when they
@@ -501,18 +502,26 @@ class Router:
         nprobe, rerank, ef: as in search (an ivf or hnsw namespace's search; its distances enter alpha).
         queries a torch tensor (the in-process store's device path: MemoryClient.retrieve's as_tensors):
         the result's arrays are tensors on the shard's device; with one shard nothing goes through the
-        host (the forward runs there whole, and its state for a backward stays there)."""
+        host (the forward runs there whole, and its state for a backward stays there).
+        A batch of numpy queries past ONE_ROUND_VALUE_BYTES whose lone shard is in this process on a GPU
+        (the in-process store; a shard's read endpoint) takes that device path too (_retrieve_here).
+        memory_only: the result carries memory (and its handle) only; ids, alpha, distances, tokens and
+        weights are None (a MoNIM layer's step needs no more: the backward goes by the handle)."""
         config = self.config(namespace, generation)
         validation.check_value_namespace(config.value_dim, "Retrieve")
         temperature = validation.check_temperature(temperature)
         on_device = validation.is_tensor(queries)  # (its queries checked where they go: the store, on its device)
+        options = dict(keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef, memory_only=memory_only)
         if on_device and (queries.device.type == "cpu" or not self.placement.alone):
-            return self._retrieve_on_host(namespace, config, queries, k, temperature, keep_state, nprobe, rerank, ef)
+            return self._retrieve_on_host(namespace, config, queries, k, temperature, **options)
         if not on_device:
             queries = validation.check_vectors(queries, config.dim, "queries")
         validation.check_search_options(config.index, config.nlist, validation.check_k(k, config.max_k), nprobe,
                                         rerank, ef)
         one_round = not on_device and queries.shape[0] * k * config.value_dim * 4 <= ONE_ROUND_VALUE_BYTES
+        device = None if on_device or one_round else self._lone_shard_device()
+        if device is not None:
+            return self._retrieve_here(namespace, config, queries, k, temperature, device, **options)
         for _ in range(RETRIEVE_ATTEMPTS):
             # One shard's answer is the whole answer: a training batch's forward runs there whole, on its
             # device, and for a backward its rows (alpha, distances) stay there under a name (kept_rows).
@@ -525,10 +534,9 @@ class Router:
                     found, alpha, memory = answers[0]
                     found.generation = config.generation
                     return self._retrieved(namespace, config, queries, found, alpha, memory, temperature,
-                                           keep_state, kept_rows)
+                                           keep_state, kept_rows, memory_only)
             if on_device:  # a reshard began meanwhile
-                return self._retrieve_on_host(namespace, config, queries, k, temperature, keep_state, nprobe, rerank,
-                                              ef)
+                return self._retrieve_on_host(namespace, config, queries, k, temperature, **options)
             found = self._search(config, queries, k, return_values=one_round, return_weights=True, nprobe=nprobe,
                                  rerank=rerank, ef=ef, keep_rows=kept_rows)
             alpha = memory_ops.attention(found.distances, found.weights, found.ids, temperature)
@@ -542,24 +550,43 @@ class Router:
                 except IdsNotFound:
                     continue
             return self._retrieved(namespace, config, queries, found, alpha, memory, temperature, keep_state,
-                                   kept_rows)
+                                   kept_rows, memory_only)
         raise Aborted(f"rows of namespace {namespace!r} were deleted during each of {RETRIEVE_ATTEMPTS} "
                       "attempts of this Retrieve; retry it")
 
-    def _retrieve_on_host(self, namespace, config, queries, k, temperature, keep_state, nprobe, rerank, ef):
+    def _retrieve_on_host(self, namespace, config, queries, k, temperature, **options):
         """retrieve of a tensor by the host's way, its answer then as tensors on the tensor's device: a tensor
         on the host is a numpy array already (and there the host's way is the faster at small batches); on
         several shards the answers meet on the host anyway."""
         result = self.retrieve(namespace, queries.detach().cpu().numpy(), k, temperature, generation=config.generation,
-                               keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef)
+                               **options)
         return result.to_tensors(queries.device, queries)
 
-    def _retrieved(self, namespace, config, queries, found, alpha, memory, temperature, keep_state, kept_rows):
+    def _lone_shard_device(self) -> torch.device | None:
+        """The GPU of the namespace's one shard where this process holds it (runtime.local_device), else None."""
+        if not self.placement.alone:
+            return None
+        device = self.runtime.local_device(0)
+        return device if device is not None and device.type == "cuda" else None
+
+    def _retrieve_here(self, namespace, config, queries, k, temperature, device, **options):
+        """retrieve of a numpy batch at this process's lone GPU shard by the device path: the queries go
+        to the GPU once, and with keep_state the forward's state stays there (a backward by its handle
+        then moves only grad_memory in and dL/dq out); what the caller gets back (the memory, and the
+        neighbours unless memory_only) is copied to the host."""
+        result = self.retrieve(namespace, to_device(queries, device), k, temperature, generation=config.generation,
+                               **options)
+        return dataclasses.replace(result, **to_host_all({name: getattr(result, name) for name in RETRIEVED}),
+                                   queries=queries)
+
+    def _retrieved(self, namespace, config, queries, found, alpha, memory, temperature, keep_state, kept_rows,
+                   memory_only=False):
         handle = self.forwards.keep(namespace, config.generation, queries, found.ids, alpha, found.distances,
                                     temperature, kept_rows) if keep_state else ""
-        return RetrieveResult(memory=memory, ids=found.ids, alpha=alpha, distances=found.distances,
-                              tokens=found.tokens, weights=found.weights, queries=queries,
-                              temperature=temperature, generation=config.generation, handle=handle)
+        neighbours = {} if memory_only else dict(ids=found.ids, alpha=alpha, distances=found.distances,
+                                                  tokens=found.tokens, weights=found.weights)
+        return RetrieveResult(memory=memory, **neighbours, queries=queries, temperature=temperature,
+                              generation=config.generation, handle=handle)
 
     @staticmethod
     def _value_sum_calls(namespace, generation, ids, alpha, kept_rows, placement) -> list:
@@ -593,8 +620,8 @@ class Router:
             config = self.config(namespace, generation)
             grad_memory = validation.check_grad_memory(config, grad_memory, queries.shape[0])
             if validation.is_tensor(queries) != (device is not None):  # one side on a device: both on the state's
-                grad_memory = grad_memory.cpu().numpy() if device is not None \
-                    else torch.from_numpy(grad_memory).to(queries.device)
+                grad_memory = grad_memory.cpu().numpy() if device is not None else to_device(grad_memory,
+                                                                                              queries.device)
         else:
             if device is not None:  # the arrays of a forward that kept no state: checked and used on the host
                 queries, ids, alpha, distances, grad_memory = (

@@ -30,6 +30,7 @@ import threading
 import time
 
 import numpy as np
+import torch
 from monim.protos.errors import DeadlineExceeded, IdsNotFound, MemoryStoreError, ShardUnavailable, Unavailable
 from monim.workers.machine import host_report
 from monim.workers.read_endpoint import ensure_endpoint, is_loopback
@@ -253,6 +254,13 @@ class LocalRuntime:
             except Exception as error:  # noqa: BLE001 - raised once all have answered
                 results.append(error)
         return _outcomes(results, each)
+
+    def local_device(self, shard: int):
+        """The torch device of ``shard``, which this process holds (its calls pass and answer tensors
+        there), or None where it is gone."""
+        shards = self.shards
+        target = shards[shard] if shard < len(shards) else None
+        return None if target is None else torch.device(target.device)
 
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
         """workers/machine.py's report for the shard (this process's, which holds every shard)."""
@@ -550,6 +558,10 @@ class RayRuntime:
                 log.warning("shard %d: no read endpoint: %s", shard, self._unwrap(error, shard))
         return targets
 
+    def local_device(self, shard: int):
+        """None: the shard actors answer from their own processes (see ShardSideRuntime)."""
+        return None
+
     def shard_host(self, shard: int, timeout_s: float | None = None) -> dict:
         """workers/machine.py's report from the shard actor's own process, with its Ray node id."""
         future = self.shards[shard].__ray_call__.remote(_host_of_actor)
@@ -628,6 +640,10 @@ class ShardSideRuntime(RayRuntime):
                 except ValueError:
                     raise ShardUnavailable(index, "no such shard actor (yet)") from None
             self.num_shards = max(self.num_shards, count)
+
+    def local_device(self, shard: int):
+        """The torch device of this process's shard, if it is ``shard``, else None (another actor's)."""
+        return torch.device(self.local.device) if shard == self.local.shard_index else None
 
     def _call_shards_once(self, calls, timeout_s: float | None) -> list:
         here = self.local.shard_index

@@ -153,7 +153,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return self.router.retrieve(request.namespace, _required(request, "queries"), request.k,
                                     request.temperature, generation=request.generation,
                                     keep_state=request.keep_state, nprobe=request.nprobe, rerank=request.rerank,
-                                    ef=request.ef)
+                                    ef=request.ef, memory_only=request.memory_only)
 
     def RetrieveParts(self, request, context):
         """Retrieve, its answer in parts as SearchParts' (the handle, with keep_state, in each)."""

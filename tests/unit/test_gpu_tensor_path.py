@@ -94,8 +94,8 @@ def test_the_layer_reads_the_gpu_store_without_leaving_the_gpu():
     hidden = torch.from_numpy(queries).cuda().reshape(2, BATCH // 2, DIM).requires_grad_(True)
     memory = layer(hidden)
     (memory * torch.from_numpy(grad_memory).cuda().reshape(memory.shape)).sum().backward()
-    ref_m, _, ref_gq, ref_gt, _ = dense_reference(queries, keys, values, weights, layer.last_result.ids.cpu().numpy(),
-                                                  "l2", TEMPERATURE, grad_memory)
+    ids = client.search("g", queries, K).ids  # the forward's neighbours (m alone came back: memory_only)
+    ref_m, _, ref_gq, ref_gt, _ = dense_reference(queries, keys, values, weights, ids, "l2", TEMPERATURE, grad_memory)
     np.testing.assert_allclose(memory.detach().reshape(BATCH, VALUE_DIM).cpu().numpy(), ref_m, atol=1e-5)
     np.testing.assert_allclose(hidden.grad.reshape(BATCH, DIM).cpu().numpy(), ref_gq, atol=1e-5)
     with torch.no_grad():  # decoding: one token's hidden state
@@ -139,3 +139,35 @@ def test_a_decoding_steps_search_replays_a_graph_of_its_own_and_waits_once():
             column = getattr(answer, name)
             assert column.is_cuda, name
             np.testing.assert_array_equal(column.cpu().numpy(), getattr(numpy_answer, name), err_msg=name)
+
+
+def test_a_numpy_training_batch_at_a_lone_gpu_shard_keeps_its_state_on_the_gpu(monkeypatch):
+    """The in-process store and a server over it (what a shard's read endpoint is): a batch of numpy
+    queries takes the device path, its state stays on the GPU, and its backward by the handle matches
+    autograd."""
+    from monim.workers import router as router_module
+    from monim.workers.server import start_server
+
+    monkeypatch.setattr(router_module, "ONE_ROUND_VALUE_BYTES", 0)  # every batch a training batch
+    client, (keys, _, weights, queries, grad_memory) = on_gpu()
+    router = client._store
+    server, port = start_server(router, port=0)
+    try:
+        with MemoryClient(f"127.0.0.1:{port}") as remote:
+            for reader, memory_only in ((client, False), (remote, False), (remote, True)):
+                values = client.get("g", np.arange(N)).values
+                ids = client.search("g", queries, K).ids
+                result = reader.retrieve("g", queries, K, TEMPERATURE, keep_state=True, memory_only=memory_only)
+                assert isinstance(result.memory, np.ndarray) and (result.ids is None) == memory_only
+                state = router.forwards.get(result.handle, "g")
+                assert state.ids.is_cuda and state.queries.is_cuda
+                ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, ids, "l2",
+                                                                   TEMPERATURE, grad_memory)
+                np.testing.assert_allclose(result.memory, ref_m, atol=1e-5)
+                grad_queries, grad_temperature = reader.retrieve_backward("g", result, grad_memory)
+                assert isinstance(grad_queries, np.ndarray) and len(router.forwards) == 0
+                np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
+                assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
+                np.testing.assert_allclose(client.get("g", np.arange(N)).values, values - LR * ref_gv, atol=1e-5)
+    finally:
+        server.stop(0)

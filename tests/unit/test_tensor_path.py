@@ -100,9 +100,11 @@ def test_the_layer_trains_through_tensors_as_autograd_says():
     hidden = torch.from_numpy(queries).reshape(2, BATCH // 2, DIM).requires_grad_(True)
     memory = layer(hidden)
     assert layer.last_result.tensors and memory.shape == (2, BATCH // 2, VALUE_DIM)
+    assert layer.last_result.ids is None  # m is all the layer reads: it asks for m alone (memory_only)
     (memory * torch.from_numpy(grad_memory).reshape(memory.shape)).sum().backward()
-    ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, layer.last_result.ids.numpy(),
-                                                       "l2", TEMPERATURE, grad_memory)
+    ids = client.search("mem", queries, K).ids  # the forward's neighbours (the keys did not change)
+    ref_m, _, ref_gq, ref_gt, ref_gv = dense_reference(queries, keys, values, weights, ids, "l2", TEMPERATURE,
+                                                       grad_memory)
     np.testing.assert_allclose(memory.detach().reshape(BATCH, VALUE_DIM).numpy(), ref_m, atol=1e-5)
     np.testing.assert_allclose(hidden.grad.reshape(BATCH, DIM).numpy(), ref_gq, atol=1e-5)
     # d/d(log T) = T dL/dT
