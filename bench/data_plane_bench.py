@@ -47,6 +47,7 @@ import torch
 from monim.model_client import client as client_module
 
 from bench.grpc_floor import GrpcFloor
+from bench.lm_floor import BareRead, ReadInAnotherProcess, reading
 from bench.search_bench import int_list, same_neighbours
 
 NAMESPACE = "bench-plane"
@@ -354,7 +355,7 @@ def apply_cells(table, local, remote, rng, args, floor):
               "any size works (split)")
 
 
-def lm_cells(table, local, remote, args):
+def lm_cells(table, local, remote, args, stack):
     from monim.model_client.hf import attach_monim
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -372,33 +373,43 @@ def lm_cells(table, local, remote, args):
             model.generate(prompt, max_new_tokens=args.lm_tokens, min_new_tokens=args.lm_tokens, do_sample=False,
                            pad_token_id=0)
 
-    def per_token(mode=None, client=None) -> float:
+    def per_token(mode=None, client=None, read=None) -> float:
         handle = None if mode is None else attach_monim(model, client, NAMESPACE, k=32, mode=mode)
         try:
-            run()  # warm-up (a Decode stream opens here)
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
+            with reading(model, read) if read is not None else contextlib.nullcontext():
+                run()  # warm-up (a Decode stream opens here)
+                sync()
+                t0 = time.perf_counter()
+                run()
+                sync()
             return (time.perf_counter() - t0) / args.lm_tokens
         finally:
             if handle is not None:
                 handle.detach()
 
+    # The floors (bench/lm_floor.py): the bare read's kernels over keys and values of the same shapes, in
+    # this process, and in another process over a pipe (what any memory outside the LM's process costs).
+    floors = {"here": BareRead(args.rows, args.dim, args.value_dim, device=args.device),
+              "there": stack.enter_context(ReadInAnotherProcess(args.rows, args.dim, args.value_dim,
+                                                                device=args.device))}
     # Round by round (bare, then each memory way), so that the GPU's clocks and a noisy host weigh on all
     # alike; the median of the rounds.
     ways = [(None, None, None)] + [(mode, name, client) for mode in ("monim", "knnlm")
                                    for name, client in (("in", local), ("svc", remote))]
-    times = {(mode, name): [] for mode, name, _ in ways}
+    times = {(mode, name): [] for mode, name, _ in ways} | {("floor", where): [] for where in floors}
     for _ in range(5):
         for mode, name, client in ways:
             times[mode, name].append(per_token(mode, client))
+        for where, read in floors.items():
+            times["floor", where].append(per_token(read=read))
     bare = float(np.median(times[None, None]))
-    costs = {(mode, name): float(np.median(times[mode, name])) for mode, name, _ in ways if mode}
+    costs = {key: float(np.median(value)) for key, value in times.items() if key[0]}
     label = "GPT-2-size" if args.lm_size == "gpt2" else "tiny GPT-2"
     table.add(f"{label} ({params:.0f}M, random init) greedy decode, vs bare {1e3 * bare:.2f} ms/token",
               " / ".join(f"{m} {costs[m, 'in'] / bare:.2f}x" for m in ("monim", "knnlm")),
               " / ".join(f"{m} {costs[m, 'svc'] / bare:.2f}x" for m in ("monim", "knnlm")), "", "<= 1.25x",
+              f"bare read here {costs['floor', 'here'] / bare:.2f}x, in another process "
+              f"{costs['floor', 'there'] / bare:.2f}x ({costs['monim', 'svc'] / costs['floor', 'there']:.2f})",
               bare_s=bare, **{f"{m}_{n}_s": v for (m, n), v in costs.items()})
 
 
@@ -454,7 +465,7 @@ def main(argv=None) -> int:
         learn_cells(table, local, remote, queries, rng, args, floor)
         apply_cells(table, local, remote, rng, args, floor)
         if args.lm_size != "none":
-            lm_cells(table, local, remote, args)
+            lm_cells(table, local, remote, args, stack)
     print(f"\n# total {time.perf_counter() - began:.0f} s\n")
     print(table.render())
     if args.json:
