@@ -4,6 +4,7 @@ unknown, expired, evicted and foreign handles are FAILED_PRECONDITION (nothing s
 client falls back to the arrays; a bounded table; two clients stepping at once. A real gRPC server
 in this process (no Ray)."""
 
+import contextlib
 import threading
 import time
 
@@ -23,18 +24,28 @@ DIM, VALUE_DIM, ROWS, K = 8, 16, 400, 10
 SMALL = 64 * 1024
 
 
-@pytest.fixture
-def service():
-    runtime = LocalRuntime(2)
+@contextlib.contextmanager
+def served(shards: int = 2):
+    """(router, client, split, address): a router over in-process shards behind two gRPC servers, a
+    client of each (split's limit is SMALL: it splits large calls), the first one's address."""
+    runtime = LocalRuntime(shards)
     router = Router(runtime)
     server, port = start_server(router, port=0)
     small, small_port = start_server(router, port=0, max_message_bytes=SMALL)
-    with MemoryClient(f"127.0.0.1:{port}") as client, \
-            MemoryClient(f"127.0.0.1:{small_port}", max_message_bytes=SMALL) as split:
-        yield router, client, split, f"127.0.0.1:{port}"
-    server.stop(0)
-    small.stop(0)
-    runtime.shutdown()
+    try:
+        with MemoryClient(f"127.0.0.1:{port}") as client, \
+                MemoryClient(f"127.0.0.1:{small_port}", max_message_bytes=SMALL) as split:
+            yield router, client, split, f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+        small.stop(0)
+        runtime.shutdown()
+
+
+@pytest.fixture
+def service():
+    with served() as deployment:
+        yield deployment
 
 
 def twin_namespaces(client, names=("a", "b"), optimizer="sgd"):

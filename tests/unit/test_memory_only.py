@@ -8,33 +8,22 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from monim.model_client import MemoryClient
 from monim.model_client.layer import MoNIMLayer
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
 from monim.protos.errors import FailedPrecondition, InvalidArgument
-from monim.workers.router import Router
-from monim.workers.runtime import LocalRuntime
-from monim.workers.server import start_server
+
+from tests.unit.test_forward_handles import served
 
 DIM, VALUE_DIM, ROWS, K, BATCH = 8, 16, 400, 10, 32
-SMALL = 64 * 1024
 NEIGHBOURS = ("ids", "alpha", "distances", "tokens", "weights")
 
 
 @pytest.fixture(params=[1, 2], ids=["one shard", "two shards"])
 def service(request):
-    runtime = LocalRuntime(request.param)
-    router = Router(runtime)
-    server, port = start_server(router, port=0)
-    small, small_port = start_server(router, port=0, max_message_bytes=SMALL)
-    with MemoryClient(f"127.0.0.1:{port}") as client, \
-            MemoryClient(f"127.0.0.1:{small_port}", max_message_bytes=SMALL) as split:
-        yield router, client, split, f"127.0.0.1:{port}"
-    server.stop(0)
-    small.stop(0)
-    runtime.shutdown()
+    with served(request.param) as deployment:
+        yield deployment
 
 
 def twin_namespaces(client, names=("a", "b")):
