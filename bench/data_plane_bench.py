@@ -48,6 +48,7 @@ from monim.model_client import client as client_module
 
 from bench.grpc_floor import GrpcFloor
 from bench.lm_floor import BareRead, ReadInAnotherProcess, reading
+from bench.one_process_service import OneProcessService
 from bench.search_bench import int_list, same_neighbours
 
 NAMESPACE = "bench-plane"
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--value-dim", type=int, default=768)
     p.add_argument("--shards", type=int, default=1, help="service shard actors (default 1)")
+    p.add_argument("--service", choices=("ray", "one-process"), default="ray",
+                   help="ray: EmbeddedStore (Ray shard actors, their read endpoints); one-process: one shard and "
+                        "its router in a server process of their own, without Ray (bench/one_process_service.py)")
     p.add_argument("--shard-cpus", type=int, default=1,
                    help="CPUs each shard actor holds (monim serve --shard-cpus; its torch and faiss threads)")
     p.add_argument("--device", default="cpu", help="the in-process store's device: cpu or cuda")
@@ -416,21 +420,26 @@ def lm_cells(table, local, remote, args, stack):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from monim.model_client.client import MemoryClient
-    from monim.workers.embedded import EmbeddedStore
 
     command = "python -m bench.data_plane_bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "no GPU"
     print(f"# {command}")
+    service = (f"{args.shards} Ray shard actor(s) of {args.shard_cpus} CPU(s)" if args.service == "ray"
+               else "one shard and its router in a server process (no Ray)")
     print(f"# {args.rows:,} x {args.dim} keys, value_dim {args.value_dim}; in-process on {args.device} ({gpu}); "
-          f"service: {args.shards} shard(s) of {args.shard_cpus} CPU(s); {os.cpu_count()} CPUs, {platform.machine()}, "
-          f"torch {torch.__version__}")
+          f"service: {service}; {os.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}")
     began = time.perf_counter()
     rng, keys, values, tokens, queries = make_data(args)
     table = Table()
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(MemoryClient(":memory:", device=args.device))
-        service = stack.enter_context(EmbeddedStore(shards=args.shards, shard_cpus=args.shard_cpus,
-                                                    num_cpus=max(4, args.shards * (args.shard_cpus + 1))))
+        if args.service == "ray":
+            from monim.workers.embedded import EmbeddedStore
+
+            service = stack.enter_context(EmbeddedStore(shards=args.shards, shard_cpus=args.shard_cpus,
+                                                        num_cpus=max(4, args.shards * (args.shard_cpus + 1))))
+        else:
+            service = stack.enter_context(OneProcessService(args.device))
         floor = stack.enter_context(GrpcFloor(repeats=args.repeats, budget_s=args.budget_s))
         remote = stack.enter_context(MemoryClient(service.address, timeout_s=600,
                                                   read_endpoints=not args.front_end_reads))

@@ -1,0 +1,68 @@
+"""A one-shard service without Ray: the router and its one shard in a server process of their own.
+
+A client of a one-shard deployment sends its reads, training steps and the layer's writes to the
+shard's read endpoint (workers/read_endpoint.py): a gRPC server (and host socket) in the shard
+actor's process whose router calls that shard directly. This process is the same shape: a server
+(``start_server``) over ``Router(LocalRuntime(1, device))``, in a process apart from the client's,
+so a call crosses a process boundary, the wire (or the host's shared memory and socket) and the
+servicer, as an endpoint's does, and no Ray. The benches use it where Ray is not installed (the GPU
+machine takes it in a second call: docs/DEVELOPMENT.md); what it leaves out is the front end's
+hop to the shard actor, which the calls above do not take.
+
+    with OneProcessService("cuda") as service:
+        client = MemoryClient(service.address)
+
+    python -m bench.one_process_service --device cuda     # serves until stdin closes
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+
+class OneProcessService:
+    def __init__(self, device: str = "cpu"):
+        self._process = subprocess.Popen([sys.executable, "-m", "bench.one_process_service", "--device", device],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self._process.stdout.readline().strip()
+        if not line.startswith("serving "):
+            self._process.kill()
+            raise RuntimeError(f"the one-process service did not start (it said {line!r})")
+        self.address = line.split()[1]
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.one_process_service", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from monim.workers.router import Router
+    from monim.workers.runtime import LocalRuntime
+    from monim.workers.server import start_server
+
+    runtime = LocalRuntime(1, device=args.device)
+    server, port = start_server(Router(runtime), port=0)
+    print(f"serving 127.0.0.1:{port}", flush=True)
+    sys.stdin.read()  # until the parent closes it (or exits)
+    server.stop(0)
+    runtime.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
