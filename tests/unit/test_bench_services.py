@@ -1,0 +1,52 @@
+"""The benches' stand-ins for a deployment: the one-process service (a shard and its router in a server
+process of their own) answers as the in-process store does, and the out-of-process bare read answers
+what the same read in this process does. On the CPU, small."""
+
+import numpy as np
+import torch
+from monim.model_client import MemoryClient
+
+from bench.lm_floor import BareRead, ReadInAnotherProcess, reading
+from bench.one_process_service import OneProcessService
+
+
+def test_the_one_process_service_answers_as_the_in_process_store():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((500, 16)).astype(np.float32)
+    values = rng.standard_normal((500, 8)).astype(np.float32)
+    queries = keys[:20] + 0.01
+    with OneProcessService("cpu") as service, MemoryClient(service.address) as remote, \
+            MemoryClient(":memory:") as local:
+        for client in (remote, local):
+            client.create_namespace("n", dim=16, value_dim=8)
+            client.add("n", keys, np.arange(500), values=values)
+        np.testing.assert_array_equal(remote.search("n", queries, 5).ids, local.search("n", queries, 5).ids)
+        np.testing.assert_allclose(remote.retrieve("n", queries, 5, memory_only=True).memory,
+                                   local.retrieve("n", queries, 5).memory, atol=1e-6)
+        process = service._process
+    assert process.poll() == 0  # it stopped when the bench closed it
+
+
+def test_the_bare_read_in_another_process_answers_as_here():
+    here = BareRead(1000, 16, 8, k=4, device="cpu")
+    queries = torch.randn(3, 16)
+    with ReadInAnotherProcess(1000, 16, 8, k=4, device="cpu") as there:
+        torch.testing.assert_close(there(queries), here(queries), atol=1e-4, rtol=1e-4)
+
+
+def test_reading_adds_the_gated_read_to_the_last_mlp():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50)).eval()
+    tokens = torch.randint(0, 50, (1, 6))
+    with torch.no_grad():
+        bare = model(tokens).logits
+        with reading(model, lambda hidden: torch.zeros(hidden.shape[0], 16)):
+            unchanged = model(tokens).logits
+        with reading(model, BareRead(100, 16, 16, k=4, device="cpu")):
+            read = model(tokens).logits
+        again = model(tokens).logits
+    torch.testing.assert_close(unchanged, bare)
+    assert not torch.allclose(read, bare)
+    torch.testing.assert_close(again, bare)  # the hook is gone
