@@ -439,7 +439,7 @@ def main(argv=None) -> int:
             service = stack.enter_context(EmbeddedStore(shards=args.shards, shard_cpus=args.shard_cpus,
                                                         num_cpus=max(4, args.shards * (args.shard_cpus + 1))))
         else:
-            service = stack.enter_context(OneProcessService(args.device))
+            service = stack.enter_context(OneProcessService(args.device, args.shard_cpus))
         floor = stack.enter_context(GrpcFloor(repeats=args.repeats, budget_s=args.budget_s))
         remote = stack.enter_context(MemoryClient(service.address, timeout_s=600,
                                                   read_endpoints=not args.front_end_reads))

@@ -18,14 +18,19 @@ hop to the shard actor, which the calls above do not take.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
 
 class OneProcessService:
-    def __init__(self, device: str = "cpu"):
+    """cpus: the threads its torch and faiss get (OMP_NUM_THREADS), as Ray gives a shard actor of that
+    many CPUs (monim serve --shard-cpus, default 1)."""
+
+    def __init__(self, device: str = "cpu", cpus: int = 1):
         self._process = subprocess.Popen([sys.executable, "-m", "bench.one_process_service", "--device", device],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         env=dict(os.environ, OMP_NUM_THREADS=str(cpus)))
         line = self._process.stdout.readline().strip()
         if not line.startswith("serving "):
             self._process.kill()
