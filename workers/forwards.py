@@ -6,7 +6,10 @@ grad_memory (B x value_dim) instead of the forward's B x (dim + 3k) numbers, whi
 most of the bytes of a training step. A handle lives for ``ttl_s`` after its last use, in a table
 bounded by entry count and bytes (the oldest go first); an unknown, expired or evicted handle is
 a FAILED_PRECONDITION naming it (the client then sends the arrays, which it still holds). A
-handle is known to the front end that made it only.
+handle is known to the front end that made it only. A state goes as soon as a backward of its whole
+batch is done; that backward's answer is kept (the last ANSWERS_KEPT, at most ANSWER_BYTES) under the
+handle and its step id, so that the same backward sent again (a retry after its answer was lost)
+gets it, and steps nothing again, rather than find the handle gone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from monim.protos.errors import FailedPrecondition
 DEFAULT_TTL_S = 300.0
 DEFAULT_MAX_ENTRIES = 4096
 DEFAULT_MAX_BYTES = 2 << 30
+# The answers of the last backwards by handle, kept for their repeats (a B=4096 x 768 dL/dq is 12.6 MB).
+ANSWERS_KEPT = 16
+ANSWER_BYTES = 256 << 20
 
 
 class HandleUnknown(FailedPrecondition):
@@ -63,6 +69,9 @@ class ForwardStates:
         self.bytes = 0
         self.counts = dict.fromkeys(("kept", *DROP_REASONS), 0)
         self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # handle -> why, to say so
+        # (handle, step id) -> (grad_queries, grad_temperature) of a whole backward done by handle
+        self._answers: collections.OrderedDict[tuple[str, str], tuple] = collections.OrderedDict()
+        self._answer_bytes = 0
 
     def keep(self, namespace: str, generation: int, queries, ids, alpha, distances, temperature: float,
              rows_token: str = "") -> str:
@@ -95,13 +104,33 @@ class ForwardStates:
             self._states.move_to_end(handle)
             return state
 
-    def release(self, handle: str) -> None:
-        """Lets the state under handle go now (its backward is done); unknown handles are ignored."""
+    def release(self, handle: str, step_id: str = "", answer: tuple | None = None) -> None:
+        """Lets the state under handle go now (a backward of its whole batch is done); unknown handles
+        are ignored. answer: (grad_queries, grad_temperature) of that backward, kept under (handle,
+        step_id) for its repeats (answered)."""
         with self._lock:
             state = self._states.pop(handle, None)
             if state is not None:
                 self.bytes -= state.nbytes
                 self._say_gone(handle, "released (its backward was done)")
+            size = getattr(answer[0], "nbytes", 0) if answer is not None else 0
+            if answer is None or not step_id or size > ANSWER_BYTES:
+                return
+            self._answers[(handle, step_id)] = answer
+            self._answer_bytes += size
+            while len(self._answers) > ANSWERS_KEPT or self._answer_bytes > ANSWER_BYTES:
+                self._answer_bytes -= self._answers.popitem(last=False)[1][0].nbytes
+
+    def batch_of(self, handle: str) -> int:
+        """The rows of the forward kept under handle (0 if none is)."""
+        with self._lock:
+            state = self._states.get(handle)
+            return 0 if state is None else int(state.ids.shape[0])
+
+    def answered(self, handle: str, step_id: str) -> tuple | None:
+        """The answer of the whole backward by handle with step_id, if it was done and is still kept."""
+        with self._lock:
+            return self._answers.get((handle, step_id)) if step_id else None
 
     def _expire(self, now: float) -> None:
         while self._states:

@@ -609,14 +609,21 @@ class Router:
         generation: the forward's (0: the current incarnation).
         handle: a kept forward (retrieve's keep_state): queries, ids, alpha, distances, temperature
         and generation come from it (pass None for them), and grad_memory is its rows
-        [row_offset, row_offset + B); FAILED_PRECONDITION if the handle is unknown or expired.
+        [row_offset, row_offset + B); FAILED_PRECONDITION if the handle is unknown or expired. A step
+        (not deferred) of its whole batch releases the state and keeps its answer for a repeat of the
+        same step id (workers/forwards.py).
         Returns (grad_queries float32 [B, dim], grad_temperature).
         grad_memory a torch tensor (the in-process store's device path): grad_queries is one too, on the
         shard's device; a forward kept there (its queries a tensor) is finished there, nothing through the host."""
         device = grad_memory.device if validation.is_tensor(grad_memory) else None
+        whole = False  # a step of a kept forward's whole batch: its state goes after it, its answer is kept
         if handle:  # the forward's state is this router's own, checked when it was made: only grad_memory is new
+            done = None if defer_step else self.forwards.answered(handle, step_id)
+            if done is not None:  # the same step again (its answer was lost on the way): stepped once already
+                return done
             queries, ids, alpha, distances, temperature, generation, kept_rows = self._kept_forward(
                 namespace, handle, row_offset, grad_memory, queries, ids, alpha, distances)
+            whole = not defer_step and row_offset == 0 and self.forwards.batch_of(handle) == queries.shape[0]
             config = self.config(namespace, generation)
             grad_memory = validation.check_grad_memory(config, grad_memory, queries.shape[0])
             if validation.is_tensor(queries) != (device is not None):  # one side on a device: both on the state's
@@ -655,19 +662,20 @@ class Router:
             raise
         if not defer_step:
             self._commit(config, step)
-            if handle and torch.is_tensor(queries):
-                # A device path's state holds the GPU's memory (a B=4096, k=1024 forward's: 80 MB): it goes once
-                # its step is done, not when the table needs room. (A repeat of the step sends the arrays, and
-                # the shard answers what it answered.)
-                self.forwards.release(handle)
         if not isinstance(answers[0], memory_ops.BackwardPartials):
             grad_queries, grad_temperature = answers[0]
         else:
             grad_queries, grad_temperature = memory_ops.combine_backward(sum(answers[1:], answers[0]), queries,
                                                                          config.metric, temperature)
         if device is not None:
-            return torch.as_tensor(grad_queries).to(device), grad_temperature
-        return to_host(grad_queries) if torch.is_tensor(grad_queries) else grad_queries, grad_temperature
+            answer = torch.as_tensor(grad_queries).to(device), grad_temperature
+        else:
+            answer = to_host(grad_queries) if torch.is_tensor(grad_queries) else grad_queries, grad_temperature
+        if whole:
+            # Its state goes now, not when the table needs room (a device path's holds the GPU's memory: a B=4096,
+            # k=1024 forward's 80 MB); the answer stays for a repeat of the step (a retry after a lost answer).
+            self.forwards.release(handle, step_id, answer)
+        return answer
 
     def _kept_forward(self, namespace, handle, row_offset, grad_memory, *sent):
         """(queries, ids, alpha, distances, temperature, generation, kept_rows) of rows [row_offset,

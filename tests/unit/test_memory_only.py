@@ -12,7 +12,7 @@ from monim.model_client.layer import MoNIMLayer
 from monim.protos import convert
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
-from monim.protos.errors import FailedPrecondition, InvalidArgument
+from monim.protos.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 from tests.unit.test_forward_handles import served
 
@@ -132,3 +132,37 @@ def test_the_layer_asks_for_m_alone_and_searches_again_when_its_handle_is_gone(s
     np.testing.assert_allclose(stored_values(client, "a"), stored_values(client, "b"), rtol=1e-6, atol=1e-6)
     for options in (dict(mix_knn=True), dict(combiner="adaptive")):  # these read the neighbours too
         assert not MoNIMLayer(client, "a", k=K, **options).needs_memory_only
+
+
+@pytest.mark.parametrize("memory_only", [True, False])
+def test_a_backward_sent_again_after_its_answer_was_lost_gets_it_and_steps_once(service, memory_only):
+    """A whole backward by a handle releases the forward's state (it holds the GPU's memory on a device
+    path) and keeps its answer: the client's retry of the same step (its first answer lost on the way)
+    gets that answer, and nothing steps twice, also where there are no arrays to send instead."""
+    router, client, _, _ = service
+    queries, grad = twin_namespaces(client)
+    once = client.retrieve("b", queries, K, 0.7, keep_state=True)
+    want = client.retrieve_backward("b", once, grad)
+    assert len(router.forwards) == 0  # released by its backward
+    kept = client.retrieve("a", queries, K, 0.7, keep_state=True, memory_only=memory_only)
+    real, sent = client._store.retrieve_backward, []
+
+    def answer_lost(*args, **kwargs):
+        sent.append(kwargs)
+        answer = real(*args, **kwargs)
+        if len(sent) == 1:
+            raise Unavailable("the connection dropped after the server answered")
+        return answer
+
+    client._store.retrieve_backward = answer_lost
+    got = client.retrieve_backward("a", kept, grad)
+    assert len(sent) == 2 and all(call["handle"] == kept.handle for call in sent)
+    assert sent[0]["step_id"] == sent[1]["step_id"]
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    assert got[1] == pytest.approx(want[1], rel=1e-6, abs=1e-7)
+    np.testing.assert_array_equal(stored_values(client, "a"), stored_values(client, "b"))  # stepped once
+    assert len(router.forwards) == 0
+    client._store.retrieve_backward = real
+    if memory_only:  # another step of the same forward: its state went with the first
+        with pytest.raises(FailedPrecondition, match="released .its backward was done"):
+            client.retrieve_backward("a", kept, grad)
