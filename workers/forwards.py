@@ -110,16 +110,17 @@ class ForwardStates:
         step_id) for its repeats (answered)."""
         with self._lock:
             state = self._states.pop(handle, None)
-            if state is not None:
-                self.bytes -= state.nbytes
-                self._say_gone(handle, "released (its backward was done)")
+            if state is None:
+                return
+            self.bytes -= state.nbytes
+            self._say_gone(handle, "released (its backward was done)")
             size = getattr(answer[0], "nbytes", 0) if answer is not None else 0
             if answer is None or not step_id or size > ANSWER_BYTES:
                 return
-            self._answers[(handle, step_id)] = answer
+            self._answers[(handle, step_id)] = (state.namespace, answer)
             self._answer_bytes += size
             while len(self._answers) > ANSWERS_KEPT or self._answer_bytes > ANSWER_BYTES:
-                self._answer_bytes -= self._answers.popitem(last=False)[1][0].nbytes
+                self._answer_bytes -= self._answers.popitem(last=False)[1][1][0].nbytes
 
     def batch_of(self, handle: str) -> int:
         """The rows of the forward kept under handle (0 if none is)."""
@@ -127,10 +128,12 @@ class ForwardStates:
             state = self._states.get(handle)
             return 0 if state is None else int(state.ids.shape[0])
 
-    def answered(self, handle: str, step_id: str) -> tuple | None:
-        """The answer of the whole backward by handle with step_id, if it was done and is still kept."""
+    def answered(self, handle: str, step_id: str, namespace: str) -> tuple | None:
+        """The answer of the whole backward by handle (of namespace) with step_id, if it was done and is
+        still kept."""
         with self._lock:
-            return self._answers.get((handle, step_id)) if step_id else None
+            kept = self._answers.get((handle, step_id)) if step_id else None
+            return kept[1] if kept is not None and kept[0] == namespace else None
 
     def _expire(self, now: float) -> None:
         while self._states:

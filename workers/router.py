@@ -618,7 +618,7 @@ class Router:
         device = grad_memory.device if validation.is_tensor(grad_memory) else None
         whole = False  # a step of a kept forward's whole batch: its state goes after it, its answer is kept
         if handle:  # the forward's state is this router's own, checked when it was made: only grad_memory is new
-            done = None if defer_step else self.forwards.answered(handle, step_id)
+            done = None if defer_step else self.forwards.answered(handle, step_id, namespace)
             if done is not None:  # the same step again (its answer was lost on the way): stepped once already
                 return done
             queries, ids, alpha, distances, temperature, generation, kept_rows = self._kept_forward(

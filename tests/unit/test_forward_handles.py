@@ -231,6 +231,30 @@ def test_the_table_is_bounded_and_counts_what_it_drops():
     assert len(table) == 0 and table.bytes == 0 and table.counts["expired"] == 2
 
 
+def test_a_released_state_keeps_its_answer_for_its_step_and_namespace_only_and_a_bounded_few():
+    from monim.workers import forwards
+
+    table = ForwardStates(ttl_s=60)
+    arrays = [np.zeros((4, 8), np.float32), np.zeros((4, 5), np.int64), np.zeros((4, 5), np.float32),
+              np.zeros((4, 5), np.float32)]
+    handles = [table.keep("ns", 1, *arrays, 1.0) for _ in range(forwards.ANSWERS_KEPT + 1)]
+    assert table.batch_of(handles[0]) == 4 and table.batch_of("nope") == 0
+    for i, handle in enumerate(handles):
+        table.release(handle, f"step-{i}", (np.full((4, 8), i, np.float32), float(i)))
+    assert len(table) == 0 and table.bytes == 0
+    with pytest.raises(HandleUnknown, match=r"released \(its backward was done\)"):
+        table.get(handles[1], "ns")
+    last = table.answered(handles[-1], f"step-{len(handles) - 1}", "ns")
+    assert last[1] == len(handles) - 1 and last[0][0, 0] == len(handles) - 1
+    assert table.answered(handles[-1], "another-step", "ns") is None
+    assert table.answered(handles[-1], f"step-{len(handles) - 1}", "other-ns") is None
+    assert table.answered(handles[-1], "", "ns") is None
+    assert table.answered(handles[0], "step-0", "ns") is None  # the oldest went: ANSWERS_KEPT are kept
+    assert table.answered(handles[1], "step-1", "ns") is not None
+    table.release(handles[1], "step-1", (np.zeros(4), 0.0))  # gone already: nothing changes
+    assert table.answered(handles[1], "step-1", "ns")[1] == 1.0
+
+
 def test_the_metrics_endpoint_reports_the_table():
     import urllib.request
 
