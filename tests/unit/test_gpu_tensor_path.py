@@ -177,9 +177,10 @@ def test_a_retried_backward_of_a_state_kept_on_the_gpu_steps_once(monkeypatch):
     """Through a server over a lone GPU shard: the first backward's answer is lost after the server
     stepped and released the forward's state on the GPU; the client's retry of the same step gets the
     kept answer (memory_only: there are no arrays to send instead), and the rows step once."""
-    from monim.protos.errors import Unavailable
     from monim.workers import router as router_module
     from monim.workers.server import start_server
+
+    from tests.unit.test_memory_only import lose_the_first_answer
 
     monkeypatch.setattr(router_module, "ONE_ROUND_VALUE_BYTES", 0)
     client, (keys, _, weights, queries, grad_memory) = on_gpu()
@@ -189,16 +190,7 @@ def test_a_retried_backward_of_a_state_kept_on_the_gpu_steps_once(monkeypatch):
             values = client.get("g", np.arange(N)).values
             ids = client.search("g", queries, K).ids
             result = remote.retrieve("g", queries, K, TEMPERATURE, keep_state=True, memory_only=True)
-            real, sent = remote._store.retrieve_backward, []
-
-            def answer_lost(*args, **kwargs):
-                sent.append(kwargs)
-                answer = real(*args, **kwargs)
-                if len(sent) == 1:
-                    raise Unavailable("the connection dropped after the server answered")
-                return answer
-
-            remote._store.retrieve_backward = answer_lost
+            sent = lose_the_first_answer(remote)
             grad_queries, _ = remote.retrieve_backward("g", result, grad_memory)
             assert len(sent) == 2 and len(client._store.forwards) == 0
             _, _, ref_gq, _, ref_gv = dense_reference(queries, keys, values, weights, ids, "l2", TEMPERATURE,

@@ -26,6 +26,22 @@ def service(request):
         yield deployment
 
 
+def lose_the_first_answer(client) -> list:
+    """The client's next RetrieveBackward reaches the server and is answered, but the answer is lost on
+    the way (UNAVAILABLE); the calls' keyword arguments are recorded in the list returned."""
+    real, sent = client._store.retrieve_backward, []
+
+    def answer_lost(*args, **kwargs):
+        sent.append(kwargs)
+        answer = real(*args, **kwargs)
+        if len(sent) == 1:
+            raise Unavailable("the connection dropped after the server answered")
+        return answer
+
+    client._store.retrieve_backward = answer_lost
+    return sent
+
+
 def twin_namespaces(client, names=("a", "b")):
     rng = np.random.default_rng(5)
     keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
@@ -145,16 +161,7 @@ def test_a_backward_sent_again_after_its_answer_was_lost_gets_it_and_steps_once(
     want = client.retrieve_backward("b", once, grad)
     assert len(router.forwards) == 0  # released by its backward
     kept = client.retrieve("a", queries, K, 0.7, keep_state=True, memory_only=memory_only)
-    real, sent = client._store.retrieve_backward, []
-
-    def answer_lost(*args, **kwargs):
-        sent.append(kwargs)
-        answer = real(*args, **kwargs)
-        if len(sent) == 1:
-            raise Unavailable("the connection dropped after the server answered")
-        return answer
-
-    client._store.retrieve_backward = answer_lost
+    real, sent = client._store.retrieve_backward, lose_the_first_answer(client)
     got = client.retrieve_backward("a", kept, grad)
     assert len(sent) == 2 and all(call["handle"] == kept.handle for call in sent)
     assert sent[0]["step_id"] == sent[1]["step_id"]
