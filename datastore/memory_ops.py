@@ -136,7 +136,8 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
     """m [B, value_dim] = sum_i alpha_bi values[rows_bi] over slots with rows >= 0.
 
     values: float32 [N, value_dim]; rows: int64 [B, k] (-1: not held here); alpha: float32 [B, k].
-    One sparse [B, N] x dense [N, value_dim] product: the [B, k, value_dim] gather is never formed.
+    One sparse [B, N] x dense [N, value_dim] product (on a GPU a Triton kernel of the same sums:
+    datastore/slot_kernels.py): the [B, k, value_dim] gather is never formed.
     """
     if values.shape[0] == 0:  # nothing stored: no slot is held
         return torch.zeros(rows.shape[0], values.shape[1], dtype=torch.float32, device=values.device)
@@ -145,6 +146,8 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor) -> 
         # sparse matrix's set-up waits twice for sizes only the GPU knows).
         weights = alpha.masked_fill(rows < 0, 0.0)
         return torch.bmm(weights[:, None, :], values[rows.clamp_min(0)])[:, 0]
+    if slot_kernels.value_sum_available(values):  # a training batch on a GPU: one Triton pass, no sort
+        return slot_kernels.value_sum(values, rows, alpha)
     return _Slots(rows, values.shape[0]).times(alpha, values)
 
 

@@ -10,8 +10,14 @@ sampled sparse product: at B=4096, k=1024, dim 768 that was 31 ms of an H100's t
 training step's backward, moving ~45 GB. Here ``_dots_kernel`` reads each slot's value row once
 (one program per query and block of slots) and ``_sums_kernel`` each slot's key row once (one
 program per query and block of dimensions, accumulating in float32 registers): ~19 GB.
-The sums are in float32, over the slots in order (repeated rows count once per slot, as the
-gathered version); they agree with it to float32 rounding.
+The sums are in float32 (repeated rows count once per slot, as the gathered version); they agree
+with it to float32 rounding. Each program keeps a [slots, dims] tile of partial sums in registers and
+reduces it across the slots once, at its end: a reduction across the program's warps for every block
+of slots (what the first version did) cost more than the loads it followed.
+
+``value_sum`` is the forward's m_b = sum_i a_bi v_{r_bi} the same way (one program per query and block
+of value dimensions), with no sort of the slots and no wait for the host: the sparse product it replaces
+on a GPU (memory_ops._Slots) sorted the [B, k] rows and asked the host for the entries' count.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from monim.datastore.gpu_select import tl, triton
 SLOTS = 32       # slots a program takes at a time
 DOT_DIMS = 128   # value dimensions _dots_kernel loads at a time
 SUM_DIMS = 128   # key dimensions of one _sums_kernel program
+VALUE_DIMS = 128  # value dimensions of one _value_sum_kernel program
 
 
 def available(keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -60,8 +67,8 @@ if triton is not None:
         query = tl.program_id(0).to(tl.int64)
         dims = tl.program_id(1) * DIMS + tl.arange(0, DIMS)
         in_dim = dims < dim
-        weighted = tl.zeros((DIMS,), dtype=tl.float32)
-        alpha = tl.zeros((DIMS,), dtype=tl.float32)
+        weighted = tl.zeros((SLOTS, DIMS), dtype=tl.float32)
+        alpha = tl.zeros((SLOTS, DIMS), dtype=tl.float32)
         slot_range = tl.arange(0, SLOTS)
         for start in range(0, k, SLOTS):
             slots = start + slot_range
@@ -73,10 +80,51 @@ if triton is not None:
             agv = tl.load(agv_ptr + query * k + slots, mask=in_k & held, other=0.0)
             keys = tl.load(keys_ptr + safe[:, None] * dim + dims[None, :], mask=held[:, None] & in_dim[None, :],
                            other=0.0).to(tl.float32)
-            weighted += tl.sum(agv[:, None] * keys, axis=0)
-            alpha += tl.sum(weights[:, None] * keys, axis=0)
-        tl.store(weighted_ptr + query * dim + dims, weighted, mask=in_dim)
-        tl.store(alpha_ptr + query * dim + dims, alpha, mask=in_dim)
+            weighted += agv[:, None] * keys
+            alpha += weights[:, None] * keys
+        tl.store(weighted_ptr + query * dim + dims, tl.sum(weighted, axis=0), mask=in_dim)
+        tl.store(alpha_ptr + query * dim + dims, tl.sum(alpha, axis=0), mask=in_dim)
+
+    @triton.jit
+    def _value_sum_kernel(rows_ptr, weights_ptr, values_ptr, out_ptr, k, value_dim,
+                          SLOTS: tl.constexpr, DIMS: tl.constexpr):
+        query = tl.program_id(0).to(tl.int64)
+        dims = tl.program_id(1) * DIMS + tl.arange(0, DIMS)
+        in_dim = dims < value_dim
+        total = tl.zeros((SLOTS, DIMS), dtype=tl.float32)
+        slot_range = tl.arange(0, SLOTS)
+        for start in range(0, k, SLOTS):
+            slots = start + slot_range
+            in_k = slots < k
+            rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
+            held = rows >= 0
+            safe = tl.where(held, rows, 0).to(tl.int64)
+            weights = tl.load(weights_ptr + query * k + slots, mask=in_k & held, other=0.0)
+            values = tl.load(values_ptr + safe[:, None] * value_dim + dims[None, :],
+                             mask=held[:, None] & in_dim[None, :], other=0.0)
+            total += weights[:, None] * values
+        tl.store(out_ptr + query * value_dim + dims, tl.sum(total, axis=0), mask=in_dim)
+
+
+def value_sum_available(values: torch.Tensor) -> bool:
+    """Whether ``value_sum`` serves these value rows: float32, contiguous, on a CUDA device, with Triton."""
+    return triton is not None and values.is_cuda and values.dtype == torch.float32 and values.is_contiguous()
+
+
+def value_sum(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """m float32 [B, value_dim] = sum_i weights[b, i] values[rows[b, i]] over the slots with rows >= 0.
+    values float32 [N, value_dim] (contiguous), rows int64 [B, k], weights float32 [B, k]; one device."""
+    batch, k = rows.shape
+    value_dim = values.shape[1]
+    if not values.is_contiguous():
+        raise ValueError("the slot kernels address rows as row * width: values must be contiguous")
+    out = torch.empty(batch, value_dim, dtype=torch.float32, device=values.device)
+    if batch == 0 or k == 0:
+        return out.zero_()
+    _value_sum_kernel[(batch, triton.cdiv(value_dim, VALUE_DIMS))](
+        rows.contiguous(), weights.contiguous().float(), values, out, k, value_dim,
+        SLOTS=SLOTS, DIMS=VALUE_DIMS, num_warps=4)
+    return out
 
 
 def slot_sums(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,

@@ -60,3 +60,22 @@ def test_columns_that_are_not_contiguous_take_the_torch_path():
         keys, values = keys.cuda(), values.cuda()
         assert slot_kernels.available(keys, values)
         assert not slot_kernels.available(keys[:, :3], values) and not slot_kernels.available(keys, values.t())
+
+
+@pytest.mark.parametrize("shape", SHAPES + [dict(batch=4, k=70, dim=8, value_dim=300)])
+def test_the_value_sum_kernel_gives_the_sparse_products_sums(shape):
+    """The forward's m (repeated rows once per slot, empty slots weigh nothing, widths and k off the tiles)."""
+    keys, values, rows, alpha, distances, grad = case(**shape)
+    want = memory_ops._Slots(rows.cpu(), values.shape[0]).times(alpha.cpu(), values.cpu())
+    got = slot_kernels.value_sum(values, rows, alpha)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    assert slot_kernels.value_sum(values, rows[:0], alpha[:0]).shape == (0, values.shape[1])
+
+
+def test_value_sum_takes_the_kernel_for_float32_rows_on_a_gpu_only():
+    values = torch.zeros(8, 6)
+    assert not slot_kernels.value_sum_available(values)
+    if DEVICE == "cuda":
+        assert slot_kernels.value_sum_available(values.cuda())
+        assert not slot_kernels.value_sum_available(values.cuda().half())
+        assert not slot_kernels.value_sum_available(values.cuda().t())
