@@ -194,8 +194,8 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     them with BackwardPartials.unpack, after one copy to the host if they go there; unique rows [U];
     value gradients float32 [U, value_dim]).
     The sums over the slots are sparse products over the store's rows (_Slots), except with float16
-    keys, whose weighted sums gather the keys a block of queries at a time, or on a GPU run as two
-    Triton kernels (datastore/slot_kernels.py).
+    keys, whose weighted sums gather the keys a block of queries at a time, or on a GPU run as three
+    Triton kernels (the value gradients, the dots, the keys' sums: datastore/slot_kernels.py).
     """
     batch, k = rows.shape
     device = values.device
@@ -206,13 +206,15 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
                 torch.zeros(0, values.shape[1], dtype=torch.float32, device=device))
     held = rows >= 0
     zero = torch.zeros((), device=device)
-    slots = _Slots(rows, values.shape[0])
     a = torch.where(held, alpha, zero)                                    # empty slots weigh 0
     d = torch.where(held, distances, zero)
-    unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
-    if slot_kernels.available(keys, values):  # float16 keys on a GPU: two Triton passes (datastore/slot_kernels.py)
+    if slot_kernels.available(keys, values):  # float16 keys on a GPU: Triton passes (datastore/slot_kernels.py)
+        unique_rows, value_grads = slot_kernels.row_gradients(rows, a, grad_memory)  # dL/dv_u = sum a * g_b
         agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
-    elif keys.dtype == torch.float32:
+        return _packed(weighted_keys, alpha_keys, agv, a, d), unique_rows, value_grads
+    slots = _Slots(rows, values.shape[0])
+    unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
+    if keys.dtype == torch.float32:
         agv = a * slots.sampled_dots(grad_memory, values)                  # alpha * g.v_i  [B, k]
         weighted_keys, alpha_keys = slots.times(agv, keys), slots.times(a, keys)
     else:
@@ -223,11 +225,15 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
             gathered_keys = keys[rows[part].clamp_min(0)].float()          # [b, k, dim]
             weighted_keys[part] = torch.bmm(agv[part].unsqueeze(1), gathered_keys).squeeze(1)
             alpha_keys[part] = torch.bmm(a[part].unsqueeze(1), gathered_keys).squeeze(1)
+    return _packed(weighted_keys, alpha_keys, agv, a, d), unique_rows, value_grads
+
+
+def _packed(weighted_keys, alpha_keys, agv, a, d) -> torch.Tensor:
+    """The BackwardPartials in one float64 tensor [B, 2 dim + 4], for one copy to the host where the
+    sums of several shards are added."""
     agv, a, d = agv.double(), a.double(), d.double()
-    # One tensor, for one copy to the host where the sums of several shards are added.
-    packed = torch.cat([weighted_keys.double(), alpha_keys.double(), agv.sum(1, keepdim=True),
-                        (agv * d).sum(1, keepdim=True), (a * d).sum(1, keepdim=True), a.sum(1, keepdim=True)], dim=1)
-    return packed, unique_rows, value_grads
+    return torch.cat([weighted_keys.double(), alpha_keys.double(), agv.sum(1, keepdim=True),
+                      (agv * d).sum(1, keepdim=True), (a * d).sum(1, keepdim=True), a.sum(1, keepdim=True)], dim=1)
 
 
 def combine_backward(partials: BackwardPartials, queries, metric: str, temperature: float) -> tuple[torch.Tensor, float]:
