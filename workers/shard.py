@@ -234,6 +234,19 @@ def _id_runs(ids) -> np.ndarray:
     return np.stack([ids[starts], ids[ends], gaps[starts]], axis=1)
 
 
+def _ids_of(runs: np.ndarray, first: int = 0, end: int | None = None) -> np.ndarray:
+    """The ids of a set (runs [R, 3], see _id_runs) in [first, end), sorted."""
+    parts = []
+    for start, last, step in np.asarray(runs, np.int64).reshape(-1, 3).tolist():
+        if end is not None:
+            last = min(last, end - 1)
+        if first > start:  # the run's first id at or past first
+            start += -(-(first - start) // step) * step
+        if start <= last:
+            parts.append(np.arange(start, last + 1, step, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def _in_runs(runs: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Whether each of ids is in the set _id_runs made."""
     ids = np.asarray(ids, np.int64).reshape(-1)
@@ -279,6 +292,12 @@ class Shard:
         # owners at the new placement. (request id, op) -> the ids applied here, as _id_runs of each
         # share: a later share applies the rest, a retry of a share nothing.
         self._applied_ids = _RememberedIds()
+        # (request id, "delete") -> the ids that delete removed (_id_runs of each share), here or, learnt
+        # from a reshard's move, at the old owner of ids this shard holds now: a Delete by ids retried
+        # answers, share by share, the rows of its ids the request deleted, wherever its shares went
+        # (the count of a shard that a shrink removed is not lost with it). A request it no longer
+        # remembers (the bound) answers the shard's own count, as before.
+        self._deleted_ids = _RememberedIds()
         # (request id, op) -> the router's digest of the whole request (a delete's ids): a request id
         # used again by another request answers the first one's result and applies nothing, however its
         # ids fall on the shards (its rows are no share of the first request).
@@ -457,7 +476,11 @@ class Shard:
         elif op == "increment_weights":
             result = store.increment_weights(columns["ids"], columns["counts"])
         elif op == "delete":
-            result = store.delete(ids=columns.get("ids"), source=args.get("source"))
+            ids = columns.get("ids")
+            present = ids[store.contains(ids)] if ids is not None and key[0] and ids.size else None
+            result = store.delete(ids=ids, source=args.get("source"))
+            if present is not None and present.size:
+                self._deleted_ids.remember(key, self._deleted_ids.get(key, []) + [_id_runs(present)])
         elif op == "step":
             result = store.step(columns["ids"], columns["grads"], held=args.get("held")) if columns["ids"].size else 0
             return self._committed.remember(args["step_id"], result)
@@ -500,6 +523,8 @@ class Shard:
                 self._applied_ids.remember((request_id, op), [_runs_of(runs) for runs in shares])
             for request_id, op, digest in extra.get("digests", []):
                 self._digests.remember((request_id, op), digest)
+            for request_id, shares in extra.get("deleted_ids", []):
+                self._deleted_ids.remember((request_id, "delete"), [_runs_of(runs) for runs in shares])
         for op, args, columns in self.wal.replay(after=covered):
             try:
                 self._apply(op, args, columns)
@@ -573,6 +598,8 @@ class Shard:
                  "applied_ids": [[key[0], key[1], [runs.tolist() for runs in shares]]
                                  for key, shares in self._applied_ids.items()],
                  "digests": [[key[0], key[1], digest] for key, digest in self._digests.items()],
+                 "deleted_ids": [[key[0], [runs.tolist() for runs in shares]]
+                                 for key, shares in self._deleted_ids.items()],
                  "placement": self.placement.to_dict()}
         target = self.folder / f"snapshot-{covered:012d}"
         self._records_since_snapshot = 0
@@ -754,8 +781,15 @@ class Shard:
                 raise PlacementChanged(f"shard {self.shard_index}: rows of namespace {namespace!r} are being moved "
                                        "by a reshard; a delete by source waits for the batch", self.placement.version)
 
-        return self._write("delete", {"namespace": namespace, "generation": generation, "request_id": request_id,
-                                      "source": source, "digest": digest}, {"ids": ids}, check=check)
+        result = self._write("delete", {"namespace": namespace, "generation": generation, "request_id": request_id,
+                                        "source": source, "digest": digest}, {"ids": ids}, check=check)
+        if ids is None or not request_id:
+            return result
+        with self._changes:  # the share's rows the request deleted (_deleted_ids), if it reused no other's id
+            shares = self._deleted_ids.get((request_id, "delete"))
+            if shares is None or self._another_request((request_id, "delete"), {"digest": digest}):
+                return result
+            return int(_in_any(shares, np.unique(ids)).sum())
 
     @_serialized
     def search(self, namespace: str, generation: int, queries: np.ndarray, k: int, return_keys: bool,
@@ -1079,18 +1113,32 @@ class Shard:
         move = self.placement.move
         store = self._store(namespace, generation)
         ids = np.arange(first, end, dtype=np.int64)
-        if not ids.size or not len(store):
-            return []
-        ids = ids[store.contains(ids)]
+        ids = ids[store.contains(ids)] if ids.size and len(store) else ids[:0]
         ids = ids[self.placement.owners(namespace, ids) == self.shard_index]
-        targets = ids % move.target
+        deleted = self._deleted_marks(namespace, first, end, move.target)
+        targets = np.concatenate([ids % move.target] + [_ids_of(runs) % move.target for _, runs in deleted])
         targets = [int(target) for target in np.unique(targets) if target != self.shard_index]
         if not targets:
             return []
         exported = ids[np.isin(ids % move.target, targets)]
-        applied = json.dumps({"range": [first, end], "marks": self._covered_marks(namespace, exported, first, end)})
+        applied = json.dumps({"range": [first, end], "marks": self._covered_marks(namespace, exported, first, end),
+                              "deleted": [[request_id, runs.tolist()] for request_id, runs in deleted]})
         return [(target, snapshot.table_to_bytes(snapshot.rows_table(store, ids[ids % move.target == target])),
                  applied) for target in targets]
+
+    def _deleted_marks(self, namespace: str, first: int, end: int, target: int) -> list:
+        """[(request id, runs)]: for each Delete by ids of the namespace this shard remembers (_deleted_ids),
+        the ids of [first, end) it deleted whose owner at the move's target count is another shard: the
+        new owner answers them when the Delete is retried (their rows are gone, so no row carries them)."""
+        prefix, marks = f"{namespace}:", []
+        for (request_id, _), shares in self._deleted_ids.items():
+            if not request_id.startswith(prefix):
+                continue
+            ids = np.unique(np.concatenate([_ids_of(runs, first, end) for runs in shares]))
+            ids = ids[ids % target != self.shard_index]
+            if ids.size:
+                marks.append((request_id, _id_runs(ids)))
+        return marks
 
     def _covered_marks(self, namespace: str, exported: np.ndarray, first: int, end: int) -> list:
         """[[request or step id, op, runs]]: for each write of the namespace this shard applied (or learnt
@@ -1174,6 +1222,9 @@ class Shard:
             marks = [((request_id, op), _range_runs([batch])) for request_id, op in applied["applied"]]
             marks += [((step_id, "step"), _range_runs([batch])) for step_id in applied["committed"]]
             marks += [((request_id, op), _range_runs(ranges)) for request_id, op, ranges in applied.get("moved", [])]
+        for request_id, runs in applied.get("deleted", []):
+            key = (request_id, "delete")
+            self._deleted_ids.remember(key, self._deleted_ids.get(key, []) + [_runs_of(runs)])
         for key, runs in marks:
             # A request applied here as a whole needs no ids; one applied here in shares (whose ids are
             # known) does: the moved rows are covered too.

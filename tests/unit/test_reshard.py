@@ -6,6 +6,7 @@ resumes it; bad requests change nothing."""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import threading
 
 import numpy as np
@@ -730,6 +731,42 @@ def test_a_delete_by_source_retried_after_a_move_deletes_every_row_of_the_source
     crash(router)
     router = deployment(tmp_path, shards=1)
     assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
+
+
+@pytest.mark.parametrize("restart", ["none", "log", "snapshot"])
+@pytest.mark.parametrize("target", [1, 3, 4])
+def test_a_delete_by_ids_retried_after_its_rows_moved_answers_every_row_it_deleted(tmp_path, target, restart):
+    """A Delete by ids whose answer was lost (the reliability run of 5fd574c: its first attempt timed out
+    while a shard was stopped) is retried with its request id after a reshard: it answers the rows it
+    deleted, each once, whichever shards hold their ids now, and deletes nothing more. Before the fix a
+    shrink lost the count of the shard that went (its rows were deleted, so not moved, and the move's
+    marks named only rows it moved): 2 -> 1 answered shard 0's share alone (the run: 634 for 926);
+    and an old owner answered its whole count for the ids it still owns, with the ids a grow moved
+    counted again by nobody or twice."""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(12)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    ids = router.add("ns", rng.standard_normal((240, DIM)).astype(np.float32), np.arange(240)).ids
+    doomed = np.concatenate([ids[::3], [10_000, 10_001]])   # two ids never stored: not counted
+    deleted = router.delete("ns", ids=doomed, request_id="delete-1")
+    assert deleted == ids[::3].size
+    left = sorted(all_ids(router, "ns").tolist())
+    assert reshard(router, target, batch_rows=32).done
+    if restart != "none":
+        if restart == "snapshot":
+            for shard in router.runtime.shards[: router.num_shards]:
+                shard.snapshot()
+        crash(router)
+        router = deployment(tmp_path, shards=target)
+    assert router.delete("ns", ids=doomed, request_id="delete-1") == deleted
+    assert sorted(all_ids(router, "ns").tolist()) == left
+    # a share of it alone (as the router sends one again after a reshard refused it) answers its own rows
+    config = router.config("ns")
+    digest = hashlib.blake2b(np.ascontiguousarray(doomed).tobytes(), digest_size=8).hexdigest()
+    share = doomed[(router.placement.owners("ns", doomed) == 0) & (doomed < 10_000)][:5]
+    assert router.runtime.shards[0].delete("ns", config.generation, router._step_key(config, "delete-1"), share,
+                                           None, digest) == 5
+    assert router.delete("ns", ids=ids[1:3], request_id="delete-2") == 2   # another request still deletes
 
 
 def test_every_delete_during_reshards_answers_the_rows_it_deleted(tmp_path):
