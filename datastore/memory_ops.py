@@ -185,14 +185,16 @@ class BackwardPartials:
 
 
 def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, alpha: torch.Tensor,
-                  distances: torch.Tensor, grad_memory: torch.Tensor):
+                  distances: torch.Tensor, grad_memory: torch.Tensor, rows_found=None):
     """One shard's part of the backward, before any value changes.
 
     keys [N, dim], values [N, value_dim]: the store's columns. rows int64 [B, k] (-1: not held here).
     alpha, distances float32 [B, k]; grad_memory float32 [B, value_dim].
     Returns (the BackwardPartials packed in one float64 tensor [B, 2 dim + 4] on the device: unpack
     them with BackwardPartials.unpack, after one copy to the host if they go there; unique rows [U];
-    value gradients float32 [U, value_dim]).
+    value gradients float32 [U, value_dim]). rows_found(unique rows): called as soon as they are known,
+    before the sums are queued (a caller that copies their ids to the host then waits for the value
+    gradients only, and the GPU sums meanwhile).
     The sums over the slots are sparse products over the store's rows (_Slots), except with float16
     keys, whose weighted sums gather the keys a block of queries at a time, or on a GPU run as three
     Triton kernels (the value gradients, the dots, the keys' sums: datastore/slot_kernels.py).
@@ -201,8 +203,10 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     device = values.device
     dim = keys.shape[1]
     if values.shape[0] == 0:  # nothing stored here: no slot is held, every sum is zero
-        return (torch.zeros(batch, 2 * dim + 4, dtype=torch.float64, device=device),
-                torch.zeros(0, dtype=torch.int64, device=device),
+        unique_rows = torch.zeros(0, dtype=torch.int64, device=device)
+        if rows_found is not None:
+            rows_found(unique_rows)
+        return (torch.zeros(batch, 2 * dim + 4, dtype=torch.float64, device=device), unique_rows,
                 torch.zeros(0, values.shape[1], dtype=torch.float32, device=device))
     held = rows >= 0
     zero = torch.zeros((), device=device)
@@ -210,10 +214,14 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     d = torch.where(held, distances, zero)
     if slot_kernels.available(keys, values):  # float16 keys on a GPU: Triton passes (datastore/slot_kernels.py)
         unique_rows, value_grads = slot_kernels.row_gradients(rows, a, grad_memory)  # dL/dv_u = sum a * g_b
+        if rows_found is not None:
+            rows_found(unique_rows)
         agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
         return _packed(weighted_keys, alpha_keys, agv, a, d), unique_rows, value_grads
     slots = _Slots(rows, values.shape[0])
     unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
+    if rows_found is not None:
+        rows_found(unique_rows)
     if keys.dtype == torch.float32:
         agv = a * slots.sampled_dots(grad_memory, values)                  # alpha * g.v_i  [B, k]
         weighted_keys, alpha_keys = slots.times(agv, keys), slots.times(a, keys)

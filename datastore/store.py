@@ -529,11 +529,13 @@ class NeighborStore:
                 alpha_t, distances_t = part["alpha"], part["distances"]
             else:
                 alpha_t, distances_t = self._tensor(alpha), self._tensor(distances)
+            found = {}  # the rows' ids, to the host before the sums are queued (they run while the step is staged)
             partials, unique_rows, grads = memory_ops.slot_partials(
                 self.rows.keys[: self.rows.size], self.rows.values[: self.rows.size], rows,
-                alpha_t, distances_t, self._tensor(grad_memory))
+                alpha_t, distances_t, self._tensor(grad_memory),
+                rows_found=lambda unique: found.update(ids=to_host(self.rows.ids[unique])))
             held = HeldRows(unique_rows, weakref.ref(self.rows), self.rows.removals)
-            return partials, to_host(self.rows.ids[unique_rows]), grads, held
+            return partials, found["ids"], grads, held
 
     def check_stored(self, ids: np.ndarray) -> None:
         """NOT_FOUND naming the ids (all of which belong here) that are not stored."""

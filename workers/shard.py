@@ -947,8 +947,8 @@ class Shard:
         through host memory: at B=4096, k=1024 that is ~3 GB each way)."""
         if not grads:
             return np.empty((0, store.config.value_dim), np.float32)
-        if self.wal is None:
-            return torch.cat([g.to(store.device) for g in grads])
+        if self.wal is None:  # (one part, the usual step, is taken as it is: no copy of its [U, value_dim])
+            return grads[0].to(store.device) if len(grads) == 1 else torch.cat([g.to(store.device) for g in grads])
         return torch.cat([g.cpu() for g in grads]).numpy()
 
     @_serialized
