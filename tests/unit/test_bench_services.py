@@ -50,3 +50,24 @@ def test_reading_adds_the_gated_read_to_the_last_mlp():
     torch.testing.assert_close(unchanged, bare)
     assert not torch.allclose(read, bare)
     torch.testing.assert_close(again, bare)  # the hook is gone
+
+
+def test_the_slot_kernels_bench_times_each_kernel_beside_its_torch_path(capsys):
+    """Small, on the CPU in Triton's interpreter (tests/conftest.py sets it): every cell and every tile runs."""
+    import os
+
+    import pytest
+    from monim.datastore import slot_kernels
+
+    if slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter on the CPU")
+    from bench import slot_kernels_bench
+
+    rows = slot_kernels_bench.search_shaped_rows(6, 40, 300, "cpu")
+    assert ((rows[:, 1:] != rows[:, :-1]) | (rows[:, 1:] < 0)).all()  # distinct within a query
+    results = slot_kernels_bench.main(["--device", "cpu", "--rows", "300", "--batch", "6", "--k", "40", "--dim", "24",
+                                       "--value-dim", "20", "--repeats", "1", "--sweep"])
+    assert [r["what"] for r in results[:3]] == ["value_sum", "row_gradients", "slot_sums (dots + sums)"]
+    assert len(results) == 3 + sum(len(tiles) for tiles in slot_kernels_bench.SWEEPS.values())
+    assert all(r["kernel_ms"] > 0 for r in results)
+    assert "distinct rows" in capsys.readouterr().out
