@@ -49,14 +49,20 @@ def available(keys: torch.Tensor, values: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _slot_block(rows_ptr, weights_ptr, query, k, slots):
+        """A block of a query's slots: (held, their rows (0 where not held), their weights (0 where not held))."""
+        in_k = slots < k
+        rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
+        held = rows >= 0
+        weights = tl.load(weights_ptr + query * k + slots, mask=in_k & held, other=0.0)
+        return held, tl.where(held, rows, 0).to(tl.int64), weights
+
+    @triton.jit
     def _dots_kernel(rows_ptr, weights_ptr, grad_ptr, values_ptr, out_ptr, k, value_dim,
                      SLOTS: tl.constexpr, DIMS: tl.constexpr):
         query = tl.program_id(0).to(tl.int64)
         slots = tl.program_id(1) * SLOTS + tl.arange(0, SLOTS)
-        in_k = slots < k
-        rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
-        held = rows >= 0
-        safe = tl.where(held, rows, 0).to(tl.int64)
+        held, safe, weights = _slot_block(rows_ptr, weights_ptr, query, k, slots)
         dots = tl.zeros((SLOTS,), dtype=tl.float32)
         dims = tl.arange(0, DIMS)
         for start in range(0, value_dim, DIMS):
@@ -65,8 +71,7 @@ if triton is not None:
             values = tl.load(values_ptr + safe[:, None] * value_dim + start + dims[None, :],
                              mask=held[:, None] & in_dim[None, :], other=0.0)
             dots += tl.sum(values * grad[None, :], axis=1)
-        weights = tl.load(weights_ptr + query * k + slots, mask=in_k, other=0.0)
-        tl.store(out_ptr + query * k + slots, tl.where(held, weights * dots, 0.0), mask=in_k)
+        tl.store(out_ptr + query * k + slots, tl.where(held, weights * dots, 0.0), mask=slots < k)
 
     @triton.jit
     def _sums_kernel(rows_ptr, weights_ptr, agv_ptr, keys_ptr, weighted_ptr, alpha_ptr, k, dim,
@@ -79,12 +84,8 @@ if triton is not None:
         slot_range = tl.arange(0, SLOTS)
         for start in range(0, k, SLOTS):
             slots = start + slot_range
-            in_k = slots < k
-            rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
-            held = rows >= 0
-            safe = tl.where(held, rows, 0).to(tl.int64)
-            weights = tl.load(weights_ptr + query * k + slots, mask=in_k & held, other=0.0)
-            agv = tl.load(agv_ptr + query * k + slots, mask=in_k & held, other=0.0)
+            held, safe, weights = _slot_block(rows_ptr, weights_ptr, query, k, slots)
+            agv = tl.load(agv_ptr + query * k + slots, mask=(slots < k) & held, other=0.0)
             keys = tl.load(keys_ptr + safe[:, None] * dim + dims[None, :], mask=held[:, None] & in_dim[None, :],
                            other=0.0).to(tl.float32)
             weighted += agv[:, None] * keys
@@ -102,11 +103,7 @@ if triton is not None:
         slot_range = tl.arange(0, SLOTS)
         for start in range(0, k, SLOTS):
             slots = start + slot_range
-            in_k = slots < k
-            rows = tl.load(rows_ptr + query * k + slots, mask=in_k, other=-1)
-            held = rows >= 0
-            safe = tl.where(held, rows, 0).to(tl.int64)
-            weights = tl.load(weights_ptr + query * k + slots, mask=in_k & held, other=0.0)
+            held, safe, weights = _slot_block(rows_ptr, weights_ptr, query, k, slots)
             values = tl.load(values_ptr + safe[:, None] * value_dim + dims[None, :],
                              mask=held[:, None] & in_dim[None, :], other=0.0)
             total += weights[:, None] * values
