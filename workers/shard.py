@@ -235,16 +235,18 @@ def _id_runs(ids) -> np.ndarray:
 
 
 def _ids_of(runs: np.ndarray, first: int = 0, end: int | None = None) -> np.ndarray:
-    """The ids of a set (runs [R, 3], see _id_runs) in [first, end), sorted."""
+    """The ids of a set (runs [R, 3], see _id_runs) in [first, end), sorted and distinct."""
+    runs = np.asarray(runs, np.int64).reshape(-1, 3)
+    runs = runs[(runs[:, 1] >= first) & ((runs[:, 0] < end) if end is not None else True)]  # those that meet it
     parts = []
-    for start, last, step in np.asarray(runs, np.int64).reshape(-1, 3).tolist():
+    for start, last, step in runs.tolist():
         if end is not None:
             last = min(last, end - 1)
         if first > start:  # the run's first id at or past first
             start += -(-(first - start) // step) * step
         if start <= last:
             parts.append(np.arange(start, last + 1, step, dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # (runs may share an end)
 
 
 def _in_runs(runs: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -1134,7 +1136,7 @@ class Shard:
         for (request_id, _), shares in self._deleted_ids.items():
             if not request_id.startswith(prefix):
                 continue
-            ids = np.unique(np.concatenate([_ids_of(runs, first, end) for runs in shares]))
+            ids = np.unique(np.concatenate([_ids_of(runs, first, end) for runs in shares]))  # (shares overlap)
             ids = ids[ids % target != self.shard_index]
             if ids.size:
                 marks.append((request_id, _id_runs(ids)))

@@ -634,6 +634,18 @@ def test_id_runs_hold_exactly_their_ids(held, asked):
     np.testing.assert_array_equal(_in_runs(runs, np.array(asked, np.int64)), np.isin(asked, held))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 300), max_size=60), st.integers(-5, 305), st.integers(0, 320))
+def test_the_ids_of_runs_in_a_range_are_exactly_their_ids_there(held, first, span):
+    """What a move's marks of a delete carry: the ids of a set in one batch's range (runs may share an end)."""
+    from monim.workers.shard import _id_runs, _ids_of
+
+    held = np.unique(np.array(held, np.int64))
+    runs = _id_runs(held)
+    np.testing.assert_array_equal(_ids_of(runs, first, first + span), held[(held >= first) & (held < first + span)])
+    np.testing.assert_array_equal(_ids_of(runs), held)
+
+
 @pytest.mark.parametrize("start,target", [(2, 1), (3, 2)])
 def test_a_grow_after_a_shrink_keeps_its_new_shards_when_the_router_reads_the_placement_before_it_begins(
         tmp_path, monkeypatch, start, target):
