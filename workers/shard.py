@@ -1118,18 +1118,18 @@ class Shard:
         ids = ids[store.contains(ids)] if ids.size and len(store) else ids[:0]
         ids = ids[self.placement.owners(namespace, ids) == self.shard_index]
         deleted = self._deleted_marks(namespace, first, end, move.target)
-        targets = np.concatenate([ids % move.target] + [_ids_of(runs) % move.target for _, runs in deleted])
+        targets = np.concatenate([ids % move.target] + [removed % move.target for _, removed in deleted])
         targets = [int(target) for target in np.unique(targets) if target != self.shard_index]
         if not targets:
             return []
         exported = ids[np.isin(ids % move.target, targets)]
         applied = json.dumps({"range": [first, end], "marks": self._covered_marks(namespace, exported, first, end),
-                              "deleted": [[request_id, runs.tolist()] for request_id, runs in deleted]})
+                              "deleted": [[request_id, _id_runs(removed).tolist()] for request_id, removed in deleted]})
         return [(target, snapshot.table_to_bytes(snapshot.rows_table(store, ids[ids % move.target == target])),
                  applied) for target in targets]
 
     def _deleted_marks(self, namespace: str, first: int, end: int, target: int) -> list:
-        """[(request id, runs)]: for each Delete by ids of the namespace this shard remembers (_deleted_ids),
+        """[(request id, ids)]: for each Delete by ids of the namespace this shard remembers (_deleted_ids),
         the ids of [first, end) it deleted whose owner at the move's target count is another shard: the
         new owner answers them when the Delete is retried (their rows are gone, so no row carries them)."""
         prefix, marks = f"{namespace}:", []
@@ -1139,7 +1139,7 @@ class Shard:
             ids = np.unique(np.concatenate([_ids_of(runs, first, end) for runs in shares]))  # (shares overlap)
             ids = ids[ids % target != self.shard_index]
             if ids.size:
-                marks.append((request_id, _id_runs(ids)))
+                marks.append((request_id, ids))
         return marks
 
     def _covered_marks(self, namespace: str, exported: np.ndarray, first: int, end: int) -> list:
