@@ -405,10 +405,26 @@ class Client:
             self.wrong([f"delete: {count} rows deleted, the model {want}"])
 
     def describe(self, twin: NamespaceTwin) -> None:
+        """The rows must be the model's when every shard answered ("serving"). A shard that did not
+        answer within the router's DESCRIBE_WAIT_S is named "recovering" or "unavailable" with no rows
+        (docs/API.md, DescribeNamespace): then the total counts the shards that answered, never more
+        than the model holds (a documented partial answer, counted with the refusals)."""
         found, _ = self.call("describe", lambda c: c.describe_namespace(twin.spec.name), write=False)
-        if found.rows != twin.rows():
-            self.wrong([f"describe {twin.spec.name}: {found.rows} rows (per shard "
-                        f"{[s['rows'] for s in found.shards]}), the model has {twin.rows()}"])
+        name, want = twin.spec.name, twin.rows()
+        per_shard = [s["rows"] for s in found.shards]
+        states = [s["state"] for s in found.shards]
+        seen = f"{found.rows} rows (per shard {per_shard}, states {states})"
+        silent = [state for state in states if state != "serving"]
+        if any(state not in ("recovering", "unavailable") for state in silent):
+            self.wrong([f"describe {name}: {seen}: a shard in state {silent[0]!r}, not a documented state"])
+        elif found.rows != sum(per_shard):
+            self.wrong([f"describe {name}: {seen}: the total is not the sum of the rows per shard"])
+        elif not silent and found.rows != want:
+            self.wrong([f"describe {name}: {seen}, the model has {want}"])
+        elif silent and found.rows > want:
+            self.wrong([f"describe {name}: {seen}: the shards that answered hold more than the model has ({want})"])
+        elif silent:
+            self.report.refusals[("describe", f"a shard {silent[0]}")] += 1
 
     def create_snapshot(self, twin: NamespaceTwin) -> None:
         """Once, not retried (it writes files, not rows); the rows it took must be the model's. During a

@@ -63,8 +63,10 @@ RETRIEVE_ATTEMPTS = 3
 # them with the search, in one round to the shards (a decoding step: B=1, k=32 is 96 KiB); a larger
 # one sums alpha_i v_i on the shards, in a second round (B=4096, k=1024 would move 12 GiB).
 ONE_ROUND_VALUE_BYTES = 8 << 20
-# How long DescribeNamespace waits for a shard before it reports it as recovering.
+# DescribeNamespace waits for the shards until its deadline less DESCRIBE_MARGIN_S (at least
+# DESCRIBE_WAIT_S where the deadline allows), then names those that did not answer as recovering.
 DESCRIBE_WAIT_S = 2.0
+DESCRIBE_MARGIN_S = 0.5
 # A call refused for a placement change (a reshard's batch) waits this long, doubling up to the max,
 # before it reads the placement again and sends what was refused.
 PLACEMENT_WAIT_S, PLACEMENT_WAIT_MAX_S = 0.005, 0.2
@@ -333,21 +335,38 @@ class Router:
 
     def describe_namespace(self, namespace: str) -> dict:
         """Config, rows, next id, and per shard its rows and state: "serving", or, for a shard that
-        does not answer within DESCRIBE_WAIT_S, "recovering" (a durable deployment, where Ray
-        restarts it and it replays its log) or "unavailable"."""
+        does not answer in time, "recovering" (a durable deployment, where Ray restarts it and it
+        replays its log) or "unavailable", with 0 rows; the total counts the shards that answered.
+        One round at one placement (asked again after a reshard's change), each shard given the
+        call's time less DESCRIBE_MARGIN_S (at least DESCRIBE_WAIT_S where the deadline allows): a
+        stuck shard is named while the others' rows count, within the call's deadline."""
         config = self.config(namespace)
-        try:
-            shards = [dict(stats, state="serving") for stats in self._all_shards("stats", namespace, config.generation)]
-        except (Unavailable, DeadlineExceeded):
-            shards = []
-            for shard in range(self.num_shards):
-                try:
-                    stats = self.runtime.call_shards([(shard, "stats", (namespace, config.generation))],
-                                                     min(DESCRIBE_WAIT_S, self._timeout()))[0]
-                    shards.append(dict(stats, state="serving"))
-                except (Unavailable, DeadlineExceeded):
-                    state = "recovering" if getattr(self.runtime, "restarts", False) else "unavailable"
-                    shards.append({"shard": shard, "rows": 0, "device": "", "backend": "", "state": state})
+        silent = "recovering" if getattr(self.runtime, "restarts", False) else "unavailable"
+        waited = 0.0
+        while True:
+            placement, left = self.placement, self._timeout()
+            calls = [(shard, "placed", (placement.version, "stats", namespace, config.generation))
+                     for shard in range(placement.actors)]
+            try:
+                answers = self.runtime.call_shards(calls, max(min(DESCRIBE_WAIT_S, left), left - DESCRIBE_MARGIN_S),
+                                                   partial=True)
+            except ShardUnavailable as error:  # a shrink retired a shard of this placement: nothing was asked
+                answers = [error]
+            moved = [a for a in answers if isinstance(a, PlacementChanged)
+                     or (isinstance(a, ShardUnavailable) and self._retired(a.shard))]
+            if not moved:
+                break
+            waited = self._wait_for_placement(waited)
+        shards = []
+        for shard, answer in enumerate(answers):
+            if isinstance(answer, (Unavailable, DeadlineExceeded)):
+                shards.append({"shard": shard, "rows": 0, "device": "", "backend": "", "state": silent})
+            elif isinstance(answer, Exception):
+                if isinstance(answer, (NamespaceNotFound, NamespaceChanged)):  # dropped by another front end
+                    self._configs.pop(answer.namespace, None)
+                raise answer
+            else:
+                shards.append(dict(answer, state="serving"))
         return {
             "config": config,
             "rows": sum(s["rows"] for s in shards),

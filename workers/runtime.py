@@ -218,7 +218,7 @@ class LocalRuntime:
     def call_registry(self, method: str, *args):
         return self.registry.call(method, *args)  # writes one at a time; reads wait for none (registry.py)
 
-    def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
+    def call_shards(self, calls, timeout_s: float | None = None, each: bool = False, partial: bool = False) -> list:
         shards = list(self.shards)  # a reshard's retire may shorten the list meanwhile
         if any(shard >= len(shards) for shard, _, _ in calls):
             raise ShardUnavailable(next(s for s, _, _ in calls if s >= len(shards)), "retired by a reshard")
@@ -240,20 +240,25 @@ class LocalRuntime:
                 futures.append((shard, None))
             else:
                 futures.append((shard, self._submit(_logged, shard, method, getattr(target, method), args)))
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         results = []
         for shard, future in futures:
             try:
                 if future is None:
                     raise ShardUnavailable(shard, "killed")
-                results.append(future.result(timeout=timeout_s))
+                results.append(future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())))
             except concurrent.futures.TimeoutError:
+                late = DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s")
+                if partial:
+                    results.append(late)
+                    continue
                 for _, other in futures:
                     if other is not None:
                         other.cancel()
-                raise DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s") from None
+                raise late from None
             except Exception as error:  # noqa: BLE001 - raised once all have answered
                 results.append(error)
-        return _outcomes(results, each)
+        return _outcomes(results, each or partial)
 
     def local_device(self, shard: int):
         """The torch device of ``shard``, which this process holds (its calls pass and answer tensors
@@ -480,15 +485,18 @@ class RayRuntime:
                 out.append(arg)
         return out
 
-    def call_shards(self, calls, timeout_s: float | None = None, each: bool = False) -> list:
+    def call_shards(self, calls, timeout_s: float | None = None, each: bool = False, partial: bool = False) -> list:
         """Scatters the calls at once, then gathers all their results in call order. The calls that
         met a dead shard are sent again, and only those (the others' results stand: a write another
         shard applied is not asked twice), to a new actor under the shard's name at once, and with
         restarts to a restarting one (every shard call is safe to repeat: reads, and writes with their
         request ids) until it answers or the time is up; a retired shard's stay ShardUnavailable.
-        each: each call's result or error, in call order (see _outcomes)."""
+        each: each call's result or error, in call order (see _outcomes). partial (implies each): a
+        call not answered within timeout_s is a DeadlineExceeded in its place, not the round's error
+        (DescribeNamespace: the shards that answered count)."""
+        each = each or partial
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        results = self._call_shards_once(calls, timeout_s)
+        results = self._call_shards_once(calls, timeout_s, partial)
         while True:
             dead = {result.shard for result in results if isinstance(result, ShardUnavailable)}
             rebound = {shard for shard in dead if self._rebound(shard)}
@@ -502,16 +510,16 @@ class RayRuntime:
             again = [i for i, result in enumerate(results)
                      if isinstance(result, ShardUnavailable) and result.shard in rebound | restarting]
             try:
-                answers = self._call_shards_once([calls[i] for i in again], timeout_s)
+                answers = self._call_shards_once([calls[i] for i in again], timeout_s, partial)
             except ShardUnavailable:  # retired meanwhile (nothing of this resend went): as the first answers
                 return _outcomes(results, each)
             for i, answer in zip(again, answers):
                 results[i] = answer
 
-    def _call_shards_once(self, calls, timeout_s: float | None) -> list:
+    def _call_shards_once(self, calls, timeout_s: float | None, partial: bool = False) -> list:
         """Each call's result or error, in call order; ShardUnavailable raised if a call names a shard
         past this runtime's list (retired: nothing is sent)."""
-        return self._gather(calls, self._scatter(calls), timeout_s)
+        return self._gather(calls, self._scatter(calls), timeout_s, partial)
 
     def _scatter(self, calls) -> list:
         """The calls sent to their shard actors at once: their futures, in call order."""
@@ -523,18 +531,21 @@ class RayRuntime:
         return [getattr(shards[shard], method).remote(*self._share_large_args(args, shared))
                 for shard, method, args in calls]
 
-    def _gather(self, calls, futures: list, timeout_s: float | None) -> list:
+    def _gather(self, calls, futures: list, timeout_s: float | None, partial: bool = False) -> list:
         """Each call's result or (unwrapped) error, in call order; DeadlineExceeded if any is late
-        (the late ones are cancelled)."""
+        (the late ones are cancelled), raised, or with partial in the late calls' places."""
         ray = self._ray
         ready, _ = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
-        if len(ready) < len(futures):
-            late = [i for i, f in enumerate(futures) if f not in ready]
-            for i in late:  # calls still queued never start; a running one finishes (writes carry request ids)
-                ray.cancel(futures[i])
+        late = [i for i, f in enumerate(futures) if f not in ready]
+        for i in late:  # calls still queued never start; a running one finishes (writes carry request ids)
+            ray.cancel(futures[i])
+        if late and not partial:
             raise DeadlineExceeded(f"shard(s) {[calls[i][0] for i in late]} did not answer within {timeout_s} s")
         results = []
-        for (shard, _, _), future in zip(calls, futures):
+        for i, ((shard, _, _), future) in enumerate(zip(calls, futures)):
+            if i in late:
+                results.append(DeadlineExceeded(f"shard {shard} did not answer within {timeout_s} s"))
+                continue
             try:
                 results.append(ray.get(future))
             except Exception as error:  # noqa: BLE001 - unwrapped and re-raised by the caller
@@ -645,7 +656,7 @@ class ShardSideRuntime(RayRuntime):
         """The torch device of this process's shard, if it is ``shard``, else None (another actor's)."""
         return torch.device(self.local.device) if shard == self.local.shard_index else None
 
-    def _call_shards_once(self, calls, timeout_s: float | None) -> list:
+    def _call_shards_once(self, calls, timeout_s: float | None, partial: bool = False) -> list:
         here = self.local.shard_index
         elsewhere = [call for call in calls if call[0] != here]
         futures = self._scatter(elsewhere) if elsewhere else []
@@ -656,7 +667,7 @@ class ShardSideRuntime(RayRuntime):
                     local_results.append(_logged(shard, method, getattr(self.local, method), args))
                 except Exception as error:  # noqa: BLE001 - answered as the call's outcome
                     local_results.append(error)
-        remote_results = iter(self._gather(elsewhere, futures, timeout_s) if elsewhere else [])
+        remote_results = iter(self._gather(elsewhere, futures, timeout_s, partial) if elsewhere else [])
         local_iter = iter(local_results)
         return [next(local_iter) if shard == here else next(remote_results) for shard, _, _ in calls]
 

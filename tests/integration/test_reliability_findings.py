@@ -34,3 +34,36 @@ def test_a_snapshot_taken_while_a_shard_restarts_is_written(ray_joined, tmp_path
     finally:
         store.server.stop(1).wait()
         store.runtime.destroy()
+
+
+def test_describe_names_a_stopped_shard_and_counts_the_other_within_its_deadline(ray_joined):
+    """The CI profile's describe during a SIGSTOP (docs/RELIABILITY.md, 2026-12-07): both shards read
+    "recovering" with 0 rows, the serving one included. With Ray: shard 1's process stopped, a
+    DescribeNamespace with a 4 s deadline names it and counts shard 0's rows, before the deadline."""
+    import time
+
+    from monim.workers.embedded import EmbeddedStore
+
+    deployment = f"describe-{uuid.uuid4().hex[:8]}"
+    store = EmbeddedStore(shards=2, ray_address="auto", shard_cpus=0, use_gpus=False, deployment=deployment)
+    stopped = None
+    try:
+        with MemoryClient(store.address, timeout_s=60) as client:
+            client.create_namespace("ns", dim=4)
+            client.add("ns", np.random.default_rng(0).random((100, 4), np.float32), np.arange(100))
+            held = [s["rows"] for s in client.describe_namespace("ns").shards]
+            shard = ray_joined.get_actor(f"{deployment}-shard-1", namespace="monim")
+            stopped = ray_joined.get(shard.ping.remote())["pid"]
+            os.kill(stopped, signal.SIGSTOP)
+        with MemoryClient(store.address, timeout_s=4, retries=0) as client:
+            started = time.monotonic()
+            described = client.describe_namespace("ns")
+            took = time.monotonic() - started
+        assert [s["state"] for s in described.shards] == ["serving", "unavailable"]
+        assert described.shards[0]["rows"] == held[0] > 0 and described.rows == held[0]
+        assert took < 4.0
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        store.server.stop(1).wait()
+        store.runtime.destroy()

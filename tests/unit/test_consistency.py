@@ -8,6 +8,7 @@ for real in tests/integration/test_concurrency.py.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -28,7 +29,7 @@ from monim.protos.errors import (
 )
 from monim.workers import router as router_module
 from monim.workers.registry import NamespaceRegistry
-from monim.workers.router import Router
+from monim.workers.router import DESCRIBE_WAIT_S, Router
 from monim.workers.runtime import LocalRuntime
 
 from tests.unit.test_learnable_memory import dense_reference
@@ -373,3 +374,32 @@ def test_a_shard_never_commits_a_step_staged_for_another_namespace():
     with pytest.raises(InvalidArgument, match="staged for namespace 'a'"):
         shard.commit_step("b", 5, "step")
     assert shard.commit_step("a", 5, "step", expect_parts=True) == 2
+
+
+def test_describe_within_its_deadline_counts_the_shards_that_answer_when_one_is_stuck():
+    """Seen in the reliability profile (CI, seed 15): a shard stuck behind its queue (back from a
+    SIGSTOP) made DescribeNamespace's first round use the call's whole deadline, and the per-shard
+    round after it found no time left for any shard: both read "recovering" with 0 rows, the shard
+    that was serving included. Each shard now has the deadline, in one round: the stuck one is named,
+    the other's rows are counted, and the answer comes before the deadline."""
+    router, runtime = make_router()
+    router.add("ns", np.ones((10, DIM), np.float32), np.zeros(10, np.int64))
+    held = [s["rows"] for s in router.describe_namespace("ns")["shards"]]
+    release = threading.Event()
+
+    def stuck(method, args):
+        if method == "stats":
+            release.wait(20)
+
+    runtime.shards[1] = Hooked(runtime.shards[1], stuck)
+    try:
+        started = time.monotonic()
+        with router.deadline(4.0):
+            described = router.describe_namespace("ns")
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert [s["state"] for s in described["shards"]] == ["serving", "unavailable"]
+    assert described["shards"][0]["rows"] == held[0] > 0
+    assert described["rows"] == held[0]
+    assert DESCRIBE_WAIT_S <= took < 4.0

@@ -229,7 +229,7 @@ class _RestartingShards(RayRuntime):
     def __init__(self, dead_for: int, retired: bool):
         self.restarts, self.sent, self.dead_for, self.retired = True, [], dead_for, retired
 
-    def _call_shards_once(self, calls, timeout_s):
+    def _call_shards_once(self, calls, timeout_s, partial=False):
         self.sent.append([shard for shard, _, _ in calls])
         dead = self.retired or len(self.sent) <= self.dead_for
         return [runtime_module.ShardUnavailable(shard, "RayActorError") if shard == 1 and dead else f"{method}@{shard}"
