@@ -140,11 +140,12 @@ class RowStore:
         """int64 [...] ids -> int64 [...] rows; -1 where an id is not stored."""
         return self.id_map.lookup(ids)
 
-    def remove_rows(self, rows: np.ndarray) -> int:
-        """Deletes the given rows (unique, valid), filling holes from the tail."""
+    def remove_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Deletes the given rows (valid; a row named twice goes once), filling holes from the tail.
+        Returns the ids they held (int64, in row order)."""
         rows = np.unique(rows)
         if rows.size == 0:
-            return 0
+            return np.empty(0, np.int64)
         new_size = self.size - rows.size
         self.removals += 1
         gone = self.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy()
@@ -160,7 +161,7 @@ class RowStore:
                 column[dst] = column[src]
             self.id_map.assign(self.ids[dst].cpu().numpy(), holes)
         self.size = new_size
-        return int(rows.size)
+        return gone
 
     def rows_with_source(self, source: str) -> np.ndarray:
         code = self._source_codes.get(source)

@@ -189,6 +189,11 @@ class NeighborStore:
 
     def delete(self, ids: np.ndarray | None = None, source: str | None = None) -> int:
         """Deletes entries by id (unknown ids are ignored) or by source tag; returns how many went."""
+        return int(self.remove(ids, source).size)
+
+    def remove(self, ids: np.ndarray | None = None, source: str | None = None) -> np.ndarray:
+        """delete, answering the ids of the entries that went (int64; a shard remembers them for the
+        request's retries: workers/shard.py _deleted_ids)."""
         if (ids is None) == (source is None):
             raise InvalidArgument("delete needs either ids or a source tag, not both")
         if ids is not None:
@@ -199,9 +204,10 @@ class NeighborStore:
                 rows = rows[rows >= 0]
             else:
                 rows = self.rows.rows_with_source(validation.check_source(source))
-            if self.approximate is not None and rows.size:
-                self.approximate.after_delete(self.rows.ids[torch.from_numpy(rows).to(self.device)].cpu().numpy())
-            return self.rows.remove_rows(rows)
+            removed = self.rows.remove_rows(rows)
+            if self.approximate is not None and removed.size:
+                self.approximate.after_delete(removed)
+            return removed
 
     # ----- reads -------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int, return_keys: bool = False, return_values: bool = False,

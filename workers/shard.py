@@ -410,6 +410,18 @@ class Shard:
         if applied:
             self._changes.notify_all()
 
+    def _deleted_here(self, namespace: str, key, counted: int) -> int:
+        """A delete by source's answer here, applied (again): the ids it deleted, here or at an old owner
+        of rows now placed here (a move's marks), that this shard owns at the placement it is applied at,
+        so that the shards' answers to a retry after a reshard add up to the first answer (the count of
+        a shard a shrink retired came with its marks). counted (the deletes here over all tries) where
+        the ids are not known (evicted from _deleted_ids)."""
+        shares = self._deleted_ids.get(key)
+        if shares is None:
+            return counted
+        deleted = np.unique(np.concatenate([_ids_of(runs) for runs in shares]))
+        return int((self.placement.owners(namespace, deleted) == self.shard_index).sum())
+
     def _another_request(self, key, args: dict) -> bool:
         """Whether this write reuses the request id of another request (their digests differ)."""
         known, digest = self._digests.get(key), args.get("digest")
@@ -478,11 +490,10 @@ class Shard:
         elif op == "increment_weights":
             result = store.increment_weights(columns["ids"], columns["counts"])
         elif op == "delete":
-            ids = columns.get("ids")
-            present = ids[store.contains(ids)] if ids is not None and key[0] and ids.size else None
-            result = store.delete(ids=ids, source=args.get("source"))
-            if present is not None and present.size:
-                self._deleted_ids.remember(key, self._deleted_ids.get(key, []) + [_id_runs(present)])
+            removed = store.remove(ids=columns.get("ids"), source=args.get("source"))
+            result = int(removed.size)
+            if key[0] and removed.size:
+                self._deleted_ids.remember(key, self._deleted_ids.get(key, []) + [_id_runs(removed)])
         elif op == "step":
             result = store.step(columns["ids"], columns["grads"], held=args.get("held")) if columns["ids"].size else 0
             return self._committed.remember(args["step_id"], result)
@@ -490,6 +501,8 @@ class Shard:
             raise InvalidArgument(f"unknown log record {op!r}")
         if key[0]:  # remembered: what the request did here, all its shares (this share answers its own)
             both = earlier + result if isinstance(earlier, int) and isinstance(result, int) else result
+            if again:  # a delete by source: the rows it deleted that this shard owns now
+                both = self._deleted_here(namespace, key, both)
             self._applied.remember(key, both)
             if args.get("digest"):
                 self._digests.remember(key, args["digest"])

@@ -136,3 +136,16 @@ def test_bad_input_changes_nothing(call, fragment):
     after = store.get(np.arange(3))
     assert len(store) == 3 and store.next_id == 3
     np.testing.assert_array_equal(before.keys, after.keys)
+
+
+def test_remove_answers_the_ids_that_went_each_once(rng):
+    """NeighborStore.remove (what a shard remembers for a delete's retries): the ids of the rows it removed;
+    an id named twice or not stored counts once or not at all, as delete counts."""
+    store = make_store()
+    ids = store.add(rng.standard_normal((10, 16)).astype(np.float32), np.arange(10), source="a")
+    store.add(rng.standard_normal((5, 16)).astype(np.float32), np.arange(5), source="b")
+    removed = store.remove(ids=np.array([ids[3], ids[3], ids[7], 10_000]))
+    assert sorted(removed.tolist()) == sorted([int(ids[3]), int(ids[7])]) and removed.dtype == np.int64
+    assert sorted(store.remove(source="a").tolist()) == sorted(int(i) for i in ids if i not in (ids[3], ids[7]))
+    assert store.remove(source="a").size == 0 and store.remove(ids=np.array([ids[3]])).size == 0
+    assert len(store) == 5 and store.delete(source="b") == 5

@@ -733,9 +733,9 @@ def test_a_delete_by_source_retried_after_a_move_deletes_every_row_of_the_source
     first = shard.delete("ns", config.generation, request, None, "day-0")
     assert 0 < first < tagged.size
     assert reshard(router, 1, batch_rows=32).done
-    # The retry: answered by the shards that still hold rows (docs/OPERATIONS.md, "Reshard"): shard 0's
-    # count, each row once (with what it deleted at first, if it did); shard 1 went with its count.
-    counted = tagged.size if applied_first_on == "target" else tagged.size - first
+    # The retry answers every row of the source the request deleted, each once: shard 1's first count
+    # came with the move's marks (it used to go with shard 1: the retry answered tagged.size - first).
+    counted = tagged.size
     assert router.delete("ns", source="day-0", request_id="delete-day-0") == counted
     assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
     assert router.delete("ns", source="day-0", request_id="delete-day-0") == counted  # again: nothing more
@@ -743,6 +743,32 @@ def test_a_delete_by_source_retried_after_a_move_deletes_every_row_of_the_source
     crash(router)
     router = deployment(tmp_path, shards=1)
     assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
+
+
+@pytest.mark.parametrize("restart", ["none", "log", "snapshot"])
+@pytest.mark.parametrize("target", [1, 3, 4])
+def test_a_delete_by_source_retried_after_a_reshard_answers_every_row_it_deleted(tmp_path, target, restart):
+    """A Delete by source whose answer was lost, retried with its request id after a reshard, answers the
+    rows of the source it deleted, each once, wherever their ids belong now. Before, a shrink lost the
+    count of the shard that went (2 -> 1 answered shard 0's rows alone), and after a grow each old owner
+    answered its own count, the ids that moved away included (docs/OPERATIONS.md said so)."""
+    router = deployment(tmp_path)
+    rng = np.random.default_rng(13)
+    router.create_namespace(NamespaceConfig("ns", dim=DIM))
+    tagged = _tagged(router, rng, 120, "day-0")
+    kept = _tagged(router, rng, 40, "day-1")
+    assert router.delete("ns", source="day-0", request_id="delete-1") == tagged.size
+    assert reshard(router, target, batch_rows=32).done
+    if restart != "none":
+        if restart == "snapshot":
+            for shard in router.runtime.shards[: router.num_shards]:
+                shard.snapshot()
+        crash(router)
+        router = deployment(tmp_path, shards=target)
+    assert router.delete("ns", source="day-0", request_id="delete-1") == tagged.size
+    assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
+    assert router.delete("ns", source="day-0", request_id="delete-1") == tagged.size  # again: the same
+    assert router.delete("ns", source="day-1", request_id="delete-2") == kept.size    # another request deletes
 
 
 @pytest.mark.parametrize("restart", ["none", "log", "snapshot"])
