@@ -202,10 +202,10 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     batch, k = rows.shape
     device = values.device
     dim = keys.shape[1]
+    rows_found = rows_found or (lambda unique_rows: None)
     if values.shape[0] == 0:  # nothing stored here: no slot is held, every sum is zero
         unique_rows = torch.zeros(0, dtype=torch.int64, device=device)
-        if rows_found is not None:
-            rows_found(unique_rows)
+        rows_found(unique_rows)
         return (torch.zeros(batch, 2 * dim + 4, dtype=torch.float64, device=device), unique_rows,
                 torch.zeros(0, values.shape[1], dtype=torch.float32, device=device))
     held = rows >= 0
@@ -214,14 +214,12 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     d = torch.where(held, distances, zero)
     if slot_kernels.available(keys, values):  # float16 keys on a GPU: Triton passes (datastore/slot_kernels.py)
         unique_rows, value_grads = slot_kernels.row_gradients(rows, a, grad_memory)  # dL/dv_u = sum a * g_b
-        if rows_found is not None:
-            rows_found(unique_rows)
+        rows_found(unique_rows)
         agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
         return _packed(weighted_keys, alpha_keys, agv, a, d), unique_rows, value_grads
     slots = _Slots(rows, values.shape[0])
     unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
-    if rows_found is not None:
-        rows_found(unique_rows)
+    rows_found(unique_rows)
     if keys.dtype == torch.float32:
         agv = a * slots.sampled_dots(grad_memory, values)                  # alpha * g.v_i  [B, k]
         weighted_keys, alpha_keys = slots.times(agv, keys), slots.times(a, keys)
