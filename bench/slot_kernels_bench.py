@@ -7,6 +7,7 @@ the store's rows, so that a batch of B x k slots holds far fewer distinct rows, 
 
     python -m bench.slot_kernels_bench --device cuda                 # B=4096, k=1024, 1M rows, 768 wide
     python -m bench.slot_kernels_bench --device cuda --sweep         # and every kernel's tiles
+    python -m bench.slot_kernels_bench --device cuda --sweep --sweep-kernels sums
 
 On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported):
 for checking the bench itself at small sizes, not for timing (tests/unit/test_bench_services.py).
@@ -20,11 +21,10 @@ import time
 import torch
 from monim.datastore import memory_ops, slot_kernels
 
-# (SLOTS or ENTRIES, DIMS, warps) per kernel, for --sweep
+# (SLOTS, DIMS, warps) per kernel, for --sweep
 SWEEPS = {
     "value_sum": [(32, 128, 4), (32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 8)],
     "sums": [(32, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 4), (16, 64, 4)],
-    "row_gradients": [(4, 256, 4), (8, 256, 4), (4, 1024, 4), (8, 1024, 4), (8, 1024, 8), (16, 1024, 8), (2, 1024, 4)],
 }
 
 
@@ -38,7 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--sweep", action="store_true", help="also time each kernel's tiles")
-    return p.parse_args(argv)
+    p.add_argument("--sweep-kernels", default=",".join(SWEEPS), type=lambda text: text.split(","),
+                   help=f"the kernels --sweep tiles (default: all of {', '.join(SWEEPS)})")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.sweep_kernels) - set(SWEEPS))
+    if unknown:
+        p.error(f"--sweep-kernels: no kernel {unknown}; choose among {', '.join(SWEEPS)}")
+    return args
 
 
 def search_shaped_rows(batch: int, k: int, rows: int, device, seed: int = 0) -> torch.Tensor:
@@ -83,8 +89,6 @@ def main(argv=None) -> list[dict]:
     cells = [
         ("value_sum", lambda: slot_kernels.value_sum(values, rows, alpha),
          lambda: memory_ops._Slots(rows, args.rows).times(alpha, values)),
-        ("row_gradients", lambda: slot_kernels.row_gradients(rows, alpha, grad),
-         lambda: memory_ops._Slots(rows, args.rows).per_row(alpha, grad)),
         ("slot_sums (dots + sums)", lambda: slot_kernels.slot_sums(keys, values, rows, alpha, grad),
          lambda: _torch_slot_sums(slots, keys, values, rows, alpha, grad)),
     ]
@@ -95,7 +99,7 @@ def main(argv=None) -> list[dict]:
         results.append({"what": name, "kernel_ms": ours, "torch_ms": theirs})
         print(f"{name:<26} | {ours:9.2f} | {theirs:9.2f} | {theirs / ours:6.2f}x")
     if args.sweep:
-        results += sweep(keys, values, rows, alpha, grad, args.repeats, sync)
+        results += sweep(keys, values, rows, alpha, grad, args.repeats, sync, args.sweep_kernels)
     return results
 
 
@@ -112,34 +116,25 @@ def _torch_slot_sums(slots, keys, values, rows, alpha, grad):
     return agv, weighted, alpha_keys
 
 
-def sweep(keys, values, rows, alpha, grad, repeats, sync) -> list[dict]:
-    """Each kernel with each of its SWEEPS tiles, on the same inputs (the committed tiles are marked *)."""
+def sweep(keys, values, rows, alpha, grad, repeats, sync, kernels=tuple(SWEEPS)) -> list[dict]:
+    """Each of the kernels named with each of its SWEEPS tiles, on the same inputs (the committed tiles
+    are marked *)."""
     triton = slot_kernels.triton
     batch, k = rows.shape
     dim, value_dim = keys.shape[1], values.shape[1]
     agv, _, _ = slot_kernels.slot_sums(keys, values, rows, alpha, grad)
-    ordered, order = torch.sort(rows.reshape(-1), stable=True)
-    unique, counts = torch.unique_consecutive(ordered, return_counts=True)
-    starts = torch.zeros(unique.shape[0] + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(counts, 0, out=starts[1:])
-    if unique.shape[0] and bool(unique[0] < 0):
-        unique, starts = unique[1:], starts[1:]
     m = torch.empty(batch, value_dim, device=rows.device)
     weighted, alpha_keys = torch.empty(batch, dim, device=rows.device), torch.empty(batch, dim, device=rows.device)
-    gradients = torch.empty(unique.shape[0], value_dim, device=rows.device)
     launches = {
         "value_sum": lambda s, d, w: slot_kernels._value_sum_kernel[(batch, triton.cdiv(value_dim, d))](
             rows, alpha, values, m, k, value_dim, SLOTS=s, DIMS=d, num_warps=w),
         "sums": lambda s, d, w: slot_kernels._sums_kernel[(batch, triton.cdiv(dim, d))](
             rows, alpha, agv, keys, weighted, alpha_keys, k, dim, SLOTS=s, DIMS=d, num_warps=w),
-        "row_gradients": lambda s, d, w: slot_kernels._row_gradient_kernel[(unique.shape[0],)](
-            starts, order, alpha, grad, gradients, k, value_dim, ENTRIES=s, DIMS=d, num_warps=w),
     }
     committed = {"value_sum": (slot_kernels.VALUE_SLOTS, slot_kernels.VALUE_DIMS),
-                 "sums": (slot_kernels.SLOTS, slot_kernels.SUM_DIMS),
-                 "row_gradients": (slot_kernels.ENTRIES, slot_kernels.ROW_DIMS)}
+                 "sums": (slot_kernels.SLOTS, slot_kernels.SUM_DIMS)}
     results = []
-    for name, tiles in SWEEPS.items():
+    for name, tiles in ((name, SWEEPS[name]) for name in kernels):
         line = []
         for slots_, dims, warps in tiles:
             ms = timed(lambda: launches[name](slots_, dims, warps), repeats, sync)

@@ -196,8 +196,9 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     before the sums are queued (a caller that copies their ids to the host then waits for the value
     gradients only, and the GPU sums meanwhile).
     The sums over the slots are sparse products over the store's rows (_Slots), except with float16
-    keys, whose weighted sums gather the keys a block of queries at a time, or on a GPU run as three
-    Triton kernels (the value gradients, the dots, the keys' sums: datastore/slot_kernels.py).
+    keys, whose weighted sums gather the keys a block of queries at a time, or on a GPU run as two
+    Triton kernels (the dots, the keys' sums: datastore/slot_kernels.py; the value gradients stay the
+    sparse product there too).
     """
     batch, k = rows.shape
     device = values.device
@@ -212,14 +213,12 @@ def slot_partials(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, 
     zero = torch.zeros((), device=device)
     a = torch.where(held, alpha, zero)                                    # empty slots weigh 0
     d = torch.where(held, distances, zero)
-    if slot_kernels.available(keys, values):  # float16 keys on a GPU: Triton passes (datastore/slot_kernels.py)
-        unique_rows, value_grads = slot_kernels.row_gradients(rows, a, grad_memory)  # dL/dv_u = sum a * g_b
-        rows_found(unique_rows)
-        agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
-        return _packed(weighted_keys, alpha_keys, agv, a, d), unique_rows, value_grads
     slots = _Slots(rows, values.shape[0])
     unique_rows, value_grads = slots.per_row(a, grad_memory)               # dL/dv_u = sum a * g_b
     rows_found(unique_rows)
+    if slot_kernels.available(keys, values):  # float16 keys on a GPU: Triton passes (datastore/slot_kernels.py)
+        agv, weighted_keys, alpha_keys = slot_kernels.slot_sums(keys, values, rows, a, grad_memory)
+        return _packed(weighted_keys, alpha_keys, agv, a, d), unique_rows, value_grads
     if keys.dtype == torch.float32:
         agv = a * slots.sampled_dots(grad_memory, values)                  # alpha * g.v_i  [B, k]
         weighted_keys, alpha_keys = slots.times(agv, keys), slots.times(a, keys)

@@ -15,8 +15,10 @@ with it to float32 rounding. Each program keeps a [slots, dims] tile of partial 
 reduces it across the slots once, at its end: a reduction across the program's warps for every block
 of slots (what the first version did) cost more than the loads it followed.
 
-``row_gradients`` is the backward's dL/dv_u = sum over the slots holding row u of a_bi g_b: the slots
-sorted by row, one program per row summing its slots' g_b (all of g stays in the GPU's cache).
+The backward's value gradients (dL/dv_u = sum over the slots holding row u of a_bi g_b) stay the
+transposed sparse product (memory_ops._Slots.per_row): a kernel of one program per row (sorted slots)
+lost to it, 6.4 against 5.4 ms with its host waits, at B=4096, k=1024 on an H100 (docs/BENCHMARKS.md,
+eighteenth session; git history has the kernel).
 
 ``value_sum`` is the forward's m_b = sum_i a_bi v_{r_bi} the same way (one program per query and block
 of value dimensions), with no sort of the slots and no wait for the host: the sparse product it replaces
@@ -34,8 +36,6 @@ DOT_DIMS = 128    # value dimensions _dots_kernel loads at a time
 SUM_DIMS = 64     # key dimensions of one _sums_kernel program
 VALUE_SLOTS = 64  # slots _value_sum_kernel takes at a time
 VALUE_DIMS = 64   # value dimensions of one _value_sum_kernel program
-ENTRIES = 4       # slots of one row _row_gradient_kernel takes at a time
-ROW_DIMS = 256    # value dimensions _row_gradient_kernel takes at a time
 
 
 def available(keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -109,28 +109,6 @@ if triton is not None:
             total += weights[:, None] * values
         tl.store(out_ptr + query * value_dim + dims, tl.sum(total, axis=0), mask=in_dim)
 
-    @triton.jit
-    def _row_gradient_kernel(starts_ptr, order_ptr, weights_ptr, grad_ptr, out_ptr, k, value_dim,
-                             ENTRIES: tl.constexpr, DIMS: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        start = tl.load(starts_ptr + row)
-        end = tl.load(starts_ptr + row + 1)
-        entry_range = tl.arange(0, ENTRIES)
-        dims = tl.arange(0, DIMS)
-        for first_dim in range(0, value_dim, DIMS):
-            in_dim = first_dim + dims < value_dim
-            total = tl.zeros((ENTRIES, DIMS), dtype=tl.float32)
-            for first in range(start, end, ENTRIES):
-                entries = first + entry_range
-                in_row = entries < end
-                slot = tl.load(order_ptr + entries, mask=in_row, other=0)
-                weights = tl.load(weights_ptr + slot, mask=in_row, other=0.0)
-                query = slot // k
-                grad = tl.load(grad_ptr + query[:, None] * value_dim + first_dim + dims[None, :],
-                               mask=in_row[:, None] & in_dim[None, :], other=0.0)
-                total += weights[:, None] * grad
-            tl.store(out_ptr + row * value_dim + first_dim + dims, tl.sum(total, axis=0), mask=in_dim)
-
 
 def value_sum_available(values: torch.Tensor) -> bool:
     """Whether ``value_sum`` serves these value rows: float32, contiguous, on a CUDA device, with Triton."""
@@ -151,28 +129,6 @@ def value_sum(values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -
         rows.contiguous(), weights.contiguous().float(), values, out, k, value_dim,
         SLOTS=VALUE_SLOTS, DIMS=VALUE_DIMS, num_warps=4)
     return out
-
-
-def row_gradients(rows: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the rows held, sorted int64 [U]; float32 [U, value_dim]: for each, the sum of weights[b, i] * grad[b]
-    over the slots (b, i) that hold it), the value gradients of a backward. rows int64 [B, k] (-1: not
-    held), weights float32 [B, k], grad float32 [B, value_dim]; one device. The slots are sorted by row
-    (stably: a row's slots stay in query order), and one program per row sums its slots' gradient rows
-    (which stay in the GPU's cache: B x value_dim): no [B, N] sparse matrix is made. One wait for the
-    host: the number of rows."""
-    batch, k = rows.shape
-    value_dim = grad.shape[1]
-    ordered, order = torch.sort(rows.reshape(-1), stable=True)          # empty slots (-1) first
-    unique, counts = torch.unique_consecutive(ordered, return_counts=True)
-    starts = torch.zeros(unique.shape[0] + 1, dtype=torch.int64, device=rows.device)
-    torch.cumsum(counts, 0, out=starts[1:])
-    if unique.shape[0] and bool(unique[0] < 0):                         # not a row: the empty slots
-        unique, starts = unique[1:], starts[1:]
-    out = torch.empty(unique.shape[0], value_dim, dtype=torch.float32, device=rows.device)
-    if unique.shape[0]:
-        _row_gradient_kernel[(unique.shape[0],)](starts, order, weights.contiguous().float(), grad.contiguous().float(),
-                                                 out, k, value_dim, ENTRIES=ENTRIES, DIMS=ROW_DIMS, num_warps=4)
-    return unique, out
 
 
 def slot_sums(keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,

@@ -67,7 +67,28 @@ def test_the_slot_kernels_bench_times_each_kernel_beside_its_torch_path(capsys):
     assert ((rows[:, 1:] != rows[:, :-1]) | (rows[:, 1:] < 0)).all()  # distinct within a query
     results = slot_kernels_bench.main(["--device", "cpu", "--rows", "300", "--batch", "6", "--k", "40", "--dim", "24",
                                        "--value-dim", "20", "--repeats", "1", "--sweep"])
-    assert [r["what"] for r in results[:3]] == ["value_sum", "row_gradients", "slot_sums (dots + sums)"]
-    assert len(results) == 3 + sum(len(tiles) for tiles in slot_kernels_bench.SWEEPS.values())
+    assert [r["what"] for r in results[:2]] == ["value_sum", "slot_sums (dots + sums)"]
+    assert len(results) == 2 + sum(len(tiles) for tiles in slot_kernels_bench.SWEEPS.values())
     assert all(r["kernel_ms"] > 0 for r in results)
     assert "distinct rows" in capsys.readouterr().out
+
+
+def test_the_slot_kernels_bench_sweeps_the_kernels_named_and_refuses_others(capsys):
+    import os
+
+    import pytest
+    from monim.datastore import slot_kernels
+
+    if slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter on the CPU")
+    from bench import slot_kernels_bench
+
+    small = ["--device", "cpu", "--rows", "200", "--batch", "4", "--k", "24", "--dim", "16", "--value-dim", "12",
+             "--repeats", "1", "--sweep"]
+    results = slot_kernels_bench.main(small + ["--sweep-kernels", "sums"])
+    assert {r["what"] for r in results[2:]} == {"sums tiles"}
+    assert len(results) == 2 + len(slot_kernels_bench.SWEEPS["sums"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        slot_kernels_bench.main(small + ["--sweep-kernels", "dots"])
+    assert "no kernel ['dots']" in capsys.readouterr().err

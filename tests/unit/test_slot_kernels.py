@@ -79,27 +79,3 @@ def test_value_sum_takes_the_kernel_for_float32_rows_on_a_gpu_only():
         assert slot_kernels.value_sum_available(values.cuda())
         assert not slot_kernels.value_sum_available(values.cuda().half())
         assert not slot_kernels.value_sum_available(values.cuda().t())
-
-
-@pytest.mark.parametrize("shape", SHAPES + [dict(batch=6, k=9, stored=4, value_dim=300), dict(batch=2, k=5, stored=1000)])
-def test_the_row_gradients_are_the_transposed_products(shape):
-    """dL/dv_u summed over every slot holding u (a row held by several queries, and twice by one), only the
-    rows held (none of the empty slots), widths past the kernel's block."""
-    keys, values, rows, alpha, distances, grad = case(**shape)
-    weights = torch.where(rows >= 0, alpha, 0)
-    want_rows, want = memory_ops._Slots(rows.cpu(), values.shape[0]).per_row(weights.cpu(), grad.cpu())
-    got_rows, got = slot_kernels.row_gradients(rows, weights, grad)
-    assert torch.equal(got_rows.cpu(), want_rows)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
-
-
-def test_row_gradients_of_slots_none_held_and_of_all_held():
-    keys, values, rows, alpha, distances, grad = case()
-    none_rows, none = slot_kernels.row_gradients(torch.full_like(rows, -1), alpha, grad)
-    assert none_rows.numel() == 0 and none.shape == (0, values.shape[1])
-    full = rows.clamp_min(0)
-    got_rows, got = slot_kernels.row_gradients(full, alpha, grad)
-    dense = torch.zeros(values.shape).index_add_(0, full.reshape(-1).cpu(),
-                                                (alpha[:, :, None] * grad[:, None, :]).reshape(-1, grad.shape[1]).cpu())
-    assert torch.equal(got_rows.cpu(), torch.unique(full).cpu())
-    torch.testing.assert_close(got.cpu(), dense[got_rows.cpu()], rtol=1e-5, atol=1e-6)
