@@ -745,26 +745,33 @@ def test_a_delete_by_source_retried_after_a_move_deletes_every_row_of_the_source
     assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
 
 
+def _resharded(router, tmp_path, target: int, restart: str):
+    """The deployment resharded to target shards, then (restart "log" or "snapshot") crashed and started
+    again from its logs, or from snapshots taken after the reshard; the router to use next."""
+    assert reshard(router, target, batch_rows=32).done
+    if restart == "none":
+        return router
+    if restart == "snapshot":
+        for shard in router.runtime.shards[: router.num_shards]:
+            shard.snapshot()
+    crash(router)
+    return deployment(tmp_path, shards=target)
+
+
 @pytest.mark.parametrize("restart", ["none", "log", "snapshot"])
 @pytest.mark.parametrize("target", [1, 3, 4])
 def test_a_delete_by_source_retried_after_a_reshard_answers_every_row_it_deleted(tmp_path, target, restart):
     """A Delete by source whose answer was lost, retried with its request id after a reshard, answers the
     rows of the source it deleted, each once, wherever their ids belong now. Before, a shrink lost the
-    count of the shard that went (2 -> 1 answered shard 0's rows alone), and after a grow each old owner
-    answered its own count, the ids that moved away included (docs/OPERATIONS.md said so)."""
+    count of the shard that went: 2 -> 1 answered shard 0's rows alone, 60 of 120 (docs/OPERATIONS.md
+    said so); a grow counted right (each old owner its own count)."""
     router = deployment(tmp_path)
     rng = np.random.default_rng(13)
     router.create_namespace(NamespaceConfig("ns", dim=DIM))
     tagged = _tagged(router, rng, 120, "day-0")
     kept = _tagged(router, rng, 40, "day-1")
     assert router.delete("ns", source="day-0", request_id="delete-1") == tagged.size
-    assert reshard(router, target, batch_rows=32).done
-    if restart != "none":
-        if restart == "snapshot":
-            for shard in router.runtime.shards[: router.num_shards]:
-                shard.snapshot()
-        crash(router)
-        router = deployment(tmp_path, shards=target)
+    router = _resharded(router, tmp_path, target, restart)
     assert router.delete("ns", source="day-0", request_id="delete-1") == tagged.size
     assert sorted(all_ids(router, "ns").tolist()) == sorted(kept.tolist())
     assert router.delete("ns", source="day-0", request_id="delete-1") == tagged.size  # again: the same
@@ -789,13 +796,7 @@ def test_a_delete_by_ids_retried_after_its_rows_moved_answers_every_row_it_delet
     deleted = router.delete("ns", ids=doomed, request_id="delete-1")
     assert deleted == ids[::3].size
     left = sorted(all_ids(router, "ns").tolist())
-    assert reshard(router, target, batch_rows=32).done
-    if restart != "none":
-        if restart == "snapshot":
-            for shard in router.runtime.shards[: router.num_shards]:
-                shard.snapshot()
-        crash(router)
-        router = deployment(tmp_path, shards=target)
+    router = _resharded(router, tmp_path, target, restart)
     assert router.delete("ns", ids=doomed, request_id="delete-1") == deleted
     assert sorted(all_ids(router, "ns").tolist()) == left
     # a share of it alone (as the router sends one again after a reshard refused it) answers its own rows
