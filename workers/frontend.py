@@ -392,6 +392,11 @@ class Frontend:
             self._httpd.shutdown()
             self._httpd.server_close()
         self.probe.close()
+        if self._watch.is_alive() and self._watch is not threading.current_thread():
+            # A poll in flight ends within its probe's wait; until the watch has ended it holds the
+            # router, and a daemon thread that frees the shards' tensors while the interpreter
+            # finalizes is killed mid-free (SIGABRT at the exit of a process that stopped its server).
+            self._watch.join(self.probe.wait_s + 1.0)
         self._stopped.set()
 
     def close(self) -> None:

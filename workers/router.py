@@ -215,16 +215,26 @@ class Router:
             if shards:
                 self._call([(shard, "set_placement", (placement.to_dict(),)) for shard in shards])
 
-    def _round(self, make_calls, on_retry=None) -> list:
+    def _round(self, make_calls, on_retry=None, within_s=None) -> list:
         """One round of calls that must all be answered at one placement: make_calls(placement) ->
         [(shard, method, args)], each run on the shard only if it is at that placement's version
-        (Shard.placed). Sent again, whole, after a placement change (on_retry() first)."""
+        (Shard.placed). Sent again, whole, after a placement change (on_retry() first).
+        within_s: see _call; each call's result or error, a late one DeadlineExceeded (a call that
+        met the placement change or a retired shard still sends the round again)."""
         waited = 0.0
         while True:
             placement = self.placement
+            calls = [(shard, "placed", (placement.version, method, *args))
+                     for shard, method, args in make_calls(placement)]
             try:
-                return self._call([(shard, "placed", (placement.version, method, *args))
-                                   for shard, method, args in make_calls(placement)])
+                if within_s is None:
+                    return self._call(calls)
+                outcomes = self._call(calls, within_s=within_s)
+                moved = [o for o in outcomes if isinstance(o, PlacementChanged)
+                         or (isinstance(o, ShardUnavailable) and self._retired(o.shard))]
+                if moved:
+                    raise moved[0]
+                return outcomes
             except (PlacementChanged, ShardUnavailable) as error:
                 if isinstance(error, ShardUnavailable) and not self._retired(error.shard):
                     raise
@@ -276,18 +286,22 @@ class Router:
                 waited = self._wait_for_placement(waited)
         return results
 
-    def _call(self, calls, each: bool = False) -> list:
+    def _call(self, calls, each: bool = False, within_s=None) -> list:
         """Scatter/gather; a namespace another front end dropped leaves this one's cache too.
         each: a list with each call's result or error (a deadline still raises), instead of raising
-        the first error."""
+        the first error. within_s(left) -> seconds (left: the call's time): each shard is waited for
+        that long and a late one is a DeadlineExceeded in its place (implies each)."""
         try:
-            if each:
+            if within_s is not None:
+                outcomes = self.runtime.call_shards(calls, within_s(self._timeout()), partial=True)
+            elif each:
                 outcomes = self.runtime.call_shards(calls, self._timeout(), each=True)
-                for outcome in outcomes:
-                    if isinstance(outcome, (NamespaceNotFound, NamespaceChanged)):
-                        raise outcome
-                return outcomes
-            return self.runtime.call_shards(calls, self._timeout())
+            else:
+                return self.runtime.call_shards(calls, self._timeout())
+            for outcome in outcomes:
+                if isinstance(outcome, (NamespaceNotFound, NamespaceChanged)):
+                    raise outcome
+            return outcomes
         except (NamespaceNotFound, NamespaceChanged) as error:
             self._configs.pop(error.namespace, None)
             raise
@@ -342,28 +356,14 @@ class Router:
         stuck shard is named while the others' rows count, within the call's deadline."""
         config = self.config(namespace)
         silent = "recovering" if getattr(self.runtime, "restarts", False) else "unavailable"
-        waited = 0.0
-        while True:
-            placement, left = self.placement, self._timeout()
-            calls = [(shard, "placed", (placement.version, "stats", namespace, config.generation))
-                     for shard in range(placement.actors)]
-            try:
-                answers = self.runtime.call_shards(calls, max(min(DESCRIBE_WAIT_S, left), left - DESCRIBE_MARGIN_S),
-                                                   partial=True)
-            except ShardUnavailable as error:  # a shrink retired a shard of this placement: nothing was asked
-                answers = [error]
-            moved = [a for a in answers if isinstance(a, PlacementChanged)
-                     or (isinstance(a, ShardUnavailable) and self._retired(a.shard))]
-            if not moved:
-                break
-            waited = self._wait_for_placement(waited)
+        answers = self._round(lambda placement: [(shard, "stats", (namespace, config.generation))
+                                                 for shard in range(placement.actors)],
+                              within_s=lambda left: max(min(DESCRIBE_WAIT_S, left), left - DESCRIBE_MARGIN_S))
         shards = []
         for shard, answer in enumerate(answers):
             if isinstance(answer, (Unavailable, DeadlineExceeded)):
                 shards.append({"shard": shard, "rows": 0, "device": "", "backend": "", "state": silent})
             elif isinstance(answer, Exception):
-                if isinstance(answer, (NamespaceNotFound, NamespaceChanged)):  # dropped by another front end
-                    self._configs.pop(answer.namespace, None)
                 raise answer
             else:
                 shards.append(dict(answer, state="serving"))

@@ -249,6 +249,11 @@ def _ids_of(runs: np.ndarray, first: int = 0, end: int | None = None) -> np.ndar
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)  # (runs may share an end)
 
 
+def _ids_of_shares(shares, first: int = 0, end: int | None = None) -> np.ndarray:
+    """The ids of several sets (each runs [R, 3]; they may overlap) in [first, end), sorted and distinct."""
+    return np.unique(np.concatenate([_ids_of(runs, first, end) for runs in shares]))
+
+
 def _in_runs(runs: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Whether each of ids is in the set _id_runs made."""
     ids = np.asarray(ids, np.int64).reshape(-1)
@@ -419,7 +424,7 @@ class Shard:
         shares = self._deleted_ids.get(key)
         if shares is None:
             return counted
-        deleted = np.unique(np.concatenate([_ids_of(runs) for runs in shares]))
+        deleted = _ids_of_shares(shares)
         return int((self.placement.owners(namespace, deleted) == self.shard_index).sum())
 
     def _another_request(self, key, args: dict) -> bool:
@@ -1142,14 +1147,15 @@ class Shard:
                  applied) for target in targets]
 
     def _deleted_marks(self, namespace: str, first: int, end: int, target: int) -> list:
-        """[(request id, ids)]: for each Delete by ids of the namespace this shard remembers (_deleted_ids),
-        the ids of [first, end) it deleted whose owner at the move's target count is another shard: the
-        new owner answers them when the Delete is retried (their rows are gone, so no row carries them)."""
+        """[(request id, ids)]: for each Delete (by ids or by source) of the namespace this shard remembers
+        (_deleted_ids), the ids of [first, end) it deleted whose owner at the move's target count is another
+        shard: the new owner answers them when the Delete is retried (their rows are gone, so no row
+        carries them)."""
         prefix, marks = f"{namespace}:", []
         for (request_id, _), shares in self._deleted_ids.items():
             if not request_id.startswith(prefix):
                 continue
-            ids = np.unique(np.concatenate([_ids_of(runs, first, end) for runs in shares]))  # (shares overlap)
+            ids = _ids_of_shares(shares, first, end)
             ids = ids[ids % target != self.shard_index]
             if ids.size:
                 marks.append((request_id, ids))
