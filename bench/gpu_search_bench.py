@@ -16,7 +16,9 @@ wide, made on the GPU; queries: stored keys plus noise), and every batch B in ``
 ``--compare-unscreened`` adds the same search with the float16 screen's later chunks as a cuBLAS
 matmul writing a score block and a Triton filter pass over it (the kernel before
 gpu_select.screen_below), in the same run; ``--screen-tiles Q:R:D:W:S,...`` times our search once per
-tile of the screen kernel (queries, rows, dims, warps, stages per program) for each batch it serves.
+tile of the screen kernel (queries, rows, dims, warps, stages per program) for each batch it serves;
+``--compare-setting NAME=VALUE`` adds the same search with gpu_select.NAME set to VALUE (a Python
+literal), in the same run (an A/B of a kernel's variant: SCREEN_ATOMIC_SLOTS=True).
 
 Printed per cell: ms per call (median of ``--repeats`` after a warm-up), ours / GEMM as a rate
 (GEMM time / our time: 1.0 = as fast as the bare matmul), and the rate at which ours reads the
@@ -29,6 +31,7 @@ keys against the copy bandwidth (what bounds B=1 and B=64).
 from __future__ import annotations
 
 import argparse
+import ast
 import platform
 import shlex
 import statistics
@@ -45,6 +48,17 @@ SEED = 1234
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _setting(text: str) -> tuple[str, object, str]:
+    """NAME=VALUE -> (NAME, the value, the text): a module-level setting of gpu_select."""
+    name, _, value = text.partition("=")
+    if not hasattr(gpu_select, name) or not name.isupper():
+        raise argparse.ArgumentTypeError(f"gpu_select has no setting {name!r}")
+    try:
+        return name, ast.literal_eval(value), text
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Python literal") from None
 
 
 def _timed(fn, repeats: int) -> float:
@@ -92,8 +106,10 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
     print(f"\n{rows:,} x {args.dim} {str(keys.dtype).removeprefix('torch.')} keys ({key_bytes / 1e9:.1f} GB): "
           f"a copy of {part.shape[0]:,} rows reads+writes {copy_rate / 1e12:.2f} TB/s")
     compare = args.compare_unscreened and keys.dtype == torch.float16
+    setting = args.compare_setting
     print(f"{'B':>5} {'k':>5} | {'ours ms':>9} {'GEMM ms':>9} {'vs GEMM':>8} | {'keys read':>10} {'vs copy':>8}"
-          + (f" | {'unscreened ms':>13} {'vs ours':>7}" if compare else ""))
+          + (f" | {'unscreened ms':>13} {'vs ours':>7}" if compare else "")
+          + (f" | {setting[2]:>13} {'vs ours':>7}" if setting else ""))
     for batch in args.batches:
         picks = torch.randint(0, rows, (batch,), generator=generator, device=keys.device)
         queries = keys[picks].float() + 0.1 * torch.randn(batch, args.dim, generator=generator, device=keys.device)
@@ -109,6 +125,9 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
                 unscreened = _timed(lambda k=k: _search_with("SCREEN_MIN_BATCH", 1 << 62, queries, keys, norms, k),
                                     args.repeats)
                 line += f" | {unscreened * 1e3:>13.2f} {unscreened / ours:>6.2f}x"
+            if setting:
+                other = _timed(lambda k=k: _search_with(setting[0], setting[1], queries, keys, norms, k), args.repeats)
+                line += f" | {other * 1e3:>13.2f} {other / ours:>6.2f}x"
             print(line, flush=True)
             if args.screen_tiles and gpu_select.screens(keys, batch):
                 for tile in args.screen_tiles:
@@ -143,6 +162,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-unscreened", action="store_true")
     parser.add_argument("--screen-tiles", default=[], type=lambda text: [tuple(map(int, t.split(":")))
                                                                           for t in text.split(",") if t])
+    parser.add_argument("--compare-setting", default=None, type=_setting, metavar="NAME=VALUE",
+                        help="also time each cell with gpu_select.NAME = VALUE (a Python literal)")
     parser.add_argument("--first-chunk-rows", type=int, default=None,
                         help="flat_index.FIRST_CHUNK_ROWS for this run (default: the module's)")
     args = parser.parse_args(argv)

@@ -47,6 +47,9 @@ SCREEN_TILES = [
 # At B=128 the screen was slower than cuBLAS and the filter for k >= 1024 (14.8 against 12.1 ms).
 SCREEN_MIN_BATCH = 32
 SCREEN_MAX_BATCH = 64
+# How _screen_kernel's entries below take their output slots: a count and a prefix sum per query of a
+# tile (False), or an atomic add each (True).
+SCREEN_ATOMIC_SLOTS = False
 
 
 def available(scores: torch.Tensor) -> bool:
@@ -91,7 +94,7 @@ if triton is not None:
     @triton.jit
     def _screen_kernel(queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
                        batch, width, start, capacity, dim, query_stride, key_stride,
-                       CLAMP: tl.constexpr, EVEN_DIM: tl.constexpr,
+                       CLAMP: tl.constexpr, EVEN_DIM: tl.constexpr, ATOMIC_SLOTS: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """A [BLOCK_Q queries, BLOCK_R rows] tile of float16 products accumulated in float32, turned into
         distances in registers, and each query's entries below its threshold appended to its row of
@@ -126,14 +129,23 @@ if triton is not None:
             d = tl.maximum(d, 0.0)
         limit = tl.load(threshold + q_rows, mask=q_in, other=float("-inf"))
         below = (q_in[:, None] & col_in[None, :] & (d < limit[:, None])).to(tl.int32)
-        found = tl.sum(below, axis=1)
-        if tl.max(found, axis=0) > 0:  # the compaction only where some entry passes (B=64: 1.44 -> 1.17 ms)
-            first_slot = tl.atomic_add(counts + q_rows, found, mask=found > 0)
-            slot = first_slot[:, None] + tl.cumsum(below, axis=1) - 1
-            kept = (below > 0) & (slot < capacity)
-            where = q_rows.to(tl.int64)[:, None] * capacity + slot
-            tl.store(out_d + where, d, mask=kept)
-            tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
+        if ATOMIC_SLOTS:  # each entry below takes its slot by its own atomic add, as _below_kernel's do
+            if tl.sum(tl.sum(below, axis=1), axis=0) > 0:
+                slot = tl.atomic_add(counts + q_rows[:, None] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1,
+                                     mask=below > 0, sem="relaxed")
+                kept = (below > 0) & (slot < capacity)
+                where = q_rows.to(tl.int64)[:, None] * capacity + slot
+                tl.store(out_d + where, d, mask=kept)
+                tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
+        else:
+            found = tl.sum(below, axis=1)
+            if tl.max(found, axis=0) > 0:  # the compaction only where some entry passes (B=64: 1.44 -> 1.17 ms)
+                first_slot = tl.atomic_add(counts + q_rows, found, mask=found > 0)
+                slot = first_slot[:, None] + tl.cumsum(below, axis=1) - 1
+                kept = (below > 0) & (slot < capacity)
+                where = q_rows.to(tl.int64)[:, None] * capacity + slot
+                tl.store(out_d + where, d, mask=kept)
+                tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
 
     @triton.jit
     def _rerank_kernel(queries, keys, candidates, out, dim, keep, query_stride, key_stride,
@@ -211,7 +223,7 @@ def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tenso
     grid = (triton.cdiv(batch, block_q) * triton.cdiv(end - start, block_r),)
     _screen_kernel[grid](queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
                          batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0),
-                         CLAMP=clamp, EVEN_DIM=dim % block_d == 0,
+                         CLAMP=clamp, EVEN_DIM=dim % block_d == 0, ATOMIC_SLOTS=SCREEN_ATOMIC_SLOTS,
                          BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return out_d, out_i, counts
 

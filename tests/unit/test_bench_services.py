@@ -3,6 +3,7 @@ process of their own) answers as the in-process store does, and the out-of-proce
 what the same read in this process does. On the CPU, small."""
 
 import numpy as np
+import pytest
 import torch
 from monim.model_client import MemoryClient
 
@@ -56,7 +57,6 @@ def test_the_slot_kernels_bench_times_each_kernel_beside_its_torch_path(capsys):
     """Small, on the CPU in Triton's interpreter (tests/conftest.py sets it): every cell and every tile runs."""
     import os
 
-    import pytest
     from monim.datastore import slot_kernels
 
     if slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1":
@@ -76,7 +76,6 @@ def test_the_slot_kernels_bench_times_each_kernel_beside_its_torch_path(capsys):
 def test_the_slot_kernels_bench_sweeps_the_kernels_named_and_refuses_others(capsys):
     import os
 
-    import pytest
     from monim.datastore import slot_kernels
 
     if slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1":
@@ -92,3 +91,14 @@ def test_the_slot_kernels_bench_sweeps_the_kernels_named_and_refuses_others(caps
     with pytest.raises(SystemExit):
         slot_kernels_bench.main(small + ["--sweep-kernels", "dots"])
     assert "no kernel ['dots']" in capsys.readouterr().err
+
+
+def test_gpu_search_bench_refuses_a_setting_it_cannot_compare(capsys):
+    from bench import gpu_search_bench
+
+    assert gpu_search_bench._setting("SCREEN_ATOMIC_SLOTS=True") == ("SCREEN_ATOMIC_SLOTS", True,
+                                                                      "SCREEN_ATOMIC_SLOTS=True")
+    for bad, why in (("NO_SUCH=1", "no setting 'NO_SUCH'"), ("SCREEN_ATOMIC_SLOTS=yes", "not a Python literal")):
+        with pytest.raises(SystemExit):
+            gpu_search_bench.main(["--compare-setting", bad])
+        assert why in capsys.readouterr().err

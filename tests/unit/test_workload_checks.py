@@ -68,3 +68,25 @@ def test_a_total_that_is_not_the_sum_of_its_shards_is_a_wrong_answer():
     client.describe(_TWIN)
     assert client.report.wrong == 1
     assert "per shard" in client.report.wrong_details[0][1]
+
+
+@pytest.mark.parametrize("answered, failed_attempts, wrong", [
+    (3, 0, 0),
+    (3, 2, 0),   # retried after a lost answer: the same count
+    (2, 1, 1),   # a retry that counts fewer: a wrong answer since deletes count every row across a reshard
+    (4, 1, 1),
+])
+def test_a_retried_delete_must_count_what_the_model_deleted(answered, failed_attempts, wrong):
+    """A retried Delete answers every row it deleted, wherever a reshard took them (docs/OPERATIONS.md,
+    "Reshard"; fixed for deletes by ids and by source on 2026-12-07): the workload no longer lets a
+    retried delete count fewer, as it still does for a retried step."""
+    import numpy as np
+
+    client = _client_answering(None)
+    client.call = lambda kind, function, write, expect=(): (answered, failed_attempts)
+    client.rng = np.random.default_rng(0)
+    client.model = types.SimpleNamespace(delete=lambda name, ids=None, source=None: 3)
+    twin = types.SimpleNamespace(spec=types.SimpleNamespace(name="c1-keys"), live=np.arange(10),
+                                 gone=np.zeros(0, np.int64), to_served=lambda ids: ids, deleted=lambda ids: None)
+    client.delete(twin, rows=3)
+    assert client.report.wrong == wrong, client.report.wrong_details
