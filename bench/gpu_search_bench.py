@@ -18,7 +18,7 @@ matmul writing a score block and a Triton filter pass over it (the kernel before
 gpu_select.screen_below), in the same run; ``--screen-tiles Q:R:D:W:S,...`` times our search once per
 tile of the screen kernel (queries, rows, dims, warps, stages per program) for each batch it serves;
 ``--compare-setting NAME=VALUE`` adds the same search with gpu_select.NAME set to VALUE (a Python
-literal), in the same run (an A/B of a kernel's variant: SCREEN_ATOMIC_SLOTS=True).
+literal), in the same run (an A/B of a setting: SCREEN_MAX_BATCH=128).
 
 Printed per cell: ms per call (median of ``--repeats`` after a warm-up), ours / GEMM as a rate
 (GEMM time / our time: 1.0 = as fast as the bare matmul), and the rate at which ours reads the

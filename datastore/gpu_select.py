@@ -35,10 +35,12 @@ BELOW_TILE = (1024, 4)      # rows, warps per program of _below_kernel
 RERANK_TILE = (32, 128, 4)  # candidates, dims, warps per program of _rerank_kernel
 # Tiles of _screen_kernel by batch: (most queries, (queries, rows, dims, warps, stages) per program).
 # The first entry whose batch bound is at least the batch is taken.
-# Measured on an H200 (10M x 1024 float16 keys): of (queries, rows) 32-128 x 128-256 with 4 or 8 warps,
-# 64 x 128, 4 warps, 4 stages was the fastest at B=64.
+# Measured on an H100 (10M x 1024 float16 keys, k 32/1024/4096, docs/BENCHMARKS.md): at B=48-64,
+# 64 x 64 with 4 warps and 4 stages was the fastest of 16-64 x 64-256 (8.7/10.1/11.3 ms at B=64
+# against 64 x 128's 9.7/10.5/12.4); at B=32, 32 x 128 at k >= 1024.
 SCREEN_TILES = [
-    (None, (64, 128, 64, 4, 4)),
+    (32, (32, 128, 64, 4, 4)),
+    (None, (64, 64, 64, 4, 4)),
 ]
 # The batches the screen serves. Smaller ones: one matmul and a top-k (a tile would waste most of its
 # rows). Larger ones: cuBLAS and below_threshold, as the matmul is compute-bound there and Triton's is
@@ -47,9 +49,6 @@ SCREEN_TILES = [
 # At B=128 the screen was slower than cuBLAS and the filter for k >= 1024 (14.8 against 12.1 ms).
 SCREEN_MIN_BATCH = 32
 SCREEN_MAX_BATCH = 64
-# How _screen_kernel's entries below take their output slots: a count and a prefix sum per query of a
-# tile (False), or an atomic add each (True).
-SCREEN_ATOMIC_SLOTS = False
 
 
 def available(scores: torch.Tensor) -> bool:
@@ -94,11 +93,11 @@ if triton is not None:
     @triton.jit
     def _screen_kernel(queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
                        batch, width, start, capacity, dim, query_stride, key_stride,
-                       CLAMP: tl.constexpr, EVEN_DIM: tl.constexpr, ATOMIC_SLOTS: tl.constexpr,
+                       CLAMP: tl.constexpr, EVEN_DIM: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """A [BLOCK_Q queries, BLOCK_R rows] tile of float16 products accumulated in float32, turned into
         distances in registers, and each query's entries below its threshold appended to its row of
-        the output (one atomic add per query of the tile). No score block is written. Programs run
+        the output (an atomic add per entry below). No score block is written. Programs run
         query tiles fastest, so the programs in flight share a few row tiles: the keys are read from
         memory about once, the queries (a few MB) stay in the L2 cache."""
         program = tl.program_id(0)
@@ -128,24 +127,16 @@ if triton is not None:
         if CLAMP:
             d = tl.maximum(d, 0.0)
         limit = tl.load(threshold + q_rows, mask=q_in, other=float("-inf"))
-        below = (q_in[:, None] & col_in[None, :] & (d < limit[:, None])).to(tl.int32)
-        if ATOMIC_SLOTS:  # each entry below takes its slot by its own atomic add, as _below_kernel's do
-            if tl.sum(tl.sum(below, axis=1), axis=0) > 0:
-                slot = tl.atomic_add(counts + q_rows[:, None] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1,
-                                     mask=below > 0, sem="relaxed")
-                kept = (below > 0) & (slot < capacity)
-                where = q_rows.to(tl.int64)[:, None] * capacity + slot
-                tl.store(out_d + where, d, mask=kept)
-                tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
-        else:
-            found = tl.sum(below, axis=1)
-            if tl.max(found, axis=0) > 0:  # the compaction only where some entry passes (B=64: 1.44 -> 1.17 ms)
-                first_slot = tl.atomic_add(counts + q_rows, found, mask=found > 0)
-                slot = first_slot[:, None] + tl.cumsum(below, axis=1) - 1
-                kept = (below > 0) & (slot < capacity)
-                where = q_rows.to(tl.int64)[:, None] * capacity + slot
-                tl.store(out_d + where, d, mask=kept)
-                tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
+        below = q_in[:, None] & col_in[None, :] & (d < limit[:, None])
+        # Each entry below takes its slot by its own atomic add (a count and a prefix sum per query of
+        # the tile took 0.85-0.93x longer at k >= 1024, where nearly every tile has a few entries below).
+        if tl.sum(tl.sum(below.to(tl.int32), axis=1), axis=0) > 0:
+            slot = tl.atomic_add(counts + q_rows[:, None] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1,
+                                 mask=below, sem="relaxed")
+            kept = below & (slot < capacity)
+            where = q_rows.to(tl.int64)[:, None] * capacity + slot
+            tl.store(out_d + where, d, mask=kept)
+            tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
 
     @triton.jit
     def _rerank_kernel(queries, keys, candidates, out, dim, keep, query_stride, key_stride,
@@ -223,7 +214,7 @@ def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tenso
     grid = (triton.cdiv(batch, block_q) * triton.cdiv(end - start, block_r),)
     _screen_kernel[grid](queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
                          batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0),
-                         CLAMP=clamp, EVEN_DIM=dim % block_d == 0, ATOMIC_SLOTS=SCREEN_ATOMIC_SLOTS,
+                         CLAMP=clamp, EVEN_DIM=dim % block_d == 0,
                          BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return out_d, out_i, counts
 

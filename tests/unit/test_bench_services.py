@@ -96,9 +96,8 @@ def test_the_slot_kernels_bench_sweeps_the_kernels_named_and_refuses_others(caps
 def test_gpu_search_bench_refuses_a_setting_it_cannot_compare(capsys):
     from bench import gpu_search_bench
 
-    assert gpu_search_bench._setting("SCREEN_ATOMIC_SLOTS=True") == ("SCREEN_ATOMIC_SLOTS", True,
-                                                                      "SCREEN_ATOMIC_SLOTS=True")
-    for bad, why in (("NO_SUCH=1", "no setting 'NO_SUCH'"), ("SCREEN_ATOMIC_SLOTS=yes", "not a Python literal")):
+    assert gpu_search_bench._setting("SCREEN_MAX_BATCH=128") == ("SCREEN_MAX_BATCH", 128, "SCREEN_MAX_BATCH=128")
+    for bad, why in (("NO_SUCH=1", "no setting 'NO_SUCH'"), ("SCREEN_MAX_BATCH=many", "not a Python literal")):
         with pytest.raises(SystemExit):
             gpu_search_bench.main(["--compare-setting", bad])
         assert why in capsys.readouterr().err

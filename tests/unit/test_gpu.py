@@ -102,7 +102,7 @@ def test_cuda_kernel_when_every_chunk_holds_better_rows(metric, k, monkeypatch):
     check_torch_kernel_on_rows_in_order_of_distance("cuda", metric, k, monkeypatch)
 
 
-@pytest.mark.parametrize("batch", [40, 64, 300])  # one tile of queries or several, partial tiles
+@pytest.mark.parametrize("batch", [32, 40, 64, 300])  # the tile of B <= 32; one tile of queries or several
 @pytest.mark.parametrize("dim", [768, 100])  # dims a multiple of the tile's and not
 @pytest.mark.parametrize("clamp", [False, True])
 def test_screen_kernel_passes_the_entries_the_filter_pass_does(batch, dim, clamp):

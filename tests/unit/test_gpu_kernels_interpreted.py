@@ -31,7 +31,7 @@ def _block(batch: int, dim: int, stored: int = 3000, seed: int = 7):
     return keys, queries, row_mul, row_add, col_add
 
 
-@pytest.mark.parametrize("batch", [40, 70])  # one tile of queries, or a full one and a partial one
+@pytest.mark.parametrize("batch", [32, 40, 70])  # the tile of B <= 32; one tile of queries; a full and a partial one
 @pytest.mark.parametrize("dim", [64, 100])  # a multiple of the tile's dims, and not
 @pytest.mark.parametrize("clamp", [False, True])
 def test_screen_and_filter_kernels_pass_the_entries_the_torch_filter_does(batch, dim, clamp):
