@@ -56,7 +56,7 @@ def test_kernel_choice():
     assert [flat_index._faiss_kernel(b, 16) for b in (1, 15, 16, 48, 49)] == ["faiss", "faiss", "scan", "scan", "blas"]
 
 
-def test_concurrent_searches_of_every_size_agree(data):
+def test_concurrent_faiss_searches_of_every_size_agree(data):
     # The kernel is chosen per call, with no process-wide state changed per call, so threads
     # searching with different batch sizes at once still get exact answers.
     keys, queries = data

@@ -12,6 +12,8 @@ from monim.workers.placement import Placement
 from monim.workers.router import Router
 from monim.workers.runtime import LocalRuntime
 
+pytest.importorskip("faiss", reason="these shards search on the CPU, with faiss (not on the GPU machine)")
+
 DIM, VALUE_DIM, ROWS, K, B = 8, 16, 300, 12, 40
 
 
