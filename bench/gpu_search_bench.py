@@ -80,8 +80,7 @@ def _bare_gemm(queries: torch.Tensor, keys: torch.Tensor, chunk: int) -> None:
 
 
 def _search_with(setting: str, value, queries, keys, norms, k):
-    """Our search with gpu_select.<setting> set to value for the call: SCREEN_MIN_BATCH past every batch
-    (the screen's later chunks as matmul + filter pass, the previous kernel), or one SCREEN_TILES entry."""
+    """Our search with gpu_select.<setting> set to value for the call."""
     with mock.patch.object(gpu_select, setting, value):
         return torch_search(queries, keys, norms, k, "l2")
 
@@ -105,11 +104,15 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
     copy_rate = 2 * part.numel() * part.element_size() / copy
     print(f"\n{rows:,} x {args.dim} {str(keys.dtype).removeprefix('torch.')} keys ({key_bytes / 1e9:.1f} GB): "
           f"a copy of {part.shape[0]:,} rows reads+writes {copy_rate / 1e12:.2f} TB/s")
-    compare = args.compare_unscreened and keys.dtype == torch.float16
-    setting = args.compare_setting
+    # Each extra column: (header, gpu_select setting, value) timed beside ours. Unscreened: SCREEN_MIN_BATCH
+    # past every batch (the screen's later chunks as matmul + filter pass, the previous kernel).
+    compared = [("unscreened ms", "SCREEN_MIN_BATCH", 1 << 62)] if args.compare_unscreened and \
+        keys.dtype == torch.float16 else []
+    if args.compare_setting:
+        name, value, text = args.compare_setting
+        compared.append((text, name, value))
     print(f"{'B':>5} {'k':>5} | {'ours ms':>9} {'GEMM ms':>9} {'vs GEMM':>8} | {'keys read':>10} {'vs copy':>8}"
-          + (f" | {'unscreened ms':>13} {'vs ours':>7}" if compare else "")
-          + (f" | {setting[2]:>13} {'vs ours':>7}" if setting else ""))
+          + "".join(f" | {header:>13} {'vs ours':>7}" for header, _, _ in compared))
     for batch in args.batches:
         picks = torch.randint(0, rows, (batch,), generator=generator, device=keys.device)
         queries = keys[picks].float() + 0.1 * torch.randn(batch, args.dim, generator=generator, device=keys.device)
@@ -121,12 +124,9 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
             read_rate = key_bytes / ours
             line = (f"{batch:>5} {k:>5} | {ours * 1e3:>9.2f} {gemm * 1e3:>9.2f} {gemm / ours:>8.2f} | "
                     f"{read_rate / 1e12:>7.2f} TB/s {read_rate / copy_rate:>8.2f}")
-            if compare:
-                unscreened = _timed(lambda k=k: _search_with("SCREEN_MIN_BATCH", 1 << 62, queries, keys, norms, k),
-                                    args.repeats)
-                line += f" | {unscreened * 1e3:>13.2f} {unscreened / ours:>6.2f}x"
-            if setting:
-                other = _timed(lambda k=k: _search_with(setting[0], setting[1], queries, keys, norms, k), args.repeats)
+            for _, name, value in compared:
+                other = _timed(lambda k=k, name=name, value=value: _search_with(name, value, queries, keys, norms, k),
+                               args.repeats)
                 line += f" | {other * 1e3:>13.2f} {other / ours:>6.2f}x"
             print(line, flush=True)
             if args.screen_tiles and gpu_select.screens(keys, batch):

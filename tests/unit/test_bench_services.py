@@ -2,13 +2,20 @@
 process of their own) answers as the in-process store does, and the out-of-process bare read answers
 what the same read in this process does. On the CPU, small."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from monim.datastore import slot_kernels
 from monim.model_client import MemoryClient
 
 from bench.lm_floor import BareRead, ReadInAnotherProcess, reading
 from bench.one_process_service import OneProcessService
+
+# The slot kernels' bench on the CPU: in Triton's interpreter (tests/conftest.py sets it where Triton is).
+needs_interpreter = pytest.mark.skipif(slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="needs Triton's interpreter on the CPU")
 
 
 def test_the_one_process_service_answers_as_the_in_process_store():
@@ -53,14 +60,9 @@ def test_reading_adds_the_gated_read_to_the_last_mlp():
     torch.testing.assert_close(again, bare)  # the hook is gone
 
 
+@needs_interpreter
 def test_the_slot_kernels_bench_times_each_kernel_beside_its_torch_path(capsys):
     """Small, on the CPU in Triton's interpreter (tests/conftest.py sets it): every cell and every tile runs."""
-    import os
-
-    from monim.datastore import slot_kernels
-
-    if slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs Triton's interpreter on the CPU")
     from bench import slot_kernels_bench
 
     rows = slot_kernels_bench.search_shaped_rows(6, 40, 300, "cpu")
@@ -73,13 +75,8 @@ def test_the_slot_kernels_bench_times_each_kernel_beside_its_torch_path(capsys):
     assert "distinct rows" in capsys.readouterr().out
 
 
+@needs_interpreter
 def test_the_slot_kernels_bench_sweeps_the_kernels_named_and_refuses_others(capsys):
-    import os
-
-    from monim.datastore import slot_kernels
-
-    if slot_kernels.triton is None or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs Triton's interpreter on the CPU")
     from bench import slot_kernels_bench
 
     small = ["--device", "cpu", "--rows", "200", "--batch", "4", "--k", "24", "--dim", "16", "--value-dim", "12",
