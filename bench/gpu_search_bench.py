@@ -17,8 +17,9 @@ wide, made on the GPU; queries: stored keys plus noise), and every batch B in ``
 matmul writing a score block and a Triton filter pass over it (the kernel before
 gpu_select.screen_below), in the same run; ``--screen-tiles Q:R:D:W:S,...`` times our search once per
 tile of the screen kernel (queries, rows, dims, warps, stages per program) for each batch it serves;
-``--compare-setting NAME=VALUE`` adds the same search with gpu_select.NAME set to VALUE (a Python
-literal), in the same run (an A/B of a setting: SCREEN_MAX_BATCH=128).
+``--compare-setting [MODULE.]NAME=VALUE`` adds the same search with a setting of gpu_select (the
+default) or flat_index set to VALUE (a Python literal), in the same run (an A/B of a setting:
+SCREEN_MAX_BATCH=128, flat_index.SAMPLE_MIN_STEP=1000000000).
 
 Printed per cell: ms per call (median of ``--repeats`` after a warm-up), ours / GEMM as a rate
 (GEMM time / our time: 1.0 = as fast as the bare matmul), and the rate at which ours reads the
@@ -41,7 +42,7 @@ from unittest import mock
 
 import torch
 from monim.datastore import flat_index, gpu_select
-from monim.datastore.flat_index import _score_block_bytes, torch_search
+from monim.datastore.flat_index import _score_blocks, torch_search
 
 SEED = 1234
 
@@ -50,13 +51,19 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _setting(text: str) -> tuple[str, object, str]:
-    """NAME=VALUE -> (NAME, the value, the text): a module-level setting of gpu_select."""
-    name, _, value = text.partition("=")
-    if not hasattr(gpu_select, name) or not name.isupper():
-        raise argparse.ArgumentTypeError(f"gpu_select has no setting {name!r}")
+_SETTING_MODULES = {"gpu_select": gpu_select, "flat_index": flat_index}
+
+
+def _setting(text: str) -> tuple[object, str, object, str]:
+    """[MODULE.]NAME=VALUE -> (the module, NAME, the value, the text): a module-level setting of
+    gpu_select (MODULE left out) or flat_index."""
+    target, _, value = text.partition("=")
+    module_name, _, name = target.rpartition(".")
+    module = _SETTING_MODULES.get(module_name or "gpu_select")
+    if module is None or not hasattr(module, name) or not name.isupper():
+        raise argparse.ArgumentTypeError(f"{module_name or 'gpu_select'} has no setting {name!r}")
     try:
-        return name, ast.literal_eval(value), text
+        return module, name, ast.literal_eval(value), text
     except (ValueError, SyntaxError):
         raise argparse.ArgumentTypeError(f"{value!r} is not a Python literal") from None
 
@@ -79,9 +86,9 @@ def _bare_gemm(queries: torch.Tensor, keys: torch.Tensor, chunk: int) -> None:
         torch.mm(queries, keys[start : start + chunk].T)
 
 
-def _search_with(setting: str, value, queries, keys, norms, k):
-    """Our search with gpu_select.<setting> set to value for the call."""
-    with mock.patch.object(gpu_select, setting, value):
+def _search_with(module, setting: str, value, queries, keys, norms, k):
+    """Our search with module.<setting> set to value for the call."""
+    with mock.patch.object(module, setting, value):
         return torch_search(queries, keys, norms, k, "l2")
 
 
@@ -106,17 +113,17 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
           f"a copy of {part.shape[0]:,} rows reads+writes {copy_rate / 1e12:.2f} TB/s")
     # Each extra column: (header, gpu_select setting, value) timed beside ours. Unscreened: SCREEN_MIN_BATCH
     # past every batch (the screen's later chunks as matmul + filter pass, the previous kernel).
-    compared = [("unscreened ms", "SCREEN_MIN_BATCH", 1 << 62)] if args.compare_unscreened and \
+    compared = [("unscreened ms", gpu_select, "SCREEN_MIN_BATCH", 1 << 62)] if args.compare_unscreened and \
         keys.dtype == torch.float16 else []
     if args.compare_setting:
-        name, value, text = args.compare_setting
-        compared.append((text, name, value))
+        module, name, value, text = args.compare_setting
+        compared.append((text, module, name, value))
     print(f"{'B':>5} {'k':>5} | {'ours ms':>9} {'GEMM ms':>9} {'vs GEMM':>8} | {'keys read':>10} {'vs copy':>8}"
-          + "".join(f" | {header:>13} {'vs ours':>7}" for header, _, _ in compared))
+          + "".join(f" | {header:>13} {'vs ours':>7}" for header, *_ in compared))
     for batch in args.batches:
         picks = torch.randint(0, rows, (batch,), generator=generator, device=keys.device)
         queries = keys[picks].float() + 0.1 * torch.randn(batch, args.dim, generator=generator, device=keys.device)
-        chunk = max(1024, _score_block_bytes(keys.device, 4 * batch * rows) // (4 * batch))
+        chunk = _score_blocks(keys.device, batch, rows)[1]
         gemm_queries = queries.to(keys.dtype)
         gemm = _timed(lambda: _bare_gemm(gemm_queries, keys, chunk), args.repeats)
         for k in args.ks:
@@ -124,15 +131,15 @@ def _table(args, keys: torch.Tensor, norms: torch.Tensor, generator: torch.Gener
             read_rate = key_bytes / ours
             line = (f"{batch:>5} {k:>5} | {ours * 1e3:>9.2f} {gemm * 1e3:>9.2f} {gemm / ours:>8.2f} | "
                     f"{read_rate / 1e12:>7.2f} TB/s {read_rate / copy_rate:>8.2f}")
-            for _, name, value in compared:
-                other = _timed(lambda k=k, name=name, value=value: _search_with(name, value, queries, keys, norms, k),
-                               args.repeats)
+            for _, module, name, value in compared:
+                other = _timed(lambda k=k, module=module, name=name, value=value:
+                               _search_with(module, name, value, queries, keys, norms, k), args.repeats)
                 line += f" | {other * 1e3:>13.2f} {other / ours:>6.2f}x"
             print(line, flush=True)
             if args.screen_tiles and gpu_select.screens(keys, batch):
                 for tile in args.screen_tiles:
-                    took = _timed(lambda k=k, tile=tile: _search_with("SCREEN_TILES", [(None, tile)], queries, keys,
-                                                                      norms, k), args.repeats)
+                    took = _timed(lambda k=k, tile=tile: _search_with(gpu_select, "SCREEN_TILES", [(None, tile)],
+                                                                      queries, keys, norms, k), args.repeats)
                     print(f"{'':>11} screen tile {':'.join(map(str, tile))}: {took * 1e3:.2f} ms", flush=True)
 
 
@@ -162,8 +169,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-unscreened", action="store_true")
     parser.add_argument("--screen-tiles", default=[], type=lambda text: [tuple(map(int, t.split(":")))
                                                                           for t in text.split(",") if t])
-    parser.add_argument("--compare-setting", default=None, type=_setting, metavar="NAME=VALUE",
-                        help="also time each cell with gpu_select.NAME = VALUE (a Python literal)")
+    parser.add_argument("--compare-setting", default=None, type=_setting, metavar="[MODULE.]NAME=VALUE",
+                        help="also time each cell with gpu_select.NAME (or flat_index.NAME) = VALUE (a Python literal)")
     parser.add_argument("--first-chunk-rows", type=int, default=None,
                         help="flat_index.FIRST_CHUNK_ROWS for this run (default: the module's)")
     args = parser.parse_args(argv)

@@ -9,7 +9,8 @@ Two kernels with the same contract:
   (keys may be float16 there). The first chunk takes a top-k; later ones
   only pass on the entries below each query's best so far (on a GPU in one
   Triton pass over the block, datastore/gpu_select.py; for 32-64 queries over
-  float16 keys in one Triton kernel with the matmul, no block written at all). float16 keys give
+  float16 keys in one Triton kernel with the matmul, no block written at all,
+  and over many rows in one such pass at thresholds set from a sample). float16 keys give
   what float32 search over the rounded keys gives: a float16 matmul screens
   candidates, which are then ranked again exactly in float32 with the
   unrounded queries (on a GPU by a Triton kernel that reads the candidates'
@@ -42,6 +43,13 @@ _SMALL_SCORE_BLOCK_BYTES = 64 << 20
 # 11.6 -> 6.5 ms; docs/BENCHMARKS.md, "Search split into calls"), B=64 and B=4096 the same.
 FIRST_CHUNK_ROWS: int | None = 1 << 16
 FIRST_CHUNK_MIN_BATCH = 32
+# The sampled scan of screened batches (_sampled_candidates): a strided sample of at least
+# SAMPLE_MIN_ROWS rows, large enough that about SAMPLE_RANK of its rows fall below a query's keep-th
+# best, sets each query's threshold; taken only where the sample is at most 1 / SAMPLE_MIN_STEP of the
+# rows (else the doubling chunks of _chunked_topk: small keep, few rows).
+SAMPLE_RANK = 48
+SAMPLE_MIN_ROWS = 1 << 16
+SAMPLE_MIN_STEP = 8
 
 
 def pad_results(distances: np.ndarray, rows: np.ndarray, k: int):
@@ -146,6 +154,12 @@ def _score_block_bytes(device: torch.device, whole: int) -> int:
         free += stats["reserved_bytes"]["all"]["current"] - stats["allocated_bytes"]["all"]["current"]
         budget = min(budget, free // 8)
     return budget
+
+
+def _score_blocks(device: torch.device, batch: int, stored: int) -> tuple[int, int]:
+    """(_score_block_bytes of a search of batch queries over stored rows, the rows of one block)."""
+    block_bytes = _score_block_bytes(device, 4 * batch * stored)
+    return block_bytes, max(1024, block_bytes // (4 * max(batch, 1)))
 
 
 def one_block(batch: int, stored: int) -> bool:
@@ -275,10 +289,12 @@ def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep:
     screen(start, end, threshold, most) -> (distances, rows, counts): the filter of a later chunk in
     one kernel with its matmul (gpu_select.screen_below: no score block), in place of block_scores +
     distances.below. Screened chunks double past `chunk` rows and are merged one by one, without
-    waiting for the GPU: whether some query had more than `most` entries in a chunk is asked once, at
-    the end, and if one had, the scan runs again `checked` (each screened chunk's counts read at once,
-    a chunk past its capacity taken by a top-k of its blocks).
-    Returns (distances float32 [B, keep], rows int64 [B, keep]) on the keys' device.
+    waiting for the GPU: whether some query had more than `most` entries in a chunk is left to the
+    caller, which scans again `checked` if one had (each screened chunk's counts read at once, a chunk
+    past its capacity taken by a top-k of its blocks).
+    Returns (distances float32 [B, keep], rows int64 [B, keep], overflowed) on the keys' device;
+    overflowed: a device bool, whether some unchecked screened chunk passed more entries than it kept
+    (then the answer may be wrong), or None where no chunk was screened unchecked.
     """
     stored = keys.shape[0]
     bounds = list(_chunk_bounds(stored, chunk, keep, distances.row_mul.shape[0], screened=screen is not None))
@@ -324,13 +340,57 @@ def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep:
                               sorted=one_chunk and sort)
             del block_d, block
             best_d, best_i = _merge(best_d, best_i, d, i.add_(block_start), keep)
-    if overflowed is not None and bool(overflowed):
-        return _chunked_topk(keys, block_scores, distances, keep, chunk, sort, screen, checked=True)
     merge_pending()
     if sort and not one_chunk:
         best_d, order = torch.sort(best_d, dim=1)
         best_i = torch.gather(best_i, 1, order)
-    return best_d, best_i
+    return best_d, best_i, overflowed
+
+
+def _sample_step(stored: int, keep: int) -> int:
+    """Every how many rows _sampled_candidates samples: about SAMPLE_RANK * stored / keep rows, at least
+    SAMPLE_MIN_ROWS (a sample it does not take when that is more than stored / SAMPLE_MIN_STEP)."""
+    return stored // max(SAMPLE_MIN_ROWS, -(-SAMPLE_RANK * stored // keep))
+
+
+def _sampled_candidates(keys: torch.Tensor, block_scores, distances: _Distances, keep: int, screen):
+    """Each query's `keep` best rows by one screened pass over all rows at a threshold set from a sample.
+
+    The sample: every step-th row, about SAMPLE_RANK * stored / keep rows (at least SAMPLE_MIN_ROWS).
+    Of its S rows, about e = keep * S / stored fall below a query's keep-th best distance over all
+    rows; the threshold is the query's (e + 6 sqrt(e) + 1)-th best sample distance, so that about
+    1.1-1.9 keep entries of all rows fall below it and fewer than keep only past six standard
+    deviations, for rows in no particular order. The screen then passes each query's entries below its
+    threshold in one kernel launch (no running set, no merge per chunk, a few atomic adds per query
+    where the chunked scan takes about keep per chunk), and a top-k of them is the answer. That holds
+    when every query has between keep and the output's capacity (1.5 times the entries expected below
+    the threshold, + 64: past five standard deviations) entries below: all rows not passed are then
+    farther than every entry passed.
+    Returns (rows int64 [B, keep], unsorted; unsure): unsure a device bool, left for the caller to read
+    once it has queued the re-rank, True where some query's count says the answer may be wrong (a
+    sample unlike the rest of the rows: the caller scans in chunks instead).
+    """
+    stored = keys.shape[0]
+    step = _sample_step(stored, keep)
+    sample = keys[::step]
+    expected = keep * sample.shape[0] / stored
+    rank = min(sample.shape[0], int(expected + 6 * expected**0.5) + 1)
+    # distances.apply_'s arithmetic in two launches, the strided norms read in place: a search of 32-64
+    # queries over 10M rows takes under 10 ms, and each launch the host makes before the screen is a
+    # few tens of microseconds the GPU waits.
+    sample_d = torch.addcmul(distances.col_add[::step][None, :], block_scores(0, sample), distances.row_mul[:, None])
+    sample_d.add_(distances.row_add[:, None])
+    if distances.clamp:
+        sample_d.clamp_min_(0.0)
+    # amax of the rank best, not kthvalue: one launch, but one thread block per query (0.26 ms where the
+    # multi-block top-k took 0.1 over 64 x 65k sample distances on an H100).
+    threshold = torch.topk(sample_d, rank, dim=1, largest=False, sorted=False).values.amax(dim=1)
+    del sample_d
+    capacity = min(stored, int(1.5 * rank * stored / sample.shape[0]) + 64)
+    passed_d, passed_i, counts = screen(0, stored, threshold, capacity)
+    unsure = ((counts < keep) | (counts > capacity)).any()
+    order = torch.topk(passed_d, keep, dim=1, largest=False, sorted=False).indices
+    return torch.gather(passed_i, 1, order), unsure
 
 
 def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
@@ -343,48 +403,80 @@ def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
     else:
         distances = _Distances(torch.full((batch,), -1.0, device=q.device), torch.zeros(batch, device=q.device),
                                torch.zeros(keys.shape[0], device=q.device), clamp=False)
-    return _chunked_topk(keys, lambda start, block: q @ block.T, distances, k_found, chunk, sort=True)
+    return _chunked_topk(keys, lambda start, block: q @ block.T, distances, k_found, chunk, sort=True)[:2]
 
 
-def _float16_candidates(queries, keys, key_norms, keep, metric, chunk):
-    """The float16 screen: each query's `keep` best rows by a float16 matmul, unsorted, rows int64 [B, keep].
+def _float16_scans(keys: torch.Tensor, batch: int, keep: int) -> tuple[str, ...]:
+    """The scans _float16_candidates takes in turn for a search, each until one's answer holds: for the
+    batches the screen kernel serves, the sampled pass (where the sample is at most 1 / SAMPLE_MIN_STEP
+    of the rows), then the chunked scan (its chunks' counts read once, at the end), then the chunked
+    scan with each chunk's counts read at once; elsewhere the chunked scan, its filter checked chunk by
+    chunk as it goes."""
+    if not gpu_select.screens(keys, batch):
+        return ("chunked",)
+    if _sample_step(keys.shape[0], keep) >= SAMPLE_MIN_STEP:
+        return ("sampled", "chunked", "checked")
+    return ("chunked", "checked")
+
+
+def _scaled_queries(queries: torch.Tensor, key_squared: torch.Tensor, l2: bool):
+    """(the queries scaled and rounded to float16 [B, dim], row_mul float32 [B]) for the float16 screen.
 
     Each query is scaled by a power of two so that |q.k| <= _SCREEN_SCORE_BOUND for every key
-    (Cauchy-Schwarz with the largest key norm): unscaled, LM hidden states (norms of a few hundred)
-    overflow float16 scores, and tiny queries would fall into float16's subnormals. For l2 the
-    screen ranks by ||k||^2 - 2 q.k (||q||^2 is the same for every row of a query).
+    (Cauchy-Schwarz with the largest key length, the square root of key_squared, a 0-d float32
+    tensor): unscaled, LM hidden states (norms of a few hundred) overflow float16 scores, and tiny
+    queries would fall into float16's subnormals. row_mul turns the scaled scores into distances:
+    -2 / scale (l2), -1 (ip: the per-query scale does not change a query's order). On a GPU one
+    Triton kernel (gpu_select.scaled_queries: a dozen launches fewer), elsewhere torch operations.
     """
+    if gpu_select.available(queries):
+        return gpu_select.scaled_queries(queries, key_squared, l2, _SCREEN_SCORE_BOUND)
     queries = queries.float()
-    query_lengths = queries.norm(dim=1)
-    if key_norms is not None:
-        key_length = key_norms.max().sqrt()
-    else:
-        key_length = keys.abs().max().float() * keys.shape[1] ** 0.5
-    # The scaled query's own length is kept under the bound too (key_length >= 1), so its entries fit.
-    bound = query_lengths * key_length.clamp_min(1.0)
+    # The scaled query's own length is kept under the bound too (key length >= 1), so its entries fit.
+    bound = queries.norm(dim=1) * key_squared.sqrt().clamp_min(1.0)
     exponent = torch.floor(torch.log2(_SCREEN_SCORE_BOUND / bound)).clamp_(-120.0, 120.0)  # a zero query: +inf
     scale = torch.exp2(exponent)
-    q = (queries * scale[:, None]).to(torch.float16)
+    row_mul = -2.0 / scale if l2 else torch.full_like(scale, -1.0)
+    return (queries * scale[:, None]).to(torch.float16), row_mul
+
+
+def _float16_candidates(queries, keys, key_norms, keep, metric, chunk, scan: str):
+    """The float16 screen: each query's `keep` best rows by a float16 matmul, unsorted, rows int64 [B, keep],
+    by the scan named (one of _float16_scans'), and whether they are unsure: a device bool (True: some
+    query's counts say the rows may be wrong, see _sampled_candidates and _chunked_topk) or None.
+
+    The queries are scaled (_scaled_queries); for l2 the screen ranks by ||k||^2 - 2 q.k (||q||^2 is
+    the same for every row of a query).
+    """
+    if key_norms is not None:
+        key_squared = key_norms.max()
+    else:
+        key_squared = keys.abs().max().float() ** 2 * keys.shape[1]
+    q, row_mul = _scaled_queries(queries, key_squared, metric == "l2")
     batch = q.shape[0]
-    if metric == "l2":
-        distances = _Distances(-2.0 / scale, torch.zeros(batch, device=q.device), key_norms, clamp=False)
-    else:  # the per-query scale does not change a query's order
-        distances = _Distances(torch.full((batch,), -1.0, device=q.device), torch.zeros(batch, device=q.device),
-                               torch.zeros(keys.shape[0], device=q.device), clamp=False)
+    col_add = key_norms if metric == "l2" else torch.zeros(keys.shape[0], device=q.device)
+    distances = _Distances(row_mul, torch.zeros(batch, device=q.device), col_add, clamp=False)
+    def block_scores(start, block):
+        return _half_matmul_float(q, block.T)
+
     screen = None
     if gpu_select.screens(keys, batch):
         def screen(start, end, threshold, most):
             return gpu_select.screen_below(q, keys, distances.row_mul, distances.row_add, distances.col_add,
                                            distances.clamp, threshold, start, end, most)
-    return _chunked_topk(keys, lambda start, block: _half_matmul_float(q, block.T), distances, keep, chunk,
-                         sort=False, screen=screen)[1]
+        if scan == "sampled":
+            return _sampled_candidates(keys, block_scores, distances, keep, screen)
+    _, rows, overflowed = _chunked_topk(keys, block_scores, distances, keep, chunk, sort=False, screen=screen,
+                                        checked=scan == "checked")
+    return rows, overflowed
 
 
 def _rerank(queries, keys, candidates, k_found, metric, block_bytes):
     """Exact float32 distances to the candidate rows, the keys upcast from float16: sum of (q - k)^2 (l2),
     -sum of q*k (ip); elementwise, so neither cancellation in ||q||^2 - 2 q.k + ||k||^2 nor TF32 matmul
     touches them. Queries are taken in groups whose gathered keys ([b, keep, dim], float16 and a float32
-    copy) fit block_bytes. Returns each query's k_found best, sorted: (distances [B, k_found], rows).
+    copy) fit block_bytes (None where the Triton kernel re-ranks: it copies nothing). Returns each
+    query's k_found best, sorted: (distances [B, k_found], rows).
     """
     queries = queries.float()
     batch, keep = candidates.shape
@@ -427,7 +519,9 @@ def torch_nearest(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Te
     _score_block_bytes (1 GiB: 65,536 rows at B=4096, all of 100,000 rows in one chunk up to B=2684).
     float16 keys, in two stages:
     1. screen: the same chunked scan with a float16 matmul (queries scaled against overflow, float32
-       output where torch allows), keeping _candidate_count(k) rows per query;
+       output where torch allows), keeping _candidate_count(k) rows per query; for 32-64 queries
+       over many rows, one screened pass at thresholds from a sample of the rows instead
+       (_sampled_candidates; _float16_scans names the scans tried, in turn, until one's counts hold);
     2. re-rank: exact float32 distances from those rows' keys upcast to float32 and the float32
        queries, top-k of them. The answers are those of float32 search over the rounded keys, unless
        a true neighbour ranks past the candidates in the screen.
@@ -438,14 +532,20 @@ def torch_nearest(queries: torch.Tensor, keys: torch.Tensor, key_norms: torch.Te
         best_d = torch.empty((batch, 0), dtype=torch.float32, device=keys.device)
         best_i = torch.empty((batch, 0), dtype=torch.int64, device=keys.device)
     else:
-        block_bytes = _score_block_bytes(keys.device, 4 * batch * stored)
-        chunk = max(1024, block_bytes // (4 * max(batch, 1)))
         if keys.dtype == torch.float16:
-            candidates = _float16_candidates(queries, keys, key_norms, _candidate_count(k_found, stored), metric,
-                                             chunk)
-            best_d, best_i = _rerank(queries, keys, candidates, k_found, metric, block_bytes)
+            keep = _candidate_count(k_found, stored)
+            block_bytes = chunk = None  # asked of the device (about 0.5 ms) only for a scan in chunks
+            for scan in _float16_scans(keys, batch, keep):
+                if scan != "sampled" and block_bytes is None:
+                    block_bytes, chunk = _score_blocks(keys.device, batch, stored)
+                candidates, unsure = _float16_candidates(queries, keys, key_norms, keep, metric, chunk, scan)
+                best_d, best_i = _rerank(queries, keys, candidates, k_found, metric, block_bytes)
+                # Read once the re-rank is queued: the GPU runs it while the host waits for the answer.
+                if unsure is None or not bool(unsure):
+                    break
         else:
-            best_d, best_i = _float32_nearest(queries, keys, key_norms, k_found, metric, chunk)
+            best_d, best_i = _float32_nearest(queries, keys, key_norms, k_found, metric,
+                                              _score_blocks(keys.device, batch, stored)[1])
     if k_found < k:
         best_d = torch.cat([best_d, best_d.new_full((batch, k - k_found), float("inf"))], dim=1)
         best_i = torch.cat([best_i, best_i.new_full((batch, k - k_found), MISSING)], dim=1)

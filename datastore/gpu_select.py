@@ -49,6 +49,7 @@ SCREEN_TILES = [
 # At B=128 the screen was slower than cuBLAS and the filter for k >= 1024 (14.8 against 12.1 ms).
 SCREEN_MIN_BATCH = 32
 SCREEN_MAX_BATCH = 64
+COUNTER_STRIDE = 32  # int32s between two queries' counters of _screen_kernel (32: one 128-byte line each)
 
 
 def available(scores: torch.Tensor) -> bool:
@@ -92,7 +93,7 @@ if triton is not None:
 
     @triton.jit
     def _screen_kernel(queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
-                       batch, width, start, capacity, dim, query_stride, key_stride,
+                       batch, width, start, capacity, dim, query_stride, key_stride, counter_stride,
                        CLAMP: tl.constexpr, EVEN_DIM: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
         """A [BLOCK_Q queries, BLOCK_R rows] tile of float16 products accumulated in float32, turned into
@@ -131,12 +132,35 @@ if triton is not None:
         # Each entry below takes its slot by its own atomic add (a count and a prefix sum per query of
         # the tile took 0.85-0.93x longer at k >= 1024, where nearly every tile has a few entries below).
         if tl.sum(tl.sum(below.to(tl.int32), axis=1), axis=0) > 0:
-            slot = tl.atomic_add(counts + q_rows[:, None] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1,
+            slot = tl.atomic_add(counts + q_rows[:, None] * counter_stride + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1,
                                  mask=below, sem="relaxed")
             kept = below & (slot < capacity)
             where = q_rows.to(tl.int64)[:, None] * capacity + slot
             tl.store(out_d + where, d, mask=kept)
             tl.store(out_i + where, rows[None, :] + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int64), mask=kept)
+
+    @triton.jit
+    def _scaled_queries_kernel(queries, key_squared, out, row_mul, dim, query_stride, bound,
+                               L2: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One query per program: its length, its power-of-two scale, its float16 row and row_mul."""
+        query = tl.program_id(0)
+        row = queries + query.to(tl.int64) * query_stride
+        dims = tl.arange(0, BLOCK_D)
+        total = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for first in range(0, dim, BLOCK_D):
+            x = tl.load(row + first + dims, mask=first + dims < dim, other=0.0).to(tl.float32)
+            total += x * x
+        key_length = tl.maximum(tl.sqrt(tl.load(key_squared)), 1.0)
+        exponent = tl.floor(tl.log2(bound / (tl.sqrt(tl.sum(total, axis=0)) * key_length)))  # a zero query: +inf
+        scale = tl.exp2(tl.minimum(tl.maximum(exponent, -120.0), 120.0))
+        for first in range(0, dim, BLOCK_D):
+            inside = first + dims < dim
+            x = tl.load(row + first + dims, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out + query.to(tl.int64) * dim + first + dims, (x * scale).to(tl.float16), mask=inside)
+        if L2:
+            tl.store(row_mul + query, -2.0 / scale)
+        else:
+            tl.store(row_mul + query, -1.0)
 
     @triton.jit
     def _rerank_kernel(queries, keys, candidates, out, dim, keep, query_stride, key_stride,
@@ -160,6 +184,20 @@ if triton is not None:
         if not L2:
             total = -total
         tl.store(out + query.to(tl.int64) * keep + slots, total, mask=slot_in)
+
+
+def scaled_queries(queries: torch.Tensor, key_squared: torch.Tensor, l2: bool, bound: float):
+    """flat_index._scaled_queries in one kernel: (each query times 2^floor(log2(bound / (|q| max(|k|, 1))))
+    clamped to 2^-120..2^120, rounded to float16 [B, dim]; row_mul float32 [B]: -2 / scale (l2) or -1).
+    queries: float32 (or float16) [B, dim], rows contiguous; key_squared: the largest squared key
+    length, a 0-d float32 tensor on the same device."""
+    assert queries.stride(1) == 1
+    batch, dim = queries.shape
+    out = torch.empty((batch, dim), dtype=torch.float16, device=queries.device)
+    row_mul = torch.empty(batch, dtype=torch.float32, device=queries.device)
+    _scaled_queries_kernel[(batch,)](queries, key_squared, out, row_mul, dim, queries.stride(0), bound, L2=l2,
+                                     BLOCK_D=min(triton.next_power_of_2(dim), 1024), num_warps=4)
+    return out, row_mul
 
 
 def rerank_distances(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, metric: str) -> torch.Tensor:
@@ -207,16 +245,16 @@ def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tenso
     exceeds capacity lost the entries past it (the caller checks counts, or takes packed(...) of them)."""
     batch, dim = queries.shape
     assert keys.stride(1) == 1 and queries.stride(1) == 1
-    counts = torch.zeros(batch, dtype=torch.int32, device=keys.device)
+    counts = torch.zeros((batch, COUNTER_STRIDE), dtype=torch.int32, device=keys.device)
     out_d = torch.full((batch, capacity), float("inf"), dtype=torch.float32, device=keys.device)
     out_i = torch.full((batch, capacity), start, dtype=torch.int64, device=keys.device)
     block_q, block_r, block_d, warps, stages = _screen_tile(batch)
     grid = (triton.cdiv(batch, block_q) * triton.cdiv(end - start, block_r),)
     _screen_kernel[grid](queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
-                         batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0),
+                         batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0), COUNTER_STRIDE,
                          CLAMP=clamp, EVEN_DIM=dim % block_d == 0,
                          BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
-    return out_d, out_i, counts
+    return out_d, out_i, counts[:, 0]
 
 
 def packed(counts: torch.Tensor, out_d: torch.Tensor, out_i: torch.Tensor, capacity: int, start: int):

@@ -91,10 +91,17 @@ def test_the_slot_kernels_bench_sweeps_the_kernels_named_and_refuses_others(caps
 
 
 def test_gpu_search_bench_refuses_a_setting_it_cannot_compare(capsys):
+    from monim.datastore import flat_index, gpu_select
+
     from bench import gpu_search_bench
 
-    assert gpu_search_bench._setting("SCREEN_MAX_BATCH=128") == ("SCREEN_MAX_BATCH", 128, "SCREEN_MAX_BATCH=128")
-    for bad, why in (("NO_SUCH=1", "no setting 'NO_SUCH'"), ("SCREEN_MAX_BATCH=many", "not a Python literal")):
+    assert gpu_search_bench._setting("SCREEN_MAX_BATCH=128") == (gpu_select, "SCREEN_MAX_BATCH", 128,
+                                                                 "SCREEN_MAX_BATCH=128")
+    assert gpu_search_bench._setting("flat_index.SAMPLE_RANK=64")[:3] == (flat_index, "SAMPLE_RANK", 64)
+    for bad, why in (("NO_SUCH=1", "gpu_select has no setting 'NO_SUCH'"),
+                     ("flat_index.SCREEN_MAX_BATCH=1", "flat_index has no setting 'SCREEN_MAX_BATCH'"),
+                     ("torch.SAMPLE_RANK=1", "torch has no setting"),
+                     ("SCREEN_MAX_BATCH=many", "not a Python literal")):
         with pytest.raises(SystemExit):
             gpu_search_bench.main(["--compare-setting", bad])
         assert why in capsys.readouterr().err

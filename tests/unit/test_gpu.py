@@ -132,25 +132,55 @@ def test_screen_kernel_passes_the_entries_the_filter_pass_does(batch, dim, clamp
     assert (small_counts == counts).all() and int(small_counts.max()) > 10
 
 
+@pytest.mark.parametrize("l2", [True, False])
+def test_query_scaling_kernel_scales_as_the_torch_operations(l2, monkeypatch):
+    """The compiled kernel (fast log2 and exp2) gives the torch operations' power-of-two scales."""
+    generator = torch.Generator(device="cuda").manual_seed(8)
+    queries = torch.randn(300, 768, generator=generator, device="cuda")
+    queries *= torch.logspace(-3, 2.7, 300, device="cuda")[:, None] / queries.norm(dim=1, keepdim=True)
+    queries[7] = 0.0
+    for key_squared in (torch.tensor(0.25, device="cuda"), torch.tensor(3.0e5, device="cuda")):
+        got = gpu_select.scaled_queries(queries, key_squared, l2, flat_index._SCREEN_SCORE_BOUND)
+        monkeypatch.setattr(gpu_select, "available", lambda tensor: False)
+        want = flat_index._scaled_queries(queries, key_squared, l2)
+        monkeypatch.undo()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("k", [1, 100, 1024])
-def test_screened_search_answers_as_the_unscreened_one(metric, k, monkeypatch):
-    """float16 keys at LM norms, a batch the screen serves, several chunks: the screened scan's answers
-    are float32 search over the rounded keys, as the unscreened scan's are, and the two agree."""
+@pytest.mark.parametrize("sampled", [False, True])  # chunks doubling; a sample's threshold, one pass (k >= 100)
+def test_screened_search_answers_as_the_unscreened_one(metric, k, sampled, monkeypatch):
+    """float16 keys at LM norms, a batch the screen serves, several chunks or one sampled pass: the
+    screened scan's answers are float32 search over the rounded keys, as the unscreened scan's are,
+    and the two agree."""
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 256 * 4096)  # 4096-row score blocks
     monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)
     monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", 2048)  # then 2048, 4096, 8192, ... rows screened
+    if sampled:  # every 13th row (k=100) or 29th (k=1024) sampled
+        monkeypatch.setattr(flat_index, "SAMPLE_MIN_ROWS", 1024)
+        monkeypatch.setattr(flat_index, "SAMPLE_RANK", 16)
+    else:
+        monkeypatch.setattr(flat_index, "SAMPLE_MIN_STEP", 1 << 62)
     keys, queries = fp16_store_data(np.random.default_rng(3), stored=30_000, dim=768, batch=60)
     k_t = torch.from_numpy(keys).to("cuda").half()
     norms = (k_t.float() ** 2).sum(1)
     q_t = torch.from_numpy(queries).to("cuda")
     assert gpu_select.screens(k_t, q_t.shape[0])
+    chunked = []
+    real_scan = flat_index._chunked_topk
+    monkeypatch.setattr(flat_index, "_chunked_topk", lambda *args, **kwargs: chunked.append(1) or
+                        real_scan(*args, **kwargs))
     distances, rows = flat_index.torch_search(q_t, k_t, norms, k, metric)
+    assert (chunked == []) == (sampled and k >= 100)
     assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric)
     monkeypatch.setattr(gpu_select, "SCREEN_MIN_BATCH", 1 << 62)
     unscreened_d, unscreened_rows = flat_index.torch_search(q_t, k_t, norms, k, metric)
     np.testing.assert_allclose(distances, unscreened_d, rtol=1e-6)
-    assert (rows == unscreened_rows).mean() > 0.999  # the rest: exact ties of float32 distances
+    for query in range(len(queries)):  # the same rows, but for the order and choice among equal distances
+        nearer = distances[query] < distances[query, -1]
+        assert set(rows[query, nearer]) == set(unscreened_rows[query, unscreened_d[query] < unscreened_d[query, -1]])
+    assert (rows == unscreened_rows).mean() > 0.99
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

@@ -120,3 +120,71 @@ def test_the_screened_scan_when_every_chunk_holds_better_rows(kernels_on_cpu, me
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k_t, (k_t.float() ** 2).sum(1), 20, metric)
     assert calls == [False, True]  # overflowed, then checked
     assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric, rtol=1e-4)
+
+
+def _count_chunked_scans(monkeypatch) -> list:
+    calls = []
+    real = flat_index._chunked_topk
+    monkeypatch.setattr(flat_index, "_chunked_topk", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
+@pytest.fixture
+def small_samples(monkeypatch):
+    """The sampled scan for a few thousand rows: 8 sample rows expected below a query's keep-th best."""
+    monkeypatch.setattr(flat_index, "SAMPLE_MIN_ROWS", 256)
+    monkeypatch.setattr(flat_index, "SAMPLE_RANK", 8)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_the_sampled_scan_answers_as_the_torch_scan(kernels_on_cpu, small_samples, metric, monkeypatch):
+    """k=50 of 6000 rows for 40 queries: a threshold from every 14th row, then one screened pass over all
+    rows and no chunked scan; float32 search over the rounded keys, as the scan with torch operations."""
+    keys, queries = fp16_store_data(np.random.default_rng(5), stored=6000, dim=64, batch=40)
+    assert flat_index._sample_step(6000, flat_index._candidate_count(50, 6000)) == 14
+    k_t = torch.from_numpy(keys).half()
+    norms = (k_t.float() ** 2).sum(1)
+    chunked = _count_chunked_scans(monkeypatch)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), k_t, norms, 50, metric)
+    assert chunked == []
+    assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric)
+    monkeypatch.undo()
+    plain_d, plain_rows = flat_index.torch_search(torch.from_numpy(queries), k_t, norms, 50, metric)
+    np.testing.assert_allclose(distances, plain_d, rtol=1e-5)
+    assert (rows == plain_rows).mean() > 0.99  # the rest: ties of float32 distances
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("sample_scale", [0.01, 10.0])  # the sampled rows nearer or farther than the rest
+def test_the_sampled_scan_when_the_sample_is_unlike_the_rest(kernels_on_cpu, small_samples, metric, sample_scale,
+                                                             monkeypatch):
+    """The rows the sample takes scaled apart from the others: too many or too few entries fall below
+    the sample's thresholds, the counts say so, and the chunked scan answers. Exact all the same."""
+    keys, queries = fp16_store_data(np.random.default_rng(6), stored=6000, dim=64, batch=40)
+    keys[:: flat_index._sample_step(6000, flat_index._candidate_count(50, 6000))] *= sample_scale
+    k_t = torch.from_numpy(keys).half()
+    chunked = _count_chunked_scans(monkeypatch)
+    distances, rows = flat_index.torch_search(torch.from_numpy(queries), k_t, (k_t.float() ** 2).sum(1), 50, metric)
+    assert chunked == [1]
+    assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero")  # the zero query's bound / 0 = +inf, as on a GPU
+@pytest.mark.parametrize("l2", [True, False])
+@pytest.mark.parametrize("dim", [64, 100])
+def test_the_query_scaling_kernel_scales_as_the_torch_operations(l2, dim, monkeypatch):
+    """Queries of lengths 1e-3 to 500, a zero one and a float16 one: the same power-of-two scales,
+    float16 rows and row_mul as the torch operations of flat_index._scaled_queries."""
+    generator = torch.Generator().manual_seed(8)
+    queries = torch.randn(12, dim, generator=generator)
+    queries *= torch.logspace(-3, 2.7, 12)[:, None] / queries.norm(dim=1, keepdim=True)
+    queries[5] = 0.0
+    for key_squared in (torch.tensor(0.25), torch.tensor(3.0e5)):  # key lengths under 1 count as 1
+        got = gpu_select.scaled_queries(queries, key_squared, l2, flat_index._SCREEN_SCORE_BOUND)
+        monkeypatch.setattr(gpu_select, "available", lambda tensor: False)
+        want = flat_index._scaled_queries(queries, key_squared, l2)
+        monkeypatch.undo()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert got[0].dtype == torch.float16 and torch.isfinite(got[0]).all()
+    half = gpu_select.scaled_queries(queries.half(), torch.tensor(9.0), l2, flat_index._SCREEN_SCORE_BOUND)
+    assert torch.equal(half[0], flat_index._scaled_queries(queries.half(), torch.tensor(9.0), l2)[0])
