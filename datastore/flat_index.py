@@ -46,10 +46,13 @@ FIRST_CHUNK_MIN_BATCH = 32
 # The sampled scan of screened batches (_sampled_candidates): a strided sample of at least
 # SAMPLE_MIN_ROWS rows, large enough that about SAMPLE_RANK of its rows fall below a query's keep-th
 # best, sets each query's threshold; taken only where the sample is at most 1 / SAMPLE_MIN_STEP of the
-# rows (else the doubling chunks of _chunked_topk: small keep, few rows).
+# rows and its [B, sample] float32 scores at most SAMPLE_MAX_BYTES (else the doubling chunks of
+# _chunked_topk: small keep, few rows). On an H100, 10M x 1024 float16 keys, B=64: k=1024 1.10x and
+# k=4096 1.20x faster than the chunks (docs/BENCHMARKS.md, twentieth session).
 SAMPLE_RANK = 48
 SAMPLE_MIN_ROWS = 1 << 16
 SAMPLE_MIN_STEP = 8
+SAMPLE_MAX_BYTES = 256 << 20
 
 
 def pad_results(distances: np.ndarray, rows: np.ndarray, k: int):
@@ -409,12 +412,13 @@ def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
 def _float16_scans(keys: torch.Tensor, batch: int, keep: int) -> tuple[str, ...]:
     """The scans _float16_candidates takes in turn for a search, each until one's answer holds: for the
     batches the screen kernel serves, the sampled pass (where the sample is at most 1 / SAMPLE_MIN_STEP
-    of the rows), then the chunked scan (its chunks' counts read once, at the end), then the chunked
+    of the rows and its scores at most SAMPLE_MAX_BYTES), then the chunked scan (its chunks' counts read once, at the end), then the chunked
     scan with each chunk's counts read at once; elsewhere the chunked scan, its filter checked chunk by
     chunk as it goes."""
     if not gpu_select.screens(keys, batch):
         return ("chunked",)
-    if _sample_step(keys.shape[0], keep) >= SAMPLE_MIN_STEP:
+    step = _sample_step(keys.shape[0], keep)
+    if step >= SAMPLE_MIN_STEP and 4 * batch * -(-keys.shape[0] // step) <= SAMPLE_MAX_BYTES:
         return ("sampled", "chunked", "checked")
     return ("chunked", "checked")
 

@@ -234,3 +234,20 @@ def test_torch_kernel_k_beyond_two_chunks(data, monkeypatch):
     k = torch.from_numpy(keys)
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k, (k**2).sum(1), 2500, "l2")
     assert_same_neighbours(rows, distances, *brute_force(queries, keys, 2500, "l2"))
+
+
+def test_the_sampled_pass_is_taken_only_for_a_small_sample_of_many_rows(monkeypatch):
+    """The scans a float16 search takes, by its shape: the sampled pass for the screen's batches where
+    its sample is at most an eighth of the rows and its scores fit SAMPLE_MAX_BYTES; else the chunks."""
+    monkeypatch.setattr(flat_index.gpu_select, "screens", lambda keys, batch: 32 <= batch <= 64)
+    keys = torch.empty(10_000_000, 0, dtype=torch.float16)  # the shape alone counts
+    sampled, chunked = ("sampled", "chunked", "checked"), ("chunked", "checked")
+    keep = flat_index._candidate_count
+    assert flat_index._float16_scans(keys, 64, keep(1024, 10_000_000)) == sampled  # every 43rd row
+    assert flat_index._float16_scans(keys, 64, keep(4096, 10_000_000)) == sampled  # 65,536 rows
+    assert flat_index._float16_scans(keys, 64, keep(32, 10_000_000)) == chunked  # 6M rows: more than an eighth
+    assert flat_index._float16_scans(keys, 64, keep(200, 10_000_000)) == chunked  # 1.25M rows: 320 MB of scores
+    assert flat_index._float16_scans(keys, 32, keep(220, 10_000_000)) == sampled  # 1.11M rows: 142 MB at B=32 ...
+    assert flat_index._float16_scans(keys, 64, keep(220, 10_000_000)) == chunked  # ... 284 MB at B=64
+    assert flat_index._float16_scans(keys[:500_000], 64, keep(4096, 500_000)) == chunked  # 65,536 of 500k rows
+    assert flat_index._float16_scans(keys, 128, keep(1024, 10_000_000)) == ("chunked",)  # not the screen's batch
