@@ -412,9 +412,9 @@ def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
 def _float16_scans(keys: torch.Tensor, batch: int, keep: int) -> tuple[str, ...]:
     """The scans _float16_candidates takes in turn for a search, each until one's answer holds: for the
     batches the screen kernel serves, the sampled pass (where the sample is at most 1 / SAMPLE_MIN_STEP
-    of the rows and its scores at most SAMPLE_MAX_BYTES), then the chunked scan (its chunks' counts read once, at the end), then the chunked
-    scan with each chunk's counts read at once; elsewhere the chunked scan, its filter checked chunk by
-    chunk as it goes."""
+    of the rows and its scores at most SAMPLE_MAX_BYTES), then the chunked scan (its chunks' counts
+    read once, at the end), then the chunked scan with each chunk's counts read at once; elsewhere
+    the chunked scan, its filter checked chunk by chunk as it goes."""
     if not gpu_select.screens(keys, batch):
         return ("chunked",)
     step = _sample_step(keys.shape[0], keep)
@@ -460,6 +460,7 @@ def _float16_candidates(queries, keys, key_norms, keep, metric, chunk, scan: str
     batch = q.shape[0]
     col_add = key_norms if metric == "l2" else torch.zeros(keys.shape[0], device=q.device)
     distances = _Distances(row_mul, torch.zeros(batch, device=q.device), col_add, clamp=False)
+
     def block_scores(start, block):
         return _half_matmul_float(q, block.T)
 

@@ -132,8 +132,8 @@ if triton is not None:
         # Each entry below takes its slot by its own atomic add (a count and a prefix sum per query of
         # the tile took 0.85-0.93x longer at k >= 1024, where nearly every tile has a few entries below).
         if tl.sum(tl.sum(below.to(tl.int32), axis=1), axis=0) > 0:
-            slot = tl.atomic_add(counts + q_rows[:, None] * counter_stride + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1,
-                                 mask=below, sem="relaxed")
+            counters = counts + q_rows[:, None] * counter_stride
+            slot = tl.atomic_add(counters + tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.int32), 1, mask=below, sem="relaxed")
             kept = below & (slot < capacity)
             where = q_rows.to(tl.int64)[:, None] * capacity + slot
             tl.store(out_d + where, d, mask=kept)
@@ -189,9 +189,9 @@ if triton is not None:
 def scaled_queries(queries: torch.Tensor, key_squared: torch.Tensor, l2: bool, bound: float):
     """flat_index._scaled_queries in one kernel: (each query times 2^floor(log2(bound / (|q| max(|k|, 1))))
     clamped to 2^-120..2^120, rounded to float16 [B, dim]; row_mul float32 [B]: -2 / scale (l2) or -1).
-    queries: float32 (or float16) [B, dim], rows contiguous; key_squared: the largest squared key
-    length, a 0-d float32 tensor on the same device."""
-    assert queries.stride(1) == 1
+    queries: float32 (or float16) [B, dim]; key_squared: the largest squared key length, a 0-d
+    float32 tensor on the same device."""
+    queries = queries.contiguous()
     batch, dim = queries.shape
     out = torch.empty((batch, dim), dtype=torch.float16, device=queries.device)
     row_mul = torch.empty(batch, dtype=torch.float32, device=queries.device)
@@ -251,8 +251,8 @@ def screen_below(queries: torch.Tensor, keys: torch.Tensor, row_mul: torch.Tenso
     block_q, block_r, block_d, warps, stages = _screen_tile(batch)
     grid = (triton.cdiv(batch, block_q) * triton.cdiv(end - start, block_r),)
     _screen_kernel[grid](queries, keys, row_mul, row_add, col_add, threshold, counts, out_d, out_i,
-                         batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0), COUNTER_STRIDE,
-                         CLAMP=clamp, EVEN_DIM=dim % block_d == 0,
+                         batch, end - start, start, capacity, dim, queries.stride(0), keys.stride(0),
+                         COUNTER_STRIDE, CLAMP=clamp, EVEN_DIM=dim % block_d == 0,
                          BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     return out_d, out_i, counts[:, 0]
 

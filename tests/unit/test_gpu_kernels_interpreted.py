@@ -188,3 +188,7 @@ def test_the_query_scaling_kernel_scales_as_the_torch_operations(l2, dim, monkey
         assert got[0].dtype == torch.float16 and torch.isfinite(got[0]).all()
     half = gpu_select.scaled_queries(queries.half(), torch.tensor(9.0), l2, flat_index._SCREEN_SCORE_BOUND)
     assert torch.equal(half[0], flat_index._scaled_queries(queries.half(), torch.tensor(9.0), l2)[0])
+    every_other = queries[:, ::2]  # not contiguous: copied first
+    got = gpu_select.scaled_queries(every_other, torch.tensor(9.0), l2, flat_index._SCREEN_SCORE_BOUND)
+    assert torch.equal(got[0], gpu_select.scaled_queries(every_other.contiguous(), torch.tensor(9.0), l2,
+                                                         flat_index._SCREEN_SCORE_BOUND)[0])
