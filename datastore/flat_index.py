@@ -43,16 +43,20 @@ _SMALL_SCORE_BLOCK_BYTES = 64 << 20
 # 11.6 -> 6.5 ms; docs/BENCHMARKS.md, "Search split into calls"), B=64 and B=4096 the same.
 FIRST_CHUNK_ROWS: int | None = 1 << 16
 FIRST_CHUNK_MIN_BATCH = 32
-# The sampled scan of screened batches (_sampled_candidates): a strided sample of at least
-# SAMPLE_MIN_ROWS rows, large enough that about SAMPLE_RANK of its rows fall below a query's keep-th
-# best, sets each query's threshold; taken only where the sample is at most 1 / SAMPLE_MIN_STEP of the
-# rows and its [B, sample] float32 scores at most SAMPLE_MAX_BYTES (else the doubling chunks of
-# _chunked_topk: small keep, few rows). On an H100, 10M x 1024 float16 keys, B=64: k=1024 1.10x and
-# k=4096 1.20x faster than the chunks (docs/BENCHMARKS.md, twentieth session).
+# The sampled scan of screened batches (_sampled_candidates): a strided sample of the rows sets each
+# query's threshold. Its rows (_sample_rows): enough that about SAMPLE_RANK of them fall below a
+# query's keep-th best, but at most 1 / SAMPLE_MIN_STEP of the rows, SAMPLE_MAX_BYTES of [B, sample]
+# float32 scores and SAMPLE_MAX_READ bytes of keys (a smaller sample gives looser thresholds: more
+# entries pass); none below SAMPLE_MIN_ROWS (then the doubling chunks of _chunked_topk). Thresholds
+# and the output's capacity are set SAMPLE_SIGMAS standard deviations wide. On an H100, B=64 and 32,
+# k 32 to 4096: 1.02-1.20x faster than the chunks over 10M x 1024 float16 keys, 1.37-1.57x over 1M x
+# 768 (docs/BENCHMARKS.md, twentieth session).
 SAMPLE_RANK = 48
 SAMPLE_MIN_ROWS = 1 << 16
 SAMPLE_MIN_STEP = 8
 SAMPLE_MAX_BYTES = 256 << 20
+SAMPLE_MAX_READ = 512 << 20
+SAMPLE_SIGMAS = 5.0
 
 
 def pad_results(distances: np.ndarray, rows: np.ndarray, k: int):
@@ -350,38 +354,51 @@ def _chunked_topk(keys: torch.Tensor, block_scores, distances: _Distances, keep:
     return best_d, best_i, overflowed
 
 
-def _sample_step(stored: int, keep: int) -> int:
-    """Every how many rows _sampled_candidates samples: about SAMPLE_RANK * stored / keep rows, at least
-    SAMPLE_MIN_ROWS (a sample it does not take when that is more than stored / SAMPLE_MIN_STEP)."""
-    return stored // max(SAMPLE_MIN_ROWS, -(-SAMPLE_RANK * stored // keep))
+def _sample_rows(keys: torch.Tensor, batch: int, keep: int) -> int:
+    """How many rows _sampled_candidates samples for a search of batch queries keeping keep candidates:
+    about SAMPLE_RANK * stored / keep, within the bounds above; 0 where it takes no sample."""
+    stored = keys.shape[0]
+    rows = min(max(SAMPLE_MIN_ROWS, -(-SAMPLE_RANK * stored // keep)), stored // SAMPLE_MIN_STEP,
+               SAMPLE_MAX_BYTES // (4 * batch), SAMPLE_MAX_READ // max(1, keys.shape[1] * keys.element_size()))
+    return rows if rows >= SAMPLE_MIN_ROWS else 0
+
+
+def _sample_rank(expected: float, rows: int) -> int:
+    """The rank r of a query's threshold among its sample's distances, where `expected` sample rows fall
+    below its keep-th best: the fraction of all rows below the r-th sample distance has mean r / rows
+    and standard deviation about sqrt(r) / rows, so with r - SAMPLE_SIGMAS sqrt(r) >= expected fewer
+    than keep rows fall below it only past SAMPLE_SIGMAS standard deviations."""
+    root = (SAMPLE_SIGMAS + (SAMPLE_SIGMAS**2 + 4 * expected) ** 0.5) / 2
+    return min(rows, int(root * root) + 1)
 
 
 def _sampled_candidates(keys: torch.Tensor, block_scores, distances: _Distances, keep: int, screen):
     """Each query's `keep` best rows by one screened pass over all rows at a threshold set from a sample.
 
-    The sample: every step-th row, about SAMPLE_RANK * stored / keep rows (at least SAMPLE_MIN_ROWS).
-    Of its S rows, about e = keep * S / stored fall below a query's keep-th best distance over all
-    rows; the threshold is the query's (e + 6 sqrt(e) + 1)-th best sample distance, so that about
-    1.1-1.9 keep entries of all rows fall below it and fewer than keep only past six standard
-    deviations, for rows in no particular order. The screen then passes each query's entries below its
-    threshold in one kernel launch (no running set, no merge per chunk, a few atomic adds per query
-    where the chunked scan takes about keep per chunk), and a top-k of them is the answer. That holds
-    when every query has between keep and the output's capacity (1.5 times the entries expected below
-    the threshold, + 64: past five standard deviations) entries below: all rows not passed are then
-    farther than every entry passed.
+    The sample: S = _sample_rows rows, every step-th. Of them about e = keep * S / stored fall below a
+    query's keep-th best distance over all rows; the threshold is the query's r-th best sample
+    distance (_sample_rank: fewer than keep rows below it only past SAMPLE_SIGMAS standard deviations,
+    for rows in no particular order), so that r * stored / S entries of all rows fall below it (1.2-2
+    keep where e is 48 or more; more where the sample is smaller, which costs atomic adds, not passes).
+    The screen then passes each query's entries below its threshold in one kernel launch (no running
+    set, no merge per chunk, where the chunked scan passes about keep per chunk), and a top-k of them
+    is the answer. That holds when every query has between keep and the output's capacity (its
+    expected count SAMPLE_SIGMAS standard deviations wide, + 64) entries below: all rows not passed
+    are then farther than every entry passed.
     Returns (rows int64 [B, keep], unsorted; unsure): unsure a device bool, left for the caller to read
     once it has queued the re-rank, True where some query's count says the answer may be wrong (a
     sample unlike the rest of the rows: the caller scans in chunks instead).
     """
-    stored = keys.shape[0]
-    step = _sample_step(stored, keep)
-    sample = keys[::step]
-    expected = keep * sample.shape[0] / stored
-    rank = min(sample.shape[0], int(expected + 6 * expected**0.5) + 1)
+    stored, batch = keys.shape[0], distances.row_mul.shape[0]
+    rows = _sample_rows(keys, batch, keep)
+    step = stored // rows
+    sample = keys[: rows * step : step]
+    rank = _sample_rank(keep * rows / stored, rows)
     # distances.apply_'s arithmetic in two launches, the strided norms read in place: a search of 32-64
     # queries over 10M rows takes under 10 ms, and each launch the host makes before the screen is a
     # few tens of microseconds the GPU waits.
-    sample_d = torch.addcmul(distances.col_add[::step][None, :], block_scores(0, sample), distances.row_mul[:, None])
+    sample_d = torch.addcmul(distances.col_add[: rows * step : step][None, :], block_scores(0, sample),
+                             distances.row_mul[:, None])
     sample_d.add_(distances.row_add[:, None])
     if distances.clamp:
         sample_d.clamp_min_(0.0)
@@ -389,7 +406,7 @@ def _sampled_candidates(keys: torch.Tensor, block_scores, distances: _Distances,
     # multi-block top-k took 0.1 over 64 x 65k sample distances on an H100).
     threshold = torch.topk(sample_d, rank, dim=1, largest=False, sorted=False).values.amax(dim=1)
     del sample_d
-    capacity = min(stored, int(1.5 * rank * stored / sample.shape[0]) + 64)
+    capacity = min(stored, int((rank + SAMPLE_SIGMAS * rank**0.5 + 5) * stored / rows) + 64)
     passed_d, passed_i, counts = screen(0, stored, threshold, capacity)
     unsure = ((counts < keep) | (counts > capacity)).any()
     order = torch.topk(passed_d, keep, dim=1, largest=False, sorted=False).indices
@@ -411,14 +428,13 @@ def _float32_nearest(queries, keys, key_norms, k_found, metric, chunk):
 
 def _float16_scans(keys: torch.Tensor, batch: int, keep: int) -> tuple[str, ...]:
     """The scans _float16_candidates takes in turn for a search, each until one's answer holds: for the
-    batches the screen kernel serves, the sampled pass (where the sample is at most 1 / SAMPLE_MIN_STEP
-    of the rows and its scores at most SAMPLE_MAX_BYTES), then the chunked scan (its chunks' counts
-    read once, at the end), then the chunked scan with each chunk's counts read at once; elsewhere
-    the chunked scan, its filter checked chunk by chunk as it goes."""
+    batches the screen kernel serves, the sampled pass (where it takes a sample: _sample_rows), then
+    the chunked scan (its chunks' counts read once, at the end), then the chunked scan with each
+    chunk's counts read at once; elsewhere the chunked scan, its filter checked chunk by chunk as it
+    goes."""
     if not gpu_select.screens(keys, batch):
         return ("chunked",)
-    step = _sample_step(keys.shape[0], keep)
-    if step >= SAMPLE_MIN_STEP and 4 * batch * -(-keys.shape[0] // step) <= SAMPLE_MAX_BYTES:
+    if _sample_rows(keys, batch, keep):
         return ("sampled", "chunked", "checked")
     return ("chunked", "checked")
 

@@ -236,18 +236,33 @@ def test_torch_kernel_k_beyond_two_chunks(data, monkeypatch):
     assert_same_neighbours(rows, distances, *brute_force(queries, keys, 2500, "l2"))
 
 
-def test_the_sampled_pass_is_taken_only_for_a_small_sample_of_many_rows(monkeypatch):
-    """The scans a float16 search takes, by its shape: the sampled pass for the screen's batches where
-    its sample is at most an eighth of the rows and its scores fit SAMPLE_MAX_BYTES; else the chunks."""
+def test_the_sampled_pass_takes_a_bounded_sample_of_many_rows(monkeypatch):
+    """The rows a float16 search samples, by its shape (only the shape counts: the keys are broadcast):
+    about SAMPLE_RANK * stored / keep, at most an eighth of the rows, 256 MiB of [B, sample] scores and
+    512 MiB of keys, and no sample of fewer than 65,536 rows (the chunked scan instead)."""
     monkeypatch.setattr(flat_index.gpu_select, "screens", lambda keys, batch: 32 <= batch <= 64)
-    keys = torch.empty(10_000_000, 0, dtype=torch.float16)  # the shape alone counts
-    sampled, chunked = ("sampled", "chunked", "checked"), ("chunked", "checked")
-    keep = flat_index._candidate_count
-    assert flat_index._float16_scans(keys, 64, keep(1024, 10_000_000)) == sampled  # every 43rd row
-    assert flat_index._float16_scans(keys, 64, keep(4096, 10_000_000)) == sampled  # 65,536 rows
-    assert flat_index._float16_scans(keys, 64, keep(32, 10_000_000)) == chunked  # 6M rows: more than an eighth
-    assert flat_index._float16_scans(keys, 64, keep(200, 10_000_000)) == chunked  # 1.25M rows: 320 MB of scores
-    assert flat_index._float16_scans(keys, 32, keep(220, 10_000_000)) == sampled  # 1.11M rows: 142 MB at B=32 ...
-    assert flat_index._float16_scans(keys, 64, keep(220, 10_000_000)) == chunked  # ... 284 MB at B=64
-    assert flat_index._float16_scans(keys[:500_000], 64, keep(4096, 500_000)) == chunked  # 65,536 of 500k rows
-    assert flat_index._float16_scans(keys, 128, keep(1024, 10_000_000)) == ("chunked",)  # not the screen's batch
+
+    def rows(stored, dim, batch, k):
+        keys = torch.zeros(1, dim, dtype=torch.float16).expand(stored, dim)
+        return flat_index._sample_rows(keys, batch, flat_index._candidate_count(k, stored))
+
+    assert rows(10_000_000, 1024, 64, 1024) == 232_559  # 48 expected below a query's keep-th best
+    assert rows(10_000_000, 1024, 64, 4096) == 65_536  # at least SAMPLE_MIN_ROWS
+    assert rows(10_000_000, 1024, 64, 32) == 262_144  # 512 MiB of keys
+    assert rows(100_000_000, 64, 64, 32) == 1 << 20  # 256 MiB of scores
+    assert rows(1_000_000, 768, 64, 32) == 125_000  # an eighth of the rows
+    assert rows(500_000, 1024, 64, 4096) == 0  # an eighth is fewer than SAMPLE_MIN_ROWS
+    keys = torch.zeros(1, 1024, dtype=torch.float16).expand(10_000_000, 1024)
+    keep = flat_index._candidate_count(1024, 10_000_000)
+    assert flat_index._float16_scans(keys, 64, keep) == ("sampled", "chunked", "checked")
+    assert flat_index._float16_scans(keys[:500_000], 64, keep) == ("chunked", "checked")
+    assert flat_index._float16_scans(keys, 128, keep) == ("chunked",)  # not the screen's batch
+
+
+def test_the_sample_rank_leaves_five_standard_deviations_below_it():
+    """r - 5 sqrt(r) >= the sample rows expected below a query's keep-th best, and r no more than the
+    sample's rows."""
+    for expected in (0.5, 2.1, 48.0, 537.9, 10_000.0):
+        rank = flat_index._sample_rank(expected, 1 << 20)
+        assert rank - 5 * rank**0.5 >= expected and rank - 1 - 5 * (rank - 1) ** 0.5 < expected
+    assert flat_index._sample_rank(500.0, 300) == 300

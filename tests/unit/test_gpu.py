@@ -149,7 +149,7 @@ def test_query_scaling_kernel_scales_as_the_torch_operations(l2, monkeypatch):
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("k", [1, 100, 1024])
-@pytest.mark.parametrize("sampled", [False, True])  # chunks doubling; a sample's threshold, one pass (k >= 100)
+@pytest.mark.parametrize("sampled", [False, True])  # chunks doubling; a sample's threshold, one pass
 def test_screened_search_answers_as_the_unscreened_one(metric, k, sampled, monkeypatch):
     """float16 keys at LM norms, a batch the screen serves, several chunks or one sampled pass: the
     screened scan's answers are float32 search over the rounded keys, as the unscreened scan's are,
@@ -157,7 +157,7 @@ def test_screened_search_answers_as_the_unscreened_one(metric, k, sampled, monke
     monkeypatch.setattr(flat_index, "_SCORE_BLOCK_BYTES", 4 * 256 * 4096)  # 4096-row score blocks
     monkeypatch.setattr(flat_index, "_SMALL_SCORE_BLOCK_BYTES", 0)
     monkeypatch.setattr(flat_index, "FIRST_CHUNK_ROWS", 2048)  # then 2048, 4096, 8192, ... rows screened
-    if sampled:  # every 13th row (k=100) or 29th (k=1024) sampled
+    if sampled:  # every 8th row (k=1), 13th (k=100) or 29th (k=1024) sampled
         monkeypatch.setattr(flat_index, "SAMPLE_MIN_ROWS", 1024)
         monkeypatch.setattr(flat_index, "SAMPLE_RANK", 16)
     else:
@@ -172,7 +172,7 @@ def test_screened_search_answers_as_the_unscreened_one(metric, k, sampled, monke
     monkeypatch.setattr(flat_index, "_chunked_topk", lambda *args, **kwargs: chunked.append(1) or
                         real_scan(*args, **kwargs))
     distances, rows = flat_index.torch_search(q_t, k_t, norms, k, metric)
-    assert (chunked == []) == (sampled and k >= 100)
+    assert (chunked == []) == sampled
     assert_float32_search_over_rounded_keys(queries, keys.astype(np.float16), rows, distances, metric)
     monkeypatch.setattr(gpu_select, "SCREEN_MIN_BATCH", 1 << 62)
     unscreened_d, unscreened_rows = flat_index.torch_search(q_t, k_t, norms, k, metric)

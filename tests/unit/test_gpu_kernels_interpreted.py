@@ -141,8 +141,8 @@ def test_the_sampled_scan_answers_as_the_torch_scan(kernels_on_cpu, small_sample
     """k=50 of 6000 rows for 40 queries: a threshold from every 14th row, then one screened pass over all
     rows and no chunked scan; float32 search over the rounded keys, as the scan with torch operations."""
     keys, queries = fp16_store_data(np.random.default_rng(5), stored=6000, dim=64, batch=40)
-    assert flat_index._sample_step(6000, flat_index._candidate_count(50, 6000)) == 14
     k_t = torch.from_numpy(keys).half()
+    assert flat_index._sample_rows(k_t, 40, flat_index._candidate_count(50, 6000)) == 414  # every 14th row
     norms = (k_t.float() ** 2).sum(1)
     chunked = _count_chunked_scans(monkeypatch)
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k_t, norms, 50, metric)
@@ -161,7 +161,8 @@ def test_the_sampled_scan_when_the_sample_is_unlike_the_rest(kernels_on_cpu, sma
     """The rows the sample takes scaled apart from the others: too many or too few entries fall below
     the sample's thresholds, the counts say so, and the chunked scan answers. Exact all the same."""
     keys, queries = fp16_store_data(np.random.default_rng(6), stored=6000, dim=64, batch=40)
-    keys[:: flat_index._sample_step(6000, flat_index._candidate_count(50, 6000))] *= sample_scale
+    rows = flat_index._sample_rows(torch.from_numpy(keys), 40, flat_index._candidate_count(50, 6000))
+    keys[: rows * (6000 // rows) : 6000 // rows] *= sample_scale
     k_t = torch.from_numpy(keys).half()
     chunked = _count_chunked_scans(monkeypatch)
     distances, rows = flat_index.torch_search(torch.from_numpy(queries), k_t, (k_t.float() ** 2).sum(1), 50, metric)
