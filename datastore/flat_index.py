@@ -223,10 +223,11 @@ class _Distances:
     def __init__(self, row_mul: torch.Tensor, row_add: torch.Tensor, col_add: torch.Tensor, clamp: bool):
         self.row_mul, self.row_add, self.col_add, self.clamp = row_mul, row_add, col_add.contiguous(), clamp
 
-    def apply_(self, scores: torch.Tensor, start: int) -> torch.Tensor:
-        """The distances, in place of the scores."""
+    def apply_(self, scores: torch.Tensor, start: int, step: int = 1) -> torch.Tensor:
+        """The distances, in place of the scores of the rows start, start + step, ... (step > 1: a
+        strided sample of the rows, their col_add read in place)."""
         scores.mul_(self.row_mul[:, None]).add_(self.row_add[:, None])
-        scores.add_(self.col_add[start : start + scores.shape[1]][None, :])
+        scores.add_(self.col_add[start : start + scores.shape[1] * step : step][None, :])
         return scores.clamp_min_(0.0) if self.clamp else scores
 
     def below(self, scores: torch.Tensor, threshold: torch.Tensor, start: int, most: int):
@@ -394,14 +395,7 @@ def _sampled_candidates(keys: torch.Tensor, block_scores, distances: _Distances,
     step = stored // rows
     sample = keys[: rows * step : step]
     rank = _sample_rank(keep * rows / stored, rows)
-    # distances.apply_'s arithmetic in two launches, the strided norms read in place: a search of 32-64
-    # queries over 10M rows takes under 10 ms, and each launch the host makes before the screen is a
-    # few tens of microseconds the GPU waits.
-    sample_d = torch.addcmul(distances.col_add[: rows * step : step][None, :], block_scores(0, sample),
-                             distances.row_mul[:, None])
-    sample_d.add_(distances.row_add[:, None])
-    if distances.clamp:
-        sample_d.clamp_min_(0.0)
+    sample_d = distances.apply_(block_scores(0, sample), 0, step)
     # amax of the rank best, not kthvalue: one launch, but one thread block per query (0.26 ms where the
     # multi-block top-k took 0.1 over 64 x 65k sample distances on an H100).
     threshold = torch.topk(sample_d, rank, dim=1, largest=False, sorted=False).values.amax(dim=1)
