@@ -64,9 +64,9 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
     if dtype is None:
         raise InvalidArgument(f"{what} has unknown dtype {_quoted(tensor.dtype)}; "
                               f"expected one of {', '.join(WIRE_DTYPES)}")
-    if len(tensor.shape) > MAX_TENSOR_DIMS:
-        raise InvalidArgument(f"{what} has {len(tensor.shape)} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
     shape = tuple(tensor.shape)  # Python ints (a decoding step parses one small tensor: no generators here)
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise InvalidArgument(f"{what} has {len(shape)} dimensions; at most {MAX_TENSOR_DIMS} are allowed")
     if shape and min(shape) < 0:
         raise InvalidArgument(f"{what} has a negative dimension in shape {list(shape)}")
     if data is None:
@@ -78,16 +78,19 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
             f"{what} carries {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
         )
     # An empty tensor with a dimension too large for numpy to shape (any tensor that large is refused).
-    if math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:
+    if not expected and math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:
         raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
     # An array over ``bytes`` is read-only; a caller's answer (user code may write to it) is copied.
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    native = dtype.newbyteorder("=")
+    native = _NATIVE[dtype]
     if writable and native == dtype:  # large ones on several threads (a backward's dL/dq: 12.6 MB at B=4096)
         copy = np.empty(shape, native)
         copy_rows(copy, array)
         return copy
     return array.astype(native, copy=writable)
+
+
+_NATIVE = {dtype: dtype.newbyteorder("=") for dtype in WIRE_DTYPES.values()}
 
 
 def optional_tensor(message, field: str, what: str | None = None, writable: bool = True, payloads=None):
@@ -180,6 +183,8 @@ def search_result_parts_to_wire(result: SearchResult, part_bytes: int | None = N
 def search_result_from_parts(parts, into: BatchAnswer | None = None, start: int = 0) -> SearchResult:
     """SearchParts' answer (or Search's: one part): its (message, payloads) parts, in order, each copied
     once into the rows of ``into`` from ``start`` on (a BatchAnswer of their own rows when None)."""
+    if into is None and len(parts) == 1:  # one answer of its own: each array copied once, as it is read
+        return search_result_from_proto(*parts[0])
     return _placed([search_result_from_proto(*part, writable=False) for part in parts], into, start, _SEARCHED)
 
 
@@ -298,6 +303,8 @@ def retrieve_result_from_parts(parts, queries, temperature: float, into: BatchAn
                                start: int = 0) -> RetrieveResult:
     """RetrieveParts' answer (or Retrieve's, one part): as search_result_from_parts; the caller's
     queries and temperature kept for the backward."""
+    if into is None and len(parts) == 1:  # as search_result_from_parts
+        return retrieve_result_from_proto(*parts[0][:1], queries, temperature, parts[0][1])
     return _placed([retrieve_result_from_proto(response, queries, temperature, payloads, writable=False)
                     for response, payloads in parts], into, start, RETRIEVED)
 

@@ -44,8 +44,17 @@ _NAME = re.compile(r"monim-[0-9]{1,10}-[0-9a-f]{32}")
 
 
 def enabled() -> bool:
-    """Whether this process uses shared memory (MONIM_SHARED_MEMORY=0 turns it off) and has the directory."""
-    return os.environ.get(ENV, "1") != "0" and os.path.isdir(SHARED_MEMORY_DIR)
+    """Whether this process uses shared memory (MONIM_SHARED_MEMORY=0 turns it off) and has the directory
+    (looked for until found: a client asks before each call, and a stat costs microseconds)."""
+    global _found
+    if os.environ.get(ENV, "1") == "0":
+        return False
+    if not _found:
+        _found = os.path.isdir(SHARED_MEMORY_DIR)
+    return _found
+
+
+_found = False
 
 
 def _path(name: str) -> str:

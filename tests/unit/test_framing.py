@@ -69,21 +69,39 @@ def test_a_dtype_that_cannot_travel_is_refused_before_anything_is_sent():
 
 
 # ----- answers: framing.parsed reads what protobuf (or the server's framing) wrote ---------------
-def test_parsed_leaves_each_tensor_s_bytes_in_the_answer_and_reads_every_other_field():
+def _answer(rows: int) -> dict:
     rng = np.random.default_rng(1)
-    result = dict(ids=np.arange(12, dtype=np.int64).reshape(3, 4), distances=rng.random((3, 4), dtype=np.float32),
-                  tokens=np.arange(12, dtype=np.int32).reshape(3, 4), keys=None,
-                  values=rng.random((3, 4, 2), dtype=np.float32), weights=None)
+    return dict(ids=np.arange(rows * 4, dtype=np.int64).reshape(rows, 4), distances=rng.random((rows, 4), dtype=np.float32),
+                tokens=np.arange(rows * 4, dtype=np.int32).reshape(rows, 4), keys=None,
+                values=rng.random((rows, 4, 2), dtype=np.float32), weights=None)
+
+
+def test_parsed_leaves_each_tensor_s_bytes_in_the_answer_and_reads_every_other_field():
+    result = _answer(1000)  # 56 KB: past PARSED_WHOLE_BELOW
     for wire in (framing.serialized(pb.SearchResponse(generation=7), result),
                  built_by_protobuf(pb.SearchResponse(generation=7), result).SerializeToString()):
+        assert len(wire) >= framing.PARSED_WHOLE_BELOW
         message, payloads = framing.parsed(pb.SearchResponse, wire)
         assert message.generation == 7 and sorted(payloads) == ["distances", "ids", "tokens", "values"]
         assert not message.HasField("keys") and not message.HasField("weights") and message.HasField("values")
-        assert message.ids.data == b"" and list(message.ids.shape) == [3, 4] and message.ids.dtype == "int64"
+        assert message.ids.data == b"" and list(message.ids.shape) == [1000, 4] and message.ids.dtype == "int64"
         for name in payloads:
             assert isinstance(payloads[name], memoryview) and payloads[name].obj is wire  # views, not copies
             np.testing.assert_array_equal(
                 convert.tensor_from_proto(getattr(message, name), name, data=payloads[name]), result[name])
+
+
+def test_a_small_answer_is_parsed_whole_and_reads_the_same():
+    result = _answer(3)
+    for wire in (framing.serialized(pb.SearchResponse(generation=7), result),
+                 built_by_protobuf(pb.SearchResponse(generation=7), result).SerializeToString()):
+        assert len(wire) < framing.PARSED_WHOLE_BELOW
+        message, payloads = framing.parsed(pb.SearchResponse, wire)
+        assert payloads == {} and message == pb.SearchResponse.FromString(wire)
+        for name in ("ids", "distances", "tokens", "values"):
+            np.testing.assert_array_equal(
+                convert.tensor_from_proto(getattr(message, name), name, data=payloads.get(name)), result[name])
+        assert not message.HasField("keys") and not message.HasField("weights")
 
 
 def test_parsed_keeps_empty_tensors_present_and_map_fields():

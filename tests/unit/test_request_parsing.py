@@ -24,7 +24,7 @@ def test_requests_with_tensors_have_no_field_the_wrapper_shadows():
 
 def test_a_framed_add_reads_as_its_message_with_views_of_the_received_bytes():
     rng = np.random.default_rng(0)
-    keys, tokens = rng.standard_normal((50, 8), dtype=np.float32), np.arange(50)
+    keys, tokens = rng.standard_normal((500, 8), dtype=np.float32), np.arange(500)  # past PARSED_WHOLE_BELOW
     wire = framing.serialized(pb.AddRequest(namespace="ns", source="day", request_id="r1", generation=4),
                               dict(keys=keys, tokens=tokens, values=None))
     request = decoding._deserializer(pb.AddRequest)(wire)
@@ -36,6 +36,16 @@ def test_a_framed_add_reads_as_its_message_with_views_of_the_received_bytes():
     assert not got.flags.writeable and np.shares_memory(got, np.frombuffer(wire, np.uint8))
     np.testing.assert_array_equal(_required(request, "tokens"), tokens)
     assert _optional(request, "values") is None and _optional(request, "weights") is None
+
+
+def test_a_small_request_reads_as_its_message_with_read_only_arrays():
+    queries = np.ones((1, 8), np.float32)
+    wire = framing.serialized(pb.SearchRequest(namespace="ns", k=3), dict(queries=queries))
+    request = decoding._deserializer(pb.SearchRequest)(wire)
+    assert isinstance(request, decoding.ParsedRequest) and decoding.undecodable(request) is None
+    got = _required(request, "queries")
+    np.testing.assert_array_equal(got, queries)
+    assert not got.flags.writeable and (request.namespace, request.k) == ("ns", 3)
 
 
 def test_a_request_without_tensor_fields_is_its_message():
