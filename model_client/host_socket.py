@@ -68,7 +68,7 @@ class SocketRpcError(grpc.RpcError):
 
 def _status_error(payload: bytes) -> SocketRpcError:
     """The status as an error; SocketFull (raised) for the server's refusal of the connection."""
-    status = json.loads(payload)
+    status = json.loads(bytes(payload))
     trailing = status.get("trailing") or ()
     if any(pair[0] == REFUSED_KEY for pair in trailing):
         raise SocketFull(status.get("message", ""))

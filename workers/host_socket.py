@@ -210,7 +210,7 @@ class HostSocket:
             hello = recv_frame(connection)
             connection.settimeout(None)
             if hello is not None and hello[0] == HELLO:
-                self._serve_stream(connection, peer, _metadata(json.loads(hello[1])))
+                self._serve_stream(connection, peer, _metadata(json.loads(bytes(hello[1]))))
             elif hello is not None and hello[0] == CALLS:
                 self._serve_calls(connection, peer)
         except (OSError, ValueError, TypeError, InvalidArgument) as error:
@@ -276,7 +276,7 @@ class HostSocket:
                 if len(request) > self.max_message_bytes:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Received message larger than max "
                                   f"({len(request)} vs. {self.max_message_bytes})")
-                parsed = handler.request_deserializer(bytes(request))
+                parsed = handler.request_deserializer(request)  # a view of the received bytes
                 if handler.unary_unary is not None:
                     send_frame(connection, MESSAGE, _within(
                         handler.response_serializer(handler.unary_unary(parsed, context)), answer_limit, context))
