@@ -539,3 +539,19 @@ def test_a_connection_past_the_servers_most_is_turned_away_and_its_client_goes_o
     assert exported["monim_host_socket_refused"] == host_socket.refused >= 2  # a call and a stream at least
     assert exported["monim_host_socket_calls"] == host_socket.calls
     _wait_idle(frontend)
+
+
+def test_a_large_frame_is_a_read_only_view_of_the_received_bytes_and_a_small_one_is_bytes():
+    from monim.protos import socket_frames
+
+    left, right = socket.socketpair()
+    with left, right:
+        large = bytes(range(256)) * 1024  # 256 KiB: past the size sent in one write
+        sender = threading.Thread(target=lambda: (send_frame(left, MESSAGE, large), send_frame(left, STATUS, b"{}")))
+        sender.start()
+        kind, payload = recv_frame(right)
+        assert kind == MESSAGE and isinstance(payload, memoryview) and payload.readonly and payload == large
+        kind, payload = recv_frame(right)
+        sender.join()
+        assert kind == STATUS and isinstance(payload, bytes) and payload == b"{}"
+        assert len(large) >= socket_frames._JOINED_BELOW > 2
