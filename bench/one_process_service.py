@@ -37,6 +37,11 @@ class OneProcessService:
             raise RuntimeError(f"the one-process service did not start (it said {line!r})")
         self.address = line.split()[1]
 
+    @property
+    def pid(self) -> int:
+        """The server process's pid (a profiler's target)."""
+        return self._process.pid
+
     def close(self) -> None:
         if self._process.poll() is None:
             self._process.stdin.close()

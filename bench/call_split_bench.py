@@ -1,0 +1,185 @@
+"""Where a call through the service spends its time, against the same call in-process, in one run.
+
+Three ways over one data set of ``--rows`` keys (values and Adam state with them):
+- in-process: ``MemoryClient(":memory:", device=...)``, the router over one shard in this process;
+- the handler: the same router behind MemoryServicer's handler, called in this process with the
+  request's bytes (as the server's socket thread calls it: deserialize, interceptors' chain, servicer,
+  the answer's framing), and the client's read of those answer bytes (framing.parsed and the arrays);
+- the service: the one-process service (bench/one_process_service.py: a server process with its own
+  store, no Ray), called on its host socket as a client on its host calls.
+
+So for each Search (B, k) and ApplyGradients of N rows it prints the p50 of each, and what is left of
+the service's call once the handler and the client's read are taken out: the socket's round trip and
+the two processes' hand-offs, the client's own call path, and the answer's bytes between them.
+
+    python -m bench.call_split_bench --device cuda --rows 1000000            # the GPU machine
+    python -m bench.call_split_bench --rows 20000                             # CPU (dim 64)
+    python -m bench.call_split_bench --device cuda --py-spy /path/to/py-spy   # + the server's stacks
+
+With --py-spy, the server's socket thread is sampled (py-spy record) during service calls of B=1 k=32
+and B=64 k=1024, and the functions it was busy in are printed (its waits for the next call left out).
+With --read-chunks, a Search of B=4096 through the service is timed at several client.READ_CHUNK_BYTES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+SEARCHES = ((1, 32), (64, 32), (4096, 32), (1, 1024), (64, 1024), (4096, 1024))
+APPLY_ROWS = (1024, 8192)
+READ_CHUNKS = (8 << 20, 20 << 20, 64 << 20, 1 << 30)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def p50_ms(call, calls: int, warm_ups: int = 4) -> float:
+    for _ in range(warm_ups):
+        call()
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - started)
+    return 1e3 * float(np.median(times))
+
+
+def load(client, keys: np.ndarray, chunk: int = 65_536) -> None:
+    rows, dim = keys.shape
+    client.create_namespace("split", dim=dim, value_dim=dim, max_k=1024, optimizer="adam", lr=1e-3)
+    for start in range(0, rows, chunk):
+        part = keys[start:start + chunk]
+        client.add("split", part, np.arange(start, start + len(part)), values=0.02 * part)
+
+
+class Handler:
+    """A method's handler over a router, called with request bytes as the server's socket calls it."""
+
+    def __init__(self, router, method: str):
+        from monim.protos.framing import DEFAULT_MAX_MESSAGE_BYTES
+        from monim.workers.decoding import intercepted_handler
+        from monim.workers.servicer import MemoryServicer
+
+        self._handler = intercepted_handler(MemoryServicer(router, None, DEFAULT_MAX_MESSAGE_BYTES), method, [])
+
+    def __call__(self, request: bytes) -> bytes:
+        from monim.workers.host_socket import _SocketContext
+
+        handler = self._handler
+        parsed = handler.request_deserializer(request)
+        return handler.response_serializer(handler.unary_unary(parsed, _SocketContext((), "bench")))
+
+
+def server_stacks(py_spy: str, pid: int, calls, seconds: float = 3.0) -> list[str]:
+    """The functions the server's socket thread was busy in during `seconds` of calls (py-spy record)."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "stacks.txt")
+        spy = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", out, "-p", str(pid),
+                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        ends = time.perf_counter() + seconds
+        while time.perf_counter() < ends:
+            calls()
+        problem = spy.communicate(timeout=60)[1].decode()
+        if spy.returncode or not os.path.exists(out):
+            return [f"py-spy failed: {problem.strip()[-300:]}"]
+        totals, busy = collections.Counter(), 0
+        with open(out) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                frames = stack.split(";")
+                names = [frame.split(" (")[0] for frame in frames[1:]]
+                if "host-sock" not in frames[0] or "HostSocket._serve_calls" not in names:
+                    continue
+                serving = names.index("HostSocket._serve_calls")
+                if names[serving + 1:serving + 2] == ["recv_frame"]:
+                    continue  # waiting for the next call
+                busy += int(count)
+                for name in set(names):
+                    totals[name] += int(count)
+    return [f"{busy} busy samples (1 ms each) of the server's socket thread"] + [
+        f"{count:6d} {100 * count / max(1, busy):5.1f}% {name}" for name, count in totals.most_common(30)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.call_split_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=0, help="key and value width (0: 768 on cuda, 64 on cpu)")
+    parser.add_argument("--calls", type=int, default=30, help="timed calls a cell (a third past B x k of 100,000)")
+    parser.add_argument("--py-spy", metavar="PATH", help="sample the server's socket thread with this py-spy")
+    parser.add_argument("--read-chunks", action="store_true", help="time B=4096 at several READ_CHUNK_BYTES")
+    args = parser.parse_args(argv)
+    from monim.model_client import client as client_module
+    from monim.protos import convert, framing
+    from monim.protos import memory_pb2 as pb
+
+    from bench.one_process_service import OneProcessService
+    from monim import MemoryClient
+
+    dim = args.dim or (768 if args.device.startswith("cuda") else 64)
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((args.rows, dim), dtype=np.float32)
+    queries = keys[rng.integers(0, args.rows, 4096)] + 0.1 * rng.standard_normal((4096, dim), dtype=np.float32)
+    print(f"# python -m bench.call_split_bench {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"# {args.rows:,} x {dim} keys and values (adam) on {args.device}; {os.cpu_count()} CPUs; p50 ms")
+    local = MemoryClient(":memory:", device=args.device)
+    load(local, keys)
+    search, apply = Handler(local._store, "Search"), Handler(local._store, "ApplyGradients")
+    with OneProcessService(args.device) as service:
+        remote = MemoryClient(service.address)
+        load(remote, keys)
+        print(f"{'what':>24} | {'in-process':>10} {'handler':>8} {'read':>6} {'service':>8} | left  in/service")
+        for rows in APPLY_ROWS:
+            ids = rng.choice(args.rows, rows, replace=False).astype(np.int64)
+            grads = rng.standard_normal((rows, dim), dtype=np.float32)
+            request = framing.serialized(pb.ApplyGradientsRequest(namespace="split"), dict(ids=ids, grads=grads))
+            cells = [p50_ms(lambda: local.apply_gradients("split", ids, grads), 20),
+                     p50_ms(lambda: apply(request), 20), 0.0,
+                     p50_ms(lambda: remote.apply_gradients("split", ids, grads), 20)]
+            print(f"{f'ApplyGradients {rows} rows':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {'':>6} {cells[3]:8.3f} | "
+                  f"{cells[3] - cells[1]:5.2f} {cells[0] / cells[3]:5.2f}", flush=True)
+        for batch, k in SEARCHES:
+            q = queries[:batch]
+            calls = args.calls if batch * k < 100_000 else max(3, args.calls // 3)
+            request = framing.serialized(pb.SearchRequest(namespace="split", k=k), dict(queries=q))
+            answer = search(request)
+            cells = [p50_ms(lambda: local.search("split", q, k), calls), p50_ms(lambda: search(request), calls),
+                     p50_ms(lambda: convert.search_result_from_parts([framing.parsed(pb.SearchResponse, answer)]),
+                            calls),
+                     p50_ms(lambda: remote.search("split", q, k), calls)]
+            left = cells[3] - cells[1] - cells[2]
+            print(f"{f'Search B={batch} k={k}':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {cells[2]:6.3f} {cells[3]:8.3f} | "
+                  f"{left:5.2f} {cells[0] / cells[3]:5.2f}  (answer {len(answer) / 1e6:.2f} MB)", flush=True)
+            if args.py_spy and (batch, k) in ((1, 32), (64, 1024)):
+                print(f"--- the server during Search B={batch} k={k} through the service")
+                print("\n".join(server_stacks(args.py_spy, service.pid, lambda: remote.search("split", q, k))))
+        if args.read_chunks:
+            default = client_module.READ_CHUNK_BYTES
+            for k in (32, 1024):
+                q = queries[:4096]
+                cells = []
+                for chunk in READ_CHUNKS:
+                    client_module.READ_CHUNK_BYTES = chunk
+                    cells.append(f"{chunk >> 20} MiB {p50_ms(lambda: remote.search('split', q, k), 10, 2):.1f}")
+                client_module.READ_CHUNK_BYTES = default
+                print(f"Search B=4096 k={k} through the service by READ_CHUNK_BYTES: {', '.join(cells)} | in-process "
+                      f"{p50_ms(lambda: local.search('split', q, k), 10, 2):.1f} ms", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
