@@ -78,7 +78,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
             f"{what} carries {len(data)} bytes but shape {list(shape)} of {tensor.dtype} needs {expected}"
         )
     # An empty tensor with a dimension too large for numpy to shape (any tensor that large is refused).
-    if not expected and math.prod(max(s, 1) for s in shape) * dtype.itemsize > MAX_TENSOR_SPAN_BYTES:
+    # (Without a dimension 0 the span is the bytes counted above.)
+    if (expected or math.prod(max(s, 1) for s in shape) * dtype.itemsize) > MAX_TENSOR_SPAN_BYTES:
         raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
     # An array over ``bytes`` is read-only; a caller's answer (user code may write to it) is copied.
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
