@@ -125,3 +125,21 @@ def test_namespace_config_round_trip_with_the_index_options():
     assert (bare.hnsw_m, bare.ef_construction, bare.train_min_rows) == (32, 64, 10_000)
     with pytest.raises(InvalidArgument, match="hnsw_m applies to index hnsw, not 'flat'"):
         convert.config_from_proto(pb.NamespaceConfig(name="f", dim=8, hnsw_m=16))
+
+
+class _Sized:
+    """Stands for bytes of a given length (a tensor's data in a client's region): only its length is read."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+@pytest.mark.parametrize("shape, data", [([0, 2**40], b""),            # empty, a dimension numpy cannot shape
+                                         ([2**29 + 1, 1], _Sized(2**31 + 4))])  # 2 GiB and more of float32
+def test_a_tensor_past_the_span_bound_is_refused_before_it_is_read(shape, data):
+    tensor = pb.Tensor(dtype="float32", shape=shape)
+    with pytest.raises(InvalidArgument, match="dimension too large"):
+        convert.tensor_from_proto(tensor, "grads", data=data)
