@@ -32,28 +32,18 @@ import tempfile
 import time
 
 import numpy as np
-import torch
+
+from bench.data_plane_bench import p50, timed
 
 SEARCHES = ((1, 32), (64, 32), (4096, 32), (1, 1024), (64, 1024), (4096, 1024))
 APPLY_ROWS = (1024, 8192)
 READ_CHUNKS = (8 << 20, 20 << 20, 64 << 20, 1 << 30)
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def p50_ms(call, calls: int, warm_ups: int = 4) -> float:
-    for _ in range(warm_ups):
-        call()
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - started)
-    return 1e3 * float(np.median(times))
+    """The p50 of `calls` timed calls after `warm_ups` untimed ones, in ms (data_plane_bench's timing:
+    each call waits for the device)."""
+    return 1e3 * p50(timed(call, calls, 0.0, warm_ups))
 
 
 def load(client, keys: np.ndarray, chunk: int = 65_536) -> None:
@@ -70,16 +60,16 @@ class Handler:
     def __init__(self, router, method: str):
         from monim.protos.framing import DEFAULT_MAX_MESSAGE_BYTES
         from monim.workers.decoding import intercepted_handler
+        from monim.workers.host_socket import _SocketContext
         from monim.workers.servicer import MemoryServicer
 
         self._handler = intercepted_handler(MemoryServicer(router, None, DEFAULT_MAX_MESSAGE_BYTES), method, [])
+        self._context = _SocketContext
 
     def __call__(self, request: bytes) -> bytes:
-        from monim.workers.host_socket import _SocketContext
-
         handler = self._handler
         parsed = handler.request_deserializer(request)
-        return handler.response_serializer(handler.unary_unary(parsed, _SocketContext((), "bench")))
+        return handler.response_serializer(handler.unary_unary(parsed, self._context((), "bench")))
 
 
 def server_stacks(py_spy: str, pid: int, calls, seconds: float = 3.0) -> list[str]:
@@ -143,7 +133,7 @@ def main(argv=None) -> int:
         remote = MemoryClient(service.address)
         load(remote, keys)
         print(f"{'what':>24} | {'in-process':>10} {'handler':>8} {'read':>6} {'service':>8} | left  in/service")
-        for rows in APPLY_ROWS:
+        for rows in sorted({min(n, args.rows) for n in APPLY_ROWS}):
             ids = rng.choice(args.rows, rows, replace=False).astype(np.int64)
             grads = rng.standard_normal((rows, dim), dtype=np.float32)
             request = framing.serialized(pb.ApplyGradientsRequest(namespace="split"), dict(ids=ids, grads=grads))
