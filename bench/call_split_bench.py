@@ -16,8 +16,9 @@ the two processes' hand-offs, the client's own call path, and the answer's bytes
     python -m bench.call_split_bench --rows 20000                             # CPU (dim 64)
     python -m bench.call_split_bench --device cuda --py-spy /path/to/py-spy   # + the server's stacks
 
-With --py-spy, the server's socket thread is sampled (py-spy record) during service calls of B=1 k=32
-and B=64 k=1024, and the functions it was busy in are printed (its waits for the next call left out).
+With --py-spy, the server's socket thread is sampled (py-spy record) during service calls of the
+--py-spy-cells (default B=1 k=32 and B=64 k=1024), and the functions it was busy in are printed (its
+waits for the next call left out); then the client's main thread during the same calls (all of it).
 With --read-chunks, a Search of B=4096 through the service is timed at several client.READ_CHUNK_BYTES.
 """
 
@@ -72,12 +73,15 @@ class Handler:
         return handler.response_serializer(handler.unary_unary(parsed, self._context((), "bench")))
 
 
-def server_stacks(py_spy: str, pid: int, calls, seconds: float = 3.0) -> list[str]:
-    """The functions the server's socket thread was busy in during `seconds` of calls (py-spy record)."""
+def busy_stacks(py_spy: str, pid: int, calls, thread: str, serving: str, waiting: tuple[str, ...],
+                seconds: float = 3.0) -> list[str]:
+    """The functions a thread of process pid (its name containing `thread`) was busy in during `seconds`
+    of calls (py-spy record): samples under the function `serving`, less those whose next frame is one
+    of `waiting` (the thread waiting for its next call or answer)."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "stacks.txt")
         spy = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", out, "-p", str(pid),
-                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking"],
+                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking", "--idle"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         ends = time.perf_counter() + seconds
@@ -86,22 +90,34 @@ def server_stacks(py_spy: str, pid: int, calls, seconds: float = 3.0) -> list[st
         problem = spy.communicate(timeout=60)[1].decode()
         if spy.returncode or not os.path.exists(out):
             return [f"py-spy failed: {problem.strip()[-300:]}"]
-        totals, busy = collections.Counter(), 0
+        totals, busy, idle = collections.Counter(), 0, 0
         with open(out) as f:
             for line in f:
                 stack, _, count = line.rstrip().rpartition(" ")
                 frames = stack.split(";")
                 names = [frame.split(" (")[0] for frame in frames[1:]]
-                if "host-sock" not in frames[0] or "HostSocket._serve_calls" not in names:
+                if thread not in frames[0] or serving not in names:
                     continue
-                serving = names.index("HostSocket._serve_calls")
-                if names[serving + 1:serving + 2] == ["recv_frame"]:
-                    continue  # waiting for the next call
+                below = names[names.index(serving) + 1:]
+                if below[:1] and below[0] in waiting:
+                    idle += int(count)
+                    continue
                 busy += int(count)
-                for name in set(names):
+                for name in set(below):
                     totals[name] += int(count)
-    return [f"{busy} busy samples (1 ms each) of the server's socket thread"] + [
+    return [f"{busy} busy samples (1 ms each) of {thread} under {serving}, {idle} waiting"] + [
         f"{count:6d} {100 * count / max(1, busy):5.1f}% {name}" for name, count in totals.most_common(30)]
+
+
+def server_stacks(py_spy: str, pid: int, calls) -> list[str]:
+    """The server's socket thread during calls, its waits for the next call left out."""
+    return busy_stacks(py_spy, pid, calls, "host-sock", "HostSocket._serve_calls", ("recv_frame",))
+
+
+def client_stacks(py_spy: str, calls) -> list[str]:
+    """This process's main thread during calls through the service (all of it: its wait for the answer
+    is part of the call)."""
+    return busy_stacks(py_spy, os.getpid(), calls, "MainThread", "p50_ms", ())
 
 
 def main(argv=None) -> int:
@@ -111,6 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=0, help="key and value width (0: 768 on cuda, 64 on cpu)")
     parser.add_argument("--calls", type=int, default=30, help="timed calls a cell (a third past B x k of 100,000)")
     parser.add_argument("--py-spy", metavar="PATH", help="sample the server's socket thread with this py-spy")
+    parser.add_argument("--py-spy-cells", default="1x32,64x1024", help="the Search cells sampled (BxK, commas)")
     parser.add_argument("--read-chunks", action="store_true", help="time B=4096 at several READ_CHUNK_BYTES")
     args = parser.parse_args(argv)
     from monim.model_client import client as client_module
@@ -154,9 +171,11 @@ def main(argv=None) -> int:
             left = cells[3] - cells[1] - cells[2]
             print(f"{f'Search B={batch} k={k}':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {cells[2]:6.3f} {cells[3]:8.3f} | "
                   f"{left:5.2f} {cells[0] / cells[3]:5.2f}  (answer {len(answer) / 1e6:.2f} MB)", flush=True)
-            if args.py_spy and (batch, k) in ((1, 32), (64, 1024)):
+            if args.py_spy and f"{batch}x{k}" in args.py_spy_cells.split(","):
                 print(f"--- the server during Search B={batch} k={k} through the service")
                 print("\n".join(server_stacks(args.py_spy, service.pid, lambda: remote.search("split", q, k))))
+                print("--- the client (this process) during the same calls")
+                print("\n".join(client_stacks(args.py_spy, lambda: p50_ms(lambda: remote.search("split", q, k), 5, 0))))
         if args.read_chunks:
             default = client_module.READ_CHUNK_BYTES
             for k in (32, 1024):

@@ -71,6 +71,9 @@ PIPELINE_DEPTH = 4
 # parts), PIPELINE_DEPTH at once: the server searches one while the answers of those before it travel
 # and are copied into the batch's arrays (one search of the batch answers nothing until it is done).
 READ_CHUNK_BYTES = 20 << 20
+# Codes of a call that may have ended on the client's side only: its server may still run it.
+_SERVER_MAY_STILL_ANSWER = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.UNAVAILABLE})
 # The environment variable a token is read from when none is passed (read when a client is made).
 TOKEN_ENV = "MONIM_TOKEN"
 _FLOAT_KINDS = ("float16", "float32")
@@ -237,15 +240,21 @@ class _RemoteStore:
     def _call_on(self, target: str, method: str, request, tensors: dict | None, then=None, answer_bytes: int = 0):
         """_call on the front end (target: its own) or on a read endpoint."""
         held = self._call_region(target, tensors, answer_bytes)
+        answered = False  # the server is done with the call (its region may serve another)
         try:
             serialized = tensors is not None
             sent = framing.serialized(request, tensors, None if held is None else held.request_placer) \
                 if serialized else request
             # The answer's room in the region: after the request's tensors, so named once they are placed.
             metadata = self.metadata if held is None else (*(self.metadata or ()), held.answer_metadata())
-            answer = self._invoke(target, method, serialized, sent, metadata)
-            # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
-            answer = list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
+            try:
+                answer = self._invoke(target, method, serialized, sent, metadata)
+                # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
+                answer = list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
+                answered = True
+            except grpc.RpcError as error:
+                answered = error.code() not in _SERVER_MAY_STILL_ANSWER
+                raise
             if then is not None:
                 return then(answer)
             return answer if held is None else _detached(answer, held)
@@ -253,7 +262,9 @@ class _RemoteStore:
             raise error_from_rpc(error, self.tls) from None
         finally:
             if held is not None:
-                self.shared.release(held.region)
+                # A call cut short on this side (its deadline, a broken connection) may still be running
+                # on the server, which would write its answer into the region: no later call gets it.
+                (self.shared.release if answered else self.shared.retire)(held.region)
 
     def _invoke(self, target: str, method: str, serialized: bool, sent, metadata):
         """The call, on the server's host socket where it has one this client reaches (model_client/

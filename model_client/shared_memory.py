@@ -105,6 +105,13 @@ class SharedMemory:
             if region.name in self._regions:
                 self._free.append(region)
 
+    def retire(self, region: Region) -> None:
+        """Removes a region no call may use again (its server may still write into it): unmapped once
+        no view of it is left, its file removed (the server's mapping keeps the pages it writes)."""
+        with self._lock:
+            if self._regions.pop(region.name, None) is not None:
+                region.close()
+
     def view(self, name: str, offset: int, size: int):
         """The bytes of an answer's tensor in one of this client's regions (framing.parsed's ``shared``)."""
         region = self._regions.get(name)

@@ -6,10 +6,12 @@ client leaves no file behind. A real gRPC server in this process (no Ray)."""
 
 import concurrent.futures
 import os
+import time
 
 import numpy as np
 import pytest
-from monim.model_client.errors import InvalidArgument
+from monim.model_client import host_socket
+from monim.model_client.errors import DeadlineExceeded, InvalidArgument
 from monim.protos import framing, shared_memory
 from monim.protos import memory_pb2 as pb
 from monim.workers.router import Router
@@ -162,6 +164,49 @@ def test_calls_at_once_each_hold_a_region_and_a_closed_client_leaves_no_file(ser
     assert len(mine) >= 2 and all(os.path.exists(path) for path in mine)  # several calls held regions at once
     client.close()
     assert not any(os.path.exists(path) for path in mine)
+
+
+@pytest.mark.parametrize("over_socket", [True, False])
+def test_a_call_its_server_may_still_answer_leaves_its_region_to_no_other_call(monkeypatch, over_socket):
+    """A call that ended on the client's side before its server answered (its deadline) may still have
+    its answer written into its region by the server: that region is never handed to a later call (it is
+    removed, as a closed client's are), so the late answer overwrites nothing another call reads."""
+    monkeypatch.setattr(host_socket, "_DEADLINE_MARGIN_S", 0.2)
+    runtime = LocalRuntime(1)
+    router = Router(runtime)
+    frontend, port = start_server(router, port=0)
+    try:
+        with MemoryClient(f"127.0.0.1:{port}", retries=0) as client:
+            if not over_socket:
+                client._store.forget_host_socket(client._store.target)
+            rng = np.random.default_rng(11)
+            keys = made(client, rng)
+            queries = keys[rng.integers(0, ROWS, 2048)] + 0.01  # 1 MiB of queries and of answer: a region
+            expected = client.search("ns", queries, K)
+            search = router.search
+
+            def slow_search(*args, **kwargs):
+                time.sleep(1.5)
+                return search(*args, **kwargs)
+
+            monkeypatch.setattr(router, "search", slow_search)
+            client._store.timeout_s = 0.3
+            regions = set(client._store.shared._regions)
+            with pytest.raises(DeadlineExceeded):
+                client.search("ns", queries, K)
+            monkeypatch.setattr(router, "search", search)
+            client._store.timeout_s = 60.0
+            gone = regions - set(client._store.shared._regions)
+            assert len(gone) == 1  # the region of the call that timed out
+            assert not os.path.exists(os.path.join(shared_memory.SHARED_MEMORY_DIR, gone.pop()))
+            found = [client.search("ns", queries, K) for _ in range(3)]
+            time.sleep(2.0)  # the late call's answer is written meanwhile
+            for result in found:
+                np.testing.assert_array_equal(result.ids, expected.ids)
+                np.testing.assert_array_equal(result.distances, expected.distances)
+    finally:
+        frontend.stop(0)
+        runtime.shutdown()
 
 
 def test_a_region_name_must_be_one_of_the_clients():
