@@ -19,7 +19,8 @@ the two processes' hand-offs, the client's own call path, and the answer's bytes
 With --py-spy, the server's socket thread is sampled (py-spy record) during service calls of the
 --py-spy-cells (default B=1 k=32 and B=64 k=1024), and the functions it was busy in are printed (its
 waits for the next call left out); then the client's main thread during the same calls (all of it).
-With --read-chunks, a Search of B=4096 through the service is timed at several client.READ_CHUNK_BYTES.
+With --read-chunks, a Search of B=4096 through the service is timed at several client.SHARED_READ_CHUNK_BYTES
+(the bench's client is on the server's host: its answers come in shared memory).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=30, help="timed calls a cell (a third past B x k of 100,000)")
     parser.add_argument("--py-spy", metavar="PATH", help="sample the server's socket thread with this py-spy")
     parser.add_argument("--py-spy-cells", default="1x32,64x1024", help="the Search cells sampled (BxK, commas)")
-    parser.add_argument("--read-chunks", action="store_true", help="time B=4096 at several READ_CHUNK_BYTES")
+    parser.add_argument("--read-chunks", action="store_true", help="time B=4096 at several SHARED_READ_CHUNK_BYTES")
     args = parser.parse_args(argv)
     from monim.model_client import client as client_module
     from monim.protos import convert, framing
@@ -177,15 +178,15 @@ def main(argv=None) -> int:
                 print("--- the client (this process) during the same calls")
                 print("\n".join(client_stacks(args.py_spy, lambda: p50_ms(lambda: remote.search("split", q, k), 5, 0))))
         if args.read_chunks:
-            default = client_module.READ_CHUNK_BYTES
+            default = client_module.SHARED_READ_CHUNK_BYTES
             for k in (32, 1024):
                 q = queries[:4096]
                 cells = []
                 for chunk in READ_CHUNKS:
-                    client_module.READ_CHUNK_BYTES = chunk
+                    client_module.SHARED_READ_CHUNK_BYTES = chunk
                     cells.append(f"{chunk >> 20} MiB {p50_ms(lambda: remote.search('split', q, k), 10, 2):.1f}")
-                client_module.READ_CHUNK_BYTES = default
-                print(f"Search B=4096 k={k} through the service by READ_CHUNK_BYTES: {', '.join(cells)} | in-process "
+                client_module.SHARED_READ_CHUNK_BYTES = default
+                print(f"Search B=4096 k={k} through the service by SHARED_READ_CHUNK_BYTES: {', '.join(cells)} | in-process "
                       f"{p50_ms(lambda: local.search('split', q, k), 10, 2):.1f} ms", flush=True)
     return 0
 

@@ -27,7 +27,7 @@ import numpy as np
 from monim.model_client.errors import error_from_rpc
 from monim.model_client.host_socket import NoSocket, SocketCalls, SocketFull
 from monim.model_client.read_routing import ReadRouting
-from monim.model_client.shared_memory import CallRegion, SharedMemory, tensor_bytes
+from monim.model_client.shared_memory import LEND_FRACTION, CallRegion, SharedMemory, tensor_bytes
 from monim.protos import convert, framing, heap, validation
 from monim.protos import memory_pb2 as pb
 from monim.protos import memory_pb2_grpc as pb_grpc
@@ -71,9 +71,17 @@ PIPELINE_DEPTH = 4
 # parts), PIPELINE_DEPTH at once: the server searches one while the answers of those before it travel
 # and are copied into the batch's arrays (one search of the batch answers nothing until it is done).
 READ_CHUNK_BYTES = 20 << 20
+# The same for a client whose answers come in shared memory regions (the server on its host): one call
+# up to this much, its answer's arrays lying in the region, not copied. On an H100 host a Search of
+# B=4096, k=1024 (67 MB) took 42.9 ms as one call against 54.6 as four of 20 MiB (in-process 37.5 ms;
+# docs/BENCHMARKS.md, "Large answers lent their region").
+SHARED_READ_CHUNK_BYTES = 128 << 20
 # Codes of a call that may have ended on the client's side only: its server may still run it.
 _SERVER_MAY_STILL_ANSWER = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                                       grpc.StatusCode.UNAVAILABLE})
+# A read answered in parts, and the same read answered in one message: its large tensors in the call's
+# region (a client on the server's host), the message small whatever the answer.
+_WHOLE_IN_A_REGION = {"SearchParts": "Search", "RetrieveParts": "Retrieve"}
 # The environment variable a token is read from when none is passed (read when a client is made).
 TOKEN_ENV = "MONIM_TOKEN"
 _FLOAT_KINDS = ("float16", "float32")
@@ -240,6 +248,13 @@ class _RemoteStore:
     def _call_on(self, target: str, method: str, request, tensors: dict | None, then=None, answer_bytes: int = 0):
         """_call on the front end (target: its own) or on a read endpoint."""
         held = self._call_region(target, tensors, answer_bytes)
+        in_parts = False  # a parts method called as its one-message twin: its answer read as one part
+        if held is not None and answer_bytes >= MIN_SHARED_BYTES:
+            # The region has room for the whole answer: one message naming where it lies, not parts
+            # (whose bytes would be copied again to join them).
+            in_parts, method = method in _WHOLE_IN_A_REGION, _WHOLE_IN_A_REGION.get(method, method)
+            if then is not None and answer_bytes >= LEND_FRACTION * held.region.size:
+                self.shared.lend(held.region)  # the answer's arrays lie in the region: no copy out of it
         answered = False  # the server is done with the call (its region may serve another)
         try:
             serialized = tensors is not None
@@ -251,6 +266,7 @@ class _RemoteStore:
                 answer = self._invoke(target, method, serialized, sent, metadata)
                 # An answer in parts (SearchParts, RetrieveParts): every part, in order, read here.
                 answer = list(answer) if _SERVICE.methods_by_name[method].server_streaming else answer
+                answer = [answer] if in_parts else answer
                 answered = True
             except grpc.RpcError as error:
                 answered = error.code() not in _SERVER_MAY_STILL_ANSWER
@@ -264,7 +280,7 @@ class _RemoteStore:
             if held is not None:
                 # A call cut short on this side (its deadline, a broken connection) may still be running
                 # on the server, which would write its answer into the region: no later call gets it.
-                (self.shared.release if answered else self.shared.retire)(held.region)
+                self.shared.ended(held.region, answered)
 
     def _invoke(self, target: str, method: str, serialized: bool, sent, metadata):
         """The call, on the server's host socket where it has one this client reaches (model_client/
@@ -374,13 +390,14 @@ class _RemoteStore:
         return convert.add_result_from_proto(*self._call("Add", request, tensors))
 
     def search(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
-               generation=0, nprobe=0, rerank=0, ef=0, into=None, start=0):
+               generation=0, nprobe=0, rerank=0, ef=0, into=None, start=0, answer_bytes=0):
         """into, start: the answer's rows go to rows start... of that convert.BatchAnswer (a split batch's
-        call), else to arrays of its own; copied once from the received bytes either way."""
+        call), else to arrays of its own: copied once from the received bytes, or lying in the call's
+        shared memory region (lent to them). answer_bytes: about how large the answer is."""
         request = pb.SearchRequest(namespace=namespace, k=k, return_keys=return_keys, return_values=return_values,
                                    return_weights=return_weights, generation=generation, nprobe=nprobe,
                                    rerank=rerank, ef=ef)
-        return self._call("Search", request, dict(queries=queries),
+        return self._call("Search", request, dict(queries=queries), answer_bytes=answer_bytes,
                           then=lambda answer: convert.search_result_from_parts([answer], into, start))
 
     def search_parts(self, namespace, queries, k, return_keys=False, return_values=False, return_weights=False, *,
@@ -406,12 +423,12 @@ class _RemoteStore:
         return self._call("Delete", request, dict(ids=ids)).deleted
 
     def retrieve(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0, rerank=0,
-                 ef=0, memory_only=False, into=None, start=0):
-        """into, start: as search's."""
+                 ef=0, memory_only=False, into=None, start=0, answer_bytes=0):
+        """into, start, answer_bytes: as search's."""
         request = pb.RetrieveRequest(namespace=namespace, k=k, temperature=temperature, generation=generation,
                                      keep_state=keep_state, nprobe=nprobe, rerank=rerank, ef=ef,
                                      memory_only=memory_only)
-        return self._call("Retrieve", request, dict(queries=queries), then=lambda answer: (
+        return self._call("Retrieve", request, dict(queries=queries), answer_bytes=answer_bytes, then=lambda answer: (
             convert.retrieve_result_from_parts([answer], queries, temperature, into, start)))
 
     def retrieve_parts(self, namespace, queries, k, temperature, *, generation=0, keep_state=False, nprobe=0,
@@ -599,14 +616,16 @@ class MemoryClient:
         half the message limit, if less) it comes in parts (SearchParts, RetrieveParts: one search of
         the batch, its answer in messages of at most 4 MiB), unless the server has no such call (a
         server from before them: UNIMPLEMENTED)."""
-        if self.remote and answer_bytes > min(CHUNK_BYTES, self.max_message_bytes // 2) and self._parts_fit():
+        if not self.remote:
+            return self._retried(method, *args, **kwargs)
+        if answer_bytes > min(CHUNK_BYTES, self.max_message_bytes // 2) and self._parts_fit():
             try:
                 return self._retried(f"{method}_parts", *args, answer_bytes=answer_bytes, **kwargs)
             except MemoryStoreError as error:
                 if getattr(error, "status_code", "") != "UNIMPLEMENTED":
                     raise
                 self._answers_in_parts = False
-        return self._retried(method, *args, **kwargs)
+        return self._retried(method, *args, answer_bytes=answer_bytes, **kwargs)
 
     def _parts_fit(self) -> bool:
         """Whether reads may be answered in parts: the server has the calls, and their messages (at most
@@ -773,8 +792,8 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
-        chunks = list(self._row_chunks(self._rows(queries), row_bytes, whole_up_to=READ_CHUNK_BYTES,
-                                       chunk_bytes=READ_CHUNK_BYTES))
+        read_chunk = SHARED_READ_CHUNK_BYTES if self.remote and self._store.uses_shared_memory() else READ_CHUNK_BYTES
+        chunks = list(self._row_chunks(self._rows(queries), row_bytes, whole_up_to=read_chunk, chunk_bytes=read_chunk))
         if len(chunks) == 1:
             return self._read("search", self._rows(queries) * max(k, 1) * slot_bytes, namespace, queries, k,
                               return_keys, return_values, return_weights, nprobe=nprobe, rerank=rerank, ef=ef)

@@ -1,11 +1,16 @@
 """A client's shared memory regions (protos/shared_memory.py): a pool of them, reused call after call,
 and which servers use them.
 
-A call that moves MIN_SHARED_BYTES or more (a large tensor in its request, or an answer expected to be
-that large) takes a region from the pool for as long as it runs: its request's large tensors are
-written at the region's start, the rest of the region is where the server may write its answer's
-(ANSWER_REGION_KEY), and the answer is read from there (copied into the caller's arrays) before the
-region goes back to the pool. A region is made when no free one is large enough (at least
+A call that moves MIN_SHARED_BYTES or more (its request's tensors and the answer it expects) takes a
+region from the pool for as long as it runs: its request's tensors (each of PLACED_MIN_BYTES or more)
+are written at the region's start, the rest of the region is where the server may write its answer's
+(ANSWER_REGION_KEY), and the answer is read from there before the region goes back to the pool.
+An answer that fills a good part of its region (LEND_FRACTION) is not copied at all: the caller's
+arrays lie in the region, which is lent to them (a Loan) and goes back to the pool only once no array
+over it is left (the region of a 67 MB Search answer was copied out at ~10 GB/s, milliseconds a call);
+past half the budget in lent regions, answers are copied out again. A call cut short on this side
+(its deadline) may still be answered into its region by the server: that region is retired, never
+handed to a later call. A region is made when no free one is large enough (at least
 REGION_BYTES, more for a larger call) while the pool holds less than ``budget`` bytes; past that the
 call sends everything in its messages. Each server (the front end, each read endpoint) is asked once
 whether it can use the regions (ProbeSharedMemory); one that cannot, or a host whose shared memory is
@@ -16,14 +21,16 @@ first removes those of this user's clients that died before they closed.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import weakref
 
+import numpy as np
 from monim.protos.errors import InternalError
 from monim.protos.shared_memory import (
     ANSWER_REGION_KEY,
-    MIN_SHARED_BYTES,
+    PLACED_MIN_BYTES,
     SHARED_MEMORY_DIR,
     Placer,
     Region,
@@ -35,6 +42,10 @@ from monim.protos.shared_memory import (
 REGION_BYTES = 32 << 20
 # Bytes of regions one client keeps at most (its calls in flight at once each hold one).
 DEFAULT_BUDGET_BYTES = 1 << 30
+# A call whose answer is expected to fill at least this part of its region lends the region to the
+# answer's arrays (no copy out of it); a smaller answer is copied out (a 1 MiB answer would otherwise
+# hold a 32 MiB region for as long as its arrays live).
+LEND_FRACTION = 0.25
 
 
 class SharedMemory:
@@ -43,8 +54,12 @@ class SharedMemory:
         self._free: list[Region] = []
         self._regions: dict[str, Region] = {}  # every region this client made, by name
         self._usable: dict[str, bool] = {}  # target -> whether its server uses the regions
-        self._lock = threading.Lock()
+        # Reentrant: a lent region comes back (_returned) whenever its last array goes, which may be inside
+        # a locked section of this thread (the garbage collector runs at any allocation).
+        self._lock = threading.RLock()
         self._pid = os.getpid()
+        self._loans: dict[str, object] = {}  # region name -> the Loan of a call in flight that lends it
+        self._lent: dict[str, Region] = {}  # regions lent to answers' arrays, by name
         self.bytes_placed = 0  # tensors' bytes that went through a region instead of a message (both ways)
         # The regions' files go with this object, or at the interpreter's exit, if close() was not called.
         self._finalizer = weakref.finalize(self, _close_regions, self._regions, self._free, self._pid)
@@ -105,6 +120,42 @@ class SharedMemory:
             if region.name in self._regions:
                 self._free.append(region)
 
+    def lend(self, region: Region) -> bool:
+        """Lends the region of a call in flight to its answer's arrays (view() hands out arrays over it)
+        unless lent regions already hold half the budget. The call ends with ended()."""
+        with self._lock:
+            if sum(lent.size for lent in self._lent.values()) + region.size > self.budget // 2:
+                return False
+            loan = _loan(region)
+            self._loans[region.name] = loan
+            self._lent[region.name] = region
+        weakref.finalize(loan, self._returned, region)
+        return True
+
+    def ended(self, region: Region, answered: bool) -> None:
+        """A call that held region ended. answered: the server is done with it (else the region is
+        retired: the server may still write its answer there). A lent region goes back to the pool when
+        the last array over it goes (at once if the answer left none)."""
+        if not answered:
+            self.retire(region)
+        with self._lock:
+            loan = self._loans.pop(region.name, None)
+        if loan is None and answered:
+            self.release(region)
+        del loan  # the Loan's finalizer runs here if no array holds it
+
+    def _returned(self, region: Region) -> None:
+        """The last array over a lent region went."""
+        with self._lock:
+            self._lent.pop(region.name, None)
+        self.release(region)
+
+    @property
+    def lent_bytes(self) -> int:
+        """Bytes of regions lent to answers' arrays that are still alive."""
+        with self._lock:
+            return sum(region.size for region in self._lent.values())
+
     def retire(self, region: Region) -> None:
         """Removes a region no call may use again (its server may still write into it): unmapped once
         no view of it is left, its file removed (the server's mapping keeps the pages it writes)."""
@@ -118,11 +169,22 @@ class SharedMemory:
         if region is None:
             raise InternalError(f"the server answered with shared memory region {name!r}, not one of this client's")
         self.bytes_placed += size
-        return region.view(offset, size)
+        view = region.view(offset, size)  # (in bounds)
+        loan = self._loans.get(name)
+        if loan is None:
+            return view
+        return np.frombuffer(loan, np.uint8, size, offset)  # the array keeps the loan, and so the region
 
     def close(self) -> None:
         with self._lock:
             self._finalizer()
+
+
+def _loan(region: Region):
+    """The whole mapping of a lent region as a ctypes buffer: an array over it (numpy's frombuffer, and
+    every view or torch tensor made from that) keeps this object alive, and a finalizer on it tells
+    when the last such array went (a memoryview cannot: numpy keeps a memoryview of its own)."""
+    return (ctypes.c_char * region.size).from_buffer(region.mapping)
 
 
 def _close_regions(regions: dict, free: list, pid: int) -> None:
@@ -192,10 +254,10 @@ class CallRegion:
 
 
 def tensor_bytes(tensors: dict | None) -> int:
-    """Bytes of a request's tensors that would go through a region (each of MIN_SHARED_BYTES or more)."""
+    """Bytes of a request's tensors that would go through a region (each of PLACED_MIN_BYTES or more)."""
     total = 0
     for array in (tensors or {}).values():
         size = getattr(array, "nbytes", 0)
-        if size >= MIN_SHARED_BYTES:
+        if size >= PLACED_MIN_BYTES:
             total += size + 64
     return total

@@ -59,7 +59,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
     """Tensor -> numpy array, checking dtype, shape and byte count; ``what`` names it in errors.
     writable=False: a read-only array over the message's bytes, one copy fewer (the server's
     requests: the router and the shards only read them, as they read Ray's read-only arrays).
-    data: the Tensor's bytes where they were left out of the message (protos/framing.parsed)."""
+    data: the Tensor's bytes where they were left out of the message (protos/framing.parsed); a writable
+    uint8 array is memory lent to the answer, whose array is then made over it, not copied."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgument(f"{what} has unknown dtype {_quoted(tensor.dtype)}; "
@@ -81,9 +82,11 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
     # (Without a dimension 0 the span is the bytes counted above.)
     if (expected or math.prod(max(s, 1) for s in shape) * dtype.itemsize) > MAX_TENSOR_SPAN_BYTES:
         raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
+    native = _NATIVE[dtype]
+    if writable and native == dtype and isinstance(data, np.ndarray) and data.flags.writeable:
+        return data.view(dtype).reshape(shape)  # memory lent to this answer (a client's shared memory region)
     # An array over ``bytes`` is read-only; a caller's answer (user code may write to it) is copied.
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    native = _NATIVE[dtype]
     if writable and native == dtype:  # large ones on several threads (a backward's dL/dq: 12.6 MB at B=4096)
         copy = np.empty(shape, native)
         copy_rows(copy, array)

@@ -27,7 +27,7 @@ import numpy as np
 from monim.protos import memory_pb2 as pb
 from monim.protos.copies import copy_bytes
 from monim.protos.errors import InvalidArgument
-from monim.protos.shared_memory import MIN_SHARED_BYTES
+from monim.protos.shared_memory import PLACED_MIN_BYTES
 
 WIRE_DTYPES = {
     "float32": np.dtype("<f4"),
@@ -121,7 +121,7 @@ def serialized(message, tensors: dict, placer=None) -> bytes:
     """The wire form of ``message`` with each Tensor field named in ``tensors`` set to its array
     (numpy or torch; None leaves the field unset). ``message`` must not set those fields itself.
     placer (protos/shared_memory.Placer; default: the one answers_placed set): a tensor of
-    MIN_SHARED_BYTES or more is copied into the shared memory range it hands out, and the message
+    PLACED_MIN_BYTES or more is copied into the shared memory range it hands out, and the message
     names where (Tensor.shared) instead of carrying it, while the range has room."""
     placer = placer if placer is not None else _answer_placer.get()
     fields = message.DESCRIPTOR.fields_by_name
@@ -131,7 +131,7 @@ def serialized(message, tensors: dict, placer=None) -> bytes:
             continue
         dtype, array = wire_array(array)
         data = memoryview(np.ascontiguousarray(array)).cast("B") if array.size else b""
-        spot = placer.place(len(data)) if placer is not None and len(data) >= MIN_SHARED_BYTES else None
+        spot = placer.place(len(data)) if placer is not None and len(data) >= PLACED_MIN_BYTES else None
         if spot is not None:
             region, offset, target = spot
             copy_bytes(target, data)

@@ -33,8 +33,15 @@ from monim.protos.copies import copied_bytes
 from monim.protos.errors import InvalidArgument
 
 SHARED_MEMORY_DIR = "/dev/shm"
-# A tensor smaller than this travels in its message (a region's bookkeeping costs more than its copy).
-MIN_SHARED_BYTES = 1 << 20
+# A call whose tensors (request and expected answer) come to less than this goes in messages only (a
+# region's bookkeeping costs more than the copies it saves). Not more: on the host socket a message's
+# bytes are copied four times (framed, sent, received, read into arrays); a Search of B=64, k=1024
+# answers 1 MiB, which at a bound of 1 MiB a tensor all went in the message (0.60x in-process on an
+# H100 host; docs/BENCHMARKS.md, "Large answers lent their region").
+MIN_SHARED_BYTES = 256 << 10
+# In a call that holds a region, each tensor of at least this many bytes goes through it (while it has
+# room): the message keeps only what is smaller, so an answer that fits its region fits any message.
+PLACED_MIN_BYTES = 4 << 10
 # The call metadata naming where the answer's large tensors may go: "<region>:<offset>:<bytes>".
 ANSWER_REGION_KEY = "monim-answer-region"
 # Regions a server keeps mapped (the least recently used one is unmapped past it).

@@ -254,6 +254,7 @@ def test_a_search_whose_answer_passes_the_read_chunk_size_goes_as_calls_of_equal
     client, queries, _ = deployment
     unary = client._store.search("ns", queries, K, return_weights=True)
     monkeypatch.setattr(client_module, "READ_CHUNK_BYTES", 2 * CHUNK)  # 32 KiB: the answer takes 56 KB
+    monkeypatch.setattr(client_module, "SHARED_READ_CHUNK_BYTES", 2 * CHUNK)  # (a client on the server's host)
     real, in_flight, most, rows = client._store.search_parts, [0], [0], []
     lock = threading.Lock()
 
@@ -287,6 +288,7 @@ def test_a_namespace_made_again_between_the_calls_of_a_split_search_fails_it_cle
 
     client, queries, rng = deployment
     monkeypatch.setattr(client_module, "READ_CHUNK_BYTES", 2 * CHUNK)
+    monkeypatch.setattr(client_module, "SHARED_READ_CHUNK_BYTES", 2 * CHUNK)
     monkeypatch.setattr(client_module, "PIPELINE_DEPTH", 1)  # one call after the other
     real, calls = client._store.search_parts, []
 

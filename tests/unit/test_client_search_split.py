@@ -91,10 +91,14 @@ def test_a_namespace_made_again_wider_is_resized(rng, servers):
                 whole.search("ns", queries, K, return_values=True))
 
 
-def test_a_reply_too_large_for_one_query_still_fails_clearly(rng, servers):
+def test_a_reply_too_large_for_one_query_fails_clearly_in_messages_and_comes_in_shared_memory(rng, servers):
     split, whole = servers
     whole.create_namespace("wide", dim=DIM, value_dim=2048, max_k=K)
     whole.add("wide", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS),
-              values=np.zeros((ROWS, 2048), np.float32))
-    with pytest.raises(ResourceExhausted):  # 50 x 2048 x 4 bytes > 256 KiB for a single query
-        split.search("wide", np.zeros((1, DIM), np.float32), K, return_values=True)
+              values=np.ones((ROWS, 2048), np.float32))
+    query = np.zeros((1, DIM), np.float32)
+    with MemoryClient(split._store.target, max_message_bytes=SMALL, shared_memory=False) as in_messages:
+        with pytest.raises(ResourceExhausted):  # 50 x 2048 x 4 bytes > 256 KiB for a single query
+            in_messages.search("wide", query, K, return_values=True)
+    if split._store.uses_shared_memory():  # its values in the call's region: no message to fit
+        assert split.search("wide", query, K, return_values=True).values.sum() == K * 2048

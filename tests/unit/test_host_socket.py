@@ -472,9 +472,10 @@ def test_the_message_limit_holds_on_the_socket_as_on_grpc():
         connection.close()
         with MemoryClient(address, max_message_bytes=1 << 16, retries=0) as client:
             client.create_namespace("wide", dim=DIM, value_dim=1024)
-            with pytest.raises(ResourceExhausted, match="larger than max"):  # 100 rows of 4 KiB values at once
-                client._store.add("wide", np.zeros((100, DIM), np.float32), np.arange(100),
-                                  values=np.zeros((100, 1024), np.float32))
+            # 50 rows of 4 KiB values at once: past the limit, below a tensor that goes through shared memory
+            with pytest.raises(ResourceExhausted, match="larger than max"):
+                client._store.add("wide", np.zeros((50, DIM), np.float32), np.arange(50),
+                                  values=np.zeros((50, 1024), np.float32))
             assert client.describe_namespace("wide").rows == 0
             ids = client.add("wide", np.zeros((100, DIM), np.float32), np.arange(100),
                              values=np.ones((100, 1024), np.float32))  # the client's own split: in parts

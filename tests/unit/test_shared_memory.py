@@ -5,6 +5,7 @@ nothing, a forward's kept state never points into a region the client writes aga
 client leaves no file behind. A real gRPC server in this process (no Ray)."""
 
 import concurrent.futures
+import gc
 import os
 import time
 
@@ -164,6 +165,74 @@ def test_calls_at_once_each_hold_a_region_and_a_closed_client_leaves_no_file(ser
     assert len(mine) >= 2 and all(os.path.exists(path) for path in mine)  # several calls held regions at once
     client.close()
     assert not any(os.path.exists(path) for path in mine)
+
+
+def _big_namespace(client, rng):
+    client.create_namespace("big", dim=DIM, max_k=1024)
+    keys = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    client.add("big", keys, np.arange(ROWS))
+    return keys
+
+
+def _lent_regions(client) -> set:
+    return set(client._store.shared._lent)
+
+
+def test_a_large_answer_lies_in_its_region_until_its_arrays_go(server):
+    """An answer that fills a good part of its call's region is not copied out of it: its arrays lie in
+    the region, which no other call gets until they are gone, and the calls meanwhile answer right."""
+    rng = np.random.default_rng(12)
+    with MemoryClient(server) as client, MemoryClient(server, shared_memory=False) as plain:
+        keys = _big_namespace(client, rng)
+        batches = [keys[rng.integers(0, ROWS, 600)] + 0.01 for _ in range(4)]  # 600 x 1024 x 16 B = 9.8 MB
+        expected = [plain.search("big", q, 1024) for q in batches]
+        first = client.search("big", batches[0], 1024)
+        lent = _lent_regions(client)
+        assert len(lent) == 1 and first.ids.flags.writeable
+        mapping = client._store.shared._regions[next(iter(lent))].mapping
+        assert np.shares_memory(first.ids, np.frombuffer(mapping, np.uint8))
+        for _ in range(2):  # their own regions (the lent one is not free): first's arrays stay as they were
+            for q, e in zip(batches[1:], expected[1:]):
+                np.testing.assert_array_equal(client.search("big", q, 1024).ids, e.ids)
+        for name in ("ids", "distances", "tokens"):
+            np.testing.assert_array_equal(getattr(first, name), getattr(expected[0], name))
+        assert _lent_regions(client) == lent
+        ids = first.ids[:5]  # a view keeps the region lent, as the whole answer does
+        del first
+        gc.collect()
+        assert _lent_regions(client) == lent
+        del ids
+        gc.collect()
+        assert not _lent_regions(client) and client._store.shared.lent_bytes == 0
+        assert lent <= {region.name for region in client._store.shared._free}  # back in the pool
+
+
+def test_answers_kept_past_half_the_budget_are_copied_out_of_their_regions(server):
+    rng = np.random.default_rng(13)
+    with MemoryClient(server) as client, MemoryClient(server, shared_memory=False) as plain:
+        keys = _big_namespace(client, rng)
+        client._store.shared.budget = 96 << 20  # one 32 MiB region lent at most
+        batches = [keys[rng.integers(0, ROWS, 600)] + 0.01 for _ in range(4)]
+        kept = [client.search("big", q, 1024) for q in batches]
+        assert client._store.shared.lent_bytes <= client._store.shared.budget // 2
+        assert len(_lent_regions(client)) == 1
+        assert sum(region.size for region in client._store.shared._regions.values()) <= 96 << 20
+        for found, q in zip(kept, batches):
+            np.testing.assert_array_equal(found.ids, plain.search("big", q, 1024).ids)
+
+
+def test_a_closed_client_leaves_lent_answers_readable_and_no_file(server):
+    rng = np.random.default_rng(14)
+    client = MemoryClient(server)
+    keys = _big_namespace(client, rng)
+    queries = keys[rng.integers(0, ROWS, 600)] + 0.01
+    found = client.search("big", queries, 1024)
+    files = [os.path.join(shared_memory.SHARED_MEMORY_DIR, name) for name in client._store.shared._regions]
+    client.close()
+    assert not any(os.path.exists(path) for path in files)
+    with MemoryClient(server, shared_memory=False) as plain:
+        np.testing.assert_array_equal(found.ids, plain.search("big", queries, 1024).ids)
+    found.distances[0, 0] = -1.0  # still the caller's memory
 
 
 @pytest.mark.parametrize("over_socket", [True, False])
