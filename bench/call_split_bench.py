@@ -110,6 +110,34 @@ def busy_stacks(py_spy: str, pid: int, calls, thread: str, serving: str, waiting
         f"{count:6d} {100 * count / max(1, busy):5.1f}% {name}" for name, count in totals.most_common(30)]
 
 
+def active_threads(py_spy: str, pid: int, calls, seconds: float = 3.0) -> list[str]:
+    """Samples of each thread of process pid that py-spy found active (not idle) during `seconds` of
+    calls, and the innermost functions of the threads other than the host socket's: what else in the
+    server takes a core or the GIL while a call is served."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "stacks.txt")
+        spy = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", out, "-p", str(pid),
+                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        ends = time.perf_counter() + seconds
+        while time.perf_counter() < ends:
+            calls()
+        problem = spy.communicate(timeout=60)[1].decode()
+        if spy.returncode or not os.path.exists(out):
+            return [f"py-spy failed: {problem.strip()[-300:]}"]
+        threads, innermost = collections.Counter(), collections.Counter()
+        with open(out) as f:
+            for line in f:
+                stack, _, count = line.rstrip().rpartition(" ")
+                frames = stack.split(";")
+                threads[frames[0]] += int(count)
+                if "host-sock" not in frames[0]:
+                    innermost[f"{frames[0]}: {frames[-1].split(' (')[0]}"] += int(count)
+    return [f"{count:6d} active samples: {name}" for name, count in threads.most_common(12)] + [
+        f"{count:6d} innermost {name}" for name, count in innermost.most_common(12)]
+
+
 def server_stacks(py_spy: str, pid: int, calls) -> list[str]:
     """The server's socket thread during calls, its waits for the next call left out."""
     return busy_stacks(py_spy, pid, calls, "host-sock", "HostSocket._serve_calls", ("recv_frame",))
@@ -175,6 +203,8 @@ def main(argv=None) -> int:
             if args.py_spy and f"{batch}x{k}" in args.py_spy_cells.split(","):
                 print(f"--- the server during Search B={batch} k={k} through the service")
                 print("\n".join(server_stacks(args.py_spy, service.pid, lambda: remote.search("split", q, k))))
+                print("--- the server's active threads during the same calls")
+                print("\n".join(active_threads(args.py_spy, service.pid, lambda: remote.search("split", q, k))))
                 print("--- the client (this process) during the same calls")
                 print("\n".join(client_stacks(args.py_spy, lambda: p50_ms(lambda: remote.search("split", q, k), 5, 0))))
         if args.read_chunks:

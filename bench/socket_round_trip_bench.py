@@ -106,7 +106,7 @@ def main() -> None:
         sock.connect(path)
         print(f"{os.cpu_count()} CPUs; the server works {args.work_us:.0f} us a call; {args.calls} calls a cell (us)")
         print(f"{'request':>8} {'answer':>8} {'client':>7} {'server':>7} {'p50':>8} {'p99':>8}")
-        for request_bytes, answer_bytes in ((3_200, 700), (3_200, 16_600), (200_000, 1_100_000)):
+        for request_bytes, answer_bytes in ((3_200, 700), (3_200, 16_600), (16_600, 33_000), (200_000, 1_100_000)):
             for spin_server in (False, True):
                 for spin_client in (False, True):
                     times = round_trips(sock, request_bytes, answer_bytes, args.work_us * 1e-6, spin_client,
