@@ -77,14 +77,14 @@ def _answer(rows: int) -> dict:
 
 
 def test_parsed_leaves_each_tensor_s_bytes_in_the_answer_and_reads_every_other_field():
-    result = _answer(1000)  # 56 KB: past PARSED_WHOLE_BELOW
+    result = _answer(2000)  # 112 KB: past PARSED_WHOLE_BELOW
     for wire in (framing.serialized(pb.SearchResponse(generation=7), result),
                  built_by_protobuf(pb.SearchResponse(generation=7), result).SerializeToString()):
         assert len(wire) >= framing.PARSED_WHOLE_BELOW
         message, payloads = framing.parsed(pb.SearchResponse, wire)
         assert message.generation == 7 and sorted(payloads) == ["distances", "ids", "tokens", "values"]
         assert not message.HasField("keys") and not message.HasField("weights") and message.HasField("values")
-        assert message.ids.data == b"" and list(message.ids.shape) == [1000, 4] and message.ids.dtype == "int64"
+        assert message.ids.data == b"" and list(message.ids.shape) == [2000, 4] and message.ids.dtype == "int64"
         for name in payloads:
             assert isinstance(payloads[name], memoryview) and payloads[name].obj is wire  # views, not copies
             np.testing.assert_array_equal(

@@ -24,7 +24,7 @@ def test_requests_with_tensors_have_no_field_the_wrapper_shadows():
 
 def test_a_framed_add_reads_as_its_message_with_views_of_the_received_bytes():
     rng = np.random.default_rng(0)
-    keys, tokens = rng.standard_normal((500, 8), dtype=np.float32), np.arange(500)  # past PARSED_WHOLE_BELOW
+    keys, tokens = rng.standard_normal((2000, 8), dtype=np.float32), np.arange(2000)  # past PARSED_WHOLE_BELOW
     wire = framing.serialized(pb.AddRequest(namespace="ns", source="day", request_id="r1", generation=4),
                               dict(keys=keys, tokens=tokens, values=None))
     request = decoding._deserializer(pb.AddRequest)(wire)
