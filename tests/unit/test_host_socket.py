@@ -556,3 +556,28 @@ def test_a_large_frame_is_a_read_only_view_of_the_received_bytes_and_a_small_one
         sender.join()
         assert kind == STATUS and isinstance(payload, bytes) and payload == b"{}"
         assert len(large) >= socket_frames._JOINED_BELOW > 2
+
+
+def test_a_frame_of_several_buffers_arrives_as_their_bytes_in_order_whatever_the_socket_takes_at_once():
+    """send_frame of a list (a call's header and its request, not joined): gathered writes that the
+    socket takes in pieces (8 MiB against its buffer of a few hundred KiB), read as one payload."""
+    from monim.protos.socket_frames import CALL, call_payload, split_call
+
+    rng = np.random.default_rng(5)
+    pieces = [b"h" * 9, memoryview(rng.integers(0, 255, 8 << 20, dtype=np.uint8)), b"", bytes(range(200))]
+    left, right = socket.socketpair()
+    with left, right:
+        def send():
+            send_frame(left, MESSAGE, pieces)
+            send_frame(left, MESSAGE, [b"ab", b"c"])
+            send_frame(left, CALL, call_payload({"method": "Search"}, b"\x01" * 70_000))
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        kind, payload = recv_frame(right)
+        assert kind == MESSAGE and bytes(payload) == b"".join(bytes(piece) for piece in pieces)
+        assert recv_frame(right) == (MESSAGE, b"abc")
+        kind, payload = recv_frame(right)
+        sender.join()
+        header, request = split_call(payload)
+        assert kind == CALL and header == {"method": "Search"} and bytes(request) == b"\x01" * 70_000
