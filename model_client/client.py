@@ -792,7 +792,9 @@ class MemoryClient:
         width = queries.shape[1] if queries.ndim == 2 else 1
         slot_bytes = 16 + 4 * width * return_keys + 4 * value_dim * return_values + 4 * return_weights
         row_bytes = max(queries.itemsize * width, max(k, 1) * slot_bytes) + 64
-        read_chunk = SHARED_READ_CHUNK_BYTES if self.remote and self._store.uses_shared_memory() else READ_CHUNK_BYTES
+        read_chunk = READ_CHUNK_BYTES  # (a client that never reads this much never probes for shared memory)
+        if self._rows(queries) * row_bytes > READ_CHUNK_BYTES and self.remote and self._store.uses_shared_memory():
+            read_chunk = SHARED_READ_CHUNK_BYTES
         chunks = list(self._row_chunks(self._rows(queries), row_bytes, whole_up_to=read_chunk, chunk_bytes=read_chunk))
         if len(chunks) == 1:
             return self._read("search", self._rows(queries) * max(k, 1) * slot_bytes, namespace, queries, k,

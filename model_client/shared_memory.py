@@ -42,6 +42,8 @@ from monim.protos.shared_memory import (
 REGION_BYTES = 32 << 20
 # Bytes of regions one client keeps at most (its calls in flight at once each hold one).
 DEFAULT_BUDGET_BYTES = 1 << 30
+# The region of a server's probe (ProbeSharedMemory reads 32 bytes of it and writes them back).
+PROBE_BYTES = 4096
 # A call whose answer is expected to fill at least this part of its region lends the region to the
 # answer's arrays (no copy out of it); a smaller answer is copied out (a 1 MiB answer would otherwise
 # hold a 32 MiB region for as long as its arrays live).
@@ -75,8 +77,12 @@ class SharedMemory:
         return usable
 
     def _probe(self, probe) -> bool:
-        region = self.acquire(64)
-        if region is None:
+        """The probe on a region of one page of its own, removed after (every client probes at its first
+        call, for the host socket: one that makes only small calls keeps no region)."""
+        _remove_orphans()
+        try:
+            region = Region.create(PROBE_BYTES)
+        except OSError:  # the host's shared memory is full, or not writable here
             return False
         try:
             token = os.urandom(32)
@@ -88,7 +94,7 @@ class SharedMemory:
                 return False
             return bytes(region.view(32, 32)) == token[::-1]
         finally:
-            self.release(region)
+            region.close()
 
     def acquire(self, size: int) -> Region | None:
         """A free region of at least size bytes (made if none is and the budget allows), or None."""

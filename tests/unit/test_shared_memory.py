@@ -207,6 +207,18 @@ def test_a_large_answer_lies_in_its_region_until_its_arrays_go(server):
         assert lent <= {region.name for region in client._store.shared._free}  # back in the pool
 
 
+def test_a_client_of_small_calls_keeps_no_region(server):
+    """Regions (32 MiB of the host's shared memory each) are made for large calls only: a client that
+    searches a few queries at a time keeps none (its probe's page is removed once asked)."""
+    rng = np.random.default_rng(15)
+    with MemoryClient(server, shared_memory=False) as writer:
+        keys = _big_namespace(writer, rng)
+    with MemoryClient(server) as client:
+        for batch in (1, 16, 64):
+            client.search("big", keys[:batch] + 0.01, 32)
+        assert client._store.shared._regions == {} and client._store.shared._usable == {server: True}
+
+
 def test_answers_kept_past_half_the_budget_are_copied_out_of_their_regions(server):
     rng = np.random.default_rng(13)
     with MemoryClient(server) as client, MemoryClient(server, shared_memory=False) as plain:
