@@ -219,6 +219,38 @@ def test_a_client_of_small_calls_keeps_no_region(server):
         assert client._store.shared._regions == {} and client._store.shared._usable == {server: True}
 
 
+def test_threads_keeping_and_dropping_lent_answers_each_read_their_own(server):
+    """Four threads at once, each searching large batches through one client: some answers are kept
+    (their regions stay lent), the rest dropped at once (their regions serve the next calls). Every
+    answer kept still reads as the search it came from once all are done: no region was handed to a
+    call while an array lay in it."""
+    rng = np.random.default_rng(16)
+    with MemoryClient(server) as client, MemoryClient(server, shared_memory=False) as plain:
+        keys = _big_namespace(client, rng)
+        batches = [keys[rng.integers(0, ROWS, 600)] + 0.01 for _ in range(6)]
+        expected = [plain.search("big", q, 1024).ids for q in batches]
+
+        def work(thread: int) -> list:
+            kept = []
+            for round_ in range(6):
+                which = (thread + round_) % len(batches)
+                found = client.search("big", batches[which], 1024)
+                if round_ % 2 == 0:
+                    kept.append((which, found))
+                else:
+                    np.testing.assert_array_equal(found.ids, expected[which])
+            return kept
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            kept = [pair for answer in pool.map(work, range(4)) for pair in answer]
+        assert client._store.shared.lent_bytes > 0
+        for which, found in kept:
+            np.testing.assert_array_equal(found.ids, expected[which])
+        del kept, found
+        gc.collect()
+        assert client._store.shared.lent_bytes == 0
+
+
 def test_answers_kept_past_half_the_budget_are_copied_out_of_their_regions(server):
     rng = np.random.default_rng(13)
     with MemoryClient(server) as client, MemoryClient(server, shared_memory=False) as plain:
