@@ -74,15 +74,13 @@ class Handler:
         return handler.response_serializer(handler.unary_unary(parsed, self._context((), "bench")))
 
 
-def busy_stacks(py_spy: str, pid: int, calls, thread: str, serving: str, waiting: tuple[str, ...],
-                seconds: float = 3.0) -> list[str]:
-    """The functions a thread of process pid (its name containing `thread`) was busy in during `seconds`
-    of calls (py-spy record): samples under the function `serving`, less those whose next frame is one
-    of `waiting` (the thread waiting for its next call or answer)."""
+def recorded_stacks(py_spy: str, pid: int, calls, seconds: float = 3.0, idle: bool = False):
+    """(stack, samples) of each line py-spy recorded of process pid during `seconds` of calls (the
+    stack's frames split, the thread first; with idle samples if `idle`), or the error it gave."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "stacks.txt")
         spy = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", out, "-p", str(pid),
-                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking", "--idle"],
+                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking"] + ["--idle"] * idle,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(0.5)
         ends = time.perf_counter() + seconds
@@ -90,50 +88,46 @@ def busy_stacks(py_spy: str, pid: int, calls, thread: str, serving: str, waiting
             calls()
         problem = spy.communicate(timeout=60)[1].decode()
         if spy.returncode or not os.path.exists(out):
-            return [f"py-spy failed: {problem.strip()[-300:]}"]
-        totals, busy, idle = collections.Counter(), 0, 0
+            return f"py-spy failed: {problem.strip()[-300:]}"
         with open(out) as f:
-            for line in f:
-                stack, _, count = line.rstrip().rpartition(" ")
-                frames = stack.split(";")
-                names = [frame.split(" (")[0] for frame in frames[1:]]
-                if thread not in frames[0] or serving not in names:
-                    continue
-                below = names[names.index(serving) + 1:]
-                if below[:1] and below[0] in waiting:
-                    idle += int(count)
-                    continue
-                busy += int(count)
-                for name in set(below):
-                    totals[name] += int(count)
+            return [(stack.split(";"), int(count)) for stack, _, count in (line.rstrip().rpartition(" ") for line in f)]
+
+
+def busy_stacks(py_spy: str, pid: int, calls, thread: str, serving: str, waiting: tuple[str, ...]) -> list[str]:
+    """The functions a thread of process pid (its name containing `thread`) was busy in during calls:
+    samples under the function `serving`, less those whose next frame is one of `waiting` (the thread
+    waiting for its next call or answer)."""
+    stacks = recorded_stacks(py_spy, pid, calls, idle=True)
+    if isinstance(stacks, str):
+        return [stacks]
+    totals, busy, idle = collections.Counter(), 0, 0
+    for frames, count in stacks:
+        names = [frame.split(" (")[0] for frame in frames[1:]]
+        if thread not in frames[0] or serving not in names:
+            continue
+        below = names[names.index(serving) + 1:]
+        if below[:1] and below[0] in waiting:
+            idle += count
+            continue
+        busy += count
+        for name in set(below):
+            totals[name] += count
     return [f"{busy} busy samples (1 ms each) of {thread} under {serving}, {idle} waiting"] + [
         f"{count:6d} {100 * count / max(1, busy):5.1f}% {name}" for name, count in totals.most_common(30)]
 
 
-def active_threads(py_spy: str, pid: int, calls, seconds: float = 3.0) -> list[str]:
-    """Samples of each thread of process pid that py-spy found active (not idle) during `seconds` of
-    calls, and the innermost functions of the threads other than the host socket's: what else in the
-    server takes a core or the GIL while a call is served."""
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "stacks.txt")
-        spy = subprocess.Popen([py_spy, "record", "-r", "1000", "-f", "raw", "-o", out, "-p", str(pid),
-                                "-d", str(int(seconds) + 1), "--threads", "--nonblocking"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(0.5)
-        ends = time.perf_counter() + seconds
-        while time.perf_counter() < ends:
-            calls()
-        problem = spy.communicate(timeout=60)[1].decode()
-        if spy.returncode or not os.path.exists(out):
-            return [f"py-spy failed: {problem.strip()[-300:]}"]
-        threads, innermost = collections.Counter(), collections.Counter()
-        with open(out) as f:
-            for line in f:
-                stack, _, count = line.rstrip().rpartition(" ")
-                frames = stack.split(";")
-                threads[frames[0]] += int(count)
-                if "host-sock" not in frames[0]:
-                    innermost[f"{frames[0]}: {frames[-1].split(' (')[0]}"] += int(count)
+def active_threads(py_spy: str, pid: int, calls) -> list[str]:
+    """Samples of each thread of process pid that py-spy found active (not idle) during calls, and the
+    innermost functions of the threads other than the host socket's: what else in the server takes a
+    core or the GIL while a call is served."""
+    stacks = recorded_stacks(py_spy, pid, calls)
+    if isinstance(stacks, str):
+        return [stacks]
+    threads, innermost = collections.Counter(), collections.Counter()
+    for frames, count in stacks:
+        threads[frames[0]] += count
+        if "host-sock" not in frames[0]:
+            innermost[f"{frames[0]}: {frames[-1].split(' (')[0]}"] += count
     return [f"{count:6d} active samples: {name}" for name, count in threads.most_common(12)] + [
         f"{count:6d} innermost {name}" for name, count in innermost.most_common(12)]
 
