@@ -116,8 +116,13 @@ def main() -> None:
                           f"{np.percentile(times, 99):>8.1f}", flush=True)
         sock.close()
     finally:
-        server.wait(timeout=10)
-        os.unlink(path)
+        try:
+            server.wait(timeout=10)  # it ends when the client closes its socket
+        except subprocess.TimeoutExpired:  # the client never came (it failed first)
+            server.kill()
+            server.wait()
+        if os.path.exists(path):
+            os.unlink(path)
         os.rmdir(folder)
 
 

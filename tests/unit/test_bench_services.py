@@ -105,3 +105,15 @@ def test_gpu_search_bench_refuses_a_setting_it_cannot_compare(capsys):
         with pytest.raises(SystemExit):
             gpu_search_bench.main(["--compare-setting", bad])
         assert why in capsys.readouterr().err
+
+
+def test_the_socket_round_trip_bench_times_every_way_of_waiting():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench.socket_round_trip_bench", "--calls", "10"], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert len(rows) == 16 and {(row[2], row[3]) for row in rows} == {(c, s) for c in ("block", "spin")
+                                                                          for s in ("block", "spin")}
+    assert all(float(row[4]) > 0 for row in rows)
