@@ -251,8 +251,11 @@ class _RemoteStore:
         in_parts = False  # a parts method called as its one-message twin: its answer read as one part
         if held is not None and answer_bytes >= MIN_SHARED_BYTES:
             # The region has room for the whole answer: one message naming where it lies, not parts
-            # (whose bytes would be copied again to join them).
-            in_parts, method = method in _WHOLE_IN_A_REGION, _WHOLE_IN_A_REGION.get(method, method)
+            # (whose bytes would be copied again to join them); while what the region cannot hold (the
+            # answer's size is an estimate: a namespace's widths this client has not seen count 0) would
+            # still fit a message.
+            if answer_bytes <= self.max_message_bytes // 2:
+                in_parts, method = method in _WHOLE_IN_A_REGION, _WHOLE_IN_A_REGION.get(method, method)
             if then is not None and answer_bytes >= LEND_FRACTION * held.region.size:
                 self.shared.lend(held.region)  # the answer's arrays lie in the region: no copy out of it
         answered = False  # the server is done with the call (its region may serve another)
