@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine (docs/DEVELOPMENT.md, "The GPU machine"), in two parts.
 #
-# Here, once a session, from the checkout:   bash bench/gpu_session.sh wheels
+# Here, once a session, from the checkout:   PATH=.venv/bin:$PATH bash bench/gpu_session.sh wheels
 #   puts into .gpu/ (git-ignored through .git/info/exclude): wheels/ (grpcio 1.85.1 and its companions,
 #   protobuf, faiss-cpu, py-spy, hypothesis: ~32 MB, cp312) and wheel/ (the project's wheel, made again
 #   at every call of this step: build it after each change you want measured).
