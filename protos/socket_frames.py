@@ -41,7 +41,7 @@ def send_frame(sock: socket.socket, kind: int, payload) -> None:
     """payload: bytes, or a list of buffers that are the payload one after another (sent as they are:
     a call's header and its request of 200 KB are not joined into a third copy first)."""
     pieces = payload if isinstance(payload, list) else [payload]
-    size = sum(len(piece) for piece in pieces)
+    size = sum(memoryview(piece).nbytes for piece in pieces)  # (len of a memoryview counts its items)
     header = _HEADER.pack(kind, size)
     if size < _JOINED_BELOW:
         sock.sendall(b"".join([header, *pieces]))  # one write: a step's answer is small
@@ -51,7 +51,7 @@ def send_frame(sock: socket.socket, kind: int, payload) -> None:
 
 def _send_all(sock: socket.socket, buffers: list) -> None:
     """sendall of the buffers in order, gathered by sendmsg (one system call where the socket takes them)."""
-    views = [memoryview(buffer).cast("B") for buffer in buffers if len(buffer)]
+    views = [view for view in (memoryview(buffer).cast("B") for buffer in buffers) if view.nbytes]
     while views:
         sent = sock.sendmsg(views)
         while sent:

@@ -564,7 +564,8 @@ def test_a_frame_of_several_buffers_arrives_as_their_bytes_in_order_whatever_the
     from monim.protos.socket_frames import CALL, call_payload, split_call
 
     rng = np.random.default_rng(5)
-    pieces = [b"h" * 9, memoryview(rng.integers(0, 255, 8 << 20, dtype=np.uint8)), b"", bytes(range(200))]
+    pieces = [b"h" * 9, memoryview(rng.integers(0, 255, 8 << 20, dtype=np.uint8)), b"", bytes(range(200)),
+              memoryview(np.arange(1000, dtype=np.float32))]  # a view whose items are 4 bytes
     left, right = socket.socketpair()
     with left, right:
         def send():
