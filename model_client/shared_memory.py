@@ -6,7 +6,7 @@ region from the pool for as long as it runs: its request's tensors (each of PLAC
 are written at the region's start, the rest of the region is where the server may write its answer's
 (ANSWER_REGION_KEY), and the answer is read from there before the region goes back to the pool.
 An answer that fills a good part of its region (LEND_FRACTION) is not copied at all: the caller's
-arrays lie in the region, which is lent to them (a Loan) and goes back to the pool only once no array
+arrays lie in the region, which is lent to them (_loan) and goes back to the pool only once no array
 over it is left (the region of a 67 MB Search answer was copied out at ~10 GB/s, milliseconds a call);
 past half the budget in lent regions, answers are copied out again. A call cut short on this side
 (its deadline) may still be answered into its region by the server: that region is retired, never
@@ -60,7 +60,7 @@ class SharedMemory:
         # a locked section of this thread (the garbage collector runs at any allocation).
         self._lock = threading.RLock()
         self._pid = os.getpid()
-        self._loans: dict[str, object] = {}  # region name -> the Loan of a call in flight that lends it
+        self._loans: dict[str, object] = {}  # region name -> the _loan buffer of a call in flight that lends it
         self._lent: dict[str, Region] = {}  # regions lent to answers' arrays, by name
         self.bytes_placed = 0  # tensors' bytes that went through a region instead of a message (both ways)
         # The regions' files go with this object, or at the interpreter's exit, if close() was not called.
@@ -130,7 +130,7 @@ class SharedMemory:
         """Lends the region of a call in flight to its answer's arrays (view() hands out arrays over it)
         unless lent regions already hold half the budget. The call ends with ended()."""
         with self._lock:
-            if sum(lent.size for lent in self._lent.values()) + region.size > self.budget // 2:
+            if self.lent_bytes + region.size > self.budget // 2:
                 return False
             loan = _loan(region)
             self._loans[region.name] = loan
@@ -148,7 +148,7 @@ class SharedMemory:
             loan = self._loans.pop(region.name, None)
         if loan is None and answered:
             self.release(region)
-        del loan  # the Loan's finalizer runs here if no array holds it
+        del loan  # the loan's finalizer runs here if no array holds it
 
     def _returned(self, region: Region) -> None:
         """The last array over a lent region went."""

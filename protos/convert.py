@@ -81,7 +81,8 @@ def tensor_from_proto(tensor: pb.Tensor, what: str, writable: bool = True, data=
     # An empty tensor with a dimension too large for numpy to shape (any tensor that large is refused).
     # (Without a dimension 0 the span is the bytes counted above.)
     if (expected or math.prod(max(s, 1) for s in shape) * dtype.itemsize) > MAX_TENSOR_SPAN_BYTES:
-        raise InvalidArgument(f"{what} is empty but has a dimension too large in shape {list(shape)}")
+        raise InvalidArgument(f"{what} would span more than {MAX_TENSOR_SPAN_BYTES} bytes: a dimension too large "
+                              f"in shape {list(shape)}")
     native = _NATIVE[dtype]
     if writable and native == dtype and isinstance(data, np.ndarray) and data.flags.writeable:
         return data.view(dtype).reshape(shape)  # memory lent to this answer (a client's shared memory region)

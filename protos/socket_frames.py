@@ -40,18 +40,19 @@ _JOINED_BELOW = 1 << 16  # a payload smaller than this is copied behind its head
 def send_frame(sock: socket.socket, kind: int, payload) -> None:
     """payload: bytes, or a list of buffers that are the payload one after another (sent as they are:
     a call's header and its request of 200 KB are not joined into a third copy first)."""
-    pieces = payload if isinstance(payload, list) else [payload]
-    size = sum(memoryview(piece).nbytes for piece in pieces)  # (len of a memoryview counts its items)
+    # Byte views, made once: their sizes (len of a memoryview counts its items) and what is sent.
+    views = [memoryview(piece).cast("B") for piece in (payload if isinstance(payload, list) else [payload])]
+    size = sum(view.nbytes for view in views)
     header = _HEADER.pack(kind, size)
     if size < _JOINED_BELOW:
-        sock.sendall(b"".join([header, *pieces]))  # one write: a step's answer is small
+        sock.sendall(b"".join([header, *views]))  # one write: a step's answer is small
     else:
-        _send_all(sock, [header, *pieces])
+        _send_all(sock, [memoryview(header), *views])
 
 
-def _send_all(sock: socket.socket, buffers: list) -> None:
-    """sendall of the buffers in order, gathered by sendmsg (one system call where the socket takes them)."""
-    views = [view for view in (memoryview(buffer).cast("B") for buffer in buffers) if view.nbytes]
+def _send_all(sock: socket.socket, views: list) -> None:
+    """sendall of the byte views in order, gathered by sendmsg (one system call where the socket takes them)."""
+    views = [view for view in views if view.nbytes]
     while views:
         sent = sock.sendmsg(views)
         while sent:
