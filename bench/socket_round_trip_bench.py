@@ -38,9 +38,8 @@ _SPIN_SERVER = b"S"
 def _spin_until_readable(sock: socket.socket) -> None:
     while True:
         try:
-            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                return
-            return  # closed: recv_frame sees it
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # a byte, or b"" if closed (recv_frame sees it)
+            return
         except BlockingIOError:
             pass
 
