@@ -31,15 +31,44 @@ def source_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
+def host_bytes(size: int) -> np.ndarray:
+    """size bytes of host memory (uint8) for data bound for a GPU: from PINNED_MIN_BYTES, pinned memory of
+    torch's caching host allocator, which to_device copies from directly (and which is not reused before
+    a copy queued from it ends); smaller, numpy's memory."""
+    if size < PINNED_MIN_BYTES:
+        return np.empty(size, np.uint8)
+    return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+
+
+def _in_pinned_block(array: np.ndarray, tensor: torch.Tensor) -> torch.Tensor | None:
+    """tensor (over array's memory) as a view of the pinned tensor the array lies in (host_bytes'), whose
+    storage torch's host allocator knows: a copy queued from it keeps the block from reuse until it ends
+    (a tensor made from the array's pointer would not). None when the array lies in no such tensor."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not torch.is_tensor(base) or not tensor.is_contiguous() or not base.is_contiguous() or not base.is_pinned():
+        return None
+    start = tensor.data_ptr() - base.data_ptr()
+    if start < 0 or start + tensor.nbytes > base.nbytes:
+        return None
+    return base.reshape(-1).view(torch.uint8)[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+
+
 def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """The array (only read from) as a tensor on device: on a GPU, large arrays through pinned memory
-    (the copy to the GPU is queued, not waited for; the buffer is not reused before it ends). A tensor
-    (the in-process store's device path) goes there as torch moves it: not at all where it is."""
+    (the copy to the GPU is queued, not waited for; the buffer is not reused before it ends), copied
+    straight from where they are when they lie in it already (host_bytes: a request's tensors on a
+    server of GPU shards). A tensor (the in-process store's device path) goes there as torch moves it:
+    not at all where it is."""
     if torch.is_tensor(array):
         return array.to(device)
     tensor = source_tensor(array)
     if torch.device(device).type != "cuda" or tensor.nbytes < PINNED_MIN_BYTES:
         return tensor.to(device)
+    pinned = _in_pinned_block(array, tensor)
+    if pinned is not None:
+        return pinned.to(device, non_blocking=True)
     staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     # Into pinned memory on the copy threads (protos/copies.py), not torch's: a shard actor runs torch on
     # one thread, and there 25 MB of a training step's queries and gradients took ~5 ms to stage.

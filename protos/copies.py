@@ -73,10 +73,11 @@ def copy_rows(target: np.ndarray, source: np.ndarray) -> None:
         target[...] = source
 
 
-def copied_bytes(source) -> np.ndarray:
-    """A new read-only uint8 array with source's bytes (in place of bytes(source), which holds the GIL)."""
+def copied_bytes(source, allocate=None) -> np.ndarray:
+    """A new read-only uint8 array with source's bytes (in place of bytes(source), which holds the GIL).
+    allocate(size) -> the writable uint8 array of size bytes to copy into (None: numpy's memory)."""
     data = np.frombuffer(source, np.uint8)
-    out = np.empty(data.size, np.uint8)
+    out = np.empty(data.size, np.uint8) if allocate is None else allocate(data.size)
     copy_bytes(out, data)
     out.flags.writeable = False
     return out

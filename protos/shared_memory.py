@@ -193,6 +193,17 @@ class OpenRegions:
 
 
 _server_regions = OpenRegions()
+_request_memory = None  # copy_requests_into's allocator
+
+
+def copy_requests_into(allocate) -> None:
+    """Where this server process copies request tensors out of its clients' regions: allocate(size) ->
+    a writable uint8 array of size bytes (None: numpy's memory). A process whose shards are on its GPU
+    gives pinned host memory (datastore/transfer.host_bytes), from which the copy to the GPU is direct:
+    without it, a request's tensors were copied twice on the host, out of the region and into a pinned
+    buffer (3 MB for an ApplyGradients of 1,024 rows; 12.6 MB for a Search of B=4096)."""
+    global _request_memory
+    _request_memory = allocate
 
 
 def server_regions() -> OpenRegions:
@@ -205,7 +216,7 @@ def copied(name: str, offset: int, size: int) -> np.ndarray:
     into memory its client writes again): read-only uint8, copied without holding the GIL."""
     if not enabled():
         raise InvalidArgument(f"shared memory is turned off on this server ({ENV}=0): send tensors in the message")
-    return copied_bytes(_server_regions.get(name).view(offset, size))
+    return copied_bytes(_server_regions.get(name).view(offset, size), _request_memory)
 
 
 def answer_placer(value: str) -> Placer:

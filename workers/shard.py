@@ -39,8 +39,9 @@ import torch
 from monim.datastore import NamespaceConfig, NeighborStore, Rows, SearchResult, memory_ops
 from monim.datastore.location import Location
 from monim.datastore.memory_ops import BackwardPartials
-from monim.datastore.transfer import source_tensor, to_device, to_host
+from monim.datastore.transfer import host_bytes, source_tensor, to_device, to_host
 from monim.datastore.wal import WriteAheadLog
+from monim.protos import shared_memory
 from monim.protos.errors import (
     Aborted,
     AlreadyExists,
@@ -286,6 +287,8 @@ class Shard:
         # the move, which does not name it, so it takes no write until the move's placement reaches it)
         self.placement = Placement(0, num_shards) if placement is None else Placement.from_dict(placement)
         self.device = device
+        if torch.device(device).type == "cuda":  # requests out of clients' regions into pinned memory
+            shared_memory.copy_requests_into(host_bytes)
         self.stores: dict[str, NeighborStore] = {}
         self._applied = _Remembered()     # (request id, operation) -> result
         self._committed = _Remembered()   # step id -> rows updated

@@ -199,3 +199,63 @@ def test_a_retried_backward_of_a_state_kept_on_the_gpu_steps_once(monkeypatch):
             np.testing.assert_allclose(client.get("g", np.arange(N)).values, values - LR * ref_gv, atol=1e-5)
     finally:
         server.stop(0)
+
+
+def test_an_array_in_pinned_host_bytes_goes_to_the_gpu_from_where_it_lies(monkeypatch):
+    """transfer.host_bytes (where a GPU shard's server copies request tensors): to_device copies from
+    it straight to the GPU, no staging copy, and the block is not handed out again before that copy ends
+    (a new array of the same size written at once does not reach the first one's tensor)."""
+    from monim.datastore import transfer
+
+    staged = []
+    monkeypatch.setattr(transfer, "copy_rows", lambda target, source: staged.append(source))
+    size = 256 << 20  # the copy to the GPU takes milliseconds: time for a reuse to show
+    first = transfer.host_bytes(size)
+    first[:] = 7
+    array = first.view(np.float32).reshape(-1, 1024)
+    on_gpu = transfer.to_device(array, "cuda")
+    del first, array
+    second = transfer.host_bytes(size)
+    second[:] = 9
+    torch.cuda.synchronize()
+    assert not staged
+    assert bool((on_gpu.view(torch.uint8) == 7).all())
+    np.testing.assert_array_equal(second[:8], 9)
+    small = transfer.host_bytes(1024)  # below PINNED_MIN_BYTES: plain memory
+    assert not torch.is_tensor(small.base)
+
+
+def test_a_gpu_shard_has_its_servers_requests_copied_into_pinned_memory(monkeypatch):
+    """A Shard on a GPU sets copy_requests_into(host_bytes): a Search and an ApplyGradients sent through
+    shared memory answer and step as the in-process store does."""
+    from monim.datastore.transfer import host_bytes
+    from monim.protos import shared_memory
+    from monim.workers.router import Router
+    from monim.workers.runtime import LocalRuntime
+    from monim.workers.server import start_server
+
+    monkeypatch.setattr(shared_memory, "_request_memory", None)  # restored after the test
+    runtime = LocalRuntime(1, device="cuda")
+    assert shared_memory._request_memory is host_bytes
+    server, port = start_server(Router(runtime), port=0)
+    rng = np.random.default_rng(5)
+    rows, dim = 8192, 256
+    keys = rng.standard_normal((rows, dim)).astype(np.float32)
+    values = rng.standard_normal((rows, dim)).astype(np.float32)
+    try:
+        with MemoryClient(f"127.0.0.1:{port}") as remote, MemoryClient(":memory:", device="cuda") as local:
+            for client in (remote, local):
+                client.create_namespace("p", dim=dim, value_dim=dim, key_dtype="float32", optimizer="sgd", lr=0.5)
+                client.add("p", keys, np.arange(rows), values=values)
+            queries = keys[rng.integers(0, rows, 2048)] + 0.01  # 2 MiB: through a region, into pinned memory
+            found, expected = remote.search("p", queries, K), local.search("p", queries, K)
+            np.testing.assert_array_equal(found.ids, expected.ids)
+            grads = rng.standard_normal((rows, dim)).astype(np.float32)  # 8 MiB
+            for client in (remote, local):
+                client.apply_gradients("p", np.arange(rows), grads)
+            assert remote._store.shared.bytes_placed >= queries.nbytes + grads.nbytes
+            np.testing.assert_allclose(remote.get("p", np.arange(rows)).values,
+                                       local.get("p", np.arange(rows)).values, atol=1e-6)
+    finally:
+        server.stop(0)
+        runtime.shutdown()

@@ -392,3 +392,28 @@ def test_a_client_killed_while_it_holds_regions_leaves_files_the_next_client_rem
     with MemoryClient(server) as client:
         made(client, np.random.default_rng(11))  # its first large call makes a region
     assert not any(os.path.exists(path) for path in paths)
+
+
+def test_a_server_copies_request_tensors_into_the_memory_it_is_given(server, monkeypatch):
+    """copy_requests_into (a server of GPU shards gives pinned memory): every tensor a request names in a
+    region is copied into memory of the allocator's, read-only there, and the calls answer as without."""
+    given = []
+
+    def allocate(size):
+        given.append(np.full(size, 0xAB, np.uint8))
+        return given[-1]
+
+    rng = np.random.default_rng(11)
+    with MemoryClient(server, shared_memory=False) as plain:
+        keys = made(plain, rng)
+        queries = keys[rng.integers(0, ROWS, 2048)] + 0.01  # 1 MiB: through a region
+        expected = plain.search("ns", queries, K)
+    monkeypatch.setattr(shared_memory, "_request_memory", None)  # restored after the test
+    shared_memory.copy_requests_into(allocate)
+    with MemoryClient(server) as shared:
+        found = shared.search("ns", queries, K)
+    np.testing.assert_array_equal(found.ids, expected.ids)
+    np.testing.assert_array_equal(found.distances, expected.distances)
+    assert [a.size for a in given] == [queries.nbytes]
+    assert not given[0].flags.writeable
+    np.testing.assert_array_equal(given[0].view(np.float32).reshape(queries.shape), queries)
