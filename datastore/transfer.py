@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ PINNED_MIN_BYTES = 1 << 20
 
 _copy_streams: dict[torch.device, torch.cuda.Stream] = {}  # to_host_later's, one a device
 _copy_streams_lock = threading.Lock()
+# host_bytes' pinned tensors by id, while an array over one lives (tensors compare by value: no WeakSet)
+_host_blocks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def source_tensor(array: np.ndarray) -> torch.Tensor:
@@ -37,17 +40,22 @@ def host_bytes(size: int) -> np.ndarray:
     a copy queued from it ends); smaller, numpy's memory."""
     if size < PINNED_MIN_BYTES:
         return np.empty(size, np.uint8)
-    return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+    array = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+    _host_blocks[id(array.base)] = array.base  # the tensor numpy keeps as the array's base
+    return array
 
 
 def _in_pinned_block(array: np.ndarray, tensor: torch.Tensor) -> torch.Tensor | None:
-    """tensor (over array's memory) as a view of the pinned tensor the array lies in (host_bytes'), whose
+    """tensor (over array's memory) as a view of the pinned tensor of host_bytes the array lies in, whose
     storage torch's host allocator knows: a copy queued from it keeps the block from reuse until it ends
-    (a tensor made from the array's pointer would not). None when the array lies in no such tensor."""
+    (a tensor made from the array's pointer would not). None when the array lies in no such tensor
+    (another pinned array, an answer of to_host's say, is staged as before: its owner may write it as
+    soon as the call returns, while a queued copy would still read it; host_bytes' are a request's,
+    which nothing writes after it is copied in)."""
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
-    if not torch.is_tensor(base) or not tensor.is_contiguous() or not base.is_contiguous() or not base.is_pinned():
+    if _host_blocks.get(id(base)) is not base or not tensor.is_contiguous() or not base.is_contiguous():
         return None
     start = tensor.data_ptr() - base.data_ptr()
     if start < 0 or start + tensor.nbytes > base.nbytes:
