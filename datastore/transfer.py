@@ -55,7 +55,7 @@ def _in_pinned_block(array: np.ndarray, tensor: torch.Tensor) -> torch.Tensor | 
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
-    if _host_blocks.get(id(base)) is not base or not tensor.is_contiguous() or not base.is_contiguous():
+    if base is None or _host_blocks.get(id(base)) is not base or not tensor.is_contiguous() or not base.is_contiguous():
         return None
     start = tensor.data_ptr() - base.data_ptr()
     if start < 0 or start + tensor.nbytes > base.nbytes:

@@ -27,6 +27,8 @@ def test_only_host_bytes_memory_is_copied_to_a_device_from_where_it_lies(monkeyp
     np.testing.assert_array_equal(view.numpy(), array)
     other = torch.zeros(2 << 20, dtype=torch.uint8).numpy()  # over a tensor, not host_bytes'
     assert transfer._in_pinned_block(other, transfer.source_tensor(other)) is None
+    plain = np.zeros(2 << 20, np.uint8)  # numpy's own memory (no base: the first GPU run raised on it)
+    assert transfer._in_pinned_block(plain, transfer.source_tensor(plain)) is None
     assert transfer.host_bytes(1024).base is None  # small: numpy's memory
     del block, array, view
     gc.collect()
