@@ -62,7 +62,7 @@ class SharedMemory:
         self._pid = os.getpid()
         self._loans: dict[str, object] = {}  # region name -> the _loan buffer of a call in flight that lends it
         self._lent: dict[str, Region] = {}  # regions lent to answers' arrays, by name
-        self.bytes_placed = 0  # tensors' bytes that went through a region instead of a message (both ways)
+        self.bytes_placed = 0  # answers' tensor bytes read from a region instead of a message (requests' are not counted)
         # The regions' files go with this object, or at the interpreter's exit, if close() was not called.
         self._finalizer = weakref.finalize(self, _close_regions, self._regions, self._free, self._pid)
 
