@@ -117,3 +117,15 @@ def test_the_socket_round_trip_bench_times_every_way_of_waiting():
     assert len(rows) == 16 and {(row[2], row[3]) for row in rows} == {(c, s) for c in ("block", "spin")
                                                                           for s in ("block", "spin")}
     assert all(float(row[4]) > 0 for row in rows)
+
+
+def test_the_apply_gradients_bench_times_each_size_both_ways():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench.apply_gradients_bench", "--rows", "500", "--dim", "16",
+                          "--sizes", "64,256", "--calls", "10"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    rows = [line.split("|") for line in out.splitlines()[3:]]
+    assert [row[0].strip() for row in rows] == ["64", "256"]
+    assert all(float(t) > 0 for row in rows for t in row[1].split())
