@@ -14,22 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
+from bench.call_split_bench import p50_ms
 from bench.search_bench import int_list
-
-
-def p50_ms(call, calls: int, warm_ups: int = 10) -> float:
-    for _ in range(warm_ups):
-        call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None) -> int:
@@ -58,7 +47,8 @@ def main(argv=None) -> int:
             ids = rng.choice(args.rows, min(size, args.rows), replace=False)
             grads = rng.standard_normal((ids.size, args.dim), dtype=np.float32)
             calls = max(10, args.calls * min(args.sizes) // size)
-            ms = [p50_ms(lambda c=client: c.apply_gradients("apply", ids, grads), calls) for client in (local, remote)]
+            ms = [p50_ms(lambda c=client: c.apply_gradients("apply", ids, grads), calls, warm_ups=10)
+                  for client in (local, remote)]
             print(f"{ids.size:>12,} | {ms[0]:>10.3f} {ms[1]:>9.3f} | {ms[0] / ms[1]:.2f}", flush=True)
     return 0
 

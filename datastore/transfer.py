@@ -55,12 +55,10 @@ def _in_pinned_block(array: np.ndarray, tensor: torch.Tensor) -> torch.Tensor | 
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
-    if base is None or _host_blocks.get(id(base)) is not base or not tensor.is_contiguous() or not base.is_contiguous():
+    if base is None or _host_blocks.get(id(base)) is not base or not tensor.is_contiguous():
         return None
-    start = tensor.data_ptr() - base.data_ptr()
-    if start < 0 or start + tensor.nbytes > base.nbytes:
-        return None
-    return base.reshape(-1).view(torch.uint8)[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+    start = tensor.data_ptr() - base.data_ptr()  # (host_bytes' tensors are 1-D uint8)
+    return base[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
 
 
 def to_device(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
