@@ -10,7 +10,11 @@ Three ways over one data set of ``--rows`` keys (values and Adam state with them
 
 So for each Search (B, k) and ApplyGradients of N rows it prints the p50 of each, and what is left of
 the service's call once the handler and the client's read are taken out: the socket's round trip and
-the two processes' hand-offs, the client's own call path, and the answer's bytes between them.
+the two processes' hand-offs, the client's own call path, and the answer's bytes between them. The
+"server" column is the mean time the service's calls of that cell spent inside the server, as its
+metrics count it (from the call's arrival at the interceptors to its answer: the handler's part less
+the request's parse and the answer's framing): beside "handler" it says whether the server runs the
+same work slower than this process does, or the time is outside the server.
 
     python -m bench.call_split_bench --device cuda --rows 1000000            # the GPU machine
     python -m bench.call_split_bench --rows 20000                             # CPU (dim 64)
@@ -54,6 +58,21 @@ def load(client, keys: np.ndarray, chunk: int = 65_536) -> None:
     for start in range(0, rows, chunk):
         part = keys[start:start + chunk]
         client.add("split", part, np.arange(start, start + len(part)), values=0.02 * part)
+
+
+class InsideServer:
+    """The mean time inside a OneProcessService's server (its metrics) of the calls of one method made
+    between this object's making (after `warm_ups` untimed calls) and mean_ms()."""
+
+    def __init__(self, service, method: str, call, warm_ups: int = 4):
+        for _ in range(warm_ups):
+            call()
+        self._service, self._method = service, method
+        self._seconds, self._calls = service.server_seconds(method)
+
+    def mean_ms(self) -> float:
+        seconds, calls = self._service.server_seconds(self._method)
+        return 1e3 * (seconds - self._seconds) / max(1, calls - self._calls)
 
 
 class Handler:
@@ -169,18 +188,21 @@ def main(argv=None) -> int:
     local = MemoryClient(":memory:", device=args.device)
     load(local, keys)
     search, apply = Handler(local._store, "Search"), Handler(local._store, "ApplyGradients")
-    with OneProcessService(args.device) as service:
+    with OneProcessService(args.device, metrics=True) as service:
         remote = MemoryClient(service.address)
         load(remote, keys)
-        print(f"{'what':>24} | {'in-process':>10} {'handler':>8} {'read':>6} {'service':>8} | left  in/service")
+        print(f"{'what':>24} | {'in-process':>10} {'handler':>8} {'read':>6} {'service':>8} {'server':>7} | "
+              "left  in/service")
         for rows in sorted({min(n, args.rows) for n in APPLY_ROWS}):
             ids = rng.choice(args.rows, rows, replace=False).astype(np.int64)
             grads = rng.standard_normal((rows, dim), dtype=np.float32)
             request = framing.serialized(pb.ApplyGradientsRequest(namespace="split"), dict(ids=ids, grads=grads))
             cells = [p50_ms(lambda: local.apply_gradients("split", ids, grads), 20),
-                     p50_ms(lambda: apply(request), 20), 0.0,
-                     p50_ms(lambda: remote.apply_gradients("split", ids, grads), 20)]
-            print(f"{f'ApplyGradients {rows} rows':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {'':>6} {cells[3]:8.3f} | "
+                     p50_ms(lambda: apply(request), 20), 0.0]
+            inside = InsideServer(service, "ApplyGradients", lambda: remote.apply_gradients("split", ids, grads))
+            cells.append(p50_ms(lambda: remote.apply_gradients("split", ids, grads), 20, 0))
+            print(f"{f'ApplyGradients {rows} rows':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {'':>6} {cells[3]:8.3f} "
+                  f"{inside.mean_ms():7.3f} | "
                   f"{cells[3] - cells[1]:5.2f} {cells[0] / cells[3]:5.2f}", flush=True)
         for batch, k in SEARCHES:
             q = queries[:batch]
@@ -189,10 +211,12 @@ def main(argv=None) -> int:
             answer = search(request)
             cells = [p50_ms(lambda: local.search("split", q, k), calls), p50_ms(lambda: search(request), calls),
                      p50_ms(lambda: convert.search_result_from_parts([framing.parsed(pb.SearchResponse, answer)]),
-                            calls),
-                     p50_ms(lambda: remote.search("split", q, k), calls)]
+                            calls)]
+            inside = InsideServer(service, "Search", lambda: remote.search("split", q, k))
+            cells.append(p50_ms(lambda: remote.search("split", q, k), calls, 0))
             left = cells[3] - cells[1] - cells[2]
-            print(f"{f'Search B={batch} k={k}':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {cells[2]:6.3f} {cells[3]:8.3f} | "
+            print(f"{f'Search B={batch} k={k}':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {cells[2]:6.3f} {cells[3]:8.3f} "
+                  f"{inside.mean_ms():7.3f} | "
                   f"{left:5.2f} {cells[0] / cells[3]:5.2f}  (answer {len(answer) / 1e6:.2f} MB)", flush=True)
             if args.py_spy and f"{batch}x{k}" in args.py_spy_cells.split(","):
                 print(f"--- the server during Search B={batch} k={k} through the service")

@@ -35,6 +35,20 @@ def test_the_one_process_service_answers_as_the_in_process_store():
     assert process.poll() == 0  # it stopped when the bench closed it
 
 
+def test_the_one_process_service_counts_its_time_inside_the_server():
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((200, 16)).astype(np.float32)
+    with OneProcessService("cpu", metrics=True) as service, MemoryClient(service.address) as remote:
+        remote.create_namespace("n", dim=16)
+        remote.add("n", keys, np.arange(200))
+        before = service.server_seconds("Search")
+        for _ in range(5):
+            remote.search("n", keys[:3], 4)
+        after = service.server_seconds("Search")
+    assert after[1] - before[1] == 5
+    assert 0 < after[0] - before[0] < 30
+
+
 def test_the_bare_read_in_another_process_answers_as_here():
     here = BareRead(1000, 16, 8, k=4, device="cpu")
     queries = torch.randn(3, 16)
