@@ -10,11 +10,14 @@ Three ways over one data set of ``--rows`` keys (values and Adam state with them
 
 So for each Search (B, k) and ApplyGradients of N rows it prints the p50 of each, and what is left of
 the service's call once the handler and the client's read are taken out: the socket's round trip and
-the two processes' hand-offs, the client's own call path, and the answer's bytes between them. The
-"server" column is the mean time the service's calls of that cell spent inside the server, as its
-metrics count it (from the call's arrival at the interceptors to its answer: the handler's part less
-the request's parse and the answer's framing): beside "handler" it says whether the server runs the
-same work slower than this process does, or the time is outside the server.
+the two processes' hand-offs, the client's own call path, and the answer's bytes between them.
+The service's calls are timed in both processes (one clock: the one-process service records each
+call on its host socket) and cut into stages: the client's call until its request is sent, the
+socket to the server, the server's parse (up to its servicer's gate), the servicer, the server's
+answer out, the socket back, and the client's read. The "servicer" column is that stage's p50 (the
+handler's work less the request's parse, run in the server): beside "handler" it says whether the
+server runs the same work slower than this process does; the stages' p50s (us) are printed under each
+cell with --stages.
 
     python -m bench.call_split_bench --device cuda --rows 1000000            # the GPU machine
     python -m bench.call_split_bench --rows 20000                             # CPU (dim 64)
@@ -44,6 +47,7 @@ from bench.data_plane_bench import p50, timed
 SEARCHES = ((1, 32), (64, 32), (4096, 32), (1, 1024), (64, 1024), (4096, 1024))
 APPLY_ROWS = (1024, 8192)
 READ_CHUNKS = (8 << 20, 20 << 20, 64 << 20, 1 << 30)
+STAGES = ("client to send", "to server", "server parse", "servicer", "server answer", "to client", "client read")
 
 
 def p50_ms(call, calls: int, warm_ups: int = 4) -> float:
@@ -60,19 +64,56 @@ def load(client, keys: np.ndarray, chunk: int = 65_536) -> None:
         client.add("split", part, np.arange(start, start + len(part)), values=0.02 * part)
 
 
-class InsideServer:
-    """The mean time inside a OneProcessService's server (its metrics) of the calls of one method made
-    between this object's making (after `warm_ups` untimed calls) and mean_ms()."""
+def service_calls(service, call, calls: int, warm_ups: int = 4) -> tuple[float, list[float] | None]:
+    """(the p50 ms of `calls` calls through a OneProcessService started with its timeline, the p50 us
+    of each of STAGES over them): the client's side timed here, this process's host socket frame
+    functions wrapped for the while; the stages None if the server's calls do not pair with these (an
+    answer in several messages)."""
+    from monim.model_client import host_socket
 
-    def __init__(self, service, method: str, call, warm_ups: int = 4):
+    send_frame, recv_frame = host_socket.send_frame, host_socket.recv_frame
+    marks = {}
+
+    def sent(connection, kind, payload):
+        send_frame(connection, kind, payload)
+        marks["sent"] = time.perf_counter()
+
+    def received(connection):
+        frame = recv_frame(connection)
+        marks["received"] = time.perf_counter()
+        return frame
+
+    host_socket.send_frame, host_socket.recv_frame = sent, received
+    try:
         for _ in range(warm_ups):
             call()
-        self._service, self._method = service, method
-        self._seconds, self._calls = service.server_seconds(method)
+        service.timeline()
+        client = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            call()
+            client.append((start, marks["sent"], marks["received"], time.perf_counter()))
+    finally:
+        host_socket.send_frame, host_socket.recv_frame = send_frame, recv_frame
+    server = service.timeline(calls)
+    p50_call_ms = 1e3 * float(np.median([end - start for start, _, _, end in client]))
+    if len(server) != len(client):
+        return p50_call_ms, None
+    spans = [(sent - start, frame_in - sent, gate_in - frame_in, gate_out - gate_in, out - gate_out, received - out,
+              end - received)
+             for (start, sent, received, end), (frame_in, gate_in, gate_out, out) in zip(client, server)]
+    return p50_call_ms, [1e6 * float(np.median(stage)) for stage in zip(*spans)]
 
-    def mean_ms(self) -> float:
-        seconds, calls = self._service.server_seconds(self._method)
-        return 1e3 * (seconds - self._seconds) / max(1, calls - self._calls)
+
+def stages_line(stages: list[float] | None) -> str:
+    if stages is None:
+        return "    stages: n/a (the server's answers did not pair with the calls)"
+    return "    stages, p50 us: " + " | ".join(f"{name} {us:.0f}" for name, us in zip(STAGES, stages)) + \
+        f" (sum {sum(stages):.0f})"
+
+
+def servicer_ms(stages: list[float] | None) -> str:
+    return f"{stages[STAGES.index('servicer')] / 1e3:8.3f}" if stages else f"{'n/a':>8}"
 
 
 class Handler:
@@ -170,6 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=30, help="timed calls a cell (a third past B x k of 100,000)")
     parser.add_argument("--py-spy", metavar="PATH", help="sample the server's socket thread with this py-spy")
     parser.add_argument("--py-spy-cells", default="1x32,64x1024", help="the Search cells sampled (BxK, commas)")
+    parser.add_argument("--stages", action="store_true", help="print each cell's service calls' stages (p50 us)")
     parser.add_argument("--read-chunks", action="store_true", help="time B=4096 at several SHARED_READ_CHUNK_BYTES")
     args = parser.parse_args(argv)
     from monim.model_client import client as client_module
@@ -188,10 +230,10 @@ def main(argv=None) -> int:
     local = MemoryClient(":memory:", device=args.device)
     load(local, keys)
     search, apply = Handler(local._store, "Search"), Handler(local._store, "ApplyGradients")
-    with OneProcessService(args.device, metrics=True) as service:
+    with OneProcessService(args.device, timeline=True) as service:
         remote = MemoryClient(service.address)
         load(remote, keys)
-        print(f"{'what':>24} | {'in-process':>10} {'handler':>8} {'read':>6} {'service':>8} {'server':>7} | "
+        print(f"{'what':>24} | {'in-process':>10} {'handler':>8} {'read':>6} {'service':>8} {'servicer':>8} | "
               "left  in/service")
         for rows in sorted({min(n, args.rows) for n in APPLY_ROWS}):
             ids = rng.choice(args.rows, rows, replace=False).astype(np.int64)
@@ -199,11 +241,12 @@ def main(argv=None) -> int:
             request = framing.serialized(pb.ApplyGradientsRequest(namespace="split"), dict(ids=ids, grads=grads))
             cells = [p50_ms(lambda: local.apply_gradients("split", ids, grads), 20),
                      p50_ms(lambda: apply(request), 20), 0.0]
-            inside = InsideServer(service, "ApplyGradients", lambda: remote.apply_gradients("split", ids, grads))
-            cells.append(p50_ms(lambda: remote.apply_gradients("split", ids, grads), 20, 0))
+            served, stages = service_calls(service, lambda: remote.apply_gradients("split", ids, grads), 20)
+            cells.append(served)
             print(f"{f'ApplyGradients {rows} rows':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {'':>6} {cells[3]:8.3f} "
-                  f"{inside.mean_ms():7.3f} | "
-                  f"{cells[3] - cells[1]:5.2f} {cells[0] / cells[3]:5.2f}", flush=True)
+                  f"{servicer_ms(stages)} | {cells[3] - cells[1]:5.2f} {cells[0] / cells[3]:5.2f}", flush=True)
+            if args.stages:
+                print(stages_line(stages), flush=True)
         for batch, k in SEARCHES:
             q = queries[:batch]
             calls = args.calls if batch * k < 100_000 else max(3, args.calls // 3)
@@ -212,12 +255,14 @@ def main(argv=None) -> int:
             cells = [p50_ms(lambda: local.search("split", q, k), calls), p50_ms(lambda: search(request), calls),
                      p50_ms(lambda: convert.search_result_from_parts([framing.parsed(pb.SearchResponse, answer)]),
                             calls)]
-            inside = InsideServer(service, "Search", lambda: remote.search("split", q, k))
-            cells.append(p50_ms(lambda: remote.search("split", q, k), calls, 0))
+            served, stages = service_calls(service, lambda: remote.search("split", q, k), calls)
+            cells.append(served)
             left = cells[3] - cells[1] - cells[2]
             print(f"{f'Search B={batch} k={k}':>24} | {cells[0]:10.3f} {cells[1]:8.3f} {cells[2]:6.3f} {cells[3]:8.3f} "
-                  f"{inside.mean_ms():7.3f} | "
-                  f"{left:5.2f} {cells[0] / cells[3]:5.2f}  (answer {len(answer) / 1e6:.2f} MB)", flush=True)
+                  f"{servicer_ms(stages)} | {left:5.2f} {cells[0] / cells[3]:5.2f}  (answer {len(answer) / 1e6:.2f} MB)",
+                  flush=True)
+            if args.stages:
+                print(stages_line(stages), flush=True)
             if args.py_spy and f"{batch}x{k}" in args.py_spy_cells.split(","):
                 print(f"--- the server during Search B={batch} k={k} through the service")
                 print("\n".join(server_stacks(args.py_spy, service.pid, lambda: remote.search("split", q, k))))

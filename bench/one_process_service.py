@@ -18,18 +18,20 @@ hop to the shard actor, which the calls above do not take.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import time
 
 
 class OneProcessService:
     """cpus: the threads its torch and faiss get (OMP_NUM_THREADS), as Ray gives a shard actor of that
     many CPUs (monim serve --shard-cpus, default 1)."""
 
-    def __init__(self, device: str = "cpu", cpus: int = 1, metrics: bool = False):
+    def __init__(self, device: str = "cpu", cpus: int = 1, timeline: bool = False):
         self._process = subprocess.Popen([sys.executable, "-m", "bench.one_process_service", "--device", device]
-                                         + ["--metrics"] * metrics,
+                                         + ["--timeline"] * timeline,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                          env=dict(os.environ, OMP_NUM_THREADS=str(cpus)))
         line = self._process.stdout.readline().strip()
@@ -37,26 +39,16 @@ class OneProcessService:
             self._process.kill()
             raise RuntimeError(f"the one-process service did not start (it said {line!r})")
         self.address = line.split()[1]
-        # metrics: the server's Prometheus text (its per-method call durations: ``server_seconds``)
-        self.metrics_url = f"http://127.0.0.1:{line.split()[2]}/metrics" if metrics else None
 
-    def server_seconds(self, method: str) -> tuple[float, int]:
-        """(seconds, calls) the server has spent answering `method` (its monim_request_duration_seconds:
-        from a call's arrival at the servicer's interceptors to its answer), for a service started with
-        metrics: the difference of two readings is a cell's time inside the server."""
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as answer:
-            text = answer.read().decode()
-        found = {}
-        for family in text_string_to_metric_families(text):
-            if family.name == "monim_request_duration_seconds":
-                for sample in family.samples:
-                    if sample.labels.get("method") == method and sample.name.endswith(("_sum", "_count")):
-                        found[sample.name.rpartition("_")[2]] = sample.value
-        return found.get("sum", 0.0), int(found.get("count", 0))
+    def timeline(self, calls: int = 0) -> list[tuple[float, float, float, float]]:
+        """For a service started with timeline: each call answered on its host socket since the last
+        reading, as (its frame received, its servicer's gate entered, left, its answer sent), in
+        time.perf_counter seconds (CLOCK_MONOTONIC: the same clock as this process's). calls: how many
+        the caller made (the server records a call just after its answer went: it waits for them, 10 s
+        at most)."""
+        self._process.stdin.write(f"timeline {calls}\n")
+        self._process.stdin.flush()
+        return [tuple(call) for call in json.loads(self._process.stdout.readline())]
 
     @property
     def pid(self) -> int:
@@ -78,20 +70,58 @@ class OneProcessService:
         self.close()
 
 
+def record_timeline(server) -> list:
+    """The list each call on the server's host socket is appended to as (its frame received, the
+    servicer's gate entered, left, its answer sent), perf_counter seconds: the host socket's frame
+    functions wrapped, and the gate's observer (the server has no metrics here) set. One call at a time
+    (the benches' calls are)."""
+    from monim.protos.socket_frames import MESSAGE
+    from monim.workers import host_socket
+
+    calls, now = [], {}
+    recv_frame, send_frame = host_socket.recv_frame, host_socket.send_frame
+
+    def received(connection):
+        frame = recv_frame(connection)
+        now["in"] = time.perf_counter()
+        return frame
+
+    def sent(connection, kind, payload):
+        send_frame(connection, kind, payload)
+        if kind == MESSAGE and "gate" in now:
+            calls.append((now.pop("in"), *now.pop("gate"), time.perf_counter()))
+
+    def observed(method, request, code, seconds, token):
+        left = time.perf_counter()
+        now["gate"] = (left - seconds, left)
+
+    host_socket.recv_frame, host_socket.send_frame = received, sent
+    server.gate.observer = observed
+    return calls
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.one_process_service", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--metrics", action="store_true",
-                        help="serve Prometheus text on a free port (named after the address)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="record each host socket call's times; a line 'timeline N' on stdin prints them (JSON)")
     args = parser.parse_args(argv)
     from monim.workers.router import Router
     from monim.workers.runtime import LocalRuntime
     from monim.workers.server import start_server
 
     runtime = LocalRuntime(1, device=args.device)
-    server, port = start_server(Router(runtime), port=0, metrics_port=0 if args.metrics else None)
-    print(f"serving 127.0.0.1:{port}" + (f" {server.metrics_port}" if args.metrics else ""), flush=True)
-    sys.stdin.read()  # until the parent closes it (or exits)
+    server, port = start_server(Router(runtime), port=0)
+    calls = record_timeline(server) if args.timeline else []
+    print(f"serving 127.0.0.1:{port}", flush=True)
+    for line in sys.stdin:  # until the parent closes it (or exits)
+        if line.startswith("timeline"):
+            waited = time.monotonic() + 10
+            while len(calls) < int(line.split()[1]) and time.monotonic() < waited:
+                time.sleep(0.001)
+            taken = calls[:]
+            del calls[:len(taken)]
+            print(json.dumps(taken), flush=True)
     server.stop(0)
     runtime.shutdown()
     return 0

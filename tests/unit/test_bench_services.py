@@ -3,6 +3,7 @@ process of their own) answers as the in-process store does, and the out-of-proce
 what the same read in this process does. On the CPU, small."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from monim.datastore import slot_kernels
 from monim.model_client import MemoryClient
 
+from bench import call_split_bench
 from bench.lm_floor import BareRead, ReadInAnotherProcess, reading
 from bench.one_process_service import OneProcessService
 
@@ -35,18 +37,25 @@ def test_the_one_process_service_answers_as_the_in_process_store():
     assert process.poll() == 0  # it stopped when the bench closed it
 
 
-def test_the_one_process_service_counts_its_time_inside_the_server():
+def test_the_one_process_service_records_its_calls_timeline():
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((200, 16)).astype(np.float32)
-    with OneProcessService("cpu", metrics=True) as service, MemoryClient(service.address) as remote:
+    with OneProcessService("cpu", timeline=True) as service, MemoryClient(service.address) as remote:
         remote.create_namespace("n", dim=16)
         remote.add("n", keys, np.arange(200))
-        before = service.server_seconds("Search")
+        service.timeline()
+        started = time.perf_counter()
         for _ in range(5):
             remote.search("n", keys[:3], 4)
-        after = service.server_seconds("Search")
-    assert after[1] - before[1] == 5
-    assert 0 < after[0] - before[0] < 30
+        ended = time.perf_counter()
+        calls = service.timeline(5)
+        assert service.timeline() == []  # read once
+        served, stages = call_split_bench.service_calls(service, lambda: remote.search("n", keys[:3], 4), 7)
+    assert len(calls) == 5
+    for received, entered, left, sent in calls:  # in order, on this process's clock
+        assert started < received <= entered <= left <= sent < ended
+    assert len(stages) == len(call_split_bench.STAGES) and min(stages) >= 0
+    assert 0 < sum(stages) / 1e3 < 5 * served
 
 
 def test_the_bare_read_in_another_process_answers_as_here():
