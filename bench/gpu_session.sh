@@ -51,11 +51,13 @@ for step in "$@"; do
             --big-apply-rows 2048 --keys-only-rows 1000 ;;
     split) python3 -m bench.call_split_bench --device cuda --rows 1000000 --read-chunks \
              --py-spy /tmp/site/bin/py-spy --py-spy-cells "${SPLIT_CELLS:-1x32,64x1024}" ;;
+    stages) python3 -m bench.call_split_bench --device cuda --rows 1000000 --stages --calls 200 ;;
+    stagesA) PYTHONPATH=/tmp/siteA:$PYTHONPATH python3 -m bench.call_split_bench --device cuda --rows 1000000 --stages --calls 200 ;;
     splitA) PYTHONPATH=/tmp/siteA:$PYTHONPATH python3 -m bench.call_split_bench --device cuda --rows 1000000 --read-chunks ;;
     apply) python3 -m bench.apply_gradients_bench --device cuda ;;
     applyA) PYTHONPATH=/tmp/siteA:$PYTHONPATH python3 -m bench.apply_gradients_bench --device cuda ;;
     rtt) python3 -m bench.socket_round_trip_bench --calls 2000 && python3 -m bench.socket_round_trip_bench --calls 1000 --work-us 600 ;;
     search) python3 -m bench.gpu_search_bench --rows 1000000 --dtypes float16 --repeats 3 ;;
-    *) echo "unknown step $step (gtests dp dpA gpt2 split splitA apply applyA rtt search)" ;;
+    *) echo "unknown step $step (gtests dp dpA gpt2 split splitA stages stagesA apply applyA rtt search)" ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done
