@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 
 from monim.protos.errors import InvalidArgument
 
@@ -76,6 +77,25 @@ def recv_frame(sock: socket.socket) -> tuple[int, bytes | memoryview] | None:
     if payload is None:
         raise ConnectionError("the peer closed the decode socket inside a frame")
     return kind, payload
+
+
+def spin_until_readable(sock: socket.socket, spin_s: float) -> bool:
+    """Polls sock, without sleeping, for up to spin_s until it has bytes to read: True then, or when the
+    spin ends without them (a blocking read follows); False if the peer closed it leaving nothing to
+    read. The socket is non-blocking meanwhile (one with a timeout would wait for readiness before each
+    read). A frame that comes within the spin is read without the wake-up of a sleeping thread."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    ends = time.perf_counter() + spin_s
+    try:
+        while True:
+            try:
+                return bool(sock.recv(1, socket.MSG_PEEK))
+            except (BlockingIOError, InterruptedError):
+                if time.perf_counter() >= ends:
+                    return True
+    finally:
+        sock.settimeout(timeout)
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes | memoryview | None:

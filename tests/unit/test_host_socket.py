@@ -582,3 +582,81 @@ def test_a_frame_of_several_buffers_arrives_as_their_bytes_in_order_whatever_the
         sender.join()
         header, request = split_call(payload)
         assert kind == CALL and header == {"method": "Search"} and bytes(request) == b"\x01" * 70_000
+
+
+def test_a_spin_returns_as_soon_as_bytes_come_and_leaves_the_sockets_timeout_as_it_was():
+    from monim.protos.socket_frames import spin_until_readable
+
+    left, right = socket.socketpair()
+    left.settimeout(7.0)
+    try:
+        started = time.perf_counter()
+        assert spin_until_readable(left, 0.01)  # nothing came: the spin ends, a blocking read follows
+        assert 0.01 <= time.perf_counter() - started < 5 and left.gettimeout() == 7.0
+        sender = threading.Timer(0.05, send_frame, (right, MESSAGE, b"answer"))
+        sender.start()
+        started = time.perf_counter()
+        assert spin_until_readable(left, 10.0)  # the frame ended the spin long before its 10 s
+        assert time.perf_counter() - started < 5 and left.gettimeout() == 7.0
+        assert recv_frame(left) == (MESSAGE, b"answer")  # nothing of it taken by the spin
+        right.close()
+        assert not spin_until_readable(left, 10.0)  # closed with nothing left to read
+        assert left.gettimeout() == 7.0
+        sender.join()
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.parametrize(("value", "cpus", "expected"), [(None, 16, 0.002), (None, 2, 0.0), ("0", 16, 0.0),
+                                                          ("500", 2, 0.0005), ("-3", 16, 0.0), ("soon", 16, 0.0)])
+def test_the_spin_is_set_by_the_environment_else_by_the_hosts_cpus(monkeypatch, caplog, value, cpus, expected):
+    from monim.model_client import host_socket
+
+    if value is None:
+        monkeypatch.delenv(host_socket.SPIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(host_socket.SPIN_ENV, value)
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert host_socket._spin_s() == pytest.approx(expected)
+    assert ("not a number" in caplog.text) == (value == "soon")
+
+
+def test_spinning_calls_and_decode_steps_from_threads_at_once_answer_as_sleeping_ones(served, monkeypatch):
+    """With the spin on (one thread of the process spins at a time, the others sleep at once): calls and
+    decode steps from four threads answer as they do without it, on the socket."""
+    frontend, address, _ = served
+    from monim.model_client import host_socket
+
+    with MemoryClient(address) as client:
+        monkeypatch.setattr(host_socket, "SPIN_S", 0.0)
+        expected = {seed: client.search("mem", _queries(seed), 5).ids for seed in range(8)}
+        monkeypatch.setattr(host_socket, "SPIN_S", 0.002)
+        spins = []
+        real = host_socket.spin_until_readable
+        monkeypatch.setattr(host_socket, "spin_until_readable",
+                            lambda connection, spin_s: spins.append(spin_s) or real(connection, spin_s))
+        before = frontend.host_socket.calls
+        failures = []
+
+        def work(worker: int) -> None:
+            try:
+                for seed in range(worker, 8, 4):
+                    for _ in range(10):
+                        np.testing.assert_array_equal(client.search("mem", _queries(seed), 5).ids, expected[seed])
+                with client.decode() as stream:
+                    for seed in range(worker, 8, 4):
+                        np.testing.assert_array_equal(stream.search("mem", _queries(seed), 5).ids, expected[seed])
+                    assert stream.transport == "socket"
+            except Exception as error:  # noqa: BLE001 - reported below
+                failures.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not failures
+        assert frontend.host_socket.calls - before >= 80  # on the socket
+        assert spins and set(spins) == {0.002}
+    _wait_idle(frontend)
