@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -73,27 +74,29 @@ class OneProcessService:
 def record_timeline(server) -> list:
     """The list each call on the server's host socket is appended to as (its frame received, the
     servicer's gate entered, left, its answer sent), perf_counter seconds: the host socket's frame
-    functions wrapped, and the gate's observer (the server has no metrics here) set. One call at a time
-    (the benches' calls are)."""
+    functions wrapped, and the gate's observer (the server has no metrics here) set. Each connection's
+    thread keeps its own call's times (a client's pipelined Add calls come on several at once)."""
     from monim.protos.socket_frames import MESSAGE
     from monim.workers import host_socket
 
-    calls, now = [], {}
+    calls, local = [], threading.local()
     recv_frame, send_frame = host_socket.recv_frame, host_socket.send_frame
 
     def received(connection):
         frame = recv_frame(connection)
-        now["in"] = time.perf_counter()
+        local.now = {"in": time.perf_counter()}
         return frame
 
     def sent(connection, kind, payload):
         send_frame(connection, kind, payload)
+        now = getattr(local, "now", {})
         if kind == MESSAGE and "gate" in now:
             calls.append((now.pop("in"), *now.pop("gate"), time.perf_counter()))
 
     def observed(method, request, code, seconds, token):
         left = time.perf_counter()
-        now["gate"] = (left - seconds, left)
+        if hasattr(local, "now"):  # a call on the host socket (not one over gRPC)
+            local.now["gate"] = (left - seconds, left)
 
     host_socket.recv_frame, host_socket.send_frame = received, sent
     server.gate.observer = observed

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import grpc
 from monim.model_client.errors import CHANNEL_CLOSED
@@ -45,12 +46,12 @@ log = logging.getLogger(__name__)
 
 
 def _spin_s() -> float:
-    """How long a thread waiting for an answer polls its connection before it sleeps on it: MONIM_SOCKET_SPIN_US
-    (0: never); by default 2 ms on a host of 4 or more CPUs (the server beside this client needs its
-    own), else 0."""
+    """The most a thread waiting for an answer polls its connection before it sleeps on it:
+    MONIM_SOCKET_SPIN_US (0: never); by default 5 ms on a host of 4 or more CPUs (the server beside this
+    client needs its own), else 0."""
     value = os.environ.get(SPIN_ENV)
     if value is None:
-        return 0.002 if (os.cpu_count() or 1) >= 4 else 0.0
+        return 0.005 if (os.cpu_count() or 1) >= 4 else 0.0
     try:
         return max(0.0, float(value)) / 1e6
     except ValueError:
@@ -58,24 +59,44 @@ def _spin_s() -> float:
         return 0.0
 
 
-# A call or decode step polls for its answer this long before its thread sleeps (an answer read by a
-# sleeping thread waits for its wake-up: tens of microseconds, and code that runs on a cold cache after).
-# One thread of the process spins at a time; the others sleep at once.
+# A call or decode step polls for its answer up to this long before its thread sleeps (an answer read by
+# a sleeping thread waits for its wake-up: tens of microseconds, and code that runs on a cold cache
+# after), where its method's answers have lately come within it. One thread of the process spins at a
+# time; the others sleep at once.
 SPIN_S = _spin_s()
 _spinning = threading.Lock()
 
 
-def _answer_frame(connection: socket.socket):
-    """recv_frame of an answer, after a spin of up to SPIN_S where no other thread of this process is
+class AnswerWait:
+    """How long the answers of one method (or one decode stream's steps) have lately taken to come,
+    from the request sent: a mean over the last few, weighted to the recent. Answers that take longer
+    than SPIN_S are waited for asleep from the start, with no spin first."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def spin_s(self) -> float:
+        return SPIN_S if self.seconds <= SPIN_S else 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.seconds += 0.25 * (seconds - self.seconds)  # threads may race here: it is a hint
+
+
+def _answer_frame(connection: socket.socket, wait: AnswerWait):
+    """recv_frame of an answer, after a spin (wait.spin_s()) where no other thread of this process is
     spinning."""
-    if SPIN_S > 0 and _spinning.acquire(blocking=False):
+    started = time.perf_counter()
+    spin_s = wait.spin_s()
+    if spin_s > 0 and _spinning.acquire(blocking=False):
         try:
-            readable = spin_until_readable(connection, SPIN_S)
+            readable = spin_until_readable(connection, spin_s)
         finally:
             _spinning.release()
         if not readable:
             return None
-    return recv_frame(connection)
+    frame = recv_frame(connection)
+    wait.waited(time.perf_counter() - started)
+    return frame
 
 
 class NoSocket(Exception):
@@ -135,6 +156,7 @@ class SocketStream:
     connection, UNAVAILABLE (the DecodeStream opens another stream); both as SocketRpcError."""
 
     def __init__(self, path: str, metadata, timeout_s: float):
+        self._wait = AnswerWait()  # its steps' answers
         self._socket = _connect(path, timeout_s)
         try:
             send_frame(self._socket, HELLO, json.dumps(_metadata_pairs(metadata)).encode())
@@ -150,7 +172,7 @@ class SocketStream:
             # token) sent its status and closed: the send fails, and that status is the answer.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 send_frame(self._socket, MESSAGE, request.SerializeToString())
-            frame = _answer_frame(self._socket)
+            frame = _answer_frame(self._socket, self._wait)
         except socket.timeout:
             raise SocketRpcError("DEADLINE_EXCEEDED", "a decode step on the server's socket was not answered "
                                  "in time") from None
@@ -185,6 +207,8 @@ class SocketCalls:
 
     def callable(self, method: str, request_serializer, response_deserializer, answered_in_parts: bool):
         """call(request, timeout=, metadata=) as a grpc multi-callable's, on this socket."""
+        answer_wait = AnswerWait()  # this method's answers
+
         def call(request, timeout=None, metadata=None):
             body = request if request_serializer is None else request_serializer(request)
             if len(body) > self.max_message_bytes:  # as gRPC's channel refuses it, before sending
@@ -192,13 +216,14 @@ class SocketCalls:
                                      f"Sent message larger than max ({len(body)} vs. {self.max_message_bytes})")
             header = {"method": method, "metadata": _metadata_pairs(metadata), "timeout": timeout,
                       "limit": self.max_message_bytes}
-            answers = self._call(call_payload(header, body), timeout, answered_in_parts)
+            answers = self._call(call_payload(header, body), timeout, answered_in_parts, answer_wait)
             parsed = [response_deserializer(answer) for answer in answers]
             return parsed if answered_in_parts else parsed[0]
 
         return call
 
-    def _call(self, payload: bytes, timeout: float | None, answered_in_parts: bool) -> list[bytes]:
+    def _call(self, payload: bytes, timeout: float | None, answered_in_parts: bool,
+              answer_wait: AnswerWait) -> list[bytes]:
         connection = self._take(timeout)
         wait = None if timeout is None else timeout + _DEADLINE_MARGIN_S
         try:
@@ -207,7 +232,7 @@ class SocketCalls:
             # and that status is the answer (SocketFull).
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 send_frame(connection, CALL, payload)
-            answers, error = _answers(connection, answered_in_parts)
+            answers, error = _answers(connection, answered_in_parts, answer_wait)
         except SocketFull:
             connection.close()
             raise
@@ -277,11 +302,12 @@ class SocketCalls:
                 pass
 
 
-def _answers(connection: socket.socket, answered_in_parts: bool) -> tuple[list[bytes], SocketRpcError | None]:
+def _answers(connection: socket.socket, answered_in_parts: bool,
+             wait: AnswerWait) -> tuple[list[bytes], SocketRpcError | None]:
     """A call's answer: its messages, and its error if a status other than OK ended it."""
     answers = []
     while True:
-        frame = _answer_frame(connection)
+        frame = _answer_frame(connection, wait)
         if frame is None:
             raise ConnectionError("the server closed its socket during the call")
         kind, payload = frame

@@ -608,7 +608,7 @@ def test_a_spin_returns_as_soon_as_bytes_come_and_leaves_the_sockets_timeout_as_
         right.close()
 
 
-@pytest.mark.parametrize(("value", "cpus", "expected"), [(None, 16, 0.002), (None, 2, 0.0), ("0", 16, 0.0),
+@pytest.mark.parametrize(("value", "cpus", "expected"), [(None, 16, 0.005), (None, 2, 0.0), ("0", 16, 0.0),
                                                           ("500", 2, 0.0005), ("-3", 16, 0.0), ("soon", 16, 0.0)])
 def test_the_spin_is_set_by_the_environment_else_by_the_hosts_cpus(monkeypatch, caplog, value, cpus, expected):
     from monim.model_client import host_socket
@@ -660,3 +660,30 @@ def test_spinning_calls_and_decode_steps_from_threads_at_once_answer_as_sleeping
         assert frontend.host_socket.calls - before >= 80  # on the socket
         assert spins and set(spins) == {0.002}
     _wait_idle(frontend)
+
+
+def test_answers_that_come_later_than_the_spin_are_waited_for_asleep(monkeypatch):
+    """A method whose answers lately took longer than SPIN_S is not spun for; one whose answers come
+    within it is; the mean follows the answers as they change."""
+    from monim.model_client import host_socket
+
+    monkeypatch.setattr(host_socket, "SPIN_S", 0.002)
+    left, right = socket.socketpair()
+    spins = []
+    real = host_socket.spin_until_readable
+    monkeypatch.setattr(host_socket, "spin_until_readable",
+                        lambda connection, spin_s: spins.append(spin_s) or real(connection, spin_s))
+    wait = host_socket.AnswerWait()
+    try:
+        for delay, spun in ((0.0, True), (0.03, True), (0.03, False), (0.03, False), (0.0, False)):
+            threading.Timer(delay, send_frame, (right, MESSAGE, b"answer")).start()
+            before = len(spins)
+            assert host_socket._answer_frame(left, wait) == (MESSAGE, b"answer")
+            assert (len(spins) > before) == spun, (delay, wait.seconds)
+        for _ in range(20):  # quick answers again: the mean comes down and the spin back
+            send_frame(right, MESSAGE, b"answer")
+            host_socket._answer_frame(left, wait)
+        assert wait.spin_s() == 0.002
+    finally:
+        left.close()
+        right.close()
