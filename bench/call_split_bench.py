@@ -12,9 +12,10 @@ So for each Search (B, k) and ApplyGradients of N rows it prints the p50 of each
 the service's call once the handler and the client's read are taken out: the socket's round trip and
 the two processes' hand-offs, the client's own call path, and the answer's bytes between them.
 The service's calls are timed in both processes (one clock: the one-process service records each
-call on its host socket) and cut into stages: the client's call until its request is sent, the
-socket to the server, the server's parse (up to its servicer's gate), the servicer, the server's
-answer out, the socket back, and the client's read. The "servicer" column is that stage's p50 (the
+call on its host socket) and cut into stages: the client's call until its request's send begins,
+the socket to the server (the send, the server's wake-up and read), the server's parse (up to its
+servicer's gate), the servicer, the server's answer until its send begins, the socket back, and the
+client's read. The "servicer" column is that stage's p50 (the
 handler's work less the request's parse, run in the server): beside "handler" it says whether the
 server runs the same work slower than this process does; the stages' p50s (us) are printed under each
 cell with --stages.
@@ -75,8 +76,8 @@ def service_calls(service, call, calls: int, warm_ups: int = 4) -> tuple[float, 
     marks = {}
 
     def sent(connection, kind, payload):
+        marks["sent"] = time.perf_counter()  # its send begun (the server may have it before the send returns)
         send_frame(connection, kind, payload)
-        marks["sent"] = time.perf_counter()
 
     def received(connection):
         frame = recv_frame(connection)
@@ -95,7 +96,14 @@ def service_calls(service, call, calls: int, warm_ups: int = 4) -> tuple[float, 
             client.append((start, marks["sent"], marks["received"], time.perf_counter()))
     finally:
         host_socket.send_frame, host_socket.recv_frame = send_frame, recv_frame
-    server = service.timeline(calls)
+    # The server records a call just after its answer went: one from before these calls may come in
+    # this reading, and the last of these in the next.
+    server: list = []
+    while len(server) < calls:
+        read = service.timeline(calls - len(server))
+        server += [call for call in read if call[0] >= client[0][0]]
+        if not read:
+            break
     p50_call_ms = 1e3 * float(np.median([end - start for start, _, _, end in client]))
     if len(server) != len(client):
         return p50_call_ms, None

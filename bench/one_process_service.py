@@ -43,7 +43,7 @@ class OneProcessService:
 
     def timeline(self, calls: int = 0) -> list[tuple[float, float, float, float]]:
         """For a service started with timeline: each call answered on its host socket since the last
-        reading, as (its frame received, its servicer's gate entered, left, its answer sent), in
+        reading, as (its frame received, its servicer's gate entered, left, its answer's send begun), in
         time.perf_counter seconds (CLOCK_MONOTONIC: the same clock as this process's). calls: how many
         the caller made (the server records a call just after its answer went: it waits for them, 10 s
         at most)."""
@@ -73,7 +73,7 @@ class OneProcessService:
 
 def record_timeline(server) -> list:
     """The list each call on the server's host socket is appended to as (its frame received, the
-    servicer's gate entered, left, its answer sent), perf_counter seconds: the host socket's frame
+    servicer's gate entered, left, its answer's send begun), perf_counter seconds: the host socket's frame
     functions wrapped, and the gate's observer (the server has no metrics here) set. Each connection's
     thread keeps its own call's times (a client's pipelined Add calls come on several at once)."""
     from monim.protos.socket_frames import MESSAGE
@@ -88,10 +88,11 @@ def record_timeline(server) -> list:
         return frame
 
     def sent(connection, kind, payload):
+        sending = time.perf_counter()  # (its reader may have it before the send returns)
         send_frame(connection, kind, payload)
         now = getattr(local, "now", {})
         if kind == MESSAGE and "gate" in now:
-            calls.append((now.pop("in"), *now.pop("gate"), time.perf_counter()))
+            calls.append((now.pop("in"), *now.pop("gate"), sending))
 
     def observed(method, request, code, seconds, token):
         left = time.perf_counter()
