@@ -116,6 +116,24 @@ def _step(seed: int = 0, k: int = 3, namespace: str = "mem") -> pb.DecodeStep:
                                                  k=k))
 
 
+def _failures_in_threads(work, workers: int) -> list:
+    """work(worker) run on `workers` threads at once; the exceptions they raised."""
+    failures = []
+
+    def run(worker: int) -> None:
+        try:
+            work(worker)
+        except Exception as error:  # noqa: BLE001 - returned
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(worker,)) for worker in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return failures
+
+
 def _wait_idle(frontend) -> None:
     gate, deadline = frontend.gate, time.monotonic() + 10
     while gate.streams or gate.in_flight or frontend.host_socket.connections:
@@ -430,22 +448,13 @@ def test_calls_from_threads_at_once_share_a_few_connections(served):
     frontend, address, _ = served
     with MemoryClient(address) as client:
         expected = {seed: client.search("mem", _queries(seed), 5).ids for seed in range(24)}
-        failures = []
 
         def work(worker: int) -> None:
-            try:
-                for seed in range(worker, 24, 4):
-                    for _ in range(5):
-                        np.testing.assert_array_equal(client.search("mem", _queries(seed), 5).ids, expected[seed])
-            except Exception as error:  # noqa: BLE001 - reported below
-                failures.append(error)
+            for seed in range(worker, 24, 4):
+                for _ in range(5):
+                    np.testing.assert_array_equal(client.search("mem", _queries(seed), 5).ids, expected[seed])
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not failures
+        assert not _failures_in_threads(work, 4)
         calls = client._store._socket_calls[frontend.host_socket.path]
         assert 1 <= len(calls._free) <= 4 and not calls._busy
     _wait_idle(frontend)
@@ -637,26 +646,17 @@ def test_spinning_calls_and_decode_steps_from_threads_at_once_answer_as_sleeping
         monkeypatch.setattr(host_socket, "spin_until_readable",
                             lambda connection, spin_s: spins.append(spin_s) or real(connection, spin_s))
         before = frontend.host_socket.calls
-        failures = []
 
         def work(worker: int) -> None:
-            try:
+            for seed in range(worker, 8, 4):
+                for _ in range(10):
+                    np.testing.assert_array_equal(client.search("mem", _queries(seed), 5).ids, expected[seed])
+            with client.decode() as stream:
                 for seed in range(worker, 8, 4):
-                    for _ in range(10):
-                        np.testing.assert_array_equal(client.search("mem", _queries(seed), 5).ids, expected[seed])
-                with client.decode() as stream:
-                    for seed in range(worker, 8, 4):
-                        np.testing.assert_array_equal(stream.search("mem", _queries(seed), 5).ids, expected[seed])
-                    assert stream.transport == "socket"
-            except Exception as error:  # noqa: BLE001 - reported below
-                failures.append(error)
+                    np.testing.assert_array_equal(stream.search("mem", _queries(seed), 5).ids, expected[seed])
+                assert stream.transport == "socket"
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert not failures
+        assert not _failures_in_threads(work, 4)
         assert frontend.host_socket.calls - before >= 80  # on the socket
         assert spins and set(spins) == {0.002}
     _wait_idle(frontend)
