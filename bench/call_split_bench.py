@@ -96,14 +96,7 @@ def service_calls(service, call, calls: int, warm_ups: int = 4) -> tuple[float, 
             client.append((start, marks["sent"], marks["received"], time.perf_counter()))
     finally:
         host_socket.send_frame, host_socket.recv_frame = send_frame, recv_frame
-    # The server records a call just after its answer went: one from before these calls may come in
-    # this reading, and the last of these in the next.
-    server: list = []
-    while len(server) < calls:
-        read = service.timeline(calls - len(server))
-        server += [call for call in read if call[0] >= client[0][0]]
-        if not read:
-            break
+    server = service.timeline(calls, since=client[0][0])
     p50_call_ms = 1e3 * float(np.median([end - start for start, _, _, end in client]))
     if len(server) != len(client):
         return p50_call_ms, None

@@ -41,15 +41,21 @@ class OneProcessService:
             raise RuntimeError(f"the one-process service did not start (it said {line!r})")
         self.address = line.split()[1]
 
-    def timeline(self, calls: int = 0) -> list[tuple[float, float, float, float]]:
+    def timeline(self, calls: int = 0, since: float = 0.0) -> list[tuple[float, float, float, float]]:
         """For a service started with timeline: each call answered on its host socket since the last
-        reading, as (its frame received, its servicer's gate entered, left, its answer's send begun), in
-        time.perf_counter seconds (CLOCK_MONOTONIC: the same clock as this process's). calls: how many
-        the caller made (the server records a call just after its answer went: it waits for them, 10 s
-        at most)."""
-        self._process.stdin.write(f"timeline {calls}\n")
-        self._process.stdin.flush()
-        return [tuple(call) for call in json.loads(self._process.stdout.readline())]
+        reading and received from `since` on, as (its frame received, its servicer's gate entered, left,
+        its answer's send begun), in time.perf_counter seconds (CLOCK_MONOTONIC: the same clock as this
+        process's). calls: how many the caller made; the server records a call just after its answer
+        went, so it is read until that many came (10 s at most a reading), and a call from before
+        `since` that came late is left out."""
+        found: list = []
+        while True:
+            self._process.stdin.write(f"timeline {calls - len(found)}\n")
+            self._process.stdin.flush()
+            read = [tuple(call) for call in json.loads(self._process.stdout.readline())]
+            found += [call for call in read if call[0] >= since]
+            if len(found) >= calls or not read:
+                return found
 
     @property
     def pid(self) -> int:
