@@ -40,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=64, help="generated per timed decode")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cells", default="decode,train,lm", help="which of decode, train, lm to run")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="also trace the training step at k=1024 (the search, the numpy step, the tensors "
+                             "step; torch.profiler, 3 calls each after warm-ups) into DIR/<way>.json and print "
+                             "each trace's summary")
     return parser.parse_args(argv)
 
 
@@ -72,9 +77,15 @@ def main(argv=None) -> None:
             times.append(time.perf_counter() - t0)
         return 1e3 * float(np.median(times)), 1e3 * float(np.percentile(times, 99))
 
-    decode_cells(client, host, rng, args, timed, sync)
-    train_cells(client, rng, args, timed, sync)
-    lm_cells(client, host, args, sync)
+    cells = set(args.cells.split(","))
+    if "decode" in cells:
+        decode_cells(client, host, rng, args, timed, sync)
+    if "train" in cells:
+        train_cells(client, rng, args, timed, sync)
+    if args.profile:
+        profile_step(client, rng, args, sync)
+    if "lm" in cells:
+        lm_cells(client, host, args, sync)
 
 
 def decode_cells(client, host, rng, args, timed, sync) -> None:
@@ -114,21 +125,82 @@ def train_cells(client, rng, args, timed, sync) -> None:
     for k in (32, 1024):
         queries = rng.standard_normal((args.batch, DIM), dtype=np.float32)
         grad = rng.standard_normal((args.batch, DIM), dtype=np.float32)
-        queries_on, grad_on = torch.from_numpy(queries).to(args.device), torch.from_numpy(grad).to(args.device)
-
-        def on_numpy():
-            found = client.retrieve("m", queries, k, 1.0, keep_state=True)
-            client.retrieve_backward("m", found, grad)
+        ways = step_ways(client, queries, grad, k, args.device)
 
         def on_tensors():
-            found = client.retrieve("m", queries_on, k, 1.0, keep_state=True, as_tensors=True)
-            client.retrieve_backward("m", found, grad_on)
+            ways["tensors"]()
             sync()
 
-        search = timed(lambda: client.search("m", queries, k), 12, 4)[0]
-        numpy_step, tensor_step = timed(on_numpy, 12, 30)[0], timed(on_tensors, 12, 30)[0]
+        search = timed(ways["search"], 12, 4)[0]
+        numpy_step, tensor_step = timed(ways["numpy"], 12, 30)[0], timed(on_tensors, 12, 30)[0]
         print(f"train B={args.batch} k={k}: search {search:.1f} ms; Retrieve + backward numpy {numpy_step:.1f} ms "
               f"({numpy_step / search:.2f}x), tensors {tensor_step:.1f} ms ({tensor_step / search:.2f}x)", flush=True)
+
+
+def step_ways(client, queries, grad, k, device) -> dict:
+    """The training step's ways at k: the search it is measured against, Retrieve + backward with numpy
+    arrays in and out, and with tensors on the store's device."""
+    queries_on, grad_on = torch.from_numpy(queries).to(device), torch.from_numpy(grad).to(device)
+
+    def on_numpy():
+        found = client.retrieve("m", queries, k, 1.0, keep_state=True)
+        client.retrieve_backward("m", found, grad)
+
+    def on_tensors():
+        found = client.retrieve("m", queries_on, k, 1.0, keep_state=True, as_tensors=True)
+        client.retrieve_backward("m", found, grad_on)
+
+    return {"search": lambda: client.search("m", queries, k), "numpy": on_numpy, "tensors": on_tensors}
+
+
+def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None:
+    """Each way of the step at k traced by torch.profiler (host and device), into args.profile/<way>.json,
+    and summed here: the wall time a call, the device's kernels, copies by direction, and the time the
+    device sat idle in gaps over 50 us (the host's share of the step)."""
+    import json
+    import os
+
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(args.profile, exist_ok=True)
+    queries = rng.standard_normal((args.batch, DIM), dtype=np.float32)
+    grad = rng.standard_normal((args.batch, DIM), dtype=np.float32)
+    for way, call in step_ways(client, queries, grad, k, args.device).items():
+        for _ in range(30):
+            call()
+        sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                call()
+                sync()
+            wall = (time.perf_counter() - t0) / calls
+        path = os.path.join(args.profile, f"{way}.json")
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            events = [e for e in json.load(trace)["traceEvents"] if e.get("ph") == "X"]
+        device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                        key=lambda e: e["ts"])
+        sums: dict[str, float] = {}
+        for e in device:
+            kind = e["name"] if e["cat"] == "gpu_memcpy" else e["cat"]  # "Memcpy HtoD (Pageable -> Device)"
+            sums[kind] = sums.get(kind, 0.0) + e["dur"] / 1e3 / calls
+        idle, end = 0.0, None
+        for e in device:
+            if end is not None and e["ts"] - end > 50:
+                idle += (e["ts"] - end) / 1e3 / calls
+            end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+        kernels: dict[str, float] = {}
+        for e in device:
+            if e["cat"] == "kernel":
+                kernels[e["name"][:70]] = kernels.get(e["name"][:70], 0.0) + e["dur"] / 1e3 / calls
+        top = sorted(kernels.items(), key=lambda item: -item[1])[:8]
+        print(f"profile k={k} {way}: {1e3 * wall:.1f} ms a call (traced); device: "
+              + ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(sums.items())) + f" ms; idle in gaps {idle:.2f} ms",
+              flush=True)
+        for name, ms in top:
+            print(f"    {ms:7.2f} ms  {name}", flush=True)
 
 
 def lm_cells(client, host, args, sync) -> None:
