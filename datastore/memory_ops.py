@@ -259,8 +259,8 @@ def combine_backward(partials: BackwardPartials, queries, metric: str, temperatu
         grad_queries = sum_c_keys.addcmul_(queries, sum_c[:, None], value=-1.0).mul_(2.0 / temperature)
     else:
         grad_queries = sum_c_keys.div_(temperature)
-    grad_temperature = float(sum_c_dist.sum() / temperature**2)
-    return grad_queries.float(), grad_temperature
+    grad_queries = grad_queries.float()  # queued before the wait for grad_temperature below
+    return grad_queries, float(sum_c_dist.sum() / temperature**2)
 
 
 def _float64(array) -> torch.Tensor:
