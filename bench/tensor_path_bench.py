@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also trace the training step at k=1024 (the search, the numpy step, the tensors "
                              "step; torch.profiler, 3 calls each after warm-ups) into DIR/<way>.json and print "
                              "each trace's summary")
+    parser.add_argument("--profile-stack", action="store_true",
+                        help="with --profile: also one numpy step traced with Python's calls (with_stack), and "
+                             "its Python calls of 200 us or more printed in order")
     return parser.parse_args(argv)
 
 
@@ -201,6 +204,35 @@ def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None
               flush=True)
         for name, ms in top:
             print(f"    {ms:7.2f} ms  {name}", flush=True)
+        if args.profile_stack and way == "numpy":
+            python_calls(call, activities, sync)
+
+
+def python_calls(call, activities, sync, least_us: float = 200.0) -> None:
+    """One call traced with Python's own calls: those of least_us or more, in order of their start (ms
+    from the first), with the device's busy time under each (what the host did while the device waited)."""
+    import json
+    import tempfile
+
+    from torch.profiler import profile
+
+    with profile(activities=activities, with_stack=True) as prof:
+        call()
+        sync()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
+        prof.export_chrome_trace(trace_file.name)
+        events = [e for e in json.load(open(trace_file.name))["traceEvents"] if e.get("ph") == "X"]
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    calls = sorted((e for e in events if e.get("cat") == "python_function" and e["dur"] >= least_us),
+                   key=lambda e: e["ts"])
+    if not calls:
+        print("    (no Python calls traced)", flush=True)
+        return
+    start = calls[0]["ts"]
+    for e in calls:
+        busy = sum(max(0.0, min(e["ts"] + e["dur"], d["ts"] + d["dur"]) - max(e["ts"], d["ts"])) for d in device)
+        print(f"    py {(e['ts'] - start) / 1e3:8.2f} ms  {e['dur'] / 1e3:7.2f} ms (device busy {busy / 1e3:6.2f})  "
+              f"{e['name'][:110]}", flush=True)
 
 
 def lm_cells(client, host, args, sync) -> None:

@@ -241,13 +241,16 @@ def _packed(weighted_keys, alpha_keys, agv, a, d) -> torch.Tensor:
                       (agv * d).sum(1, keepdim=True), (a * d).sum(1, keepdim=True), a.sum(1, keepdim=True)], dim=1)
 
 
-def combine_backward(partials: BackwardPartials, queries, metric: str, temperature: float) -> tuple[torch.Tensor, float]:
-    """(grad_queries float32 [B, dim], grad_temperature) from the partials summed over all shards,
+def combine_backward(partials: BackwardPartials, queries, metric: str,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_queries float32 [B, dim], grad_temperature float64 []) from the partials summed over all shards,
     on their device: the host's for numpy partials (a router adding several shards'), a lone GPU
     shard's own for its tensors (only grad_queries then leaves the GPU, not the sums: 4x the bytes).
     In float64, in as few passes over the [B, dim] arrays as torch allows (fused multiply-adds in
     place; on the host with torch's threads: numpy's elementwise passes run on one, and a GPU shard's
-    endpoint has one CPU). queries: float32 [B, dim], numpy or a tensor. The partials are not changed."""
+    endpoint has one CPU). queries: float32 [B, dim], numpy or a tensor. The partials are not changed.
+    grad_temperature is a tensor on the partials' device: float() of it waits for the device, so a caller
+    with more to queue (a step's commit) queues it first and waits once."""
     weighted_keys, alpha_keys, grad_m_dot_m, grad_dot_dist, alpha_dist, alpha_total = (
         _float64(getattr(partials, f.name)) for f in dataclasses.fields(partials))
     sum_c_keys = torch.addcmul(weighted_keys, grad_m_dot_m[:, None], alpha_keys, value=-1.0)
@@ -259,8 +262,7 @@ def combine_backward(partials: BackwardPartials, queries, metric: str, temperatu
         grad_queries = sum_c_keys.addcmul_(queries, sum_c[:, None], value=-1.0).mul_(2.0 / temperature)
     else:
         grad_queries = sum_c_keys.div_(temperature)
-    grad_queries = grad_queries.float()  # queued before the wait for grad_temperature below
-    return grad_queries, float(sum_c_dist.sum() / temperature**2)
+    return grad_queries.float(), sum_c_dist.sum() / temperature**2
 
 
 def _float64(array) -> torch.Tensor:

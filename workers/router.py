@@ -685,11 +685,14 @@ class Router:
             grad_queries, grad_temperature = memory_ops.combine_backward(sum(answers[1:], answers[0]), queries,
                                                                          config.metric, temperature)
         # A lone GPU shard's dL/dq (12.6 MB at B=4096) goes to the host on a side stream while the step is
-        # committed: the optimizer's kernels run beside the copy, not before it.
+        # committed: the optimizer's kernels run beside the copy, not before it; and the commit is queued behind
+        # the backward's sums before anything waits for them (grad_temperature below), so that the device is
+        # not idle while the host stages and commits the step.
         copied = to_host_later({"grad_queries": grad_queries}) if device is None and torch.is_tensor(grad_queries) \
             else None
         if not defer_step:
             self._commit(config, step)
+        grad_temperature = float(grad_temperature)  # (a lone GPU shard's is a tensor, read once the commit is queued)
         if device is not None:
             answer = torch.as_tensor(grad_queries).to(device), grad_temperature
         else:

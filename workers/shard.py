@@ -891,8 +891,11 @@ class Shard:
         if finish is None:
             return BackwardPartials.unpack(to_host(packed))
         grad_queries, grad_temperature = memory_ops.combine_backward(BackwardPartials.unpack(packed), queries, *finish)
-        # A device path's forward (its queries a tensor, in this process) gets its answer where it is.
-        return grad_queries if torch.is_tensor(queries) else to_host(grad_queries), grad_temperature
+        if torch.is_tensor(queries):
+            # A device path's forward (its queries a tensor, in this process) gets its answer where it is, not
+            # waited for: the router queues the step's commit behind these sums before it reads grad_temperature.
+            return grad_queries, grad_temperature
+        return to_host(grad_queries), float(grad_temperature)
 
     @_serialized
     def stage_gradients(self, namespace: str, generation: int, step_id: str, part: int, ids: np.ndarray,
