@@ -54,6 +54,7 @@ def test_a_training_step_on_the_gpu_matches_autograd_and_stays_there(metric):
     assert client._store.forwards.bytes > 0
     grad_queries, grad_temperature = client.retrieve_backward("g", result, g)
     assert grad_queries.is_cuda and len(client._store.forwards) == 0  # the state on the GPU went with its step
+    assert type(grad_temperature) is float  # (the shard's is a tensor until the step is committed)
     np.testing.assert_allclose(grad_queries.cpu().numpy(), ref_gq, atol=1e-5)
     assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
     np.testing.assert_allclose(client.get("g", np.arange(N)).values, values - LR * ref_gv, atol=1e-5)
@@ -166,6 +167,7 @@ def test_a_numpy_training_batch_at_a_lone_gpu_shard_keeps_its_state_on_the_gpu(m
                 np.testing.assert_allclose(result.memory, ref_m, atol=1e-5)
                 grad_queries, grad_temperature = reader.retrieve_backward("g", result, grad_memory)
                 assert isinstance(grad_queries, np.ndarray) and len(router.forwards) == 0
+                assert type(grad_temperature) is float
                 np.testing.assert_allclose(grad_queries, ref_gq, atol=1e-5)
                 assert abs(grad_temperature - ref_gt) <= 1e-5 * max(1.0, abs(ref_gt))
                 np.testing.assert_allclose(client.get("g", np.arange(N)).values, values - LR * ref_gv, atol=1e-5)
