@@ -11,7 +11,7 @@
 #   and runs the steps there, each one's output teed to $OUT/STEP.log. Chain every step the session
 #   needs into one or two calls: a start that fails costs minutes of device time, a warm machine is
 #   kept ~30 s after a call. A wheel in .gpu/wheelA/ is installed into /tmp/siteA for the "A" steps
-#   (the code before a change, for an A/B in one lease).
+#   (the code before a change, for an A/B in one lease). GTESTS="FILE ..." runs only those files in the gtests step.
 set -u
 if [ "${1:-}" = wheels ]; then
   root=$(git rev-parse --show-toplevel) && cd "$root" || exit 1
@@ -42,8 +42,8 @@ dp_cells="--rows 1000000 --budget-s 0.5 --repeats 30 --decode-steps 300 --decode
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    gtests) timeout 500 python3 -m pytest -p no:cacheprovider -q tests/unit/test_gpu.py tests/unit/test_gpu_search_graphs.py \
-              tests/unit/test_gpu_tensor_path.py -k "not faiss" 2>&1 | tail -15 ;;
+    gtests) timeout 500 python3 -m pytest -p no:cacheprovider -q ${GTESTS:-tests/unit/test_gpu.py tests/unit/test_gpu_search_graphs.py \
+              tests/unit/test_gpu_tensor_path.py} -k "not faiss" 2>&1 | tail -15 ;;
     dp) python3 -m bench.data_plane_bench --service one-process --device cuda $dp_cells --lm-size none ;;
     dpA) PYTHONPATH=/tmp/siteA:$PYTHONPATH python3 -m bench.data_plane_bench --service one-process --device cuda $dp_cells --lm-size none ;;
     gpt2) python3 -m bench.data_plane_bench --service one-process --device cuda --rows 1000000 --budget-s 0.3 --repeats 2 \
