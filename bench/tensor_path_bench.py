@@ -140,24 +140,25 @@ def train_cells(client, rng, args, timed, sync) -> None:
               f"({numpy_step / search:.2f}x), tensors {tensor_step:.1f} ms ({tensor_step / search:.2f}x)", flush=True)
 
 
-def step_ways(client, queries, grad, k, device) -> dict:
+def step_ways(client, queries, grad, k, device, memory_only: bool = False) -> dict:
     """The training step's ways at k: the search it is measured against, Retrieve + backward with numpy
-    arrays in and out, and with tensors on the store's device."""
+    arrays in and out, and with tensors on the store's device (memory_only: the forward answers the
+    memory alone, as MoNIMLayer asks and issue 12's cell measures)."""
     queries_on, grad_on = torch.from_numpy(queries).to(device), torch.from_numpy(grad).to(device)
 
     def on_numpy():
-        found = client.retrieve("m", queries, k, 1.0, keep_state=True)
+        found = client.retrieve("m", queries, k, 1.0, keep_state=True, memory_only=memory_only)
         client.retrieve_backward("m", found, grad)
 
     def on_tensors():
-        found = client.retrieve("m", queries_on, k, 1.0, keep_state=True, as_tensors=True)
+        found = client.retrieve("m", queries_on, k, 1.0, keep_state=True, as_tensors=True, memory_only=memory_only)
         client.retrieve_backward("m", found, grad_on)
 
     return {"search": lambda: client.search("m", queries, k), "numpy": on_numpy, "tensors": on_tensors}
 
 
 def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None:
-    """Each way of the step at k traced by torch.profiler (host and device), into args.profile/<way>.json,
+    """Each way of the step at k (memory_only) traced by torch.profiler (host and device), into args.profile/<way>.json,
     and summed here: the wall time a call, the device's kernels, copies by direction, and the time the
     device sat idle in gaps over 50 us (the host's share of the step)."""
     import json
@@ -168,7 +169,7 @@ def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None
     os.makedirs(args.profile, exist_ok=True)
     queries = rng.standard_normal((args.batch, DIM), dtype=np.float32)
     grad = rng.standard_normal((args.batch, DIM), dtype=np.float32)
-    for way, call in step_ways(client, queries, grad, k, args.device).items():
+    for way, call in step_ways(client, queries, grad, k, args.device, memory_only=True).items():
         for _ in range(30):
             call()
         sync()
