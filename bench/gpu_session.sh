@@ -57,10 +57,11 @@ for step in "$@"; do
     apply) python3 -m bench.apply_gradients_bench --device cuda ;;
     applyA) PYTHONPATH=/tmp/siteA:$PYTHONPATH python3 -m bench.apply_gradients_bench --device cuda ;;
     rtt) python3 -m bench.socket_round_trip_bench --calls 2000 && python3 -m bench.socket_round_trip_bench --calls 1000 --work-us 600 ;;
+    train) python3 -m bench.tensor_path_bench --rows 1000000 --cells train ;;
     profile) python3 -m bench.tensor_path_bench --rows 1000000 --cells train --profile "$OUT/trace" --profile-stack ;;
     profileA) PYTHONPATH=/tmp/siteA:$PYTHONPATH python3 -m bench.tensor_path_bench --rows 1000000 --cells train \
                 --profile "$OUT/traceA" ;;
     search) python3 -m bench.gpu_search_bench --rows 1000000 --dtypes float16 --repeats 3 ;;
-    *) echo "unknown step $step (gtests dp dpA gpt2 split splitA stages stagesA apply applyA rtt search profile profileA)" ;;
+    *) echo "unknown step $step (gtests dp dpA gpt2 split splitA stages stagesA apply applyA rtt search train profile profileA)" ;;
   esac 2>&1 | tee "$OUT/$step.log"
 done
