@@ -270,3 +270,26 @@ def test_a_device_forwards_state_goes_when_its_step_is_done():
     with pytest.raises(FailedPrecondition, match="released"):
         router.retrieve_backward("mem", None, None, None, None, torch.from_numpy(grad_memory), TEMPERATURE,
                                  handle=handle)
+
+
+def test_a_lone_shards_finished_backward_of_a_device_forward_answers_dl_dt_unwaited():
+    """Shard.backward_part with finish (a lone shard's backward, finished where its rows are): for a device
+    path's forward (its queries a tensor in this process) dL/dq and dL/dT stay tensors, so that the router
+    queues the step's commit before anything waits for the device; for numpy queries, a numpy array and a
+    float, as a Ray actor answers. Both the same numbers."""
+    client, (_, _, _, queries, grad_memory) = in_process()
+    router = client._store
+    found = client.retrieve("mem", queries, K, TEMPERATURE)
+    shard, generation = router.runtime.shards[0], router.config("mem").generation
+    answers = {}
+    for name, q in (("numpy", found.queries), ("tensor", torch.from_numpy(found.queries))):
+        answers[name] = shard.backward_part("mem", generation, f"step-{name}", 0, q, found.ids, found.alpha,
+                                            found.distances, grad_memory, finish=("l2", TEMPERATURE))
+        shard.abort_step("mem", generation, f"step-{name}")  # staged only: nothing steps
+    (numpy_dq, numpy_dt), (tensor_dq, tensor_dt) = answers["numpy"], answers["tensor"]
+    assert isinstance(numpy_dq, np.ndarray) and type(numpy_dt) is float
+    assert torch.is_tensor(tensor_dq) and torch.is_tensor(tensor_dt) and tensor_dt.dim() == 0
+    np.testing.assert_array_equal(tensor_dq.numpy(), numpy_dq)
+    assert float(tensor_dt) == numpy_dt
+    result = client.retrieve("mem", torch.from_numpy(queries), K, TEMPERATURE, keep_state=True, as_tensors=True)
+    assert type(client.retrieve_backward("mem", result, torch.from_numpy(grad_memory))[1]) is float
