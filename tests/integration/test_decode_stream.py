@@ -133,10 +133,10 @@ def test_a_failing_step_is_answered_with_its_code_and_the_stream_goes_on(client,
 
 def test_a_client_that_reads_nothing_holds_the_server_back(client, front_end):
     """gRPC's flow control: while the client reads no answer, the server stops taking steps once the
-    transport's buffers are full, instead of buffering every answer. (Where it stops moves with the
-    host's free memory, gRPC's own buffers sized by it: 80-330 MB of answers, 300-400 answers of 256 KiB
-    on the VM, 1,278 in one CI run; what holds is that it stops, well before the steps the client offers:
-    1,000 answers of 1.8 MB here, each with its neighbours' keys and values: it took 259 on the VM.)"""
+    transport's windows are full, instead of buffering every answer. (How many steps the client's side
+    sends before then moves with gRPC's windows, which its BDP probes size: 259 of the 1,000 offered here
+    on the VM, 1.8 MB answers with the neighbours' keys and values; 300-400, once 1,278, of 256 KiB answers
+    before. What holds is that it stops: the next test shows that the server holds no answers meanwhile.)"""
     channel, stub = _raw_stub(front_end)
     queries = convert.tensor_to_proto(np.zeros((256, DIM), np.float32))  # 16 KiB a step
     taken, offered = [], 1000
@@ -159,6 +159,49 @@ def test_a_client_that_reads_nothing_holds_the_server_back(client, front_end):
         assert answered == offered and len(taken) == offered
     finally:
         channel.close()  # a stream left open would hold the server's gate for the tests after
+
+
+def test_a_stream_whose_client_reads_nothing_costs_the_server_no_memory():
+    """The server's side of the test above, in a server process of its own (bench/one_process_service.py:
+    the router and one shard, no Ray), so that its memory is its own: while the client sends steps whose
+    answers it never reads (1.8 MB each), the server's resident memory grows by the transport's windows,
+    not by the answers of the steps it was sent (on the VM: 15 MB, while 316-351 steps were sent, whose
+    answers are 550-610 MB)."""
+    from bench.one_process_service import OneProcessService
+
+    def resident_mb(pid: int) -> float:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+    rng = np.random.default_rng(0)
+    with OneProcessService("cpu") as service, MemoryClient(service.address, timeout_s=60) as client:
+        client.create_namespace("mem", dim=DIM, value_dim=VALUE_DIM)
+        client.add("mem", rng.standard_normal((ROWS, DIM)).astype(np.float32), np.arange(ROWS) % 50,
+                   values=rng.standard_normal((ROWS, VALUE_DIM)).astype(np.float32))
+        client.search("mem", _queries(0, 256), 64, return_keys=True, return_values=True)  # the server's paths warm
+        before = resident_mb(service.pid)
+        channel = grpc.insecure_channel(service.address)
+        queries = convert.tensor_to_proto(np.zeros((256, DIM), np.float32))
+        taken = []
+
+        def steps():
+            for index in range(1000):
+                taken.append(index)
+                yield pb.DecodeStep(search=pb.SearchRequest(namespace="mem", queries=queries, k=64, return_keys=True,
+                                                            return_values=True))
+        try:
+            results = pb_grpc.MemoryServiceStub(channel).Decode(steps(), timeout=120)  # (held: not read, not dropped)
+            held, still_since, deadline = -1, time.monotonic(), time.monotonic() + 60
+            while time.monotonic() < deadline and (held != len(taken) or time.monotonic() - still_since < 2):
+                if held != len(taken):
+                    held, still_since = len(taken), time.monotonic()
+                time.sleep(0.25)
+            grown = resident_mb(service.pid) - before
+            answers_mb = held * 256 * 64 * (16 + 4 * DIM + 4 * VALUE_DIM) / 2**20
+            assert held < 1000 and grown < min(200.0, answers_mb / 2), (held, grown, answers_mb)
+            results.cancel()
+        finally:
+            channel.close()
 
 
 def test_a_client_that_goes_away_mid_stream_leaves_nothing_behind(client, front_end):
