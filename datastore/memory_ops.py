@@ -87,23 +87,28 @@ class _Slots:
             entry = rows >= 0
         self.held = (ordered >= 0).reshape(-1)                              # of the (ordered) slots
         entry = entry.reshape(-1)
-        self.entry_of_slot = torch.cumsum(entry, 0) - 1                     # valid where held
-        self.columns = ordered.reshape(-1)[entry]
+        self.columns = ordered.reshape(-1)[entry]                           # (the one wait for a size here)
+        self.nnz = self.columns.shape[0]
+        # Each slot's entry (a held slot's own, an empty one's clamped into range): the products below zero
+        # the weights of empty slots rather than leave them out, since a boolean index waits for its size.
+        self.entry_of_slot = (torch.cumsum(entry, 0) - 1).clamp_(0, max(self.nnz - 1, 0))
         per_query = entry.reshape(batch, -1).sum(1)
         self.crow = torch.zeros(batch + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(per_query, 0, out=self.crow[1:])
-        self.queries = torch.repeat_interleave(torch.arange(batch, device=rows.device), per_query)
+        self.queries = torch.repeat_interleave(torch.arange(batch, device=rows.device), per_query,
+                                               output_size=self.nnz)
 
     def _ordered(self, per_slot: torch.Tensor) -> torch.Tensor:
         return (per_slot if self.order is None else per_slot.gather(1, self.order)).reshape(-1)
 
     def entries(self, weights: torch.Tensor) -> torch.Tensor:
         """[nnz]: each entry's weight, the sum of weights [B, k] over its slots."""
-        held = self._ordered(weights)[self.held]
         if self.order is None:  # one entry a held slot
-            return held
-        return torch.zeros(self.columns.shape[0], dtype=weights.dtype, device=weights.device).index_add_(
-            0, self.entry_of_slot[self.held], held)
+            return self._ordered(weights)[self.held]
+        summed = torch.zeros(self.nnz, dtype=weights.dtype, device=weights.device)
+        if not self.nnz:
+            return summed
+        return summed.index_add_(0, self.entry_of_slot, torch.where(self.held, self._ordered(weights), 0))
 
     def times(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """[B, width] = sum_i weights[b, i] table[rows[b, i]] over the held slots."""
@@ -116,8 +121,8 @@ class _Slots:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dots = torch.sparse.sampled_addmm(pattern, grad, table.t(), beta=0.0).values()
-        ordered = torch.zeros(self.held.shape, dtype=dots.dtype, device=dots.device)
-        ordered[self.held] = dots[self.entry_of_slot[self.held]]
+        ordered = torch.where(self.held, dots[self.entry_of_slot], 0) if self.nnz \
+            else torch.zeros(self.held.shape, dtype=dots.dtype, device=dots.device)
         ordered = ordered.reshape(self.shape[0], -1)
         return ordered if self.order is None else torch.zeros_like(ordered).scatter_(1, self.order, ordered)
 

@@ -264,3 +264,30 @@ def test_a_gpu_shard_has_its_servers_requests_copied_into_pinned_memory(monkeypa
     finally:
         server.stop(0)
         runtime.shutdown()
+
+
+def test_the_backwards_slot_matrix_waits_for_two_sizes_only():
+    """memory_ops._Slots on the GPU (the backward's sparse layout of B x k slots, sorted by query, then by
+    row for the value gradients): building it, its entries' weights and the value gradients make the host
+    wait for the device twice at most, for the number of entries and the number of distinct rows (a boolean
+    index of the held slots waited each time it was taken). The same numbers as on the host."""
+    from monim.datastore import memory_ops
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 50, (64, 16), generator=gen)
+    rows[torch.rand(64, 16, generator=gen) < 0.3] = -1
+    rows, weights, grad, table = (rows.cuda(), torch.rand(64, 16, generator=gen).cuda(),
+                                  torch.randn(64, 8, generator=gen).cuda(), torch.randn(50, 8, generator=gen).cuda())
+
+    def build_and_use():
+        slots = memory_ops._Slots(rows, 50)
+        return slots, slots.entries(weights), slots.per_row(weights, grad)
+
+    (slots, entries, (unique, per_row)), waits = synchronizations(build_and_use)
+    assert waits <= 2, waits
+    cpu = memory_ops._Slots(rows.cpu(), 50, canonical=True)
+    torch.testing.assert_close(entries.cpu(), cpu.entries(weights.cpu()))
+    want_unique, want_per_row = cpu.per_row(weights.cpu(), grad.cpu())
+    torch.testing.assert_close(unique.cpu(), want_unique)
+    torch.testing.assert_close(per_row.cpu(), want_per_row)
+    torch.testing.assert_close(slots.sampled_dots(grad, table).cpu(), cpu.sampled_dots(grad.cpu(), table.cpu()))
