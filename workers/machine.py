@@ -12,10 +12,10 @@ import os
 import socket
 
 
-def _resident_bytes() -> int | None:
-    """This process's resident set size (VmRSS), or None where /proc is missing."""
+def _resident_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident set size (VmRSS; this process's by default), or None where /proc is missing."""
     try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024  # kB

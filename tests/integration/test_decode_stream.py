@@ -175,11 +175,12 @@ def test_a_stream_whose_client_reads_nothing_costs_the_server_no_memory():
     answers (29 MB each) it never reads, the server's resident memory grows by the transport's windows
     and the requests and the few answers they hold, not by the answers of the steps it was sent (on the
     VM: ~96 MB, while 48-53 steps were sent, whose answers are 1.3-1.5 GB)."""
+    from monim.workers.machine import _resident_bytes
+
     from bench.one_process_service import OneProcessService
 
     def resident_mb(pid: int) -> float:
-        with open(f"/proc/{pid}/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+        return _resident_bytes(pid) / 2**20
 
     rng = np.random.default_rng(0)
     queries = np.zeros((2048, DIM), np.float32)
