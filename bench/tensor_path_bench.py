@@ -14,6 +14,7 @@ interleaved round by round; medians. For a CUDA device (docs/BENCHMARKS.md, "The
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -140,6 +141,17 @@ def train_cells(client, rng, args, timed, sync) -> None:
               f"({numpy_step / search:.2f}x), tensors {tensor_step:.1f} ms ({tensor_step / search:.2f}x)", flush=True)
 
 
+# The device's events in a torch.profiler trace.
+DEVICE_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def traced_events(prof, path: str) -> list[dict]:
+    """The complete events ("X") of prof's chrome trace, written to path."""
+    prof.export_chrome_trace(path)
+    with open(path) as trace:
+        return [e for e in json.load(trace)["traceEvents"] if e.get("ph") == "X"]
+
+
 def step_ways(client, queries, grad, k, device, memory_only: bool = False) -> dict:
     """The training step's ways at k: the search it is measured against, Retrieve + backward with numpy
     arrays in and out, and with tensors on the store's device (memory_only: the forward answers the
@@ -161,7 +173,6 @@ def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None
     """Each way of the step at k (memory_only) traced by torch.profiler (host and device), into args.profile/<way>.json,
     and summed here: the wall time a call, the device's kernels, copies by direction, and the time the
     device sat idle in gaps over 50 us (the host's share of the step)."""
-    import json
     import os
 
     from torch.profiler import ProfilerActivity, profile
@@ -180,12 +191,8 @@ def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None
                 call()
                 sync()
             wall = (time.perf_counter() - t0) / calls
-        path = os.path.join(args.profile, f"{way}.json")
-        prof.export_chrome_trace(path)
-        with open(path) as trace:
-            events = [e for e in json.load(trace)["traceEvents"] if e.get("ph") == "X"]
-        device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                        key=lambda e: e["ts"])
+        events = traced_events(prof, os.path.join(args.profile, f"{way}.json"))
+        device = sorted((e for e in events if e.get("cat") in DEVICE_EVENTS), key=lambda e: e["ts"])
         sums: dict[str, float] = {}
         for e in device:
             kind = e["name"] if e["cat"] == "gpu_memcpy" else e["cat"]  # "Memcpy HtoD (Pageable -> Device)"
@@ -212,7 +219,6 @@ def profile_step(client, rng, args, sync, k: int = 1024, calls: int = 3) -> None
 def python_calls(call, activities, sync, least_us: float = 200.0) -> None:
     """One call traced with Python's own calls: those of least_us or more, in order of their start (ms
     from the first), with the device's busy time under each (what the host did while the device waited)."""
-    import json
     import tempfile
 
     from torch.profiler import profile
@@ -221,9 +227,8 @@ def python_calls(call, activities, sync, least_us: float = 200.0) -> None:
         call()
         sync()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
-        prof.export_chrome_trace(trace_file.name)
-        events = [e for e in json.load(open(trace_file.name))["traceEvents"] if e.get("ph") == "X"]
-    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+        events = traced_events(prof, trace_file.name)
+    device = [e for e in events if e.get("cat") in DEVICE_EVENTS]
     calls = sorted((e for e in events if e.get("cat") == "python_function" and e["dur"] >= least_us),
                    key=lambda e: e["ts"])
     if not calls:
